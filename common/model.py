@@ -1,0 +1,141 @@
+"""The shared segmentation model: a MONAI UNet built from a frozen config, and its head for ANIL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import UNet
+
+VALID_NORMS = ("instance", "group")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the shared initialisation.
+
+    Layout of inputs and outputs: ``BCHW`` for ``spatial_dims=2``, ``BCHWD`` for 3.
+    """
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 4  # background, CSF, grey matter, white matter
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    norm: str = "instance"
+    groups: int = 4  # only for norm="group"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Accept lists (from TOML/JSON) but store tuples so the config stays hashable.
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        norm = str(self.norm).lower()
+        if norm in ("batch", "batchnorm", "bn", "sync_batch", "syncbatch"):
+            raise ValueError(
+                f"norm={self.norm!r} is refused: BatchNorm keeps running statistics that it updates in "
+                "place, which silently breaks the MAML inner loop (adapted parameters share one set of "
+                "statistics) and torch.func.vmap over episodes. Use norm='instance' or norm='group'."
+            )
+        if norm not in VALID_NORMS:
+            raise ValueError(f"norm={self.norm!r} is not supported; valid choices: {', '.join(VALID_NORMS)}.")
+        object.__setattr__(self, "norm", norm)
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={self.spatial_dims} is not supported; use 2 (slices) or 3 (patches).")
+        if len(self.channels) < 2:
+            raise ValueError(f"channels={self.channels} needs at least two levels, e.g. (16, 32, 64, 128).")
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"strides={self.strides} must have one entry fewer than channels={self.channels} "
+                f"(got {len(self.strides)} and {len(self.channels)})."
+            )
+        if any(c <= 0 for c in self.channels) or any(s <= 0 for s in self.strides):
+            raise ValueError(f"channels={self.channels} and strides={self.strides} must be positive.")
+        if norm == "group":
+            # MONAI normalises the top up-sampling output too (out_channels) when residual units are on.
+            normed = self.channels + ((self.out_channels,) if self.num_res_units > 0 else ())
+            if self.groups <= 0 or any(c % self.groups for c in normed):
+                raise ValueError(
+                    f"norm='group' with groups={self.groups} needs every normalised width {normed} "
+                    "(channels, and out_channels when num_res_units > 0) to be divisible by groups; "
+                    "change groups or channels."
+                )
+        if self.in_channels <= 0 or self.out_channels < 2:
+            raise ValueError(
+                f"in_channels={self.in_channels} must be >= 1 and out_channels={self.out_channels} >= 2 "
+                "(background plus at least one structure)."
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image sides must be divisible by this for the skip connections to line up."""
+        factor = 1
+        for s in self.strides:
+            factor *= s
+        return factor
+
+
+def build_model(config: ModelConfig | None = None) -> UNet:
+    """Builds the MONAI UNet described by ``config`` (default: the 2D model)."""
+    config = config or ModelConfig()
+    if config.norm == "group":
+        norm: tuple | str = ("group", {"num_groups": config.groups})
+    else:
+        # affine=False (MONAI's default): no parameters, so nothing in the norm is meta-learned.
+        norm = "instance"
+    return UNet(
+        spatial_dims=config.spatial_dims,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+        norm=norm,
+        dropout=config.dropout,
+    )
+
+
+def head_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the head parameters: the last block of the UNet (its final up-sampling layer).
+
+    ANIL adapts only these in the inner loop. For MONAI's UNet the network is
+    ``Sequential(down, SkipConnection(...), up)``; the head is the last element's parameters.
+    """
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Sequential) and len(inner) > 0:
+        last_index = len(inner) - 1
+        prefix = f"model.{last_index}."
+        names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        if names:
+            return names
+    # Any other module: its last direct child that owns parameters.
+    children = [(n, c) for n, c in model.named_children() if any(True for _ in c.parameters())]
+    if not children:
+        raise ValueError(f"{type(model).__name__} has no parameters, so it has no head to adapt.")
+    last_name, last_child = children[-1]
+    return [f"{last_name}.{n}" for n, _ in last_child.named_parameters()]
+
+
+def initial_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters as a detached dict: the θ that meta-learning starts from."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def seeded_model(config: ModelConfig, seed: int) -> UNet:
+    """Builds the model with weights drawn from ``seed`` alone, whatever the global RNG did before."""
+    devices = []  # fork_rng on CPU only: CUDA state is not touched by the CPU initialiser.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return build_model(config)
+
+
+__all__ = [
+    "ModelConfig",
+    "VALID_NORMS",
+    "build_model",
+    "head_parameter_names",
+    "initial_params",
+    "seeded_model",
+]
+
