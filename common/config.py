@@ -1,0 +1,182 @@
+"""The run configuration: Flower's flat kebab-case ``run_config`` parsed once into a frozen dataclass.
+
+Defaults live in one place, ``[tool.flwr.app.config]`` of pyproject.toml; this module only knows
+the keys, their types and what values are legal. Both apps call :meth:`RunConfig.from_run_config`
+at their edge and pass the dataclass inward, so inner code never reads strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from common.model import ModelConfig
+
+# Mirrors common.meta.ALGORITHMS; kept here so parsing a config does not import torch.func code.
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+META_OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Keys that may change between a stopped run and its resumption without changing the trajectory:
+# where things live, how long to go on, how patient to be, which device computes.
+_NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
+                         "node_wait_timeout"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a fedmeta run. Field ``inner_lr`` is key ``inner-lr`` on the wire."""
+
+    algorithm: str = "fomaml"
+    num_rounds: int = 10
+    sites_per_round: int = 0  # 0: every training site every round
+    min_sites: int = 1  # fewer valid replies than this and the round makes no update
+    episodes_per_site: int = 2
+    k_shot: int = 5  # support images per episode
+    q_query: int = 5  # query images per episode
+    inner_steps: int = 1
+    inner_lr: float = 0.05
+    meta_optimizer: str = "adam"
+    meta_lr: float = 0.003
+    meta_momentum: float = 0.0
+    proximal_mu: float = 0.0  # fedprox only
+    image_size: int = 64
+    num_classes: int = 4
+    model_base_channels: int = 16
+    model_levels: int = 4
+    model_res_units: int = 1
+    model_norm: str = "instance"
+    eval_every: int = 1  # 0: never evaluate on held-out sites during training
+    eval_k_shot: int = 5
+    eval_steps: str = "0,5,10"  # comma-separated adaptation step counts
+    eval_batch_size: int = 32
+    seed: int = 0
+    resume: bool = False
+    out_dir: str = ""
+    federation_dir: str = ""
+    device: str = "auto"
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        def need(condition: bool, key: str, problem: str) -> None:
+            if not condition:
+                value = getattr(self, key.replace("-", "_"))
+                raise ValueError(f"run config {key}={value!r}: {problem}")
+
+        need(self.algorithm in ALGORITHMS, "algorithm", f"unknown algorithm; choose one of {', '.join(ALGORITHMS)}.")
+        need(self.meta_optimizer in META_OPTIMIZERS, "meta-optimizer",
+             f"unknown meta-optimiser; choose one of {', '.join(META_OPTIMIZERS)}.")
+        need(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}.")
+        need(self.num_rounds >= 0, "num-rounds", "must be >= 0.")
+        need(self.sites_per_round >= 0, "sites-per-round", "must be >= 0 (0 means every training site).")
+        need(self.min_sites >= 1, "min-sites", "must be >= 1.")
+        need(self.episodes_per_site >= 1, "episodes-per-site", "must be >= 1.")
+        need(self.k_shot >= 1, "k-shot", "must be >= 1 support image.")
+        need(self.q_query >= 1, "q-query", "must be >= 1 query image.")
+        need(self.inner_steps >= 1, "inner-steps", "must be >= 1.")
+        need(self.inner_lr > 0, "inner-lr", "must be > 0.")
+        need(self.meta_lr > 0, "meta-lr", "must be > 0.")
+        need(0 <= self.meta_momentum < 1, "meta-momentum", "must be in [0, 1).")
+        need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0.")
+        need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
+        need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")
+        need(self.model_levels >= 2, "model-levels", "must be >= 2.")
+        factor = 2 ** (self.model_levels - 1)
+        need(self.image_size >= factor and self.image_size % factor == 0, "image-size",
+             f"must be a positive multiple of {factor} (2^(model-levels - 1)) so the UNet's skips line up.")
+        need(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables held-out evaluation).")
+        need(self.eval_k_shot >= 1, "eval-k-shot", "must be >= 1.")
+        need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
+        need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
+        try:
+            steps = self.adaptation_steps
+        except ValueError:
+            steps = ()
+        need(bool(steps) and all(s >= 0 for s in steps), "eval-steps",
+             "must be comma-separated non-negative integers, e.g. '0,5,10'.")
+        # Model validation (norm, widths) belongs to ModelConfig; surface its message with the key.
+        try:
+            self.model_config()
+        except ValueError as err:
+            raise ValueError(f"run config model-*: {err}") from None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Parses Flower's ``context.run_config``; unknown keys are an error (a typo would be ignored)."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ValueError(
+                f"unknown run-config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(by_key))}."
+            )
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for key, value in run_config.items():
+            f = by_key[key]
+            values[f.name] = _coerce(key, value, type(getattr(defaults, f.name)))
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The kebab-case mapping Flower expects (``--run-config`` or a TOML file)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        values = asdict(self)
+        values.update(changes)
+        return RunConfig(**values)
+
+    @property
+    def adaptation_steps(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.eval_steps.split(",") if s.strip())
+
+    def model_config(self) -> ModelConfig:
+        channels = tuple(self.model_base_channels * 2**i for i in range(self.model_levels))
+        return ModelConfig(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=self.num_classes,
+            channels=channels,
+            strides=(2,) * (self.model_levels - 1),
+            num_res_units=self.model_res_units,
+            norm=self.model_norm,
+        )
+
+    def trajectory_hash(self) -> str:
+        """Hash of every key that shapes the trajectory of θ; a checkpoint resumes only under the same hash."""
+        relevant = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML and `--run-config` give ints for floats ("meta-lr=1") and, from some shells, strings.
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"run config {key}={value!r}: expected true or false.")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"run config {key}={value!r}: expected an integer.")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"run config {key}={value!r}: expected an integer.") from None
+        if not number.is_integer():
+            raise ValueError(f"run config {key}={value!r}: expected an integer.")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"run config {key}={value!r}: expected a number.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"run config {key}={value!r}: expected a number.") from None
+    return str(value)
+
+
+__all__ = ["ALGORITHMS", "DEVICES", "META_OPTIMIZERS", "RunConfig"]
