@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-STEP_SIZE_PREFIX = "lr."
+from common.meta import STEP_SIZE_PREFIX
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

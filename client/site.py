@@ -1,0 +1,116 @@
+"""Which site this ClientApp is, where its data lies, and a per-process cache of the loaded data.
+
+Deployed, a hospital's SuperNode names its folder: ``--node-config "data-dir='/data/site' role='train'"``.
+Simulated, Flower hands out ``partition-id`` 0..N-1, mapped onto the federation folder's manifest:
+the training sites first (in the manifest's order), then the held-out sites.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from common.config import RunConfig
+from common.data import DataConfig, SiteDataset
+from common.model import build_model
+
+ROLES = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """Where a site's data lives and whether it trains or is held out."""
+
+    data_dir: Path
+    role: str
+
+
+def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
+    """The site this node serves, from its node config (deployed) or partition id (simulated)."""
+    if "data-dir" in node_config:
+        role = str(node_config.get("role", "train"))
+        if role not in ROLES:
+            raise ValueError(f"node config role={role!r} is not one of {', '.join(ROLES)}; fix --node-config.")
+        data_dir = Path(str(node_config["data-dir"]))
+        if not data_dir.is_dir():
+            raise FileNotFoundError(
+                f"node config data-dir={str(data_dir)!r} is not a folder; point --node-config data-dir at the "
+                "site's dataset (dataset.json, imagesTr/, labelsTr/)."
+            )
+        return SiteRef(data_dir, role)
+    if "partition-id" in node_config:
+        from common.synth import load_manifest  # only simulated nodes need the federation's manifest
+
+        if not config.federation_dir:
+            raise ValueError(
+                "this node has a partition-id (simulation) but run config federation-dir is empty; "
+                "set federation-dir to the generated federation folder."
+            )
+        manifest = load_manifest(Path(config.federation_dir))
+        sites = [(s, "train") for s in manifest.train_sites] + [(s, "heldout") for s in manifest.heldout_sites]
+        partition = int(node_config["partition-id"])
+        if not 0 <= partition < len(sites):
+            raise ValueError(
+                f"partition-id {partition} has no site: {config.federation_dir} holds {len(sites)} sites "
+                f"(partitions 0..{len(sites) - 1}); run with as many SuperNodes as sites."
+            )
+        info, role = sites[partition]
+        return SiteRef(Path(info.path), role)
+    raise ValueError(
+        "node config has neither data-dir (deployed site) nor partition-id (simulation); start the SuperNode "
+        "with --node-config \"data-dir='/path/to/site'\"."
+    )
+
+
+def data_config(config: RunConfig) -> DataConfig:
+    return DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
+
+
+def pick_device(config: RunConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run config device='cuda' but this node has no CUDA device; use device='auto'.")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class SiteCache:
+    """Loaded sites and built models, kept for the life of the process.
+
+    A Flower node handles many messages in one process; reading and resampling NIfTI every round
+    would dominate its time. Owned by the ClientApp module's app object, not a hidden global, and
+    keyed by everything the loaded value depends on.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sites: dict[tuple, SiteDataset] = {}
+        self._models: dict[tuple, torch.nn.Module] = {}
+
+    def site(self, ref: SiteRef, config: RunConfig) -> SiteDataset:
+        cfg = data_config(config)
+        key = (str(ref.data_dir.resolve()), cfg)
+        with self._lock:
+            if key not in self._sites:
+                self._sites[key] = SiteDataset.load(ref.data_dir, cfg)
+            return self._sites[key]
+
+    def model(self, config: RunConfig, device: torch.device) -> torch.nn.Module:
+        """The architecture only: weights always come from the server's θ via functional_call."""
+        key = (config.model_config(), str(device))
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = build_model(config.model_config()).to(device)
+            return self._models[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sites.clear()
+            self._models.clear()
+
+
+__all__ = ["ROLES", "SiteCache", "SiteRef", "data_config", "pick_device", "resolve_site"]

@@ -1,0 +1,199 @@
+"""fedmeta's ServerApp: federated meta-training of the shared UNet initialisation.
+
+An own round loop over ``grid.send_and_receive`` rather than ``Strategy.start``, because start() has
+no place to checkpoint, resume or survive a round with too few sites. Each round: sample training
+sites, send θ, validate and aggregate their meta-gradients, step the meta-optimiser, every
+``eval-every`` rounds let held-out sites adapt and report Dice, append metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from server.metrics import MetricsLog
+from server.strategy import METRICS_RECORD, ROLE_METRIC, MetaGradientStrategy, RoundOutcome
+
+log = logging.getLogger("fedmeta.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_run_config(context.run_config)
+    run_federation(grid, config)
+
+
+def run_federation(grid: Grid, config: RunConfig) -> MetaGradientStrategy:
+    """The whole federated run; returns the strategy holding the final θ (also checkpointed)."""
+    out_dir = _out_dir(config)
+    strategy = MetaGradientStrategy(config)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    start_round = _maybe_resume(strategy, config, checkpoint_path)
+    metrics_log = MetricsLog(out_dir)
+    metrics_log.start(resume_round=start_round if start_round > 0 else None)
+
+    train_nodes, heldout_nodes = discover_roles(grid, config)
+    log.info("federation: %d training and %d held-out sites", len(train_nodes), len(heldout_nodes))
+    if not train_nodes:
+        raise RuntimeError("no training site answered the role query; nothing to meta-train on.")
+
+    evaluating = config.eval_every > 0 and bool(heldout_nodes)
+    if start_round == 0 and evaluating:
+        evaluation = _evaluate(grid, strategy, 0, heldout_nodes)
+        metrics_log.append({"round": 0, "heldout": _heldout_summary(evaluation)})
+        _progress(0, config, None, evaluation)
+
+    for server_round in range(start_round + 1, config.num_rounds + 1):
+        began = time.perf_counter()
+        chosen, round_seed = strategy.sample_sites(train_nodes)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, chosen, round_seed), timeout=config.round_timeout
+        )
+        outcome = strategy.aggregate_train(server_round, chosen, replies)
+        record = {
+            "round": server_round,
+            "sites_sampled": len(chosen),
+            "sites_answered": len(outcome.accepted),
+            "updated": outcome.updated,
+            "dropped": [{"node_id": d.node_id, "reason": d.reason} for d in outcome.dropped],
+            "train": outcome.metrics,
+        }
+        evaluation = None
+        if evaluating and (server_round % config.eval_every == 0 or server_round == config.num_rounds):
+            evaluation = _evaluate(grid, strategy, server_round, heldout_nodes)
+            record["heldout"] = _heldout_summary(evaluation)
+        record["seconds"] = time.perf_counter() - began
+        metrics_log.append(record)
+        _checkpoint(strategy, config, server_round, checkpoint_path)
+        _progress(server_round, config, outcome, evaluation)
+    log.info("done: %s", strategy.counters)
+    return strategy
+
+
+def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]:
+    """Asks every connected node whether it is a training or a held-out site (a scalar flag, no data)."""
+    node_ids = _wait_for_nodes(grid, config)
+    query = RecordDict({"config": ConfigRecord({"round": 0})})
+    messages = [Message(query, node_id, MessageType.QUERY, group_id="roles") for node_id in node_ids]
+    train, heldout = [], []
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+        node_id = reply.metadata.src_node_id
+        if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
+            reason = reply.error.reason if reply.has_error() else "no metrics"
+            log.warning("node %d did not answer the role query (%s); leaving it out of this run", node_id, reason)
+            continue
+        flag = reply.content.metric_records[METRICS_RECORD].get(ROLE_METRIC)
+        if flag not in (0, 1):
+            log.warning("node %d sent role flag %r; leaving it out of this run", node_id, flag)
+            continue
+        (heldout if flag == 1 else train).append(int(node_id))
+    return sorted(train), sorted(heldout)
+
+
+def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:
+    deadline = time.monotonic() + config.node_wait_timeout
+    while True:
+        node_ids = sorted(int(n) for n in grid.get_node_ids())
+        if len(node_ids) >= config.min_sites or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if not node_ids:
+        raise RuntimeError(
+            f"no site connected within node-wait-timeout={config.node_wait_timeout}s; "
+            "start the SuperNodes or raise node-wait-timeout."
+        )
+    return node_ids
+
+
+def _evaluate(grid: Grid, strategy: MetaGradientStrategy, server_round: int, heldout_nodes: list[int]) -> RoundOutcome:
+    messages = strategy.configure_evaluate(server_round, heldout_nodes)
+    replies = grid.send_and_receive(messages, timeout=strategy.config.round_timeout)
+    return strategy.aggregate_evaluate(server_round, heldout_nodes, replies)
+
+
+def _heldout_summary(evaluation: RoundOutcome) -> dict:
+    return {
+        "sites_answered": len(evaluation.accepted),
+        "dropped": [{"node_id": d.node_id, "reason": d.reason} for d in evaluation.dropped],
+        "summary": evaluation.metrics,
+        "sites": {str(n): m for n, m in sorted(evaluation.accepted.items())},
+    }
+
+
+def _out_dir(config: RunConfig) -> Path:
+    if not config.out_dir:
+        raise ValueError("run config out-dir is empty; set it to an absolute folder for checkpoints and metrics.")
+    out_dir = Path(config.out_dir)
+    if not out_dir.is_absolute():
+        raise ValueError(
+            f"run config out-dir={config.out_dir!r} is relative; the ServerApp may run in another working "
+            "directory, so give an absolute path."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _maybe_resume(strategy: MetaGradientStrategy, config: RunConfig, path: Path) -> int:
+    """Restores the latest checkpoint when resume=true; returns the round it ended (0 for a fresh run)."""
+    if not config.resume:
+        return 0
+    if not path.exists():
+        log.info("resume=true but %s does not exist yet; starting a fresh run", path)
+        return 0
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config_hash != config.trajectory_hash():
+        changed = sorted(
+            k for k, v in RunConfig.from_run_config(checkpoint.run_config).to_run_config().items()
+            if config.to_run_config().get(k) != v
+        )
+        raise ValueError(
+            f"{path} was written under a different run config (changed: {', '.join(changed)}); resuming would "
+            "mix two experiments. Restore those keys, or use a new out-dir / resume=false."
+        )
+    strategy.meta_optimizer.load_state_dict(checkpoint.optimizer)
+    strategy.set_rng_state(checkpoint.rng_state)
+    strategy.counters.update(checkpoint.counters)
+    log.info("resumed from %s after round %d", path, checkpoint.round)
+    return checkpoint.round
+
+
+def _checkpoint(strategy: MetaGradientStrategy, config: RunConfig, server_round: int, path: Path) -> None:
+    save_checkpoint(
+        path,
+        Checkpoint(
+            round=server_round,
+            params=strategy.params,
+            step_sizes=strategy.step_sizes,
+            optimizer=strategy.meta_optimizer.state_dict(),
+            rng_state=strategy.rng_state(),
+            config_hash=config.trajectory_hash(),
+            run_config=config.to_run_config(),
+            counters=dict(strategy.counters),
+        ),
+    )
+
+
+def _progress(server_round: int, config: RunConfig, outcome: RoundOutcome | None, evaluation: RoundOutcome | None) -> None:
+    parts = [f"round {server_round}/{config.num_rounds}"]
+    if outcome is not None:
+        parts.append(f"sites {len(outcome.accepted)}/{len(outcome.accepted) + len(outcome.dropped)}")
+        if outcome.updated:
+            parts.append(f"meta-loss {outcome.metrics.get('query-loss-after', float('nan')):.4f}")
+        else:
+            parts.append("no update")
+    if evaluation is not None and evaluation.metrics:
+        steps = config.adaptation_steps
+        parts.append(
+            "held-out Dice "
+            + " ".join(f"{s}:{evaluation.metrics[f'dice-mean-{s}']:.3f}" for s in steps)
+            + " (adaptation steps:Dice)"
+        )
+    log.info(" | ".join(parts))

@@ -1,0 +1,73 @@
+"""Atomic checkpoints of the federation's state after every round, and resuming from them.
+
+A checkpoint holds everything the next round depends on: θ, Meta-SGD step sizes, the
+meta-optimiser's moments, the round just finished, the server's RNG state and the hash of the
+run config that produced it. Written to a temporary file and moved into place with ``os.replace``,
+so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    params: dict[str, torch.Tensor]
+    step_sizes: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    rng_state: dict[str, Any]
+    config_hash: str
+    run_config: dict[str, Any]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Writes ``checkpoint`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT_VERSION, **checkpoint.__dict__}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Reads a checkpoint written by :func:`save_checkpoint`; a clear error for anything else."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a truncated or foreign file: say which and what to do
+        raise ValueError(
+            f"{path}: not a readable fedmeta checkpoint ({type(err).__name__}: {err}); "
+            "delete it to start afresh or point out-dir at another run."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'} "
+            f"is not {FORMAT_VERSION}; it was written by another fedmeta version. Start a new run."
+        )
+    payload.pop("format")
+    return Checkpoint(**payload)
+
+
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,297 @@
+"""The meta-gradient strategy: which sites train, what they receive, which replies count, how θ moves.
+
+FedOpt's pattern on the Message API: the weighted mean of the sites' meta-gradients is a
+(pseudo-)gradient for a meta-optimiser that lives across rounds (``common.metaopt``). Unlike Flower's
+FedAvg, a reply that is late, failed or malformed is dropped with a logged reason and counted, and
+the round goes on when at least ``min-sites`` replies are valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from common.config import RunConfig
+from common.meta import STEP_SIZE_PREFIX, init_step_sizes
+from common.metaopt import MetaOptimizer
+from common.model import initial_params, seeded_model
+from common.records import from_array_record, pack_params
+
+log = logging.getLogger("fedmeta.server")
+
+# Record names on the wire, shared by convention with client/app.py (the apps never import each other).
+PARAMS_RECORD = "arrays"
+CONFIG_RECORD = "config"
+GRADS_RECORD = "meta-grads"
+METRICS_RECORD = "metrics"
+ROLE_METRIC = "heldout"
+NUM_EXAMPLES = "num-examples"
+
+
+def dice_key(steps: int) -> str:
+    return f"dice-step-{steps}"
+
+
+@dataclass
+class Drop:
+    node_id: int
+    reason: str
+
+
+@dataclass
+class RoundOutcome:
+    """What a round did: valid replies by node, dropped ones with reasons, and scalar summaries."""
+
+    accepted: dict[int, dict[str, float]] = field(default_factory=dict)
+    dropped: list[Drop] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    updated: bool = False
+
+
+class MetaGradientStrategy:
+    """Holds θ, its meta-optimiser and the server RNG; builds round messages and folds in replies.
+
+    Node roles come from the ``query`` handshake (see ``server.app``); this class only needs the
+    sorted ids of training and held-out nodes.
+    """
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        model = seeded_model(config.model_config(), config.seed)
+        params = initial_params(model)
+        step_sizes = None
+        if config.algorithm == "metasgd":
+            step_sizes = init_step_sizes(params, config.inner_lr)
+        self._expected = {
+            key: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for key, t in pack_params_dict(params, step_sizes).items()
+        }
+        self.meta_optimizer = MetaOptimizer(
+            params,
+            optimizer=config.meta_optimizer,
+            lr=config.meta_lr,
+            step_sizes=step_sizes,
+            momentum=config.meta_momentum,
+        )
+        # One generator drives site sampling and episode seeds; its state is checkpointed, so a
+        # resumed run draws exactly what the uninterrupted run would have drawn.
+        self.rng = np.random.Generator(np.random.PCG64(config.seed))
+        self.counters = {"dropped_replies": 0, "skipped_rounds": 0, "failed_evaluations": 0}
+
+    # -- state for checkpoints ------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.meta_optimizer.params
+
+    @property
+    def step_sizes(self) -> dict[str, torch.Tensor] | None:
+        return self.meta_optimizer.step_sizes
+
+    def rng_state(self) -> dict[str, str]:
+        # JSON keeps PCG64's 128-bit integers exact and loadable with torch.load(weights_only=True).
+        return {"numpy": json.dumps(self.rng.bit_generator.state)}
+
+    def set_rng_state(self, state: Mapping[str, str]) -> None:
+        self.rng.bit_generator.state = json.loads(state["numpy"])
+
+    # -- training ------------------------------------------------------------------------------
+
+    def sample_sites(self, train_nodes: Iterable[int]) -> tuple[list[int], int]:
+        """This round's training nodes (sorted) and the round seed for episode sampling."""
+        nodes = sorted(train_nodes)
+        wanted = self.config.sites_per_round or len(nodes)
+        if wanted < len(nodes):
+            chosen = sorted(int(nodes[i]) for i in self.rng.choice(len(nodes), size=wanted, replace=False))
+        else:
+            chosen = nodes
+        round_seed = int(self.rng.integers(0, 2**31 - 1))
+        return chosen, round_seed
+
+    def configure_train(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
+        content = self._content(server_round, {"round-seed": round_seed})
+        return [Message(content, node_id, MessageType.TRAIN, group_id=str(server_round)) for node_id in node_ids]
+
+    def aggregate_train(self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]) -> RoundOutcome:
+        """Validates every reply, aggregates the valid ones in sorted node order, steps θ."""
+        outcome = RoundOutcome()
+        grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
+        for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_train):
+            grads_by_node[node_id], outcome.accepted[node_id] = payload
+        self._note_missing(sent_to, outcome)
+        self.counters["dropped_replies"] += len(outcome.dropped)
+
+        if len(outcome.accepted) < self.config.min_sites:
+            self.counters["skipped_rounds"] += 1
+            log.warning(
+                "round %d: only %d valid replies, fewer than min-sites=%d; θ is left unchanged this round",
+                server_round, len(outcome.accepted), self.config.min_sites,
+            )
+            return outcome
+
+        order = sorted(grads_by_node)
+        weights = [outcome.accepted[n][NUM_EXAMPLES] for n in order]
+        total = float(sum(weights))
+        mean_grads = {}
+        for key, (_, dtype) in self._expected.items():
+            # float64 accumulation in a fixed order: the same replies give the same bits.
+            acc = torch.zeros_like(grads_by_node[order[0]][key], dtype=torch.float64)
+            for node_id, weight in zip(order, weights):
+                acc += grads_by_node[node_id][key].to(torch.float64) * (weight / total)
+            mean_grads[key] = acc.to(getattr(torch, dtype))
+        self.meta_optimizer.step(mean_grads)
+        outcome.updated = True
+        outcome.metrics = _weighted_means(outcome.accepted, order, weights, total)
+        outcome.metrics["num-examples"] = total
+        return outcome
+
+    # -- held-out evaluation --------------------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
+        # A fixed seed: every evaluation adapts on the same support images, so rounds compare.
+        content = self._content(server_round, {"eval-seed": self.config.seed})
+        return [Message(content, n, MessageType.EVALUATE, group_id=f"eval-{server_round}") for n in sorted(node_ids)]
+
+    def aggregate_evaluate(self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]) -> RoundOutcome:
+        """Mean and worst held-out Dice per adaptation step count (each site counts once)."""
+        outcome = RoundOutcome()
+        for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_evaluate):
+            outcome.accepted[node_id] = payload
+        self._note_missing(sent_to, outcome)
+        self.counters["failed_evaluations"] += len(outcome.dropped)
+        if outcome.accepted:
+            for steps in self.config.adaptation_steps:
+                values = [m[dice_key(steps)] for m in outcome.accepted.values()]
+                outcome.metrics[f"dice-mean-{steps}"] = float(np.mean(values))
+                outcome.metrics[f"dice-worst-{steps}"] = float(np.min(values))
+        return outcome
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _content(self, server_round: int, extra: dict[str, int]) -> RecordDict:
+        return RecordDict(
+            {
+                PARAMS_RECORD: pack_params(self.params, self.step_sizes),
+                CONFIG_RECORD: ConfigRecord({"round": server_round, **extra}),
+            }
+        )
+
+    def _screen(self, sent_to, replies, outcome: RoundOutcome, validate):
+        expected_nodes, seen = set(sent_to), set()
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            if node_id not in expected_nodes:
+                reason = "reply from a node this round did not ask"
+            elif node_id in seen:
+                reason = "second reply from the same node"
+            else:
+                seen.add(node_id)
+                try:
+                    yield node_id, validate(reply)
+                    continue
+                except InvalidReply as err:
+                    reason = str(err)
+            outcome.dropped.append(Drop(node_id, reason))
+            log.warning("dropped the reply of node %d: %s", node_id, reason)
+
+    def _note_missing(self, sent_to, outcome: RoundOutcome) -> None:
+        answered = set(outcome.accepted) | {d.node_id for d in outcome.dropped}
+        for node_id in sorted(set(sent_to) - answered):
+            outcome.dropped.append(Drop(node_id, "no reply before round-timeout"))
+            log.warning("node %d did not reply before round-timeout=%ss", node_id, self.config.round_timeout)
+
+    def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        content = _content_of(reply, {GRADS_RECORD, METRICS_RECORD})
+        grads_record = content.array_records.get(GRADS_RECORD)
+        if grads_record is None:
+            raise InvalidReply(f"no ArrayRecord {GRADS_RECORD!r}")
+        keys = set(grads_record.keys())
+        missing, extra = sorted(set(self._expected) - keys), sorted(keys - set(self._expected))
+        if missing or extra:
+            raise InvalidReply(f"meta-gradient keys differ from θ: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, (shape, dtype) in self._expected.items():
+            array = grads_record[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                raise InvalidReply(
+                    f"{key!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+                )
+        try:
+            grads = from_array_record(grads_record)
+        except Exception as err:  # undecodable bytes: a corrupted or hostile reply
+            raise InvalidReply(f"meta-gradient arrays do not decode ({type(err).__name__})") from None
+        for key, tensor in grads.items():
+            if tuple(tensor.shape) != self._expected[key][0]:
+                raise InvalidReply(f"{key!r} decodes to shape {list(tensor.shape)}, not its declared shape")
+            if not torch.isfinite(tensor).all():
+                raise InvalidReply(f"{key!r} holds NaN or Inf")
+        return grads, _validated_metrics(content)
+
+    def _validate_evaluate(self, reply: Message) -> dict[str, float]:
+        content = _content_of(reply, {METRICS_RECORD})
+        metrics = _validated_metrics(content)
+        for steps in self.config.adaptation_steps:
+            value = metrics.get(dice_key(steps))
+            if value is None or not 0.0 <= value <= 1.0:
+                raise InvalidReply(f"{dice_key(steps)} is {value!r}, expected a Dice in [0, 1]")
+        return metrics
+
+
+class InvalidReply(ValueError):
+    """A reply the server refuses to aggregate; the message is the logged reason."""
+
+
+def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:
+    """θ and ``lr.<name>`` step sizes in one dict: the keys a site's meta-gradient must carry."""
+    return {**params, **{STEP_SIZE_PREFIX + k: v for k, v in (step_sizes or {}).items()}}
+
+
+def _content_of(reply: Message, allowed: set[str]) -> RecordDict:
+    if reply.has_error():
+        error = reply.error
+        raise InvalidReply(f"site failed (error code {error.code}): {str(error.reason)[:300]}")
+    if not reply.has_content():
+        raise InvalidReply("empty reply")
+    content = reply.content
+    unexpected = sorted(set(content.keys()) - allowed)
+    if unexpected:
+        raise InvalidReply(f"unexpected records {unexpected}")
+    return content
+
+
+def _validated_metrics(content: RecordDict) -> dict[str, float]:
+    record = content.metric_records.get(METRICS_RECORD)
+    if record is None:
+        raise InvalidReply(f"no MetricRecord {METRICS_RECORD!r}")
+    metrics: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidReply(f"metric {key!r} is {value!r}, not a finite scalar")
+        metrics[key] = float(value)
+    count = metrics.get(NUM_EXAMPLES)
+    if count is None or count <= 0:
+        raise InvalidReply(f"{NUM_EXAMPLES} is {count!r}, expected a positive example count")
+    return metrics
+
+
+def _weighted_means(accepted, order, weights, total) -> dict[str, float]:
+    keys = set.intersection(*(set(accepted[n]) for n in order)) - {NUM_EXAMPLES}
+    return {k: float(sum(accepted[n][k] * w for n, w in zip(order, weights)) / total) for k in sorted(keys)}
+
+
+__all__ = [
+    "CONFIG_RECORD",
+    "GRADS_RECORD",
+    "METRICS_RECORD",
+    "MetaGradientStrategy",
+    "PARAMS_RECORD",
+    "ROLE_METRIC",
+    "RoundOutcome",
+    "dice_key",
+]
