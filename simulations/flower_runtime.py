@@ -1,0 +1,708 @@
+"""Run fedmeta's Flower apps on Flower's own engines, from Python, and leave nothing running.
+
+Two engines, both driven through the real `flwr` CLI so that what a test exercises is what a
+consortium runs:
+
+- `run_simulation_engine`: Flower's Simulation Engine (Ray) via `flwr run` against a local
+  SuperLink that `flwr` starts in the background.
+- `LocalDeployment`: Flower's Deployment Engine on loopback — one `flower-superlink` and N
+  `flower-supernode`s, each with its own `data-dir` — and `flwr run` against it.
+
+Flower 1.41 facts this module is built around (see shared/FIELD.md §4):
+- federations (SuperLink connections) live in `$FLWR_HOME/config.toml`, so every call gets a
+  private FLWR_HOME and never touches the user's `~/.flwr`;
+- `flwr run` exits 0 even when the run failed: the outcome is read back with
+  `flwr list --run-id N --format json`;
+- `flwr run` against a `:local:` connection starts a detached SuperLink (and, through it, a
+  SuperExec, `flwr-simulation` and a Ray cluster) that outlives the CLI; it listens on fixed
+  ports unless FLWR_LOCAL_SUPERLINK_HTTP_API_PORT / FLWR_LOCAL_CONTROL_API_PORT are set, so two
+  runs on one machine would silently share one SuperLink — each call here picks free ports;
+- the SuperLink installs an app's dependencies with `uv sync` unless told not to; this machine
+  (and a hospital's) has no internet and the environment already holds them, so it is disabled.
+
+Every process started here, directly or by Flower, carries a tag in its environment
+(`FEDMETA_RUNTIME_TAG`); on exit the whole tree is frozen, terminated, then killed, and the tag
+is swept for orphans. Linux (/proc) is needed for that sweep; elsewhere only the process tree
+reachable through `ps` is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import tomli_w
+
+__all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine"]
+
+RunConfigValue = bool | int | float | str
+
+_TAG_VAR = "FEDMETA_RUNTIME_TAG"
+_STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_LOG_TAIL_LINES = 80
+_GRACE_S = 10.0
+
+
+@dataclass
+class RunOutcome:
+    """What a Flower run ended as, read back from the SuperLink (not from `flwr run`'s exit code).
+
+    `status` is the SuperLink's status string, e.g. "finished:completed", "finished:failed",
+    "finished:stopped"; `log` is the run's streamed log (ServerApp output and, in simulation,
+    the ClientApps').
+    """
+
+    run_id: int
+    status: str
+    ok: bool
+    log: str
+
+
+# --------------------------------------------------------------------------------------------
+# Simulation Engine
+# --------------------------------------------------------------------------------------------
+
+
+def run_simulation_engine(
+    app_dir: Path,
+    run_config: Mapping[str, RunConfigValue],
+    *,
+    num_supernodes: int,
+    num_cpus_per_client: float = 1.0,
+    num_gpus_per_client: float = 0.0,
+    timeout_s: float = 1800,
+    flwr_home: Path | None = None,
+) -> RunOutcome:
+    """Run the Flower app in `app_dir` on Flower's Simulation Engine (Ray) and wait for its end.
+
+    Args:
+        app_dir: folder holding the app's pyproject.toml with [tool.flwr.app.components].
+        run_config: overrides of keys in the app's [tool.flwr.app.config] (scalars only).
+        num_supernodes: simulated sites; each gets node_config {"partition-id", "num-partitions"}.
+        num_cpus_per_client / num_gpus_per_client: Ray resources per ClientApp; Flower's default
+            of 2 CPUs would run one site at a time on a 2-core machine.
+        timeout_s: wall-clock limit for the whole run; on expiry the run is stopped.
+        flwr_home: FLWR_HOME to use (kept afterwards, for inspection); a temporary one otherwise.
+
+    Returns the RunOutcome of a run that finished as completed; raises RuntimeError with the
+    status and the tail of the log otherwise. Every process the run started is stopped before
+    this returns or raises.
+    """
+    app_dir = _check_app_dir(app_dir)
+    if not isinstance(num_supernodes, int) or num_supernodes < 1:
+        raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
+    if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
+        raise ValueError(
+            f"num_cpus_per_client must be a whole number >= 1 (Flower 1.41 reserves whole "
+            f"CPUs per ClientApp), got {num_cpus_per_client!r}."
+        )
+    if num_gpus_per_client < 0:
+        raise ValueError(f"num_gpus_per_client must be >= 0, got {num_gpus_per_client!r}.")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}.")
+
+    with _FlowerHome(flwr_home) as home:
+        http_port, control_port = _free_ports(2)
+        home.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+        home.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+        home.write_connection("local-sim", address=":local:")
+        federation_config = (
+            f"num-supernodes={num_supernodes} "
+            f"client-resources-num-cpus={int(num_cpus_per_client)} "
+            f"client-resources-num-gpus={float(num_gpus_per_client)}"
+        )
+        superlink_log = home.path / "local-superlink" / "superlink.log"
+        try:
+            return home.run_app(
+                app_dir,
+                "local-sim",
+                run_config,
+                timeout_s=timeout_s,
+                extra_args=["--federation-config", federation_config],
+                engine="Simulation Engine",
+                service_logs=[superlink_log],
+            )
+        finally:
+            # The local SuperLink was detached by `flwr`; it and everything below it carry our
+            # tag, so the sweep finds them even though they are not our children.
+            survivors = _stop_processes(home.tagged_processes(), home.tag)
+            if survivors:
+                raise RuntimeError(
+                    f"Could not stop Flower processes {sorted(survivors)} started for the "
+                    f"simulation in {home.path}; stop them by hand (kill -9 PID)."
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment Engine on loopback
+# --------------------------------------------------------------------------------------------
+
+
+class LocalDeployment:
+    """A real Flower Deployment Engine on loopback: one SuperLink and one SuperNode per site.
+
+    Insecure (no TLS) — for tests and a first look; a consortium runs the same binaries with
+    certificates (see deploy/). Each SuperNode gets `--node-config data-dir="<its folder>"`, its
+    own local port and its own FLWR_HOME, as separate hospitals would.
+
+        with LocalDeployment([site_a, site_b]) as deployment:
+            outcome = deployment.run(repo_root, {"num-rounds": 2})
+
+    On exit every process it started (and their children: SuperExecs, ServerApp and ClientApp
+    processes) is stopped by PID — SIGTERM, then SIGKILL after a grace period.
+    """
+
+    def __init__(
+        self,
+        data_dirs: Iterable[Path],
+        *,
+        flwr_home: Path | None = None,
+        startup_timeout_s: float = 60.0,
+    ) -> None:
+        self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
+        if not self.data_dirs:
+            raise ValueError("LocalDeployment needs at least one site data-dir, got none.")
+        for data_dir in self.data_dirs:
+            if not data_dir.is_dir():
+                raise FileNotFoundError(
+                    f"Site data-dir {data_dir} does not exist or is not a folder; pass the "
+                    "folder holding the site's dataset.json."
+                )
+            if '"' in str(data_dir) or "\\" in str(data_dir):
+                raise ValueError(
+                    f"Site data-dir {data_dir} contains a quote or backslash, which "
+                    "flower-supernode's --node-config cannot carry; move or link the folder."
+                )
+        self.startup_timeout_s = startup_timeout_s
+        self._home_arg = flwr_home
+        self._home: _FlowerHome | None = None
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._log_files: list[Path] = []
+        self.superlink_address = ""
+        self.pids: list[int] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalDeployment:
+        self._home = _FlowerHome(self._home_arg).__enter__()
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+    def _start(self) -> None:
+        home = self._require_home()
+        superlink_port, *node_ports = _free_ports(1 + len(self.data_dirs))
+        self.superlink_address = f"127.0.0.1:{superlink_port}"
+        self._spawn(
+            "superlink",
+            [
+                _flower_bin("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(superlink_port),
+                "--database",
+                str(home.path / "superlink-state.db"),
+            ],
+            home.env,
+        )
+        for index, (data_dir, node_port) in enumerate(zip(self.data_dirs, node_ports, strict=True)):
+            # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
+            # hospital would, instead of racing the others to unpack into one folder.
+            node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
+            self._spawn(
+                f"supernode-{index}",
+                [
+                    _flower_bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    self.superlink_address,
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f'data-dir="{data_dir}"',
+                ],
+                node_env,
+            )
+        home.write_connection("local-deployment", address=self.superlink_address, insecure=True)
+        self._wait_for_nodes()
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        home = self._require_home()
+        log_path = home.path / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C in the caller's terminal reaches us, and we stop the
+                # Flower processes in order, rather than the terminal killing them mid-write.
+                start_new_session=True,
+            )
+        self._processes.append(process)
+        self._log_files.append(log_path)
+        self.pids.append(process.pid)
+
+    def _wait_for_nodes(self) -> None:
+        home = self._require_home()
+        deadline = time.monotonic() + self.startup_timeout_s
+        online = 0
+        while time.monotonic() < deadline:
+            for process, log_path in zip(self._processes, self._log_files, strict=True):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{Path(process.args[0]).name} exited with code {process.returncode} "
+                        f"while the local deployment was starting; its log ({log_path}) "
+                        f"ends with:\n{_tail(log_path)}"
+                    )
+            result = home.flwr(["supernode", "list", "local-deployment", "--format", "json"])
+            payload = _json_payload(result.stdout)
+            if payload and payload.get("success"):
+                online = sum(node.get("status") == "online" for node in payload.get("nodes", []))
+                if online >= len(self.data_dirs):
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(
+            f"Only {online} of {len(self.data_dirs)} SuperNodes came online at "
+            f"{self.superlink_address} within {self.startup_timeout_s:.0f} s; see the logs in "
+            f"{home.path / 'logs'}. Raise startup_timeout_s on a slow machine."
+        )
+
+    def _stop(self) -> None:
+        home = self._home
+        if home is None:
+            return
+        try:
+            candidates = {process.pid for process in self._processes}
+            candidates |= home.tagged_processes()
+            survivors = _stop_processes(candidates, home.tag)
+            for process in self._processes:
+                # Reap our direct children so they do not linger as zombies.
+                try:
+                    process.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+            if survivors:
+                raise RuntimeError(
+                    f"Could not stop Flower processes {sorted(survivors)} of the local "
+                    f"deployment in {home.path}; stop them by hand (kill -9 PID)."
+                )
+        finally:
+            self._processes.clear()
+            self._home = None
+            home.__exit__(None, None, None)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, RunConfigValue],
+        timeout_s: float = 1800,
+    ) -> RunOutcome:
+        """Submit the app in `app_dir` with `flwr run` and wait until the run finished.
+
+        Returns the RunOutcome of a completed run; raises RuntimeError with the status and the
+        tail of the log otherwise (the deployment stays up: the caller's `with` ends it).
+        """
+        home = self._require_home()
+        return home.run_app(
+            _check_app_dir(app_dir),
+            "local-deployment",
+            run_config,
+            timeout_s=timeout_s,
+            extra_args=[],
+            engine="Deployment Engine",
+            service_logs=self._log_files,
+        )
+
+    def _require_home(self) -> _FlowerHome:
+        if self._home is None:
+            raise RuntimeError("LocalDeployment is not running; use it as `with LocalDeployment(...)`.")
+        return self._home
+
+
+# --------------------------------------------------------------------------------------------
+# Shared machinery: a private FLWR_HOME and the `flwr` CLI inside it
+# --------------------------------------------------------------------------------------------
+
+
+class _FlowerHome:
+    """A private FLWR_HOME, the environment for every process started in it, and `flwr` calls."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if path is None:
+            # Short prefix: Ray puts Unix sockets under paths derived from its temp dir.
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedmeta-flwr-")
+            path = Path(self._tmp.name)
+        self.path = Path(path).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.tag = uuid.uuid4().hex
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "FLWR_HOME": str(self.path),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                # `flwr` launches `flower-superlink` by name: make it this environment's.
+                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                _TAG_VAR: self.tag,
+            }
+        )
+        self._connections: dict[str, dict[str, str | bool]] = {}
+        self._runs = 0
+
+    def __enter__(self) -> _FlowerHome:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def write_connection(self, name: str, *, address: str, insecure: bool | None = None) -> None:
+        connection: dict[str, str | bool] = {"address": address}
+        if insecure is not None:
+            connection["insecure"] = insecure
+        self._connections[name] = connection
+        config = {"superlink": {"default": name, **self._connections}}
+        (self.path / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+    def flwr(self, args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [_flower_bin("flwr"), *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def run_app(
+        self,
+        app_dir: Path,
+        connection: str,
+        run_config: Mapping[str, RunConfigValue],
+        *,
+        timeout_s: float,
+        extra_args: list[str],
+        engine: str,
+        service_logs: list[Path],
+    ) -> RunOutcome:
+        """`flwr run --stream`, then the real status from the SuperLink; raise unless completed."""
+        self._runs += 1
+        config_path = self.path / f"run-config-{self._runs}.toml"
+        config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")
+        log_path = self.path / "logs" / f"run-{self._runs}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            _flower_bin("flwr"),
+            "run",
+            str(app_dir),
+            connection,
+            "--run-config",
+            str(config_path),
+            *extra_args,
+            "--stream",
+        ]
+        deadline = time.monotonic() + timeout_s
+        with log_path.open("wb") as log_file:
+            cli = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                cli.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if cli.poll() is None:
+                    cli.terminate()
+                    try:
+                        cli.wait(timeout=_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        cli.kill()
+                        cli.wait()
+        log = log_path.read_text(encoding="utf-8", errors="replace")
+        started = _STARTED_RUN.search(log)
+        if started is None:
+            details = "\n".join(
+                f"--- {path} ---\n{_tail(path, 30)}" for path in service_logs if path.exists()
+            )
+            raise RuntimeError(
+                f"`flwr run` on the {engine} did not start a run (exit code {cli.returncode}). "
+                f"Its output:\n{_tail_text(log)}\n{details}"
+            )
+        run_id = int(started.group(1))
+
+        # `--stream` normally returns when the run ends; poll in case the stream broke early.
+        status, details = self._status(connection, run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status, details = self._status(connection, run_id)
+        if not status.startswith("finished"):
+            self.flwr(["stop", str(run_id), connection])
+            raise RuntimeError(
+                f"Run {run_id} on the {engine} did not finish within {timeout_s:.0f} s (status "
+                f"{status!r}); it was stopped. Raise timeout_s or shrink the run. Log tail "
+                f"({log_path}):\n{_tail_text(log)}"
+            )
+        outcome = RunOutcome(run_id=run_id, status=status, ok=status == "finished:completed", log=log)
+        if not outcome.ok:
+            raise RuntimeError(
+                f"Run {run_id} on the {engine} ended as {status!r} ({details}). Log tail "
+                f"({log_path}):\n{_tail_text(log)}"
+            )
+        return outcome
+
+    def _status(self, connection: str, run_id: int) -> tuple[str, str]:
+        result = self.flwr(["list", connection, "--run-id", str(run_id), "--format", "json"])
+        payload = _json_payload(result.stdout)
+        if not payload or not payload.get("success") or not payload.get("runs"):
+            message = (payload or {}).get("error-message") or result.stdout + result.stderr
+            return f"unknown ({message.strip()})", ""
+        run = payload["runs"][0]
+        return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+    def tagged_processes(self) -> set[int]:
+        return {pid for pid in _pids() if _environ_has(pid, _TAG_VAR, self.tag)}
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def _stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[int]:
+    """Stop `roots` and all their descendants; return the PIDs still alive afterwards.
+
+    The tree is frozen with SIGSTOP first, so that no process can start a child (a SuperExec
+    relaunching a ClientApp, Ray restarting a worker) or be re-parented to init between the
+    moment we list the tree and the moment we signal it; then SIGTERM (Flower and Ray shut
+    down cleanly on it), SIGCONT, and SIGKILL for whatever outlives the grace period.
+    """
+    start_times: dict[int, int] = {}
+    frontier = {pid for pid in roots if pid != os.getpid()}
+    while frontier:
+        for pid in frontier:
+            start = _start_time(pid)
+            if start is None:
+                continue
+            start_times[pid] = start
+            _signal(pid, start, signal.SIGSTOP)
+        frontier = (_descendants(set(start_times)) | _tagged(tag)) - set(start_times) - {os.getpid()}
+    for pid, start in start_times.items():
+        _signal(pid, start, signal.SIGTERM)
+        _signal(pid, start, signal.SIGCONT)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not any(_alive(pid, start) for pid, start in start_times.items()):
+            return set()
+        time.sleep(0.2)
+    for pid, start in start_times.items():
+        _signal(pid, start, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        survivors = {pid for pid, start in start_times.items() if _alive(pid, start)}
+        if not survivors:
+            return set()
+        time.sleep(0.2)
+    return survivors
+
+
+def _tagged(tag: str) -> set[int]:
+    return {pid for pid in _pids() if _environ_has(pid, _TAG_VAR, tag)}
+
+
+def _pids() -> list[int]:
+    proc = Path("/proc")
+    if proc.is_dir():
+        return [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
+    result = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, check=False)
+    return [int(line) for line in result.stdout.split() if line.isdigit()]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], starttime [19])."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after its last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """A PID's start time, to tell it apart from a later process that reuses the number."""
+    if Path("/proc").is_dir():
+        fields = _stat(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    return _start_time(pid) == start
+
+
+def _signal(pid: int, start: int, signum: signal.Signals) -> None:
+    if _alive(pid, start):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    if Path("/proc").is_dir():
+        for pid in _pids():
+            fields = _stat(pid)
+            if fields is not None and fields[0] not in ("Z", "X"):
+                children.setdefault(int(fields[1]), []).append(pid)
+    else:
+        result = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
+        )
+        for line in result.stdout.splitlines():
+            pid, ppid = (int(field) for field in line.split())
+            children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(pids)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _environ_has(pid: int, name: str, value: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, not ours, or no /proc
+        return False
+    return f"{name}={value}".encode() in environ.split(b"\0")
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago (held together, then freed)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _flower_bin(name: str) -> str:
+    """The Flower executable `name` of the Python environment running this code."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(
+        f"{name} not found beside {sys.executable}; install Flower into this environment "
+        "(pip install -e . installs flwr[simulation]==1.41.*)."
+    )
+
+
+def _check_app_dir(app_dir: Path) -> Path:
+    app_dir = Path(app_dir).expanduser().resolve()
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FileNotFoundError(
+            f"{pyproject} not found: app_dir must be a Flower app folder (the fedmeta "
+            "repository root, which holds [tool.flwr.app.components])."
+        )
+    return app_dir
+
+
+def _checked_run_config(run_config: Mapping[str, RunConfigValue]) -> dict[str, RunConfigValue]:
+    checked: dict[str, RunConfigValue] = {}
+    for key, value in run_config.items():
+        if not isinstance(key, str) or not _CONFIG_KEY.match(key):
+            raise ValueError(
+                f"Run-config key {key!r} is not a Flower config key; use letters, digits, "
+                "'-' and '_' (and '.' between parts), as in [tool.flwr.app.config]."
+            )
+        if not isinstance(value, bool | int | float | str):
+            raise TypeError(
+                f"Run-config value for {key!r} is a {type(value).__name__} ({value!r}); Flower "
+                "run config holds only bool, int, float and str — pass it as one of those."
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Run-config value for {key!r} is {value!r}; give a finite number.")
+        checked[key] = value
+    return checked
+
+
+def _json_payload(text: str) -> dict | None:
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        payload = json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _tail_text(text: str, lines: int = _LOG_TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        return _tail_text(path.read_text(encoding="utf-8", errors="replace"), lines)
+    except OSError as err:
+        return f"(could not read {path}: {err})"
