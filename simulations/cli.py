@@ -13,6 +13,7 @@ import sys
 # module path -> the subcommands it registers (for the help text and lazy import).
 _COMMAND_MODULES = [
     "simulations.bench_meta",  # fedmeta bench meta
+    "simulations.simulate",  # fedmeta simulate
 ]
 
 

@@ -1,0 +1,167 @@
+"""The new-hospital comparison: held-out sites adapt each initialisation with k labelled images.
+
+Every initialisation (meta-learned, FedAvg-trained, random) is scored on the same held-out sites,
+the same support images and the same evaluation patients, by ``common.evaluation.adaptation_curve``
+— the code a site runs in the ClientApp's evaluate — so the table compares initialisations only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from common.config import RunConfig
+from common.data import DataConfig, SiteDataset, adaptation_split
+from common.evaluation import adaptation_curve
+from common.losses import DiceCELoss
+from common.model import build_model, head_parameter_names, initial_params, seeded_model
+from common.synth import load_manifest
+
+TABLE_STEPS = (0, 5, 10)
+PLOT_STEPS = (0, 1, 2, 3, 5, 7, 10)
+
+
+@dataclass
+class Initialisation:
+    """A θ to compare, with the adaptation rule its training implies (Meta-SGD: learned step sizes)."""
+
+    label: str
+    params: dict[str, torch.Tensor]
+    inner_lr: float | dict[str, torch.Tensor]
+    head_only: bool = False  # ANIL adapts only the head
+
+
+def initialisation_from_checkpoint(label: str, checkpoint_path: Path, config: RunConfig) -> Initialisation:
+    from server.checkpoint import load_checkpoint  # the report reads the server's checkpoint format
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    inner_lr = checkpoint.step_sizes if (config.algorithm == "metasgd" and checkpoint.step_sizes) else config.inner_lr
+    return Initialisation(label, checkpoint.params, inner_lr, head_only=config.algorithm == "anil")
+
+
+def random_initialisation(config: RunConfig) -> Initialisation:
+    """The scratch baseline: the same seeded θ the federation started from, never trained."""
+    return Initialisation("random init", initial_params(seeded_model(config.model_config(), config.seed)), config.inner_lr)
+
+
+def evaluate_initialisations(
+    federation_dir: Path,
+    inits: Sequence[Initialisation],
+    config: RunConfig,
+    *,
+    k: int = 5,
+    steps: Sequence[int] = PLOT_STEPS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Dice per held-out site, initialisation and step count; plus mean and worst site."""
+    manifest = load_manifest(Path(federation_dir))
+    if not manifest.heldout_sites:
+        raise ValueError(f"{federation_dir} has no held-out sites; the comparison needs at least one new hospital.")
+    data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
+    model = build_model(config.model_config())
+    loss_fn = DiceCELoss(config.num_classes)
+    per_site: dict[str, dict[str, dict[int, float]]] = {init.label: {} for init in inits}
+    for info in manifest.heldout_sites:
+        site = SiteDataset.load(info.path, data_config)
+        support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
+        for init in inits:
+            curve = adaptation_curve(
+                model, init.params, support_x, support_y, eval_x, eval_y,
+                steps=list(steps), inner_lr=init.inner_lr, loss_fn=loss_fn, num_classes=config.num_classes,
+                inner_params=head_parameter_names(model) if init.head_only else None,
+                batch_size=config.eval_batch_size,
+            )
+            per_site[init.label][info.name] = {s: float(curve[s]["dice"]) for s in steps}
+    summary = {}
+    for label, sites in per_site.items():
+        summary[label] = {
+            "mean": {s: _mean([d[s] for d in sites.values()]) for s in steps},
+            "worst": {s: min(d[s] for d in sites.values()) for s in steps},
+        }
+    return {"k": k, "steps": list(steps), "sites": per_site, "summary": summary,
+            "heldout_kinds": {i.name: i.heldout_kind for i in manifest.heldout_sites}}
+
+
+def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any], title: str) -> Path:
+    """report.md with the comparison table, beside dice_vs_steps.png; returns the report's path."""
+    out_dir = Path(out_dir)
+    plot_path = plot_dice_vs_steps(comparison, out_dir / "dice_vs_steps.png")
+    steps = [s for s in TABLE_STEPS if s in comparison["steps"]]
+    lines = [
+        f"# {title}",
+        "",
+        f"New-hospital adaptation on {len(next(iter(comparison['sites'].values())))} held-out site(s): "
+        f"k = {comparison['k']} labelled slices, mean foreground Dice on the sites' other patients "
+        "(mean over sites; worst site in brackets).",
+        "",
+        "| initialisation | " + " | ".join(f"{s} steps" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for label, summary in comparison["summary"].items():
+        cells = [f"{summary['mean'][s]:.3f} ({summary['worst'][s]:.3f})" for s in steps]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per site (Dice after " + f"{steps[-1]} steps):", ""]
+    lines.append("| site | kind | " + " | ".join(comparison["sites"]) + " |")
+    lines.append("|---|---|" + "---|" * len(comparison["sites"]))
+    for site in next(iter(comparison["sites"].values())):
+        cells = [f"{comparison['sites'][label][site][steps[-1]]:.3f}" for label in comparison["sites"]]
+        lines.append(f"| {site} | {comparison['heldout_kinds'].get(site) or '-'} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs:", ""]
+    for name, run in runs.items():
+        lines.append(
+            f"- {name}: algorithm {run['algorithm']}, {run['rounds']} rounds, {run['seconds']:.1f} s"
+            + (f", final meta-loss {run['final_meta_loss']:.4f}" if run.get("final_meta_loss") is not None else "")
+            + f", dropped replies {run['dropped_replies']}, skipped rounds {run['skipped_rounds']}"
+        )
+    lines += ["", f"![Dice against adaptation steps]({plot_path.name})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_dice_vs_steps(comparison: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = comparison["steps"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, summary in comparison["summary"].items():
+        ax.plot(steps, [summary["mean"][s] for s in steps], marker="o", label=f"{label} (mean)")
+        ax.plot(steps, [summary["worst"][s] for s in steps], linestyle=":", alpha=0.6,
+                color=ax.lines[-1].get_color(), label=f"{label} (worst site)")
+    ax.set_xlabel("adaptation steps on the new hospital's support set")
+    ax.set_ylabel("mean foreground Dice")
+    ax.set_title(f"Held-out sites, k = {comparison['k']} labelled slices")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+__all__ = [
+    "Initialisation",
+    "evaluate_initialisations",
+    "initialisation_from_checkpoint",
+    "plot_dice_vs_steps",
+    "random_initialisation",
+    "write_report",
+]

@@ -1,0 +1,301 @@
+"""`fedmeta simulate`: meta-train on the synthetic federation, compare with FedAvg and a random init.
+
+Steps: generate (or reuse) the synthetic federation; run federated meta-training with fedmeta's
+ServerApp and ClientApp on Flower's Simulation Engine (``--engine ray``) or the in-process engine;
+run a FedAvg-trained baseline with the same budget; adapt all initialisations on the held-out sites
+and write checkpoint.pt, metrics.jsonl, results.json, report.md and dice_vs_steps.png to ``--out``.
+Progress comes from the server's metrics.jsonl, so both engines print the same lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+ENGINES = ("ray", "inprocess")
+# Keys of a preset file that configure this driver rather than the Flower run.
+DRIVER_KEYS = ("federation", "federation-seed")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="meta-train on the synthetic federation and report new-hospital adaptation",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--preset", default="default",
+                        help="smoke | default | path to a TOML file of run-config overrides (default: default)")
+    parser.add_argument("--algorithm", help="maml | fomaml | reptile | metasgd | anil | fedavg | fedprox")
+    parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
+    parser.add_argument("--sites", type=int, help="training sites sampled per round (sites-per-round; 0 = all)")
+    parser.add_argument("--engine", choices=ENGINES, default="ray", help="Flower's Ray simulation (default) or in-process")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/simulate-<preset>-<algorithm>)")
+    parser.add_argument("--seed", type=int, help="training seed (run config seed)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--federation-dir", type=Path,
+                        help="where the synthetic federation is generated/cached (default: ~/.cache/fedmeta)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the FedAvg baseline run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other run-config override, e.g. --set inner-lr=0.1 (repeatable)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        results = simulate(
+            preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
+            engine=args.engine, out=args.out, seed=args.seed, resume=args.resume,
+            federation_root=args.federation_dir, baseline=not args.no_baseline,
+            extra=_parse_sets(args.set),
+        )
+    except SimulationError as err:
+        print(f"fedmeta simulate: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedmeta simulate: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {results['report']}")
+    return 0
+
+
+class SimulationError(RuntimeError):
+    """A run finished but not as it should (rounds missing, every reply dropped, ...)."""
+
+
+def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{preset}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
+        raise ValueError(f"preset {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
+    with path.open("rb") as handle:
+        try:
+            values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err}).") from None
+    driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
+    driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
+    driver.setdefault("federation-seed", 0)
+    return values, driver
+
+
+def simulate(
+    *,
+    preset: str = "default",
+    algorithm: str | None = None,
+    rounds: int | None = None,
+    sites: int | None = None,
+    engine: str = "ray",
+    out: Path | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    federation_root: Path | None = None,
+    baseline: bool = True,
+    extra: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The whole job; returns what results.json holds. Raises on any failure."""
+    from common.config import RunConfig
+    from common.synth import generate_federation, load_manifest
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}.")
+    overrides, driver = load_preset(preset)
+    overrides.update(extra or {})
+    for key, value in (("algorithm", algorithm), ("num-rounds", rounds), ("sites-per-round", sites), ("seed", seed)):
+        if value is not None:
+            overrides[key] = value
+    config = RunConfig.from_run_config(overrides)
+    out = Path(out or Path("runs") / f"simulate-{Path(preset).stem}-{config.algorithm}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    began = time.perf_counter()
+    root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
+    federation = Path(generate_federation(root / f"{driver['federation']}-{driver['federation-seed']}",
+                                          preset=driver["federation"], seed=int(driver["federation-seed"])))
+    manifest = load_manifest(federation)
+    num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
+    federation_seconds = time.perf_counter() - began
+    _say(quiet, f"federation: {federation} ({len(manifest.train_sites)} training, "
+                f"{len(manifest.heldout_sites)} held-out sites; ready in {federation_seconds:.1f} s)")
+
+    config = config.replace(out_dir=str(out), federation_dir=str(federation), resume=resume)
+    runs = {config.algorithm: _run(config, engine, num_sites, quiet)}
+    baseline_config = None
+    if baseline and config.algorithm != "fedavg":
+        # FedAvg as FedOpt with server SGD at lr 1, the same rounds, sites, episodes and local steps.
+        baseline_config = config.replace(
+            algorithm="fedavg", meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0,
+            out_dir=str(out / "baseline-fedavg"),
+        )
+        _say(quiet, "baseline: FedAvg with the same budget")
+        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet)
+
+    from simulations.report import (
+        evaluate_initialisations, initialisation_from_checkpoint, random_initialisation, write_report,
+    )
+    from server.checkpoint import CHECKPOINT_NAME
+
+    inits = [initialisation_from_checkpoint(f"meta-learned ({config.algorithm})", out / CHECKPOINT_NAME, config)]
+    if baseline_config is not None:
+        inits.append(initialisation_from_checkpoint("FedAvg-trained", out / "baseline-fedavg" / CHECKPOINT_NAME, baseline_config))
+    inits.append(random_initialisation(config))
+    _say(quiet, "comparing initialisations on the held-out sites (k = 5)")
+    comparison = evaluate_initialisations(federation, inits, config, k=5, seed=config.seed)
+    report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}")
+
+    results = {
+        "preset": preset,
+        "engine": engine,
+        "federation": str(federation),
+        "run_config": config.to_run_config(),
+        "runs": runs,
+        "comparison": comparison,
+        "seconds_total": time.perf_counter() - began,
+        "seconds_federation": federation_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "report": str(report),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    for label, summary in comparison["summary"].items():
+        _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in (0, 5, 10)))
+    _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_rss_mb']:.0f} MB")
+    return results
+
+
+def _run(config, engine: str, num_sites: int, quiet: bool) -> dict[str, Any]:
+    """One federated run on the chosen engine; checks what it left on disk, returns its summary."""
+    from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from server.metrics import METRICS_NAME, read_metrics
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        (out / METRICS_NAME).unlink(missing_ok=True)
+    printer = _ProgressPrinter(out / METRICS_NAME, config, quiet)
+    began = time.perf_counter()
+    printer.start()
+    try:
+        if engine == "inprocess":
+            from simulations.inprocess import run_inprocess, simulation_node_configs
+
+            run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
+        else:
+            from simulations.flower_runtime import run_simulation_engine
+
+            app_dir = Path(__file__).resolve().parents[1]
+            if not (app_dir / "pyproject.toml").is_file():
+                raise SimulationError(
+                    f"--engine ray builds a Flower app from the source tree, but {app_dir} has no pyproject.toml "
+                    "(an installed wheel); run from a checkout or use --engine inprocess."
+                )
+            outcome = run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites)
+            if not outcome.ok:
+                raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status}:\n{outcome.log[-3000:]}")
+    finally:
+        printer.stop()
+    seconds = time.perf_counter() - began
+
+    if not (out / CHECKPOINT_NAME).exists():
+        raise SimulationError(f"the run wrote no {out / CHECKPOINT_NAME}; see the log above.")
+    checkpoint = load_checkpoint(out / CHECKPOINT_NAME)
+    if checkpoint.round != config.num_rounds:
+        raise SimulationError(f"the run stopped after round {checkpoint.round} of {config.num_rounds}.")
+    metrics = read_metrics(out / METRICS_NAME)
+    trained = [r for r in metrics if r.get("round", 0) > 0]
+    if config.num_rounds and not any(r.get("updated") for r in trained):
+        reasons = sorted({d["reason"] for r in trained for d in r.get("dropped", [])})
+        raise SimulationError(f"no round updated θ: every site's reply was dropped ({'; '.join(reasons)[:800]}).")
+    last = trained[-1]["train"] if trained and trained[-1].get("train") else {}
+    return {
+        "algorithm": config.algorithm,
+        "rounds": checkpoint.round,
+        "seconds": seconds,
+        "final_meta_loss": last.get("query-loss-after"),
+        "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
+        "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
+        "out_dir": str(out),
+    }
+
+
+class _ProgressPrinter:
+    """Prints one line per round as the server appends it to metrics.jsonl (any engine, any process)."""
+
+    def __init__(self, path: Path, config, quiet: bool):
+        self.path, self.config, self.quiet = path, config, quiet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._printed = 0
+
+    def start(self) -> None:
+        if not self.quiet:
+            self._thread.start()
+
+    def stop(self) -> None:
+        if not self.quiet:
+            self._stop.set()
+            self._thread.join()
+            self._poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        complete = lines if self.path.read_text().endswith("\n") else lines[:-1]
+        for line in complete[self._printed:]:
+            print(format_round(json.loads(line), self.config), flush=True)
+        self._printed = max(self._printed, len(complete))
+
+
+def format_round(record: dict[str, Any], config) -> str:
+    parts = [f"[{config.algorithm}] round {record['round']:>3}/{config.num_rounds}"]
+    if "sites_sampled" in record:
+        parts.append(f"sites {record['sites_answered']}/{record['sites_sampled']}")
+        loss = record.get("train", {}).get("query-loss-after")
+        parts.append(f"meta-loss {loss:.4f}" if loss is not None else "no update")
+    heldout = record.get("heldout", {}).get("summary", {})
+    if heldout:
+        parts.append("held-out Dice " + ", ".join(
+            f"{s} steps {heldout[f'dice-mean-{s}']:.3f}" for s in config.adaptation_steps if f"dice-mean-{s}" in heldout))
+    if "seconds" in record:
+        parts.append(f"{record['seconds']:.1f} s")
+    return " | ".join(parts)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fedmeta simulate: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
+        values[key.strip()] = raw.strip()  # RunConfig coerces strings to each key's type
+    return values
+
+
+def _say(quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, flush=True)
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports KiB; children covers the Ray workers of --engine ray once they have exited.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+__all__ = ["format_round", "load_preset", "register", "simulate"]
