@@ -103,6 +103,7 @@ def run_simulation_engine(
     this returns or raises.
     """
     app_dir = _check_app_dir(app_dir)
+    _checked_run_config(run_config)
     if not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
     if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
@@ -518,7 +519,7 @@ def _stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set
     down cleanly on it), SIGCONT, and SIGKILL for whatever outlives the grace period.
     """
     start_times: dict[int, int] = {}
-    frontier = {pid for pid in roots if pid != os.getpid()}
+    frontier = (set(roots) | _tagged(tag)) - {os.getpid()}
     while frontier:
         for pid in frontier:
             start = _start_time(pid)

@@ -1,0 +1,168 @@
+"""Fast tests of simulations.flower_runtime: argument checks, run-config encoding, process stopping.
+
+The engines themselves run in tests/test_ray_simulation.py and tests/test_deployment.py (slow).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from simulations import flower_runtime
+from simulations.flower_runtime import LocalDeployment, _checked_run_config, run_simulation_engine
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process sweep reads /proc")
+
+
+# -- bad arguments fail before any process starts ----------------------------------------------
+
+BAD_SIMULATION_ARGS = [
+    # (description, kwargs, error type, text the message must hold)
+    ("no pyproject", {"app_dir": Path("/nonexistent-app")}, FileNotFoundError, "pyproject.toml"),
+    ("zero sites", {"num_supernodes": 0}, ValueError, "num_supernodes"),
+    ("float sites", {"num_supernodes": 2.0}, ValueError, "num_supernodes"),
+    ("half a cpu", {"num_cpus_per_client": 0.5}, ValueError, "num_cpus_per_client"),
+    ("fractional cpus", {"num_cpus_per_client": 1.5}, ValueError, "whole number"),
+    ("negative gpus", {"num_gpus_per_client": -1.0}, ValueError, "num_gpus_per_client"),
+    ("no time", {"timeout_s": 0}, ValueError, "timeout_s"),
+    ("list value", {"run_config": {"eval-steps": [0, 5]}}, TypeError, "'eval-steps'"),
+    ("none value", {"run_config": {"out-dir": None}}, TypeError, "'out-dir'"),
+    ("nan value", {"run_config": {"inner-lr": float("nan")}}, ValueError, "'inner-lr'"),
+    ("inf value", {"run_config": {"meta-lr": float("inf")}}, ValueError, "'meta-lr'"),
+    ("space in key", {"run_config": {"num rounds": 2}}, ValueError, "'num rounds'"),
+    ("equals in key", {"run_config": {"a=b": 2}}, ValueError, "'a=b'"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, text", [case[1:] for case in BAD_SIMULATION_ARGS], ids=[c[0] for c in BAD_SIMULATION_ARGS]
+)
+def test_run_simulation_engine_rejects_bad_arguments(tmp_path, kwargs, error, text):
+    call = {"app_dir": REPO_ROOT, "run_config": {"num-rounds": 1}, "num_supernodes": 2, "flwr_home": tmp_path}
+    call.update(kwargs)
+    app_dir, run_config = call.pop("app_dir"), call.pop("run_config")
+    with pytest.raises(error, match=text):
+        run_simulation_engine(app_dir, run_config, **call)
+    assert not (tmp_path / "config.toml").exists(), "nothing may be set up for a call that is refused"
+
+
+def test_run_config_survives_the_toml_file_exactly():
+    """Strings with quotes, backslashes and unicode reach Flower unchanged; types are kept."""
+    config = {
+        "out-dir": '/tmp/a "quoted" dir\\x',
+        "label": "Zürich, 3T — site #1",
+        "num-rounds": 3,
+        "inner-lr": 0.05,
+        "resume": False,
+        "nested.key": "ok",
+    }
+    text = tomli_w.dumps(_checked_run_config(config))
+    assert tomllib.loads(text) == {**{k: v for k, v in config.items() if k != "nested.key"}, "nested.key": "ok"}
+    assert type(tomllib.loads(text)["resume"]) is bool
+
+
+def test_local_deployment_rejects_missing_and_unquotable_data_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-site"):
+        LocalDeployment([tmp_path / "missing-site"])
+    quoted = tmp_path / 'site "a"'
+    quoted.mkdir()
+    with pytest.raises(ValueError, match="quote"):
+        LocalDeployment([quoted])
+    with pytest.raises(ValueError, match="at least one"):
+        LocalDeployment([])
+    with pytest.raises(RuntimeError, match="with LocalDeployment"):
+        LocalDeployment([tmp_path]).run(REPO_ROOT, {})
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = flower_runtime._free_ports(6)
+    assert len(set(ports)) == 6
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_flower_binaries_come_from_this_environment():
+    for name in ("flwr", "flower-superlink", "flower-supernode"):
+        assert Path(flower_runtime._flower_bin(name)).parent == Path(sys.executable).parent
+    with pytest.raises(FileNotFoundError, match="no-such-flower-tool"):
+        flower_runtime._flower_bin("no-such-flower-tool")
+
+
+# -- stopping processes -------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@linux_only
+def test_stop_processes_kills_a_tree_including_a_child_that_ignores_sigterm():
+    # A tree like SuperLink -> SuperExec -> app: a child, and a grandchild deaf to SIGTERM.
+    root = subprocess.Popen(
+        ["bash", "-c", "sleep 300 & (trap '' TERM; sleep 300; true) & wait"], start_new_session=True
+    )
+    try:
+        tree: set[int] = set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(tree) < 4:
+            time.sleep(0.05)
+            tree = {root.pid, *_children(root.pid)}
+            for child in list(tree - {root.pid}):
+                tree.update(_children(child))
+        assert len(tree) == 4, tree
+        began = time.monotonic()
+        survivors = flower_runtime._stop_processes({root.pid}, tag=uuid.uuid4().hex, grace_s=1.0)
+        root.wait(timeout=5)
+        assert survivors == set()
+        assert [pid for pid in tree if _alive(pid)] == []
+        assert time.monotonic() - began < 8, "SIGKILL must follow the grace period promptly"
+    finally:
+        if root.poll() is None:
+            os.killpg(root.pid, signal.SIGKILL)
+
+
+@linux_only
+def test_stop_processes_finds_an_orphan_by_its_environment_tag():
+    # `flwr run` detaches the local SuperLink: it is nobody's child of ours, only the tag finds it.
+    tag = uuid.uuid4().hex
+    marker = f"/tmp/fedmeta-orphan-{tag}"
+    env = dict(os.environ, **{flower_runtime._TAG_VAR: tag})
+    subprocess.run(
+        ["bash", "-c", f"setsid bash -c 'echo $$ > {marker}; exec sleep 300' >/dev/null 2>&1 < /dev/null &"],
+        env=env,
+        check=True,
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (Path(marker).exists() and Path(marker).read_text().strip()):
+        time.sleep(0.05)
+    orphan = int(Path(marker).read_text())
+    Path(marker).unlink()
+    try:
+        assert _alive(orphan)
+        assert orphan in flower_runtime._tagged(tag)
+        assert flower_runtime._stop_processes(set(), tag=tag, grace_s=2.0) == set()
+        assert not _alive(orphan)
+    finally:
+        if _alive(orphan):
+            os.kill(orphan, signal.SIGKILL)
