@@ -1,0 +1,61 @@
+"""Checkpoints: a faithful round trip, atomic replacement, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+
+def _checkpoint(round_: int = 3) -> Checkpoint:
+    generator = torch.Generator().manual_seed(round_)
+    return Checkpoint(
+        round=round_,
+        params={"w": torch.randn(3, 4, generator=generator), "b": torch.randn(4, generator=generator)},
+        step_sizes={"w": torch.full((3, 4), 0.05)},
+        optimizer={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.003, "params": [0]}]},
+        rng_state={"numpy": '{"bit_generator": "PCG64", "state": {"state": 340282366920938463463374607431768211455}}'},
+        config_hash="abc123",
+        run_config={"inner-lr": 0.05, "algorithm": "fomaml"},
+        counters={"dropped_replies": 2},
+    )
+
+
+def test_round_trip_is_exact(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"
+    original = _checkpoint()
+    save_checkpoint(path, original)
+    loaded = load_checkpoint(path)
+    assert loaded.round == 3 and loaded.config_hash == "abc123" and loaded.counters == {"dropped_replies": 2}
+    for name in original.params:
+        assert torch.equal(loaded.params[name], original.params[name])
+    assert torch.equal(loaded.step_sizes["w"], original.step_sizes["w"])
+    assert loaded.rng_state == original.rng_state
+    assert loaded.run_config == original.run_config
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _checkpoint(1))
+    broken = _checkpoint(2)
+    broken.counters = {"not picklable": lambda: None}  # torch.save fails mid-write
+    with pytest.raises(Exception):
+        save_checkpoint(path, broken)
+    assert load_checkpoint(path).round == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_later_save_replaces_the_earlier_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _checkpoint(1))
+    save_checkpoint(path, _checkpoint(2))
+    assert load_checkpoint(path).round == 2
+
+
+def test_a_truncated_file_names_the_path_and_the_fix(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _checkpoint())
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable fedmeta checkpoint.*delete it"):
+        load_checkpoint(path)
