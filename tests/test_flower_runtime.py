@@ -166,3 +166,24 @@ def test_stop_processes_finds_an_orphan_by_its_environment_tag():
     finally:
         if _alive(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+# -- the README's configuration table ------------------------------------------------------------
+
+
+def test_readme_lists_every_run_config_key_with_its_default():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    assert defaults, "[tool.flwr.app.config] is empty"
+    readme = (REPO_ROOT / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+    missing = sorted(set(defaults) - set(rows))
+    assert not missing, f"README.md's configuration table lacks {missing}"
+    stale = sorted(set(rows) - set(defaults))
+    assert not stale, f"README.md lists keys pyproject.toml no longer has: {stale}"
+    for key, default in defaults.items():
+        assert tomllib.loads(f"v = {rows[key]}")["v"] == default, f"README default of {key!r} is stale"

@@ -1,0 +1,90 @@
+"""fedmeta on Flower's Deployment Engine: a real SuperLink and two SuperNodes on loopback.
+
+Slow: starts flower-superlink, two flower-supernode processes (each spawning a SuperExec and
+ClientApp processes) and runs two rounds through `flwr run`, as a consortium would (insecure here).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.metrics import METRICS_NAME, read_metrics
+from simulations.flower_runtime import LocalDeployment
+from simulations.simulate import load_preset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc"),
+]
+
+
+@pytest.fixture(scope="module")
+def federation(request, tmp_path_factory) -> Path:
+    """The session's smoke federation (tests/conftest.py), or one generated here if that is absent."""
+    try:
+        return request.getfixturevalue("smoke_federation")
+    except pytest.FixtureLookupError:
+        from common.synth import generate_federation
+
+        return generate_federation(tmp_path_factory.mktemp("smoke-federation"), "smoke")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def descendants(pids: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = set(), list(pids)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def test_two_supernodes_with_their_own_data_dirs_run_two_rounds(federation, tmp_path):
+    from common.synth import load_manifest
+
+    site_a, site_b = (Path(info.path) for info in load_manifest(federation).train_sites[:2])
+    out_dir = tmp_path / "out"
+    overrides, _driver = load_preset("smoke")
+    # No federation-dir: deployed nodes find their data through --node-config data-dir only.
+    run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": 2, "eval-every": 0, "min-sites": 2}
+
+    with LocalDeployment([site_a, site_b], flwr_home=tmp_path / "flwr-home") as deployment:
+        started = list(deployment.pids)
+        assert len(started) == 3 and all(alive(pid) for pid in started)
+        outcome = deployment.run(REPO_ROOT, run_config, timeout_s=300)
+        # SuperExecs and ClientApp processes below the SuperLink and SuperNodes.
+        spawned = descendants(started)
+        assert spawned, "the SuperLink and SuperNodes run their apps in child processes"
+
+    assert outcome.ok and outcome.status == "finished:completed"
+    checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
+    assert checkpoint.round == 2
+    rounds = [r for r in read_metrics(out_dir / METRICS_NAME) if r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["sites_answered"] == 2 and record["updated"] is True, record
+        assert math.isfinite(record["train"]["query-loss-after"])
+    left = [pid for pid in [*started, *spawned] if alive(pid)]
+    assert left == [], f"processes left running after the deployment closed: {left}"

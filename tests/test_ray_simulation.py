@@ -1,0 +1,98 @@
+"""fedmeta's own ServerApp and ClientApp on Flower's Simulation Engine (Ray), through `flwr run`.
+
+Slow: each test starts a real local SuperLink, `flwr-simulation` and a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.metrics import METRICS_NAME, read_metrics
+from simulations.flower_runtime import run_simulation_engine
+from simulations.simulate import load_preset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def federation(request, tmp_path_factory) -> Path:
+    """The session's smoke federation (tests/conftest.py), or one generated here if that is absent."""
+    try:
+        return request.getfixturevalue("smoke_federation")
+    except pytest.FixtureLookupError:
+        from common.synth import generate_federation
+
+        return generate_federation(tmp_path_factory.mktemp("smoke-federation"), "smoke")
+
+
+def flower_processes(flwr_home: Path) -> list[int]:
+    """PIDs of live processes whose environment names this FLWR_HOME: what the run left behind."""
+    needle = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state not in ("Z", "X"):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def smoke_run_config(federation: Path, out_dir: Path, **changes) -> dict:
+    overrides, _driver = load_preset("smoke")
+    return {**overrides, "federation-dir": str(federation), "out-dir": str(out_dir), **changes}
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc")
+def test_ray_simulation_trains_three_sites_for_two_rounds(federation, tmp_path):
+    from common.synth import load_manifest
+
+    manifest = load_manifest(federation)
+    assert len(manifest.train_sites) == 3
+    out_dir, flwr_home = tmp_path / "out", tmp_path / "flwr-home"
+    # Partitions map to the training sites first: three supernodes are the three training sites.
+    run_config = smoke_run_config(federation, out_dir, **{"num-rounds": 2, "eval-every": 0, "min-sites": 3})
+
+    outcome = run_simulation_engine(
+        REPO_ROOT, run_config, num_supernodes=3, num_cpus_per_client=1, timeout_s=600, flwr_home=flwr_home
+    )
+
+    assert outcome.ok and outcome.status == "finished:completed"
+    assert outcome.run_id > 0
+    checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
+    assert checkpoint.round == 2
+    assert all(torch_finite(t) for t in checkpoint.params.values())
+    rounds = [r for r in read_metrics(out_dir / METRICS_NAME) if r["round"] > 0]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["sites_answered"] == 3, record
+        assert record["updated"] is True and record["dropped"] == []
+        assert math.isfinite(record["train"]["query-loss-after"])
+    assert flower_processes(flwr_home) == [], "the SuperLink, SuperExec or Ray outlived the run"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc")
+def test_ray_simulation_failure_is_read_from_the_superlink_not_the_exit_code(federation, tmp_path):
+    # `flwr run` exits 0 here; only the SuperLink knows the ServerApp failed (no out-dir).
+    flwr_home = tmp_path / "flwr-home"
+    run_config = smoke_run_config(federation, tmp_path / "out", **{"num-rounds": 1, "out-dir": ""})
+
+    with pytest.raises(RuntimeError, match=r"finished:failed") as raised:
+        run_simulation_engine(REPO_ROOT, run_config, num_supernodes=3, timeout_s=300, flwr_home=flwr_home)
+
+    assert "out-dir" in str(raised.value), "the log tail must carry the ServerApp's own reason"
+    assert flower_processes(flwr_home) == []
+
+
+def torch_finite(tensor) -> bool:
+    return bool(tensor.isfinite().all())
