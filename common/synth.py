@@ -1,0 +1,681 @@
+"""A synthetic hospital federation on real brain anatomy (ICBM152 2009a), in the MSD layout.
+
+Every subject is the template's tissue-probability maps (CSF, grey matter, white matter) under a random
+affine, a smooth elastic warp and optional atrophy; every site turns them into an MR image with its own
+scanner (field strength, sequence, resolution, slice thickness and direction, bias field, Rician noise,
+gain/gamma/12-bit clipping, Gibbs ringing or motion ghosts) and into labels with its own annotation
+style (threshold, one-voxel erosion/dilation of grey matter, boundary label noise, label protocol).
+Recipe: FIELD.md §3. Every parameter of every site and subject is written to ``manifest.json``.
+
+Scaled for CPU: in-plane resolution is 1.2-2.0 mm (the recipe's 0.9-1.5 mm would make each volume
+several times larger while the model reads 2 mm slices anyway); slice thickness keeps its 1.5-5 mm.
+
+Layout written by :func:`generate_federation`::
+
+    root/manifest.json
+    root/<site>/dataset.json            MSD: modality, labels, training file list (+ "fedmeta" block)
+    root/<site>/imagesTr/<site>_NNN.nii.gz   int16, 12-bit, 3D, scanner affine
+    root/<site>/labelsTr/<site>_NNN.nii.gz   uint8: 0 background, 1 CSF, 2 grey matter, 3 white matter
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GENERATOR_VERSION = "1.0"
+ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
+
+LABELS = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
+LABEL_PROTOCOLS = ("standard", "csf-merged")  # csf-merged: the site labels CSF as background
+SEQUENCES = ("T1w", "T2w", "PD", "FLAIR")
+TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequence site
+HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation")
+ROLES = ("train", "heldout")
+
+# Relative equilibrium signal of (CSF, grey matter, white matter) per sequence at 1.5 T. T1w: WM > GM > CSF;
+# T2w and PD invert the GM/WM order (CSF brightest on T2w); FLAIR is T2-like with the CSF nulled.
+TISSUE_SIGNAL = {
+    "T1w": (0.22, 0.58, 0.86),
+    "T2w": (1.00, 0.62, 0.44),
+    "PD": (0.90, 0.82, 0.66),
+    "FLAIR": (0.07, 0.74, 0.52),
+}
+# Where the subject's world lies: the template's brain extent in mm (RAS), with a little room.
+BRAIN_CENTRE_MM = np.array([0.0, -18.0, 8.0])
+VENTRICLE_CENTRE_MM = np.array([0.0, -14.0, 14.0])
+FOV_LO_MM = np.array([-78.0, -113.0, -76.0])
+FOV_HI_MM = np.array([78.0, 80.0, 88.0])
+STORAGE_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI")  # NIfTI from different converters (FSL, DICOM, ...)
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Size and ranges of one federation preset."""
+
+    num_train_sites: int
+    heldout_kinds: tuple[str, ...]
+    patients: tuple[int, int]  # inclusive range of patients per site
+    inplane_mm: tuple[float, float]
+    slice_thickness_mm: tuple[float, float]
+    fov_scale: float = 1.0  # < 1 shrinks the field of view around the brain centre (smoke volumes)
+    train_sequences: tuple[str, ...] | None = None  # fixed per-site sequences; None draws them
+
+
+PRESETS: dict[str, Preset] = {
+    # Tiny: 5 sites x 4 patients at ~2.5 mm, a few seconds. Sequences fixed so the tests can rely on a
+    # T1w and a T2w training site.
+    "smoke": Preset(
+        num_train_sites=3,
+        heldout_kinds=("unseen-sequence", "unseen-annotation"),
+        patients=(4, 4),
+        inplane_mm=(2.2, 2.6),
+        slice_thickness_mm=(2.5, 4.0),
+        train_sequences=("T1w", "T2w", "PD"),
+    ),
+    "default": Preset(
+        num_train_sites=8,
+        heldout_kinds=HELDOUT_KINDS,
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+    ),
+}
+
+
+@dataclass
+class SiteInfo:
+    """One site of a generated federation, as recorded in its manifest."""
+
+    name: str
+    role: str  # "train" | "heldout"
+    heldout_kind: str | None  # "unseen-mix" | "unseen-sequence" | "unseen-annotation" for held-out sites
+    path: Path
+    num_patients: int
+    params: dict[str, Any]
+    subjects: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label_protocol(self) -> str:
+        return str(self.params["annotation"]["protocol"])
+
+
+@dataclass
+class Manifest:
+    """The top-level record of a generated federation."""
+
+    root: Path
+    preset: str
+    seed: int
+    generator_version: str
+    cache_key: str
+    sites: list[SiteInfo]
+
+    @property
+    def train_sites(self) -> list[SiteInfo]:
+        return sorted((s for s in self.sites if s.role == "train"), key=lambda s: s.name)
+
+    @property
+    def heldout_sites(self) -> list[SiteInfo]:
+        return sorted((s for s in self.sites if s.role == "heldout"), key=lambda s: s.name)
+
+    def site(self, name: str) -> SiteInfo:
+        for info in self.sites:
+            if info.name == name:
+                return info
+        raise KeyError(f"site {name!r} is not in the federation at {self.root}; sites: {[s.name for s in self.sites]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# anatomy
+
+
+@lru_cache(maxsize=1)
+def load_anatomy() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped tissue probabilities: float32 [3 (CSF, GM, WM), X, Y, Z] in RAS, and their affine."""
+    if not ASSET_PATH.is_file():
+        raise FileNotFoundError(
+            f"the anatomy asset {ASSET_PATH} is missing from this installation; reinstall fedmeta, or "
+            "re-derive it with `pip install 'fedmeta[anatomy]' && python -m simulations.derive_anatomy`."
+        )
+    with np.load(ASSET_PATH, allow_pickle=False) as asset:
+        probabilities = asset["probabilities"].astype(np.float32) / 255.0
+        affine = asset["affine"].astype(np.float64)
+    # uint8 rounding can push the sum a hair above one; renormalise where it does.
+    total = probabilities.sum(axis=0, keepdims=True)
+    probabilities /= np.maximum(total, 1.0)
+    return probabilities, affine
+
+
+def _asset_digest() -> str:
+    return hashlib.sha256(ASSET_PATH.read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameters
+
+
+def _rng(seed: int, *path: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *path]))
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, digits: int = 3) -> float:
+    return round(float(rng.uniform(lo, hi)), digits)
+
+
+def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, kind: str | None) -> dict[str, Any]:
+    """Scanner, population and annotation parameters of one site (all plain JSON values)."""
+    field_t = float(rng.choice([1.5, 3.0]))
+    jitter = rng.uniform(0.92, 1.08, size=3)  # vendor/coil differences in relative tissue signal
+    signal = np.asarray(TISSUE_SIGNAL[sequence]) * jitter
+    if field_t == 3.0:
+        # Longitudinal relaxation times converge at 3 T, so the GM/WM contrast shrinks a little.
+        mid = (signal[1] + signal[2]) / 2
+        signal[1:] = mid + 0.85 * (signal[1:] - mid)
+    slice_axis = str(rng.choice(["axial", "axial", "axial", "coronal", "sagittal"]))
+    artefact = str(rng.choice(["none", "none", "gibbs", "motion"]))
+    snr_lo, snr_hi = (10.0, 28.0) if field_t == 1.5 else (18.0, 40.0)
+    bias_lo, bias_hi = (0.05, 0.2) if field_t == 1.5 else (0.15, 0.4)
+    params: dict[str, Any] = {
+        "scanner": {
+            "field_strength_t": field_t,
+            "sequence": sequence,
+            "tissue_signal": {"csf": round(float(signal[0]), 4), "grey_matter": round(float(signal[1]), 4),
+                              "white_matter": round(float(signal[2]), 4)},
+            "inplane_mm": _uniform(rng, *preset.inplane_mm, digits=2),
+            "slice_thickness_mm": _uniform(rng, *preset.slice_thickness_mm, digits=2),
+            "slice_axis": slice_axis,
+            "storage_orientation": str(rng.choice(STORAGE_ORIENTATIONS)),
+            "bias_strength": _uniform(rng, bias_lo, bias_hi),
+            "snr": _uniform(rng, snr_lo, snr_hi, digits=1),
+            "gain": _uniform(rng, 0.75, 1.35),
+            "gamma": _uniform(rng, 0.8, 1.25),
+            "bits": 12,
+            "artefact": artefact,
+            "gibbs_kspace_fraction": _uniform(rng, 0.35, 0.6) if artefact == "gibbs" else None,
+            "ghost_amplitude": _uniform(rng, 0.04, 0.12) if artefact == "motion" else None,
+            # Coverage: some sites stop above the cerebellum; the top of the head is always in view.
+            "fov_inferior_mm": _uniform(rng, -76.0, -35.0, digits=1),
+        },
+        "population": {
+            "atrophy_mean": _uniform(rng, 0.0, 0.25),
+            "atrophy_sd": 0.05,
+        },
+        "annotation": {
+            "protocol": "standard",
+            "threshold": _uniform(rng, 0.4, 0.6),
+            "gm_bias_voxels": int(rng.choice([-1, 0, 1])),  # one-voxel erosion (-1) / dilation (+1) of GM
+            "label_noise": _uniform(rng, 0.0, 0.05),  # share of boundary voxels given a neighbour's label
+        },
+    }
+    if kind == "unseen-annotation":
+        params["annotation"]["protocol"] = "csf-merged"
+    return params
+
+
+def _draw_subject_params(rng: np.random.Generator, site_params: dict[str, Any]) -> dict[str, Any]:
+    population = site_params["population"]
+    atrophy = float(np.clip(rng.normal(population["atrophy_mean"], population["atrophy_sd"]), 0.0, 0.4))
+    return {
+        "rotation_deg": [round(float(v), 2) for v in rng.uniform(-10.0, 10.0, size=3)],
+        "scale": [round(float(v), 4) for v in rng.uniform(0.92, 1.08, size=3)],
+        "translation_mm": [round(float(v), 2) for v in rng.uniform(-4.0, 4.0, size=3)],
+        "elastic_amplitude_mm": _uniform(rng, 1.5, 4.0, digits=2),
+        "elastic_seed": int(rng.integers(0, 2**31 - 1)),
+        "atrophy": round(atrophy, 4),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+
+
+def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
+    """Every site's name, role, kind and parameters, and its subjects' parameters (no image work)."""
+    spec = _preset(preset)
+    plan: list[dict[str, Any]] = []
+    rng = _rng(seed, 0)
+    if spec.train_sequences is not None:
+        sequences = list(spec.train_sequences)
+    else:
+        # Every training sequence appears at least twice; the order is seeded.
+        pool = [TRAIN_SEQUENCES[i % len(TRAIN_SEQUENCES)] for i in range(spec.num_train_sites)]
+        sequences = [str(s) for s in rng.permutation(pool)]
+    entries: list[tuple[str, str, str | None, str]] = []
+    for i, sequence in enumerate(sequences):
+        entries.append((f"site-{i + 1:02d}", "train", None, sequence))
+    for kind in spec.heldout_kinds:
+        if kind == "unseen-sequence":
+            sequence = "FLAIR"
+        else:
+            sequence = str(rng.choice(TRAIN_SEQUENCES))
+        entries.append((f"new-{kind.removeprefix('unseen-')}", "heldout", kind, sequence))
+    for index, (name, role, kind, sequence) in enumerate(entries, start=1):
+        site_rng = _rng(seed, 1, index)
+        params = _draw_site_params(site_rng, spec, sequence, kind)
+        num_patients = int(site_rng.integers(spec.patients[0], spec.patients[1] + 1))
+        subjects = []
+        for p in range(num_patients):
+            subject = _draw_subject_params(_rng(seed, 2, index, p), params)
+            subjects.append({"id": f"{name}_{p:03d}", **subject})
+        plan.append({"name": name, "role": role, "heldout_kind": kind, "num_patients": num_patients,
+                     "params": params, "subjects": subjects, "fov_scale": spec.fov_scale})
+    return plan
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not known; choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# one subject at one site
+
+
+def _rotation(degrees: list[float]) -> np.ndarray:
+    rx, ry, rz = np.deg2rad(degrees)
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return z @ y @ x
+
+
+def _site_grid(scanner: dict[str, Any], fov_scale: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Voxel spacing [3], FOV origin [3] (RAS, mm) and shape of a site's acquisition grid."""
+    spacing = np.full(3, float(scanner["inplane_mm"]))
+    spacing[SLICE_AXES[scanner["slice_axis"]]] = float(scanner["slice_thickness_mm"])
+    lo = FOV_LO_MM.copy()
+    lo[2] = max(lo[2], float(scanner["fov_inferior_mm"]))
+    hi = FOV_HI_MM.copy()
+    if fov_scale != 1.0:
+        lo = BRAIN_CENTRE_MM + fov_scale * (lo - BRAIN_CENTRE_MM)
+        hi = BRAIN_CENTRE_MM + fov_scale * (hi - BRAIN_CENTRE_MM)
+    shape = np.maximum(np.floor((hi - lo) / spacing).astype(int) + 1, 2)
+    return spacing, lo, shape
+
+
+def _smooth_field(rng: np.random.Generator, control: tuple[int, int, int], shape) -> np.ndarray:
+    """A smooth random field on ``shape``: Gaussian noise on a coarse control grid, spread by Gaussian
+    radial basis functions one axis at a time (far cheaper than spline-zooming the whole volume)."""
+    field = rng.standard_normal(control)
+    for axis, (n, c) in enumerate(zip(shape, control)):
+        x = np.linspace(0.0, 1.0, int(n))[:, None]
+        centres = np.linspace(0.0, 1.0, c)[None, :]
+        basis = np.exp(-((x - centres) ** 2) / (2 * (1.0 / max(c - 1, 1)) ** 2))
+        basis /= basis.sum(axis=1, keepdims=True)
+        field = np.moveaxis(np.tensordot(basis, np.moveaxis(field, axis, 0), axes=(1, 0)), 0, axis)
+    return field.astype(np.float32)
+
+
+def _sample_trilinear(volume, voxel):
+    """Sample ``volume`` (tensor [C, X, Y, Z]) at voxel coordinates (tensor [X', Y', Z', 3], x-y-z order).
+
+    Trilinear, zero outside; returns [C, X', Y', Z']. torch's grid_sample does all channels in one
+    pass, several times faster than scipy's map_coordinates per channel, which dominated generation.
+    """
+    import torch
+
+    sizes = torch.tensor(volume.shape[1:], dtype=voxel.dtype)
+    # grid_sample's last grid axis is ordered (W, H, D), the reverse of the volume's axes.
+    grid = (voxel / (sizes - 1) * 2 - 1).flip(-1)[None]
+    sampled = torch.nn.functional.grid_sample(
+        volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return sampled[0]
+
+
+def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float = 1.0):
+    """Tissue probabilities of one subject on the site's acquisition grid.
+
+    Returns (float32 [3, X, Y, Z] RAS probabilities of CSF, GM, WM averaged over each slice's
+    profile, and the 4x4 RAS affine of the grid).
+    """
+    import torch
+
+    anatomy, anatomy_affine = load_anatomy()
+    scanner = site_params["scanner"]
+    spacing, lo, shape = _site_grid(scanner, fov_scale)
+    slice_axis = SLICE_AXES[scanner["slice_axis"]]
+    thickness = float(scanner["slice_thickness_mm"])
+    # Thick slices integrate the anatomy over their profile: sample sub-slices every ~1.5 mm, average.
+    n_sub = max(1, int(round(thickness / 1.5)))
+    offsets = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+
+    rng = np.random.default_rng(subject["elastic_seed"])
+    elastic = np.stack([_smooth_field(rng, (5, 6, 5), tuple(shape)) for _ in range(3)], axis=-1)
+    elastic *= float(subject["elastic_amplitude_mm"]) / max(float(np.abs(elastic).max()), 1e-6)
+
+    axes = [lo[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
+    world = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)  # [X, Y, Z, 3] mm
+    points = torch.from_numpy(world + elastic)
+    # Subject = R S (template - c) + c + t; sample the template at the inverse image of each point.
+    forward = _rotation(subject["rotation_deg"]) @ np.diag(subject["scale"])
+    inverse_t = torch.from_numpy(np.linalg.inv(forward).T.astype(np.float32))
+    to_voxel = np.linalg.inv(anatomy_affine)
+    to_voxel_t = torch.from_numpy(to_voxel[:3, :3].T.astype(np.float32))
+    to_voxel_shift = torch.from_numpy(to_voxel[:3, 3].astype(np.float32))
+    centre = torch.from_numpy(BRAIN_CENTRE_MM.astype(np.float32))
+    shifted_centre = centre + torch.tensor(subject["translation_mm"], dtype=torch.float32)
+    ventricles = torch.from_numpy(VENTRICLE_CENTRE_MM.astype(np.float32))
+    anatomy_t = torch.from_numpy(anatomy)
+    atrophy = float(subject["atrophy"])
+    total = torch.zeros((3, *shape), dtype=torch.float32)
+    for offset in offsets:
+        point = points.clone()
+        point[..., slice_axis] += float(offset * thickness)
+        template = (point - shifted_centre) @ inverse_t + centre
+        if atrophy > 0:
+            # Enlarged ventricles: pull the sampling points towards the ventricles so they fill more space.
+            rel = template - ventricles
+            falloff = torch.exp(-(rel**2).sum(dim=-1, keepdim=True) / (2 * 22.0**2))
+            template = template - (0.6 * atrophy) * falloff * rel
+        total += _sample_trilinear(anatomy_t, template @ to_voxel_t + to_voxel_shift)
+    total = total.numpy()
+    total /= n_sub
+    if atrophy > 0:
+        # Cortical thinning: part of the grey-matter fraction becomes CSF, unevenly over the cortex.
+        thinning = atrophy * np.clip(0.6 + 0.4 * _smooth_field(rng, (4, 5, 4), tuple(shape)), 0, 1.5)
+        moved = total[1] * thinning.astype(np.float32)
+        total[1] -= moved
+        total[0] += moved
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(spacing)
+    affine[:3, 3] = lo
+    return np.clip(total, 0.0, 1.0), affine
+
+
+def _kspace_artefacts(signal: np.ndarray, scanner: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """Gibbs ringing (truncated k-space) or motion ghosts (phase errors on alternate k-space lines)."""
+    artefact = scanner["artefact"]
+    if artefact == "none":
+        return signal.astype(np.complex64)
+    slice_axis = SLICE_AXES[scanner["slice_axis"]]
+    phase_axis = [a for a in range(3) if a != slice_axis][int(rng.integers(0, 2))]
+    kspace = np.fft.fftshift(np.fft.fft(signal, axis=phase_axis), axes=phase_axis)
+    n = signal.shape[phase_axis]
+    index = [None, None, None]
+    index[phase_axis] = slice(None)
+    if artefact == "gibbs":
+        keep = max(4, int(round(n * float(scanner["gibbs_kspace_fraction"]))))
+        window = np.zeros(n, dtype=np.float32)
+        start = (n - keep) // 2
+        window[start : start + keep] = 1.0
+        kspace *= window[tuple(index)]
+    elif artefact == "motion":
+        # A phase error phi on every other line puts a ghost at half the FOV with amplitude |sin(phi / 2)|.
+        phi = 2.0 * np.arcsin(float(scanner["ghost_amplitude"]))
+        phase = np.where(np.arange(n) % 2 == 0, 0.0, phi)
+        kspace *= np.exp(1j * phase)[tuple(index)]
+    else:
+        raise ValueError(f"artefact={artefact!r} is not known; use 'none', 'gibbs' or 'motion'.")
+    return np.fft.ifft(np.fft.ifftshift(kspace, axes=phase_axis), axis=phase_axis).astype(np.complex64)
+
+
+def render_image(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any]) -> np.ndarray:
+    """The site's MR image of a subject: int16 [X, Y, Z], 12-bit, RAS."""
+    scanner = site_params["scanner"]
+    rng = np.random.default_rng(subject["noise_seed"])
+    s = scanner["tissue_signal"]
+    mu = np.array([s["csf"], s["grey_matter"], s["white_matter"]], dtype=np.float32)
+    signal = np.einsum("c,c...->...", mu, tissue)
+    # Smooth multiplicative B1 bias, exp(strength * field) with the field scaled to [-1, 1].
+    field = _smooth_field(rng, (3, 3, 3), signal.shape)
+    field /= max(float(np.abs(field).max()), 1e-6)
+    signal = signal * np.exp(float(scanner["bias_strength"]) * field).astype(np.float32)
+    complex_signal = _kspace_artefacts(signal, scanner, rng)
+    brain = tissue.sum(axis=0) > 0.5
+    sigma = float(signal[brain].mean()) / float(scanner["snr"]) if brain.any() else 0.01
+    noisy = np.abs(
+        complex_signal
+        + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+        + 1j * rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+    )  # Rician magnitude
+    reference = float(np.percentile(noisy[brain], 99.0)) if brain.any() else 1.0
+    levels = 2 ** int(scanner["bits"]) - 1
+    scaled = float(scanner["gain"]) * np.power(np.clip(noisy / reference, 0.0, None), float(scanner["gamma"]))
+    return np.clip(np.round(scaled * 0.75 * levels), 0, levels).astype(np.int16)
+
+
+def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any]) -> np.ndarray:
+    """The site's manual labels of a subject: uint8 [X, Y, Z], values in LABELS."""
+    from scipy import ndimage
+
+    style = site_params["annotation"]
+    brain = tissue.sum(axis=0) > float(style["threshold"])
+    order = np.argsort(-tissue, axis=0)
+    first = order[0].astype(np.uint8) + 1
+    second = order[1].astype(np.uint8) + 1
+    labels = np.where(brain, first, 0).astype(np.uint8)
+    bias = int(style["gm_bias_voxels"])
+    if bias > 0:  # this rater draws the cortex a voxel thick into CSF and white matter
+        grown = ndimage.binary_dilation(labels == 2, iterations=bias) & (labels > 0)
+        labels[grown] = 2
+    elif bias < 0:  # ... or a voxel thin; the peeled voxels take their second most likely tissue
+        gm = labels == 2
+        peeled = gm & ~ndimage.binary_erosion(gm, iterations=-bias)
+        labels[peeled] = np.where(second[peeled] == 2, first[peeled], second[peeled])
+    rate = float(style["label_noise"])
+    if rate > 0:
+        rng = np.random.default_rng(subject["noise_seed"] + 1)
+        for axis in range(3):
+            neighbour = np.roll(labels, 1 if rng.random() < 0.5 else -1, axis=axis)
+            boundary = (neighbour != labels) & (rng.random(labels.shape) < rate / 3)
+            labels[boundary] = neighbour[boundary]
+    if style["protocol"] == "csf-merged":
+        labels[labels == 1] = 0
+    elif style["protocol"] != "standard":
+        raise ValueError(f"label protocol {style['protocol']!r} is not known; use one of {LABEL_PROTOCOLS}.")
+    return labels
+
+
+def _to_storage(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder an RAS array the way the site's converter stores it, keeping world positions."""
+    import nibabel as nib
+    from nibabel import orientations as ornt
+
+    transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.axcodes2ornt(tuple(axcodes)))
+    stored = ornt.apply_orientation(array, transform)
+    new_affine = affine @ ornt.inv_ornt_aff(transform, array.shape)
+    assert nib.aff2axcodes(new_affine) == tuple(axcodes)
+    return np.ascontiguousarray(stored), new_affine
+
+
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)  # scanner coordinates
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; more threads only contend
+
+
+def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -> str:
+    site_dir, site_params, subject, fov_scale = job
+    tissue, affine = subject_tissue(site_params, subject, fov_scale)
+    image = render_image(tissue, site_params, subject)
+    labels = annotate(tissue, site_params, subject)
+    axcodes = site_params["scanner"]["storage_orientation"]
+    stored_image, stored_affine = _to_storage(image, affine, axcodes)
+    stored_labels, _ = _to_storage(labels, affine, axcodes)
+    _write_nifti(stored_image, stored_affine, site_dir / "imagesTr" / f"{subject['id']}.nii.gz")
+    _write_nifti(stored_labels, stored_affine, site_dir / "labelsTr" / f"{subject['id']}.nii.gz")
+    return subject["id"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the federation
+
+
+def _cache_key(preset: str, seed: int) -> str:
+    blob = json.dumps({"preset": preset, "seed": seed, "generator": GENERATOR_VERSION, "asset": _asset_digest()})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _dataset_json(site: dict[str, Any]) -> dict[str, Any]:
+    protocol = site["params"]["annotation"]["protocol"]
+    labels = {str(k): v for k, v in LABELS.items()}
+    if protocol == "csf-merged":
+        del labels["1"]
+        labels["0"] = "background (including CSF)"
+    return {
+        "name": site["name"],
+        "description": f"fedmeta synthetic site ({site['role']}"
+        + (f", {site['heldout_kind']}" if site["heldout_kind"] else "")
+        + "): brain tissue segmentation on ICBM152 2009a anatomy",
+        "reference": "fedmeta common/synth.py; anatomy: ICBM 2009a (see common/assets/ICBM152_NOTICE.txt)",
+        "licence": "derived from ICBM 2009a; MNI/McGill notice applies",
+        "release": GENERATOR_VERSION,
+        "tensorImageSize": "3D",
+        "modality": {"0": site["params"]["scanner"]["sequence"]},
+        "labels": labels,
+        "label_protocol": protocol,
+        "numTraining": site["num_patients"],
+        "numTest": 0,
+        "training": [
+            {"image": f"./imagesTr/{s['id']}.nii.gz", "label": f"./labelsTr/{s['id']}.nii.gz"}
+            for s in site["subjects"]
+        ],
+        "test": [],
+    }
+
+
+def _is_cached(root: Path, key: str) -> bool:
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if manifest.get("cache_key") != key:
+        return False
+    return all(
+        len(list((root / site["name"] / "labelsTr").glob("*.nii.gz"))) == site["num_patients"]
+        for site in manifest["sites"]
+    )
+
+
+def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *, force: bool = False,
+                        workers: int | None = None) -> Path:
+    """Write a synthetic federation to ``out_dir`` (its root) and return the root.
+
+    Cached: when ``out_dir`` already holds the federation of the same (preset, seed, generator version,
+    anatomy asset), it is returned at once. A folder holding anything else is refused unless
+    ``force=True``, which replaces a previous fedmeta federation (never a folder without its manifest).
+    ``workers`` processes render subjects in parallel (default: up to 2 for the larger presets); the
+    result does not depend on it, since every subject has its own seed.
+    """
+    root = Path(out_dir)
+    spec = _preset(preset)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer.")
+    seed = int(seed)
+    key = _cache_key(preset, seed)
+    if _is_cached(root, key) and not force:
+        return root
+    if root.exists() and any(root.iterdir()):
+        ours = (root / "manifest.json").is_file()
+        if not ours:
+            raise FileExistsError(
+                f"{root} is not empty and holds no fedmeta manifest.json; refusing to write a federation "
+                "into it. Choose an empty or new folder."
+            )
+        if not force:
+            old = json.loads((root / "manifest.json").read_text())
+            raise FileExistsError(
+                f"{root} already holds a different federation (preset={old.get('preset')!r}, "
+                f"seed={old.get('seed')!r}, generator {old.get('generator_version')!r}); pass force=True "
+                "(`fedmeta synth --force`) to replace it, or choose another folder."
+            )
+
+    started = time.perf_counter()
+    plan = plan_federation(preset, seed)
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    jobs = []
+    for site in plan:
+        site_dir = staging / site["name"]
+        (site_dir / "imagesTr").mkdir(parents=True)
+        (site_dir / "labelsTr").mkdir(parents=True)
+        (site_dir / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2))
+        jobs.extend((site_dir, site["params"], subject, site["fov_scale"]) for subject in site["subjects"])
+    if workers is None:
+        workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+                list(pool.map(_generate_subject, jobs, chunksize=4))
+        else:
+            for job in jobs:
+                _generate_subject(job)
+        manifest = {
+            "generator_version": GENERATOR_VERSION,
+            "preset": preset,
+            "seed": seed,
+            "cache_key": key,
+            "anatomy": {"asset": ASSET_PATH.name, "sha256_16": _asset_digest(),
+                        "source": "ICBM 2009a nonlinear symmetric, via nilearn; see ICBM152_NOTICE.txt"},
+            "labels": {str(k): v for k, v in LABELS.items()},
+            "generation_seconds": round(time.perf_counter() - started, 2),
+            "sites": [
+                {"name": s["name"], "role": s["role"], "heldout_kind": s["heldout_kind"], "path": s["name"],
+                 "num_patients": s["num_patients"], "params": s["params"], "subjects": s["subjects"]}
+                for s in plan
+            ],
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def load_manifest(root: Path | str) -> Manifest:
+    """Read ``root/manifest.json`` of a generated federation."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {root} is not a generated fedmeta federation. Generate one with "
+            "`fedmeta synth --out DIR`, or read a single site folder with common.data.SiteDataset.load."
+        )
+    try:
+        raw = json.loads(path.read_text())
+        sites = [
+            SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / s["path"],
+                     num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []))
+            for s in raw["sites"]
+        ]
+        return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),
+                        generator_version=raw["generator_version"], cache_key=raw["cache_key"], sites=sites)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); regenerate the federation "
+            "with `fedmeta synth --out DIR --force`."
+        ) from err
