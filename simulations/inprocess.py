@@ -102,10 +102,13 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Runs each node's ClientApp in turn; replies arriving after ``timeout`` seconds are lost."""
+        """Runs each node's ClientApp in turn; a node that takes longer than ``timeout`` seconds is lost.
+
+        Real nodes work in parallel, so the timeout applies to each node's own time, not to the sum.
+        """
         message_ids = list(self.push_messages(messages))
-        began = time.perf_counter()
         for message_id in message_ids:
+            began = time.perf_counter()
             reply = self._deliver(self._pending.pop(message_id))
             if timeout is not None and time.perf_counter() - began > timeout:
                 log.warning("node %d replied after the %ss timeout; reply discarded", reply.metadata.src_node_id, timeout)

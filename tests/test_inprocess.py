@@ -1,0 +1,182 @@
+"""Component tests: fedmeta's real ServerApp and ClientApp on the smoke federation, in one process.
+
+Each run is a real federation (query, train, evaluate messages through protobuf) on a tiny model, so
+a test takes seconds: learning, bitwise resume, and the faults a federation must survive.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, Message
+
+from client.app import app as client_app
+from common.config import RunConfig
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.metrics import METRICS_NAME, read_metrics
+from simulations.inprocess import InProcessGrid, run_inprocess, simulation_node_configs
+
+TINY = dict(
+    image_size=32, model_base_channels=8, model_levels=3, episodes_per_site=1, k_shot=2, q_query=2,
+    inner_lr=0.1, meta_lr=0.01, eval_k_shot=2, eval_steps="0,3", eval_every=0, round_timeout=120.0,
+    node_wait_timeout=0.0,
+)
+
+
+def tiny_config(federation, out_dir, **changes) -> RunConfig:
+    return RunConfig(**{**TINY, "out_dir": str(out_dir), "federation_dir": str(federation), **changes})
+
+
+def num_sites(federation) -> int:
+    from common.synth import load_manifest
+
+    manifest = load_manifest(federation)
+    return len(manifest.train_sites) + len(manifest.heldout_sites)
+
+
+def federate(config: RunConfig, federation, client=client_app):
+    return run_inprocess(config.to_run_config(), simulation_node_configs(num_sites(federation)), client_app=client)
+
+
+def partition_of(grid: InProcessGrid, node_id: int) -> int:
+    return int(grid.nodes[node_id].context.node_config["partition-id"])
+
+
+def test_meta_loss_falls_and_heldout_dice_after_adaptation_rises(smoke_federation, tmp_path):
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=6, eval_every=6)
+    federate(config, smoke_federation)
+    records = read_metrics(tmp_path / METRICS_NAME)
+    assert [r["round"] for r in records] == list(range(0, 7))
+    train = [r for r in records if r["round"] > 0]
+    assert all(r["updated"] and r["sites_answered"] == r["sites_sampled"] for r in train)
+    losses = [r["train"]["query-loss-after"] for r in train]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    before, after = records[0]["heldout"]["summary"], records[-1]["heldout"]["summary"]
+    assert records[-1]["heldout"]["sites_answered"] == len(records[-1]["heldout"]["sites"]) >= 1
+    assert after["dice-mean-3"] > before["dice-mean-3"], (before, after)
+    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert checkpoint.round == 6 and checkpoint.counters["dropped_replies"] == 0
+
+
+def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(smoke_federation, tmp_path):
+    whole = tiny_config(smoke_federation, tmp_path / "whole", num_rounds=3, sites_per_round=2)
+    federate(whole, smoke_federation)
+    parted = tiny_config(smoke_federation, tmp_path / "parted", num_rounds=1, sites_per_round=2)
+    federate(parted, smoke_federation)
+    assert load_checkpoint(tmp_path / "parted" / CHECKPOINT_NAME).round == 1
+    federate(parted.replace(num_rounds=3, resume=True), smoke_federation)
+
+    a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
+    b = load_checkpoint(tmp_path / "parted" / CHECKPOINT_NAME)
+    assert a.round == b.round == 3
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+    for index, state in a.optimizer["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b.optimizer["optimizer"]["state"][index][key]), (index, key)
+    assert a.rng_state == b.rng_state
+    rounds = [r["round"] for r in read_metrics(tmp_path / "parted" / METRICS_NAME)]
+    assert rounds == [1, 2, 3]
+
+
+def test_resuming_under_a_changed_config_is_refused(smoke_federation, tmp_path):
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1)
+    federate(config, smoke_federation)
+    with pytest.raises(ValueError, match="different run config.*inner-lr"):
+        federate(config.replace(num_rounds=2, resume=True, inner_lr=0.3), smoke_federation)
+
+
+class FaultySites:
+    """Wraps the real ClientApp and spoils the train replies of chosen partitions."""
+
+    def __init__(self, fault: str, partitions: set[int]):
+        self.fault, self.partitions, self.grid = fault, partitions, None
+        self.spoiled = 0
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        hit = message.metadata.message_type == "train" and context.node_config["partition-id"] in self.partitions
+        if hit and self.fault == "raise":
+            self.spoiled += 1
+            raise RuntimeError("the site's GPU fell off the bus")
+        if hit and self.fault == "slow":
+            self.spoiled += 1
+            time.sleep(1.5)
+        reply = client_app(message, context)
+        if hit and self.fault == "corrupt":
+            self.spoiled += 1
+            grads = reply.content.array_records["meta-grads"]
+            name = sorted(grads)[0]
+            bad = grads[name].numpy().copy()
+            bad.flat[0] = np.nan
+            grads[name] = Array(bad)
+        return reply
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("corrupt", "NaN or Inf"),
+        ("raise", "site failed (error code 2)"),
+    ],
+)
+def test_a_bad_site_is_dropped_counted_and_the_federation_goes_on(smoke_federation, tmp_path, fault, reason):
+    faulty = FaultySites(fault, partitions={0})
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=2)
+    run = federate(config, smoke_federation, client=faulty)
+    assert faulty.spoiled == 2
+    records = read_metrics(tmp_path / METRICS_NAME)
+    for record in records:
+        assert record["updated"]
+        assert record["sites_answered"] == record["sites_sampled"] - 1
+        (drop,) = record["dropped"]
+        assert partition_of(run.grid, drop["node_id"]) == 0
+        assert reason in drop["reason"]
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).counters["dropped_replies"] == 2
+
+
+def test_a_site_slower_than_the_round_timeout_is_dropped(smoke_federation, tmp_path):
+    from common.synth import load_manifest
+
+    last_train = len(load_manifest(smoke_federation).train_sites) - 1
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, round_timeout=1.0)
+    slow = FaultySites("slow", partitions={last_train})
+    federate(config, smoke_federation, client=slow)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    assert record["updated"]
+    assert any(d["reason"] == "no reply before round-timeout" for d in record["dropped"])
+
+
+def test_too_few_valid_sites_skip_the_update_without_stopping(smoke_federation, tmp_path):
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=2, min_sites=3)
+    federate(config, smoke_federation, client=FaultySites("raise", partitions={0}))
+    records = read_metrics(tmp_path / METRICS_NAME)
+    assert [r["updated"] for r in records] == [False, False]
+    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert checkpoint.round == 2 and checkpoint.counters["skipped_rounds"] == 2
+
+
+def test_heldout_sites_never_train_and_training_sites_never_evaluate(smoke_federation, tmp_path):
+    from common.synth import load_manifest
+
+    manifest = load_manifest(smoke_federation)
+    seen: list[tuple[str, int]] = []
+
+    def recording(message: Message, context: Context) -> Message:
+        seen.append((message.metadata.message_type, int(context.node_config["partition-id"])))
+        return client_app(message, context)
+
+    federate(tiny_config(smoke_federation, tmp_path, num_rounds=1, eval_every=1), smoke_federation, client=recording)
+    n_train = len(manifest.train_sites)
+    assert {p for t, p in seen if t == "train"} == set(range(n_train))
+    assert {p for t, p in seen if t == "evaluate"} == set(range(n_train, n_train + len(manifest.heldout_sites)))
+    assert {p for t, p in seen if t == "query"} == set(range(num_sites(smoke_federation)))
+
+
+def test_the_inprocess_engine_is_deterministic(smoke_federation, tmp_path):
+    for name in ("a", "b"):
+        federate(tiny_config(smoke_federation, tmp_path / name, num_rounds=1), smoke_federation)
+    a, b = (load_checkpoint(tmp_path / n / CHECKPOINT_NAME) for n in ("a", "b"))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
