@@ -292,10 +292,11 @@ class LocalDeployment:
                 if online >= len(self.data_dirs):
                     return
             time.sleep(0.5)
+        logs = "\n".join(f"--- {path.name} ---\n{_tail(path, 15)}" for path in self._log_files)
         raise RuntimeError(
             f"Only {online} of {len(self.data_dirs)} SuperNodes came online at "
-            f"{self.superlink_address} within {self.startup_timeout_s:.0f} s; see the logs in "
-            f"{home.path / 'logs'}. Raise startup_timeout_s on a slow machine."
+            f"{self.superlink_address} within {self.startup_timeout_s:.0f} s; raise "
+            f"startup_timeout_s on a slow machine. The processes' logs end with:\n{logs}"
         )
 
     def _stop(self) -> None:
@@ -362,6 +363,7 @@ class _FlowerHome:
 
     def __init__(self, path: Path | None) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.kept = path is not None  # a temporary home, logs included, is deleted on exit
         if path is None:
             # Short prefix: Ray puts Unix sockets under paths derived from its temp dir.
             self._tmp = tempfile.TemporaryDirectory(prefix="fedmeta-flwr-")
@@ -481,16 +483,21 @@ class _FlowerHome:
             self.flwr(["stop", str(run_id), connection])
             raise RuntimeError(
                 f"Run {run_id} on the {engine} did not finish within {timeout_s:.0f} s (status "
-                f"{status!r}); it was stopped. Raise timeout_s or shrink the run. Log tail "
-                f"({log_path}):\n{_tail_text(log)}"
+                f"{status!r}); it was stopped. Raise timeout_s or shrink the run. "
+                f"{self._log_note(log_path)}:\n{_tail_text(log)}"
             )
         outcome = RunOutcome(run_id=run_id, status=status, ok=status == "finished:completed", log=log)
         if not outcome.ok:
             raise RuntimeError(
-                f"Run {run_id} on the {engine} ended as {status!r} ({details}). Log tail "
-                f"({log_path}):\n{_tail_text(log)}"
+                f"Run {run_id} on the {engine} ended as {status!r} ({details}). "
+                f"{self._log_note(log_path)}:\n{_tail_text(log)}"
             )
         return outcome
+
+    def _log_note(self, log_path: Path) -> str:
+        if self.kept:
+            return f"Log tail (whole log: {log_path})"
+        return "Log tail (pass flwr_home=... to keep the whole log)"
 
     def _status(self, connection: str, run_id: int) -> tuple[str, str]:
         result = self.flwr(["list", connection, "--run-id", str(run_id), "--format", "json"])
