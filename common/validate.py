@@ -1,0 +1,348 @@
+"""Site data validation: find a site's cases and list every problem with each, before training sees it.
+
+One code path serves ``fedmeta check-data`` and the reader (:mod:`common.data`): the reader loads each
+case through :func:`check_case` and skips (or, strict, refuses) the cases with problems. Every message
+names the file, the problem and the fix.
+
+A site folder is either the Medical Segmentation Decathlon layout (``dataset.json`` listing
+``training`` pairs and ``labels``), or any folder of paired files matched by an image glob and a label
+glob (e.g. ``*_img.nii.gz`` / ``*_seg.nii.gz``), paired by the common stem.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient's image and label files."""
+
+    case_id: str
+    image: Path | None
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class CaseProblem:
+    """Everything wrong with one case; ``problems`` are full messages (file, problem, fix)."""
+
+    case_id: str
+    problems: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.case_id}: " + "; ".join(self.problems)
+
+
+@dataclass
+class SiteLayout:
+    """A site folder's cases and its declared labels (None when the folder declares none)."""
+
+    root: Path
+    name: str
+    cases: list[Case]
+    labels: dict[int, str] | None
+    label_protocol: str = "standard"
+    modality: str | None = None
+    problems: list[CaseProblem] = field(default_factory=list)  # cases that cannot even be paired
+
+
+@dataclass
+class LoadedCase:
+    """A case that passed every check: float32 image and int64 label arrays, and the nibabel images."""
+
+    case_id: str
+    image: object  # nibabel image (header and affine kept for reorientation)
+    label: object
+    image_data: np.ndarray
+    label_data: np.ndarray
+
+
+@dataclass
+class SiteReport:
+    """The outcome of checking one site."""
+
+    root: Path
+    name: str
+    num_cases: int
+    case_problems: list[CaseProblem]
+    site_problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.case_problems and not self.site_problems
+
+    @property
+    def num_valid(self) -> int:
+        return self.num_cases - len({p.case_id for p in self.case_problems})
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_site_folder(path: Path) -> bool:
+    return (path / "dataset.json").is_file() or (path / "imagesTr").is_dir()
+
+
+def discover_site(root: Path | str, image_glob: str | None = None, label_glob: str | None = None) -> SiteLayout:
+    """Find a site's cases: from its ``dataset.json``, or by pairing ``image_glob`` and ``label_glob`` files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"site folder {root} does not exist; pass the folder that holds dataset.json.")
+    if (image_glob is None) != (label_glob is None):
+        raise ValueError(
+            f"image_glob={image_glob!r} and label_glob={label_glob!r}: give both (e.g. '*_img.nii.gz' and "
+            "'*_seg.nii.gz') or neither (an MSD folder with dataset.json)."
+        )
+    if image_glob is not None:
+        return _discover_by_glob(root, image_glob, label_glob)
+    dataset_json = root / "dataset.json"
+    if not dataset_json.is_file():
+        raise FileNotFoundError(
+            f"{dataset_json} does not exist: {root} is neither a Medical Segmentation Decathlon folder "
+            "(dataset.json, imagesTr/, labelsTr/) nor given file patterns. Add a dataset.json, or pass "
+            "image_glob/label_glob (fedmeta check-data --image-glob '*_img.nii.gz' --label-glob '*_seg.nii.gz')."
+        )
+    try:
+        meta = json.loads(dataset_json.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{dataset_json} is not valid JSON ({err}); fix or regenerate the file.") from err
+    try:
+        labels = {int(k): str(v) for k, v in meta["labels"].items()}
+        entries = meta["training"]
+    except (KeyError, AttributeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{dataset_json} lacks a usable 'labels' mapping (value -> name, e.g. {{\"0\": \"background\"}}) or "
+            f"'training' list of {{\"image\", \"label\"}} pairs ({type(err).__name__}: {err}); add them."
+        ) from err
+    modality = meta.get("modality", {})
+    layout = SiteLayout(root=root, name=str(meta.get("name") or root.name), cases=[], labels=labels,
+                        label_protocol=str(meta.get("label_protocol", "standard")),
+                        modality=str(modality.get("0")) if isinstance(modality, dict) and modality else None)
+    listed_images = set()
+    for entry in entries:
+        image = root / entry["image"] if entry.get("image") else None
+        label = root / entry["label"] if entry.get("label") else None
+        case_id = _strip_suffix((image or label).name) if (image or label) else "?"
+        listed_images.add(image.resolve() if image else None)
+        layout.cases.append(Case(case_id, image, label))
+    # Files a hospital copied in but never listed are probably meant to be used: say so.
+    images_dir = root / "imagesTr"
+    if images_dir.is_dir():
+        for path in sorted(images_dir.iterdir()):
+            if path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".") and path.resolve() not in listed_images:
+                layout.problems.append(CaseProblem(_strip_suffix(path.name), (
+                    f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored. "
+                    "Fix: add an {\"image\", \"label\"} entry for it, or remove the file.",)))
+    return layout
+
+
+def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayout:
+    def stems(pattern: str) -> dict[str, Path]:
+        # The stem is what the wildcard matched: '*_img.nii.gz' on 'p01_img.nii.gz' gives 'p01'.
+        prefix, _, suffix = pattern.partition("*")
+        found = {}
+        for path in sorted(root.rglob(pattern)):
+            name = path.name
+            stem = name[len(prefix) : len(name) - len(suffix)] if suffix else name[len(prefix) :]
+            found[str(path.parent.relative_to(root) / stem)] = path
+        return found
+
+    if image_glob.count("*") != 1 or label_glob.count("*") != 1:
+        raise ValueError(
+            f"image_glob={image_glob!r} and label_glob={label_glob!r} must each hold exactly one '*', which "
+            "matches the case id shared by an image and its label (e.g. '*_img.nii.gz', '*_seg.nii.gz')."
+        )
+    images, labels = stems(image_glob), stems(label_glob)
+    if not images and not labels:
+        raise FileNotFoundError(
+            f"no file in {root} matches {image_glob!r} or {label_glob!r}; check the patterns and the folder."
+        )
+    layout = SiteLayout(root=root, name=root.name, cases=[], labels=None)
+    for stem in sorted(set(images) | set(labels)):
+        layout.cases.append(Case(stem.replace("/", "_"), images.get(stem), labels.get(stem)))
+    return layout
+
+
+def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None, str | None]:
+    import nibabel as nib
+
+    if not path.is_file():
+        return None, None, (
+            f"{path}: the {role} file of this case is missing. Fix: add the {role}, or drop the case from "
+            "dataset.json."
+        )
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        return None, None, (
+            f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); the file is truncated or corrupt. "
+            "Fix: export it again from the source scan."
+        )
+    return image, data, None
+
+
+def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) -> tuple[list[str], LoadedCase | None]:
+    """Every problem with one case, and the loaded case when there is none.
+
+    ``allowed_labels``: the label values the site declares (dataset.json), or None for any value below
+    ``num_classes``, the model's class count.
+    """
+    problems: list[str] = []
+    if case.image is None or case.label is None:
+        present = case.image or case.label
+        missing = "label" if case.label is None else "image"
+        return [f"{present}: has no {missing} partner. Fix: add the {missing} file for case {case.case_id!r}, "
+                "or remove this file."], None
+    image, image_data, error = _load_nifti(case.image, "image")
+    if error:
+        problems.append(error)
+    label, label_data, error = _load_nifti(case.label, "label")
+    if error:
+        problems.append(error)
+    if image is None or label is None:
+        return problems, None
+
+    # A 4D file with one volume is a 3D scan written by some converters; more volumes are not.
+    if image_data.ndim == 4 and image_data.shape[3] == 1:
+        image_data = image_data[..., 0]
+    if label_data.ndim == 4 and label_data.shape[3] == 1:
+        label_data = label_data[..., 0]
+    for path, data, role in ((case.image, image_data, "image"), (case.label, label_data, "label")):
+        if data.ndim != 3:
+            problems.append(
+                f"{path}: the {role} has {data.ndim} dimensions (shape {tuple(data.shape)}), expected a 3D volume. "
+                "Fix: export one 3D volume per file (split multi-channel or time series, stack 2D slices)."
+            )
+    if problems:
+        return problems, None
+
+    if image_data.shape != label_data.shape:
+        problems.append(
+            f"{case.label}: label shape {tuple(label_data.shape)} differs from image shape "
+            f"{tuple(image_data.shape)} ({case.image.name}). Fix: the label must be drawn on the image's own voxel grid; "
+            "resample it onto the image."
+        )
+    if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
+        problems.append(
+            f"{case.label}: affine differs from the image's ({case.image.name}) by up to "
+            f"{np.abs(image.affine - label.affine).max():.3g} mm, so label and image do not overlay. Fix: write the "
+            "label with the image's header (affine, qform and sform)."
+        )
+    image_data = np.asarray(image_data, dtype=np.float32)
+    finite = np.isfinite(image_data)
+    if not finite.all():
+        problems.append(
+            f"{case.image}: {int((~finite).sum())} voxels are NaN or Inf. Fix: re-export the scan, or replace them "
+            "(e.g. by 0) before use."
+        )
+    label_float = np.asarray(label_data, dtype=np.float64)
+    if not np.isfinite(label_float).all():
+        problems.append(f"{case.label}: label holds NaN or Inf. Fix: export the label as an integer map.")
+        return problems, None
+    rounded = np.rint(label_float)
+    if not np.array_equal(rounded, label_float):
+        problems.append(
+            f"{case.label}: label holds non-integer values (e.g. {label_float[rounded != label_float].flat[0]:g}); "
+            "it looks like an interpolated or probability map. Fix: export the label map with nearest-neighbour "
+            "resampling, integer values only."
+        )
+        return problems, None
+    values = set(int(v) for v in np.unique(rounded))
+    allowed = allowed_labels if allowed_labels is not None else set(range(num_classes))
+    outside = sorted(values - allowed)
+    if outside:
+        where = "its dataset.json 'labels'" if allowed_labels is not None else f"the model's {num_classes} classes"
+        problems.append(
+            f"{case.label}: label values {outside} are outside {where} {sorted(allowed)}. Fix: map them onto the "
+            "declared labels (or declare them in dataset.json if the model has room for them)."
+        )
+    if values <= {0}:
+        problems.append(
+            f"{case.label}: the label is empty (background only), so it teaches nothing. Fix: add the "
+            "annotation, or remove the case."
+        )
+    if problems:
+        return problems, None
+    return [], LoadedCase(case.case_id, image, label, image_data, rounded.astype(np.int64))
+
+
+def check_site(root: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
+               image_glob: str | None = None, label_glob: str | None = None) -> SiteReport:
+    """Check every case of one site, and that enough remain for k-shot episodes."""
+    layout = discover_site(root, image_glob, label_glob)
+    return check_layout(layout, num_classes=num_classes, k=k, q=q)
+
+
+def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = None, q: int | None = None) -> SiteReport:
+    site_problems: list[str] = []
+    allowed = set(layout.labels) if layout.labels is not None else None
+    if allowed is not None and (bad := sorted(v for v in allowed if not 0 <= v < num_classes)):
+        site_problems.append(
+            f"{layout.root / 'dataset.json'}: declares label values {bad}, which the model's {num_classes} classes "
+            f"(0..{num_classes - 1}) cannot predict. Fix: map them onto 0..{num_classes - 1} or configure more classes."
+        )
+    case_problems = list(layout.problems)
+    valid = 0
+    for case in layout.cases:
+        problems, _ = check_case(case, allowed, num_classes)
+        if problems:
+            case_problems.append(CaseProblem(case.case_id, tuple(problems)))
+        else:
+            valid += 1
+    site_problems.extend(episode_problems(layout.root, valid, k, q))
+    return SiteReport(root=layout.root, name=layout.name, num_cases=len(layout.cases),
+                      case_problems=case_problems, site_problems=site_problems)
+
+
+def episode_problems(root: Path, num_valid: int, k: int | None, q: int | None) -> list[str]:
+    """Support and query come from different patients, so an episode needs two usable patients."""
+    if num_valid >= 2:
+        return []
+    shots = f" for {k}-shot support and {q} query slices" if k is not None and q is not None else ""
+    return [
+        f"{root}: only {num_valid} usable patient(s){shots}; support and query sets must come from different "
+        "patients, so a site needs at least 2. Fix: add patients, or repair the cases listed above."
+    ]
+
+
+def check_path(path: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
+               image_glob: str | None = None, label_glob: str | None = None) -> list[SiteReport]:
+    """Check one site folder, or every site of a federation root (a folder of site folders)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist or is not a folder; pass a site folder or a federation root.")
+    if image_glob is not None or is_site_folder(path):
+        return [check_site(path, num_classes=num_classes, k=k, q=q, image_glob=image_glob, label_glob=label_glob)]
+    sites = sorted(p for p in path.iterdir() if p.is_dir() and is_site_folder(p))
+    if not sites:
+        raise FileNotFoundError(
+            f"{path} holds no site: neither a dataset.json here nor site folders with one below. Pass an MSD site "
+            "folder, a federation root (fedmeta synth --out DIR), or --image-glob/--label-glob for other layouts."
+        )
+    return [check_site(site, num_classes=num_classes, k=k, q=q) for site in sites]
+
+
+def format_reports(reports: list[SiteReport]) -> str:
+    lines = []
+    for report in reports:
+        status = "ok" if report.ok else "PROBLEMS"
+        lines.append(f"{report.name} ({report.root}): {report.num_valid}/{report.num_cases} cases usable - {status}")
+        for problem in report.case_problems:
+            lines.append(f"  case {problem.case_id}:")
+            lines.extend(f"    - {message}" for message in problem.problems)
+        lines.extend(f"  - {message}" for message in report.site_problems)
+    return "\n".join(lines)
