@@ -1,0 +1,66 @@
+"""Which site a ClientApp serves: node config for deployed sites, partition ids in simulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.site import SiteCache, SiteRef, pick_device, resolve_site
+from common.config import RunConfig
+
+
+def test_partitions_map_training_sites_first_then_heldout(smoke_federation):
+    from common.synth import load_manifest
+
+    manifest = load_manifest(smoke_federation)
+    config = RunConfig(federation_dir=str(smoke_federation))
+    expected = [(s.path, "train") for s in manifest.train_sites] + [(s.path, "heldout") for s in manifest.heldout_sites]
+    got = [resolve_site({"partition-id": i, "num-partitions": len(expected)}, config) for i in range(len(expected))]
+    assert [(Path(r.data_dir), r.role) for r in got] == [(Path(p), role) for p, role in expected]
+    with pytest.raises(ValueError, match=f"partition-id {len(expected)} has no site.*as many SuperNodes as sites"):
+        resolve_site({"partition-id": len(expected)}, config)
+
+
+def test_a_deployed_site_names_its_folder_and_role(tmp_path):
+    ref = resolve_site({"data-dir": str(tmp_path), "role": "heldout"}, RunConfig())
+    assert ref == SiteRef(tmp_path, "heldout")
+    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).role == "train"
+
+
+@pytest.mark.parametrize(
+    "node_config, words",
+    [
+        ({"data-dir": "/no/such/site"}, "data-dir='/no/such/site' is not a folder"),
+        ({"data-dir": ".", "role": "observer"}, "role='observer' is not one of train, heldout"),
+        ({"partition-id": 0}, "federation-dir is empty"),
+        ({}, "neither data-dir"),
+    ],
+)
+def test_bad_node_configs_say_what_to_fix(node_config, words):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        resolve_site(node_config, RunConfig())
+    assert words in str(info.value)
+
+
+def test_the_cache_loads_a_site_once_per_process(smoke_federation):
+    from common.synth import load_manifest
+
+    cache = SiteCache()
+    config = RunConfig(image_size=32)
+    ref = SiteRef(Path(load_manifest(smoke_federation).train_sites[0].path), "train")
+    first = cache.site(ref, config)
+    assert cache.site(ref, config) is first
+    assert cache.site(ref, config.replace(image_size=64)) is not first  # keyed by what loading depends on
+    model = cache.model(config, torch.device("cpu"))
+    assert cache.model(config, torch.device("cpu")) is model
+
+
+def test_device_follows_the_config():
+    assert pick_device(RunConfig(device="cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device(RunConfig(device="auto")).type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            pick_device(RunConfig(device="cuda"))
