@@ -14,6 +14,7 @@ import sys
 _COMMAND_MODULES = [
     "simulations.bench_meta",  # fedmeta bench meta
     "simulations.simulate",  # fedmeta simulate
+    "simulations.data_commands",  # fedmeta synth, show-sites, check-data
 ]
 
 

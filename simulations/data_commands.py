@@ -1,0 +1,173 @@
+"""Data jobs: `fedmeta synth`, `fedmeta show-sites` and `fedmeta check-data`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Label overlay colours (RGBA) for 0 background, 1 CSF, 2 grey matter, 3 white matter.
+VIEW_HEIGHT_MM = 15.0
+OVERLAY_COLOURS = [(0, 0, 0, 0), (0.1, 0.55, 1.0, 0.55), (1.0, 0.35, 0.2, 0.45), (1.0, 0.9, 0.2, 0.4)]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    synth = subparsers.add_parser(
+        "synth",
+        help="generate the synthetic hospital federation (real ICBM152 anatomy, per-site scanners and annotators)",
+        description="Write a federation of MSD-layout sites and a manifest.json to --out. Cached: the same "
+        "preset and seed in the same folder return at once.",
+    )
+    synth.add_argument("--out", type=Path, required=True, help="federation root folder to write")
+    synth.add_argument("--preset", choices=("smoke", "default"), default="default",
+                       help="smoke: 3 train + 2 held-out tiny sites (seconds); default: 8 train + 3 held-out")
+    synth.add_argument("--seed", type=int, default=0, help="seed of every site and subject (default 0)")
+    synth.add_argument("--force", action="store_true", help="replace a different federation already in --out")
+    synth.add_argument("--workers", type=int, default=None, help="processes rendering subjects (default: up to 2)")
+    synth.add_argument("--preview", type=Path, default=None, help="also draw one slice per site to this PNG")
+    synth.set_defaults(handler=_synth)
+
+    show = subparsers.add_parser(
+        "show-sites",
+        help="draw one slice per site with its label overlay (PNG)",
+        description="One axial slice of each site's first patient, raw and with its labels, to see the "
+        "sites' heterogeneity at a glance.",
+    )
+    show.add_argument("root", type=Path, help="a federation root (fedmeta synth --out) or one site folder")
+    show.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    show.set_defaults(handler=_show_sites)
+
+    check = subparsers.add_parser(
+        "check-data",
+        help="list every problem with a site's (or a federation's) data; exit 1 if any",
+        description="Checks each case (readable, 3D, image/label shapes and affines agree, no NaN/Inf, label "
+        "values declared, labels not empty, partner file present) and each site (enough patients for "
+        "episodes whose support and query come from different patients).",
+    )
+    check.add_argument("root", type=Path, help="a site folder (dataset.json) or a federation root")
+    check.add_argument("--k", type=int, default=5, help="support slices per episode (default 5)")
+    check.add_argument("--q", type=int, default=10, help="query slices per episode (default 10)")
+    check.add_argument("--num-classes", type=int, default=4, help="classes the model predicts (default 4)")
+    check.add_argument("--image-glob", default=None, help="for non-MSD folders, e.g. '*_img.nii.gz'")
+    check.add_argument("--label-glob", default=None, help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    check.set_defaults(handler=_check_data)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from common.synth import generate_federation, load_manifest
+
+    started = time.perf_counter()
+    try:
+        root = generate_federation(args.out, args.preset, args.seed, force=args.force, workers=args.workers)
+    except (FileExistsError, ValueError) as err:
+        print(f"fedmeta synth: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    manifest = load_manifest(root)
+    print(f"federation {root} (preset {manifest.preset}, seed {manifest.seed}) ready in {elapsed:.1f} s")
+    for site in manifest.train_sites + manifest.heldout_sites:
+        scanner = site.params["scanner"]
+        kind = f" [{site.heldout_kind}]" if site.heldout_kind else ""
+        print(f"  {site.name:16s} {site.role:7s} {site.num_patients:3d} patients  {scanner['sequence']:5s} "
+              f"{scanner['field_strength_t']} T  {scanner['inplane_mm']}x{scanner['slice_thickness_mm']} mm "
+              f"{scanner['slice_axis']:8s} artefact={scanner['artefact']} labels={site.label_protocol}{kind}")
+    if args.preview is not None:
+        draw_sites(root, args.preview)
+        print(f"preview: {args.preview}")
+    return 0
+
+
+def _show_sites(args: argparse.Namespace) -> int:
+    try:
+        draw_sites(args.root, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fedmeta show-sites: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from common.validate import check_path, format_reports
+
+    try:
+        reports = check_path(args.root, num_classes=args.num_classes, k=args.k, q=args.q,
+                             image_glob=args.image_glob, label_glob=args.label_glob)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fedmeta check-data: {err}", file=sys.stderr)
+        return 2
+    print(format_reports(reports))
+    bad = [r for r in reports if not r.ok]
+    print(f"{len(reports) - len(bad)}/{len(reports)} site(s) clean")
+    return 1 if bad else 0
+
+
+def _site_folders(root: Path) -> list[tuple[Path, str]]:
+    """(site folder, caption prefix) for a federation root (manifest order: train, then held-out) or one site."""
+    from common.synth import load_manifest
+    from common.validate import is_site_folder
+
+    if (root / "manifest.json").is_file():
+        manifest = load_manifest(root)
+        return [(s.path, f"{s.name} ({s.heldout_kind or s.role})") for s in manifest.train_sites + manifest.heldout_sites]
+    if is_site_folder(root):
+        return [(root, root.name)]
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and is_site_folder(p))
+    if not sites:
+        raise FileNotFoundError(f"{root} holds no site folder (dataset.json); pass a federation root or a site folder.")
+    return [(p, p.name) for p in sites]
+
+
+def draw_sites(root: Path | str, out: Path | str) -> Path:
+    """One axial slice per site (first usable patient), raw on top and with its labels below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from common.data import to_ras
+    from common.validate import check_case, discover_site
+
+    root, out = Path(root), Path(out)
+    sites = _site_folders(root)
+    fig, axes = plt.subplots(2, len(sites), figsize=(2.3 * len(sites), 6.0), squeeze=False)
+    overlay = ListedColormap(OVERLAY_COLOURS)
+    for column, (folder, caption) in enumerate(sites):
+        layout = discover_site(folder)
+        allowed = set(layout.labels) if layout.labels is not None else None
+        loaded = next((c for _, c in (check_case(case, allowed, 256) for case in layout.cases) if c is not None), None)
+        top, bottom = axes[0, column], axes[1, column]
+        top.set_title(f"{caption}\n{layout.modality or '?'} · labels: {layout.label_protocol}", fontsize=8)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if loaded is None:
+            top.text(0.5, 0.5, "no usable case\n(fedmeta check-data)", ha="center", va="center", fontsize=8)
+            continue
+        affine = np.asarray(loaded.image.affine, dtype=np.float64)
+        image, zooms = to_ras(loaded.image_data, affine)
+        label, _ = to_ras(loaded.label_data, affine)
+        # The slice nearest 15 mm above the origin: through the lateral ventricles in MNI-like scanner space.
+        ras_affine = nib.as_closest_canonical(loaded.image).affine
+        z = int(np.clip(round((VIEW_HEIGHT_MM - ras_affine[2, 3]) / ras_affine[2, 2]), 0, image.shape[2] - 1))
+        # Rows of the picture run anterior to posterior, columns right to left (radiological view).
+        picture = np.rot90(image[:, :, z])
+        labels = np.rot90(label[:, :, z])
+        extent = (0, image.shape[0] * zooms[0], 0, image.shape[1] * zooms[1])
+        vmax = float(np.percentile(picture, 99.5)) or 1.0
+        for ax in (top, bottom):
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=vmax, extent=extent, interpolation="nearest")
+        bottom.imshow(np.clip(labels, 0, 3), cmap=overlay, vmin=0, vmax=3, extent=extent, interpolation="nearest")
+        bottom.set_xlabel(f"{zooms[0]:.1f}x{zooms[1]:.1f}x{zooms[2]:.1f} mm · {loaded.case_id}", fontsize=7)
+    handles = [Patch(color=OVERLAY_COLOURS[i][:3], label=name) for i, name in ((1, "CSF"), (2, "grey matter"), (3, "white matter"))]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
