@@ -1,0 +1,196 @@
+"""The synthetic federation: anatomy asset, layout, determinism, caching, heterogeneity, labels."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from common import synth
+from common.synth import generate_federation, load_manifest, plan_federation
+
+
+def _arrays(site_dir: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    image = np.asanyarray(nib.load(site_dir / "imagesTr" / f"{case_id}.nii.gz").dataobj)
+    label = np.asanyarray(nib.load(site_dir / "labelsTr" / f"{case_id}.nii.gz").dataobj)
+    return image, label
+
+
+def _render(site: dict, subject: dict) -> tuple[np.ndarray, np.ndarray]:
+    tissue, affine = synth.subject_tissue(site["params"], subject, site["fov_scale"])
+    image = synth.render_image(tissue, site["params"], subject)
+    label = synth.annotate(tissue, site["params"], subject)
+    axcodes = site["params"]["scanner"]["storage_orientation"]
+    return synth._to_storage(image, affine, axcodes)[0], synth._to_storage(label, affine, axcodes)[0]
+
+
+def test_anatomy_asset_is_a_cropped_tissue_probability_volume():
+    probabilities, affine = synth.load_anatomy()
+    assert probabilities.shape[0] == 3 and probabilities.dtype == np.float32
+    assert np.allclose(np.diag(affine)[:3], 1.5)
+    total = probabilities.sum(axis=0)
+    assert total.max() <= 1.0 + 1e-6 and probabilities.min() >= 0.0
+    # A brain: ~1.1-1.7 l of tissue, GM > WM > CSF by volume in the ICBM template.
+    volumes_ml = probabilities.sum(axis=(1, 2, 3)) * 1.5**3 / 1000
+    assert 1000 < volumes_ml.sum() < 2000
+    assert volumes_ml[1] > volumes_ml[2] > volumes_ml[0] > 50
+    assert synth.ASSET_PATH.stat().st_size < 5e6
+    notice = (synth.ASSET_PATH.parent / "ICBM152_NOTICE.txt").read_text()
+    assert "Louis Collins" in notice and "McGill University" in notice and "Permission to use" in notice
+
+
+def test_smoke_layout_manifest_and_msd_files(smoke_federation: Path):
+    manifest = load_manifest(smoke_federation)
+    assert [s.name for s in manifest.train_sites] == ["site-01", "site-02", "site-03"]
+    assert {s.heldout_kind for s in manifest.heldout_sites} == {"unseen-sequence", "unseen-annotation"}
+    assert manifest.heldout_sites == sorted(manifest.heldout_sites, key=lambda s: s.name)
+    for site in manifest.sites:
+        meta = json.loads((site.path / "dataset.json").read_text())
+        assert meta["tensorImageSize"] == "3D" and meta["numTraining"] == site.num_patients == 4
+        assert meta["modality"]["0"] == site.params["scanner"]["sequence"]
+        assert len(site.subjects) == site.num_patients and "rotation_deg" in site.subjects[0]
+        for entry in meta["training"]:
+            image = nib.load(site.path / entry["image"])
+            label = nib.load(site.path / entry["label"])
+            assert image.ndim == 3 and image.shape == label.shape
+            assert np.allclose(image.affine, label.affine)
+            assert "".join(nib.aff2axcodes(image.affine)) == site.params["scanner"]["storage_orientation"]
+            zooms = sorted(float(z) for z in image.header.get_zooms())
+            scanner = site.params["scanner"]
+            assert np.allclose(zooms, sorted([scanner["inplane_mm"]] * 2 + [scanner["slice_thickness_mm"]]), atol=1e-3)
+            assert image.get_data_dtype() == np.int16
+            data = np.asanyarray(image.dataobj)
+            assert data.min() >= 0 and data.max() <= 4095
+
+
+def test_same_seed_same_arrays_different_seed_different(smoke_federation: Path):
+    assert plan_federation("smoke", 0) == plan_federation("smoke", 0)
+    plan = plan_federation("smoke", 0)
+    site = plan[1]
+    subject = site["subjects"][2]
+    image, label = _render(site, subject)
+    written_image, written_label = _arrays(smoke_federation / site["name"], subject["id"])
+    np.testing.assert_array_equal(image, written_image)  # the whole chain, re-run, gives the written arrays
+    np.testing.assert_array_equal(label, written_label)
+
+    other = plan_federation("smoke", 1)
+    assert other[1]["params"] != site["params"]
+    other_image, _ = _render(other[1], other[1]["subjects"][2])
+    assert other_image.shape != image.shape or not np.array_equal(other_image, image)
+    # Same site, another subject: a different brain.
+    second_image, _ = _render(site, site["subjects"][3])
+    assert not np.array_equal(second_image, image)
+
+
+def test_smoke_preset_takes_seconds(smoke_federation: Path):
+    # ~5 s on an idle 2-core machine; the bound leaves room for a CI box shared with other jobs.
+    seconds = json.loads((smoke_federation / "manifest.json").read_text())["generation_seconds"]
+    assert seconds < 45, f"smoke preset took {seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_parallel_generation_matches_serial(smoke_federation: Path, tmp_path: Path):
+    root = generate_federation(tmp_path / "again", "smoke", seed=0, workers=2)
+    for site in load_manifest(root).sites:
+        for subject in site.subjects:
+            for a, b in zip(_arrays(site.path, subject["id"]), _arrays(smoke_federation / site.name, subject["id"])):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_cached_second_call_is_instant_and_other_contents_are_refused(smoke_federation: Path, tmp_path: Path):
+    manifest_path = smoke_federation / "manifest.json"
+    mtime = manifest_path.stat().st_mtime_ns
+    started = time.perf_counter()
+    assert generate_federation(smoke_federation, "smoke", seed=0) == smoke_federation
+    assert time.perf_counter() - started < 1.0
+    assert manifest_path.stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match="different federation.*force=True"):
+        generate_federation(smoke_federation, "smoke", seed=1)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a federation")
+    with pytest.raises(FileExistsError, match="holds no fedmeta manifest"):
+        generate_federation(foreign, "smoke", seed=0, force=True)
+    assert (foreign / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"preset": "huge"}, "preset='huge' is not known"), ({"seed": -1}, "non-negative"), ({"seed": 1.5}, "non-negative")],
+)
+def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        generate_federation(tmp_path / "x", **kwargs)
+
+
+def test_default_preset_plan_sizes_and_heldout_kinds():
+    plan = plan_federation("default", 0)
+    train = [s for s in plan if s["role"] == "train"]
+    heldout = {s["heldout_kind"]: s for s in plan if s["role"] == "heldout"}
+    assert len(train) == 8 and set(heldout) == {"unseen-mix", "unseen-sequence", "unseen-annotation"}
+    sizes = [s["num_patients"] for s in plan]
+    assert all(10 <= n <= 20 for n in sizes) and len(set(sizes)) > 3  # uneven sites
+    train_sequences = [s["params"]["scanner"]["sequence"] for s in train]
+    assert all(train_sequences.count(seq) >= 2 for seq in synth.TRAIN_SEQUENCES)
+    assert heldout["unseen-sequence"]["params"]["scanner"]["sequence"] not in train_sequences
+    assert all(s["params"]["annotation"]["protocol"] == "standard" for s in train)
+    assert heldout["unseen-annotation"]["params"]["annotation"]["protocol"] == "csf-merged"
+    mix = heldout["unseen-mix"]["params"]
+    assert mix["scanner"]["sequence"] in synth.TRAIN_SEQUENCES and mix["annotation"]["protocol"] == "standard"
+    assert 0.4 <= mix["annotation"]["threshold"] <= 0.6 and 1.2 <= mix["scanner"]["inplane_mm"] <= 2.0
+
+
+def _tissue_medians(site_dir: Path, case_id: str) -> dict[int, float]:
+    image, label = _arrays(site_dir, case_id)
+    return {c: float(np.median(image[label == c])) for c in (1, 2, 3) if (label == c).any()}
+
+
+def test_sites_are_heterogeneous_and_t2_inverts_the_t1_contrast(smoke_federation: Path):
+    manifest = load_manifest(smoke_federation)
+    by_sequence = {s.params["scanner"]["sequence"]: s for s in manifest.sites}
+    t1 = _tissue_medians(by_sequence["T1w"].path, by_sequence["T1w"].subjects[0]["id"])
+    t2 = _tissue_medians(by_sequence["T2w"].path, by_sequence["T2w"].subjects[0]["id"])
+    assert t1[3] > t1[2] > t1[1]  # T1w: white matter brightest, CSF darkest
+    assert t2[1] > t2[2] > t2[3]  # T2w: inverted
+    flair = _tissue_medians(by_sequence["FLAIR"].path, by_sequence["FLAIR"].subjects[0]["id"])
+    assert flair[2] > flair[1] and flair[3] > flair[1]  # CSF nulled
+    # Per-site tissue statistics (GM/WM ratio of medians) differ from site to site.
+    ratios = [(lambda m: m[2] / m[3])(_tissue_medians(s.path, s.subjects[0]["id"])) for s in manifest.sites]
+    assert len({round(r, 2) for r in ratios}) == len(ratios)
+
+
+def test_labels_stay_within_each_sites_declared_set(smoke_federation: Path):
+    for site in load_manifest(smoke_federation).sites:
+        declared = {int(k) for k in json.loads((site.path / "dataset.json").read_text())["labels"]}
+        seen: set[int] = set()
+        for subject in site.subjects:
+            seen |= set(np.unique(_arrays(site.path, subject["id"])[1]).tolist())
+        assert seen <= declared, (site.name, seen, declared)
+        if site.label_protocol == "csf-merged":
+            assert declared == {0, 2, 3} and 1 not in seen
+        else:
+            assert seen == {0, 1, 2, 3}
+
+
+def test_cli_synth_with_preview_and_show_sites(smoke_federation: Path, tmp_path: Path, capsys):
+    import matplotlib.image as mpimg
+
+    from simulations.cli import main
+
+    preview = tmp_path / "preview.png"
+    assert main(["synth", "--out", str(smoke_federation), "--preset", "smoke", "--seed", "0",
+                 "--preview", str(preview)]) == 0
+    out = capsys.readouterr().out
+    assert "new-sequence" in out and "FLAIR" in out and "csf-merged" in out
+    picture = mpimg.imread(preview)
+    assert picture.shape[1] > 1.5 * picture.shape[0]  # five site columns side by side
+    assert picture[..., :3].std() > 0.1  # not a blank canvas
+    single = tmp_path / "one.png"
+    assert main(["show-sites", str(smoke_federation / "site-02"), "--out", str(single)]) == 0
+    assert single.stat().st_size > 5000
+    assert main(["synth", "--out", str(smoke_federation), "--preset", "smoke", "--seed", "3"]) == 2
+    assert "force" in capsys.readouterr().err
