@@ -86,8 +86,8 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
     train, heldout = [], []
     for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
         node_id = reply.metadata.src_node_id
-        if reply.has_error() or METRICS_RECORD not in reply.content.metric_records:
-            reason = reply.error.reason if reply.has_error() else "no metrics"
+        if reply.has_error() or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
+            reason = reply.error.reason if reply.has_error() else "no metrics in the reply"
             log.warning("node %d did not answer the role query (%s); leaving it out of this run", node_id, reason)
             continue
         flag = reply.content.metric_records[METRICS_RECORD].get(ROLE_METRIC)

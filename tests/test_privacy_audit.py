@@ -57,11 +57,14 @@ def _site_words(context: Context, federation) -> set[str]:
 def audit(auditor: Auditor, config: RunConfig, federation) -> dict[str, int]:
     shapes = _parameter_shapes(config, with_step_sizes=config.algorithm == "metasgd")
     counts: dict[str, int] = {}
+    words_by_node: dict[int, set[str]] = {}
     for kind, reply, context in auditor.replies:
         counts[kind] = counts.get(kind, 0) + 1
         if reply.has_error():
             reason = str(reply.error.reason)
-            leaked = [w for w in _site_words(context, federation) if w in reason]
+            if context.node_id not in words_by_node:
+                words_by_node[context.node_id] = _site_words(context, federation)
+            leaked = [w for w in words_by_node[context.node_id] if w in reason]
             assert not leaked, f"{kind} error reply names the site's data: {leaked}"
             counts["error"] = counts.get("error", 0) + 1
             continue
