@@ -104,7 +104,7 @@ def run_simulation_engine(
     """
     app_dir = _check_app_dir(app_dir)
     _checked_run_config(run_config)
-    if not isinstance(num_supernodes, int) or num_supernodes < 1:
+    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
     if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
         raise ValueError(
@@ -140,7 +140,7 @@ def run_simulation_engine(
         finally:
             # The local SuperLink was detached by `flwr`; it and everything below it carry our
             # tag, so the sweep finds them even though they are not our children.
-            survivors = _stop_processes(home.tagged_processes(), home.tag)
+            survivors = _stop_processes(set(), home.tag)
             if survivors:
                 raise RuntimeError(
                     f"Could not stop Flower processes {sorted(survivors)} started for the "

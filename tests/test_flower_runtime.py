@@ -32,6 +32,7 @@ BAD_SIMULATION_ARGS = [
     ("no pyproject", {"app_dir": Path("/nonexistent-app")}, FileNotFoundError, "pyproject.toml"),
     ("zero sites", {"num_supernodes": 0}, ValueError, "num_supernodes"),
     ("float sites", {"num_supernodes": 2.0}, ValueError, "num_supernodes"),
+    ("bool sites", {"num_supernodes": True}, ValueError, "num_supernodes"),
     ("half a cpu", {"num_cpus_per_client": 0.5}, ValueError, "num_cpus_per_client"),
     ("fractional cpus", {"num_cpus_per_client": 1.5}, ValueError, "whole number"),
     ("negative gpus", {"num_gpus_per_client": -1.0}, ValueError, "num_gpus_per_client"),
