@@ -161,7 +161,7 @@ def test_bad_case_is_skipped_with_one_warning_or_refused_when_strict(smoke_feder
     assert "site-01_001" in messages[0] and "site-01_002" in messages[0] and "empty" in messages[0]
     assert site.patient_ids == ["site-01_000", "site-01_003"]
     assert [p.case_id for p in site.skipped] == ["site-01_001", "site-01_002"]
-    with pytest.raises(ValueError, match="site-01_001.*truncated or corrupt"):
+    with pytest.raises(ValueError, match="site-01_001.*cannot be read as NIfTI"):
         SiteDataset.load(folder, DataConfig(strict=True))
 
 

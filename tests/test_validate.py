@@ -1,0 +1,233 @@
+"""Data validation: each kind of corruption gives its own message naming the file, the problem and the fix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.validate import check_path, check_site, format_reports
+from simulations.cli import main
+
+CASE = "site-01_001"
+
+
+def _site_copy(smoke_federation: Path, into: Path) -> Path:
+    folder = into / "site-01"
+    shutil.copytree(smoke_federation / "site-01", folder)
+    return folder
+
+
+def _paths(folder: Path, case: str = CASE) -> tuple[Path, Path]:
+    return folder / "imagesTr" / f"{case}.nii.gz", folder / "labelsTr" / f"{case}.nii.gz"
+
+
+def _rewrite(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+    affine = nib.load(path).affine if affine is None else affine
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def _data(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+# Each corruption: (name, function(folder), fragment the message must contain, the file it must name).
+def _truncate(folder):
+    image, _ = _paths(folder)
+    image.write_bytes(image.read_bytes()[:400])
+
+
+def _garbage(folder):
+    image, _ = _paths(folder)
+    image.write_bytes(gzip.compress(b"\x00" * 50))
+
+
+def _shape(folder):
+    _, label = _paths(folder)
+    _rewrite(label, _data(label)[:-2])
+
+
+def _affine(folder):
+    _, label = _paths(folder)
+    affine = nib.load(label).affine.copy()
+    affine[0, 3] += 3.0
+    _rewrite(label, _data(label), affine)
+
+
+def _nan(folder):
+    image, _ = _paths(folder)
+    data = _data(image).astype(np.float32)
+    data[5, 5, 5] = np.nan
+    data[6, 6, 6] = np.inf
+    _rewrite(image, data)
+
+
+def _outside(folder):
+    _, label = _paths(folder)
+    data = _data(label).copy()
+    data[data == 3] = 7
+    _rewrite(label, data)
+
+
+def _fractional(folder):
+    _, label = _paths(folder)
+    _rewrite(label, _data(label).astype(np.float32) * 0.5)
+
+
+def _empty(folder):
+    _, label = _paths(folder)
+    _rewrite(label, np.zeros_like(_data(label)))
+
+
+def _four_d(folder):
+    image, _ = _paths(folder)
+    data = _data(image)
+    _rewrite(image, np.stack([data, data], axis=-1))
+
+
+def _two_d(folder):
+    image, label = _paths(folder)
+    _rewrite(image, _data(image)[:, :, 10])
+    _rewrite(label, _data(label)[:, :, 10])
+
+
+def _missing_label(folder):
+    _paths(folder)[1].unlink()
+
+
+def _unlisted(folder):
+    image, _ = _paths(folder)
+    shutil.copy(image, folder / "imagesTr" / "extra_999.nii.gz")
+
+
+CORRUPTIONS = [
+    ("truncated", _truncate, "the file is truncated", "imagesTr"),
+    ("not-nifti", _garbage, "cannot be read as NIfTI", "imagesTr"),
+    ("shape", _shape, "differs from image shape", "labelsTr"),
+    ("affine", _affine, "affine differs", "labelsTr"),
+    ("nan", _nan, "2 voxels are NaN or Inf", "imagesTr"),
+    ("outside", _outside, "label values [7] are outside its dataset.json 'labels' [0, 1, 2, 3]", "labelsTr"),
+    ("fractional", _fractional, "non-integer values", "labelsTr"),
+    ("empty", _empty, "the label is empty", "labelsTr"),
+    ("4d", _four_d, "has 4 dimensions", "imagesTr"),
+    ("2d", _two_d, "has 2 dimensions", "imagesTr"),
+    ("missing", _missing_label, "the label file of this case is missing", "labelsTr"),
+    ("unlisted", _unlisted, "is not listed in", "extra_999"),
+]
+
+
+def test_clean_federation_passes(smoke_federation: Path, capsys):
+    reports = check_path(smoke_federation, k=5, q=10)
+    assert len(reports) == 5 and all(r.ok for r in reports)
+    assert main(["check-data", str(smoke_federation)]) == 0
+    assert "5/5 site(s) clean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, corrupt, fragment, where", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_each_corruption_has_its_own_message(smoke_federation: Path, tmp_path: Path, name, corrupt, fragment, where):
+    folder = _site_copy(smoke_federation, tmp_path)
+    corrupt(folder)
+    report = check_site(folder, k=5, q=10)
+    assert not report.ok
+    messages = [m for problem in report.case_problems for m in problem.problems]
+    assert len(report.case_problems) == 1, messages  # only the corrupted case is flagged
+    hits = [m for m in messages if fragment in m]
+    assert hits, messages
+    assert where in hits[0] and "Fix:" in hits[0]
+    # No other corruption's message fires on this one (each kind is told apart).
+    others = [f for n, _, f, _ in CORRUPTIONS if n != name and f not in fragment and fragment not in f]
+    assert not [f for f in others if any(f in m for m in messages)], messages
+
+
+def test_too_few_patients_and_undeclarable_labels_are_site_problems(smoke_federation: Path, tmp_path: Path):
+    folder = _site_copy(smoke_federation, tmp_path)
+    for case in ("site-01_001", "site-01_002", "site-01_003"):
+        _empty_case = _paths(folder, case)[1]
+        _rewrite(_empty_case, np.zeros_like(_data(_empty_case)))
+    report = check_site(folder, k=5, q=10)
+    assert report.num_valid == 1
+    assert any("only 1 usable patient(s) for 5-shot support and 10 query slices" in m and "at least 2" in m
+               for m in report.site_problems)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["labels"]["9"] = "lesion"
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    report = check_site(folder, num_classes=4)
+    assert any("declares label values [9]" in m and "dataset.json" in m for m in report.site_problems)
+
+
+def test_cli_lists_every_problem_and_exits_non_zero(smoke_federation: Path, tmp_path: Path, capsys):
+    folder = _site_copy(smoke_federation, tmp_path)
+    _nan(folder)
+    _missing_label(folder)  # the same case, a second problem
+    other = _paths(folder, "site-01_002")[1]
+    _rewrite(other, np.zeros_like(_data(other)))
+    assert main(["check-data", str(folder), "--k", "3", "--q", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "case site-01_001" in out and "the label file of this case is missing" in out
+    assert "case site-01_002" in out and "the label is empty" in out
+    assert "2/4 cases usable - PROBLEMS" in out and "0/1 site(s) clean" in out
+    assert main(["check-data", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["truncate", "nan", "label", "affine", "header-dim"]),
+    fraction=st.floats(0.01, 0.95),
+    value=st.integers(4, 250),
+    shift=st.floats(0.01, 50.0),
+)
+def test_random_corruptions_of_headers_and_arrays_are_caught(smoke_federation: Path, kind, fraction, value, shift):
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "site"
+        folder.mkdir()
+        for sub in ("imagesTr", "labelsTr"):
+            (folder / sub).mkdir()
+            for case in ("site-01_000", CASE):
+                shutil.copy(smoke_federation / "site-01" / sub / f"{case}.nii.gz", folder / sub)
+        (folder / "dataset.json").write_text(json.dumps({
+            "labels": {"0": "background", "1": "CSF", "2": "grey matter", "3": "white matter"},
+            "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
+                         for c in ("site-01_000", CASE)],
+        }))
+        image, label = _paths(folder)
+        if kind == "truncate":
+            raw = image.read_bytes()
+            image.write_bytes(raw[: max(1, int(len(raw) * fraction))])
+            expected = ("the file is truncated", "cannot be read as NIfTI")  # a cut inside the header is corrupt
+        elif kind == "nan":
+            data = np.ascontiguousarray(_data(image), dtype=np.float32)  # reshape below must be a view
+            flat = data.reshape(-1)
+            flat[int(fraction * (flat.size - 1))] = np.nan
+            _rewrite(image, data)
+            expected = ("1 voxels are NaN or Inf",)
+        elif kind == "label":
+            data = np.ascontiguousarray(_data(label))
+            flat = data.reshape(-1)
+            flat[int(fraction * (flat.size - 1))] = value
+            _rewrite(label, data)
+            expected = (f"label values [{value}] are outside",)
+        elif kind == "affine":
+            affine = nib.load(label).affine.copy()
+            affine[int(fraction * 3), 3] += shift
+            _rewrite(label, _data(label), affine)
+            expected = ("affine differs",)
+        else:  # a header that claims more dimensions than the data holds
+            raw = bytearray(gzip.decompress(image.read_bytes()))
+            raw[40:42] = np.int16(4).tobytes()  # dim[0]
+            raw[48:50] = np.int16(2 + int(fraction * 5)).tobytes()  # dim[4]
+            image.write_bytes(gzip.compress(bytes(raw)))
+            expected = ("the file is truncated",)
+        report = check_site(folder)
+        messages = [m for p in report.case_problems for m in p.problems]
+        assert [p.case_id for p in report.case_problems] == [CASE], messages
+        assert any(e in m for e in expected for m in messages), messages
+        assert "2 usable" not in format_reports([report])
