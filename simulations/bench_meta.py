@@ -1,0 +1,249 @@
+"""`fedmeta bench meta`: time and peak memory of one site episode for each algorithm, side by side.
+
+Every figure is a ratio measured in the same run against FOMAML, and FOMAML against the same
+number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
+``torch.optim.SGD``), so a noisy machine moves numerator and denominator together.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU there is no allocator counter, so
+each case runs once in a fresh child process and reports the growth of its peak resident set
+(``VmHWM``, reset once model and data are in place) over what they already took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PLAIN = "plain-fwd-bwd"
+CASES = ("fomaml", "maml", "reptile", "metasgd", "anil", "fedavg", "fedprox", PLAIN)
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    name: str
+    spatial_dims: int
+    image_size: tuple[int, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    k: int = 5
+    q: int = 5
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+
+
+SETTINGS = {
+    "2d": BenchSetting("2d (default model, 64x64)", 2, (64, 64), (16, 32, 64, 128), (2, 2, 2)),
+    "3d": BenchSetting("3d (32^3 patches)", 3, (32, 32, 32), (8, 16, 32, 64), (2, 2, 2)),
+}
+
+
+def _setup(setting: BenchSetting, device: str, seed: int = 0):
+    import torch
+
+    from common.losses import DiceCELoss, one_hot
+    from common.model import ModelConfig, build_model, initial_params
+
+    torch.manual_seed(seed)
+    config = ModelConfig(spatial_dims=setting.spatial_dims, channels=setting.channels, strides=setting.strides)
+    model = build_model(config).to(device)
+    params = {n: p.to(device) for n, p in initial_params(model).items()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(n):
+        x = torch.randn(n, 1, *setting.image_size, generator=generator).to(device)
+        y = torch.randint(0, config.out_channels, (n, *setting.image_size), generator=generator)
+        return x, one_hot(y, config.out_channels).to(device)
+
+    episode = (*batch(setting.k), *batch(setting.q))
+    return model, params, episode, DiceCELoss(config.out_channels)
+
+
+def _one_run(case: str, setting: BenchSetting, model, params, episode, loss_fn):
+    import torch
+
+    from common.meta import meta_gradient
+
+    if case == PLAIN:
+        # The reference cost: the same number of forward/backward passes, the ordinary way. A copy,
+        # so the module's own weights (never read by meta_gradient) stay as they were.
+        model = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=setting.inner_lr)
+        support_x, support_y, query_x, query_y = episode
+        for step in range(setting.inner_steps + 1):
+            x, y = (support_x, support_y) if step < setting.inner_steps else (query_x, query_y)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+        return
+    meta_gradient(
+        model, params, [episode], algorithm=case, inner_steps=setting.inner_steps, inner_lr=setting.inner_lr,
+        loss_fn=loss_fn, proximal_mu=0.01 if case == "fedprox" else 0.0,
+    )
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_memory_in_child(case: str, setting: BenchSetting, device: str, queue) -> None:
+    import torch
+
+    model, params, episode, loss_fn = _setup(setting, device)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    _one_run(case, setting, model, params, episode, loss_fn)
+    _sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _peak_rss() - base
+    queue.put(max(int(peak), 0))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Resets the peak resident set to the current one (Linux) and returns it, in bytes.
+
+    ``ru_maxrss`` cannot serve: it survives fork+exec, so a spawned child starts with its parent's
+    peak. Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def peak_memory(case: str, setting: BenchSetting, device: str) -> int:
+    """Peak memory of one episode of ``case``, in a fresh spawned process (bytes)."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_memory_in_child, args=(case, setting, device, queue))
+    process.start()
+    try:
+        peak = queue.get(timeout=1800)
+    finally:
+        process.join(timeout=60)
+    if process.exitcode not in (0, None):
+        raise RuntimeError(f"benchmark case {case!r} failed in its child process (exit {process.exitcode}).")
+    return peak
+
+
+def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=CASES) -> dict[str, dict]:
+    """Returns case -> {seconds, peak_bytes}.
+
+    Timing runs in this process, the cases interleaved round-robin, so a load that comes and goes
+    on a shared machine touches every case alike; the median of ``repeats`` rounds is kept.
+    """
+    model, params, episode, loss_fn = _setup(setting, device)
+    for case in cases:  # warm-up: first-call allocations and lazy initialisation
+        _one_run(case, setting, model, params, episode, loss_fn)
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            _sync(device)
+            start = time.perf_counter()
+            _one_run(case, setting, model, params, episode, loss_fn)
+            _sync(device)
+            times[case].append(time.perf_counter() - start)
+    return {
+        case: {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device)}
+        for case in cases
+    }
+
+
+def summarise(results: dict[str, dict]) -> dict[str, dict]:
+    """Adds ratios: time and memory against FOMAML, and FOMAML's time against plain passes."""
+    reference = results["fomaml"]
+    table = {}
+    for case, r in results.items():
+        table[case] = {
+            **r,
+            "time_vs_fomaml": r["seconds"] / reference["seconds"],
+            "memory_vs_fomaml": (r["peak_bytes"] / reference["peak_bytes"]) if reference["peak_bytes"] else float("nan"),
+        }
+    table["targets"] = {
+        "maml_time_vs_fomaml": table["maml"]["time_vs_fomaml"],
+        "maml_target": 3.0,
+        "fomaml_time_vs_plain": reference["seconds"] / results[PLAIN]["seconds"] if PLAIN in results else float("nan"),
+        "fomaml_target": 1.3,
+    }
+    return table
+
+
+def format_table(title: str, table: dict[str, dict]) -> str:
+    lines = [f"## {title}", "", "| case | ms / episode | × FOMAML time | peak MB | × FOMAML memory |", "|---|---:|---:|---:|---:|"]
+    for case in CASES:
+        if case not in table:
+            continue
+        r = table[case]
+        lines.append(
+            f"| {case} | {r['seconds'] * 1e3:.1f} | {r['time_vs_fomaml']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{r['memory_vs_fomaml']:.2f} |"
+        )
+    t = table["targets"]
+    lines += [
+        "",
+        f"MAML / FOMAML time: {t['maml_time_vs_fomaml']:.2f} (target ≤ {t['maml_target']}); "
+        f"FOMAML / plain forward-backward: {t['fomaml_time_vs_plain']:.2f} (target ≤ {t['fomaml_target']})",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": {}}
+    for key in args.settings:
+        setting = SETTINGS[key]
+        table = summarise(measure(setting, device=device, repeats=args.repeats))
+        report["settings"][key] = {"setting": asdict(setting), "results": table}
+        print(format_table(f"{setting.name}, k={setting.k} q={setting.q}, {setting.inner_steps} inner steps, {device}", table))
+        print(flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="performance benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench_sub.required = True
+    meta = bench_sub.add_parser("meta", help="time and peak memory per episode of each meta-learning algorithm")
+    meta.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["2d", "3d"])
+    meta.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    meta.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    meta.add_argument("--out", default=None, help="write the figures as JSON here")
+    meta.set_defaults(handler=run)
+
+
+if __name__ == "__main__":
+    from simulations.cli import main
+
+    sys.exit(main(["bench", "meta", *sys.argv[1:]]))
