@@ -29,7 +29,7 @@ from common.losses import DiceCELoss, one_hot
 from common.meta import meta_gradient
 from common.model import head_parameter_names
 from common.records import from_array_record, split_params, to_array_record, to_metric_record
-from client.site import SiteCache, SiteRef, pick_device, resolve_site
+from client.site import SiteCache, SiteRef, evaluation_subset, pick_device, resolve_site
 
 log = logging.getLogger("fedmeta.client")
 
@@ -118,6 +118,7 @@ def evaluate(message: Message, context: Context) -> Message:
     eval_seed = int(message.content.config_records[CONFIG_RECORD]["eval-seed"])
 
     support_x, support_y, eval_x, eval_y = adaptation_split(site, config.eval_k_shot, seed=eval_seed)
+    eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=eval_seed)
     curve = adaptation_curve(
         model,
         params,

@@ -78,6 +78,21 @@ def pick_device(config: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def evaluation_subset(
+    eval_x: torch.Tensor, eval_y: torch.Tensor, max_images: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded subset of at most ``max_images`` evaluation slices (all when 0 or fewer exist).
+
+    Scoring every slice of a site's other patients costs more than the adaptation itself; a few
+    hundred slices drawn across those patients measure Dice to a few thousandths.
+    """
+    if max_images <= 0 or len(eval_x) <= max_images:
+        return eval_x, eval_y
+    generator = torch.Generator().manual_seed(int(seed))
+    keep = torch.randperm(len(eval_x), generator=generator)[:max_images].sort().values
+    return eval_x[keep], eval_y[keep]
+
+
 class SiteCache:
     """Loaded sites and built models, kept for the life of the process.
 
@@ -113,4 +128,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["ROLES", "SiteCache", "SiteRef", "data_config", "pick_device", "resolve_site"]
+__all__ = ["ROLES", "SiteCache", "SiteRef", "data_config", "evaluation_subset", "pick_device", "resolve_site"]

@@ -52,6 +52,7 @@ class RunConfig:
     eval_k_shot: int = 5
     eval_steps: str = "0,5,10"  # comma-separated adaptation step counts
     eval_batch_size: int = 32
+    eval_max_images: int = 256  # evaluation slices scored per held-out site (seeded subset); 0 = all
     seed: int = 0
     resume: bool = False
     out_dir: str = ""
@@ -90,6 +91,7 @@ class RunConfig:
         need(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables held-out evaluation).")
         need(self.eval_k_shot >= 1, "eval-k-shot", "must be >= 1.")
         need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
+        need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation slice).")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
         try:

@@ -21,9 +21,10 @@ from common.evaluation import adaptation_curve
 from common.losses import DiceCELoss
 from common.model import build_model, head_parameter_names, initial_params, seeded_model
 from common.synth import load_manifest
+from client.site import evaluation_subset  # the subset the ClientApp's evaluate scores
 
 TABLE_STEPS = (0, 5, 10)
-PLOT_STEPS = (0, 1, 2, 3, 5, 7, 10)
+PLOT_STEPS = (0, 2, 5, 10)
 
 
 @dataclass
@@ -69,6 +70,7 @@ def evaluate_initialisations(
     for info in manifest.heldout_sites:
         site = SiteDataset.load(info.path, data_config)
         support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
+        eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=seed)
         for init in inits:
             curve = adaptation_curve(
                 model, init.params, support_x, support_y, eval_x, eval_y,
