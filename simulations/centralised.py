@@ -1,0 +1,182 @@
+"""Meta-training without Flower: a plain loop over ``common.meta.meta_gradient`` and the meta-optimiser.
+
+Two uses. ``pooled=True`` is the benchmark's upper bound: one learner that sees every training
+site's patients as one pool (a "centralised" meta-learner, as if the hospitals had shared their
+data), drawing per round as many episodes as the whole federation does. ``pooled=False`` runs the
+federation's own rounds — the same site sampling generator, the same per-site episode seeds, the
+same example-weighted float64 aggregation and the same meta-optimiser — so it is the "bare loop"
+that ``fedmeta bench`` compares Flower's engines against, and a reference the federated θ can be
+checked against.
+
+One difference from the federation remains: with ``sites-per-round`` below the number of training
+sites the server samples among node ids, which Flower draws at random, while this loop samples
+among sites in name order, so the chosen subsets differ (the distribution is the same). With every
+site every round (``sites-per-round = 0``) the two agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.data import SiteDataset, sample_episodes
+from common.losses import DiceCELoss, one_hot
+from common.meta import init_step_sizes, meta_gradient
+from common.metaopt import MetaOptimizer
+from common.model import head_parameter_names, initial_params, seeded_model
+from common.synth import load_manifest
+from client.site import data_config, pick_device
+
+# The client's per-site episode seed. Imported, not copied, so the two loops cannot drift apart;
+# client.app imports Flower's ClientApp module, which costs import time but nothing per round.
+from client.app import site_seed
+
+
+@dataclass
+class CentralisedRun:
+    """What a centralised run produced: θ, Meta-SGD step sizes, and per-round statistics."""
+
+    params: dict[str, torch.Tensor]
+    step_sizes: dict[str, torch.Tensor] | None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_centralised(
+    config: RunConfig,
+    federation_dir: Path | str,
+    *,
+    pooled: bool,
+    train_sites: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The meta-learned θ after ``config.num_rounds`` rounds; see :func:`run_centralised`."""
+    return run_centralised(config, federation_dir, pooled=pooled, train_sites=train_sites).params
+
+
+def run_centralised(
+    config: RunConfig,
+    federation_dir: Path | str,
+    *,
+    pooled: bool,
+    train_sites: Sequence[str] | None = None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> CentralisedRun:
+    """Meta-trains θ from ``seeded_model(config, config.seed)`` on the federation's training sites.
+
+    ``pooled=False``: each round samples sites and episode seeds exactly as the ServerApp does,
+    computes each site's update as the ClientApp does, and steps the meta-optimiser with the
+    example-weighted mean. ``pooled=True``: the training sites' patients form one pool; each round
+    draws ``sites × episodes-per-site`` episodes from it (support and query from different
+    patients, possibly of different sites) and steps once on their mean.
+
+    ``train_sites`` restricts training to these site names (default: the manifest's training sites),
+    e.g. to keep a validation split of training sites out. ``on_round(round, stats)`` is called after
+    every round.
+    """
+    began = time.perf_counter()
+    sites = load_training_sites(federation_dir, config, train_sites)
+    device = pick_device(config)
+    model = seeded_model(config.model_config(), config.seed).to(device)
+    params = {n: p.to(device) for n, p in initial_params(model).items()}
+    step_sizes = init_step_sizes(params, config.inner_lr) if config.algorithm == "metasgd" else None
+    optimizer = MetaOptimizer(params, optimizer=config.meta_optimizer, lr=config.meta_lr,
+                              step_sizes=step_sizes, momentum=config.meta_momentum)
+    loss_fn = DiceCELoss(config.num_classes)
+    inner_params = head_parameter_names(model) if config.algorithm == "anil" else None
+    pool = pool_sites(sites) if pooled else None
+    # The server's generator: site sampling and round seeds, in the order the strategy draws them.
+    rng = np.random.Generator(np.random.PCG64(config.seed))
+    run = CentralisedRun(params={}, step_sizes=None)
+
+    def site_update(site: SiteDataset, n_episodes: int, seed: int):
+        raw = sample_episodes(site, n_episodes, config.k_shot, config.q_query, seed=seed)
+        episodes = [(sx.to(device), _target(sy, config, device), qx.to(device), _target(qy, config, device))
+                    for sx, sy, qx, qy in raw]
+        theta, alphas = optimizer.params, optimizer.step_sizes
+        return meta_gradient(
+            model, theta, episodes, algorithm=config.algorithm, inner_steps=config.inner_steps,
+            inner_lr=alphas if config.algorithm == "metasgd" else config.inner_lr, loss_fn=loss_fn,
+            inner_params=inner_params, proximal_mu=config.proximal_mu if config.algorithm == "fedprox" else 0.0,
+        )
+
+    for server_round in range(1, config.num_rounds + 1):
+        wanted = config.sites_per_round or len(sites)
+        if wanted < len(sites):
+            chosen = sorted(int(i) for i in rng.choice(len(sites), size=wanted, replace=False))
+        else:
+            chosen = list(range(len(sites)))
+        round_seed = int(rng.integers(0, 2**31 - 1))
+        if pool is not None:
+            updates = [site_update(pool, len(chosen) * config.episodes_per_site, round_seed)]
+        else:
+            updates = [site_update(sites[i], config.episodes_per_site, site_seed(round_seed, sites[i].name))
+                       for i in chosen]
+        weights = [stats["num_examples"] for _, stats in updates]
+        total = float(sum(weights))
+        mean_grads = {}
+        for key in updates[0][0]:
+            # float64 accumulation weighted by examples, as the server aggregates.
+            acc = torch.zeros_like(updates[0][0][key], dtype=torch.float64)
+            for (grads, _), weight in zip(updates, weights):
+                acc += grads[key].to(torch.float64) * (weight / total)
+            mean_grads[key] = acc.to(updates[0][0][key].dtype)
+        optimizer.step(mean_grads)
+        stats = {key: float(sum(s[key] * w for (_, s), w in zip(updates, weights)) / total)
+                 for key in updates[0][1] if key != "num_examples"}
+        stats["num_examples"] = total
+        run.rounds.append(stats)
+        if on_round is not None:
+            on_round(server_round, stats)
+
+    run.params = {n: p.cpu() for n, p in optimizer.params.items()}
+    run.step_sizes = ({n: a.cpu() for n, a in optimizer.step_sizes.items()}
+                      if optimizer.step_sizes is not None else None)
+    run.seconds = time.perf_counter() - began
+    return run
+
+
+def load_training_sites(
+    federation_dir: Path | str, config: RunConfig, names: Sequence[str] | None = None
+) -> list[SiteDataset]:
+    """The federation's training sites (or the named ones), loaded as the ClientApp loads them."""
+    manifest = load_manifest(Path(federation_dir))
+    available = {info.name: info for info in manifest.train_sites}
+    if names is None:
+        chosen = list(available.values())
+    else:
+        unknown = sorted(set(names) - set(available))
+        if unknown:
+            raise ValueError(
+                f"train_sites {unknown} are not training sites of {federation_dir}; "
+                f"choose among {', '.join(sorted(available))}."
+            )
+        chosen = [available[n] for n in sorted(set(names))]
+    if not chosen:
+        raise ValueError(f"{federation_dir}: no training site to meta-train on.")
+    return [SiteDataset.load(info.path, data_config(config)) for info in chosen]
+
+
+def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:
+    """All patients of ``sites`` as one site (patient ids prefixed with their site's name)."""
+    first = sites[0]
+    return SiteDataset(
+        name="pooled",
+        root=first.root.parent,
+        config=first.config,
+        patient_ids=[f"{s.name}/{p}" for s in sites for p in s.patient_ids],
+        images=[x for s in sites for x in s.images],
+        labels=[y for s in sites for y in s.labels],
+    )
+
+
+def _target(labels: torch.Tensor, config: RunConfig, device: torch.device) -> torch.Tensor:
+    return one_hot(labels, config.num_classes).to(device)
+
+
+__all__ = ["CentralisedRun", "load_training_sites", "pool_sites", "run_centralised", "train_centralised"]
