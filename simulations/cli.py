@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "simulations.bench_meta",  # fedmeta bench meta
     "simulations.simulate",  # fedmeta simulate
     "simulations.data_commands",  # fedmeta synth, show-sites, check-data
+    "simulations.evaluate",  # fedmeta evaluate
 ]
 
 

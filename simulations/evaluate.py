@@ -1,0 +1,224 @@
+"""`fedmeta evaluate`: how well does a saved initialisation adapt to a site, given k labelled slices?
+
+Any checkpoint the ServerApp wrote (its run config names the model and the adaptation rule: Meta-SGD
+adapts with its learned step sizes, ANIL only its head) on any site folder — a generated site, an
+MSD task folder, or paired ``*_img``/``*_seg`` files. The site's patients are split once per seed
+into a support pool and evaluation patients (``common.data.adaptation_split``); θ is fine-tuned on k
+support slices by ``common.evaluation.adaptation_curve``, the inner step training and the
+ClientApp use, and scored by Dice on the evaluation patients. ``fedmeta benchmark`` scores every
+method through :func:`score_site` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SHOTS = (1, 5, 10)
+DEFAULT_STEPS = (0, 1, 5, 10, 20)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="adapt a saved initialisation to a site with k labelled slices and report Dice",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt written by the ServerApp")
+    parser.add_argument("--data", type=Path, required=True, action="append",
+                        help="site folder (dataset.json + imagesTr/labelsTr, or use --image-glob/--label-glob); repeatable")
+    parser.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
+                        help="labelled support slices k, comma-separated (default: 1,5,10)")
+    parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
+                        help="adaptation step counts, comma-separated (default: 0,1,5,10,20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the support/evaluation patient split (default 0)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluation slices scored per site, a seeded subset (default: the run's eval-max-images; 0 = all)")
+    parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
+    parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    try:
+        shots = parse_counts(args.shots, "--shots", minimum=1)
+        steps = parse_counts(args.steps, "--steps", minimum=0)
+        results = evaluate_checkpoint(
+            args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
+            image_glob=args.image_glob, label_glob=args.label_glob,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
+        print(f"written: {args.json}")
+    return 0
+
+
+def parse_counts(text: str, option: str, *, minimum: int) -> list[int]:
+    """'1,5,10' -> [1, 5, 10], refusing anything else with the option named."""
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"{option} {text!r}: expected comma-separated integers >= {minimum}, e.g. "
+                         f"{'1,5,10' if minimum else '0,5,10'}.")
+    return sorted(set(values))
+
+
+def load_initialisation(checkpoint_path: Path | str, label: str | None = None):
+    """(Initialisation, RunConfig) from a ServerApp checkpoint; its run config says how θ adapts."""
+    from common.config import RunConfig
+    from server.checkpoint import load_checkpoint
+    from simulations.report import Initialisation
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file; pass the checkpoint.pt of a fedmeta run.")
+    checkpoint = load_checkpoint(path)
+    try:
+        config = RunConfig.from_run_config(checkpoint.run_config)
+    except ValueError as err:
+        raise ValueError(f"{path}: its run config is not valid for this fedmeta version ({err}).") from None
+    inner_lr: Any = config.inner_lr
+    if config.algorithm == "metasgd":
+        if not checkpoint.step_sizes:
+            raise ValueError(f"{path}: a metasgd checkpoint without step sizes; it cannot adapt as it was trained.")
+        inner_lr = checkpoint.step_sizes
+    init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
+                          head_only=config.algorithm == "anil")
+    return init, config
+
+
+def score_site(
+    model,
+    init,
+    site,
+    *,
+    shots: Sequence[int],
+    steps: Sequence[int],
+    seed: int,
+    num_classes: int,
+    max_images: int,
+    batch_size: int = 32,
+    splits: dict | None = None,
+) -> dict[int, dict[int, dict[str, Any]]]:
+    """``{k: {steps: {"dice", "dice_per_class"}}}`` for one initialisation on one site.
+
+    For one seed the evaluation patients are the same for every k and the support sets are nested.
+    ``splits`` caches the split per (site, k, seed) across initialisations, so every initialisation
+    adapts on the very same slices.
+    """
+    from client.site import evaluation_subset
+    from common.data import adaptation_split
+    from common.evaluation import adaptation_curve
+    from common.losses import DiceCELoss
+    from common.model import head_parameter_names
+
+    splits = {} if splits is None else splits
+    out: dict[int, dict[int, dict[str, Any]]] = {}
+    for k in shots:
+        key = (str(site.root), k, seed)
+        if key not in splits:
+            support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
+            splits[key] = (support_x, support_y, *evaluation_subset(eval_x, eval_y, max_images, seed=seed))
+        support_x, support_y, eval_x, eval_y = splits[key]
+        curve = adaptation_curve(
+            model, init.params, support_x, support_y, eval_x, eval_y, steps=list(steps), inner_lr=init.inner_lr,
+            loss_fn=DiceCELoss(num_classes), num_classes=num_classes,
+            inner_params=head_parameter_names(model) if init.head_only else None, batch_size=batch_size,
+        )
+        out[k] = {s: {"dice": float(curve[s]["dice"]), "dice_per_class": curve[s]["dice_per_class"],
+                      "eval_images": int(len(eval_x))} for s in steps}
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: Path | str,
+    data: Sequence[Path | str],
+    *,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    steps: Sequence[int] = DEFAULT_STEPS,
+    seed: int = 0,
+    max_images: int | None = None,
+    image_glob: str | None = None,
+    label_glob: str | None = None,
+) -> dict[str, Any]:
+    """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
+    from common.data import DataConfig, SiteDataset
+    from common.model import build_model
+
+    init, config = load_initialisation(checkpoint)
+    data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes,
+                             image_glob=image_glob, label_glob=label_glob)
+    max_images = config.eval_max_images if max_images is None else max_images
+    if max_images < 0:
+        raise ValueError(f"--max-images {max_images}: must be >= 0 (0 scores every evaluation slice).")
+    model = build_model(config.model_config())
+    sites = {}
+    for root in data:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root}: not a folder; pass a site folder (dataset.json, imagesTr/, labelsTr/).")
+        if (root / "manifest.json").is_file() and not (root / "dataset.json").is_file():
+            raise ValueError(f"--data {root} is a whole federation; pass one of its site folders, e.g. {root}/<site>.")
+        site = SiteDataset.load(root, data_config)
+        sites[site.name] = {
+            "path": str(root),
+            "patients": site.num_patients,
+            "skipped_cases": len(site.skipped),
+            "dice": _str_keys(score_site(model, init, site, shots=shots, steps=steps, seed=seed,
+                                         num_classes=config.num_classes, max_images=max_images,
+                                         batch_size=config.eval_batch_size)),
+        }
+    return {
+        "checkpoint": str(checkpoint),
+        "initialisation": init.label,
+        "algorithm": config.algorithm,
+        "adaptation": {"inner_lr": "learned per parameter (Meta-SGD)" if isinstance(init.inner_lr, dict)
+                       else init.inner_lr, "head_only": init.head_only},
+        "shots": list(shots),
+        "steps": list(steps),
+        "seed": seed,
+        "max_images": max_images,
+        "sites": sites,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    steps = results["steps"]
+    lines = [f"{results['initialisation']}: mean foreground Dice on each site's evaluation patients "
+             f"after adapting on k labelled slices (seed {results['seed']})", ""]
+    header = ["site", "k"] + [f"{s} steps" for s in steps]
+    rows = [header]
+    for name, site in results["sites"].items():
+        for k, curve in site["dice"].items():
+            rows.append([name, str(k)] + [_fmt(curve[str(s)]["dice"]) for s in steps])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "nan"
+
+
+def _str_keys(nested: dict) -> dict:
+    # JSON object keys are strings; converting here keeps what is printed and what is written alike.
+    return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in nested.items()}
+
+
+__all__ = ["evaluate_checkpoint", "format_table", "load_initialisation", "parse_counts", "register", "score_site"]

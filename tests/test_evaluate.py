@@ -1,0 +1,126 @@
+"""`fedmeta evaluate`: a saved initialisation adapted to any site folder, scored like the benchmark."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.data import DataConfig, SiteDataset, adaptation_split
+from common.evaluation import adaptation_curve
+from common.losses import DiceCELoss
+from common.model import build_model
+from common.synth import load_manifest
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from simulations.cli import main
+from simulations.evaluate import evaluate_checkpoint, parse_counts
+from simulations.inprocess import run_inprocess
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_federation, tmp_path_factory):
+    """A one-round smoke federation run per algorithm that changes how θ adapts (plain, Meta-SGD, ANIL)."""
+    out = {}
+    manifest = load_manifest(smoke_federation)
+    nodes = [{"data-dir": str(s.path), "role": "train"} for s in manifest.train_sites]
+    for algorithm in ("fomaml", "metasgd", "anil"):
+        run_dir = tmp_path_factory.mktemp(algorithm)
+        config = RunConfig(algorithm=algorithm, num_rounds=1, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
+                           model_base_channels=8, model_levels=3, inner_lr=0.1, meta_lr=0.01, eval_every=0,
+                           eval_max_images=16, out_dir=str(run_dir), device="cpu")
+        run_inprocess(config.to_run_config(), nodes, seed=0)
+        out[algorithm] = run_dir / CHECKPOINT_NAME
+    return out
+
+
+def test_cli_prints_the_grid_and_writes_json(trained, smoke_federation, tmp_path, capsys):
+    site = load_manifest(smoke_federation).heldout_sites[0]
+    report = tmp_path / "eval.json"
+    code = main(["evaluate", "--checkpoint", str(trained["fomaml"]), "--data", str(site.path),
+                 "--shots", "1,2", "--steps", "0,3", "--json", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "0 steps" in printed and "3 steps" in printed and site.name in printed
+    results = json.loads(report.read_text())
+    assert results["algorithm"] == "fomaml" and results["shots"] == [1, 2] and results["steps"] == [0, 3]
+    grid = results["sites"][site.name]["dice"]
+    for k in ("1", "2"):
+        for steps in ("0", "3"):
+            assert 0.0 <= grid[k][steps]["dice"] <= 1.0
+            assert len(grid[k][steps]["dice_per_class"]) == 3  # foreground classes of the 4-class model
+            assert grid[k][steps]["eval_images"] == 16  # the run's eval-max-images subset
+
+
+def test_numbers_equal_a_direct_adaptation_curve(trained, smoke_federation):
+    """The command adds nothing of its own: same split, same adaptation, same Dice."""
+    info = load_manifest(smoke_federation).heldout_sites[1]
+    results = evaluate_checkpoint(trained["fomaml"], [info.path], shots=[2], steps=[0, 2], seed=3, max_images=0)
+    checkpoint = load_checkpoint(trained["fomaml"])
+    config = RunConfig.from_run_config(checkpoint.run_config)
+    site = SiteDataset.load(info.path, DataConfig(image_size=(32, 32)))
+    support_x, support_y, eval_x, eval_y = adaptation_split(site, 2, seed=3)
+    curve = adaptation_curve(build_model(config.model_config()), checkpoint.params, support_x, support_y, eval_x, eval_y,
+                             steps=[0, 2], inner_lr=config.inner_lr, loss_fn=DiceCELoss(4), num_classes=4)
+    got = results["sites"][site.name]["dice"]["2"]
+    assert got["0"]["dice"] == pytest.approx(curve[0]["dice"], abs=1e-6)
+    assert got["2"]["dice"] == pytest.approx(curve[2]["dice"], abs=1e-6)
+    assert got["2"]["eval_images"] == len(eval_x)
+
+
+def test_metasgd_adapts_with_its_learned_step_sizes_and_anil_with_its_head(trained, smoke_federation):
+    info = load_manifest(smoke_federation).heldout_sites[0]
+    metasgd = evaluate_checkpoint(trained["metasgd"], [info.path], shots=[2], steps=[0, 2], max_images=16)
+    assert metasgd["adaptation"]["inner_lr"] == "learned per parameter (Meta-SGD)"
+    anil = evaluate_checkpoint(trained["anil"], [info.path], shots=[2], steps=[0, 2], max_images=16)
+    assert anil["adaptation"] == {"inner_lr": 0.1, "head_only": True}
+    for results in (metasgd, anil):
+        curve = results["sites"][info.name]["dice"]["2"]
+        assert curve["0"]["dice"] != curve["2"]["dice"], "adaptation changed nothing"
+
+
+def test_paired_glob_folder_like_real_hospital_data(trained, smoke_federation, tmp_path):
+    """A folder of *_img / *_seg NIfTI pairs (no dataset.json) evaluates like an MSD site."""
+    info = load_manifest(smoke_federation).heldout_sites[0]
+    flat = tmp_path / "hospital"
+    flat.mkdir()
+    for image in sorted((info.path / "imagesTr").glob("*.nii.gz")):
+        case = image.name.removesuffix(".nii.gz").removesuffix("_0000")
+        shutil.copy(image, flat / f"{case}_img.nii.gz")
+        shutil.copy(info.path / "labelsTr" / f"{case}.nii.gz", flat / f"{case}_seg.nii.gz")
+    flat_results = evaluate_checkpoint(trained["fomaml"], [flat], shots=[2], steps=[0, 1], max_images=0,
+                                       image_glob="*_img.nii.gz", label_glob="*_seg.nii.gz")
+    msd_results = evaluate_checkpoint(trained["fomaml"], [info.path], shots=[2], steps=[0, 1], max_images=0)
+    (flat_site,), (msd_site,) = flat_results["sites"].values(), msd_results["sites"].values()
+    assert flat_site["patients"] == msd_site["patients"]
+    assert flat_site["dice"]["2"]["1"]["dice"] == pytest.approx(msd_site["dice"]["2"]["1"]["dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint", "{tmp}/missing.pt"], "missing.pt: no such file"),
+        (["--checkpoint", "{tmp}/junk.pt"], "not a readable fedmeta checkpoint"),
+        (["--data", "{tmp}/nowhere"], "nowhere: not a folder"),
+        (["--data", "{federation}"], "is a whole federation; pass one of its site folders"),
+        (["--shots", "0,5"], "--shots '0,5': expected comma-separated integers >= 1"),
+        (["--steps", "five"], "--steps 'five': expected comma-separated integers >= 0"),
+        (["--shots", "500"], "fewer than k=500"),
+    ],
+)
+def test_bad_input_names_the_problem(trained, smoke_federation, tmp_path, capsys, args, message):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    site = load_manifest(smoke_federation).heldout_sites[0].path
+    argv = {"--checkpoint": str(trained["fomaml"]), "--data": str(site)}
+    for flag, value in zip(args[::2], args[1::2]):
+        argv[flag] = value.format(tmp=tmp_path, federation=smoke_federation)
+    code = main(["evaluate", *[x for pair in argv.items() for x in pair]])
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_parse_counts_sorts_and_dedups():
+    assert parse_counts("10,1,5,5", "--shots", minimum=1) == [1, 5, 10]
+    assert torch.tensor(parse_counts("0", "--steps", minimum=0)).tolist() == [0]
