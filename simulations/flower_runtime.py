@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -157,8 +157,9 @@ class LocalDeployment:
     """A real Flower Deployment Engine on loopback: one SuperLink and one SuperNode per site.
 
     Insecure (no TLS) — for tests and a first look; a consortium runs the same binaries with
-    certificates (see deploy/). Each SuperNode gets `--node-config data-dir="<its folder>"`, its
-    own local port and its own FLWR_HOME, as separate hospitals would.
+    certificates (see deploy/). Each SuperNode gets `--node-config data-dir="<its folder>"` (and
+    `role="<role>"` when `roles` is given, e.g. "train" or "heldout"), its own local port and its
+    own FLWR_HOME, as separate hospitals would.
 
         with LocalDeployment([site_a, site_b]) as deployment:
             outcome = deployment.run(repo_root, {"num-rounds": 2})
@@ -171,12 +172,23 @@ class LocalDeployment:
         self,
         data_dirs: Iterable[Path],
         *,
+        roles: Sequence[str] | None = None,
         flwr_home: Path | None = None,
         startup_timeout_s: float = 60.0,
     ) -> None:
         self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
         if not self.data_dirs:
             raise ValueError("LocalDeployment needs at least one site data-dir, got none.")
+        self.roles = list(roles) if roles is not None else None
+        if self.roles is not None:
+            if len(self.roles) != len(self.data_dirs):
+                raise ValueError(
+                    f"roles has {len(self.roles)} entries for {len(self.data_dirs)} data-dirs; "
+                    "give one role per site, in the same order."
+                )
+            for role in self.roles:
+                if not isinstance(role, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", role):
+                    raise ValueError(f"role {role!r} must be a plain word such as 'train' or 'heldout'.")
         for data_dir in self.data_dirs:
             if not data_dir.is_dir():
                 raise FileNotFoundError(
@@ -234,6 +246,9 @@ class LocalDeployment:
             home.env,
         )
         for index, (data_dir, node_port) in enumerate(zip(self.data_dirs, node_ports, strict=True)):
+            node_config = f'data-dir="{data_dir}"'
+            if self.roles is not None:
+                node_config += f' role="{self.roles[index]}"'
             # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
             # hospital would, instead of racing the others to unpack into one folder.
             node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
@@ -247,7 +262,7 @@ class LocalDeployment:
                     "--port",
                     str(node_port),
                     "--node-config",
-                    f'data-dir="{data_dir}"',
+                    node_config,
                 ],
                 node_env,
             )

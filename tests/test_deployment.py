@@ -61,30 +61,41 @@ def descendants(pids: list[int]) -> set[int]:
     return found
 
 
-def test_two_supernodes_with_their_own_data_dirs_run_two_rounds(federation, tmp_path):
+def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federation, tmp_path):
+    """A training hospital and a held-out one: meta-training rounds and held-out adaptation scores."""
     from common.synth import load_manifest
 
-    site_a, site_b = (Path(info.path) for info in load_manifest(federation).train_sites[:2])
+    manifest = load_manifest(federation)
+    train_site, heldout_site = Path(manifest.train_sites[0].path), Path(manifest.heldout_sites[0].path)
     out_dir = tmp_path / "out"
     overrides, _driver = load_preset("smoke")
     # No federation-dir: deployed nodes find their data through --node-config data-dir only.
-    run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": 2, "eval-every": 0, "min-sites": 2}
+    run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": 2, "eval-every": 2, "min-sites": 1}
 
-    with LocalDeployment([site_a, site_b], flwr_home=tmp_path / "flwr-home") as deployment:
+    with LocalDeployment(
+        [train_site, heldout_site], roles=["train", "heldout"], flwr_home=tmp_path / "flwr-home"
+    ) as deployment:
         started = list(deployment.pids)
         assert len(started) == 3 and all(alive(pid) for pid in started)
         outcome = deployment.run(REPO_ROOT, run_config, timeout_s=300)
-        # SuperExecs and ClientApp processes below the SuperLink and SuperNodes.
+        # SuperExecs below the SuperLink and SuperNodes (ClientApp processes come and go).
         spawned = descendants(started)
         assert spawned, "the SuperLink and SuperNodes run their apps in child processes"
 
     assert outcome.ok and outcome.status == "finished:completed"
     checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
     assert checkpoint.round == 2
-    rounds = [r for r in read_metrics(out_dir / METRICS_NAME) if r["round"] > 0]
-    assert [r["round"] for r in rounds] == [1, 2]
-    for record in rounds:
-        assert record["sites_answered"] == 2 and record["updated"] is True, record
+    records = {r["round"]: r for r in read_metrics(out_dir / METRICS_NAME)}
+    assert sorted(records) == [0, 1, 2]
+    for server_round in (1, 2):
+        record = records[server_round]
+        # Only the training site trains: the held-out one never receives a train message.
+        assert record["sites_sampled"] == 1 and record["sites_answered"] == 1, record
+        assert record["updated"] is True and record["dropped"] == []
         assert math.isfinite(record["train"]["query-loss-after"])
+    for server_round in (0, 2):
+        heldout = records[server_round]["heldout"]
+        assert heldout["sites_answered"] == 1 and heldout["dropped"] == [], heldout
+        assert 0.0 <= heldout["summary"]["dice-mean-0"] <= 1.0
     left = [pid for pid in [*started, *spawned] if alive(pid)]
     assert left == [], f"processes left running after the deployment closed: {left}"

@@ -82,6 +82,10 @@ def test_local_deployment_rejects_missing_and_unquotable_data_dirs(tmp_path):
         LocalDeployment([quoted])
     with pytest.raises(ValueError, match="at least one"):
         LocalDeployment([])
+    with pytest.raises(ValueError, match="one role per site"):
+        LocalDeployment([tmp_path], roles=["train", "heldout"])
+    with pytest.raises(ValueError, match="plain word"):
+        LocalDeployment([tmp_path], roles=["train' other='x"])
     with pytest.raises(RuntimeError, match="with LocalDeployment"):
         LocalDeployment([tmp_path]).run(REPO_ROOT, {})
 
