@@ -297,8 +297,8 @@ class LocalDeployment:
                 if process.poll() is not None:
                     raise RuntimeError(
                         f"{Path(process.args[0]).name} exited with code {process.returncode} "
-                        f"while the local deployment was starting; its log ({log_path}) "
-                        f"ends with:\n{_tail(log_path)}"
+                        f"while the local deployment was starting; its log ends with:\n"
+                        f"{_tail(log_path)}"
                     )
             result = home.flwr(["supernode", "list", "local-deployment", "--format", "json"])
             payload = _json_payload(result.stdout)
@@ -319,9 +319,7 @@ class LocalDeployment:
         if home is None:
             return
         try:
-            candidates = {process.pid for process in self._processes}
-            candidates |= home.tagged_processes()
-            survivors = _stop_processes(candidates, home.tag)
+            survivors = _stop_processes({process.pid for process in self._processes}, home.tag)
             for process in self._processes:
                 # Reap our direct children so they do not linger as zombies.
                 try:
@@ -522,9 +520,6 @@ class _FlowerHome:
             return f"unknown ({message.strip()})", ""
         run = payload["runs"][0]
         return str(run.get("status", "unknown")), str(run.get("status-details", ""))
-
-    def tagged_processes(self) -> set[int]:
-        return {pid for pid in _pids() if _environ_has(pid, _TAG_VAR, self.tag)}
 
 
 # --------------------------------------------------------------------------------------------
