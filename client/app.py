@@ -1,7 +1,7 @@
 """fedmeta's ClientApp: a hospital site. Its images never leave; only parameter-shaped arrays and
 scalar metrics do.
 
-- ``query``: answers whether this site trains or is held out (one 0/1 flag).
+- ``query``: answers whether this site trains or is held out (a 0/1 flag) and its stable order key.
 - ``train``: samples episodes from the site's patients and replies with ``common.meta.meta_gradient``.
 - ``evaluate``: k-shot adaptation from θ and Dice on the site's other patients, through
   ``common.evaluation.adaptation_curve`` — the same inner step the training uses.
@@ -63,7 +63,7 @@ def site_reply_errors(handler):
 def query(message: Message, context: Context) -> Message:
     config = RunConfig.from_run_config(context.run_config)
     ref = resolve_site(context.node_config, config)
-    metrics = to_metric_record({"heldout": int(ref.role == "heldout")})
+    metrics = to_metric_record({"heldout": int(ref.role == "heldout"), "site-key": ref.key})
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
 
 

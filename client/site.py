@@ -8,6 +8,8 @@ the training sites first (in the manifest's order), then the held-out sites.
 from __future__ import annotations
 
 import threading
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,10 +25,16 @@ ROLES = ("train", "heldout")
 
 @dataclass(frozen=True)
 class SiteRef:
-    """Where a site's data lives and whether it trains or is held out."""
+    """Where a site's data lives, whether it trains or is held out, and its order key.
+
+    ``key`` orders sites on the server the same way in every run (Flower's node ids are random per
+    run): the partition id when simulated; when deployed, ``site-id`` from the node config, else a
+    CRC32 of the data folder's name. An integer, so it travels as a scalar metric.
+    """
 
     data_dir: Path
     role: str
+    key: int = 0
 
 
 def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
@@ -41,7 +49,11 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
                 f"node config data-dir={str(data_dir)!r} is not a folder; point --node-config data-dir at the "
                 "site's dataset (dataset.json, imagesTr/, labelsTr/)."
             )
-        return SiteRef(data_dir, role)
+        if "site-id" in node_config:
+            key = int(node_config["site-id"])
+        else:
+            key = zlib.crc32(data_dir.resolve().name.encode()) % (2**31 - 1)
+        return SiteRef(data_dir, role, key)
     if "partition-id" in node_config:
         from common.synth import load_manifest  # only simulated nodes need the federation's manifest
 
@@ -59,7 +71,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
                 f"(partitions 0..{len(sites) - 1}); run with as many SuperNodes as sites."
             )
         info, role = sites[partition]
-        return SiteRef(Path(info.path), role)
+        return SiteRef(Path(info.path), role, partition)
     raise ValueError(
         "node config has neither data-dir (deployed site) nor partition-id (simulation); start the SuperNode "
         "with --node-config \"data-dir='/path/to/site'\"."
@@ -101,18 +113,28 @@ class SiteCache:
     keyed by everything the loaded value depends on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_sites: int = 4) -> None:
         self._lock = threading.Lock()
-        self._sites: dict[tuple, SiteDataset] = {}
+        # Least recently used first. Bounded: a simulation worker serves many virtual sites in turn,
+        # and an unbounded cache would grow its memory with the size of the federation.
+        self._sites: OrderedDict[tuple, SiteDataset] = OrderedDict()
         self._models: dict[tuple, torch.nn.Module] = {}
+        self.max_sites = max_sites
 
     def site(self, ref: SiteRef, config: RunConfig) -> SiteDataset:
         cfg = data_config(config)
         key = (str(ref.data_dir.resolve()), cfg)
         with self._lock:
-            if key not in self._sites:
-                self._sites[key] = SiteDataset.load(ref.data_dir, cfg)
-            return self._sites[key]
+            if key in self._sites:
+                self._sites.move_to_end(key)
+                return self._sites[key]
+        loaded = SiteDataset.load(ref.data_dir, cfg)  # outside the lock: loading takes seconds
+        with self._lock:
+            self._sites[key] = loaded
+            self._sites.move_to_end(key)
+            while len(self._sites) > self.max_sites:
+                self._sites.popitem(last=False)
+            return loaded
 
     def model(self, config: RunConfig, device: torch.device) -> torch.nn.Module:
         """The architecture only: weights always come from the server's θ via functional_call."""

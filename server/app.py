@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from server.metrics import MetricsLog
-from server.strategy import METRICS_RECORD, ROLE_METRIC, MetaGradientStrategy, RoundOutcome
+from server.strategy import METRICS_RECORD, ROLE_METRIC, SITE_KEY_METRIC, MetaGradientStrategy, RoundOutcome
 
 log = logging.getLogger("fedmeta.server")
 
@@ -79,11 +79,15 @@ def run_federation(grid: Grid, config: RunConfig) -> MetaGradientStrategy:
 
 
 def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]:
-    """Asks every connected node whether it is a training or a held-out site (a scalar flag, no data)."""
+    """Asks every connected node whether it is a training or a held-out site (scalars, no data).
+
+    Returns both lists in site order, by the key each site reports (then node id): node ids are
+    random per run, site keys are not, so sampling and aggregation order repeat across runs.
+    """
     node_ids = _wait_for_nodes(grid, config)
     query = RecordDict({"config": ConfigRecord({"round": 0})})
     messages = [Message(query, node_id, MessageType.QUERY, group_id="roles") for node_id in node_ids]
-    train, heldout = [], []
+    train, heldout, keys = [], [], {}
     for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
         node_id = reply.metadata.src_node_id
         if reply.has_error() or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
@@ -94,8 +98,10 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
         if flag not in (0, 1):
             log.warning("node %d sent role flag %r; leaving it out of this run", node_id, flag)
             continue
+        key = reply.content.metric_records[METRICS_RECORD].get(SITE_KEY_METRIC, 0)
+        keys[int(node_id)] = (int(key), int(node_id))
         (heldout if flag == 1 else train).append(int(node_id))
-    return sorted(train), sorted(heldout)
+    return sorted(train, key=keys.get), sorted(heldout, key=keys.get)
 
 
 def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:

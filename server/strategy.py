@@ -32,6 +32,7 @@ CONFIG_RECORD = "config"
 GRADS_RECORD = "meta-grads"
 METRICS_RECORD = "metrics"
 ROLE_METRIC = "heldout"
+SITE_KEY_METRIC = "site-key"
 NUM_EXAMPLES = "num-examples"
 
 
@@ -84,6 +85,7 @@ class MetaGradientStrategy:
         # resumed run draws exactly what the uninterrupted run would have drawn.
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
         self.counters = {"dropped_replies": 0, "skipped_rounds": 0, "failed_evaluations": 0}
+        self._site_order: dict[int, int] = {}  # node id -> position in site order (set by sample_sites)
 
     # -- state for checkpoints ------------------------------------------------------------------
 
@@ -105,11 +107,16 @@ class MetaGradientStrategy:
     # -- training ------------------------------------------------------------------------------
 
     def sample_sites(self, train_nodes: Iterable[int]) -> tuple[list[int], int]:
-        """This round's training nodes (sorted) and the round seed for episode sampling."""
-        nodes = sorted(train_nodes)
+        """This round's training nodes and the round seed for episode sampling.
+
+        ``train_nodes`` come in site order (``server.app.discover_roles``); the chosen ones keep it,
+        and aggregation follows it, so the same seed samples and sums the same sites in every run.
+        """
+        nodes = [int(n) for n in train_nodes]
+        self._site_order = {n: i for i, n in enumerate(nodes)}
         wanted = self.config.sites_per_round or len(nodes)
         if wanted < len(nodes):
-            chosen = sorted(int(nodes[i]) for i in self.rng.choice(len(nodes), size=wanted, replace=False))
+            chosen = [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=wanted, replace=False))]
         else:
             chosen = nodes
         round_seed = int(self.rng.integers(0, 2**31 - 1))
@@ -120,7 +127,7 @@ class MetaGradientStrategy:
         return [Message(content, node_id, MessageType.TRAIN, group_id=str(server_round)) for node_id in node_ids]
 
     def aggregate_train(self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]) -> RoundOutcome:
-        """Validates every reply, aggregates the valid ones in sorted node order, steps θ."""
+        """Validates every reply, aggregates the valid ones in site order, steps θ."""
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_train):
@@ -136,7 +143,7 @@ class MetaGradientStrategy:
             )
             return outcome
 
-        order = sorted(grads_by_node)
+        order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
         weights = [outcome.accepted[n][NUM_EXAMPLES] for n in order]
         total = float(sum(weights))
         mean_grads = {}
@@ -292,6 +299,7 @@ __all__ = [
     "MetaGradientStrategy",
     "PARAMS_RECORD",
     "ROLE_METRIC",
+    "SITE_KEY_METRIC",
     "RoundOutcome",
     "dice_key",
 ]

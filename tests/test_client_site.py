@@ -25,8 +25,11 @@ def test_partitions_map_training_sites_first_then_heldout(smoke_federation):
 
 def test_a_deployed_site_names_its_folder_and_role(tmp_path):
     ref = resolve_site({"data-dir": str(tmp_path), "role": "heldout"}, RunConfig())
-    assert ref == SiteRef(tmp_path, "heldout")
+    assert (ref.data_dir, ref.role) == (tmp_path, "heldout")
     assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).role == "train"
+    # The order key is stable across runs: from the folder's name, or the operator's site-id.
+    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).key == ref.key
+    assert resolve_site({"data-dir": str(tmp_path), "site-id": 7}, RunConfig()).key == 7
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,22 @@ def test_the_cache_loads_a_site_once_per_process(smoke_federation):
     assert cache.site(ref, config.replace(image_size=64)) is not first  # keyed by what loading depends on
     model = cache.model(config, torch.device("cpu"))
     assert cache.model(config, torch.device("cpu")) is model
+
+
+def test_the_cache_keeps_only_the_most_recent_sites(smoke_federation):
+    """A simulation worker serves many virtual sites; its memory must not grow with their number."""
+    from common.synth import load_manifest
+
+    sites = load_manifest(smoke_federation).sites
+    cache = SiteCache(max_sites=2)
+    config = RunConfig(image_size=32)
+    refs = [SiteRef(Path(s.path), "train") for s in sites[:3]]
+    first = cache.site(refs[0], config)
+    cache.site(refs[1], config)
+    assert cache.site(refs[0], config) is first  # a hit refreshes it
+    cache.site(refs[2], config)  # evicts refs[1], the least recently used
+    assert cache.site(refs[0], config) is first
+    assert len(cache._sites) == 2
 
 
 def test_device_follows_the_config():

@@ -180,3 +180,16 @@ def test_the_inprocess_engine_is_deterministic(smoke_federation, tmp_path):
         federate(tiny_config(smoke_federation, tmp_path / name, num_rounds=1), smoke_federation)
     a, b = (load_checkpoint(tmp_path / n / CHECKPOINT_NAME) for n in ("a", "b"))
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_runs_agree_bitwise_whatever_node_ids_flower_hands_out(smoke_federation, tmp_path):
+    """Flower's node ids are random per run; sampling and aggregation follow site keys instead."""
+    thetas, orders = [], []
+    for node_id_seed in (0, 1):
+        config = tiny_config(smoke_federation, tmp_path / str(node_id_seed), num_rounds=2, sites_per_round=2)
+        run = run_inprocess(config.to_run_config(), simulation_node_configs(num_sites(smoke_federation)),
+                            seed=node_id_seed)
+        thetas.append(load_checkpoint(tmp_path / str(node_id_seed) / CHECKPOINT_NAME).params)
+        orders.append([partition_of(run.grid, n) for n in sorted(run.grid.nodes)])
+    assert orders[0] != orders[1], "the two runs should sort their sites differently by node id"
+    assert all(torch.equal(thetas[0][k], thetas[1][k]) for k in thetas[0])

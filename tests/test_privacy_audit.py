@@ -18,6 +18,7 @@ from tests.test_inprocess import federate, tiny_config
 ALLOWED_METRICS = {
     "heldout", "num-examples", "seconds", "support-loss-before", "support-loss-after",
     "query-loss-before", "query-loss-after",
+    "site-key",  # an opaque integer that orders sites: partition id, operator's site-id, or a CRC32
 }
 
 
