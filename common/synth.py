@@ -92,6 +92,17 @@ PRESETS: dict[str, Preset] = {
         slice_thickness_mm=(1.5, 5.0),
     ),
 }
+# Scaling federations for `fedmeta bench`: many tiny training sites (3 patients each, smoke-sized
+# volumes), no held-out sites. What is measured is the engine, not the model.
+for _count in (10, 30, 100):
+    PRESETS[f"scale-{_count}"] = Preset(
+        num_train_sites=_count,
+        heldout_kinds=(),
+        patients=(3, 3),
+        inplane_mm=(2.2, 2.6),
+        slice_thickness_mm=(2.5, 4.0),
+    )
+del _count
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`fedmeta bench meta`: time and peak memory of one site episode for each algorithm, side by side.
+"""`fedmeta bench meta` (registered by simulations.bench): time and peak memory of one site episode for each algorithm, side by side.
 
 Every figure is a ratio measured in the same run against FOMAML, and FOMAML against the same
 number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
@@ -229,18 +229,6 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
     return 0
-
-
-def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="performance benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
-    bench_sub.required = True
-    meta = bench_sub.add_parser("meta", help="time and peak memory per episode of each meta-learning algorithm")
-    meta.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["2d", "3d"])
-    meta.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    meta.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
-    meta.add_argument("--out", default=None, help="write the figures as JSON here")
-    meta.set_defaults(handler=run)
 
 
 if __name__ == "__main__":

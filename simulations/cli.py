@@ -12,7 +12,7 @@ import sys
 
 # module path -> the subcommands it registers (for the help text and lazy import).
 _COMMAND_MODULES = [
-    "simulations.bench_meta",  # fedmeta bench meta
+    "simulations.bench",  # fedmeta bench [sim|scaling|comm|meta]
     "simulations.simulate",  # fedmeta simulate
     "simulations.data_commands",  # fedmeta synth, show-sites, check-data
     "simulations.evaluate",  # fedmeta evaluate

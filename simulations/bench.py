@@ -1,0 +1,372 @@
+"""`fedmeta bench`: performance figures, each a ratio of two things measured in the same run.
+
+- ``sim``: the same meta-training (10 sites, 10 rounds) through Flower's Simulation Engine (Ray),
+  through the in-process engine, and as a bare loop over ``common.meta`` (simulations.centralised,
+  ``pooled=False``): wall time and ratios to the bare loop, with Ray's start-up split out.
+- ``scaling``: 10, 30 and 100 simulated sites on the Simulation Engine, 10 sampled per round:
+  time per round and peak memory (PSS, so shared pages count once) of the whole process tree.
+- ``comm``: bytes a site's train reply takes on the wire (Flower's protobuf) against the fp32 size
+  of what it stands for (θ, and Meta-SGD's step sizes).
+- ``meta``: the meta-step micro-benchmark (simulations.bench_meta), summarised.
+
+``fedmeta bench`` alone runs all four; ``--quick`` shrinks each for a look in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations import bench_meta
+
+PARTS = ("sim", "scaling", "comm", "meta")
+TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
+           "fomaml_vs_plain": 1.3}
+
+# The engine is under test, not the model: a small UNet on 32x32 slices keeps a round short, so
+# what the engines add stands out (a larger model only dilutes the ratios towards 1).
+ENGINE_CONFIG = dict(
+    image_size=32, model_base_channels=8, model_levels=3, episodes_per_site=1, k_shot=2, q_query=2,
+    inner_steps=1, inner_lr=0.1, meta_lr=0.01, eval_every=0, node_wait_timeout=60.0,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Process-tree memory
+
+
+class TreeMemorySampler:
+    """Samples the summed PSS of this process and every process whose FLWR_HOME is ``flwr_home``.
+
+    PSS (proportional set size) splits shared pages among the processes that map them, so Ray's
+    shared object store and the torch libraries every worker maps count once, not once per worker.
+    """
+
+    def __init__(self, flwr_home: Path | None, interval_s: float = 0.5):
+        self.flwr_home = str(flwr_home) if flwr_home else None
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self.sample())
+            if self._stop.wait(self.interval_s):
+                return
+
+    def sample(self) -> int:
+        total = _pss_bytes(os.getpid())
+        if self.flwr_home:
+            for pid in _pids():
+                if pid != os.getpid() and _environ_value(pid, "FLWR_HOME") == self.flwr_home:
+                    total += _pss_bytes(pid)
+        return total
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _environ_value(pid: int, name: str) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in raw.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The engines, one run each
+
+
+def _federation(count: int, root: Path) -> Path:
+    from common.synth import generate_federation
+
+    return Path(generate_federation(root / f"scale-{count}-0", preset=f"scale-{count}", seed=0))
+
+
+def _config(federation: Path, out_dir: Path, **changes):
+    from common.config import RunConfig
+
+    return RunConfig(**{**ENGINE_CONFIG, "federation_dir": str(federation), "out_dir": str(out_dir), **changes})
+
+
+def _round_seconds(out_dir: Path) -> list[float]:
+    from server.metrics import METRICS_NAME, read_metrics
+
+    return [r["seconds"] for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
+
+
+def run_bare(config) -> dict[str, Any]:
+    from simulations.centralised import run_centralised
+
+    began = time.perf_counter()
+    run = run_centralised(config, config.federation_dir, pooled=False)
+    return {"seconds": time.perf_counter() - began, "rounds": len(run.rounds)}
+
+
+def run_inprocess_engine(config, num_sites: int) -> dict[str, Any]:
+    from simulations.inprocess import run_inprocess, simulation_node_configs
+
+    began = time.perf_counter()
+    run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
+    seconds = time.perf_counter() - began
+    rounds = _round_seconds(Path(config.out_dir))
+    return {"seconds": seconds, "rounds": len(rounds), "round_seconds": rounds}
+
+
+def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
+    from simulations.flower_runtime import run_simulation_engine
+
+    app_dir = Path(__file__).resolve().parents[1]
+    began = time.perf_counter()
+    with TreeMemorySampler(flwr_home) as sampler:
+        run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
+    seconds = time.perf_counter() - began
+    rounds = _round_seconds(Path(config.out_dir))
+    return {"seconds": seconds, "rounds": len(rounds), "round_seconds": rounds, "peak_tree_bytes": sampler.peak_bytes}
+
+
+# --------------------------------------------------------------------------------------------------
+# The four parts
+
+
+def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any]:
+    """Ray vs in-process vs bare loop on the same meta-training."""
+    federation = _federation(sites, work / "federations")
+    base = dict(num_rounds=rounds)
+    bare = run_bare(_config(federation, work / "sim-bare", **base))
+    inproc = run_inprocess_engine(_config(federation, work / "sim-inprocess", **base), sites)
+    ray = run_ray_engine(_config(federation, work / "sim-ray", **base), sites, work / "flwr-sim")
+    in_rounds = sum(ray["round_seconds"])
+    return {
+        "sites": sites, "rounds": rounds,
+        "bare_seconds": bare["seconds"], "inprocess_seconds": inproc["seconds"], "ray_seconds": ray["seconds"],
+        "inprocess_vs_bare": inproc["seconds"] / bare["seconds"],
+        "ray_vs_bare": ray["seconds"] / bare["seconds"],
+        # Where Ray's time goes: its rounds (ServerApp's own clock) and everything else, which is
+        # start-up (SuperLink, Ray cluster, app install, actors) and shutdown.
+        "ray_seconds_in_rounds": in_rounds,
+        "ray_seconds_outside_rounds": ray["seconds"] - in_rounds,
+        "ray_rounds_vs_bare": in_rounds / bare["seconds"],
+        "inprocess_seconds_in_rounds": sum(inproc["round_seconds"]),
+    }
+
+
+def bench_scaling(work: Path, *, counts=(10, 30, 100), rounds: int = 2, sampled: int = 10) -> dict[str, Any]:
+    """Time per round and peak process-tree memory at several federation sizes."""
+    rows = {}
+    for count in counts:
+        federation = _federation(count, work / "federations")
+        config = _config(federation, work / f"scaling-{count}", num_rounds=rounds, sites_per_round=min(sampled, count))
+        ray = run_ray_engine(config, count, work / f"flwr-scaling-{count}")
+        rows[str(count)] = {
+            "seconds": ray["seconds"],
+            "seconds_per_round": sum(ray["round_seconds"]) / max(1, len(ray["round_seconds"])),
+            "peak_tree_bytes": ray["peak_tree_bytes"],
+        }
+    smallest, largest = rows[str(counts[0])], rows[str(counts[-1])]
+    return {
+        "rounds": rounds, "sites_per_round": sampled, "by_sites": rows,
+        "memory_largest_vs_smallest": largest["peak_tree_bytes"] / smallest["peak_tree_bytes"],
+        "round_time_largest_vs_smallest": largest["seconds_per_round"] / smallest["seconds_per_round"],
+        "largest": counts[-1], "smallest": counts[0],
+    }
+
+
+def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any]:
+    """Wire bytes of each train reply against the fp32 size of the arrays it carries.
+
+    Measured on the default model size (the ratio depends on it: names and metrics are a fixed
+    cost), with the reply serialised exactly as Flower sends it (``message_to_proto``).
+    """
+    from flwr.common.serde import message_to_proto
+
+    from client.app import app as client_app
+    from common.config import RunConfig
+    from common.model import build_model
+    from simulations.inprocess import run_inprocess, simulation_node_configs
+
+    federation = _federation(10, work / "federations")
+    rows = {}
+    for algorithm in algorithms:
+        sizes: list[int] = []
+
+        def measuring_client(message, context, sizes=sizes):
+            reply = client_app(message, context)
+            if message.metadata.message_type == "train" and reply.has_content():
+                sizes.append(message_to_proto(reply).ByteSize())
+            return reply
+
+        defaults = RunConfig()
+        config = _config(federation, work / f"comm-{algorithm}", num_rounds=1, sites_per_round=2, algorithm=algorithm,
+                         image_size=defaults.image_size, model_base_channels=defaults.model_base_channels,
+                         model_levels=defaults.model_levels)
+        run_inprocess(config.to_run_config(), simulation_node_configs(10), client_app=measuring_client)
+        numel = sum(p.numel() for p in build_model(config.model_config()).parameters())
+        arrays = 2 if algorithm == "metasgd" else 1  # Meta-SGD also sends ∂L/∂α, one per parameter
+        model_bytes = 4 * numel
+        reply_bytes = max(sizes)
+        rows[algorithm] = {
+            "model_fp32_bytes": model_bytes,
+            "reply_bytes": reply_bytes,
+            "reply_vs_model": reply_bytes / model_bytes,
+            "reply_vs_payload": reply_bytes / (arrays * model_bytes),
+        }
+    return rows
+
+
+def bench_meta_summary(*, quick: bool) -> dict[str, Any]:
+    setting = bench_meta.SETTINGS["2d"]
+    table = bench_meta.summarise(bench_meta.measure(setting, repeats=2 if quick else 5))
+    return {"setting": setting.name, "table": table}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def format_report(results: dict[str, Any]) -> str:
+    lines = [f"# fedmeta bench ({results['machine']})", ""]
+    checks = []
+    if "sim" in results:
+        s = results["sim"]
+        lines += [
+            f"## Simulation overhead: {s['sites']} sites, {s['rounds']} rounds",
+            "", "| engine | wall s | × bare loop |", "|---|---:|---:|",
+            f"| bare loop (common.meta) | {s['bare_seconds']:.1f} | 1.00 |",
+            f"| in-process engine | {s['inprocess_seconds']:.1f} | {s['inprocess_vs_bare']:.2f} |",
+            f"| Flower Simulation Engine (Ray) | {s['ray_seconds']:.1f} | {s['ray_vs_bare']:.2f} |",
+            "",
+            f"Ray: {s['ray_seconds_in_rounds']:.1f} s in rounds ({s['ray_rounds_vs_bare']:.2f} × bare), "
+            f"{s['ray_seconds_outside_rounds']:.1f} s start-up and shutdown.",
+            "",
+        ]
+        checks.append(("Ray / bare loop", s["ray_vs_bare"], TARGETS["ray_vs_bare"]))
+    if "scaling" in results:
+        c = results["scaling"]
+        lines += [f"## Scaling on the Simulation Engine ({c['sites_per_round']} sites sampled per round)", "",
+                  "| sites | s / round | peak memory of the process tree (MB, PSS) |", "|---:|---:|---:|"]
+        for count, row in c["by_sites"].items():
+            lines.append(f"| {count} | {row['seconds_per_round']:.2f} | {row['peak_tree_bytes'] / 2**20:.0f} |")
+        lines.append("")
+        checks.append((f"memory {c['largest']} / {c['smallest']} sites", c["memory_largest_vs_smallest"],
+                       TARGETS["memory_100_vs_10"]))
+    if "comm" in results:
+        lines += ["## Communication per site and round (default model)", "",
+                  "| algorithm | model fp32 bytes | reply bytes | × model | × arrays sent |", "|---|---:|---:|---:|---:|"]
+        for algorithm, row in results["comm"].items():
+            lines.append(f"| {algorithm} | {row['model_fp32_bytes']} | {row['reply_bytes']} | "
+                         f"{row['reply_vs_model']:.3f} | {row['reply_vs_payload']:.3f} |")
+        lines.append("")
+        checks.append(("fomaml reply / fp32 model", results["comm"]["fomaml"]["reply_vs_model"], TARGETS["bytes_vs_fp32"]))
+    if "meta" in results:
+        lines.append(bench_meta.format_table(results["meta"]["setting"], results["meta"]["table"]))
+        lines.append("")
+        t = results["meta"]["table"]["targets"]
+        checks.append(("MAML / FOMAML time", t["maml_time_vs_fomaml"], TARGETS["maml_vs_fomaml"]))
+        checks.append(("FOMAML / plain forward-backward", t["fomaml_time_vs_plain"], TARGETS["fomaml_vs_plain"]))
+    lines += ["## Targets", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
+    for name, value, target in checks:
+        lines.append(f"| {name} | {value:.2f} | ≤ {target} | {'yes' if value <= target else 'no'} |")
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = args.parts or list(PARTS)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fedmeta-bench-")).resolve()
+    results: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "work": str(work)}
+    try:
+        if "sim" in parts:
+            results["sim"] = bench_sim(work, rounds=3 if args.quick else 10)
+        if "scaling" in parts:
+            results["scaling"] = bench_scaling(work, counts=(10, 30) if args.quick else (10, 30, 100))
+        if "comm" in parts:
+            results["comm"] = bench_comm(work)
+        if "meta" in parts:
+            results["meta"] = bench_meta_summary(quick=args.quick)
+    except Exception as err:
+        print(f"fedmeta bench: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    results["machine_after"] = _machine()
+    report = format_report(results)
+    print(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".md").write_text(report + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="performance benchmarks (simulation overhead, scaling, communication, meta-step cost)",
+        description=__doc__.split("\n\n")[0],
+    )
+    bench.add_argument("parts", nargs="*", metavar="PART",
+                       help=f"which to run: {', '.join(PARTS)} (default: all). `bench meta` alone runs the full "
+                            "meta-step micro-benchmark (2D and 3D, options below)")
+    bench.add_argument("--quick", action="store_true", help="smaller runs, a few minutes in all")
+    bench.add_argument("--out", default=None, help="JSON results, a .md table beside it (default: runs/bench/bench.json)")
+    bench.add_argument("--work", default=None, help="scratch folder for federations and runs (default: a temp dir)")
+    meta = bench.add_argument_group("bench meta")
+    meta.add_argument("--settings", nargs="+", choices=sorted(bench_meta.SETTINGS), default=["2d", "3d"])
+    meta.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    meta.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    bench.set_defaults(handler=_dispatch)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        print(f"fedmeta bench: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}.", file=sys.stderr)
+        return 2
+    if args.parts == ["meta"]:
+        return bench_meta.run(args)
+    args.out = args.out or "runs/bench/bench.json"
+    return run(args)
+
+
+if __name__ == "__main__":
+    from simulations.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))
