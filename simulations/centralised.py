@@ -46,6 +46,7 @@ class CentralisedRun:
     step_sizes: dict[str, torch.Tensor] | None
     rounds: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    optimizer_state: dict = field(default_factory=dict)  # MetaOptimizer.state_dict(), for a checkpoint
 
 
 def train_centralised(
@@ -137,6 +138,7 @@ def run_centralised(
     run.params = {n: p.cpu() for n, p in optimizer.params.items()}
     run.step_sizes = ({n: a.cpu() for n, a in optimizer.step_sizes.items()}
                       if optimizer.step_sizes is not None else None)
+    run.optimizer_state = optimizer.state_dict()
     run.seconds = time.perf_counter() - began
     return run
 

@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "simulations.bench",  # fedmeta bench [sim|scaling|comm|meta]
     "simulations.simulate",  # fedmeta simulate
     "simulations.data_commands",  # fedmeta synth, show-sites, check-data
+    "simulations.benchmark",  # fedmeta benchmark
     "simulations.evaluate",  # fedmeta evaluate
 ]
 

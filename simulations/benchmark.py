@@ -1,0 +1,683 @@
+"""`fedmeta benchmark`: does the federated meta-initialisation give a new hospital a better model, faster?
+
+Every method trains on the synthetic federation's training sites under one budget of local gradient
+steps, then every held-out site ("the new hospital") adapts each initialisation with k labelled
+slices for s steps and is scored by Dice on its other patients, over several seeds:
+
+- scratch: the random initialisation the federation starts from (seeded), adapted locally only;
+- fedavg: the FedAvg global model as is, never adapted (its Dice is the same at every step count);
+- fedavg-ft: the same FedAvg model, fine-tuned with the grid's steps;
+- fedprox-ft: FedProx, fine-tuned;
+- fomaml, maml, reptile, metasgd, anil: the meta-learned initialisations, adapted as they were
+  trained (Meta-SGD with its learned step sizes, ANIL its head only);
+- pooled-fomaml: FOMAML on the pooled patients of all training sites, without federation (the upper
+  bound; ``simulations.centralised``).
+
+Federated methods run fedmeta's real ServerApp and ClientApp through the in-process engine
+(``simulations.inprocess``), the same code Flower's engines run. Adaptation and scoring are
+``simulations.evaluate.score_site`` (``common.data.adaptation_split`` and
+``common.evaluation.adaptation_curve``), the code ``fedmeta evaluate`` and the ClientApp use.
+
+Local gradient steps, the budget: one forward-backward pass on one batch. Per site and round a
+meta-learner (FOMAML, MAML, Meta-SGD, ANIL) takes ``episodes × (inner-steps + 1)`` (the support steps
+and the query gradient), Reptile ``episodes × inner-steps``, FedAvg/FedProx ``episodes × 2 ×
+inner-steps`` (each local epoch passes every episode's support and query batch). The driver refuses
+a preset whose methods' totals differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "benchmark"
+QUICK_PRESET = "benchmark-quick"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: which training produced θ and whether the new site adapts it."""
+
+    name: str
+    training: str | None  # key of the preset's [training.<key>] table; None: never trained
+    adapts: bool
+    meaning: str
+
+
+METHODS = (
+    Method("scratch", None, True, "random init (the federation's seeded start), fine-tuned on the new site only"),
+    Method("fedavg", "fedavg", False, "FedAvg global model used as is: no adaptation at any step count"),
+    Method("fedavg-ft", "fedavg", True, "the same FedAvg model, fine-tuned on the new site"),
+    Method("fedprox-ft", "fedprox", True, "FedProx global model, fine-tuned on the new site"),
+    Method("fomaml", "fomaml", True, "federated first-order MAML initialisation, fine-tuned"),
+    Method("maml", "maml", True, "federated second-order MAML initialisation, fine-tuned"),
+    Method("reptile", "reptile", True, "federated Reptile initialisation, fine-tuned"),
+    Method("metasgd", "metasgd", True, "federated Meta-SGD initialisation, fine-tuned with its learned step sizes"),
+    Method("anil", "anil", True, "federated ANIL initialisation, head fine-tuned"),
+    Method("pooled-fomaml", "pooled-fomaml", True,
+           "FOMAML on all training sites' pooled patients, no federation (upper bound), fine-tuned"),
+)
+METHODS_BY_NAME = {m.name: m for m in METHODS}
+META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil")
+# The goal the benchmark checks (issue 5): at k = 5 and 10 steps.
+GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN, GOAL_FRACTION = 5, 10, 0.03, 0.95
+PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
+               "methods", "run-config", "training"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="the new-hospital benchmark: every method, equal budget, k-shot adaptation on held-out sites",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--preset", default=None,
+                        help=f"benchmark preset name or TOML path (default: {DEFAULT_PRESET}; --quick: {QUICK_PRESET})")
+    parser.add_argument("--quick", action="store_true", help=f"the few-minute variant (preset {QUICK_PRESET})")
+    parser.add_argument("--seeds", type=int, help="number of seeds (overrides the preset)")
+    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS_BY_NAME))
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/benchmark-<preset>)")
+    parser.add_argument("--federation-dir", type=Path,
+                        help="a generated federation (folder with manifest.json), or where the preset's federation "
+                             "is generated/cached (default: ~/.cache/fedmeta)")
+    parser.add_argument("--validation-sites", type=int,
+                        help="tune without touching held-out sites: the last N training sites play the new "
+                             "hospitals and the others train (overrides the preset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every method, e.g. --set inner-lr=0.1 (repeatable)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.quick and args.preset:
+        print("fedmeta benchmark: error: give --quick or --preset, not both.", file=sys.stderr)
+        return 2
+    preset = args.preset or (QUICK_PRESET if args.quick else DEFAULT_PRESET)
+    try:
+        results = run_benchmark(
+            preset, seeds=args.seeds, out=args.out, federation_root=args.federation_dir,
+            methods=args.methods.split(",") if args.methods else None,
+            validation_sites=args.validation_sites, extra=_parse_sets(args.set),
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedmeta benchmark: error: {err}", file=sys.stderr)
+        return 1
+    print(f"results: {results['files']['results']}\ntable: {results['files']['table']}\nplot: {results['files']['plot']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the preset
+
+
+def load_benchmark_preset(preset: str) -> dict[str, Any]:
+    """A benchmark preset (name in simulations/presets or a TOML path), checked key by key."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{preset}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("benchmark*.toml")))
+        raise ValueError(f"benchmark preset {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err}).") from None
+    unknown = sorted(set(values) - PRESET_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PRESET_KEYS))}.")
+    spec = {
+        "path": str(path),
+        "name": path.stem,
+        "federation": values.get("federation", "default"),
+        "federation-seed": int(values.get("federation-seed", 0)),
+        "seeds": int(values.get("seeds", 3)),
+        "shots": [int(k) for k in values.get("shots", [1, 5, 10])],
+        "steps": sorted({int(s) for s in values.get("steps", [0, 1, 5, 10, 20])}),
+        "eval-max-images": int(values.get("eval-max-images", 128)),
+        "validation-sites": int(values.get("validation-sites", 0)),
+        "methods": list(values.get("methods", [m.name for m in METHODS])),
+        "run-config": dict(values.get("run-config", {})),
+        "training": {k: dict(v) for k, v in values.get("training", {}).items()},
+    }
+    _check_spec(spec, path)
+    return spec
+
+
+def _check_spec(spec: dict[str, Any], where: Any) -> None:
+    if spec["seeds"] < 1:
+        raise ValueError(f"{where}: seeds={spec['seeds']} must be >= 1.")
+    if not spec["shots"] or min(spec["shots"]) < 1:
+        raise ValueError(f"{where}: shots={spec['shots']} must be a non-empty list of k >= 1.")
+    if not spec["steps"] or min(spec["steps"]) < 0:
+        raise ValueError(f"{where}: steps={spec['steps']} must be a non-empty list of step counts >= 0.")
+    if spec["eval-max-images"] < 0:
+        raise ValueError(f"{where}: eval-max-images={spec['eval-max-images']} must be >= 0 (0 = every slice).")
+    if spec["validation-sites"] < 0:
+        raise ValueError(f"{where}: validation-sites={spec['validation-sites']} must be >= 0.")
+    unknown = [m for m in spec["methods"] if m not in METHODS_BY_NAME]
+    if unknown or not spec["methods"]:
+        raise ValueError(f"{where}: methods {unknown or '[]'}: choose among {', '.join(METHODS_BY_NAME)}.")
+    for method in spec["methods"]:
+        key = METHODS_BY_NAME[method].training
+        if key is not None and key not in spec["training"]:
+            raise ValueError(f"{where}: method {method} needs a [training.{key}] table (its inner-steps and the like).")
+
+
+def method_configs(spec: dict[str, Any], methods: list[str]):
+    """RunConfig per training key the methods need, with the shared run config under each table."""
+    from common.config import RunConfig
+
+    configs = {}
+    for method in methods:
+        key = METHODS_BY_NAME[method].training
+        if key is None or key in configs:
+            continue
+        algorithm = "fomaml" if key == "pooled-fomaml" else key
+        overrides = {**spec["run-config"], **spec["training"][key], "algorithm": algorithm, "eval-every": 0}
+        try:
+            configs[key] = RunConfig.from_run_config(overrides)
+        except ValueError as err:
+            raise ValueError(f"{spec['path']} [training.{key}]: {err}") from None
+    shapes = {key: (c.model_config(), c.image_size, c.num_classes) for key, c in configs.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(
+            f"{spec['path']}: [training.*] tables give different models or image sizes ({', '.join(sorted(shapes))}); "
+            "the initialisations must be comparable, so set model-*, image-size and num-classes under [run-config] only."
+        )
+    return configs
+
+
+def local_steps_per_site_round(config) -> int:
+    """Forward-backward passes one site makes in one round (see the module docstring)."""
+    if config.algorithm in ("fedavg", "fedprox"):
+        return config.episodes_per_site * 2 * config.inner_steps
+    if config.algorithm == "reptile":
+        return config.episodes_per_site * config.inner_steps
+    return config.episodes_per_site * (config.inner_steps + 1)
+
+
+def budget(config, num_train_sites: int) -> dict[str, int]:
+    sites = config.sites_per_round or num_train_sites
+    per_site_round = local_steps_per_site_round(config)
+    return {
+        "rounds": config.num_rounds,
+        "sites_per_round": sites,
+        "episodes_per_site": config.episodes_per_site,
+        "inner_steps": config.inner_steps,
+        "local_steps_per_site_round": per_site_round,
+        "local_steps_total": config.num_rounds * sites * per_site_round,
+        "images_per_site_round": config.episodes_per_site * (config.k_shot + config.q_query),
+    }
+
+
+def check_equal_budget(budgets: dict[str, dict[str, int]], where: Any) -> int:
+    totals = {key: b["local_steps_total"] for key, b in budgets.items()}
+    if len(set(totals.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
+        raise ValueError(
+            f"{where}: the methods' budgets of local gradient steps differ ({listing}). Fix inner-steps or "
+            "episodes-per-site under [training.*] so that rounds × sites × episodes × steps per episode match "
+            "(meta-learners: inner-steps + 1 per episode, Reptile: inner-steps, FedAvg/FedProx: 2 × inner-steps)."
+        )
+    return next(iter(totals.values()), 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_benchmark(
+    preset: str = DEFAULT_PRESET,
+    *,
+    seeds: int | None = None,
+    out: Path | None = None,
+    federation_root: Path | None = None,
+    federation_dir: Path | None = None,
+    methods: list[str] | None = None,
+    validation_sites: int | None = None,
+    extra: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The whole benchmark; writes results.json, results.md and dice_vs_steps.png, returns the results.
+
+    ``federation_dir`` uses an existing federation as is (tests); otherwise the preset's federation is
+    generated or reused under ``federation_root``.
+    """
+    import torch
+
+    from common.config import RunConfig
+    from common.synth import generate_federation, load_manifest
+
+    began = time.perf_counter()
+    load_at_start = _load_average()
+    spec = load_benchmark_preset(preset)
+    if seeds is not None:
+        spec["seeds"] = seeds
+    if methods is not None:
+        spec["methods"] = [m.strip() for m in methods if m.strip()]
+    if validation_sites is not None:
+        spec["validation-sites"] = validation_sites
+    spec["run-config"].update(extra or {})
+    _check_spec(spec, spec["path"])
+    names = [m.name for m in METHODS if m.name in spec["methods"]]
+    configs = method_configs(spec, names)
+
+    if federation_dir is None and federation_root is not None and (Path(federation_root) / "manifest.json").is_file():
+        federation_dir = federation_root
+    if federation_dir is None:
+        root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
+        federation_dir = generate_federation(root / f"{spec['federation']}-{spec['federation-seed']}",
+                                             preset=spec["federation"], seed=spec["federation-seed"])
+    federation_dir = Path(federation_dir).resolve()
+    manifest = load_manifest(federation_dir)
+    train_infos, eval_infos, eval_role = _split_sites(manifest, spec["validation-sites"], federation_dir)
+    budgets = {key: budget(cfg, len(train_infos)) for key, cfg in configs.items()}
+    total_budget = check_equal_budget(budgets, spec["path"])
+
+    out = Path(out or Path("runs") / f"benchmark-{spec['name']}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _say(quiet, f"federation {federation_dir}: training on {', '.join(i.name for i in train_infos)}; "
+                f"new hospitals ({eval_role}): {', '.join(i.name for i in eval_infos)}")
+    _say(quiet, f"budget: {total_budget} local gradient steps per method; seeds {spec['seeds']}; "
+                f"k {spec['shots']}; steps {spec['steps']}; {spec['eval-max-images'] or 'all'} evaluation slices per site")
+
+    from client.site import data_config
+    from common.data import SiteDataset
+
+    any_config = next(iter(configs.values()), None) or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0})
+    eval_data = [SiteDataset.load(info.path, data_config(any_config)) for info in eval_infos]
+    seeds_list = list(range(spec["seeds"]))
+    dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}
+    for seed in seeds_list:
+        inits = {}
+        for key, base in configs.items():
+            config = base.replace(seed=seed, federation_dir=str(federation_dir),
+                                  out_dir=str(out / "runs" / f"seed-{seed}" / key))
+            runs[key][seed], inits[key] = _train(key, config, federation_dir, train_infos, quiet)
+        dice_by_method = _evaluate_seed(names, inits, any_config, spec, eval_data, seed, quiet)
+        for name in names:
+            dice[name][seed] = dice_by_method[name]
+
+    eval_kinds = {info.name: info.heldout_kind or eval_role for info in eval_infos}
+    summary = summarise(dice, spec["shots"], spec["steps"])
+    goal = goal_check(summary, spec["shots"], spec["steps"])
+    results = {
+        "preset": spec,
+        "federation": str(federation_dir),
+        "train_sites": [i.name for i in train_infos],
+        "eval_sites": eval_kinds,
+        "eval_role": eval_role,
+        "seeds": seeds_list,
+        "method_order": names,  # results.json sorts its keys; tables and plots keep this order
+        "methods": {
+            name: {
+                "meaning": METHODS_BY_NAME[name].meaning,
+                "adapts": METHODS_BY_NAME[name].adapts,
+                "training": METHODS_BY_NAME[name].training,
+                "budget": budgets.get(METHODS_BY_NAME[name].training),
+                "run_config": (configs[METHODS_BY_NAME[name].training].to_run_config()
+                               if METHODS_BY_NAME[name].training else None),
+            }
+            for name in names
+        },
+        "local_steps_total": total_budget,
+        "runs": {key: {str(s): r for s, r in by_seed.items()} for key, by_seed in runs.items()},
+        "dice": {name: {str(s): d for s, d in by_seed.items()} for name, by_seed in dice.items()},
+        "summary": summary,
+        "goal": goal,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_start": load_at_start,
+            "load_average_end": _load_average(),
+        },
+        "seconds_total": time.perf_counter() - began,
+    }
+    files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+    results["files"] = {k: str(v) for k, v in files.items()}
+    plot_results(results, files["plot"])
+    files["table"].write_text(format_markdown(results))
+    files["results"].write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable))
+    _say(quiet, format_goal(goal))
+    _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
+                f"{results['machine']['load_average_end']} at end)")
+    return results
+
+
+def _split_sites(manifest, validation_sites: int, federation_dir: Path):
+    """(training sites, sites that play the new hospital, their role)."""
+    train = list(manifest.train_sites)
+    if validation_sites == 0:
+        if not manifest.heldout_sites:
+            raise ValueError(f"{federation_dir} has no held-out sites; the benchmark needs at least one new hospital.")
+        return train, list(manifest.heldout_sites), "heldout"
+    if validation_sites >= len(train):
+        raise ValueError(
+            f"validation-sites={validation_sites} leaves no training site ({len(train)} in {federation_dir}); "
+            f"use at most {len(train) - 1}."
+        )
+    return train[:-validation_sites], train[-validation_sites:], "validation"
+
+
+def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
+    """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation)."""
+    from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+    from simulations.report import Initialisation
+
+    out_dir = Path(config.out_dir)
+    path = out_dir / CHECKPOINT_NAME
+    info_path = out_dir / "run.json"
+    reused = False
+    if path.exists() and info_path.exists():
+        checkpoint = load_checkpoint(path)
+        reused = checkpoint.config_hash == config.trajectory_hash() and checkpoint.round == config.num_rounds
+    if reused:
+        info = json.loads(info_path.read_text())
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        began = time.perf_counter()
+        if key == "pooled-fomaml":
+            from simulations.centralised import run_centralised
+
+            run = run_centralised(config, federation_dir, pooled=True, train_sites=[i.name for i in train_infos])
+            save_checkpoint(path, Checkpoint(
+                round=config.num_rounds, params=run.params, step_sizes=run.step_sizes,
+                optimizer=run.optimizer_state, rng_state={}, config_hash=config.trajectory_hash(),
+                run_config=config.to_run_config(), counters={},
+            ))
+            last = run.rounds[-1] if run.rounds else {}
+            info = {"engine": "centralised (pooled)", "final_query_loss_after": last.get("query_loss_after"),
+                    "dropped_replies": 0, "skipped_rounds": 0}
+        else:
+            from server.metrics import METRICS_NAME, read_metrics
+            from simulations.inprocess import run_inprocess
+
+            nodes = [{"data-dir": str(i.path), "role": "train"} for i in train_infos]
+            run_inprocess(config.to_run_config(), nodes, seed=config.seed)
+            checkpoint = load_checkpoint(path)
+            if checkpoint.round != config.num_rounds:
+                raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "
+                                   f"{config.num_rounds}; see {out_dir / METRICS_NAME}.")
+            if checkpoint.counters.get("skipped_rounds"):
+                raise RuntimeError(f"{key} (seed {config.seed}) skipped {checkpoint.counters['skipped_rounds']} "
+                                   f"round(s): sites' replies were dropped; see {out_dir / METRICS_NAME}.")
+            trained = [r for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
+            info = {"engine": "in-process Flower apps",
+                    "final_query_loss_after": trained[-1]["train"].get("query-loss-after") if trained else None,
+                    "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
+                    "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0)}
+        info["seconds"] = time.perf_counter() - began
+        info_path.write_text(json.dumps(info, indent=2))
+    checkpoint = load_checkpoint(path)
+    inner_lr = checkpoint.step_sizes if config.algorithm == "metasgd" else config.inner_lr
+    init = Initialisation(key, checkpoint.params, inner_lr, head_only=config.algorithm == "anil")
+    loss = info.get("final_query_loss_after")
+    _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
+                + (f", final query loss {loss:.4f}" if loss is not None else ""))
+    return {**info, "reused": reused, "checkpoint": str(path)}, init
+
+
+def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
+    """Dice per method, site, k and step count for one seed; every method adapts on the same slices."""
+    from common.model import build_model, initial_params, seeded_model
+    from simulations.evaluate import score_site
+    from simulations.report import Initialisation
+
+    model = build_model(any_config.model_config())
+    splits: dict = {}
+    out: dict[str, Any] = {}
+    began = time.perf_counter()
+    for name in names:
+        method = METHODS_BY_NAME[name]
+        if method.training is None:
+            init = Initialisation(name, initial_params(seeded_model(any_config.model_config(), seed)), any_config.inner_lr)
+        else:
+            init = inits[method.training]
+        steps = spec["steps"] if method.adapts else [0]
+        out[name] = {}
+        for site in sites:
+            curve = score_site(model, init, site, shots=spec["shots"], steps=steps, seed=seed,
+                               num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
+                               batch_size=any_config.eval_batch_size, splits=splits)
+            if not method.adapts:  # the model as is: the same Dice whatever the step budget
+                curve = {k: {s: by_steps[0] for s in spec["steps"]} for k, by_steps in curve.items()}
+            out[name][site.name] = {str(k): {str(s): v for s, v in by_steps.items()} for k, by_steps in curve.items()}
+    _say(quiet, f"[seed {seed}] evaluated {len(names)} methods on {len(sites)} site(s) in {time.perf_counter() - began:.0f} s")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries
+
+
+def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int]) -> dict[str, Any]:
+    """Per method, k and steps: mean ± std over seeds of the site mean, the worst site, per-kind means."""
+    summary: dict[str, Any] = {}
+    for name, by_seed in dice.items():
+        summary[name] = {}
+        seeds = sorted(by_seed)
+        sites = sorted(next(iter(by_seed.values())))
+        for k in shots:
+            summary[name][str(k)] = {}
+            for s in steps:
+                table = np.array([[by_seed[seed][site][str(k)][str(s)]["dice"] for site in sites] for seed in seeds])
+                site_means_per_seed = np.nanmean(table, axis=1)  # [seeds]
+                per_site = np.nanmean(table, axis=0)  # [sites], averaged over seeds
+                worst = int(np.nanargmin(per_site))
+                summary[name][str(k)][str(s)] = {
+                    "mean": float(np.mean(site_means_per_seed)),
+                    "std": float(np.std(site_means_per_seed, ddof=1)) if len(seeds) > 1 else 0.0,
+                    "worst_site": sites[worst],
+                    "worst_site_dice": float(per_site[worst]),
+                    "per_site": {site: float(v) for site, v in zip(sites, per_site)},
+                }
+    return summary
+
+
+def goal_check(summary: dict[str, Any], shots: list[int], steps: list[int]) -> dict[str, Any]:
+    """Issue 5's goal at k = 5 and 10 steps: +0.03 Dice over FedAvg + fine-tune and ≥ 95 % of pooled."""
+    k, s = str(GOAL_SHOTS), str(GOAL_STEPS)
+    if GOAL_SHOTS not in shots or GOAL_STEPS not in steps:
+        return {"checked": False, "reason": f"the grid lacks k = {GOAL_SHOTS} or {GOAL_STEPS} steps"}
+    fedavg_ft = summary.get("fedavg-ft", {}).get(k, {}).get(s, {}).get("mean")
+    pooled = summary.get("pooled-fomaml", {}).get(k, {}).get(s, {}).get("mean")
+    rows = {}
+    for name in META_METHODS:
+        if name not in summary:
+            continue
+        value = summary[name][k][s]["mean"]
+        margin = value - fedavg_ft if fedavg_ft is not None else None
+        fraction = value / pooled if pooled else None
+        rows[name] = {
+            "dice": value,
+            "margin_over_fedavg_ft": margin,
+            "fraction_of_pooled": fraction,
+            "beats_fedavg_ft_by_margin": margin is not None and margin >= GOAL_MARGIN,
+            "reaches_pooled_fraction": fraction is not None and fraction >= GOAL_FRACTION,
+        }
+    met = [n for n, r in rows.items() if r["beats_fedavg_ft_by_margin"] and r["reaches_pooled_fraction"]]
+    return {"checked": True, "k": GOAL_SHOTS, "steps": GOAL_STEPS, "margin": GOAL_MARGIN, "fraction": GOAL_FRACTION,
+            "fedavg_ft": fedavg_ft, "pooled": pooled, "methods": rows, "met_by": met}
+
+
+def format_goal(goal: dict[str, Any]) -> str:
+    if not goal.get("checked"):
+        return f"goal not checked: {goal.get('reason')}"
+    lines = [f"goal at k = {goal['k']}, {goal['steps']} steps: beat FedAvg + fine-tune "
+             f"({_f(goal['fedavg_ft'])}) by >= {goal['margin']} and reach >= {goal['fraction']:.0%} of pooled "
+             f"({_f(goal['pooled'])})"]
+    for name, row in goal["methods"].items():
+        lines.append(f"  {name:8s} Dice {row['dice']:.3f}  margin {_f(row['margin_over_fedavg_ft'], '+.3f')}  "
+                     f"of pooled {_f(row['fraction_of_pooled'], '.1%')}  "
+                     f"{'MET' if name in goal['met_by'] else 'not met'}")
+    return "\n".join(lines)
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    spec, summary = results["preset"], results["summary"]
+    steps, shots = spec["steps"], spec["shots"]
+    role = "validation (training) sites" if results["eval_role"] == "validation" else "held-out sites"
+    machine = results["machine"]
+    lines = [
+        f"# fedmeta benchmark: preset `{spec['name']}`",
+        "",
+        f"Federation `{spec['federation']}` (seed {spec['federation-seed']}); trained on "
+        f"{len(results['train_sites'])} sites, new hospitals = {role}: "
+        + ", ".join(f"{n} ({kind})" for n, kind in results["eval_sites"].items())
+        + f". Seeds {results['seeds']}; Dice = mean foreground Dice on each new site's other patients "
+        f"({spec['eval-max-images'] or 'all'} slices per site), mean ± std over seeds of the mean over sites.",
+        "",
+        f"Every trained method: {results['local_steps_total']} local gradient steps (forward-backward passes on "
+        "one batch) in total.",
+        "",
+        format_goal(results["goal"]).replace("\n  ", "\n- ").replace("goal", "**Goal**", 1),
+        "",
+    ]
+    for k in shots:
+        lines += [f"## k = {k} labelled slices", "", "| method | " + " | ".join(f"{s} steps" for s in steps)
+                  + f" | worst site ({steps[-1]} steps) |", "|---|" + "---|" * (len(steps) + 1)]
+        for name in results["method_order"]:
+            cells = [f"{summary[name][str(k)][str(s)]['mean']:.3f} ± {summary[name][str(k)][str(s)]['std']:.3f}"
+                     for s in steps]
+            last = summary[name][str(k)][str(steps[-1])]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {last['worst_site_dice']:.3f} ({last['worst_site']}) |")
+        lines.append("")
+    k_mid = str(GOAL_SHOTS if GOAL_SHOTS in shots else shots[0])
+    s_mid = str(GOAL_STEPS if GOAL_STEPS in steps else steps[-1])
+    sites = list(results["eval_sites"])
+    lines += [f"## Per site, k = {k_mid}, {s_mid} steps (mean over seeds)", "",
+              "| method | " + " | ".join(f"{s} ({results['eval_sites'][s]})" for s in sites) + " |",
+              "|---|" + "---|" * len(sites)]
+    for name in results["method_order"]:
+        per_site = summary[name][k_mid][s_mid]["per_site"]
+        lines.append(f"| {name} | " + " | ".join(f"{per_site[s]:.3f}" for s in sites) + " |")
+    lines += ["", "## Methods and budgets", "",
+              "| method | what the row is | episodes/site | inner steps | local steps per site-round | total | "
+              "training s (mean) |", "|---|---|---|---|---|---|---|"]
+    for name in results["method_order"]:
+        method = results["methods"][name]
+        b = method["budget"]
+        runs = results["runs"].get(method["training"] or "", {})
+        seconds = np.mean([r["seconds"] for r in runs.values()]) if runs else 0.0
+        if b:
+            lines.append(f"| {name} | {method['meaning']} | {b['episodes_per_site']} | {b['inner_steps']} | "
+                         f"{b['local_steps_per_site_round']} | {b['local_steps_total']} | {seconds:.0f} |")
+        else:
+            lines.append(f"| {name} | {method['meaning']} | - | - | 0 | 0 | 0 |")
+    lines += ["", f"![Dice against adaptation steps]({Path(results['files']['plot']).name})", "",
+              f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} "
+              f"({machine['torch_threads']} threads); load average {machine['load_average_start']} at start, "
+              f"{machine['load_average_end']} at end; wall time {results['seconds_total'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], path: Path) -> Path:
+    """Dice against adaptation steps: one row per k, one panel per kind of new site; mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = results["preset"]
+    steps, shots = spec["steps"], spec["shots"]
+    kinds: dict[str, list[str]] = {}
+    for site, kind in results["eval_sites"].items():
+        kinds.setdefault(kind, []).append(site)
+    fig, axes = plt.subplots(len(shots), len(kinds), figsize=(4.2 * len(kinds), 3.2 * len(shots)), dpi=110,
+                             squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab10")
+    for row, k in enumerate(shots):
+        for col, (kind, sites) in enumerate(kinds.items()):
+            ax = axes[row][col]
+            for i, name in enumerate(results["method_order"]):
+                by_seed = results["dice"][name]
+                # per seed: mean over this kind's sites; then mean ± std over seeds
+                values = np.array([[np.nanmean([by_seed[seed][site][str(k)][str(s)]["dice"] for site in sites])
+                                    for s in steps] for seed in by_seed])
+                mean, std = values.mean(axis=0), values.std(axis=0)
+                style = "--" if not results["methods"][name]["adapts"] else ("-." if name == "pooled-fomaml" else "-")
+                ax.plot(steps, mean, style, marker="o", markersize=3, color=colours(i % 10), label=name)
+                if len(values) > 1:
+                    ax.fill_between(steps, mean - std, mean + std, color=colours(i % 10), alpha=0.12)
+            ax.set_title(f"{kind} ({', '.join(sites)}), k = {k}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_xticks(steps)
+            if row == len(shots) - 1:
+                ax.set_xlabel("adaptation steps on the new site")
+            if col == 0:
+                ax.set_ylabel("mean foreground Dice")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    fig.suptitle("New-hospital adaptation: Dice against adaptation steps (mean ± std over seeds; "
+                 "dashed: no adaptation, dash-dot: pooled upper bound)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if len(labels) > 5 else 0.04, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fedmeta benchmark: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
+        values[key.strip()] = raw.strip()
+    return values
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _f(value: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return str(obj)
+
+
+def _say(quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, flush=True)
+
+
+__all__ = [
+    "METHODS",
+    "budget",
+    "check_equal_budget",
+    "goal_check",
+    "load_benchmark_preset",
+    "local_steps_per_site_round",
+    "register",
+    "run_benchmark",
+    "summarise",
+]

@@ -1,0 +1,196 @@
+"""`fedmeta benchmark`: the driver end to end on the smoke federation, budgets, presets, summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from common.config import RunConfig
+from simulations.benchmark import (
+    METHODS, budget, check_equal_budget, goal_check, load_benchmark_preset, local_steps_per_site_round,
+    method_configs, summarise,
+)
+from simulations.cli import main
+
+TINY = """
+federation = "smoke"
+seeds = 1
+shots = [1, 2]
+steps = [0, 2]
+eval-max-images = 16
+
+[run-config]
+num-rounds = 1
+episodes-per-site = 1
+k-shot = 2
+q-query = 2
+image-size = 32
+model-base-channels = 8
+model-levels = 3
+inner-lr = 0.1
+meta-lr = 0.01
+device = "cpu"
+
+[training.fedavg]
+inner-steps = 1
+meta-optimizer = "sgd"
+meta-lr = 1.0
+[training.fedprox]
+inner-steps = 1
+meta-optimizer = "sgd"
+meta-lr = 1.0
+proximal-mu = 0.01
+[training.fomaml]
+inner-steps = 1
+[training.maml]
+inner-steps = 1
+[training.reptile]
+inner-steps = 2
+[training.metasgd]
+inner-steps = 1
+[training.anil]
+inner-steps = 1
+[training.pooled-fomaml]
+inner-steps = 1
+"""
+
+
+@pytest.fixture
+def tiny_preset(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_federation, tiny_preset, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["benchmark", "--preset", str(tiny_preset), "--out", str(out),
+                 "--federation-dir", str(smoke_federation)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    names = [m.name for m in METHODS]
+    assert sorted(results["methods"]) == sorted(names) and results["method_order"] == names
+    sites = ["new-annotation", "new-sequence"]
+    assert sorted(results["eval_sites"]) == sites
+    for name in names:
+        for site in sites:
+            for k in ("1", "2"):
+                for steps in ("0", "2"):
+                    cell = results["dice"][name]["0"][site][k][steps]
+                    assert math.isfinite(cell["dice"]) and 0.0 <= cell["dice"] <= 1.0, (name, site, k, steps)
+                    assert cell["eval_images"] == 16
+        for k in ("1", "2"):
+            for steps in ("0", "2"):
+                assert math.isfinite(results["summary"][name][k][steps]["mean"]), (name, k, steps)
+    # FedAvg as is: the same number at every step count, equal to FedAvg + fine-tune before it adapts.
+    for site in sites:
+        fedavg, fine_tuned = results["dice"]["fedavg"]["0"][site]["2"], results["dice"]["fedavg-ft"]["0"][site]["2"]
+        assert fedavg["0"]["dice"] == fedavg["2"]["dice"] == fine_tuned["0"]["dice"]
+    # One budget for every trained method, counted and reported.
+    totals = {name: m["budget"]["local_steps_total"] for name, m in results["methods"].items() if m["budget"]}
+    assert set(totals.values()) == {results["local_steps_total"]} == {3 * 2}  # 1 round x 3 sites x 2 passes
+    assert results["methods"]["reptile"]["budget"]["inner_steps"] == 2
+    for name in ("results.md", "dice_vs_steps.png"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "| fedavg-ft |" in table and "| pooled-fomaml |" in table and "local steps per site-round" in table
+    assert "[seed 0] pooled-fomaml" in printed
+
+    # A second run reuses a finished training run of the same config and gives the same numbers.
+    assert main(["benchmark", "--preset", str(tiny_preset), "--out", str(out), "--methods", "fomaml",
+                 "--federation-dir", str(smoke_federation)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"]["fomaml"]["0"]["reused"]
+    assert again["dice"]["fomaml"] == results["dice"]["fomaml"]
+
+
+def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset, tmp_path):
+    from simulations.benchmark import run_benchmark
+
+    results = run_benchmark(str(tiny_preset), out=tmp_path / "val", federation_dir=smoke_federation,
+                            methods=["scratch", "fomaml"], validation_sites=1, quiet=True)
+    assert results["eval_role"] == "validation"
+    assert list(results["eval_sites"]) == ["site-03"] and results["train_sites"] == ["site-01", "site-02"]
+    assert results["local_steps_total"] == 1 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "episodes", "inner_steps", "expected"),
+    [("fomaml", 2, 3, 8), ("maml", 2, 3, 8), ("metasgd", 2, 3, 8), ("anil", 2, 3, 8), ("reptile", 2, 4, 8),
+     ("fedavg", 2, 2, 8), ("fedprox", 2, 2, 8)],
+)
+def test_local_steps_are_counted_per_algorithm(algorithm, episodes, inner_steps, expected):
+    config = RunConfig(algorithm=algorithm, episodes_per_site=episodes, inner_steps=inner_steps)
+    assert local_steps_per_site_round(config) == expected
+    assert budget(config.replace(num_rounds=10, sites_per_round=4), 8)["local_steps_total"] == 10 * 4 * expected
+    assert budget(config.replace(num_rounds=10, sites_per_round=0), 8)["local_steps_total"] == 10 * 8 * expected
+
+
+def test_unequal_budgets_are_refused_with_the_totals(tiny_preset, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace("[training.reptile]\ninner-steps = 2", "[training.reptile]\ninner-steps = 5"))
+    spec = load_benchmark_preset(str(bad))
+    configs = method_configs(spec, spec["methods"])
+    with pytest.raises(ValueError, match=r"budgets of local gradient steps differ .*reptile: 15"):
+        check_equal_budget({k: budget(c, 3) for k, c in configs.items()}, bad)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: "rounds = 3\n" + t, "unknown key\\(s\\) rounds; valid keys"),
+        (lambda t: t + "\nrounds = 3\n", "\\[training.pooled-fomaml\\]: unknown run-config key\\(s\\) rounds"),
+        (lambda t: t.replace("seeds = 1", "seeds = 0"), "seeds=0 must be >= 1"),
+        (lambda t: t.replace("shots = [1, 2]", "shots = [0]"), "shots=\\[0\\]"),
+        (lambda t: "methods = ['fomaml', 'magic']\n" + t, "methods \\['magic'\\]: choose among"),
+        (lambda t: t.replace("[training.anil]\ninner-steps = 1", ""), "needs a \\[training.anil\\] table"),
+        (lambda t: t.replace("inner-lr = 0.1", "inner-lr = -1"), "\\[training.fedavg\\]: run config inner-lr"),
+    ],
+)
+def test_bad_presets_name_the_problem(tmp_path, edit, message):
+    path = tmp_path / "p.toml"
+    path.write_text(edit(TINY))
+    with pytest.raises(ValueError, match=message):
+        spec = load_benchmark_preset(str(path))
+        method_configs(spec, spec["methods"])
+
+
+def test_unknown_preset_lists_the_shipped_ones(capsys):
+    assert main(["benchmark", "--preset", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "benchmark preset 'nope'" in err and "benchmark-quick" in err
+
+
+@pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick"])
+def test_shipped_presets_are_valid_and_budget_matched(preset):
+    spec = load_benchmark_preset(preset)
+    configs = method_configs(spec, spec["methods"])
+    assert set(spec["methods"]) == {m.name for m in METHODS}
+    assert check_equal_budget({k: budget(c, 8) for k, c in configs.items()}, preset) > 0
+    assert len({c.model_config() for c in configs.values()}) == 1
+
+
+def test_summary_mean_std_over_seeds_and_worst_site():
+    def cell(value):
+        return {"1": {"0": {"dice": value}}}
+
+    dice = {"m": {0: {"a": cell(0.6), "b": cell(0.2)}, 1: {"a": cell(0.8), "b": cell(0.4)}}}
+    summary = summarise(dice, [1], [0])["m"]["1"]["0"]
+    assert summary["mean"] == pytest.approx(0.5)  # seeds' site means 0.4 and 0.6
+    assert summary["std"] == pytest.approx(math.sqrt(0.02))  # sample std of (0.4, 0.6)
+    assert summary["worst_site"] == "b" and summary["worst_site_dice"] == pytest.approx(0.3)
+
+
+def test_goal_check_reports_margin_and_fraction_of_pooled():
+    def row(value):
+        return {"5": {"10": {"mean": value}}}
+
+    summary = {"fedavg-ft": row(0.70), "pooled-fomaml": row(0.80), "fomaml": row(0.78), "reptile": row(0.72)}
+    goal = goal_check(summary, [5], [10])
+    assert goal["met_by"] == ["fomaml"]
+    assert goal["methods"]["reptile"]["margin_over_fedavg_ft"] == pytest.approx(0.02)
+    assert goal["methods"]["fomaml"]["fraction_of_pooled"] == pytest.approx(0.975)
+    assert not goal_check(summary, [1], [10])["checked"]
