@@ -164,11 +164,14 @@ def test_unknown_preset_lists_the_shipped_ones(capsys):
     assert "benchmark preset 'nope'" in err and "benchmark-quick" in err
 
 
-@pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick"])
+@pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune"])
 def test_shipped_presets_are_valid_and_budget_matched(preset):
     spec = load_benchmark_preset(preset)
     configs = method_configs(spec, spec["methods"])
-    assert set(spec["methods"]) == {m.name for m in METHODS}
+    if preset == "benchmark-tune":  # tuning never looks at the held-out sites
+        assert spec["validation-sites"] > 0
+    else:
+        assert set(spec["methods"]) == {m.name for m in METHODS} and spec["validation-sites"] == 0
     assert check_equal_budget({k: budget(c, 8) for k, c in configs.items()}, preset) > 0
     assert len({c.model_config() for c in configs.values()}) == 1
 
