@@ -19,12 +19,12 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from simulations import bench_meta
+from simulations.procmem import TreeMemorySampler
 
 PARTS = ("sim", "scaling", "comm", "meta")
 TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
@@ -36,73 +36,6 @@ ENGINE_CONFIG = dict(
     image_size=32, model_base_channels=8, model_levels=3, episodes_per_site=1, k_shot=2, q_query=2,
     inner_steps=1, inner_lr=0.1, meta_lr=0.01, eval_every=0, node_wait_timeout=60.0,
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# Process-tree memory
-
-
-class TreeMemorySampler:
-    """Samples the summed PSS of this process and every process whose FLWR_HOME is ``flwr_home``.
-
-    PSS (proportional set size) splits shared pages among the processes that map them, so Ray's
-    shared object store and the torch libraries every worker maps count once, not once per worker.
-    """
-
-    def __init__(self, flwr_home: Path | None, interval_s: float = 0.5):
-        self.flwr_home = str(flwr_home) if flwr_home else None
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "TreeMemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            self.peak_bytes = max(self.peak_bytes, self.sample())
-            if self._stop.wait(self.interval_s):
-                return
-
-    def sample(self) -> int:
-        total = _pss_bytes(os.getpid())
-        if self.flwr_home:
-            for pid in _pids():
-                if pid != os.getpid() and _environ_value(pid, "FLWR_HOME") == self.flwr_home:
-                    total += _pss_bytes(pid)
-        return total
-
-
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _environ_value(pid: int, name: str) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    prefix = name.encode() + b"="
-    for entry in raw.split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix):].decode(errors="replace")
-    return None
-
-
-def _pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from simulations.procmem import TreeMemorySampler
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 ENGINES = ("ray", "inprocess")
@@ -130,7 +133,22 @@ def simulate(
                 f"{len(manifest.heldout_sites)} held-out sites; ready in {federation_seconds:.1f} s)")
 
     config = config.replace(out_dir=str(out), federation_dir=str(federation), resume=resume)
-    runs = {config.algorithm: _run(config, engine, num_sites, quiet)}
+    # Each Ray run gets a private FLWR_HOME under one short temporary folder (Ray derives Unix socket
+    # paths from it); the sampler sums the memory of every process of those runs and of this one.
+    flwr_homes = Path(tempfile.mkdtemp(prefix="fedmeta-"))
+    memory = TreeMemorySampler(flwr_homes)
+    memory.__enter__()
+    try:
+        return _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began,
+                              federation_seconds, flwr_homes, memory)
+    finally:
+        memory.__exit__(None, None, None)
+        shutil.rmtree(flwr_homes, ignore_errors=True)
+
+
+def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
+                   flwr_homes, memory) -> dict[str, Any]:
+    runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes)}
     baseline_config = None
     if baseline and config.algorithm != "fedavg":
         # FedAvg as FedOpt with server SGD at lr 1, the same rounds, sites, episodes and local steps.
@@ -139,7 +157,7 @@ def simulate(
             out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")
-        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet)
+        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes)
 
     from simulations.report import (
         evaluate_initialisations, initialisation_from_checkpoint, random_initialisation, write_report,
@@ -163,17 +181,17 @@ def simulate(
         "comparison": comparison,
         "seconds_total": time.perf_counter() - began,
         "seconds_federation": federation_seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_memory_mb": memory.peak_bytes / 2**20,  # PSS of the driver and every Flower/Ray process
         "report": str(report),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     for label, summary in comparison["summary"].items():
         _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in (0, 5, 10)))
-    _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_rss_mb']:.0f} MB")
+    _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")
     return results
 
 
-def _run(config, engine: str, num_sites: int, quiet: bool) -> dict[str, Any]:
+def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> dict[str, Any]:
     """One federated run on the chosen engine; checks what it left on disk, returns its summary."""
     from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from server.metrics import METRICS_NAME, read_metrics
@@ -199,7 +217,9 @@ def _run(config, engine: str, num_sites: int, quiet: bool) -> dict[str, Any]:
                     f"--engine ray builds a Flower app from the source tree, but {app_dir} has no pyproject.toml "
                     "(an installed wheel); run from a checkout or use --engine inprocess."
                 )
-            outcome = run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites)
+            flwr_home = flwr_homes / f"run-{len(list(flwr_homes.iterdir()))}"
+            outcome = run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites,
+                                            flwr_home=flwr_home)
             if not outcome.ok:
                 raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status}:\n{outcome.log[-3000:]}")
     finally:
@@ -289,13 +309,6 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def _say(quiet: bool, line: str) -> None:
     if not quiet:
         print(line, flush=True)
-
-
-def _peak_rss_mb() -> float:
-    # Linux reports KiB; children covers the Ray workers of --engine ray once they have exited.
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
 
 
 __all__ = ["format_round", "load_preset", "register", "simulate"]

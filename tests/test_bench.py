@@ -5,7 +5,8 @@ import subprocess
 import sys
 import time
 
-from simulations.bench import TreeMemorySampler, format_report
+from simulations.bench import format_report
+from simulations.procmem import TreeMemorySampler
 
 
 def test_tree_memory_counts_processes_of_the_flower_home_and_no_others(tmp_path):

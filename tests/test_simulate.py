@@ -60,4 +60,4 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
     report = (out / "report.md").read_text()
     assert "| meta-learned (fomaml) |" in report and "| FedAvg-trained |" in report and "| random init |" in report
     assert (out / "baseline-fedavg" / "checkpoint.pt").exists()
-    assert results["runs"]["fomaml"]["rounds"] == 3 and results["peak_rss_mb"] > 0
+    assert results["runs"]["fomaml"]["rounds"] == 3 and results["peak_memory_mb"] > 0
