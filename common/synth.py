@@ -594,7 +594,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
     result does not depend on it, since every subject has its own seed.
     """
     root = Path(out_dir)
-    spec = _preset(preset)
+    _preset(preset)  # an unknown preset is refused before the folder is touched
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer.")
     seed = int(seed)

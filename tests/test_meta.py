@@ -14,7 +14,7 @@ from torch.func import functional_call
 from common.losses import DiceCELoss, one_hot
 from common.meta import ALGORITHMS, adapt, init_step_sizes, meta_gradient
 from common.metaopt import MetaOptimizer
-from common.model import ModelConfig, build_model, head_parameter_names, initial_params
+from common.model import ModelConfig, build_model, head_parameter_names
 
 NUM_CLASSES = 3
 SIDE = 8

@@ -20,15 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def federation(request, tmp_path_factory) -> Path:
-    """The session's smoke federation (tests/conftest.py), or one generated here if that is absent."""
-    try:
-        return request.getfixturevalue("smoke_federation")
-    except pytest.FixtureLookupError:
-        from common.synth import generate_federation
-
-        return generate_federation(tmp_path_factory.mktemp("smoke-federation"), "smoke")
+@pytest.fixture
+def federation(smoke_federation) -> Path:
+    """The session's smoke federation (tests/conftest.py)."""
+    return smoke_federation
 
 
 def flower_processes(flwr_home: Path) -> list[int]:
