@@ -96,7 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tune without touching held-out sites: the last N training sites play the new "
                              "hospitals and the others train (overrides the preset)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run-config override for every method, e.g. --set inner-lr=0.1 (repeatable)")
+                        help="run-config override for every method, e.g. --set inner-lr=0.1, or for one "
+                             "[training.*] table, e.g. --set training.fomaml.inner-steps=1 (repeatable)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe "
+                             "the cores and ran up to 10x slower; 0 keeps torch's own choice)")
     parser.set_defaults(handler=handle)
 
 
@@ -105,6 +109,14 @@ def handle(args: argparse.Namespace) -> int:
         print("fedmeta benchmark: error: give --quick or --preset, not both.", file=sys.stderr)
         return 2
     preset = args.preset or (QUICK_PRESET if args.quick else DEFAULT_PRESET)
+    if args.threads < 0:
+        print(f"fedmeta benchmark: error: --threads {args.threads}: use 1 or more, or 0 for torch's default.",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         results = run_benchmark(
             preset, seeds=args.seeds, out=args.out, federation_root=args.federation_dir,
@@ -269,7 +281,17 @@ def run_benchmark(
         spec["methods"] = [m.strip() for m in methods if m.strip()]
     if validation_sites is not None:
         spec["validation-sites"] = validation_sites
-    spec["run-config"].update(extra or {})
+    for key, value in (extra or {}).items():
+        # "training.<method>.<key>" overrides one [training.*] table; anything else the shared run config.
+        section, _, rest = key.partition(".")
+        if section == "training" and rest.count(".") == 1:
+            table, setting = rest.split(".")
+            if table not in spec["training"]:
+                raise ValueError(f"--set {key}: the preset has no [training.{table}] table; "
+                                 f"tables: {', '.join(sorted(spec['training']))}.")
+            spec["training"][table][setting] = value
+        else:
+            spec["run-config"][key] = value
     _check_spec(spec, spec["path"])
     names = [m.name for m in METHODS if m.name in spec["methods"]]
     configs = method_configs(spec, names)

@@ -197,3 +197,14 @@ def test_goal_check_reports_margin_and_fraction_of_pooled():
     assert goal["methods"]["reptile"]["margin_over_fedavg_ft"] == pytest.approx(0.02)
     assert goal["methods"]["fomaml"]["fraction_of_pooled"] == pytest.approx(0.975)
     assert not goal_check(summary, [1], [10])["checked"]
+
+
+def test_set_reaches_one_training_table_and_the_budget_check_sees_it(smoke_federation, tiny_preset, tmp_path):
+    from simulations.benchmark import run_benchmark
+
+    with pytest.raises(ValueError, match=r"budgets of local gradient steps differ .*fomaml: 9"):
+        run_benchmark(str(tiny_preset), out=tmp_path, federation_dir=smoke_federation,
+                      extra={"training.fomaml.inner-steps": "2"}, quiet=True)
+    with pytest.raises(ValueError, match=r"no \[training.fomal\] table"):
+        run_benchmark(str(tiny_preset), out=tmp_path, federation_dir=smoke_federation,
+                      extra={"training.fomal.inner-steps": "2"}, quiet=True)
