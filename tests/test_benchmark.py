@@ -208,3 +208,15 @@ def test_set_reaches_one_training_table_and_the_budget_check_sees_it(smoke_feder
     with pytest.raises(ValueError, match=r"no \[training.fomal\] table"):
         run_benchmark(str(tiny_preset), out=tmp_path, federation_dir=smoke_federation,
                       extra={"training.fomal.inner-steps": "2"}, quiet=True)
+
+
+def test_goal_check_gives_paired_margins_per_seed():
+    def cell(value):
+        return {"5": {"10": {"dice": value}}}
+
+    dice = {"fedavg-ft": {"0": {"a": cell(0.5), "b": cell(0.3)}, "1": {"a": cell(0.7), "b": cell(0.5)}},
+            "maml": {"0": {"a": cell(0.6), "b": cell(0.3)}, "1": {"a": cell(0.7), "b": cell(0.4)}}}
+    summary = summarise(dice, [5], [10])
+    goal = goal_check(summary, [5], [10], dice=dice)
+    assert goal["methods"]["maml"]["paired_margin_per_seed"] == pytest.approx([0.05, -0.05])
+    assert goal["methods"]["maml"]["margin_over_fedavg_ft"] == pytest.approx(0.0)
