@@ -432,8 +432,13 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
             from server.metrics import METRICS_NAME, read_metrics
             from simulations.inprocess import run_inprocess
 
-            nodes = [{"data-dir": str(i.path), "role": "train"} for i in train_infos]
-            run_inprocess(config.to_run_config(), nodes, seed=config.seed)
+            from client.app import sites as client_site_cache
+            from simulations.centralised import training_node_configs
+
+            # One process serves every site here, one after another; a cache smaller than the
+            # federation would re-read sites from NIfTI every round.
+            client_site_cache.max_sites = max(client_site_cache.max_sites, len(train_infos))
+            run_inprocess(config.to_run_config(), training_node_configs(train_infos), seed=config.seed)
             checkpoint = load_checkpoint(path)
             if checkpoint.round != config.num_rounds:
                 raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "

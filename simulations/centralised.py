@@ -8,10 +8,10 @@ same example-weighted float64 aggregation and the same meta-optimiser — so it 
 that ``fedmeta bench`` compares Flower's engines against, and a reference the federated θ can be
 checked against.
 
-One difference from the federation remains: with ``sites-per-round`` below the number of training
-sites the server samples among node ids, which Flower draws at random, while this loop samples
-among sites in name order, so the chosen subsets differ (the distribution is the same). With every
-site every round (``sites-per-round = 0``) the two agree to float rounding.
+The sites are taken in name order (the manifest's training order). The server samples and sums sites
+in its own site order — partition ids when simulated, ``site-id`` from the node config when deployed —
+so a federation whose nodes carry those in name order (:func:`training_node_configs`) samples the same
+sites, draws the same episodes and sums in the same order: the same θ to float rounding.
 """
 
 from __future__ import annotations
@@ -143,6 +143,16 @@ def run_centralised(
     return run
 
 
+def training_node_configs(infos) -> list[dict[str, str | int]]:
+    """Node configs for the in-process engine: one per training site, ``site-id`` in name order.
+
+    ``site-id`` fixes the server's site order to this module's, and is what a deployed hospital
+    would pass; node ids, which Flower draws at random, then play no part.
+    """
+    return [{"data-dir": str(info.path), "role": "train", "site-id": i}
+            for i, info in enumerate(sorted(infos, key=lambda info: info.name))]
+
+
 def load_training_sites(
     federation_dir: Path | str, config: RunConfig, names: Sequence[str] | None = None
 ) -> list[SiteDataset]:
@@ -181,4 +191,5 @@ def _target(labels: torch.Tensor, config: RunConfig, device: torch.device) -> to
     return one_hot(labels, config.num_classes).to(device)
 
 
-__all__ = ["CentralisedRun", "load_training_sites", "pool_sites", "run_centralised", "train_centralised"]
+__all__ = ["CentralisedRun", "load_training_sites", "pool_sites", "run_centralised", "train_centralised",
+           "training_node_configs"]

@@ -9,12 +9,14 @@ from common.config import RunConfig
 from common.model import initial_params, seeded_model
 from common.synth import load_manifest
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from simulations.centralised import load_training_sites, pool_sites, run_centralised, train_centralised
+from simulations.centralised import (
+    load_training_sites, pool_sites, run_centralised, train_centralised, training_node_configs,
+)
 from simulations.inprocess import run_inprocess
 
 
 def _config(federation, out_dir, **changes) -> RunConfig:
-    # The smoke preset's model and images, every training site every round (sampling then agrees).
+    # The smoke preset's model and images, every training site every round unless a test says otherwise.
     base = RunConfig(
         num_rounds=2, sites_per_round=0, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
         model_base_channels=8, model_levels=3, inner_lr=0.1, meta_lr=0.01, eval_every=0,
@@ -23,12 +25,12 @@ def _config(federation, out_dir, **changes) -> RunConfig:
     return base.replace(**changes)
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "fedprox"])
-def test_unpooled_loop_reproduces_the_inprocess_federation(smoke_federation, tmp_path, algorithm):
-    """Same sampling generator, episode seeds, aggregation and meta-optimiser: the same θ."""
-    config = _config(smoke_federation, tmp_path / "fed", algorithm=algorithm,
-                     proximal_mu=0.1 if algorithm == "fedprox" else 0.0)
-    train_nodes = [{"data-dir": str(s.path), "role": "train"} for s in load_manifest(smoke_federation).train_sites]
+@pytest.mark.parametrize(("algorithm", "sites_per_round"), [("fomaml", 0), ("metasgd", 0), ("fedprox", 0), ("fomaml", 2)])
+def test_unpooled_loop_reproduces_the_inprocess_federation(smoke_federation, tmp_path, algorithm, sites_per_round):
+    """Same site sampling, episode seeds, aggregation order and meta-optimiser: the same θ."""
+    config = _config(smoke_federation, tmp_path / "fed", algorithm=algorithm, sites_per_round=sites_per_round,
+                     num_rounds=3 if sites_per_round else 2, proximal_mu=0.1 if algorithm == "fedprox" else 0.0)
+    train_nodes = training_node_configs(load_manifest(smoke_federation).train_sites)
     run_inprocess(config.to_run_config(), train_nodes, seed=config.seed)
     federated = load_checkpoint(tmp_path / "fed" / CHECKPOINT_NAME)
 

@@ -17,6 +17,7 @@ from common.synth import load_manifest
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from simulations.cli import main
 from simulations.evaluate import evaluate_checkpoint, parse_counts
+from simulations.centralised import training_node_configs
 from simulations.inprocess import run_inprocess
 
 
@@ -25,7 +26,7 @@ def trained(smoke_federation, tmp_path_factory):
     """A one-round smoke federation run per algorithm that changes how θ adapts (plain, Meta-SGD, ANIL)."""
     out = {}
     manifest = load_manifest(smoke_federation)
-    nodes = [{"data-dir": str(s.path), "role": "train"} for s in manifest.train_sites]
+    nodes = training_node_configs(manifest.train_sites)
     for algorithm in ("fomaml", "metasgd", "anil"):
         run_dir = tmp_path_factory.mktemp(algorithm)
         config = RunConfig(algorithm=algorithm, num_rounds=1, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
