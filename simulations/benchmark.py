@@ -667,7 +667,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle("New-hospital adaptation: Dice against adaptation steps (mean ± std over seeds; "
-                 "dashed: no adaptation, dash-dot: pooled upper bound)", fontsize=10)
+                 "dashed: no adaptation, dash-dot: pooled FOMAML; fedavg-ft lies under fedprox-ft)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if len(labels) > 5 else 0.04, 1, 1))
     fig.savefig(path)
     plt.close(fig)
