@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import zlib
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
@@ -23,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from common.config import RunConfig
-from common.data import adaptation_split, sample_episodes
+from common.data import adaptation_split, sample_episodes, site_seed
 from common.evaluation import adaptation_curve
 from common.losses import DiceCELoss, one_hot
 from common.meta import meta_gradient
@@ -137,11 +136,6 @@ def evaluate(message: Message, context: Context) -> Message:
     metrics["num-examples"] = int(len(eval_x))
     metrics["seconds"] = time.perf_counter() - began
     return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
-
-
-def site_seed(round_seed: int, site_name: str) -> int:
-    """Each site's own episode seed for a round: different sites, different draws; stable across runs."""
-    return (int(round_seed) * 1_000_003 + zlib.crc32(site_name.encode())) % (2**31 - 1)
 
 
 def _setup(context: Context) -> tuple[RunConfig, SiteRef, torch.device]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,3 +315,8 @@ def adaptation_split(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Tens
     evaluation = [(p, int(s)) for p in eval_patients for s in site.foreground_indices(p)]
     eval_x, eval_y = _gather(site, evaluation)
     return support_x, support_y, eval_x, eval_y
+
+
+def site_seed(round_seed: int, site_name: str) -> int:
+    """Each site's own episode seed for a round: different sites, different draws; stable across runs."""
+    return (int(round_seed) * 1_000_003 + zlib.crc32(site_name.encode())) % (2**31 - 1)

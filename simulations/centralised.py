@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.data import SiteDataset, sample_episodes
+from common.data import SiteDataset, sample_episodes, site_seed
 from common.losses import DiceCELoss, one_hot
 from common.meta import init_step_sizes, meta_gradient
 from common.metaopt import MetaOptimizer
@@ -33,9 +33,6 @@ from common.model import head_parameter_names, initial_params, seeded_model
 from common.synth import load_manifest
 from client.site import data_config, pick_device
 
-# The client's per-site episode seed. Imported, not copied, so the two loops cannot drift apart;
-# client.app imports Flower's ClientApp module, which costs import time but nothing per round.
-from client.app import site_seed
 
 
 @dataclass
