@@ -34,14 +34,13 @@ import os
 import platform
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+from simulations.simulate import parse_sets, read_preset_toml
 DEFAULT_PRESET = "benchmark"
 QUICK_PRESET = "benchmark-quick"
 
@@ -121,7 +120,7 @@ def handle(args: argparse.Namespace) -> int:
         results = run_benchmark(
             preset, seeds=args.seeds, out=args.out, federation_root=args.federation_dir,
             methods=args.methods.split(",") if args.methods else None,
-            validation_sites=args.validation_sites, extra=_parse_sets(args.set),
+            validation_sites=args.validation_sites, extra=parse_sets(args.set, "benchmark"),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedmeta benchmark: error: {err}", file=sys.stderr)
@@ -136,16 +135,7 @@ def handle(args: argparse.Namespace) -> int:
 
 def load_benchmark_preset(preset: str) -> dict[str, Any]:
     """A benchmark preset (name in simulations/presets or a TOML path), checked key by key."""
-    path = Path(preset)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{preset}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("benchmark*.toml")))
-        raise ValueError(f"benchmark preset {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML ({err}).") from None
+    path, values = read_preset_toml(preset, kind="benchmark preset", known_glob="benchmark*.toml")
     unknown = sorted(set(values) - PRESET_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PRESET_KEYS))}.")
@@ -675,16 +665,6 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"fedmeta benchmark: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
-        values[key.strip()] = raw.strip()
-    return values
 
 
 def _load_average() -> list[float]:

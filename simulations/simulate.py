@@ -57,7 +57,7 @@ def handle(args: argparse.Namespace) -> int:
             preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
             engine=args.engine, out=args.out, seed=args.seed, resume=args.resume,
             federation_root=args.federation_dir, baseline=not args.no_baseline,
-            extra=_parse_sets(args.set),
+            extra=parse_sets(args.set),
         )
     except SimulationError as err:
         print(f"fedmeta simulate: error: {err}", file=sys.stderr)
@@ -73,19 +73,23 @@ class SimulationError(RuntimeError):
     """A run finished but not as it should (rounds missing, every reply dropped, ...)."""
 
 
-def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
+def read_preset_toml(preset: str, *, kind: str = "preset", known_glob: str = "*.toml") -> tuple[Path, dict[str, Any]]:
+    """A preset by name (a TOML file in simulations/presets) or by path: its path and its values."""
     path = Path(preset)
     if not path.suffix:
         path = PRESETS_DIR / f"{preset}.toml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
-        raise ValueError(f"preset {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
-    with path.open("rb") as handle:
-        try:
-            values = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML ({err}).") from None
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob(known_glob) if kind != "preset" or not p.stem.startswith("benchmark")))
+        raise ValueError(f"{kind} {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err}).") from None
+
+
+def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
+    path, values = read_preset_toml(preset)
     driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
     driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
     driver.setdefault("federation-seed", 0)
@@ -151,10 +155,11 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes)}
     baseline_config = None
     if baseline and config.algorithm != "fedavg":
-        # FedAvg as FedOpt with server SGD at lr 1, the same rounds, sites, episodes and local steps.
+        # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
+        # epochs chosen so each site makes as many gradient steps as the meta-learner does.
         baseline_config = config.replace(
             algorithm="fedavg", meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0,
-            out_dir=str(out / "baseline-fedavg"),
+            inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes)
@@ -189,6 +194,20 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in (0, 5, 10)))
     _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")
     return results
+
+
+def local_steps_per_round(config) -> int:
+    """Gradient steps one site makes per round (forward-backward passes on one batch)."""
+    if config.algorithm in ("fedavg", "fedprox"):  # each local epoch: support then query of every episode
+        return config.inner_steps * config.episodes_per_site * 2
+    if config.algorithm == "reptile":
+        return config.inner_steps * config.episodes_per_site
+    return (config.inner_steps + 1) * config.episodes_per_site  # inner steps + the query gradient
+
+
+def fedavg_epochs_for_budget(config) -> int:
+    """FedAvg's local epochs that match ``config``'s local steps per site and round as closely as possible."""
+    return max(1, round(local_steps_per_round(config) / (2 * config.episodes_per_site)))
 
 
 def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> dict[str, Any]:
@@ -240,6 +259,7 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
     return {
         "algorithm": config.algorithm,
         "rounds": checkpoint.round,
+        "local_steps_per_site_round": local_steps_per_round(config),
         "seconds": seconds,
         "final_meta_loss": last.get("query-loss-after"),
         "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
@@ -296,12 +316,13 @@ def format_round(record: dict[str, Any], config) -> str:
     return " | ".join(parts)
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
+def parse_sets(items: list[str], command: str = "simulate") -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as a dict of strings (RunConfig coerces each to its key's type)."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"fedmeta simulate: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
+            raise SystemExit(f"fedmeta {command}: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
         values[key.strip()] = raw.strip()  # RunConfig coerces strings to each key's type
     return values
 

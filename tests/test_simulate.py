@@ -61,3 +61,16 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
     assert "| meta-learned (fomaml) |" in report and "| FedAvg-trained |" in report and "| random init |" in report
     assert (out / "baseline-fedavg" / "checkpoint.pt").exists()
     assert results["runs"]["fomaml"]["rounds"] == 3 and results["peak_memory_mb"] > 0
+
+
+def test_the_fedavg_baseline_gets_the_meta_learners_local_step_budget():
+    from common.config import RunConfig
+    from simulations.simulate import fedavg_epochs_for_budget, local_steps_per_round
+
+    metasgd = RunConfig(algorithm="metasgd", inner_steps=3, episodes_per_site=2)
+    assert local_steps_per_round(metasgd) == 8  # 2 episodes x (3 inner steps + 1 query gradient)
+    epochs = fedavg_epochs_for_budget(metasgd)
+    assert epochs == 2
+    assert local_steps_per_round(RunConfig(algorithm="fedavg", inner_steps=epochs, episodes_per_site=2)) == 8
+    assert local_steps_per_round(RunConfig(algorithm="reptile", inner_steps=4, episodes_per_site=2)) == 8
+    assert fedavg_epochs_for_budget(RunConfig(algorithm="fomaml", inner_steps=1, episodes_per_site=1)) == 1
