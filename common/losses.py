@@ -71,8 +71,13 @@ def dice_per_class(logits: torch.Tensor, labels: torch.Tensor, num_classes: int)
     # [B, C, H, W] -> [1, C, B*H, W]: one pooled image.
     prediction = prediction.movedim(0, 1).flatten(1, 2).unsqueeze(0)
     truth = truth.movedim(0, 1).flatten(1, 2).unsqueeze(0)
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    return metric(prediction, truth)[0].float()
+    # ignore_empty=False: a class the site never labels but the model predicts scores 0 (MONAI's
+    # ignore_empty=True would hide exactly the error a different labelling protocol provokes).
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    dice = metric(prediction, truth)[0].float()
+    spatial = tuple(range(2, truth.ndim))
+    absent_from_both = (truth.sum(dim=spatial) == 0)[0, 1:] & (prediction.sum(dim=spatial) == 0)[0, 1:]
+    return torch.where(absent_from_both, torch.full_like(dice, float("nan")), dice)
 
 
 def mean_dice(per_class: torch.Tensor) -> float:

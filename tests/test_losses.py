@@ -34,6 +34,11 @@ def test_dice_per_class_matches_a_hand_count_and_skips_absent_classes():
     assert float(dice[1]) == pytest.approx(2 * 4 / (5 + 4))
     assert torch.isnan(dice[2])  # class 3 absent from truth and prediction
     assert mean_dice(dice) == pytest.approx((6 / 7 + 8 / 9) / 2)
+    # A class the truth lacks but the model predicts is an error, not "not applicable".
+    prediction[1, 3, 3] = 3
+    dice = dice_per_class(one_hot(prediction, 4) * 10, truth, 4)
+    assert float(dice[2]) == 0.0
+    assert mean_dice(dice) == pytest.approx((6 / 7 + 8 / 9 + 0) / 3)
 
 
 def test_dice_ce_loss_runs_under_grad_and_vmap_and_refuses_integer_targets():
