@@ -9,6 +9,7 @@ sites, send θ, validate and aggregate their meta-gradients, step the meta-optim
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
             log.warning("node %d sent role flag %r; leaving it out of this run", node_id, flag)
             continue
         key = reply.content.metric_records[METRICS_RECORD].get(SITE_KEY_METRIC, 0)
+        if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key) or key != int(key):
+            log.warning("node %d sent site key %r, not a whole number; leaving it out of this run", node_id, key)
+            continue
         keys[int(node_id)] = (int(key), int(node_id))
         (heldout if flag == 1 else train).append(int(node_id))
     return sorted(train, key=keys.get), sorted(heldout, key=keys.get)

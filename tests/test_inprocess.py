@@ -193,3 +193,18 @@ def test_runs_agree_bitwise_whatever_node_ids_flower_hands_out(smoke_federation,
         orders.append([partition_of(run.grid, n) for n in sorted(run.grid.nodes)])
     assert orders[0] != orders[1], "the two runs should sort their sites differently by node id"
     assert all(torch.equal(thetas[0][k], thetas[1][k]) for k in thetas[0])
+
+
+@pytest.mark.parametrize("bad_key", [float("nan"), [1, 2], 2.5])
+def test_a_site_with_a_malformed_site_key_is_left_out_and_the_rest_train(smoke_federation, tmp_path, bad_key):
+    def client(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if message.metadata.message_type == "query" and context.node_config["partition-id"] == 0:
+            reply.content.metric_records["metrics"]["site-key"] = bad_key
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1)
+    run = federate(config, smoke_federation, client=client)
+    trained = {partition_of(run.grid, n) for n, node in run.grid.nodes.items() if len(node.received) > 1}
+    assert 0 not in trained and {1, 2} <= trained
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 1
