@@ -238,7 +238,13 @@ class MetaGradientStrategy:
                 raise InvalidReply(f"{key!r} decodes to shape {list(tensor.shape)}, not its declared shape")
             if not torch.isfinite(tensor).all():
                 raise InvalidReply(f"{key!r} holds NaN or Inf")
-        return grads, _validated_metrics(content)
+        metrics = _validated_metrics(content)
+        # The weight a site claims cannot exceed what the round asked of it: one reply must not be
+        # able to outweigh the federation by naming a huge example count.
+        most = self.config.episodes_per_site * (self.config.k_shot + self.config.q_query)
+        if metrics[NUM_EXAMPLES] > most:
+            raise InvalidReply(f"{NUM_EXAMPLES} is {metrics[NUM_EXAMPLES]:g}, more than the {most} this round asked for")
+        return grads, metrics
 
     def _validate_evaluate(self, reply: Message) -> dict[str, float]:
         content = _content_of(reply, {METRICS_RECORD})

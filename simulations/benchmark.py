@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from simulations.simulate import local_steps_per_round as local_steps_per_site_round
 from simulations.simulate import parse_sets, read_preset_toml
 DEFAULT_PRESET = "benchmark"
 QUICK_PRESET = "benchmark-quick"
@@ -201,17 +202,9 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
     return configs
 
 
-def local_steps_per_site_round(config) -> int:
-    """Forward-backward passes one site makes in one round (see the module docstring)."""
-    if config.algorithm in ("fedavg", "fedprox"):
-        return config.episodes_per_site * 2 * config.inner_steps
-    if config.algorithm == "reptile":
-        return config.episodes_per_site * config.inner_steps
-    return config.episodes_per_site * (config.inner_steps + 1)
-
-
 def budget(config, num_train_sites: int) -> dict[str, int]:
-    sites = config.sites_per_round or num_train_sites
+    # The server and the bare loop train every site when sites-per-round is 0 or at least their number.
+    sites = min(config.sites_per_round or num_train_sites, num_train_sites)
     per_site_round = local_steps_per_site_round(config)
     return {
         "rounds": config.num_rounds,

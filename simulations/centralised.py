@@ -157,7 +157,7 @@ def load_training_sites(
     manifest = load_manifest(Path(federation_dir))
     available = {info.name: info for info in manifest.train_sites}
     if names is None:
-        chosen = list(available.values())
+        chosen = [available[name] for name in sorted(available)]  # name order, as the docstring promises
     else:
         unknown = sorted(set(names) - set(available))
         if unknown:

@@ -29,6 +29,7 @@ reachable through `ps` is stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -49,6 +50,8 @@ import tomli_w
 __all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine"]
 
 RunConfigValue = bool | int | float | str
+
+log = logging.getLogger("fedmeta.runtime")
 
 _TAG_VAR = "FEDMETA_RUNTIME_TAG"
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")
@@ -142,10 +145,14 @@ def run_simulation_engine(
             # tag, so the sweep finds them even though they are not our children.
             survivors = _stop_processes(set(), home.tag)
             if survivors:
-                raise RuntimeError(
+                message = (
                     f"Could not stop Flower processes {sorted(survivors)} started for the "
                     f"simulation in {home.path}; stop them by hand (kill -9 PID)."
                 )
+                if sys.exc_info()[1] is None:
+                    raise RuntimeError(message)
+                # The run already failed: keep its error (the one the user needs), log this one.
+                log.error(message)
 
 
 # --------------------------------------------------------------------------------------------

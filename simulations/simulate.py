@@ -237,10 +237,8 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
                     "(an installed wheel); run from a checkout or use --engine inprocess."
                 )
             flwr_home = flwr_homes / f"run-{len(list(flwr_homes.iterdir()))}"
-            outcome = run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites,
-                                            flwr_home=flwr_home)
-            if not outcome.ok:
-                raise SimulationError(f"Flower run {outcome.run_id} ended {outcome.status}:\n{outcome.log[-3000:]}")
+            # Returns only for a completed run; anything else raises with the status and the log tail.
+            run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
     finally:
         printer.stop()
     seconds = time.perf_counter() - began
@@ -294,8 +292,11 @@ class _ProgressPrinter:
     def _poll(self) -> None:
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        complete = lines if self.path.read_text().endswith("\n") else lines[:-1]
+        text = self.path.read_text()  # once: the server may append between two reads
+        lines = text.splitlines()
+        complete = lines if text.endswith("\n") else lines[:-1]
+        if len(complete) < self._printed:  # a resumed run rewrote the file up to its checkpoint
+            self._printed = len(complete)
         for line in complete[self._printed:]:
             print(format_round(json.loads(line), self.config), flush=True)
         self._printed = max(self._printed, len(complete))

@@ -102,6 +102,8 @@ def _corrupt(kind: str, strategy: MetaGradientStrategy, instruction: Message) ->
         return _reply(instruction, record)
     elif kind == "zero examples":
         return _reply(instruction, grads, {"num-examples": 0})
+    elif kind == "inflated examples":
+        return _reply(instruction, grads, {"num-examples": 1e300})
     elif kind == "inf metric":
         return _reply(instruction, grads, {"num-examples": 3, "query-loss-after": float("inf")})
     elif kind == "no metrics":
@@ -126,6 +128,7 @@ BAD = {
     "nan": "NaN or Inf",
     "bad bytes": "do not decode",
     "zero examples": "positive example count",
+    "inflated examples": "more than the 20 this round asked for",
     "inf metric": "not a finite scalar",
     "no metrics": "no MetricRecord",
     "gradient in metrics": "no ArrayRecord",
