@@ -105,6 +105,11 @@ def evaluation_subset(
     return eval_x[keep], eval_y[keep]
 
 
+def site_bytes(site: SiteDataset) -> int:
+    """Memory a loaded site's image and label tensors hold."""
+    return sum(t.numel() * t.element_size() for t in (*site.images, *site.labels))
+
+
 class SiteCache:
     """Loaded sites and built models, kept for the life of the process.
 
@@ -113,13 +118,14 @@ class SiteCache:
     keyed by everything the loaded value depends on.
     """
 
-    def __init__(self, max_sites: int = 4) -> None:
+    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
         self._lock = threading.Lock()
-        # Least recently used first. Bounded: a simulation worker serves many virtual sites in turn,
-        # and an unbounded cache would grow its memory with the size of the federation.
+        # Least recently used first, bounded by the bytes its tensors hold: a simulation worker serves
+        # many virtual sites in turn, and its memory must not grow with the size of the federation;
+        # a bound by count would reload every site every round when sites come round in a cycle.
         self._sites: OrderedDict[tuple, SiteDataset] = OrderedDict()
         self._models: dict[tuple, torch.nn.Module] = {}
-        self.max_sites = max_sites
+        self.max_bytes = max_bytes
 
     def site(self, ref: SiteRef, config: RunConfig) -> SiteDataset:
         cfg = data_config(config)
@@ -132,7 +138,7 @@ class SiteCache:
         with self._lock:
             self._sites[key] = loaded
             self._sites.move_to_end(key)
-            while len(self._sites) > self.max_sites:
+            while len(self._sites) > 1 and sum(map(site_bytes, self._sites.values())) > self.max_bytes:
                 self._sites.popitem(last=False)
             return loaded
 

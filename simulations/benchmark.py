@@ -415,12 +415,10 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
             from server.metrics import METRICS_NAME, read_metrics
             from simulations.inprocess import run_inprocess
 
-            from client.app import sites as client_site_cache
             from simulations.centralised import training_node_configs
 
-            # One process serves every site here, one after another; a cache smaller than the
-            # federation would re-read sites from NIfTI every round.
-            client_site_cache.max_sites = max(client_site_cache.max_sites, len(train_infos))
+            # One process serves every site here; the ClientApp's site cache (bounded by bytes, 2 GiB)
+            # holds the whole training federation, so no site is re-read from NIfTI each round.
             run_inprocess(config.to_run_config(), training_node_configs(train_infos), seed=config.seed)
             checkpoint = load_checkpoint(path)
             if checkpoint.round != config.num_rounds:

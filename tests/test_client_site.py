@@ -60,20 +60,23 @@ def test_the_cache_loads_a_site_once_per_process(smoke_federation):
     assert cache.model(config, torch.device("cpu")) is model
 
 
-def test_the_cache_keeps_only_the_most_recent_sites(smoke_federation):
+def test_the_cache_keeps_the_most_recent_sites_within_its_byte_budget(smoke_federation):
     """A simulation worker serves many virtual sites; its memory must not grow with their number."""
+    from client.site import site_bytes
     from common.synth import load_manifest
 
     sites = load_manifest(smoke_federation).sites
-    cache = SiteCache(max_sites=2)
     config = RunConfig(image_size=32)
     refs = [SiteRef(Path(s.path), "train") for s in sites[:3]]
+    sizes = [site_bytes(SiteCache().site(ref, config)) for ref in refs]
+    cache = SiteCache(max_bytes=max(sizes[0] + sizes[1], sizes[0] + sizes[2]))  # room for two
     first = cache.site(refs[0], config)
     cache.site(refs[1], config)
     assert cache.site(refs[0], config) is first  # a hit refreshes it
     cache.site(refs[2], config)  # evicts refs[1], the least recently used
     assert cache.site(refs[0], config) is first
     assert len(cache._sites) == 2
+    assert all(site_bytes(s) > 0 for s in cache._sites.values())
 
 
 def test_device_follows_the_config():
