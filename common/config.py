@@ -21,8 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Keys that may change between a stopped run and its resumption without changing the trajectory:
 # where things live, how long to go on, how patient to be, which device computes.
+# Held-out evaluation reads θ but never moves it (nor the server's RNG), so its keys may change too.
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
-                         "node_wait_timeout"})
+                         "node_wait_timeout", "eval_every", "eval_k_shot", "eval_steps", "eval_batch_size",
+                         "eval_max_images"})
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,12 @@ class MetaOptimizer:
                 f"checkpoint holds a {state.get('kind')!r} meta-optimiser but this run uses {self.kind!r}; "
                 "resume with the same meta-optimizer setting or start a new run."
             )
+        if state.get("lr") != self.lr:
+            # torch's load_state_dict would silently take the checkpoint's lr over this run's.
+            raise ValueError(
+                f"checkpoint meta-optimiser lr={state.get('lr')!r} differs from this run's lr={self.lr!r}; "
+                "resume with the same meta-lr or start a new run."
+            )
         params, step_sizes = state["params"], state.get("step_sizes") or {}
         if sorted(params) != self._names or sorted(step_sizes) != self._step_names:
             raise ValueError(

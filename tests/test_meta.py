@@ -406,3 +406,12 @@ def test_meta_optimizer_refuses_mismatched_or_non_finite_gradients(model):
         opt.step(bad)
     with pytest.raises(ValueError, match="holds a 'adam' meta-optimiser but this run uses 'sgd'"):
         MetaOptimizer(params, optimizer="sgd", lr=1.0).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"lr=0.1 differs from this run's lr=0.2"):
+        MetaOptimizer(params, lr=0.2).load_state_dict(opt.state_dict())
+
+
+def test_the_run_config_names_the_same_algorithms_and_optimisers_as_the_core():
+    from common import config, meta, metaopt
+
+    assert config.ALGORITHMS == meta.ALGORITHMS
+    assert config.META_OPTIMIZERS == metaopt.OPTIMIZERS
