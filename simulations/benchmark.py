@@ -389,12 +389,17 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
     out_dir = Path(config.out_dir)
     path = out_dir / CHECKPOINT_NAME
     info_path = out_dir / "run.json"
+    # A finished run is reused only when it was trained on the same sites of the same federation
+    # (the config hash leaves out where the data lies) by a run of the same shape.
+    trained_on = {"federation": str(Path(federation_dir).resolve()), "train_sites": sorted(i.name for i in train_infos)}
     reused = False
     if path.exists() and info_path.exists():
         checkpoint = load_checkpoint(path)
-        reused = checkpoint.config_hash == config.trajectory_hash() and checkpoint.round == config.num_rounds
+        previous = json.loads(info_path.read_text())
+        reused = (checkpoint.config_hash == config.trajectory_hash() and checkpoint.round == config.num_rounds
+                  and previous.get("trained_on") == trained_on)
     if reused:
-        info = json.loads(info_path.read_text())
+        info = previous
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
@@ -433,6 +438,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
                     "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
                     "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0)}
         info["seconds"] = time.perf_counter() - began
+        info["trained_on"] = trained_on
         info_path.write_text(json.dumps(info, indent=2))
     checkpoint = load_checkpoint(path)
     inner_lr = checkpoint.step_sizes if config.algorithm == "metasgd" else config.inner_lr

@@ -105,6 +105,11 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     again = json.loads((out / "results.json").read_text())
     assert again["runs"]["fomaml"]["0"]["reused"]
     assert again["dice"]["fomaml"] == results["dice"]["fomaml"]
+    # ... but not a run trained on other sites: with a validation split it trains afresh.
+    assert main(["benchmark", "--preset", str(tiny_preset), "--out", str(out), "--methods", "fomaml",
+                 "--validation-sites", "1", "--federation-dir", str(smoke_federation)]) == 0
+    split = json.loads((out / "results.json").read_text())
+    assert not split["runs"]["fomaml"]["0"]["reused"]
 
 
 def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset, tmp_path):
