@@ -155,6 +155,14 @@ def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayou
         # The stem is what the wildcard matched: '*_img.nii.gz' on 'p01_img.nii.gz' gives 'p01'.
         prefix, _, suffix = pattern.partition("*")
         found = {}
+        if "/" in pattern:
+            # A pattern with folders ('imagesTr/*.nii.gz') is anchored at the site folder, and the
+            # wildcard alone pairs an image with its label across folders.
+            for path in sorted(root.glob(pattern)):
+                relative = path.relative_to(root).as_posix()
+                found[relative[len(prefix) : len(relative) - len(suffix)]] = path
+            return found
+        # A file-name pattern is searched at any depth; cases pair within one folder (one per patient).
         for path in sorted(root.rglob(pattern)):
             name = path.name
             stem = name[len(prefix) : len(name) - len(suffix)] if suffix else name[len(prefix) :]

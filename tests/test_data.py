@@ -135,6 +135,11 @@ def test_one_patient_site_cannot_make_episodes(smoke_federation: Path, tmp_path:
         shutil.copy(smoke_federation / "site-01" / sub / "site-01_000.nii.gz", folder / sub)
     with pytest.raises(ValueError, match="exactly one"):
         SiteDataset.load(folder, DataConfig(image_glob="*/*.nii.gz", label_glob="labelsTr/*.nii.gz"))
+    # Globs with folders pair an image and its label across imagesTr/ and labelsTr/.
+    by_folder = SiteDataset.load(folder, DataConfig(image_glob="imagesTr/*.nii.gz", label_glob="labelsTr/*.nii.gz"))
+    assert by_folder.num_patients == 1 and not by_folder.skipped
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_episodes(by_folder, 1, 1, 1, seed=0)
     (folder / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "CSF", "2": "grey matter", "3": "white matter"},
         "training": [{"image": "./imagesTr/site-01_000.nii.gz", "label": "./labelsTr/site-01_000.nii.gz"}],
