@@ -196,11 +196,13 @@ class SiteDataset:
         allowed = set(layout.labels) if layout.labels is not None else None
         skipped = list(layout.problems)
         patient_ids, images, labels = [], [], []
+        # Declared labels the model cannot predict (negative, or past its classes) spoil every case alike.
+        undeclarable = sorted(v for v in allowed if not 0 <= v < config.num_classes) if allowed is not None else []
         for case in layout.cases:
             problems, loaded = check_case(case, allowed, config.num_classes)
-            if loaded is not None and allowed is not None and max(allowed) >= config.num_classes:
-                problems = [f"{case.label}: label values above {config.num_classes - 1} are declared in dataset.json "
-                            f"but the model has {config.num_classes} classes. Fix: remap the labels."]
+            if loaded is not None and undeclarable:
+                problems = [f"{case.label}: dataset.json declares label values {undeclarable} outside the model's "
+                            f"classes 0..{config.num_classes - 1}. Fix: remap the labels or configure more classes."]
             if problems:
                 skipped.append(CaseProblem(case.case_id, tuple(problems)))
                 continue

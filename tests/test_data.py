@@ -194,3 +194,18 @@ def test_missing_folder_and_non_site_folder_say_what_to_do(tmp_path: Path):
         SiteDataset.load(tmp_path / "nowhere", DataConfig())
     with pytest.raises(FileNotFoundError, match="image_glob/label_glob"):
         SiteDataset.load(tmp_path, DataConfig())
+
+
+def test_declared_labels_the_model_cannot_predict_are_refused(smoke_federation: Path, tmp_path: Path):
+    folder = tmp_path / "site"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+        for case in ("site-01_000", "site-01_001"):
+            shutil.copy(smoke_federation / "site-01" / sub / f"{case}.nii.gz", folder / sub)
+    (folder / "dataset.json").write_text(json.dumps({
+        "labels": {"-1": "ignore", "0": "background", "1": "CSF", "2": "grey matter", "3": "white matter"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
+                     for c in ("site-01_000", "site-01_001")],
+    }))
+    with pytest.raises(ValueError, match=r"declares label values \[-1\] outside the model's classes 0..3"):
+        SiteDataset.load(folder, DataConfig(strict=True))
