@@ -61,12 +61,16 @@ def test_meta_loss_falls_and_heldout_dice_after_adaptation_rises(smoke_federatio
     assert checkpoint.round == 6 and checkpoint.counters["dropped_replies"] == 0
 
 
-def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(smoke_federation, tmp_path):
-    whole = tiny_config(smoke_federation, tmp_path / "whole", num_rounds=3, sites_per_round=2)
+@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd"])
+def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(smoke_federation, tmp_path, algorithm):
+    whole = tiny_config(smoke_federation, tmp_path / "whole", num_rounds=3, sites_per_round=2, algorithm=algorithm)
     federate(whole, smoke_federation)
-    parted = tiny_config(smoke_federation, tmp_path / "parted", num_rounds=1, sites_per_round=2)
+    parted = tiny_config(smoke_federation, tmp_path / "parted", num_rounds=1, sites_per_round=2, algorithm=algorithm)
     federate(parted, smoke_federation)
     assert load_checkpoint(tmp_path / "parted" / CHECKPOINT_NAME).round == 1
+    # A crash after round 2's metrics line but before its checkpoint: resuming must drop that line.
+    with (tmp_path / "parted" / METRICS_NAME).open("a") as handle:
+        handle.write('{"round": 2, "sites_sampled": 2}\n')
     federate(parted.replace(num_rounds=3, resume=True), smoke_federation)
 
     a = load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)
@@ -78,8 +82,11 @@ def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(sm
         for key, value in state.items():
             assert torch.equal(value, b.optimizer["optimizer"]["state"][index][key]), (index, key)
     assert a.rng_state == b.rng_state
-    rounds = [r["round"] for r in read_metrics(tmp_path / "parted" / METRICS_NAME)]
-    assert rounds == [1, 2, 3]
+    if algorithm == "metasgd":
+        assert a.step_sizes and all(torch.equal(a.step_sizes[n], b.step_sizes[n]) for n in a.step_sizes)
+    records = read_metrics(tmp_path / "parted" / METRICS_NAME)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all("sites_answered" in r for r in records)  # the crashed run's stray line is gone
 
 
 def test_resuming_under_a_changed_config_is_refused(smoke_federation, tmp_path):
