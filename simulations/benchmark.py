@@ -384,7 +384,7 @@ def _split_sites(manifest, validation_sites: int, federation_dir: Path):
 def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
     """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation)."""
     from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-    from simulations.report import Initialisation
+    from simulations.evaluate import load_initialisation
 
     out_dir = Path(config.out_dir)
     path = out_dir / CHECKPOINT_NAME
@@ -440,9 +440,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
         info["seconds"] = time.perf_counter() - began
         info["trained_on"] = trained_on
         info_path.write_text(json.dumps(info, indent=2))
-    checkpoint = load_checkpoint(path)
-    inner_lr = checkpoint.step_sizes if config.algorithm == "metasgd" else config.inner_lr
-    init = Initialisation(key, checkpoint.params, inner_lr, head_only=config.algorithm == "anil")
+    init, _ = load_initialisation(path, key)
     loss = info.get("final_query_loss_after")
     _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
                 + (f", final query loss {loss:.4f}" if loss is not None else ""))

@@ -16,12 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from common.config import RunConfig
-from common.data import DataConfig, SiteDataset, adaptation_split
-from common.evaluation import adaptation_curve
-from common.losses import DiceCELoss
-from common.model import build_model, head_parameter_names, initial_params, seeded_model
+from common.data import DataConfig, SiteDataset
+from common.model import build_model, initial_params, seeded_model
 from common.synth import load_manifest
-from client.site import evaluation_subset  # the subset the ClientApp's evaluate scores
 
 TABLE_STEPS = (0, 5, 10)
 PLOT_STEPS = (0, 2, 5, 10)
@@ -37,12 +34,11 @@ class Initialisation:
     head_only: bool = False  # ANIL adapts only the head
 
 
-def initialisation_from_checkpoint(label: str, checkpoint_path: Path, config: RunConfig) -> Initialisation:
-    from server.checkpoint import load_checkpoint  # the report reads the server's checkpoint format
+def initialisation_from_checkpoint(label: str, checkpoint_path: Path) -> Initialisation:
+    """θ from a run's checkpoint, adapting as its run config says (``fedmeta evaluate``'s loader)."""
+    from simulations.evaluate import load_initialisation
 
-    checkpoint = load_checkpoint(checkpoint_path)
-    inner_lr = checkpoint.step_sizes if (config.algorithm == "metasgd" and checkpoint.step_sizes) else config.inner_lr
-    return Initialisation(label, checkpoint.params, inner_lr, head_only=config.algorithm == "anil")
+    return load_initialisation(checkpoint_path, label)[0]
 
 
 def random_initialisation(config: RunConfig) -> Initialisation:
@@ -65,20 +61,17 @@ def evaluate_initialisations(
         raise ValueError(f"{federation_dir} has no held-out sites; the comparison needs at least one new hospital.")
     data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
     model = build_model(config.model_config())
-    loss_fn = DiceCELoss(config.num_classes)
+    from simulations.evaluate import score_site  # the scoring `fedmeta evaluate` and the benchmark use
+
     per_site: dict[str, dict[str, dict[int, float]]] = {init.label: {} for init in inits}
     for info in manifest.heldout_sites:
         site = SiteDataset.load(info.path, data_config)
-        support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
-        eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=seed)
+        splits: dict = {}  # every initialisation adapts on the same slices
         for init in inits:
-            curve = adaptation_curve(
-                model, init.params, support_x, support_y, eval_x, eval_y,
-                steps=list(steps), inner_lr=init.inner_lr, loss_fn=loss_fn, num_classes=config.num_classes,
-                inner_params=head_parameter_names(model) if init.head_only else None,
-                batch_size=config.eval_batch_size,
-            )
-            per_site[init.label][info.name] = {s: float(curve[s]["dice"]) for s in steps}
+            scores = score_site(model, init, site, shots=[k], steps=list(steps), seed=seed,
+                                num_classes=config.num_classes, max_images=config.eval_max_images,
+                                batch_size=config.eval_batch_size, splits=splits)
+            per_site[init.label][info.name] = {s: float(scores[k][s]["dice"]) for s in steps}
     summary = {}
     for label, sites in per_site.items():
         summary[label] = {

@@ -169,9 +169,9 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     )
     from server.checkpoint import CHECKPOINT_NAME
 
-    inits = [initialisation_from_checkpoint(f"meta-learned ({config.algorithm})", out / CHECKPOINT_NAME, config)]
+    inits = [initialisation_from_checkpoint(f"meta-learned ({config.algorithm})", out / CHECKPOINT_NAME)]
     if baseline_config is not None:
-        inits.append(initialisation_from_checkpoint("FedAvg-trained", out / "baseline-fedavg" / CHECKPOINT_NAME, baseline_config))
+        inits.append(initialisation_from_checkpoint("FedAvg-trained", out / "baseline-fedavg" / CHECKPOINT_NAME))
     inits.append(random_initialisation(config))
     _say(quiet, "comparing initialisations on the held-out sites (k = 5)")
     comparison = evaluate_initialisations(federation, inits, config, k=5, seed=config.seed)
