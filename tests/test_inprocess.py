@@ -150,10 +150,12 @@ def test_a_site_slower_than_the_round_timeout_is_dropped(smoke_federation, tmp_p
     last_train = len(load_manifest(smoke_federation).train_sites) - 1
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, round_timeout=1.0)
     slow = FaultySites("slow", partitions={last_train})
-    federate(config, smoke_federation, client=slow)
+    run = federate(config, smoke_federation, client=slow)
     (record,) = read_metrics(tmp_path / METRICS_NAME)
-    assert record["updated"]
-    assert any(d["reason"] == "no reply before round-timeout" for d in record["dropped"])
+    assert record["updated"] and record["sites_answered"] == last_train  # every other training site
+    (drop,) = record["dropped"]
+    assert drop["reason"] == "no reply before round-timeout"
+    assert partition_of(run.grid, drop["node_id"]) == last_train  # the slow site, no other
 
 
 def test_too_few_valid_sites_skip_the_update_without_stopping(smoke_federation, tmp_path):
