@@ -118,7 +118,7 @@ class SiteCache:
     keyed by everything the loaded value depends on.
     """
 
-    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+    def __init__(self, max_bytes: int = 2**30) -> None:
         self._lock = threading.Lock()
         # Least recently used first, bounded by the bytes its tensors hold: a simulation worker serves
         # many virtual sites in turn, and its memory must not grow with the size of the federation;

@@ -28,6 +28,11 @@ from common.validate import CaseProblem, LoadedCase, check_case, discover_site, 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
+# Loaded label maps are kept as uint8 (class indices < 256) and handed out as int64: a site held in
+# memory for a whole run takes 5 bytes a voxel instead of 12.
+LABEL_STORAGE = torch.uint8
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How a site's volumes become model inputs."""
@@ -53,8 +58,9 @@ class DataConfig:
             )
         if len(self.spacing) != 3 or any(not math.isfinite(s) or s <= 0 for s in self.spacing):
             raise ValueError(f"spacing={self.spacing} must be three positive voxel sizes in mm, e.g. (2.0, 2.0, 2.0).")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes={self.num_classes} must be at least 2 (background and one structure).")
+        if not 2 <= self.num_classes <= 256:
+            raise ValueError(f"num_classes={self.num_classes} must be 2 (background and one structure) to 256 "
+                             "(labels are held as uint8).")
         if not 0.0 <= self.background_slice_fraction < 1.0:
             raise ValueError(
                 f"background_slice_fraction={self.background_slice_fraction} must lie in [0, 1): it is the share "
@@ -146,13 +152,13 @@ def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor
     if config.spatial_dims == 3:
         image = crop_or_pad(image, centre, config.image_size, background)
         label = crop_or_pad(label, centre, config.image_size, 0)
-        return torch.from_numpy(image)[None, None].contiguous(), torch.from_numpy(label)[None].contiguous()
+        return torch.from_numpy(image)[None, None].contiguous(), torch.from_numpy(label)[None].contiguous().to(LABEL_STORAGE)
     image = crop_or_pad(image, centre[:2], config.image_size, background)  # [H, W, Z]
     label = crop_or_pad(label, centre[:2], config.image_size, 0)
     keep = select_slices(label, config.background_slice_fraction)
     images = torch.from_numpy(np.ascontiguousarray(image[:, :, keep].transpose(2, 0, 1)))[:, None]
     labels = torch.from_numpy(np.ascontiguousarray(label[:, :, keep].transpose(2, 0, 1)))
-    return images, labels
+    return images, labels.to(LABEL_STORAGE)
 
 
 def select_slices(label: np.ndarray, background_fraction: float) -> np.ndarray:
@@ -233,7 +239,7 @@ class SiteDataset:
         """(images, labels) of one patient: [N, 1, H, W] float32 and [N, H, W] int64 (2D)."""
         if not -self.num_patients <= index < self.num_patients:
             raise IndexError(f"patient index {index} is out of range for site {self.name} with {self.num_patients} patients.")
-        return self.images[index], self.labels[index]
+        return self.images[index], self.labels[index].long()
 
     def foreground_indices(self, index: int) -> np.ndarray:
         """Slices (or patches) of one patient that contain a structure."""
@@ -255,7 +261,7 @@ def _check_counts(site: SiteDataset, **counts: int) -> None:
 
 def _gather(site: SiteDataset, picks: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
     images = torch.stack([site.images[p][s] for p, s in picks])
-    labels = torch.stack([site.labels[p][s] for p, s in picks])
+    labels = torch.stack([site.labels[p][s] for p, s in picks]).long()
     return images, labels
 
 

@@ -422,7 +422,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
 
             from simulations.centralised import training_node_configs
 
-            # One process serves every site here; the ClientApp's site cache (bounded by bytes, 2 GiB)
+            # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
             # holds the whole training federation, so no site is re-read from NIfTI each round.
             run_inprocess(config.to_run_config(), training_node_configs(train_infos), seed=config.seed)
             checkpoint = load_checkpoint(path)
