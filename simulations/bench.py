@@ -1,8 +1,9 @@
 """`fedmeta bench`: performance figures, each a ratio of two things measured in the same run.
 
-- ``sim``: the same meta-training (10 sites, 10 rounds) through Flower's Simulation Engine (Ray),
-  through the in-process engine, and as a bare loop over ``common.meta`` (simulations.centralised,
-  ``pooled=False``): wall time and ratios to the bare loop, with Ray's start-up split out.
+- ``sim``: the same meta-training (10 sites, 10 rounds, the default model and episodes) through
+  Flower's Simulation Engine (Ray), through the in-process engine, and as a bare loop over
+  ``common.meta`` (simulations.centralised, ``pooled=False``): wall time and ratios to the bare
+  loop, with Ray's start-up split out.
 - ``scaling``: 10, 30 and 100 simulated sites on the Simulation Engine, 10 sampled per round:
   time per round and peak memory (PSS, so shared pages count once) of the whole process tree.
 - ``comm``: bytes a site's train reply takes on the wire (Flower's protobuf) against the fp32 size
@@ -96,8 +97,16 @@ def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
 
 def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any]:
     """Ray vs in-process vs bare loop on the same meta-training."""
+    from common.config import RunConfig
+
     federation = _federation(sites, work / "federations")
-    base = dict(num_rounds=rounds)
+    # The meta-training a user runs: the default model and episodes (ENGINE_CONFIG's tiny model
+    # would make the comparison one of start-up times alone).
+    defaults = RunConfig()
+    base = dict(num_rounds=rounds, image_size=defaults.image_size, model_base_channels=defaults.model_base_channels,
+                model_levels=defaults.model_levels, episodes_per_site=defaults.episodes_per_site,
+                k_shot=defaults.k_shot, q_query=defaults.q_query, inner_steps=defaults.inner_steps,
+                inner_lr=defaults.inner_lr, meta_lr=defaults.meta_lr)
     bare = run_bare(_config(federation, work / "sim-bare", **base))
     inproc = run_inprocess_engine(_config(federation, work / "sim-inprocess", **base), sites)
     ray = run_ray_engine(_config(federation, work / "sim-ray", **base), sites, work / "flwr-sim")
