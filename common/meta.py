@@ -185,8 +185,7 @@ def meta_gradient(
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     if algorithm == "metasgd":
         totals.update({STEP_SIZE_PREFIX + n: torch.zeros_like(a) for n, a in step_size.items()})
-    losses = {"support_loss_before": 0.0, "support_loss_after": 0.0, "query_loss_before": 0.0, "query_loss_after": 0.0}
-    num_examples = 0
+    losses, num_examples = _zero_stats(), 0
 
     for support_x, support_y, query_x, query_y in episodes:
         num_examples += int(support_x.shape[0]) + int(query_x.shape[0])
@@ -199,6 +198,7 @@ def meta_gradient(
             adapted, support_before = _adapt_first_order(
                 model, params, names, support_x, support_y, inner_steps, step_size, loss_fn
             )
+            # New tensors: with 0 inner steps `adapted` is the caller's θ, which must not be marked below.
             adapted = {n: p.detach() for n, p in adapted.items()}
             if algorithm == "reptile":
                 grads = {n: params[n] - adapted[n] for n in params}
@@ -222,9 +222,7 @@ def meta_gradient(
 
     count = len(episodes)
     meta_grads = {key: (total / count).to(_dtype_of(key, params, step_size)) for key, total in totals.items()}
-    stats = {key: value / count for key, value in losses.items()}
-    stats["num_examples"] = float(num_examples)
-    return meta_grads, stats
+    return meta_grads, _mean_stats(losses, count, num_examples)
 
 
 def _second_order_episode(model, params, names, step_size, *, episodes_item, inner_steps, loss_fn, learn_step_size):
@@ -255,18 +253,23 @@ def _local_sgd(model, params, names, episodes, epochs, step_size, loss_fn, mu):
         for support_x, support_y, query_x, query_y in episodes:
             for x, y in ((support_x, support_y), (query_x, query_y)):
                 local, _ = _inner_step(model, local, names, x, y, step_size, loss_fn, first_order=True, proximal=proximal)
-                local = {n: p.detach() for n, p in local.items()}
-    stats = {"support_loss_before": 0.0, "support_loss_after": 0.0, "query_loss_before": 0.0, "query_loss_after": 0.0}
-    num_examples = 0
+    stats, num_examples = _zero_stats(), 0
     for support_x, support_y, query_x, query_y in episodes:
         num_examples += int(support_x.shape[0]) + int(query_x.shape[0])
         stats["support_loss_before"] += _no_grad_loss(model, anchor, support_x, support_y, loss_fn)
         stats["support_loss_after"] += _no_grad_loss(model, local, support_x, support_y, loss_fn)
         stats["query_loss_before"] += _no_grad_loss(model, anchor, query_x, query_y, loss_fn)
         stats["query_loss_after"] += _no_grad_loss(model, local, query_x, query_y, loss_fn)
-    stats = {k: v / len(episodes) for k, v in stats.items()}
-    stats["num_examples"] = float(num_examples)
-    return {n: anchor[n] - local[n] for n in anchor}, stats
+    return {n: anchor[n] - local[n] for n in anchor}, _mean_stats(stats, len(episodes), num_examples)
+
+
+def _zero_stats() -> dict[str, float]:
+    return {"support_loss_before": 0.0, "support_loss_after": 0.0, "query_loss_before": 0.0, "query_loss_after": 0.0}
+
+
+def _mean_stats(sums: dict[str, float], episodes: int, num_examples: int) -> dict[str, float]:
+    """Per-episode means of the summed losses, plus the example count the server weights by."""
+    return {**{key: value / episodes for key, value in sums.items()}, "num_examples": float(num_examples)}
 
 
 def _no_grad_loss(model, params, x, y, loss_fn) -> float:
