@@ -16,11 +16,12 @@ from typing import Any, Mapping
 
 import torch
 
-from common.config import RunConfig
-from common.data import DataConfig, SiteDataset
-from common.model import build_model
-
-ROLES = ("train", "heldout")
+from fedmeta.common.config import RunConfig
+from fedmeta.common.data import DataConfig, SiteDataset
+from fedmeta.common.model import build_model
+from fedmeta.common.protocol import (
+    DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
+)
 
 
 @dataclass(frozen=True)
@@ -39,23 +40,23 @@ class SiteRef:
 
 def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
     """The site this node serves, from its node config (deployed) or partition id (simulated)."""
-    if "data-dir" in node_config:
-        role = str(node_config.get("role", "train"))
+    if DATA_DIR_KEY in node_config:
+        role = str(node_config.get(ROLE_KEY, ROLE_TRAIN))
         if role not in ROLES:
             raise ValueError(f"node config role={role!r} is not one of {', '.join(ROLES)}; fix --node-config.")
-        data_dir = Path(str(node_config["data-dir"]))
+        data_dir = Path(str(node_config[DATA_DIR_KEY]))
         if not data_dir.is_dir():
             raise FileNotFoundError(
                 f"node config data-dir={str(data_dir)!r} is not a folder; point --node-config data-dir at the "
                 "site's dataset (dataset.json, imagesTr/, labelsTr/)."
             )
-        if "site-id" in node_config:
-            key = int(node_config["site-id"])
+        if SITE_ID_KEY in node_config:
+            key = int(node_config[SITE_ID_KEY])
         else:
             key = zlib.crc32(data_dir.resolve().name.encode()) % (2**31 - 1)
         return SiteRef(data_dir, role, key)
-    if "partition-id" in node_config:
-        from common.synth import load_manifest  # only simulated nodes need the federation's manifest
+    if PARTITION_ID_KEY in node_config:
+        from fedmeta.common.synth import load_manifest  # only simulated nodes need the federation's manifest
 
         if not config.federation_dir:
             raise ValueError(
@@ -63,8 +64,8 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
                 "set federation-dir to the generated federation folder."
             )
         manifest = load_manifest(Path(config.federation_dir))
-        sites = [(s, "train") for s in manifest.train_sites] + [(s, "heldout") for s in manifest.heldout_sites]
-        partition = int(node_config["partition-id"])
+        sites = [(s, ROLE_TRAIN) for s in manifest.train_sites] + [(s, ROLE_HELDOUT) for s in manifest.heldout_sites]
+        partition = int(node_config[PARTITION_ID_KEY])
         if not 0 <= partition < len(sites):
             raise ValueError(
                 f"partition-id {partition} has no site: {config.federation_dir} holds {len(sites)} sites "
@@ -90,21 +91,6 @@ def pick_device(config: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def evaluation_subset(
-    eval_x: torch.Tensor, eval_y: torch.Tensor, max_images: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded subset of at most ``max_images`` evaluation slices (all when 0 or fewer exist).
-
-    Scoring every slice of a site's other patients costs more than the adaptation itself; a few
-    hundred slices drawn across those patients measure Dice to a few thousandths.
-    """
-    if max_images <= 0 or len(eval_x) <= max_images:
-        return eval_x, eval_y
-    generator = torch.Generator().manual_seed(int(seed))
-    keep = torch.randperm(len(eval_x), generator=generator)[:max_images].sort().values
-    return eval_x[keep], eval_y[keep]
-
-
 def site_bytes(site: SiteDataset) -> int:
     """Memory a loaded site's image and label tensors hold."""
     return sum(t.numel() * t.element_size() for t in (*site.images, *site.labels))
@@ -114,8 +100,9 @@ class SiteCache:
     """Loaded sites and built models, kept for the life of the process.
 
     A Flower node handles many messages in one process; reading and resampling NIfTI every round
-    would dominate its time. Owned by the ClientApp module's app object, not a hidden global, and
-    keyed by everything the loaded value depends on.
+    would dominate its time. One instance per ClientApp, handed to
+    :func:`fedmeta.client.app.build_client_app` (the module's ``app`` has the process's one cache,
+    reachable as ``app.sites``); keyed by everything the loaded value depends on.
     """
 
     def __init__(self, max_bytes: int = 2**30) -> None:
@@ -156,4 +143,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["ROLES", "SiteCache", "SiteRef", "data_config", "evaluation_subset", "pick_device", "resolve_site"]
+__all__ = ["SiteCache", "SiteRef", "data_config", "pick_device", "resolve_site"]

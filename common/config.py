@@ -12,10 +12,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.model import ModelConfig
-
-# Mirrors common.meta.ALGORITHMS; kept here so parsing a config does not import torch.func code.
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+from fedmeta.common.model import ModelConfig
+from fedmeta.common.protocol import ALGORITHMS
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 

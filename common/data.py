@@ -1,7 +1,7 @@
 """The site data reader, one path for synthetic and real hospital data, and the episode sampler.
 
 A site folder (MSD layout with dataset.json, or paired files matched by globs) is read case by case
-through :func:`common.validate.check_case`; cases with problems are skipped with one warning (or
+through :func:`fedmeta.common.validate.check_case`; cases with problems are skipped with one warning (or
 refused, ``strict``). Each usable case is reoriented to RAS, resampled to ``DataConfig.spacing``,
 z-scored robustly, cropped/padded around the head to ``image_size`` and cut into axial slices (2D) or
 one centred patch (3D).
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.validate import CaseProblem, LoadedCase, check_case, discover_site, episode_problems
+from fedmeta.common.validate import CaseProblem, LoadedCase, check_case, discover_site, episode_problems
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -323,6 +323,19 @@ def adaptation_split(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Tens
     evaluation = [(p, int(s)) for p in eval_patients for s in site.foreground_indices(p)]
     eval_x, eval_y = _gather(site, evaluation)
     return support_x, support_y, eval_x, eval_y
+
+
+def evaluation_subset(eval_x: Tensor, eval_y: Tensor, max_images: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded subset of at most ``max_images`` evaluation slices (all when 0 or fewer exist).
+
+    Scoring every slice of a site's other patients costs more than the adaptation itself; a few
+    hundred slices drawn across those patients measure Dice to a few thousandths.
+    """
+    if max_images <= 0 or len(eval_x) <= max_images:
+        return eval_x, eval_y
+    generator = torch.Generator().manual_seed(int(seed))
+    keep = torch.randperm(len(eval_x), generator=generator)[:max_images].sort().values
+    return eval_x[keep], eval_y[keep]
 
 
 def site_seed(round_seed: int, site_name: str) -> int:

@@ -52,7 +52,7 @@ class DiceCELoss:
         if target.shape != logits.shape:
             raise ValueError(
                 f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}; "
-                "pass one-hot targets made with common.losses.one_hot(labels, num_classes)."
+                "pass one-hot targets made with fedmeta.common.losses.one_hot(labels, num_classes)."
             )
         return self._loss(logits, target)
 

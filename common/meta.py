@@ -20,12 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
-from common.model import head_parameter_names
+from fedmeta.common.model import head_parameter_names
+from fedmeta.common.protocol import ALGORITHMS, STEP_SIZE_PREFIX
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
 # Algorithms whose θ-gradient is taken through the inner loop (second order).
 SECOND_ORDER = ("maml", "metasgd", "anil")
-STEP_SIZE_PREFIX = "lr."
 
 Params = dict[str, torch.Tensor]
 Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -336,7 +335,7 @@ def _check_inner_params(params: Params, inner_params) -> list[str]:
     if unknown:
         raise ValueError(
             f"inner_params names {unknown[:5]} are not parameters of the model; valid names are the keys "
-            "of params (e.g. from common.model.head_parameter_names(model))."
+            "of params (e.g. from fedmeta.common.model.head_parameter_names(model))."
         )
     if not names:
         raise ValueError("inner_params is empty: name at least one parameter to adapt, or pass None for all.")
@@ -355,7 +354,7 @@ def _check_step_size(inner_lr, names: list[str], params: Mapping[str, torch.Tens
         if missing or extra:
             raise ValueError(
                 f"Meta-SGD inner_lr must hold one step size per adapted parameter: missing {missing[:5]}, "
-                f"not adapted {extra[:5]}; build it with common.meta.init_step_sizes(params, alpha, inner_params)."
+                f"not adapted {extra[:5]}; build it with fedmeta.common.meta.init_step_sizes(params, alpha, inner_params)."
             )
         for name in names:
             alpha = inner_lr[name]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from common.meta import STEP_SIZE_PREFIX
+from fedmeta.common.meta import STEP_SIZE_PREFIX
 
 OPTIMIZERS = ("adam", "sgd")
 

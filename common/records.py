@@ -1,7 +1,7 @@
 """Tensors to and from Flower records: the one place in ``common/`` that knows Flower.
 
 Parameters travel as one ArrayRecord: θ under its parameter names and, for Meta-SGD, the step
-sizes under ``lr.<name>`` (the same keys ``common.meta.meta_gradient`` returns its gradients under).
+sizes under ``lr.<name>`` (the same keys ``fedmeta.common.meta.meta_gradient`` returns its gradients under).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from common.meta import STEP_SIZE_PREFIX
+from fedmeta.common.meta import STEP_SIZE_PREFIX
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
+
 GENERATOR_VERSION = "1.0"
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
 
@@ -41,7 +43,6 @@ LABEL_PROTOCOLS = ("standard", "csf-merged")  # csf-merged: the site labels CSF 
 SEQUENCES = ("T1w", "T2w", "PD", "FLAIR")
 TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequence site
 HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation")
-ROLES = ("train", "heldout")
 
 # Relative equilibrium signal of (CSF, grey matter, white matter) per sequence at 1.5 T. T1w: WM > GM > CSF;
 # T2w and PD invert the GM/WM order (CSF brightest on T2w); FLAIR is T2-like with the CSF nulled.
@@ -110,7 +111,7 @@ class SiteInfo:
     """One site of a generated federation, as recorded in its manifest."""
 
     name: str
-    role: str  # "train" | "heldout"
+    role: str  # ROLE_TRAIN | ROLE_HELDOUT
     heldout_kind: str | None  # "unseen-mix" | "unseen-sequence" | "unseen-annotation" for held-out sites
     path: Path
     num_patients: int
@@ -135,11 +136,11 @@ class Manifest:
 
     @property
     def train_sites(self) -> list[SiteInfo]:
-        return sorted((s for s in self.sites if s.role == "train"), key=lambda s: s.name)
+        return sorted((s for s in self.sites if s.role == ROLE_TRAIN), key=lambda s: s.name)
 
     @property
     def heldout_sites(self) -> list[SiteInfo]:
-        return sorted((s for s in self.sites if s.role == "heldout"), key=lambda s: s.name)
+        return sorted((s for s in self.sites if s.role == ROLE_HELDOUT), key=lambda s: s.name)
 
     def site(self, name: str) -> SiteInfo:
         for info in self.sites:
@@ -158,7 +159,7 @@ def load_anatomy() -> tuple[np.ndarray, np.ndarray]:
     if not ASSET_PATH.is_file():
         raise FileNotFoundError(
             f"the anatomy asset {ASSET_PATH} is missing from this installation; reinstall fedmeta, or "
-            "re-derive it with `pip install 'fedmeta[anatomy]' && python -m simulations.derive_anatomy`."
+            "re-derive it with `pip install 'fedmeta[anatomy]' && python -m fedmeta.simulations.synthetic.derive_anatomy`."
         )
     with np.load(ASSET_PATH, allow_pickle=False) as asset:
         probabilities = asset["probabilities"].astype(np.float32) / 255.0
@@ -262,13 +263,13 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
         sequences = [str(s) for s in rng.permutation(pool)]
     entries: list[tuple[str, str, str | None, str]] = []
     for i, sequence in enumerate(sequences):
-        entries.append((f"site-{i + 1:02d}", "train", None, sequence))
+        entries.append((f"site-{i + 1:02d}", ROLE_TRAIN, None, sequence))
     for kind in spec.heldout_kinds:
         if kind == "unseen-sequence":
             sequence = "FLAIR"
         else:
             sequence = str(rng.choice(TRAIN_SEQUENCES))
-        entries.append((f"new-{kind.removeprefix('unseen-')}", "heldout", kind, sequence))
+        entries.append((f"new-{kind.removeprefix('unseen-')}", ROLE_HELDOUT, kind, sequence))
     for index, (name, role, kind, sequence) in enumerate(entries, start=1):
         site_rng = _rng(seed, 1, index)
         params = _draw_site_params(site_rng, spec, sequence, kind)
@@ -682,7 +683,7 @@ def load_manifest(root: Path | str) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: {root} is not a generated fedmeta federation. Generate one with "
-            "`fedmeta synth --out DIR`, or read a single site folder with common.data.SiteDataset.load."
+            "`fedmeta synth --out DIR`, or read a single site folder with fedmeta.common.data.SiteDataset.load."
         )
     try:
         raw = json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """Site data validation: find a site's cases and list every problem with each, before training sees it.
 
-One code path serves ``fedmeta check-data`` and the reader (:mod:`common.data`): the reader loads each
+One code path serves ``fedmeta check-data`` and the reader (:mod:`fedmeta.common.data`): the reader loads each
 case through :func:`check_case` and skips (or, strict, refuses) the cases with problems. Every message
 names the file, the problem and the fix.
 

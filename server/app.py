@@ -16,10 +16,14 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-from server.metrics import MetricsLog
-from server.strategy import METRICS_RECORD, ROLE_METRIC, SITE_KEY_METRIC, MetaGradientStrategy, RoundOutcome
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from fedmeta.common.config import RunConfig
+from fedmeta.common.protocol import (
+    CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, ROLE_METRIC, ROUND_KEY, SITE_KEY_METRIC,
+    dice_mean_key,
+)
+from fedmeta.server.coordinator import Coordinator, RoundOutcome
+from fedmeta.server.metrics import MetricsLog
 
 log = logging.getLogger("fedmeta.server")
 
@@ -32,12 +36,12 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, config)
 
 
-def run_federation(grid: Grid, config: RunConfig) -> MetaGradientStrategy:
-    """The whole federated run; returns the strategy holding the final θ (also checkpointed)."""
+def run_federation(grid: Grid, config: RunConfig) -> Coordinator:
+    """The whole federated run; returns the coordinator holding the final θ (also checkpointed)."""
     out_dir = _out_dir(config)
-    strategy = MetaGradientStrategy(config)
+    coordinator = Coordinator(config)
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    start_round = _maybe_resume(strategy, config, checkpoint_path)
+    start_round = _maybe_resume(coordinator, config, checkpoint_path)
     metrics_log = MetricsLog(out_dir)
     metrics_log.start(resume_round=start_round if start_round > 0 else None)
 
@@ -48,17 +52,17 @@ def run_federation(grid: Grid, config: RunConfig) -> MetaGradientStrategy:
 
     evaluating = config.eval_every > 0 and bool(heldout_nodes)
     if start_round == 0 and evaluating:
-        evaluation = _evaluate(grid, strategy, 0, heldout_nodes)
+        evaluation = _evaluate(grid, coordinator, 0, heldout_nodes)
         metrics_log.append({"round": 0, "heldout": _heldout_summary(evaluation)})
         _progress(0, config, None, evaluation)
 
     for server_round in range(start_round + 1, config.num_rounds + 1):
         began = time.perf_counter()
-        chosen, round_seed = strategy.sample_sites(train_nodes)
+        chosen, round_seed = coordinator.sample_sites(train_nodes)
         replies = grid.send_and_receive(
-            strategy.configure_train(server_round, chosen, round_seed), timeout=config.round_timeout
+            coordinator.train_messages(server_round, chosen, round_seed), timeout=config.round_timeout
         )
-        outcome = strategy.aggregate_train(server_round, chosen, replies)
+        outcome = coordinator.apply_train_replies(server_round, chosen, replies)
         record = {
             "round": server_round,
             "sites_sampled": len(chosen),
@@ -69,14 +73,14 @@ def run_federation(grid: Grid, config: RunConfig) -> MetaGradientStrategy:
         }
         evaluation = None
         if evaluating and (server_round % config.eval_every == 0 or server_round == config.num_rounds):
-            evaluation = _evaluate(grid, strategy, server_round, heldout_nodes)
+            evaluation = _evaluate(grid, coordinator, server_round, heldout_nodes)
             record["heldout"] = _heldout_summary(evaluation)
         record["seconds"] = time.perf_counter() - began
         metrics_log.append(record)
-        _checkpoint(strategy, config, server_round, checkpoint_path)
+        _checkpoint(coordinator, config, server_round, checkpoint_path)
         _progress(server_round, config, outcome, evaluation)
-    log.info("done: %s", strategy.counters)
-    return strategy
+    log.info("done: %s", coordinator.counters)
+    return coordinator
 
 
 def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]:
@@ -86,7 +90,7 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
     random per run, site keys are not, so sampling and aggregation order repeat across runs.
     """
     node_ids = _wait_for_nodes(grid, config)
-    query = RecordDict({"config": ConfigRecord({"round": 0})})
+    query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION})})
     messages = [Message(query, node_id, MessageType.QUERY, group_id="roles") for node_id in node_ids]
     train, heldout, keys = [], [], {}
     for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
@@ -94,6 +98,13 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
         if reply.has_error() or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
             reason = reply.error.reason if reply.has_error() else "no metrics in the reply"
             log.warning("node %d did not answer the role query (%s); leaving it out of this run", node_id, reason)
+            continue
+        version = reply.content.metric_records[METRICS_RECORD].get(PROTOCOL_VERSION_KEY)
+        if version != PROTOCOL_VERSION:
+            log.warning(
+                "node %d speaks fedmeta protocol %r, this server %d; leaving it out of this run (install the "
+                "same fedmeta release at the site and the server)", node_id, version, PROTOCOL_VERSION,
+            )
             continue
         flag = reply.content.metric_records[METRICS_RECORD].get(ROLE_METRIC)
         if flag not in (0, 1):
@@ -123,10 +134,10 @@ def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:
     return node_ids
 
 
-def _evaluate(grid: Grid, strategy: MetaGradientStrategy, server_round: int, heldout_nodes: list[int]) -> RoundOutcome:
-    messages = strategy.configure_evaluate(server_round, heldout_nodes)
-    replies = grid.send_and_receive(messages, timeout=strategy.config.round_timeout)
-    return strategy.aggregate_evaluate(server_round, heldout_nodes, replies)
+def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, heldout_nodes: list[int]) -> RoundOutcome:
+    messages = coordinator.evaluate_messages(server_round, heldout_nodes)
+    replies = grid.send_and_receive(messages, timeout=coordinator.config.round_timeout)
+    return coordinator.collect_evaluation(server_round, heldout_nodes, replies)
 
 
 def _heldout_summary(evaluation: RoundOutcome) -> dict:
@@ -151,7 +162,7 @@ def _out_dir(config: RunConfig) -> Path:
     return out_dir
 
 
-def _maybe_resume(strategy: MetaGradientStrategy, config: RunConfig, path: Path) -> int:
+def _maybe_resume(coordinator: Coordinator, config: RunConfig, path: Path) -> int:
     """Restores the latest checkpoint when resume=true; returns the round it ended (0 for a fresh run)."""
     if not config.resume:
         return 0
@@ -168,25 +179,25 @@ def _maybe_resume(strategy: MetaGradientStrategy, config: RunConfig, path: Path)
             f"{path} was written under a different run config (changed: {', '.join(changed)}); resuming would "
             "mix two experiments. Restore those keys, or use a new out-dir / resume=false."
         )
-    strategy.meta_optimizer.load_state_dict(checkpoint.optimizer)
-    strategy.set_rng_state(checkpoint.rng_state)
-    strategy.counters.update(checkpoint.counters)
+    coordinator.meta_optimizer.load_state_dict(checkpoint.optimizer)
+    coordinator.set_rng_state(checkpoint.rng_state)
+    coordinator.counters.update(checkpoint.counters)
     log.info("resumed from %s after round %d", path, checkpoint.round)
     return checkpoint.round
 
 
-def _checkpoint(strategy: MetaGradientStrategy, config: RunConfig, server_round: int, path: Path) -> None:
+def _checkpoint(coordinator: Coordinator, config: RunConfig, server_round: int, path: Path) -> None:
     save_checkpoint(
         path,
         Checkpoint(
             round=server_round,
-            params=strategy.params,
-            step_sizes=strategy.step_sizes,
-            optimizer=strategy.meta_optimizer.state_dict(),
-            rng_state=strategy.rng_state(),
+            params=coordinator.params,
+            step_sizes=coordinator.step_sizes,
+            optimizer=coordinator.meta_optimizer.state_dict(),
+            rng_state=coordinator.rng_state(),
             config_hash=config.trajectory_hash(),
             run_config=config.to_run_config(),
-            counters=dict(strategy.counters),
+            counters=dict(coordinator.counters),
         ),
     )
 
@@ -203,7 +214,7 @@ def _progress(server_round: int, config: RunConfig, outcome: RoundOutcome | None
         steps = config.adaptation_steps
         parts.append(
             "held-out Dice "
-            + " ".join(f"{s}:{evaluation.metrics[f'dice-mean-{s}']:.3f}" for s in steps)
+            + " ".join(f"{s}:{evaluation.metrics[dice_mean_key(s)]:.3f}" for s in steps)
             + " (adaptation steps:Dice)"
         )
     log.info(" | ".join(parts))

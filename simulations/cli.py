@@ -1,7 +1,9 @@
-"""The `fedmeta` console command: one entry point, one subcommand per job.
+"""The `fedmeta` console command: one entry point, one subcommand per job, dispatch only.
 
-Each job lives in its own module and registers its subcommand through `register(subparsers)`;
-this file only dispatches, so importing it stays cheap (torch and Flower load inside the handlers).
+Each job lives in the room of its audience and registers its subcommands through
+`register(subparsers)`: what a hospital runs (`fedmeta.client.commands`), what a researcher runs
+(`fedmeta.simulations.experiments`, `fedmeta.simulations.synthetic`) and what measures performance
+(`fedmeta.simulations.perf`). Importing this file stays cheap: torch and Flower load inside handlers.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import sys
 
 # module path -> the subcommands it registers (for the help text and lazy import).
 _COMMAND_MODULES = [
-    "simulations.bench",  # fedmeta bench [sim|scaling|comm|meta]
-    "simulations.simulate",  # fedmeta simulate
-    "simulations.data_commands",  # fedmeta synth, show-sites, check-data
-    "simulations.benchmark",  # fedmeta benchmark
-    "simulations.evaluate",  # fedmeta evaluate
+    "fedmeta.client.commands",  # fedmeta check-data, evaluate (a hospital, on its own data)
+    "fedmeta.simulations.experiments.simulate",  # fedmeta simulate
+    "fedmeta.simulations.experiments.benchmark",  # fedmeta benchmark
+    "fedmeta.simulations.synthetic.federation",  # fedmeta synth, show-sites
+    "fedmeta.simulations.perf.perf",  # fedmeta perf [sim|scaling|comm|meta] (alias: bench)
 ]
 
 

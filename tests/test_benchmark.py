@@ -7,12 +7,13 @@ import math
 
 import pytest
 
-from common.config import RunConfig
-from simulations.benchmark import (
-    METHODS, budget, check_equal_budget, goal_check, load_benchmark_preset, local_steps_per_site_round,
+from fedmeta.common.config import RunConfig
+from fedmeta.simulations.experiments.budget import budget, check_equal_budget, local_steps_per_round
+from fedmeta.simulations.experiments.benchmark import (
+    METHODS, goal_check, load_benchmark_preset,
     method_configs, summarise,
 )
-from simulations.cli import main
+from fedmeta.simulations.cli import main
 
 TINY = """
 federation = "smoke"
@@ -113,7 +114,7 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
 
 
 def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset, tmp_path):
-    from simulations.benchmark import run_benchmark
+    from fedmeta.simulations.experiments.benchmark import run_benchmark
 
     results = run_benchmark(str(tiny_preset), out=tmp_path / "val", federation_dir=smoke_federation,
                             methods=["scratch", "fomaml"], validation_sites=1, quiet=True)
@@ -129,7 +130,7 @@ def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset,
 )
 def test_local_steps_are_counted_per_algorithm(algorithm, episodes, inner_steps, expected):
     config = RunConfig(algorithm=algorithm, episodes_per_site=episodes, inner_steps=inner_steps)
-    assert local_steps_per_site_round(config) == expected
+    assert local_steps_per_round(config) == expected
     assert budget(config.replace(num_rounds=10, sites_per_round=4), 8)["local_steps_total"] == 10 * 4 * expected
     assert budget(config.replace(num_rounds=10, sites_per_round=0), 8)["local_steps_total"] == 10 * 8 * expected
 
@@ -205,7 +206,7 @@ def test_goal_check_reports_margin_and_fraction_of_pooled():
 
 
 def test_set_reaches_one_training_table_and_the_budget_check_sees_it(smoke_federation, tiny_preset, tmp_path):
-    from simulations.benchmark import run_benchmark
+    from fedmeta.simulations.experiments.benchmark import run_benchmark
 
     with pytest.raises(ValueError, match=r"budgets of local gradient steps differ .*fomaml: 9"):
         run_benchmark(str(tiny_preset), out=tmp_path, federation_dir=smoke_federation,

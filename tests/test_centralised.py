@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.model import initial_params, seeded_model
-from common.synth import load_manifest
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from simulations.centralised import (
+from fedmeta.common.config import RunConfig
+from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.synth import load_manifest
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.simulations.experiments.centralised import (
     load_training_sites, pool_sites, run_centralised, train_centralised, training_node_configs,
 )
-from simulations.inprocess import run_inprocess
+from fedmeta.simulations.engines.inprocess import run_inprocess
 
 
 def _config(federation, out_dir, **changes) -> RunConfig:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site import SiteCache, SiteRef, pick_device, resolve_site
-from common.config import RunConfig
+from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
+from fedmeta.common.config import RunConfig
 
 
 def test_partitions_map_training_sites_first_then_heldout(smoke_federation):
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(smoke_federation)
     config = RunConfig(federation_dir=str(smoke_federation))
@@ -48,7 +48,7 @@ def test_bad_node_configs_say_what_to_fix(node_config, words):
 
 
 def test_the_cache_loads_a_site_once_per_process(smoke_federation):
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     cache = SiteCache()
     config = RunConfig(image_size=32)
@@ -62,8 +62,8 @@ def test_the_cache_loads_a_site_once_per_process(smoke_federation):
 
 def test_the_cache_keeps_the_most_recent_sites_within_its_byte_budget(smoke_federation):
     """A simulation worker serves many virtual sites; its memory must not grow with their number."""
-    from client.site import site_bytes
-    from common.synth import load_manifest
+    from fedmeta.client.site import site_bytes
+    from fedmeta.common.synth import load_manifest
 
     sites = load_manifest(smoke_federation).sites
     config = RunConfig(image_size=32)
@@ -89,7 +89,7 @@ def test_device_follows_the_config():
 
 
 def test_the_evaluation_subset_is_seeded_bounded_and_keeps_pairs():
-    from client.site import evaluation_subset
+    from fedmeta.common.data import evaluation_subset
 
     x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 4, 4)
     y = torch.arange(50).view(50, 1, 1).expand(50, 4, 4)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import DataConfig, SiteDataset, adaptation_patients, adaptation_split, sample_episodes
-from common.synth import load_manifest
+from fedmeta.common.data import DataConfig, SiteDataset, adaptation_patients, adaptation_split, sample_episodes
+from fedmeta.common.synth import load_manifest
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.metrics import METRICS_NAME, read_metrics
-from simulations.flower_runtime import LocalDeployment
-from simulations.simulate import load_preset
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.engines.flower_runtime import LocalDeployment
+from fedmeta.simulations.experiments.presets import load_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def descendants(pids: list[int]) -> set[int]:
 
 def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federation, tmp_path):
     """A training hospital and a held-out one: meta-training rounds and held-out adaptation scores."""
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(federation)
     train_site, heldout_site = Path(manifest.train_sites[0].path), Path(manifest.heldout_sites[0].path)

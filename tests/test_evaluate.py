@@ -8,17 +8,17 @@ import shutil
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.data import DataConfig, SiteDataset, adaptation_split
-from common.evaluation import adaptation_curve
-from common.losses import DiceCELoss
-from common.model import build_model
-from common.synth import load_manifest
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from simulations.cli import main
-from simulations.evaluate import evaluate_checkpoint, parse_counts
-from simulations.centralised import training_node_configs
-from simulations.inprocess import run_inprocess
+from fedmeta.common.config import RunConfig
+from fedmeta.common.data import DataConfig, SiteDataset, adaptation_split
+from fedmeta.common.adaptation import adaptation_curve
+from fedmeta.common.losses import DiceCELoss
+from fedmeta.common.model import build_model
+from fedmeta.common.synth import load_manifest
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.simulations.cli import main
+from fedmeta.client.commands import evaluate_checkpoint, parse_counts
+from fedmeta.simulations.experiments.centralised import training_node_configs
+from fedmeta.simulations.engines.inprocess import run_inprocess
 
 
 @pytest.fixture(scope="module")

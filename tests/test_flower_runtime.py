@@ -1,4 +1,4 @@
-"""Fast tests of simulations.flower_runtime: argument checks, run-config encoding, process stopping.
+"""Fast tests of fedmeta.simulations.engines.flower_runtime: argument checks, run-config encoding, process stopping.
 
 The engines themselves run in tests/test_ray_simulation.py and tests/test_deployment.py (slow).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from simulations import flower_runtime
-from simulations.flower_runtime import LocalDeployment, _checked_run_config, run_simulation_engine
+from fedmeta.simulations.engines import flower_runtime, processes
+from fedmeta.simulations.engines.flower_runtime import LocalDeployment, _checked_run_config, run_simulation_engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process sweep reads /proc")
@@ -137,7 +137,7 @@ def test_stop_processes_kills_a_tree_including_a_child_that_ignores_sigterm():
                 tree.update(_children(child))
         assert len(tree) == 4, tree
         began = time.monotonic()
-        survivors = flower_runtime._stop_processes({root.pid}, tag=uuid.uuid4().hex, grace_s=1.0)
+        survivors = processes.stop_processes({root.pid}, tag=uuid.uuid4().hex, grace_s=1.0)
         root.wait(timeout=5)
         assert survivors == set()
         assert [pid for pid in tree if _alive(pid)] == []
@@ -152,7 +152,7 @@ def test_stop_processes_finds_an_orphan_by_its_environment_tag():
     # `flwr run` detaches the local SuperLink: it is nobody's child of ours, only the tag finds it.
     tag = uuid.uuid4().hex
     marker = f"/tmp/fedmeta-orphan-{tag}"
-    env = dict(os.environ, **{flower_runtime._TAG_VAR: tag})
+    env = dict(os.environ, **{processes.TAG_VAR: tag})
     subprocess.run(
         ["bash", "-c", f"setsid bash -c 'echo $$ > {marker}; exec sleep 300' >/dev/null 2>&1 < /dev/null &"],
         env=env,
@@ -165,8 +165,8 @@ def test_stop_processes_finds_an_orphan_by_its_environment_tag():
     Path(marker).unlink()
     try:
         assert _alive(orphan)
-        assert orphan in flower_runtime._tagged(tag)
-        assert flower_runtime._stop_processes(set(), tag=tag, grace_s=2.0) == set()
+        assert orphan in processes.tagged(tag)
+        assert processes.stop_processes(set(), tag=tag, grace_s=2.0) == set()
         assert not _alive(orphan)
     finally:
         if _alive(orphan):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from flwr.app import Array, Context, Message
 
-from client.app import app as client_app
-from common.config import RunConfig
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.metrics import METRICS_NAME, read_metrics
-from simulations.inprocess import InProcessGrid, run_inprocess, simulation_node_configs
+from fedmeta.client.app import app as client_app
+from fedmeta.common.config import RunConfig
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.engines.inprocess import InProcessGrid, run_inprocess, simulation_node_configs
 
 TINY = dict(
     image_size=32, model_base_channels=8, model_levels=3, episodes_per_site=1, k_shot=2, q_query=2,
@@ -31,7 +31,7 @@ def tiny_config(federation, out_dir, **changes) -> RunConfig:
 
 
 def num_sites(federation) -> int:
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(federation)
     return len(manifest.train_sites) + len(manifest.heldout_sites)
@@ -145,7 +145,7 @@ def test_a_bad_site_is_dropped_counted_and_the_federation_goes_on(smoke_federati
 
 
 def test_a_site_slower_than_the_round_timeout_is_dropped(smoke_federation, tmp_path):
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     last_train = len(load_manifest(smoke_federation).train_sites) - 1
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, round_timeout=1.0)
@@ -168,7 +168,7 @@ def test_too_few_valid_sites_skip_the_update_without_stopping(smoke_federation, 
 
 
 def test_heldout_sites_never_train_and_training_sites_never_evaluate(smoke_federation, tmp_path):
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(smoke_federation)
     seen: list[tuple[str, int]] = []

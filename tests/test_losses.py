@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from common.evaluation import adaptation_curve
-from common.losses import DiceCELoss, dice_per_class, mean_dice, one_hot
-from common.model import ModelConfig, build_model, initial_params
+from fedmeta.common.adaptation import adaptation_curve
+from fedmeta.common.losses import DiceCELoss, dice_per_class, mean_dice, one_hot
+from fedmeta.common.model import ModelConfig, build_model, initial_params
 
 
 def test_one_hot_layout_and_range_errors():

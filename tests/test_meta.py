@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from common.losses import DiceCELoss, one_hot
-from common.meta import ALGORITHMS, adapt, init_step_sizes, meta_gradient
-from common.metaopt import MetaOptimizer
-from common.model import ModelConfig, build_model, head_parameter_names
+from fedmeta.common.losses import DiceCELoss, one_hot
+from fedmeta.common.meta import ALGORITHMS, adapt, init_step_sizes, meta_gradient
+from fedmeta.common.metaopt import MetaOptimizer
+from fedmeta.common.model import ModelConfig, build_model, head_parameter_names
 
 NUM_CLASSES = 3
 SIDE = 8
@@ -50,7 +50,7 @@ def make_episode(seed, k=2, q=2):
 
 
 def reference_adapt(model, params, x, y, steps, alpha, loss_fn, names=None, create_graph=True):
-    """Plain-autograd SGD inner loop, independent of common.meta."""
+    """Plain-autograd SGD inner loop, independent of fedmeta.common.meta."""
     names = list(params) if names is None else names
     adapted = dict(params)
     for _ in range(steps):
@@ -411,7 +411,7 @@ def test_meta_optimizer_refuses_mismatched_or_non_finite_gradients(model):
 
 
 def test_the_run_config_names_the_same_algorithms_and_optimisers_as_the_core():
-    from common import config, meta, metaopt
+    from fedmeta.common import config, meta, metaopt
 
     assert config.ALGORITHMS == meta.ALGORITHMS
     assert config.META_OPTIMIZERS == metaopt.OPTIMIZERS

@@ -10,15 +10,16 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, Message
 
-from client.app import app as client_app
-from common.config import RunConfig
-from common.model import initial_params, seeded_model
+from fedmeta.client.app import app as client_app
+from fedmeta.common.config import RunConfig
+from fedmeta.common.model import initial_params, seeded_model
 from tests.test_inprocess import federate, tiny_config
 
 ALLOWED_METRICS = {
     "heldout", "num-examples", "seconds", "support-loss-before", "support-loss-after",
     "query-loss-before", "query-loss-after",
     "site-key",  # an opaque integer that orders sites: partition id, operator's site-id, or a CRC32
+    "protocol-version",  # the release's wire-protocol number, the same at every site
 }
 
 
@@ -44,8 +45,8 @@ def _parameter_shapes(config: RunConfig, with_step_sizes: bool) -> dict[str, tup
 
 def _site_words(context: Context, federation) -> set[str]:
     """Strings that would identify the site's data: folder, file stems, patient ids."""
-    from common.data import DataConfig, SiteDataset
-    from client.site import resolve_site
+    from fedmeta.common.data import DataConfig, SiteDataset
+    from fedmeta.client.site import resolve_site
 
     config = RunConfig.from_run_config(context.run_config)
     ref = resolve_site(context.node_config, config)
@@ -97,11 +98,9 @@ def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation
 
 def test_a_failing_site_reports_the_error_type_only(smoke_federation, tmp_path):
     """A site whose data vanished mid-run: the FileNotFoundError names paths; the reply must not."""
-    from client.app import sites
-
     auditor = Auditor()
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, federation_dir=str(tmp_path / "nowhere"))
-    sites.clear()
+    client_app.sites.clear()
     with pytest.raises(RuntimeError, match="no training site answered"):
         federate(config, smoke_federation, client=auditor)
     assert auditor.replies and all(reply.has_error() for _, reply, _ in auditor.replies)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.metrics import METRICS_NAME, read_metrics
-from simulations.flower_runtime import run_simulation_engine
-from simulations.simulate import load_preset
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
+from fedmeta.simulations.experiments.presets import load_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def smoke_run_config(federation: Path, out_dir: Path, **changes) -> dict:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc")
 def test_ray_simulation_trains_three_sites_for_two_rounds(federation, tmp_path):
-    from common.synth import load_manifest
+    from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(federation)
     assert len(manifest.train_sites) == 3

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
+from fedmeta.common.config import RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

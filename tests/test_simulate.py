@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from simulations.cli import main
-from simulations.simulate import format_round, load_preset
+from fedmeta.common.config import RunConfig
+from fedmeta.simulations.cli import main
+from fedmeta.simulations.experiments.presets import load_preset
+from fedmeta.simulations.experiments.simulate import format_round
 
 
 @pytest.mark.parametrize("preset", ["smoke", "default"])
@@ -64,8 +65,8 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
 
 
 def test_the_fedavg_baseline_gets_the_meta_learners_local_step_budget():
-    from common.config import RunConfig
-    from simulations.simulate import fedavg_epochs_for_budget, local_steps_per_round
+    from fedmeta.common.config import RunConfig
+    from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 
     metasgd = RunConfig(algorithm="metasgd", inner_steps=3, episodes_per_site=2)
     assert local_steps_per_round(metasgd) == 8  # 2 episodes x (3 inner steps + 1 query gradient)

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common import synth
-from common.synth import generate_federation, load_manifest, plan_federation
+from fedmeta.common import synth
+from fedmeta.common.synth import generate_federation, load_manifest, plan_federation
 
 
 def _arrays(site_dir: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +179,7 @@ def test_labels_stay_within_each_sites_declared_set(smoke_federation: Path):
 def test_cli_synth_with_preview_and_show_sites(smoke_federation: Path, tmp_path: Path, capsys):
     import matplotlib.image as mpimg
 
-    from simulations.cli import main
+    from fedmeta.simulations.cli import main
 
     preview = tmp_path / "preview.png"
     assert main(["synth", "--out", str(smoke_federation), "--preset", "smoke", "--seed", "0",

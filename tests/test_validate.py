@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.validate import check_path, check_site, format_reports
-from simulations.cli import main
+from fedmeta.common.validate import check_path, check_site, format_reports
+from fedmeta.simulations.cli import main
 
 CASE = "site-01_001"
 

@@ -1,7 +1,10 @@
-"""The meta-gradient strategy: which sites train, what they receive, which replies count, how θ moves.
+"""The round coordinator: which sites train, what they receive, which replies count, how θ moves.
 
-FedOpt's pattern on the Message API: the weighted mean of the sites' meta-gradients is a
-(pseudo-)gradient for a meta-optimiser that lives across rounds (``common.metaopt``). Unlike Flower's
+Not a Flower ``Strategy`` (its methods take other arguments, so they carry other names): the
+ServerApp's own loop calls :meth:`Coordinator.train_messages`, then
+:meth:`Coordinator.apply_train_replies`, and likewise for held-out evaluation. FedOpt's pattern on
+the Message API: the weighted mean of the sites' meta-gradients is a
+(pseudo-)gradient for a meta-optimiser that lives across rounds (``fedmeta.common.metaopt``). Unlike Flower's
 FedAvg, a reply that is late, failed or malformed is dropped with a logged reason and counted, and
 the round goes on when at least ``min-sites`` replies are valid.
 """
@@ -18,26 +21,18 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common.config import RunConfig
-from common.meta import STEP_SIZE_PREFIX, init_step_sizes
-from common.metaopt import MetaOptimizer
-from common.model import initial_params, seeded_model
-from common.records import from_array_record, pack_params
+from fedmeta.common.config import RunConfig
+from fedmeta.common.federated_round import sample_sites, weighted_mean, weighted_mean_scalars
+from fedmeta.common.meta import init_step_sizes
+from fedmeta.common.metaopt import MetaOptimizer
+from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.protocol import (
+    CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
+    PROTOCOL_VERSION_KEY, ROUND_KEY, ROUND_SEED_KEY, STEP_SIZE_PREFIX, dice_key, dice_mean_key, dice_worst_key,
+)
+from fedmeta.common.records import from_array_record, pack_params
 
 log = logging.getLogger("fedmeta.server")
-
-# Record names on the wire, shared by convention with client/app.py (the apps never import each other).
-PARAMS_RECORD = "arrays"
-CONFIG_RECORD = "config"
-GRADS_RECORD = "meta-grads"
-METRICS_RECORD = "metrics"
-ROLE_METRIC = "heldout"
-SITE_KEY_METRIC = "site-key"
-NUM_EXAMPLES = "num-examples"
-
-
-def dice_key(steps: int) -> str:
-    return f"dice-step-{steps}"
 
 
 @dataclass
@@ -56,10 +51,10 @@ class RoundOutcome:
     updated: bool = False
 
 
-class MetaGradientStrategy:
+class Coordinator:
     """Holds θ, its meta-optimiser and the server RNG; builds round messages and folds in replies.
 
-    Node roles come from the ``query`` handshake (see ``server.app``); this class only needs the
+    Node roles come from the ``query`` handshake (see ``fedmeta.server.app``); this class only needs the
     sorted ids of training and held-out nodes.
     """
 
@@ -109,24 +104,22 @@ class MetaGradientStrategy:
     def sample_sites(self, train_nodes: Iterable[int]) -> tuple[list[int], int]:
         """This round's training nodes and the round seed for episode sampling.
 
-        ``train_nodes`` come in site order (``server.app.discover_roles``); the chosen ones keep it,
+        ``train_nodes`` come in site order (``fedmeta.server.app.discover_roles``); the chosen ones keep it,
         and aggregation follows it, so the same seed samples and sums the same sites in every run.
         """
         nodes = [int(n) for n in train_nodes]
         self._site_order = {n: i for i, n in enumerate(nodes)}
-        wanted = self.config.sites_per_round or len(nodes)
-        if wanted < len(nodes):
-            chosen = [nodes[i] for i in sorted(self.rng.choice(len(nodes), size=wanted, replace=False))]
-        else:
-            chosen = nodes
-        round_seed = int(self.rng.integers(0, 2**31 - 1))
-        return chosen, round_seed
+        chosen, round_seed = sample_sites(self.rng, len(nodes), self.config.sites_per_round)
+        return [nodes[i] for i in chosen], round_seed
 
-    def configure_train(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
-        content = self._content(server_round, {"round-seed": round_seed})
+    def train_messages(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
+        """One train message per node: θ (and step sizes), the round and its seed."""
+        content = self._content(server_round, {ROUND_SEED_KEY: round_seed})
         return [Message(content, node_id, MessageType.TRAIN, group_id=str(server_round)) for node_id in node_ids]
 
-    def aggregate_train(self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]) -> RoundOutcome:
+    def apply_train_replies(
+        self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]
+    ) -> RoundOutcome:
         """Validates every reply, aggregates the valid ones in site order, steps θ."""
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
@@ -143,30 +136,28 @@ class MetaGradientStrategy:
             )
             return outcome
 
+        # Site order, not arrival order: the same replies give the same bits in every run.
         order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
         weights = [outcome.accepted[n][NUM_EXAMPLES] for n in order]
-        total = float(sum(weights))
-        mean_grads = {}
-        for key, (_, dtype) in self._expected.items():
-            # float64 accumulation in a fixed order: the same replies give the same bits.
-            acc = torch.zeros_like(grads_by_node[order[0]][key], dtype=torch.float64)
-            for node_id, weight in zip(order, weights):
-                acc += grads_by_node[node_id][key].to(torch.float64) * (weight / total)
-            mean_grads[key] = acc.to(getattr(torch, dtype))
-        self.meta_optimizer.step(mean_grads)
+        self.meta_optimizer.step(weighted_mean([grads_by_node[n] for n in order], weights))
         outcome.updated = True
-        outcome.metrics = _weighted_means(outcome.accepted, order, weights, total)
-        outcome.metrics["num-examples"] = total
+        outcome.metrics = weighted_mean_scalars(
+            [{k: v for k, v in outcome.accepted[n].items() if k != NUM_EXAMPLES} for n in order], weights
+        )
+        outcome.metrics[NUM_EXAMPLES] = float(sum(weights))
         return outcome
 
     # -- held-out evaluation --------------------------------------------------------------------
 
-    def configure_evaluate(self, server_round: int, node_ids: list[int]) -> list[Message]:
+    def evaluate_messages(self, server_round: int, node_ids: list[int]) -> list[Message]:
+        """One evaluate message per held-out node: θ (and step sizes) and the evaluation seed."""
         # A fixed seed: every evaluation adapts on the same support images, so rounds compare.
-        content = self._content(server_round, {"eval-seed": self.config.seed})
+        content = self._content(server_round, {EVAL_SEED_KEY: self.config.seed})
         return [Message(content, n, MessageType.EVALUATE, group_id=f"eval-{server_round}") for n in sorted(node_ids)]
 
-    def aggregate_evaluate(self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]) -> RoundOutcome:
+    def collect_evaluation(
+        self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]
+    ) -> RoundOutcome:
         """Mean and worst held-out Dice per adaptation step count (each site counts once)."""
         outcome = RoundOutcome()
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_evaluate):
@@ -176,8 +167,8 @@ class MetaGradientStrategy:
         if outcome.accepted:
             for steps in self.config.adaptation_steps:
                 values = [m[dice_key(steps)] for m in outcome.accepted.values()]
-                outcome.metrics[f"dice-mean-{steps}"] = float(np.mean(values))
-                outcome.metrics[f"dice-worst-{steps}"] = float(np.min(values))
+                outcome.metrics[dice_mean_key(steps)] = float(np.mean(values))
+                outcome.metrics[dice_worst_key(steps)] = float(np.min(values))
         return outcome
 
     # -- internals ------------------------------------------------------------------------------
@@ -186,7 +177,9 @@ class MetaGradientStrategy:
         return RecordDict(
             {
                 PARAMS_RECORD: pack_params(self.params, self.step_sizes),
-                CONFIG_RECORD: ConfigRecord({"round": server_round, **extra}),
+                CONFIG_RECORD: ConfigRecord(
+                    {ROUND_KEY: server_round, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION, **extra}
+                ),
             }
         )
 
@@ -293,19 +286,4 @@ def _validated_metrics(content: RecordDict) -> dict[str, float]:
     return metrics
 
 
-def _weighted_means(accepted, order, weights, total) -> dict[str, float]:
-    keys = set.intersection(*(set(accepted[n]) for n in order)) - {NUM_EXAMPLES}
-    return {k: float(sum(accepted[n][k] * w for n, w in zip(order, weights)) / total) for k in sorted(keys)}
-
-
-__all__ = [
-    "CONFIG_RECORD",
-    "GRADS_RECORD",
-    "METRICS_RECORD",
-    "MetaGradientStrategy",
-    "PARAMS_RECORD",
-    "ROLE_METRIC",
-    "SITE_KEY_METRIC",
-    "RoundOutcome",
-    "dice_key",
-]
+__all__ = ["Coordinator", "Drop", "InvalidReply", "RoundOutcome"]

@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
-from simulations.bench import format_report
-from simulations.procmem import TreeMemorySampler
+from fedmeta.simulations.perf.perf import format_report
+from fedmeta.simulations.engines.processes import TreeMemorySampler
 
 
 def test_tree_memory_counts_processes_of_the_flower_home_and_no_others(tmp_path):

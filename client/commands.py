@@ -1,12 +1,14 @@
-"""`fedmeta evaluate`: how well does a saved initialisation adapt to a site, given k labelled slices?
+"""What a hospital runs on its own data: `fedmeta check-data` and `fedmeta evaluate`.
 
+``check-data`` lists every problem with a site folder before it joins a federation.
+``evaluate`` answers how well a saved initialisation adapts to the site, given k labelled slices.
 Any checkpoint the ServerApp wrote (its run config names the model and the adaptation rule: Meta-SGD
 adapts with its learned step sizes, ANIL only its head) on any site folder — a generated site, an
 MSD task folder, or paired ``*_img``/``*_seg`` files. The site's patients are split once per seed
-into a support pool and evaluation patients (``common.data.adaptation_split``); θ is fine-tuned on k
-support slices by ``common.evaluation.adaptation_curve``, the inner step training and the
-ClientApp use, and scored by Dice on the evaluation patients. ``fedmeta benchmark`` scores every
-method through :func:`score_site` too.
+into a support pool and evaluation patients (``fedmeta.common.data.adaptation_split``); θ is fine-tuned on k
+support slices by ``fedmeta.common.adaptation.adaptation_curve``, the inner step training and the
+ClientApp use, and scored by Dice on the evaluation patients (``fedmeta.common.adaptation.score_site``,
+which ``fedmeta simulate`` and ``fedmeta benchmark`` score with too).
 """
 
 from __future__ import annotations
@@ -24,10 +26,26 @@ DEFAULT_STEPS = (0, 1, 5, 10, 20)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    check = subparsers.add_parser(
+        "check-data",
+        help="list every problem with a site's (or a federation's) data; exit 1 if any",
+        description="Checks each case (readable, 3D, image/label shapes and affines agree, no NaN/Inf, label "
+        "values declared, labels not empty, partner file present) and each site (enough patients for "
+        "episodes whose support and query come from different patients).",
+    )
+    check.add_argument("root", type=Path, help="a site folder (dataset.json) or a federation root")
+    check.add_argument("--k", type=int, default=5, help="support slices per episode (default 5)")
+    check.add_argument("--q", type=int, default=10, help="query slices per episode (default 10)")
+    check.add_argument("--num-classes", type=int, default=4, help="classes the model predicts (default 4)")
+    check.add_argument("--image-glob", default=None, help="for non-MSD folders, e.g. '*_img.nii.gz'")
+    check.add_argument("--label-glob", default=None, help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    check.set_defaults(handler=check_data)
+
     parser = subparsers.add_parser(
         "evaluate",
         help="adapt a saved initialisation to a site with k labelled slices and report Dice",
-        description=__doc__.split("\n\n")[0],
+        description="Adapt a saved initialisation to a site with k labelled slices and report Dice on its "
+        "other patients.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pt written by the ServerApp")
     parser.add_argument("--data", type=Path, required=True, action="append",
@@ -42,10 +60,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
     parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    parser.set_defaults(handler=handle)
+    parser.set_defaults(handler=evaluate)
 
 
-def handle(args: argparse.Namespace) -> int:
+def check_data(args: argparse.Namespace) -> int:
+    from fedmeta.common.validate import check_path, format_reports
+
+    try:
+        reports = check_path(args.root, num_classes=args.num_classes, k=args.k, q=args.q,
+                             image_glob=args.image_glob, label_glob=args.label_glob)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fedmeta check-data: {err}", file=sys.stderr)
+        return 2
+    print(format_reports(reports))
+    bad = [r for r in reports if not r.ok]
+    print(f"{len(reports) - len(bad)}/{len(reports)} site(s) clean")
+    return 1 if bad else 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
     try:
         shots = parse_counts(args.shots, "--shots", minimum=1)
         steps = parse_counts(args.steps, "--steps", minimum=0)
@@ -76,73 +109,6 @@ def parse_counts(text: str, option: str, *, minimum: int) -> list[int]:
     return sorted(set(values))
 
 
-def load_initialisation(checkpoint_path: Path | str, label: str | None = None):
-    """(Initialisation, RunConfig) from a ServerApp checkpoint; its run config says how θ adapts."""
-    from common.config import RunConfig
-    from server.checkpoint import load_checkpoint
-    from simulations.report import Initialisation
-
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file; pass the checkpoint.pt of a fedmeta run.")
-    checkpoint = load_checkpoint(path)
-    try:
-        config = RunConfig.from_run_config(checkpoint.run_config)
-    except ValueError as err:
-        raise ValueError(f"{path}: its run config is not valid for this fedmeta version ({err}).") from None
-    inner_lr: Any = config.inner_lr
-    if config.algorithm == "metasgd":
-        if not checkpoint.step_sizes:
-            raise ValueError(f"{path}: a metasgd checkpoint without step sizes; it cannot adapt as it was trained.")
-        inner_lr = checkpoint.step_sizes
-    init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
-                          head_only=config.algorithm == "anil")
-    return init, config
-
-
-def score_site(
-    model,
-    init,
-    site,
-    *,
-    shots: Sequence[int],
-    steps: Sequence[int],
-    seed: int,
-    num_classes: int,
-    max_images: int,
-    batch_size: int = 32,
-    splits: dict | None = None,
-) -> dict[int, dict[int, dict[str, Any]]]:
-    """``{k: {steps: {"dice", "dice_per_class"}}}`` for one initialisation on one site.
-
-    For one seed the evaluation patients are the same for every k and the support sets are nested.
-    ``splits`` caches the split per (site, k, seed) across initialisations, so every initialisation
-    adapts on the very same slices.
-    """
-    from client.site import evaluation_subset
-    from common.data import adaptation_split
-    from common.evaluation import adaptation_curve
-    from common.losses import DiceCELoss
-    from common.model import head_parameter_names
-
-    splits = {} if splits is None else splits
-    out: dict[int, dict[int, dict[str, Any]]] = {}
-    for k in shots:
-        key = (str(site.root), k, seed)
-        if key not in splits:
-            support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
-            splits[key] = (support_x, support_y, *evaluation_subset(eval_x, eval_y, max_images, seed=seed))
-        support_x, support_y, eval_x, eval_y = splits[key]
-        curve = adaptation_curve(
-            model, init.params, support_x, support_y, eval_x, eval_y, steps=list(steps), inner_lr=init.inner_lr,
-            loss_fn=DiceCELoss(num_classes), num_classes=num_classes,
-            inner_params=head_parameter_names(model) if init.head_only else None, batch_size=batch_size,
-        )
-        out[k] = {s: {"dice": float(curve[s]["dice"]), "dice_per_class": curve[s]["dice_per_class"],
-                      "eval_images": int(len(eval_x))} for s in steps}
-    return out
-
-
 def evaluate_checkpoint(
     checkpoint: Path | str,
     data: Sequence[Path | str],
@@ -155,8 +121,9 @@ def evaluate_checkpoint(
     label_glob: str | None = None,
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
-    from common.data import DataConfig, SiteDataset
-    from common.model import build_model
+    from fedmeta.common.adaptation import load_initialisation, score_site
+    from fedmeta.common.data import DataConfig, SiteDataset
+    from fedmeta.common.model import build_model
 
     init, config = load_initialisation(checkpoint)
     data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes,
@@ -221,4 +188,4 @@ def _str_keys(nested: dict) -> dict:
     return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in nested.items()}
 
 
-__all__ = ["evaluate_checkpoint", "format_table", "load_initialisation", "parse_counts", "register", "score_site"]
+__all__ = ["evaluate_checkpoint", "format_table", "parse_counts", "register"]

@@ -30,6 +30,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.common.protocol import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+
 log = logging.getLogger("fedmeta.inprocess")
 
 ClientAppCallable = Callable[[Message, Context], Message]
@@ -169,9 +171,9 @@ def run_inprocess(
     wrappers around those to inject faults or audit messages.
     """
     if server_app is None:
-        from server.app import app as server_app
+        from fedmeta.server.app import app as server_app
     if client_app is None:
-        from client.app import app as client_app
+        from fedmeta.client.app import app as client_app
     grid = InProcessGrid(client_app, node_configs, run_config, seed=seed)
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = grid.run.run_id
@@ -184,7 +186,7 @@ def run_inprocess(
 
 def simulation_node_configs(num_sites: int) -> list[dict[str, int]]:
     """What Flower's Simulation Engine gives its nodes: a partition id and the partition count."""
-    return [{"partition-id": i, "num-partitions": num_sites} for i in range(num_sites)]
+    return [{PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_sites} for i in range(num_sites)]
 
 
 __all__ = ["InProcessGrid", "InProcessNode", "InProcessRun", "run_inprocess", "simulation_node_configs"]

@@ -2,7 +2,7 @@
 
 import math
 
-from simulations.bench_meta import PLAIN, BenchSetting, format_table, measure, summarise
+from fedmeta.simulations.perf.meta_step import PLAIN, BenchSetting, format_table, measure, summarise
 
 TINY = BenchSetting("tiny", 2, (16, 16), (4, 8), (2,), k=2, q=2, inner_steps=2)
 

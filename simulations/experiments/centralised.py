@@ -1,11 +1,12 @@
-"""Meta-training without Flower: a plain loop over ``common.meta.meta_gradient`` and the meta-optimiser.
+"""Meta-training without Flower: the federation's round (``fedmeta.common.federated_round``) in a plain loop.
 
-Two uses. ``pooled=True`` is the benchmark's upper bound: one learner that sees every training
+Only the transport differs from the apps: site sampling, the site update and the weighted mean are
+the functions the ServerApp and ClientApp call. Two uses. ``pooled=True`` is the benchmark's upper bound: one learner that sees every training
 site's patients as one pool (a "centralised" meta-learner, as if the hospitals had shared their
 data), drawing per round as many episodes as the whole federation does. ``pooled=False`` runs the
 federation's own rounds — the same site sampling generator, the same per-site episode seeds, the
 same example-weighted float64 aggregation and the same meta-optimiser — so it is the "bare loop"
-that ``fedmeta bench`` compares Flower's engines against, and a reference the federated θ can be
+that ``fedmeta perf`` compares Flower's engines against, and a reference the federated θ can be
 checked against.
 
 The sites are taken in name order (the manifest's training order). The server samples and sums sites
@@ -24,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.data import SiteDataset, sample_episodes, site_seed
-from common.losses import DiceCELoss, one_hot
-from common.meta import init_step_sizes, meta_gradient
-from common.metaopt import MetaOptimizer
-from common.model import head_parameter_names, initial_params, seeded_model
-from common.synth import load_manifest
-from client.site import data_config, pick_device
-
+from fedmeta.client.site import data_config, pick_device
+from fedmeta.common.config import RunConfig
+from fedmeta.common.data import SiteDataset, site_seed
+from fedmeta.common.federated_round import sample_sites, site_update, weighted_mean, weighted_mean_scalars
+from fedmeta.common.meta import init_step_sizes
+from fedmeta.common.metaopt import MetaOptimizer
+from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY, ROLE_TRAIN, SITE_ID_KEY
+from fedmeta.common.synth import load_manifest
 
 
 @dataclass
@@ -85,49 +86,26 @@ def run_centralised(
     step_sizes = init_step_sizes(params, config.inner_lr) if config.algorithm == "metasgd" else None
     optimizer = MetaOptimizer(params, optimizer=config.meta_optimizer, lr=config.meta_lr,
                               step_sizes=step_sizes, momentum=config.meta_momentum)
-    loss_fn = DiceCELoss(config.num_classes)
-    inner_params = head_parameter_names(model) if config.algorithm == "anil" else None
     pool = pool_sites(sites) if pooled else None
-    # The server's generator: site sampling and round seeds, in the order the strategy draws them.
+    # The server's generator: site sampling and round seeds, in the order the coordinator draws them.
     rng = np.random.Generator(np.random.PCG64(config.seed))
     run = CentralisedRun(params={}, step_sizes=None)
 
-    def site_update(site: SiteDataset, n_episodes: int, seed: int):
-        raw = sample_episodes(site, n_episodes, config.k_shot, config.q_query, seed=seed)
-        episodes = [(sx.to(device), _target(sy, config, device), qx.to(device), _target(qy, config, device))
-                    for sx, sy, qx, qy in raw]
-        theta, alphas = optimizer.params, optimizer.step_sizes
-        return meta_gradient(
-            model, theta, episodes, algorithm=config.algorithm, inner_steps=config.inner_steps,
-            inner_lr=alphas if config.algorithm == "metasgd" else config.inner_lr, loss_fn=loss_fn,
-            inner_params=inner_params, proximal_mu=config.proximal_mu if config.algorithm == "fedprox" else 0.0,
-        )
-
     for server_round in range(1, config.num_rounds + 1):
-        wanted = config.sites_per_round or len(sites)
-        if wanted < len(sites):
-            chosen = sorted(int(i) for i in rng.choice(len(sites), size=wanted, replace=False))
-        else:
-            chosen = list(range(len(sites)))
-        round_seed = int(rng.integers(0, 2**31 - 1))
+        chosen, round_seed = sample_sites(rng, len(sites), config.sites_per_round)
+        theta, alphas = optimizer.params, optimizer.step_sizes
         if pool is not None:
-            updates = [site_update(pool, len(chosen) * config.episodes_per_site, round_seed)]
+            updates = [site_update(model, theta, alphas, pool, config, device=device,
+                                   n_episodes=len(chosen) * config.episodes_per_site, seed=round_seed)]
         else:
-            updates = [site_update(sites[i], config.episodes_per_site, site_seed(round_seed, sites[i].name))
+            updates = [site_update(model, theta, alphas, sites[i], config, device=device,
+                                   n_episodes=config.episodes_per_site, seed=site_seed(round_seed, sites[i].name))
                        for i in chosen]
         weights = [stats["num_examples"] for _, stats in updates]
-        total = float(sum(weights))
-        mean_grads = {}
-        for key in updates[0][0]:
-            # float64 accumulation weighted by examples, as the server aggregates.
-            acc = torch.zeros_like(updates[0][0][key], dtype=torch.float64)
-            for (grads, _), weight in zip(updates, weights):
-                acc += grads[key].to(torch.float64) * (weight / total)
-            mean_grads[key] = acc.to(updates[0][0][key].dtype)
-        optimizer.step(mean_grads)
-        stats = {key: float(sum(s[key] * w for (_, s), w in zip(updates, weights)) / total)
-                 for key in updates[0][1] if key != "num_examples"}
-        stats["num_examples"] = total
+        optimizer.step(weighted_mean([grads for grads, _ in updates], weights))
+        stats = weighted_mean_scalars([{k: v for k, v in s.items() if k != "num_examples"} for _, s in updates],
+                                      weights)
+        stats["num_examples"] = float(sum(weights))
         run.rounds.append(stats)
         if on_round is not None:
             on_round(server_round, stats)
@@ -146,7 +124,7 @@ def training_node_configs(infos) -> list[dict[str, str | int]]:
     ``site-id`` fixes the server's site order to this module's, and is what a deployed hospital
     would pass; node ids, which Flower draws at random, then play no part.
     """
-    return [{"data-dir": str(info.path), "role": "train", "site-id": i}
+    return [{DATA_DIR_KEY: str(info.path), ROLE_KEY: ROLE_TRAIN, SITE_ID_KEY: i}
             for i, info in enumerate(sorted(infos, key=lambda info: info.name))]
 
 
@@ -182,10 +160,6 @@ def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:
         images=[x for s in sites for x in s.images],
         labels=[y for s in sites for y in s.labels],
     )
-
-
-def _target(labels: torch.Tensor, config: RunConfig, device: torch.device) -> torch.Tensor:
-    return one_hot(labels, config.num_classes).to(device)
 
 
 __all__ = ["CentralisedRun", "load_training_sites", "pool_sites", "run_centralised", "train_centralised",

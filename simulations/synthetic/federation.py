@@ -1,4 +1,4 @@
-"""Data jobs: `fedmeta synth`, `fedmeta show-sites` and `fedmeta check-data`."""
+"""The synthetic federation's commands: `fedmeta synth` (generate it) and `fedmeta show-sites` (look at it)."""
 
 from __future__ import annotations
 
@@ -38,24 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--out", type=Path, required=True, help="PNG file to write")
     show.set_defaults(handler=_show_sites)
 
-    check = subparsers.add_parser(
-        "check-data",
-        help="list every problem with a site's (or a federation's) data; exit 1 if any",
-        description="Checks each case (readable, 3D, image/label shapes and affines agree, no NaN/Inf, label "
-        "values declared, labels not empty, partner file present) and each site (enough patients for "
-        "episodes whose support and query come from different patients).",
-    )
-    check.add_argument("root", type=Path, help="a site folder (dataset.json) or a federation root")
-    check.add_argument("--k", type=int, default=5, help="support slices per episode (default 5)")
-    check.add_argument("--q", type=int, default=10, help="query slices per episode (default 10)")
-    check.add_argument("--num-classes", type=int, default=4, help="classes the model predicts (default 4)")
-    check.add_argument("--image-glob", default=None, help="for non-MSD folders, e.g. '*_img.nii.gz'")
-    check.add_argument("--label-glob", default=None, help="for non-MSD folders, e.g. '*_seg.nii.gz'")
-    check.set_defaults(handler=_check_data)
-
 
 def _synth(args: argparse.Namespace) -> int:
-    from common.synth import generate_federation, load_manifest
+    from fedmeta.common.synth import generate_federation, load_manifest
 
     started = time.perf_counter()
     try:
@@ -88,25 +73,10 @@ def _show_sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data(args: argparse.Namespace) -> int:
-    from common.validate import check_path, format_reports
-
-    try:
-        reports = check_path(args.root, num_classes=args.num_classes, k=args.k, q=args.q,
-                             image_glob=args.image_glob, label_glob=args.label_glob)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"fedmeta check-data: {err}", file=sys.stderr)
-        return 2
-    print(format_reports(reports))
-    bad = [r for r in reports if not r.ok]
-    print(f"{len(reports) - len(bad)}/{len(reports)} site(s) clean")
-    return 1 if bad else 0
-
-
 def _site_folders(root: Path) -> list[tuple[Path, str]]:
     """(site folder, caption prefix) for a federation root (manifest order: train, then held-out) or one site."""
-    from common.synth import load_manifest
-    from common.validate import is_site_folder
+    from fedmeta.common.synth import load_manifest
+    from fedmeta.common.validate import is_site_folder
 
     if (root / "manifest.json").is_file():
         manifest = load_manifest(root)
@@ -130,8 +100,8 @@ def draw_sites(root: Path | str, out: Path | str) -> Path:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from common.data import to_ras
-    from common.validate import check_case, discover_site
+    from fedmeta.common.data import to_ras
+    from fedmeta.common.validate import check_case, discover_site
 
     root, out = Path(root), Path(out)
     sites = _site_folders(root)

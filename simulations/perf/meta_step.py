@@ -1,4 +1,4 @@
-"""`fedmeta bench meta` (registered by simulations.bench): time and peak memory of one site episode for each algorithm, side by side.
+"""`fedmeta perf meta` (registered by fedmeta.simulations.perf.perf): time and peak memory of one site episode for each algorithm, side by side.
 
 Every figure is a ratio measured in the same run against FOMAML, and FOMAML against the same
 number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
@@ -47,8 +47,8 @@ SETTINGS = {
 def _setup(setting: BenchSetting, device: str, seed: int = 0):
     import torch
 
-    from common.losses import DiceCELoss, one_hot
-    from common.model import ModelConfig, build_model, initial_params
+    from fedmeta.common.losses import DiceCELoss, one_hot
+    from fedmeta.common.model import ModelConfig, build_model, initial_params
 
     torch.manual_seed(seed)
     config = ModelConfig(spatial_dims=setting.spatial_dims, channels=setting.channels, strides=setting.strides)
@@ -68,7 +68,7 @@ def _setup(setting: BenchSetting, device: str, seed: int = 0):
 def _one_run(case: str, setting: BenchSetting, model, params, episode, loss_fn):
     import torch
 
-    from common.meta import meta_gradient
+    from fedmeta.common.meta import meta_gradient
 
     if case == PLAIN:
         # The reference cost: the same number of forward/backward passes, the ordinary way. A copy,
@@ -232,6 +232,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from simulations.cli import main
+    from fedmeta.simulations.cli import main
 
-    sys.exit(main(["bench", "meta", *sys.argv[1:]]))
+    sys.exit(main(["perf", "meta", *sys.argv[1:]]))

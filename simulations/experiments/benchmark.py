@@ -11,12 +11,12 @@ slices for s steps and is scored by Dice on its other patients, over several see
 - fomaml, maml, reptile, metasgd, anil: the meta-learned initialisations, adapted as they were
   trained (Meta-SGD with its learned step sizes, ANIL its head only);
 - pooled-fomaml: FOMAML on the pooled patients of all training sites, without federation (the upper
-  bound; ``simulations.centralised``).
+  bound; ``fedmeta.simulations.experiments.centralised``).
 
 Federated methods run fedmeta's real ServerApp and ClientApp through the in-process engine
-(``simulations.inprocess``), the same code Flower's engines run. Adaptation and scoring are
-``simulations.evaluate.score_site`` (``common.data.adaptation_split`` and
-``common.evaluation.adaptation_curve``), the code ``fedmeta evaluate`` and the ClientApp use.
+(``fedmeta.simulations.engines.inprocess``), the same code Flower's engines run. Adaptation and scoring are
+``fedmeta.client.commands.score_site`` (``fedmeta.common.data.adaptation_split`` and
+``fedmeta.common.adaptation.adaptation_curve``), the code ``fedmeta evaluate`` and the ClientApp use.
 
 Local gradient steps, the budget: one forward-backward pass on one batch. Per site and round a
 meta-learner (FOMAML, MAML, Meta-SGD, ANIL) takes ``episodes × (inner-steps + 1)`` (the support steps
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from simulations.simulate import local_steps_per_round as local_steps_per_site_round
-from simulations.simulate import parse_sets, read_preset_toml
+from fedmeta.simulations.experiments.budget import budget, check_equal_budget
+from fedmeta.simulations.experiments.presets import parse_sets, read_preset_toml
 DEFAULT_PRESET = "benchmark"
 QUICK_PRESET = "benchmark-quick"
 
@@ -180,7 +180,7 @@ def _check_spec(spec: dict[str, Any], where: Any) -> None:
 
 def method_configs(spec: dict[str, Any], methods: list[str]):
     """RunConfig per training key the methods need, with the shared run config under each table."""
-    from common.config import RunConfig
+    from fedmeta.common.config import RunConfig
 
     configs = {}
     for method in methods:
@@ -200,33 +200,6 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
             "the initialisations must be comparable, so set model-*, image-size and num-classes under [run-config] only."
         )
     return configs
-
-
-def budget(config, num_train_sites: int) -> dict[str, int]:
-    # The server and the bare loop train every site when sites-per-round is 0 or at least their number.
-    sites = min(config.sites_per_round or num_train_sites, num_train_sites)
-    per_site_round = local_steps_per_site_round(config)
-    return {
-        "rounds": config.num_rounds,
-        "sites_per_round": sites,
-        "episodes_per_site": config.episodes_per_site,
-        "inner_steps": config.inner_steps,
-        "local_steps_per_site_round": per_site_round,
-        "local_steps_total": config.num_rounds * sites * per_site_round,
-        "images_per_site_round": config.episodes_per_site * (config.k_shot + config.q_query),
-    }
-
-
-def check_equal_budget(budgets: dict[str, dict[str, int]], where: Any) -> int:
-    totals = {key: b["local_steps_total"] for key, b in budgets.items()}
-    if len(set(totals.values())) > 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
-        raise ValueError(
-            f"{where}: the methods' budgets of local gradient steps differ ({listing}). Fix inner-steps or "
-            "episodes-per-site under [training.*] so that rounds × sites × episodes × steps per episode match "
-            "(meta-learners: inner-steps + 1 per episode, Reptile: inner-steps, FedAvg/FedProx: 2 × inner-steps)."
-        )
-    return next(iter(totals.values()), 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,8 +225,8 @@ def run_benchmark(
     """
     import torch
 
-    from common.config import RunConfig
-    from common.synth import generate_federation, load_manifest
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.synth import generate_federation, load_manifest
 
     began = time.perf_counter()
     load_at_start = _load_average()
@@ -298,8 +271,8 @@ def run_benchmark(
     _say(quiet, f"budget: {total_budget} local gradient steps per method; seeds {spec['seeds']}; "
                 f"k {spec['shots']}; steps {spec['steps']}; {spec['eval-max-images'] or 'all'} evaluation slices per site")
 
-    from client.site import data_config
-    from common.data import SiteDataset
+    from fedmeta.client.site import data_config
+    from fedmeta.common.data import SiteDataset
 
     any_config = next(iter(configs.values()), None) or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0})
     eval_data = [SiteDataset.load(info.path, data_config(any_config)) for info in eval_infos]
@@ -383,8 +356,8 @@ def _split_sites(manifest, validation_sites: int, federation_dir: Path):
 
 def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
     """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation)."""
-    from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-    from simulations.evaluate import load_initialisation
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+    from fedmeta.common.adaptation import load_initialisation
 
     out_dir = Path(config.out_dir)
     path = out_dir / CHECKPOINT_NAME
@@ -405,7 +378,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
         path.unlink(missing_ok=True)
         began = time.perf_counter()
         if key == "pooled-fomaml":
-            from simulations.centralised import run_centralised
+            from fedmeta.simulations.experiments.centralised import run_centralised
 
             run = run_centralised(config, federation_dir, pooled=True, train_sites=[i.name for i in train_infos])
             save_checkpoint(path, Checkpoint(
@@ -417,10 +390,10 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
             info = {"engine": "centralised (pooled)", "final_query_loss_after": last.get("query_loss_after"),
                     "dropped_replies": 0, "skipped_rounds": 0}
         else:
-            from server.metrics import METRICS_NAME, read_metrics
-            from simulations.inprocess import run_inprocess
+            from fedmeta.server.metrics import METRICS_NAME, read_metrics
+            from fedmeta.simulations.engines.inprocess import run_inprocess
 
-            from simulations.centralised import training_node_configs
+            from fedmeta.simulations.experiments.centralised import training_node_configs
 
             # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
             # holds the whole training federation, so no site is re-read from NIfTI each round.
@@ -449,9 +422,8 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
 
 def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
     """Dice per method, site, k and step count for one seed; every method adapts on the same slices."""
-    from common.model import build_model, initial_params, seeded_model
-    from simulations.evaluate import score_site
-    from simulations.report import Initialisation
+    from fedmeta.common.adaptation import Initialisation, score_site
+    from fedmeta.common.model import build_model, initial_params, seeded_model
 
     model = build_model(any_config.model_config())
     splits: dict = {}
@@ -688,11 +660,8 @@ def _say(quiet: bool, line: str) -> None:
 
 __all__ = [
     "METHODS",
-    "budget",
-    "check_equal_budget",
     "goal_check",
     "load_benchmark_preset",
-    "local_steps_per_site_round",
     "register",
     "run_benchmark",
     "summarise",

@@ -1,16 +1,16 @@
-"""`fedmeta bench`: performance figures, each a ratio of two things measured in the same run.
+"""`fedmeta perf` (alias `fedmeta bench`): performance figures, each a ratio of two things measured in the same run.
 
 - ``sim``: the same meta-training (10 sites, 10 rounds, the default model and episodes) through
   Flower's Simulation Engine (Ray), through the in-process engine, and as a bare loop over
-  ``common.meta`` (simulations.centralised, ``pooled=False``): wall time and ratios to the bare
+  ``fedmeta.common.meta`` (fedmeta.simulations.experiments.centralised, ``pooled=False``): wall time and ratios to the bare
   loop, with Ray's start-up split out.
 - ``scaling``: 10, 30 and 100 simulated sites on the Simulation Engine, 10 sampled per round:
   time per round and peak memory (PSS, so shared pages count once) of the whole process tree.
 - ``comm``: bytes a site's train reply takes on the wire (Flower's protobuf) against the fp32 size
   of what it stands for (θ, and Meta-SGD's step sizes).
-- ``meta``: the meta-step micro-benchmark (simulations.bench_meta), summarised.
+- ``meta``: the meta-step micro-benchmark (fedmeta.simulations.perf.meta_step), summarised.
 
-``fedmeta bench`` alone runs all four; ``--quick`` shrinks each for a look in a few minutes.
+``fedmeta perf`` alone runs all four; ``--quick`` shrinks each for a look in a few minutes.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations import bench_meta
-from simulations.procmem import TreeMemorySampler
+from fedmeta.simulations.perf import meta_step
+from fedmeta.simulations.engines.processes import TreeMemorySampler
 
 PARTS = ("sim", "scaling", "comm", "meta")
 TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
@@ -44,25 +44,25 @@ ENGINE_CONFIG = dict(
 
 
 def _federation(count: int, root: Path) -> Path:
-    from common.synth import generate_federation
+    from fedmeta.common.synth import generate_federation
 
     return Path(generate_federation(root / f"scale-{count}-0", preset=f"scale-{count}", seed=0))
 
 
 def _config(federation: Path, out_dir: Path, **changes):
-    from common.config import RunConfig
+    from fedmeta.common.config import RunConfig
 
     return RunConfig(**{**ENGINE_CONFIG, "federation_dir": str(federation), "out_dir": str(out_dir), **changes})
 
 
 def _round_seconds(out_dir: Path) -> list[float]:
-    from server.metrics import METRICS_NAME, read_metrics
+    from fedmeta.server.metrics import METRICS_NAME, read_metrics
 
     return [r["seconds"] for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
 
 
 def run_bare(config) -> dict[str, Any]:
-    from simulations.centralised import run_centralised
+    from fedmeta.simulations.experiments.centralised import run_centralised
 
     began = time.perf_counter()
     run = run_centralised(config, config.federation_dir, pooled=False)
@@ -70,7 +70,7 @@ def run_bare(config) -> dict[str, Any]:
 
 
 def run_inprocess_engine(config, num_sites: int) -> dict[str, Any]:
-    from simulations.inprocess import run_inprocess, simulation_node_configs
+    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
     began = time.perf_counter()
     run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
@@ -80,7 +80,7 @@ def run_inprocess_engine(config, num_sites: int) -> dict[str, Any]:
 
 
 def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
-    from simulations.flower_runtime import run_simulation_engine
+    from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
 
     app_dir = Path(__file__).resolve().parents[1]
     began = time.perf_counter()
@@ -97,7 +97,7 @@ def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
 
 def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any]:
     """Ray vs in-process vs bare loop on the same meta-training."""
-    from common.config import RunConfig
+    from fedmeta.common.config import RunConfig
 
     federation = _federation(sites, work / "federations")
     # The meta-training a user runs: the default model and episodes (ENGINE_CONFIG's tiny model
@@ -152,12 +152,13 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
     Measured on the default model size (the ratio depends on it: names and metrics are a fixed
     cost), with the reply serialised exactly as Flower sends it (``message_to_proto``).
     """
+    from flwr.app import MessageType
     from flwr.common.serde import message_to_proto
 
-    from client.app import app as client_app
-    from common.config import RunConfig
-    from common.model import build_model
-    from simulations.inprocess import run_inprocess, simulation_node_configs
+    from fedmeta.client.app import app as client_app
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.model import build_model
+    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
     federation = _federation(10, work / "federations")
     rows = {}
@@ -166,7 +167,7 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
 
         def measuring_client(message, context, sizes=sizes):
             reply = client_app(message, context)
-            if message.metadata.message_type == "train" and reply.has_content():
+            if message.metadata.message_type == MessageType.TRAIN and reply.has_content():
                 sizes.append(message_to_proto(reply).ByteSize())
             return reply
 
@@ -188,9 +189,9 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
     return rows
 
 
-def bench_meta_summary(*, quick: bool) -> dict[str, Any]:
-    setting = bench_meta.SETTINGS["2d"]
-    table = bench_meta.summarise(bench_meta.measure(setting, repeats=2 if quick else 5))
+def meta_step_summary(*, quick: bool) -> dict[str, Any]:
+    setting = meta_step.SETTINGS["2d"]
+    table = meta_step.summarise(meta_step.measure(setting, repeats=2 if quick else 5))
     return {"setting": setting.name, "table": table}
 
 
@@ -199,14 +200,14 @@ def bench_meta_summary(*, quick: bool) -> dict[str, Any]:
 
 
 def format_report(results: dict[str, Any]) -> str:
-    lines = [f"# fedmeta bench ({results['machine']})", ""]
+    lines = [f"# fedmeta perf ({results['machine']})", ""]
     checks = []
     if "sim" in results:
         s = results["sim"]
         lines += [
             f"## Simulation overhead: {s['sites']} sites, {s['rounds']} rounds",
             "", "| engine | wall s | × bare loop |", "|---|---:|---:|",
-            f"| bare loop (common.meta) | {s['bare_seconds']:.1f} | 1.00 |",
+            f"| bare loop (fedmeta.common.meta) | {s['bare_seconds']:.1f} | 1.00 |",
             f"| in-process engine | {s['inprocess_seconds']:.1f} | {s['inprocess_vs_bare']:.2f} |",
             f"| Flower Simulation Engine (Ray) | {s['ray_seconds']:.1f} | {s['ray_vs_bare']:.2f} |",
             "",
@@ -233,7 +234,7 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append("")
         checks.append(("fomaml reply / fp32 model", results["comm"]["fomaml"]["reply_vs_model"], TARGETS["bytes_vs_fp32"]))
     if "meta" in results:
-        lines.append(bench_meta.format_table(results["meta"]["setting"], results["meta"]["table"]))
+        lines.append(meta_step.format_table(results["meta"]["setting"], results["meta"]["table"]))
         lines.append("")
         t = results["meta"]["table"]["targets"]
         checks.append(("MAML / FOMAML time", t["maml_time_vs_fomaml"], TARGETS["maml_vs_fomaml"]))
@@ -254,7 +255,7 @@ def _machine() -> str:
 
 def run(args: argparse.Namespace) -> int:
     parts = args.parts or list(PARTS)
-    work = Path(args.work or tempfile.mkdtemp(prefix="fedmeta-bench-")).resolve()
+    work = Path(args.work or tempfile.mkdtemp(prefix="fedmeta-perf-")).resolve()
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "work": str(work)}
     try:
         if "sim" in parts:
@@ -264,9 +265,9 @@ def run(args: argparse.Namespace) -> int:
         if "comm" in parts:
             results["comm"] = bench_comm(work)
         if "meta" in parts:
-            results["meta"] = bench_meta_summary(quick=args.quick)
+            results["meta"] = meta_step_summary(quick=args.quick)
     except Exception as err:
-        print(f"fedmeta bench: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"fedmeta perf: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     results["machine_after"] = _machine()
     report = format_report(results)
@@ -280,18 +281,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    # `perf`, not `bench`: `fedmeta benchmark` is the research benchmark; `bench` stays as an alias.
     bench = subparsers.add_parser(
-        "bench", help="performance benchmarks (simulation overhead, scaling, communication, meta-step cost)",
+        "perf", aliases=["bench"],
+        help="performance figures (simulation overhead, scaling, communication, meta-step cost); alias: bench",
         description=__doc__.split("\n\n")[0],
     )
     bench.add_argument("parts", nargs="*", metavar="PART",
-                       help=f"which to run: {', '.join(PARTS)} (default: all). `bench meta` alone runs the full "
+                       help=f"which to run: {', '.join(PARTS)} (default: all). `perf meta` alone runs the full "
                             "meta-step micro-benchmark (2D and 3D, options below)")
     bench.add_argument("--quick", action="store_true", help="smaller runs, a few minutes in all")
-    bench.add_argument("--out", default=None, help="JSON results, a .md table beside it (default: runs/bench/bench.json)")
+    bench.add_argument("--out", default=None, help="JSON results, a .md table beside it (default: runs/perf/perf.json)")
     bench.add_argument("--work", default=None, help="scratch folder for federations and runs (default: a temp dir)")
-    meta = bench.add_argument_group("bench meta")
-    meta.add_argument("--settings", nargs="+", choices=sorted(bench_meta.SETTINGS), default=["2d", "3d"])
+    meta = bench.add_argument_group("perf meta")
+    meta.add_argument("--settings", nargs="+", choices=sorted(meta_step.SETTINGS), default=["2d", "3d"])
     meta.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     meta.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     bench.set_defaults(handler=_dispatch)
@@ -300,15 +303,15 @@ def register(subparsers) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
-        print(f"fedmeta bench: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}.", file=sys.stderr)
+        print(f"fedmeta perf: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}.", file=sys.stderr)
         return 2
     if args.parts == ["meta"]:
-        return bench_meta.run(args)
-    args.out = args.out or "runs/bench/bench.json"
+        return meta_step.run(args)
+    args.out = args.out or "runs/perf/perf.json"
     return run(args)
 
 
 if __name__ == "__main__":
-    from simulations.cli import main
+    from fedmeta.simulations.cli import main
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(main(["perf", *sys.argv[1:]]))

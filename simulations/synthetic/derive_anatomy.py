@@ -1,7 +1,7 @@
 """Re-derive the shipped anatomy asset from the ICBM152 2009a template inside nilearn's wheel.
 
     pip install 'fedmeta[anatomy]'
-    python -m simulations.derive_anatomy [--out common/assets/icbm152_2009a_tissue_1p5mm.npz]
+    python -m fedmeta.simulations.synthetic.derive_anatomy [--out common/assets/icbm152_2009a_tissue_1p5mm.npz]
 
 The asset holds three tissue-probability maps (CSF, grey matter, white matter) cropped to the brain
 and resampled to 1.5 mm, quantised to uint8. CSF is not shipped by nilearn; it is the brain mask
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "common" / "assets"
-DEFAULT_OUT = ASSET_DIR / "icbm152_2009a_tissue_1p5mm.npz"
+from fedmeta.common.synth import ASSET_PATH as DEFAULT_OUT  # the asset synth reads
 TISSUES = ("csf", "grey_matter", "white_matter")
 TARGET_SPACING_MM = 1.5
 MARGIN_MM = 6.0  # room for the random affine and elastic warp to move the brain without clipping it

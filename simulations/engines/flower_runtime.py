@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -47,13 +46,14 @@ from types import TracebackType
 
 import tomli_w
 
+from fedmeta.simulations.engines.processes import TAG_VAR, stop_processes
+
 __all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine"]
 
 RunConfigValue = bool | int | float | str
 
 log = logging.getLogger("fedmeta.runtime")
 
-_TAG_VAR = "FEDMETA_RUNTIME_TAG"
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 _CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _LOG_TAIL_LINES = 80
@@ -143,7 +143,7 @@ def run_simulation_engine(
         finally:
             # The local SuperLink was detached by `flwr`; it and everything below it carry our
             # tag, so the sweep finds them even though they are not our children.
-            survivors = _stop_processes(set(), home.tag)
+            survivors = stop_processes(set(), home.tag)
             if survivors:
                 message = (
                     f"Could not stop Flower processes {sorted(survivors)} started for the "
@@ -326,7 +326,7 @@ class LocalDeployment:
         if home is None:
             return
         try:
-            survivors = _stop_processes({process.pid for process in self._processes}, home.tag)
+            survivors = stop_processes({process.pid for process in self._processes}, home.tag)
             for process in self._processes:
                 # Reap our direct children so they do not linger as zombies.
                 try:
@@ -401,7 +401,7 @@ class _FlowerHome:
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 # `flwr` launches `flower-superlink` by name: make it this environment's.
                 "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                _TAG_VAR: self.tag,
+                TAG_VAR: self.tag,
             }
         )
         self._connections: dict[str, dict[str, str | bool]] = {}
@@ -530,125 +530,8 @@ class _FlowerHome:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes
+# Ports
 # --------------------------------------------------------------------------------------------
-
-
-def _stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[int]:
-    """Stop `roots` and all their descendants; return the PIDs still alive afterwards.
-
-    The tree is frozen with SIGSTOP first, so that no process can start a child (a SuperExec
-    relaunching a ClientApp, Ray restarting a worker) or be re-parented to init between the
-    moment we list the tree and the moment we signal it; then SIGTERM (Flower and Ray shut
-    down cleanly on it), SIGCONT, and SIGKILL for whatever outlives the grace period.
-    """
-    start_times: dict[int, int] = {}
-    frontier = (set(roots) | _tagged(tag)) - {os.getpid()}
-    while frontier:
-        for pid in frontier:
-            start = _start_time(pid)
-            if start is None:
-                continue
-            start_times[pid] = start
-            _signal(pid, start, signal.SIGSTOP)
-        frontier = (_descendants(set(start_times)) | _tagged(tag)) - set(start_times) - {os.getpid()}
-    for pid, start in start_times.items():
-        _signal(pid, start, signal.SIGTERM)
-        _signal(pid, start, signal.SIGCONT)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not any(_alive(pid, start) for pid, start in start_times.items()):
-            return set()
-        time.sleep(0.2)
-    for pid, start in start_times.items():
-        _signal(pid, start, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        survivors = {pid for pid, start in start_times.items() if _alive(pid, start)}
-        if not survivors:
-            return set()
-        time.sleep(0.2)
-    return survivors
-
-
-def _tagged(tag: str) -> set[int]:
-    return {pid for pid in _pids() if _environ_has(pid, _TAG_VAR, tag)}
-
-
-def _pids() -> list[int]:
-    proc = Path("/proc")
-    if proc.is_dir():
-        return [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
-    result = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, check=False)
-    return [int(line) for line in result.stdout.split() if line.isdigit()]
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], starttime [19])."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after its last ')'.
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    """A PID's start time, to tell it apart from a later process that reuses the number."""
-    if Path("/proc").is_dir():
-        fields = _stat(pid)
-        if fields is None or fields[0] in ("Z", "X"):
-            return None
-        return int(fields[19])
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return None
-    return 0
-
-
-def _alive(pid: int, start: int) -> bool:
-    return _start_time(pid) == start
-
-
-def _signal(pid: int, start: int, signum: signal.Signals) -> None:
-    if _alive(pid, start):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def _descendants(pids: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    if Path("/proc").is_dir():
-        for pid in _pids():
-            fields = _stat(pid)
-            if fields is not None and fields[0] not in ("Z", "X"):
-                children.setdefault(int(fields[1]), []).append(pid)
-    else:
-        result = subprocess.run(
-            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
-        )
-        for line in result.stdout.splitlines():
-            pid, ppid = (int(field) for field in line.split())
-            children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = list(pids)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _environ_has(pid: int, name: str, value: str) -> bool:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # gone, not ours, or no /proc
-        return False
-    return f"{name}={value}".encode() in environ.split(b"\0")
 
 
 def _free_ports(count: int) -> list[int]:

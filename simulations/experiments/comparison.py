@@ -1,52 +1,27 @@
-"""The new-hospital comparison: held-out sites adapt each initialisation with k labelled images.
+"""`fedmeta simulate`'s comparison: held-out sites adapt each initialisation with k labelled images.
 
 Every initialisation (meta-learned, FedAvg-trained, random) is scored on the same held-out sites,
-the same support images and the same evaluation patients, by ``common.evaluation.adaptation_curve``
+the same support images and the same evaluation patients, by ``fedmeta.common.adaptation.adaptation_curve``
 — the code a site runs in the ClientApp's evaluate — so the table compares initialisations only.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from common.config import RunConfig
-from common.data import DataConfig, SiteDataset
-from common.model import build_model, initial_params, seeded_model
-from common.synth import load_manifest
+from fedmeta.common.adaptation import Initialisation, score_site
+from fedmeta.common.config import RunConfig
+from fedmeta.common.data import DataConfig, SiteDataset
+from fedmeta.common.model import build_model
+from fedmeta.common.synth import load_manifest
 
 TABLE_STEPS = (0, 5, 10)
 PLOT_STEPS = (0, 2, 5, 10)
 
 
-@dataclass
-class Initialisation:
-    """A θ to compare, with the adaptation rule its training implies (Meta-SGD: learned step sizes)."""
-
-    label: str
-    params: dict[str, torch.Tensor]
-    inner_lr: float | dict[str, torch.Tensor]
-    head_only: bool = False  # ANIL adapts only the head
-
-
-def initialisation_from_checkpoint(label: str, checkpoint_path: Path) -> Initialisation:
-    """θ from a run's checkpoint, adapting as its run config says (``fedmeta evaluate``'s loader)."""
-    from simulations.evaluate import load_initialisation
-
-    return load_initialisation(checkpoint_path, label)[0]
-
-
-def random_initialisation(config: RunConfig) -> Initialisation:
-    """The scratch baseline: the same seeded θ the federation started from, never trained."""
-    return Initialisation("random init", initial_params(seeded_model(config.model_config(), config.seed)), config.inner_lr)
-
-
-def evaluate_initialisations(
+def compare_initialisations(
     federation_dir: Path,
     inits: Sequence[Initialisation],
     config: RunConfig,
@@ -61,7 +36,6 @@ def evaluate_initialisations(
         raise ValueError(f"{federation_dir} has no held-out sites; the comparison needs at least one new hospital.")
     data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
     model = build_model(config.model_config())
-    from simulations.evaluate import score_site  # the scoring `fedmeta evaluate` and the benchmark use
 
     per_site: dict[str, dict[str, dict[int, float]]] = {init.label: {} for init in inits}
     for info in manifest.heldout_sites:
@@ -149,15 +123,4 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
-
-
-__all__ = [
-    "Initialisation",
-    "evaluate_initialisations",
-    "initialisation_from_checkpoint",
-    "plot_dice_vs_steps",
-    "random_initialisation",
-    "write_report",
-]
+__all__ = ["compare_initialisations", "plot_dice_vs_steps", "write_report"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedmeta.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 def _checkpoint(round_: int = 3) -> Checkpoint:

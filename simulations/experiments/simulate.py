@@ -16,16 +16,14 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from simulations.procmem import TreeMemorySampler
+from fedmeta.simulations.engines.processes import TreeMemorySampler
+from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
+from fedmeta.simulations.experiments.presets import load_preset, parse_sets
 
-PRESETS_DIR = Path(__file__).parent / "presets"
 ENGINES = ("ray", "inprocess")
-# Keys of a preset file that configure this driver rather than the Flower run.
-DRIVER_KEYS = ("federation", "federation-seed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,29 +71,6 @@ class SimulationError(RuntimeError):
     """A run finished but not as it should (rounds missing, every reply dropped, ...)."""
 
 
-def read_preset_toml(preset: str, *, kind: str = "preset", known_glob: str = "*.toml") -> tuple[Path, dict[str, Any]]:
-    """A preset by name (a TOML file in simulations/presets) or by path: its path and its values."""
-    path = Path(preset)
-    if not path.suffix:
-        path = PRESETS_DIR / f"{preset}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob(known_glob) if kind != "preset" or not p.stem.startswith("benchmark")))
-        raise ValueError(f"{kind} {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
-    try:
-        return path, tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML ({err}).") from None
-
-
-def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
-    path, values = read_preset_toml(preset)
-    driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
-    driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
-    driver.setdefault("federation-seed", 0)
-    return values, driver
-
-
 def simulate(
     *,
     preset: str = "default",
@@ -112,8 +87,8 @@ def simulate(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The whole job; returns what results.json holds. Raises on any failure."""
-    from common.config import RunConfig
-    from common.synth import generate_federation, load_manifest
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.synth import generate_federation, load_manifest
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}.")
@@ -164,17 +139,16 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes)
 
-    from simulations.report import (
-        evaluate_initialisations, initialisation_from_checkpoint, random_initialisation, write_report,
-    )
-    from server.checkpoint import CHECKPOINT_NAME
+    from fedmeta.common.adaptation import load_initialisation, random_initialisation
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME
+    from fedmeta.simulations.experiments.comparison import compare_initialisations, write_report
 
-    inits = [initialisation_from_checkpoint(f"meta-learned ({config.algorithm})", out / CHECKPOINT_NAME)]
+    inits = [load_initialisation(out / CHECKPOINT_NAME, f"meta-learned ({config.algorithm})")[0]]
     if baseline_config is not None:
-        inits.append(initialisation_from_checkpoint("FedAvg-trained", out / "baseline-fedavg" / CHECKPOINT_NAME))
+        inits.append(load_initialisation(out / "baseline-fedavg" / CHECKPOINT_NAME, "FedAvg-trained")[0])
     inits.append(random_initialisation(config))
     _say(quiet, "comparing initialisations on the held-out sites (k = 5)")
-    comparison = evaluate_initialisations(federation, inits, config, k=5, seed=config.seed)
+    comparison = compare_initialisations(federation, inits, config, k=5, seed=config.seed)
     report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}")
 
     results = {
@@ -196,24 +170,10 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     return results
 
 
-def local_steps_per_round(config) -> int:
-    """Gradient steps one site makes per round (forward-backward passes on one batch)."""
-    if config.algorithm in ("fedavg", "fedprox"):  # each local epoch: support then query of every episode
-        return config.inner_steps * config.episodes_per_site * 2
-    if config.algorithm == "reptile":
-        return config.inner_steps * config.episodes_per_site
-    return (config.inner_steps + 1) * config.episodes_per_site  # inner steps + the query gradient
-
-
-def fedavg_epochs_for_budget(config) -> int:
-    """FedAvg's local epochs that match ``config``'s local steps per site and round as closely as possible."""
-    return max(1, round(local_steps_per_round(config) / (2 * config.episodes_per_site)))
-
-
 def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> dict[str, Any]:
     """One federated run on the chosen engine; checks what it left on disk, returns its summary."""
-    from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-    from server.metrics import METRICS_NAME, read_metrics
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from fedmeta.server.metrics import METRICS_NAME, read_metrics
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,11 +184,11 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
     printer.start()
     try:
         if engine == "inprocess":
-            from simulations.inprocess import run_inprocess, simulation_node_configs
+            from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
             run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
         else:
-            from simulations.flower_runtime import run_simulation_engine
+            from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
 
             app_dir = Path(__file__).resolve().parents[1]
             if not (app_dir / "pyproject.toml").is_file():
@@ -315,17 +275,6 @@ def format_round(record: dict[str, Any], config) -> str:
     if "seconds" in record:
         parts.append(f"{record['seconds']:.1f} s")
     return " | ".join(parts)
-
-
-def parse_sets(items: list[str], command: str = "simulate") -> dict[str, Any]:
-    """``--set KEY=VALUE`` options as a dict of strings (RunConfig coerces each to its key's type)."""
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"fedmeta {command}: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
-        values[key.strip()] = raw.strip()  # RunConfig coerces strings to each key's type
-    return values
 
 
 def _say(quiet: bool, line: str) -> None:

@@ -11,9 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import RunConfig
-from common.records import to_array_record
-from server.strategy import GRADS_RECORD, METRICS_RECORD, MetaGradientStrategy
+from fedmeta.common.config import RunConfig
+from fedmeta.common.records import to_array_record
+from fedmeta.common.protocol import GRADS_RECORD, METRICS_RECORD
+from fedmeta.server.coordinator import Coordinator
 
 TINY = dict(model_base_channels=4, model_levels=2, image_size=16, meta_optimizer="sgd", meta_lr=1.0)
 
@@ -24,8 +25,8 @@ def server_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
 
 
-def _strategy(**changes) -> MetaGradientStrategy:
-    return MetaGradientStrategy(RunConfig(**{**TINY, **changes}))
+def _strategy(**changes) -> Coordinator:
+    return Coordinator(RunConfig(**{**TINY, **changes}))
 
 
 def _reply(instruction: Message, grads: dict[str, torch.Tensor] | ArrayRecord, metrics: dict | None = None) -> Message:
@@ -36,7 +37,7 @@ def _reply(instruction: Message, grads: dict[str, torch.Tensor] | ArrayRecord, m
 
 
 def _instructions(strategy, nodes):
-    messages = strategy.configure_train(1, nodes, round_seed=5)
+    messages = strategy.train_messages(1, nodes, round_seed=5)
     for i, m in enumerate(messages):
         m.metadata.__dict__["_message_id"] = f"m{i}"
     return messages
@@ -51,7 +52,7 @@ def test_site_sampling_is_reproducible_from_the_seed_and_differs_between_seeds()
     draws = [_strategy(seed=3, sites_per_round=3).sample_sites(nodes) for _ in range(2)]
     assert draws[0] == draws[1]
     chosen, _ = draws[0]
-    # The chosen sites keep the site order they came in (server.app sorts nodes by site key).
+    # The chosen sites keep the site order they came in (fedmeta.server.app sorts nodes by site key).
     assert len(chosen) == 3 and chosen == sorted(chosen, key=nodes.index) and set(chosen) <= set(nodes)
     others = {tuple(_strategy(seed=s, sites_per_round=3).sample_sites(nodes)[0]) for s in range(10)}
     assert len(others) > 1
@@ -71,7 +72,7 @@ def test_aggregation_is_the_example_weighted_mean_and_ignores_reply_order():
         ]
         if shuffle:
             random.Random(0).shuffle(replies)
-        outcome = strategy.aggregate_train(1, [30, 10, 20], replies)
+        outcome = strategy.apply_train_replies(1, [30, 10, 20], replies)
         assert outcome.updated and not outcome.dropped
         expected_step = (1 * 1.0 + 2 * 2.0 + 5 * 4.0) / 8
         for name, value in strategy.params.items():  # SGD lr 1: θ − mean gradient
@@ -82,7 +83,7 @@ def test_aggregation_is_the_example_weighted_mean_and_ignores_reply_order():
         assert torch.equal(results[0][name], results[1][name])
 
 
-def _corrupt(kind: str, strategy: MetaGradientStrategy, instruction: Message) -> Message:
+def _corrupt(kind: str, strategy: Coordinator, instruction: Message) -> Message:
     grads = _grads_like(strategy, 0.1)
     name = sorted(grads)[0]
     if kind == "missing key":
@@ -143,7 +144,7 @@ def test_a_bad_reply_is_dropped_with_its_reason_counted_and_the_round_goes_on(ki
     theta = strategy.params
     sent = _instructions(strategy, [1, 2])
     replies = [_reply(sent[0], _grads_like(strategy, 1.0)), _corrupt(kind, strategy, sent[1])]
-    outcome = strategy.aggregate_train(1, [1, 2], replies)
+    outcome = strategy.apply_train_replies(1, [1, 2], replies)
     assert [d.node_id for d in outcome.dropped] == [2]
     assert BAD[kind] in outcome.dropped[0].reason
     assert strategy.counters["dropped_replies"] == 1
@@ -161,7 +162,7 @@ def test_replies_from_unasked_nodes_duplicates_and_silence_are_all_dropped():
         _reply(sent[0], _grads_like(strategy, 5.0)),
         _reply(stranger, _grads_like(strategy, 5.0)),
     ]
-    outcome = strategy.aggregate_train(1, [1, 2, 3], replies)
+    outcome = strategy.apply_train_replies(1, [1, 2, 3], replies)
     reasons = {(d.node_id, d.reason) for d in outcome.dropped}
     assert (1, "second reply from the same node") in reasons
     assert (9, "reply from a node this round did not ask") in reasons
@@ -173,7 +174,7 @@ def test_fewer_valid_replies_than_min_sites_leaves_theta_unchanged():
     strategy = _strategy(min_sites=2)
     theta = strategy.params
     sent = _instructions(strategy, [1, 2])
-    outcome = strategy.aggregate_train(1, [1, 2], [_reply(sent[0], _grads_like(strategy, 1.0))])
+    outcome = strategy.apply_train_replies(1, [1, 2], [_reply(sent[0], _grads_like(strategy, 1.0))])
     assert not outcome.updated
     assert strategy.counters["skipped_rounds"] == 1
     for name in theta:
@@ -182,7 +183,7 @@ def test_fewer_valid_replies_than_min_sites_leaves_theta_unchanged():
 
 def test_metasgd_sends_step_sizes_and_expects_their_gradients():
     strategy = _strategy(algorithm="metasgd", inner_lr=0.05)
-    message = strategy.configure_train(1, [4], round_seed=1)[0]
+    message = strategy.train_messages(1, [4], round_seed=1)[0]
     keys = set(message.content.array_records["arrays"].keys())
     step_keys = {k for k in keys if k.startswith("lr.")}
     assert step_keys and {k[3:] for k in step_keys} == set(strategy.params)
@@ -190,24 +191,24 @@ def test_metasgd_sends_step_sizes_and_expects_their_gradients():
     message.metadata.__dict__["_message_id"] = "m"
     grads = {**_grads_like(strategy, 0.0), **{k: torch.ones_like(v) for k, v in
                                               ((f"lr.{n}", s) for n, s in strategy.step_sizes.items())}}
-    outcome = strategy.aggregate_train(1, [4], [_reply(message, grads)])
+    outcome = strategy.apply_train_replies(1, [4], [_reply(message, grads)])
     assert outcome.updated
     name = sorted(strategy.step_sizes)[0]
     torch.testing.assert_close(strategy.step_sizes[name], torch.full_like(strategy.step_sizes[name], 0.05 - 1.0))
     without_steps = _reply(message, _grads_like(strategy, 0.0))
-    assert "missing ['lr." in strategy.aggregate_train(2, [4], [without_steps]).dropped[0].reason
+    assert "missing ['lr." in strategy.apply_train_replies(2, [4], [without_steps]).dropped[0].reason
 
 
 def test_evaluation_summary_is_mean_and_worst_site():
     strategy = _strategy(eval_steps="0,5")
-    sent = strategy.configure_evaluate(1, [8, 6])
+    sent = strategy.evaluate_messages(1, [8, 6])
     for i, m in enumerate(sent):
         m.metadata.__dict__["_message_id"] = f"e{i}"
     replies = [
         Message(RecordDict({METRICS_RECORD: MetricRecord({"num-examples": 10, "dice-step-0": 0.2, "dice-step-5": 0.6})}), reply_to=sent[0]),
         Message(RecordDict({METRICS_RECORD: MetricRecord({"num-examples": 10, "dice-step-0": 0.4, "dice-step-5": 1.5})}), reply_to=sent[1]),
     ]
-    outcome = strategy.aggregate_evaluate(1, [6, 8], replies)
+    outcome = strategy.collect_evaluation(1, [6, 8], replies)
     assert [d.node_id for d in outcome.dropped] == [8] and "dice-step-5 is 1.5" in outcome.dropped[0].reason
     assert outcome.metrics == {"dice-mean-0": 0.2, "dice-worst-0": 0.2, "dice-mean-5": 0.6, "dice-worst-5": 0.6}
     assert sent[0].content.config_records["config"]["eval-seed"] == strategy.config.seed

@@ -1,0 +1,130 @@
+"""One federated round, written once: which sites train, what a site computes, how updates combine.
+
+The ServerApp and ClientApp call these functions with Flower carrying the messages between them;
+the centralised loop (``fedmeta.simulations.experiments.centralised``) calls the same functions with
+no transport at all. So the same seed samples the same sites, draws the same episodes, computes the
+same updates and sums them in the same order, whichever way a round travels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedmeta.common.config import RunConfig
+from fedmeta.common.data import SiteDataset, sample_episodes
+from fedmeta.common.losses import DiceCELoss, one_hot
+from fedmeta.common.meta import Params, StepSize, meta_gradient
+from fedmeta.common.model import head_parameter_names
+
+# Seeds are drawn below 2^31 - 1 so that they fit every integer type they are stored in.
+_SEED_BOUND = 2**31 - 1
+
+
+def sample_sites(rng: np.random.Generator, num_sites: int, sites_per_round: int) -> tuple[list[int], int]:
+    """This round's sites (indices into the site order, ascending) and its round seed.
+
+    ``sites_per_round`` 0 (or at least ``num_sites``) takes every site. Both draws come from
+    ``rng``, the server's generator, whose state is checkpointed: a resumed run draws what the
+    uninterrupted one would have.
+    """
+    if num_sites < 1:
+        raise ValueError(f"num_sites={num_sites}: a round needs at least one training site.")
+    wanted = sites_per_round or num_sites
+    if wanted < num_sites:
+        chosen = sorted(int(i) for i in rng.choice(num_sites, size=wanted, replace=False))
+    else:
+        chosen = list(range(num_sites))
+    return chosen, int(rng.integers(0, _SEED_BOUND))
+
+
+def adaptation_rule(
+    config: RunConfig, model: torch.nn.Module, step_sizes: Mapping[str, torch.Tensor] | None
+) -> tuple[StepSize, list[str] | None]:
+    """(inner step size, adapted parameter names) the run's algorithm adapts with.
+
+    Meta-SGD adapts with its learned per-parameter step sizes, ANIL only the head; every other
+    algorithm adapts all parameters with the scalar ``inner-lr``. Training and evaluation both ask here.
+    """
+    if config.algorithm == "metasgd":
+        if step_sizes is None:
+            raise ValueError("algorithm metasgd adapts with learned step sizes (lr.<name>), and none were given.")
+        inner_lr: StepSize = dict(step_sizes)
+    else:
+        inner_lr = config.inner_lr
+    return inner_lr, (head_parameter_names(model) if config.algorithm == "anil" else None)
+
+
+def site_update(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    step_sizes: Mapping[str, torch.Tensor] | None,
+    site: SiteDataset,
+    config: RunConfig,
+    *,
+    n_episodes: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[Params, dict[str, float]]:
+    """What one site computes in a round: ``n_episodes`` seeded episodes, then its meta-gradient.
+
+    Returns ``(grads, stats)`` as :func:`fedmeta.common.meta.meta_gradient` does; ``grads`` is what
+    the site sends. A federated site passes ``config.episodes_per_site`` and
+    ``site_seed(round_seed, site.name)``; the pooled upper bound passes the whole federation's
+    episode count and the round seed.
+    """
+    raw = sample_episodes(site, n_episodes, config.k_shot, config.q_query, seed=seed)
+    episodes = [
+        (sx.to(device), _target(sy, config, device), qx.to(device), _target(qy, config, device))
+        for sx, sy, qx, qy in raw
+    ]
+    inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
+    return meta_gradient(
+        model,
+        params,
+        episodes,
+        algorithm=config.algorithm,
+        inner_steps=config.inner_steps,
+        inner_lr=inner_lr,
+        loss_fn=DiceCELoss(config.num_classes),
+        inner_params=inner_params,
+        proximal_mu=config.proximal_mu if config.algorithm == "fedprox" else 0.0,
+    )
+
+
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Σ wᵢ·gᵢ / Σ wᵢ per key, accumulated in float64 in the order given, cast back to each key's dtype.
+
+    A fixed order and float64 accumulation make the same updates give the same bits in every run;
+    the caller orders ``updates`` (by site order) and has checked that they share keys and dtypes.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"weighted_mean needs one weight per update; got {len(updates)} updates, {len(weights)} weights.")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights {list(weights)[:5]} sum to {total}; every weight must be positive.")
+    mean = {}
+    for key, first in updates[0].items():
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for update, weight in zip(updates, weights):
+            acc += update[key].to(torch.float64) * (weight / total)
+        mean[key] = acc.to(first.dtype)
+    return mean
+
+
+def weighted_mean_scalars(stats: Sequence[Mapping[str, float]], weights: Sequence[float]) -> dict[str, float]:
+    """The weighted mean of every scalar all of ``stats`` report (in key order)."""
+    total = float(sum(weights))
+    keys = set.intersection(*(set(s) for s in stats))
+    return {k: float(sum(s[k] * w for s, w in zip(stats, weights)) / total) for k in sorted(keys)}
+
+
+def _target(labels: torch.Tensor, config: RunConfig, device: torch.device | str) -> torch.Tensor:
+    return one_hot(labels, config.num_classes).to(device)
+
+
+__all__ = ["adaptation_rule", "sample_sites", "site_update", "weighted_mean", "weighted_mean_scalars"]

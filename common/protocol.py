@@ -1,0 +1,108 @@
+"""The wire protocol between fedmeta's ServerApp and its ClientApps, defined once.
+
+Every name that crosses the network (record names, config and metric keys, site roles, algorithm
+names) and every node-config key a hospital's SuperNode passes is a constant here; server, client,
+config and the synthetic federation import them, so a rename is one edit and cannot leave the two
+sides disagreeing (the server would drop every reply). Pure Python: importing it loads neither
+torch nor Flower. Flower's own ``flwr.common.constant`` is the pattern.
+
+A message from the server carries ``PARAMS_RECORD`` (θ, and Meta-SGD's step sizes under
+``STEP_SIZE_PREFIX + name``) and ``CONFIG_RECORD`` (the round, a seed and ``PROTOCOL_VERSION_KEY``).
+A site's train reply carries ``GRADS_RECORD`` (one array per key of θ and step sizes) and
+``METRICS_RECORD`` (scalars, ``NUM_EXAMPLES`` among them); its evaluate reply ``METRICS_RECORD``
+only; its query reply ``METRICS_RECORD`` with its role, site key and protocol version.
+"""
+
+from __future__ import annotations
+
+# Raised whenever a message's meaning changes (a record, key or unit); a site and a server that
+# disagree refuse each other with both versions named instead of misreading each other's arrays.
+PROTOCOL_VERSION = 1
+
+# -- records ---------------------------------------------------------------------------------------
+PARAMS_RECORD = "arrays"  # ArrayRecord: θ (+ lr.<name>) sent to a site
+CONFIG_RECORD = "config"  # ConfigRecord: round, seeds, protocol version
+GRADS_RECORD = "meta-grads"  # ArrayRecord: a site's meta-gradient, keyed like PARAMS_RECORD
+METRICS_RECORD = "metrics"  # MetricRecord: a site's scalars
+
+# -- config keys (server -> site) ------------------------------------------------------------------
+ROUND_KEY = "round"
+ROUND_SEED_KEY = "round-seed"  # train: seeds the site's episode sampling (with its name)
+EVAL_SEED_KEY = "eval-seed"  # evaluate: seeds the support/evaluation patient split
+PROTOCOL_VERSION_KEY = "protocol-version"  # in every config record, and in the query reply
+
+# -- metric keys (site -> server) ------------------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # the reply's weight in the aggregate
+ROLE_METRIC = "heldout"  # query reply: 1 for a held-out site, 0 for a training site
+SITE_KEY_METRIC = "site-key"  # query reply: the site's stable order key
+SECONDS = "seconds"
+SUPPORT_LOSS_BEFORE = "support-loss-before"
+SUPPORT_LOSS_AFTER = "support-loss-after"
+QUERY_LOSS_BEFORE = "query-loss-before"
+QUERY_LOSS_AFTER = "query-loss-after"  # the meta-loss the server reports per round
+
+
+def dice_key(steps: int) -> str:
+    """Evaluate reply: held-out Dice after ``steps`` adaptation steps."""
+    return f"dice-step-{steps}"
+
+
+def dice_mean_key(steps: int) -> str:
+    """Server summary of an evaluation: mean held-out Dice after ``steps`` adaptation steps."""
+    return f"dice-mean-{steps}"
+
+
+def dice_worst_key(steps: int) -> str:
+    """Server summary of an evaluation: worst site's Dice after ``steps`` adaptation steps."""
+    return f"dice-worst-{steps}"
+
+
+# -- site roles ------------------------------------------------------------------------------------
+ROLE_TRAIN = "train"  # meta-trains
+ROLE_HELDOUT = "heldout"  # never trains; plays the new hospital in evaluation
+ROLES = (ROLE_TRAIN, ROLE_HELDOUT)
+
+# -- node config keys (SuperNode --node-config, or Flower's simulation) ----------------------------
+DATA_DIR_KEY = "data-dir"  # deployed: the site's data folder
+ROLE_KEY = "role"  # deployed: one of ROLES (default train)
+SITE_ID_KEY = "site-id"  # deployed: the site's order key (integer)
+PARTITION_ID_KEY = "partition-id"  # simulated: Flower's partition index
+NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
+
+# -- algorithms ------------------------------------------------------------------------------------
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+STEP_SIZE_PREFIX = "lr."  # Meta-SGD's learned step sizes travel as lr.<parameter name>
+
+
+__all__ = [
+    "ALGORITHMS",
+    "CONFIG_RECORD",
+    "DATA_DIR_KEY",
+    "EVAL_SEED_KEY",
+    "GRADS_RECORD",
+    "METRICS_RECORD",
+    "NUM_EXAMPLES",
+    "NUM_PARTITIONS_KEY",
+    "PARAMS_RECORD",
+    "PARTITION_ID_KEY",
+    "PROTOCOL_VERSION",
+    "PROTOCOL_VERSION_KEY",
+    "QUERY_LOSS_AFTER",
+    "QUERY_LOSS_BEFORE",
+    "ROLES",
+    "ROLE_HELDOUT",
+    "ROLE_KEY",
+    "ROLE_METRIC",
+    "ROLE_TRAIN",
+    "ROUND_KEY",
+    "ROUND_SEED_KEY",
+    "SECONDS",
+    "SITE_ID_KEY",
+    "SITE_KEY_METRIC",
+    "STEP_SIZE_PREFIX",
+    "SUPPORT_LOSS_AFTER",
+    "SUPPORT_LOSS_BEFORE",
+    "dice_key",
+    "dice_mean_key",
+    "dice_worst_key",
+]

@@ -1,0 +1,207 @@
+"""The processes of a Flower run: stopping every one of them, and measuring their memory.
+
+A Flower run spreads over processes that are not our children (the SuperLink that `flwr run`
+detaches, a SuperExec, Ray's workers). Both jobs find them the same way, through /proc: by their
+parent links and by a variable in their environment (a run's tag, or its private FLWR_HOME).
+Elsewhere than Linux, stopping falls back to `ps`; memory sampling counts this process only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+# Every process the Flower runtime starts, directly or through Flower, carries this variable.
+TAG_VAR = "FEDMETA_RUNTIME_TAG"
+_GRACE_S = 10.0
+
+
+
+def stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[int]:
+    """Stop `roots` and all their descendants; return the PIDs still alive afterwards.
+
+    The tree is frozen with SIGSTOP first, so that no process can start a child (a SuperExec
+    relaunching a ClientApp, Ray restarting a worker) or be re-parented to init between the
+    moment we list the tree and the moment we signal it; then SIGTERM (Flower and Ray shut
+    down cleanly on it), SIGCONT, and SIGKILL for whatever outlives the grace period.
+    """
+    start_times: dict[int, int] = {}
+    frontier = (set(roots) | tagged(tag)) - {os.getpid()}
+    while frontier:
+        for pid in frontier:
+            start = _start_time(pid)
+            if start is None:
+                continue
+            start_times[pid] = start
+            _signal(pid, start, signal.SIGSTOP)
+        frontier = (_descendants(set(start_times)) | tagged(tag)) - set(start_times) - {os.getpid()}
+    for pid, start in start_times.items():
+        _signal(pid, start, signal.SIGTERM)
+        _signal(pid, start, signal.SIGCONT)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not any(_alive(pid, start) for pid, start in start_times.items()):
+            return set()
+        time.sleep(0.2)
+    for pid, start in start_times.items():
+        _signal(pid, start, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        survivors = {pid for pid, start in start_times.items() if _alive(pid, start)}
+        if not survivors:
+            return set()
+        time.sleep(0.2)
+    return survivors
+
+
+def tagged(tag: str) -> set[int]:
+    return {pid for pid in _pids() if _environ_has(pid, TAG_VAR, tag)}
+
+
+def _pids() -> list[int]:
+    proc = Path("/proc")
+    if proc.is_dir():
+        return [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
+    result = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, check=False)
+    return [int(line) for line in result.stdout.split() if line.isdigit()]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], starttime [19])."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after its last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """A PID's start time, to tell it apart from a later process that reuses the number."""
+    if Path("/proc").is_dir():
+        fields = _stat(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    return _start_time(pid) == start
+
+
+def _signal(pid: int, start: int, signum: signal.Signals) -> None:
+    if _alive(pid, start):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    if Path("/proc").is_dir():
+        for pid in _pids():
+            fields = _stat(pid)
+            if fields is not None and fields[0] not in ("Z", "X"):
+                children.setdefault(int(fields[1]), []).append(pid)
+    else:
+        result = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
+        )
+        for line in result.stdout.splitlines():
+            pid, ppid = (int(field) for field in line.split())
+            children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(pids)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _environ_has(pid: int, name: str, value: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, not ours, or no /proc
+        return False
+    return f"{name}={value}".encode() in environ.split(b"\0")
+
+
+def _environ_value(pid: int, name: str) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in raw.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory of a run's process tree
+
+
+class TreeMemorySampler:
+    """Samples the summed PSS of this process and every process whose FLWR_HOME is ``flwr_home``
+    or lies inside it (one folder can hold the private homes of several runs).
+
+    PSS (proportional set size) splits shared pages among the processes that map them, so Ray's
+    shared object store and the torch libraries every worker maps count once, not once per worker.
+    """
+
+    def __init__(self, flwr_home: Path | None, interval_s: float = 0.5):
+        self.flwr_home = str(flwr_home) if flwr_home else None
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self.sample())
+            if self._stop.wait(self.interval_s):
+                return
+
+    def sample(self) -> int:
+        total = _pss_bytes(os.getpid())
+        if self.flwr_home:
+            for pid in _pids():
+                home = _environ_value(pid, "FLWR_HOME")
+                if pid != os.getpid() and home and (home == self.flwr_home or home.startswith(self.flwr_home + "/")):
+                    total += _pss_bytes(pid)
+        return total
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+__all__ = ["TAG_VAR", "TreeMemorySampler", "stop_processes", "tagged"]

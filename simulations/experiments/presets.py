@@ -1,0 +1,52 @@
+"""Presets: TOML files of run-config overrides (``simulations/presets/``), and ``--set KEY=VALUE``.
+
+``fedmeta simulate`` reads a preset as run-config keys plus the driver keys ``federation`` and
+``federation-seed``; ``fedmeta benchmark`` reads its own richer presets (``benchmark*.toml``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+# Keys of a simulate preset that configure the driver rather than the Flower run.
+DRIVER_KEYS = ("federation", "federation-seed")
+
+
+def read_preset_toml(preset: str, *, kind: str = "preset", known_glob: str = "*.toml") -> tuple[Path, dict[str, Any]]:
+    """A preset by name (a TOML file in simulations/presets) or by path: its path and its values."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{preset}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob(known_glob) if kind != "preset" or not p.stem.startswith("benchmark")))
+        raise ValueError(f"{kind} {preset!r}: no file {path}; use one of {known} or a path to a TOML file.")
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err}).") from None
+
+
+def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
+    path, values = read_preset_toml(preset)
+    driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
+    driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
+    driver.setdefault("federation-seed", 0)
+    return values, driver
+
+
+def parse_sets(items: list[str], command: str = "simulate") -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as a dict of strings (RunConfig coerces each to its key's type)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fedmeta {command}: --set {item!r} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
+        values[key.strip()] = raw.strip()  # RunConfig coerces strings to each key's type
+    return values
+
+
+__all__ = ["DRIVER_KEYS", "PRESETS_DIR", "load_preset", "parse_sets", "read_preset_toml"]
