@@ -53,85 +53,84 @@ def site_reply_errors(handler):
     return wrapper
 
 
-def build_client_app(sites: SiteCache) -> ClientApp:
-    """A ClientApp whose handlers share ``sites``, the cache of loaded sites and built models.
+# Loaded sites and built models, for the life of this process. A module global on purpose: Flower's
+# Simulation Engine pickles the ClientApp into its Ray actors on every call, so state held by the app
+# object (or a closure) would arrive empty each time; a module's globals live as long as the actor.
+# Tests reset it with ``sites.clear()``.
+sites = SiteCache()
+# The app Flower loads (pyproject: clientapp = "fedmeta.client.app:app").
+app = ClientApp()
 
-    A Flower node handles many messages in one process; the cache is what lets round 2 skip reading
-    the site's NIfTI files again. It is passed in, so a test (or a second app in one process) holds
-    its own.
-    """
-    app = ClientApp()
 
-    @app.query()
-    @site_reply_errors
-    def query(message: Message, context: Context) -> Message:
-        config = RunConfig.from_run_config(context.run_config)
-        ref = resolve_site(context.node_config, config)
-        metrics = to_metric_record(
-            {ROLE_METRIC: int(ref.role == ROLE_HELDOUT), SITE_KEY_METRIC: ref.key, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION}
-        )
-        return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
+@app.query()
+@site_reply_errors
+def query(message: Message, context: Context) -> Message:
+    config = RunConfig.from_run_config(context.run_config)
+    ref = resolve_site(context.node_config, config)
+    metrics = to_metric_record(
+        {ROLE_METRIC: int(ref.role == ROLE_HELDOUT), SITE_KEY_METRIC: ref.key, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION}
+    )
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
 
-    @app.train()
-    @site_reply_errors
-    def train(message: Message, context: Context) -> Message:
-        began = time.perf_counter()
-        config, ref, device = _setup(message, context)
-        if ref.role != ROLE_TRAIN:
-            raise PermissionError("a held-out site never trains: it plays the new hospital")
-        site = sites.site(ref, config)
-        model = sites.model(config, device)
-        params, step_sizes = _received_params(message, config, device)
-        round_seed = int(message.content.config_records[CONFIG_RECORD][ROUND_SEED_KEY])
-        grads, stats = site_update(
-            model, params, step_sizes, site, config,
-            n_episodes=config.episodes_per_site, seed=site_seed(round_seed, site.name), device=device,
-        )
-        metrics = {
-            NUM_EXAMPLES: int(stats["num_examples"]),
-            SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
-            SUPPORT_LOSS_AFTER: stats["support_loss_after"],
-            QUERY_LOSS_BEFORE: stats["query_loss_before"],
-            QUERY_LOSS_AFTER: stats["query_loss_after"],
-            SECONDS: time.perf_counter() - began,
-        }
-        content = RecordDict({GRADS_RECORD: to_array_record(grads), METRICS_RECORD: to_metric_record(metrics)})
-        return Message(content, reply_to=message)
 
-    @app.evaluate()
-    @site_reply_errors
-    def evaluate(message: Message, context: Context) -> Message:
-        began = time.perf_counter()
-        config, ref, device = _setup(message, context)
-        site = sites.site(ref, config)
-        model = sites.model(config, device)
-        params, step_sizes = _received_params(message, config, device)
-        eval_seed = int(message.content.config_records[CONFIG_RECORD][EVAL_SEED_KEY])
+@app.train()
+@site_reply_errors
+def train(message: Message, context: Context) -> Message:
+    began = time.perf_counter()
+    config, ref, device = _setup(message, context)
+    if ref.role != ROLE_TRAIN:
+        raise PermissionError("a held-out site never trains: it plays the new hospital")
+    site = sites.site(ref, config)
+    model = sites.model(config, device)
+    params, step_sizes = _received_params(message, config, device)
+    round_seed = int(message.content.config_records[CONFIG_RECORD][ROUND_SEED_KEY])
+    grads, stats = site_update(
+        model, params, step_sizes, site, config,
+        n_episodes=config.episodes_per_site, seed=site_seed(round_seed, site.name), device=device,
+    )
+    metrics = {
+        NUM_EXAMPLES: int(stats["num_examples"]),
+        SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
+        SUPPORT_LOSS_AFTER: stats["support_loss_after"],
+        QUERY_LOSS_BEFORE: stats["query_loss_before"],
+        QUERY_LOSS_AFTER: stats["query_loss_after"],
+        SECONDS: time.perf_counter() - began,
+    }
+    content = RecordDict({GRADS_RECORD: to_array_record(grads), METRICS_RECORD: to_metric_record(metrics)})
+    return Message(content, reply_to=message)
 
-        support_x, support_y, eval_x, eval_y = adaptation_split(site, config.eval_k_shot, seed=eval_seed)
-        eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=eval_seed)
-        inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
-        curve = adaptation_curve(
-            model,
-            params,
-            support_x.to(device),
-            support_y.to(device),
-            eval_x.to(device),
-            eval_y.to(device),
-            steps=list(config.adaptation_steps),
-            inner_lr=inner_lr,
-            loss_fn=DiceCELoss(config.num_classes),
-            num_classes=config.num_classes,
-            inner_params=inner_params,
-            batch_size=config.eval_batch_size,
-        )
-        metrics = {dice_key(steps): float(result["dice"]) for steps, result in curve.items()}
-        metrics[NUM_EXAMPLES] = int(len(eval_x))
-        metrics[SECONDS] = time.perf_counter() - began
-        return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 
-    app.sites = sites  # reachable from the app object (tests clear it between runs)
-    return app
+@app.evaluate()
+@site_reply_errors
+def evaluate(message: Message, context: Context) -> Message:
+    began = time.perf_counter()
+    config, ref, device = _setup(message, context)
+    site = sites.site(ref, config)
+    model = sites.model(config, device)
+    params, step_sizes = _received_params(message, config, device)
+    eval_seed = int(message.content.config_records[CONFIG_RECORD][EVAL_SEED_KEY])
+
+    support_x, support_y, eval_x, eval_y = adaptation_split(site, config.eval_k_shot, seed=eval_seed)
+    eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=eval_seed)
+    inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
+    curve = adaptation_curve(
+        model,
+        params,
+        support_x.to(device),
+        support_y.to(device),
+        eval_x.to(device),
+        eval_y.to(device),
+        steps=list(config.adaptation_steps),
+        inner_lr=inner_lr,
+        loss_fn=DiceCELoss(config.num_classes),
+        num_classes=config.num_classes,
+        inner_params=inner_params,
+        batch_size=config.eval_batch_size,
+    )
+    metrics = {dice_key(steps): float(result["dice"]) for steps, result in curve.items()}
+    metrics[NUM_EXAMPLES] = int(len(eval_x))
+    metrics[SECONDS] = time.perf_counter() - began
+    return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 
 
 def _setup(message: Message, context: Context) -> tuple[RunConfig, SiteRef, torch.device]:
@@ -150,7 +149,3 @@ def _received_params(message: Message, config: RunConfig, device: torch.device):
     if config.algorithm == "metasgd" and step_sizes is None:
         raise ValueError("algorithm metasgd needs the server's step sizes (lr.<name> arrays); none arrived")
     return params, step_sizes
-
-
-# The app Flower loads (pyproject: clientapp = "fedmeta.client.app:app"), with its one cache per process.
-app = build_client_app(SiteCache())

@@ -100,9 +100,9 @@ class SiteCache:
     """Loaded sites and built models, kept for the life of the process.
 
     A Flower node handles many messages in one process; reading and resampling NIfTI every round
-    would dominate its time. One instance per ClientApp, handed to
-    :func:`fedmeta.client.app.build_client_app` (the module's ``app`` has the process's one cache,
-    reachable as ``app.sites``); keyed by everything the loaded value depends on.
+    would dominate its time. The ClientApp holds one per process as a module global
+    (``fedmeta.client.app.sites``; why a global, its comment says); keyed by everything the loaded
+    value depends on, and bounded in bytes.
     """
 
     def __init__(self, max_bytes: int = 2**30) -> None:

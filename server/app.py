@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, ROLE_METRIC, ROUND_KEY, SITE_KEY_METRIC,
-    dice_mean_key,
+    CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, ROLE_METRIC, ROUND_KEY,
+    SITE_KEY_METRIC, dice_mean_key,
 )
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
 from fedmeta.server.metrics import MetricsLog
@@ -207,7 +207,7 @@ def _progress(server_round: int, config: RunConfig, outcome: RoundOutcome | None
     if outcome is not None:
         parts.append(f"sites {len(outcome.accepted)}/{len(outcome.accepted) + len(outcome.dropped)}")
         if outcome.updated:
-            parts.append(f"meta-loss {outcome.metrics.get('query-loss-after', float('nan')):.4f}")
+            parts.append(f"meta-loss {outcome.metrics.get(QUERY_LOSS_AFTER, float('nan')):.4f}")
         else:
             parts.append("no update")
     if evaluation is not None and evaluation.metrics:

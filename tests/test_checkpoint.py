@@ -35,12 +35,19 @@ def test_round_trip_is_exact(tmp_path):
     assert loaded.run_config == original.run_config
 
 
+class _FailsToSave:
+    """Breaks torch.save halfway through a checkpoint, with an error of our own."""
+
+    def __reduce__(self):
+        raise RuntimeError("this value cannot be saved")
+
+
 def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, _checkpoint(1))
     broken = _checkpoint(2)
-    broken.counters = {"not picklable": lambda: None}  # torch.save fails mid-write
-    with pytest.raises(Exception):
+    broken.counters = {"not picklable": _FailsToSave()}  # torch.save fails mid-write
+    with pytest.raises(RuntimeError, match="this value cannot be saved"):
         save_checkpoint(path, broken)
     assert load_checkpoint(path).round == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -98,9 +98,11 @@ def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation
 
 def test_a_failing_site_reports_the_error_type_only(smoke_federation, tmp_path):
     """A site whose data vanished mid-run: the FileNotFoundError names paths; the reply must not."""
+    from fedmeta.client.app import sites
+
     auditor = Auditor()
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, federation_dir=str(tmp_path / "nowhere"))
-    client_app.sites.clear()
+    sites.clear()
     with pytest.raises(RuntimeError, match="no training site answered"):
         federate(config, smoke_federation, client=auditor)
     assert auditor.replies and all(reply.has_error() for _, reply, _ in auditor.replies)

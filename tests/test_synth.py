@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -86,10 +86,10 @@ def test_same_seed_same_arrays_different_seed_different(smoke_federation: Path):
     assert not np.array_equal(second_image, image)
 
 
-def test_smoke_preset_takes_seconds(smoke_federation: Path):
-    # ~5 s on an idle 2-core machine; the bound leaves room for a CI box shared with other jobs.
+def test_the_manifest_records_how_long_generation_took(smoke_federation: Path):
+    # A record for the reader, not a timed test: how fast is for benchmarks, not for assertions.
     seconds = json.loads((smoke_federation / "manifest.json").read_text())["generation_seconds"]
-    assert seconds < 45, f"smoke preset took {seconds:.1f} s"
+    assert isinstance(seconds, float) and math.isfinite(seconds) and seconds > 0
 
 
 @pytest.mark.slow
@@ -102,12 +102,10 @@ def test_parallel_generation_matches_serial(smoke_federation: Path, tmp_path: Pa
 
 
 def test_cached_second_call_is_instant_and_other_contents_are_refused(smoke_federation: Path, tmp_path: Path):
-    manifest_path = smoke_federation / "manifest.json"
-    mtime = manifest_path.stat().st_mtime_ns
-    started = time.perf_counter()
+    # Cached means nothing is rendered or written again: every file keeps its modification time.
+    before = {p: p.stat().st_mtime_ns for p in smoke_federation.rglob("*") if p.is_file()}
     assert generate_federation(smoke_federation, "smoke", seed=0) == smoke_federation
-    assert time.perf_counter() - started < 1.0
-    assert manifest_path.stat().st_mtime_ns == mtime
+    assert {p: p.stat().st_mtime_ns for p in smoke_federation.rglob("*") if p.is_file()} == before
     with pytest.raises(FileExistsError, match="different federation.*force=True"):
         generate_federation(smoke_federation, "smoke", seed=1)
     foreign = tmp_path / "mine"

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmeta.common.protocol import QUERY_LOSS_AFTER
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
 from fedmeta.simulations.experiments.presets import parse_sets, read_preset_toml
 DEFAULT_PRESET = "benchmark"
@@ -407,7 +408,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
                                    f"round(s): sites' replies were dropped; see {out_dir / METRICS_NAME}.")
             trained = [r for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
             info = {"engine": "in-process Flower apps",
-                    "final_query_loss_after": trained[-1]["train"].get("query-loss-after") if trained else None,
+                    "final_query_loss_after": trained[-1]["train"].get(QUERY_LOSS_AFTER) if trained else None,
                     "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
                     "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0)}
         info["seconds"] = time.perf_counter() - began

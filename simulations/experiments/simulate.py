@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 from fedmeta.simulations.experiments.presets import load_preset, parse_sets
@@ -219,7 +220,7 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
         "rounds": checkpoint.round,
         "local_steps_per_site_round": local_steps_per_round(config),
         "seconds": seconds,
-        "final_meta_loss": last.get("query-loss-after"),
+        "final_meta_loss": last.get(QUERY_LOSS_AFTER),
         "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
         "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
         "out_dir": str(out),
@@ -266,12 +267,12 @@ def format_round(record: dict[str, Any], config) -> str:
     parts = [f"[{config.algorithm}] round {record['round']:>3}/{config.num_rounds}"]
     if "sites_sampled" in record:
         parts.append(f"sites {record['sites_answered']}/{record['sites_sampled']}")
-        loss = record.get("train", {}).get("query-loss-after")
+        loss = record.get("train", {}).get(QUERY_LOSS_AFTER)
         parts.append(f"meta-loss {loss:.4f}" if loss is not None else "no update")
     heldout = record.get("heldout", {}).get("summary", {})
     if heldout:
         parts.append("held-out Dice " + ", ".join(
-            f"{s} steps {heldout[f'dice-mean-{s}']:.3f}" for s in config.adaptation_steps if f"dice-mean-{s}" in heldout))
+            f"{s} steps {heldout[dice_mean_key(s)]:.3f}" for s in config.adaptation_steps if dice_mean_key(s) in heldout))
     if "seconds" in record:
         parts.append(f"{record['seconds']:.1f} s")
     return " | ".join(parts)

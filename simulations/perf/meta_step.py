@@ -21,8 +21,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedmeta.common.protocol import ALGORITHMS
+
 PLAIN = "plain-fwd-bwd"
-CASES = ("fomaml", "maml", "reptile", "metasgd", "anil", "fedavg", "fedprox", PLAIN)
+CASES = (*ALGORITHMS, PLAIN)
 
 
 @dataclass(frozen=True)
