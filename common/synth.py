@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {
         slice_thickness_mm=(1.5, 5.0),
     ),
 }
-# Scaling federations for `fedmeta bench`: many tiny training sites (3 patients each, smoke-sized
+# Scaling federations for `fedmeta perf`: many tiny training sites (3 patients each, smoke-sized
 # volumes), no held-out sites. What is measured is the engine, not the model.
 for _count in (10, 30, 100):
     PRESETS[f"scale-{_count}"] = Preset(
@@ -602,20 +602,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
     key = _cache_key(preset, seed)
     if _is_cached(root, key) and not force:
         return root
-    if root.exists() and any(root.iterdir()):
-        ours = (root / "manifest.json").is_file()
-        if not ours:
-            raise FileExistsError(
-                f"{root} is not empty and holds no fedmeta manifest.json; refusing to write a federation "
-                "into it. Choose an empty or new folder."
-            )
-        if not force:
-            old = json.loads((root / "manifest.json").read_text())
-            raise FileExistsError(
-                f"{root} already holds a different federation (preset={old.get('preset')!r}, "
-                f"seed={old.get('seed')!r}, generator {old.get('generator_version')!r}); pass force=True "
-                "(`fedmeta synth --force`) to replace it, or choose another folder."
-            )
+    _refuse_to_overwrite(root, force)
 
     started = time.perf_counter()
     plan = plan_federation(preset, seed)
@@ -629,27 +616,8 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
         (site_dir / "labelsTr").mkdir(parents=True)
         (site_dir / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2))
         jobs.extend((site_dir, site["params"], subject, site["fov_scale"]) for subject in site["subjects"])
-    if workers is None:
-        workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
     try:
-        if workers > 1:
-            import multiprocessing
-
-            # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-                list(pool.map(_generate_subject, jobs, chunksize=4))
-        else:
-            import torch
-
-            # One thread: on a busy 2-core machine torch's thread pool made generation 3x slower.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                for job in jobs:
-                    _generate_subject(job)
-            finally:
-                torch.set_num_threads(threads)
+        _render_subjects(jobs, workers)
         manifest = {
             "generator_version": GENERATOR_VERSION,
             "preset": preset,
@@ -674,6 +642,48 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _refuse_to_overwrite(root: Path, force: bool) -> None:
+    """Refuses a non-empty folder without our manifest always, and another federation unless ``force``."""
+    if not (root.exists() and any(root.iterdir())):
+        return
+    if not (root / "manifest.json").is_file():
+        raise FileExistsError(
+            f"{root} is not empty and holds no fedmeta manifest.json; refusing to write a federation "
+            "into it. Choose an empty or new folder."
+        )
+    if not force:
+        old = json.loads((root / "manifest.json").read_text())
+        raise FileExistsError(
+            f"{root} already holds a different federation (preset={old.get('preset')!r}, "
+            f"seed={old.get('seed')!r}, generator {old.get('generator_version')!r}); pass force=True "
+            "(`fedmeta synth --force`) to replace it, or choose another folder."
+        )
+
+
+def _render_subjects(jobs: list, workers: int | None) -> None:
+    """Renders every subject job, in ``workers`` spawned processes or in this one (same result)."""
+    if workers is None:
+        workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
+    if workers > 1:
+        import multiprocessing
+
+        # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            list(pool.map(_generate_subject, jobs, chunksize=4))
+        return
+    import torch
+
+    # One thread: on a busy 2-core machine torch's thread pool made generation 3x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job in jobs:
+            _generate_subject(job)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_manifest(root: Path | str) -> Manifest:

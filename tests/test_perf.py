@@ -1,4 +1,4 @@
-"""`fedmeta bench`'s own instruments: the process-tree memory sampler and the report."""
+"""`fedmeta perf`'s own instruments: the process-tree memory sampler and the report."""
 
 import os
 import subprocess

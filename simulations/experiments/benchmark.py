@@ -224,32 +224,13 @@ def run_benchmark(
     ``federation_dir`` uses an existing federation as is (tests); otherwise the preset's federation is
     generated or reused under ``federation_root``.
     """
-    import torch
-
     from fedmeta.common.config import RunConfig
     from fedmeta.common.synth import generate_federation, load_manifest
 
     began = time.perf_counter()
     load_at_start = _load_average()
-    spec = load_benchmark_preset(preset)
-    if seeds is not None:
-        spec["seeds"] = seeds
-    if methods is not None:
-        spec["methods"] = [m.strip() for m in methods if m.strip()]
-    if validation_sites is not None:
-        spec["validation-sites"] = validation_sites
-    for key, value in (extra or {}).items():
-        # "training.<method>.<key>" overrides one [training.*] table; anything else the shared run config.
-        section, _, rest = key.partition(".")
-        if section == "training" and rest.count(".") == 1:
-            table, setting = rest.split(".")
-            if table not in spec["training"]:
-                raise ValueError(f"--set {key}: the preset has no [training.{table}] table; "
-                                 f"tables: {', '.join(sorted(spec['training']))}.")
-            spec["training"][table][setting] = value
-        else:
-            spec["run-config"][key] = value
-    _check_spec(spec, spec["path"])
+    spec = _with_overrides(load_benchmark_preset(preset), seeds=seeds, methods=methods,
+                           validation_sites=validation_sites, extra=extra)
     names = [m.name for m in METHODS if m.name in spec["methods"]]
     configs = method_configs(spec, names)
 
@@ -290,15 +271,56 @@ def run_benchmark(
         for name in names:
             dice[name][seed] = dice_by_method[name]
 
-    eval_kinds = {info.name: info.heldout_kind or eval_role for info in eval_infos}
+    results = _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos,
+                       eval_role, seeds_list, runs, dice, load_at_start)
+    results["seconds_total"] = time.perf_counter() - began
+    files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+    results["files"] = {k: str(v) for k, v in files.items()}
+    plot_results(results, files["plot"])
+    files["table"].write_text(format_markdown(results))
+    files["results"].write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable))
+    _say(quiet, format_goal(results["goal"]))
+    _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
+                f"{results['machine']['load_average_end']} at end)")
+    return results
+
+
+def _with_overrides(spec: dict[str, Any], *, seeds, methods, validation_sites, extra) -> dict[str, Any]:
+    """The preset with the command line's overrides applied, checked again."""
+    if seeds is not None:
+        spec["seeds"] = seeds
+    if methods is not None:
+        spec["methods"] = [m.strip() for m in methods if m.strip()]
+    if validation_sites is not None:
+        spec["validation-sites"] = validation_sites
+    for key, value in (extra or {}).items():
+        # "training.<method>.<key>" overrides one [training.*] table; anything else the shared run config.
+        section, _, rest = key.partition(".")
+        if section == "training" and rest.count(".") == 1:
+            table, setting = rest.split(".")
+            if table not in spec["training"]:
+                raise ValueError(f"--set {key}: the preset has no [training.{table}] table; "
+                                 f"tables: {', '.join(sorted(spec['training']))}.")
+            spec["training"][table][setting] = value
+        else:
+            spec["run-config"][key] = value
+    _check_spec(spec, spec["path"])
+    return spec
+
+
+def _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos, eval_role,
+             seeds_list, runs, dice, load_at_start) -> dict[str, Any]:
+    """Everything results.json holds (but the total time and the file names, which the caller adds)."""
+    import torch
+
     summary = summarise(dice, spec["shots"], spec["steps"])
     goal = goal_check(summary, spec["shots"], spec["steps"],
                       dice={name: {str(seed): d for seed, d in by_seed.items()} for name, by_seed in dice.items()})
-    results = {
+    return {
         "preset": spec,
         "federation": str(federation_dir),
         "train_sites": [i.name for i in train_infos],
-        "eval_sites": eval_kinds,
+        "eval_sites": {info.name: info.heldout_kind or eval_role for info in eval_infos},
         "eval_role": eval_role,
         "seeds": seeds_list,
         "method_order": names,  # results.json sorts its keys; tables and plots keep this order
@@ -327,17 +349,7 @@ def run_benchmark(
             "load_average_start": load_at_start,
             "load_average_end": _load_average(),
         },
-        "seconds_total": time.perf_counter() - began,
     }
-    files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
-    results["files"] = {k: str(v) for k, v in files.items()}
-    plot_results(results, files["plot"])
-    files["table"].write_text(format_markdown(results))
-    files["results"].write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable))
-    _say(quiet, format_goal(goal))
-    _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
-                f"{results['machine']['load_average_end']} at end)")
-    return results
 
 
 def _split_sites(manifest, validation_sites: int, federation_dir: Path):
