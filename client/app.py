@@ -23,15 +23,16 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
-from fedmeta.common.adaptation import adaptation_curve
+from fedmeta.common.adaptation import adaptation_curve, site_patients
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import adaptation_split, evaluation_subset, site_seed
+from fedmeta.common.data import adaptation_support, site_seed
 from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
+from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
-    ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, dice_key,
+    ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, dice_key, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
 
@@ -110,25 +111,28 @@ def evaluate(message: Message, context: Context) -> Message:
     params, step_sizes = _received_params(message, config, device)
     eval_seed = int(message.content.config_records[CONFIG_RECORD][EVAL_SEED_KEY])
 
-    support_x, support_y, eval_x, eval_y = adaptation_split(site, config.eval_k_shot, seed=eval_seed)
-    eval_x, eval_y = evaluation_subset(eval_x, eval_y, config.eval_max_images, seed=eval_seed)
+    support_x, support_y = adaptation_support(site, config.eval_k_shot, seed=eval_seed)
+    patients = site_patients(site, eval_seed, config.eval_max_images, device)
     inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
     curve = adaptation_curve(
         model,
         params,
         support_x.to(device),
         support_y.to(device),
-        eval_x.to(device),
-        eval_y.to(device),
+        patients,
         steps=list(config.adaptation_steps),
         inner_lr=inner_lr,
         loss_fn=DiceCELoss(config.num_classes),
         num_classes=config.num_classes,
+        classes=foreground_classes(site.label_names, config.num_classes),
         inner_params=inner_params,
         batch_size=config.eval_batch_size,
     )
+    # Per-patient Dice in the site's own labels: the mean over patients and the worst patient only
+    # (patient ids stay at the site).
     metrics = {dice_key(steps): float(result["dice"]) for steps, result in curve.items()}
-    metrics[NUM_EXAMPLES] = int(len(eval_x))
+    metrics.update({worst_patient_key(steps): float(result["worst_patient_dice"]) for steps, result in curve.items()})
+    metrics[NUM_EXAMPLES] = len(patients)
     metrics[SECONDS] = time.perf_counter() - began
     return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 

@@ -14,14 +14,18 @@ which ``fedmeta simulate`` and ``fedmeta benchmark`` score with too).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.jsonio import write_json
+
 DEFAULT_SHOTS = (1, 5, 10)
+METRIC = ("Dice per evaluation patient over the whole volume, per foreground class the site declares (an "
+          "undeclared class is background), mean over classes then patients; a class absent from truth and "
+          "prediction scores 1")
 DEFAULT_STEPS = (0, 1, 5, 10, 20)
 
 
@@ -56,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="adaptation step counts, comma-separated (default: 0,1,5,10,20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support/evaluation patient split (default 0)")
     parser.add_argument("--max-images", type=int, default=None,
-                        help="evaluation slices scored per site, a seeded subset (default: the run's eval-max-images; 0 = all)")
+                        help="evaluation slices scored per site, whole patients in a seeded order (default: the "
+                             "run's eval-max-images; 0 = every evaluation patient)")
     parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
     parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
@@ -91,8 +96,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 1
     print(format_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
+        write_json(args.json, results)
         print(f"written: {args.json}")
     return 0
 
@@ -158,19 +162,22 @@ def evaluate_checkpoint(
         "steps": list(steps),
         "seed": seed,
         "max_images": max_images,
+        "metric": METRIC,
         "sites": sites,
     }
 
 
 def format_table(results: dict[str, Any]) -> str:
     steps = results["steps"]
-    lines = [f"{results['initialisation']}: mean foreground Dice on each site's evaluation patients "
-             f"after adapting on k labelled slices (seed {results['seed']})", ""]
+    lines = [f"{results['initialisation']}: Dice per patient (whole volume, the site's own labels), mean over "
+             f"each site's evaluation patients, worst patient in brackets, after adapting on k labelled slices "
+             f"(seed {results['seed']})", ""]
     header = ["site", "k"] + [f"{s} steps" for s in steps]
     rows = [header]
     for name, site in results["sites"].items():
         for k, curve in site["dice"].items():
-            rows.append([name, str(k)] + [_fmt(curve[str(s)]["dice"]) for s in steps])
+            rows.append([name, str(k)] + [f"{_fmt(curve[str(s)]['dice'])} ({_fmt(curve[str(s)]['worst_patient_dice'])})"
+                                          for s in steps])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

@@ -17,9 +17,10 @@ from torch.func import functional_call
 
 from fedmeta.common.checkpoint import load_checkpoint
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import SiteDataset, adaptation_split, evaluation_subset
-from fedmeta.common.losses import DiceCELoss, dice_per_class, mean_dice, one_hot
+from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
+from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import StepSize, adapt
+from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import head_parameter_names, initial_params, seeded_model
 
 
@@ -44,24 +45,30 @@ def adaptation_curve(
     params: Mapping[str, torch.Tensor],
     support_x: torch.Tensor,
     support_y: torch.Tensor,
-    eval_x: torch.Tensor,
-    eval_y: torch.Tensor,
+    patients: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
     *,
     steps: Sequence[int],
     inner_lr: StepSize,
     loss_fn,
     num_classes: int,
+    classes: Sequence[int] | None = None,
     inner_params: Sequence[str] | None = None,
     batch_size: int = 32,
 ) -> dict[int, dict]:
-    """Dice on the evaluation set after each number of adaptation steps in ``steps``.
+    """Per-patient Dice of the evaluation patients after each number of adaptation steps in ``steps``.
 
-    ``support_y``/``eval_y`` are integer label maps. Adaptation is :func:`fedmeta.common.meta.adapt`, the
-    training inner step; the steps run once, in order, scoring on the way (0 steps scores θ itself).
-    Returns ``{steps: {"dice": mean foreground Dice, "dice_per_class": [...]}}``.
+    ``support_y`` is an integer label map ``[k, H, W]``; ``patients`` holds ``(patient id, volume
+    [N, 1, H, W], labels [N, H, W])`` per evaluation patient, every slice of the volume. Adaptation
+    is :func:`fedmeta.common.meta.adapt`, the training inner step; the steps run once, in order,
+    scoring on the way (0 steps scores θ itself). ``classes`` are the site's declared foreground
+    classes (default: all). Returns ``{steps: summary}`` with the keys of
+    :func:`fedmeta.common.metrics.summarise_patients`.
     """
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps={list(steps)} must be a non-empty list of ints >= 0, e.g. [0, 5, 10].")
+    if not patients:
+        raise ValueError("no evaluation patient: a site needs at least one patient besides its support pool.")
+    classes = list(range(1, num_classes)) if classes is None else list(classes)
     dtype = next(iter(params.values())).dtype
     support_target = one_hot(support_y, num_classes, dtype)
     adapted = {n: p.detach() for n, p in params.items()}
@@ -72,8 +79,11 @@ def adaptation_curve(
             inner_steps=target_steps - done, inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params,
         )
         done = target_steps
-        per_class = dice_per_class(predict(model, adapted, eval_x, batch_size), eval_y, num_classes)
-        curve[target_steps] = {"dice": mean_dice(per_class), "dice_per_class": [float(v) for v in per_class]}
+        per_patient = {
+            pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
+            for pid, x, y in patients
+        }
+        curve[target_steps] = summarise_patients(per_patient)
     return curve
 
 
@@ -102,6 +112,12 @@ def random_initialisation(config: RunConfig) -> Initialisation:
     return Initialisation("random init", initial_params(seeded_model(config.model_config(), config.seed)), config.inner_lr)
 
 
+def site_patients(site: SiteDataset, seed: int, max_slices: int = 0, device: torch.device | str = "cpu"):
+    """``(patient id, volume, labels)`` of every evaluation patient of ``site`` (see ``evaluation_patients``)."""
+    return [(site.patient_ids[p], site.images[p].to(device), site.labels[p].long().to(device))
+            for p in evaluation_patients(site, seed, max_slices)]
+
+
 def score_site(
     model: torch.nn.Module,
     init: Initialisation,
@@ -115,29 +131,29 @@ def score_site(
     batch_size: int = 32,
     splits: dict | None = None,
 ) -> dict[int, dict[int, dict[str, Any]]]:
-    """``{k: {steps: {"dice", "dice_per_class", "eval_images"}}}`` for one initialisation on one site.
+    """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s).
 
     For one seed the evaluation patients are the same for every k and the support sets are nested.
-    ``splits`` caches the split per (site, k, seed) across initialisations, so every initialisation
-    adapts on the very same slices.
+    ``max_images`` bounds the evaluation slices, whole patients only (0: every evaluation patient).
+    ``splits`` caches support sets and patients per (site, k, seed) across initialisations, so every
+    initialisation adapts on the very same slices and is scored on the very same patients.
     """
     splits = {} if splits is None else splits
+    classes = foreground_classes(site.label_names, num_classes)
     out: dict[int, dict[int, dict[str, Any]]] = {}
     for k in shots:
         key = (str(site.root), k, seed)
         if key not in splits:
-            support_x, support_y, eval_x, eval_y = adaptation_split(site, k, seed=seed)
-            splits[key] = (support_x, support_y, *evaluation_subset(eval_x, eval_y, max_images, seed=seed))
-        support_x, support_y, eval_x, eval_y = splits[key]
+            splits[key] = (*adaptation_support(site, k, seed=seed), site_patients(site, seed, max_images))
+        support_x, support_y, patients = splits[key]
         curve = adaptation_curve(
-            model, init.params, support_x, support_y, eval_x, eval_y, steps=list(steps), inner_lr=init.inner_lr,
-            loss_fn=DiceCELoss(num_classes), num_classes=num_classes,
+            model, init.params, support_x, support_y, patients, steps=list(steps), inner_lr=init.inner_lr,
+            loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
             inner_params=head_parameter_names(model) if init.head_only else None, batch_size=batch_size,
         )
-        out[k] = {s: {"dice": float(curve[s]["dice"]), "dice_per_class": curve[s]["dice_per_class"],
-                      "eval_images": int(len(eval_x))} for s in steps}
+        out[k] = {s: {**curve[s], "eval_slices": sum(len(x) for _, x, _ in patients)} for s in steps}
     return out
 
 
 __all__ = ["Initialisation", "adaptation_curve", "load_initialisation", "predict", "random_initialisation",
-           "score_site"]
+           "score_site", "site_patients"]

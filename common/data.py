@@ -4,7 +4,9 @@ A site folder (MSD layout with dataset.json, or paired files matched by globs) i
 through :func:`fedmeta.common.validate.check_case`; cases with problems are skipped with one warning (or
 refused, ``strict``). Each usable case is reoriented to RAS, resampled to ``DataConfig.spacing``,
 z-scored robustly, cropped/padded around the head to ``image_size`` and cut into axial slices (2D) or
-one centred patch (3D).
+one centred patch (3D). Every slice of a patient's volume is kept, so a patient can be scored over its
+whole volume (``fedmeta.common.metrics``); episodes draw from the training slices only (every slice
+with a structure and a few background-only ones, :func:`select_slices`).
 
 Layouts: 2D images ``[N, 1, H, W]`` float32 with labels ``[N, H, W]`` int64, where H runs along the
 patient's left-right axis (R) and W along posterior-anterior (A) of an axial slice; 3D ``[N, 1, H, W, D]``
@@ -140,8 +142,12 @@ def crop_or_pad(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], f
     return out
 
 
-def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor]:
-    """One validated case as model inputs: see the module docstring for layouts."""
+def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor, np.ndarray]:
+    """One validated case as model inputs (see the module docstring for layouts) and its training slices.
+
+    2D: every axial slice of the volume, and the indices of those episodes may draw
+    (:func:`select_slices`); 3D: the one centred patch, index 0.
+    """
     image, zooms = to_ras(loaded.image_data, np.asarray(loaded.image.affine, dtype=np.float64))
     label, _ = to_ras(loaded.label_data, np.asarray(loaded.image.affine, dtype=np.float64))
     image, label = resample(image.astype(np.float32), label, zooms, config.spacing)
@@ -152,13 +158,14 @@ def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor
     if config.spatial_dims == 3:
         image = crop_or_pad(image, centre, config.image_size, background)
         label = crop_or_pad(label, centre, config.image_size, 0)
-        return torch.from_numpy(image)[None, None].contiguous(), torch.from_numpy(label)[None].contiguous().to(LABEL_STORAGE)
+        patch_image = torch.from_numpy(image)[None, None].contiguous()
+        return patch_image, torch.from_numpy(label)[None].contiguous().to(LABEL_STORAGE), np.zeros(1, dtype=np.int64)
     image = crop_or_pad(image, centre[:2], config.image_size, background)  # [H, W, Z]
     label = crop_or_pad(label, centre[:2], config.image_size, 0)
     keep = select_slices(label, config.background_slice_fraction)
-    images = torch.from_numpy(np.ascontiguousarray(image[:, :, keep].transpose(2, 0, 1)))[:, None]
-    labels = torch.from_numpy(np.ascontiguousarray(label[:, :, keep].transpose(2, 0, 1)))
-    return images, labels.to(LABEL_STORAGE)
+    images = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[:, None]
+    labels = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))
+    return images, labels.to(LABEL_STORAGE), keep.astype(np.int64)
 
 
 def select_slices(label: np.ndarray, background_fraction: float) -> np.ndarray:
@@ -188,8 +195,9 @@ class SiteDataset:
     root: Path
     config: DataConfig
     patient_ids: list[str]
-    images: list[Tensor]  # per patient: [N, 1, H, W] (2D) or [N, 1, H, W, D]
+    images: list[Tensor]  # per patient, the whole volume: [N, 1, H, W] (2D) or [N, 1, H, W, D]
     labels: list[Tensor]  # per patient: [N, H, W] or [N, H, W, D]
+    train_slices: list[np.ndarray]  # per patient: indices into images[p] that episodes draw from
     skipped: list[CaseProblem] = field(default_factory=list)  # bad cases and every reason
     label_names: dict[int, str] | None = None  # the site's declared labels (None: not declared)
     label_protocol: str = "standard"
@@ -201,7 +209,7 @@ class SiteDataset:
         layout = discover_site(root, config.image_glob, config.label_glob)
         allowed = set(layout.labels) if layout.labels is not None else None
         skipped = list(layout.problems)
-        patient_ids, images, labels = [], [], []
+        patient_ids, images, labels, train_slices = [], [], [], []
         # Declared labels the model cannot predict (negative, or past its classes) spoil every case alike.
         undeclarable = sorted(v for v in allowed if not 0 <= v < config.num_classes) if allowed is not None else []
         for case in layout.cases:
@@ -212,10 +220,11 @@ class SiteDataset:
             if problems:
                 skipped.append(CaseProblem(case.case_id, tuple(problems)))
                 continue
-            case_images, case_labels = prepare_case(loaded, config)
+            case_images, case_labels, case_slices = prepare_case(loaded, config)
             patient_ids.append(case.case_id)
             images.append(case_images)
             labels.append(case_labels)
+            train_slices.append(case_slices)
         if skipped:
             listing = "\n".join(f"  - {problem}" for problem in skipped)
             message = f"site {layout.name} ({root}): {len(skipped)} case(s) unusable:\n{listing}"
@@ -225,7 +234,8 @@ class SiteDataset:
         if not patient_ids:
             raise ValueError(f"site {layout.name} ({root}) has no usable case; run `fedmeta check-data {root}` for the fixes.")
         return cls(name=layout.name, root=root, config=config, patient_ids=patient_ids, images=images, labels=labels,
-                   skipped=skipped, label_names=layout.labels, label_protocol=layout.label_protocol)
+                   train_slices=train_slices, skipped=skipped, label_names=layout.labels,
+                   label_protocol=layout.label_protocol)
 
     @property
     def num_patients(self) -> int:
@@ -233,7 +243,8 @@ class SiteDataset:
 
     @property
     def num_slices(self) -> int:
-        return sum(len(x) for x in self.images)
+        """Slices episodes draw from, over every patient (a site's training data, as FedAvg weighs it)."""
+        return sum(len(s) for s in self.train_slices)
 
     def patient(self, index: int) -> tuple[Tensor, Tensor]:
         """(images, labels) of one patient: [N, 1, H, W] float32 and [N, H, W] int64 (2D)."""
@@ -284,8 +295,8 @@ def sample_episodes(site: SiteDataset, n_episodes: int, k: int, q: int, seed: in
     for _ in range(n_episodes):
         order = rng.permutation(site.num_patients)
         cut = max(1, site.num_patients // 2)
-        support_pool = [(int(p), s) for p in order[:cut] for s in range(len(site.images[p]))]
-        query_pool = [(int(p), s) for p in order[cut:] for s in range(len(site.images[p]))]
+        support_pool = [(int(p), int(s)) for p in order[:cut] for s in site.train_slices[p]]
+        query_pool = [(int(p), int(s)) for p in order[cut:] for s in site.train_slices[p]]
         support = _gather(site, _draw(rng, support_pool, k))
         query = _gather(site, _draw(rng, query_pool, q))
         episodes.append((support[0], support[1], query[0], query[1]))
@@ -301,15 +312,15 @@ def adaptation_patients(site: SiteDataset, seed: int) -> tuple[list[int], list[i
     return order[:cut], order[cut:]
 
 
-def adaptation_split(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """k labelled slices for adapting to a site, and every structure-containing slice of its other patients.
+def adaptation_support(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The k labelled slices a new site adapts with, from its support patients.
 
-    Returns ``(support_x [k,1,H,W], support_y [k,H,W], eval_x [M,1,H,W], eval_y [M,H,W])``. For one seed
-    the evaluation set does not depend on k and the support sets are nested (the 1-shot slice is in the
-    5-shot set, ...), so an adaptation curve over k compares like with like.
+    Returns ``(support_x [k,1,H,W], support_y [k,H,W])``. For one seed the support sets are nested
+    over k (the 1-shot slice is in the 5-shot set, ...) and never touch an evaluation patient, so an
+    adaptation curve over k compares like with like.
     """
     _check_counts(site, k=k)
-    support_patients, eval_patients = adaptation_patients(site, seed)
+    support_patients, _ = adaptation_patients(site, seed)
     rng = np.random.default_rng([seed, 1])
     # Round-robin over the pool's patients, each in a seeded order: k slices span as many patients as they can.
     queues = [[(p, int(s)) for s in rng.permutation(site.foreground_indices(p))] for p in support_patients]
@@ -319,23 +330,27 @@ def adaptation_split(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Tens
             f"site {site.name} has only {len(ordered)} labelled slices in its support pool of {len(support_patients)} "
             f"patient(s), fewer than k={k}. Fix: use a smaller k or add patients to the site."
         )
-    support_x, support_y = _gather(site, ordered[:k])
-    evaluation = [(p, int(s)) for p in eval_patients for s in site.foreground_indices(p)]
-    eval_x, eval_y = _gather(site, evaluation)
-    return support_x, support_y, eval_x, eval_y
+    return _gather(site, ordered[:k])
 
 
-def evaluation_subset(eval_x: Tensor, eval_y: Tensor, max_images: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded subset of at most ``max_images`` evaluation slices (all when 0 or fewer exist).
+def evaluation_patients(site: SiteDataset, seed: int, max_slices: int = 0) -> list[int]:
+    """The patients a new site is scored on (whole volumes): its non-support patients, in index order.
 
-    Scoring every slice of a site's other patients costs more than the adaptation itself; a few
-    hundred slices drawn across those patients measure Dice to a few thousandths.
+    ``max_slices`` > 0 bounds the cost: whole patients are taken in a seeded order until the next one
+    would pass that many slices (at least one patient). A patient is never cut: Dice is per volume.
     """
-    if max_images <= 0 or len(eval_x) <= max_images:
-        return eval_x, eval_y
-    generator = torch.Generator().manual_seed(int(seed))
-    keep = torch.randperm(len(eval_x), generator=generator)[:max_images].sort().values
-    return eval_x[keep], eval_y[keep]
+    _, patients = adaptation_patients(site, seed)
+    if max_slices <= 0:
+        return sorted(patients)
+    order = [patients[i] for i in np.random.default_rng([seed, 2]).permutation(len(patients))]
+    chosen, total = [], 0
+    for p in order:
+        size = len(site.images[p])
+        if chosen and total + size > max_slices:
+            break
+        chosen.append(p)
+        total += size
+    return sorted(chosen)
 
 
 def site_seed(round_seed: int, site_name: str) -> int:

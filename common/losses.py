@@ -1,4 +1,4 @@
-"""Segmentation loss and metrics that work inside torch.func transforms.
+"""The segmentation loss, which works inside torch.func transforms (scores: fedmeta.common.metrics).
 
 The training loss is MONAI's Dice + cross-entropy on one-hot targets. MONAI's ``to_onehot_y=True``
 path scatters in place, which ``torch.func.vmap`` refuses, so targets are one-hot encoded once,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
-from monai.metrics import DiceMetric
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -55,31 +54,3 @@ class DiceCELoss:
                 "pass one-hot targets made with fedmeta.common.losses.one_hot(labels, num_classes)."
             )
         return self._loss(logits, target)
-
-
-@torch.no_grad()
-def dice_per_class(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of the arg-max prediction per foreground class, pooled over the whole batch.
-
-    logits ``[B, C, *spatial]``, labels ``[B, *spatial]`` integers. Returns ``[C-1]`` (background
-    excluded); a class absent from both prediction and truth gives NaN, so callers average with
-    ``nanmean``. The batch is pooled into one volume (MONAI's DiceMetric over ``[1, C, B*H, W]``) so
-    slices with a tiny structure do not dominate the score, as a per-slice mean would let them.
-    """
-    prediction = one_hot(logits.argmax(dim=1), num_classes)
-    truth = one_hot(labels, num_classes)
-    # [B, C, H, W] -> [1, C, B*H, W]: one pooled image.
-    prediction = prediction.movedim(0, 1).flatten(1, 2).unsqueeze(0)
-    truth = truth.movedim(0, 1).flatten(1, 2).unsqueeze(0)
-    # ignore_empty=False: a class the site never labels but the model predicts scores 0 (MONAI's
-    # ignore_empty=True would hide exactly the error a different labelling protocol provokes).
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    dice = metric(prediction, truth)[0].float()
-    spatial = tuple(range(2, truth.ndim))
-    absent_from_both = (truth.sum(dim=spatial) == 0)[0, 1:] & (prediction.sum(dim=spatial) == 0)[0, 1:]
-    return torch.where(absent_from_both, torch.full_like(dice, float("nan")), dice)
-
-
-def mean_dice(per_class: torch.Tensor) -> float:
-    """Mean over the classes that were scored (NaN classes skipped); NaN if none was."""
-    return float(torch.nanmean(per_class)) if per_class.numel() else float("nan")

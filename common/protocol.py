@@ -47,6 +47,11 @@ def dice_key(steps: int) -> str:
     return f"dice-step-{steps}"
 
 
+def worst_patient_key(steps: int) -> str:
+    """Evaluate reply: Dice of the site's worst evaluation patient after ``steps`` adaptation steps."""
+    return f"dice-worst-patient-step-{steps}"
+
+
 def dice_mean_key(steps: int) -> str:
     """Server summary of an evaluation: mean held-out Dice after ``steps`` adaptation steps."""
     return f"dice-mean-{steps}"
@@ -105,4 +110,5 @@ __all__ = [
     "dice_key",
     "dice_mean_key",
     "dice_worst_key",
+    "worst_patient_key",
 ]

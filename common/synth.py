@@ -614,7 +614,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
         site_dir = staging / site["name"]
         (site_dir / "imagesTr").mkdir(parents=True)
         (site_dir / "labelsTr").mkdir(parents=True)
-        (site_dir / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2))
+        (site_dir / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2, allow_nan=False))
         jobs.extend((site_dir, site["params"], subject, site["fov_scale"]) for subject in site["subjects"])
     try:
         _render_subjects(jobs, workers)
@@ -633,7 +633,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
                 for s in plan
             ],
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         if root.exists():
             shutil.rmtree(root)
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.jsonio import dumps_strict
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -27,12 +29,12 @@ class MetricsLog:
         if resume_round is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= resume_round]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.write_text("".join(dumps_strict(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(dumps_strict(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -86,15 +86,3 @@ def test_device_follows_the_config():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             pick_device(RunConfig(device="cuda"))
-
-
-def test_the_evaluation_subset_is_seeded_bounded_and_keeps_pairs():
-    from fedmeta.common.data import evaluation_subset
-
-    x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 4, 4)
-    y = torch.arange(50).view(50, 1, 1).expand(50, 4, 4)
-    sx, sy = evaluation_subset(x, y, 8, seed=3)
-    assert len(sx) == 8 and torch.equal(sx[:, 0, 0, 0].long(), sy[:, 0, 0])
-    assert torch.equal(evaluation_subset(x, y, 8, seed=3)[0], sx)
-    assert not torch.equal(evaluation_subset(x, y, 8, seed=4)[0], sx)
-    assert evaluation_subset(x, y, 0, seed=3)[0] is x and evaluation_subset(x, y, 80, seed=3)[0] is x

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmeta.common.data import DataConfig, SiteDataset, adaptation_patients, adaptation_split, sample_episodes
+from fedmeta.common.data import (
+    DataConfig, SiteDataset, adaptation_patients, adaptation_support, evaluation_patients, sample_episodes,
+)
 from fedmeta.common.synth import load_manifest
 
 
@@ -32,9 +34,13 @@ def test_reader_yields_shaped_normalised_slices(smoke_federation: Path):
         assert site.name == info.name and site.num_patients == 4 and not site.skipped
         assert site.patient_ids == [s["id"] for s in info.subjects]
         for index in range(site.num_patients):
-            images, labels = site.patient(index)
-            assert images.dtype == torch.float32 and labels.dtype == torch.int64
-            assert images.shape[1:] == (1, 64, 64) and labels.shape == (images.shape[0], 64, 64)
+            volume, volume_labels = site.patient(index)
+            assert volume.dtype == torch.float32 and volume_labels.dtype == torch.int64
+            assert volume.shape[1:] == (1, 64, 64) and volume_labels.shape == (volume.shape[0], 64, 64)
+            # Episodes draw from the training view: every slice with structure, a few background ones.
+            keep = site.train_slices[index]
+            images, labels = volume[keep], volume_labels[keep]
+            assert set(site.foreground_indices(index)) <= set(keep.tolist())
             assert images.shape[0] > 15
             assert images.abs().max() <= 5.0 + 1e-6
             tissue = images[:, 0][labels > 0]
@@ -49,9 +55,10 @@ def test_background_slice_fraction_and_spacing(smoke_federation: Path):
     root = smoke_federation / "site-02"
     none = SiteDataset.load(root, DataConfig(background_slice_fraction=0.0))
     some = SiteDataset.load(root, DataConfig(background_slice_fraction=0.3))
-    _, labels = none.patient(0)
+    labels = none.patient(0)[1][none.train_slices[0]]
     assert bool((labels.reshape(len(labels), -1).amax(dim=1) > 0).all())
-    share = (some.patient(0)[1].reshape(len(some.patient(0)[1]), -1).amax(dim=1) == 0).float().mean()
+    kept = some.patient(0)[1][some.train_slices[0]]
+    share = (kept.reshape(len(kept), -1).amax(dim=1) == 0).float().mean()
     assert 0.0 < float(share) <= 0.3  # the smoke FOV hugs the brain: few background slices exist
     coarse = SiteDataset.load(root, DataConfig(spacing=(4.0, 4.0, 4.0), background_slice_fraction=0.0))
     ratio = len(coarse.patient(0)[0]) / len(none.patient(0)[0])
@@ -109,23 +116,31 @@ def test_episodes_are_seeded_shaped_and_patient_disjoint(site: SiteDataset):
     assert not all(torch.equal(a, b) for e, f in zip(episodes, other) for a, b in zip(e, f))
 
 
-def test_adaptation_split_nested_support_fixed_evaluation_other_patients(site: SiteDataset):
+def test_adaptation_support_is_nested_and_never_from_an_evaluation_patient(site: SiteDataset):
     owner = _owner(site)
     support_patients, eval_patients = adaptation_patients(site, seed=3)
     assert not set(support_patients) & set(eval_patients) and len(support_patients) + len(eval_patients) == 4
-    splits = {k: adaptation_split(site, k, seed=3) for k in (1, 5, 10)}
-    for k, (support_x, support_y, eval_x, eval_y) in splits.items():
+    supports = {k: adaptation_support(site, k, seed=3) for k in (1, 5, 10)}
+    for k, (support_x, support_y) in supports.items():
         assert support_x.shape == (k, 1, 64, 64) and support_y.shape == (k, 64, 64)
         assert {owner[x.numpy().tobytes()] for x in support_x} <= set(support_patients)
-        assert {owner[x.numpy().tobytes()] for x in eval_x} == set(eval_patients)
         assert bool((support_y.reshape(k, -1).amax(dim=1) > 0).all())
-        assert bool((eval_y.reshape(len(eval_y), -1).amax(dim=1) > 0).all())
-        expected = sum(len(site.foreground_indices(p)) for p in eval_patients)
-        assert eval_x.shape == (expected, 1, 64, 64)
-    assert torch.equal(splits[1][2], splits[10][2])  # evaluation set independent of k
-    assert torch.equal(splits[5][0][:1], splits[1][0]) and torch.equal(splits[10][0][:5], splits[5][0])
+    assert torch.equal(supports[5][0][:1], supports[1][0]) and torch.equal(supports[10][0][:5], supports[5][0])
+    assert evaluation_patients(site, seed=3) == sorted(eval_patients)
     with pytest.raises(ValueError, match="fewer than k=100000"):
-        adaptation_split(site, 100000, seed=3)
+        adaptation_support(site, 100000, seed=3)
+
+
+def test_evaluation_patients_are_whole_volumes_bounded_by_slices(site: SiteDataset):
+    everyone = evaluation_patients(site, seed=3)
+    sizes = {p: len(site.images[p]) for p in everyone}
+    # Whole volumes, empty slices included: more slices than the training view keeps.
+    assert all(sizes[p] >= len(site.train_slices[p]) for p in everyone)
+    assert any(sizes[p] > len(site.foreground_indices(p)) for p in everyone)
+    one = evaluation_patients(site, seed=3, max_slices=1)  # never less than one whole patient
+    assert len(one) == 1 and one[0] in everyone
+    two = evaluation_patients(site, seed=3, max_slices=sum(sorted(sizes.values())[:2]) + sum(sizes.values()))
+    assert two == everyone
 
 
 def test_one_patient_site_cannot_make_episodes(smoke_federation: Path, tmp_path: Path):

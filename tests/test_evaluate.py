@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import DataConfig, SiteDataset, adaptation_split
-from fedmeta.common.adaptation import adaptation_curve
+from fedmeta.common.adaptation import adaptation_curve, site_patients
+from fedmeta.common.data import DataConfig, SiteDataset, adaptation_support
+from fedmeta.common.jsonio import loads_strict
 from fedmeta.common.losses import DiceCELoss
+from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.model import build_model
 from fedmeta.common.synth import load_manifest
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -45,14 +46,19 @@ def test_cli_prints_the_grid_and_writes_json(trained, smoke_federation, tmp_path
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "0 steps" in printed and "3 steps" in printed and site.name in printed
-    results = json.loads(report.read_text())
+    results = loads_strict(report.read_text())  # strict JSON: no NaN anywhere
     assert results["algorithm"] == "fomaml" and results["shots"] == [1, 2] and results["steps"] == [0, 3]
     grid = results["sites"][site.name]["dice"]
+    declared = foreground_classes(SiteDataset.load(site.path, DataConfig(image_size=(32, 32))).label_names, 4)
     for k in ("1", "2"):
         for steps in ("0", "3"):
-            assert 0.0 <= grid[k][steps]["dice"] <= 1.0
-            assert len(grid[k][steps]["dice_per_class"]) == 3  # foreground classes of the 4-class model
-            assert grid[k][steps]["eval_images"] == 16  # the run's eval-max-images subset
+            cell = grid[k][steps]
+            assert 0.0 <= cell["worst_patient_dice"] <= cell["dice"] <= 1.0
+            assert sorted(cell["dice_per_class"]) == [str(c) for c in declared]  # the site's own classes
+            # Every evaluation patient's Dice, whole volume; the run's eval-max-images bounds them.
+            assert len(cell["per_patient"]) == cell["patients"] >= 1
+            assert cell["dice"] == pytest.approx(sum(cell["per_patient"].values()) / cell["patients"])
+            assert cell["eval_slices"] <= 16 or cell["patients"] == 1
 
 
 def test_numbers_equal_a_direct_adaptation_curve(trained, smoke_federation):
@@ -62,13 +68,16 @@ def test_numbers_equal_a_direct_adaptation_curve(trained, smoke_federation):
     checkpoint = load_checkpoint(trained["fomaml"])
     config = RunConfig.from_run_config(checkpoint.run_config)
     site = SiteDataset.load(info.path, DataConfig(image_size=(32, 32)))
-    support_x, support_y, eval_x, eval_y = adaptation_split(site, 2, seed=3)
-    curve = adaptation_curve(build_model(config.model_config()), checkpoint.params, support_x, support_y, eval_x, eval_y,
-                             steps=[0, 2], inner_lr=config.inner_lr, loss_fn=DiceCELoss(4), num_classes=4)
+    support_x, support_y = adaptation_support(site, 2, seed=3)
+    patients = site_patients(site, seed=3)
+    curve = adaptation_curve(build_model(config.model_config()), checkpoint.params, support_x, support_y, patients,
+                             steps=[0, 2], inner_lr=config.inner_lr, loss_fn=DiceCELoss(4), num_classes=4,
+                             classes=foreground_classes(site.label_names, 4))
     got = results["sites"][site.name]["dice"]["2"]
     assert got["0"]["dice"] == pytest.approx(curve[0]["dice"], abs=1e-6)
     assert got["2"]["dice"] == pytest.approx(curve[2]["dice"], abs=1e-6)
-    assert got["2"]["eval_images"] == len(eval_x)
+    assert got["2"]["per_patient"] == pytest.approx(curve[2]["per_patient"], abs=1e-6)
+    assert got["2"]["eval_slices"] == sum(len(x) for _, x, _ in patients)
 
 
 def test_metasgd_adapts_with_its_learned_step_sizes_and_anil_with_its_head(trained, smoke_federation):
@@ -83,8 +92,12 @@ def test_metasgd_adapts_with_its_learned_step_sizes_and_anil_with_its_head(train
 
 
 def test_paired_glob_folder_like_real_hospital_data(trained, smoke_federation, tmp_path):
-    """A folder of *_img / *_seg NIfTI pairs (no dataset.json) evaluates like an MSD site."""
-    info = load_manifest(smoke_federation).heldout_sites[0]
+    """A folder of *_img / *_seg NIfTI pairs (no dataset.json) evaluates like an MSD site.
+
+    A folder without dataset.json declares no labels, so it is scored on every class: compare it with
+    a site that declares them all (the standard protocol).
+    """
+    info = next(i for i in load_manifest(smoke_federation).heldout_sites if i.label_protocol == "standard")
     flat = tmp_path / "hospital"
     flat.mkdir()
     for image in sorted((info.path / "imagesTr").glob("*.nii.gz")):

@@ -1,11 +1,11 @@
-"""Loss and metrics: one-hot outside transforms, Dice+CE inside torch.func, Dice per class."""
+"""Loss: one-hot outside transforms, Dice+CE inside torch.func; the adaptation curve it drives."""
 
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
 from fedmeta.common.adaptation import adaptation_curve
-from fedmeta.common.losses import DiceCELoss, dice_per_class, mean_dice, one_hot
+from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.model import ModelConfig, build_model, initial_params
 
 
@@ -18,27 +18,6 @@ def test_one_hot_layout_and_range_errors():
         one_hot(torch.tensor([[0, 4]]), 4)
     with pytest.raises(ValueError, match="non-integer"):
         one_hot(torch.tensor([[0.5]]), 4)
-
-
-def test_dice_per_class_matches_a_hand_count_and_skips_absent_classes():
-    truth = torch.zeros(2, 4, 4, dtype=torch.long)
-    truth[0, :2, :2] = 1  # 4 voxels of class 1
-    truth[1, :, :1] = 2  # 4 voxels of class 2
-    prediction = truth.clone()
-    prediction[0, 0, 0] = 0  # class 1: 3 of 4 found
-    prediction[1, 0, 1] = 2  # class 2: one false positive
-    logits = one_hot(prediction, 4) * 10
-    dice = dice_per_class(logits, truth, 4)
-    assert dice.shape == (3,)
-    assert float(dice[0]) == pytest.approx(2 * 3 / (3 + 4))
-    assert float(dice[1]) == pytest.approx(2 * 4 / (5 + 4))
-    assert torch.isnan(dice[2])  # class 3 absent from truth and prediction
-    assert mean_dice(dice) == pytest.approx((6 / 7 + 8 / 9) / 2)
-    # A class the truth lacks but the model predicts is an error, not "not applicable".
-    prediction[1, 3, 3] = 3
-    dice = dice_per_class(one_hot(prediction, 4) * 10, truth, 4)
-    assert float(dice[2]) == 0.0
-    assert mean_dice(dice) == pytest.approx((6 / 7 + 8 / 9 + 0) / 3)
 
 
 def test_dice_ce_loss_runs_under_grad_and_vmap_and_refuses_integer_targets():
@@ -68,11 +47,17 @@ def test_adaptation_curve_improves_dice_on_the_support_distribution():
         r, c = 2 + i % 6, 3 + (i * 2) % 6
         x[i, 0, r : r + 6, c : c + 6] += 2.0
         y[i, r : r + 6, c : c + 6] = 1
-    curve = adaptation_curve(model, params, x[:4], y[:4], x[4:], y[4:], steps=[0, 20, 60], inner_lr=0.1,
+    patients = [("p1", x[4:6], y[4:6]), ("p2", x[6:], y[6:])]
+    curve = adaptation_curve(model, params, x[:4], y[:4], patients, steps=[0, 20, 60], inner_lr=0.1,
                              loss_fn=DiceCELoss(2), num_classes=2)
     assert list(curve) == [0, 20, 60]
     assert curve[60]["dice"] > curve[0]["dice"] + 0.2
     assert curve[60]["dice"] > 0.8
+    assert sorted(curve[60]["per_patient"]) == ["p1", "p2"] and curve[60]["patients"] == 2
+    assert curve[60]["worst_patient_dice"] == min(curve[60]["per_patient"].values())
     with pytest.raises(ValueError, match=r"steps=\[-1\] must be a non-empty list of ints >= 0"):
-        adaptation_curve(model, params, x[:4], y[:4], x[4:], y[4:], steps=[-1], inner_lr=0.1, loss_fn=DiceCELoss(2),
+        adaptation_curve(model, params, x[:4], y[:4], patients, steps=[-1], inner_lr=0.1, loss_fn=DiceCELoss(2),
+                         num_classes=2)
+    with pytest.raises(ValueError, match="no evaluation patient"):
+        adaptation_curve(model, params, x[:4], y[:4], [], steps=[0], inner_lr=0.1, loss_fn=DiceCELoss(2),
                          num_classes=2)

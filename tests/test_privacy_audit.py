@@ -79,7 +79,7 @@ def audit(auditor: Auditor, config: RunConfig, federation) -> dict[str, int]:
                 assert array.dtype == "float32"
         for record in content.metric_records.values():
             for key, value in record.items():
-                assert key in ALLOWED_METRICS or key.startswith("dice-step-"), f"unexpected metric {key!r}"
+                assert key in ALLOWED_METRICS or key.startswith(("dice-step-", "dice-worst-patient-step-")), f"unexpected metric {key!r}"
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (
                     f"metric {key!r} is a {type(value).__name__}, not a scalar"
                 )

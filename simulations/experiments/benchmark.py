@@ -43,6 +43,7 @@ import numpy as np
 from fedmeta.common.protocol import QUERY_LOSS_AFTER
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
 from fedmeta.simulations.experiments.presets import parse_sets, read_preset_toml
+from fedmeta.common.jsonio import write_json
 DEFAULT_PRESET = "benchmark"
 QUICK_PRESET = "benchmark-quick"
 
@@ -278,7 +279,7 @@ def run_benchmark(
     results["files"] = {k: str(v) for k, v in files.items()}
     plot_results(results, files["plot"])
     files["table"].write_text(format_markdown(results))
-    files["results"].write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable))
+    write_json(files["results"], results)
     _say(quiet, format_goal(results["goal"]))
     _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
                 f"{results['machine']['load_average_end']} at end)")
@@ -425,7 +426,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
                     "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0)}
         info["seconds"] = time.perf_counter() - began
         info["trained_on"] = trained_on
-        info_path.write_text(json.dumps(info, indent=2))
+        write_json(info_path, info)
     init, _ = load_initialisation(path, key)
     loss = info.get("final_query_loss_after")
     _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
@@ -656,14 +657,6 @@ def _load_average() -> list[float]:
 
 def _f(value: float | None, fmt: str = ".3f") -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return str(obj)
 
 
 def _say(quiet: bool, line: str) -> None:

@@ -159,6 +159,7 @@ def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:
         patient_ids=[f"{s.name}/{p}" for s in sites for p in s.patient_ids],
         images=[x for s in sites for x in s.images],
         labels=[y for s in sites for y in s.labels],
+        train_slices=[i for s in sites for i in s.train_slices],
     )
 
 

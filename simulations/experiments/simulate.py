@@ -23,6 +23,7 @@ from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 from fedmeta.simulations.experiments.presets import load_preset, parse_sets
+from fedmeta.common.jsonio import write_json
 
 ENGINES = ("ray", "inprocess")
 
@@ -164,7 +165,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         "peak_memory_mb": memory.peak_bytes / 2**20,  # PSS of the driver and every Flower/Ray process
         "report": str(report),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    write_json(out / "results.json", results)
     for label, summary in comparison["summary"].items():
         _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in (0, 5, 10)))
     _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -21,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedmeta.common.jsonio import write_json
 from fedmeta.common.protocol import ALGORITHMS
 
 PLAIN = "plain-fwd-bwd"
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         print(flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 from fedmeta.simulations.perf import meta_step
 from fedmeta.simulations.engines.processes import TreeMemorySampler
+from fedmeta.common.jsonio import write_json
 
 PARTS = ("sim", "scaling", "comm", "meta")
 TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(out, results)
     out.with_suffix(".md").write_text(report + "\n")
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
     return 0
