@@ -70,4 +70,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(**payload)
 
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+def trajectory_hash(config) -> str:
+    """The hash a checkpoint of ``config``'s run carries: its run config's trajectory hash, plus what
+    the simulated federation holds when ``federation-dir`` names one (the same data, wherever it lies)."""
+    if not config.federation_dir:
+        return config.trajectory_hash()
+    from fedmeta.common.synth import federation_digest
+
+    return config.trajectory_hash(federation=federation_digest(config.federation_dir))
+
+
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint", "trajectory_hash"]

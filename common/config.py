@@ -91,7 +91,7 @@ class RunConfig:
         need(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables held-out evaluation).")
         need(self.eval_k_shot >= 1, "eval-k-shot", "must be >= 1.")
         need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
-        need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation slice).")
+        need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation patient).")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
         try:
@@ -147,9 +147,16 @@ class RunConfig:
             norm=self.model_norm,
         )
 
-    def trajectory_hash(self) -> str:
-        """Hash of every key that shapes the trajectory of θ; a checkpoint resumes only under the same hash."""
-        relevant = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
+    def trajectory_hash(self, federation: str | None = None) -> str:
+        """Hash of every key that shapes the trajectory of θ; a checkpoint resumes only under the same hash.
+
+        ``federation``: a digest of the data a simulation trains on (its manifest's cache key,
+        ``fedmeta.common.synth.federation_digest``). Where the federation lies may change between a
+        stop and a resume; what it holds may not.
+        """
+        relevant: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
+        if federation is not None:
+            relevant["federation"] = federation
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

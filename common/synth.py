@@ -686,6 +686,12 @@ def _render_subjects(jobs: list, workers: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def federation_digest(root: Path | str) -> str:
+    """What a generated federation holds, in one string (its manifest's cache key: preset, seed,
+    generator version and anatomy asset); the same wherever the folder is moved."""
+    return load_manifest(root).cache_key
+
+
 def load_manifest(root: Path | str) -> Manifest:
     """Read ``root/manifest.json`` of a generated federation."""
     root = Path(root)

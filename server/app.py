@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
     CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, ROLE_METRIC, ROUND_KEY,
@@ -170,11 +170,11 @@ def _maybe_resume(coordinator: Coordinator, config: RunConfig, path: Path) -> in
         log.info("resume=true but %s does not exist yet; starting a fresh run", path)
         return 0
     checkpoint = load_checkpoint(path)
-    if checkpoint.config_hash != config.trajectory_hash():
+    if checkpoint.config_hash != trajectory_hash(config):
         changed = sorted(
             k for k, v in RunConfig.from_run_config(checkpoint.run_config).to_run_config().items()
             if config.to_run_config().get(k) != v
-        )
+        ) or ["the contents of federation-dir (another federation)"]
         raise ValueError(
             f"{path} was written under a different run config (changed: {', '.join(changed)}); resuming would "
             "mix two experiments. Restore those keys, or use a new out-dir / resume=false."
@@ -195,7 +195,7 @@ def _checkpoint(coordinator: Coordinator, config: RunConfig, server_round: int, 
             step_sizes=coordinator.step_sizes,
             optimizer=coordinator.meta_optimizer.state_dict(),
             rng_state=coordinator.rng_state(),
-            config_hash=config.trajectory_hash(),
+            config_hash=trajectory_hash(config),
             run_config=config.to_run_config(),
             counters=dict(coordinator.counters),
         ),

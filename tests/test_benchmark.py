@@ -22,6 +22,7 @@ seeds = 1
 shots = [1, 2]
 steps = [0, 2]
 eval-max-images = 16
+oracle-steps = 5
 
 [run-config]
 num-rounds = 1
@@ -55,6 +56,10 @@ inner-steps = 1
 [training.anil]
 inner-steps = 1
 [training.pooled-fomaml]
+inner-steps = 1
+[training.pooled-maml]
+inner-steps = 1
+[training.pooled-metasgd]
 inner-steps = 1
 """
 
@@ -100,6 +105,12 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| fedavg-ft |" in table and "| pooled-fomaml |" in table and "local steps per site-round" in table
+    for row in ("oracle", "pooled-maml", "pooled-metasgd"):  # the ceiling and the second-order bounds
+        assert f"| {row} |" in table and row in results["dice"]
+    # The oracle is the model as is (no adaptation): one number whatever the step count.
+    for site in sites:
+        oracle = results["dice"]["oracle"]["0"][site]["2"]
+        assert oracle["0"]["dice"] == oracle["2"]["dice"]
     assert "[seed 0] pooled-fomaml" in printed
 
     # A second run reuses a finished training run of the same config and gives the same numbers.
@@ -150,7 +161,8 @@ def test_unequal_budgets_are_refused_with_the_totals(tiny_preset, tmp_path):
     ("edit", "message"),
     [
         (lambda t: "rounds = 3\n" + t, "unknown key\\(s\\) rounds; valid keys"),
-        (lambda t: t + "\nrounds = 3\n", "\\[training.pooled-fomaml\\]: unknown run-config key\\(s\\) rounds"),
+        (lambda t: t + "\nrounds = 3\n", "\\[training.pooled-metasgd\\]: unknown run-config key\\(s\\) rounds"),
+        (lambda t: t.replace("oracle-steps = 5", "oracle-steps = 0"), "oracle-steps=0 must be >= 1"),
         (lambda t: t.replace("seeds = 1", "seeds = 0"), "seeds=0 must be >= 1"),
         (lambda t: t.replace("shots = [1, 2]", "shots = [0]"), "shots=\\[0\\]"),
         (lambda t: "methods = ['fomaml', 'magic']\n" + t, "methods \\['magic'\\]: choose among"),
@@ -195,15 +207,18 @@ def test_summary_mean_std_over_seeds_and_worst_site():
     assert summary["worst_site"] == "b" and summary["worst_site_dice"] == pytest.approx(0.3)
 
 
-def test_goal_check_reports_margin_and_fraction_of_pooled():
+def test_goal_check_reports_margin_and_fractions_of_the_oracle_and_the_pooled_bound():
     def row(value):
         return {"5": {"10": {"mean": value}}}
 
-    summary = {"fedavg-ft": row(0.70), "pooled-fomaml": row(0.80), "fomaml": row(0.78), "reptile": row(0.72)}
+    summary = {"fedavg-ft": row(0.70), "pooled-fomaml": row(0.80), "pooled-maml": row(0.90), "oracle": row(0.95),
+               "fomaml": row(0.78), "maml": row(0.76), "reptile": row(0.72)}
     goal = goal_check(summary, [5], [10])
-    assert goal["met_by"] == ["fomaml"]
+    assert goal["met_by"] == []  # without per-seed margins nothing can be met in every seed
     assert goal["methods"]["reptile"]["margin_over_fedavg_ft"] == pytest.approx(0.02)
+    assert goal["methods"]["fomaml"]["fraction_of_oracle"] == pytest.approx(0.78 / 0.95)
     assert goal["methods"]["fomaml"]["fraction_of_pooled"] == pytest.approx(0.975)
+    assert goal["methods"]["maml"]["fraction_of_pooled"] == pytest.approx(0.76 / 0.90)  # its own family's bound
     assert not goal_check(summary, [1], [10])["checked"]
 
 
@@ -227,4 +242,7 @@ def test_goal_check_gives_paired_margins_per_seed():
     summary = summarise(dice, [5], [10])
     goal = goal_check(summary, [5], [10], dice=dice)
     assert goal["methods"]["maml"]["paired_margin_per_seed"] == pytest.approx([0.05, -0.05])
+    low, high = goal["methods"]["maml"]["paired_margin_ci"]
+    assert low == pytest.approx(-0.05 * 12.706, rel=1e-3) and high == pytest.approx(0.05 * 12.706, rel=1e-3)  # t(0.975, 1)
+    assert goal["met_by"] == []  # one seed lost: not "in every seed"
     assert goal["methods"]["maml"]["margin_over_fedavg_ft"] == pytest.approx(0.0)

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.jsonio import write_json
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 from fedmeta.simulations.experiments.presets import load_preset, parse_sets
-from fedmeta.common.jsonio import write_json
+
 
 ENGINES = ("ray", "inprocess")
 
@@ -149,8 +150,9 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     if baseline_config is not None:
         inits.append(load_initialisation(out / "baseline-fedavg" / CHECKPOINT_NAME, "FedAvg-trained")[0])
     inits.append(random_initialisation(config))
-    _say(quiet, "comparing initialisations on the held-out sites (k = 5)")
-    comparison = compare_initialisations(federation, inits, config, k=5, seed=config.seed)
+    k, steps = config.eval_k_shot, sorted(set(config.adaptation_steps))
+    _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))})")
+    comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed)
     report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}")
 
     results = {
@@ -167,7 +169,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     }
     write_json(out / "results.json", results)
     for label, summary in comparison["summary"].items():
-        _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in (0, 5, 10)))
+        _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in steps))
     _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")
     return results
 

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmeta.simulations.perf import meta_step
-from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.common.jsonio import write_json
+from fedmeta.simulations.engines.processes import TreeMemorySampler
+from fedmeta.simulations.perf import meta_step
+
 
 PARTS = ("sim", "scaling", "comm", "meta")
 TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
