@@ -32,7 +32,8 @@ from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
-    ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, dice_key, worst_patient_key,
+    ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
+    worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
 
@@ -91,6 +92,7 @@ def train(message: Message, context: Context) -> Message:
     )
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
+        TRAIN_SLICES: site.num_slices,  # the site's weight under data weighting (FedAvg's n_k)
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
         SUPPORT_LOSS_AFTER: stats["support_loss_after"],
         QUERY_LOSS_BEFORE: stats["query_loss_before"],

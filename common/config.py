@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from fedmeta.common.model import ModelConfig
-from fedmeta.common.protocol import ALGORITHMS
+from fedmeta.common.protocol import ALGORITHMS, SITE_WEIGHTINGS
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,6 +33,8 @@ class RunConfig:
     num_rounds: int = 10
     sites_per_round: int = 0  # 0: every training site every round
     min_sites: int = 1  # fewer valid replies than this and the round makes no update
+    site_weighting: str = "auto"  # data | per-site | auto (data for fedavg/fedprox, per-site otherwise)
+    max_weight_ratio: float = 10.0  # a site's data weight is capped at this x the round's median
     episodes_per_site: int = 2
     k_shot: int = 5  # support images per episode
     q_query: int = 5  # query images per episode
@@ -68,6 +70,10 @@ class RunConfig:
                 raise ValueError(f"run config {key}={value!r}: {problem}")
 
         need(self.algorithm in ALGORITHMS, "algorithm", f"unknown algorithm; choose one of {', '.join(ALGORITHMS)}.")
+        need(self.site_weighting in SITE_WEIGHTINGS, "site-weighting",
+             f"choose one of {', '.join(SITE_WEIGHTINGS)}.")
+        need(self.max_weight_ratio >= 1, "max-weight-ratio",
+             "must be >= 1 (a site may weigh that many times the round's median site).")
         need(self.meta_optimizer in META_OPTIMIZERS, "meta-optimizer",
              f"unknown meta-optimiser; choose one of {', '.join(META_OPTIMIZERS)}.")
         need(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}.")
@@ -130,6 +136,13 @@ class RunConfig:
         values = asdict(self)
         values.update(changes)
         return RunConfig(**values)
+
+    @property
+    def weighting(self) -> str:
+        """The site weighting in force: ``site-weighting`` with ``auto`` resolved for the algorithm."""
+        if self.site_weighting != "auto":
+            return self.site_weighting
+        return "data" if self.algorithm in ("fedavg", "fedprox") else "per-site"
 
     @property
     def adaptation_steps(self) -> tuple[int, ...]:

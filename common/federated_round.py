@@ -94,6 +94,22 @@ def site_update(
     )
 
 
+def site_weights(config: RunConfig, train_slices: Sequence[float]) -> list[float]:
+    """Each answering site's weight in the round's mean, in the order of ``train_slices``.
+
+    ``per-site``: 1 each (task-averaged MAML). ``data``: the labelled training slices each site
+    holds (McMahan et al.'s n_k), each capped at ``max-weight-ratio`` times the round's median, since
+    the server cannot check a site's count and one site must not outweigh the federation by naming a
+    huge one.
+    """
+    if not train_slices:
+        raise ValueError("no site answered: there is nothing to weigh.")
+    if config.weighting == "per-site":
+        return [1.0] * len(train_slices)
+    cap = config.max_weight_ratio * float(np.median(train_slices))
+    return [min(float(n), cap) for n in train_slices]
+
+
 def weighted_mean(
     updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
@@ -127,4 +143,4 @@ def _target(labels: torch.Tensor, config: RunConfig, device: torch.device | str)
     return one_hot(labels, config.num_classes).to(device)
 
 
-__all__ = ["adaptation_rule", "sample_sites", "site_update", "weighted_mean", "weighted_mean_scalars"]
+__all__ = ["adaptation_rule", "sample_sites", "site_update", "site_weights", "weighted_mean", "weighted_mean_scalars"]

@@ -32,7 +32,8 @@ EVAL_SEED_KEY = "eval-seed"  # evaluate: seeds the support/evaluation patient sp
 PROTOCOL_VERSION_KEY = "protocol-version"  # in every config record, and in the query reply
 
 # -- metric keys (site -> server) ------------------------------------------------------------------
-NUM_EXAMPLES = "num-examples"  # the reply's weight in the aggregate
+NUM_EXAMPLES = "num-examples"  # images the reply's episodes used (support plus query)
+TRAIN_SLICES = "train-slices"  # train reply: labelled slices the site's training data holds (FedAvg's n_k)
 ROLE_METRIC = "heldout"  # query reply: 1 for a held-out site, 0 for a training site
 SITE_KEY_METRIC = "site-key"  # query reply: the site's stable order key
 SECONDS = "seconds"
@@ -76,6 +77,9 @@ NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 
 # -- algorithms ------------------------------------------------------------------------------------
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+# How the server weighs sites in the mean: by their training data (McMahan et al.'s FedAvg), or one
+# weight per site (task-averaged MAML); "auto" is data for FedAvg/FedProx, per site for meta-learners.
+SITE_WEIGHTINGS = ("auto", "data", "per-site")
 STEP_SIZE_PREFIX = "lr."  # Meta-SGD's learned step sizes travel as lr.<parameter name>
 
 
@@ -106,7 +110,9 @@ __all__ = [
     "SITE_KEY_METRIC",
     "STEP_SIZE_PREFIX",
     "SUPPORT_LOSS_AFTER",
+    "SITE_WEIGHTINGS",
     "SUPPORT_LOSS_BEFORE",
+    "TRAIN_SLICES",
     "dice_key",
     "dice_mean_key",
     "dice_worst_key",

@@ -22,13 +22,14 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.federated_round import sample_sites, weighted_mean, weighted_mean_scalars
+from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean, weighted_mean_scalars
 from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_KEY, ROUND_KEY, ROUND_SEED_KEY, STEP_SIZE_PREFIX, dice_key, dice_mean_key, dice_worst_key,
+    PROTOCOL_VERSION_KEY, ROUND_KEY, ROUND_SEED_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key,
+    dice_worst_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
 
@@ -138,13 +139,15 @@ class Coordinator:
 
         # Site order, not arrival order: the same replies give the same bits in every run.
         order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
-        weights = [outcome.accepted[n][NUM_EXAMPLES] for n in order]
+        weights = site_weights(self.config, [outcome.accepted[n][TRAIN_SLICES] for n in order])
         self.meta_optimizer.step(weighted_mean([grads_by_node[n] for n in order], weights))
         outcome.updated = True
+        counts = (NUM_EXAMPLES, TRAIN_SLICES)
         outcome.metrics = weighted_mean_scalars(
-            [{k: v for k, v in outcome.accepted[n].items() if k != NUM_EXAMPLES} for n in order], weights
+            [{k: v for k, v in outcome.accepted[n].items() if k not in counts} for n in order], weights
         )
-        outcome.metrics[NUM_EXAMPLES] = float(sum(weights))
+        for key in counts:
+            outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
         return outcome
 
     # -- held-out evaluation --------------------------------------------------------------------
@@ -237,6 +240,9 @@ class Coordinator:
         most = self.config.episodes_per_site * (self.config.k_shot + self.config.q_query)
         if metrics[NUM_EXAMPLES] > most:
             raise InvalidReply(f"{NUM_EXAMPLES} is {metrics[NUM_EXAMPLES]:g}, more than the {most} this round asked for")
+        slices = metrics.get(TRAIN_SLICES)
+        if slices is None or slices < 1 or slices != int(slices):
+            raise InvalidReply(f"{TRAIN_SLICES} is {slices!r}, expected the site's count of labelled training slices")
         return grads, metrics
 
     def _validate_evaluate(self, reply: Message) -> dict[str, float]:

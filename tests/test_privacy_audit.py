@@ -20,6 +20,7 @@ ALLOWED_METRICS = {
     "query-loss-before", "query-loss-after",
     "site-key",  # an opaque integer that orders sites: partition id, operator's site-id, or a CRC32
     "protocol-version",  # the release's wire-protocol number, the same at every site
+    "train-slices",  # how many labelled slices the site trains on: FedAvg's weight n_k, a count only
 }
 
 

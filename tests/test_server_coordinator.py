@@ -1,4 +1,4 @@
-"""The strategy alone: reproducible sampling, reply validation, weighted aggregation in a fixed order."""
+"""The coordinator alone: reproducible sampling, reply validation, weighted aggregation in a fixed order."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _strategy(**changes) -> Coordinator:
 
 def _reply(instruction: Message, grads: dict[str, torch.Tensor] | ArrayRecord, metrics: dict | None = None) -> Message:
     record = grads if isinstance(grads, ArrayRecord) else to_array_record(grads)
-    content = RecordDict({GRADS_RECORD: record, METRICS_RECORD: MetricRecord(metrics or {"num-examples": 4})})
+    content = RecordDict({GRADS_RECORD: record, METRICS_RECORD: MetricRecord(metrics or {"num-examples": 4, "train-slices": 10})})
     reply = Message(content, reply_to=instruction)
     return reply
 
@@ -59,16 +59,16 @@ def test_site_sampling_is_reproducible_from_the_seed_and_differs_between_seeds()
     assert _strategy(sites_per_round=0).sample_sites(nodes)[0] == nodes
 
 
-def test_aggregation_is_the_example_weighted_mean_and_ignores_reply_order():
+def test_data_weighting_is_the_mean_weighted_by_training_slices_and_ignores_reply_order():
     results = []
     for shuffle in (False, True):
-        strategy = _strategy()
+        strategy = _strategy(site_weighting="data")
         theta = strategy.params
         sent = _instructions(strategy, [30, 10, 20])
         replies = [
-            _reply(sent[0], _grads_like(strategy, 1.0), {"num-examples": 1, "query-loss-after": 1.0}),
-            _reply(sent[1], _grads_like(strategy, 2.0), {"num-examples": 2, "query-loss-after": 2.0}),
-            _reply(sent[2], _grads_like(strategy, 4.0), {"num-examples": 5, "query-loss-after": 3.0}),
+            _reply(sent[0], _grads_like(strategy, 1.0), {"num-examples": 4, "train-slices": 1, "query-loss-after": 1.0}),
+            _reply(sent[1], _grads_like(strategy, 2.0), {"num-examples": 4, "train-slices": 2, "query-loss-after": 2.0}),
+            _reply(sent[2], _grads_like(strategy, 4.0), {"num-examples": 4, "train-slices": 5, "query-loss-after": 3.0}),
         ]
         if shuffle:
             random.Random(0).shuffle(replies)
@@ -81,6 +81,26 @@ def test_aggregation_is_the_example_weighted_mean_and_ignores_reply_order():
         results.append(strategy.params)
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name])
+
+
+@pytest.mark.parametrize(("weighting", "algorithm", "expected_step"), [
+    # Meta-learners: one weight per site (task-averaged MAML).
+    ("auto", "fomaml", (1.0 + 2.0 + 4.0) / 3),
+    # FedAvg: the sites' data, the third site's claim of 10^6 slices capped at 3 x the median (100).
+    ("auto", "fedavg", (100 * 1.0 + 50 * 2.0 + 300 * 4.0) / 450),
+    ("per-site", "fedavg", (1.0 + 2.0 + 4.0) / 3),
+])
+def test_site_weighting_per_site_or_by_capped_data(weighting, algorithm, expected_step):
+    strategy = _strategy(site_weighting=weighting, algorithm=algorithm, max_weight_ratio=3.0)
+    theta = strategy.params
+    sent = _instructions(strategy, [1, 2, 3])
+    replies = [_reply(sent[i], _grads_like(strategy, value), {"num-examples": 4, "train-slices": slices})
+               for i, (value, slices) in enumerate(((1.0, 100), (2.0, 50), (4.0, 10**6)))]
+    outcome = strategy.apply_train_replies(1, [1, 2, 3], replies)
+    assert outcome.updated
+    for name, value in strategy.params.items():
+        torch.testing.assert_close(value, theta[name] - expected_step, rtol=0, atol=1e-6)
+    assert outcome.metrics["train-slices"] == 100 + 50 + 10**6  # reported as sent, weighted as capped
 
 
 def _corrupt(kind: str, strategy: Coordinator, instruction: Message) -> Message:
@@ -105,6 +125,10 @@ def _corrupt(kind: str, strategy: Coordinator, instruction: Message) -> Message:
         return _reply(instruction, grads, {"num-examples": 0})
     elif kind == "inflated examples":
         return _reply(instruction, grads, {"num-examples": 1e300})
+    elif kind == "no data size":
+        return _reply(instruction, grads, {"num-examples": 3})
+    elif kind == "fractional data size":
+        return _reply(instruction, grads, {"num-examples": 3, "train-slices": 2.5})
     elif kind == "inf metric":
         return _reply(instruction, grads, {"num-examples": 3, "query-loss-after": float("inf")})
     elif kind == "no metrics":
@@ -130,6 +154,8 @@ BAD = {
     "bad bytes": "do not decode",
     "zero examples": "positive example count",
     "inflated examples": "more than the 20 this round asked for",
+    "no data size": "train-slices is None",
+    "fractional data size": "train-slices is 2.5",
     "inf metric": "not a finite scalar",
     "no metrics": "no MetricRecord",
     "gradient in metrics": "no ArrayRecord",

@@ -351,6 +351,8 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
                 "adapts": METHODS_BY_NAME[name].adapts,
                 "training": METHODS_BY_NAME[name].training,
                 "budget": budgets.get(METHODS_BY_NAME[name].training),
+                "site_weighting": (configs[METHODS_BY_NAME[name].training].weighting
+                                   if METHODS_BY_NAME[name].training in configs else None),
                 "run_config": (configs[METHODS_BY_NAME[name].training].to_run_config()
                                if METHODS_BY_NAME[name].training in configs else None),
             }
@@ -602,7 +604,9 @@ def format_markdown(results: dict[str, Any]) -> str:
            else "one seed: no interval."),
         "",
         f"Every trained method: {results['local_steps_total']} local gradient steps (forward-backward passes on "
-        "one batch) in total.",
+        "one batch) in total. Sites weigh in the server's mean by their labelled training slices (`data`, "
+        "McMahan et al.'s FedAvg; capped at `max-weight-ratio` × the round's median) or one weight each "
+        "(`per-site`, task-averaged MAML), as the methods table says.",
         "",
         format_goal(results["goal"]).replace("\n  ", "\n- ").replace("goal", "**Goal**", 1),
         "",
@@ -629,21 +633,23 @@ def format_markdown(results: dict[str, Any]) -> str:
         per_site = summary[name][k_mid][s_mid]["per_site"]
         lines.append(f"| {name} | " + " | ".join(f"{per_site[s]:.3f}" for s in sites) + " |")
     lines += ["", "## Methods and budgets", "",
-              "| method | what the row is | episodes/site | inner steps | local steps per site-round | total | "
-              "training s (mean) |", "|---|---|---|---|---|---|---|"]
+              "| method | what the row is | sites weigh | episodes/site | inner steps | local steps per site-round | "
+              "total | training s (mean) |", "|---|---|---|---|---|---|---|---|"]
     for name in results["method_order"]:
         method = results["methods"][name]
         b = method["budget"]
         runs = results["runs"].get(method["training"] or "", {})
         seconds = np.mean([r["seconds"] for r in runs.values()]) if runs else 0.0
         if b:
-            lines.append(f"| {name} | {method['meaning']} | {b['episodes_per_site']} | {b['inner_steps']} | "
-                         f"{b['local_steps_per_site_round']} | {b['local_steps_total']} | {seconds:.0f} |")
+            weighting = "pooled: one update" if name.startswith("pooled-") else method["site_weighting"]
+            lines.append(f"| {name} | {method['meaning']} | {weighting} | {b['episodes_per_site']} | "
+                         f"{b['inner_steps']} | {b['local_steps_per_site_round']} | {b['local_steps_total']} | "
+                         f"{seconds:.0f} |")
         elif method["training"] == ORACLE:
-            lines.append(f"| {name} | {method['meaning']} | - | - | - | {spec['oracle-steps']} Adam steps per new "
-                         "site, on its own data | - |")
+            lines.append(f"| {name} | {method['meaning']} | - | - | - | - | {spec['oracle-steps']} Adam steps per "
+                         "new site, on its own data | - |")
         else:
-            lines.append(f"| {name} | {method['meaning']} | - | - | 0 | 0 | 0 |")
+            lines.append(f"| {name} | {method['meaning']} | - | - | - | 0 | 0 | 0 |")
     lines += ["", f"![Dice against adaptation steps]({Path(results['files']['plot']).name})", "",
               f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} "
               f"({machine['torch_threads']} threads); load average {machine['load_average_start']} at start, "

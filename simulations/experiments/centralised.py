@@ -28,7 +28,7 @@ import torch
 from fedmeta.client.site import data_config, pick_device
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, site_seed
-from fedmeta.common.federated_round import sample_sites, site_update, weighted_mean, weighted_mean_scalars
+from fedmeta.common.federated_round import sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars
 from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
@@ -101,11 +101,12 @@ def run_centralised(
             updates = [site_update(model, theta, alphas, sites[i], config, device=device,
                                    n_episodes=config.episodes_per_site, seed=site_seed(round_seed, sites[i].name))
                        for i in chosen]
-        weights = [stats["num_examples"] for _, stats in updates]
+        # The pooled learner makes one update a round: its weight does not matter.
+        weights = site_weights(config, [pool.num_slices] if pool is not None else [sites[i].num_slices for i in chosen])
         optimizer.step(weighted_mean([grads for grads, _ in updates], weights))
         stats = weighted_mean_scalars([{k: v for k, v in s.items() if k != "num_examples"} for _, s in updates],
                                       weights)
-        stats["num_examples"] = float(sum(weights))
+        stats["num_examples"] = float(sum(s["num_examples"] for _, s in updates))
         run.rounds.append(stats)
         if on_round is not None:
             on_round(server_round, stats)

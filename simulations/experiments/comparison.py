@@ -82,7 +82,8 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
     for name, run in runs.items():
         lines.append(
             f"- {name}: algorithm {run['algorithm']}, {run['rounds']} rounds, "
-            f"{run['local_steps_per_site_round']} local gradient steps per site and round, {run['seconds']:.1f} s"
+            f"{run['local_steps_per_site_round']} local gradient steps per site and round, sites weighted "
+            f"{'by their training slices' if run.get('site_weighting') == 'data' else 'one each'}, {run['seconds']:.1f} s"
             + (f", final meta-loss {run['final_meta_loss']:.4f}" if run.get("final_meta_loss") is not None else "")
             + f", dropped replies {run['dropped_replies']}, skipped rounds {run['skipped_rounds']}"
         )

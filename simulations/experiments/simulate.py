@@ -222,6 +222,7 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
         "algorithm": config.algorithm,
         "rounds": checkpoint.round,
         "local_steps_per_site_round": local_steps_per_round(config),
+        "site_weighting": config.weighting,
         "seconds": seconds,
         "final_meta_loss": last.get(QUERY_LOSS_AFTER),
         "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
