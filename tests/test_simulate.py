@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from fedmeta.common.config import RunConfig
 from fedmeta.simulations.cli import main
+from fedmeta.common.jsonio import loads_strict
 from fedmeta.simulations.experiments.presets import load_preset
 from fedmeta.simulations.experiments.simulate import format_round
 
@@ -52,9 +52,9 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
     assert "round   3/3" in printed and "meta-loss" in printed and "held-out Dice" in printed
     for name in ("checkpoint.pt", "metrics.jsonl", "results.json", "report.md", "dice_vs_steps.png"):
         assert (out / name).stat().st_size > 0, name
-    results = json.loads((out / "results.json").read_text())
+    results = loads_strict((out / "results.json").read_text())
     labels = list(results["comparison"]["summary"])
-    assert sorted(labels) == ["FedAvg-trained", "meta-learned (fomaml)", "random init"]
+    assert sorted(labels) == ["FedAvg-trained", "meta-learned (fomaml)", "oracle (the site's own labels)", "random init"]
     # The comparison adapts as the run config says: the smoke preset's eval-k-shot 2 and eval-steps 0,5.
     assert results["comparison"]["k"] == 2 and results["comparison"]["steps"] == [0, 5]
     for label in labels:
@@ -62,6 +62,14 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
             assert 0.0 <= results["comparison"]["summary"][label]["mean"][steps] <= 1.0
     report = (out / "report.md").read_text()
     assert "| meta-learned (fomaml) |" in report and "| FedAvg-trained |" in report and "| random init |" in report
+    # The claim with its uncertainty: the paired per-patient margin over FedAvg, and the ceiling.
+    margin = results["margin_over_fedavg"]
+    assert margin["baseline"] == "FedAvg-trained" and margin["steps"] == 5 and margin["patients"] >= 2
+    low, high = margin["ci"]
+    assert low <= margin["mean"] <= high
+    assert "**Margin** of meta-learned (fomaml) over FedAvg-trained after 5 steps" in report
+    assert "The oracle is, per site, a UNet fully supervised" in report
+    assert "margin over FedAvg-trained after 5 steps" in printed
     assert (out / "baseline-fedavg" / "checkpoint.pt").exists()
     assert results["runs"]["fomaml"]["rounds"] == 3 and results["peak_memory_mb"] > 0
 

@@ -47,6 +47,7 @@ from fedmeta.common.jsonio import write_json
 from fedmeta.common.protocol import QUERY_LOSS_AFTER
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
 from fedmeta.simulations.experiments.oracle import train_oracle
+from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
 from fedmeta.simulations.experiments.presets import parse_sets, read_preset_toml
 
 
@@ -92,8 +93,7 @@ META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil")
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN, GOAL_FRACTION = 5, 10, 0.03, 0.95
 PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
                "methods", "run-config", "training", "oracle-steps"}
-# Paired margins over FedAvg + fine-tune are reported with a two-sided confidence interval at this level.
-CONFIDENCE = 0.95
+
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -514,17 +514,6 @@ def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int
                     "per_site": {site: float(v) for site, v in zip(sites, per_site)},
                 }
     return summary
-
-
-def interval(values: list[float]) -> tuple[float, float] | None:
-    """Two-sided ``CONFIDENCE`` t-interval of the mean of ``values`` (None with fewer than two)."""
-    from scipy import stats
-
-    if len(values) < 2:
-        return None
-    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sem
-    return mean - half, mean + half
 
 
 def goal_check(summary: dict[str, Any], shots: list[int], steps: list[int], dice: dict | None = None) -> dict[str, Any]:

@@ -11,12 +11,19 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from fedmeta.common.adaptation import Initialisation, score_site
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import DataConfig, SiteDataset
 from fedmeta.common.model import build_model
 from fedmeta.common.synth import load_manifest
+from fedmeta.simulations.experiments.oracle import train_oracle
+from fedmeta.simulations.experiments.stats import interval
 
+
+
+ORACLE_LABEL = "oracle (the site's own labels)"
 
 
 def compare_initialisations(
@@ -27,34 +34,64 @@ def compare_initialisations(
     k: int = 5,
     steps: Sequence[int] = (0, 5, 10),
     seed: int = 0,
+    oracle_steps: int = 0,
 ) -> dict[str, Any]:
-    """Dice per held-out site, initialisation and step count; plus mean and worst site."""
+    """Dice per held-out site, initialisation and step count (per patient too); mean and worst site.
+
+    ``oracle_steps`` > 0 adds the ceiling: per site, a UNet fully supervised on the site's support
+    patients for that many steps (``fedmeta.simulations.experiments.oracle``), scored as it is.
+    """
     manifest = load_manifest(Path(federation_dir))
     if not manifest.heldout_sites:
         raise ValueError(f"{federation_dir} has no held-out sites; the comparison needs at least one new hospital.")
     data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
     model = build_model(config.model_config())
-
-    per_site: dict[str, dict[str, dict[int, float]]] = {init.label: {} for init in inits}
+    labels = [init.label for init in inits] + ([ORACLE_LABEL] if oracle_steps > 0 else [])
+    per_site: dict[str, dict[str, dict[int, float]]] = {label: {} for label in labels}
+    per_patient: dict[str, dict[str, dict[int, dict[str, float]]]] = {label: {} for label in labels}
     for info in manifest.heldout_sites:
         site = SiteDataset.load(info.path, data_config)
-        splits: dict = {}  # every initialisation adapts on the same slices
-        for init in inits:
-            scores = score_site(model, init, site, shots=[k], steps=list(steps), seed=seed,
+        splits: dict = {}  # every initialisation adapts on the same slices and is scored on the same patients
+        scored = [(init, list(steps)) for init in inits]
+        if oracle_steps > 0:
+            oracle = train_oracle(site, config, seed=seed, steps=oracle_steps)
+            scored.append((Initialisation(ORACLE_LABEL, oracle.params, oracle.inner_lr), [0]))
+        for init, init_steps in scored:
+            scores = score_site(model, init, site, shots=[k], steps=init_steps, seed=seed,
                                 num_classes=config.num_classes, max_images=config.eval_max_images,
-                                batch_size=config.eval_batch_size, splits=splits)
-            per_site[init.label][info.name] = {s: float(scores[k][s]["dice"]) for s in steps}
+                                batch_size=config.eval_batch_size, splits=splits)[k]
+            # The oracle is used as it is: the same numbers whatever the adaptation budget.
+            scores = {s: scores[s if s in scores else 0] for s in steps}
+            per_site[init.label][info.name] = {s: float(scores[s]["dice"]) for s in steps}
+            per_patient[init.label][info.name] = {s: dict(scores[s]["per_patient"]) for s in steps}
     summary = {}
     for label, sites in per_site.items():
         summary[label] = {
             "mean": {s: _mean([d[s] for d in sites.values()]) for s in steps},
             "worst": {s: min(d[s] for d in sites.values()) for s in steps},
         }
-    return {"k": k, "steps": list(steps), "sites": per_site, "summary": summary,
-            "heldout_kinds": {i.name: i.heldout_kind for i in manifest.heldout_sites}}
+    return {"k": k, "steps": list(steps), "sites": per_site, "per_patient": per_patient, "summary": summary,
+            "heldout_kinds": {i.name: i.heldout_kind for i in manifest.heldout_sites}, "oracle_steps": oracle_steps}
 
 
-def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any], title: str) -> Path:
+def paired_margin(comparison: dict[str, Any], label: str, baseline: str, steps: int) -> dict[str, Any]:
+    """``label`` minus ``baseline`` per held-out patient after ``steps`` steps: mean, t-interval, wins.
+
+    Both adapted on the same support slices and scored on the same patients, so the per-patient
+    difference is paired; the interval (``CONFIDENCE``) is over patients of one training run, not
+    over training seeds (``fedmeta benchmark`` gives those).
+    """
+    differences = [
+        comparison["per_patient"][label][site][steps][pid] - comparison["per_patient"][baseline][site][steps][pid]
+        for site in comparison["per_patient"][label]
+        for pid in comparison["per_patient"][label][site][steps]
+    ]
+    return {"mean": float(np.mean(differences)), "ci": interval(differences), "patients": len(differences),
+            "wins": int(sum(d > 0 for d in differences)), "steps": steps, "label": label, "baseline": baseline}
+
+
+def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any], title: str,
+                 margin: dict[str, Any] | None = None) -> Path:
     """report.md with the comparison table, beside dice_vs_steps.png; returns the report's path."""
     out_dir = Path(out_dir)
     plot_path = plot_dice_vs_steps(comparison, out_dir / "dice_vs_steps.png")
@@ -63,15 +100,35 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
         f"# {title}",
         "",
         f"New-hospital adaptation on {len(next(iter(comparison['sites'].values())))} held-out site(s): "
-        f"k = {comparison['k']} labelled slices, mean foreground Dice on the sites' other patients "
-        "(mean over sites; worst site in brackets).",
+        f"k = {comparison['k']} labelled slices; Dice per patient over the whole volume, in each site's own "
+        "labels (mean over classes, then patients), then the mean over sites; worst site in brackets.",
         "",
+    ]
+    if margin is not None:
+        ci = margin["ci"]
+        lines += [
+            f"**Margin** of {margin['label']} over {margin['baseline']} after {margin['steps']} steps: "
+            f"{margin['mean']:+.3f} Dice per patient"
+            + (f" (95 % t-interval over the {margin['patients']} held-out patients [{ci[0]:+.3f}, {ci[1]:+.3f}])"
+               if ci else "")
+            + f"; better for {margin['wins']} of {margin['patients']} patients. One training seed: "
+            "`fedmeta benchmark` measures the spread over seeds.",
+            "",
+        ]
+    lines += [
         "| initialisation | " + " | ".join(f"{s} steps" for s in steps) + " |",
         "|---|" + "---|" * len(steps),
     ]
     for label, summary in comparison["summary"].items():
         cells = [f"{summary['mean'][s]:.3f} ({summary['worst'][s]:.3f})" for s in steps]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if ORACLE_LABEL in comparison["summary"]:
+        ceiling = comparison["summary"][ORACLE_LABEL]["mean"][steps[-1]]
+        lines += ["", f"The oracle is, per site, a UNet fully supervised on that site's support patients "
+                  f"({comparison['oracle_steps']} steps); after {steps[-1]} steps each initialisation reaches "
+                  + ", ".join(f"{label} {summary['mean'][steps[-1]] / ceiling:.0%}"
+                              for label, summary in comparison["summary"].items() if label != ORACLE_LABEL)
+                  + " of it."]
     lines += ["", "Per site (Dice after " + f"{steps[-1]} steps):", ""]
     lines.append("| site | kind | " + " | ".join(comparison["sites"]) + " |")
     lines.append("|---|---|" + "---|" * len(comparison["sites"]))
@@ -106,7 +163,7 @@ def plot_dice_vs_steps(comparison: dict[str, Any], path: Path) -> Path:
         ax.plot(steps, [summary["worst"][s] for s in steps], linestyle=":", alpha=0.6,
                 color=ax.lines[-1].get_color(), label=f"{label} (worst site)")
     ax.set_xlabel("adaptation steps on the new hospital's support set")
-    ax.set_ylabel("mean foreground Dice")
+    ax.set_ylabel("Dice per patient (mean over sites)")
     ax.set_title(f"Held-out sites, k = {comparison['k']} labelled slices")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -122,4 +179,4 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-__all__ = ["compare_initialisations", "plot_dice_vs_steps", "write_report"]
+__all__ = ["ORACLE_LABEL", "compare_initialisations", "paired_margin", "plot_dice_vs_steps", "write_report"]

@@ -12,7 +12,8 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 # Keys of a simulate preset that configure the driver rather than the Flower run.
-DRIVER_KEYS = ("federation", "federation-seed")
+DRIVER_KEYS = ("federation", "federation-seed", "oracle-steps")
+DEFAULT_ORACLE_STEPS = 300  # Adam steps of each held-out site's oracle (the ceiling in the report)
 
 
 def read_preset_toml(preset: str, *, kind: str = "preset", known_glob: str = "*.toml") -> tuple[Path, dict[str, Any]]:
@@ -35,6 +36,9 @@ def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
     driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
     driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
     driver.setdefault("federation-seed", 0)
+    driver.setdefault("oracle-steps", DEFAULT_ORACLE_STEPS)
+    if isinstance(driver["oracle-steps"], bool) or not isinstance(driver["oracle-steps"], int) or driver["oracle-steps"] < 0:
+        raise ValueError(f"{path}: oracle-steps={driver['oracle-steps']!r} must be an integer >= 0 (0: no oracle).")
     return values, driver
 
 

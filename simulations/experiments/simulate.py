@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--federation-dir", type=Path,
                         help="where the synthetic federation is generated/cached (default: ~/.cache/fedmeta)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the FedAvg baseline run")
+    parser.add_argument("--oracle-steps", type=int, default=None,
+                        help="training steps of each held-out site's oracle, the ceiling in the report "
+                             "(default: the preset's, 300; 0 = no oracle)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config override, e.g. --set inner-lr=0.1 (repeatable)")
     parser.set_defaults(handler=handle)
@@ -58,7 +61,7 @@ def handle(args: argparse.Namespace) -> int:
             preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
             engine=args.engine, out=args.out, seed=args.seed, resume=args.resume,
             federation_root=args.federation_dir, baseline=not args.no_baseline,
-            extra=parse_sets(args.set),
+            extra=parse_sets(args.set), oracle_steps=args.oracle_steps,
         )
     except SimulationError as err:
         print(f"fedmeta simulate: error: {err}", file=sys.stderr)
@@ -87,6 +90,7 @@ def simulate(
     federation_root: Path | None = None,
     baseline: bool = True,
     extra: dict[str, Any] | None = None,
+    oracle_steps: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The whole job; returns what results.json holds. Raises on any failure."""
@@ -95,6 +99,8 @@ def simulate(
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}.")
+    if oracle_steps is not None and oracle_steps < 0:
+        raise ValueError(f"--oracle-steps {oracle_steps}: must be >= 0 (0: no oracle).")
     overrides, driver = load_preset(preset)
     overrides.update(extra or {})
     for key, value in (("algorithm", algorithm), ("num-rounds", rounds), ("sites-per-round", sites), ("seed", seed)):
@@ -121,15 +127,16 @@ def simulate(
     memory = TreeMemorySampler(flwr_homes)
     memory.__enter__()
     try:
+        oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
         return _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began,
-                              federation_seconds, flwr_homes, memory)
+                              federation_seconds, flwr_homes, memory, oracle_steps)
     finally:
         memory.__exit__(None, None, None)
         shutil.rmtree(flwr_homes, ignore_errors=True)
 
 
 def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
-                   flwr_homes, memory) -> dict[str, Any]:
+                   flwr_homes, memory, oracle_steps) -> dict[str, Any]:
     runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes)}
     baseline_config = None
     if baseline and config.algorithm != "fedavg":
@@ -144,7 +151,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from fedmeta.simulations.experiments.comparison import compare_initialisations, write_report
+    from fedmeta.simulations.experiments.comparison import compare_initialisations, paired_margin, write_report
 
     inits = [load_initialisation(out / CHECKPOINT_NAME, f"meta-learned ({config.algorithm})")[0]]
     if baseline_config is not None:
@@ -152,8 +159,12 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     inits.append(random_initialisation(config))
     k, steps = config.eval_k_shot, sorted(set(config.adaptation_steps))
     _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))})")
-    comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed)
-    report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}")
+    comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed,
+                                         oracle_steps=int(oracle_steps))
+    margin = (paired_margin(comparison, inits[0].label, "FedAvg-trained", steps[-1])
+              if baseline_config is not None else None)
+    report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}",
+                          margin=margin)
 
     results = {
         "preset": preset,
@@ -162,6 +173,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         "run_config": config.to_run_config(),
         "runs": runs,
         "comparison": comparison,
+        "margin_over_fedavg": margin,
         "seconds_total": time.perf_counter() - began,
         "seconds_federation": federation_seconds,
         "peak_memory_mb": memory.peak_bytes / 2**20,  # PSS of the driver and every Flower/Ray process
@@ -169,7 +181,11 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     }
     write_json(out / "results.json", results)
     for label, summary in comparison["summary"].items():
-        _say(quiet, f"  {label:28s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in steps))
+        _say(quiet, f"  {label:32s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in steps))
+    if margin is not None:
+        ci = f" [{margin['ci'][0]:+.3f}, {margin['ci'][1]:+.3f}] (95 %, over patients)" if margin["ci"] else ""
+        _say(quiet, f"  margin over FedAvg-trained after {margin['steps']} steps: {margin['mean']:+.3f}{ci}; "
+                    f"better for {margin['wins']}/{margin['patients']} held-out patients")
     _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")
     return results
 
