@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from fedmeta.common.config import RunConfig
-from fedmeta.simulations.cli import main
 from fedmeta.common.jsonio import loads_strict
+from fedmeta.simulations.cli import main
 from fedmeta.simulations.experiments.presets import load_preset
 from fedmeta.simulations.experiments.simulate import format_round
 
