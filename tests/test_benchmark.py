@@ -23,6 +23,7 @@ shots = [1, 2]
 steps = [0, 2]
 eval-max-images = 16
 oracle-steps = 5
+curve-every = 1
 
 [run-config]
 num-rounds = 1
@@ -107,6 +108,14 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     assert "| fedavg-ft |" in table and "| pooled-fomaml |" in table and "local steps per site-round" in table
     for row in ("oracle", "pooled-maml", "pooled-metasgd"):  # the ceiling and the second-order bounds
         assert f"| {row} |" in table and row in results["dice"]
+    # Time to accuracy: each federated method's learning curve on the new sites (rounds 0 and 1), the
+    # bytes exchanged so far, and the first round that reaches FedAvg + fine-tune's final Dice.
+    curve = results["runs"]["fomaml"]["0"]["curve"]
+    assert [point["round"] for point in curve] == [0, 1] and curve[0]["bytes"] == 0 < curve[1]["bytes"]
+    tta = results["time_to_accuracy"]
+    assert set(tta) >= {"fedavg", "fomaml", "maml", "metasgd"} and "pooled-fomaml" not in tta
+    assert tta["fedavg"]["0"]["round"] is not None  # FedAvg reaches its own final value
+    assert "## Time to accuracy" in table
     # The oracle is the model as is (no adaptation): one number whatever the step count.
     for site in sites:
         oracle = results["dice"]["oracle"]["0"][site]["2"]

@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.protocol import QUERY_LOSS_AFTER
+from fedmeta.common.protocol import (
+    DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
+)
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
 from fedmeta.simulations.experiments.oracle import train_oracle
 from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
@@ -92,7 +94,7 @@ META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil")
 # The goal the benchmark checks (issue 5): at k = 5 and 10 steps.
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN, GOAL_FRACTION = 5, 10, 0.03, 0.95
 PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
-               "methods", "run-config", "training", "oracle-steps"}
+               "methods", "run-config", "training", "oracle-steps", "curve-every"}
 
 
 
@@ -170,6 +172,7 @@ def load_benchmark_preset(preset: str) -> dict[str, Any]:
         "eval-max-images": int(values.get("eval-max-images", 128)),
         "validation-sites": int(values.get("validation-sites", 0)),
         "oracle-steps": int(values.get("oracle-steps", 300)),
+        "curve-every": int(values.get("curve-every", 0)),
         "methods": list(values.get("methods", [m.name for m in METHODS])),
         "run-config": dict(values.get("run-config", {})),
         "training": {k: dict(v) for k, v in values.get("training", {}).items()},
@@ -189,6 +192,8 @@ def _check_spec(spec: dict[str, Any], where: Any) -> None:
         raise ValueError(f"{where}: eval-max-images={spec['eval-max-images']} must be >= 0 (0 = every slice).")
     if spec["validation-sites"] < 0:
         raise ValueError(f"{where}: validation-sites={spec['validation-sites']} must be >= 0.")
+    if spec["curve-every"] < 0:
+        raise ValueError(f"{where}: curve-every={spec['curve-every']} must be >= 0 (0: no learning curves).")
     if spec["oracle-steps"] < 1:
         raise ValueError(f"{where}: oracle-steps={spec['oracle-steps']} must be >= 1.")
     unknown = [m for m in spec["methods"] if m not in METHODS_BY_NAME]
@@ -287,7 +292,8 @@ def run_benchmark(
         for key, base in configs.items():
             config = base.replace(seed=seed, federation_dir=str(federation_dir),
                                   out_dir=str(out / "runs" / f"seed-{seed}" / key))
-            runs[key][seed], inits[key] = _train(key, config, federation_dir, train_infos, quiet)
+            runs[key][seed], inits[key] = _train(key, config, federation_dir, train_infos, quiet, eval_infos,
+                                                 spec["curve-every"], spec["eval-max-images"])
         dice_by_method = _evaluate_seed(names, inits, any_config, spec, eval_data, seed, quiet)
         for name in names:
             dice[name][seed] = dice_by_method[name]
@@ -363,6 +369,7 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
         "dice": {name: {str(s): d for s, d in by_seed.items()} for name, by_seed in dice.items()},
         "summary": summary,
         "goal": goal,
+        "time_to_accuracy": time_to_accuracy(runs),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -390,8 +397,15 @@ def _split_sites(manifest, validation_sites: int, federation_dir: Path):
     return train[:-validation_sites], train[-validation_sites:], "validation"
 
 
-def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
-    """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation)."""
+def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eval_infos=(), curve_every: int = 0,
+           eval_max_images: int = 0):
+    """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation).
+
+    Federated runs with ``curve_every`` > 0 also let the new sites (``eval_infos``, held-out nodes that
+    never train) adapt θ every ``curve_every`` rounds during training, at k = GOAL_SHOTS and
+    GOAL_STEPS steps: the learning curve that time-to-accuracy is read from. Evaluation reads θ and
+    never moves it, so the trajectory is the one a run without it takes.
+    """
     from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
     from fedmeta.common.adaptation import load_initialisation
 
@@ -433,7 +447,15 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
 
             # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
             # holds the whole training federation, so no site is re-read from NIfTI each round.
-            run_inprocess(config.to_run_config(), training_node_configs(train_infos), seed=config.seed)
+            nodes = training_node_configs(train_infos)
+            if curve_every > 0 and eval_infos:
+                # Scored as the benchmark's own table is (same k, steps, seed and patients), so the last
+                # point of FedAvg's curve is FedAvg + fine-tune's Dice in the table.
+                config = config.replace(eval_every=curve_every, eval_k_shot=GOAL_SHOTS, eval_steps=str(GOAL_STEPS),
+                                        eval_max_images=eval_max_images)
+                nodes += [{DATA_DIR_KEY: str(info.path), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
+                          for i, info in enumerate(sorted(eval_infos, key=lambda info: info.name))]
+            run_inprocess(config.to_run_config(), nodes, seed=config.seed)
             checkpoint = load_checkpoint(path)
             if checkpoint.round != config.num_rounds:
                 raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "
@@ -445,7 +467,8 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
             info = {"engine": "in-process Flower apps",
                     "final_query_loss_after": trained[-1]["train"].get(QUERY_LOSS_AFTER) if trained else None,
                     "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
-                    "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0)}
+                    "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
+                    "curve": learning_curve(read_metrics(out_dir / METRICS_NAME), checkpoint, config)}
         info["seconds"] = time.perf_counter() - began
         info["trained_on"] = trained_on
         write_json(info_path, info)
@@ -454,6 +477,43 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool):
     _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
                 + (f", final query loss {loss:.4f}" if loss is not None else ""))
     return {**info, "reused": reused, "checkpoint": str(path)}, init
+
+
+def learning_curve(records: list[dict[str, Any]], checkpoint, config) -> list[dict[str, float]]:
+    """``[{round, dice, bytes}]``: the new sites' mean Dice after adaptation at each evaluated round, and
+    the payload bytes the federation exchanged up to it (θ down and the update up, fp32, per site
+    that answered; Meta-SGD's step sizes count both ways). Wire framing adds about 1 % (`fedmeta perf comm`).
+    """
+    arrays = sum(t.numel() for t in checkpoint.params.values()) + sum(
+        t.numel() for t in (checkpoint.step_sizes or {}).values())
+    per_site_round = 2 * 4 * arrays  # down and up, fp32
+    key = dice_mean_key(GOAL_STEPS)
+    curve, sent = [], 0
+    for record in records:
+        sent += per_site_round * int(record.get("sites_answered", 0))
+        summary = record.get("heldout", {}).get("summary", {})
+        if key in summary:
+            curve.append({"round": int(record["round"]), "dice": float(summary[key]), "bytes": sent})
+    return curve
+
+
+def time_to_accuracy(runs: dict[str, dict[int, dict[str, Any]]], target_key: str = "fedavg") -> dict[str, Any]:
+    """Per method and seed: the first evaluated round (and bytes) at which the new sites' Dice after
+    adaptation reaches the target, FedAvg + fine-tune's final value in the same seed; None if never."""
+    out: dict[str, Any] = {}
+    targets = {seed: run["curve"][-1]["dice"] for seed, run in runs.get(target_key, {}).items() if run.get("curve")}
+    for key, by_seed in runs.items():
+        rows = {}
+        for seed, run in by_seed.items():
+            curve, target = run.get("curve"), targets.get(seed)
+            if not curve or target is None:
+                continue
+            hit = next((point for point in curve if point["dice"] >= target), None)
+            rows[str(seed)] = {"target": target, "round": hit["round"] if hit else None,
+                               "bytes": hit["bytes"] if hit else None, "final_dice": curve[-1]["dice"]}
+        if rows:
+            out[key] = rows
+    return out
 
 
 def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
@@ -621,6 +681,7 @@ def format_markdown(results: dict[str, Any]) -> str:
     for name in results["method_order"]:
         per_site = summary[name][k_mid][s_mid]["per_site"]
         lines.append(f"| {name} | " + " | ".join(f"{per_site[s]:.3f}" for s in sites) + " |")
+    lines += _time_to_accuracy_lines(results)
     lines += ["", "## Methods and budgets", "",
               "| method | what the row is | sites weigh | episodes/site | inner steps | local steps per site-round | "
               "total | training s (mean) |", "|---|---|---|---|---|---|---|---|"]
@@ -699,6 +760,30 @@ def _load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def _time_to_accuracy_lines(results: dict[str, Any]) -> list[str]:
+    tta = results.get("time_to_accuracy") or {}
+    if not tta:
+        return []
+    lines = ["", f"## Time to accuracy (k = {GOAL_SHOTS}, {GOAL_STEPS} steps)", "",
+             "Rounds, and payload megabytes exchanged, until the new sites' Dice after adaptation (evaluated "
+             f"every {results['preset']['curve-every']} rounds during training) first reaches FedAvg + fine-tune's "
+             "final value in the same seed; `never` if it does not within the budget.", "",
+             "| training | " + " | ".join(f"seed {s}" for s in results["seeds"]) + " |",
+             "|---|" + "---|" * len(results["seeds"])]
+    for key, rows in tta.items():
+        cells = []
+        for seed in results["seeds"]:
+            row = rows.get(str(seed))
+            if row is None:
+                cells.append("-")
+            elif row["round"] is None:
+                cells.append(f"never (final {row['final_dice']:.4f} < {row['target']:.4f})")
+            else:
+                cells.append(f"round {row['round']}, {row['bytes'] / 2**20:.1f} MB")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mean_ci(cell: dict[str, Any]) -> str:
