@@ -92,13 +92,14 @@ def train(message: Message, context: Context) -> Message:
     )
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
-        TRAIN_SLICES: site.num_slices,  # the site's weight under data weighting (FedAvg's n_k)
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
         SUPPORT_LOSS_AFTER: stats["support_loss_after"],
         QUERY_LOSS_BEFORE: stats["query_loss_before"],
         QUERY_LOSS_AFTER: stats["query_loss_after"],
         SECONDS: time.perf_counter() - began,
     }
+    if config.weighting == "data":  # the site's weight (FedAvg's n_k); not sent when the server has no use for it
+        metrics[TRAIN_SLICES] = site.num_slices
     content = RecordDict({GRADS_RECORD: to_array_record(grads), METRICS_RECORD: to_metric_record(metrics)})
     return Message(content, reply_to=message)
 
@@ -126,7 +127,7 @@ def evaluate(message: Message, context: Context) -> Message:
         inner_lr=inner_lr,
         loss_fn=DiceCELoss(config.num_classes),
         num_classes=config.num_classes,
-        classes=foreground_classes(site.label_names, config.num_classes),
+        classes=foreground_classes(site.label_names, config.num_classes, site.labelled_classes),
         inner_params=inner_params,
         batch_size=config.eval_batch_size,
     )

@@ -5,10 +5,11 @@
 Any checkpoint the ServerApp wrote (its run config names the model and the adaptation rule: Meta-SGD
 adapts with its learned step sizes, ANIL only its head) on any site folder — a generated site, an
 MSD task folder, or paired ``*_img``/``*_seg`` files. The site's patients are split once per seed
-into a support pool and evaluation patients (``fedmeta.common.data.adaptation_split``); θ is fine-tuned on k
-support slices by ``fedmeta.common.adaptation.adaptation_curve``, the inner step training and the
-ClientApp use, and scored by Dice on the evaluation patients (``fedmeta.common.adaptation.score_site``,
-which ``fedmeta simulate`` and ``fedmeta benchmark`` score with too).
+into a support pool and evaluation patients (``fedmeta.common.data.adaptation_patients``); θ is
+fine-tuned on k support slices by ``fedmeta.common.adaptation.adaptation_curve``, the inner step
+training and the ClientApp use, and scored by Dice per evaluation patient over the whole volume in the
+site's own labels (``fedmeta.common.adaptation.score_site``, which ``fedmeta simulate`` and
+``fedmeta benchmark`` score with too).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
                         help="adaptation step counts, comma-separated (default: 0,1,5,10,20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support/evaluation patient split (default 0)")
-    parser.add_argument("--max-images", type=int, default=None,
-                        help="evaluation slices scored per site, whole patients in a seeded order (default: the "
-                             "run's eval-max-images; 0 = every evaluation patient)")
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="bound the evaluation slices per site, in whole patients taken in a seeded order "
+                             "(default 0: every evaluation patient)")
     parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
     parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
@@ -132,9 +133,9 @@ def evaluate_checkpoint(
     init, config = load_initialisation(checkpoint)
     data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes,
                              image_glob=image_glob, label_glob=label_glob)
-    max_images = config.eval_max_images if max_images is None else max_images
+    max_images = 0 if max_images is None else max_images
     if max_images < 0:
-        raise ValueError(f"--max-images {max_images}: must be >= 0 (0 scores every evaluation slice).")
+        raise ValueError(f"--max-images {max_images}: must be >= 0 (0 scores every evaluation patient).")
     model = build_model(config.model_config())
     sites = {}
     for root in data:

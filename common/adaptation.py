@@ -139,10 +139,10 @@ def score_site(
     initialisation adapts on the very same slices and is scored on the very same patients.
     """
     splits = {} if splits is None else splits
-    classes = foreground_classes(site.label_names, num_classes)
+    classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
     out: dict[int, dict[int, dict[str, Any]]] = {}
     for k in shots:
-        key = (str(site.root), k, seed)
+        key = (str(site.root), k, seed, max_images)
         if key not in splits:
             splits[key] = (*adaptation_support(site, k, seed=seed), site_patients(site, seed, max_images))
         support_x, support_y, patients = splits[key]

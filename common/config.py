@@ -54,7 +54,7 @@ class RunConfig:
     eval_k_shot: int = 5
     eval_steps: str = "0,5,10"  # comma-separated adaptation step counts
     eval_batch_size: int = 32
-    eval_max_images: int = 256  # evaluation slices scored per held-out site (seeded subset); 0 = all
+    eval_max_images: int = 256  # evaluation slices per held-out site, in whole patients (seeded); 0 = every patient
     seed: int = 0
     resume: bool = False
     out_dir: str = ""

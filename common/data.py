@@ -242,6 +242,11 @@ class SiteDataset:
         return len(self.patient_ids)
 
     @property
+    def labelled_classes(self) -> set[int]:
+        """Every class value that some patient's labels hold."""
+        return {int(v) for labels in self.labels for v in torch.unique(labels).tolist()}
+
+    @property
     def num_slices(self) -> int:
         """Slices episodes draw from, over every patient (a site's training data, as FedAvg weighs it)."""
         return sum(len(s) for s in self.train_slices)
@@ -336,8 +341,9 @@ def adaptation_support(site: SiteDataset, k: int, seed: int) -> tuple[Tensor, Te
 def evaluation_patients(site: SiteDataset, seed: int, max_slices: int = 0) -> list[int]:
     """The patients a new site is scored on (whole volumes): its non-support patients, in index order.
 
-    ``max_slices`` > 0 bounds the cost: whole patients are taken in a seeded order until the next one
-    would pass that many slices (at least one patient). A patient is never cut: Dice is per volume.
+    ``max_slices`` > 0 bounds the cost: whole patients are taken in a seeded order until they hold at
+    least that many slices (so 256 slices of 70-slice volumes is 4 patients). A patient is never cut:
+    Dice is per volume.
     """
     _, patients = adaptation_patients(site, seed)
     if max_slices <= 0:
@@ -345,11 +351,10 @@ def evaluation_patients(site: SiteDataset, seed: int, max_slices: int = 0) -> li
     order = [patients[i] for i in np.random.default_rng([seed, 2]).permutation(len(patients))]
     chosen, total = [], 0
     for p in order:
-        size = len(site.images[p])
-        if chosen and total + size > max_slices:
+        if total >= max_slices:
             break
         chosen.append(p)
-        total += size
+        total += len(site.images[p])
     return sorted(chosen)
 
 

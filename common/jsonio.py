@@ -26,7 +26,12 @@ def to_strict(obj: Any, path: str = "$", nulls: list[dict[str, str]] | None = No
         nulls.append({"path": path, "reason": f"{obj!r}: no finite value (e.g. a mean over nothing)"})
         return None
     if isinstance(obj, dict):
-        return {str(k): to_strict(v, f"{path}.{k}", nulls) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            if str(k) in out:  # {1: ..., "1": ...} would silently keep one of the two
+                raise ValueError(f"{path}: keys {k!r} and {str(k)!r} collide once written as JSON strings.")
+            out[str(k)] = to_strict(v, f"{path}.{k}", nulls)
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_strict(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
     if isinstance(obj, Path):
@@ -38,7 +43,10 @@ def dumps_strict(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`to_strict` (``allow_nan=False``); nulls listed under ``"null_values"``."""
     nulls: list[dict[str, str]] = []
     strict = to_strict(obj, "$", nulls)
-    if nulls and isinstance(strict, dict):
+    if nulls:
+        if not isinstance(strict, dict) or NULLS_KEY in strict:
+            raise ValueError(f"{len(nulls)} non-finite value(s) (first at {nulls[0]['path']}) and no room for "
+                             f"the top-level {NULLS_KEY!r} record that explains them.")
         strict[NULLS_KEY] = nulls
     return json.dumps(strict, allow_nan=False, **kwargs)
 

@@ -15,27 +15,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 
-def foreground_classes(label_names: Mapping[int, str] | None, num_classes: int) -> list[int]:
-    """The foreground classes a site is scored on: those it declares (all 1..C-1 when it declares none)."""
-    if label_names is None:
-        return list(range(1, num_classes))
-    classes = sorted(int(v) for v in label_names if 0 < int(v) < num_classes)
+def foreground_classes(label_names: Mapping[int, str] | None, num_classes: int,
+                       labelled: Iterable[int] | None = None) -> list[int]:
+    """The foreground classes a site is scored on: those it declares (all 1..C-1 when it declares none)
+    and, given ``labelled`` (the classes its labels hold), that some patient actually has.
+
+    A class declared but labelled in no patient cannot be scored: it would give 1 to every patient
+    whose prediction also lacks it, and lift the mean for nothing.
+    """
+    declared = range(1, num_classes) if label_names is None else (int(v) for v in label_names)
+    classes = sorted(c for c in declared if 0 < c < num_classes)
+    if labelled is not None:
+        present = set(labelled)
+        classes = [c for c in classes if c in present]
     if not classes:
         raise ValueError(
-            f"the site declares labels {sorted(label_names)} but no foreground class among the model's "
-            f"1..{num_classes - 1}; there is nothing to score. Fix dataset.json's 'labels'."
+            f"the site declares labels {sorted(label_names) if label_names is not None else 'none'} and no "
+            f"foreground class among the model's 1..{num_classes - 1} is labelled in any of its patients; "
+            "there is nothing to score. Fix dataset.json's 'labels' or the label files."
         )
     return classes
 
 
 def to_label_space(prediction: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """``prediction`` (class indices) with every class outside ``classes`` set to background 0."""
-    keep = torch.zeros(int(max(int(prediction.max()), *classes)) + 1, dtype=torch.bool)
+    if prediction.numel() == 0:
+        return prediction
+    keep = torch.zeros(int(max(int(prediction.max()), *classes)) + 1, dtype=torch.bool, device=prediction.device)
     keep[list(classes)] = True
     return torch.where(keep[prediction], prediction, torch.zeros_like(prediction))
 

@@ -32,7 +32,7 @@ EVAL_SEED_KEY = "eval-seed"  # evaluate: seeds the support/evaluation patient sp
 PROTOCOL_VERSION_KEY = "protocol-version"  # in every config record, and in the query reply
 
 # -- metric keys (site -> server) ------------------------------------------------------------------
-NUM_EXAMPLES = "num-examples"  # images the reply's episodes used (support plus query)
+NUM_EXAMPLES = "num-examples"  # train: images the episodes used (support plus query); evaluate: patients scored
 TRAIN_SLICES = "train-slices"  # train reply: labelled slices the site's training data holds (FedAvg's n_k)
 ROLE_METRIC = "heldout"  # query reply: 1 for a held-out site, 0 for a training site
 SITE_KEY_METRIC = "site-key"  # query reply: the site's stable order key

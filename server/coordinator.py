@@ -29,11 +29,15 @@ from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, ROUND_KEY, ROUND_SEED_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key,
-    dice_worst_key,
+    dice_worst_key, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
 
 log = logging.getLogger("fedmeta.server")
+
+# The largest training-slice count a site may report: far above any hospital's labelled slices, and
+# small enough that a sum of them stays exact in float64.
+MAX_TRAIN_SLICES = 2**31
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Coordinator:
 
         # Site order, not arrival order: the same replies give the same bits in every run.
         order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
-        weights = site_weights(self.config, [outcome.accepted[n][TRAIN_SLICES] for n in order])
+        weights = site_weights(self.config, [outcome.accepted[n].get(TRAIN_SLICES, 1.0) for n in order])
         self.meta_optimizer.step(weighted_mean([grads_by_node[n] for n in order], weights))
         outcome.updated = True
         counts = (NUM_EXAMPLES, TRAIN_SLICES)
@@ -147,7 +151,8 @@ class Coordinator:
             [{k: v for k, v in outcome.accepted[n].items() if k not in counts} for n in order], weights
         )
         for key in counts:
-            outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
+            if all(key in outcome.accepted[n] for n in order):
+                outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
         return outcome
 
     # -- held-out evaluation --------------------------------------------------------------------
@@ -240,9 +245,13 @@ class Coordinator:
         most = self.config.episodes_per_site * (self.config.k_shot + self.config.q_query)
         if metrics[NUM_EXAMPLES] > most:
             raise InvalidReply(f"{NUM_EXAMPLES} is {metrics[NUM_EXAMPLES]:g}, more than the {most} this round asked for")
-        slices = metrics.get(TRAIN_SLICES)
-        if slices is None or slices < 1 or slices != int(slices):
-            raise InvalidReply(f"{TRAIN_SLICES} is {slices!r}, expected the site's count of labelled training slices")
+        if self.config.weighting == "data":
+            slices = metrics.get(TRAIN_SLICES)
+            if slices is None or not 1 <= slices <= MAX_TRAIN_SLICES or slices != int(slices):
+                raise InvalidReply(
+                    f"{TRAIN_SLICES} is {slices!r}, expected the site's count of labelled training slices "
+                    f"(1..{MAX_TRAIN_SLICES})"
+                )
         return grads, metrics
 
     def _validate_evaluate(self, reply: Message) -> dict[str, float]:
@@ -252,6 +261,9 @@ class Coordinator:
             value = metrics.get(dice_key(steps))
             if value is None or not 0.0 <= value <= 1.0:
                 raise InvalidReply(f"{dice_key(steps)} is {value!r}, expected a Dice in [0, 1]")
+            worst = metrics.get(worst_patient_key(steps))
+            if worst is not None and not 0.0 <= worst <= value:
+                raise InvalidReply(f"{worst_patient_key(steps)} is {worst!r}, expected a Dice in [0, {value}]")
         return metrics
 
 

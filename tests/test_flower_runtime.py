@@ -192,3 +192,15 @@ def test_readme_lists_every_run_config_key_with_its_default():
     assert not stale, f"README.md lists keys pyproject.toml no longer has: {stale}"
     for key, default in defaults.items():
         assert tomllib.loads(f"v = {rows[key]}")["v"] == default, f"README default of {key!r} is stale"
+
+
+def test_the_app_folder_is_the_checkout_the_package_runs_from():
+    """What `fedmeta simulate --engine ray` and `fedmeta perf` bundle: the folder holding the Flower app."""
+    import tomllib
+
+    from fedmeta.simulations.engines.flower_runtime import source_app_dir
+
+    root = source_app_dir()
+    assert root == REPO_ROOT
+    components = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert components["serverapp"] == "fedmeta.server.app:app"

@@ -12,7 +12,7 @@ import pytest
 
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
-from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
+from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 from fedmeta.simulations.experiments.presets import load_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,9 @@ def test_ray_simulation_trains_three_sites_for_two_rounds(federation, tmp_path):
     # Partitions map to the training sites first: three supernodes are the three training sites.
     run_config = smoke_run_config(federation, out_dir, **{"num-rounds": 2, "eval-every": 0, "min-sites": 3})
 
+    # The app folder as `fedmeta simulate --engine ray` finds it: the checkout the package runs from.
     outcome = run_simulation_engine(
-        REPO_ROOT, run_config, num_supernodes=3, num_cpus_per_client=1, timeout_s=600, flwr_home=flwr_home
+        source_app_dir(), run_config, num_supernodes=3, num_cpus_per_client=1, timeout_s=600, flwr_home=flwr_home
     )
 
     assert outcome.ok and outcome.status == "finished:completed"

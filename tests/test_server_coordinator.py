@@ -86,8 +86,9 @@ def test_data_weighting_is_the_mean_weighted_by_training_slices_and_ignores_repl
 @pytest.mark.parametrize(("weighting", "algorithm", "expected_step"), [
     # Meta-learners: one weight per site (task-averaged MAML).
     ("auto", "fomaml", (1.0 + 2.0 + 4.0) / 3),
-    # FedAvg: the sites' data, the third site's claim of 10^6 slices capped at 3 x the median (100).
-    ("auto", "fedavg", (100 * 1.0 + 50 * 2.0 + 300 * 4.0) / 450),
+    # FedAvg: the sites' data; the third site's claim of 10^6 slices is capped at 3 x the median of
+    # the others' counts (75), so it weighs 225, not 10^6.
+    ("auto", "fedavg", (100 * 1.0 + 50 * 2.0 + 225 * 4.0) / 375),
     ("per-site", "fedavg", (1.0 + 2.0 + 4.0) / 3),
 ])
 def test_site_weighting_per_site_or_by_capped_data(weighting, algorithm, expected_step):
@@ -100,7 +101,8 @@ def test_site_weighting_per_site_or_by_capped_data(weighting, algorithm, expecte
     assert outcome.updated
     for name, value in strategy.params.items():
         torch.testing.assert_close(value, theta[name] - expected_step, rtol=0, atol=1e-6)
-    assert outcome.metrics["train-slices"] == 100 + 50 + 10**6  # reported as sent, weighted as capped
+    if algorithm == "fedavg" and weighting == "auto":
+        assert outcome.metrics["train-slices"] == 100 + 50 + 10**6  # reported as sent, weighted as capped
 
 
 def _corrupt(kind: str, strategy: Coordinator, instruction: Message) -> Message:
@@ -127,6 +129,8 @@ def _corrupt(kind: str, strategy: Coordinator, instruction: Message) -> Message:
         return _reply(instruction, grads, {"num-examples": 1e300})
     elif kind == "no data size":
         return _reply(instruction, grads, {"num-examples": 3})
+    elif kind == "huge data size":
+        return _reply(instruction, grads, {"num-examples": 3, "train-slices": 1e12})
     elif kind == "fractional data size":
         return _reply(instruction, grads, {"num-examples": 3, "train-slices": 2.5})
     elif kind == "inf metric":
@@ -156,6 +160,7 @@ BAD = {
     "inflated examples": "more than the 20 this round asked for",
     "no data size": "train-slices is None",
     "fractional data size": "train-slices is 2.5",
+    "huge data size": "train-slices is 1000000000000.0",
     "inf metric": "not a finite scalar",
     "no metrics": "no MetricRecord",
     "gradient in metrics": "no ArrayRecord",
@@ -166,7 +171,7 @@ BAD = {
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_a_bad_reply_is_dropped_with_its_reason_counted_and_the_round_goes_on(kind):
-    strategy = _strategy()
+    strategy = _strategy(site_weighting="data")  # the data size is checked when it weighs
     theta = strategy.params
     sent = _instructions(strategy, [1, 2])
     replies = [_reply(sent[0], _grads_like(strategy, 1.0)), _corrupt(kind, strategy, sent[1])]

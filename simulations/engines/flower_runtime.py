@@ -46,9 +46,10 @@ from types import TracebackType
 
 import tomli_w
 
+from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY
 from fedmeta.simulations.engines.processes import TAG_VAR, stop_processes
 
-__all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine"]
+__all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine", "source_app_dir"]
 
 RunConfigValue = bool | int | float | str
 
@@ -253,9 +254,9 @@ class LocalDeployment:
             home.env,
         )
         for index, (data_dir, node_port) in enumerate(zip(self.data_dirs, node_ports, strict=True)):
-            node_config = f'data-dir="{data_dir}"'
+            node_config = f'{DATA_DIR_KEY}="{data_dir}"'
             if self.roles is not None:
-                node_config += f' role="{self.roles[index]}"'
+                node_config += f' {ROLE_KEY}="{self.roles[index]}"'
             # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
             # hospital would, instead of racing the others to unpack into one folder.
             node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
@@ -562,6 +563,23 @@ def _flower_bin(name: str) -> str:
         f"{name} not found beside {sys.executable}; install Flower into this environment "
         "(pip install -e . installs flwr[simulation]==1.41.*)."
     )
+
+
+def source_app_dir() -> Path:
+    """The checkout this fedmeta runs from: the Flower app folder `flwr run` bundles.
+
+    Raises when fedmeta was installed from a wheel (no pyproject.toml beside the packages): Flower's
+    engines need the app's source folder; the in-process engine does not.
+    """
+    import fedmeta.simulations
+
+    root = Path(fedmeta.simulations.__file__).resolve().parents[1]  # simulations/__init__.py -> the checkout
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"Flower's engines build the app from fedmeta's source folder, but {root} has no pyproject.toml "
+            "(fedmeta was installed from a wheel); run from a checkout (pip install -e .) or use the in-process engine."
+        )
+    return root
 
 
 def _check_app_dir(app_dir: Path) -> Path:

@@ -5,7 +5,7 @@ the functions the ServerApp and ClientApp call. Two uses. ``pooled=True`` is the
 site's patients as one pool (a "centralised" meta-learner, as if the hospitals had shared their
 data), drawing per round as many episodes as the whole federation does. ``pooled=False`` runs the
 federation's own rounds — the same site sampling generator, the same per-site episode seeds, the
-same example-weighted float64 aggregation and the same meta-optimiser — so it is the "bare loop"
+same site-weighted float64 aggregation and the same meta-optimiser — so it is the "bare loop"
 that ``fedmeta perf`` compares Flower's engines against, and a reference the federated θ can be
 checked against.
 
@@ -70,7 +70,7 @@ def run_centralised(
 
     ``pooled=False``: each round samples sites and episode seeds exactly as the ServerApp does,
     computes each site's update as the ClientApp does, and steps the meta-optimiser with the
-    example-weighted mean. ``pooled=True``: the training sites' patients form one pool; each round
+    site-weighted mean (``site-weighting``). ``pooled=True``: the training sites' patients form one pool; each round
     draws ``sites × episodes-per-site`` episodes from it (support and query from different
     patients, possibly of different sites) and steps once on their mean.
 

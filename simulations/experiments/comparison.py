@@ -111,8 +111,9 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
             f"{margin['mean']:+.3f} Dice per patient"
             + (f" (95 % t-interval over the {margin['patients']} held-out patients [{ci[0]:+.3f}, {ci[1]:+.3f}])"
                if ci else "")
-            + f"; better for {margin['wins']} of {margin['patients']} patients. One training seed: "
-            "`fedmeta benchmark` measures the spread over seeds.",
+            + f"; better for {margin['wins']} of {margin['patients']} patients. The interval treats the patients "
+            "(of every held-out site) as independent, and it is one training seed: `fedmeta benchmark` "
+            "measures the spread over seeds.",
             "",
         ]
     lines += [
@@ -122,8 +123,8 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
     for label, summary in comparison["summary"].items():
         cells = [f"{summary['mean'][s]:.3f} ({summary['worst'][s]:.3f})" for s in steps]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if ORACLE_LABEL in comparison["summary"]:
-        ceiling = comparison["summary"][ORACLE_LABEL]["mean"][steps[-1]]
+    ceiling = comparison["summary"].get(ORACLE_LABEL, {}).get("mean", {}).get(steps[-1])
+    if ceiling:
         lines += ["", f"The oracle is, per site, a UNet fully supervised on that site's support patients "
                   f"({comparison['oracle_steps']} steps); after {steps[-1]} steps each initialisation reaches "
                   + ", ".join(f"{label} {summary['mean'][steps[-1]] / ceiling:.0%}"

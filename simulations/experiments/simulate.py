@@ -208,14 +208,12 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
 
             run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
         else:
-            from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
+            from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 
-            app_dir = Path(__file__).resolve().parents[1]
-            if not (app_dir / "pyproject.toml").is_file():
-                raise SimulationError(
-                    f"--engine ray builds a Flower app from the source tree, but {app_dir} has no pyproject.toml "
-                    "(an installed wheel); run from a checkout or use --engine inprocess."
-                )
+            try:
+                app_dir = source_app_dir()
+            except FileNotFoundError as err:
+                raise SimulationError(f"--engine ray: {err}") from None
             flwr_home = flwr_homes / f"run-{len(list(flwr_homes.iterdir()))}"
             # Returns only for a completed run; anything else raises with the status and the log tail.
             run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)

@@ -81,9 +81,9 @@ def run_inprocess_engine(config, num_sites: int) -> dict[str, Any]:
 
 
 def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
-    from fedmeta.simulations.engines.flower_runtime import run_simulation_engine
+    from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 
-    app_dir = Path(__file__).resolve().parents[1]
+    app_dir = source_app_dir()
     began = time.perf_counter()
     with TreeMemorySampler(flwr_home) as sampler:
         run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
