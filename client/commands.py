@@ -127,11 +127,11 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
     from fedmeta.common.adaptation import load_initialisation, score_site
-    from fedmeta.common.data import DataConfig, SiteDataset
+    from fedmeta.common.data import SiteDataset
     from fedmeta.common.model import build_model
 
     init, config = load_initialisation(checkpoint)
-    data_config = DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes,
+    data_config = config.data_config(
                              image_glob=image_glob, label_glob=label_glob)
     max_images = 0 if max_images is None else max_images
     if max_images < 0:

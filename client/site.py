@@ -80,7 +80,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
 
 
 def data_config(config: RunConfig) -> DataConfig:
-    return DataConfig(image_size=(config.image_size, config.image_size), num_classes=config.num_classes)
+    return config.data_config()
 
 
 def pick_device(config: RunConfig) -> torch.device:

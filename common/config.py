@@ -45,6 +45,7 @@ class RunConfig:
     meta_momentum: float = 0.0
     proximal_mu: float = 0.0  # fedprox only
     image_size: int = 64
+    spacing_mm: float = 3.0  # isotropic voxel size the reader resamples to: 64 x 3 mm holds the whole brain
     num_classes: int = 4
     model_base_channels: int = 16
     model_levels: int = 4
@@ -89,6 +90,7 @@ class RunConfig:
         need(0 <= self.meta_momentum < 1, "meta-momentum", "must be in [0, 1).")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0.")
         need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
+        need(0 < self.spacing_mm <= 20, "spacing-mm", "must be a voxel size in mm in (0, 20], e.g. 3.0.")
         need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")
         need(self.model_levels >= 2, "model-levels", "must be >= 2.")
         factor = 2 ** (self.model_levels - 1)
@@ -147,6 +149,13 @@ class RunConfig:
     @property
     def adaptation_steps(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.eval_steps.split(",") if s.strip())
+
+    def data_config(self, **changes: Any):
+        """How a site's volumes become this run's model inputs (``fedmeta.common.data.DataConfig``)."""
+        from fedmeta.common.data import DataConfig  # torch and nibabel only where data is read
+
+        return DataConfig(image_size=(self.image_size, self.image_size), num_classes=self.num_classes,
+                          spacing=(self.spacing_mm,) * 3, **changes)
 
     def model_config(self) -> ModelConfig:
         channels = tuple(self.model_base_channels * 2**i for i in range(self.model_levels))

@@ -49,7 +49,8 @@ def test_cli_prints_the_grid_and_writes_json(trained, smoke_federation, tmp_path
     results = loads_strict(report.read_text())  # strict JSON: no NaN anywhere
     assert results["algorithm"] == "fomaml" and results["shots"] == [1, 2] and results["steps"] == [0, 3]
     grid = results["sites"][site.name]["dice"]
-    declared = foreground_classes(SiteDataset.load(site.path, DataConfig(image_size=(32, 32))).label_names, 4)
+    loaded = SiteDataset.load(site.path, DataConfig(image_size=(32, 32), spacing=(3.0,) * 3))
+    declared = foreground_classes(loaded.label_names, 4, loaded.labelled_classes)
     for k in ("1", "2"):
         for steps in ("0", "3"):
             cell = grid[k][steps]
@@ -66,7 +67,7 @@ def test_numbers_equal_a_direct_adaptation_curve(trained, smoke_federation):
     results = evaluate_checkpoint(trained["fomaml"], [info.path], shots=[2], steps=[0, 2], seed=3, max_images=0)
     checkpoint = load_checkpoint(trained["fomaml"])
     config = RunConfig.from_run_config(checkpoint.run_config)
-    site = SiteDataset.load(info.path, DataConfig(image_size=(32, 32)))
+    site = SiteDataset.load(info.path, config.data_config())
     support_x, support_y = adaptation_support(site, 2, seed=3)
     patients = site_patients(site, seed=3)
     curve = adaptation_curve(build_model(config.model_config()), checkpoint.params, support_x, support_y, patients,
