@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import DataConfig, SiteDataset
+from fedmeta.common.data import SiteDataset
 from fedmeta.common.model import build_model
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
@@ -79,10 +79,6 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
     )
 
 
-def data_config(config: RunConfig) -> DataConfig:
-    return config.data_config()
-
-
 def pick_device(config: RunConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -115,7 +111,7 @@ class SiteCache:
         self.max_bytes = max_bytes
 
     def site(self, ref: SiteRef, config: RunConfig) -> SiteDataset:
-        cfg = data_config(config)
+        cfg = config.data_config()
         key = (str(ref.data_dir.resolve()), cfg)
         with self._lock:
             if key in self._sites:
@@ -143,4 +139,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["SiteCache", "SiteRef", "data_config", "pick_device", "resolve_site"]
+__all__ = ["SiteCache", "SiteRef", "pick_device", "resolve_site"]

@@ -19,6 +19,7 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -241,10 +242,10 @@ class SiteDataset:
     def num_patients(self) -> int:
         return len(self.patient_ids)
 
-    @property
-    def labelled_classes(self) -> set[int]:
-        """Every class value that some patient's labels hold."""
-        return {int(v) for labels in self.labels for v in torch.unique(labels).tolist()}
+    @cached_property
+    def labelled_classes(self) -> frozenset[int]:
+        """Every class value that some patient's labels hold (scanned once per loaded site)."""
+        return frozenset(int(v) for labels in self.labels for v in torch.unique(labels).tolist())
 
     @property
     def num_slices(self) -> int:

@@ -68,7 +68,7 @@ _PROTOCOL_LITERALS = {
     protocol.GRADS_RECORD, protocol.ROUND_SEED_KEY, protocol.EVAL_SEED_KEY, protocol.PROTOCOL_VERSION_KEY,
     protocol.NUM_EXAMPLES, protocol.SITE_KEY_METRIC, protocol.SUPPORT_LOSS_BEFORE, protocol.SUPPORT_LOSS_AFTER,
     protocol.QUERY_LOSS_BEFORE, protocol.QUERY_LOSS_AFTER, protocol.DATA_DIR_KEY, protocol.SITE_ID_KEY,
-    protocol.PARTITION_ID_KEY, protocol.NUM_PARTITIONS_KEY,
+    protocol.PARTITION_ID_KEY, protocol.NUM_PARTITIONS_KEY, protocol.TRAIN_SLICES,
 }
 
 

@@ -279,11 +279,10 @@ def run_benchmark(
     _say(quiet, f"budget: {total_budget} local gradient steps per method; seeds {spec['seeds']}; "
                 f"k {spec['shots']}; steps {spec['steps']}; {spec['eval-max-images'] or 'all'} evaluation slices per site")
 
-    from fedmeta.client.site import data_config
     from fedmeta.common.data import SiteDataset
 
     any_config = next(iter(configs.values()), None) or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0})
-    eval_data = [SiteDataset.load(info.path, data_config(any_config)) for info in eval_infos]
+    eval_data = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.client.site import data_config, pick_device
+from fedmeta.client.site import pick_device
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, site_seed
 from fedmeta.common.federated_round import sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars
@@ -147,7 +147,7 @@ def load_training_sites(
         chosen = [available[n] for n in sorted(set(names))]
     if not chosen:
         raise ValueError(f"{federation_dir}: no training site to meta-train on.")
-    return [SiteDataset.load(info.path, data_config(config)) for info in chosen]
+    return [SiteDataset.load(info.path, config.data_config()) for info in chosen]
 
 
 def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:

@@ -7,7 +7,6 @@ the same support images and the same evaluation patients, by ``fedmeta.common.ad
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,7 +66,7 @@ def compare_initialisations(
     summary = {}
     for label, sites in per_site.items():
         summary[label] = {
-            "mean": {s: _mean([d[s] for d in sites.values()]) for s in steps},
+            "mean": {s: float(np.mean([d[s] for d in sites.values()])) for s in steps},
             "worst": {s: min(d[s] for d in sites.values()) for s in steps},
         }
     return {"k": k, "steps": list(steps), "sites": per_site, "per_patient": per_patient, "summary": summary,
@@ -173,11 +172,6 @@ def plot_dice_vs_steps(comparison: dict[str, Any], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 __all__ = ["ORACLE_LABEL", "compare_initialisations", "paired_margin", "plot_dice_vs_steps", "write_report"]
