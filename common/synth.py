@@ -35,14 +35,31 @@ import numpy as np
 
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: label protocols beyond csf-merged, the unseen-anatomy held-out site
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
 
 LABELS = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
-LABEL_PROTOCOLS = ("standard", "csf-merged")  # csf-merged: the site labels CSF as background
+# What a site's raters label (the label values stay the consortium's; an unlabelled class is background):
+#   standard   CSF, grey matter and white matter;  csf-merged  grey and white matter (CSF is background);
+#   gm-only    grey matter;  wm-only  white matter;
+#   ventricles label 1 on ventricular CSF only (deep CSF enclosed by the parenchyma), no other class.
+LABEL_PROTOCOLS = ("standard", "csf-merged", "gm-only", "wm-only", "ventricles")
+PROTOCOL_LABELS = {
+    "standard": {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"},
+    "csf-merged": {0: "background (including CSF)", 2: "grey matter", 3: "white matter"},
+    "gm-only": {0: "background (including CSF and white matter)", 2: "grey matter"},
+    "wm-only": {0: "background (including CSF and grey matter)", 3: "white matter"},
+    "ventricles": {0: "background (including sulcal CSF and brain tissue)", 1: "ventricles"},
+}
 SEQUENCES = ("T1w", "T2w", "PD", "FLAIR")
 TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequence site
-HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation")
+# Held-out (new-hospital) sites: a new mix of seen scanner settings; a sequence no training site has
+# (FLAIR); the CSF-merged protocol; anatomy beyond every training site's range (strong atrophy and
+# warps outside the training ranges: a guard against an initialisation that only learned the
+# generator's usual brains); and, in the `protocols` federation, a protocol (white matter only) and a
+# structure definition (ventricles only) that no training site labels.
+HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation", "unseen-anatomy")
+HELDOUT_PROTOCOLS = {"unseen-annotation": "csf-merged", "unseen-protocol": "wm-only", "unseen-structure": "ventricles"}
 
 # Relative equilibrium signal of (CSF, grey matter, white matter) per sequence at 1.5 T. T1w: WM > GM > CSF;
 # T2w and PD invert the GM/WM order (CSF brightest on T2w); FLAIR is T2-like with the CSF nulled.
@@ -72,6 +89,7 @@ class Preset:
     slice_thickness_mm: tuple[float, float]
     fov_scale: float = 1.0  # < 1 shrinks the field of view around the brain centre (smoke volumes)
     train_sequences: tuple[str, ...] | None = None  # fixed per-site sequences; None draws them
+    train_protocols: tuple[str, ...] = ("standard",)  # label protocols, cycled over the training sites
 
 
 PRESETS: dict[str, Preset] = {
@@ -91,6 +109,18 @@ PRESETS: dict[str, Preset] = {
         patients=(10, 20),
         inplane_mm=(1.2, 2.0),
         slice_thickness_mm=(1.5, 5.0),
+    ),
+    # Protocol-heterogeneous consortium, where one FedAvg head is ill-posed: training sites label
+    # every tissue, tissue without CSF, or grey matter only; new hospitals ask for white matter only
+    # or for the ventricles (a structure no training site delineates), plus the unseen-anatomy site.
+    # Volumes as in `default`, so its scanners and anatomy are a like-for-like comparison.
+    "protocols": Preset(
+        num_train_sites=8,
+        heldout_kinds=("unseen-protocol", "unseen-structure", "unseen-anatomy"),
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+        train_protocols=("standard", "csf-merged", "gm-only"),
     ),
 }
 # Scaling federations for `fedmeta perf`: many tiny training sites (3 patients each, smoke-sized
@@ -112,7 +142,7 @@ class SiteInfo:
 
     name: str
     role: str  # ROLE_TRAIN | ROLE_HELDOUT
-    heldout_kind: str | None  # "unseen-mix" | "unseen-sequence" | "unseen-annotation" for held-out sites
+    heldout_kind: str | None  # one of HELDOUT_KINDS (or HELDOUT_PROTOCOLS' keys) for held-out sites
     path: Path
     num_patients: int
     params: dict[str, Any]
@@ -186,7 +216,8 @@ def _uniform(rng: np.random.Generator, lo: float, hi: float, digits: int = 3) ->
     return round(float(rng.uniform(lo, hi)), digits)
 
 
-def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, kind: str | None) -> dict[str, Any]:
+def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, kind: str | None,
+                      protocol: str = "standard") -> dict[str, Any]:
     """Scanner, population and annotation parameters of one site (all plain JSON values)."""
     field_t = float(rng.choice([1.5, 3.0]))
     jitter = rng.uniform(0.92, 1.08, size=3)  # vendor/coil differences in relative tissue signal
@@ -231,19 +262,41 @@ def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, k
             "label_noise": _uniform(rng, 0.0, 0.05),  # share of boundary voxels given a neighbour's label
         },
     }
-    if kind == "unseen-annotation":
-        params["annotation"]["protocol"] = "csf-merged"
+    params["annotation"]["protocol"] = HELDOUT_PROTOCOLS.get(kind or "", protocol)
+    if kind == "unseen-anatomy":
+        # Beyond the training range on purpose: training sites draw atrophy means 0-0.25 and subjects
+        # clipped at 0.4, scale 0.92-1.08, rotation +-10 deg, elastic 1.5-4 mm (see _draw_subject_params).
+        params["population"] = {"atrophy_mean": _uniform(rng, 0.45, 0.55), "atrophy_sd": 0.05,
+                                "anatomy": "beyond-training-range"}
     return params
 
 
 def _draw_subject_params(rng: np.random.Generator, site_params: dict[str, Any]) -> dict[str, Any]:
     population = site_params["population"]
+    if population.get("anatomy") == "beyond-training-range":
+        return _draw_unseen_anatomy(rng, population)
     atrophy = float(np.clip(rng.normal(population["atrophy_mean"], population["atrophy_sd"]), 0.0, 0.4))
     return {
         "rotation_deg": [round(float(v), 2) for v in rng.uniform(-10.0, 10.0, size=3)],
         "scale": [round(float(v), 4) for v in rng.uniform(0.92, 1.08, size=3)],
         "translation_mm": [round(float(v), 2) for v in rng.uniform(-4.0, 4.0, size=3)],
         "elastic_amplitude_mm": _uniform(rng, 1.5, 4.0, digits=2),
+        "elastic_seed": int(rng.integers(0, 2**31 - 1)),
+        "atrophy": round(atrophy, 4),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+
+
+def _draw_unseen_anatomy(rng: np.random.Generator, population: dict[str, Any]) -> dict[str, Any]:
+    """A subject outside every training range: enlarged ventricles and thin cortex (atrophy 0.45-0.6),
+    head size 10-16 % off the template (training: within 8 %), rotation 12-20 deg, elastic 5-7 mm."""
+    atrophy = float(np.clip(rng.normal(population["atrophy_mean"], population["atrophy_sd"]), 0.45, 0.6))
+    side = rng.choice([-1.0, 1.0], size=3)
+    return {
+        "rotation_deg": [round(float(v), 2) for v in rng.choice([-1.0, 1.0], size=3) * rng.uniform(12.0, 20.0, size=3)],
+        "scale": [round(float(v), 4) for v in 1.0 + side * rng.uniform(0.10, 0.16, size=3)],
+        "translation_mm": [round(float(v), 2) for v in rng.uniform(-4.0, 4.0, size=3)],
+        "elastic_amplitude_mm": _uniform(rng, 5.0, 7.0, digits=2),
         "elastic_seed": int(rng.integers(0, 2**31 - 1)),
         "atrophy": round(atrophy, 4),
         "noise_seed": int(rng.integers(0, 2**31 - 1)),
@@ -264,6 +317,9 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
     entries: list[tuple[str, str, str | None, str]] = []
     for i, sequence in enumerate(sequences):
         entries.append((f"site-{i + 1:02d}", ROLE_TRAIN, None, sequence))
+    # Protocols are assigned in site order, after every draw, so a federation whose training sites all
+    # label the standard way draws exactly what it drew before protocols existed.
+    protocols = [spec.train_protocols[i % len(spec.train_protocols)] for i in range(len(sequences))]
     for kind in spec.heldout_kinds:
         if kind == "unseen-sequence":
             sequence = "FLAIR"
@@ -272,7 +328,8 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
         entries.append((f"new-{kind.removeprefix('unseen-')}", ROLE_HELDOUT, kind, sequence))
     for index, (name, role, kind, sequence) in enumerate(entries, start=1):
         site_rng = _rng(seed, 1, index)
-        params = _draw_site_params(site_rng, spec, sequence, kind)
+        params = _draw_site_params(site_rng, spec, sequence, kind,
+                                   protocols[index - 1] if role == ROLE_TRAIN else "standard")
         num_patients = int(site_rng.integers(spec.patients[0], spec.patients[1] + 1))
         subjects = []
         for p in range(num_patients):
@@ -458,8 +515,12 @@ def render_image(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[
     return np.clip(np.round(scaled * 0.75 * levels), 0, levels).astype(np.int16)
 
 
-def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any]) -> np.ndarray:
-    """The site's manual labels of a subject: uint8 [X, Y, Z], values in LABELS."""
+def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any],
+             spacing_mm: np.ndarray | None = None) -> np.ndarray:
+    """The site's manual labels of a subject: uint8 [X, Y, Z], values in its protocol's PROTOCOL_LABELS.
+
+    ``spacing_mm`` (the grid's voxel size) is needed by the ventricles protocol only.
+    """
     from scipy import ndimage
 
     style = site_params["annotation"]
@@ -483,11 +544,30 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
             neighbour = np.roll(labels, 1 if rng.random() < 0.5 else -1, axis=axis)
             boundary = (neighbour != labels) & (rng.random(labels.shape) < rate / 3)
             labels[boundary] = neighbour[boundary]
-    if style["protocol"] == "csf-merged":
-        labels[labels == 1] = 0
-    elif style["protocol"] != "standard":
-        raise ValueError(f"label protocol {style['protocol']!r} is not known; use one of {LABEL_PROTOCOLS}.")
+    protocol = style["protocol"]
+    if protocol not in PROTOCOL_LABELS:
+        raise ValueError(f"label protocol {protocol!r} is not known; use one of {LABEL_PROTOCOLS}.")
+    if protocol == "ventricles":
+        return _ventricles(labels, brain, spacing_mm)
+    for value in (1, 2, 3):
+        if value not in PROTOCOL_LABELS[protocol]:
+            labels[labels == value] = 0
     return labels
+
+
+def _ventricles(labels: np.ndarray, brain: np.ndarray, spacing_mm: np.ndarray | None) -> np.ndarray:
+    """Ventricular CSF: CSF enclosed by parenchyma in its axial plane and over 12 mm inside the brain
+    (sulcal CSF opens to the surface or lies near it), as label 1; everything else 0."""
+    from scipy import ndimage
+
+    if spacing_mm is None:
+        raise ValueError("the ventricles protocol needs the grid's voxel spacing (spacing_mm).")
+    parenchyma = (labels == 2) | (labels == 3)
+    enclosed = np.zeros_like(parenchyma)
+    for z in range(labels.shape[2]):  # the grid is RAS: axis 2 is axial whatever the acquisition plane
+        enclosed[:, :, z] = ndimage.binary_fill_holes(parenchyma[:, :, z])
+    deep = ndimage.distance_transform_edt(brain, sampling=[float(v) for v in spacing_mm]) > 12.0
+    return np.where((labels == 1) & enclosed & deep, 1, 0).astype(np.uint8)
 
 
 def _to_storage(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
@@ -522,7 +602,7 @@ def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -
     site_dir, site_params, subject, fov_scale = job
     tissue, affine = subject_tissue(site_params, subject, fov_scale)
     image = render_image(tissue, site_params, subject)
-    labels = annotate(tissue, site_params, subject)
+    labels = annotate(tissue, site_params, subject, spacing_mm=np.linalg.norm(affine[:3, :3], axis=0))
     axcodes = site_params["scanner"]["storage_orientation"]
     stored_image, stored_affine = _to_storage(image, affine, axcodes)
     stored_labels, _ = _to_storage(labels, affine, axcodes)
@@ -542,10 +622,7 @@ def _cache_key(preset: str, seed: int) -> str:
 
 def _dataset_json(site: dict[str, Any]) -> dict[str, Any]:
     protocol = site["params"]["annotation"]["protocol"]
-    labels = {str(k): v for k, v in LABELS.items()}
-    if protocol == "csf-merged":
-        del labels["1"]
-        labels["0"] = "background (including CSF)"
+    labels = {str(k): v for k, v in PROTOCOL_LABELS[protocol].items()}
     return {
         "name": site["name"],
         "description": f"fedmeta synthetic site ({site['role']}"
@@ -642,6 +719,23 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def cached_federation(cache_root: Path | str, preset: str = "default", seed: int = 0, *, workers: int | None = None) -> Path:
+    """The federation of (preset, seed) in fedmeta's own cache folder ``cache_root/<preset>-<seed>``.
+
+    fedmeta owns that folder, so a federation left there by an older generator (same preset and
+    seed, another cache key) is replaced; anything else there is refused as :func:`generate_federation` does.
+    """
+    root = Path(cache_root) / f"{preset}-{seed}"
+    stale = False
+    if (root / "manifest.json").is_file():
+        try:
+            old = json.loads((root / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        stale = old.get("preset") == preset and old.get("seed") == seed and "cache_key" in old
+    return generate_federation(root, preset, seed, force=stale, workers=workers)
 
 
 def _refuse_to_overwrite(root: Path, force: bool) -> None:

@@ -116,6 +116,23 @@ def test_cached_second_call_is_instant_and_other_contents_are_refused(smoke_fede
     assert (foreign / "notes.txt").exists()
 
 
+def test_the_cache_replaces_a_federation_from_an_older_generator(smoke_federation: Path, tmp_path: Path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(smoke_federation, cache / "smoke-0")
+    manifest = json.loads((cache / "smoke-0" / "manifest.json").read_text())
+    assert synth.cached_federation(cache, "smoke", 0) == cache / "smoke-0"  # current: reused as is
+    manifest.update(cache_key="from-generator-1.0", generator_version="1.0")
+    (cache / "smoke-0" / "manifest.json").write_text(json.dumps(manifest))
+    synth.cached_federation(cache, "smoke", 0)  # stale: regenerated in place
+    assert json.loads((cache / "smoke-0" / "manifest.json").read_text())["generator_version"] == synth.GENERATOR_VERSION
+    (cache / "default-0").mkdir()
+    (cache / "default-0" / "mine.txt").write_text("not a federation")
+    with pytest.raises(FileExistsError, match="holds no fedmeta manifest"):
+        synth.cached_federation(cache, "default", 0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"preset": "huge"}, "preset='huge' is not known"), ({"seed": -1}, "non-negative"), ({"seed": 1.5}, "non-negative")],
@@ -129,7 +146,7 @@ def test_default_preset_plan_sizes_and_heldout_kinds():
     plan = plan_federation("default", 0)
     train = [s for s in plan if s["role"] == "train"]
     heldout = {s["heldout_kind"]: s for s in plan if s["role"] == "heldout"}
-    assert len(train) == 8 and set(heldout) == {"unseen-mix", "unseen-sequence", "unseen-annotation"}
+    assert len(train) == 8 and set(heldout) == {"unseen-mix", "unseen-sequence", "unseen-annotation", "unseen-anatomy"}
     sizes = [s["num_patients"] for s in plan]
     assert all(10 <= n <= 20 for n in sizes) and len(set(sizes)) > 3  # uneven sites
     train_sequences = [s["params"]["scanner"]["sequence"] for s in train]
@@ -140,6 +157,47 @@ def test_default_preset_plan_sizes_and_heldout_kinds():
     mix = heldout["unseen-mix"]["params"]
     assert mix["scanner"]["sequence"] in synth.TRAIN_SEQUENCES and mix["annotation"]["protocol"] == "standard"
     assert 0.4 <= mix["annotation"]["threshold"] <= 0.6 and 1.2 <= mix["scanner"]["inplane_mm"] <= 2.0
+    # The unseen-anatomy site lies outside every training range (atrophy, head size, rotation, warp).
+    train_subjects = [subject for site in train for subject in site["subjects"]]
+    for subject in heldout["unseen-anatomy"]["subjects"]:
+        assert subject["atrophy"] > max(t["atrophy"] for t in train_subjects)
+        assert all(abs(v - 1.0) >= 0.10 for v in subject["scale"])
+        assert all(abs(v) >= 12.0 for v in subject["rotation_deg"]) and subject["elastic_amplitude_mm"] >= 5.0
+    assert max(t["elastic_amplitude_mm"] for t in train_subjects) <= 4.0
+
+
+def test_protocols_preset_mixes_label_protocols_and_holds_out_unseen_ones():
+    plan = plan_federation("protocols", 0)
+    train = [s["params"]["annotation"]["protocol"] for s in plan if s["role"] == "train"]
+    heldout = {s["heldout_kind"]: s["params"]["annotation"]["protocol"] for s in plan if s["role"] == "heldout"}
+    assert set(train) == {"standard", "csf-merged", "gm-only"}
+    assert heldout == {"unseen-protocol": "wm-only", "unseen-structure": "ventricles", "unseen-anatomy": "standard"}
+    assert not set(heldout.values()) - {"standard"} & set(train)  # asked for by no training site
+
+
+def test_annotation_protocols_keep_only_their_classes():
+    plan = plan_federation("protocols", 0)
+    site = next(s for s in plan if s["heldout_kind"] == "unseen-structure")
+    subject = site["subjects"][0]
+    tissue, affine = synth.subject_tissue(site["params"], subject, fov_scale=0.7)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+
+    def labels(protocol: str) -> np.ndarray:
+        params = {**site["params"], "annotation": {**site["params"]["annotation"], "protocol": protocol}}
+        return synth.annotate(tissue, params, subject, spacing_mm=spacing)
+
+    standard = labels("standard")
+    for protocol, kept in (("csf-merged", {2, 3}), ("gm-only", {2}), ("wm-only", {3})):
+        out = labels(protocol)
+        assert set(np.unique(out).tolist()) == {0, *kept}, protocol
+        for value in kept:
+            assert np.array_equal(out == value, standard == value), (protocol, value)
+    ventricles = labels("ventricles")
+    assert set(np.unique(ventricles).tolist()) == {0, 1}
+    assert ((ventricles == 1) <= (standard == 1)).all()  # a subset of the CSF: the deep, enclosed part
+    assert 0 < (ventricles == 1).sum() < (standard == 1).sum()
+    with pytest.raises(ValueError, match="spacing"):
+        synth.annotate(tissue, site["params"], subject)
 
 
 def _tissue_medians(site_dir: Path, case_id: str) -> dict[int, float]:

@@ -251,7 +251,7 @@ def run_benchmark(
     generated or reused under ``federation_root``.
     """
     from fedmeta.common.config import RunConfig
-    from fedmeta.common.synth import generate_federation, load_manifest
+    from fedmeta.common.synth import cached_federation, load_manifest
 
     began = time.perf_counter()
     load_at_start = _load_average()
@@ -264,8 +264,7 @@ def run_benchmark(
         federation_dir = federation_root
     if federation_dir is None:
         root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
-        federation_dir = generate_federation(root / f"{spec['federation']}-{spec['federation-seed']}",
-                                             preset=spec["federation"], seed=spec["federation-seed"])
+        federation_dir = cached_federation(root, spec["federation"], spec["federation-seed"])
     federation_dir = Path(federation_dir).resolve()
     manifest = load_manifest(federation_dir)
     train_infos, eval_infos, eval_role = _split_sites(manifest, spec["validation-sites"], federation_dir)

@@ -95,7 +95,7 @@ def simulate(
 ) -> dict[str, Any]:
     """The whole job; returns what results.json holds. Raises on any failure."""
     from fedmeta.common.config import RunConfig
-    from fedmeta.common.synth import generate_federation, load_manifest
+    from fedmeta.common.synth import cached_federation, load_manifest
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}.")
@@ -112,8 +112,7 @@ def simulate(
 
     began = time.perf_counter()
     root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
-    federation = Path(generate_federation(root / f"{driver['federation']}-{driver['federation-seed']}",
-                                          preset=driver["federation"], seed=int(driver["federation-seed"])))
+    federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
     federation_seconds = time.perf_counter() - began

@@ -45,9 +45,9 @@ ENGINE_CONFIG = dict(
 
 
 def _federation(count: int, root: Path) -> Path:
-    from fedmeta.common.synth import generate_federation
+    from fedmeta.common.synth import cached_federation
 
-    return Path(generate_federation(root / f"scale-{count}-0", preset=f"scale-{count}", seed=0))
+    return Path(cached_federation(root, f"scale-{count}", 0))
 
 
 def _config(federation: Path, out_dir: Path, **changes):

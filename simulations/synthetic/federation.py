@@ -20,8 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preset and seed in the same folder return at once.",
     )
     synth.add_argument("--out", type=Path, required=True, help="federation root folder to write")
-    synth.add_argument("--preset", choices=("smoke", "default"), default="default",
-                       help="smoke: 3 train + 2 held-out tiny sites (seconds); default: 8 train + 3 held-out")
+    synth.add_argument("--preset", choices=("smoke", "default", "protocols"), default="default",
+                       help="smoke: 3 train + 2 held-out tiny sites (seconds); default: 8 train + 4 held-out "
+                       "(unseen mix, sequence, annotation, anatomy); protocols: 8 train sites labelling different "
+                       "structures + 3 held-out (white matter only, ventricles only, unseen anatomy)")
     synth.add_argument("--seed", type=int, default=0, help="seed of every site and subject (default 0)")
     synth.add_argument("--force", action="store_true", help="replace a different federation already in --out")
     synth.add_argument("--workers", type=int, default=None, help="processes rendering subjects (default: up to 2)")
