@@ -32,7 +32,7 @@ from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
-    ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
+    ROUND_KEY, ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
     worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
@@ -85,10 +85,11 @@ def train(message: Message, context: Context) -> Message:
     site = sites.site(ref, config)
     model = sites.model(config, device)
     params, step_sizes = _received_params(message, config, device)
-    round_seed = int(message.content.config_records[CONFIG_RECORD][ROUND_SEED_KEY])
+    round_config = message.content.config_records[CONFIG_RECORD]
+    round_seed = int(round_config[ROUND_SEED_KEY])
     grads, stats = site_update(
-        model, params, step_sizes, site, config,
-        n_episodes=config.episodes_per_site, seed=site_seed(round_seed, site.name), device=device,
+        model, params, step_sizes, site, config, n_episodes=config.episodes_per_site,
+        seed=site_seed(round_seed, site.name), server_round=int(round_config[ROUND_KEY]), device=device,
     )
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),

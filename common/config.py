@@ -44,6 +44,8 @@ class RunConfig:
     meta_lr: float = 0.003
     meta_momentum: float = 0.0
     proximal_mu: float = 0.0  # fedprox only
+    multi_step_loss_rounds: int = 0  # MAML++ multi-step loss, annealed to the last step by this round
+    first_order_rounds: int = 0  # MAML++ derivative-order annealing: first order up to this round
     image_size: int = 64
     spacing_mm: float = 3.0  # isotropic voxel size the reader resamples to: 64 x 3 mm holds the whole brain
     num_classes: int = 4
@@ -89,6 +91,13 @@ class RunConfig:
         need(self.meta_lr > 0, "meta-lr", "must be > 0.")
         need(0 <= self.meta_momentum < 1, "meta-momentum", "must be in [0, 1).")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0.")
+        need(self.multi_step_loss_rounds >= 0, "multi-step-loss-rounds", "must be >= 0 (0: the last step's loss only).")
+        need(self.multi_step_loss_rounds == 0 or self.algorithm in ("maml", "metasgd", "anil"), "multi-step-loss-rounds",
+             f"the multi-step loss applies to maml, metasgd and anil, not algorithm={self.algorithm!r}; set it to 0.")
+        need(self.first_order_rounds >= 0, "first-order-rounds", "must be >= 0 (0: second order from round 1).")
+        need(self.first_order_rounds == 0 or self.algorithm in ("maml", "anil"), "first-order-rounds",
+             f"derivative-order annealing applies to maml and anil, not algorithm={self.algorithm!r} "
+             "(metasgd learns its step sizes through the second-order path); set it to 0.")
         need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
         need(0 < self.spacing_mm <= 20, "spacing-mm", "must be a voxel size in mm in (0, 20], e.g. 3.0.")
         need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")

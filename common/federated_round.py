@@ -17,7 +17,7 @@ import torch
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, sample_episodes
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.meta import Params, StepSize, meta_gradient
+from fedmeta.common.meta import Params, StepSize, meta_gradient, multi_step_loss_weights
 from fedmeta.common.model import head_parameter_names
 
 # Seeds are drawn below 2^31 - 1 so that they fit every integer type they are stored in.
@@ -67,6 +67,7 @@ def site_update(
     *,
     n_episodes: int,
     seed: int,
+    server_round: int,
     device: torch.device | str = "cpu",
 ) -> tuple[Params, dict[str, float]]:
     """What one site computes in a round: ``n_episodes`` seeded episodes, then its meta-gradient.
@@ -74,7 +75,7 @@ def site_update(
     Returns ``(grads, stats)`` as :func:`fedmeta.common.meta.meta_gradient` does; ``grads`` is what
     the site sends. A federated site passes ``config.episodes_per_site`` and
     ``site_seed(round_seed, site.name)``; the pooled upper bound passes the whole federation's
-    episode count and the round seed.
+    episode count and the round seed. ``server_round`` (1-based) drives MAML++'s schedules.
     """
     raw = sample_episodes(site, n_episodes, config.k_shot, config.q_query, seed=seed)
     episodes = [
@@ -92,6 +93,9 @@ def site_update(
         loss_fn=DiceCELoss(config.num_classes),
         inner_params=inner_params,
         proximal_mu=config.proximal_mu if config.algorithm == "fedprox" else 0.0,
+        # MAML++'s schedules depend on the round: the multi-step loss early, first order earlier still.
+        step_weights=multi_step_loss_weights(config.inner_steps, server_round, config.multi_step_loss_rounds),
+        first_order=server_round <= config.first_order_rounds,
     )
 
 

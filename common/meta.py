@@ -145,6 +145,8 @@ def meta_gradient(
     loss_fn: LossFn,
     inner_params: Sequence[str] | None = None,
     proximal_mu: float = 0.0,
+    step_weights: Sequence[float] | None = None,
+    first_order: bool = False,
 ) -> tuple[Params, dict[str, float]]:
     """The update one site sends for the shared initialisation θ, and plain-float statistics.
 
@@ -163,8 +165,15 @@ def meta_gradient(
       episode's support then query batch in order (FedProx adds μ/2‖θ_local − θ‖²); sends
       θ − θ_local, so server SGD with lr 1 is FedAvg.
 
+    Two MAML++ options (Antoniou et al., 2019) for the second-order algorithms:
+    ``step_weights`` (one per inner step, see :func:`multi_step_loss_weights`) makes the meta-loss the
+    weighted sum of the query loss after every inner step (multi-step loss) instead of after the last;
+    ``first_order=True`` takes ``maml`` / ``anil`` through the FOMAML computation (derivative-order
+    annealing: first order early in training, second order later).
+
     ``stats``: ``support_loss_before/after`` and ``query_loss_before/after`` (means over episodes, at
-    θ and at the adapted parameters) and ``num_examples`` (support plus query images).
+    θ and at the adapted parameters; after: the last inner step) and ``num_examples`` (support plus
+    query images).
     """
     params = _check_params(model, params)
     _check_algorithm(algorithm)
@@ -177,6 +186,9 @@ def meta_gradient(
     step_size = _check_step_size(inner_lr, names, params, algorithm=algorithm)
     episodes = _check_episodes(episodes)
     mu = _check_proximal_mu(proximal_mu, algorithm)
+    weights = _check_step_weights(step_weights, inner_steps, algorithm, first_order)
+    if first_order:
+        algorithm = "fomaml"  # the same adapted parameters (ANIL: only the head), gradient taken at θ′
 
     if algorithm in ("fedavg", "fedprox"):
         return _local_sgd(model, params, names, episodes, inner_steps, step_size, loss_fn, mu)
@@ -192,6 +204,7 @@ def meta_gradient(
             grads, adapted, query_after, support_before = _second_order_episode(
                 model, params, names, step_size, episodes_item=(support_x, support_y, query_x, query_y),
                 inner_steps=inner_steps, loss_fn=loss_fn, learn_step_size=algorithm == "metasgd",
+                step_weights=weights,
             )
         else:
             adapted, support_before = _adapt_first_order(
@@ -224,23 +237,45 @@ def meta_gradient(
     return meta_grads, _mean_stats(losses, count, num_examples)
 
 
-def _second_order_episode(model, params, names, step_size, *, episodes_item, inner_steps, loss_fn, learn_step_size):
-    """∇ of the query loss through the inner loop, w.r.t. θ (and Meta-SGD's α when learned)."""
+def _second_order_episode(model, params, names, step_size, *, episodes_item, inner_steps, loss_fn, learn_step_size,
+                          step_weights=None):
+    """∇ of the query loss through the inner loop, w.r.t. θ (and Meta-SGD's α when learned).
+
+    With ``step_weights`` the differentiated loss is Σ_j w_j L_Q(θ_j) over the inner steps j (MAML++'s
+    multi-step loss); the reported query loss is the last step's either way.
+    """
     support_x, support_y, query_x, query_y = episodes_item
     theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     alpha = {n: a.detach().requires_grad_(True) for n, a in step_size.items()} if learn_step_size else step_size
     adapted, support_before = theta, None
+    earlier_steps = 0.0
     for step in range(inner_steps):
         adapted, loss = _inner_step(model, adapted, names, support_x, support_y, alpha, loss_fn, first_order=False)
         if step == 0:
             support_before = float(loss)
+        if step_weights is not None and step < inner_steps - 1 and step_weights[step] > 0:
+            earlier_steps = earlier_steps + step_weights[step] * _loss(model, adapted, query_x, query_y, loss_fn)
     query_loss = _loss(model, adapted, query_x, query_y, loss_fn)
+    meta_loss = query_loss if step_weights is None else step_weights[-1] * query_loss + earlier_steps
     inputs = dict(theta)
     if learn_step_size:
         inputs.update({STEP_SIZE_PREFIX + n: a for n, a in alpha.items()})
-    grads = torch.autograd.grad(query_loss, list(inputs.values()), materialize_grads=True)
+    grads = torch.autograd.grad(meta_loss, list(inputs.values()), materialize_grads=True)
     adapted = {n: p.detach() for n, p in adapted.items()}
     return dict(zip(inputs, grads)), adapted, float(query_loss.detach()), support_before
+
+
+def multi_step_loss_weights(inner_steps: int, server_round: int, anneal_rounds: int) -> list[float] | None:
+    """MAML++'s per-step importance of the query loss in round ``server_round`` (1-based).
+
+    Uniform over the inner steps in round 1, the earlier steps' weights then fall linearly to zero by
+    round ``anneal_rounds`` and the last step takes the rest; afterwards (or with ``anneal_rounds`` 0,
+    or one inner step) None: the plain last-step meta-loss.
+    """
+    if anneal_rounds <= 0 or inner_steps <= 1 or server_round > anneal_rounds:
+        return None
+    earlier = (1.0 / inner_steps) * (1.0 - (max(server_round, 1) - 1) / anneal_rounds)
+    return [earlier] * (inner_steps - 1) + [1.0 - earlier * (inner_steps - 1)]
 
 
 def _local_sgd(model, params, names, episodes, epochs, step_size, loss_fn, mu):
@@ -418,6 +453,22 @@ def _check_episodes(episodes) -> list[Episode]:
     return checked
 
 
+def _check_step_weights(step_weights, inner_steps: int, algorithm: str, first_order: bool) -> list[float] | None:
+    if first_order and algorithm not in ("maml", "anil"):
+        raise ValueError(f"first_order=True anneals maml or anil's derivative order; algorithm={algorithm!r} "
+                         "is first order already or learns step sizes that need the second-order path.")
+    if step_weights is None:
+        return None
+    if algorithm not in SECOND_ORDER:
+        raise ValueError(f"step_weights (the multi-step loss) apply to {', '.join(SECOND_ORDER)}; "
+                         f"algorithm={algorithm!r} has no query loss inside its inner loop.")
+    weights = [float(w) for w in step_weights]
+    if len(weights) != inner_steps or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"step_weights={list(step_weights)} must be {inner_steps} finite weights >= 0 "
+                         "(one per inner step) with a positive sum.")
+    return None if first_order else weights
+
+
 def _check_proximal_mu(proximal_mu, algorithm: str) -> float:
     if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, (int, float)) or not math.isfinite(proximal_mu):
         raise ValueError(f"proximal_mu must be a finite float >= 0; got {proximal_mu!r}.")
@@ -431,4 +482,5 @@ def _check_proximal_mu(proximal_mu, algorithm: str) -> float:
     return float(proximal_mu)
 
 
-__all__ = ["ALGORITHMS", "SECOND_ORDER", "STEP_SIZE_PREFIX", "adapt", "init_step_sizes", "meta_gradient"]
+__all__ = ["ALGORITHMS", "SECOND_ORDER", "STEP_SIZE_PREFIX", "adapt", "init_step_sizes", "meta_gradient",
+           "multi_step_loss_weights"]

@@ -415,3 +415,90 @@ def test_the_run_config_names_the_same_algorithms_and_optimisers_as_the_core():
 
     assert config.ALGORITHMS == meta.ALGORITHMS
     assert config.META_OPTIMIZERS == metaopt.OPTIMIZERS
+
+
+# --------------------------------------------------------------------------------------------------
+# MAML++ options: the multi-step loss and derivative-order annealing
+
+
+def multi_step_query_loss(model, params, episode, steps, alpha, loss_fn, weights):
+    """Σ_j w_j L_Q(θ_j), θ_j after j SGD steps on the support set (plain autograd, no graph kept)."""
+    sx, sy, qx, qy = episode
+    total, adapted = 0.0, params
+    with torch.enable_grad():
+        for j in range(steps):
+            adapted = reference_adapt(model, {n: v.detach().requires_grad_(True) for n, v in adapted.items()},
+                                      sx, sy, 1, alpha, loss_fn, create_graph=False)
+            total += weights[j] * float(loss_fn(functional_call(model, adapted, (qx,)), qy).detach())
+    return total
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_multi_step_loss_matches_finite_differences(model, loss_fn, algorithm):
+    params, episode, alpha, steps = make_params(model), make_episode(21), 0.3, 3
+    weights = [0.2, 0.3, 0.5]
+    grads, _ = meta_gradient(model, params, [episode], algorithm=algorithm, inner_steps=steps, inner_lr=alpha,
+                             loss_fn=loss_fn, step_weights=weights)
+    f = lambda p: multi_step_query_loss(model, p, episode, steps, alpha, loss_fn, weights)  # noqa: E731
+    for seed in range(2):
+        direction = random_direction(params, seed)
+        assert dot(grads, direction) == pytest.approx(directional_fd(f, params, direction), rel=1e-6, abs=1e-9)
+    if algorithm == "metasgd":  # the step sizes' gradient too: perturb every α by the same direction
+        alphas = init_step_sizes(params, alpha)
+        g = lambda a: multi_step_query_loss(model, params, episode, steps, a, loss_fn, weights)  # noqa: E731
+        direction = random_direction(alphas, 7)
+        numeric = directional_fd(g, alphas, direction, eps=1e-6)
+        analytic = sum(float((grads["lr." + n] * direction[n]).sum()) for n in alphas)
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+    # Weight on the last step only is plain MAML.
+    last_only, _ = meta_gradient(model, params, [episode], algorithm=algorithm, inner_steps=steps, inner_lr=alpha,
+                                 loss_fn=loss_fn, step_weights=[0.0, 0.0, 1.0])
+    plain, _ = meta_gradient(model, params, [episode], algorithm=algorithm, inner_steps=steps, inner_lr=alpha,
+                             loss_fn=loss_fn)
+    for n in plain:
+        torch.testing.assert_close(last_only[n], plain[n], rtol=1e-12, atol=1e-14)
+
+
+def test_multi_step_loss_weights_anneal_to_the_last_step():
+    from fedmeta.common.meta import multi_step_loss_weights
+
+    assert multi_step_loss_weights(3, 1, 10) == pytest.approx([1 / 3] * 3)
+    middle = multi_step_loss_weights(3, 6, 10)
+    assert middle[0] == middle[1] == pytest.approx(1 / 3 * 0.5) and sum(middle) == pytest.approx(1.0)
+    assert multi_step_loss_weights(3, 11, 10) is None  # after the annealing: plain last-step meta-loss
+    assert multi_step_loss_weights(3, 1, 0) is None and multi_step_loss_weights(1, 1, 10) is None
+
+
+def test_first_order_annealing_is_fomaml_and_refused_where_it_means_nothing(model, loss_fn):
+    params, episode = make_params(model), make_episode(22)
+    annealed, _ = meta_gradient(model, params, [episode], algorithm="maml", inner_steps=2, inner_lr=0.3,
+                                loss_fn=loss_fn, first_order=True)
+    fomaml, _ = meta_gradient(model, params, [episode], algorithm="fomaml", inner_steps=2, inner_lr=0.3, loss_fn=loss_fn)
+    for n in fomaml:
+        torch.testing.assert_close(annealed[n], fomaml[n], rtol=0, atol=0)
+    head = head_parameter_names(model)
+    anil_fo, _ = meta_gradient(model, params, [episode], algorithm="anil", inner_steps=2, inner_lr=0.3,
+                               loss_fn=loss_fn, first_order=True)
+    fomaml_head, _ = meta_gradient(model, params, [episode], algorithm="fomaml", inner_steps=2, inner_lr=0.3,
+                                   loss_fn=loss_fn, inner_params=head)
+    for n in fomaml_head:
+        torch.testing.assert_close(anil_fo[n], fomaml_head[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first_order=True anneals maml or anil"):
+        meta_gradient(model, params, [episode], algorithm="metasgd", inner_steps=2, inner_lr=0.3, loss_fn=loss_fn,
+                      first_order=True)
+    with pytest.raises(ValueError, match="multi-step loss"):
+        meta_gradient(model, params, [episode], algorithm="fomaml", inner_steps=2, inner_lr=0.3, loss_fn=loss_fn,
+                      step_weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="2 finite weights"):
+        meta_gradient(model, params, [episode], algorithm="maml", inner_steps=2, inner_lr=0.3, loss_fn=loss_fn,
+                      step_weights=[1.0])
+
+
+def test_run_config_refuses_maml_plus_plus_keys_where_they_mean_nothing():
+    from fedmeta.common.config import RunConfig
+
+    with pytest.raises(ValueError, match="multi-step-loss-rounds.*fomaml"):
+        RunConfig(algorithm="fomaml", multi_step_loss_rounds=5)
+    with pytest.raises(ValueError, match="first-order-rounds.*metasgd"):
+        RunConfig(algorithm="metasgd", first_order_rounds=5)
+    assert RunConfig(algorithm="maml", multi_step_loss_rounds=5, first_order_rounds=3).first_order_rounds == 3

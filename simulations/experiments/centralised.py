@@ -95,10 +95,10 @@ def run_centralised(
         chosen, round_seed = sample_sites(rng, len(sites), config.sites_per_round)
         theta, alphas = optimizer.params, optimizer.step_sizes
         if pool is not None:
-            updates = [site_update(model, theta, alphas, pool, config, device=device,
+            updates = [site_update(model, theta, alphas, pool, config, device=device, server_round=server_round,
                                    n_episodes=len(chosen) * config.episodes_per_site, seed=round_seed)]
         else:
-            updates = [site_update(model, theta, alphas, sites[i], config, device=device,
+            updates = [site_update(model, theta, alphas, sites[i], config, device=device, server_round=server_round,
                                    n_episodes=config.episodes_per_site, seed=site_seed(round_seed, sites[i].name))
                        for i in chosen]
         # The pooled learner makes one update a round: its weight does not matter.
