@@ -1,0 +1,376 @@
+"""`fedmeta provision`: a consortium's TLS and site-identity material, made by the coordinator.
+
+One command writes what a federation across hospitals needs to run secure by default:
+
+    OUT/ca/ca.crt, ca.key                the consortium's certificate authority (keep ca.key offline)
+    OUT/superlink/server.crt, server.key the SuperLink's TLS certificate for the names sites dial
+    OUT/superlink/register-sites.sh      registers every active site's public key with the SuperLink
+    OUT/sites/<name>/                    one bundle per site, to hand to that site and nobody else:
+        ca.crt, site.key, site.pub, site.json, start-site.sh, compose.yaml
+    OUT/registry.json                    sites, key fingerprints, expiry dates, revocations
+
+TLS is server-verified (Flower's SuperNode checks the SuperLink against ``ca.crt``); a site proves who
+it is with its EC key (NIST P-384, OpenSSH format: what ``flower-supernode
+--auth-supernode-private-key`` loads and ``flwr supernode register`` accepts). Private keys are
+written 0600 and never replaced without ``--force``; running the command again with a new ``--site``
+adds that site and keeps everything else. ``fedmeta revoke-site`` retires a site: its bundle's key is
+deleted, the registry marks it revoked and the command prints the ``flwr supernode unregister`` step
+that removes it from the running SuperLink.
+
+Everything here is ``cryptography``'s X.509 and key serialisation; nothing is hand-rolled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
+CA_DAYS = 3650
+CERT_DAYS = 397  # the longest server-certificate lifetime browsers still accept; renew yearly
+DEFAULT_PORT = 9092  # the SuperLink's Fleet API: the one port that faces the hospitals
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SITE_IMAGE = "fedmeta/supernode:0.1.0"
+
+
+@dataclass
+class Provisioned:
+    """What one call wrote (``created``), kept (``kept``) and when each certificate expires."""
+
+    out: Path
+    created: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    expiry: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "provision",
+        help="make (or extend) a consortium's CA, SuperLink certificate and per-site key bundles",
+        description=__doc__.split("\n\n")[0] + " Run it again with new --site names to add sites later.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the consortium's material folder")
+    parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                        help="DNS name or IP address the sites use to reach the SuperLink (repeatable; the first "
+                             "is the address written into site bundles); required when the folder has no "
+                             "SuperLink certificate yet")
+    parser.add_argument("--site", action="append", default=[], metavar="NAME",
+                        help="a site to make a bundle for: lower-case letters, digits and dashes (repeatable)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"the SuperLink's Fleet API port the sites dial (default {DEFAULT_PORT})")
+    parser.add_argument("--days", type=int, default=CERT_DAYS,
+                        help=f"validity of the SuperLink certificate in days (default {CERT_DAYS}; the CA: {CA_DAYS})")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing keys and certificates (every site must then get its new bundle)")
+    parser.set_defaults(handler=_provision_command)
+
+    revoke = subparsers.add_parser(
+        "revoke-site",
+        help="retire a site: delete its bundle key, mark it revoked, print the SuperLink unregister step",
+        description="Marks a site revoked in OUT/registry.json, deletes its private key from OUT/sites/<name>/ and "
+                    "prints how to unregister its node from the running SuperLink.",
+    )
+    revoke.add_argument("--out", type=Path, required=True, help="the consortium's material folder")
+    revoke.add_argument("--site", required=True, help="the site to revoke")
+    revoke.set_defaults(handler=_revoke_command)
+
+
+def _provision_command(args: argparse.Namespace) -> int:
+    try:
+        result = provision(args.out, server_names=args.server_name, sites=args.site, port=args.port,
+                           days=args.days, force=args.force)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        print(f"fedmeta provision: error: {err}", file=sys.stderr)
+        return 1
+    for path in result.created:
+        print(f"wrote  {path}")
+    for path in result.kept:
+        print(f"kept   {path} (exists; --force replaces it)")
+    for what, when in result.expiry.items():
+        print(f"expires {when}  {what}")
+    print(f"next: start the SuperLink with {result.out / 'superlink'} (README: consortium walk-through), run "
+          f"{result.out / 'superlink' / 'register-sites.sh'}, and hand each site its folder under {result.out / 'sites'}.")
+    return 0
+
+
+def _revoke_command(args: argparse.Namespace) -> int:
+    try:
+        step = revoke_site(args.out, args.site)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedmeta revoke-site: error: {err}", file=sys.stderr)
+        return 1
+    print(step)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# provisioning
+
+
+def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str] = (), port: int = DEFAULT_PORT,
+              days: int = CERT_DAYS, force: bool = False, now: dt.datetime | None = None) -> Provisioned:
+    """Writes (or completes) the consortium folder ``out``; see the module docstring for the layout."""
+    out = Path(out)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    _check_arguments(server_names, sites, port, days)
+    result = Provisioned(out=out)
+    registry = _read_registry(out)
+    if registry.get("revoked") and not force:
+        again = sorted(set(sites) & set(registry["revoked"]))
+        if again:
+            raise ValueError(f"site(s) {', '.join(again)} were revoked; a revoked identity is not reissued. "
+                             "Provision the site under a new name.")
+
+    ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result)
+    server_dir = out / "superlink"
+    names = list(server_names) or registry.get("server_names", [])
+    if not names:
+        raise ValueError("--server-name is required the first time: the DNS name or IP address the sites dial, "
+                         "e.g. --server-name coordinator.hospital-net.org")
+    if (server_dir / "server.crt").exists() and not force:
+        existing = registry.get("server_names", [])
+        if server_names and list(server_names) != existing:
+            raise FileExistsError(f"{server_dir / 'server.crt'} is for {existing}, not {list(server_names)}; "
+                                  "pass --force to reissue it (the SuperLink must then restart with it).")
+        result.kept.append(str(server_dir / "server.crt"))
+        server_cert = x509.load_pem_x509_certificate((server_dir / "server.crt").read_bytes())
+    else:
+        server_cert = _server_certificate(server_dir, names, ca_key, ca_cert, now, days)
+        result.created += [str(server_dir / "server.crt"), str(server_dir / "server.key")]
+    result.expiry["SuperLink certificate " + str(server_dir / "server.crt")] = _expiry(server_cert)
+    result.expiry["CA certificate " + str(out / "ca" / "ca.crt")] = _expiry(ca_cert)
+
+    address = f"{_bracketed(names[0])}:{port}"
+    registry.update(server_names=names, address=address)
+    registry.setdefault("sites", {})
+    for name in sites:
+        bundle = out / "sites" / name
+        if (bundle / "site.key").exists() and not force:
+            result.kept.append(str(bundle))
+            continue
+        public = _site_bundle(bundle, name, address, out / "ca" / "ca.crt")
+        registry.get("revoked", {}).pop(name, None)  # --force reissued a revoked name: a new identity
+        registry["sites"][name] = {"public_key_sha256": hashlib.sha256(public).hexdigest(),
+                                   "created": now.isoformat(timespec="seconds")}
+        result.created.append(str(bundle))
+    registry.setdefault("revoked", {})
+    _write_register_script(server_dir / "register-sites.sh", out, registry)
+    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    return result
+
+
+def revoke_site(out: Path | str, site: str) -> str:
+    """Retires ``site``; returns the step that removes it from a running SuperLink."""
+    out = Path(out)
+    registry = _read_registry(out)
+    if site not in registry.get("sites", {}):
+        known = ", ".join(sorted(registry.get("sites", {}))) or "none"
+        raise ValueError(f"site {site!r} is not provisioned in {out} (sites: {known}).")
+    entry = registry["sites"].pop(site)
+    registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    bundle = out / "sites" / site
+    (bundle / "site.key").unlink(missing_ok=True)
+    (bundle / "REVOKED").write_text("This site's identity was revoked; its key is gone and the SuperLink refuses it.\n")
+    _write_register_script(out / "superlink" / "register-sites.sh", out, registry)
+    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    return (f"revoked {site} (key fingerprint sha256:{entry['public_key_sha256'][:16]}...). Remove it from the running "
+            f"SuperLink: `flwr supernode list <connection> --format json` gives its node id (the entry whose "
+            f"owner/name is {site}), then `flwr supernode unregister <node-id> <connection>`.")
+
+
+def _check_arguments(server_names, sites, port, days) -> None:
+    for name in sites:
+        if not SITE_NAME.match(name):
+            raise ValueError(f"--site {name!r}: use lower-case letters, digits and dashes (a folder and a node name), "
+                             "e.g. --site st-marys-radiology")
+    if len(set(sites)) != len(list(sites)):
+        raise ValueError(f"--site names repeat: {sorted(sites)}")
+    for name in server_names:
+        if not name or any(c.isspace() for c in name) or name.startswith("-"):
+            raise ValueError(f"--server-name {name!r}: give a DNS name or an IP address, e.g. coordinator.example.org")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be a TCP port, 1-65535.")
+    if not 1 <= days <= CA_DAYS:
+        raise ValueError(f"--days {days}: must be between 1 and {CA_DAYS}.")
+
+
+def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned):
+    key_path, cert_path = ca_dir / "ca.key", ca_dir / "ca.crt"
+    if key_path.exists() and cert_path.exists() and not force:
+        result.kept.append(str(cert_path))
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
+    if (key_path.exists() or cert_path.exists()) and not force:
+        raise FileExistsError(f"{ca_dir} holds half a CA (ca.key or ca.crt is missing); restore it or pass --force.")
+    key = ec.generate_private_key(CURVE)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmeta consortium"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "fedmeta consortium CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    _write(key_path, _pem_private(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    result.created += [str(cert_path), str(key_path)]
+    return key, cert
+
+
+def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now, days: int):
+    key = ec.generate_private_key(CURVE)
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write(server_dir / "server.key", _pem_private(key), 0o600)
+    _write(server_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(server_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)  # --ssl-ca-certfile
+    return cert
+
+
+def _site_bundle(bundle: Path, name: str, address: str, ca_cert: Path) -> bytes:
+    """Writes a site's bundle; returns its OpenSSH public key."""
+    key = ec.generate_private_key(CURVE)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public += f" fedmeta-site-{name}\n".encode()
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "REVOKED").unlink(missing_ok=True)
+    _write(bundle / "site.key", private, 0o600)
+    _write(bundle / "site.pub", public, 0o644)
+    _write(bundle / "ca.crt", ca_cert.read_bytes(), 0o644)
+    _write(bundle / "site.json", (json.dumps({"site": name, "superlink": address, "ca": "ca.crt",
+                                              "private_key": "site.key", "public_key": "site.pub"},
+                                             indent=2) + "\n").encode(), 0o644)
+    _write(bundle / "start-site.sh", _START_SCRIPT.format(address=address).encode(), 0o755)
+    _write(bundle / "compose.yaml", _SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(), 0o644)
+    return public
+
+
+def _write_register_script(path: Path, out: Path, registry: dict) -> None:
+    lines = ["#!/bin/sh",
+             "# Registers every active site's public key with the running SuperLink (run on the coordinator).",
+             "# CONNECTION: the name of the SuperLink connection in $FLWR_HOME/config.toml (README).",
+             "set -eu", 'CONNECTION="${1:?usage: register-sites.sh CONNECTION}"',
+             'HERE="$(cd "$(dirname "$0")/.." && pwd)"']
+    for name in sorted(registry.get("sites", {})):
+        lines.append(f'flwr supernode register "$HERE/sites/{name}/site.pub" "$CONNECTION" --name {name}')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, ("\n".join(lines) + "\n").encode(), 0o755)
+
+
+def _read_registry(out: Path) -> dict:
+    path = out / "registry.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); restore it from a backup or provision a new folder.") from None
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Writes ``path`` with ``mode`` from its creation on (a private key is never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, mode)  # the umask may have narrowed it
+    os.replace(tmp, path)
+
+
+def _pem_private(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _expiry(cert: x509.Certificate) -> str:
+    return cert.not_valid_after_utc.date().isoformat()
+
+
+def _bracketed(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+_START_SCRIPT = """#!/bin/sh
+# Joins this hospital to the consortium: TLS against the consortium CA, authenticated by this site's key.
+# Usage: ./start-site.sh DATA_DIR   (the site's MSD-layout folder; check it first: fedmeta doctor / check-data)
+set -eu
+HERE="$(cd "$(dirname "$0")" && pwd)"
+DATA_DIR="$(cd "${{1:?usage: start-site.sh DATA_DIR}}" && pwd)"
+exec flower-supernode \\
+  --superlink {address} \\
+  --root-certificates "$HERE/ca.crt" \\
+  --auth-supernode-private-key "$HERE/site.key" \\
+  --node-config "data-dir=\\"$DATA_DIR\\""
+"""
+
+_SITE_COMPOSE = """# One hospital's SuperNode. Start: docker compose up -d  (DATA_DIR: the site's MSD-layout folder).
+services:
+  supernode:
+    image: {image}
+    restart: unless-stopped
+    command:
+      - --superlink={address}
+      - --root-certificates=/run/secrets/ca.crt
+      - --auth-supernode-private-key=/run/secrets/site.key
+      - --node-config=data-dir="/data"
+    volumes:
+      - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
+    secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
+      - ca.crt
+      - site.key
+    environment:
+      FLWR_TELEMETRY_ENABLED: "0"
+secrets:
+  ca.crt:
+    file: ./ca.crt
+  site.key:
+    file: ./site.key
+"""
+
+
+__all__ = ["Provisioned", "provision", "register", "revoke_site"]

@@ -1,0 +1,103 @@
+"""`fedmeta provision` / `revoke-site`: the consortium's CA, SuperLink certificate and site bundles."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmeta.server.provision import provision, revoke_site
+from fedmeta.simulations.cli import main
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_provision_writes_the_layout_and_the_server_certificate_verifies_against_the_ca(tmp_path, capsys):
+    out = tmp_path / "consortium"
+    assert main(["provision", "--out", str(out), "--server-name", "localhost", "--server-name", "127.0.0.1",
+                 "--site", "a", "--site", "b"]) == 0
+    printed = capsys.readouterr().out
+    for path in ("ca/ca.crt", "ca/ca.key", "superlink/server.crt", "superlink/server.key", "sites/a/ca.crt",
+                 "sites/b/ca.crt", "sites/a/site.key", "sites/a/site.pub", "sites/a/start-site.sh",
+                 "sites/a/compose.yaml", "sites/a/site.json", "registry.json", "superlink/register-sites.sh"):
+        assert (out / path).is_file(), path
+    for key in ("ca/ca.key", "superlink/server.key", "sites/a/site.key", "sites/b/site.key"):
+        assert _mode(out / key) == 0o600, key
+    assert "expires" in printed and "SuperLink certificate" in printed
+
+    ca = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "superlink/server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer does not match
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (out / "sites/a/ca.crt").read_bytes() == (out / "ca/ca.crt").read_bytes()
+
+    # The site key is what flower-supernode loads and `flwr supernode register` accepts (Flower's own loader).
+    from flwr.cli.supernode.register import try_load_public_key
+
+    private = serialization.load_ssh_private_key((out / "sites/a/site.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert try_load_public_key(out / "sites/a/site.pub")
+    public = serialization.load_ssh_public_key((out / "sites/a/site.pub").read_bytes())
+    assert public.public_numbers() == private.public_key().public_numbers()
+    # A bundle holds what the site needs and nothing of another site's or the coordinator's.
+    assert sorted(p.name for p in (out / "sites/a").iterdir()) == [
+        "ca.crt", "compose.yaml", "site.json", "site.key", "site.pub", "start-site.sh"]
+    assert json.loads((out / "sites/a/site.json").read_text())["superlink"] == "localhost:9092"
+    script = (out / "sites/a/start-site.sh").read_text()
+    assert "--root-certificates" in script and "--auth-supernode-private-key" in script and "--insecure" not in script
+    register = (out / "superlink/register-sites.sh").read_text()
+    assert "sites/a/site.pub" in register and "sites/b/site.pub" in register
+
+
+def test_running_again_adds_sites_and_keeps_every_key_unless_forced(tmp_path):
+    out = tmp_path / "c"
+    provision(out, server_names=["localhost"], sites=["a"])
+    before = {p: p.read_bytes() for p in out.rglob("*.key")}
+    result = provision(out, sites=["b"])  # a site added later: the CA and the server certificate stay
+    assert {p: p.read_bytes() for p in before} == before
+    assert str(out / "sites" / "b") in result.created and str(out / "ca" / "ca.crt") in result.kept
+    x509.load_pem_x509_certificate((out / "sites/b/ca.crt").read_bytes())
+    assert provision(out, sites=["a"]).kept  # an existing bundle is kept
+    assert (out / "sites/a/site.key").read_bytes() == before[out / "sites/a/site.key"]
+    with pytest.raises(FileExistsError, match="--force"):
+        provision(out, server_names=["other.example.org"])
+    provision(out, server_names=["other.example.org"], sites=["a"], force=True)
+    assert (out / "sites/a/site.key").read_bytes() != before[out / "sites/a/site.key"]
+    assert (out / "ca/ca.key").read_bytes() != before[out / "ca/ca.key"]
+
+
+def test_revoking_a_site_deletes_its_key_and_unlists_it(tmp_path, capsys):
+    out = tmp_path / "c"
+    provision(out, server_names=["localhost"], sites=["a", "b"])
+    assert main(["revoke-site", "--out", str(out), "--site", "b"]) == 0
+    assert "flwr supernode unregister" in capsys.readouterr().out
+    assert not (out / "sites/b/site.key").exists() and (out / "sites/b/REVOKED").exists()
+    registry = json.loads((out / "registry.json").read_text())
+    assert list(registry["sites"]) == ["a"] and list(registry["revoked"]) == ["b"]
+    assert "sites/b/" not in (out / "superlink/register-sites.sh").read_text()
+    with pytest.raises(ValueError, match="revoked"):
+        provision(out, sites=["b"])
+    assert main(["revoke-site", "--out", str(out), "--site", "zz"]) == 1
+    assert "not provisioned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--site", "a"], "--server-name is required"),
+    (["--server-name", "localhost", "--site", "Bad Name"], "lower-case letters"),
+    (["--server-name", "localhost", "--site", "a", "--site", "a"], "repeat"),
+    (["--server-name", "localhost", "--port", "70000"], "TCP port"),
+    (["--server-name", "localhost", "--days", "0"], "--days 0"),
+])
+def test_bad_arguments_name_the_problem(tmp_path, capsys, argv, message):
+    assert main(["provision", "--out", str(tmp_path / "c"), *argv]) == 1
+    assert message in capsys.readouterr().err
