@@ -41,7 +41,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
 CA_DAYS = 3650
 CERT_DAYS = 397  # the longest server-certificate lifetime browsers still accept; renew yearly
-DEFAULT_PORT = 9092  # the SuperLink's Fleet API: the one port that faces the hospitals
+# The SuperLink's HTTP port. In Flower 1.41 the Fleet API (sites) and the Control API (`flwr run`,
+# `flwr supernode register`) share it: --fleet-api-address / --control-api-address are deprecated.
+DEFAULT_PORT = 8000
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SITE_IMAGE = "fedmeta/supernode:0.1.0"
 

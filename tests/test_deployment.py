@@ -1,7 +1,8 @@
 """fedmeta on Flower's Deployment Engine: a real SuperLink and two SuperNodes on loopback.
 
 Slow: starts flower-superlink, two flower-supernode processes (each spawning a SuperExec and
-ClientApp processes) and runs two rounds through `flwr run`, as a consortium would (insecure here).
+ClientApp processes) and runs two rounds through `flwr run`, as a consortium would: TLS against a
+provisioned CA, SuperNode authentication on, every site's key registered.
 """
 
 from __future__ import annotations
@@ -67,17 +68,36 @@ def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federa
     # No federation-dir: deployed nodes find their data through --node-config data-dir only.
     run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": 2, "eval-every": 2, "min-sites": 1}
 
+    from fedmeta.server.provision import provision
+    from fedmeta.simulations.engines.flower_runtime import _free_ports
+
+    # Another consortium's material: a CA the SuperLink does not use and a key it never registered.
+    rogue = provision(tmp_path / "rogue", server_names=["127.0.0.1"], sites=["rogue"]).out
     with LocalDeployment(
         [train_site, heldout_site], roles=["train", "heldout"], flwr_home=tmp_path / "flwr-home"
     ) as deployment:
         started = list(deployment.pids)
         assert len(started) == 3 and all(alive(pid) for pid in started)
+        ports = _free_ports(2)
+        # A third SuperNode that trusts the consortium CA but holds an unregistered key, and one that
+        # does not trust the consortium's CA at all: neither may join.
+        unregistered = deployment.start_supernode(
+            2, private_key=rogue / "sites/rogue/site.key", root_certificates=deployment.pki / "ca/ca.crt", port=ports[0])
+        untrusting = deployment.start_supernode(
+            3, private_key=rogue / "sites/rogue/site.key", root_certificates=rogue / "ca/ca.crt", port=ports[1])
         outcome = deployment.run(REPO_ROOT, run_config, timeout_s=300)
+        listed = deployment.nodes()
+        refused = {name: deployment.log_of(process.pid)
+                   for name, process in (("unregistered", unregistered), ("untrusting", untrusting))}
         # SuperExecs below the SuperLink and SuperNodes (ClientApp processes come and go).
         spawned = descendants(started)
         assert spawned, "the SuperLink and SuperNodes run their apps in child processes"
 
     assert outcome.ok and outcome.status == "finished:completed"
+    # Only the two registered sites ever joined; the others never appear, so they receive no message.
+    assert sorted(node["status"] for node in listed) == ["online", "online"], listed
+    for name, log in refused.items():  # they keep knocking and are turned away every time
+        assert log.count("Connection attempt failed") >= 2, (name, log[-600:])
     checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
     assert checkpoint.round == 2
     records = {r["round"]: r for r in read_metrics(out_dir / METRICS_NAME)}

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmeta.server.provision import provision, revoke_site
+from fedmeta.server.provision import provision
 from fedmeta.simulations.cli import main
 
 

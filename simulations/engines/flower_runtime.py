@@ -164,8 +164,11 @@ def run_simulation_engine(
 class LocalDeployment:
     """A real Flower Deployment Engine on loopback: one SuperLink and one SuperNode per site.
 
-    Insecure (no TLS) — for tests and a first look; a consortium runs the same binaries with
-    certificates (see deploy/). Each SuperNode gets `--node-config data-dir="<its folder>"` (and
+    Secure as a consortium runs it: `fedmeta provision` material made in its FLWR_HOME (a CA, the
+    SuperLink's certificate for 127.0.0.1, one EC key per site), TLS on the SuperLink, SuperNode
+    authentication on, every site's key registered with `flwr supernode register` before its
+    SuperNode starts. ``insecure_no_tls=True`` drops all of it (plain HTTP, any node may join): only
+    for comparing against the secure path. Each SuperNode gets `--node-config data-dir="<its folder>"` (and
     `role="<role>"` when `roles` is given, e.g. "train" or "heldout"), its own local port and its
     own FLWR_HOME, as separate hospitals would.
 
@@ -183,6 +186,7 @@ class LocalDeployment:
         roles: Sequence[str] | None = None,
         flwr_home: Path | None = None,
         startup_timeout_s: float = 60.0,
+        insecure_no_tls: bool = False,
     ) -> None:
         self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
         if not self.data_dirs:
@@ -209,6 +213,8 @@ class LocalDeployment:
                     "flower-supernode's --node-config cannot carry; move or link the folder."
                 )
         self.startup_timeout_s = startup_timeout_s
+        self.insecure_no_tls = insecure_no_tls
+        self.pki: Path | None = None  # the provisioned material (secure mode)
         self._home_arg = flwr_home
         self._home: _FlowerHome | None = None
         self._processes: list[subprocess.Popen[bytes]] = []
@@ -235,15 +241,30 @@ class LocalDeployment:
     ) -> None:
         self._stop()
 
+    def site_name(self, index: int) -> str:
+        return f"site-{index}"
+
     def _start(self) -> None:
         home = self._require_home()
         superlink_port, *node_ports = _free_ports(1 + len(self.data_dirs))
         self.superlink_address = f"127.0.0.1:{superlink_port}"
+        if self.insecure_no_tls:
+            security = ["--insecure"]
+        else:
+            from fedmeta.server.provision import provision
+
+            self.pki = home.path / "pki"
+            provision(self.pki, server_names=["127.0.0.1", "localhost"], port=superlink_port,
+                      sites=[self.site_name(i) for i in range(len(self.data_dirs))])
+            superlink_dir = self.pki / "superlink"
+            security = ["--ssl-ca-certfile", str(superlink_dir / "ca.crt"), "--ssl-certfile",
+                        str(superlink_dir / "server.crt"), "--ssl-keyfile", str(superlink_dir / "server.key"),
+                        "--enable-supernode-auth"]
         self._spawn(
             "superlink",
             [
                 _flower_bin("flower-superlink"),
-                "--insecure",
+                *security,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -253,31 +274,96 @@ class LocalDeployment:
             ],
             home.env,
         )
-        for index, (data_dir, node_port) in enumerate(zip(self.data_dirs, node_ports, strict=True)):
-            node_config = f'{DATA_DIR_KEY}="{data_dir}"'
-            if self.roles is not None:
-                node_config += f' {ROLE_KEY}="{self.roles[index]}"'
-            # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
-            # hospital would, instead of racing the others to unpack into one folder.
-            node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
-            self._spawn(
-                f"supernode-{index}",
-                [
-                    _flower_bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    self.superlink_address,
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    node_config,
-                ],
-                node_env,
-            )
-        home.write_connection("local-deployment", address=self.superlink_address, insecure=True)
+        if self.insecure_no_tls:
+            home.write_connection("local-deployment", address=self.superlink_address, insecure=True)
+        else:
+            home.write_connection("local-deployment", address=self.superlink_address,
+                                  root_certificates=str(self.pki / "ca" / "ca.crt"))
+            self._wait_for_superlink()
+            for index in range(len(self.data_dirs)):
+                self.register_site(index)
+        self._node_ports = node_ports
+        for index in range(len(self.data_dirs)):
+            self.start_supernode(index)
         self._wait_for_nodes()
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+    def register_site(self, index: int, public_key: Path | None = None) -> None:
+        """`flwr supernode register` a site's public key (default: its provisioned one)."""
+        home = self._require_home()
+        key = public_key or self._require_pki() / "sites" / self.site_name(index) / "site.pub"
+        result = home.flwr(["supernode", "register", str(key), "local-deployment", "--name", self.site_name(index)])
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {key} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+
+    def start_supernode(self, index: int, *, private_key: Path | None = None, root_certificates: Path | None = None,
+                        port: int | None = None) -> subprocess.Popen[bytes]:
+        """Starts site ``index``'s SuperNode (the provisioned key and CA unless others are given)."""
+        home = self._require_home()
+        data_dir = self.data_dirs[index] if index < len(self.data_dirs) else self.data_dirs[0]
+        node_port = port if port is not None else self._node_ports[index]
+        node_config = f'{DATA_DIR_KEY}="{data_dir}"'
+        if self.roles is not None and index < len(self.roles):
+            node_config += f' {ROLE_KEY}="{self.roles[index]}"'
+        if self.insecure_no_tls:
+            security = ["--insecure"]
+        else:
+            bundle = self._require_pki() / "sites" / self.site_name(index)
+            security = ["--root-certificates", str(root_certificates or bundle / "ca.crt"),
+                        "--auth-supernode-private-key", str(private_key or bundle / "site.key")]
+        # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
+        # hospital would, instead of racing the others to unpack into one folder.
+        node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
+        return self._spawn(
+            f"supernode-{index}",
+            [
+                _flower_bin("flower-supernode"),
+                *security,
+                "--superlink",
+                self.superlink_address,
+                "--port",
+                str(node_port),
+                "--node-config",
+                node_config,
+            ],
+            node_env,
+        )
+
+    def nodes(self) -> list[dict]:
+        """The SuperLink's node list (`flwr supernode list --format json`): ids, names, status."""
+        payload = _json_payload(self._require_home().flwr(["supernode", "list", "local-deployment", "--format", "json"]).stdout)
+        if not payload or not payload.get("success"):
+            raise RuntimeError(f"flwr supernode list failed at {self.superlink_address}: {payload}")
+        return list(payload.get("nodes", []))
+
+    def log_of(self, pid: int) -> str:
+        """The log of a process this deployment started (it stays readable after the deployment stops)."""
+        for process, path in zip(self._processes, self._log_files, strict=True):
+            if process.pid == pid:
+                return path.read_text(errors="replace") if path.exists() else ""
+        raise KeyError(f"process {pid} was not started by this deployment")
+
+    def _require_pki(self) -> Path:
+        if self.pki is None:
+            raise RuntimeError("this LocalDeployment runs with insecure_no_tls=True: it has no keys or certificates.")
+        return self.pki
+
+    def _wait_for_superlink(self) -> None:
+        """Until the SuperLink answers `flwr supernode list` over TLS (registration needs it up)."""
+        home = self._require_home()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            process = self._processes[0]
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {process.returncode} while starting; its log "
+                                   f"ends with:\n{_tail(self._log_files[0])}")
+            payload = _json_payload(home.flwr(["supernode", "list", "local-deployment", "--format", "json"]).stdout)
+            if payload and payload.get("success"):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the SuperLink at {self.superlink_address} did not answer over TLS within "
+                           f"{self.startup_timeout_s:.0f} s; its log ends with:\n{_tail(self._log_files[0])}")
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         home = self._require_home()
         log_path = home.path / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +381,7 @@ class LocalDeployment:
         self._processes.append(process)
         self._log_files.append(log_path)
         self.pids.append(process.pid)
+        return process
 
     def _wait_for_nodes(self) -> None:
         home = self._require_home()
@@ -416,10 +503,13 @@ class _FlowerHome:
             self._tmp.cleanup()
             self._tmp = None
 
-    def write_connection(self, name: str, *, address: str, insecure: bool | None = None) -> None:
+    def write_connection(self, name: str, *, address: str, insecure: bool | None = None,
+                         root_certificates: str | None = None) -> None:
         connection: dict[str, str | bool] = {"address": address}
         if insecure is not None:
             connection["insecure"] = insecure
+        if root_certificates is not None:
+            connection["root-certificates"] = root_certificates
         self._connections[name] = connection
         config = {"superlink": {"default": name, **self._connections}}
         (self.path / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
