@@ -102,7 +102,7 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     totals = {name: m["budget"]["local_steps_total"] for name, m in results["methods"].items() if m["budget"]}
     assert set(totals.values()) == {results["local_steps_total"]} == {3 * 2}  # 1 round x 3 sites x 2 passes
     assert results["methods"]["reptile"]["budget"]["inner_steps"] == 2
-    for name in ("results.md", "dice_vs_steps.png"):
+    for name in ("results.md", "dice_vs_steps.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| fedavg-ft |" in table and "| pooled-fomaml |" in table and "local steps per site-round" in table
@@ -133,6 +133,20 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
                  "--validation-sites", "1", "--federation-dir", str(smoke_federation)]) == 0
     split = json.loads((out / "results.json").read_text())
     assert not split["runs"]["fomaml"]["0"]["reused"]
+
+
+def test_parallel_jobs_give_the_numbers_one_process_gives(smoke_federation, tiny_preset, tmp_path):
+    from fedmeta.simulations.experiments.benchmark import run_benchmark
+
+    methods = ["fedavg-ft", "maml", "oracle"]
+    serial = run_benchmark(str(tiny_preset), out=tmp_path / "serial", federation_dir=smoke_federation,
+                           methods=methods, seeds=2, quiet=True)
+    parallel = run_benchmark(str(tiny_preset), out=tmp_path / "parallel", federation_dir=smoke_federation,
+                             methods=methods, seeds=2, quiet=True, jobs=2)
+    assert parallel["dice"] == serial["dice"] and parallel["preset"]["jobs"] == 2
+    for key in ("fedavg", "maml"):
+        for seed in ("0", "1"):
+            assert parallel["runs"][key][seed]["curve"] == serial["runs"][key][seed]["curve"]
 
 
 def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset, tmp_path):
@@ -193,12 +207,16 @@ def test_unknown_preset_lists_the_shipped_ones(capsys):
     assert "benchmark preset 'nope'" in err and "benchmark-quick" in err
 
 
-@pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune"])
+@pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune", "benchmark-converged",
+                                    "benchmark-protocols"])
 def test_shipped_presets_are_valid_and_budget_matched(preset):
     spec = load_benchmark_preset(preset)
     configs = method_configs(spec, spec["methods"])
     if preset == "benchmark-tune":  # tuning never looks at the held-out sites
         assert spec["validation-sites"] > 0
+    elif preset in ("benchmark-converged", "benchmark-protocols"):  # the claim's rows, the baseline and the ceiling
+        assert {"fedavg-ft", "maml", "metasgd", "oracle"} <= set(spec["methods"]) and spec["validation-sites"] == 0
+        assert spec["seeds"] >= 3 and spec["jobs"] == 2
     else:
         assert set(spec["methods"]) == {m.name for m in METHODS} and spec["validation-sites"] == 0
     assert check_equal_budget({k: budget(c, 8) for k, c in configs.items()}, preset) > 0

@@ -11,7 +11,7 @@ from fedmeta.simulations.experiments.presets import load_preset
 from fedmeta.simulations.experiments.simulate import format_round
 
 
-@pytest.mark.parametrize("preset", ["smoke", "default"])
+@pytest.mark.parametrize("preset", ["smoke", "default", "protocols"])
 def test_shipped_presets_are_valid_run_configs(preset):
     overrides, driver = load_preset(preset)
     config = RunConfig.from_run_config(overrides)
@@ -20,7 +20,7 @@ def test_shipped_presets_are_valid_run_configs(preset):
 
 
 def test_an_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="preset 'huge'.*default, smoke"):
+    with pytest.raises(ValueError, match="preset 'huge'.*default, protocols, smoke"):
         load_preset("huge")
 
 

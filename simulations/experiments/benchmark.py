@@ -94,7 +94,7 @@ META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil")
 # The goal the benchmark checks (issue 5): at k = 5 and 10 steps.
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN = 5, 10, 0.03
 PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
-               "methods", "run-config", "training", "oracle-steps", "curve-every"}
+               "methods", "run-config", "training", "oracle-steps", "curve-every", "jobs"}
 
 
 
@@ -119,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="run-config override for every method, e.g. --set inner-lr=0.1, or for one "
                              "[training.*] table, e.g. --set training.fomaml.inner-steps=1 (repeatable)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes that train (method, seed) runs and evaluate seeds in parallel, each with "
+                             "--threads torch threads (default: the preset's, else 1); results do not depend on it")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe "
                              "the cores and ran up to 10x slower; 0 keeps torch's own choice)")
@@ -142,7 +145,7 @@ def handle(args: argparse.Namespace) -> int:
         results = run_benchmark(
             preset, seeds=args.seeds, out=args.out, federation_root=args.federation_dir,
             methods=args.methods.split(",") if args.methods else None,
-            validation_sites=args.validation_sites, extra=parse_sets(args.set, "benchmark"),
+            validation_sites=args.validation_sites, extra=parse_sets(args.set, "benchmark"), jobs=args.jobs,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"fedmeta benchmark: error: {err}", file=sys.stderr)
@@ -173,6 +176,7 @@ def load_benchmark_preset(preset: str) -> dict[str, Any]:
         "validation-sites": int(values.get("validation-sites", 0)),
         "oracle-steps": int(values.get("oracle-steps", 300)),
         "curve-every": int(values.get("curve-every", 0)),
+        "jobs": int(values.get("jobs", 1)),
         "methods": list(values.get("methods", [m.name for m in METHODS])),
         "run-config": dict(values.get("run-config", {})),
         "training": {k: dict(v) for k, v in values.get("training", {}).items()},
@@ -194,6 +198,8 @@ def _check_spec(spec: dict[str, Any], where: Any) -> None:
         raise ValueError(f"{where}: validation-sites={spec['validation-sites']} must be >= 0.")
     if spec["curve-every"] < 0:
         raise ValueError(f"{where}: curve-every={spec['curve-every']} must be >= 0 (0: no learning curves).")
+    if spec["jobs"] < 1:
+        raise ValueError(f"{where}: jobs={spec['jobs']} must be >= 1 (processes training and evaluating in parallel).")
     if spec["oracle-steps"] < 1:
         raise ValueError(f"{where}: oracle-steps={spec['oracle-steps']} must be >= 1.")
     unknown = [m for m in spec["methods"] if m not in METHODS_BY_NAME]
@@ -244,11 +250,14 @@ def run_benchmark(
     validation_sites: int | None = None,
     extra: dict[str, Any] | None = None,
     quiet: bool = False,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """The whole benchmark; writes results.json, results.md and dice_vs_steps.png, returns the results.
 
     ``federation_dir`` uses an existing federation as is (tests); otherwise the preset's federation is
-    generated or reused under ``federation_root``.
+    generated or reused under ``federation_root``. ``jobs`` > 1 trains the (method, seed) runs, then
+    evaluates the seeds, in that many processes: every run is seeded and scored alone, so the results
+    are the ones a single process gives.
     """
     from fedmeta.common.config import RunConfig
     from fedmeta.common.synth import cached_federation, load_manifest
@@ -256,7 +265,7 @@ def run_benchmark(
     began = time.perf_counter()
     load_at_start = _load_average()
     spec = _with_overrides(load_benchmark_preset(preset), seeds=seeds, methods=methods,
-                           validation_sites=validation_sites, extra=extra)
+                           validation_sites=validation_sites, extra=extra, jobs=jobs)
     names = [m.name for m in METHODS if m.name in spec["methods"]]
     configs = method_configs(spec, names)
 
@@ -281,27 +290,46 @@ def run_benchmark(
     from fedmeta.common.data import SiteDataset
 
     any_config = next(iter(configs.values()), None) or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0})
-    eval_data = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}
-    for seed in seeds_list:
-        inits = {}
-        for key, base in configs.items():
-            config = base.replace(seed=seed, federation_dir=str(federation_dir),
-                                  out_dir=str(out / "runs" / f"seed-{seed}" / key))
-            runs[key][seed], inits[key] = _train(key, config, federation_dir, train_infos, quiet, eval_infos,
-                                                 spec["curve-every"], spec["eval-max-images"])
-        dice_by_method = _evaluate_seed(names, inits, any_config, spec, eval_data, seed, quiet)
-        for name in names:
-            dice[name][seed] = dice_by_method[name]
+    inits: dict[int, dict[str, Any]] = {seed: {} for seed in seeds_list}
+    if spec["jobs"] == 1:  # one seed after the other: each seed's table is printed as soon as it exists
+        eval_data = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
+        for seed in seeds_list:
+            for key, base in configs.items():
+                runs[key][seed], inits[seed][key] = _train(*_train_args(key, base, seed, out, federation_dir, train_infos,
+                                                                        eval_infos, spec, quiet))
+            dice_by_method = _evaluate_seed(names, inits[seed], any_config, spec, eval_data, seed, quiet)
+            for name in names:
+                dice[name][seed] = dice_by_method[name]
+    else:
+        from fedmeta.common.meta import SECOND_ORDER
+
+        # The costliest runs first, so the processes finish together.
+        order = sorted(((seed, key) for seed in seeds_list for key in configs),
+                       key=lambda job: (configs[job[1]].algorithm not in SECOND_ORDER, job[0]))
+        trained = _in_processes(spec["jobs"], _train, [
+            _train_args(key, configs[key], seed, out, federation_dir, train_infos, eval_infos, spec, quiet)
+            for seed, key in order])
+        for (seed, key), (info, init) in zip(order, trained):
+            runs[key][seed], inits[seed][key] = info, init
+        scored = _in_processes(spec["jobs"], _evaluate_seed_from_files, [
+            (names, inits[seed], any_config, spec, eval_infos, seed, quiet) for seed in seeds_list])
+        for seed, dice_by_method in zip(seeds_list, scored):
+            for name in names:
+                dice[name][seed] = dice_by_method[name]
 
     results = _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos,
                        eval_role, seeds_list, runs, dice, load_at_start)
     results["seconds_total"] = time.perf_counter() - began
     files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+    if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
+        files["curves"] = out / "learning_curves.png"
     results["files"] = {k: str(v) for k, v in files.items()}
     plot_results(results, files["plot"])
+    if "curves" in files:
+        plot_learning_curves(results, files["curves"])
     files["table"].write_text(format_markdown(results))
     write_json(files["results"], results)
     _say(quiet, format_goal(results["goal"]))
@@ -310,10 +338,12 @@ def run_benchmark(
     return results
 
 
-def _with_overrides(spec: dict[str, Any], *, seeds, methods, validation_sites, extra) -> dict[str, Any]:
+def _with_overrides(spec: dict[str, Any], *, seeds, methods, validation_sites, extra, jobs=None) -> dict[str, Any]:
     """The preset with the command line's overrides applied, checked again."""
     if seeds is not None:
         spec["seeds"] = seeds
+    if jobs is not None:
+        spec["jobs"] = jobs
     if methods is not None:
         spec["methods"] = [m.strip() for m in methods if m.strip()]
     if validation_sites is not None:
@@ -393,6 +423,32 @@ def _split_sites(manifest, validation_sites: int, federation_dir: Path):
             f"use at most {len(train) - 1}."
         )
     return train[:-validation_sites], train[-validation_sites:], "validation"
+
+
+def _train_args(key: str, base, seed: int, out: Path, federation_dir: Path, train_infos, eval_infos, spec, quiet: bool):
+    """``_train``'s arguments for one method and seed."""
+    config = base.replace(seed=seed, federation_dir=str(federation_dir), out_dir=str(out / "runs" / f"seed-{seed}" / key))
+    return (key, config, federation_dir, train_infos, quiet, eval_infos, spec["curve-every"], spec["eval-max-images"])
+
+
+def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
+    """``[function(*a) for a in arguments]`` in ``jobs`` spawned processes, each with this process's torch
+    thread count; results in the order given. A failure in one job is raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(torch.get_num_threads(),)) as pool:
+        futures = [pool.submit(function, *args) for args in arguments]
+        return [future.result() for future in futures]
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eval_infos=(), curve_every: int = 0,
@@ -515,6 +571,14 @@ def time_to_accuracy(runs: dict[str, dict[int, dict[str, Any]]], target_key: str
         if rows:
             out[key] = rows
     return out
+
+
+def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: int, quiet: bool) -> dict[str, Any]:
+    """``_evaluate_seed`` in a worker process: the new sites are read there rather than shipped to it."""
+    from fedmeta.common.data import SiteDataset
+
+    sites = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
+    return _evaluate_seed(names, inits, any_config, spec, sites, seed, quiet)
 
 
 def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
@@ -749,6 +813,44 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle("New-hospital adaptation: Dice against adaptation steps (mean ± std over seeds; "
                  "dashed: no adaptation (FedAvg as is, the oracle), dash-dot: pooled learners)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if len(labels) > 5 else 0.04, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(results: dict[str, Any], path: Path) -> Path | None:
+    """The new sites' Dice (k = GOAL_SHOTS, GOAL_STEPS steps) against training rounds, mean ± std over
+    seeds, one line per federated method, and against the bytes exchanged; None without curves."""
+    curves = {key: [run["curve"] for run in by_seed.values() if run.get("curve")] for key, by_seed in results["runs"].items()}
+    curves = {key: runs for key, runs in curves.items() if runs}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    colours = plt.get_cmap("tab10")
+    for i, (key, runs) in enumerate(sorted(curves.items())):
+        length = min(len(curve) for curve in runs)  # seeds share the schedule; guard a short one
+        rounds = np.array([point["round"] for point in runs[0][:length]])
+        sent = np.array([point["bytes"] for point in runs[0][:length]]) / 2**30
+        values = np.array([[point["dice"] for point in curve[:length]] for curve in runs])
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        for ax, x in zip(axes, (rounds, sent)):
+            ax.plot(x, mean, marker="o", markersize=2.5, color=colours(i % 10), label=key)
+            if len(runs) > 1:
+                ax.fill_between(x, mean - std, mean + std, color=colours(i % 10), alpha=0.12)
+    role = "validation (training) sites" if results["eval_role"] == "validation" else "held-out sites"
+    axes[0].set_xlabel("round")
+    axes[1].set_xlabel("GiB exchanged (θ down and the update up, fp32)")
+    for ax in axes:
+        ax.set_ylabel(f"Dice, k = {GOAL_SHOTS}, {GOAL_STEPS} steps")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Learning curves on the {role} ({len(next(iter(curves.values())))} seed(s); mean ± std)", fontsize=10)
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
