@@ -30,10 +30,11 @@ from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
+    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD,
+    PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
     ROUND_KEY, ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
-    worst_patient_key,
+    fedmeta_version, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
 
@@ -41,16 +42,20 @@ log = logging.getLogger("fedmeta.client")
 
 
 def site_reply_errors(handler):
-    """Turns an exception into an Error reply that names its type only; the traceback is logged here."""
+    """Turns an exception into an Error reply that names its type only (a version mismatch: both versions);
+    the traceback is logged here."""
 
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
+        except VersionMismatch as err:  # versions are no secret: the server's operator needs both
+            log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
+            reason = str(err)
         except Exception as err:  # the federation must hear of it, without the site's file names
             log.exception("%s failed on node %s", handler.__name__, context.node_id)
             reason = f"{handler.__name__} failed at the site with {type(err).__name__}; details are in the site's log"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
     return wrapper
 
@@ -67,6 +72,7 @@ app = ClientApp()
 @app.query()
 @site_reply_errors
 def query(message: Message, context: Context) -> Message:
+    check_versions(message)
     config = RunConfig.from_run_config(context.run_config)
     ref = resolve_site(context.node_config, config)
     metrics = to_metric_record(
@@ -141,13 +147,24 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 
 
-def _setup(message: Message, context: Context) -> tuple[RunConfig, SiteRef, torch.device]:
-    version = message.content.config_records[CONFIG_RECORD].get(PROTOCOL_VERSION_KEY)
-    if version != PROTOCOL_VERSION:
-        raise ValueError(
-            f"the server speaks fedmeta protocol {version!r}, this site {PROTOCOL_VERSION}; install the same "
-            "fedmeta release at the site and the server."
+class VersionMismatch(ValueError):
+    """The server speaks another wire protocol: the reply names both versions."""
+
+
+def check_versions(message: Message) -> None:
+    """Refuses a message of another wire-protocol version, naming both sides' protocol and release."""
+    record = message.content.config_records.get(CONFIG_RECORD) if message.has_content() else None
+    theirs = record.get(PROTOCOL_VERSION_KEY) if record is not None else None
+    if theirs != PROTOCOL_VERSION:
+        release = record.get(FEDMETA_VERSION_KEY, "unknown") if record is not None else "unknown"
+        raise VersionMismatch(
+            f"version mismatch: the server runs fedmeta {release} (protocol {theirs}), this site fedmeta "
+            f"{fedmeta_version()} (protocol {PROTOCOL_VERSION}); install the same fedmeta release at both."
         )
+
+
+def _setup(message: Message, context: Context) -> tuple[RunConfig, SiteRef, torch.device]:
+    check_versions(message)
     config = RunConfig.from_run_config(context.run_config)
     return config, resolve_site(context.node_config, config), pick_device(config)
 

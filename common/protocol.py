@@ -19,6 +19,23 @@ from __future__ import annotations
 # disagree refuse each other with both versions named instead of misreading each other's arrays.
 PROTOCOL_VERSION = 1
 
+
+
+def fedmeta_version() -> str:
+    """This installation's fedmeta release (the package metadata; "unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedmeta")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def version_stamp() -> dict[str, int | str]:
+    """What every server message carries: the wire-protocol version and the fedmeta release."""
+    return {PROTOCOL_VERSION_KEY: PROTOCOL_VERSION, FEDMETA_VERSION_KEY: fedmeta_version()}
+
+
 # -- records ---------------------------------------------------------------------------------------
 PARAMS_RECORD = "arrays"  # ArrayRecord: θ (+ lr.<name>) sent to a site
 CONFIG_RECORD = "config"  # ConfigRecord: round, seeds, protocol version
@@ -30,6 +47,7 @@ ROUND_KEY = "round"
 ROUND_SEED_KEY = "round-seed"  # train: seeds the site's episode sampling (with its name)
 EVAL_SEED_KEY = "eval-seed"  # evaluate: seeds the support/evaluation patient split
 PROTOCOL_VERSION_KEY = "protocol-version"  # in every config record, and in the query reply
+FEDMETA_VERSION_KEY = "fedmeta-version"  # the sender's fedmeta release, beside the protocol version
 
 # -- metric keys (site -> server) ------------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # train: images the episodes used (support plus query); evaluate: patients scored
@@ -95,6 +113,9 @@ __all__ = [
     "PARAMS_RECORD",
     "PARTITION_ID_KEY",
     "PROTOCOL_VERSION",
+    "FEDMETA_VERSION_KEY",
+    "fedmeta_version",
+    "version_stamp",
     "PROTOCOL_VERSION_KEY",
     "QUERY_LOSS_AFTER",
     "QUERY_LOSS_BEFORE",

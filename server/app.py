@@ -20,7 +20,7 @@ from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoi
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
     CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, ROLE_METRIC, ROUND_KEY,
-    SITE_KEY_METRIC, dice_mean_key,
+    SITE_KEY_METRIC, dice_mean_key, version_stamp,
 )
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
 from fedmeta.server.metrics import MetricsLog
@@ -90,7 +90,7 @@ def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]
     random per run, site keys are not, so sampling and aggregation order repeat across runs.
     """
     node_ids = _wait_for_nodes(grid, config)
-    query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION})})
+    query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, **version_stamp()})})
     messages = [Message(query, node_id, MessageType.QUERY, group_id="roles") for node_id in node_ids]
     train, heldout, keys = [], [], {}
     for reply in grid.send_and_receive(messages, timeout=config.round_timeout):

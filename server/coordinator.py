@@ -27,9 +27,9 @@ from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_KEY, ROUND_KEY, ROUND_SEED_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key,
-    dice_worst_key, worst_patient_key,
+    CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, ROUND_KEY,
+    ROUND_SEED_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key, version_stamp,
+    worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
 
@@ -186,7 +186,7 @@ class Coordinator:
             {
                 PARAMS_RECORD: pack_params(self.params, self.step_sizes),
                 CONFIG_RECORD: ConfigRecord(
-                    {ROUND_KEY: server_round, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION, **extra}
+                    {ROUND_KEY: server_round, **version_stamp(), **extra}
                 ),
             }
         )

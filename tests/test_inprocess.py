@@ -220,3 +220,28 @@ def test_a_site_with_a_malformed_site_key_is_left_out_and_the_rest_train(smoke_f
     trained = {partition_of(run.grid, n) for n, node in run.grid.nodes.items() if len(node.received) > 1}
     assert 0 not in trained and {1, 2} <= trained
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 1
+
+
+def test_a_site_of_another_protocol_version_answers_with_both_versions_and_is_left_out(smoke_federation, tmp_path,
+                                                                                      caplog):
+    from fedmeta.common.protocol import FEDMETA_VERSION_KEY, PROTOCOL_VERSION_KEY, fedmeta_version
+
+    seen = []
+
+    def client(message: Message, context: Context) -> Message:
+        record = message.content.config_records["config"]
+        seen.append((record[PROTOCOL_VERSION_KEY], record[FEDMETA_VERSION_KEY]))
+        if context.node_config["partition-id"] == 0:  # this site reads the server as another release
+            record[PROTOCOL_VERSION_KEY] = 0
+        return client_app(message, context)
+
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1)
+    with caplog.at_level("WARNING"):
+        run = federate(config, smoke_federation, client=client)
+    assert set(seen) == {(1, fedmeta_version())}  # every message the server sends carries both versions
+    trained = {partition_of(run.grid, n) for n, node in run.grid.nodes.items() if len(node.received) > 1}
+    assert 0 not in trained and {1, 2} <= trained
+    refused = [r.getMessage() for r in caplog.records if "version mismatch" in r.getMessage()]
+    assert len(refused) == 2, refused  # the site's own log, and the server's, once
+    assert any("did not answer the role query" in line and "(protocol 0)" in line and "(protocol 1)" in line
+               for line in refused)
