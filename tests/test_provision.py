@@ -52,7 +52,7 @@ def test_provision_writes_the_layout_and_the_server_certificate_verifies_against
     # A bundle holds what the site needs and nothing of another site's or the coordinator's.
     assert sorted(p.name for p in (out / "sites/a").iterdir()) == [
         "ca.crt", "compose.yaml", "site.json", "site.key", "site.pub", "start-site.sh"]
-    assert json.loads((out / "sites/a/site.json").read_text())["superlink"] == "localhost:9092"
+    assert json.loads((out / "sites/a/site.json").read_text())["superlink"] == "localhost:8000"
     script = (out / "sites/a/start-site.sh").read_text()
     assert "--root-certificates" in script and "--auth-supernode-private-key" in script and "--insecure" not in script
     register = (out / "superlink/register-sites.sh").read_text()
