@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Held-out evaluation reads θ but never moves it (nor the server's RNG), so its keys may change too.
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
                          "node_wait_timeout", "eval_every", "eval_k_shot", "eval_steps", "eval_batch_size",
-                         "eval_max_images"})
+                         "eval_max_images", "metrics_port", "metrics_address"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class RunConfig:
     device: str = "auto"
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
+    metrics_port: int = 0  # the ServerApp's Prometheus /metrics port; 0 = off
+    metrics_address: str = "127.0.0.1"  # the interface /metrics listens on
 
     def __post_init__(self) -> None:
         def need(condition: bool, key: str, problem: str) -> None:
@@ -111,6 +113,7 @@ class RunConfig:
         need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation patient).")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
+        need(0 <= self.metrics_port <= 65535, "metrics-port", "must be a TCP port (1-65535), or 0 for no /metrics.")
         try:
             steps = self.adaptation_steps
         except ValueError:

@@ -23,6 +23,7 @@ from fedmeta.common.protocol import (
     SITE_KEY_METRIC, dice_mean_key, version_stamp,
 )
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
+from fedmeta.server.operator_metrics import OperatorMetrics
 from fedmeta.server.metrics import MetricsLog
 
 log = logging.getLogger("fedmeta.server")
@@ -38,6 +39,16 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, config: RunConfig) -> Coordinator:
     """The whole federated run; returns the coordinator holding the final θ (also checkpointed)."""
+    operator = OperatorMetrics()
+    if config.metrics_port:
+        operator.serve(config.metrics_port, config.metrics_address)
+    try:
+        return _run_federation(grid, config, operator)
+    finally:
+        operator.close()
+
+
+def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) -> Coordinator:
     out_dir = _out_dir(config)
     coordinator = Coordinator(config)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -47,22 +58,25 @@ def run_federation(grid: Grid, config: RunConfig) -> Coordinator:
 
     train_nodes, heldout_nodes = discover_roles(grid, config)
     log.info("federation: %d training and %d held-out sites", len(train_nodes), len(heldout_nodes))
+    operator.federation(len(train_nodes), len(heldout_nodes))
     if not train_nodes:
         raise RuntimeError("no training site answered the role query; nothing to meta-train on.")
 
     evaluating = config.eval_every > 0 and bool(heldout_nodes)
     if start_round == 0 and evaluating:
-        evaluation = _evaluate(grid, coordinator, 0, heldout_nodes)
+        evaluation = _evaluate(grid, coordinator, 0, heldout_nodes, operator)
         metrics_log.append({"round": 0, "heldout": _heldout_summary(evaluation)})
         _progress(0, config, None, evaluation)
 
     for server_round in range(start_round + 1, config.num_rounds + 1):
         began = time.perf_counter()
         chosen, round_seed = coordinator.sample_sites(train_nodes)
-        replies = grid.send_and_receive(
+        replies = list(grid.send_and_receive(
             coordinator.train_messages(server_round, chosen, round_seed), timeout=config.round_timeout
-        )
+        ))
+        operator.replies(replies)
         outcome = coordinator.apply_train_replies(server_round, chosen, replies)
+        operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
             "round": server_round,
             "sites_sampled": len(chosen),
@@ -73,11 +87,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Coordinator:
         }
         evaluation = None
         if evaluating and (server_round % config.eval_every == 0 or server_round == config.num_rounds):
-            evaluation = _evaluate(grid, coordinator, server_round, heldout_nodes)
+            evaluation = _evaluate(grid, coordinator, server_round, heldout_nodes, operator)
             record["heldout"] = _heldout_summary(evaluation)
         record["seconds"] = time.perf_counter() - began
         metrics_log.append(record)
         _checkpoint(coordinator, config, server_round, checkpoint_path)
+        operator.checkpointed()
+        operator.round_done(server_round, record["seconds"])
         _progress(server_round, config, outcome, evaluation)
     log.info("done: %s", coordinator.counters)
     return coordinator
@@ -134,10 +150,14 @@ def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:
     return node_ids
 
 
-def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, heldout_nodes: list[int]) -> RoundOutcome:
+def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, heldout_nodes: list[int],
+              operator: OperatorMetrics) -> RoundOutcome:
     messages = coordinator.evaluate_messages(server_round, heldout_nodes)
-    replies = grid.send_and_receive(messages, timeout=coordinator.config.round_timeout)
-    return coordinator.collect_evaluation(server_round, heldout_nodes, replies)
+    replies = list(grid.send_and_receive(messages, timeout=coordinator.config.round_timeout))
+    operator.replies(replies)
+    evaluation = coordinator.collect_evaluation(server_round, heldout_nodes, replies)
+    operator.evaluation(evaluation.metrics, coordinator.config.adaptation_steps, dice_mean_key)
+    return evaluation
 
 
 def _heldout_summary(evaluation: RoundOutcome) -> dict:

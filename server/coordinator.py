@@ -44,6 +44,7 @@ MAX_TRAIN_SLICES = 2**31
 class Drop:
     node_id: int
     reason: str
+    kind: str = "invalid"  # timeout | site-error | invalid | unexpected: the operator metrics' label
 
 
 @dataclass
@@ -195,6 +196,7 @@ class Coordinator:
         expected_nodes, seen = set(sent_to), set()
         for reply in replies:
             node_id = int(reply.metadata.src_node_id)
+            kind = "unexpected"
             if node_id not in expected_nodes:
                 reason = "reply from a node this round did not ask"
             elif node_id in seen:
@@ -205,14 +207,14 @@ class Coordinator:
                     yield node_id, validate(reply)
                     continue
                 except InvalidReply as err:
-                    reason = str(err)
-            outcome.dropped.append(Drop(node_id, reason))
+                    reason, kind = str(err), err.kind
+            outcome.dropped.append(Drop(node_id, reason, kind))
             log.warning("dropped the reply of node %d: %s", node_id, reason)
 
     def _note_missing(self, sent_to, outcome: RoundOutcome) -> None:
         answered = set(outcome.accepted) | {d.node_id for d in outcome.dropped}
         for node_id in sorted(set(sent_to) - answered):
-            outcome.dropped.append(Drop(node_id, "no reply before round-timeout"))
+            outcome.dropped.append(Drop(node_id, "no reply before round-timeout", "timeout"))
             log.warning("node %d did not reply before round-timeout=%ss", node_id, self.config.round_timeout)
 
     def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -268,7 +270,11 @@ class Coordinator:
 
 
 class InvalidReply(ValueError):
-    """A reply the server refuses to aggregate; the message is the logged reason."""
+    """A reply the server refuses to aggregate; the message is the logged reason, ``kind`` its class."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:
@@ -279,7 +285,7 @@ def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:
 def _content_of(reply: Message, allowed: set[str]) -> RecordDict:
     if reply.has_error():
         error = reply.error
-        raise InvalidReply(f"site failed (error code {error.code}): {str(error.reason)[:300]}")
+        raise InvalidReply(f"site failed (error code {error.code}): {str(error.reason)[:300]}", kind="site-error")
     if not reply.has_content():
         raise InvalidReply("empty reply")
     content = reply.content

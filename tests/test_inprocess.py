@@ -245,3 +245,38 @@ def test_a_site_of_another_protocol_version_answers_with_both_versions_and_is_le
     assert len(refused) == 2, refused  # the site's own log, and the server's, once
     assert any("did not answer the role query" in line and "(protocol 0)" in line and "(protocol 1)" in line
                for line in refused)
+
+
+def test_the_server_serves_operator_metrics_while_it_runs(smoke_federation, tmp_path):
+    import threading
+    import urllib.request
+
+    from fedmeta.server.operator_metrics import METRIC_NAMES
+    from fedmeta.simulations.engines.flower_runtime import _free_ports
+
+    port = _free_ports(1)[0]
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=3, eval_every=1, metrics_port=port)
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (federate(config, smoke_federation), done.set()), daemon=True)
+    runner.start()
+    scraped, deadline = "", time.monotonic() + 120
+    while time.monotonic() < deadline and not done.is_set():
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            time.sleep(0.1)
+            continue
+        if "fedmeta_round 1.0" in text or "fedmeta_round 2.0" in text:
+            scraped = text  # caught mid-run
+        time.sleep(0.1)
+    runner.join(timeout=120)
+    assert done.is_set() and scraped, "no scrape caught the run between rounds 1 and 2"
+    series = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if line and not line.startswith("#")}
+    for name in METRIC_NAMES:
+        assert any(s == name or s.startswith(name + "_") for s in series), (name, sorted(series))
+    assert 'fedmeta_sites_dropped_total{reason="timeout"} 0.0' in scraped
+    assert "fedmeta_training_sites 3.0" in scraped and "fedmeta_heldout_sites 2.0" in scraped and 'fedmeta_heldout_dice{steps="3"}' in scraped
+    received = float(next(line.split()[-1] for line in scraped.splitlines() if line.startswith("fedmeta_received_bytes_total")))
+    assert received > 0
+    with pytest.raises(OSError):  # the endpoint closes with the run
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

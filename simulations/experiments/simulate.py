@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--preset", default="default",
-                        help="smoke | default | path to a TOML file of run-config overrides (default: default)")
+                        help="smoke | default | protocols | path to a TOML file of run-config overrides (default: default)")
     parser.add_argument("--algorithm", help="maml | fomaml | reptile | metasgd | anil | fedavg | fedprox")
     parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
     parser.add_argument("--sites", type=int, help="training sites sampled per round (sites-per-round; 0 = all)")
@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--oracle-steps", type=int, default=None,
                         help="training steps of each held-out site's oracle, the ceiling in the report "
                              "(default: the preset's, 300; 0 = no oracle)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve the ServerApp's Prometheus metrics on this port during the run(s) "
+                             "(run config metrics-port; http://127.0.0.1:PORT/metrics)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config override, e.g. --set inner-lr=0.1 (repeatable)")
     parser.set_defaults(handler=handle)
@@ -61,7 +64,8 @@ def handle(args: argparse.Namespace) -> int:
             preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
             engine=args.engine, out=args.out, seed=args.seed, resume=args.resume,
             federation_root=args.federation_dir, baseline=not args.no_baseline,
-            extra=parse_sets(args.set), oracle_steps=args.oracle_steps,
+            extra={**parse_sets(args.set), **({"metrics-port": args.metrics_port} if args.metrics_port else {})},
+            oracle_steps=args.oracle_steps,
         )
     except SimulationError as err:
         print(f"fedmeta simulate: error: {err}", file=sys.stderr)

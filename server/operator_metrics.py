@@ -1,0 +1,117 @@
+"""Metrics for the consortium's operators: a Prometheus ``/metrics`` endpoint served by the ServerApp.
+
+Off unless run config ``metrics-port`` is set (``metrics-address`` defaults to loopback; a coordinator
+whose Prometheus runs elsewhere sets it to the interface Prometheus reaches). Every series lives in
+a registry of its own, so two runs in one process never share a counter, and the HTTP server stops
+with the run. Names follow Prometheus' conventions: the ``fedmeta_`` prefix, base units
+(``_seconds``, ``_bytes``), ``_total`` for counters. ``deploy/`` dashboards query exactly
+:data:`METRIC_NAMES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("fedmeta.server")
+
+# The exported series (as a scrape shows them: counters end in _total, histograms add _bucket/_sum/_count).
+METRIC_NAMES = (
+    "fedmeta_round",
+    "fedmeta_rounds_total",
+    "fedmeta_round_duration_seconds",
+    "fedmeta_training_sites",
+    "fedmeta_heldout_sites",
+    "fedmeta_sites_sampled_total",
+    "fedmeta_sites_answered_total",
+    "fedmeta_sites_dropped_total",
+    "fedmeta_received_bytes_total",
+    "fedmeta_meta_loss",
+    "fedmeta_heldout_dice",
+    "fedmeta_last_checkpoint_timestamp_seconds",
+)
+DROP_KINDS = ("timeout", "site-error", "invalid", "unexpected")
+
+
+class OperatorMetrics:
+    """The server's series, updated by the round loop; ``serve(port)`` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.round = Gauge("fedmeta_round", "Last finished training round", registry=r)
+        self.rounds = Counter("fedmeta_rounds", "Training rounds finished by this server process", registry=r)
+        self.round_duration = Histogram(
+            "fedmeta_round_duration_seconds", "Wall time of a round (training and, when due, held-out evaluation)",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.training_sites = Gauge("fedmeta_training_sites", "Training sites in the federation", registry=r)
+        self.heldout_sites = Gauge("fedmeta_heldout_sites", "Held-out (evaluation-only) sites", registry=r)
+        self.sampled = Counter("fedmeta_sites_sampled", "Site requests sent (train messages)", registry=r)
+        self.answered = Counter("fedmeta_sites_answered", "Valid site replies aggregated", registry=r)
+        self.dropped = Counter("fedmeta_sites_dropped", "Site replies dropped, by reason", ["reason"], registry=r)
+        self.received = Counter("fedmeta_received_bytes", "Array payload bytes received from sites", registry=r)
+        self.meta_loss = Gauge("fedmeta_meta_loss", "Mean query loss after adaptation, last updated round", registry=r)
+        self.heldout_dice = Gauge("fedmeta_heldout_dice", "Held-out sites' mean Dice after k-shot adaptation",
+                                  ["steps"], registry=r)
+        self.checkpoint_time = Gauge("fedmeta_last_checkpoint_timestamp_seconds",
+                                     "Unix time of the last checkpoint written", registry=r)
+        for kind in DROP_KINDS:  # every reason exists from the start, so a rate() never sees a gap
+            self.dropped.labels(reason=kind)
+        self._server = None
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Starts the HTTP endpoint (a daemon thread); a port in use is reported and the run goes on."""
+        try:
+            self._server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as err:
+            log.error("operator metrics: cannot listen on %s:%d (%s); the run goes on without /metrics", address, port, err)
+            return
+        log.info("operator metrics on http://%s:%d/metrics", address, port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- what the round loop reports ------------------------------------------------------------
+
+    def federation(self, training: int, heldout: int) -> None:
+        self.training_sites.set(training)
+        self.heldout_sites.set(heldout)
+
+    def replies(self, replies: Iterable) -> None:
+        """Counts the array bytes of every reply that arrived (valid or not): what the server received."""
+        total = 0
+        for reply in replies:
+            if reply.has_content():
+                total += sum(len(array.data) for record in reply.content.array_records.values()
+                             for array in record.values())
+        self.received.inc(total)
+
+    def training_round(self, server_round: int, sampled: int, outcome, meta_loss_key: str) -> None:
+        self.sampled.inc(sampled)
+        self.answered.inc(len(outcome.accepted))
+        for drop in outcome.dropped:
+            self.dropped.labels(reason=drop.kind).inc()
+        if outcome.updated and meta_loss_key in outcome.metrics:
+            self.meta_loss.set(outcome.metrics[meta_loss_key])
+
+    def evaluation(self, metrics: dict[str, float], steps: Iterable[int], key) -> None:
+        for s in steps:
+            if key(s) in metrics:
+                self.heldout_dice.labels(steps=str(s)).set(metrics[key(s)])
+
+    def round_done(self, server_round: int, seconds: float) -> None:
+        self.round.set(server_round)
+        self.rounds.inc()
+        self.round_duration.observe(seconds)
+
+    def checkpointed(self) -> None:
+        self.checkpoint_time.set(time.time())
+
+
+__all__ = ["DROP_KINDS", "METRIC_NAMES", "OperatorMetrics"]
