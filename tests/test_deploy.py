@@ -1,0 +1,103 @@
+"""deploy/: what can be checked without a container engine (none runs here).
+
+Every flag the compose files and Kubernetes manifests pass exists in the installed Flower commands'
+`--help`; every metric the Grafana dashboard queries is one the ServerApp exports; every file a
+compose file mounts is one `fedmeta provision` writes; the images run the same commands the loopback
+deployment test runs, on the pinned Flower release, as a non-root user.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import flwr
+import pytest
+import yaml
+
+from fedmeta.server.operator_metrics import METRIC_NAMES
+from fedmeta.server.provision import provision
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+REPO = DEPLOY.parent
+
+
+def _help_flags(command: str) -> set[str]:
+    text = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60, check=False).stdout
+    return set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", text))
+
+
+def _flags(args: list[str]) -> set[str]:
+    return {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+
+
+def _compose(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def help_flags() -> dict[str, set[str]]:
+    return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode")}
+
+
+def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, tmp_path):
+    coordinator = _compose(DEPLOY / "coordinator/compose.yaml")["services"]["superlink"]
+    site = _compose(DEPLOY / "site/compose.yaml")["services"]["supernode"]
+    k8s = [doc for doc in yaml.safe_load_all((DEPLOY / "k8s/site.yaml").read_text()) if doc["kind"] == "Deployment"][0]
+    bundle = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out / "sites/a"
+    bundled = _compose(bundle / "compose.yaml")["services"]["supernode"]
+    script = re.findall(r"(--[a-z0-9-]+)", (bundle / "start-site.sh").read_text())
+    checks = [
+        ("flower-superlink", coordinator["command"]),
+        ("flower-supernode", site["command"]),
+        ("flower-supernode", k8s["spec"]["template"]["spec"]["containers"][0]["args"]),
+        ("flower-supernode", bundled["command"]),
+        ("flower-supernode", script),
+    ]
+    for command, args in checks:
+        unknown = _flags(args) - help_flags[command]
+        assert not unknown, f"{command} has no {sorted(unknown)}"
+    # Secure by default everywhere: TLS material and node authentication, never --insecure.
+    assert {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth"} <= _flags(coordinator["command"])
+    for args in (site["command"], bundled["command"], script):
+        assert {"--root-certificates", "--auth-supernode-private-key"} <= _flags(args) and "--insecure" not in _flags(args)
+    assert _flags(site["command"]) == _flags(bundled["command"])  # the bundle's copy says the same
+
+
+def test_the_dashboard_queries_only_metrics_the_server_exports():
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/fedmeta.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"fedmeta_[a-z_]+", target["expr"])}
+    assert queried
+    for name in queried:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert base in METRIC_NAMES, f"the dashboard queries {name}, which the ServerApp does not export"
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["superlink:9100"]
+
+
+def test_every_mounted_file_is_one_fedmeta_provision_writes(tmp_path):
+    out = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out
+    secrets = _compose(DEPLOY / "coordinator/compose.yaml")["secrets"]
+    for secret in secrets.values():
+        relative = secret["file"].split("}", 1)[1].lstrip("/")  # ${CONSORTIUM}/superlink/ca.crt
+        assert (out / relative).is_file(), relative
+    for compose in (DEPLOY / "site/compose.yaml", out / "sites/a/compose.yaml"):
+        for secret in _compose(compose)["secrets"].values():
+            assert (out / "sites/a" / secret["file"]).is_file(), (compose, secret)
+    # The site's data is mounted read-only in compose and Kubernetes alike.
+    volumes = _compose(DEPLOY / "site/compose.yaml")["services"]["supernode"]["volumes"]
+    assert any(v.endswith(":/data:ro") for v in volumes)
+
+
+def test_images_run_the_loopback_tests_commands_on_the_pinned_flower_as_non_root():
+    runtime = (REPO / "simulations/engines/flower_runtime.py").read_text()
+    for dockerfile, command in (("coordinator/Dockerfile", "flower-superlink"), ("site/Dockerfile", "flower-supernode")):
+        text = (DEPLOY / dockerfile).read_text()
+        assert f'ENTRYPOINT ["{command}"]' in text and f'_flower_bin("{command}")' in runtime
+        version = re.search(r"ARG FLWR_VERSION=(\S+)", text).group(1)
+        assert version.rsplit(".", 1)[0] == flwr.__version__.rsplit(".", 1)[0], (dockerfile, version, flwr.__version__)
+        assert re.findall(r"^USER (\S+)", text, flags=re.M)[-1] == "49999"  # Flower's non-root user
+        assert "TORCH_INDEX_URL" in text  # CUDA torch as a build argument
