@@ -15,6 +15,7 @@ import sys
 # module path -> the subcommands it registers (for the help text and lazy import).
 _COMMAND_MODULES = [
     "fedmeta.client.commands",  # fedmeta check-data, evaluate (a hospital, on its own data)
+    "fedmeta.client.doctor",  # fedmeta doctor (a hospital, before it joins)
     "fedmeta.server.provision",  # fedmeta provision, revoke-site (the coordinator's consortium material)
     "fedmeta.simulations.experiments.simulate",  # fedmeta simulate
     "fedmeta.simulations.experiments.benchmark",  # fedmeta benchmark
