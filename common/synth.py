@@ -734,7 +734,8 @@ def cached_federation(cache_root: Path | str, preset: str = "default", seed: int
             old = json.loads((root / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-        stale = old.get("preset") == preset and old.get("seed") == seed and "cache_key" in old
+        stale = (old.get("preset") == preset and old.get("seed") == seed and "cache_key" in old
+                 and old["cache_key"] != _cache_key(preset, seed))
     return generate_federation(root, preset, seed, force=stale, workers=workers)
 
 

@@ -122,7 +122,9 @@ def test_the_cache_replaces_a_federation_from_an_older_generator(smoke_federatio
     cache = tmp_path / "cache"
     shutil.copytree(smoke_federation, cache / "smoke-0")
     manifest = json.loads((cache / "smoke-0" / "manifest.json").read_text())
-    assert synth.cached_federation(cache, "smoke", 0) == cache / "smoke-0"  # current: reused as is
+    before = {p: p.stat().st_mtime_ns for p in (cache / "smoke-0").rglob("*") if p.is_file()}
+    assert synth.cached_federation(cache, "smoke", 0) == cache / "smoke-0"  # current: reused as is, untouched
+    assert {p: p.stat().st_mtime_ns for p in (cache / "smoke-0").rglob("*") if p.is_file()} == before
     manifest.update(cache_key="from-generator-1.0", generator_version="1.0")
     (cache / "smoke-0" / "manifest.json").write_text(json.dumps(manifest))
     synth.cached_federation(cache, "smoke", 0)  # stale: regenerated in place
