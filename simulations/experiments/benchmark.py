@@ -439,10 +439,18 @@ def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
 
     import torch
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(torch.get_num_threads(),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(torch.get_num_threads(),))
+    try:
         futures = [pool.submit(function, *args) for args in arguments]
-        return [future.result() for future in futures]
+        results = [future.result() for future in futures]
+    except BaseException:
+        # A failed job (or Ctrl-C) ends the benchmark now: queued jobs never start, and the error is
+        # reported without waiting for the whole queue.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 def _worker_init(threads: int) -> None:
