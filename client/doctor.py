@@ -66,12 +66,21 @@ def _doctor_command(args: argparse.Namespace) -> int:
 def doctor(*, bundle: Path | None = None, data: Path | None = None, timeout: float = 5.0) -> list[Check]:
     checks: list[Check] = []
     if bundle is not None:
-        checks += _bundle_checks(Path(bundle), timeout)
-    checks.append(_gpu_check())
-    checks.append(_disk_check(Path(data) if data is not None else Path.home()))
+        checks += _guarded("bundle", lambda: _bundle_checks(Path(bundle), timeout))
+    checks += _guarded("GPU", lambda: [_gpu_check()])
+    checks += _guarded("disk", lambda: [_disk_check(Path(data) if data is not None else Path.home())])
     if data is not None:
-        checks.append(_data_check(Path(data)))
+        checks += _guarded("data", lambda: [_data_check(Path(data))])
     return checks
+
+
+def _guarded(name: str, run) -> list[Check]:
+    """A check that raises is a FAIL line naming the error, never a traceback."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - a pre-flight check reports, it does not crash
+        return [Check(name, "FAIL", f"could not be checked: {type(err).__name__}: {err}",
+                      "fix what the error names (a file's permissions or contents), then run doctor again")]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "d
                          "eval_max_images", "metrics_port", "metrics_address"})
 
 
+# Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
+_HASHED_WHEN_SET = ("multi_step_loss_rounds", "first_order_rounds")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every knob of a fedmeta run. Field ``inner_lr`` is key ``inner-lr`` on the wire."""
@@ -189,6 +193,9 @@ class RunConfig:
         stop and a resume; what it holds may not.
         """
         relevant: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
+        for key in _HASHED_WHEN_SET:  # keys added later: at their default, a checkpoint from before them resumes
+            if relevant.get(key) == 0:
+                relevant.pop(key)
         if federation is not None:
             relevant["federation"] = federation
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -66,7 +66,7 @@ class OperatorMetrics:
         """Starts the HTTP endpoint (a daemon thread); a port in use is reported and the run goes on."""
         try:
             self._server, _thread = start_http_server(port, addr=address, registry=self.registry)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - operators' metrics must never stop the federation
             log.error("operator metrics: cannot listen on %s:%d (%s); the run goes on without /metrics", address, port, err)
             return
         log.info("operator metrics on http://%s:%d/metrics", address, port)

@@ -140,6 +140,8 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
             raise ValueError(f"site(s) {', '.join(again)} were revoked; a revoked identity is not reissued. "
                              "Provision the site under a new name.")
 
+    for name in server_names:  # refused before anything is written, so a failure leaves no half-made CA
+        _alt_name(name)
     ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result)
     server_dir = out / "superlink"
     names = list(server_names) or registry.get("server_names", [])
@@ -188,6 +190,7 @@ def revoke_site(out: Path | str, site: str) -> str:
     entry = registry["sites"].pop(site)
     registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     bundle = out / "sites" / site
+    bundle.mkdir(parents=True, exist_ok=True)  # the folder may have been handed over and deleted here
     (bundle / "site.key").unlink(missing_ok=True)
     (bundle / "REVOKED").write_text("This site's identity was revoked; its key is gone and the SuperLink refuses it.\n")
     _write_register_script(out / "superlink" / "register-sites.sh", out, registry)
@@ -244,12 +247,7 @@ def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned):
 
 def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now, days: int):
     key = ec.generate_private_key(CURVE)
-    alt_names: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt_names.append(x509.DNSName(name))
+    alt_names = [_alt_name(name) for name in names]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -266,6 +264,17 @@ def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now
     _write(server_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
     _write(server_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)  # --ssl-ca-certfile
     return cert
+
+
+def _alt_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+        raise ValueError(f"--server-name {name!r}: give a DNS name (letters, digits, dots, dashes; punycode for "
+                         "international names) or an IP address, without a port")
+    return x509.DNSName(name)
 
 
 def _site_bundle(bundle: Path, name: str, address: str, ca_cert: Path) -> bytes:
@@ -295,7 +304,9 @@ def _write_register_script(path: Path, out: Path, registry: dict) -> None:
              "set -eu", 'CONNECTION="${1:?usage: register-sites.sh CONNECTION}"',
              'HERE="$(cd "$(dirname "$0")/.." && pwd)"']
     for name in sorted(registry.get("sites", {})):
-        lines.append(f'flwr supernode register "$HERE/sites/{name}/site.pub" "$CONNECTION" --name {name}')
+        # Re-runnable: a key registered before is refused by the SuperLink; say so and go on.
+        lines.append(f'flwr supernode register "$HERE/sites/{name}/site.pub" "$CONNECTION" --name {name} '
+                     f'|| echo "{name}: not registered now (already registered?)"')
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, ("\n".join(lines) + "\n").encode(), 0o755)
 

@@ -76,3 +76,21 @@ def test_each_problem_fails_with_its_fix(consortium, tls_server, tmp_path, capsy
     (bundle / "site.key").unlink()
     assert by_name(doctor(bundle=bundle))["bundle"].status == "FAIL"
     assert main(["doctor"]) == 2
+
+
+def test_a_check_that_raises_is_a_fail_line_not_a_traceback(consortium, monkeypatch):
+    import fedmeta.client.doctor as doctor_module
+
+    out, _ = consortium
+    bundle = out / "sites/a"
+    # A good certificate followed by a broken PEM block: refused with a FAIL line.
+    with (bundle / "ca.crt").open("a") as handle:
+        handle.write("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    assert by_name(doctor(bundle=bundle, timeout=2))["CA certificate"].status == "FAIL"
+
+    def broken():
+        raise RuntimeError("the driver library is missing")
+
+    monkeypatch.setattr(doctor_module, "_gpu_check", broken)
+    gpu = by_name(doctor(bundle=bundle, timeout=2))["GPU"]
+    assert gpu.status == "FAIL" and "could not be checked: RuntimeError" in gpu.detail

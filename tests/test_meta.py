@@ -502,3 +502,17 @@ def test_run_config_refuses_maml_plus_plus_keys_where_they_mean_nothing():
     with pytest.raises(ValueError, match="first-order-rounds.*metasgd"):
         RunConfig(algorithm="metasgd", first_order_rounds=5)
     assert RunConfig(algorithm="maml", multi_step_loss_rounds=5, first_order_rounds=3).first_order_rounds == 3
+
+
+def test_maml_plus_plus_keys_at_their_default_leave_the_trajectory_hash_as_before():
+    import hashlib
+    import json as _json
+    from dataclasses import asdict
+
+    from fedmeta.common.config import _NOT_HASHED, RunConfig
+
+    config = RunConfig(algorithm="maml")
+    before = {k: v for k, v in asdict(config).items()
+              if k not in _NOT_HASHED and k not in ("multi_step_loss_rounds", "first_order_rounds")}
+    assert config.trajectory_hash() == hashlib.sha256(_json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert RunConfig(algorithm="maml", multi_step_loss_rounds=5).trajectory_hash() != config.trajectory_hash()

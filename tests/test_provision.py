@@ -101,3 +101,15 @@ def test_revoking_a_site_deletes_its_key_and_unlists_it(tmp_path, capsys):
 def test_bad_arguments_name_the_problem(tmp_path, capsys, argv, message):
     assert main(["provision", "--out", str(tmp_path / "c"), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_server_name_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "c"
+    with pytest.raises(ValueError, match="DNS name"):
+        provision(out, server_names=["host:9000"], sites=["a"])
+    assert not (out / "ca").exists()
+    provision(out, server_names=["localhost"], sites=["a"])
+    ca = (out / "ca/ca.crt").read_bytes()
+    with pytest.raises(ValueError, match="DNS name"):
+        provision(out, server_names=["ünï.org"], force=True)
+    assert (out / "ca/ca.crt").read_bytes() == ca  # a failed --force leaves the consortium as it was

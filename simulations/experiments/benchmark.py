@@ -435,7 +435,7 @@ def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
     """``[function(*a) for a in arguments]`` in ``jobs`` spawned processes, each with this process's torch
     thread count; results in the order given. A failure in one job is raised here."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     import torch
 
@@ -443,10 +443,16 @@ def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
                                initializer=_worker_init, initargs=(torch.get_num_threads(),))
     try:
         futures = [pool.submit(function, *args) for args in arguments]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)  # the first failure, whichever job it is
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            failed.result()  # raises it
         results = [future.result() for future in futures]
     except BaseException:
-        # A failed job (or Ctrl-C) ends the benchmark now: queued jobs never start, and the error is
-        # reported without waiting for the whole queue.
+        # A failed job (or Ctrl-C) ends the benchmark now: queued jobs never start, running ones are
+        # stopped, and the error is reported without waiting for the rest.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
