@@ -15,12 +15,14 @@ only; its query reply ``METRICS_RECORD`` with its role, site key and protocol ve
 
 from __future__ import annotations
 
+import functools
+
 # Raised whenever a message's meaning changes (a record, key or unit); a site and a server that
 # disagree refuse each other with both versions named instead of misreading each other's arrays.
 PROTOCOL_VERSION = 1
 
 
-
+@functools.cache  # read once per process: every server message carries it
 def fedmeta_version() -> str:
     """This installation's fedmeta release (the package metadata; "unknown" when run from a bare checkout)."""
     from importlib.metadata import PackageNotFoundError, version
