@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # where things live, how long to go on, how patient to be, which device computes.
 # Held-out evaluation reads θ but never moves it (nor the server's RNG), so its keys may change too.
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
-                         "node_wait_timeout", "eval_every", "eval_k_shot", "eval_steps", "eval_batch_size",
+                         "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every", "eval_k_shot", "eval_steps", "eval_batch_size",
                          "eval_max_images", "metrics_port", "metrics_address"})
 
 
@@ -67,7 +68,10 @@ class RunConfig:
     out_dir: str = ""
     federation_dir: str = ""
     device: str = "auto"
-    round_timeout: float = 600.0
+    round_timeout: float = 600.0  # a round never waits longer than this for its replies
+    round_deadline: float = 120.0  # after this, a round closes as soon as round-quorum sites answered
+    round_quorum: float = 0.5  # < 1: fraction of the sampled sites; >= 1: a count of sites
+    max_missed_rounds: int = 3  # a site that misses this many rounds in a row is left out until it answers again
     node_wait_timeout: float = 120.0
     metrics_port: int = 0  # the ServerApp's Prometheus /metrics port; 0 = off
     metrics_address: str = "127.0.0.1"  # the interface /metrics listens on
@@ -116,6 +120,11 @@ class RunConfig:
         need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
         need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation patient).")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
+        need(self.round_deadline > 0, "round-deadline", "must be > 0 seconds (at most round-timeout to matter).")
+        need(self.round_quorum > 0 and (self.round_quorum <= 1 or self.round_quorum == int(self.round_quorum)),
+             "round-quorum", "must be a fraction of the sampled sites in (0, 1] or a whole number of sites >= 1.")
+        need(self.max_missed_rounds >= 0, "max-missed-rounds",
+             "must be >= 0 (0: a site that misses rounds is never left out).")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
         need(0 <= self.metrics_port <= 65535, "metrics-port", "must be a TCP port (1-65535), or 0 for no /metrics.")
         try:
@@ -161,6 +170,11 @@ class RunConfig:
         if self.site_weighting != "auto":
             return self.site_weighting
         return "data" if self.algorithm in ("fedavg", "fedprox") else "per-site"
+
+    def quorum(self, sampled: int) -> int:
+        """Valid replies after which a round may close at ``round-deadline``: never fewer than min-sites."""
+        wanted = math.ceil(self.round_quorum * sampled - 1e-9) if self.round_quorum <= 1 else int(self.round_quorum)
+        return min(sampled, max(wanted, self.min_sites, 1))
 
     @property
     def adaptation_steps(self) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """fedmeta's ServerApp: federated meta-training of the shared UNet initialisation.
 
-An own round loop over ``grid.send_and_receive`` rather than ``Strategy.start``, because start() has
-no place to checkpoint, resume or survive a round with too few sites. Each round: sample training
+An own round loop over the Grid's ``push_messages``/``pull_messages`` (``fedmeta.server.rounds``)
+rather than ``Strategy.start``, because start() has no place to checkpoint, resume or survive a round
+with too few sites, and ``send_and_receive`` waits the full timeout for a hung site. Each round: sample training
 sites, send θ, validate and aggregate their meta-gradients, step the meta-optimiser, every
 ``eval-every`` rounds let held-out sites adapt and report Dice, append metrics, checkpoint.
 """
@@ -9,20 +10,17 @@ sites, send θ, validate and aggregate their meta-gradients, step the meta-optim
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
 from fedmeta.common.config import RunConfig
-from fedmeta.common.protocol import (
-    CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, ROLE_METRIC, ROUND_KEY,
-    SITE_KEY_METRIC, dice_mean_key, version_stamp,
-)
+from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
+from fedmeta.server.rounds import POLL_S, Membership, collect, wait_for_training_sites
 from fedmeta.server.operator_metrics import OperatorMetrics
 from fedmeta.server.metrics import MetricsLog
 
@@ -56,39 +54,47 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     metrics_log = MetricsLog(out_dir)
     metrics_log.start(resume_round=start_round if start_round > 0 else None)
 
-    train_nodes, heldout_nodes = discover_roles(grid, config)
-    log.info("federation: %d training and %d held-out sites", len(train_nodes), len(heldout_nodes))
-    operator.federation(len(train_nodes), len(heldout_nodes))
-    if not train_nodes:
-        raise RuntimeError("no training site answered the role query; nothing to meta-train on.")
+    membership = Membership(config)
+    wait_for_training_sites(grid, membership, config)
+    log.info("federation: %d training and %d held-out sites", len(membership.training()), len(membership.heldout()))
+    operator.federation(membership)
 
-    evaluating = config.eval_every > 0 and bool(heldout_nodes)
-    if start_round == 0 and evaluating:
-        evaluation = _evaluate(grid, coordinator, 0, heldout_nodes, operator)
+    evaluating = config.eval_every > 0
+    if start_round == 0 and evaluating and membership.heldout():
+        evaluation = _evaluate(grid, coordinator, 0, membership, operator)
         metrics_log.append({"round": 0, "heldout": _heldout_summary(evaluation)})
         _progress(0, config, None, evaluation)
 
     for server_round in range(start_round + 1, config.num_rounds + 1):
         began = time.perf_counter()
+        # Membership is re-read every round: late and restarted sites join, departed ones leave.
+        train_nodes = _training_nodes(grid, membership, config)
+        operator.federation(membership)
         chosen, round_seed = coordinator.sample_sites(train_nodes)
-        replies = list(grid.send_and_receive(
-            coordinator.train_messages(server_round, chosen, round_seed), timeout=config.round_timeout
-        ))
-        operator.replies(replies)
-        outcome = coordinator.apply_train_replies(server_round, chosen, replies)
+        collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
+                            quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
+                            timeout=config.round_timeout)
+        operator.replies(collected.messages)
+        outcome = coordinator.apply_train_replies(server_round, chosen, collected)
+        membership.record(chosen, outcome.accepted)
         operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
             "round": server_round,
             "sites_sampled": len(chosen),
             "sites_answered": len(outcome.accepted),
             "updated": outcome.updated,
-            "dropped": [{"node_id": d.node_id, "reason": d.reason} for d in outcome.dropped],
+            "closed_by": collected.closed_by,
+            "dropped": [{"node_id": d.node_id, "reason": d.reason, "kind": d.kind} for d in outcome.dropped],
             "train": outcome.metrics,
         }
+        if membership.benched():
+            record["benched"] = membership.benched()
         evaluation = None
         if evaluating and (server_round % config.eval_every == 0 or server_round == config.num_rounds):
-            evaluation = _evaluate(grid, coordinator, server_round, heldout_nodes, operator)
-            record["heldout"] = _heldout_summary(evaluation)
+            membership.refresh(grid)  # a held-out site that joined late is evaluated too
+            if membership.heldout():
+                evaluation = _evaluate(grid, coordinator, server_round, membership, operator)
+                record["heldout"] = _heldout_summary(evaluation)
         record["seconds"] = time.perf_counter() - began
         metrics_log.append(record)
         _checkpoint(coordinator, config, server_round, checkpoint_path)
@@ -99,71 +105,44 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     return coordinator
 
 
-def discover_roles(grid: Grid, config: RunConfig) -> tuple[list[int], list[int]]:
-    """Asks every connected node whether it is a training or a held-out site (scalars, no data).
-
-    Returns both lists in site order, by the key each site reports (then node id): node ids are
-    random per run, site keys are not, so sampling and aggregation order repeat across runs.
-    """
-    node_ids = _wait_for_nodes(grid, config)
-    query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, **version_stamp()})})
-    messages = [Message(query, node_id, MessageType.QUERY, group_id="roles") for node_id in node_ids]
-    train, heldout, keys = [], [], {}
-    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
-        node_id = reply.metadata.src_node_id
-        if reply.has_error() or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
-            reason = reply.error.reason if reply.has_error() else "no metrics in the reply"
-            log.warning("node %d did not answer the role query (%s); leaving it out of this run", node_id, reason)
-            continue
-        version = reply.content.metric_records[METRICS_RECORD].get(PROTOCOL_VERSION_KEY)
-        if version != PROTOCOL_VERSION:
-            log.warning(
-                "node %d speaks fedmeta protocol %r, this server %d; leaving it out of this run (install the "
-                "same fedmeta release at the site and the server)", node_id, version, PROTOCOL_VERSION,
-            )
-            continue
-        flag = reply.content.metric_records[METRICS_RECORD].get(ROLE_METRIC)
-        if flag not in (0, 1):
-            log.warning("node %d sent role flag %r; leaving it out of this run", node_id, flag)
-            continue
-        key = reply.content.metric_records[METRICS_RECORD].get(SITE_KEY_METRIC, 0)
-        if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key) or key != int(key):
-            log.warning("node %d sent site key %r, not a whole number; leaving it out of this run", node_id, key)
-            continue
-        keys[int(node_id)] = (int(key), int(node_id))
-        (heldout if flag == 1 else train).append(int(node_id))
-    return sorted(train, key=keys.get), sorted(heldout, key=keys.get)
+def _training_nodes(grid: Grid, membership: Membership, config: RunConfig) -> list[int]:
+    """The training sites that may be sampled now; waits up to node-wait-timeout when none is left."""
+    membership.refresh(grid)
+    nodes = membership.training()
+    if nodes:
+        return nodes
+    log.warning("no training site is available (left, or benched after missing rounds); waiting up to "
+                "node-wait-timeout=%gs for one", config.node_wait_timeout)
+    deadline = time.monotonic() + max(config.node_wait_timeout, config.round_timeout if membership.benched() else 0)
+    while time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        membership.refresh(grid)
+        nodes = membership.training()
+        if nodes:
+            return nodes
+    raise RuntimeError(
+        f"no training site has been available for node-wait-timeout={config.node_wait_timeout:g}s (all left the "
+        "federation or stopped answering); θ is checkpointed: restart the sites and resume with resume=true."
+    )
 
 
-def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:
-    deadline = time.monotonic() + config.node_wait_timeout
-    while True:
-        node_ids = sorted(int(n) for n in grid.get_node_ids())
-        if len(node_ids) >= config.min_sites or time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
-    if not node_ids:
-        raise RuntimeError(
-            f"no site connected within node-wait-timeout={config.node_wait_timeout}s; "
-            "start the SuperNodes or raise node-wait-timeout."
-        )
-    return node_ids
-
-
-def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, heldout_nodes: list[int],
+def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, membership: Membership,
               operator: OperatorMetrics) -> RoundOutcome:
-    messages = coordinator.evaluate_messages(server_round, heldout_nodes)
-    replies = list(grid.send_and_receive(messages, timeout=coordinator.config.round_timeout))
-    operator.replies(replies)
-    evaluation = coordinator.collect_evaluation(server_round, heldout_nodes, replies)
-    operator.evaluation(evaluation.metrics, coordinator.config.adaptation_steps, dice_mean_key)
+    config = coordinator.config
+    nodes = membership.heldout()
+    collected = collect(grid, coordinator.evaluate_messages(server_round, nodes), quorum=config.quorum(len(nodes)),
+                        deadline=config.round_deadline, timeout=config.round_timeout)
+    operator.replies(collected.messages)
+    evaluation = coordinator.collect_evaluation(server_round, nodes, collected)
+    membership.record(nodes, evaluation.accepted)
+    operator.evaluation(evaluation.metrics, config.adaptation_steps, dice_mean_key)
     return evaluation
 
 
 def _heldout_summary(evaluation: RoundOutcome) -> dict:
     return {
         "sites_answered": len(evaluation.accepted),
-        "dropped": [{"node_id": d.node_id, "reason": d.reason} for d in evaluation.dropped],
+        "dropped": [{"node_id": d.node_id, "reason": d.reason, "kind": d.kind} for d in evaluation.dropped],
         "summary": evaluation.metrics,
         "sites": {str(n): m for n, m in sorted(evaluation.accepted.items())},
     }

@@ -32,6 +32,7 @@ from fedmeta.common.protocol import (
     worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
+from fedmeta.server.rounds import Collected
 
 log = logging.getLogger("fedmeta.server")
 
@@ -44,7 +45,7 @@ MAX_TRAIN_SLICES = 2**31
 class Drop:
     node_id: int
     reason: str
-    kind: str = "invalid"  # timeout | site-error | invalid | unexpected: the operator metrics' label
+    kind: str = "invalid"  # timeout | node-gone | site-error | invalid | unexpected: the operator metrics' label
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Coordinator:
     def sample_sites(self, train_nodes: Iterable[int]) -> tuple[list[int], int]:
         """This round's training nodes and the round seed for episode sampling.
 
-        ``train_nodes`` come in site order (``fedmeta.server.app.discover_roles``); the chosen ones keep it,
+        ``train_nodes`` come in site order (``fedmeta.server.rounds.Membership.training``); the chosen ones keep it,
         and aggregation follows it, so the same seed samples and sums the same sites in every run.
         """
         nodes = [int(n) for n in train_nodes]
@@ -121,17 +122,24 @@ class Coordinator:
     def train_messages(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
         """One train message per node: θ (and step sizes), the round and its seed."""
         content = self._content(server_round, {ROUND_SEED_KEY: round_seed})
-        return [Message(content, node_id, MessageType.TRAIN, group_id=str(server_round)) for node_id in node_ids]
+        # ttl: a site that wakes up after the round closed does not train on a round long gone.
+        return [Message(content, node_id, MessageType.TRAIN, ttl=self.config.round_timeout, group_id=str(server_round))
+                for node_id in node_ids]
 
     def apply_train_replies(
-        self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]
+        self, server_round: int, sent_to: Iterable[int], replies: Collected | Iterable[Message]
     ) -> RoundOutcome:
-        """Validates every reply, aggregates the valid ones in site order, steps θ."""
+        """Validates every reply, aggregates the valid ones in site order, steps θ.
+
+        ``replies``: what :func:`fedmeta.server.rounds.collect` gathered (each reply attributed to the
+        node it was sent to, nodes gone and how the round closed), or bare replies (by sender).
+        """
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
+        sent_to = list(sent_to)
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_train):
             grads_by_node[node_id], outcome.accepted[node_id] = payload
-        self._note_missing(sent_to, outcome)
+        self._note_missing(sent_to, outcome, replies)
         self.counters["dropped_replies"] += len(outcome.dropped)
 
         if len(outcome.accepted) < self.config.min_sites:
@@ -162,16 +170,18 @@ class Coordinator:
         """One evaluate message per held-out node: θ (and step sizes) and the evaluation seed."""
         # A fixed seed: every evaluation adapts on the same support images, so rounds compare.
         content = self._content(server_round, {EVAL_SEED_KEY: self.config.seed})
-        return [Message(content, n, MessageType.EVALUATE, group_id=f"eval-{server_round}") for n in sorted(node_ids)]
+        return [Message(content, n, MessageType.EVALUATE, ttl=self.config.round_timeout, group_id=f"eval-{server_round}")
+                for n in sorted(node_ids)]
 
     def collect_evaluation(
-        self, server_round: int, sent_to: Iterable[int], replies: Iterable[Message]
+        self, server_round: int, sent_to: Iterable[int], replies: Collected | Iterable[Message]
     ) -> RoundOutcome:
         """Mean and worst held-out Dice per adaptation step count (each site counts once)."""
         outcome = RoundOutcome()
+        sent_to = list(sent_to)
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_evaluate):
             outcome.accepted[node_id] = payload
-        self._note_missing(sent_to, outcome)
+        self._note_missing(sent_to, outcome, replies)
         self.counters["failed_evaluations"] += len(outcome.dropped)
         if outcome.accepted:
             for steps in self.config.adaptation_steps:
@@ -194,8 +204,15 @@ class Coordinator:
 
     def _screen(self, sent_to, replies, outcome: RoundOutcome, validate):
         expected_nodes, seen = set(sent_to), set()
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
+        if isinstance(replies, Collected):
+            for node_id, why in sorted(replies.gone.items()):
+                outcome.dropped.append(Drop(node_id, f"node gone: {why}", "node-gone"))
+                log.warning("node %d is gone: %s", node_id, why)
+            seen.update(replies.gone)
+            attributed = replies.replies
+        else:
+            attributed = [(int(reply.metadata.src_node_id), reply) for reply in replies]
+        for node_id, reply in attributed:
             kind = "unexpected"
             if node_id not in expected_nodes:
                 reason = "reply from a node this round did not ask"
@@ -211,11 +228,16 @@ class Coordinator:
             outcome.dropped.append(Drop(node_id, reason, kind))
             log.warning("dropped the reply of node %d: %s", node_id, reason)
 
-    def _note_missing(self, sent_to, outcome: RoundOutcome) -> None:
+    def _note_missing(self, sent_to, outcome: RoundOutcome, replies) -> None:
         answered = set(outcome.accepted) | {d.node_id for d in outcome.dropped}
+        if isinstance(replies, Collected) and replies.closed_by == "deadline":
+            reason = (f"no reply by round-deadline={self.config.round_deadline:g}s (the round closed once a quorum of "
+                      f"{self.config.quorum(len(sent_to))} of {len(sent_to)} had answered)")
+        else:
+            reason = f"no reply before round-timeout={self.config.round_timeout:g}s"
         for node_id in sorted(set(sent_to) - answered):
-            outcome.dropped.append(Drop(node_id, "no reply before round-timeout", "timeout"))
-            log.warning("node %d did not reply before round-timeout=%ss", node_id, self.config.round_timeout)
+            outcome.dropped.append(Drop(node_id, reason, "timeout"))
+            log.warning("node %d: %s", node_id, reason)
 
     def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         content = _content_of(reply, {GRADS_RECORD, METRICS_RECORD})

@@ -25,6 +25,7 @@ METRIC_NAMES = (
     "fedmeta_round_duration_seconds",
     "fedmeta_training_sites",
     "fedmeta_heldout_sites",
+    "fedmeta_benched_sites",
     "fedmeta_sites_sampled_total",
     "fedmeta_sites_answered_total",
     "fedmeta_sites_dropped_total",
@@ -33,7 +34,7 @@ METRIC_NAMES = (
     "fedmeta_heldout_dice",
     "fedmeta_last_checkpoint_timestamp_seconds",
 )
-DROP_KINDS = ("timeout", "site-error", "invalid", "unexpected")
+DROP_KINDS = ("timeout", "node-gone", "site-error", "invalid", "unexpected")
 
 
 class OperatorMetrics:
@@ -47,8 +48,10 @@ class OperatorMetrics:
         self.round_duration = Histogram(
             "fedmeta_round_duration_seconds", "Wall time of a round (training and, when due, held-out evaluation)",
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
-        self.training_sites = Gauge("fedmeta_training_sites", "Training sites in the federation", registry=r)
-        self.heldout_sites = Gauge("fedmeta_heldout_sites", "Held-out (evaluation-only) sites", registry=r)
+        self.training_sites = Gauge("fedmeta_training_sites", "Training sites that may be sampled now", registry=r)
+        self.heldout_sites = Gauge("fedmeta_heldout_sites", "Held-out (evaluation-only) sites online", registry=r)
+        self.benched_sites = Gauge("fedmeta_benched_sites",
+                                   "Sites left out after missing max-missed-rounds rounds in a row", registry=r)
         self.sampled = Counter("fedmeta_sites_sampled", "Site requests sent (train messages)", registry=r)
         self.answered = Counter("fedmeta_sites_answered", "Valid site replies aggregated", registry=r)
         self.dropped = Counter("fedmeta_sites_dropped", "Site replies dropped, by reason", ["reason"], registry=r)
@@ -79,9 +82,11 @@ class OperatorMetrics:
 
     # -- what the round loop reports ------------------------------------------------------------
 
-    def federation(self, training: int, heldout: int) -> None:
-        self.training_sites.set(training)
-        self.heldout_sites.set(heldout)
+    def federation(self, membership) -> None:
+        """Site counts as the round loop sees them now (``fedmeta.server.rounds.Membership``)."""
+        self.training_sites.set(len(membership.training()))
+        self.heldout_sites.set(len(membership.heldout()))
+        self.benched_sites.set(len(membership.benched()))
 
     def replies(self, replies: Iterable) -> None:
         """Counts the array bytes of every reply that arrived (valid or not): what the server received."""

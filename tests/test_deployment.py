@@ -8,6 +8,8 @@ provisioned CA, SuperNode authentication on, every site's key registered.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -57,16 +59,27 @@ def descendants(pids: list[int]) -> set[int]:
     return found
 
 
-def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federation, tmp_path):
-    """A training hospital and a held-out one: meta-training rounds and held-out adaptation scores."""
+def _metrics(out_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(out_dir / METRICS_NAME)
+    except (OSError, ValueError):
+        return []
+
+
+def test_registered_sites_train_and_evaluate_a_late_site_joins_and_strangers_are_refused(federation, tmp_path):
+    """A training hospital and a held-out one: meta-training rounds and held-out adaptation scores;
+    a second training hospital whose SuperNode starts after round 2 trains in a later round."""
     from fedmeta.common.synth import load_manifest
 
     manifest = load_manifest(federation)
     train_site, heldout_site = Path(manifest.train_sites[0].path), Path(manifest.heldout_sites[0].path)
+    late_site = Path(manifest.train_sites[1].path)
     out_dir = tmp_path / "out"
     overrides, _driver = load_preset("smoke")
     # No federation-dir: deployed nodes find their data through --node-config data-dir only.
-    run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": 2, "eval-every": 2, "min-sites": 1}
+    num_rounds = 10
+    run_config = {**overrides, "out-dir": str(out_dir), "num-rounds": num_rounds, "eval-every": num_rounds,
+                  "min-sites": 1}
 
     from fedmeta.server.provision import provision
     from fedmeta.simulations.engines.flower_runtime import _free_ports
@@ -74,7 +87,8 @@ def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federa
     # Another consortium's material: a CA the SuperLink does not use and a key it never registered.
     rogue = provision(tmp_path / "rogue", server_names=["127.0.0.1"], sites=["rogue"]).out
     with LocalDeployment(
-        [train_site, heldout_site], roles=["train", "heldout"], flwr_home=tmp_path / "flwr-home"
+        [train_site, heldout_site, late_site], roles=["train", "heldout", "train"], late=[2],
+        flwr_home=tmp_path / "flwr-home",
     ) as deployment:
         started = list(deployment.pids)
         assert len(started) == 3 and all(alive(pid) for pid in started)
@@ -85,7 +99,26 @@ def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federa
             2, private_key=rogue / "sites/rogue/site.key", root_certificates=deployment.pki / "ca/ca.crt", port=ports[0])
         untrusting = deployment.start_supernode(
             3, private_key=rogue / "sites/rogue/site.key", root_certificates=rogue / "ca/ca.crt", port=ports[1])
-        outcome = deployment.run(REPO_ROOT, run_config, timeout_s=300)
+        finished: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                finished["outcome"] = deployment.run(REPO_ROOT, run_config, timeout_s=400)
+            except Exception as err:  # noqa: BLE001 - reported by the main thread
+                finished["error"] = err
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and runner.is_alive() and not any(
+                r["round"] >= 2 for r in _metrics(out_dir)):
+            time.sleep(0.5)
+        late = deployment.start_supernode(2)  # the late hospital connects after round 2
+        started.append(late.pid)
+        runner.join(timeout=420)
+        assert not runner.is_alive(), "the run did not finish"
+        assert "error" not in finished, finished.get("error")
+        outcome = finished["outcome"]
         listed = deployment.nodes()
         refused = {name: deployment.log_of(process.pid)
                    for name, process in (("unregistered", unregistered), ("untrusting", untrusting))}
@@ -94,21 +127,24 @@ def test_two_supernodes_with_their_own_data_dirs_and_roles_run_two_rounds(federa
         assert spawned, "the SuperLink and SuperNodes run their apps in child processes"
 
     assert outcome.ok and outcome.status == "finished:completed"
-    # Only the two registered sites ever joined; the others never appear, so they receive no message.
-    assert sorted(node["status"] for node in listed) == ["online", "online"], listed
+    # Only the three registered sites ever joined; the others never appear, so they receive no message.
+    assert sorted(node["status"] for node in listed) == ["online"] * 3, listed
     for name, log in refused.items():  # they keep knocking and are turned away every time
         assert log.count("Connection attempt failed") >= 2, (name, log[-600:])
     checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
-    assert checkpoint.round == 2
+    assert checkpoint.round == num_rounds
     records = {r["round"]: r for r in read_metrics(out_dir / METRICS_NAME)}
-    assert sorted(records) == [0, 1, 2]
+    assert sorted(records) == list(range(num_rounds + 1))
     for server_round in (1, 2):
         record = records[server_round]
         # Only the training site trains: the held-out one never receives a train message.
         assert record["sites_sampled"] == 1 and record["sites_answered"] == 1, record
-        assert record["updated"] is True and record["dropped"] == []
+    for record in (records[r] for r in range(1, num_rounds + 1)):
+        assert record["updated"] is True and record["dropped"] == [], record
         assert math.isfinite(record["train"]["query-loss-after"])
-    for server_round in (0, 2):
+    joined = [r for r in range(3, num_rounds + 1) if records[r]["sites_answered"] == 2]
+    assert joined and joined == list(range(joined[0], num_rounds + 1)), [records[r]["sites_answered"] for r in records if r]
+    for server_round in (0, num_rounds):
         heldout = records[server_round]["heldout"]
         assert heldout["sites_answered"] == 1 and heldout["dropped"] == [], heldout
         assert 0.0 <= heldout["summary"]["dice-mean-0"] <= 1.0

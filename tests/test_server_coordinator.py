@@ -197,7 +197,7 @@ def test_replies_from_unasked_nodes_duplicates_and_silence_are_all_dropped():
     reasons = {(d.node_id, d.reason) for d in outcome.dropped}
     assert (1, "second reply from the same node") in reasons
     assert (9, "reply from a node this round did not ask") in reasons
-    assert {(2, "no reply before round-timeout"), (3, "no reply before round-timeout")} <= reasons
+    assert {(2, "no reply before round-timeout=600s"), (3, "no reply before round-timeout=600s")} <= reasons
     assert list(outcome.accepted) == [1]
 
 

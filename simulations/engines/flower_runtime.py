@@ -170,7 +170,8 @@ class LocalDeployment:
     SuperNode starts. ``insecure_no_tls=True`` drops all of it (plain HTTP, any node may join): only
     for comparing against the secure path. Each SuperNode gets `--node-config data-dir="<its folder>"` (and
     `role="<role>"` when `roles` is given, e.g. "train" or "heldout"), its own local port and its
-    own FLWR_HOME, as separate hospitals would.
+    own FLWR_HOME, as separate hospitals would. Sites listed in ``late`` are provisioned and
+    registered but not started: the caller starts them mid-run with ``start_supernode(index)``.
 
         with LocalDeployment([site_a, site_b]) as deployment:
             outcome = deployment.run(repo_root, {"num-rounds": 2})
@@ -187,8 +188,12 @@ class LocalDeployment:
         flwr_home: Path | None = None,
         startup_timeout_s: float = 60.0,
         insecure_no_tls: bool = False,
+        late: Iterable[int] = (),
     ) -> None:
         self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
+        self.late = sorted(set(int(i) for i in late))
+        if any(not 0 <= i < len(self.data_dirs) for i in self.late):
+            raise ValueError(f"late={self.late} names sites outside 0..{len(self.data_dirs) - 1}.")
         if not self.data_dirs:
             raise ValueError("LocalDeployment needs at least one site data-dir, got none.")
         self.roles = list(roles) if roles is not None else None
@@ -284,7 +289,8 @@ class LocalDeployment:
                 self.register_site(index)
         self._node_ports = node_ports
         for index in range(len(self.data_dirs)):
-            self.start_supernode(index)
+            if index not in self.late:
+                self.start_supernode(index)
         self._wait_for_nodes()
 
     def register_site(self, index: int, public_key: Path | None = None) -> None:
@@ -399,12 +405,12 @@ class LocalDeployment:
             payload = _json_payload(result.stdout)
             if payload and payload.get("success"):
                 online = sum(node.get("status") == "online" for node in payload.get("nodes", []))
-                if online >= len(self.data_dirs):
+                if online >= len(self.data_dirs) - len(self.late):
                     return
             time.sleep(0.5)
         logs = "\n".join(f"--- {path.name} ---\n{_tail(path, 15)}" for path in self._log_files)
         raise RuntimeError(
-            f"Only {online} of {len(self.data_dirs)} SuperNodes came online at "
+            f"Only {online} of {len(self.data_dirs) - len(self.late)} SuperNodes came online at "
             f"{self.superlink_address} within {self.startup_timeout_s:.0f} s; raise "
             f"startup_timeout_s on a slow machine. The processes' logs end with:\n{logs}"
         )

@@ -1,10 +1,11 @@
 """The in-process engine: fedmeta's real ServerApp and ClientApp driven in one process, without Ray.
 
-:class:`InProcessGrid` is a Flower ``Grid`` whose ``send_and_receive`` hands each message to the
+:class:`InProcessGrid` is a Flower ``Grid`` whose ``pull_messages`` hands each pushed message to the
 ClientApp callable with that node's persistent ``Context`` and returns the replies, doing what the
 SuperLink and SuperNode would: every message crosses a protobuf round trip (so nothing but what
 Flower can serialise gets through), ids and metadata are set as Flower sets them, an exception in
-the ClientApp becomes an Error reply, and a reply later than the timeout is not delivered. Nodes
+the ClientApp becomes an Error reply, and a reply later than its message's ttl is not delivered.
+Tests make nodes join, die or hang mid-run (``add_node``, ``remove_node``, ``hang``). Nodes
 run one after another, so a run is deterministic and needs no extra processes.
 
 Flower's ``Message`` constructor reads the sender's identity from ``TaskIdentity``, which only a
@@ -66,6 +67,9 @@ class InProcessGrid(Grid):
         self._run.override_config = dict(run_config)
         rng = np.random.default_rng(seed)
         ids = [int(x) for x in rng.choice(2**62, size=len(node_configs), replace=False) + 2]
+        self._rng = rng  # ids of nodes that join later
+        self._run_config = dict(run_config)
+        self.hung: set[int] = set()
         self.nodes = {
             node_id: InProcessNode(node_id, Context(run_id, node_id, dict(cfg), RecordDict(), dict(run_config)))
             for node_id, cfg in zip(ids, node_configs)
@@ -92,8 +96,6 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            if message.metadata.dst_node_id not in self.nodes:
-                raise ValueError(f"message for node {message.metadata.dst_node_id}, which is not in this grid")
             message_id = f"{next(self._ids):032x}"
             message.metadata.__dict__["_message_id"] = message_id  # the SuperLink assigns ids likewise
             self._pending[message_id] = message
@@ -101,22 +103,59 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        """Delivers the asked-for pending messages (in push order), then returns the replies there are.
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Runs each node's ClientApp in turn; a node that takes longer than ``timeout`` seconds is lost.
-
-        Real nodes work in parallel, so the timeout applies to each node's own time, not to the sum.
+        A node handles its messages when the server first asks for their replies, one node after
+        another; a reply that took longer than its message's ttl is lost, as it would expire at the
+        SuperLink (real nodes work in parallel, so the ttl applies to each node's own time). A
+        message for a node that left gets the SuperLink's "node unavailable" error; a hung node's
+        messages stay pending.
         """
-        message_ids = list(self.push_messages(messages))
-        for message_id in message_ids:
+        wanted = list(message_ids)
+        for message_id in sorted((i for i in wanted if i in self._pending), key=lambda i: int(i, 16)):
+            message = self._pending[message_id]
+            node_id = message.metadata.dst_node_id
+            if node_id in self.hung:
+                continue
+            del self._pending[message_id]
+            if node_id not in self.nodes:
+                self._replies[message_id] = _superlink_error(message, ErrorCode.NODE_UNAVAILABLE,
+                                                             "the destination node stopped sending heartbeats")
+                continue
             began = time.perf_counter()
-            reply = self._deliver(self._pending.pop(message_id))
-            if timeout is not None and time.perf_counter() - began > timeout:
-                log.warning("node %d replied after the %ss timeout; reply discarded", reply.metadata.src_node_id, timeout)
+            reply = self._deliver(message)
+            ttl = message.metadata.ttl
+            if ttl and time.perf_counter() - began > ttl:
+                log.warning("node %d replied after its message's %ss ttl; reply discarded", node_id, ttl)
                 continue
             self._replies[message_id] = reply
-        return self.pull_messages(message_ids)
+        return [self._replies.pop(i) for i in wanted if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Every node's reply, as Flower's: those later than ``timeout`` seconds (of the node's own time) are lost."""
+        messages = list(messages)
+        if timeout is not None:
+            for message in messages:
+                message.metadata.ttl = timeout
+        return self.pull_messages(list(self.push_messages(messages)))
+
+    # -- membership changes, as real sites make them ----------------------------------------------
+
+    def add_node(self, node_config: Mapping[str, Any]) -> int:
+        """A site that connects during the run; returns its new node id."""
+        node_id = int(self._rng.integers(2, 2**62))
+        self.nodes[node_id] = InProcessNode(
+            node_id, Context(self._run.run_id, node_id, dict(node_config), RecordDict(), dict(self._run_config)))
+        return node_id
+
+    def remove_node(self, node_id: int) -> None:
+        """A site whose SuperNode died: it leaves the node list; messages to it get "node unavailable"."""
+        self.nodes.pop(node_id)
+        self.hung.discard(node_id)
+
+    def hang(self, node_id: int, hung: bool = True) -> None:
+        """A site that stays connected and never answers (or, with ``hung=False``, answers again)."""
+        (self.hung.add if hung else self.hung.discard)(node_id)
 
     # -- one node handles one message -------------------------------------------------------------
 
@@ -144,6 +183,16 @@ class InProcessGrid(Grid):
         return _over_the_wire(reply)
 
 
+def _superlink_error(message: Message, code: int, reason: str) -> Message:
+    """The error the SuperLink stores in place of a reply that will not come (sender: the SuperLink)."""
+    reply = Message(Error(code=code, reason=reason), reply_to=message)
+    meta = reply.metadata.__dict__
+    meta["_src_node_id"] = SUPERLINK_NODE_ID
+    meta["_dst_node_id"] = SUPERLINK_NODE_ID
+    meta["_reply_to_message_id"] = message.metadata.message_id
+    return reply
+
+
 def _over_the_wire(message: Message) -> Message:
     """A protobuf round trip: the receiver gets a copy holding only what Flower can transport."""
     return message_from_proto(message_to_proto(message))
@@ -162,19 +211,21 @@ def run_inprocess(
     server_app: Callable[[Grid, Context], None] | None = None,
     client_app: ClientAppCallable | None = None,
     seed: int = 0,
+    grid_class: type[InProcessGrid] | None = None,
 ) -> InProcessRun:
     """Runs a whole federation in this process: fedmeta's ServerApp against one ClientApp per node.
 
     ``run_config`` is the full kebab-case run config (defaults plus overrides, as Flower would merge
     them); ``node_configs`` one mapping per node (``partition-id`` in simulation, ``data-dir``
     deployed). ``server_app``/``client_app`` default to fedmeta's own ``app`` objects; tests pass
-    wrappers around those to inject faults or audit messages.
+    wrappers around those to inject faults or audit messages, and ``grid_class`` a subclass that
+    makes sites join, die or hang mid-run.
     """
     if server_app is None:
         from fedmeta.server.app import app as server_app
     if client_app is None:
         from fedmeta.client.app import app as client_app
-    grid = InProcessGrid(client_app, node_configs, run_config, seed=seed)
+    grid = (grid_class or InProcessGrid)(client_app, node_configs, run_config, seed=seed)
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = grid.run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID

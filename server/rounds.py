@@ -1,0 +1,283 @@
+"""Rounds that survive real sites: who is in the federation now, and replies collected against a deadline.
+
+Flower's ``Grid.send_and_receive`` waits for every reply or the full timeout, and hands back the
+SuperLink's "node unavailable" errors under the SuperLink's own node id, so a dead site reads as "a
+reply from a node this round did not ask". Here the ServerApp pushes and pulls itself:
+
+* :func:`collect` maps each reply to the node it was asked of through the message it answers
+  (``reply_to_message_id``), stops waiting for a node the SuperLink no longer lists as online, and
+  closes the round when every node answered, or at ``round-deadline`` once a quorum answered, or at
+  ``round-timeout`` whatever happened. Messages carry ``ttl = round-timeout``, so a site that wakes
+  up later does not train on a round long gone.
+* :class:`Membership` re-reads the SuperLink's node list every round: a node that connects late (or
+  a restarted SuperNode, which gets a new node id) is asked its role and joins the next round; a
+  node that left is no longer sampled; a site that missed ``max-missed-rounds`` rounds in a row is
+  benched and probed with the (cheap, data-free) role query each round until it answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedmeta.common.config import RunConfig
+from fedmeta.common.protocol import (
+    CONFIG_RECORD, METRICS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
+    ROUND_KEY, SITE_KEY_METRIC, version_stamp,
+)
+
+log = logging.getLogger("fedmeta.server")
+
+POLL_S = 0.25  # between pulls: replies are small to ask for, and a round should close soon after its last one
+ONLINE_EVERY_S = 2.0  # between reads of the SuperLink's node list while a round waits
+
+# Errors the SuperLink (not the site) puts in place of a reply.
+_NODE_GONE = {ErrorCode.NODE_UNAVAILABLE: "the SuperLink reports the node unavailable (no heartbeat)"}
+_EXPIRED = {ErrorCode.MESSAGE_UNAVAILABLE: "the message expired or was removed before the site replied",
+            ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the reply expired before the server pulled it"}
+
+
+@dataclass
+class Collected:
+    """What came back for one batch of messages, each reply attributed to the node it was sent to."""
+
+    replies: list[tuple[int, Message]] = field(default_factory=list)  # arrival order
+    gone: dict[int, str] = field(default_factory=dict)  # node -> what happened to it
+    unanswered: list[int] = field(default_factory=list)  # asked, still silent when the round closed
+    closed_by: str = "all"  # all | deadline | timeout
+    seconds: float = 0.0
+
+    @property
+    def messages(self) -> list[Message]:
+        return [reply for _node, reply in self.replies]
+
+
+def collect(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    quorum: int,
+    deadline: float,
+    timeout: float,
+    counts: Callable[[Message], bool] = lambda reply: not reply.has_error(),
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Collected:
+    """Pushes ``messages`` and pulls their replies until every node answered, or the round closes.
+
+    The round closes at ``deadline`` seconds once ``quorum`` replies that ``counts`` accepts are in,
+    and at ``timeout`` seconds in any case. A node the SuperLink stops listing as online, or reports
+    unavailable, is not waited for.
+    """
+    began = clock()
+    result = Collected()
+    pending: dict[str, int] = {}
+    ids = list(grid.push_messages(messages))
+    for message, message_id in zip(messages, ids + [None] * (len(messages) - len(ids))):
+        node_id = int(message.metadata.dst_node_id)
+        if message_id:
+            pending[str(message_id)] = node_id
+        else:
+            result.gone[node_id] = "the SuperLink did not accept a message for it (not connected)"
+    answered = 0
+    last_online_check = began
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node_id = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node_id is None:
+                continue  # not one this batch waits for
+            if reply.has_error() and reply.error.code in _NODE_GONE:
+                result.gone[node_id] = _NODE_GONE[reply.error.code]
+                continue
+            if reply.has_error() and reply.error.code in _EXPIRED:
+                result.unanswered.append(node_id)
+                log.warning("node %d: %s", node_id, _EXPIRED[reply.error.code])
+                continue
+            result.replies.append((node_id, reply))
+            answered += counts(reply)
+        if not pending:
+            break
+        now = clock()
+        if now - last_online_check >= ONLINE_EVERY_S:
+            last_online_check = now
+            online = {int(n) for n in grid.get_node_ids()}
+            for message_id, node_id in list(pending.items()):
+                if node_id not in online:
+                    result.gone[node_id] = "it left the federation (the SuperLink no longer lists it online)"
+                    del pending[message_id]
+            if not pending:
+                break
+        elapsed = now - began
+        if elapsed >= timeout:
+            result.closed_by = "timeout"
+            break
+        if elapsed >= deadline and answered >= quorum:
+            result.closed_by = "deadline"
+            break
+        sleep(POLL_S)
+    result.unanswered.extend(pending.values())
+    result.seconds = clock() - began
+    return result
+
+
+@dataclass
+class Site:
+    """A node that answered the role query."""
+
+    role: str  # ROLE_TRAIN | ROLE_HELDOUT
+    key: int  # the site's stable order key: node ids are random per connection, keys are not
+    missed: int = 0  # rounds missed in a row (no valid reply)
+
+
+class Membership:
+    """The federation as it is now: nodes online, their roles, and which sites are benched."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.sites: dict[int, Site] = {}
+        self.refused: set[int] = set()  # answered the role query unusably; logged once, not asked again
+        self._asked: dict[str, tuple[int, float]] = {}  # role-query message id -> (node, when asked)
+        self._clock = time.monotonic
+
+    # -- who may take part ------------------------------------------------------------------------
+
+    def training(self) -> list[int]:
+        """Training nodes that may be sampled now, in site order."""
+        return self._ordered(ROLE_TRAIN, benched=False)
+
+    def heldout(self) -> list[int]:
+        return self._ordered(ROLE_HELDOUT, benched=False)
+
+    def benched(self) -> list[int]:
+        return sorted(n for n, s in self.sites.items() if self._is_benched(s))
+
+    def asking(self) -> bool:
+        """Whether role queries are still out (a node that connected may yet become a site)."""
+        return bool(self._asked)
+
+    # -- keeping up with the SuperLink ----------------------------------------------------------
+
+    def refresh(self, grid: Grid) -> None:
+        """Forgets nodes that left, asks new (and benched) nodes their role, takes in the answers."""
+        online = {int(n) for n in grid.get_node_ids()}
+        for node_id in sorted(set(self.sites) - online):
+            site = self.sites.pop(node_id)
+            log.warning("node %d (%s site, key %d) left the federation; it is no longer sampled",
+                        node_id, site.role, site.key)
+        self.refused &= online
+        now = self._clock()
+        for message_id, (node_id, asked_at) in list(self._asked.items()):
+            if node_id not in online or now - asked_at > self.config.round_timeout:
+                del self._asked[message_id]  # gone, or never answered: ask again if it is still there
+        waiting = {node_id for node_id, _ in self._asked.values()}
+        to_ask = [n for n in sorted(online)
+                  if n not in waiting and n not in self.refused
+                  and (n not in self.sites or self._is_benched(self.sites[n]))]
+        if to_ask:
+            query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, **version_stamp()})})
+            messages = [Message(query, n, MessageType.QUERY, ttl=self.config.round_timeout, group_id="roles")
+                        for n in to_ask]
+            for node_id, message_id in zip(to_ask, grid.push_messages(messages)):
+                if message_id:
+                    self._asked[str(message_id)] = (node_id, now)
+        if self._asked:
+            for reply in grid.pull_messages(list(self._asked)):
+                asked = self._asked.pop(reply.metadata.reply_to_message_id, None)
+                if asked is not None:
+                    self._admit(asked[0], reply)
+
+    def record(self, asked: Iterable[int], answered: Iterable[int]) -> None:
+        """Counts the rounds each asked site missed in a row; benches a site at max-missed-rounds."""
+        answered = set(answered)
+        for node_id in asked:
+            site = self.sites.get(node_id)
+            if site is None:
+                continue
+            if node_id in answered:
+                site.missed = 0
+                continue
+            site.missed += 1
+            if self._is_benched(site) and site.missed == self.config.max_missed_rounds:
+                log.warning("node %d (site key %d) missed %d rounds in a row; left out until it answers again",
+                            node_id, site.key, site.missed)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _is_benched(self, site: Site) -> bool:
+        return self.config.max_missed_rounds > 0 and site.missed >= self.config.max_missed_rounds
+
+    def _ordered(self, role: str, *, benched: bool) -> list[int]:
+        nodes = [n for n, s in self.sites.items() if s.role == role and self._is_benched(s) == benched]
+        return sorted(nodes, key=lambda n: (self.sites[n].key, n))
+
+    def _admit(self, node_id: int, reply: Message) -> None:
+        problem, role, key = _role_of(reply)
+        if problem:
+            log.warning("node %d %s; leaving it out of this run", node_id, problem)
+            self.refused.add(node_id)
+            self.sites.pop(node_id, None)
+            return
+        known = self.sites.get(node_id)
+        if known is not None and self._is_benched(known):
+            log.info("node %d (site key %d) answers again; it is sampled again", node_id, key)
+        elif known is None:
+            log.info("node %d joined as a %s site (key %d)", node_id, role, key)
+        self.sites[node_id] = Site(role, key)
+
+
+def _role_of(reply: Message) -> tuple[str, str, int]:
+    """(problem, role, site key) from a role-query reply; ``problem`` is empty for a usable one."""
+    if reply.has_error():
+        return f"did not answer the role query ({str(reply.error.reason)[:200]})", "", 0
+    if not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
+        return "did not answer the role query (no metrics in the reply)", "", 0
+    metrics = reply.content.metric_records[METRICS_RECORD]
+    version = metrics.get(PROTOCOL_VERSION_KEY)
+    if version != PROTOCOL_VERSION:
+        return (f"speaks fedmeta protocol {version!r}, this server {PROTOCOL_VERSION} (install the same fedmeta "
+                "release at the site and the server)"), "", 0
+    flag = metrics.get(ROLE_METRIC)
+    if flag not in (0, 1):
+        return f"sent role flag {flag!r}", "", 0
+    key = metrics.get(SITE_KEY_METRIC, 0)
+    if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key) or key != int(key):
+        return f"sent site key {key!r}, not a whole number", "", 0
+    return "", ROLE_HELDOUT if flag == 1 else ROLE_TRAIN, int(key)
+
+
+def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfig,
+                            clock: Callable[[], float] = time.monotonic,
+                            sleep: Callable[[float], None] = time.sleep) -> None:
+    """Until ``min-sites`` training sites answered the role query (held-out ones do not count).
+
+    Waits up to ``node-wait-timeout`` for nodes to connect, and for role queries already out up to
+    ``round-timeout`` more; then fails with the counts, because a run that cannot reach min-sites
+    would skip every round.
+    """
+    began = clock()
+    while True:
+        membership.refresh(grid)
+        if len(membership.training()) >= config.min_sites:
+            return
+        waited = clock() - began
+        if waited >= config.node_wait_timeout and (not membership.asking()
+                                                    or waited >= config.node_wait_timeout + config.round_timeout):
+            break
+        sleep(POLL_S)
+    raise RuntimeError(
+        f"{len(membership.training())} training site(s) answered the role query within node-wait-timeout="
+        f"{config.node_wait_timeout:g}s, fewer than min-sites={config.min_sites} ({len(membership.heldout())} "
+        f"held-out site(s) answered, which never train; {len(membership.refused)} node(s) connected but failed or "
+        "refused the role query, see the warnings above). Start more training sites, lower min-sites or raise "
+        "node-wait-timeout."
+    )
+
+
+__all__ = ["Collected", "Membership", "Site", "collect", "wait_for_training_sites"]
