@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
+from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
 from fedmeta.common.adaptation import adaptation_curve, site_patients
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import adaptation_support, site_seed
@@ -47,17 +48,36 @@ def site_reply_errors(handler):
 
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
+        began = time.perf_counter()
         try:
-            return handler(message, context)
+            reply = handler(message, context)
         except VersionMismatch as err:  # versions are no secret: the server's operator needs both
             log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
             reason = str(err)
         except Exception as err:  # the federation must hear of it, without the site's file names
             log.exception("%s failed on node %s", handler.__name__, context.node_id)
             reason = f"{handler.__name__} failed at the site with {type(err).__name__}; details are in the site's log"
+        else:
+            _record(context, handler.__name__, True, time.perf_counter() - began)
+            return reply
+        _record(context, handler.__name__, False, time.perf_counter() - began)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
     return wrapper
+
+
+def _record(context: Context, kind: str, ok: bool, seconds: float) -> None:
+    """The site's own metrics (node config metrics-dir; ``fedmeta.client.site_metrics``)."""
+    if not context.node_config.get(METRICS_DIR_KEY):
+        return
+    episodes, device = 0, ""
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        episodes = config.episodes_per_site if kind == "train" and ok else 0
+        device = str(pick_device(config)) if kind != "query" else ""
+    except Exception:  # noqa: BLE001 - a bad run config was already reported in the reply
+        pass
+    record_message(context.node_config, kind, ok=ok, seconds=seconds, episodes=episodes, device=device)
 
 
 # Loaded sites and built models, for the life of this process. A module global on purpose: Flower's

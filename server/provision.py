@@ -351,17 +351,29 @@ def _bracketed(host: str) -> str:
 _START_SCRIPT = """#!/bin/sh
 # Joins this hospital to the consortium: TLS against the consortium CA, authenticated by this site's key.
 # Usage: ./start-site.sh DATA_DIR   (the site's MSD-layout folder; check it first: fedmeta doctor / check-data)
+# METRICS_PORT=9101 ./start-site.sh DATA_DIR also serves the site's own metrics (episodes, seconds per
+# episode, device, memory) on 127.0.0.1:9101/metrics via `fedmeta site-metrics` (METRICS_DIR: where the
+# ClientApp records them, default ./metrics beside this script).
 set -eu
 HERE="$(cd "$(dirname "$0")" && pwd)"
 DATA_DIR="$(cd "${{1:?usage: start-site.sh DATA_DIR}}" && pwd)"
-exec flower-supernode \\
+NODE_CONFIG="data-dir=\\"$DATA_DIR\\""
+if [ -n "${{METRICS_PORT:-}}" ]; then
+  METRICS_DIR="${{METRICS_DIR:-$HERE/metrics}}"
+  fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT" &
+  EXPORTER=$!
+  trap 'kill "$EXPORTER" 2>/dev/null || true' EXIT INT TERM
+  NODE_CONFIG="$NODE_CONFIG metrics-dir=\\"$METRICS_DIR\\""
+fi
+flower-supernode \\
   --superlink {address} \\
   --root-certificates "$HERE/ca.crt" \\
   --auth-supernode-private-key "$HERE/site.key" \\
-  --node-config "data-dir=\\"$DATA_DIR\\""
+  --node-config "$NODE_CONFIG"
 """
 
 _SITE_COMPOSE = """# One hospital's SuperNode. Start: docker compose up -d  (DATA_DIR: the site's MSD-layout folder).
+# The site's own metrics (episodes, seconds per episode, device, memory): 127.0.0.1:${{METRICS_PORT:-9101}}/metrics.
 services:
   supernode:
     image: {image}
@@ -370,14 +382,26 @@ services:
       - --superlink={address}
       - --root-certificates=/run/secrets/ca.crt
       - --auth-supernode-private-key=/run/secrets/site.key
-      - --node-config=data-dir="/data"
+      - --node-config=data-dir="/data" metrics-dir="/metrics"
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
+      - metrics:/metrics
     secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
       - ca.crt
       - site.key
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
+  metrics:
+    image: {image}
+    restart: unless-stopped
+    entrypoint: ["fedmeta", "site-metrics"]
+    command: ["--dir=/metrics", "--port=9101", "--address=0.0.0.0"]
+    volumes:
+      - metrics:/metrics:ro
+    ports:
+      - "127.0.0.1:${{METRICS_PORT:-9101}}:9101"
+volumes:
+  metrics:
 secrets:
   ca.crt:
     file: ./ca.crt

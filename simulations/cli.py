@@ -16,6 +16,7 @@ import sys
 _COMMAND_MODULES = [
     "fedmeta.client.commands",  # fedmeta check-data, evaluate (a hospital, on its own data)
     "fedmeta.client.doctor",  # fedmeta doctor (a hospital, before it joins)
+    "fedmeta.client.site_metrics",  # fedmeta site-metrics (a hospital's IT team, while it takes part)
     "fedmeta.server.provision",  # fedmeta provision, revoke-site (the coordinator's consortium material)
     "fedmeta.simulations.experiments.simulate",  # fedmeta simulate
     "fedmeta.simulations.experiments.benchmark",  # fedmeta benchmark

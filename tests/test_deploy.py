@@ -25,7 +25,7 @@ REPO = DEPLOY.parent
 
 
 def _help_flags(command: str) -> set[str]:
-    text = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60, check=False).stdout
+    text = subprocess.run([*command.split(), "--help"], capture_output=True, text=True, timeout=60, check=False).stdout
     return set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", text))
 
 
@@ -39,7 +39,7 @@ def _compose(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def help_flags() -> dict[str, set[str]]:
-    return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode")}
+    return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode", "fedmeta site-metrics")}
 
 
 def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, tmp_path):
@@ -48,14 +48,23 @@ def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, t
     k8s = [doc for doc in yaml.safe_load_all((DEPLOY / "k8s/site.yaml").read_text()) if doc["kind"] == "Deployment"][0]
     bundle = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out / "sites/a"
     bundled = _compose(bundle / "compose.yaml")["services"]["supernode"]
-    script = re.findall(r"(--[a-z0-9-]+)", (bundle / "start-site.sh").read_text())
+    script_text = (bundle / "start-site.sh").read_text()
+    script = re.findall(r"(--[a-z0-9-]+)", script_text[script_text.index("\nflower-supernode"):])
+    exporter_script = re.findall(r"(--[a-z0-9-]+)", re.search(r"fedmeta site-metrics (.*)", script_text).group(1))
+    containers = {c["name"]: c for c in k8s["spec"]["template"]["spec"]["containers"]}
     checks = [
         ("flower-superlink", coordinator["command"]),
         ("flower-supernode", site["command"]),
-        ("flower-supernode", k8s["spec"]["template"]["spec"]["containers"][0]["args"]),
+        ("flower-supernode", containers["supernode"]["args"]),
         ("flower-supernode", bundled["command"]),
         ("flower-supernode", script),
+        ("fedmeta site-metrics", exporter_script),
+        ("fedmeta site-metrics", containers["site-metrics"]["args"]),
     ]
+    for compose in (DEPLOY / "site/compose.yaml", bundle / "compose.yaml"):
+        exporter = _compose(compose)["services"]["metrics"]
+        assert exporter["entrypoint"] == ["fedmeta", "site-metrics"] == containers["site-metrics"]["command"]
+        checks.append(("fedmeta site-metrics", exporter["command"]))
     for command, args in checks:
         unknown = _flags(args) - help_flags[command]
         assert not unknown, f"{command} has no {sorted(unknown)}"

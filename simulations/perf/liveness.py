@@ -1,6 +1,6 @@
 """Rounds that survive real sites, measured on a loopback Deployment Engine (TLS, node authentication).
 
-    python -m fedmeta.simulations.perf.liveness [--deadline 10] [--out liveness.json]
+    python -m fedmeta.simulations.perf.liveness [--deadline 60] [--timeout 300] [--out liveness.json]
 
 One SuperLink and three training SuperNodes on the smoke federation run ``--rounds`` rounds with
 ``round-deadline`` = ``--deadline`` s, ``round-timeout`` = ``--timeout`` s, ``round-quorum`` = 0.5 and
@@ -126,8 +126,10 @@ def _figures(records: list[dict[str, Any]], deadline: float, timeout: float) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--deadline", type=float, default=10.0, help="round-deadline, seconds (default 10)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="round-timeout, seconds (default 120)")
+    # 60 s: Flower 1.41 declares a SuperNode that stopped heart-beating gone after 2 x 30 s, so a deadline of
+    # 60 s or more takes a killed site out within the round it died in; well above a healthy round here.
+    parser.add_argument("--deadline", type=float, default=60.0, help="round-deadline, seconds (default 60)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="round-timeout, seconds (default 300)")
     parser.add_argument("--out", type=Path, help="also write everything to this JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedmeta-liveness-") as work:
