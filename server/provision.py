@@ -12,8 +12,9 @@ One command writes what a federation across hospitals needs to run secure by def
 TLS is server-verified (Flower's SuperNode checks the SuperLink against ``ca.crt``); a site proves who
 it is with its EC key (NIST P-384, OpenSSH format: what ``flower-supernode
 --auth-supernode-private-key`` loads and ``flwr supernode register`` accepts). Private keys are
-written 0600 and never replaced without ``--force``; running the command again with a new ``--site``
-adds that site and keeps everything else. ``fedmeta revoke-site`` retires a site: its bundle's key is
+written 0600 and never replaced without ``--force`` (start over), ``--reissue-server`` (the SuperLink's
+certificate only) or ``--rekey-site NAME``; running the command again with a new ``--site`` adds that
+site and keeps everything else, and needs only ``ca.crt`` (``ca.key`` may stay offline). ``fedmeta revoke-site`` retires a site: its bundle's key is
 deleted, the registry marks it revoked and the command prints the ``flwr supernode unregister`` step
 that removes it from the running SuperLink.
 
@@ -56,6 +57,7 @@ class Provisioned:
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     expiry: dict[str, str] = field(default_factory=dict)
+    rekeyed: list[str] = field(default_factory=list)  # sites whose registered key changed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,12 +77,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "SuperLink certificate yet")
     parser.add_argument("--site", action="append", default=[], metavar="NAME",
                         help="a site to make a bundle for: lower-case letters, digits and dashes (repeatable)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"the SuperLink's Fleet API port the sites dial (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"the SuperLink's Fleet API port the sites dial (default: the folder's, else {DEFAULT_PORT})")
     parser.add_argument("--days", type=int, default=CERT_DAYS,
                         help=f"validity of the SuperLink certificate in days (default {CERT_DAYS}; the CA: {CA_DAYS})")
+    parser.add_argument("--reissue-server", action="store_true",
+                        help="issue a new SuperLink certificate (renewal, or new --server-name) from the same CA; "
+                             "site keys and bundles stay (needs ca.key)")
+    parser.add_argument("--rekey-site", action="append", default=[], metavar="NAME",
+                        help="give a provisioned site a new key (lost or leaked): unregister the old key, register "
+                             "the new one, hand the site its new bundle (repeatable; ca.key not needed)")
     parser.add_argument("--force", action="store_true",
-                        help="replace existing keys and certificates (every site must then get its new bundle)")
+                        help="start over: a new CA, SuperLink certificate and a new key for every active site "
+                             "(every site must then get its new bundle)")
     parser.set_defaults(handler=_provision_command)
 
     revoke = subparsers.add_parser(
@@ -97,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _provision_command(args: argparse.Namespace) -> int:
     try:
         result = provision(args.out, server_names=args.server_name, sites=args.site, port=args.port,
-                           days=args.days, force=args.force)
+                           days=args.days, force=args.force, reissue_server=args.reissue_server,
+                           rekey_sites=args.rekey_site)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
         print(f"fedmeta provision: error: {err}", file=sys.stderr)
         return 1
@@ -107,6 +117,9 @@ def _provision_command(args: argparse.Namespace) -> int:
         print(f"kept   {path} (exists; --force replaces it)")
     for what, when in result.expiry.items():
         print(f"expires {when}  {what}")
+    for name in result.rekeyed:
+        print(f"rekeyed {name}: on the SuperLink, `flwr supernode unregister <its node id> <connection>` for the old "
+              f"key, then register the new one (register-sites.sh); hand the site its new bundle")
     print(f"next: start the SuperLink with {result.out / 'superlink'} (README: consortium walk-through), run "
           f"{result.out / 'superlink' / 'register-sites.sh'}, and hand each site its folder under {result.out / 'sites'}.")
     return 0
@@ -126,54 +139,81 @@ def _revoke_command(args: argparse.Namespace) -> int:
 # provisioning
 
 
-def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str] = (), port: int = DEFAULT_PORT,
-              days: int = CERT_DAYS, force: bool = False, now: dt.datetime | None = None) -> Provisioned:
-    """Writes (or completes) the consortium folder ``out``; see the module docstring for the layout."""
+def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str] = (), port: int | None = None,
+              days: int = CERT_DAYS, force: bool = False, reissue_server: bool = False, rekey_sites: list[str] = (),
+              now: dt.datetime | None = None) -> Provisioned:
+    """Writes (or completes) the consortium folder ``out``; see the module docstring for the layout.
+
+    ``force`` starts over (a new CA, SuperLink certificate and a new key for every active site);
+    ``reissue_server`` replaces only the SuperLink's certificate (new names, or renewal), signed by the
+    existing CA; ``rekey_sites`` gives those sites new keys (a lost or leaked key). The CA's private
+    key is needed only to sign a SuperLink certificate: adding or rekeying sites works with ca.key
+    kept offline. When the address the sites dial changes, every active bundle's start script,
+    compose file and site.json are rewritten (their keys are kept).
+    """
     out = Path(out)
     now = now or dt.datetime.now(dt.timezone.utc)
-    _check_arguments(server_names, sites, port, days)
+    _check_arguments(server_names, [*sites, *rekey_sites], port if port is not None else DEFAULT_PORT, days)
     result = Provisioned(out=out)
     registry = _read_registry(out)
-    if registry.get("revoked") and not force:
-        again = sorted(set(sites) & set(registry["revoked"]))
-        if again:
-            raise ValueError(f"site(s) {', '.join(again)} were revoked; a revoked identity is not reissued. "
-                             "Provision the site under a new name.")
+    revoked = set(registry.get("revoked", {}))
+    again = sorted((set(sites) | set(rekey_sites)) & revoked)
+    if again and not force:
+        raise ValueError(f"site(s) {', '.join(again)} were revoked; a revoked identity is not reissued. "
+                         "Provision the site under a new name.")
+    unknown = sorted(set(rekey_sites) - set(registry.get("sites", {})))
+    if unknown and not force:
+        raise ValueError(f"--rekey-site {', '.join(unknown)}: not a provisioned site of {out} "
+                         f"(sites: {', '.join(sorted(registry.get('sites', {}))) or 'none'}); add it with --site.")
 
     for name in server_names:  # refused before anything is written, so a failure leaves no half-made CA
         _alt_name(name)
-    ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result)
     server_dir = out / "superlink"
     names = list(server_names) or registry.get("server_names", [])
     if not names:
         raise ValueError("--server-name is required the first time: the DNS name or IP address the sites dial, "
                          "e.g. --server-name coordinator.hospital-net.org")
-    if (server_dir / "server.crt").exists() and not force:
-        existing = registry.get("server_names", [])
-        if server_names and list(server_names) != existing:
-            raise FileExistsError(f"{server_dir / 'server.crt'} is for {existing}, not {list(server_names)}; "
-                                  "pass --force to reissue it (the SuperLink must then restart with it).")
-        result.kept.append(str(server_dir / "server.crt"))
-        server_cert = x509.load_pem_x509_certificate((server_dir / "server.crt").read_bytes())
-    else:
+    issue_server = force or reissue_server or not (server_dir / "server.crt").exists()
+    if not issue_server and server_names and list(server_names) != registry.get("server_names", []):
+        raise FileExistsError(f"{server_dir / 'server.crt'} is for {registry.get('server_names', [])}, not "
+                              f"{list(server_names)}; pass --reissue-server to issue a new one from the same CA "
+                              "(the SuperLink must then restart with it; site keys stay).")
+    ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result, need_key=issue_server)
+    if issue_server:
         server_cert = _server_certificate(server_dir, names, ca_key, ca_cert, now, days)
         result.created += [str(server_dir / "server.crt"), str(server_dir / "server.key")]
+    else:
+        result.kept.append(str(server_dir / "server.crt"))
+        server_cert = x509.load_pem_x509_certificate((server_dir / "server.crt").read_bytes())
     result.expiry["SuperLink certificate " + str(server_dir / "server.crt")] = _expiry(server_cert)
     result.expiry["CA certificate " + str(out / "ca" / "ca.crt")] = _expiry(ca_cert)
 
+    port = port if port is not None else int(registry.get("port", DEFAULT_PORT))
     address = f"{_bracketed(names[0])}:{port}"
-    registry.update(server_names=names, address=address)
+    moved = bool(registry.get("address")) and registry["address"] != address
+    registry.update(server_names=names, address=address, port=port)
     registry.setdefault("sites", {})
-    for name in sites:
+    # --force: a new CA invalidates every bundle's ca.crt, so every active site gets a new bundle.
+    issue = list(dict.fromkeys([*sites, *rekey_sites, *(registry["sites"] if force else [])]))
+    for name in issue:
         bundle = out / "sites" / name
-        if (bundle / "site.key").exists() and not force:
+        if (bundle / "site.key").exists() and not (force or name in rekey_sites):
             result.kept.append(str(bundle))
             continue
         public = _site_bundle(bundle, name, address, out / "ca" / "ca.crt")
         registry.get("revoked", {}).pop(name, None)  # --force reissued a revoked name: a new identity
+        previous = registry["sites"].get(name)
         registry["sites"][name] = {"public_key_sha256": hashlib.sha256(public).hexdigest(),
                                    "created": now.isoformat(timespec="seconds")}
+        if previous and previous["public_key_sha256"] != registry["sites"][name]["public_key_sha256"]:
+            result.rekeyed.append(name)
         result.created.append(str(bundle))
+    if moved:  # the sites dial a new address: their scripts must say so (keys and CA are unchanged)
+        for name in sorted(set(registry["sites"]) - set(issue)):
+            if (out / "sites" / name).is_dir():
+                _write_bundle_files(out / "sites" / name, name, address)
+                result.created.append(f"{out / 'sites' / name} (address now {address}; hand the site its new start "
+                                      "files)")
     registry.setdefault("revoked", {})
     _write_register_script(server_dir / "register-sites.sh", out, registry)
     _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
@@ -216,14 +256,21 @@ def _check_arguments(server_names, sites, port, days) -> None:
         raise ValueError(f"--days {days}: must be between 1 and {CA_DAYS}.")
 
 
-def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned):
+def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned, need_key: bool):
+    """The CA (made when there is none, or with ``force``); its key only when ``need_key`` (it may be offline)."""
     key_path, cert_path = ca_dir / "ca.key", ca_dir / "ca.crt"
-    if key_path.exists() and cert_path.exists() and not force:
+    if cert_path.exists() and not force:
         result.kept.append(str(cert_path))
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
-    if (key_path.exists() or cert_path.exists()) and not force:
-        raise FileExistsError(f"{ca_dir} holds half a CA (ca.key or ca.crt is missing); restore it or pass --force.")
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if not key_path.exists():
+            if need_key:
+                raise FileNotFoundError(
+                    f"{key_path} is not here (kept offline?); it is needed to sign the SuperLink certificate. Bring "
+                    "it back for this command, then store it offline again.")
+            return None, cert
+        return serialization.load_pem_private_key(key_path.read_bytes(), password=None), cert
+    if key_path.exists() and not force:
+        raise FileExistsError(f"{ca_dir} holds ca.key without ca.crt; restore ca.crt or start over with --force.")
     key = ec.generate_private_key(CURVE)
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmeta consortium"),
                       x509.NameAttribute(NameOID.COMMON_NAME, "fedmeta consortium CA")])
@@ -289,12 +336,17 @@ def _site_bundle(bundle: Path, name: str, address: str, ca_cert: Path) -> bytes:
     _write(bundle / "site.key", private, 0o600)
     _write(bundle / "site.pub", public, 0o644)
     _write(bundle / "ca.crt", ca_cert.read_bytes(), 0o644)
+    _write_bundle_files(bundle, name, address)
+    return public
+
+
+def _write_bundle_files(bundle: Path, name: str, address: str) -> None:
+    """The bundle's non-secret files, which name the address the site dials."""
     _write(bundle / "site.json", (json.dumps({"site": name, "superlink": address, "ca": "ca.crt",
                                               "private_key": "site.key", "public_key": "site.pub"},
                                              indent=2) + "\n").encode(), 0o644)
     _write(bundle / "start-site.sh", _START_SCRIPT.format(address=address).encode(), 0o755)
     _write(bundle / "compose.yaml", _SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(), 0o644)
-    return public
 
 
 def _write_register_script(path: Path, out: Path, registry: dict) -> None:

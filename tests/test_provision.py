@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -69,11 +70,51 @@ def test_running_again_adds_sites_and_keeps_every_key_unless_forced(tmp_path):
     x509.load_pem_x509_certificate((out / "sites/b/ca.crt").read_bytes())
     assert provision(out, sites=["a"]).kept  # an existing bundle is kept
     assert (out / "sites/a/site.key").read_bytes() == before[out / "sites/a/site.key"]
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="--reissue-server"):
         provision(out, server_names=["other.example.org"])
-    provision(out, server_names=["other.example.org"], sites=["a"], force=True)
+    b_key = (out / "sites/b/site.key").read_bytes()
+    provision(out, server_names=["other.example.org"], force=True)  # start over: every active site is reissued
     assert (out / "sites/a/site.key").read_bytes() != before[out / "sites/a/site.key"]
+    assert (out / "sites/b/site.key").read_bytes() != b_key
     assert (out / "ca/ca.key").read_bytes() != before[out / "ca/ca.key"]
+    assert (out / "sites/a/ca.crt").read_bytes() == (out / "sites/b/ca.crt").read_bytes() == (out / "ca/ca.crt").read_bytes()
+
+
+def _verifies(out: Path) -> bool:
+    ca = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "superlink/server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    return True
+
+
+def test_sites_are_added_and_rekeyed_with_the_ca_key_offline_and_the_server_reissued_with_it(tmp_path, capsys):
+    out = tmp_path / "c"
+    provision(out, server_names=["localhost"], sites=["a", "b"], port=9443)
+    offline = tmp_path / "vault-ca.key"
+    (out / "ca/ca.key").rename(offline)
+    keys = {n: (out / f"sites/{n}/site.key").read_bytes() for n in ("a", "b")}
+    provision(out, sites=["c"])  # ca.key offline: adding a site needs only ca.crt, and keeps the port
+    assert json.loads((out / "sites/c/site.json").read_text())["superlink"] == "localhost:9443"
+    assert main(["provision", "--out", str(out), "--rekey-site", "b"]) == 0
+    assert "rekeyed b" in capsys.readouterr().out
+    assert (out / "sites/b/site.key").read_bytes() != keys["b"] and (out / "sites/a/site.key").read_bytes() == keys["a"]
+    registry = json.loads((out / "registry.json").read_text())
+    assert registry["sites"]["b"]["public_key_sha256"] == hashlib.sha256((out / "sites/b/site.pub").read_bytes()).hexdigest()
+    with pytest.raises(FileNotFoundError, match="ca.key is not here"):  # signing needs the CA key
+        provision(out, server_names=["coordinator.example.org"], reissue_server=True)
+    with pytest.raises(ValueError, match="not a provisioned site"):
+        provision(out, rekey_sites=["zz"])
+    offline.rename(out / "ca/ca.key")
+    ca = (out / "ca/ca.crt").read_bytes()
+    server = (out / "superlink/server.crt").read_bytes()
+    provision(out, server_names=["coordinator.example.org"], reissue_server=True)
+    assert (out / "superlink/server.crt").read_bytes() != server and (out / "ca/ca.crt").read_bytes() == ca
+    assert _verifies(out)
+    # The address moved: every bundle's start files say so; keys and CA are the same.
+    for name in ("a", "c"):
+        assert "coordinator.example.org:9443" in (out / f"sites/{name}/start-site.sh").read_text()
+        assert "coordinator.example.org:9443" in (out / f"sites/{name}/compose.yaml").read_text()
+    assert (out / "sites/a/site.key").read_bytes() == keys["a"]
 
 
 def test_revoking_a_site_deletes_its_key_and_unlists_it(tmp_path, capsys):
