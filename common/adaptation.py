@@ -77,6 +77,7 @@ def adaptation_curve(
         adapted = adapt(
             model, adapted, support_x, support_target,
             inner_steps=target_steps - done, inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params,
+            first_step=done,
         )
         done = target_steps
         per_patient = {

@@ -27,7 +27,8 @@ _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "d
 
 
 # Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
-_HASHED_WHEN_SET = ("multi_step_loss_rounds", "first_order_rounds")
+_HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element"}
+STEP_SIZES = ("per-element", "per-layer-step")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunConfig:
     proximal_mu: float = 0.0  # fedprox only
     multi_step_loss_rounds: int = 0  # MAML++ multi-step loss, annealed to the last step by this round
     first_order_rounds: int = 0  # MAML++ derivative-order annealing: first order up to this round
+    step_sizes: str = "per-element"  # metasgd: learned step sizes per-element (Meta-SGD) | per-layer-step (MAML++ LSLR)
     image_size: int = 64
     spacing_mm: float = 3.0  # isotropic voxel size the reader resamples to: 64 x 3 mm holds the whole brain
     num_classes: int = 4
@@ -108,6 +110,9 @@ class RunConfig:
         need(self.first_order_rounds == 0 or self.algorithm in ("maml", "anil"), "first-order-rounds",
              f"derivative-order annealing applies to maml and anil, not algorithm={self.algorithm!r} "
              "(metasgd learns its step sizes through the second-order path); set it to 0.")
+        need(self.step_sizes in STEP_SIZES, "step-sizes", f"choose one of {', '.join(STEP_SIZES)}.")
+        need(self.step_sizes == "per-element" or self.algorithm == "metasgd", "step-sizes",
+             f"learned step sizes belong to metasgd, not algorithm={self.algorithm!r}; leave it at per-element.")
         need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
         need(0 < self.spacing_mm <= 20, "spacing-mm", "must be a voxel size in mm in (0, 20], e.g. 3.0.")
         need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")
@@ -177,6 +182,11 @@ class RunConfig:
         return min(sampled, max(wanted, self.min_sites, 1))
 
     @property
+    def per_layer_steps(self) -> int:
+        """Inner steps with a learned step size each (MAML++ LSLR), or 0 for Meta-SGD's per-element ones."""
+        return self.inner_steps if self.step_sizes == "per-layer-step" else 0
+
+    @property
     def adaptation_steps(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.eval_steps.split(",") if s.strip())
 
@@ -207,8 +217,8 @@ class RunConfig:
         stop and a resume; what it holds may not.
         """
         relevant: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
-        for key in _HASHED_WHEN_SET:  # keys added later: at their default, a checkpoint from before them resumes
-            if relevant.get(key) == 0:
+        for key, default in _HASHED_WHEN_SET.items():  # keys added later: at their default, older checkpoints resume
+            if relevant.get(key) == default:
                 relevant.pop(key)
         if federation is not None:
             relevant["federation"] = federation

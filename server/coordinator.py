@@ -71,7 +71,7 @@ class Coordinator:
         params = initial_params(model)
         step_sizes = None
         if config.algorithm == "metasgd":
-            step_sizes = init_step_sizes(params, config.inner_lr)
+            step_sizes = init_step_sizes(params, config.inner_lr, per_layer_steps=config.per_layer_steps)
         self._expected = {
             key: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
             for key, t in pack_params_dict(params, step_sizes).items()

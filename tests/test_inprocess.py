@@ -280,3 +280,19 @@ def test_the_server_serves_operator_metrics_while_it_runs(smoke_federation, tmp_
     assert received > 0
     with pytest.raises(OSError):  # the endpoint closes with the run
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_per_layer_per_step_step_sizes_train_checkpoint_and_adapt_past_the_trained_steps(smoke_federation, tmp_path):
+    from fedmeta.common.adaptation import load_initialisation
+
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=2, eval_every=2, algorithm="metasgd",
+                         step_sizes="per-layer-step", inner_steps=2)
+    federate(config, smoke_federation)
+    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    for name, alpha in checkpoint.step_sizes.items():
+        assert alpha.shape == (2,) + (1,) * checkpoint.params[name].dim()
+    assert any(not torch.equal(a[0], a[1]) for a in checkpoint.step_sizes.values())  # each step learned its own
+    heldout = read_metrics(tmp_path / METRICS_NAME)[-1]["heldout"]  # 3 adaptation steps: the last rate reused
+    assert heldout["sites_answered"] >= 1 and 0 <= heldout["summary"]["dice-mean-3"] <= 1
+    init, _ = load_initialisation(tmp_path / CHECKPOINT_NAME)
+    assert set(init.inner_lr) == set(checkpoint.step_sizes)

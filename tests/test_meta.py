@@ -53,11 +53,13 @@ def reference_adapt(model, params, x, y, steps, alpha, loss_fn, names=None, crea
     """Plain-autograd SGD inner loop, independent of fedmeta.common.meta."""
     names = list(params) if names is None else names
     adapted = dict(params)
-    for _ in range(steps):
+    for step in range(steps):
         loss = loss_fn(functional_call(model, adapted, (x,)), y)
         grads = torch.autograd.grad(loss, [adapted[n] for n in names], create_graph=create_graph)
         for n, g in zip(names, grads):
             a = alpha[n] if isinstance(alpha, dict) else alpha
+            if isinstance(a, torch.Tensor) and a.dim() == g.dim() + 1:  # one rate per step (LSLR)
+                a = a[min(step, a.shape[0] - 1)]
             adapted[n] = adapted[n] - a * (g if create_graph else g.detach())
     return adapted
 
@@ -513,6 +515,54 @@ def test_maml_plus_plus_keys_at_their_default_leave_the_trajectory_hash_as_befor
 
     config = RunConfig(algorithm="maml")
     before = {k: v for k, v in asdict(config).items()
-              if k not in _NOT_HASHED and k not in ("multi_step_loss_rounds", "first_order_rounds")}
+              if k not in _NOT_HASHED and k not in ("multi_step_loss_rounds", "first_order_rounds", "step_sizes")}
     assert config.trajectory_hash() == hashlib.sha256(_json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert RunConfig(algorithm="maml", multi_step_loss_rounds=5).trajectory_hash() != config.trajectory_hash()
+
+
+def test_per_layer_per_step_step_sizes_match_finite_differences_and_equal_maml_when_equal(model, loss_fn):
+    """MAML++'s LSLR: one learned step size per parameter tensor and inner step."""
+    params, episode, steps = make_params(model), make_episode(21), 2
+    equal = init_step_sizes(params, 0.2, per_layer_steps=steps)
+    assert all(a.shape == (steps,) + (1,) * params[n].dim() for n, a in equal.items())
+    maml, _ = meta_gradient(model, params, [episode], algorithm="maml", inner_steps=steps, inner_lr=0.2, loss_fn=loss_fn)
+    lslr, _ = meta_gradient(model, params, [episode], algorithm="metasgd", inner_steps=steps, inner_lr=equal,
+                            loss_fn=loss_fn)
+    for n in params:
+        torch.testing.assert_close(lslr[n], maml[n], rtol=0, atol=1e-14)
+        assert lslr[f"lr.{n}"].shape == equal[n].shape
+    step_sizes = {n: a + 0.05 * torch.rand_like(a) for n, a in equal.items()}
+    grads, _ = meta_gradient(model, params, [episode], algorithm="metasgd", inner_steps=steps, inner_lr=step_sizes,
+                             loss_fn=loss_fn)
+    lr_grads = {n: grads[f"lr.{n}"] for n in params}
+    f = lambda alphas: query_loss_after_adaptation(model, params, episode, steps, alphas, loss_fn)  # noqa: E731
+    direction = random_direction(step_sizes, 7)
+    assert dot(lr_grads, direction) == pytest.approx(directional_fd(f, step_sizes, direction), rel=1e-6, abs=1e-9)
+    # Each step has its own rate: the two steps' gradients differ.
+    assert any(not torch.allclose(g[0], g[1]) for g in lr_grads.values())
+
+
+def test_adapting_in_parts_uses_each_steps_own_rate(model, loss_fn):
+    params, (support_x, support_y, _, _) = make_params(model), make_episode(22)
+    rates = {n: torch.tensor([0.3, 0.1, 0.05], dtype=p.dtype).reshape((3,) + (1,) * p.dim()) for n, p in params.items()}
+    whole = adapt(model, params, support_x, support_y, inner_steps=4, inner_lr=rates, loss_fn=loss_fn)
+    part = adapt(model, params, support_x, support_y, inner_steps=1, inner_lr=rates, loss_fn=loss_fn)
+    part = adapt(model, part, support_x, support_y, inner_steps=3, inner_lr=rates, loss_fn=loss_fn, first_step=1)
+    for n in params:
+        torch.testing.assert_close(part[n], whole[n], rtol=0, atol=1e-12)
+    wrong = adapt(model, params, support_x, support_y, inner_steps=1, inner_lr=rates, loss_fn=loss_fn)
+    wrong = adapt(model, wrong, support_x, support_y, inner_steps=3, inner_lr=rates, loss_fn=loss_fn)  # restarts at step 0
+    assert any(not torch.allclose(wrong[n], whole[n]) for n in params)
+
+
+def test_run_config_step_sizes_key():
+    from fedmeta.common.config import RunConfig
+
+    assert RunConfig(algorithm="metasgd", step_sizes="per-layer-step", inner_steps=3).per_layer_steps == 3
+    assert RunConfig(algorithm="metasgd").per_layer_steps == 0
+    with pytest.raises(ValueError, match="step-sizes.*maml"):
+        RunConfig(algorithm="maml", step_sizes="per-layer-step")
+    with pytest.raises(ValueError, match="step-sizes"):
+        RunConfig(algorithm="metasgd", step_sizes="per-layer")
+    assert (RunConfig(algorithm="metasgd", step_sizes="per-layer-step").trajectory_hash()
+            != RunConfig(algorithm="metasgd").trajectory_hash())

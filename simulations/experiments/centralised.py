@@ -83,7 +83,7 @@ def run_centralised(
     device = pick_device(config)
     model = seeded_model(config.model_config(), config.seed).to(device)
     params = {n: p.to(device) for n, p in initial_params(model).items()}
-    step_sizes = init_step_sizes(params, config.inner_lr) if config.algorithm == "metasgd" else None
+    step_sizes = init_step_sizes(params, config.inner_lr, per_layer_steps=config.per_layer_steps) if config.algorithm == "metasgd" else None
     optimizer = MetaOptimizer(params, optimizer=config.meta_optimizer, lr=config.meta_lr,
                               step_sizes=step_sizes, momentum=config.meta_momentum)
     pool = pool_sites(sites) if pooled else None
