@@ -15,6 +15,7 @@ site's own labels (``fedmeta.common.adaptation.score_site``, which ``fedmeta sim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default 0: every evaluation patient)")
     parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
     parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply the adaptation step size (the run's inner-lr, or Meta-SGD's learned rates) by "
+                             "this factor, e.g. to tune fine-tuning on a validation site (default 1)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.set_defaults(handler=evaluate)
 
@@ -90,7 +94,7 @@ def evaluate(args: argparse.Namespace) -> int:
         steps = parse_counts(args.steps, "--steps", minimum=0)
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
-            image_glob=args.image_glob, label_glob=args.label_glob,
+            image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
@@ -124,6 +128,7 @@ def evaluate_checkpoint(
     max_images: int | None = None,
     image_glob: str | None = None,
     label_glob: str | None = None,
+    lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
     from fedmeta.common.adaptation import load_initialisation, score_site
@@ -131,6 +136,12 @@ def evaluate_checkpoint(
     from fedmeta.common.model import build_model
 
     init, config = load_initialisation(checkpoint)
+    if not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise ValueError(f"--lr-scale {lr_scale}: must be a positive number, e.g. 0.5 or 2.")
+    if lr_scale != 1.0:
+        scaled = ({n: a * lr_scale for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict)
+                  else init.inner_lr * lr_scale)
+        init = dataclasses.replace(init, inner_lr=scaled, label=f"{init.label}, step size x{lr_scale:g}")
     data_config = config.data_config(
                              image_glob=image_glob, label_glob=label_glob)
     max_images = 0 if max_images is None else max_images
@@ -158,7 +169,7 @@ def evaluate_checkpoint(
         "initialisation": init.label,
         "algorithm": config.algorithm,
         "adaptation": {"inner_lr": "learned per parameter (Meta-SGD)" if isinstance(init.inner_lr, dict)
-                       else init.inner_lr, "head_only": init.head_only},
+                       else init.inner_lr, "lr_scale": lr_scale, "head_only": init.head_only},
         "shots": list(shots),
         "steps": list(steps),
         "seed": seed,

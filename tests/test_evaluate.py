@@ -85,7 +85,7 @@ def test_metasgd_adapts_with_its_learned_step_sizes_and_anil_with_its_head(train
     metasgd = evaluate_checkpoint(trained["metasgd"], [info.path], shots=[2], steps=[0, 2], max_images=16)
     assert metasgd["adaptation"]["inner_lr"] == "learned per parameter (Meta-SGD)"
     anil = evaluate_checkpoint(trained["anil"], [info.path], shots=[2], steps=[0, 2], max_images=16)
-    assert anil["adaptation"] == {"inner_lr": 0.1, "head_only": True}
+    assert anil["adaptation"] == {"inner_lr": 0.1, "lr_scale": 1.0, "head_only": True}
     for results in (metasgd, anil):
         curve = results["sites"][info.name]["dice"]["2"]
         assert curve["0"]["dice"] != curve["2"]["dice"], "adaptation changed nothing"
@@ -122,6 +122,7 @@ def test_paired_glob_folder_like_real_hospital_data(trained, smoke_federation, t
         (["--shots", "0,5"], "--shots '0,5': expected comma-separated integers >= 1"),
         (["--steps", "five"], "--steps 'five': expected comma-separated integers >= 0"),
         (["--shots", "500"], "fewer than k=500"),
+        (["--lr-scale", "0"], "--lr-scale 0.0: must be a positive number"),
     ],
 )
 def test_bad_input_names_the_problem(trained, smoke_federation, tmp_path, capsys, args, message):
@@ -138,3 +139,15 @@ def test_bad_input_names_the_problem(trained, smoke_federation, tmp_path, capsys
 def test_parse_counts_sorts_and_dedups():
     assert parse_counts("10,1,5,5", "--shots", minimum=1) == [1, 5, 10]
     assert torch.tensor(parse_counts("0", "--steps", minimum=0)).tolist() == [0]
+
+
+def test_lr_scale_scales_the_adaptation_step_for_plain_and_learned_rates(trained, smoke_federation):
+    info = load_manifest(smoke_federation).heldout_sites[0]
+    for algorithm in ("fomaml", "metasgd"):
+        plain = evaluate_checkpoint(trained[algorithm], [info.path], shots=[2], steps=[0, 2], max_images=16)
+        scaled = evaluate_checkpoint(trained[algorithm], [info.path], shots=[2], steps=[0, 2], max_images=16,
+                                     lr_scale=3.0)
+        assert scaled["adaptation"]["lr_scale"] == 3.0 and "x3" in scaled["initialisation"]
+        before, after = (r["sites"][info.name]["dice"]["2"] for r in (plain, scaled))
+        assert before["0"]["dice"] == after["0"]["dice"]  # θ itself is the same
+        assert before["2"]["per_patient"] != after["2"]["per_patient"]
