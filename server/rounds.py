@@ -257,14 +257,18 @@ def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfi
                             sleep: Callable[[float], None] = time.sleep) -> None:
     """Until ``min-sites`` training sites answered the role query (held-out ones do not count).
 
-    Waits up to ``node-wait-timeout`` for nodes to connect, and for role queries already out up to
+    Once min-sites is reached, the nodes already asked still get up to ``round-deadline`` to answer,
+    so that every site connected at the start is in round 1 (in a simulation all are, whatever the
+    order their answers arrive in: the sampling then repeats run after run). Waits up to
+    ``node-wait-timeout`` for nodes to connect, and for role queries already out up to
     ``round-timeout`` more; then fails with the counts, because a run that cannot reach min-sites
     would skip every round.
     """
     began = clock()
     while True:
         membership.refresh(grid)
-        if len(membership.training()) >= config.min_sites:
+        if len(membership.training()) >= config.min_sites and (
+                not membership.asking() or clock() - began >= config.round_deadline):
             return
         waited = clock() - began
         if waited >= config.node_wait_timeout and (not membership.asking()

@@ -7,6 +7,7 @@ a real loopback deployment: tests/test_deployment.py and ``python -m fedmeta.sim
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -135,3 +136,12 @@ def test_the_run_starts_only_with_min_sites_training_sites(smoke_federation, tmp
     n_train = len(load_manifest(smoke_federation).train_sites)
     with pytest.raises(RuntimeError, match=rf"{n_train} training site\(s\).*fewer than min-sites={n_train + 1}"):
         run(smoke_federation, tmp_path, {}, num_rounds=1, min_sites=n_train + 1)
+
+
+def test_a_site_that_never_answers_the_role_query_delays_the_start_by_the_deadline_only(smoke_federation, tmp_path):
+    n_train = len(load_manifest(smoke_federation).train_sites)
+    hang = {(-1, "query"): lambda grid: grid.hang(node_of(grid, 0))}
+    began = time.monotonic()
+    _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=1.0, round_timeout=60.0)
+    assert time.monotonic() - began < 30
+    assert records[1]["sites_sampled"] == n_train - 1 and records[1]["dropped"] == []
