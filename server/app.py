@@ -77,6 +77,7 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
         operator.replies(collected.messages)
         outcome = coordinator.apply_train_replies(server_round, chosen, collected)
         membership.record(chosen, outcome.accepted)
+        membership.expect_late(collected, f"round {server_round}")
         operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
             "round": server_round,
@@ -135,6 +136,7 @@ def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, membershi
     operator.replies(collected.messages)
     evaluation = coordinator.collect_evaluation(server_round, nodes, collected)
     membership.record(nodes, evaluation.accepted)
+    membership.expect_late(collected, f"the evaluation of round {server_round}")
     operator.evaluation(evaluation.metrics, config.adaptation_steps, dice_mean_key)
     return evaluation
 

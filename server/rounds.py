@@ -53,6 +53,7 @@ class Collected:
     unanswered: list[int] = field(default_factory=list)  # asked, still silent when the round closed
     closed_by: str = "all"  # all | deadline | timeout
     seconds: float = 0.0
+    outstanding: dict[str, int] = field(default_factory=dict)  # message id -> node, unanswered at the close
 
     @property
     def messages(self) -> list[Message]:
@@ -123,6 +124,7 @@ def collect(
             break
         sleep(POLL_S)
     result.unanswered.extend(pending.values())
+    result.outstanding = dict(pending)
     result.seconds = clock() - began
     return result
 
@@ -144,6 +146,7 @@ class Membership:
         self.sites: dict[int, Site] = {}
         self.refused: set[int] = set()  # answered the role query unusably; logged once, not asked again
         self._asked: dict[str, tuple[int, float]] = {}  # role-query message id -> (node, when asked)
+        self._late: dict[str, tuple[int, str, float]] = {}  # message id -> (node, what it was, when the round closed)
         self._clock = time.monotonic
 
     # -- who may take part ------------------------------------------------------------------------
@@ -192,6 +195,33 @@ class Membership:
                 asked = self._asked.pop(reply.metadata.reply_to_message_id, None)
                 if asked is not None:
                     self._admit(asked[0], reply)
+        self._take_late_replies(grid, now)
+
+    def expect_late(self, collected: Collected, what: str) -> None:
+        """Keeps listening for the replies a closed round did not wait for (until their ttl ends)."""
+        closed = self._clock()
+        for message_id, node_id in collected.outstanding.items():
+            self._late[message_id] = (node_id, what, closed)
+
+    def _take_late_replies(self, grid: Grid, now: float) -> None:
+        """A reply after the round closed: the site is alive but slower than round-deadline. It is not
+        a missed round (the site is not benched), and the operator learns what to change."""
+        for message_id, (_node, _what, closed) in list(self._late.items()):
+            if now - closed > self.config.round_timeout:
+                del self._late[message_id]  # its ttl ran out: no reply will come
+        if not self._late:
+            return
+        for reply in grid.pull_messages(list(self._late)):
+            late = self._late.pop(reply.metadata.reply_to_message_id, None)
+            if late is None or (reply.has_error() and reply.error.code in (*_NODE_GONE, *_EXPIRED)):
+                continue
+            node_id, what, closed = late
+            site = self.sites.get(node_id)
+            if site is not None:
+                site.missed = 0
+            log.warning("node %d answered %s %.0f s after the round had closed: its rounds take longer than "
+                        "round-deadline=%gs, so its work is lost; raise round-deadline above its round time",
+                        node_id, what, now - closed, self.config.round_deadline)
 
     def record(self, asked: Iterable[int], answered: Iterable[int]) -> None:
         """Counts the rounds each asked site missed in a row; benches a site at max-missed-rounds."""

@@ -115,7 +115,7 @@ def test_sites_that_connect_late_join_training_and_evaluation(smoke_federation, 
     assert partition_of(grid, joined["train"]) == late_train
 
 
-def test_a_site_that_misses_rounds_is_benched_then_probed_back(smoke_federation, tmp_path):
+def test_a_site_that_misses_rounds_is_benched_then_probed_back(smoke_federation, tmp_path, caplog):
     n_train = len(load_manifest(smoke_federation).train_sites)
     hung: list[int] = []
 
@@ -130,6 +130,8 @@ def test_a_site_that_misses_rounds_is_benched_then_probed_back(smoke_federation,
     # Round 3's probe reaches it once it answers again: sampled again from round 4.
     assert records[4]["sites_sampled"] == n_train and "benched" not in records[4]
     assert records[5]["sites_answered"] == n_train
+    # Its replies to rounds 1 and 2 arrived after those rounds closed: the operator is told why they were lost.
+    assert any("answered round 1" in r.message and "raise round-deadline" in r.message for r in caplog.records)
 
 
 def test_the_run_starts_only_with_min_sites_training_sites(smoke_federation, tmp_path):
