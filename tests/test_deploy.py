@@ -110,3 +110,28 @@ def test_images_run_the_loopback_tests_commands_on_the_pinned_flower_as_non_root
         assert version.rsplit(".", 1)[0] == flwr.__version__.rsplit(".", 1)[0], (dockerfile, version, flwr.__version__)
         assert re.findall(r"^USER (\S+)", text, flags=re.M)[-1] == "49999"  # Flower's non-root user
         assert "TORCH_INDEX_URL" in text  # CUDA torch as a build argument
+
+
+def test_only_the_fleet_api_faces_the_sites():
+    """Flower 1.41 serves Fleet, Control and Runtime APIs on one port: the public port is a proxy that passes
+    the Fleet API only (the paths a SuperNode uses), and the SuperLink's own port stays on loopback."""
+    import inspect
+
+    from flwr.supernode import fleet_http_client
+
+    services = _compose(DEPLOY / "coordinator/compose.yaml")["services"]
+    assert services["superlink"]["ports"] == ["127.0.0.1:8001:8000"]
+    assert services["fleet-proxy"]["ports"] == ["8000:8000"]
+    published = [p for s in services.values() for p in s.get("ports", []) if not p.startswith("127.0.0.1:")]
+    assert published == ["8000:8000"]
+    template = (DEPLOY / "coordinator/fleet-proxy.conf.template").read_text()
+    locations = re.findall(r"location\s+(\S+)\s*\{([^}]*)\}", template)
+    passed = [path for path, body in locations if "proxy_pass" in body]
+    assert passed == ["/v1/fleet/"]
+    assert all("return 403" in body for path, body in locations if path != "/v1/fleet/")
+    assert "proxy_ssl_verify       on" in template and "listen 8000 ssl" in template
+    mounted = {v.split(":")[0].removeprefix("./") for v in services["fleet-proxy"]["volumes"]}
+    assert mounted == {"fleet-proxy.conf.template"}
+    # Every path the installed SuperNode calls is under the passed prefix.
+    used = set(re.findall(r'path="(/v1/[a-z-]+/)', inspect.getsource(fleet_http_client)))
+    assert used == {"/v1/fleet/"}, used
