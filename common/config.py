@@ -72,7 +72,7 @@ class RunConfig:
     device: str = "auto"
     round_timeout: float = 600.0  # a round never waits longer than this for its replies
     round_deadline: float = 120.0  # after this, a round closes as soon as round-quorum sites answered
-    round_quorum: float = 0.5  # < 1: fraction of the sampled sites; >= 1: a count of sites
+    round_quorum: float = 0.5  # <= 1: fraction of the sampled sites (1 = all); > 1: a count of sites
     max_missed_rounds: int = 3  # a site that misses this many rounds in a row is left out until it answers again
     node_wait_timeout: float = 120.0
     metrics_port: int = 0  # the ServerApp's Prometheus /metrics port; 0 = off
@@ -124,10 +124,17 @@ class RunConfig:
         need(self.eval_k_shot >= 1, "eval-k-shot", "must be >= 1.")
         need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
         need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation patient).")
+        for key in ("round-timeout", "round-deadline", "round-quorum", "node-wait-timeout", "max-weight-ratio",
+                    "inner-lr", "meta-lr", "proximal-mu", "spacing-mm"):
+            need(math.isfinite(getattr(self, key.replace("-", "_"))), key, "must be a finite number.")
         need(self.round_timeout > 0, "round-timeout", "must be > 0 seconds.")
+        need(self.sites_per_round == 0 or self.sites_per_round >= self.min_sites, "sites-per-round",
+             f"samples fewer sites than min-sites={self.min_sites}, so no round could update θ; sample at least "
+             "min-sites (or 0 for every training site).")
         need(self.round_deadline > 0, "round-deadline", "must be > 0 seconds (at most round-timeout to matter).")
         need(self.round_quorum > 0 and (self.round_quorum <= 1 or self.round_quorum == int(self.round_quorum)),
-             "round-quorum", "must be a fraction of the sampled sites in (0, 1] or a whole number of sites >= 1.")
+             "round-quorum", "must be a fraction of the sampled sites in (0, 1] (1 = every sampled site) or a whole "
+             "number of sites >= 2.")
         need(self.max_missed_rounds >= 0, "max-missed-rounds",
              "must be >= 0 (0: a site that misses rounds is never left out).")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")

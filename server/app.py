@@ -107,23 +107,26 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
 
 
 def _training_nodes(grid: Grid, membership: Membership, config: RunConfig) -> list[int]:
-    """The training sites that may be sampled now; waits up to node-wait-timeout when none is left."""
+    """The training sites that may be sampled now. Fewer than min-sites (left, or benched after missing
+    rounds) and no round could update θ: wait up to node-wait-timeout (benched sites get round-timeout
+    to answer their probe), then stop with the checkpoint in place rather than run rounds that do nothing."""
     membership.refresh(grid)
     nodes = membership.training()
-    if nodes:
+    if len(nodes) >= config.min_sites:
         return nodes
-    log.warning("no training site is available (left, or benched after missing rounds); waiting up to "
-                "node-wait-timeout=%gs for one", config.node_wait_timeout)
+    log.warning("%d training site(s) available, fewer than min-sites=%d (others left, or are benched after missing "
+                "rounds); waiting up to node-wait-timeout=%gs", len(nodes), config.min_sites, config.node_wait_timeout)
     deadline = time.monotonic() + max(config.node_wait_timeout, config.round_timeout if membership.benched() else 0)
     while time.monotonic() < deadline:
         time.sleep(POLL_S)
         membership.refresh(grid)
         nodes = membership.training()
-        if nodes:
+        if len(nodes) >= config.min_sites:
             return nodes
     raise RuntimeError(
-        f"no training site has been available for node-wait-timeout={config.node_wait_timeout:g}s (all left the "
-        "federation or stopped answering); θ is checkpointed: restart the sites and resume with resume=true."
+        f"only {len(nodes)} training site(s) available for node-wait-timeout={config.node_wait_timeout:g}s, fewer "
+        f"than min-sites={config.min_sites} ({len(membership.benched())} benched after missing rounds); no round could "
+        "update θ. θ is checkpointed: bring the sites back and resume with resume=true."
     )
 
 

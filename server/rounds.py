@@ -10,7 +10,7 @@ reply from a node this round did not ask". Here the ServerApp pushes and pulls i
   ``round-timeout`` whatever happened. Messages carry ``ttl = round-timeout``, so a site that wakes
   up later does not train on a round long gone.
 * :class:`Membership` re-reads the SuperLink's node list every round: a node that connects late (or
-  a restarted SuperNode, which gets a new node id) is asked its role and joins the next round; a
+  comes back after a restart) is asked its role and joins the next round; a
   node that left is no longer sampled; a site that missed ``max-missed-rounds`` rounds in a row is
   benched and probed with the (cheap, data-free) role query each round until it answers again.
 """
@@ -144,7 +144,11 @@ class Membership:
     def __init__(self, config: RunConfig):
         self.config = config
         self.sites: dict[int, Site] = {}
-        self.refused: set[int] = set()  # answered the role query unusably; logged once, not asked again
+        # Nodes whose role answer was unusable -> (when to ask again, the problem). An error can pass (data not
+        # mounted yet), and in Flower 1.41 a restarted SuperNode keeps its node id (one per registered key), so
+        # no node is shut out for good: a failed query is asked again after round-deadline, an unusable answer
+        # (another protocol, malformed fields) after 5 x round-deadline.
+        self.refused: dict[int, tuple[float, str]] = {}
         self._asked: dict[str, tuple[int, float]] = {}  # role-query message id -> (node, when asked)
         self._late: dict[str, tuple[int, str, float]] = {}  # message id -> (node, what it was, when the round closed)
         self._clock = time.monotonic
@@ -174,14 +178,14 @@ class Membership:
             site = self.sites.pop(node_id)
             log.warning("node %d (%s site, key %d) left the federation; it is no longer sampled",
                         node_id, site.role, site.key)
-        self.refused &= online
+        self.refused = {n: r for n, r in self.refused.items() if n in online}
         now = self._clock()
         for message_id, (node_id, asked_at) in list(self._asked.items()):
             if node_id not in online or now - asked_at > self.config.round_timeout:
                 del self._asked[message_id]  # gone, or never answered: ask again if it is still there
         waiting = {node_id for node_id, _ in self._asked.values()}
         to_ask = [n for n in sorted(online)
-                  if n not in waiting and n not in self.refused
+                  if n not in waiting and (n not in self.refused or now >= self.refused[n][0])
                   and (n not in self.sites or self._is_benched(self.sites[n]))]
         if to_ask:
             query = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 0, **version_stamp()})})
@@ -216,6 +220,10 @@ class Membership:
             if late is None or (reply.has_error() and reply.error.code in (*_NODE_GONE, *_EXPIRED)):
                 continue
             node_id, what, closed = late
+            if reply.has_error():  # it failed after the round closed: a site failure, not a slow site
+                log.warning("node %d failed %s after the round had closed: %s", node_id, what,
+                            str(reply.error.reason)[:200])
+                continue
             site = self.sites.get(node_id)
             if site is not None:
                 site.missed = 0
@@ -248,38 +256,49 @@ class Membership:
         return sorted(nodes, key=lambda n: (self.sites[n].key, n))
 
     def _admit(self, node_id: int, reply: Message) -> None:
-        problem, role, key = _role_of(reply)
+        problem, lasting, role, key = _role_of(reply)
         if problem:
-            log.warning("node %d %s; leaving it out of this run", node_id, problem)
-            self.refused.add(node_id)
+            earlier = self.refused.get(node_id)
+            if earlier is None or earlier[1] != problem:  # each new problem once, not every retry
+                log.warning("node %d %s; leaving it out until it answers the role query usably", node_id, problem)
+            wait = self.config.round_deadline * (5 if lasting else 1)
+            self.refused[node_id] = (self._clock() + wait, problem)
             self.sites.pop(node_id, None)
             return
+        if self.refused.pop(node_id, None) is not None:
+            log.info("node %d now answers the role query", node_id)
         known = self.sites.get(node_id)
         if known is not None and self._is_benched(known):
             log.info("node %d (site key %d) answers again; it is sampled again", node_id, key)
         elif known is None:
             log.info("node %d joined as a %s site (key %d)", node_id, role, key)
+        elif known.role != role:
+            log.info("node %d is now a %s site (was %s)", node_id, role, known.role)
         self.sites[node_id] = Site(role, key)
 
 
-def _role_of(reply: Message) -> tuple[str, str, int]:
-    """(problem, role, site key) from a role-query reply; ``problem`` is empty for a usable one."""
+def _role_of(reply: Message) -> tuple[str, bool, str, int]:
+    """(problem, whether it lasts, role, site key) from a role-query reply; ``problem`` is empty for a usable one.
+
+    An error reply may pass (the site's data not mounted yet); another protocol version or malformed
+    fields last until the site is changed.
+    """
     if reply.has_error():
-        return f"did not answer the role query ({str(reply.error.reason)[:200]})", "", 0
+        return f"did not answer the role query ({str(reply.error.reason)[:200]})", False, "", 0
     if not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
-        return "did not answer the role query (no metrics in the reply)", "", 0
+        return "did not answer the role query (no metrics in the reply)", True, "", 0
     metrics = reply.content.metric_records[METRICS_RECORD]
     version = metrics.get(PROTOCOL_VERSION_KEY)
     if version != PROTOCOL_VERSION:
         return (f"speaks fedmeta protocol {version!r}, this server {PROTOCOL_VERSION} (install the same fedmeta "
-                "release at the site and the server)"), "", 0
+                "release at the site and the server)"), True, "", 0
     flag = metrics.get(ROLE_METRIC)
     if flag not in (0, 1):
-        return f"sent role flag {flag!r}", "", 0
+        return f"sent role flag {flag!r}", True, "", 0
     key = metrics.get(SITE_KEY_METRIC, 0)
     if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key) or key != int(key):
-        return f"sent site key {key!r}, not a whole number", "", 0
-    return "", ROLE_HELDOUT if flag == 1 else ROLE_TRAIN, int(key)
+        return f"sent site key {key!r}, not a whole number", True, "", 0
+    return "", False, ROLE_HELDOUT if flag == 1 else ROLE_TRAIN, int(key)
 
 
 def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfig,
@@ -295,14 +314,15 @@ def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfi
     would skip every round.
     """
     began = clock()
+    settle = min(config.round_deadline, config.round_timeout)
     while True:
         membership.refresh(grid)
-        if len(membership.training()) >= config.min_sites and (
-                not membership.asking() or clock() - began >= config.round_deadline):
-            return
         waited = clock() - began
-        if waited >= config.node_wait_timeout and (not membership.asking()
-                                                    or waited >= config.node_wait_timeout + config.round_timeout):
+        if len(membership.training()) >= config.min_sites:
+            if not membership.asking() or waited >= settle:
+                return
+        elif waited >= config.node_wait_timeout and (not membership.asking()
+                                                      or waited >= config.node_wait_timeout + config.round_timeout):
             break
         sleep(POLL_S)
     raise RuntimeError(

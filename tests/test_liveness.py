@@ -147,3 +147,36 @@ def test_a_site_that_never_answers_the_role_query_delays_the_start_by_the_deadli
     _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=1.0, round_timeout=60.0)
     assert time.monotonic() - began < 30
     assert records[1]["sites_sampled"] == n_train - 1 and records[1]["dropped"] == []
+
+
+def test_fewer_than_min_sites_left_mid_run_stops_the_run_with_theta_checkpointed(smoke_federation, tmp_path):
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    n_train = len(load_manifest(smoke_federation).train_sites)
+    with pytest.raises(RuntimeError, match=rf"only {n_train - 1} training site\(s\) available.*min-sites={n_train}"):
+        run(smoke_federation, tmp_path, {(2, "train"): lambda grid: grid.remove_node(node_of(grid, 0))},
+            num_rounds=4, min_sites=n_train, node_wait_timeout=0.5)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 2  # round 2 ran (without an update), then it stopped
+
+
+def test_a_site_whose_role_query_failed_once_is_asked_again(smoke_federation, tmp_path):
+    from fedmeta.client.app import app as client_app
+
+    n_train = len(load_manifest(smoke_federation).train_sites)
+    failed = []
+
+    def flaky(message, context):
+        if message.metadata.message_type == "query" and context.node_config["partition-id"] == 0 and not failed:
+            failed.append(True)
+            raise OSError("the data volume is not mounted yet")
+        return client_app(message, context)
+
+    manifest = load_manifest(smoke_federation)
+    total = len(manifest.train_sites) + len(manifest.heldout_sites)
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=4, round_deadline=0.01)
+    result = run_inprocess(config.to_run_config(), simulation_node_configs(total), client_app=flaky,
+                           grid_class=EventfulGrid)
+    records = {r["round"]: r for r in read_metrics(tmp_path / METRICS_NAME)}
+    assert failed and records[1]["sites_sampled"] == n_train - 1
+    assert records[4]["sites_sampled"] == n_train, [records[r]["sites_sampled"] for r in records]
+    assert result.grid is not None

@@ -43,6 +43,11 @@ def test_values_from_toml_and_the_command_line_are_coerced():
         ("device", "tpu", "auto, cpu, cuda"),
         ("resume", "maybe", "true or false"),
         ("model-norm", "batch", "BatchNorm"),
+        ("round-quorum", 1.5, "whole number of sites"),
+        ("round-quorum", float("inf"), "finite"),
+        ("round-timeout", float("inf"), "finite"),
+        ("round-deadline", 0, "> 0 seconds"),
+        ("max-missed-rounds", -1, ">= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_problem(key, value, words):
@@ -70,3 +75,11 @@ def test_model_config_follows_the_width_and_depth_keys():
     assert model.channels == (8, 16, 32)
     assert model.strides == (2, 2)
     assert model.out_channels == 3
+
+
+def test_a_round_sampling_fewer_sites_than_min_sites_is_refused_and_quorum_counts_sites():
+    with pytest.raises(ValueError, match="sites-per-round.*min-sites=3"):
+        RunConfig(min_sites=3, sites_per_round=2)
+    assert RunConfig(round_quorum=0.5).quorum(4) == 2 and RunConfig(round_quorum=1.0).quorum(4) == 4
+    assert RunConfig(round_quorum=3).quorum(4) == 3 and RunConfig(round_quorum=9).quorum(4) == 4
+    assert RunConfig(round_quorum=0.1, min_sites=2).quorum(4) == 2  # never below min-sites

@@ -46,6 +46,7 @@ from types import TracebackType
 
 import tomli_w
 
+from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY
 from fedmeta.simulations.engines.processes import TAG_VAR, stop_processes
 
@@ -102,12 +103,16 @@ def run_simulation_engine(
         timeout_s: wall-clock limit for the whole run; on expiry the run is stopped.
         flwr_home: FLWR_HOME to use (kept afterwards, for inspection); a temporary one otherwise.
 
-    Returns the RunOutcome of a run that finished as completed; raises RuntimeError with the
+    ``round-deadline`` is set to ``round-timeout``: every sampled site is waited for, so which sites
+    a round aggregates does not depend on Ray's timing. Returns the RunOutcome of a run that finished as completed; raises RuntimeError with the
     status and the tail of the log otherwise. Every process the run started is stopped before
     this returns or raises.
     """
     app_dir = _check_app_dir(app_dir)
     _checked_run_config(run_config)
+    # A simulation waits for every sampled site (a round closes at round-deadline only in deployments):
+    # on Ray, which sites finish first depends on timing, and a run must repeat bit for bit.
+    run_config = {**run_config, "round-deadline": run_config.get("round-timeout", RunConfig().round_timeout)}
     if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
     if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
