@@ -168,6 +168,11 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
 
     for name in server_names:  # refused before anything is written, so a failure leaves no half-made CA
         _alt_name(name)
+    for name in {*sites, *rekey_sites, *(registry.get("sites", {}) if force else {})}:
+        bundle = out / "sites" / name
+        if bundle.exists() and not bundle.is_dir():
+            raise FileExistsError(f"{bundle} is a file, not a site bundle folder; move it away and run again "
+                                  "(nothing was written).")
     server_dir = out / "superlink"
     names = list(server_names) or registry.get("server_names", [])
     if not names:
@@ -195,11 +200,16 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     registry.setdefault("sites", {})
     # --force: a new CA invalidates every bundle's ca.crt, so every active site gets a new bundle.
     issue = list(dict.fromkeys([*sites, *rekey_sites, *(registry["sites"] if force else [])]))
+    issued: set[str] = set()
     for name in issue:
         bundle = out / "sites" / name
-        if (bundle / "site.key").exists() and not (force or name in rekey_sites):
-            result.kept.append(str(bundle))
+        # A site exists when the registry has it (its bundle folder may have been handed over and removed
+        # here): its key is replaced only on request.
+        if (name in registry["sites"] or (bundle / "site.key").exists()) and not (force or name in rekey_sites):
+            result.kept.append(str(bundle) + ("" if (bundle / "site.key").exists()
+                                              else " (registered; its bundle is not here: --rekey-site makes a new one)"))
             continue
+        issued.add(name)
         public = _site_bundle(bundle, name, address, out / "ca" / "ca.crt")
         registry.get("revoked", {}).pop(name, None)  # --force reissued a revoked name: a new identity
         previous = registry["sites"].get(name)
@@ -209,7 +219,7 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
             result.rekeyed.append(name)
         result.created.append(str(bundle))
     if moved:  # the sites dial a new address: their scripts must say so (keys and CA are unchanged)
-        for name in sorted(set(registry["sites"]) - set(issue)):
+        for name in sorted(set(registry["sites"]) - issued):
             if (out / "sites" / name).is_dir():
                 _write_bundle_files(out / "sites" / name, name, address)
                 result.created.append(f"{out / 'sites' / name} (address now {address}; hand the site its new start "
@@ -412,16 +422,26 @@ DATA_DIR="$(cd "${{1:?usage: start-site.sh DATA_DIR}}" && pwd)"
 NODE_CONFIG="data-dir=\\"$DATA_DIR\\""
 if [ -n "${{METRICS_PORT:-}}" ]; then
   METRICS_DIR="${{METRICS_DIR:-$HERE/metrics}}"
-  fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT" &
-  EXPORTER=$!
-  trap 'kill "$EXPORTER" 2>/dev/null || true' EXIT INT TERM
   NODE_CONFIG="$NODE_CONFIG metrics-dir=\\"$METRICS_DIR\\""
 fi
-flower-supernode \\
+set -- flower-supernode \\
   --superlink {address} \\
   --root-certificates "$HERE/ca.crt" \\
   --auth-supernode-private-key "$HERE/site.key" \\
   --node-config "$NODE_CONFIG"
+if [ -z "${{METRICS_PORT:-}}" ]; then
+  exec "$@"  # the SuperNode takes this process: a supervisor's signals reach it
+fi
+fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT" &
+EXPORTER=$!
+"$@" &
+SUPERNODE=$!
+trap 'kill "$SUPERNODE" "$EXPORTER" 2>/dev/null || true' INT TERM
+STATUS=0
+wait "$SUPERNODE" || STATUS=$?
+kill "$SUPERNODE" "$EXPORTER" 2>/dev/null || true
+wait "$SUPERNODE" 2>/dev/null || true
+exit "$STATUS"
 """
 
 _SITE_COMPOSE = """# One hospital's SuperNode. Start: docker compose up -d  (DATA_DIR: the site's MSD-layout folder).

@@ -49,7 +49,8 @@ def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, t
     bundle = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out / "sites/a"
     bundled = _compose(bundle / "compose.yaml")["services"]["supernode"]
     script_text = (bundle / "start-site.sh").read_text()
-    script = re.findall(r"(--[a-z0-9-]+)", script_text[script_text.index("\nflower-supernode"):])
+    supernode_block = script_text[script_text.index("set -- flower-supernode"):]
+    script = re.findall(r"(--[a-z0-9-]+)", supernode_block[:supernode_block.index('--node-config "$NODE_CONFIG"') + 20])
     exporter_script = re.findall(r"(--[a-z0-9-]+)", re.search(r"fedmeta site-metrics (.*)", script_text).group(1))
     containers = {c["name"]: c for c in k8s["spec"]["template"]["spec"]["containers"]}
     checks = [

@@ -154,3 +154,71 @@ def test_a_bad_server_name_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="DNS name"):
         provision(out, server_names=["ünï.org"], force=True)
     assert (out / "ca/ca.crt").read_bytes() == ca  # a failed --force leaves the consortium as it was
+
+
+def test_a_named_kept_site_follows_the_new_address_and_a_registered_site_is_never_silently_rekeyed(tmp_path):
+    out = tmp_path / "c"
+    provision(out, server_names=["old.example.org"], sites=["alpha", "beta"])
+    alpha_fingerprint = json.loads((out / "registry.json").read_text())["sites"]["alpha"]["public_key_sha256"]
+    provision(out, server_names=["new.example.org"], reissue_server=True, sites=["alpha", "gamma"])
+    for name in ("alpha", "beta", "gamma"):
+        assert "new.example.org:8000" in (out / f"sites/{name}/start-site.sh").read_text(), name
+    import shutil
+
+    shutil.rmtree(out / "sites/alpha")  # handed over and removed from the coordinator's disk
+    result = provision(out, sites=["alpha", "beta"])
+    assert any("alpha" in k and "--rekey-site" in k for k in result.kept) and not result.rekeyed
+    assert json.loads((out / "registry.json").read_text())["sites"]["alpha"]["public_key_sha256"] == alpha_fingerprint
+
+
+def test_a_failed_force_writes_nothing(tmp_path):
+    out = tmp_path / "c"
+    provision(out, server_names=["localhost"], sites=["a", "b"])
+    import shutil
+
+    shutil.rmtree(out / "sites/b")
+    (out / "sites/b").write_text("not a folder")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        provision(out, force=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("metrics", [False, True])
+def test_the_start_script_hands_a_supervisors_signal_to_the_supernode(tmp_path, metrics):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("flower-supernode", "fedmeta"):  # stand-ins that record their pid and wait for a signal
+        (bin_dir / name).write_text(f'#!/bin/sh\necho $$ >> "{tmp_path}/{name}.pids"\nexec sleep 60\n')
+        (bin_dir / name).chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    if metrics:
+        env["METRICS_PORT"] = "9101"
+    script = subprocess.Popen([str(out / "sites/a/start-site.sh"), str(data)], env=env)
+    deadline = time.monotonic() + 20
+    wanted = ["flower-supernode"] + (["fedmeta"] if metrics else [])
+    while time.monotonic() < deadline and not all((tmp_path / f"{n}.pids").exists() for n in wanted):
+        time.sleep(0.1)
+    children = {n: int((tmp_path / f"{n}.pids").read_text().split()[0]) for n in wanted}
+    if not metrics:
+        assert children["flower-supernode"] == script.pid  # exec: the SuperNode is the script's process
+    script.send_signal(signal.SIGTERM)
+    script.wait(timeout=20)
+    time.sleep(0.3)
+    for name, pid in children.items():
+        try:
+            os.kill(pid, 0)
+            alive = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, f"{name} kept running after the start script was stopped"
