@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -31,6 +32,7 @@ log = logging.getLogger("fedmeta.client")
 
 METRICS_DIR_KEY = "metrics-dir"  # node config: the folder the ClientApp records into
 STATE_NAME = "site-metrics.json"
+_KINDS = ("query", "train", "evaluate")
 
 # The exported series (as a scrape shows them); deploy/ dashboards query only these.
 SITE_METRIC_NAMES = (
@@ -88,22 +90,60 @@ def _locked_state(folder: Path) -> Iterator[dict[str, Any]]:
             state = read_state(folder)
             yield state
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".site-metrics-", suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(state, handle, allow_nan=False)
-            os.replace(tmp, folder / STATE_NAME)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(state, handle, allow_nan=False)
+                os.replace(tmp, folder / STATE_NAME)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_MOST = 1e15  # far above any count or second total a site reaches; keeps every value a plain finite float
+
+
+def _number(value: Any, *, integer: bool = False) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and abs(value) > _MOST:  # a 400-digit integer would overflow a float later
+        return None
+    if not math.isfinite(value) or not 0 <= value <= _MOST or (integer and value != int(value)):
+        return None
+    return int(value) if integer else float(value)
+
+
 def read_state(folder: Path) -> dict[str, Any]:
-    """The recorded state (empty when nothing was recorded yet, or the file is unreadable)."""
+    """The recorded state, every entry checked (a file that is missing, unreadable or tampered with
+    yields what is valid in it, and nothing else: recording and scraping never fail on it)."""
     state = _empty_state()
     try:
-        loaded = json.loads((Path(folder) / STATE_NAME).read_text())
-    except (OSError, ValueError):
+        loaded = json.loads((Path(folder) / STATE_NAME).read_text(), parse_constant=lambda _: None)
+    except (OSError, ValueError, RecursionError):
         return state
-    if isinstance(loaded, dict):
-        state.update({k: v for k, v in loaded.items() if k in state and isinstance(v, type(state[k]))})
+    if not isinstance(loaded, dict):
+        return state
+    for key, count in (loaded.get("messages") or {}).items() if isinstance(loaded.get("messages"), dict) else ():
+        kind, _, outcome = str(key).partition("/")
+        if kind in _KINDS and outcome in ("ok", "error") and _number(count, integer=True) is not None:
+            state["messages"][key] = _number(count, integer=True)
+    seconds = loaded.get("message_seconds")
+    for kind, pair in (seconds.items() if isinstance(seconds, dict) else ()):
+        if (kind in _KINDS and isinstance(pair, list) and len(pair) == 2 and _number(pair[0]) is not None
+                and _number(pair[1], integer=True) is not None):
+            state["message_seconds"][kind] = [_number(pair[0]), _number(pair[1], integer=True)]
+    for key, integer in (("episodes", True), ("episode_seconds", False), ("last_message", False)):
+        value = _number(loaded.get(key), integer=integer)
+        if value is not None:
+            state[key] = value
+    for key in ("device", "device_name"):
+        if isinstance(loaded.get(key), str):
+            state[key] = loaded[key][:100]
+    memory = loaded.get("peak_memory_bytes")
+    for kind, value in (memory.items() if isinstance(memory, dict) else ()):
+        if kind in ("rss", "cuda") and _number(value, integer=True) is not None:
+            state["peak_memory_bytes"][kind] = _number(value, integer=True)
     return state
 
 
@@ -198,7 +238,15 @@ def _cmd_site_metrics(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         print(f"fedmeta site-metrics: --port {args.port} is not a TCP port (1-65535).", file=sys.stderr)
         return 2
-    args.dir.mkdir(parents=True, exist_ok=True)
+    if args.dir.exists() and not args.dir.is_dir():
+        print(f"fedmeta site-metrics: --dir {args.dir} is a file; give the folder the node config names as "
+              "metrics-dir.", file=sys.stderr)
+        return 2
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"fedmeta site-metrics: cannot create --dir {args.dir} ({err}).", file=sys.stderr)
+        return 2
     try:
         server, _thread = serve(args.dir, args.port, args.address)
     except OSError as err:

@@ -101,6 +101,11 @@ def collect(
                 result.unanswered.append(node_id)
                 log.warning("node %d: %s", node_id, _EXPIRED[reply.error.code])
                 continue
+            if int(reply.metadata.src_node_id) != node_id:  # the SuperLink refuses this; never credit it anyway
+                result.unanswered.append(node_id)
+                log.error("a reply to node %d's message came from node %d; ignored", node_id,
+                          int(reply.metadata.src_node_id))
+                continue
             result.replies.append((node_id, reply))
             answered += counts(reply)
         if not pending:

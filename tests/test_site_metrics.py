@@ -79,3 +79,29 @@ def test_the_exporter_refuses_a_bad_port_with_the_fix(tmp_path):
                              "--port", "70000"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2 and "--port 70000 is not a TCP port" in result.stderr
+
+
+def test_a_tampered_state_file_never_breaks_recording_or_scraping(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fedmeta.client.site_metrics import STATE_NAME, SiteMetricsCollector
+
+    hostile = ('{"messages": {"train/ok": "x", "evil/ok": 3, "query/ok": 2}, "message_seconds": {"train": 5}, '
+               '"episodes": Infinity, "episode_seconds": -1, "peak_memory_bytes": {"rss": ' + "9" * 400 + '}, '
+               '"device": ["cpu"], "last_message": NaN}')
+    (tmp_path / STATE_NAME).write_text(hostile)
+    registry = CollectorRegistry()
+    registry.register(SiteMetricsCollector(tmp_path))
+    text = generate_latest(registry).decode()  # scraping works on what is valid
+    assert 'fedmeta_site_messages_total{outcome="ok",type="query"} 2.0' in text and "evil" not in text
+    record_message({"metrics-dir": str(tmp_path)}, "train", ok=True, seconds=2.0, episodes=2, device="cpu")
+    state = read_state(tmp_path)
+    assert state["messages"] == {"query/ok": 2, "train/ok": 1} and state["episodes"] == 2
+    assert not list(tmp_path.glob(".site-metrics-*.tmp"))
+
+
+def test_the_exporter_refuses_a_file_as_its_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "fedmeta.simulations.cli", "site-metrics", "--dir",
+                             str(tmp_path / "f"), "--port", "9101"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is a file" in result.stderr
