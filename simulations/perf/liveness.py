@@ -125,13 +125,17 @@ def _figures(records: list[dict[str, Any]], deadline: float, timeout: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=16, help="rounds (default 16, at least 12)")
     # 60 s: Flower 1.41 declares a SuperNode that stopped heart-beating gone after 2 x 30 s, so a deadline of
     # 60 s or more takes a killed site out within the round it died in; well above a healthy round here.
     parser.add_argument("--deadline", type=float, default=60.0, help="round-deadline, seconds (default 60)")
     parser.add_argument("--timeout", type=float, default=300.0, help="round-timeout, seconds (default 300)")
     parser.add_argument("--out", type=Path, help="also write everything to this JSON file")
     args = parser.parse_args(argv)
+    if args.rounds < 12:
+        parser.error(f"--rounds {args.rounds}: the events happen after rounds 2, 6 and 9; give at least 12.")
+    if not 0 < args.deadline <= args.timeout:
+        parser.error(f"--deadline {args.deadline:g} must be > 0 and at most --timeout {args.timeout:g}.")
     with tempfile.TemporaryDirectory(prefix="fedmeta-liveness-") as work:
         result = measure(Path(work), rounds=args.rounds, deadline=args.deadline, timeout=args.timeout)
     print(f"{'round':>5} {'seconds':>8} {'sampled':>7} {'answered':>8} {'closed by':>9}  dropped")
