@@ -20,7 +20,7 @@ from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoi
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
-from fedmeta.server.rounds import POLL_S, Membership, collect, wait_for_training_sites
+from fedmeta.server.rounds import Membership, collect, wait_for_training_sites
 from fedmeta.server.operator_metrics import OperatorMetrics
 from fedmeta.server.metrics import MetricsLog
 
@@ -55,7 +55,7 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     metrics_log.start(resume_round=start_round if start_round > 0 else None)
 
     membership = Membership(config)
-    wait_for_training_sites(grid, membership, config)
+    wait_for_training_sites(grid, membership, config, settle=True)
     log.info("federation: %d training and %d held-out sites", len(membership.training()), len(membership.heldout()))
     operator.federation(membership)
 
@@ -68,7 +68,7 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     for server_round in range(start_round + 1, config.num_rounds + 1):
         began = time.perf_counter()
         # Membership is re-read every round: late and restarted sites join, departed ones leave.
-        train_nodes = _training_nodes(grid, membership, config)
+        train_nodes = wait_for_training_sites(grid, membership, config)
         operator.federation(membership)
         chosen, round_seed = coordinator.sample_sites(train_nodes)
         collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
@@ -104,30 +104,6 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
         _progress(server_round, config, outcome, evaluation)
     log.info("done: %s", coordinator.counters)
     return coordinator
-
-
-def _training_nodes(grid: Grid, membership: Membership, config: RunConfig) -> list[int]:
-    """The training sites that may be sampled now. Fewer than min-sites (left, or benched after missing
-    rounds) and no round could update θ: wait up to node-wait-timeout (benched sites get round-timeout
-    to answer their probe), then stop with the checkpoint in place rather than run rounds that do nothing."""
-    membership.refresh(grid)
-    nodes = membership.training()
-    if len(nodes) >= config.min_sites:
-        return nodes
-    log.warning("%d training site(s) available, fewer than min-sites=%d (others left, or are benched after missing "
-                "rounds); waiting up to node-wait-timeout=%gs", len(nodes), config.min_sites, config.node_wait_timeout)
-    deadline = time.monotonic() + max(config.node_wait_timeout, config.round_timeout if membership.benched() else 0)
-    while time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        membership.refresh(grid)
-        nodes = membership.training()
-        if len(nodes) >= config.min_sites:
-            return nodes
-    raise RuntimeError(
-        f"only {len(nodes)} training site(s) available for node-wait-timeout={config.node_wait_timeout:g}s, fewer "
-        f"than min-sites={config.min_sites} ({len(membership.benched())} benched after missing rounds); no round could "
-        "update θ. θ is checkpointed: bring the sites back and resume with resume=true."
-    )
 
 
 def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, membership: Membership,

@@ -136,7 +136,7 @@ class Coordinator:
         """
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
-        sent_to = list(sent_to)
+        sent_to, replies = list(sent_to), _collected(replies)
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_train):
             grads_by_node[node_id], outcome.accepted[node_id] = payload
         self._note_missing(sent_to, outcome, replies)
@@ -178,7 +178,7 @@ class Coordinator:
     ) -> RoundOutcome:
         """Mean and worst held-out Dice per adaptation step count (each site counts once)."""
         outcome = RoundOutcome()
-        sent_to = list(sent_to)
+        sent_to, replies = list(sent_to), _collected(replies)
         for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_evaluate):
             outcome.accepted[node_id] = payload
         self._note_missing(sent_to, outcome, replies)
@@ -202,17 +202,12 @@ class Coordinator:
             }
         )
 
-    def _screen(self, sent_to, replies, outcome: RoundOutcome, validate):
-        expected_nodes, seen = set(sent_to), set()
-        if isinstance(replies, Collected):
-            for node_id, why in sorted(replies.gone.items()):
-                outcome.dropped.append(Drop(node_id, f"node gone: {why}", "node-gone"))
-                log.warning("node %d is gone: %s", node_id, why)
-            seen.update(replies.gone)
-            attributed = replies.replies
-        else:
-            attributed = [(int(reply.metadata.src_node_id), reply) for reply in replies]
-        for node_id, reply in attributed:
+    def _screen(self, sent_to, replies: Collected, outcome: RoundOutcome, validate):
+        expected_nodes, seen = set(sent_to), set(replies.gone)
+        for node_id, why in sorted(replies.gone.items()):
+            outcome.dropped.append(Drop(node_id, f"node gone: {why}", "node-gone"))
+            log.warning("node %d is gone: %s", node_id, why)
+        for node_id, reply in replies.replies:
             kind = "unexpected"
             if node_id not in expected_nodes:
                 reason = "reply from a node this round did not ask"
@@ -228,9 +223,9 @@ class Coordinator:
             outcome.dropped.append(Drop(node_id, reason, kind))
             log.warning("dropped the reply of node %d: %s", node_id, reason)
 
-    def _note_missing(self, sent_to, outcome: RoundOutcome, replies) -> None:
+    def _note_missing(self, sent_to, outcome: RoundOutcome, replies: Collected) -> None:
         answered = set(outcome.accepted) | {d.node_id for d in outcome.dropped}
-        if isinstance(replies, Collected) and replies.closed_by == "deadline":
+        if replies.closed_by == "deadline":
             reason = (f"no reply by round-deadline={self.config.round_deadline:g}s (the round closed once a quorum of "
                       f"{self.config.quorum(len(sent_to))} of {len(sent_to)} had answered)")
         else:
@@ -297,6 +292,10 @@ class InvalidReply(ValueError):
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
         self.kind = kind
+
+
+def _collected(replies: Collected | Iterable[Message]) -> Collected:
+    return replies if isinstance(replies, Collected) else Collected.by_sender(replies)
 
 
 def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:

@@ -50,10 +50,13 @@ class Collected:
 
     replies: list[tuple[int, Message]] = field(default_factory=list)  # arrival order
     gone: dict[int, str] = field(default_factory=dict)  # node -> what happened to it
-    unanswered: list[int] = field(default_factory=list)  # asked, still silent when the round closed
     closed_by: str = "all"  # all | deadline | timeout
-    seconds: float = 0.0
     outstanding: dict[str, int] = field(default_factory=dict)  # message id -> node, unanswered at the close
+
+    @classmethod
+    def by_sender(cls, replies: Iterable[Message]) -> Collected:
+        """Replies gathered some other way (``send_and_receive``, tests), each credited to its sender."""
+        return cls(replies=[(int(reply.metadata.src_node_id), reply) for reply in replies], closed_by="timeout")
 
     @property
     def messages(self) -> list[Message]:
@@ -98,11 +101,9 @@ def collect(
                 result.gone[node_id] = _NODE_GONE[reply.error.code]
                 continue
             if reply.has_error() and reply.error.code in _EXPIRED:
-                result.unanswered.append(node_id)
                 log.warning("node %d: %s", node_id, _EXPIRED[reply.error.code])
                 continue
             if int(reply.metadata.src_node_id) != node_id:  # the SuperLink refuses this; never credit it anyway
-                result.unanswered.append(node_id)
                 log.error("a reply to node %d's message came from node %d; ignored", node_id,
                           int(reply.metadata.src_node_id))
                 continue
@@ -128,9 +129,7 @@ def collect(
             result.closed_by = "deadline"
             break
         sleep(POLL_S)
-    result.unanswered.extend(pending.values())
     result.outstanding = dict(pending)
-    result.seconds = clock() - began
     return result
 
 
@@ -306,36 +305,46 @@ def _role_of(reply: Message) -> tuple[str, bool, str, int]:
     return "", False, ROLE_HELDOUT if flag == 1 else ROLE_TRAIN, int(key)
 
 
-def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfig,
+def wait_for_training_sites(grid: Grid, membership: Membership, config: RunConfig, *, settle: bool = False,
                             clock: Callable[[], float] = time.monotonic,
-                            sleep: Callable[[float], None] = time.sleep) -> None:
-    """Until ``min-sites`` training sites answered the role query (held-out ones do not count).
+                            sleep: Callable[[float], None] = time.sleep) -> list[int]:
+    """The training sites that may be sampled now, once there are ``min-sites`` of them (held-out sites
+    and benched ones do not count); at the start of a run and before every round.
 
-    Once min-sites is reached, the nodes already asked still get up to ``round-deadline`` to answer,
-    so that every site connected at the start is in round 1 (in a simulation all are, whatever the
-    order their answers arrive in: the sampling then repeats run after run). Waits up to
-    ``node-wait-timeout`` for nodes to connect, and for role queries already out up to
-    ``round-timeout`` more; then fails with the counts, because a run that cannot reach min-sites
-    would skip every round.
+    Waits up to ``node-wait-timeout`` for sites to connect (or come back), and while role queries or
+    probes are out up to ``round-timeout`` more; then fails with the counts, because rounds below
+    min-sites cannot update θ (θ is checkpointed after every round, so the run resumes later).
+    ``settle`` (the start): once min-sites is reached, the nodes already asked still get up to
+    ``round-deadline`` to answer, so that every site connected at the start is in round 1 (in a
+    simulation all are, whatever the order their answers arrive in: the sampling repeats run after run).
     """
     began = clock()
-    settle = min(config.round_deadline, config.round_timeout)
+    settle_s = min(config.round_deadline, config.round_timeout) if settle else 0.0
+    warned = settle
     while True:
         membership.refresh(grid)
+        nodes = membership.training()
         waited = clock() - began
-        if len(membership.training()) >= config.min_sites:
-            if not membership.asking() or waited >= settle:
-                return
-        elif waited >= config.node_wait_timeout and (not membership.asking()
-                                                      or waited >= config.node_wait_timeout + config.round_timeout):
-            break
+        if len(nodes) >= config.min_sites:
+            if waited >= settle_s or not membership.asking():
+                return nodes
+        else:
+            if not warned:
+                warned = True
+                log.warning("%d training site(s) available, fewer than min-sites=%d (others left, or are benched "
+                            "after missing rounds); waiting up to node-wait-timeout=%gs", len(nodes),
+                            config.min_sites, config.node_wait_timeout)
+            if waited >= config.node_wait_timeout and (
+                    not membership.asking() or waited >= config.node_wait_timeout + config.round_timeout):
+                break
         sleep(POLL_S)
     raise RuntimeError(
-        f"{len(membership.training())} training site(s) answered the role query within node-wait-timeout="
+        f"{len(nodes)} training site(s) available (answered the role query, not benched) after node-wait-timeout="
         f"{config.node_wait_timeout:g}s, fewer than min-sites={config.min_sites} ({len(membership.heldout())} "
-        f"held-out site(s) answered, which never train; {len(membership.refused)} node(s) connected but failed or "
-        "refused the role query, see the warnings above). Start more training sites, lower min-sites or raise "
-        "node-wait-timeout."
+        f"held-out site(s), which never train; {len(membership.benched())} benched after missing rounds; "
+        f"{len(membership.refused)} node(s) connected but failed or refused the role query, see the warnings "
+        "above). Start more training sites, lower min-sites or raise node-wait-timeout; θ is checkpointed after "
+        "every round, so a run stopped mid-way resumes with resume=true."
     )
 
 

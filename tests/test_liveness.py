@@ -153,7 +153,7 @@ def test_fewer_than_min_sites_left_mid_run_stops_the_run_with_theta_checkpointed
     from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     n_train = len(load_manifest(smoke_federation).train_sites)
-    with pytest.raises(RuntimeError, match=rf"only {n_train - 1} training site\(s\) available.*min-sites={n_train}"):
+    with pytest.raises(RuntimeError, match=rf"{n_train - 1} training site\(s\) available.*min-sites={n_train}.*resume=true"):
         run(smoke_federation, tmp_path, {(2, "train"): lambda grid: grid.remove_node(node_of(grid, 0))},
             num_rounds=4, min_sites=n_train, node_wait_timeout=0.5)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 2  # round 2 ran (without an update), then it stopped
@@ -174,9 +174,8 @@ def test_a_site_whose_role_query_failed_once_is_asked_again(smoke_federation, tm
     manifest = load_manifest(smoke_federation)
     total = len(manifest.train_sites) + len(manifest.heldout_sites)
     config = tiny_config(smoke_federation, tmp_path, num_rounds=4, round_deadline=0.01)
-    result = run_inprocess(config.to_run_config(), simulation_node_configs(total), client_app=flaky,
-                           grid_class=EventfulGrid)
+    run_inprocess(config.to_run_config(), simulation_node_configs(total), client_app=flaky, grid_class=EventfulGrid)
     records = {r["round"]: r for r in read_metrics(tmp_path / METRICS_NAME)}
     assert failed and records[1]["sites_sampled"] == n_train - 1
-    assert records[4]["sites_sampled"] == n_train, [records[r]["sites_sampled"] for r in records]
-    assert result.grid is not None
+    assert records[4]["sites_sampled"] == records[4]["sites_answered"] == n_train, records[4]
+    assert len(failed) == 1  # the one failure did not shut the node out: asked again, it trains

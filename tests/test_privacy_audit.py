@@ -104,7 +104,7 @@ def test_a_failing_site_reports_the_error_type_only(smoke_federation, tmp_path):
     auditor = Auditor()
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, federation_dir=str(tmp_path / "nowhere"))
     sites.clear()
-    with pytest.raises(RuntimeError, match=r"0 training site\(s\) answered.*node\(s\) connected but failed"):
+    with pytest.raises(RuntimeError, match=r"0 training site\(s\) available.*node\(s\) connected but failed"):
         federate(config, smoke_federation, client=auditor)
     assert auditor.replies and all(reply.has_error() for _, reply, _ in auditor.replies)
     for _, reply, _ in auditor.replies:
