@@ -22,8 +22,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # where things live, how long to go on, how patient to be, which device computes.
 # Held-out evaluation reads θ but never moves it (nor the server's RNG), so its keys may change too.
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
-                         "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every", "eval_k_shot", "eval_steps", "eval_batch_size",
-                         "eval_max_images", "metrics_port", "metrics_address"})
+                         "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every",
+                         "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "metrics_port",
+                         "metrics_address"})
 
 
 # Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
