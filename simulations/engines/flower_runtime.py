@@ -104,7 +104,8 @@ def run_simulation_engine(
         flwr_home: FLWR_HOME to use (kept afterwards, for inspection); a temporary one otherwise.
 
     ``round-deadline`` is set to ``round-timeout``: every sampled site is waited for, so which sites
-    a round aggregates does not depend on Ray's timing. Returns the RunOutcome of a run that finished as completed; raises RuntimeError with the
+    a round aggregates does not depend on Ray's timing. Returns the RunOutcome of a run that
+    finished as completed; raises RuntimeError with the
     status and the tail of the log otherwise. Every process the run started is stopped before
     this returns or raises.
     """
