@@ -7,8 +7,10 @@ the training sites first (in the manifest's order), then the held-out sites.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
 import threading
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,8 @@ class SiteRef:
 
     ``key`` orders sites on the server the same way in every run (Flower's node ids are random per
     run): the partition id when simulated; when deployed, ``site-id`` from the node config, else a
-    CRC32 of the data folder's name. An integer, so it travels as a scalar metric.
+    random id the site draws once and keeps (:func:`persisted_site_key`) — never derived from a path
+    or a name, which a dictionary would reverse. An integer, so it travels as a scalar metric.
     """
 
     data_dir: Path
@@ -53,7 +56,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
         if SITE_ID_KEY in node_config:
             key = int(node_config[SITE_ID_KEY])
         else:
-            key = zlib.crc32(data_dir.resolve().name.encode()) % (2**31 - 1)
+            key = persisted_site_key(data_dir)
         return SiteRef(data_dir, role, key)
     if PARTITION_ID_KEY in node_config:
         from fedmeta.common.synth import load_manifest  # only simulated nodes need the federation's manifest
@@ -76,6 +79,36 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
     raise ValueError(
         "node config has neither data-dir (deployed site) nor partition-id (simulation); start the SuperNode "
         "with --node-config \"data-dir='/path/to/site'\"."
+    )
+
+
+SITE_KEY_FILE = ".fedmeta-site-key"
+
+
+def persisted_site_key(data_dir: Path) -> int:
+    """This site's random order key, drawn once and kept: in ``<data-dir>/.fedmeta-site-key``, or, when
+    the data folder is read-only (a container mount), under ``$FEDMETA_HOME`` (default
+    ``~/.cache/fedmeta``)/site-keys/, filed by a digest of the folder's path that never leaves the site."""
+    candidates = [Path(data_dir) / SITE_KEY_FILE]
+    home = Path(os.environ.get("FEDMETA_HOME") or Path.home() / ".cache" / "fedmeta")
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:24]
+    candidates.append(home / "site-keys" / digest)
+    for path in candidates:
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    key = 1 + secrets.randbelow(2**31 - 2)
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{key}\n")
+            return key
+        except OSError:
+            continue
+    raise PermissionError(
+        f"cannot keep this site's key: neither {candidates[0]} nor {candidates[1]} is writable; give the "
+        "SuperNode a site-id in --node-config (e.g. site-id=3) or a writable FEDMETA_HOME."
     )
 
 

@@ -458,11 +458,13 @@ services:
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
       - metrics:/metrics
+      - state:/state  # the site's random order key (FEDMETA_HOME): kept across restarts
     secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
       - ca.crt
       - site.key
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
+      FEDMETA_HOME: /state
   metrics:
     image: {image}
     restart: unless-stopped
@@ -474,6 +476,7 @@ services:
       - "127.0.0.1:${{METRICS_PORT:-9101}}:9101"
 volumes:
   metrics:
+  state:
 secrets:
   ca.crt:
     file: ./ca.crt

@@ -27,9 +27,28 @@ def test_a_deployed_site_names_its_folder_and_role(tmp_path):
     ref = resolve_site({"data-dir": str(tmp_path), "role": "heldout"}, RunConfig())
     assert (ref.data_dir, ref.role) == (tmp_path, "heldout")
     assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).role == "train"
-    # The order key is stable across runs: from the folder's name, or the operator's site-id.
+    # The order key is stable across runs: a random id the site keeps, or the operator's site-id.
     assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).key == ref.key
     assert resolve_site({"data-dir": str(tmp_path), "site-id": 7}, RunConfig()).key == 7
+
+
+def test_the_default_site_key_is_random_and_kept_never_derived_from_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "home"))
+    a, b = tmp_path / "a" / "hospital", tmp_path / "b" / "hospital"  # the same name: a CRC32 would collide
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    key_a = resolve_site({"data-dir": str(a)}, RunConfig()).key
+    key_b = resolve_site({"data-dir": str(b)}, RunConfig()).key
+    assert key_a != key_b and 1 <= key_a < 2**31 - 1
+    assert (a / ".fedmeta-site-key").read_text().strip() == str(key_a)
+    assert resolve_site({"data-dir": str(a)}, RunConfig()).key == key_a  # kept across restarts
+    # A data folder the site cannot write (a read-only container mount; here the key's name is taken by
+    # a folder, which fails for root too): the key is kept under FEDMETA_HOME, filed by a digest.
+    ro = tmp_path / "ro"
+    (ro / ".fedmeta-site-key").mkdir(parents=True)
+    key = resolve_site({"data-dir": str(ro)}, RunConfig()).key
+    assert resolve_site({"data-dir": str(ro)}, RunConfig()).key == key
+    (kept,) = (tmp_path / "home" / "site-keys").iterdir()
+    assert kept.read_text().strip() == str(key) and "ro" not in kept.name
 
 
 @pytest.mark.parametrize(
