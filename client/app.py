@@ -30,11 +30,12 @@ from fedmeta.common.data import adaptation_support, site_seed
 from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
+from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD,
     PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
-    ROUND_KEY, ROUND_SEED_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
+    ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
     fedmeta_version, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
@@ -117,6 +118,8 @@ def train(message: Message, context: Context) -> Message:
         model, params, step_sizes, site, config, n_episodes=config.episodes_per_site,
         seed=site_seed(round_seed, site.name), server_round=int(round_config[ROUND_KEY]), device=device,
     )
+    if config.dp == "local":
+        grads = local_dp(grads, config, int(round_config.get(SAMPLED_SITES_KEY, 1)), site_seed(round_seed, site.name))
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
@@ -129,6 +132,18 @@ def train(message: Message, context: Context) -> Message:
         metrics[TRAIN_SLICES] = site.num_slices
     content = RecordDict({GRADS_RECORD: to_array_record(grads), METRICS_RECORD: to_metric_record(metrics)})
     return Message(content, reply_to=message)
+
+
+def local_dp(grads, config: RunConfig, sampled: int, seed: int):
+    """Local / distributed DP: the whole reply clipped to C, plus N(0, (σ·C/√m)²) so that the sum of
+    the round's m replies carries σ·C (``fedmeta.common.privacy``). Alone, one reply carries only
+    σ·C/√m: the guarantee against the server needs secure aggregation, so that it sees only the sum."""
+    if sampled < 1:
+        raise ValueError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site.")
+    clipped, _norm = clip_update(grads, config.dp_clip_norm)
+    std = config.dp_noise_multiplier * config.dp_clip_norm / sampled**0.5
+    generator = noise_generator(seed ^ 0x6C6F63616C if config.dp_seeded_noise else None)
+    return add_gaussian_noise(clipped, std, generator)
 
 
 @app.evaluate()

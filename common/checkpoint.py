@@ -30,6 +30,7 @@ class Checkpoint:
     config_hash: str
     run_config: dict[str, Any]
     counters: dict[str, int] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # DP runs: the accountant's state (delta and every round's release)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

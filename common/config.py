@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from fedmeta.common.model import ModelConfig
-from fedmeta.common.protocol import ALGORITHMS, SITE_WEIGHTINGS
+from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SITE_WEIGHTINGS
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -28,7 +28,10 @@ _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "d
 
 
 # Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
-_HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element"}
+_HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element",
+                    "dp": "none", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5,
+                    "dp_max_epsilon": 0.0, "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
+                    "krum_byzantine": 1, "max_update_norm": 0.0, "max_failed_rounds": 3}
 STEP_SIZES = ("per-element", "per-layer-step")
 
 
@@ -78,6 +81,20 @@ class RunConfig:
     node_wait_timeout: float = 120.0
     metrics_port: int = 0  # the ServerApp's Prometheus /metrics port; 0 = off
     metrics_address: str = "127.0.0.1"  # the interface /metrics listens on
+    # Site-level differential privacy (fedmeta.common.privacy): each reply clipped to dp-clip-norm (C),
+    # Gaussian noise dp-noise-multiplier x C on the round's sum, added by the server or split over the sites.
+    dp: str = "none"  # none | central | local
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0  # the run stops before a round would take epsilon above this; 0 = no limit
+    dp_seeded_noise: bool = False  # noise from the run's seed (reproducible simulations, no privacy); else OS randomness
+    # Byzantine robustness (fedmeta.server.aggregation): how replies combine, and a bound on each reply's norm.
+    aggregation: str = "mean"  # mean | trimmed-mean | median | krum
+    aggregation_trim: float = 0.2  # trimmed-mean: fraction cut per side (at least one reply whenever 3+ answered)
+    krum_byzantine: int = 1  # krum: replies assumed Byzantine (f); Multi-Krum averages the n - f best
+    max_update_norm: float = 0.0  # a reply whose L2 norm (all arrays) exceeds this is rejected; 0 = no bound
+    max_failed_rounds: int = 3  # rounds in a row whose every reply failed before the run stops with an error; 0 = never
 
     def __post_init__(self) -> None:
         def need(condition: bool, key: str, problem: str) -> None:
@@ -139,6 +156,26 @@ class RunConfig:
         need(self.max_missed_rounds >= 0, "max-missed-rounds",
              "must be >= 0 (0: a site that misses rounds is never left out).")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
+        for key in ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-max-epsilon", "aggregation-trim",
+                    "max-update-norm"):
+            need(math.isfinite(getattr(self, key.replace("-", "_"))), key, "must be a finite number.")
+        need(self.dp in DP_MODES, "dp", f"choose one of {', '.join(DP_MODES)}.")
+        need(self.dp_clip_norm > 0, "dp-clip-norm", "must be > 0 (the L2 bound on each site's whole reply).")
+        need(self.dp_noise_multiplier > 0, "dp-noise-multiplier",
+             "must be > 0 (noise std / clip norm; 1.0 is a common start).")
+        need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1), e.g. 1e-5 (well below 1 / number of sites).")
+        need(self.dp_max_epsilon >= 0, "dp-max-epsilon", "must be >= 0 (0: no limit).")
+        need(self.dp == "none" or self.aggregation == "mean", "aggregation",
+             f"differential privacy (dp={self.dp!r}) calibrates its noise to the mean of clipped replies; "
+             "use aggregation='mean' with dp (clipping already bounds each site's influence).")
+        need(self.dp == "none" or self.site_weighting != "data", "site-weighting",
+             "differential privacy needs every site to weigh the same (a data-size weight changes the "
+             "sensitivity); use site-weighting='per-site' or 'auto' with dp.")
+        need(self.aggregation in AGGREGATIONS, "aggregation", f"choose one of {', '.join(AGGREGATIONS)}.")
+        need(0 <= self.aggregation_trim < 0.5, "aggregation-trim", "must be in [0, 0.5): the fraction cut per side.")
+        need(self.krum_byzantine >= 0, "krum-byzantine", "must be >= 0 (the number of Byzantine replies Krum tolerates).")
+        need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0: no bound on a reply's norm).")
+        need(self.max_failed_rounds >= 0, "max-failed-rounds", "must be >= 0 (0: never stop on failed rounds).")
         need(0 <= self.metrics_port <= 65535, "metrics-port", "must be a TCP port (1-65535), or 0 for no /metrics.")
         try:
             steps = self.adaptation_steps
@@ -182,6 +219,8 @@ class RunConfig:
         """The site weighting in force: ``site-weighting`` with ``auto`` resolved for the algorithm."""
         if self.site_weighting != "auto":
             return self.site_weighting
+        if self.dp != "none":  # DP's sensitivity assumes every site weighs the same
+            return "per-site"
         return "data" if self.algorithm in ("fedavg", "fedprox") else "per-site"
 
     def quorum(self, sampled: int) -> int:

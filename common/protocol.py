@@ -47,6 +47,7 @@ METRICS_RECORD = "metrics"  # MetricRecord: a site's scalars
 # -- config keys (server -> site) ------------------------------------------------------------------
 ROUND_KEY = "round"
 ROUND_SEED_KEY = "round-seed"  # train: seeds the site's episode sampling (with its name)
+SAMPLED_SITES_KEY = "sampled-sites"  # train: how many sites this round sampled (local DP splits its noise over them)
 EVAL_SEED_KEY = "eval-seed"  # evaluate: seeds the support/evaluation patient split
 PROTOCOL_VERSION_KEY = "protocol-version"  # in every config record, and in the query reply
 FEDMETA_VERSION_KEY = "fedmeta-version"  # the sender's fedmeta release, beside the protocol version
@@ -61,6 +62,20 @@ SUPPORT_LOSS_BEFORE = "support-loss-before"
 SUPPORT_LOSS_AFTER = "support-loss-after"
 QUERY_LOSS_BEFORE = "query-loss-before"
 QUERY_LOSS_AFTER = "query-loss-after"  # the meta-loss the server reports per round
+
+
+# Every metric a site may send, in one place; the outgoing-message audit (tests/test_privacy_audit.py)
+# fails on any other. Scalars only; none names a file, a patient or a folder.
+SITE_METRICS = frozenset({
+    ROLE_METRIC,  # query: 0/1, trains or is held out
+    SITE_KEY_METRIC,  # query: an opaque integer ordering sites (partition id, operator's site-id, or a random id)
+    PROTOCOL_VERSION_KEY,  # query: the wire-protocol number, the same at every site of a release
+    NUM_EXAMPLES,  # train: images the episodes used; evaluate: patients scored
+    TRAIN_SLICES,  # train, data weighting only: FedAvg's n_k, a count
+    SECONDS,
+    SUPPORT_LOSS_BEFORE, SUPPORT_LOSS_AFTER, QUERY_LOSS_BEFORE, QUERY_LOSS_AFTER,  # train: episode means
+})
+SITE_METRIC_PREFIXES = ("dice-step-", "dice-worst-patient-step-")  # evaluate: a Dice per adaptation step count
 
 
 def dice_key(steps: int) -> str:
@@ -100,11 +115,17 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox
 # How the server weighs sites in the mean: by their training data (McMahan et al.'s FedAvg), or one
 # weight per site (task-averaged MAML); "auto" is data for FedAvg/FedProx, per site for meta-learners.
 SITE_WEIGHTINGS = ("auto", "data", "per-site")
+# Site-level differential privacy: none, noise added by the server (trusted aggregator), or by each site.
+DP_MODES = ("none", "central", "local")
+# How the server combines the round's replies: the (weighted) mean, or a Byzantine-robust rule.
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
 STEP_SIZE_PREFIX = "lr."  # Meta-SGD's learned step sizes travel as lr.<parameter name>
 
 
 __all__ = [
+    "AGGREGATIONS",
     "ALGORITHMS",
+    "DP_MODES",
     "CONFIG_RECORD",
     "DATA_DIR_KEY",
     "EVAL_SEED_KEY",
@@ -128,9 +149,12 @@ __all__ = [
     "ROLE_TRAIN",
     "ROUND_KEY",
     "ROUND_SEED_KEY",
+    "SAMPLED_SITES_KEY",
     "SECONDS",
     "SITE_ID_KEY",
     "SITE_KEY_METRIC",
+    "SITE_METRICS",
+    "SITE_METRIC_PREFIXES",
     "STEP_SIZE_PREFIX",
     "SUPPORT_LOSS_AFTER",
     "SITE_WEIGHTINGS",

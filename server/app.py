@@ -65,11 +65,19 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
         metrics_log.append({"round": 0, "heldout": _heldout_summary(evaluation)})
         _progress(0, config, None, evaluation)
 
+    failed_in_a_row, updated_rounds, over_budget = 0, 0, None
     for server_round in range(start_round + 1, config.num_rounds + 1):
         began = time.perf_counter()
         # Membership is re-read every round: late and restarted sites join, departed ones leave.
         train_nodes = wait_for_training_sites(grid, membership, config)
         operator.federation(membership)
+        over_budget = coordinator.budget_exceeded(len(train_nodes))
+        if over_budget:  # before sampling: a resumed run with a larger budget draws what this one would have
+            log.warning("stopping before round %d: %s; θ of round %d is final", server_round, over_budget,
+                        server_round - 1)
+            metrics_log.append({"stopped": over_budget, "after_round": server_round - 1,
+                                "privacy": {"epsilon": coordinator.accountant.epsilon, "delta": config.dp_delta}})
+            break
         chosen, round_seed = coordinator.sample_sites(train_nodes)
         collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
                             quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
@@ -88,6 +96,10 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
             "dropped": [{"node_id": d.node_id, "reason": d.reason, "kind": d.kind} for d in outcome.dropped],
             "train": outcome.metrics,
         }
+        if outcome.aggregation:
+            record["aggregation"] = outcome.aggregation
+        if outcome.privacy:
+            record["privacy"] = outcome.privacy
         if membership.benched():
             record["benched"] = membership.benched()
         evaluation = None
@@ -102,8 +114,24 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
         operator.checkpointed()
         operator.round_done(server_round, record["seconds"])
         _progress(server_round, config, outcome, evaluation)
+        updated_rounds += outcome.updated
+        failed_in_a_row = failed_in_a_row + 1 if outcome.failed else 0
+        if config.max_failed_rounds and failed_in_a_row >= config.max_failed_rounds:
+            reasons = sorted({d.reason for d in outcome.dropped})
+            raise RunFailed(
+                f"every reply failed in {failed_in_a_row} rounds in a row (rounds {server_round - failed_in_a_row + 1}"
+                f"-{server_round}; last reasons: {'; '.join(reasons)[:600]}); θ or the sites are broken, so the run "
+                f"stops. The checkpoint holds round {server_round}; fix the cause and resume, or raise max-failed-rounds."
+            )
+    if start_round < config.num_rounds and not updated_rounds and not over_budget:
+        raise RunFailed(f"no round from {start_round + 1} to {config.num_rounds} updated θ; see the dropped replies "
+                        "in metrics.jsonl.")
     log.info("done: %s", coordinator.counters)
     return coordinator
+
+
+class RunFailed(RuntimeError):
+    """A federated run that must not be reported as a success (every reply failing, no update at all)."""
 
 
 def _evaluate(grid: Grid, coordinator: Coordinator, server_round: int, membership: Membership,
@@ -161,6 +189,7 @@ def _maybe_resume(coordinator: Coordinator, config: RunConfig, path: Path) -> in
         )
     coordinator.meta_optimizer.load_state_dict(checkpoint.optimizer)
     coordinator.set_rng_state(checkpoint.rng_state)
+    coordinator.set_privacy_state(checkpoint.privacy)
     coordinator.counters.update(checkpoint.counters)
     log.info("resumed from %s after round %d", path, checkpoint.round)
     return checkpoint.round
@@ -178,6 +207,7 @@ def _checkpoint(coordinator: Coordinator, config: RunConfig, server_round: int, 
             config_hash=trajectory_hash(config),
             run_config=config.to_run_config(),
             counters=dict(coordinator.counters),
+            privacy=coordinator.privacy_state(),
         ),
     )
 

@@ -22,16 +22,18 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean, weighted_mean_scalars
+from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean_scalars
 from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, update_norm
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, ROUND_KEY,
-    ROUND_SEED_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key, version_stamp,
-    worst_patient_key,
+    ROUND_SEED_KEY, SAMPLED_SITES_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key,
+    version_stamp, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
+from fedmeta.server.aggregation import aggregate, check_finite, reply_norm_ok
 from fedmeta.server.rounds import Collected
 
 log = logging.getLogger("fedmeta.server")
@@ -45,7 +47,7 @@ MAX_TRAIN_SLICES = 2**31
 class Drop:
     node_id: int
     reason: str
-    kind: str = "invalid"  # timeout | node-gone | site-error | invalid | unexpected: the operator metrics' label
+    kind: str = "invalid"  # timeout | node-gone | site-error | invalid | over-norm | unexpected: the operator metrics' label
 
 
 @dataclass
@@ -56,6 +58,13 @@ class RoundOutcome:
     dropped: list[Drop] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     updated: bool = False
+    aggregation: dict = field(default_factory=dict)  # how the replies were combined (rule, trimmed, DP noise)
+    privacy: dict = field(default_factory=dict)  # DP runs: epsilon at delta after this round
+
+    @property
+    def failed(self) -> bool:
+        """Sites answered and not one reply was usable: a sign that θ or the sites are broken."""
+        return not self.accepted and any(d.kind in ("site-error", "invalid", "over-norm") for d in self.dropped)
 
 
 class Coordinator:
@@ -88,6 +97,9 @@ class Coordinator:
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
         self.counters = {"dropped_replies": 0, "skipped_rounds": 0, "failed_evaluations": 0}
         self._site_order: dict[int, int] = {}  # node id -> position in site order (set by sample_sites)
+        self._population = 0  # training sites the last round sampled from (the accountant's n)
+        # Site-level DP: ε of the rounds released so far; checkpointed, so a resumed run continues the budget.
+        self.accountant = PrivacyAccountant(config.dp_delta) if config.dp != "none" else None
 
     # -- state for checkpoints ------------------------------------------------------------------
 
@@ -106,6 +118,32 @@ class Coordinator:
     def set_rng_state(self, state: Mapping[str, str]) -> None:
         self.rng.bit_generator.state = json.loads(state["numpy"])
 
+    def privacy_state(self) -> dict | None:
+        return self.accountant.state_dict() if self.accountant is not None else None
+
+    def set_privacy_state(self, state: Mapping | None) -> None:
+        if self.accountant is not None:
+            if state is None:
+                raise ValueError("this run uses dp but its checkpoint holds no privacy accountant; start a new run.")
+            self.accountant = PrivacyAccountant.from_state_dict(state)
+
+    # -- privacy budget -------------------------------------------------------------------------
+
+    def planned_event(self, num_train_nodes: int) -> RoundEvent:
+        """The DP release the next round makes if every sampled site answers."""
+        wanted = self.config.sites_per_round or num_train_nodes
+        return RoundEvent(num_train_nodes, min(wanted, num_train_nodes), self.config.dp_noise_multiplier)
+
+    def budget_exceeded(self, num_train_nodes: int) -> str | None:
+        """Why the next round may not run (it would take ε above dp-max-epsilon), or None."""
+        if self.accountant is None or not self.config.dp_max_epsilon:
+            return None
+        after = self.accountant.epsilon_after(self.planned_event(num_train_nodes))
+        if after <= self.config.dp_max_epsilon:
+            return None
+        return (f"privacy budget: one more round would take epsilon from {self.accountant.epsilon:.3f} to "
+                f"{after:.3f} at delta={self.config.dp_delta:g}, above dp-max-epsilon={self.config.dp_max_epsilon:g}")
+
     # -- training ------------------------------------------------------------------------------
 
     def sample_sites(self, train_nodes: Iterable[int]) -> tuple[list[int], int]:
@@ -117,11 +155,13 @@ class Coordinator:
         nodes = [int(n) for n in train_nodes]
         self._site_order = {n: i for i, n in enumerate(nodes)}
         chosen, round_seed = sample_sites(self.rng, len(nodes), self.config.sites_per_round)
+        self._population = len(nodes)
         return [nodes[i] for i in chosen], round_seed
 
     def train_messages(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
         """One train message per node: θ (and step sizes), the round and its seed."""
-        content = self._content(server_round, {ROUND_SEED_KEY: round_seed})
+        # The sampled count lets local DP split the round's noise over the sites (σ·C/√m each).
+        content = self._content(server_round, {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: len(node_ids)})
         # ttl: a site that wakes up after the round closed does not train on a round long gone.
         return [Message(content, node_id, MessageType.TRAIN, ttl=self.config.round_timeout, group_id=str(server_round))
                 for node_id in node_ids]
@@ -153,8 +193,14 @@ class Coordinator:
         # Site order, not arrival order: the same replies give the same bits in every run.
         order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
         weights = site_weights(self.config, [outcome.accepted[n].get(TRAIN_SLICES, 1.0) for n in order])
-        self.meta_optimizer.step(weighted_mean([grads_by_node[n] for n in order], weights))
+        noise_seed = int(np.random.SeedSequence([self.config.seed, server_round, 0xD9]).generate_state(1)[0])
+        combined = aggregate(self.config, [grads_by_node[n] for n in order], weights, noise_seed=noise_seed)
+        self.meta_optimizer.step(combined.update)
+        check_finite(self.params, server_round)
         outcome.updated = True
+        outcome.aggregation = combined.record()
+        if self.accountant is not None:
+            outcome.privacy = self._spend(len(sent_to), len(order))
         counts = (NUM_EXAMPLES, TRAIN_SLICES)
         outcome.metrics = weighted_mean_scalars(
             [{k: v for k, v in outcome.accepted[n].items() if k not in counts} for n in order], weights
@@ -163,6 +209,17 @@ class Coordinator:
             if all(key in outcome.accepted[n] for n in order):
                 outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
         return outcome
+
+    def _spend(self, sampled: int, answered: int) -> dict:
+        """Records the round's DP release with the accountant; returns the round record's ``privacy``."""
+        sigma = self.config.dp_noise_multiplier
+        if self.config.dp == "local":  # each answering site added σ·C/√m: the sum carries σ·C·√(a/m)
+            sigma *= math.sqrt(answered / sampled)
+        population = max(self._population, sampled)
+        epsilon = self.accountant.spend(RoundEvent(population, sampled, sigma))
+        return {"epsilon": epsilon, "delta": self.config.dp_delta, "noise_multiplier": sigma,
+                "clip_norm": self.config.dp_clip_norm, "sampled": sampled, "population": population,
+                "mode": self.config.dp}
 
     # -- held-out evaluation --------------------------------------------------------------------
 
@@ -258,6 +315,10 @@ class Coordinator:
                 raise InvalidReply(f"{key!r} decodes to shape {list(tensor.shape)}, not its declared shape")
             if not torch.isfinite(tensor).all():
                 raise InvalidReply(f"{key!r} holds NaN or Inf")
+        norm = update_norm(grads)
+        if not reply_norm_ok(self.config, norm):
+            raise InvalidReply(f"its L2 norm {norm:.4g} exceeds max-update-norm={self.config.max_update_norm:g}",
+                               kind="over-norm")
         metrics = _validated_metrics(content)
         # The weight a site claims cannot exceed what the round asked of it: one reply must not be
         # able to outweigh the federation by naming a huge example count.

@@ -27,7 +27,8 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_round is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= resume_round]
+            # A "stopped" line (the privacy budget) belongs to the run that stopped, not to its continuation.
+            kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= resume_round and "stopped" not in r]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(dumps_strict(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, self.path)

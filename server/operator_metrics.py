@@ -33,8 +33,9 @@ METRIC_NAMES = (
     "fedmeta_meta_loss",
     "fedmeta_heldout_dice",
     "fedmeta_last_checkpoint_timestamp_seconds",
+    "fedmeta_dp_epsilon",
 )
-DROP_KINDS = ("timeout", "node-gone", "site-error", "invalid", "unexpected")
+DROP_KINDS = ("timeout", "node-gone", "site-error", "invalid", "over-norm", "unexpected")
 
 
 class OperatorMetrics:
@@ -61,6 +62,8 @@ class OperatorMetrics:
                                   ["steps"], registry=r)
         self.checkpoint_time = Gauge("fedmeta_last_checkpoint_timestamp_seconds",
                                      "Unix time of the last checkpoint written", registry=r)
+        self.dp_epsilon = Gauge("fedmeta_dp_epsilon", "Site-level DP epsilon spent so far (at run config dp-delta)",
+                                registry=r)
         for kind in DROP_KINDS:  # every reason exists from the start, so a rate() never sees a gap
             self.dropped.labels(reason=kind)
         self._server = None
@@ -104,6 +107,8 @@ class OperatorMetrics:
             self.dropped.labels(reason=drop.kind).inc()
         if outcome.updated and meta_loss_key in outcome.metrics:
             self.meta_loss.set(outcome.metrics[meta_loss_key])
+        if outcome.privacy:
+            self.dp_epsilon.set(outcome.privacy["epsilon"])
 
     def evaluation(self, metrics: dict[str, float], steps: Iterable[int], key) -> None:
         for s in steps:

@@ -162,8 +162,11 @@ def test_a_site_slower_than_the_round_timeout_is_dropped(smoke_federation, tmp_p
 
 
 def test_too_few_valid_sites_skip_the_update_without_stopping(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+
     config = tiny_config(smoke_federation, tmp_path, num_rounds=2, min_sites=3)
-    federate(config, smoke_federation, client=FaultySites("raise", partitions={0}))
+    with pytest.raises(RunFailed, match="no round from 1 to 2 updated"):  # every round ran; none updated
+        federate(config, smoke_federation, client=FaultySites("raise", partitions={0}))
     records = read_metrics(tmp_path / METRICS_NAME)
     assert [r["updated"] for r in records] == [False, False]
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)

@@ -506,18 +506,20 @@ def test_run_config_refuses_maml_plus_plus_keys_where_they_mean_nothing():
     assert RunConfig(algorithm="maml", multi_step_loss_rounds=5, first_order_rounds=3).first_order_rounds == 3
 
 
-def test_maml_plus_plus_keys_at_their_default_leave_the_trajectory_hash_as_before():
+def test_keys_added_later_at_their_default_leave_the_trajectory_hash_as_before():
+    """MAML++'s and the privacy / robustness keys: checkpoints written before them still resume."""
     import hashlib
     import json as _json
     from dataclasses import asdict
 
-    from fedmeta.common.config import _NOT_HASHED, RunConfig
+    from fedmeta.common.config import _HASHED_WHEN_SET, _NOT_HASHED, RunConfig
 
     config = RunConfig(algorithm="maml")
-    before = {k: v for k, v in asdict(config).items()
-              if k not in _NOT_HASHED and k not in ("multi_step_loss_rounds", "first_order_rounds", "step_sizes")}
+    before = {k: v for k, v in asdict(config).items() if k not in _NOT_HASHED and k not in _HASHED_WHEN_SET}
     assert config.trajectory_hash() == hashlib.sha256(_json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
-    assert RunConfig(algorithm="maml", multi_step_loss_rounds=5).trajectory_hash() != config.trajectory_hash()
+    assert "dp" in _HASHED_WHEN_SET and "aggregation" in _HASHED_WHEN_SET
+    for changed in (dict(multi_step_loss_rounds=5), dict(dp="central"), dict(aggregation="median")):
+        assert RunConfig(algorithm="maml", **changed).trajectory_hash() != config.trajectory_hash()
 
 
 def test_per_layer_per_step_step_sizes_match_finite_differences_and_equal_maml_when_equal(model, loss_fn):

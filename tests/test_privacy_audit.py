@@ -13,15 +13,9 @@ from flwr.app import Context, Message
 from fedmeta.client.app import app as client_app
 from fedmeta.common.config import RunConfig
 from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.protocol import SITE_METRIC_PREFIXES, SITE_METRICS
 from tests.test_inprocess import federate, tiny_config
 
-ALLOWED_METRICS = {
-    "heldout", "num-examples", "seconds", "support-loss-before", "support-loss-after",
-    "query-loss-before", "query-loss-after",
-    "site-key",  # an opaque integer that orders sites: partition id, operator's site-id, or a CRC32
-    "protocol-version",  # the release's wire-protocol number, the same at every site
-    "train-slices",  # how many labelled slices the site trains on: FedAvg's weight n_k, a count only
-}
 
 
 class Auditor:
@@ -80,17 +74,17 @@ def audit(auditor: Auditor, config: RunConfig, federation) -> dict[str, int]:
                 assert array.dtype == "float32"
         for record in content.metric_records.values():
             for key, value in record.items():
-                assert key in ALLOWED_METRICS or key.startswith(("dice-step-", "dice-worst-patient-step-")), f"unexpected metric {key!r}"
+                assert key in SITE_METRICS or key.startswith(SITE_METRIC_PREFIXES), f"unexpected metric {key!r}"
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (
                     f"metric {key!r} is a {type(value).__name__}, not a scalar"
                 )
     return counts
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd"])
-def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, dp", [("fomaml", "none"), ("metasgd", "none"), ("metasgd", "local")])
+def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation, tmp_path, algorithm, dp):
     auditor = Auditor()
-    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, eval_every=1, algorithm=algorithm)
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, eval_every=1, algorithm=algorithm, dp=dp)
     federate(config, smoke_federation, client=auditor)
     counts = audit(auditor, config, smoke_federation)
     assert counts["query"] >= 2 and counts["train"] >= 1 and counts["evaluate"] >= 1

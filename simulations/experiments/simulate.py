@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--algorithm", help="maml | fomaml | reptile | metasgd | anil | fedavg | fedprox")
     parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
     parser.add_argument("--sites", type=int, help="training sites sampled per round (sites-per-round; 0 = all)")
-    parser.add_argument("--engine", choices=ENGINES, default="ray", help="Flower's Ray simulation (default) or in-process")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="Flower's Ray simulation (default) or in-process (the default with --attack)")
     parser.add_argument("--out", type=Path, help="output folder (default: runs/simulate-<preset>-<algorithm>)")
     parser.add_argument("--seed", type=int, help="training seed (run config seed)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -53,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve the ServerApp's Prometheus metrics on this port during the run(s) "
                              "(run config metrics-port; http://127.0.0.1:PORT/metrics)")
+    parser.add_argument("--attack", metavar="KIND[:F]",
+                        help="simulated adversarial site(s): scale[:F] (x F, default 1000), signflip[:F] (x -F, "
+                             "default 1), noise[:S] (N(0, S^2) instead of the gradient); in-process engine only")
+    parser.add_argument("--attack-sites", type=int, default=1,
+                        help="how many training sites attack (the first ones in site order; default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config override, e.g. --set inner-lr=0.1 (repeatable)")
     parser.set_defaults(handler=handle)
@@ -62,10 +68,10 @@ def handle(args: argparse.Namespace) -> int:
     try:
         results = simulate(
             preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
-            engine=args.engine, out=args.out, seed=args.seed, resume=args.resume,
+            engine=args.engine or ("inprocess" if args.attack else "ray"), out=args.out, seed=args.seed, resume=args.resume,
             federation_root=args.federation_dir, baseline=not args.no_baseline,
             extra={**parse_sets(args.set), **({"metrics-port": args.metrics_port} if args.metrics_port else {})},
-            oracle_steps=args.oracle_steps,
+            oracle_steps=args.oracle_steps, attack=args.attack, attack_sites=args.attack_sites,
         )
     except SimulationError as err:
         print(f"fedmeta simulate: error: {err}", file=sys.stderr)
@@ -96,8 +102,14 @@ def simulate(
     extra: dict[str, Any] | None = None,
     oracle_steps: int | None = None,
     quiet: bool = False,
+    attack: str | None = None,
+    attack_sites: int = 1,
 ) -> dict[str, Any]:
-    """The whole job; returns what results.json holds. Raises on any failure."""
+    """The whole job; returns what results.json holds. Raises on any failure.
+
+    ``attack`` (``fedmeta.simulations.attacks``): the first ``attack_sites`` training sites send
+    poisoned replies, in the meta run and the FedAvg baseline alike (in-process engine only).
+    """
     from fedmeta.common.config import RunConfig
     from fedmeta.common.synth import cached_federation, load_manifest
 
@@ -119,6 +131,17 @@ def simulate(
     federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
+    adversary = None
+    if attack:
+        from fedmeta.simulations.attacks import parse_attack
+
+        if engine != "inprocess":
+            raise ValueError("--attack runs on the in-process engine (--engine inprocess): the adversarial "
+                             "sites are a ClientApp wrapper no deployed site carries.")
+        if not 1 <= attack_sites < len(manifest.train_sites):
+            raise ValueError(f"--attack-sites {attack_sites}: choose 1..{len(manifest.train_sites) - 1}, so that at "
+                             f"least one of the {len(manifest.train_sites)} training sites is honest.")
+        adversary = (parse_attack(attack), attack_sites)
     federation_seconds = time.perf_counter() - began
     _say(quiet, f"federation: {federation} ({len(manifest.train_sites)} training, "
                 f"{len(manifest.heldout_sites)} held-out sites; ready in {federation_seconds:.1f} s)")
@@ -132,15 +155,15 @@ def simulate(
     try:
         oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
         return _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began,
-                              federation_seconds, flwr_homes, memory, oracle_steps)
+                              federation_seconds, flwr_homes, memory, oracle_steps, adversary)
     finally:
         memory.__exit__(None, None, None)
         shutil.rmtree(flwr_homes, ignore_errors=True)
 
 
 def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
-                   flwr_homes, memory, oracle_steps) -> dict[str, Any]:
-    runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes)}
+                   flwr_homes, memory, oracle_steps, adversary=None) -> dict[str, Any]:
+    runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes, adversary)}
     baseline_config = None
     if baseline and config.algorithm != "fedavg":
         # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
@@ -150,7 +173,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
             inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")
-        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes)
+        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes, adversary)
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
@@ -177,6 +200,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         "runs": runs,
         "comparison": comparison,
         "margin_over_fedavg": margin,
+        "attack": ({"attack": str(adversary[0]), "sites": adversary[1]} if adversary else None),
         "seconds_total": time.perf_counter() - began,
         "seconds_federation": federation_seconds,
         "peak_memory_mb": memory.peak_bytes / 2**20,  # PSS of the driver and every Flower/Ray process
@@ -193,7 +217,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     return results
 
 
-def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> dict[str, Any]:
+def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path, adversary=None) -> dict[str, Any]:
     """One federated run on the chosen engine; checks what it left on disk, returns its summary."""
     from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from fedmeta.server.metrics import METRICS_NAME, read_metrics
@@ -209,7 +233,13 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
         if engine == "inprocess":
             from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
-            run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
+            client_app = None
+            if adversary is not None:
+                from fedmeta.simulations.attacks import adversarial_client_app
+
+                client_app = adversarial_client_app(adversary[0], set(range(adversary[1])))
+            run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed,
+                          client_app=client_app)
         else:
             from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 
@@ -227,15 +257,22 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path) -> 
     if not (out / CHECKPOINT_NAME).exists():
         raise SimulationError(f"the run wrote no {out / CHECKPOINT_NAME}; see the log above.")
     checkpoint = load_checkpoint(out / CHECKPOINT_NAME)
-    if checkpoint.round != config.num_rounds:
-        raise SimulationError(f"the run stopped after round {checkpoint.round} of {config.num_rounds}.")
     metrics = read_metrics(out / METRICS_NAME)
+    stopped = next((r["stopped"] for r in metrics if "stopped" in r), None)  # the privacy budget ran out
+    if checkpoint.round != config.num_rounds and stopped is None:
+        raise SimulationError(f"the run stopped after round {checkpoint.round} of {config.num_rounds}.")
     trained = [r for r in metrics if r.get("round", 0) > 0]
     if config.num_rounds and not any(r.get("updated") for r in trained):
         reasons = sorted({d["reason"] for r in trained for d in r.get("dropped", [])})
         raise SimulationError(f"no round updated θ: every site's reply was dropped ({'; '.join(reasons)[:800]}).")
     last = trained[-1]["train"] if trained and trained[-1].get("train") else {}
+    privacy = None
+    if config.dp != "none":
+        privacy = {"dp": config.dp, "epsilon": _epsilon(checkpoint.privacy) if checkpoint.privacy else 0.0,
+                   "delta": config.dp_delta, "noise_multiplier": config.dp_noise_multiplier,
+                   "clip_norm": config.dp_clip_norm, "stopped": stopped}
     return {
+        "privacy": privacy,
         "algorithm": config.algorithm,
         "rounds": checkpoint.round,
         "local_steps_per_site_round": local_steps_per_round(config),
@@ -284,7 +321,15 @@ class _ProgressPrinter:
         self._printed = max(self._printed, len(complete))
 
 
+def _epsilon(privacy_state: dict) -> float:
+    from fedmeta.common.privacy import PrivacyAccountant
+
+    return PrivacyAccountant.from_state_dict(privacy_state).epsilon
+
+
 def format_round(record: dict[str, Any], config) -> str:
+    if "stopped" in record:  # the server stopped early and said why (the privacy budget)
+        return f"[{config.algorithm}] stopped after round {record.get('after_round')}: {record['stopped']}"
     parts = [f"[{config.algorithm}] round {record['round']:>3}/{config.num_rounds}"]
     if "sites_sampled" in record:
         parts.append(f"sites {record['sites_answered']}/{record['sites_sampled']}")
@@ -294,6 +339,8 @@ def format_round(record: dict[str, Any], config) -> str:
     if heldout:
         parts.append("held-out Dice " + ", ".join(
             f"{s} steps {heldout[dice_mean_key(s)]:.3f}" for s in config.adaptation_steps if dice_mean_key(s) in heldout))
+    if "privacy" in record:
+        parts.append(f"epsilon {record['privacy']['epsilon']:.2f}")
     if "seconds" in record:
         parts.append(f"{record['seconds']:.1f} s")
     return " | ".join(parts)

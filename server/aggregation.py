@@ -1,0 +1,133 @@
+"""How the round's accepted replies become one update for θ: the weighted mean, a Byzantine-robust
+rule, or the differentially private mean of clipped replies.
+
+The robust rules are Flower 1.41's own (``flwr.server.strategy.aggregate``: median, trimmed mean,
+Multi-Krum) applied per array in float64; fedmeta only chooses their arguments. Flower's trimmed mean
+cuts ``int(β·n)`` replies per side, which is none of 3 replies at β = 0.2, so one hostile site among
+three would pass untouched: fedmeta cuts at least one per side whenever 3 or more answered. Robust
+rules weigh every reply alike — a weight a site claims is exactly what a hostile site would inflate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+from fedmeta.common.config import RunConfig
+from fedmeta.common.federated_round import weighted_mean
+from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
+
+log = logging.getLogger("fedmeta.server")
+
+Update = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Aggregate:
+    """The round's combined update and what the server did to get it (a round record's ``aggregation``)."""
+
+    update: dict[str, torch.Tensor]
+    rule: str
+    replies: int
+    trimmed_per_side: int = 0
+    krum_selected: list[int] | None = None  # positions (in site order) Multi-Krum kept
+    clipped: int = 0  # central DP: replies whose norm exceeded dp-clip-norm
+    noise_std: float = 0.0  # central DP: std of the noise added to the mean
+
+    def record(self) -> dict:
+        out: dict = {"rule": self.rule, "replies": self.replies}
+        if self.rule == "trimmed-mean":
+            out["trimmed_per_side"] = self.trimmed_per_side
+        if self.krum_selected is not None:
+            out["krum_selected"] = self.krum_selected
+        if self.noise_std:
+            out["clipped"], out["noise_std"] = self.clipped, self.noise_std
+        return out
+
+
+def trim_count(config: RunConfig, replies: int) -> int:
+    """Replies cut from each side by the trimmed mean: ⌊β·n⌋, but at least one whenever 3 or more answered."""
+    if replies < 3:
+        return 0
+    return min(max(1, int(config.aggregation_trim * replies)), (replies - 1) // 2)
+
+
+def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[float], *,
+              noise_seed: int | None = None) -> Aggregate:
+    """Combines ``updates`` (in site order) by the run's rule.
+
+    ``weights`` count only for the mean. With ``dp = "central"`` every update is clipped to C and the
+    mean carries N(0, (σ·C / n)²) per element (σ·C on the sum); ``noise_seed`` seeds it
+    (``dp-seeded-noise``), else the noise comes from OS randomness. With ``dp = "local"`` the sites
+    clipped and noised their replies themselves and the server takes the plain mean.
+    """
+    if not updates:
+        raise ValueError("no update to aggregate.")
+    n = len(updates)
+    if config.dp == "central":
+        clipped, norms = zip(*(clip_update(u, config.dp_clip_norm) for u in updates))
+        std = config.dp_noise_multiplier * config.dp_clip_norm / n
+        mean = weighted_mean(list(clipped), [1.0] * n)
+        generator = noise_generator(noise_seed if config.dp_seeded_noise else None)
+        return Aggregate(add_gaussian_noise(mean, std, generator), "mean", n,
+                         clipped=sum(norm > config.dp_clip_norm for norm in norms), noise_std=std)
+    if config.aggregation == "mean" or n == 1:
+        return Aggregate(weighted_mean(updates, weights), "mean", n)
+
+    keys = list(updates[0])
+    arrays = [[u[k].detach().cpu().to(torch.float64).numpy() for k in keys] for u in updates]
+    results = [(a, 1) for a in arrays]  # every reply weighs the same under a robust rule
+    result = Aggregate({}, config.aggregation, n)
+    if config.aggregation == "median":
+        combined = aggregate_median(results)
+    elif config.aggregation == "trimmed-mean":
+        result.trimmed_per_side = cut = trim_count(config, n)
+        # Flower cuts int(p·n) per side; (cut + 0.25) / n makes that exactly `cut` and stays below 0.5.
+        combined = aggregate_trimmed_avg(results, (cut + 0.25) / n) if cut else _plain_mean(arrays)
+    else:  # krum: Multi-Krum (El Mhamdi et al. 2018) keeps the n - f replies with the best Krum scores
+        keep = max(1, n - config.krum_byzantine)
+        combined = aggregate_krum(results, config.krum_byzantine, keep)
+        result.krum_selected = _krum_selected(arrays, config.krum_byzantine, keep)
+    first = updates[0]
+    result.update = {k: torch.as_tensor(np.asarray(v)).to(dtype=first[k].dtype, device=first[k].device)
+                     for k, v in zip(keys, combined)}
+    return result
+
+
+def check_finite(params: Mapping[str, torch.Tensor], server_round: int) -> None:
+    """Raises when θ holds NaN or Inf after a round: a broken θ must stop the run, not be sent to sites."""
+    bad = sorted(k for k, t in params.items() if not torch.isfinite(t).all())
+    if bad:
+        raise FloatingPointError(
+            f"θ became non-finite in round {server_round} ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+            "the run stops with the last good checkpoint (round "
+            f"{server_round - 1}). Lower meta-lr, bound replies (max-update-norm) or use a robust aggregation."
+        )
+
+
+def _plain_mean(arrays: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [np.mean(np.stack(layer), axis=0) for layer in zip(*arrays)]
+
+
+def _krum_selected(arrays: list[list[np.ndarray]], byzantine: int, keep: int) -> list[int]:
+    """Which replies Multi-Krum averaged (Flower returns only the average), for the round record."""
+    flat = np.stack([np.concatenate([a.ravel() for a in reply]) for reply in arrays])
+    squares = (flat**2).sum(axis=1)  # |a - b|² from the Gram matrix: n² numbers, not n² vectors
+    distances = np.maximum(squares[:, None] + squares[None, :] - 2 * flat @ flat.T, 0.0)
+    closest = max(1, len(arrays) - byzantine - 2)
+    scores = [float(np.sort(row)[1:closest + 1].sum()) for row in distances]
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:keep])
+
+
+def reply_norm_ok(config: RunConfig, norm: float) -> bool:
+    """Whether a reply's norm is within ``max-update-norm`` (always, when no bound is set)."""
+    return not config.max_update_norm or (math.isfinite(norm) and norm <= config.max_update_norm)
+
+
+__all__ = ["Aggregate", "aggregate", "check_finite", "reply_norm_ok", "trim_count"]

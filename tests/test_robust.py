@@ -1,0 +1,115 @@
+"""Byzantine-robust aggregation, the norm bound, runs that must fail loudly, and the simulated attackers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, Message
+
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.common.config import RunConfig
+from fedmeta.server.aggregation import aggregate, check_finite, trim_count
+from fedmeta.server.app import RunFailed
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.attacks import Attack, adversarial_client_app, parse_attack
+from tests.test_inprocess import FaultySites, federate, partition_of, tiny_config
+
+
+def _honest(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    return [{"w": base + 0.01 * torch.randn(6, 4, generator=g), "b": torch.full((3,), 0.5)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("replies, cut", [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (10, 2), (11, 2), (20, 4)])
+def test_the_trimmed_mean_cuts_at_least_one_reply_per_side_from_three_on(replies, cut):
+    # Flower's own cuts int(0.2 n): none of 3 or 4 replies, so one hostile site would pass untouched.
+    assert trim_count(RunConfig(aggregation="trimmed-mean"), replies) == cut
+
+
+@pytest.mark.parametrize("rule", ["trimmed-mean", "median", "krum"])
+@pytest.mark.parametrize("attack", ["scale:1000", "signflip:1000", "noise:100"])
+def test_robust_rules_keep_one_hostile_reply_from_moving_the_update(rule, attack):
+    honest = _honest(4)
+    hostile = parse_attack(attack).apply(dict(honest[0]), seed=1)
+    config = RunConfig(aggregation=rule)
+    combined = aggregate(config, [hostile, *honest[1:]], [1.0] * 4)
+    plain = aggregate(RunConfig(), honest, [1.0] * 4).update
+    for key in plain:
+        assert torch.allclose(combined.update[key], plain[key], atol=0.05), (rule, attack, key)
+    if rule == "krum":
+        assert 0 not in combined.krum_selected and len(combined.krum_selected) == 3
+    mean = aggregate(RunConfig(), [hostile, *honest[1:]], [1.0] * 4).update
+    assert not torch.allclose(mean["w"], plain["w"], atol=0.05)  # the mean is moved: the attack is real
+
+
+def test_robust_rules_keep_dtypes_and_the_mean_is_weighted():
+    replies = [{"w": torch.ones(3) * v} for v in (1.0, 2.0, 3.0)]
+    assert aggregate(RunConfig(), replies, [1.0, 1.0, 2.0]).update["w"].tolist() == [2.25] * 3
+    median = aggregate(RunConfig(aggregation="median"), replies, [1.0, 1.0, 100.0])
+    assert median.update["w"].dtype == torch.float32 and median.update["w"].tolist() == [2.0] * 3
+
+
+def test_a_non_finite_theta_stops_the_run():
+    check_finite({"w": torch.ones(2)}, 3)
+    with pytest.raises(FloatingPointError, match="non-finite in round 3 .*w.*last good checkpoint .*round 2"):
+        check_finite({"w": torch.tensor([1.0, float("inf")])}, 3)
+
+
+def test_replies_beyond_the_norm_bound_are_rejected_and_counted(smoke_federation, tmp_path):
+    attacked = adversarial_client_app(Attack("scale", 1e6), {0})
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=2, max_update_norm=1e3)
+    run = federate(config, smoke_federation, client=attacked)
+    for record in read_metrics(tmp_path / METRICS_NAME):
+        assert record["updated"] and record["sites_answered"] == record["sites_sampled"] - 1
+        (drop,) = record["dropped"]
+        assert drop["kind"] == "over-norm" and "exceeds max-update-norm=1000" in drop["reason"]
+        assert partition_of(run.grid, drop["node_id"]) == 0
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).counters["dropped_replies"] == 2
+
+
+def test_a_run_whose_every_reply_fails_ends_with_an_error(smoke_federation, tmp_path):
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=6, max_failed_rounds=2)
+    with pytest.raises(RunFailed, match=r"every reply failed in 2 rounds in a row \(rounds 1-2.*NaN"):
+        federate(config, smoke_federation, client=FaultySites("corrupt", partitions={0, 1, 2}))
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 2  # stopped, checkpointed, not "succeeded"
+
+
+def test_an_adversarial_site_rewrites_only_its_own_train_reply(smoke_federation, tmp_path):
+    from fedmeta.client.app import app as honest
+    from fedmeta.common.records import from_array_record
+
+    attacked = adversarial_client_app(Attack("signflip", 2.0), {1})
+    ratios: dict[int, float] = {}
+
+    def spy(message: Message, context: Context) -> Message:
+        reply = attacked(message, context)
+        if message.metadata.message_type == "train":  # the honest reply of the same message, for comparison
+            sent, truth = (from_array_record(r.content.array_records["meta-grads"])
+                           for r in (reply, honest(message, context)))
+            ratios[int(context.node_config["partition-id"])] = float(
+                sum((sent[k] * truth[k]).sum() for k in sent) / sum((truth[k] ** 2).sum() for k in truth))
+        return reply
+
+    federate(tiny_config(smoke_federation, tmp_path, num_rounds=1), smoke_federation, client=spy)
+    assert ratios == pytest.approx({0: 1.0, 1: -2.0, 2: 1.0}, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("boost", "unknown attack 'boost'"), ("scale:x", "'x' is not a number"), ("noise:0", "must be finite and > 0"),
+    ("scale:inf", "must be finite"),
+])
+def test_bad_attack_specs_are_refused(spec, words):
+    with pytest.raises(ValueError, match=words):
+        parse_attack(spec)
+    assert str(parse_attack("signflip")) == "signflip:1" and parse_attack("scale").factor == 1000
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(aggregation="geomed"), "aggregation='geomed'"), (dict(aggregation_trim=0.5), "aggregation-trim=0.5"),
+    (dict(krum_byzantine=-1), "krum-byzantine=-1"), (dict(max_update_norm=-1.0), "max-update-norm=-1.0"),
+    (dict(max_failed_rounds=-1), "max-failed-rounds=-1"),
+])
+def test_bad_aggregation_settings_are_refused_with_the_key(changes, words):
+    with pytest.raises(ValueError, match=words):
+        RunConfig(**changes)
