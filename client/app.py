@@ -22,6 +22,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fedmeta.client import secure_aggregation
 from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
 from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
 from fedmeta.common.adaptation import adaptation_curve, site_patients
@@ -32,7 +33,8 @@ from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD,
+    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES,
+    PARAMS_RECORD, SECAGG_KEYS_ACTION, SECAGG_RECORD, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION,
     PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
     ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
@@ -130,8 +132,45 @@ def train(message: Message, context: Context) -> Message:
     }
     if config.weighting == "data":  # the site's weight (FedAvg's n_k); not sent when the server has no use for it
         metrics[TRAIN_SLICES] = site.num_slices
-    content = RecordDict({GRADS_RECORD: to_array_record(grads), METRICS_RECORD: to_metric_record(metrics)})
-    return Message(content, reply_to=message)
+    if config.secure_aggregation != "none" and SECAGG_RECORD not in message.content.config_records:
+        raise PermissionError("the run uses secure aggregation but this train message skips it; refusing to send "
+                              "an unmasked reply")
+    if SECAGG_RECORD in message.content.config_records:  # secure aggregation: the server sees only masked integers
+        arrays = {MASKED_RECORD: secure_aggregation.masked_reply(message, context, config, grads,
+                                                                 site_seed(round_seed, site.name))}
+    else:
+        arrays = {GRADS_RECORD: to_array_record(grads)}
+    return Message(RecordDict({**arrays, METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
+
+
+# SecAgg+'s stages around the train message (fedmeta.client.secure_aggregation): key exchange, shares, unmasking.
+@app.train(SECAGG_KEYS_ACTION)
+@site_reply_errors
+def secagg_keys(message: Message, context: Context) -> Message:
+    _training_site(message, context)
+    return secure_aggregation.keys(message, context)
+
+
+@app.train(SECAGG_SHARES_ACTION)
+@site_reply_errors
+def secagg_shares(message: Message, context: Context) -> Message:
+    return secure_aggregation.shares(message, context, _training_site(message, context))
+
+
+@app.train(SECAGG_UNMASK_ACTION)
+@site_reply_errors
+def secagg_unmask(message: Message, context: Context) -> Message:
+    _training_site(message, context)
+    return secure_aggregation.unmask(message, context)
+
+
+def _training_site(message: Message, context: Context) -> RunConfig:
+    config, ref, _device = _setup(message, context)
+    if ref.role != ROLE_TRAIN:
+        raise PermissionError("a held-out site never trains: it plays the new hospital")
+    if config.secure_aggregation == "none":
+        raise PermissionError("the run config has secure-aggregation='none'; this site takes no part in SecAgg")
+    return config
 
 
 def local_dp(grads, config: RunConfig, sampled: int, seed: int):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from fedmeta.common.model import ModelConfig
-from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SITE_WEIGHTINGS
+from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SECURE_AGGREGATIONS, SITE_WEIGHTINGS
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -31,7 +31,9 @@ _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "d
 _HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element",
                     "dp": "none", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5,
                     "dp_max_epsilon": 0.0, "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
-                    "krum_byzantine": 1, "max_update_norm": 0.0, "max_failed_rounds": 3}
+                    "krum_byzantine": 1, "max_update_norm": 0.0, "max_failed_rounds": 3,
+                    "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
+                    "secagg_clip_range": 8.0, "secagg_levels": 0}
 STEP_SIZES = ("per-element", "per-layer-step")
 
 
@@ -95,6 +97,12 @@ class RunConfig:
     krum_byzantine: int = 1  # krum: replies assumed Byzantine (f); Multi-Krum averages the n - f best
     max_update_norm: float = 0.0  # a reply whose L2 norm (all arrays) exceeds this is rejected; 0 = no bound
     max_failed_rounds: int = 3  # rounds in a row whose every reply failed before the run stops with an error; 0 = never
+    # Secure aggregation (SecAgg+): the server learns only the sum of the round's quantised replies.
+    secure_aggregation: str = "none"  # none | secagg+
+    secagg_threshold: float = 0.6  # fraction of a site's neighbourhood whose shares recover its secrets
+    secagg_neighbours: int = 0  # SecAgg+'s sparse graph: neighbours per site; 0 = every other site (SecAgg)
+    secagg_clip_range: float = 8.0  # replies are clipped elementwise to +-this before quantisation
+    secagg_levels: int = 0  # quantisation levels over [-range, range]; 0 = the most the 2^32 modulus allows for the round
 
     def __post_init__(self) -> None:
         def need(condition: bool, key: str, problem: str) -> None:
@@ -171,6 +179,24 @@ class RunConfig:
         need(self.dp == "none" or self.site_weighting != "data", "site-weighting",
              "differential privacy needs every site to weigh the same (a data-size weight changes the "
              "sensitivity); use site-weighting='per-site' or 'auto' with dp.")
+        need(self.secure_aggregation in SECURE_AGGREGATIONS, "secure-aggregation",
+             f"choose one of {', '.join(SECURE_AGGREGATIONS)}.")
+        secure = self.secure_aggregation != "none"
+        need(not secure or self.aggregation == "mean", "aggregation",
+             "secure aggregation reveals only the sum, so a rule that looks at single replies cannot run on it; "
+             "use aggregation='mean' with secure-aggregation (bound replies with DP clipping instead).")
+        need(not secure or self.dp != "central", "dp",
+             "central DP clips each reply at the server, which secure aggregation never shows it; use dp='local' "
+             "(each site clips and adds its share of the noise) with secure-aggregation.")
+        need(not secure or self.site_weighting != "data", "site-weighting",
+             "secure aggregation sums unweighted replies; use site-weighting='per-site' or 'auto'.")
+        need(0.5 <= self.secagg_threshold <= 1, "secagg-threshold",
+             "must be in [0.5, 1]: the fraction of a site's neighbourhood needed to recover its secrets.")
+        need(self.secagg_neighbours >= 0, "secagg-neighbours", "must be >= 0 (0: every other site).")
+        need(math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0, "secagg-clip-range",
+             "must be a finite number > 0.")
+        need(self.secagg_levels == 0 or 2 <= self.secagg_levels <= 2**30, "secagg-levels",
+             "must be 0 (the most the modulus allows) or in [2, 2^30].")
         need(self.aggregation in AGGREGATIONS, "aggregation", f"choose one of {', '.join(AGGREGATIONS)}.")
         need(0 <= self.aggregation_trim < 0.5, "aggregation-trim", "must be in [0, 0.5): the fraction cut per side.")
         need(self.krum_byzantine >= 0, "krum-byzantine", "must be >= 0 (the number of Byzantine replies Krum tolerates).")
@@ -219,7 +245,7 @@ class RunConfig:
         """The site weighting in force: ``site-weighting`` with ``auto`` resolved for the algorithm."""
         if self.site_weighting != "auto":
             return self.site_weighting
-        if self.dp != "none":  # DP's sensitivity assumes every site weighs the same
+        if self.dp != "none" or self.secure_aggregation != "none":  # DP's sensitivity and SecAgg's sum: one weight each
             return "per-site"
         return "data" if self.algorithm in ("fedavg", "fedprox") else "per-site"
 

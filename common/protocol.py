@@ -44,6 +44,21 @@ CONFIG_RECORD = "config"  # ConfigRecord: round, seeds, protocol version
 GRADS_RECORD = "meta-grads"  # ArrayRecord: a site's meta-gradient, keyed like PARAMS_RECORD
 METRICS_RECORD = "metrics"  # MetricRecord: a site's scalars
 
+# -- secure aggregation (SecAgg+; fedmeta.common.secagg) -----------------------------------------------
+# Three extra train actions (message types "train.<action>") around the train message itself, which
+# then carries the ciphertexts addressed to the site and is answered with a masked, quantised reply.
+SECAGG_KEYS_ACTION = "secagg_keys"  # site: two fresh ECDH key pairs; replies the public keys
+SECAGG_SHARES_ACTION = "secagg_shares"  # site: Shamir-shares its mask seed and key, encrypted per neighbour
+SECAGG_UNMASK_ACTION = "secagg_unmask"  # site: the shares the server needs to remove the masks
+SECAGG_RECORD = "secagg"  # ConfigRecord, both ways: node ids, public keys, ciphertexts, shares
+MASKED_RECORD = "masked-grads"  # ArrayRecord: a site's quantised, masked reply (uint32: modulo 2^32)
+SECAGG_NODES = "nodes"  # int list: the round's participants (keys, shares) or whose shares follow (unmask reply)
+SECAGG_PK1, SECAGG_PK2 = "pk1", "pk2"  # bytes (a site's reply) or bytes lists in SECAGG_NODES order
+SECAGG_SOURCES, SECAGG_DESTINATIONS = "sources", "destinations"  # int lists beside SECAGG_CIPHERTEXTS
+SECAGG_CIPHERTEXTS = "ciphertexts"  # bytes list: Fernet-encrypted (source, destination, seed share, key share)
+SECAGG_ACTIVE, SECAGG_DEAD = "active", "dead"  # int lists: whose seed shares / whose key shares to reveal
+SECAGG_SHARES = "shares"  # bytes list in SECAGG_NODES order (unmask reply)
+
 # -- config keys (server -> site) ------------------------------------------------------------------
 ROUND_KEY = "round"
 ROUND_SEED_KEY = "round-seed"  # train: seeds the site's episode sampling (with its name)
@@ -119,11 +134,27 @@ SITE_WEIGHTINGS = ("auto", "data", "per-site")
 DP_MODES = ("none", "central", "local")
 # How the server combines the round's replies: the (weighted) mean, or a Byzantine-robust rule.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum")
+SECURE_AGGREGATIONS = ("none", "secagg+")
 STEP_SIZE_PREFIX = "lr."  # Meta-SGD's learned step sizes travel as lr.<parameter name>
 
 
 __all__ = [
     "AGGREGATIONS",
+    "MASKED_RECORD",
+    "SECAGG_ACTIVE",
+    "SECAGG_CIPHERTEXTS",
+    "SECAGG_DEAD",
+    "SECAGG_DESTINATIONS",
+    "SECAGG_KEYS_ACTION",
+    "SECAGG_NODES",
+    "SECAGG_PK1",
+    "SECAGG_PK2",
+    "SECAGG_RECORD",
+    "SECAGG_SHARES",
+    "SECAGG_SHARES_ACTION",
+    "SECAGG_SOURCES",
+    "SECAGG_UNMASK_ACTION",
+    "SECURE_AGGREGATIONS",
     "ALGORITHMS",
     "DP_MODES",
     "CONFIG_RECORD",

@@ -21,6 +21,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
 from fedmeta.server.rounds import Membership, collect, wait_for_training_sites
+from fedmeta.server.secure_aggregation import secure_training_round
 from fedmeta.server.operator_metrics import OperatorMetrics
 from fedmeta.server.metrics import MetricsLog
 
@@ -79,20 +80,26 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
                                 "privacy": {"epsilon": coordinator.accountant.epsilon, "delta": config.dp_delta}})
             break
         chosen, round_seed = coordinator.sample_sites(train_nodes)
-        collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
-                            quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
-                            timeout=config.round_timeout)
-        operator.replies(collected.messages)
-        outcome = coordinator.apply_train_replies(server_round, chosen, collected)
+        if config.secure_aggregation == "none":
+            collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
+                                quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
+                                timeout=config.round_timeout)
+            operator.replies(collected.messages)
+            outcome = coordinator.apply_train_replies(server_round, chosen, collected)
+            membership.expect_late(collected, f"round {server_round}")
+            closed_by = collected.closed_by
+        else:  # four exchanges per round; the server learns only the sum (fedmeta.server.secure_aggregation)
+            received, outcome = secure_training_round(grid, coordinator, server_round, chosen, round_seed)
+            operator.replies(received)
+            closed_by = "secagg"
         membership.record(chosen, outcome.accepted)
-        membership.expect_late(collected, f"round {server_round}")
         operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
             "round": server_round,
             "sites_sampled": len(chosen),
             "sites_answered": len(outcome.accepted),
             "updated": outcome.updated,
-            "closed_by": collected.closed_by,
+            "closed_by": closed_by,
             "dropped": [{"node_id": d.node_id, "reason": d.reason, "kind": d.kind} for d in outcome.dropped],
             "train": outcome.metrics,
         }

@@ -33,7 +33,7 @@ from fedmeta.common.protocol import (
     version_stamp, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
-from fedmeta.server.aggregation import aggregate, check_finite, reply_norm_ok
+from fedmeta.server.aggregation import Aggregate, aggregate, check_finite, reply_norm_ok
 from fedmeta.server.rounds import Collected
 
 log = logging.getLogger("fedmeta.server")
@@ -81,7 +81,7 @@ class Coordinator:
         step_sizes = None
         if config.algorithm == "metasgd":
             step_sizes = init_step_sizes(params, config.inner_lr, per_layer_steps=config.per_layer_steps)
-        self._expected = {
+        self.expected = {
             key: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
             for key, t in pack_params_dict(params, step_sizes).items()
         }
@@ -158,10 +158,12 @@ class Coordinator:
         self._population = len(nodes)
         return [nodes[i] for i in chosen], round_seed
 
-    def train_messages(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
+    def train_messages(self, server_round: int, node_ids: list[int], round_seed: int,
+                       sampled: int | None = None) -> list[Message]:
         """One train message per node: θ (and step sizes), the round and its seed."""
         # The sampled count lets local DP split the round's noise over the sites (σ·C/√m each).
-        content = self._content(server_round, {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: len(node_ids)})
+        extra = {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: sampled or len(node_ids)}
+        content = self.content(server_round, extra)
         # ttl: a site that wakes up after the round closed does not train on a round long gone.
         return [Message(content, node_id, MessageType.TRAIN, ttl=self.config.round_timeout, group_id=str(server_round))
                 for node_id in node_ids]
@@ -177,9 +179,9 @@ class Coordinator:
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
         sent_to, replies = list(sent_to), _collected(replies)
-        for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_train):
+        for node_id, payload in self.screen(sent_to, replies, outcome, self._validate_train):
             grads_by_node[node_id], outcome.accepted[node_id] = payload
-        self._note_missing(sent_to, outcome, replies)
+        self.note_missing(sent_to, outcome, replies)
         self.counters["dropped_replies"] += len(outcome.dropped)
 
         if len(outcome.accepted) < self.config.min_sites:
@@ -191,16 +193,25 @@ class Coordinator:
             return outcome
 
         # Site order, not arrival order: the same replies give the same bits in every run.
-        order = sorted(grads_by_node, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
+        order = self.in_site_order(grads_by_node)
         weights = site_weights(self.config, [outcome.accepted[n].get(TRAIN_SLICES, 1.0) for n in order])
         noise_seed = int(np.random.SeedSequence([self.config.seed, server_round, 0xD9]).generate_state(1)[0])
         combined = aggregate(self.config, [grads_by_node[n] for n in order], weights, noise_seed=noise_seed)
+        self.step(server_round, len(sent_to), outcome, combined, order, weights)
+        return outcome
+
+    def in_site_order(self, nodes: Iterable[int]) -> list[int]:
+        return sorted(nodes, key=lambda n: (self._site_order.get(n, len(self._site_order)), n))
+
+    def step(self, server_round: int, sampled: int, outcome: RoundOutcome, combined: Aggregate,
+             order: list[int], weights: list[float]) -> None:
+        """Steps θ with the round's combined update; fills the outcome's summaries and spends DP budget."""
         self.meta_optimizer.step(combined.update)
         check_finite(self.params, server_round)
         outcome.updated = True
         outcome.aggregation = combined.record()
         if self.accountant is not None:
-            outcome.privacy = self._spend(len(sent_to), len(order))
+            outcome.privacy = self._spend(sampled, len(order))
         counts = (NUM_EXAMPLES, TRAIN_SLICES)
         outcome.metrics = weighted_mean_scalars(
             [{k: v for k, v in outcome.accepted[n].items() if k not in counts} for n in order], weights
@@ -208,7 +219,6 @@ class Coordinator:
         for key in counts:
             if all(key in outcome.accepted[n] for n in order):
                 outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
-        return outcome
 
     def _spend(self, sampled: int, answered: int) -> dict:
         """Records the round's DP release with the accountant; returns the round record's ``privacy``."""
@@ -226,7 +236,7 @@ class Coordinator:
     def evaluate_messages(self, server_round: int, node_ids: list[int]) -> list[Message]:
         """One evaluate message per held-out node: θ (and step sizes) and the evaluation seed."""
         # A fixed seed: every evaluation adapts on the same support images, so rounds compare.
-        content = self._content(server_round, {EVAL_SEED_KEY: self.config.seed})
+        content = self.content(server_round, {EVAL_SEED_KEY: self.config.seed})
         return [Message(content, n, MessageType.EVALUATE, ttl=self.config.round_timeout, group_id=f"eval-{server_round}")
                 for n in sorted(node_ids)]
 
@@ -236,9 +246,9 @@ class Coordinator:
         """Mean and worst held-out Dice per adaptation step count (each site counts once)."""
         outcome = RoundOutcome()
         sent_to, replies = list(sent_to), _collected(replies)
-        for node_id, payload in self._screen(sent_to, replies, outcome, self._validate_evaluate):
+        for node_id, payload in self.screen(sent_to, replies, outcome, self._validate_evaluate):
             outcome.accepted[node_id] = payload
-        self._note_missing(sent_to, outcome, replies)
+        self.note_missing(sent_to, outcome, replies)
         self.counters["failed_evaluations"] += len(outcome.dropped)
         if outcome.accepted:
             for steps in self.config.adaptation_steps:
@@ -249,7 +259,7 @@ class Coordinator:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _content(self, server_round: int, extra: dict[str, int]) -> RecordDict:
+    def content(self, server_round: int, extra: dict[str, int]) -> RecordDict:
         return RecordDict(
             {
                 PARAMS_RECORD: pack_params(self.params, self.step_sizes),
@@ -259,7 +269,7 @@ class Coordinator:
             }
         )
 
-    def _screen(self, sent_to, replies: Collected, outcome: RoundOutcome, validate):
+    def screen(self, sent_to, replies: Collected, outcome: RoundOutcome, validate):
         expected_nodes, seen = set(sent_to), set(replies.gone)
         for node_id, why in sorted(replies.gone.items()):
             outcome.dropped.append(Drop(node_id, f"node gone: {why}", "node-gone"))
@@ -280,7 +290,7 @@ class Coordinator:
             outcome.dropped.append(Drop(node_id, reason, kind))
             log.warning("dropped the reply of node %d: %s", node_id, reason)
 
-    def _note_missing(self, sent_to, outcome: RoundOutcome, replies: Collected) -> None:
+    def note_missing(self, sent_to, outcome: RoundOutcome, replies: Collected) -> None:
         answered = set(outcome.accepted) | {d.node_id for d in outcome.dropped}
         if replies.closed_by == "deadline":
             reason = (f"no reply by round-deadline={self.config.round_deadline:g}s (the round closed once a quorum of "
@@ -292,15 +302,15 @@ class Coordinator:
             log.warning("node %d: %s", node_id, reason)
 
     def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        content = _content_of(reply, {GRADS_RECORD, METRICS_RECORD})
+        content = content_of(reply, {GRADS_RECORD, METRICS_RECORD})
         grads_record = content.array_records.get(GRADS_RECORD)
         if grads_record is None:
             raise InvalidReply(f"no ArrayRecord {GRADS_RECORD!r}")
         keys = set(grads_record.keys())
-        missing, extra = sorted(set(self._expected) - keys), sorted(keys - set(self._expected))
+        missing, extra = sorted(set(self.expected) - keys), sorted(keys - set(self.expected))
         if missing or extra:
             raise InvalidReply(f"meta-gradient keys differ from θ: missing {missing[:3]}, unexpected {extra[:3]}")
-        for key, (shape, dtype) in self._expected.items():
+        for key, (shape, dtype) in self.expected.items():
             array = grads_record[key]
             if tuple(array.shape) != shape or array.dtype != dtype:
                 raise InvalidReply(
@@ -311,7 +321,7 @@ class Coordinator:
         except Exception as err:  # undecodable bytes: a corrupted or hostile reply
             raise InvalidReply(f"meta-gradient arrays do not decode ({type(err).__name__})") from None
         for key, tensor in grads.items():
-            if tuple(tensor.shape) != self._expected[key][0]:
+            if tuple(tensor.shape) != self.expected[key][0]:
                 raise InvalidReply(f"{key!r} decodes to shape {list(tensor.shape)}, not its declared shape")
             if not torch.isfinite(tensor).all():
                 raise InvalidReply(f"{key!r} holds NaN or Inf")
@@ -319,7 +329,7 @@ class Coordinator:
         if not reply_norm_ok(self.config, norm):
             raise InvalidReply(f"its L2 norm {norm:.4g} exceeds max-update-norm={self.config.max_update_norm:g}",
                                kind="over-norm")
-        metrics = _validated_metrics(content)
+        metrics = validated_metrics(content)
         # The weight a site claims cannot exceed what the round asked of it: one reply must not be
         # able to outweigh the federation by naming a huge example count.
         most = self.config.episodes_per_site * (self.config.k_shot + self.config.q_query)
@@ -335,8 +345,8 @@ class Coordinator:
         return grads, metrics
 
     def _validate_evaluate(self, reply: Message) -> dict[str, float]:
-        content = _content_of(reply, {METRICS_RECORD})
-        metrics = _validated_metrics(content)
+        content = content_of(reply, {METRICS_RECORD})
+        metrics = validated_metrics(content)
         for steps in self.config.adaptation_steps:
             value = metrics.get(dice_key(steps))
             if value is None or not 0.0 <= value <= 1.0:
@@ -364,7 +374,7 @@ def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:
     return {**params, **{STEP_SIZE_PREFIX + k: v for k, v in (step_sizes or {}).items()}}
 
 
-def _content_of(reply: Message, allowed: set[str]) -> RecordDict:
+def content_of(reply: Message, allowed: set[str]) -> RecordDict:
     if reply.has_error():
         error = reply.error
         raise InvalidReply(f"site failed (error code {error.code}): {str(error.reason)[:300]}", kind="site-error")
@@ -377,7 +387,7 @@ def _content_of(reply: Message, allowed: set[str]) -> RecordDict:
     return content
 
 
-def _validated_metrics(content: RecordDict) -> dict[str, float]:
+def validated_metrics(content: RecordDict) -> dict[str, float]:
     record = content.metric_records.get(METRICS_RECORD)
     if record is None:
         raise InvalidReply(f"no MetricRecord {METRICS_RECORD!r}")
@@ -392,4 +402,4 @@ def _validated_metrics(content: RecordDict) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["Coordinator", "Drop", "InvalidReply", "RoundOutcome"]
+__all__ = ["Coordinator", "Drop", "InvalidReply", "RoundOutcome", "content_of", "validated_metrics"]

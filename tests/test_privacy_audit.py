@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from fedmeta.client.app import app as client_app
 from fedmeta.common.config import RunConfig
 from fedmeta.common.model import initial_params, seeded_model
-from fedmeta.common.protocol import SITE_METRIC_PREFIXES, SITE_METRICS
+from fedmeta.common.protocol import MASKED_RECORD, SECAGG_RECORD, SITE_METRIC_PREFIXES, SITE_METRICS
 from tests.test_inprocess import federate, tiny_config
 
 
@@ -66,12 +66,20 @@ def audit(auditor: Auditor, config: RunConfig, federation) -> dict[str, int]:
             counts["error"] = counts.get("error", 0) + 1
             continue
         content = reply.content
+        if kind.startswith("train.secagg_"):  # SecAgg+'s stages: public keys, ciphertexts, shares, node ids
+            assert set(content.keys()) == {SECAGG_RECORD}, f"{kind} reply carries {sorted(content.keys())}"
+            for key, value in content.config_records[SECAGG_RECORD].items():
+                items = value if isinstance(value, list) else [value]
+                assert all(isinstance(v, bytes) or type(v) is int for v in items), f"{kind} {key!r}: not bytes/ids"
+                assert not any(isinstance(v, bytes) and any(w.encode() in v for w in _site_words(context, federation))
+                               for v in items), f"{kind} {key!r} names the site's data"
+            continue
         assert not content.config_records, f"{kind} reply carries a ConfigRecord (strings can hide there)"
-        for record in content.array_records.values():
+        for name, record in content.array_records.items():
             assert kind == "train", f"{kind} reply carries arrays"
             assert {k: tuple(a.shape) for k, a in record.items()} == shapes, "arrays are not exactly θ-shaped"
-            for array in record.values():
-                assert array.dtype == "float32"
+            for array in record.values():  # plain: float32 meta-gradients; secure: masked integers mod 2^32
+                assert array.dtype == ("uint32" if name == MASKED_RECORD else "float32")
         for record in content.metric_records.values():
             for key, value in record.items():
                 assert key in SITE_METRICS or key.startswith(SITE_METRIC_PREFIXES), f"unexpected metric {key!r}"
@@ -81,14 +89,18 @@ def audit(auditor: Auditor, config: RunConfig, federation) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("algorithm, dp", [("fomaml", "none"), ("metasgd", "none"), ("metasgd", "local")])
-def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation, tmp_path, algorithm, dp):
+@pytest.mark.parametrize("algorithm, dp, secure", [("fomaml", "none", "none"), ("metasgd", "none", "none"),
+                                                   ("metasgd", "local", "secagg+")])
+def test_every_outgoing_message_is_parameters_or_scalar_metrics(smoke_federation, tmp_path, algorithm, dp, secure):
     auditor = Auditor()
-    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, eval_every=1, algorithm=algorithm, dp=dp)
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, eval_every=1, algorithm=algorithm, dp=dp,
+                         secure_aggregation=secure)
     federate(config, smoke_federation, client=auditor)
     counts = audit(auditor, config, smoke_federation)
     assert counts["query"] >= 2 and counts["train"] >= 1 and counts["evaluate"] >= 1
     assert "error" not in counts
+    if secure != "none":
+        assert all(counts[f"train.secagg_{stage}"] >= 2 for stage in ("keys", "shares", "unmask"))
 
 
 def test_a_failing_site_reports_the_error_type_only(smoke_federation, tmp_path):

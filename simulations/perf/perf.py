@@ -9,8 +9,11 @@
 - ``comm``: bytes a site's train reply takes on the wire (Flower's protobuf) against the fp32 size
   of what it stands for (θ, and Meta-SGD's step sizes).
 - ``meta``: the meta-step micro-benchmark (fedmeta.simulations.perf.meta_step), summarised.
+- ``secagg``: one federation (default model, every site every round) with plain aggregation and with
+  SecAgg+, side by side in one run: wire bytes both ways per site and round (Flower's protobuf,
+  every stage's messages) and seconds per round, and their ratios.
 
-``fedmeta perf`` alone runs all four; ``--quick`` shrinks each for a look in a few minutes.
+``fedmeta perf`` alone runs them all; ``--quick`` shrinks each for a look in a few minutes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.perf import meta_step
 
 
-PARTS = ("sim", "scaling", "comm", "meta")
+PARTS = ("sim", "scaling", "comm", "meta", "secagg")
 TARGETS = {"ray_vs_bare": 1.25, "memory_100_vs_10": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
            "fomaml_vs_plain": 1.3}
 
@@ -190,6 +193,44 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
     return rows
 
 
+def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, Any]:
+    """Plain aggregation against SecAgg+ on the same federation, rounds and seed: bytes and seconds per round."""
+    from flwr.common.serde import message_to_proto
+
+    from fedmeta.client.app import app as client_app
+    from fedmeta.common.config import RunConfig
+    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
+
+    federation = _federation(sites, work / "federations")
+    defaults = RunConfig()
+    rows = {}
+    for mode in ("none", "secagg+"):
+        sizes = {"down": 0, "up": 0}
+
+        def measuring_client(message, context, sizes=sizes):
+            reply = client_app(message, context)
+            if message.metadata.message_type.startswith("train"):  # every stage of the round, both ways
+                sizes["down"] += message_to_proto(message).ByteSize()
+                sizes["up"] += message_to_proto(reply).ByteSize()
+            return reply
+
+        out = work / f"secagg-{mode}"
+        config = _config(federation, out, num_rounds=rounds, secure_aggregation=mode, site_weighting="per-site",
+                         image_size=defaults.image_size, model_base_channels=defaults.model_base_channels,
+                         model_levels=defaults.model_levels)
+        run_inprocess(config.to_run_config(), simulation_node_configs(sites), client_app=measuring_client)
+        seconds = _round_seconds(out)
+        per_site_round = sites * rounds
+        rows[mode] = {"bytes_down_per_site_round": sizes["down"] / per_site_round,
+                      "bytes_up_per_site_round": sizes["up"] / per_site_round,
+                      "seconds_per_round": sum(seconds) / len(seconds)}
+    plain, secure = rows["none"], rows["secagg+"]
+    return {"sites": sites, "rounds": rounds, "plain": plain, "secagg": secure,
+            "bytes_vs_plain": (secure["bytes_down_per_site_round"] + secure["bytes_up_per_site_round"])
+            / (plain["bytes_down_per_site_round"] + plain["bytes_up_per_site_round"]),
+            "seconds_vs_plain": secure["seconds_per_round"] / plain["seconds_per_round"]}
+
+
 def meta_step_summary(*, quick: bool) -> dict[str, Any]:
     setting = meta_step.SETTINGS["2d"]
     table = meta_step.summarise(meta_step.measure(setting, repeats=2 if quick else 5))
@@ -240,6 +281,16 @@ def format_report(results: dict[str, Any]) -> str:
         t = results["meta"]["table"]["targets"]
         checks.append(("MAML / FOMAML time", t["maml_time_vs_fomaml"], TARGETS["maml_vs_fomaml"]))
         checks.append(("FOMAML / plain forward-backward", t["fomaml_time_vs_plain"], TARGETS["fomaml_vs_plain"]))
+    if "secagg" in results:
+        g = results["secagg"]
+        lines += [f"## Secure aggregation (SecAgg+) against plain aggregation: {g['sites']} sites, {g['rounds']} rounds, "
+                  "default model", "", "| aggregation | bytes down / site / round | bytes up / site / round | "
+                  "s / round |", "|---|---:|---:|---:|"]
+        for label, row in (("plain", g["plain"]), ("secagg+", g["secagg"])):
+            lines.append(f"| {label} | {row['bytes_down_per_site_round']:.0f} | {row['bytes_up_per_site_round']:.0f} | "
+                         f"{row['seconds_per_round']:.2f} |")
+        lines += ["", f"SecAgg+ / plain: bytes {g['bytes_vs_plain']:.3f}×, seconds per round "
+                      f"{g['seconds_vs_plain']:.2f}×.", ""]
     lines += ["## Targets", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
     for name, value, target in checks:
         lines.append(f"| {name} | {value:.2f} | ≤ {target} | {'yes' if value <= target else 'no'} |")
@@ -267,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
             results["comm"] = bench_comm(work)
         if "meta" in parts:
             results["meta"] = meta_step_summary(quick=args.quick)
+        if "secagg" in parts:
+            results["secagg"] = bench_secagg(work, rounds=2 if args.quick else 3)
     except Exception as err:
         print(f"fedmeta perf: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

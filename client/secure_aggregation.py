@@ -1,0 +1,188 @@
+"""A site's side of SecAgg+ (Bell et al. 2020; Bonawitz et al. 2017), on Flower's primitives.
+
+Per round, around fedmeta's train message:
+
+1. ``keys``: two fresh ECDH key pairs (Flower's ``generate_key_pairs``): one to agree pairwise masks,
+   one to encrypt shares; the public halves go to the server.
+2. ``shares``: a fresh 32-byte mask seed b; b and the first private key are Shamir-shared
+   (Flower's ``create_shares``) among the site's neighbours, each share encrypted for its holder
+   with a key agreed from the second pair (Flower's ``generate_shared_key``, Fernet ``encrypt``).
+3. ``train``: the ordinary site update, quantised (Flower's stochastic ``quantize``), plus the mask
+   from b, plus (or minus) one pairwise mask per neighbour that shared, modulo 2^32. The server
+   sees only this.
+4. ``unmask``: for each neighbour the server names as having answered, the share of its b; for
+   each it names as gone, the share of its mask key — never both for one site (refused).
+
+The private keys, b and the shares held for others live in the node's ``context.state`` for one
+round and are replaced the next.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key, bytes_to_public_key, generate_key_pairs, private_key_to_bytes, public_key_to_bytes,
+)
+
+from fedmeta.common.config import RunConfig
+from fedmeta.common.protocol import (
+    CONFIG_RECORD, ROUND_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
+    SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES, SECAGG_SOURCES,
+)
+from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, threshold
+
+_STATE = "fedmeta-secagg"  # the node's context.state ConfigRecord for the round in progress
+
+
+class SecAggError(ValueError):
+    """A message that breaks the protocol (wrong round, a key shown twice, a share asked for twice)."""
+
+
+def keys(message: Message, context: Context) -> Message:
+    server_round = _round(message)
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    context.state[_STATE] = ConfigRecord({
+        "round": server_round, "sk1": private_key_to_bytes(sk1), "sk2": private_key_to_bytes(sk2),
+        "pk1": public_key_to_bytes(pk1), "pk2": public_key_to_bytes(pk2),
+    })
+    reply = ConfigRecord({SECAGG_PK1: public_key_to_bytes(pk1), SECAGG_PK2: public_key_to_bytes(pk2)})
+    return Message(RecordDict({SECAGG_RECORD: reply}), reply_to=message)
+
+
+def shares(message: Message, context: Context, config: RunConfig) -> Message:
+    state = _state(context, _round(message))
+    record = message.content.config_records[SECAGG_RECORD]
+    nodes = [int(n) for n in record[SECAGG_NODES]]
+    pk1s, pk2s = list(record[SECAGG_PK1]), list(record[SECAGG_PK2])
+    me = int(context.node_id)
+    if len(set(nodes)) != len(nodes) or len(pk1s) != len(nodes) or len(pk2s) != len(nodes):
+        raise SecAggError("the participants' list is malformed (duplicate nodes or missing keys)")
+    if len(set(pk1s) | set(pk2s)) != 2 * len(nodes):
+        raise SecAggError("two participants show the same public key")
+    if me not in nodes or pk1s[nodes.index(me)] != state["pk1"] or pk2s[nodes.index(me)] != state["pk2"]:
+        raise SecAggError("the server lists this site with keys it did not send")
+    group = neighbours(nodes, me, config.secagg_neighbours)
+    t = threshold(len(group) + 1, config.secagg_threshold)
+    seed = os.urandom(32)
+    holders = [me, *group]
+    seed_shares = create_shares(seed, t, len(holders))
+    key_shares = create_shares(state["sk1"], t, len(holders))
+    sk2 = bytes_to_private_key(state["sk2"])
+    destinations, ciphertexts = [], []
+    for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
+        if holder == me:
+            own = (seed_share, key_share)
+            continue
+        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(holder)]))
+        destinations.append(holder)
+        ciphertexts.append(encrypt(shared, share_keys_plaintext_concat(me, holder, seed_share, key_share)))
+    state.update({
+        "seed": seed, "nodes": nodes, "pk1s": pk1s, "pk2s": pk2s,
+        # shares this site holds: its own, then (at the train message) its neighbours'
+        "held-from": [me], "held-seed": [own[0]], "held-key": [own[1]],
+    })
+    reply = ConfigRecord({SECAGG_DESTINATIONS: destinations, SECAGG_CIPHERTEXTS: ciphertexts})
+    return Message(RecordDict({SECAGG_RECORD: reply}), reply_to=message)
+
+
+def masked_reply(message: Message, context: Context, config: RunConfig, grads: dict[str, torch.Tensor],
+                 seed: int) -> ArrayRecord:
+    """The train reply under secure aggregation: ``grads`` quantised and masked, keyed like θ."""
+    state = _state(context, _round(message))
+    record = message.content.config_records[SECAGG_RECORD]
+    me, nodes = int(context.node_id), [int(n) for n in state["nodes"]]
+    group = set(neighbours(nodes, me, config.secagg_neighbours))
+    sk2 = bytes_to_private_key(state["sk2"])
+    pk2s, pk1s = list(state["pk2s"]), list(state["pk1s"])
+    held_from, held_seed, held_key = list(state["held-from"]), list(state["held-seed"]), list(state["held-key"])
+    senders = []
+    for source, ciphertext in zip(record[SECAGG_SOURCES], record[SECAGG_CIPHERTEXTS]):
+        source = int(source)
+        if source not in group or source in senders:
+            raise SecAggError(f"a share from node {source}, which is not an expected neighbour")
+        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(source)]))
+        src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, ciphertext))
+        if (src, dst) != (source, me):
+            raise SecAggError(f"a share labelled {src}->{dst} arrived as {source}->{me}")
+        senders.append(source)
+        held_from.append(source), held_seed.append(seed_share), held_key.append(key_share)
+    state.update({"held-from": held_from, "held-seed": held_seed, "held-key": held_key, "masked": True})
+
+    names = sorted(grads)
+    arrays = [grads[n].detach().cpu().to(torch.float64).numpy() for n in names]
+    # Stochastic rounding draws from NumPy's global generator (Flower's quantize); seeded here so that a
+    # simulation repeats, and restored so that nothing else in the process sees the change.
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        levels = levels_for(config.secagg_levels, len(nodes))  # the sum of every participant must fit 2^32
+        quantised = quantize(arrays, config.secagg_clip_range, levels)
+    finally:
+        np.random.set_state(saved)
+    shapes = [a.shape for a in quantised]
+    masked = [q.astype(np.int64) + m for q, m in zip(quantised, expand_mask(state["seed"], shapes))]
+    sk1 = bytes_to_private_key(state["sk1"])
+    for other in senders:  # pairwise masks cancel in the sum: the larger id adds, the smaller subtracts
+        pairwise = expand_mask(generate_shared_key(sk1, bytes_to_public_key(pk1s[nodes.index(other)])), shapes)
+        sign = 1 if me > other else -1
+        masked = [v + sign * m for v, m in zip(masked, pairwise)]
+    # Values below 2^32 travel as uint32: the masked reply costs what a float32 one does.
+    return ArrayRecord({n: Array(np.mod(v, MOD_RANGE).astype(np.uint32)) for n, v in zip(names, masked)})
+
+
+def unmask(message: Message, context: Context) -> Message:
+    state = _state(context, _round(message))
+    if not state.get("masked"):
+        raise SecAggError("asked to unmask before this site sent its masked reply")
+    record = message.content.config_records[SECAGG_RECORD]
+    active, dead = [int(n) for n in record[SECAGG_ACTIVE]], [int(n) for n in record[SECAGG_DEAD]]
+    if set(active) & set(dead):
+        # Both shares of one site would let the server strip its mask and read its reply.
+        raise SecAggError(f"nodes {sorted(set(active) & set(dead))} are named both answered and gone")
+    held = {int(n): i for i, n in enumerate(state["held-from"])}
+    nodes, out = [], []
+    for node in active:
+        if node in held:
+            nodes.append(node), out.append(state["held-seed"][held[node]])
+    for node in dead:
+        if node in held:
+            nodes.append(node), out.append(state["held-key"][held[node]])
+    del context.state[_STATE]  # one unmasking per round: a second request finds nothing
+    reply = ConfigRecord({SECAGG_NODES: nodes, SECAGG_SHARES: out})
+    return Message(RecordDict({SECAGG_RECORD: reply}), reply_to=message)
+
+
+def _round(message: Message) -> int:
+    return int(message.content.config_records[CONFIG_RECORD][ROUND_KEY])
+
+
+def _state(context: Context, server_round: int) -> dict:
+    record = context.state.config_records.get(_STATE)
+    if record is None or int(record["round"]) != server_round:
+        raise SecAggError(f"no key exchange of round {server_round} at this site (a restart, or a stage skipped)")
+    return _StateView(record)
+
+
+class _StateView(dict):
+    """The ConfigRecord's values as a dict whose updates are written back to the record."""
+
+    def __init__(self, record: ConfigRecord):
+        super().__init__(record.items())
+        self._record = record
+
+    def update(self, values: dict) -> None:  # type: ignore[override]
+        super().update(values)
+        for key, value in values.items():
+            self._record[key] = value
+
+
+__all__ = ["SecAggError", "keys", "masked_reply", "shares", "unmask"]

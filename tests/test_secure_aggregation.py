@@ -1,0 +1,160 @@
+"""SecAgg+ on fedmeta's round: the sum is exact within the quantisation bound, survives a site that
+vanishes mid-protocol, and what the server records of one site says nothing about that site's reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+
+from fedmeta.client import secure_aggregation
+from fedmeta.client.app import app as client_app
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.common.config import RunConfig
+from fedmeta.common.protocol import SECAGG_ACTIVE, SECAGG_DEAD, SECAGG_RECORD
+from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, quantisation_bound, threshold
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from tests.test_inprocess import federate, tiny_config
+
+# SGD at lr 1 makes θ move by exactly the aggregate, so θ compares the aggregates themselves.
+SGD = dict(algorithm="fomaml", meta_optimizer="sgd", meta_lr=1.0, num_rounds=1)
+
+
+def _theta_gap(a_dir, b_dir) -> float:
+    a, b = (load_checkpoint(d / CHECKPOINT_NAME) for d in (a_dir, b_dir))
+    return max(float((a.params[k] - b.params[k]).abs().max()) for k in a.params)
+
+
+def _bound(config: RunConfig, sites: int) -> float:
+    # One quantisation step per reply, plus float32 rounding of θ (|θ| < 4 here) in the two runs.
+    return quantisation_bound(config.secagg_clip_range, levels_for(config.secagg_levels, sites)) + 4e-6
+
+
+def test_the_secure_aggregate_equals_plain_aggregation_within_the_quantisation_bound(smoke_federation, tmp_path):
+    plain = tiny_config(smoke_federation, tmp_path / "plain", **SGD)
+    federate(plain, smoke_federation)
+    secure = plain.replace(out_dir=str(tmp_path / "secure"), secure_aggregation="secagg+")
+    federate(secure, smoke_federation)
+    assert 0 < _theta_gap(tmp_path / "plain", tmp_path / "secure") <= _bound(secure, 3)
+    (record,) = read_metrics(tmp_path / "secure" / METRICS_NAME)
+    assert record["updated"] and record["sites_answered"] == 3 and record["aggregation"]["secure"] == "secagg+"
+    # A coarse quantiser has a coarse bound, and meets it.
+    coarse = secure.replace(out_dir=str(tmp_path / "coarse"), secagg_levels=2**16)
+    federate(coarse, smoke_federation)
+    assert _theta_gap(tmp_path / "plain", tmp_path / "coarse") <= _bound(coarse, 3)
+
+
+class Vanishing:
+    """The real ClientApp, except that one partition dies at one stage of the protocol."""
+
+    def __init__(self, partition: int, stage: str):
+        self.partition, self.stage = partition, stage
+        self.unmask_requests: list[tuple[list[int], list[int]]] = []
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind = message.metadata.message_type
+        if kind == "train.secagg_unmask":
+            record = message.content.config_records[SECAGG_RECORD]
+            self.unmask_requests.append((list(record[SECAGG_ACTIVE]), list(record[SECAGG_DEAD])))
+        if context.node_config["partition-id"] == self.partition and kind == self.stage:
+            raise ConnectionError("the site's SuperNode died")
+        return client_app(message, context)
+
+
+@pytest.mark.parametrize("stage", ["train", "train.secagg_unmask"])
+def test_a_site_that_vanishes_after_sharing_keys_leaves_the_sum_of_the_rest_exact(smoke_federation, tmp_path, stage):
+    secure = tiny_config(smoke_federation, tmp_path / "secure", secure_aggregation="secagg+", **SGD)
+    vanishing = Vanishing(0, stage)
+    federate(secure, smoke_federation, client=vanishing)
+    (record,) = read_metrics(tmp_path / "secure" / METRICS_NAME)
+    assert record["updated"], record
+    for active, dead in vanishing.unmask_requests:  # never both secrets of one site
+        assert not set(active) & set(dead)
+    if stage == "train":  # gone before its masked reply: the two others are summed, its pairwise masks removed
+        plain = tiny_config(smoke_federation, tmp_path / "plain", **SGD)
+        federate(plain, smoke_federation, client=Vanishing(0, "train"))
+        assert record["sites_answered"] == 2 and record["aggregation"]["dropped_after_sharing"] == 1
+    else:  # gone after its masked reply: its mask seed is rebuilt from its neighbours' shares
+        plain = tiny_config(smoke_federation, tmp_path / "plain", **SGD)
+        federate(plain, smoke_federation)
+        assert record["sites_answered"] == 3
+    assert _theta_gap(tmp_path / "plain", tmp_path / "secure") <= _bound(secure, 3)
+
+
+def test_too_many_vanished_sites_abandon_the_round_instead_of_unmasking_a_part(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", secagg_threshold=1.0,
+                         num_rounds=1, max_failed_rounds=0)
+    with pytest.raises(RunFailed, match="no round .* updated"):
+        federate(config, smoke_federation, client=Vanishing(0, "train.secagg_unmask"))
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    assert not record["updated"] and "share(s) of site" in record["aggregation"]["abandoned"]
+
+
+def test_the_servers_record_of_one_site_is_uncorrelated_with_its_reply(smoke_federation, tmp_path, monkeypatch):
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real = secure_aggregation.masked_reply
+
+    def spy(message, context, config, grads, seed):
+        record = real(message, context, config, grads, seed)
+        names = sorted(grads)
+        truth = np.concatenate([grads[n].double().numpy().ravel() for n in names])
+        masked = np.concatenate([record[n].numpy().ravel() for n in names]).astype(np.float64)
+        seen.append((truth, masked))
+        return record
+
+    monkeypatch.setattr(secure_aggregation, "masked_reply", spy)
+    federate(tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", **SGD), smoke_federation)
+    assert len(seen) == 3
+    for truth, masked in seen:
+        assert masked.min() >= 0 and masked.max() < MOD_RANGE
+        # ~26,000 elements: |r| of unrelated vectors is below 0.03 with overwhelming probability.
+        assert abs(np.corrcoef(truth, masked)[0, 1]) < 0.03
+        assert abs(np.mean(masked) / MOD_RANGE - 0.5) < 0.01  # uniform over the modulus
+
+
+def test_the_shared_arithmetic():
+    nodes = [5, 17, 2, 40, 33, 8]
+    assert neighbours(nodes, 17, 0) == [2, 5, 8, 33, 40]
+    ring = {n: set(neighbours(nodes, n, 2)) for n in nodes}
+    assert all(len(v) == 2 for v in ring.values())
+    assert all(a in ring[b] for a in nodes for b in ring[a])  # symmetric: both sides mask with each other
+    assert [threshold(n, 0.6) for n in (2, 3, 4, 5, 10)] == [2, 2, 3, 3, 6]
+    assert threshold(10, 0.5) == 6  # more than half: two disjoint groups can never both recover
+    a, b = expand_mask(b"seed", [(3, 4), (5,)]), expand_mask(b"seed", [(3, 4), (5,)])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and a[0].dtype == np.int64
+    assert not np.array_equal(expand_mask(b"other", [(3, 4)])[0], a[0])
+    big = expand_mask(b"x", [(200_000,)])[0]
+    assert big.min() >= 0 and big.max() < MOD_RANGE and abs(big.mean() / MOD_RANGE - 0.5) < 0.01
+    assert levels_for(0, 3) * 3 < MOD_RANGE and levels_for(0, 1) == 2**30 and levels_for(1000, 3) == 1000
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(secure_aggregation="secagg"), "secure-aggregation='secagg'"),
+    (dict(secure_aggregation="secagg+", aggregation="median"), "use aggregation='mean' with secure-aggregation"),
+    (dict(secure_aggregation="secagg+", dp="central"), "use dp='local'"),
+    (dict(secure_aggregation="secagg+", site_weighting="data"), "site-weighting='per-site'"),
+    (dict(secagg_threshold=0.4), "secagg-threshold=0.4"),
+    (dict(secagg_levels=1), "secagg-levels=1"),
+])
+def test_bad_secure_aggregation_settings_are_refused_with_the_key(changes, words):
+    with pytest.raises(ValueError, match=words):
+        RunConfig(**changes)
+
+
+def test_a_site_refuses_to_send_an_unmasked_reply_when_the_run_uses_secure_aggregation(smoke_federation, tmp_path):
+    """A server that skips the protocol (sends a plain train message) gets an error, not the raw reply."""
+    from fedmeta.server.coordinator import Coordinator
+    from fedmeta.simulations.engines.inprocess import InProcessGrid, simulation_node_configs
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", **SGD)
+    grid = InProcessGrid(client_app, simulation_node_configs(5), config.to_run_config())
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, 1
+    node = next(n for n, v in grid.nodes.items() if v.context.node_config["partition-id"] == 0)
+    (message,) = Coordinator(config).train_messages(1, [node], round_seed=3)
+    (reply,) = grid.pull_messages(grid.push_messages([message]))
+    assert reply.has_error() and "train failed at the site with PermissionError" in reply.error.reason
+    assert not reply.has_content()  # nothing but the error came back
