@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "fedmeta.server.provision",  # fedmeta provision, revoke-site (the coordinator's consortium material)
     "fedmeta.simulations.experiments.simulate",  # fedmeta simulate
     "fedmeta.simulations.experiments.benchmark",  # fedmeta benchmark
+    "fedmeta.simulations.experiments.audit_privacy",  # fedmeta audit-privacy (the gradient-inversion attack bench)
     "fedmeta.simulations.synthetic.federation",  # fedmeta synth, show-sites
     "fedmeta.simulations.perf.perf",  # fedmeta perf [sim|scaling|comm|meta] (alias: bench)
 ]
