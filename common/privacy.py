@@ -141,6 +141,29 @@ class PrivacyAccountant:
         return accountant
 
 
+def noise_multiplier_for(epsilon: float, delta: float, population: int, sampled: int, rounds: int) -> float:
+    """The smallest σ (to 1 %) whose ``rounds`` releases of ``sampled`` of ``population`` sites stay within
+    ε at δ: how a consortium turns the budget it will sign off into ``dp-noise-multiplier``."""
+    if not (epsilon > 0 and 0 < delta < 1 and rounds >= 1 and 1 <= sampled <= population):
+        raise ValueError(f"epsilon={epsilon}, delta={delta}, rounds={rounds}, sampled={sampled} of {population}: "
+                         "need epsilon > 0, 0 < delta < 1, rounds >= 1 and 1 <= sampled <= population.")
+
+    def spent(sigma: float) -> float:
+        return PrivacyAccountant(delta, [RoundEvent(population, sampled, sigma)] * rounds).epsilon
+
+    low, high = 0.05, 1.0
+    while spent(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 keeps {rounds} rounds within epsilon={epsilon}.")
+    if spent(low) <= epsilon:
+        return low
+    while high / low > 1.01:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)
+    return high
+
+
 def _dp_event(event: RoundEvent):
     from dp_accounting import dp_event  # 2 s to import: only runs with DP pay it
 
@@ -164,4 +187,4 @@ def _composed(history: list[RoundEvent]):
 
 
 __all__ = ["DP_MODES", "PrivacyAccountant", "RoundEvent", "add_gaussian_noise", "clip_update", "noise_generator",
-           "update_norm"]
+           "noise_multiplier_for", "update_norm"]

@@ -130,9 +130,13 @@ class Coordinator:
     # -- privacy budget -------------------------------------------------------------------------
 
     def planned_event(self, num_train_nodes: int) -> RoundEvent:
-        """The DP release the next round makes if every sampled site answers."""
-        wanted = self.config.sites_per_round or num_train_nodes
-        return RoundEvent(num_train_nodes, min(wanted, num_train_nodes), self.config.dp_noise_multiplier)
+        """The noisiest-case DP release the next round can make: central DP always adds σ·C; with local DP
+        the noise is what the answering sites add, so the fewest replies that update θ (min-sites) count."""
+        sampled = min(self.config.sites_per_round or num_train_nodes, num_train_nodes)
+        sigma = self.config.dp_noise_multiplier
+        if self.config.dp == "local":
+            sigma *= math.sqrt(min(self.config.min_sites, sampled) / sampled)
+        return RoundEvent(num_train_nodes, sampled, sigma)
 
     def budget_exceeded(self, num_train_nodes: int) -> str | None:
         """Why the next round may not run (it would take ε above dp-max-epsilon), or None."""

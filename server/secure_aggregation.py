@@ -117,7 +117,15 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
         held = [shares[owner] for holder, shares in sorted(revealed_by.items()) if owner in shares]
         exchange.require(len(held) >= need, f"only {len(held)} share(s) of site {owner}'s secret came back, "
                                             f"{need} needed (more sites vanished than secagg-threshold tolerates)")
-        return combine_shares(held[:need])
+        try:
+            recovered = combine_shares(held[:need])
+            # A wrong share yields another secret, and masks that no longer cancel: with a spare share,
+            # two different subsets must agree, or the round is abandoned rather than θ stepped with garbage.
+            agree = len(held) == need or combine_shares(held[-need:]) == recovered
+        except ValueError:  # Flower's "Failed to combine shares": a malformed share
+            agree = False
+        exchange.require(agree, f"the shares of site {owner}'s secret disagree (a site sent a wrong share)")
+        return recovered
 
     names = sorted(coordinator.expected)
     shapes = [coordinator.expected[n][0] for n in names]
@@ -126,7 +134,11 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
         total = [(t + masked[node][0][name]) % MOD_RANGE for t, name in zip(total, names)]
         total = [(t - m) % MOD_RANGE for t, m in zip(total, expand_mask(secret(node), shapes))]
     for gone in dead:  # the pairwise masks its neighbours added for it no longer cancel
-        key = bytes_to_private_key(secret(gone))
+        try:
+            key = bytes_to_private_key(secret(gone))
+        except ValueError:  # shares that combine, but not into a key: a wrong share
+            raise _RoundAbandoned(f"the shares of site {gone}'s mask key do not form a key (a site sent a wrong "
+                                  "share)") from None
         for node in u3:
             if node in sent_shares[gone]:  # it shared with this site, so this site masked with it
                 pairwise = expand_mask(generate_shared_key(key, bytes_to_public_key(pk1[node])), shapes)

@@ -11,7 +11,7 @@ from fedmeta.client.app import local_dp
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.common.config import RunConfig
 from fedmeta.common.privacy import (
-    PrivacyAccountant, RoundEvent, add_gaussian_noise, clip_update, noise_generator, update_norm,
+    PrivacyAccountant, RoundEvent, add_gaussian_noise, clip_update, noise_generator, noise_multiplier_for, update_norm,
 )
 from fedmeta.server.aggregation import aggregate
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
@@ -150,3 +150,12 @@ def test_bad_dp_settings_are_refused_with_the_key(changes, words):
 def test_dp_weighs_every_site_the_same():
     assert RunConfig(algorithm="fedavg").weighting == "data"
     assert RunConfig(algorithm="fedavg", dp="central").weighting == "per-site"
+
+
+def test_the_noise_for_a_budget_is_the_smallest_that_keeps_it():
+    sigma = noise_multiplier_for(8.0, 1e-5, population=5, sampled=5, rounds=10)
+    assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, sigma)] * 10).epsilon <= 8.0
+    assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, sigma / 1.02)] * 10).epsilon > 8.0
+    assert noise_multiplier_for(1.0, 1e-5, 5, 5, 10) > sigma  # a smaller budget needs more noise
+    with pytest.raises(ValueError, match="sampled=6 of 5"):
+        noise_multiplier_for(1.0, 1e-5, 5, 6, 10)

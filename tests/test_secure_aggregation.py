@@ -158,3 +158,26 @@ def test_a_site_refuses_to_send_an_unmasked_reply_when_the_run_uses_secure_aggre
     (reply,) = grid.pull_messages(grid.push_messages([message]))
     assert reply.has_error() and "train failed at the site with PermissionError" in reply.error.reason
     assert not reply.has_content()  # nothing but the error came back
+
+
+def test_a_wrong_share_abandons_the_round_instead_of_stepping_theta_with_garbage(smoke_federation, tmp_path):
+    from flwr.app import ConfigRecord
+
+    from fedmeta.common.protocol import SECAGG_NODES, SECAGG_SHARES
+    from fedmeta.server.app import RunFailed
+
+    def lying(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 1 and message.metadata.message_type == "train.secagg_unmask":
+            record = reply.content.config_records[SECAGG_RECORD]
+            shares = [bytes(s) for s in record[SECAGG_SHARES]]
+            shares[0] = shares[0][:-1] + bytes([shares[0][-1] ^ 0xFF])
+            reply.content[SECAGG_RECORD] = ConfigRecord({SECAGG_NODES: list(record[SECAGG_NODES]),
+                                                         SECAGG_SHARES: shares})
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    with pytest.raises(RunFailed, match="no round .* updated"):
+        federate(config, smoke_federation, client=lying)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    assert not record["updated"] and "disagree (a site sent a wrong share)" in record["aggregation"]["abandoned"]

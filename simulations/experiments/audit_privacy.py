@@ -53,6 +53,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="60 iterations, k = 1, FOMAML only: a look in a minute")
     parser.set_defaults(handler=handle)
 
+    budget = subparsers.add_parser(
+        "dp-budget",
+        help="the dp-noise-multiplier that keeps a run within a privacy budget (epsilon at delta)",
+        description="Site-level DP: the noise multiplier sigma for a target epsilon at delta, given the "
+                    "training sites, the sites sampled per round and the rounds (dp-accounting's RDP accountant, "
+                    "as the ServerApp accounts).",
+    )
+    budget.add_argument("--epsilon", type=float, nargs="+", required=True, help="target epsilon(s)")
+    budget.add_argument("--delta", type=float, default=1e-5)
+    budget.add_argument("--sites", type=int, required=True, help="training sites in the federation")
+    budget.add_argument("--sites-per-round", type=int, default=0, help="sampled per round (0 = all)")
+    budget.add_argument("--rounds", type=int, required=True)
+    budget.set_defaults(handler=handle_budget)
+
+
+def handle_budget(args: argparse.Namespace) -> int:
+    from fedmeta.common.privacy import noise_multiplier_for
+
+    sampled = args.sites_per_round or args.sites
+    try:
+        for epsilon in args.epsilon:
+            sigma = noise_multiplier_for(epsilon, args.delta, args.sites, sampled, args.rounds)
+            print(f"epsilon {epsilon:g} at delta {args.delta:g}, {sampled} of {args.sites} sites x {args.rounds} rounds: "
+                  f"--set dp-noise-multiplier={sigma:.3g}")
+    except ValueError as err:
+        print(f"fedmeta dp-budget: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
 
 def handle(args: argparse.Namespace) -> int:
     try:
