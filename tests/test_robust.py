@@ -113,3 +113,14 @@ def test_bad_attack_specs_are_refused(spec, words):
 def test_bad_aggregation_settings_are_refused_with_the_key(changes, words):
     with pytest.raises(ValueError, match=words):
         RunConfig(**changes)
+
+
+def test_simulate_refuses_attacks_outside_the_inprocess_engine_and_with_no_honest_site(tmp_path):
+    from fedmeta.simulations.experiments.simulate import simulate
+
+    root = tmp_path / "cache"
+    with pytest.raises(ValueError, match="--attack runs on the in-process engine"):
+        simulate(preset="smoke", engine="ray", attack="scale:1000", out=tmp_path, federation_root=root, quiet=True)
+    with pytest.raises(ValueError, match="--attack-sites 3: choose 1..2"):
+        simulate(preset="smoke", engine="inprocess", attack="scale", attack_sites=3, out=tmp_path,
+                 federation_root=root, quiet=True)
