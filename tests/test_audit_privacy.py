@@ -44,6 +44,9 @@ def test_an_audit_writes_its_table_json_and_pictures(smoke_federation, tmp_path)
             assert math.isfinite(row[key]), key
         assert -1 <= row["correlation"] <= 1 and (tmp_path / row["png"]).stat().st_size > 1000
     report = (tmp_path / "report.md").read_text()
-    assert report.count("| fomaml | 1 |") == 3 and "floor" in report
+    assert report.count("| fomaml | fomaml | 1 |") == 3 and "floor" in report
+    (maml,) = audit(out=tmp_path / "maml", iterations=2, ks=[1], algorithms=["maml"], defences=["none"],
+                    labels=["unknown"], federation=smoke_federation, quiet=True)["attacks"]
+    assert maml["attacker_model"] == "fomaml (surrogate)" and math.isfinite(maml["psnr"])
     with pytest.raises(ValueError, match="must be >= 1"):
         audit(out=tmp_path, iterations=0, federation=smoke_federation, quiet=True)

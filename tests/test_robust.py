@@ -115,10 +115,12 @@ def test_bad_aggregation_settings_are_refused_with_the_key(changes, words):
         RunConfig(**changes)
 
 
-def test_simulate_refuses_attacks_outside_the_inprocess_engine_and_with_no_honest_site(tmp_path):
+def test_simulate_refuses_attacks_outside_the_inprocess_engine_and_with_no_honest_site(smoke_federation, tmp_path):
     from fedmeta.simulations.experiments.simulate import simulate
 
     root = tmp_path / "cache"
+    root.mkdir()
+    (root / "smoke-0").symlink_to(smoke_federation)  # the session's smoke federation, where the cache looks
     with pytest.raises(ValueError, match="--attack runs on the in-process engine"):
         simulate(preset="smoke", engine="ray", attack="scale:1000", out=tmp_path, federation_root=root, quiet=True)
     with pytest.raises(ValueError, match="--attack-sites 3: choose 1..2"):

@@ -117,6 +117,13 @@ def simulate(
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}.")
     if oracle_steps is not None and oracle_steps < 0:
         raise ValueError(f"--oracle-steps {oracle_steps}: must be >= 0 (0: no oracle).")
+    if attack:
+        from fedmeta.simulations.attacks import parse_attack
+
+        parse_attack(attack)  # a bad spec fails before the federation is generated
+        if engine != "inprocess":
+            raise ValueError("--attack runs on the in-process engine (--engine inprocess): the adversarial "
+                             "sites are a ClientApp wrapper no deployed site carries.")
     overrides, driver = load_preset(preset)
     overrides.update(extra or {})
     for key, value in (("algorithm", algorithm), ("num-rounds", rounds), ("sites-per-round", sites), ("seed", seed)):
@@ -133,15 +140,10 @@ def simulate(
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
     adversary = None
     if attack:
-        from fedmeta.simulations.attacks import parse_attack
-
-        if engine != "inprocess":
-            raise ValueError("--attack runs on the in-process engine (--engine inprocess): the adversarial "
-                             "sites are a ClientApp wrapper no deployed site carries.")
         if not 1 <= attack_sites < len(manifest.train_sites):
             raise ValueError(f"--attack-sites {attack_sites}: choose 1..{len(manifest.train_sites) - 1}, so that at "
                              f"least one of the {len(manifest.train_sites)} training sites is honest.")
-        adversary = (parse_attack(attack), attack_sites)
+        adversary = (parse_attack(attack), attack_sites)  # the spec was checked before the federation was built
     federation_seconds = time.perf_counter() - began
     _say(quiet, f"federation: {federation} ({len(manifest.train_sites)} training, "
                 f"{len(manifest.heldout_sites)} held-out sites; ready in {federation_seconds:.1f} s)")
