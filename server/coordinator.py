@@ -162,12 +162,10 @@ class Coordinator:
         self._population = len(nodes)
         return [nodes[i] for i in chosen], round_seed
 
-    def train_messages(self, server_round: int, node_ids: list[int], round_seed: int,
-                       sampled: int | None = None) -> list[Message]:
+    def train_messages(self, server_round: int, node_ids: list[int], round_seed: int) -> list[Message]:
         """One train message per node: θ (and step sizes), the round and its seed."""
         # The sampled count lets local DP split the round's noise over the sites (σ·C/√m each).
-        extra = {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: sampled or len(node_ids)}
-        content = self.content(server_round, extra)
+        content = self.content(server_round, {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: len(node_ids)})
         # ttl: a site that wakes up after the round closed does not train on a round long gone.
         return [Message(content, node_id, MessageType.TRAIN, ttl=self.config.round_timeout, group_id=str(server_round))
                 for node_id in node_ids]
