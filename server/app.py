@@ -87,12 +87,12 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
             operator.replies(collected.messages)
             outcome = coordinator.apply_train_replies(server_round, chosen, collected)
             membership.expect_late(collected, f"round {server_round}")
-            closed_by = collected.closed_by
+            closed_by, took_part = collected.closed_by, set(outcome.accepted)
         else:  # four exchanges per round; the server learns only the sum (fedmeta.server.secure_aggregation)
-            received, outcome = secure_training_round(grid, coordinator, server_round, chosen, round_seed)
+            received, outcome, took_part = secure_training_round(grid, coordinator, server_round, chosen, round_seed)
             operator.replies(received)
             closed_by = "secagg"
-        membership.record(chosen, outcome.accepted)
+        membership.record(chosen, took_part)
         operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
             "round": server_round,

@@ -41,8 +41,10 @@ log = logging.getLogger("fedmeta.server")
 
 
 def secure_training_round(grid: Grid, coordinator: Coordinator, server_round: int, chosen: list[int],
-                          round_seed: int) -> tuple[list[Message], RoundOutcome]:
-    """One training round under SecAgg+; returns every reply received (for byte counts) and the outcome."""
+                          round_seed: int) -> tuple[list[Message], RoundOutcome, set[int]]:
+    """One training round under SecAgg+; returns every reply received (for byte counts), the outcome, and
+    the sites that took part up to the last stage reached (a round abandoned because of one site's wrong
+    share must not count as missed by the honest ones)."""
     config = coordinator.config
     exchange = _Exchange(grid, config, server_round)
     outcome = RoundOutcome()
@@ -56,7 +58,7 @@ def secure_training_round(grid: Grid, coordinator: Coordinator, server_round: in
     coordinator.counters["dropped_replies"] += len(outcome.dropped)
     if not outcome.updated:
         coordinator.counters["skipped_rounds"] += 1
-    return exchange.received, outcome
+    return exchange.received, outcome, exchange.last_accepted
 
 
 def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, chosen: list[int], round_seed: int,
@@ -172,6 +174,7 @@ class _Exchange:
         self.grid, self.config, self.round = grid, config, server_round
         self.drops: list[Drop] = []
         self.received: list[Message] = []
+        self.last_accepted: set[int] = set()  # the sites whose reply the latest stage accepted
 
     def require(self, condition: bool, why: str) -> None:
         if not condition:
@@ -190,7 +193,9 @@ class _Exchange:
         collected = collect(self.grid, messages, quorum=self.config.quorum(len(messages)),
                             deadline=self.config.round_deadline, timeout=self.config.round_timeout)
         self.received += collected.messages
-        return self._screen(list(payloads), collected, validate, label)
+        accepted = self._screen(list(payloads), collected, validate, label)
+        self.last_accepted = set(accepted)
+        return accepted
 
     def _screen(self, sent_to: Iterable[int], collected: Collected, validate, label: str) -> dict[int, object]:
         expected, accepted = set(sent_to), {}

@@ -176,8 +176,10 @@ def test_a_wrong_share_abandons_the_round_instead_of_stepping_theta_with_garbage
                                                          SECAGG_SHARES: shares})
         return reply
 
-    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0,
+                         max_missed_rounds=1, **SGD)  # one missed round would bench a site
     with pytest.raises(RunFailed, match="no round .* updated"):
         federate(config, smoke_federation, client=lying)
     (record,) = read_metrics(tmp_path / METRICS_NAME)
     assert not record["updated"] and "disagree (a site sent a wrong share)" in record["aggregation"]["abandoned"]
+    assert "benched" not in record  # the sites answered every stage: an abandoned round is not a missed one
