@@ -24,14 +24,14 @@ DEVICES = ("auto", "cpu", "cuda")
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
                          "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every",
                          "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "metrics_port",
-                         "metrics_address"})
+                         "metrics_address", "dp_max_epsilon", "max_failed_rounds"})
 
 
 # Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
 _HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element",
                     "dp": "none", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5,
-                    "dp_max_epsilon": 0.0, "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
-                    "krum_byzantine": 1, "max_update_norm": 0.0, "max_failed_rounds": 3,
+                    "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
+                    "krum_byzantine": 1, "max_update_norm": 0.0,
                     "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
                     "secagg_clip_range": 8.0, "secagg_levels": 0}
 STEP_SIZES = ("per-element", "per-layer-step")

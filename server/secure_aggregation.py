@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
@@ -124,7 +125,7 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
             # A wrong share yields another secret, and masks that no longer cancel: with a spare share,
             # two different subsets must agree, or the round is abandoned rather than θ stepped with garbage.
             agree = len(held) == need or combine_shares(held[-need:]) == recovered
-        except ValueError:  # Flower's "Failed to combine shares": a malformed share
+        except Exception:  # noqa: BLE001 - Flower's "Failed to combine shares", or shares a hostile site crafted
             agree = False
         exchange.require(agree, f"the shares of site {owner}'s secret disagree (a site sent a wrong share)")
         return recovered
@@ -138,14 +139,19 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     for gone in dead:  # the pairwise masks its neighbours added for it no longer cancel
         try:
             key = bytes_to_private_key(secret(gone))
-        except ValueError:  # shares that combine, but not into a key: a wrong share
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("not an EC key")
+            pairwise_keys = {node: generate_shared_key(key, bytes_to_public_key(pk1[node])) for node in u3
+                             if node in sent_shares[gone]}
+        except _RoundAbandoned:
+            raise
+        except Exception:  # noqa: BLE001 - shares that combine, but not into a usable key: a hostile site
             raise _RoundAbandoned(f"the shares of site {gone}'s mask key do not form a key (a site sent a wrong "
                                   "share)") from None
-        for node in u3:
-            if node in sent_shares[gone]:  # it shared with this site, so this site masked with it
-                pairwise = expand_mask(generate_shared_key(key, bytes_to_public_key(pk1[node])), shapes)
-                sign = 1 if node > gone else -1
-                total = [(t - sign * m) % MOD_RANGE for t, m in zip(total, pairwise)]
+        for node, shared in pairwise_keys.items():  # it shared with these sites, so they masked with it
+            pairwise = expand_mask(shared, shapes)
+            sign = 1 if node > gone else -1
+            total = [(t - sign * m) % MOD_RANGE for t, m in zip(total, pairwise)]
 
     # Each quantised value is (x + R) · L / 2R, rounded: the sum of n of them, scaled back, less n·R.
     # The sites quantised with the levels that fit every participant of the key exchange (u1).
