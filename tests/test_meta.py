@@ -518,6 +518,7 @@ def test_keys_added_later_at_their_default_leave_the_trajectory_hash_as_before()
     before = {k: v for k, v in asdict(config).items() if k not in _NOT_HASHED and k not in _HASHED_WHEN_SET}
     assert config.trajectory_hash() == hashlib.sha256(_json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert "dp" in _HASHED_WHEN_SET and "aggregation" in _HASHED_WHEN_SET
+    assert RunConfig().trajectory_hash() == "a99ce7c504953ee4"  # the default's hash before these keys existed
     for changed in (dict(multi_step_loss_rounds=5), dict(dp="central"), dict(aggregation="median")):
         assert RunConfig(algorithm="maml", **changed).trajectory_hash() != config.trajectory_hash()
 

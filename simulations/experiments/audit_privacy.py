@@ -265,6 +265,7 @@ def _other_slices(site, support, seed: int, count: int = 8):
     """Up to ``count`` seeded slices of the same site outside the support set: what "a brain from this
     scanner" scores against the true slice, the floor a reconstruction must beat to say anything about it."""
     import numpy as np
+    import torch
 
     pool = [(p, int(i)) for p in range(site.num_patients) for i in site.train_slices[p]]
     order = np.random.default_rng(seed + 2).permutation(len(pool))
@@ -272,19 +273,13 @@ def _other_slices(site, support, seed: int, count: int = 8):
     for index in order:
         patient, position = pool[int(index)]
         candidate = site.images[patient][position, 0]
-        if not any(torch_equal(candidate, s[0]) for s in support):
+        if not any(torch.equal(candidate, s[0]) for s in support):
             chosen.append(candidate.double().numpy())
         if len(chosen) == count:
             break
     if not chosen:
         raise ValueError(f"site {site.name} has no slice outside the support set to compare with.")
     return chosen
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
 
 
 def _matched_scores(truth, guess) -> dict:

@@ -270,7 +270,8 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path, adv
     last = trained[-1]["train"] if trained and trained[-1].get("train") else {}
     privacy = None
     if config.dp != "none":
-        privacy = {"dp": config.dp, "epsilon": _epsilon(checkpoint.privacy) if checkpoint.privacy else 0.0,
+        spent = [r["privacy"]["epsilon"] for r in metrics if "privacy" in r]  # the server's own figure, not recomposed
+        privacy = {"dp": config.dp, "epsilon": spent[-1] if spent else 0.0,
                    "delta": config.dp_delta, "noise_multiplier": config.dp_noise_multiplier,
                    "clip_norm": config.dp_clip_norm, "stopped": stopped}
     return {
@@ -321,12 +322,6 @@ class _ProgressPrinter:
         for line in complete[self._printed:]:
             print(format_round(json.loads(line), self.config), flush=True)
         self._printed = max(self._printed, len(complete))
-
-
-def _epsilon(privacy_state: dict) -> float:
-    from fedmeta.common.privacy import PrivacyAccountant
-
-    return PrivacyAccountant.from_state_dict(privacy_state).epsilon
 
 
 def format_round(record: dict[str, Any], config) -> str:
