@@ -34,7 +34,7 @@ from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES,
-    PARAMS_RECORD, SECAGG_KEYS_ACTION, SECAGG_RECORD, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION,
+    PARAMS_RECORD, SECAGG_KEYS_ACTION, SECAGG_RECORD, SECAGG_REFUSED, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION,
     PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
     ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECONDS, SITE_KEY_METRIC, SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
@@ -57,6 +57,9 @@ def site_reply_errors(handler):
         except VersionMismatch as err:  # versions are no secret: the server's operator needs both
             log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
             reason = str(err)
+        except secure_aggregation.SecAggError as err:  # names node ids and counts, never the site's data
+            log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
+            reason = f"{SECAGG_REFUSED}: {err}"
         except Exception as err:  # the federation must hear of it, without the site's file names
             log.exception("%s failed on node %s", handler.__name__, context.node_id)
             reason = f"{handler.__name__} failed at the site with {type(err).__name__}; details are in the site's log"
@@ -121,7 +124,10 @@ def train(message: Message, context: Context) -> Message:
         seed=site_seed(round_seed, site.name), server_round=int(round_config[ROUND_KEY]), device=device,
     )
     if config.dp == "local":
-        grads = local_dp(grads, config, int(round_config.get(SAMPLED_SITES_KEY, 1)), site_seed(round_seed, site.name))
+        sampled = int(round_config.get(SAMPLED_SITES_KEY, 1))
+        if SECAGG_RECORD in message.content.config_records:  # never split the noise over more sites than were listed
+            sampled = min(sampled, secure_aggregation.participants(message, context))
+        grads = local_dp(grads, config, sampled, site_seed(round_seed, site.name))
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
@@ -160,8 +166,7 @@ def secagg_shares(message: Message, context: Context) -> Message:
 @app.train(SECAGG_UNMASK_ACTION)
 @site_reply_errors
 def secagg_unmask(message: Message, context: Context) -> Message:
-    _training_site(message, context)
-    return secure_aggregation.unmask(message, context)
+    return secure_aggregation.unmask(message, context, _training_site(message, context))
 
 
 def _training_site(message: Message, context: Context) -> RunConfig:

@@ -13,6 +13,15 @@ Per round, around fedmeta's train message:
 4. ``unmask``: for each neighbour the server names as having answered, the share of its b; for
    each it names as gone, the share of its mask key — never both for one site (refused).
 
+What a site checks, so that a server that deviates from the protocol cannot strip one site's masks
+(Bonawitz et al. §4's client-side checks): the round lists at least max(2, min-sites) participants,
+each with its own keys; at least t − 1 neighbours' shares reach it (t: its Shamir threshold), so its
+reply is masked with enough pairwise masks that the server would need t holders' help to remove them;
+at unmasking, it is itself named as answered, at least max(2, min-sites) sites and t of its own
+neighbourhood are named as answered, and every named site is one of the round's participants. What it
+cannot check alone is that every site got the same lists: a server that shows different sites
+different "answered" lists is outside the honest-but-curious model SecAgg+ assumes (docs/privacy.md).
+
 The private keys, b and the shares held for others live in the node's ``context.state`` for one
 round and are replaced the next.
 """
@@ -68,6 +77,10 @@ def shares(message: Message, context: Context, config: RunConfig) -> Message:
         raise SecAggError("the participants' list is malformed (duplicate nodes or missing keys)")
     if len(set(pk1s) | set(pk2s)) != 2 * len(nodes):
         raise SecAggError("two participants show the same public key")
+    if len(nodes) < _fewest(config):
+        # Two participants: the sum and its own reply give the other's; one: its reply in the clear.
+        raise SecAggError(f"the round lists {len(nodes)} participant(s), fewer than max(2, min-sites)="
+                          f"{_fewest(config)}; refusing to share secrets with so few")
     if me not in nodes or pk1s[nodes.index(me)] != state["pk1"] or pk2s[nodes.index(me)] != state["pk2"]:
         raise SecAggError("the server lists this site with keys it did not send")
     group = neighbours(nodes, me, config.secagg_neighbours)
@@ -104,17 +117,30 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     sk2 = bytes_to_private_key(state["sk2"])
     pk2s, pk1s = list(state["pk2s"]), list(state["pk1s"])
     held_from, held_seed, held_key = list(state["held-from"]), list(state["held-seed"]), list(state["held-key"])
+    sources, ciphertexts = list(record[SECAGG_SOURCES]), list(record[SECAGG_CIPHERTEXTS])
+    if len(sources) != len(ciphertexts):
+        raise SecAggError(f"{len(sources)} share sources but {len(ciphertexts)} ciphertexts")
     senders = []
-    for source, ciphertext in zip(record[SECAGG_SOURCES], record[SECAGG_CIPHERTEXTS]):
+    for source, ciphertext in zip(sources, ciphertexts):
         source = int(source)
         if source not in group or source in senders:
             raise SecAggError(f"a share from node {source}, which is not an expected neighbour")
         shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(source)]))
-        src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, ciphertext))
+        try:
+            src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, bytes(ciphertext)))
+        except Exception:  # noqa: BLE001 - Fernet's InvalidToken, or a plaintext that does not split
+            raise SecAggError(f"the share from node {source} does not decrypt with the key agreed with it "
+                              "(a wrong or tampered share)") from None
         if (src, dst) != (source, me):
             raise SecAggError(f"a share labelled {src}->{dst} arrived as {source}->{me}")
         senders.append(source)
         held_from.append(source), held_seed.append(seed_share), held_key.append(key_share)
+    t = threshold(len(group) + 1, config.secagg_threshold)
+    if len(senders) < t - 1:
+        # Masked with fewer neighbours than the threshold, its reply could be unmasked by the server with
+        # the help of fewer sites than the threshold promises: refuse rather than send it.
+        raise SecAggError(f"shares from {len(senders)} neighbour(s) reached this site, fewer than the "
+                          f"{t - 1} its threshold needs; refusing to send a weakly masked reply")
     state.update({"held-from": held_from, "held-seed": held_seed, "held-key": held_key, "masked": True})
 
     names = sorted(grads)
@@ -139,15 +165,37 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     return ArrayRecord({n: Array(np.mod(v, MOD_RANGE).astype(np.uint32)) for n, v in zip(names, masked)})
 
 
-def unmask(message: Message, context: Context) -> Message:
+def participants(message: Message, context: Context) -> int:
+    """How many sites the round's key listing holds: the most whose replies the server can sum, hence the
+    most over which local DP may split its noise (a server that claims more sites asks for less noise each)."""
+    return len(_state(context, _round(message))["nodes"])
+
+
+def unmask(message: Message, context: Context, config: RunConfig) -> Message:
     state = _state(context, _round(message))
     if not state.get("masked"):
         raise SecAggError("asked to unmask before this site sent its masked reply")
     record = message.content.config_records[SECAGG_RECORD]
     active, dead = [int(n) for n in record[SECAGG_ACTIVE]], [int(n) for n in record[SECAGG_DEAD]]
+    me, nodes = int(context.node_id), [int(n) for n in state["nodes"]]
     if set(active) & set(dead):
         # Both shares of one site would let the server strip its mask and read its reply.
         raise SecAggError(f"nodes {sorted(set(active) & set(dead))} are named both answered and gone")
+    if len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        raise SecAggError("the answered or gone list names a node twice")
+    if not set(active) | set(dead) <= set(nodes):
+        raise SecAggError(f"nodes {sorted((set(active) | set(dead)) - set(nodes))} did not take part in this round")
+    if me not in active:
+        # This site did answer; named gone, its mask key's shares would unmask the reply it sent.
+        raise SecAggError("the server names this site, which sent its masked reply, as not having answered")
+    if len(active) < _fewest(config):
+        raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than max(2, min-sites)="
+                          f"{_fewest(config)}: the sum would reveal too few sites' replies")
+    group = set(neighbours(nodes, me, config.secagg_neighbours)) | {me}
+    t = threshold(len(group), config.secagg_threshold)
+    if len(group & set(active)) < t:
+        raise SecAggError(f"only {len(group & set(active))} of this site's neighbourhood named as answered, "
+                          f"fewer than its threshold {t}")
     held = {int(n): i for i, n in enumerate(state["held-from"])}
     nodes, out = [], []
     for node in active:
@@ -159,6 +207,11 @@ def unmask(message: Message, context: Context) -> Message:
     del context.state[_STATE]  # one unmasking per round: a second request finds nothing
     reply = ConfigRecord({SECAGG_NODES: nodes, SECAGG_SHARES: out})
     return Message(RecordDict({SECAGG_RECORD: reply}), reply_to=message)
+
+
+def _fewest(config: RunConfig) -> int:
+    """The fewest participants a site accepts in a secure round: a sum of fewer than two replies is one reply."""
+    return max(2, int(config.min_sites))
 
 
 def _round(message: Message) -> int:
@@ -185,4 +238,4 @@ class _StateView(dict):
             self._record[key] = value
 
 
-__all__ = ["SecAggError", "keys", "masked_reply", "shares", "unmask"]
+__all__ = ["SecAggError", "keys", "masked_reply", "participants", "shares", "unmask"]

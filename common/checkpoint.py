@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+# 2: adds ``privacy`` (the DP accountant's history). A format-1 file (no privacy field) still loads; a
+# fedmeta that knows only format 1 refuses a format-2 file by its number instead of failing on the field.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -62,12 +65,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"{path}: not a readable fedmeta checkpoint ({type(err).__name__}: {err}); "
             "delete it to start afresh or point out-dir at another run."
         ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise ValueError(
             f"{path}: checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'} "
-            f"is not {FORMAT_VERSION}; it was written by another fedmeta version. Start a new run."
+            f"is not one this fedmeta reads ({', '.join(map(str, READABLE_FORMATS))}); it was written by another "
+            "fedmeta version. Use that version, or start a new run."
         )
     payload.pop("format")
+    known = {f.name for f in fields(Checkpoint)}
+    required = {f.name for f in fields(Checkpoint) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(payload)), sorted(set(payload) - known)
+    if missing or unknown:
+        raise ValueError(
+            f"{path}: not a complete fedmeta checkpoint ("
+            + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}", unknown and f"unknown {', '.join(unknown)}"]))
+            + "); it was damaged or written by another program. Point at the checkpoint.pt a fedmeta run wrote."
+        )
     return Checkpoint(**payload)
 
 

@@ -188,6 +188,13 @@ class RunConfig:
         need(not secure or self.dp != "central", "dp",
              "central DP clips each reply at the server, which secure aggregation never shows it; use dp='local' "
              "(each site clips and adds its share of the noise) with secure-aggregation.")
+        need(self.dp != "local" or secure, "dp",
+             "local DP splits the noise over the round's sites (sigma*C/sqrt(m) each), so one reply alone carries "
+             "too little noise for the guarantee: the server must see only the sum. Set secure-aggregation="
+             "'secagg+' with dp='local', or use dp='central' (a trusted server adds the noise).")
+        need(not secure or not self.max_update_norm, "max-update-norm",
+             "secure aggregation never shows the server a single reply, so it cannot measure one's norm; set "
+             "max-update-norm=0 and bound replies with dp='local' clipping (and secagg-clip-range).")
         need(not secure or self.site_weighting != "data", "site-weighting",
              "secure aggregation sums unweighted replies; use site-weighting='per-site' or 'auto'.")
         need(0.5 <= self.secagg_threshold <= 1, "secagg-threshold",

@@ -151,13 +151,15 @@ def noise_multiplier_for(epsilon: float, delta: float, population: int, sampled:
     def spent(sigma: float) -> float:
         return PrivacyAccountant(delta, [RoundEvent(population, sampled, sigma)] * rounds).epsilon
 
-    low, high = 0.05, 1.0
+    low, high = 0.5, 1.0  # bracket: spent(low) > epsilon >= spent(high)
     while spent(high) > epsilon:
         low, high = high, high * 2
         if high > 1e6:
             raise ValueError(f"no noise multiplier up to 1e6 keeps {rounds} rounds within epsilon={epsilon}.")
-    if spent(low) <= epsilon:
-        return low
+    while spent(low) <= epsilon:  # a generous budget: walk down until the noise is too little
+        low, high = low / 2, low
+        if low < 1e-3:
+            return high  # below 1e-3 the noise is no protection worth a figure; this budget needs no more
     while high / low > 1.01:
         middle = math.sqrt(low * high)
         low, high = (low, middle) if spent(middle) <= epsilon else (middle, high)

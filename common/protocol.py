@@ -58,6 +58,9 @@ SECAGG_SOURCES, SECAGG_DESTINATIONS = "sources", "destinations"  # int lists bes
 SECAGG_CIPHERTEXTS = "ciphertexts"  # bytes list: Fernet-encrypted (source, destination, seed share, key share)
 SECAGG_ACTIVE, SECAGG_DEAD = "active", "dead"  # int lists: whose seed shares / whose key shares to reveal
 SECAGG_SHARES = "shares"  # bytes list in SECAGG_NODES order (unmask reply)
+# An Error reply's reason starts with this when a site refused a SecAgg+ stage the server (or another
+# site, through it) got wrong: the protocol broke, the site did not fail (it is not counted as missing).
+SECAGG_REFUSED = "secure aggregation refused"
 
 # -- config keys (server -> site) ------------------------------------------------------------------
 ROUND_KEY = "round"
@@ -153,6 +156,7 @@ __all__ = [
     "SECAGG_SHARES",
     "SECAGG_SHARES_ACTION",
     "SECAGG_SOURCES",
+    "SECAGG_REFUSED",
     "SECAGG_UNMASK_ACTION",
     "SECURE_AGGREGATIONS",
     "ALGORITHMS",

@@ -1,8 +1,9 @@
 """How the round's accepted replies become one update for θ: the weighted mean, a Byzantine-robust
 rule, or the differentially private mean of clipped replies.
 
-The robust rules are Flower 1.41's own (``flwr.server.strategy.aggregate``: median, trimmed mean,
-Multi-Krum) applied per array in float64; fedmeta only chooses their arguments. Flower's trimmed mean
+The median and trimmed mean are Flower 1.41's own (``flwr.server.strategy.aggregate``), applied per
+array in float64; Multi-Krum scores replies as Flower's ``aggregate_krum`` does, once, so that the
+round record can say which replies it kept (Flower returns only their average). Flower's trimmed mean
 cuts ``int(β·n)`` replies per side, which is none of 3 replies at β = 0.2, so one hostile site among
 three would pass untouched: fedmeta cuts at least one per side whenever 3 or more answered. Robust
 rules weigh every reply alike — a weight a site claims is exactly what a hostile site would inflate.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.federated_round import weighted_mean
@@ -37,8 +38,11 @@ class Aggregate:
     replies: int
     trimmed_per_side: int = 0
     krum_selected: list[int] | None = None  # positions (in site order) Multi-Krum kept
-    clipped: int = 0  # central DP: replies whose norm exceeded dp-clip-norm
+    # Central DP: replies whose norm exceeded dp-clip-norm. Kept for tests, never put in the round record:
+    # a count of the sites' data released without noise is outside what the accountant's epsilon covers.
+    clipped: int = 0
     noise_std: float = 0.0  # central DP: std of the noise added to the mean
+    note: str = ""  # why the rule could not give its guarantee this round (too few replies), or ""
 
     def record(self) -> dict:
         out: dict = {"rule": self.rule, "replies": self.replies}
@@ -47,7 +51,9 @@ class Aggregate:
         if self.krum_selected is not None:
             out["krum_selected"] = self.krum_selected
         if self.noise_std:
-            out["clipped"], out["noise_std"] = self.clipped, self.noise_std
+            out["noise_std"] = self.noise_std
+        if self.note:
+            out["note"] = self.note
         return out
 
 
@@ -78,22 +84,34 @@ def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[fl
         return Aggregate(add_gaussian_noise(mean, std, generator), "mean", n,
                          clipped=sum(norm > config.dp_clip_norm for norm in norms), noise_std=std)
     if config.aggregation == "mean" or n == 1:
-        return Aggregate(weighted_mean(updates, weights), "mean", n)
+        note = "" if config.aggregation == "mean" else f"{config.aggregation} needs 2 or more replies; 1 answered"
+        return Aggregate(weighted_mean(updates, weights), "mean", n, note=note)
 
     keys = list(updates[0])
     arrays = [[u[k].detach().cpu().to(torch.float64).numpy() for k in keys] for u in updates]
     results = [(a, 1) for a in arrays]  # every reply weighs the same under a robust rule
     result = Aggregate({}, config.aggregation, n)
-    if config.aggregation == "median":
+    rule = config.aggregation
+    if rule == "krum" and n < 2 * config.krum_byzantine + 3:
+        # Krum's guarantee needs n >= 2f + 3 (Blanchard et al. 2017); with fewer it would score replies on
+        # too few neighbours. The coordinate-wise median is the robust rule that still means something.
+        result.rule = rule = "median"
+        result.note = f"krum needs {2 * config.krum_byzantine + 3} replies for krum-byzantine={config.krum_byzantine}; " \
+                      f"{n} answered, so the median was used"
+    if n == 2:  # the median and a trimmed mean of two replies are their mean: one hostile site moves it freely
+        result.note = result.note or f"{rule} of 2 replies is their mean: no protection against a hostile site"
+    if rule == "median":
         combined = aggregate_median(results)
-    elif config.aggregation == "trimmed-mean":
+    elif rule == "trimmed-mean":
         result.trimmed_per_side = cut = trim_count(config, n)
         # Flower cuts int(p·n) per side; (cut + 0.25) / n makes that exactly `cut` and stays below 0.5.
         combined = aggregate_trimmed_avg(results, (cut + 0.25) / n) if cut else _plain_mean(arrays)
     else:  # krum: Multi-Krum (El Mhamdi et al. 2018) keeps the n - f replies with the best Krum scores
         keep = max(1, n - config.krum_byzantine)
-        combined = aggregate_krum(results, config.krum_byzantine, keep)
+        # Flower's aggregate_krum returns only the average; scoring once here gives the same selection
+        # (its scores, its tie order) and says which replies were kept.
         result.krum_selected = _krum_selected(arrays, config.krum_byzantine, keep)
+        combined = _plain_mean([arrays[i] for i in result.krum_selected])
     first = updates[0]
     result.update = {k: torch.as_tensor(np.asarray(v)).to(dtype=first[k].dtype, device=first[k].device)
                      for k, v in zip(keys, combined)}

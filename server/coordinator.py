@@ -29,7 +29,7 @@ from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, update_norm
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, ROUND_KEY,
-    ROUND_SEED_KEY, SAMPLED_SITES_KEY, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key,
+    ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECAGG_REFUSED, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key,
     version_stamp, worst_patient_key,
 )
 from fedmeta.common.records import from_array_record, pack_params
@@ -47,7 +47,7 @@ MAX_TRAIN_SLICES = 2**31
 class Drop:
     node_id: int
     reason: str
-    kind: str = "invalid"  # timeout | node-gone | site-error | invalid | over-norm | unexpected: the operator metrics' label
+    kind: str = "invalid"  # timeout | node-gone | site-error | secagg-refused | invalid | over-norm | unexpected: the operator metrics' label
 
 
 @dataclass
@@ -136,7 +136,12 @@ class Coordinator:
         sigma = self.config.dp_noise_multiplier
         if self.config.dp == "local":
             sigma *= math.sqrt(min(self.config.min_sites, sampled) / sampled)
-        return RoundEvent(num_train_nodes, sampled, sigma)
+        return RoundEvent(self._accounted_population(num_train_nodes, sampled), sampled, sigma)
+
+    def _accounted_population(self, population: int, sampled: int) -> int:
+        """The n the accountant sees. Sampling amplifies privacy only against someone who does not know which
+        sites were sampled: with local DP the adversary is the server, which samples, so q = 1 (n = m)."""
+        return sampled if self.config.dp == "local" else population
 
     def budget_exceeded(self, num_train_nodes: int) -> str | None:
         """Why the next round may not run (it would take ε above dp-max-epsilon), or None."""
@@ -228,10 +233,16 @@ class Coordinator:
         if self.config.dp == "local":  # each answering site added σ·C/√m: the sum carries σ·C·√(a/m)
             sigma *= math.sqrt(answered / sampled)
         population = max(self._population, sampled)
-        epsilon = self.accountant.spend(RoundEvent(population, sampled, sigma))
-        return {"epsilon": epsilon, "delta": self.config.dp_delta, "noise_multiplier": sigma,
-                "clip_norm": self.config.dp_clip_norm, "sampled": sampled, "population": population,
-                "mode": self.config.dp}
+        epsilon = self.accountant.spend(RoundEvent(self._accounted_population(population, sampled), sampled, sigma))
+        record = {"epsilon": epsilon, "delta": self.config.dp_delta, "noise_multiplier": sigma,
+                  "clip_norm": self.config.dp_clip_norm, "sampled": sampled, "population": population,
+                  "sampling_amplification": self.config.dp != "local", "mode": self.config.dp}
+        if self.config.dp_seeded_noise:
+            # Noise anyone can regenerate from the run's seed protects nothing: the figure is the accountant's,
+            # the guarantee is void. Said in the record itself, so no table quotes the epsilon without it.
+            record["seeded_noise"] = True
+            record["guarantee"] = "none: dp-seeded-noise makes the noise reproducible (simulations only)"
+        return record
 
     # -- held-out evaluation --------------------------------------------------------------------
 
@@ -379,7 +390,10 @@ def pack_params_dict(params, step_sizes) -> dict[str, torch.Tensor]:
 def content_of(reply: Message, allowed: set[str]) -> RecordDict:
     if reply.has_error():
         error = reply.error
-        raise InvalidReply(f"site failed (error code {error.code}): {str(error.reason)[:300]}", kind="site-error")
+        reason = str(error.reason)
+        if reason.startswith(SECAGG_REFUSED):  # the protocol broke (a wrong share, a bad list): not the site's failure
+            raise InvalidReply(f"site refused: {reason[:300]}", kind="secagg-refused")
+        raise InvalidReply(f"site failed (error code {error.code}): {reason[:300]}", kind="site-error")
     if not reply.has_content():
         raise InvalidReply("empty reply")
     content = reply.content

@@ -35,7 +35,7 @@ METRIC_NAMES = (
     "fedmeta_last_checkpoint_timestamp_seconds",
     "fedmeta_dp_epsilon",
 )
-DROP_KINDS = ("timeout", "node-gone", "site-error", "invalid", "over-norm", "unexpected")
+DROP_KINDS = ("timeout", "node-gone", "site-error", "secagg-refused", "invalid", "over-norm", "unexpected")
 
 
 class OperatorMetrics:

@@ -72,6 +72,17 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
 
     # 1. Public keys.
     keys = exchange.stage(SECAGG_KEYS_ACTION, {n: {} for n in chosen}, _public_keys, "keys")
+    # A key shown by two sites (a copy: the copier holds no private key) would make every site refuse the
+    # listing; leave out every site that shows it rather than guess which one copied.
+    shown: dict[bytes, list[int]] = {}
+    for node in sorted(keys):
+        for key in keys[node]:
+            shown.setdefault(key, []).append(node)
+    copied = sorted({n for owners in shown.values() if len(owners) > 1 for n in owners})
+    for node in copied:
+        del keys[node]
+        exchange.drops.append(Drop(node, "secagg keys: shows a public key another site shows too", "invalid"))
+        log.warning("secagg keys: dropped node %d: it shows a public key another site shows too", node)
     u1 = sorted(keys)
     exchange.require(len(u1) >= enough, f"{len(u1)} site(s) sent keys, fewer than {enough}")
     pk1 = {n: keys[n][0] for n in u1}
@@ -80,11 +91,11 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     # 2. Encrypted shares, to be routed to their holders.
     def routed(reply: Message, node: int) -> dict[int, bytes]:
         record = _secagg_record(reply)
-        destinations, ciphertexts = list(record[SECAGG_DESTINATIONS]), list(record[SECAGG_CIPHERTEXTS])
+        destinations, ciphertexts = _ints(record, SECAGG_DESTINATIONS), _blobs(record, SECAGG_CIPHERTEXTS)
         expected = neighbours(u1, node, config.secagg_neighbours)
-        if sorted(int(d) for d in destinations) != expected or len(ciphertexts) != len(destinations):
+        if sorted(destinations) != expected or len(ciphertexts) != len(destinations):
             raise InvalidReply("its shares are not addressed to exactly its neighbours")
-        return {int(d): bytes(c) for d, c in zip(destinations, ciphertexts)}
+        return dict(zip(destinations, ciphertexts))
 
     sent_shares = exchange.stage(SECAGG_SHARES_ACTION, {n: listing for n in u1}, routed, "shares")
     u2 = sorted(sent_shares)
@@ -106,10 +117,14 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     # 4. Shares that remove the masks: seeds of those who answered, mask keys of those who vanished.
     def revealed(reply: Message, node: int) -> dict[int, bytes]:
         record = _secagg_record(reply)
-        nodes, shares = [int(n) for n in record[SECAGG_NODES]], list(record[SECAGG_SHARES])
-        if len(nodes) != len(shares) or not set(nodes) <= set(u3) | set(dead):
-            raise InvalidReply("its unmasking shares name sites outside the round")
-        return {n: bytes(s) for n, s in zip(nodes, shares)}
+        nodes, shares = _ints(record, SECAGG_NODES), _blobs(record, SECAGG_SHARES)
+        if len(nodes) != len(shares) or len(set(nodes)) != len(nodes):
+            raise InvalidReply("its unmasking shares do not pair one share with each named site")
+        # A site holds shares only of itself and of the sites that sent it theirs.
+        held = {node} | {s for s in u2 if node in sent_shares[s]}
+        if not set(nodes) <= (set(u3) | set(dead)) & held:
+            raise InvalidReply("its unmasking shares name sites it holds no share of")
+        return dict(zip(nodes, shares))
 
     unmask = {SECAGG_ACTIVE: u3, SECAGG_DEAD: dead}
     revealed_by = exchange.stage(SECAGG_UNMASK_ACTION, {n: unmask for n in u3}, revealed, "unmask")
@@ -117,7 +132,8 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     def secret(owner: int) -> bytes:
         group = neighbours(u1, owner, config.secagg_neighbours)
         need = threshold(len(group) + 1, config.secagg_threshold)
-        held = [shares[owner] for holder, shares in sorted(revealed_by.items()) if owner in shares]
+        holders = {owner} | set(sent_shares.get(owner, {}))  # revealed() already refused any other holder
+        held = [shares[owner] for holder, shares in sorted(revealed_by.items()) if owner in shares and holder in holders]
         exchange.require(len(held) >= need, f"only {len(held)} share(s) of site {owner}'s secret came back, "
                                             f"{need} needed (more sites vanished than secagg-threshold tolerates)")
         try:
@@ -180,7 +196,7 @@ class _Exchange:
         self.grid, self.config, self.round = grid, config, server_round
         self.drops: list[Drop] = []
         self.received: list[Message] = []
-        self.last_accepted: set[int] = set()  # the sites whose reply the latest stage accepted
+        self.last_accepted: set[int] = set()  # the sites whose reply the latest stage accepted, or that refused it
 
     def require(self, condition: bool, why: str) -> None:
         if not condition:
@@ -200,7 +216,9 @@ class _Exchange:
                             deadline=self.config.round_deadline, timeout=self.config.round_timeout)
         self.received += collected.messages
         accepted = self._screen(list(payloads), collected, validate, label)
-        self.last_accepted = set(accepted)
+        # A site that refused a stage someone else got wrong took part as far as the protocol let it.
+        refused = {d.node_id for d in self.drops if d.kind == "secagg-refused" and d.reason.startswith(f"secagg {label}:")}
+        self.last_accepted = set(accepted) | (refused & set(payloads))
         return accepted
 
     def _screen(self, sent_to: Iterable[int], collected: Collected, validate, label: str) -> dict[int, object]:
@@ -232,11 +250,32 @@ def _secagg_record(reply: Message) -> ConfigRecord:
     return record
 
 
+# The largest byte string a site may send in one field: an ECDH public key is ~180 bytes, a Shamir share
+# of a key ~250, its Fernet ciphertext ~700. Anything far larger is a hostile site's padding.
+_MAX_FIELD_BYTES = 4096
+
+
+def _ints(record: ConfigRecord, key: str) -> list[int]:
+    values = record.get(key)
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InvalidReply(f"{key!r} is not a list of node ids")
+    return [int(v) for v in values]
+
+
+def _blobs(record: ConfigRecord, key: str) -> list[bytes]:
+    values = record.get(key)
+    if not isinstance(values, list) or not all(isinstance(v, bytes) and len(v) <= _MAX_FIELD_BYTES for v in values):
+        raise InvalidReply(f"{key!r} is not a list of byte strings of at most {_MAX_FIELD_BYTES} bytes")
+    return list(values)
+
+
 def _public_keys(reply: Message, node: int) -> tuple[bytes, bytes]:
     record = _secagg_record(reply)
     pk1, pk2 = record.get(SECAGG_PK1), record.get(SECAGG_PK2)
     if not isinstance(pk1, bytes) or not isinstance(pk2, bytes) or pk1 == pk2:
         raise InvalidReply("its public keys are missing or equal")
+    if max(len(pk1), len(pk2)) > _MAX_FIELD_BYTES:
+        raise InvalidReply(f"its public keys are longer than {_MAX_FIELD_BYTES} bytes")
     bytes_to_public_key(pk1), bytes_to_public_key(pk2)  # raise on a key that does not parse
     return pk1, pk2
 

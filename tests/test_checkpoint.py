@@ -66,3 +66,20 @@ def test_a_truncated_file_names_the_path_and_the_fix(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable fedmeta checkpoint.*delete it"):
         load_checkpoint(path)
+
+
+def test_a_format_1_checkpoint_still_loads_and_a_damaged_one_names_what_it_lacks(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    payload = {"format": 1, **_checkpoint().__dict__}
+    del payload["privacy"]  # format 1 predates the DP accountant's field
+    torch.save(payload, path)
+    assert load_checkpoint(path).privacy is None
+    del payload["params"]
+    payload["weights"] = {}
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a complete fedmeta checkpoint \(missing params; "
+                                         r"unknown weights\)"):
+        load_checkpoint(path)
+    torch.save({**payload, "format": 3}, path)
+    with pytest.raises(ValueError, match="checkpoint format 3 is not one this fedmeta reads"):
+        load_checkpoint(path)

@@ -46,7 +46,8 @@ def test_central_dp_clips_every_reply_before_the_mean():
 
 
 def test_local_dp_clips_the_site_reply_and_splits_the_noise_over_the_sampled_sites():
-    config = RunConfig(dp="local", dp_clip_norm=2.0, dp_noise_multiplier=1e-9, dp_seeded_noise=True)
+    config = RunConfig(dp="local", secure_aggregation="secagg+", dp_clip_norm=2.0, dp_noise_multiplier=1e-9,
+                       dp_seeded_noise=True)
     assert update_norm(local_dp(_reply(1e4, 0), config, sampled=4, seed=3)) <= 2.0 * (1 + 1e-6)
     # The noise of 16 sites' replies sums to sigma * C: each carries sigma * C / 4.
     config = config.replace(dp_noise_multiplier=1.0)
@@ -114,6 +115,9 @@ def test_a_dp_run_reports_epsilon_every_round_and_resume_keeps_the_budget(smoke_
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
     assert all(r["privacy"]["sampled"] == 2 and r["privacy"]["population"] == 3 for r in records)
     assert all(r["aggregation"]["noise_std"] == pytest.approx(1.5 * 0.5 / 2) for r in records)
+    assert all("clipped" not in r["aggregation"] for r in records)  # a count released without noise
+    assert all(r["privacy"]["seeded_noise"] and r["privacy"]["guarantee"].startswith("none") for r in records)
+    assert all(r["privacy"]["sampling_amplification"] for r in records)
     resumed = read_metrics(tmp_path / "parted" / METRICS_NAME)
     assert [r["privacy"]["epsilon"] for r in resumed] == pytest.approx(epsilons, rel=1e-12)
     a, b = (load_checkpoint(tmp_path / run / CHECKPOINT_NAME) for run in ("whole", "parted"))
@@ -137,7 +141,8 @@ def test_the_run_stops_before_a_round_would_exceed_the_budget(smoke_federation, 
 @pytest.mark.parametrize("changes, words", [
     (dict(dp="global"), "dp='global'"),
     (dict(dp="central", aggregation="median"), "use aggregation='mean' with dp"),
-    (dict(dp="local", site_weighting="data"), "site-weighting='per-site'"),
+    (dict(dp="local", secure_aggregation="secagg+", site_weighting="data"), "site-weighting='per-site'"),
+    (dict(dp="local"), "the server must see only the sum"),
     (dict(dp_clip_norm=0.0), "dp-clip-norm=0.0"),
     (dict(dp_delta=1.0), "dp-delta=1.0"),
     (dict(dp_noise_multiplier=float("nan")), "dp-noise-multiplier=nan"),
@@ -157,5 +162,32 @@ def test_the_noise_for_a_budget_is_the_smallest_that_keeps_it():
     assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, sigma)] * 10).epsilon <= 8.0
     assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, sigma / 1.02)] * 10).epsilon > 8.0
     assert noise_multiplier_for(1.0, 1e-5, 5, 5, 10) > sigma  # a smaller budget needs more noise
+    generous = noise_multiplier_for(1000.0, 1e-5, 5, 5, 1)  # below the old search's 0.05 floor
+    assert generous < 0.05
+    assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, generous)]).epsilon <= 1000.0
+    assert PrivacyAccountant(1e-5, [RoundEvent(5, 5, generous / 1.02)]).epsilon > 1000.0
     with pytest.raises(ValueError, match="sampled=6 of 5"):
         noise_multiplier_for(1.0, 1e-5, 5, 6, 10)
+
+
+def test_local_dp_is_accounted_without_amplification_by_sampling(smoke_federation, tmp_path):
+    config = tiny_config(smoke_federation, tmp_path, num_rounds=1, dp="local", secure_aggregation="secagg+",
+                         dp_noise_multiplier=2.0, sites_per_round=2)
+    federate(config, smoke_federation)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    privacy = record["privacy"]
+    assert privacy["sampled"] == 2 and privacy["population"] == 3 and not privacy["sampling_amplification"]
+    assert "seeded_noise" not in privacy
+    # The server that samples is the adversary: q = 1, i.e. the accountant sees 2 of 2.
+    assert privacy["epsilon"] == pytest.approx(PrivacyAccountant(1e-5, [RoundEvent(2, 2, 2.0)]).epsilon)
+    assert privacy["epsilon"] > PrivacyAccountant(1e-5, [RoundEvent(3, 2, 2.0)]).epsilon
+
+
+def test_dp_budget_gives_local_dp_more_noise_for_the_same_budget(capsys):
+    from fedmeta.simulations.cli import main
+
+    for mode in ("central", "local"):
+        assert main(["dp-budget", "--epsilon", "4", "--sites", "8", "--sites-per-round", "2", "--rounds", "10",
+                     "--dp", mode]) == 0
+    central, local = (float(line.rsplit("=", 1)[1]) for line in capsys.readouterr().out.splitlines())
+    assert local > central

@@ -30,17 +30,41 @@ def test_the_trimmed_mean_cuts_at_least_one_reply_per_side_from_three_on(replies
 @pytest.mark.parametrize("rule", ["trimmed-mean", "median", "krum"])
 @pytest.mark.parametrize("attack", ["scale:1000", "signflip:1000", "noise:100"])
 def test_robust_rules_keep_one_hostile_reply_from_moving_the_update(rule, attack):
-    honest = _honest(4)
+    honest = _honest(5)  # Krum's guarantee needs n >= 2f + 3 = 5
     hostile = parse_attack(attack).apply(dict(honest[0]), seed=1)
     config = RunConfig(aggregation=rule)
-    combined = aggregate(config, [hostile, *honest[1:]], [1.0] * 4)
-    plain = aggregate(RunConfig(), honest, [1.0] * 4).update
+    combined = aggregate(config, [hostile, *honest[1:]], [1.0] * 5)
+    plain = aggregate(RunConfig(), honest, [1.0] * 5).update
     for key in plain:
         assert torch.allclose(combined.update[key], plain[key], atol=0.05), (rule, attack, key)
+    assert combined.rule == rule and not combined.note
     if rule == "krum":
-        assert 0 not in combined.krum_selected and len(combined.krum_selected) == 3
-    mean = aggregate(RunConfig(), [hostile, *honest[1:]], [1.0] * 4).update
+        assert 0 not in combined.krum_selected and len(combined.krum_selected) == 4
+    mean = aggregate(RunConfig(), [hostile, *honest[1:]], [1.0] * 5).update
     assert not torch.allclose(mean["w"], plain["w"], atol=0.05)  # the mean is moved: the attack is real
+
+
+def test_multi_krum_keeps_what_flowers_krum_keeps():
+    from flwr.server.strategy.aggregate import aggregate_krum
+
+    replies = _honest(7)
+    replies[2] = {k: v * 50 for k, v in replies[2].items()}
+    combined = aggregate(RunConfig(aggregation="krum", krum_byzantine=2), replies, [1.0] * 7)
+    arrays = [[r[k].double().numpy() for k in ("w", "b")] for r in replies]
+    flower = aggregate_krum([(a, 1) for a in arrays], 2, 5)
+    assert 2 not in combined.krum_selected and len(combined.krum_selected) == 5
+    for key, expected in zip(("w", "b"), flower):
+        assert torch.allclose(combined.update[key].double(), torch.as_tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("rule, n, used, words", [
+    ("krum", 4, "median", "krum needs 5 replies for krum-byzantine=1; 4 answered"),
+    ("median", 2, "median", "median of 2 replies is their mean"),
+    ("trimmed-mean", 1, "mean", "trimmed-mean needs 2 or more replies"),
+])
+def test_a_robust_rule_with_too_few_replies_says_so_in_the_round_record(rule, n, used, words):
+    combined = aggregate(RunConfig(aggregation=rule), _honest(n), [1.0] * n)
+    assert combined.rule == used and words in combined.record()["note"]
 
 
 def test_robust_rules_keep_dtypes_and_the_mean_is_weighted():

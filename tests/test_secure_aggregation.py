@@ -11,7 +11,10 @@ from fedmeta.client import secure_aggregation
 from fedmeta.client.app import app as client_app
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.common.config import RunConfig
-from fedmeta.common.protocol import SECAGG_ACTIVE, SECAGG_DEAD, SECAGG_RECORD
+from fedmeta.common.protocol import (
+    SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD,
+    SECAGG_REFUSED, SECAGG_SOURCES,
+)
 from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, quantisation_bound, threshold
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from tests.test_inprocess import federate, tiny_config
@@ -114,6 +117,114 @@ def test_the_servers_record_of_one_site_is_uncorrelated_with_its_reply(smoke_fed
         assert abs(np.mean(masked) / MOD_RANGE - 0.5) < 0.01  # uniform over the modulus
 
 
+class HostileServer:
+    """The real ClientApp behind a server that deviates from SecAgg+ towards one site (partition 0): it
+    rewrites that site's message at one stage, as a server trying to unmask one reply would."""
+
+    def __init__(self, stage: str, tamper):
+        self.stage, self.tamper = stage, tamper
+        self.victim_replies: list[Message] = []
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        victim = context.node_config["partition-id"] == 0
+        if victim and message.metadata.message_type == self.stage:
+            self.tamper(message.content.config_records[SECAGG_RECORD], int(context.node_id))
+        reply = client_app(message, context)
+        if victim and message.metadata.message_type == self.stage:
+            self.victim_replies.append(reply)
+        return reply
+
+
+def _only_me(record, me):  # a listing of the site alone: its reply would be the "sum"
+    i = list(record[SECAGG_NODES]).index(me)
+    for key in (SECAGG_NODES, SECAGG_PK1, SECAGG_PK2):
+        record[key] = [list(record[key])[i]]
+
+
+def _no_shares(record, me):  # withhold every neighbour's share: its reply would carry no pairwise mask
+    record[SECAGG_SOURCES], record[SECAGG_CIPHERTEXTS] = [], []
+
+
+def _me_gone(record, me):  # name it gone although it answered: its mask key's shares would unmask it
+    record[SECAGG_ACTIVE] = [n for n in record[SECAGG_ACTIVE] if n != me]
+    record[SECAGG_DEAD] = [*record[SECAGG_DEAD], me]
+
+
+def _alone(record, me):  # name it the only one who answered: the "sum" would be its reply
+    record[SECAGG_DEAD] = [n for n in record[SECAGG_ACTIVE] if n != me] + list(record[SECAGG_DEAD])
+    record[SECAGG_ACTIVE] = [me]
+
+
+def _strangers(record, me):  # name sites that never took part
+    record[SECAGG_DEAD] = [*record[SECAGG_DEAD], 987654321]
+
+
+@pytest.mark.parametrize("stage, tamper, words", [
+    ("train.secagg_shares", _only_me, "the round lists 1 participant(s), fewer than max(2, min-sites)=2"),
+    ("train", _no_shares, "shares from 0 neighbour(s) reached this site, fewer than the 1 its threshold needs"),
+    ("train.secagg_unmask", _me_gone, "names this site, which sent its masked reply, as not having answered"),
+    ("train.secagg_unmask", _alone, "only 1 site(s) named as answered"),
+    ("train.secagg_unmask", _strangers, "nodes [987654321] did not take part in this round"),
+])
+def test_a_site_refuses_a_server_that_deviates_from_the_protocol_to_unmask_it(smoke_federation, tmp_path, stage,
+                                                                              tamper, words):
+    from fedmeta.server.app import RunFailed
+
+    hostile = HostileServer(stage, tamper)
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    try:
+        federate(config, smoke_federation, client=hostile)
+    except RunFailed:  # the round may be abandoned for want of the victim's shares: never unmasked
+        pass
+    (reply,) = hostile.victim_replies
+    assert reply.has_error(), "the site answered a hostile request"
+    assert reply.error.reason.startswith(SECAGG_REFUSED) and words in reply.error.reason, reply.error.reason
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    refused = [d for d in record["dropped"] if d["kind"] == "secagg-refused"]
+    assert len(refused) == 1 and words in refused[0]["reason"]
+
+
+def test_a_listing_of_two_is_refused_when_min_sites_asks_for_three(smoke_federation, tmp_path):
+    def two(record, me):
+        keep = [i for i, n in enumerate(record[SECAGG_NODES]) if n == me][:1] + \
+               [i for i, n in enumerate(record[SECAGG_NODES]) if n != me][:1]
+        for key in (SECAGG_NODES, SECAGG_PK1, SECAGG_PK2):
+            record[key] = [list(record[key])[i] for i in keep]
+
+    hostile = HostileServer("train.secagg_shares", two)
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", min_sites=3, max_failed_rounds=0,
+                         **SGD)
+    try:
+        federate(config, smoke_federation, client=hostile)
+    except Exception:  # noqa: BLE001 - the round cannot complete without the victim
+        pass
+    (reply,) = hostile.victim_replies
+    assert reply.has_error() and "the round lists 2 participant(s), fewer than max(2, min-sites)=3" in reply.error.reason
+
+
+def test_a_copied_public_key_leaves_out_both_sites_that_show_it(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+
+    shown: list[bytes] = []
+
+    def copier(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if message.metadata.message_type == "train.secagg_keys" and not reply.has_error():
+            record = reply.content.config_records[SECAGG_RECORD]
+            if len(shown) == 1:  # the second site to answer shows the first one's key, whose private half it lacks
+                record[SECAGG_PK1] = shown[0]
+            shown.append(record[SECAGG_PK1])
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    with pytest.raises(RunFailed):
+        federate(config, smoke_federation, client=copier)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    copied = [d for d in record["dropped"] if "shows a public key another site shows too" in d["reason"]]
+    assert len(copied) == 2 and not record["updated"]
+    assert "1 site(s) sent keys, fewer than 2" in record["aggregation"]["abandoned"]
+
+
 def test_the_shared_arithmetic():
     nodes = [5, 17, 2, 40, 33, 8]
     assert neighbours(nodes, 17, 0) == [2, 5, 8, 33, 40]
@@ -134,6 +245,7 @@ def test_the_shared_arithmetic():
     (dict(secure_aggregation="secagg"), "secure-aggregation='secagg'"),
     (dict(secure_aggregation="secagg+", aggregation="median"), "use aggregation='mean' with secure-aggregation"),
     (dict(secure_aggregation="secagg+", dp="central"), "use dp='local'"),
+    (dict(secure_aggregation="secagg+", max_update_norm=10.0), "cannot measure one's norm"),
     (dict(secure_aggregation="secagg+", site_weighting="data"), "site-weighting='per-site'"),
     (dict(secagg_threshold=0.4), "secagg-threshold=0.4"),
     (dict(secagg_levels=1), "secagg-levels=1"),

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--sites", type=int, required=True, help="training sites in the federation")
     budget.add_argument("--sites-per-round", type=int, default=0, help="sampled per round (0 = all)")
     budget.add_argument("--rounds", type=int, required=True)
+    budget.add_argument("--dp", choices=("central", "local"), default="central",
+                        help="the run's dp mode: local DP gets no amplification by sampling (the server, its "
+                             "adversary, knows whom it sampled), as the ServerApp accounts it")
     budget.set_defaults(handler=handle_budget)
 
 
@@ -72,11 +75,12 @@ def handle_budget(args: argparse.Namespace) -> int:
     from fedmeta.common.privacy import noise_multiplier_for
 
     sampled = args.sites_per_round or args.sites
+    population = sampled if args.dp == "local" else args.sites  # q = 1 against the server that samples
     try:
         for epsilon in args.epsilon:
-            sigma = noise_multiplier_for(epsilon, args.delta, args.sites, sampled, args.rounds)
-            print(f"epsilon {epsilon:g} at delta {args.delta:g}, {sampled} of {args.sites} sites x {args.rounds} rounds: "
-                  f"--set dp-noise-multiplier={sigma:.3g}")
+            sigma = noise_multiplier_for(epsilon, args.delta, population, sampled, args.rounds)
+            print(f"epsilon {epsilon:g} at delta {args.delta:g}, {sampled} of {args.sites} sites x {args.rounds} rounds "
+                  f"(dp={args.dp}): --set dp-noise-multiplier={sigma:.3g}")
     except ValueError as err:
         print(f"fedmeta dp-budget: error: {err}", file=sys.stderr)
         return 1
