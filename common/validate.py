@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,27 @@ import numpy as np
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOLERANCE_MM = 1e-3
+# The largest volume a site loads: 2^28 voxels (a 512 x 512 x 1024 CT; 1 GiB as float32). A header
+# declaring more is refused before a byte of data is read; FEDMETA_MAX_VOXELS raises the cap.
+DEFAULT_MAX_VOXELS = 2**28
+# DEFLATE cannot compress better than about 1032:1, so a .gz whose header declares more data than that
+# times its size is lying about its contents (or is a decompression bomb): refuse it without inflating.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def max_voxels() -> int:
+    """The voxel cap: ``FEDMETA_MAX_VOXELS`` when set (a positive integer), else :data:`DEFAULT_MAX_VOXELS`."""
+    raw = os.environ.get("FEDMETA_MAX_VOXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"FEDMETA_MAX_VOXELS={raw!r} is not a positive whole number of voxels; unset it or give "
+                         f"one such as {DEFAULT_MAX_VOXELS}.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -193,8 +215,12 @@ def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None
             f"{path}: the {role} file of this case is missing. Fix: add the {role}, or drop the case from "
             "dataset.json."
         )
+    max_voxels()  # a bad FEDMETA_MAX_VOXELS is the operator's error, not this file's: raise it as such
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path))  # reads the header only: the data stays on disk until asked for
+        problem = _declared_size_problem(path, image)
+        if problem:
+            return None, None, problem
         data = np.asanyarray(image.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         reason = f"{type(err).__name__}: {err}"
@@ -208,6 +234,37 @@ def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None
             "again from the source scan as NIfTI (.nii.gz)."
         )
     return image, data, None
+
+
+def _declared_size_problem(path: Path, image) -> str | None:
+    """What is wrong with the data size a NIfTI header declares, checked from the header and the file's
+    size alone (milliseconds, nothing allocated): beyond the voxel cap, more than the file can hold
+    (uncompressed), or more than DEFLATE could have packed into it (compressed)."""
+    shape = tuple(int(n) for n in image.shape)
+    voxels = 1
+    for n in shape:
+        voxels *= max(n, 0)
+    cap = max_voxels()
+    if voxels > cap:
+        return (f"{path}: its header declares {' x '.join(map(str, shape))} = {voxels:,} voxels, more than the "
+                f"{cap:,} a site loads; a real scan of this size is unusual and a damaged header is likely. Fix: "
+                "export the scan again, crop or resample it, or raise FEDMETA_MAX_VOXELS if it is genuine.")
+    header = image.header
+    offset = int(header.get_data_offset()) if hasattr(header, "get_data_offset") else 352
+    needed = offset + voxels * header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    truncated = (f"{path}: the file is truncated: its header declares {' x '.join(map(str, shape))} "
+                 f"{header.get_data_dtype()} ({needed:,} bytes with the header) but the file holds {{}}. Fix: copy or "
+                 "export it again; the transfer or export was cut short.")
+    if not path.name.endswith(".gz"):
+        return truncated.format(f"{size:,} bytes") if size < needed else None
+    if needed > _MAX_DEFLATE_RATIO * size + 1024:
+        return (f"{path}: its header declares {' x '.join(map(str, shape))} {header.get_data_dtype()} ({needed:,} "
+                f"bytes) but the file holds {size:,} compressed bytes, which cannot inflate to that much (DEFLATE "
+                "packs at most ~1032:1): the header is damaged or the file cut short. Fix: export the scan again.")
+    # Not the gzip trailer's size: a multi-member file (bgzip) records only its last member there. A
+    # truncated stream within these bounds fails in nibabel's reader, having allocated at most the cap.
+    return None
 
 
 def _looks_truncated(err: BaseException, path: Path) -> bool:

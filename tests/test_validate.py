@@ -99,6 +99,26 @@ def _two_d(folder):
     _rewrite(label, _data(label)[:, :, 10])
 
 
+def _header_declaring(shape, nifti=nib.Nifti1Header, payload: int = 1_000_000) -> bytes:
+    """A NIfTI file's bytes (uncompressed) whose header declares ``shape`` float32 but whose data is ``payload`` bytes."""
+    header = nifti()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(header.single_vox_offset if hasattr(header, "single_vox_offset") else 352)
+    block = header.binaryblock
+    return block + b"\0" * (int(header.get_data_offset()) - len(block)) + b"\0" * payload
+
+
+def _oversized(folder):  # 1 MB on disk, 32000 x 32000 x 1 float32 (4 GB) declared
+    image, _ = _paths(folder)
+    image.write_bytes(gzip.compress(_header_declaring((32000, 32000, 1))))
+
+
+def _bomb(folder):  # under the voxel cap, but 1 GB declared in a file DEFLATE could not have packed it into
+    image, _ = _paths(folder)
+    image.write_bytes(gzip.compress(_header_declaring((8000, 8000, 4))))
+
+
 def _missing_label(folder):
     _paths(folder)[1].unlink()
 
@@ -120,6 +140,8 @@ CORRUPTIONS = [
     ("4d", _four_d, "has 4 dimensions", "imagesTr"),
     ("2d", _two_d, "has 2 dimensions", "imagesTr"),
     ("missing", _missing_label, "the label file of this case is missing", "labelsTr"),
+    ("oversized", _oversized, "= 1,024,000,000 voxels, more than the 268,435,456 a site loads", "imagesTr"),
+    ("bomb", _bomb, "compressed bytes, which cannot inflate to that much", "imagesTr"),
     ("unlisted", _unlisted, "is not listed in", "extra_999"),
 ]
 
@@ -231,3 +253,46 @@ def test_random_corruptions_of_headers_and_arrays_are_caught(smoke_federation: P
         assert [p.case_id for p in report.case_problems] == [CASE], messages
         assert any(e in m for e in expected for m in messages), messages
         assert "2 usable" not in format_reports([report])
+
+
+@pytest.mark.parametrize("shape, nifti, words", [
+    ((32767, 32767, 10), nib.Nifti1Header, f"= {32767 * 32767 * 10:,} voxels, more than the 268,435,456"),
+    ((100000, 100000, 1), nib.Nifti2Header, "= 10,000,000,000 voxels, more than the 268,435,456"),
+    ((300, 300, 300), nib.Nifti1Header, "the file is truncated: its header declares 300 x 300 x 300 float32"),
+])
+def test_an_uncompressed_header_beyond_the_cap_or_the_file_is_refused_unread(tmp_path, shape, nifti, words):
+    from fedmeta.common.validate import _load_nifti
+
+    path = tmp_path / "scan.nii"
+    path.write_bytes(_header_declaring(shape, nifti))
+    image, data, problem = _load_nifti(path, "image")
+    assert image is None and data is None and str(path) in problem and words in problem and "Fix:" in problem
+
+
+def test_the_voxel_cap_is_configurable_and_a_bad_value_is_named(tmp_path, monkeypatch):
+    from fedmeta.common.validate import _load_nifti
+
+    path = tmp_path / "scan.nii"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)), str(path))
+    monkeypatch.setenv("FEDMETA_MAX_VOXELS", "999")
+    assert "= 1,000 voxels, more than the 999 a site loads" in _load_nifti(path, "image")[2]
+    monkeypatch.setenv("FEDMETA_MAX_VOXELS", "lots")
+    with pytest.raises(ValueError, match="FEDMETA_MAX_VOXELS='lots' is not a positive whole number"):
+        _load_nifti(path, "image")
+
+
+def test_check_data_refuses_a_4gb_header_within_a_500mb_address_space(smoke_federation, tmp_path):
+    import subprocess
+    import sys
+
+    folder = _site_copy(smoke_federation, tmp_path)
+    _oversized(folder)
+    # The same command, with the process's address space capped: allocating the declared 4 GB would fail
+    # with MemoryError instead of the named problem. (Its time is measured in the closing note, not here.)
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (500 << 20, 500 << 20)); "
+              "from fedmeta.simulations.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, "check-data", str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "more than the 268,435,456 a site loads" in done.stdout and "site-01_001" in done.stdout
+    assert "MemoryError" not in done.stdout + done.stderr

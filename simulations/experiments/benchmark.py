@@ -48,7 +48,6 @@ from fedmeta.common.protocol import (
     DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
 )
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
-from fedmeta.simulations.experiments.oracle import train_oracle
 from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
 from fedmeta.simulations.experiments.presets import parse_sets, read_preset_toml
 
@@ -614,6 +613,8 @@ def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool
         out[name] = {}
         for site in sites:
             if method.training == ORACLE:  # its own model per site, trained on that site's support patients
+                from fedmeta.simulations.experiments.oracle import train_oracle  # torch: not for `fedmeta --help`
+
                 init = train_oracle(site, any_config, seed=seed, steps=spec["oracle-steps"])
             curve = score_site(model, init, site, shots=spec["shots"], steps=steps, seed=seed,
                                num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
