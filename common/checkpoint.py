@@ -81,7 +81,33 @@ def load_checkpoint(path: Path) -> Checkpoint:
             + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}", unknown and f"unknown {', '.join(unknown)}"]))
             + "); it was damaged or written by another program. Point at the checkpoint.pt a fedmeta run wrote."
         )
-    return Checkpoint(**payload)
+    checkpoint = Checkpoint(**payload)
+    _check_weights(path, checkpoint)
+    return checkpoint
+
+
+# No trained UNet weight (or Meta-SGD step size) comes near this; a value beyond it is a damaged or
+# hostile file, which would give a Dice of 0 with exit code 0 rather than an error.
+PLAUSIBLE_WEIGHT = 1e6
+
+
+def _check_weights(path: Path, checkpoint: Checkpoint) -> None:
+    """Refuses a checkpoint whose θ (or step sizes) are not tensors, hold NaN/Inf, or are implausibly large."""
+    for group, tensors in (("params", checkpoint.params), ("step_sizes", checkpoint.step_sizes or {})):
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{path}: its {group} are not a mapping of tensors; it was damaged or written by another "
+                             "program. Point at the checkpoint.pt a fedmeta run wrote.")
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: {group} {name!r} holds NaN or Inf; this θ is broken and would segment "
+                                 "nothing. Use an earlier checkpoint of the run, or ask the consortium for the release.")
+            largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if largest > PLAUSIBLE_WEIGHT:
+                raise ValueError(f"{path}: {group} {name!r} holds a value of magnitude {largest:.3g}, beyond any "
+                                 f"trained weight ({PLAUSIBLE_WEIGHT:g}); the file is damaged or was tampered with. "
+                                 "Use an earlier checkpoint, or ask the consortium for the release.")
 
 
 def trajectory_hash(config) -> str:

@@ -83,3 +83,16 @@ def test_a_format_1_checkpoint_still_loads_and_a_damaged_one_names_what_it_lacks
     torch.save({**payload, "format": 3}, path)
     with pytest.raises(ValueError, match="checkpoint format 3 is not one this fedmeta reads"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("value, words", [
+    (float("nan"), "params 'w' holds NaN or Inf"),
+    (1e30, "params 'w' holds a value of magnitude 1e+30, beyond any trained weight"),
+])
+def test_a_checkpoint_with_broken_weights_is_refused_by_the_loader(tmp_path, value, words):
+    path = tmp_path / "checkpoint.pt"
+    broken = _checkpoint()
+    broken.params["w"][0, 0] = value
+    save_checkpoint(path, broken)
+    with pytest.raises(ValueError, match=words.replace("+", r"\+")):
+        load_checkpoint(path)

@@ -31,6 +31,23 @@ def test_a_bad_override_exits_non_zero_with_the_key_named(tmp_path, capsys):
     assert "inner-lr=-1.0: must be > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--rounds", "0"], "--rounds 0: a simulation trains at least one round"),
+    (["--sites", "10"], "sites-per-round=10 (--sites): the federation has 3 training sites; choose 1..3"),
+    (["--set", "min-sites=10"], "min-sites=10: the federation has 3 training sites, so no round could update"),
+])
+def test_settings_no_round_could_meet_are_refused_before_any_engine_starts(smoke_federation, tmp_path, capsys,
+                                                                         args, words):
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "smoke-0").symlink_to(smoke_federation)  # the session's smoke federation, as simulate's cache holds it
+    code = main(["simulate", "--preset", "smoke", "--engine", "inprocess", "--out", str(tmp_path / "out"),
+                 "--federation-dir", str(root), *args])
+    assert code == 1
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_progress_lines_show_round_sites_loss_and_dice():
     config = RunConfig(num_rounds=5, eval_steps="0,5")
     line = format_round(

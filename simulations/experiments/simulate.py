@@ -126,6 +126,8 @@ def simulate(
                              "sites are a ClientApp wrapper no deployed site carries.")
     overrides, driver = load_preset(preset)
     overrides.update(extra or {})
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"--rounds {rounds}: a simulation trains at least one round; give --rounds 1 or more.")
     for key, value in (("algorithm", algorithm), ("num-rounds", rounds), ("sites-per-round", sites), ("seed", seed)):
         if value is not None:
             overrides[key] = value
@@ -138,6 +140,15 @@ def simulate(
     federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
+    # Settings no round could meet with this federation: refused before any engine starts, not after a
+    # round that waits and then reports every reply dropped.
+    training = len(manifest.train_sites)
+    if config.sites_per_round > training:
+        raise ValueError(f"sites-per-round={config.sites_per_round} (--sites): the federation has {training} training "
+                         f"sites; choose 1..{training}, or 0 for all.")
+    if config.min_sites > training:
+        raise ValueError(f"min-sites={config.min_sites}: the federation has {training} training sites, so no round "
+                         f"could update θ; choose 1..{training}.")
     adversary = None
     if attack:
         if not 1 <= attack_sites < len(manifest.train_sites):
