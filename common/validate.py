@@ -154,22 +154,52 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
     layout = SiteLayout(root=root, name=str(meta.get("name") or root.name), cases=[], labels=labels,
                         label_protocol=str(meta.get("label_protocol", "standard")),
                         modality=str(modality.get("0")) if isinstance(modality, dict) and modality else None)
+    if not isinstance(entries, list):
+        raise ValueError(f"{dataset_json}: 'training' is {type(entries).__name__}, not a list of "
+                         "{\"image\", \"label\"} pairs; fix the file.")
     listed_images = set()
-    for entry in entries:
+    inside = root.resolve()
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), (str, type(None))) for k in ("image", "label")):
+            raise ValueError(f"{dataset_json}: 'training'[{index}] is {entry!r}, not an {{\"image\": path, \"label\": "
+                             "path}} pair of relative paths; fix that entry.")
         image = root / entry["image"] if entry.get("image") else None
         label = root / entry["label"] if entry.get("label") else None
         case_id = _strip_suffix((image or label).name) if (image or label) else "?"
+        escaped = [problem for problem in (_outside_site(path, inside, dataset_json) for path in (image, label)) if problem]
+        if escaped:  # never read: a dataset.json must not make the site read files beyond its folder
+            layout.problems.append(CaseProblem(case_id, tuple(escaped)))
+            listed_images.add(image.absolute() if image else None)  # listed, if refused: not "unlisted" too
+            continue
         listed_images.add(image.resolve() if image else None)
         layout.cases.append(Case(case_id, image, label))
     # Files a hospital copied in but never listed are probably meant to be used: say so.
     images_dir = root / "imagesTr"
     if images_dir.is_dir():
         for path in sorted(images_dir.iterdir()):
-            if path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".") and path.resolve() not in listed_images:
+            if (path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+                    and path.resolve() not in listed_images and path.absolute() not in listed_images):
                 layout.problems.append(CaseProblem(_strip_suffix(path.name), (
                     f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored. "
                     "Fix: add an {\"image\", \"label\"} entry for it, or remove the file.",)))
     return layout
+
+
+def _outside_site(path: Path | None, inside: Path, dataset_json: Path) -> str | None:
+    """Why ``path`` may not be read as part of the site (a symlink loop, or it resolves outside the site
+    folder: ``../`` or a symlink), or None. ``FEDMETA_ALLOW_PATHS_OUTSIDE_SITE=1`` allows the latter."""
+    if path is None:
+        return None
+    try:
+        resolved = path.resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # Python 3.11: RuntimeError("Symlink loop from ...")
+        return (f"{path}: cannot be resolved ({err}); a symlink loop. Fix: point the entry in {dataset_json} at "
+                "the file itself.")
+    if resolved != inside and inside not in resolved.parents and os.environ.get("FEDMETA_ALLOW_PATHS_OUTSIDE_SITE") != "1":
+        return (f"{path}: resolves to {resolved}, outside the site folder {inside} (a '../' path or a symlink), so it "
+                f"is not read. Fix: copy the file into the site folder and list it in {dataset_json} by a relative path, "
+                "or set FEDMETA_ALLOW_PATHS_OUTSIDE_SITE=1 if the site keeps its data elsewhere on purpose.")
+    return None
 
 
 def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayout:
@@ -327,6 +357,18 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
             f"{tuple(image_data.shape)} ({case.image.name}). Fix: the label must be drawn on the image's own voxel grid; "
             "resample it onto the image."
         )
+    singular = False
+    for path, header_of in ((case.image, image), (case.label, label)):
+        spatial = np.asarray(header_of.affine, dtype=np.float64)[:3, :3]
+        if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-9:
+            singular = True
+            problems.append(
+                f"{path}: its affine is singular or not finite (voxel axes {spatial.round(4).tolist()}), so the "
+                "scan has no orientation or spacing. Fix: export it again with its header (qform/sform), or "
+                "repair the header with the scan's real voxel spacing and orientation."
+            )
+    if singular:  # the reorientation below would raise on it
+        return problems, None
     if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
         problems.append(
             f"{case.label}: affine differs from the image's ({case.image.name}) by up to "

@@ -119,6 +119,24 @@ def _bomb(folder):  # under the voxel cap, but 1 GB declared in a file DEFLATE c
     image.write_bytes(gzip.compress(_header_declaring((8000, 8000, 4))))
 
 
+def _singular(folder):
+    image, label = _paths(folder)
+    for path in (image, label):
+        nii = nib.load(path)
+        header = nii.header.copy()
+        header["qform_code"], header["sform_code"] = 0, 1
+        header["srow_z"] = [0.0, 0.0, 0.0, 0.0]  # a header with no third axis: nibabel cannot write it as an affine
+        nib.save(nib.Nifti1Image(np.asanyarray(nii.dataobj), None, header=header), str(path))
+
+
+def _escape(folder):  # a dataset.json entry that leaves the site folder, through '../' and through a symlink
+    outside = folder.parent / "elsewhere"
+    outside.mkdir()
+    image, label = _paths(folder)
+    shutil.move(image, outside / image.name)
+    (folder / "imagesTr" / image.name).symlink_to(outside / image.name)
+
+
 def _missing_label(folder):
     _paths(folder)[1].unlink()
 
@@ -140,6 +158,8 @@ CORRUPTIONS = [
     ("4d", _four_d, "has 4 dimensions", "imagesTr"),
     ("2d", _two_d, "has 2 dimensions", "imagesTr"),
     ("missing", _missing_label, "the label file of this case is missing", "labelsTr"),
+    ("singular", _singular, "its affine is singular or not finite", "imagesTr"),
+    ("escape", _escape, "outside the site folder", "imagesTr"),
     ("oversized", _oversized, "= 1,024,000,000 voxels, more than the 268,435,456 a site loads", "imagesTr"),
     ("bomb", _bomb, "compressed bytes, which cannot inflate to that much", "imagesTr"),
     ("unlisted", _unlisted, "is not listed in", "extra_999"),
@@ -296,3 +316,35 @@ def test_check_data_refuses_a_4gb_header_within_a_500mb_address_space(smoke_fede
     assert done.returncode == 1, done.stderr[-2000:]
     assert "more than the 268,435,456 a site loads" in done.stdout and "site-01_001" in done.stdout
     assert "MemoryError" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("training, words", [
+    (["a.nii.gz"], "'training'[0] is 'a.nii.gz', not an"),
+    ([None], "'training'[0] is None, not an"),
+    ({"image": "x"}, "'training' is dict, not a list"),
+    ([{"image": 3, "label": "y"}], "'training'[0] is {'image': 3"),
+])
+def test_a_malformed_training_list_names_the_entry(smoke_federation, tmp_path, training, words):
+    folder = _site_copy(smoke_federation, tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["training"] = training
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="dataset.json: " + words.replace("[", r"\[").replace("{", r"\{")):
+        check_site(folder, k=5, q=10)
+
+
+def test_parent_paths_and_symlink_loops_in_dataset_json_are_refused(smoke_federation, tmp_path, monkeypatch):
+    folder = _site_copy(smoke_federation, tmp_path)
+    image, _ = _paths(folder)
+    shutil.copy(image, tmp_path / "outside.nii.gz")
+    (folder / "loop.nii.gz").symlink_to(folder / "loop.nii.gz")
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["training"][0]["image"] = "../outside.nii.gz"
+    meta["training"][1]["image"] = "./loop.nii.gz"
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    messages = [m for p in check_site(folder, k=5, q=10).case_problems for m in p.problems]
+    assert any("outside.nii.gz: resolves to" in m and "outside the site folder" in m for m in messages), messages
+    assert any("loop.nii.gz: cannot be resolved" in m and "symlink loop" in m for m in messages), messages
+    monkeypatch.setenv("FEDMETA_ALLOW_PATHS_OUTSIDE_SITE", "1")
+    messages = [m for p in check_site(folder, k=5, q=10).case_problems for m in p.problems]
+    assert not any("outside the site folder" in m for m in messages), messages
