@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,8 +89,27 @@ def check_data(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def output_problem(path: Path | None, option: str) -> str | None:
+    """Why ``path`` cannot be written (checked before the work, not after it), or None."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"{option} {path}: is a folder; give a file name, e.g. {path / 'results.json'}."
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{option} {path}: {parent} is a file, not a folder; choose another path."
+            if not os.access(parent, os.W_OK):
+                return f"{option} {path}: {parent} is not writable; choose another path."
+            return None
+    return None
+
+
 def evaluate(args: argparse.Namespace) -> int:
     try:
+        problem = output_problem(args.json, "--json")
+        if problem:
+            raise ValueError(problem)
         shots = parse_counts(args.shots, "--shots", minimum=1)
         steps = parse_counts(args.steps, "--steps", minimum=0)
         results = evaluate_checkpoint(

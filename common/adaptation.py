@@ -98,6 +98,17 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
         config = RunConfig.from_run_config(checkpoint.run_config)
     except ValueError as err:
         raise ValueError(f"{path}: its run config is not valid for this fedmeta version ({err}).") from None
+    # The weights must be the model the run config builds: a mismatch would fail deep inside
+    # load_state_dict (or, worse, silently for a strict=False loader) instead of naming the file.
+    expected = {name: tuple(t.shape) for name, t in initial_params(seeded_model(config.model_config(), 0)).items()}
+    found = {name: tuple(t.shape) for name, t in checkpoint.params.items()}
+    if expected != found:
+        differ = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
+        raise ValueError(
+            f"{path}: its weights do not match the model its run config describes ({len(differ)} tensor(s) differ, "
+            f"e.g. {differ[0]!r}: config {expected.get(differ[0])}, weights {found.get(differ[0])}); the file was "
+            "damaged or assembled from two runs. Use the checkpoint.pt a fedmeta run wrote."
+        )
     inner_lr: Any = config.inner_lr
     if config.algorithm == "metasgd":
         if not checkpoint.step_sizes:

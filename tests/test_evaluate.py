@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.model import build_model
 from fedmeta.common.synth import load_manifest
-from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fedmeta.simulations.cli import main
 from fedmeta.client.commands import evaluate_checkpoint, parse_counts
 from fedmeta.simulations.experiments.centralised import training_node_configs
@@ -123,10 +124,16 @@ def test_paired_glob_folder_like_real_hospital_data(trained, smoke_federation, t
         (["--steps", "five"], "--steps 'five': expected comma-separated integers >= 0"),
         (["--shots", "500"], "fewer than k=500"),
         (["--lr-scale", "0"], "--lr-scale 0.0: must be a positive number"),
+        (["--json", "{tmp}/junk.pt/out.json"], "junk.pt is a file, not a folder"),
+        (["--checkpoint", "{tmp}/mismatch.pt"], "its weights do not match the model its run config describes"),
+        (["--checkpoint", "{tmp}/nan.pt"], "holds NaN or Inf"),
     ],
 )
 def test_bad_input_names_the_problem(trained, smoke_federation, tmp_path, capsys, args, message):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    good = load_checkpoint(trained["fomaml"])
+    save_checkpoint(tmp_path / "mismatch.pt", replace(good, run_config={**good.run_config, "model-base-channels": 16}))
+    save_checkpoint(tmp_path / "nan.pt", replace(good, params={k: v * float("nan") for k, v in good.params.items()}))
     site = load_manifest(smoke_federation).heldout_sites[0].path
     argv = {"--checkpoint": str(trained["fomaml"]), "--data": str(site)}
     for flag, value in zip(args[::2], args[1::2]):
