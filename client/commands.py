@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="multiply the adaptation step size (the run's inner-lr, or Meta-SGD's learned rates) by "
                              "this factor, e.g. to tune fine-tuning on a validation site (default 1)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--public-key", type=Path,
+                        help="the consortium's Ed25519 release key (PEM): the checkpoint must carry a signature "
+                             "(fedmeta sign) that verifies with it")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="use a checkpoint without checking a signature (your own runs; never a release)")
     parser.set_defaults(handler=evaluate)
 
 
@@ -112,6 +117,7 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ValueError(problem)
         shots = parse_counts(args.shots, "--shots", minimum=1)
         steps = parse_counts(args.steps, "--steps", minimum=0)
+        release = _verified_release(args)
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
             image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
@@ -119,11 +125,27 @@ def evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
         return 1
+    results["release"] = release or {"verified": False}
     print(format_table(results))
     if args.json:
         write_json(args.json, results)
         print(f"written: {args.json}")
     return 0
+
+
+def _verified_release(args: argparse.Namespace) -> dict | None:
+    """The checkpoint's signed release metadata, checked before the checkpoint is used (fedmeta.common.release)."""
+    from fedmeta.common.release import verify
+
+    if not args.checkpoint.is_file():
+        return None  # evaluate_checkpoint names the missing file
+    release = verify(args.checkpoint, args.public_key, allow_unsigned=args.allow_unsigned)
+    if release is None:
+        print(f"warning: {args.checkpoint} is used unverified (--allow-unsigned)", file=sys.stderr)
+    else:
+        print(f"release {release['release_id']} verified (round {release['round']}, key "
+              f"{release['signing_key_sha256'][:16]})")
+    return {"verified": True, **release} if release else None
 
 
 def parse_counts(text: str, option: str, *, minimum: int) -> list[int]:

@@ -102,6 +102,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.add_argument("--site", required=True, help="the site to revoke")
     revoke.set_defaults(handler=_revoke_command)
 
+    sign = subparsers.add_parser(
+        "sign",
+        help="sign a checkpoint as the consortium's release (Ed25519): writes CHECKPOINT.sig and CHECKPOINT.release.json",
+        description="Signs a checkpoint with the consortium's Ed25519 private key. Sites verify it with "
+                    "`fedmeta evaluate --public-key release.pub`; a tampered, unsigned or foreign-signed file is refused.",
+    )
+    sign.add_argument("checkpoint", type=Path, help="the checkpoint.pt to release")
+    sign.add_argument("--key", type=Path, required=True,
+                      help="the consortium's Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out release.key)")
+    sign.set_defaults(handler=_sign_command)
+
 
 def _provision_command(args: argparse.Namespace) -> int:
     try:
@@ -122,6 +133,21 @@ def _provision_command(args: argparse.Namespace) -> int:
               f"key, then register the new one (register-sites.sh); hand the site its new bundle")
     print(f"next: start the SuperLink with {result.out / 'superlink'} (README: consortium walk-through), run "
           f"{result.out / 'superlink' / 'register-sites.sh'}, and hand each site its folder under {result.out / 'sites'}.")
+    return 0
+
+
+def _sign_command(args: argparse.Namespace) -> int:
+    from fedmeta.common.release import ReleaseError, metadata_path, sign, signature_path
+
+    try:
+        metadata = sign(args.checkpoint, args.key)
+    except (ReleaseError, ValueError, OSError) as err:
+        print(f"fedmeta sign: error: {err}", file=sys.stderr)
+        return 1
+    dp = f", DP epsilon {metadata['dp']['epsilon']:.3g}" if metadata["dp"] else ""
+    print(f"signed release {metadata['release_id']}: {args.checkpoint} (round {metadata['round']}, "
+          f"{metadata['algorithm']}{dp}; key {metadata['signing_key_sha256'][:16]})")
+    print(f"wrote  {metadata_path(args.checkpoint)}\nwrote  {signature_path(args.checkpoint)}")
     return 0
 
 

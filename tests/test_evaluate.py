@@ -43,7 +43,7 @@ def test_cli_prints_the_grid_and_writes_json(trained, smoke_federation, tmp_path
     site = load_manifest(smoke_federation).heldout_sites[0]
     report = tmp_path / "eval.json"
     code = main(["evaluate", "--checkpoint", str(trained["fomaml"]), "--data", str(site.path),
-                 "--shots", "1,2", "--steps", "0,3", "--json", str(report)])
+                 "--shots", "1,2", "--steps", "0,3", "--json", str(report), "--allow-unsigned"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "0 steps" in printed and "3 steps" in printed and site.name in printed
@@ -138,7 +138,7 @@ def test_bad_input_names_the_problem(trained, smoke_federation, tmp_path, capsys
     argv = {"--checkpoint": str(trained["fomaml"]), "--data": str(site)}
     for flag, value in zip(args[::2], args[1::2]):
         argv[flag] = value.format(tmp=tmp_path, federation=smoke_federation)
-    code = main(["evaluate", *[x for pair in argv.items() for x in pair]])
+    code = main(["evaluate", *[x for pair in argv.items() for x in pair], "--allow-unsigned"])
     assert code == 1
     assert message in capsys.readouterr().err
 

@@ -1,0 +1,175 @@
+"""Signed releases: a consortium signs the checkpoint it publishes; a site verifies it before using it.
+
+``fedmeta sign CHECKPOINT --key PRIVATE_KEY_PEM`` writes two files beside the checkpoint:
+
+- ``<checkpoint>.release.json``: what is released — the file's SHA-256 and size, the round, the run's
+  trajectory hash and a digest of its run config, the algorithm, the number of training sites and the
+  DP ε when the run used DP, and the signing key's fingerprint;
+- ``<checkpoint>.sig``: the Ed25519 signature (``cryptography``) of that JSON's exact bytes, base64.
+
+Verification checks, in order, and names the first that fails: the signature file and the metadata
+exist; the public key is an Ed25519 PEM; the signature verifies over the metadata (else the file was
+signed by another key, or its metadata was edited); the checkpoint's SHA-256 is the signed one (else the
+checkpoint was altered after signing). Ed25519 because it is small, fast, deterministic and has no
+parameters to get wrong; any consortium can make a key pair with OpenSSL (README, "Signed releases").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+SIGNATURE_SUFFIX = ".sig"
+METADATA_SUFFIX = ".release.json"
+RELEASE_FORMAT = 1
+
+
+class ReleaseError(ValueError):
+    """A release that must not be used: names the file and the check that failed."""
+
+
+def signature_path(checkpoint: Path | str) -> Path:
+    return Path(f"{checkpoint}{SIGNATURE_SUFFIX}")
+
+
+def metadata_path(checkpoint: Path | str) -> Path:
+    return Path(f"{checkpoint}{METADATA_SUFFIX}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def key_fingerprint(public_key) -> str:
+    """SHA-256 of the raw 32-byte Ed25519 public key, hex: how a site tells which key signed."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_private_key(path: Path | str):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ReleaseError(f"--key {path}: no such file; pass the consortium's Ed25519 private key (PEM).") from None
+    except (ValueError, TypeError) as err:
+        raise ReleaseError(f"--key {path}: not an unencrypted PEM private key ({err}). Make one with `openssl genpkey "
+                           "-algorithm ed25519 -out release.key`.") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ReleaseError(f"--key {path}: a {type(key).__name__}, not an Ed25519 key; releases are signed with "
+                           "Ed25519 (`openssl genpkey -algorithm ed25519 -out release.key`).")
+    return key
+
+
+def load_public_key(path: Path | str):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise ReleaseError(f"--public-key {path}: no such file; pass the consortium's Ed25519 public key (PEM).") from None
+    except (ValueError, TypeError) as err:
+        raise ReleaseError(f"--public-key {path}: not a PEM public key ({err}); the consortium's release.pub is "
+                           "`openssl pkey -in release.key -pubout`.") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ReleaseError(f"--public-key {path}: a {type(key).__name__}, not an Ed25519 public key.")
+    return key
+
+
+def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
+    """What a signature vouches for: the file itself (digest, size) and what the run was."""
+    from fedmeta.common.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)  # refuses a damaged or NaN checkpoint before it is signed
+    run_config = json.dumps(checkpoint.run_config, sort_keys=True, separators=(",", ":"), default=str)
+    metadata: dict[str, Any] = {
+        "format": RELEASE_FORMAT,
+        "file": checkpoint_path.name,
+        "sha256": file_sha256(checkpoint_path),
+        "size": checkpoint_path.stat().st_size,
+        "release_id": None,  # filled below: the first 16 hex digits of the file's digest
+        "round": int(checkpoint.round),
+        "trajectory_hash": checkpoint.config_hash,
+        "run_config_sha256": hashlib.sha256(run_config.encode()).hexdigest(),
+        "algorithm": checkpoint.run_config.get("algorithm"),
+        "training_sites": None,
+        "dp": None,
+        "signing_key_sha256": key_fingerprint(public_key),
+    }
+    metadata["release_id"] = metadata["sha256"][:16]
+    if checkpoint.privacy and checkpoint.privacy.get("history"):
+        from fedmeta.common.privacy import PrivacyAccountant
+
+        accountant = PrivacyAccountant.from_state_dict(checkpoint.privacy)
+        metadata["dp"] = {"epsilon": accountant.epsilon, "delta": accountant.delta, "rounds": len(accountant.history)}
+        metadata["training_sites"] = max(int(e[0]) for e in checkpoint.privacy["history"])
+    return metadata
+
+
+def sign(checkpoint_path: Path | str, key_path: Path | str) -> dict[str, Any]:
+    """Signs ``checkpoint_path`` with the Ed25519 key at ``key_path``; writes the metadata and signature
+    beside it and returns the metadata."""
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise ReleaseError(f"{checkpoint_path}: no such file; pass the checkpoint.pt to release.")
+    key = load_private_key(key_path)
+    metadata = release_metadata(checkpoint_path, key.public_key())
+    body = (json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    metadata_path(checkpoint_path).write_bytes(body)
+    signature_path(checkpoint_path).write_bytes(base64.b64encode(key.sign(body)) + b"\n")
+    return metadata
+
+
+def verify(checkpoint_path: Path | str, public_key_path: Path | str | None, *, allow_unsigned: bool = False
+           ) -> dict[str, Any] | None:
+    """The signed metadata of ``checkpoint_path`` when it verifies with the key at ``public_key_path``;
+    None when unsigned use is allowed and there is no key or no signature. A signature that is present
+    must verify, whatever ``allow_unsigned`` says. Raises :class:`ReleaseError` naming the failed check."""
+    from cryptography.exceptions import InvalidSignature
+
+    checkpoint_path = Path(checkpoint_path)
+    if public_key_path is None:
+        if allow_unsigned:
+            return None
+        raise ReleaseError(f"{checkpoint_path}: no --public-key to check its signature against. Pass the consortium's "
+                           "release key (--public-key release.pub), or --allow-unsigned to use an unverified file.")
+    key = load_public_key(public_key_path)
+    sig_file, meta_file = signature_path(checkpoint_path), metadata_path(checkpoint_path)
+    if not sig_file.is_file() or not meta_file.is_file():
+        if allow_unsigned:
+            return None
+        missing = sig_file if not sig_file.is_file() else meta_file
+        raise ReleaseError(f"{checkpoint_path}: unsigned ({missing} is missing). Ask the consortium for the signed "
+                           "release, or pass --allow-unsigned to use it unverified.")
+    body = meta_file.read_bytes()
+    try:
+        signature = base64.b64decode(sig_file.read_bytes().strip(), validate=True)
+        key.verify(signature, body)
+    except (InvalidSignature, ValueError):
+        raise ReleaseError(f"{checkpoint_path}: its signature does not verify with {public_key_path} (key "
+                           f"{key_fingerprint(key)[:16]}): it was signed by another key, or {meta_file.name} was "
+                           "edited. Do not use it; ask the consortium for the release.") from None
+    metadata = json.loads(body)
+    if file_sha256(checkpoint_path) != metadata.get("sha256"):
+        raise ReleaseError(f"{checkpoint_path}: its SHA-256 differs from the signed one (release "
+                           f"{metadata.get('release_id')}): the checkpoint was altered after it was signed. Do not use "
+                           "it; ask the consortium for the release.")
+    return metadata
+
+
+__all__ = ["METADATA_SUFFIX", "ReleaseError", "SIGNATURE_SUFFIX", "key_fingerprint", "metadata_path", "sign",
+           "signature_path", "verify"]
