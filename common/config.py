@@ -24,7 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
                          "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every",
                          "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "metrics_port",
-                         "metrics_address", "dp_max_epsilon", "max_failed_rounds"})
+                         "metrics_address", "dp_max_epsilon", "max_failed_rounds", "release_key"})
 
 
 # Keys added after checkpoints existed; they join the hash only when set (their default changes nothing).
@@ -83,6 +83,9 @@ class RunConfig:
     node_wait_timeout: float = 120.0
     metrics_port: int = 0  # the ServerApp's Prometheus /metrics port; 0 = off
     metrics_address: str = "127.0.0.1"  # the interface /metrics listens on
+    # The consortium's Ed25519 private key (PEM path on the ServerApp's machine): when set, the final
+    # checkpoint is signed as a release (fedmeta.common.release); "" = not signed.
+    release_key: str = ""
     # Site-level differential privacy (fedmeta.common.privacy): each reply clipped to dp-clip-norm (C),
     # Gaussian noise dp-noise-multiplier x C on the round's sum, added by the server or split over the sites.
     dp: str = "none"  # none | central | local

@@ -49,6 +49,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Coordinator:
 
 def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) -> Coordinator:
     out_dir = _out_dir(config)
+    if config.release_key:  # a key that cannot sign must stop the run now, not after its last round
+        from fedmeta.common.release import load_private_key
+
+        load_private_key(config.release_key)
     coordinator = Coordinator(config)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     start_round = _maybe_resume(coordinator, config, checkpoint_path)
@@ -133,6 +137,11 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     if start_round < config.num_rounds and not updated_rounds and not over_budget:
         raise RunFailed(f"no round from {start_round + 1} to {config.num_rounds} updated θ; see the dropped replies "
                         "in metrics.jsonl.")
+    if config.release_key:
+        from fedmeta.common.release import sign
+
+        release = sign(checkpoint_path, config.release_key)
+        log.info("signed release %s (round %d): %s.sig", release["release_id"], release["round"], checkpoint_path)
     log.info("done: %s", coordinator.counters)
     return coordinator
 

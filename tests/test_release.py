@@ -129,3 +129,16 @@ def test_sign_refuses_a_key_that_is_not_ed25519_and_a_missing_file(tmp_path, cap
     assert "not an Ed25519 key" in capsys.readouterr().err
     assert main(["sign", str(tmp_path / "absent.pt"), "--key", str(key)]) == 1
     assert "absent.pt: no such file" in capsys.readouterr().err
+
+
+def test_the_serverapp_signs_its_final_checkpoint_when_given_the_key(smoke_federation, tmp_path):
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME
+    from tests.test_inprocess import federate, tiny_config
+
+    private, public = _key_pair(tmp_path, "consortium")
+    config = tiny_config(smoke_federation, tmp_path / "run", num_rounds=1, release_key=str(private))
+    federate(config, smoke_federation)
+    metadata = verify(tmp_path / "run" / CHECKPOINT_NAME, public)
+    assert metadata["round"] == 1
+    with pytest.raises(ReleaseError, match="not an unencrypted PEM private key"):
+        federate(config.replace(release_key=str(public), out_dir=str(tmp_path / "bad")), smoke_federation)
