@@ -59,34 +59,29 @@ def load_private_key(path: Path | str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    path = Path(path)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise ReleaseError(f"--key {path}: no such file; pass the consortium's Ed25519 private key (PEM).") from None
-    except (ValueError, TypeError) as err:
-        raise ReleaseError(f"--key {path}: not an unencrypted PEM private key ({err}). Make one with `openssl genpkey "
-                           "-algorithm ed25519 -out release.key`.") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ReleaseError(f"--key {path}: a {type(key).__name__}, not an Ed25519 key; releases are signed with "
-                           "Ed25519 (`openssl genpkey -algorithm ed25519 -out release.key`).")
-    return key
+    return _load_pem_key(path, "--key", "private key", lambda data: serialization.load_pem_private_key(data, None),
+                         Ed25519PrivateKey, "make one with `openssl genpkey -algorithm ed25519 -out release.key`")
 
 
 def load_public_key(path: Path | str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    return _load_pem_key(path, "--public-key", "public key", serialization.load_pem_public_key, Ed25519PublicKey,
+                         "the consortium's release.pub is `openssl pkey -in release.key -pubout`")
+
+
+def _load_pem_key(path: Path | str, option: str, what: str, load, expected: type, hint: str):
+    """An Ed25519 key from a PEM file, or a ReleaseError naming the option, the file and the fix."""
     path = Path(path)
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        key = load(path.read_bytes())
     except FileNotFoundError:
-        raise ReleaseError(f"--public-key {path}: no such file; pass the consortium's Ed25519 public key (PEM).") from None
+        raise ReleaseError(f"{option} {path}: no such file; pass the consortium's Ed25519 {what} (PEM).") from None
     except (ValueError, TypeError) as err:
-        raise ReleaseError(f"--public-key {path}: not a PEM public key ({err}); the consortium's release.pub is "
-                           "`openssl pkey -in release.key -pubout`.") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ReleaseError(f"--public-key {path}: a {type(key).__name__}, not an Ed25519 public key.")
+        raise ReleaseError(f"{option} {path}: not an unencrypted PEM {what} ({err}); {hint}.") from None
+    if not isinstance(key, expected):
+        raise ReleaseError(f"{option} {path}: a {type(key).__name__}, not an Ed25519 {what}; {hint}.")
     return key
 
 
@@ -96,12 +91,13 @@ def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
 
     checkpoint = load_checkpoint(checkpoint_path)  # refuses a damaged or NaN checkpoint before it is signed
     run_config = json.dumps(checkpoint.run_config, sort_keys=True, separators=(",", ":"), default=str)
+    digest = file_sha256(checkpoint_path)
     metadata: dict[str, Any] = {
         "format": RELEASE_FORMAT,
         "file": checkpoint_path.name,
-        "sha256": file_sha256(checkpoint_path),
+        "sha256": digest,
+        "release_id": digest[:16],
         "size": checkpoint_path.stat().st_size,
-        "release_id": None,  # filled below: the first 16 hex digits of the file's digest
         "round": int(checkpoint.round),
         "trajectory_hash": checkpoint.config_hash,
         "run_config_sha256": hashlib.sha256(run_config.encode()).hexdigest(),
@@ -110,7 +106,6 @@ def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
         "dp": None,
         "signing_key_sha256": key_fingerprint(public_key),
     }
-    metadata["release_id"] = metadata["sha256"][:16]
     if checkpoint.privacy and checkpoint.privacy.get("history"):
         from fedmeta.common.privacy import PrivacyAccountant
 

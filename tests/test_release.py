@@ -126,7 +126,7 @@ def test_sign_refuses_a_key_that_is_not_ed25519_and_a_missing_file(tmp_path, cap
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (tmp_path / "c.pt").write_bytes(b"x")
     assert main(["sign", str(tmp_path / "c.pt"), "--key", str(key)]) == 1
-    assert "not an Ed25519 key" in capsys.readouterr().err
+    assert "not an Ed25519 private key" in capsys.readouterr().err
     assert main(["sign", str(tmp_path / "absent.pt"), "--key", str(key)]) == 1
     assert "absent.pt: no such file" in capsys.readouterr().err
 
