@@ -31,7 +31,7 @@ from fedmeta.common.data import adaptation_support, site_seed
 from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
-from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
+from fedmeta.common.privacy import add_gaussian_noise, clip_update, local_noise_split, noise_generator
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES,
     PARAMS_RECORD, SECAGG_KEYS_ACTION, SECAGG_RECORD, SECAGG_REFUSED, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION,
@@ -127,7 +127,8 @@ def train(message: Message, context: Context) -> Message:
         sampled = int(round_config.get(SAMPLED_SITES_KEY, 1))
         if SECAGG_RECORD in message.content.config_records:  # never split the noise over more sites than were listed
             sampled = min(sampled, secure_aggregation.participants(message, context))
-        grads = local_dp(grads, config, sampled, site_seed(round_seed, site.name))
+        # Split over the round's quorum, not every listed site: any sum the server may unmask carries σ·C.
+        grads = local_dp(grads, config, local_noise_split(config, sampled), site_seed(round_seed, site.name))
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
@@ -142,11 +143,11 @@ def train(message: Message, context: Context) -> Message:
         raise PermissionError("the run uses secure aggregation but this train message skips it; refusing to send "
                               "an unmasked reply")
     if SECAGG_RECORD in message.content.config_records:  # secure aggregation: the server sees only masked integers
-        arrays = {MASKED_RECORD: secure_aggregation.masked_reply(message, context, config, grads,
-                                                                 site_seed(round_seed, site.name))}
+        records = {MASKED_RECORD: secure_aggregation.masked_reply(message, context, config, grads,
+                                                                  site_seed(round_seed, site.name))}
     else:
-        arrays = {GRADS_RECORD: to_array_record(grads)}
-    return Message(RecordDict({**arrays, METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
+        records = {GRADS_RECORD: to_array_record(grads)}
+    return Message(RecordDict({**records, METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 
 
 # SecAgg+'s stages around the train message (fedmeta.client.secure_aggregation): key exchange, shares, unmasking.
@@ -178,14 +179,15 @@ def _training_site(message: Message, context: Context) -> RunConfig:
     return config
 
 
-def local_dp(grads, config: RunConfig, sampled: int, seed: int):
-    """Local / distributed DP: the whole reply clipped to C, plus N(0, (σ·C/√m)²) so that the sum of
-    the round's m replies carries σ·C (``fedmeta.common.privacy``). Alone, one reply carries only
-    σ·C/√m: the guarantee against the server needs secure aggregation, so that it sees only the sum."""
-    if sampled < 1:
-        raise ValueError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site.")
+def local_dp(grads, config: RunConfig, split: int, seed: int):
+    """Local / distributed DP: the whole reply clipped to C, plus N(0, (σ·C/√q)²) so that the sum of
+    any q of the round's replies carries σ·C (``fedmeta.common.privacy.local_noise_split``). Alone, one
+    reply carries only σ·C/√q: the guarantee against the server needs secure aggregation, so that it sees
+    only the sum."""
+    if split < 1:
+        raise ValueError(f"local DP split over {split} sites: a round samples at least one site.")
     clipped, _norm = clip_update(grads, config.dp_clip_norm)
-    std = config.dp_noise_multiplier * config.dp_clip_norm / sampled**0.5
+    std = config.dp_noise_multiplier * config.dp_clip_norm / split**0.5
     generator = noise_generator(seed ^ 0x6C6F63616C if config.dp_seeded_noise else None)
     return add_gaussian_noise(clipped, std, generator)
 

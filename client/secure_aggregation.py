@@ -17,8 +17,11 @@ What a site checks, so that a server that deviates from the protocol cannot stri
 (Bonawitz et al. §4's client-side checks): the round lists at least max(2, min-sites) participants,
 each with its own keys; at least t − 1 neighbours' shares reach it (t: its Shamir threshold), so its
 reply is masked with enough pairwise masks that the server would need t holders' help to remove them;
-at unmasking, it is itself named as answered, at least max(2, min-sites) sites and t of its own
-neighbourhood are named as answered, and every named site is one of the round's participants. What it
+it answers each stage once per round; at unmasking, it is itself named as answered, at least max(2,
+min-sites) sites are named as answered (under local DP, the quorum its noise was split over), every
+named site is one of the round's participants, every named neighbour is one whose share it received
+(so masked with), and t of the sites it masked with, itself included, are named as answered: one of
+them stays answered, so its pairwise mask with this site is never revealed. What it
 cannot check alone is that every site got the same lists: a server that shows different sites
 different "answered" lists is outside the honest-but-curious model SecAgg+ assumes (docs/privacy.md).
 
@@ -44,8 +47,10 @@ from flwr.supercore.primitives.asymmetric import (
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
     CONFIG_RECORD, ROUND_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
-    SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES, SECAGG_SOURCES,
+    SAMPLED_SITES_KEY, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES,
+    SECAGG_SOURCES,
 )
+from fedmeta.common.privacy import local_noise_split
 from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, threshold
 
 _STATE = "fedmeta-secagg"  # the node's context.state ConfigRecord for the round in progress
@@ -69,6 +74,9 @@ def keys(message: Message, context: Context) -> Message:
 
 def shares(message: Message, context: Context, config: RunConfig) -> Message:
     state = _state(context, _round(message))
+    if "seed" in state:
+        # A second sharing would hand out shares of a second seed (or, after masking, of a seed already used).
+        raise SecAggError("asked to share this site's secrets a second time in one round")
     record = message.content.config_records[SECAGG_RECORD]
     nodes = [int(n) for n in record[SECAGG_NODES]]
     pk1s, pk2s = list(record[SECAGG_PK1]), list(record[SECAGG_PK2])
@@ -95,7 +103,7 @@ def shares(message: Message, context: Context, config: RunConfig) -> Message:
         if holder == me:
             own = (seed_share, key_share)
             continue
-        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(holder)]))
+        shared = _agree(sk2, pk2s[nodes.index(holder)], holder)
         destinations.append(holder)
         ciphertexts.append(encrypt(shared, share_keys_plaintext_concat(me, holder, seed_share, key_share)))
     state.update({
@@ -111,6 +119,11 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
                  seed: int) -> ArrayRecord:
     """The train reply under secure aggregation: ``grads`` quantised and masked, keyed like θ."""
     state = _state(context, _round(message))
+    if "seed" not in state:
+        raise SecAggError("asked for a masked reply before this site shared its secrets")
+    if state.get("masked"):
+        # Two masked replies under one seed and one set of pairwise masks: their difference is unmasked.
+        raise SecAggError("asked for a second masked reply in one round")
     record = message.content.config_records[SECAGG_RECORD]
     me, nodes = int(context.node_id), [int(n) for n in state["nodes"]]
     group = set(neighbours(nodes, me, config.secagg_neighbours))
@@ -120,15 +133,18 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     sources, ciphertexts = list(record[SECAGG_SOURCES]), list(record[SECAGG_CIPHERTEXTS])
     if len(sources) != len(ciphertexts):
         raise SecAggError(f"{len(sources)} share sources but {len(ciphertexts)} ciphertexts")
-    senders = []
+    senders: list[int] = []  # the neighbours whose shares this site holds, and masks its reply with
     for source, ciphertext in zip(sources, ciphertexts):
         source = int(source)
         if source not in group or source in senders:
             raise SecAggError(f"a share from node {source}, which is not an expected neighbour")
-        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(source)]))
+        shared = _agree(sk2, pk2s[nodes.index(source)], source)
         try:
             src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, bytes(ciphertext)))
         except Exception:  # noqa: BLE001 - Fernet's InvalidToken, or a plaintext that does not split
+            # This site leaves the round (the server recovers its mask key from its other holders and the
+            # round goes on without it). Leaving out the sender instead would need the sender's mask key
+            # from holders other than this site, which a small federation (3 sites, t = 2) does not have.
             raise SecAggError(f"the share from node {source} does not decrypt with the key agreed with it "
                               "(a wrong or tampered share)") from None
         if (src, dst) != (source, me):
@@ -141,7 +157,12 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
         # the help of fewer sites than the threshold promises: refuse rather than send it.
         raise SecAggError(f"shares from {len(senders)} neighbour(s) reached this site, fewer than the "
                           f"{t - 1} its threshold needs; refusing to send a weakly masked reply")
-    state.update({"held-from": held_from, "held-seed": held_seed, "held-key": held_key, "masked": True})
+    split = 0
+    if config.dp == "local":  # the fewest replies whose sum this site will help unmask (its noise's split)
+        sampled = int(message.content.config_records[CONFIG_RECORD].get(SAMPLED_SITES_KEY, len(nodes)))
+        split = local_noise_split(config, min(sampled, len(nodes)))
+    state.update({"held-from": held_from, "held-seed": held_seed, "held-key": held_key, "masked": True,
+                  "senders": senders, "noise-split": split})
 
     names = sorted(grads)
     arrays = [grads[n].detach().cpu().to(torch.float64).numpy() for n in names]
@@ -158,7 +179,7 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     masked = [q.astype(np.int64) + m for q, m in zip(quantised, expand_mask(state["seed"], shapes))]
     sk1 = bytes_to_private_key(state["sk1"])
     for other in senders:  # pairwise masks cancel in the sum: the larger id adds, the smaller subtracts
-        pairwise = expand_mask(generate_shared_key(sk1, bytes_to_public_key(pk1s[nodes.index(other)])), shapes)
+        pairwise = expand_mask(_agree(sk1, pk1s[nodes.index(other)], other), shapes)
         sign = 1 if me > other else -1
         masked = [v + sign * m for v, m in zip(masked, pairwise)]
     # Values below 2^32 travel as uint32: the masked reply costs what a float32 one does.
@@ -191,11 +212,23 @@ def unmask(message: Message, context: Context, config: RunConfig) -> Message:
     if len(active) < _fewest(config):
         raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than max(2, min-sites)="
                           f"{_fewest(config)}: the sum would reveal too few sites' replies")
-    group = set(neighbours(nodes, me, config.secagg_neighbours)) | {me}
-    t = threshold(len(group), config.secagg_threshold)
-    if len(group & set(active)) < t:
-        raise SecAggError(f"only {len(group & set(active))} of this site's neighbourhood named as answered, "
-                          f"fewer than its threshold {t}")
+    if len(active) < int(state.get("noise-split", 0)):
+        raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than the {state['noise-split']} "
+                          "this site's local DP noise was split over: the sum would carry less noise than budgeted")
+    # Checked against what this site itself received, not against the key listing: the server that chose
+    # which shares reached it could otherwise name its few senders gone, recover their mask keys, and
+    # with this site's seed strip every mask from its reply.
+    group = set(neighbours(nodes, me, config.secagg_neighbours))
+    senders = {int(n) for n in state["senders"]}
+    strangers = ((set(active) | set(dead)) & group) - senders
+    if strangers:
+        raise SecAggError(f"neighbours {sorted(strangers)} are named, but no share of theirs reached this site: "
+                          "it did not mask with them")
+    t = threshold(len(group) + 1, config.secagg_threshold)
+    answered = len(set(active) & (senders | {me}))
+    if answered < t:
+        raise SecAggError(f"only {answered} of the sites this site masked with (itself included) are named as "
+                          f"answered, fewer than its threshold {t}")
     held = {int(n): i for i, n in enumerate(state["held-from"])}
     nodes, out = [], []
     for node in active:
@@ -207,6 +240,15 @@ def unmask(message: Message, context: Context, config: RunConfig) -> Message:
     del context.state[_STATE]  # one unmasking per round: a second request finds nothing
     reply = ConfigRecord({SECAGG_NODES: nodes, SECAGG_SHARES: out})
     return Message(RecordDict({SECAGG_RECORD: reply}), reply_to=message)
+
+
+def _agree(private_key, public_key: bytes, node: int) -> bytes:
+    """Flower's ECDH + HKDF key agreement with a neighbour's public key, or an error naming the neighbour."""
+    try:
+        return generate_shared_key(private_key, bytes_to_public_key(bytes(public_key)))
+    except Exception as err:  # noqa: BLE001 - a key of another curve or type, or bytes that do not parse
+        raise SecAggError(f"the public key node {node} showed does not agree with this site's key "
+                          f"({type(err).__name__}): not an EC key on Flower's curve") from None
 
 
 def _fewest(config: RunConfig) -> int:

@@ -3,9 +3,10 @@
 The unit of privacy is a *site* (client-level DP, McMahan et al. 2018): a site's whole reply — every
 array of θ's meta-gradient, Meta-SGD's ``lr.*`` arrays included — is clipped to L2 norm C, and the
 round's sum carries Gaussian noise of standard deviation σ·C, added by the server (``dp = "central"``,
-a trusted aggregator) or split over the sites (``dp = "local"``: each adds σ·C/√m, so the sum of m
-replies carries σ·C, which protects the sites from the server only when it sees nothing but the sum,
-i.e. with secure aggregation).
+a trusted aggregator) or split over the sites (``dp = "local"``: each adds σ·C/√q, q the round's
+quorum of m listed sites, so that any sum of q or more replies carries at least σ·C; it protects the
+sites from the server only when the server sees nothing but the sum, i.e. with secure aggregation, and
+sites refuse to unmask a sum of fewer than q).
 
 Accounting: Google's ``dp-accounting`` RDP accountant, because it is the maintained accountant that
 matches how fedmeta samples sites — a fixed-size subset of m of the n training sites, without
@@ -68,6 +69,14 @@ def add_gaussian_noise(
         noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
         noisy[key] = (tensor.detach().cpu().to(torch.float64) + noise).to(tensor.dtype).to(tensor.device)
     return {k: noisy[k] for k in update}
+
+
+def local_noise_split(config, listed: int) -> int:
+    """Over how many replies a site under local DP splits the round's noise: the round's quorum (the fewest
+    answering sites, never below min-sites, whose sum the protocol lets the server unmask), so that every
+    sum the server can obtain carries at least σ·C. Splitting over all m listed sites would leave a sum of
+    a < m replies with only σ·C·√(a/m); sites refuse to unmask fewer than this many."""
+    return config.quorum(int(listed))
 
 
 @dataclass(frozen=True)
@@ -189,4 +198,4 @@ def _composed(history: list[RoundEvent]):
 
 
 __all__ = ["DP_MODES", "PrivacyAccountant", "RoundEvent", "add_gaussian_noise", "clip_update", "noise_generator",
-           "noise_multiplier_for", "update_norm"]
+           "local_noise_split", "noise_multiplier_for", "update_norm"]

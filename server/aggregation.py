@@ -134,13 +134,15 @@ def _plain_mean(arrays: list[list[np.ndarray]]) -> list[np.ndarray]:
 
 
 def _krum_selected(arrays: list[list[np.ndarray]], byzantine: int, keep: int) -> list[int]:
-    """Which replies Multi-Krum averaged (Flower returns only the average), for the round record."""
-    flat = np.stack([np.concatenate([a.ravel() for a in reply]) for reply in arrays])
-    squares = (flat**2).sum(axis=1)  # |a - b|² from the Gram matrix: n² numbers, not n² vectors
-    distances = np.maximum(squares[:, None] + squares[None, :] - 2 * flat @ flat.T, 0.0)
+    """Which replies Multi-Krum averaged (Flower returns only the average), for the round record.
+
+    The arithmetic is Flower's own (``aggregate_krum``): squared norms of direct differences (a Gram-matrix
+    shortcut loses digits on near-ties and can pick another reply), its default argsort for ties."""
+    flat = [np.concatenate([a.ravel() for a in reply]) for reply in arrays]
+    distances = np.array([[np.linalg.norm(a - b) ** 2 for b in flat] for a in flat])
     closest = max(1, len(arrays) - byzantine - 2)
-    scores = [float(np.sort(row)[1:closest + 1].sum()) for row in distances]
-    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:keep])
+    scores = [np.sum(row[np.argsort(row)[1:closest + 1]]) for row in distances]
+    return sorted(int(i) for i in np.argsort(scores)[:keep])
 
 
 def reply_norm_ok(config: RunConfig, norm: float) -> bool:

@@ -26,7 +26,7 @@ from fedmeta.common.federated_round import sample_sites, site_weights, weighted_
 from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
-from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, update_norm
+from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, local_noise_split, update_norm
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, GRADS_RECORD, METRICS_RECORD, NUM_EXAMPLES, PARAMS_RECORD, ROUND_KEY,
     ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECAGG_REFUSED, STEP_SIZE_PREFIX, TRAIN_SLICES, dice_key, dice_mean_key, dice_worst_key,
@@ -130,12 +130,11 @@ class Coordinator:
     # -- privacy budget -------------------------------------------------------------------------
 
     def planned_event(self, num_train_nodes: int) -> RoundEvent:
-        """The noisiest-case DP release the next round can make: central DP always adds σ·C; with local DP
-        the noise is what the answering sites add, so the fewest replies that update θ (min-sites) count."""
+        """The noisiest-case DP release the next round can make: σ·C on the sum, centrally or from the sites."""
         sampled = min(self.config.sites_per_round or num_train_nodes, num_train_nodes)
         sigma = self.config.dp_noise_multiplier
-        if self.config.dp == "local":
-            sigma *= math.sqrt(min(self.config.min_sites, sampled) / sampled)
+        # Local DP: sites split their noise over the round's quorum and refuse to unmask fewer replies, so the
+        # noisiest sum the server can obtain carries σ·C, as with central DP.
         return RoundEvent(self._accounted_population(num_train_nodes, sampled), sampled, sigma)
 
     def _accounted_population(self, population: int, sampled: int) -> int:
@@ -230,8 +229,8 @@ class Coordinator:
     def _spend(self, sampled: int, answered: int) -> dict:
         """Records the round's DP release with the accountant; returns the round record's ``privacy``."""
         sigma = self.config.dp_noise_multiplier
-        if self.config.dp == "local":  # each answering site added σ·C/√m: the sum carries σ·C·√(a/m)
-            sigma *= math.sqrt(answered / sampled)
+        if self.config.dp == "local":  # each answering site added σ·C/√q (q: the quorum of m): the sum carries σ·C·√(a/q)
+            sigma *= math.sqrt(answered / local_noise_split(self.config, sampled))
         population = max(self._population, sampled)
         epsilon = self.accountant.spend(RoundEvent(self._accounted_population(population, sampled), sampled, sigma))
         record = {"epsilon": epsilon, "delta": self.config.dp_delta, "noise_multiplier": sigma,

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedmeta.common.config import RunConfig
+from fedmeta.common.privacy import local_noise_split
 from fedmeta.common.protocol import (
     CONFIG_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES, ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY,
     SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS, SECAGG_KEYS_ACTION, SECAGG_NODES,
@@ -113,6 +114,10 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     dead = sorted(set(u2) - set(u3))
     exchange.require(len(u3) >= config.min_sites and len(u3) >= 2,
                      f"{len(u3)} masked repl(ies), fewer than {max(2, config.min_sites)}")
+    if config.dp == "local":  # each site's noise was split over this many replies; it unmasks no fewer
+        split = local_noise_split(config, len(u1))
+        exchange.require(len(u3) >= split, f"{len(u3)} masked repl(ies), fewer than the {split} the sites' "
+                                           "local DP noise was split over (the sites would refuse to unmask)")
 
     # 4. Shares that remove the masks: seeds of those who answered, mask keys of those who vanished.
     def revealed(reply: Message, node: int) -> dict[int, bytes]:
@@ -181,7 +186,8 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     for node in u3:
         outcome.accepted[node] = masked[node][1]
     combined = Aggregate(mean, "mean", n)
-    coordinator.step(server_round, len(chosen), outcome, combined, u3, [1.0] * n)
+    # The sites split local DP noise over the key listing (u1), never over more: so does the accountant.
+    coordinator.step(server_round, len(u1), outcome, combined, u3, [1.0] * n)
     outcome.aggregation = {**combined.record(), "secure": "secagg+", "dropped_after_sharing": len(dead)}
 
 
@@ -250,6 +256,8 @@ def _secagg_record(reply: Message) -> ConfigRecord:
     return record
 
 
+_CURVE = ec.SECP384R1()  # the curve of Flower's generate_key_pairs (flwr.supercore.primitives.asymmetric)
+
 # The largest byte string a site may send in one field: an ECDH public key is ~180 bytes, a Shamir share
 # of a key ~250, its Fernet ciphertext ~700. Anything far larger is a hostile site's padding.
 _MAX_FIELD_BYTES = 4096
@@ -276,7 +284,15 @@ def _public_keys(reply: Message, node: int) -> tuple[bytes, bytes]:
         raise InvalidReply("its public keys are missing or equal")
     if max(len(pk1), len(pk2)) > _MAX_FIELD_BYTES:
         raise InvalidReply(f"its public keys are longer than {_MAX_FIELD_BYTES} bytes")
-    bytes_to_public_key(pk1), bytes_to_public_key(pk2)  # raise on a key that does not parse
+    for key in (pk1, pk2):
+        # Every site agrees keys with these: one of another curve or type would break every neighbour's
+        # key agreement, so only keys of the curve Flower's generate_key_pairs uses get listed.
+        try:
+            public = bytes_to_public_key(key)
+        except Exception:  # noqa: BLE001 - bytes that do not parse as a PEM public key
+            raise InvalidReply("its public key does not parse") from None
+        if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != _CURVE.name:
+            raise InvalidReply(f"its public key is not an EC key on {_CURVE.name}")
     return pk1, pk2
 
 

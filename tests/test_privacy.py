@@ -11,7 +11,7 @@ from fedmeta.client.app import local_dp
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.common.config import RunConfig
 from fedmeta.common.privacy import (
-    PrivacyAccountant, RoundEvent, add_gaussian_noise, clip_update, noise_generator, noise_multiplier_for, update_norm,
+    PrivacyAccountant, RoundEvent, add_gaussian_noise, clip_update, local_noise_split, noise_generator, noise_multiplier_for, update_norm,
 )
 from fedmeta.server.aggregation import aggregate
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
@@ -45,17 +45,21 @@ def test_central_dp_clips_every_reply_before_the_mean():
     assert update_norm(combined.update) <= 1.0 + 1e-6  # a mean of vectors of norm <= C
 
 
-def test_local_dp_clips_the_site_reply_and_splits_the_noise_over_the_sampled_sites():
+def test_local_dp_clips_the_site_reply_and_splits_the_noise_over_the_rounds_quorum():
     config = RunConfig(dp="local", secure_aggregation="secagg+", dp_clip_norm=2.0, dp_noise_multiplier=1e-9,
                        dp_seeded_noise=True)
-    assert update_norm(local_dp(_reply(1e4, 0), config, sampled=4, seed=3)) <= 2.0 * (1 + 1e-6)
+    assert update_norm(local_dp(_reply(1e4, 0), config, split=4, seed=3)) <= 2.0 * (1 + 1e-6)
     # The noise of 16 sites' replies sums to sigma * C: each carries sigma * C / 4.
     config = config.replace(dp_noise_multiplier=1.0)
     zeros = {"w": torch.zeros(20_000)}
-    total = sum(local_dp(zeros, config, sampled=16, seed=s)["w"].double() for s in range(16))
+    total = sum(local_dp(zeros, config, split=16, seed=s)["w"].double() for s in range(16))
     assert float(total.std()) == pytest.approx(2.0, rel=0.03)
-    with pytest.raises(ValueError, match="sampled-sites=0"):
-        local_dp(zeros, config, sampled=0, seed=0)
+    with pytest.raises(ValueError, match="split over 0 sites"):
+        local_dp(zeros, config, split=0, seed=0)
+    # The split is the round's quorum: any sum the server may unmask carries at least sigma * C.
+    assert local_noise_split(config.replace(round_quorum=0.5, min_sites=1), 10) == 5
+    assert local_noise_split(config.replace(round_quorum=0.5, min_sites=7), 10) == 7
+    assert local_noise_split(config.replace(round_quorum=1.0), 10) == 10
 
 
 def test_noise_has_the_stated_scale():
@@ -178,9 +182,12 @@ def test_local_dp_is_accounted_without_amplification_by_sampling(smoke_federatio
     privacy = record["privacy"]
     assert privacy["sampled"] == 2 and privacy["population"] == 3 and not privacy["sampling_amplification"]
     assert "seeded_noise" not in privacy
-    # The server that samples is the adversary: q = 1, i.e. the accountant sees 2 of 2.
-    assert privacy["epsilon"] == pytest.approx(PrivacyAccountant(1e-5, [RoundEvent(2, 2, 2.0)]).epsilon)
-    assert privacy["epsilon"] > PrivacyAccountant(1e-5, [RoundEvent(3, 2, 2.0)]).epsilon
+    # Each site split its noise over the quorum (1 of 2 at round-quorum 0.5), so the sum of both carries
+    # sigma * sqrt(2 / 1); the server that samples is the adversary: q = 1, the accountant sees 2 of 2.
+    sigma = 2.0 * math.sqrt(2)
+    assert privacy["noise_multiplier"] == pytest.approx(sigma)
+    assert privacy["epsilon"] == pytest.approx(PrivacyAccountant(1e-5, [RoundEvent(2, 2, sigma)]).epsilon)
+    assert privacy["epsilon"] > PrivacyAccountant(1e-5, [RoundEvent(3, 2, sigma)]).epsilon
 
 
 def test_dp_budget_gives_local_dp_more_noise_for_the_same_budget(capsys):

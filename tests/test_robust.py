@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message
@@ -55,6 +56,22 @@ def test_multi_krum_keeps_what_flowers_krum_keeps():
     assert 2 not in combined.krum_selected and len(combined.krum_selected) == 5
     for key, expected in zip(("w", "b"), flower):
         assert torch.allclose(combined.update[key].double(), torch.as_tensor(expected), atol=1e-6)
+
+
+def test_multi_krum_agrees_with_flower_on_near_ties_far_from_the_origin():
+    """Replies of norm ~1e6 differing by ~1e-4: a Gram-matrix distance loses those digits (it kept replies
+    2 and 5 here); Flower's direct differences (and fedmeta's) do not, so both keep the same replies."""
+    from flwr.server.strategy.aggregate import aggregate_krum
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=64) * 1e5
+    arrays = [[base + rng.normal(size=64) * 1e-4 * (1 + i % 3)] for i in range(7)]
+    replies = [{"w": torch.as_tensor(a[0])} for a in arrays]
+    combined = aggregate(RunConfig(aggregation="krum", krum_byzantine=2), replies, [1.0] * 7)
+    flower = aggregate_krum([(a, 1) for a in arrays], 2, 5)
+    assert combined.krum_selected == [0, 1, 3, 4, 6]  # the replies of the smallest spread (i % 3 == 0 or 1)
+    kept = np.mean([arrays[i][0] for i in combined.krum_selected], axis=0)
+    assert np.allclose(kept, flower[0], rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("rule, n, used, words", [

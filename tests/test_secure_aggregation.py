@@ -295,3 +295,143 @@ def test_a_wrong_share_abandons_the_round_instead_of_stepping_theta_with_garbage
     (record,) = read_metrics(tmp_path / METRICS_NAME)
     assert not record["updated"] and "disagree (a site sent a wrong share)" in record["aggregation"]["abandoned"]
     assert "benched" not in record  # the sites answered every stage: an abandoned round is not a missed one
+
+
+class ShareWithholdingServer:
+    """A server that strips one site (partition 0, V) without equivocating: it delivers V the share of one
+    neighbour S only (t - 1 = 1 with 3 sites), so that V masks with S alone, then names V and the other
+    neighbour W answered and S gone. Recovering V's seed and S's mask key would then expose V's reply."""
+
+    def __init__(self):
+        self.victim_replies: list[Message] = []
+        self.sender: int | None = None
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        victim = context.node_config["partition-id"] == 0
+        kind = message.metadata.message_type
+        record = message.content.config_records.get(SECAGG_RECORD)
+        if victim and kind == "train":
+            sources, ciphertexts = list(record[SECAGG_SOURCES]), list(record[SECAGG_CIPHERTEXTS])
+            self.sender = sources[0]
+            record[SECAGG_SOURCES], record[SECAGG_CIPHERTEXTS] = sources[:1], ciphertexts[:1]
+        if victim and kind == "train.secagg_unmask":
+            everyone = list(record[SECAGG_ACTIVE]) + list(record[SECAGG_DEAD])
+            record[SECAGG_ACTIVE] = [n for n in everyone if n != self.sender]
+            record[SECAGG_DEAD] = [self.sender]
+        reply = client_app(message, context)
+        if victim and kind == "train.secagg_unmask":
+            self.victim_replies.append(reply)
+        return reply
+
+
+def test_a_site_refuses_to_unmask_when_named_neighbours_are_not_the_ones_it_masked_with(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+
+    hostile = ShareWithholdingServer()
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    try:  # the rest of the run is the wrapped (honest) server's, fed a tampered share: what it sums is moot
+        federate(config, smoke_federation, client=hostile)
+    except RunFailed:
+        pass
+    (reply,) = hostile.victim_replies
+    assert reply.has_error() and reply.error.reason.startswith(SECAGG_REFUSED)
+    assert "are named, but no share of theirs reached this site" in reply.error.reason, reply.error.reason
+
+
+def _replay(stage: str):
+    """A client that the server asks twice for one stage of one round (partition 0)."""
+    replies: list[Message] = []
+
+    def client(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 0 and message.metadata.message_type == stage:
+            replies.append(client_app(message, context))  # the same request again, as a replaying server would
+        return reply
+
+    return client, replies
+
+
+@pytest.mark.parametrize("stage, words", [
+    ("train", "asked for a second masked reply in one round"),
+    ("train.secagg_shares", "asked to share this site's secrets a second time in one round"),
+])
+def test_a_site_answers_each_stage_once_per_round(smoke_federation, tmp_path, stage, words):
+    client, replies = _replay(stage)
+    federate(tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", **SGD), smoke_federation,
+             client=client)
+    (second,) = replies
+    assert second.has_error() and words in second.error.reason, second.error.reason
+
+
+def test_a_public_key_of_another_curve_is_dropped_at_the_key_exchange(smoke_federation, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    foreign = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def other_curve(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 1 and message.metadata.message_type == "train.secagg_keys":
+            reply.content.config_records[SECAGG_RECORD][SECAGG_PK2] = foreign
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", **SGD)
+    federate(config, smoke_federation, client=other_curve)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    assert record["updated"] and record["sites_answered"] == 2  # the two honest sites' sum, not a lost round
+    (dropped,) = record["dropped"]
+    assert dropped["kind"] == "invalid" and "not an EC key on secp384r1" in dropped["reason"]
+
+
+def test_a_garbage_share_costs_one_site_the_round_not_the_federation(smoke_federation, tmp_path):
+    """Partition 1 sends partition 0 a ciphertext that does not decrypt: 0 refuses naming 1, the server
+    removes 0's pairwise masks with its mask key, and the sum of 1 and 2 is exact."""
+    from flwr.app import ConfigRecord
+
+    from fedmeta.common.protocol import SECAGG_DESTINATIONS
+
+    def garbling(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 1 and message.metadata.message_type == "train.secagg_shares":
+            record = reply.content.config_records[SECAGG_RECORD]
+            destinations = list(record[SECAGG_DESTINATIONS])
+            victim = next(n for n in destinations if garbling.victim == n)
+            ciphertexts = [b"garbage" + bytes(c)[7:] if d == victim else bytes(c)
+                           for d, c in zip(destinations, record[SECAGG_CIPHERTEXTS])]
+            reply.content[SECAGG_RECORD] = ConfigRecord({SECAGG_DESTINATIONS: destinations,
+                                                         SECAGG_CIPHERTEXTS: ciphertexts})
+        if context.node_config["partition-id"] == 0:
+            garbling.victim = int(context.node_id)
+        return reply
+
+    garbling.victim = None
+    secure = tiny_config(smoke_federation, tmp_path / "secure", secure_aggregation="secagg+", **SGD)
+    federate(secure, smoke_federation, client=garbling)
+    (record,) = read_metrics(tmp_path / "secure" / METRICS_NAME)
+    assert record["updated"] and record["sites_answered"] == 2, record
+    (refused,) = [d for d in record["dropped"] if d["kind"] == "secagg-refused"]
+    assert "the share from node" in refused["reason"] and "does not decrypt" in refused["reason"]
+    assert "benched" not in record
+    plain = tiny_config(smoke_federation, tmp_path / "plain", **SGD)
+    federate(plain, smoke_federation, client=Vanishing(0, "train"))
+    assert _theta_gap(tmp_path / "plain", tmp_path / "secure") <= _bound(secure, 3)
+
+
+def test_local_dp_sites_refuse_to_unmask_fewer_replies_than_their_noise_was_split_over(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+
+    def fewer(record, me):  # name one answering site gone: two of three, below the quorum of 3 the noise assumed
+        others = [n for n in record[SECAGG_ACTIVE] if n != me]
+        record[SECAGG_ACTIVE] = [n for n in record[SECAGG_ACTIVE] if n != others[0]]
+        record[SECAGG_DEAD] = [*record[SECAGG_DEAD], others[0]]
+
+    hostile = HostileServer("train.secagg_unmask", fewer)
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", dp="local", dp_clip_norm=1.0,
+                         dp_noise_multiplier=0.5, round_quorum=1.0, max_failed_rounds=0, **SGD)
+    try:  # the two others unmask; what the wrapped server then sums is moot
+        federate(config, smoke_federation, client=hostile)
+    except RunFailed:
+        pass
+    (reply,) = hostile.victim_replies
+    assert reply.has_error() and "fewer than the 3 this site's local DP noise was split over" in reply.error.reason

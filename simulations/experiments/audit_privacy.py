@@ -9,8 +9,8 @@ the worst case the literature describes: one reply is the gradient of a handful 
 Defences, as the attacker meets them:
 
 - ``none``: the site's raw reply (what the server sees today without DP or secure aggregation);
-- ``dp``: the reply under local DP at the run config's defaults (clipped to C, noise σ·C/√m with m the
-  round's sites: what a server sees of one reply when the sites add the noise);
+- ``dp``: the reply under local DP at the run config's defaults (clipped to C, noise σ·C/√q with q the
+  round's quorum of its sites: what a server sees of one reply when the sites add the noise);
 - ``secagg``: the mean of every training site's reply in the round (all that secure aggregation
   reveals), inverted as if it were the target site's.
 
@@ -160,7 +160,7 @@ def attack_once(config, sites, *, defence: str, labels_known: bool, iterations: 
     from fedmeta.common.data import sample_episodes, site_seed
     from fedmeta.common.losses import one_hot
     from fedmeta.common.model import initial_params, seeded_model
-    from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
+    from fedmeta.common.privacy import add_gaussian_noise, clip_update, local_noise_split, noise_generator
 
     model = seeded_model(config.model_config(), config.seed)
     theta = {k: v.detach() for k, v in initial_params(model).items()}
@@ -175,7 +175,7 @@ def attack_once(config, sites, *, defence: str, labels_known: bool, iterations: 
     target = true_reply(episodes[0])
     if defence == "dp":
         clipped, _ = clip_update(target, config.dp_clip_norm)
-        std = config.dp_noise_multiplier * config.dp_clip_norm / math.sqrt(len(sites))
+        std = config.dp_noise_multiplier * config.dp_clip_norm / math.sqrt(local_noise_split(config, len(sites)))
         seen = add_gaussian_noise(clipped, std, noise_generator(seed))
     elif defence == "secagg":
         replies = [target] + [true_reply(e) for e in episodes[1:]]
