@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--public-key", type=Path,
                         help="the consortium's Ed25519 release key (PEM): the checkpoint must carry a signature "
-                             "(fedmeta sign) that verifies with it")
+                             "(fedmeta sign) that verifies with it (default: $FEDMETA_RELEASE_KEY, else release.pub "
+                             "in the current folder, as fedmeta provision ships it in each site bundle)")
     parser.add_argument("--allow-unsigned", action="store_true",
                         help="use a checkpoint without checking a signature (your own runs; never a release)")
     parser.set_defaults(handler=evaluate)
@@ -117,7 +118,10 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ValueError(problem)
         shots = parse_counts(args.shots, "--shots", minimum=1)
         steps = parse_counts(args.steps, "--steps", minimum=0)
-        release = _verified_release(args)
+        from fedmeta.client.site_model import default_public_key
+
+        args.public_key = default_public_key(args.public_key)
+        release = verified_release(args)
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
             image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
@@ -133,7 +137,7 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified_release(args: argparse.Namespace) -> dict | None:
+def verified_release(args: argparse.Namespace) -> dict | None:
     """The checkpoint's signed release metadata, checked before the checkpoint is used (fedmeta.common.release)."""
     from fedmeta.common.release import verify
 
@@ -249,4 +253,4 @@ def _str_keys(nested: dict) -> dict:
     return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in nested.items()}
 
 
-__all__ = ["evaluate_checkpoint", "format_table", "parse_counts", "register"]
+__all__ = ["evaluate_checkpoint", "format_table", "output_problem", "parse_counts", "register", "verified_release"]

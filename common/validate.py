@@ -421,6 +421,35 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
     return [], LoadedCase(case.case_id, image, label, image_data, rounded)
 
 
+def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | None, np.ndarray | None]:
+    """An unlabelled scan to segment: (problems, nibabel image, float32 data). The checks ``check_case``
+    applies to an image: the header's size against the file and the voxel cap before any data is read,
+    one 3D volume, an invertible finite affine, finite intensities, and at least ``min_slices`` voxels
+    along every axis (a volume thinner than that is not a scan the model can segment)."""
+    image, data, error = _load_nifti(Path(path), "image")
+    if error:
+        return [error], None, None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        return [f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}), expected a 3D volume. Fix: export "
+                "one 3D volume per file (split multi-channel or time series, stack 2D slices)."], None, None
+    spatial = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-9:
+        return [f"{path}: its affine is singular or not finite (voxel axes {spatial.round(4).tolist()}), so the scan "
+                "has no orientation or spacing. Fix: export it again with its header (qform/sform)."], None, None
+    if min(data.shape) < min_slices:
+        return [f"{path}: the volume is {' x '.join(map(str, data.shape))} voxels, thinner than {min_slices} along one "
+                "axis: a localiser or a single slice, not a scan the model can segment. Fix: pass the full 3D "
+                "series."], None, None
+    data = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(data)
+    if not finite.all():
+        return [f"{path}: {int((~finite).sum())} voxels are NaN or Inf. Fix: re-export the scan, or replace them "
+                "(e.g. by 0) before use."], None, None
+    return [], image, data
+
+
 def check_site(root: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None) -> SiteReport:
     """Check every case of one site, and that enough remain for k-shot episodes."""

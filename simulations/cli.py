@@ -15,6 +15,7 @@ import sys
 # module path -> the subcommands it registers (for the help text and lazy import).
 _COMMAND_MODULES = [
     "fedmeta.client.commands",  # fedmeta check-data, evaluate (a hospital, on its own data)
+    "fedmeta.client.site_model",  # fedmeta adapt, predict (a new hospital adopts the model)
     "fedmeta.client.doctor",  # fedmeta doctor (a hospital, before it joins)
     "fedmeta.client.site_metrics",  # fedmeta site-metrics (a hospital's IT team, while it takes part)
     "fedmeta.server.provision",  # fedmeta provision, revoke-site (the coordinator's consortium material)

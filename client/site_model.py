@@ -1,0 +1,551 @@
+"""A new hospital adopts the consortium's model: ``fedmeta adapt`` makes its own site model, ``fedmeta predict``
+segments its scans with it.
+
+``adapt`` verifies the release (``fedmeta.common.release``), adapts θ on k labelled slices of the site's
+support patients with the rule the checkpoint's algorithm implies (the run's inner step size, Meta-SGD's
+learned step sizes, ANIL's head only: ``fedmeta.common.adaptation.load_initialisation``), and scores the
+initialisation and the adapted model on the site's other, held-out patients: Dice per patient over the
+whole scan **in the scan's own grid**, computed from the very masks ``predict`` writes
+(``fedmeta.common.inference.segment_scan``), so what the model card reports is what the site will get.
+
+A site model is a folder::
+
+    MODEL/model.pt          θ adapted (weights only) and the run config that describes the network
+    MODEL/model-card.json   what it is: init digest and round, release id, shots, steps, the data's
+                            fingerprint (counts, spacing, intensity statistics: no file name, no patient id),
+                            Dice before and after adaptation on the held-out patients
+    MODEL/model-card.md     the same, for people
+
+``predict`` refuses a model whose ``model.pt`` no longer has the SHA-256 its card records, and a model
+card or weights that do not match (the same weight checks as every checkpoint loader).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmeta.common.jsonio import write_json
+
+MODEL_FILE, CARD_JSON, CARD_MD = "model.pt", "model-card.json", "model-card.md"
+SITE_MODEL_FORMAT = "fedmeta-site-model"
+SITE_MODEL_VERSION = 1
+SCAN_SUFFIXES = (".nii.gz", ".nii")
+# A volume with fewer voxels than this along an axis is a localiser or a slice, not a scan to segment.
+MIN_SCAN_SLICES = 3
+
+
+@dataclass
+class SiteModel:
+    params: dict  # name -> tensor
+    run_config: dict
+    card: dict
+    path: Path
+
+
+def case_name(path: Path) -> str:
+    """``<case>`` for ``<case>_0000.nii.gz`` (nnU-Net's channel suffix), ``<case>.nii.gz`` or ``<case>.nii``."""
+    name = path.name
+    for suffix in SCAN_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
+
+
+def pick_device(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA GPU is visible to torch here; use --device cpu (or auto).")
+    return torch.device(requested)
+
+
+# --------------------------------------------------------------------------------------------------
+# adapt
+
+
+def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int, seed: int = 0,
+               image_glob: str | None = None, label_glob: str | None = None, release: dict | None = None,
+               device: str = "auto", progress=print) -> dict[str, Any]:
+    """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out``; returns its card."""
+    import torch
+
+    from fedmeta.common.adaptation import load_initialisation
+    from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
+    from fedmeta.common.losses import DiceCELoss, one_hot
+    from fedmeta.common.meta import adapt
+    from fedmeta.common.metrics import foreground_classes
+    from fedmeta.common.model import build_model, head_parameter_names
+    from fedmeta.common.release import file_sha256
+    from fedmeta.common.validate import discover_site
+
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"--steps {steps!r}: gradient steps, an integer >= 0 (0 keeps the initialisation as it is).")
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"--data {data}: not a folder; pass the site folder (dataset.json, imagesTr/, labelsTr/).")
+    began = time.perf_counter()
+    dev = pick_device(device)
+    init, config = load_initialisation(checkpoint)
+    data_config = config.data_config(image_glob=image_glob, label_glob=label_glob)
+    site = SiteDataset.load(data, data_config)
+    model = build_model(config.model_config()).to(dev)
+    classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
+
+    if site.num_patients >= 2:
+        support_patients, heldout = adaptation_patients(site, seed)
+        support_x, support_y = adaptation_support(site, shots, seed)
+    else:  # one patient: adapt on it, nothing left to score on
+        support_patients, heldout = [0], []
+        picks = site.foreground_indices(0)[:shots]
+        if len(picks) < shots:
+            raise ValueError(f"site {site.name} has {len(picks)} labelled slices, fewer than --shots {shots}.")
+        support_x, support_y = site.images[0][picks], site.labels[0][picks].long()
+    progress(f"adapting on {shots} labelled slice(s) of {len(support_patients)} support patient(s), {steps} step(s) "
+             f"({init.label}) on {dev}")
+    params = {n: p.to(dev) for n, p in init.params.items()}
+    inner_lr = ({n: a.to(dev) for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict) else init.inner_lr)
+    adapted = adapt(model, params, support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32),
+                    inner_steps=steps, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
+                    inner_params=head_parameter_names(model) if init.head_only else None)
+    adapted = {n: p.detach().cpu() for n, p in adapted.items()}
+    adapt_seconds = time.perf_counter() - began
+
+    dice: dict[str, Any] = {"held_out_patients": len(heldout)}
+    if heldout:
+        cases = {case.case_id: case for case in discover_site(data, image_glob, label_glob).cases}
+        scored = [cases[site.patient_ids[p]] for p in sorted(heldout)]
+        before = _score_native(model, init.params, config, scored, classes, dev, progress, "initialisation")
+        after = before if steps == 0 else _score_native(model, adapted, config, scored, classes, dev, progress, "adapted")
+        dice.update({"before": before, "after": after, "classes": classes})
+    else:
+        dice["note"] = "one usable patient: every slice went to adaptation, none is left to score the model on"
+
+    card = {
+        "format": SITE_MODEL_FORMAT,
+        "version": SITE_MODEL_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "initialisation": {
+            "sha256": file_sha256(Path(checkpoint)),
+            "round": int(_checkpoint_round(init.label)),
+            "algorithm": config.algorithm,
+            "release_id": (release or {}).get("release_id"),
+            "release_verified": bool(release),
+            "signing_key_sha256": (release or {}).get("signing_key_sha256"),
+        },
+        "adaptation": {
+            "shots": shots, "steps": steps, "seed": seed,
+            "rule": ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
+                     else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)")
+                    + ("; head only (ANIL)" if init.head_only else ""),
+            "support_patients": len(support_patients),
+            "seconds": round(adapt_seconds, 3),
+        },
+        "data": _fingerprint(site, data, image_glob, label_glob),
+        "dice": dice,
+        "metric": "Dice per held-out patient over the whole scan in the scan's own grid (the masks fedmeta predict "
+                  "writes), per foreground class the site labels, mean over classes then patients",
+        "model": {"spatial_dims": data_config.spatial_dims, "image_size": list(data_config.image_size),
+                  "spacing_mm": list(data_config.spacing), "num_classes": config.num_classes,
+                  "label_names": {str(k): v for k, v in (site.label_names or {}).items()}},
+    }
+    save_site_model(out, adapted, config.to_run_config(), card)
+    return card
+
+
+def _checkpoint_round(label: str) -> int:
+    # load_initialisation labels θ "<algorithm> (round N)"
+    try:
+        return int(label.rsplit("round", 1)[1].strip(" )"))
+    except (IndexError, ValueError):
+        return -1
+
+
+def _score_native(model, params, config, cases, classes, device, progress, what: str) -> dict[str, Any]:
+    """Per-patient Dice of ``params``' masks in each scan's own grid, against the scan's label file."""
+    import torch
+
+    from fedmeta.common.metrics import patient_dice, summarise_patients
+    from fedmeta.common.validate import check_case
+
+    per_patient = {}
+    for i, case in enumerate(cases, 1):
+        problems, loaded = check_case(case, None, config.num_classes)
+        if problems:  # SiteDataset.load read it a moment ago; a file changed under us is still a named error
+            raise ValueError("; ".join(problems))
+        mask = segment_loaded(model, params, config, loaded.image_data, loaded.image.affine, device)
+        per_patient[f"patient-{i}"] = patient_dice(torch.from_numpy(mask.mask.astype(np.int64)),
+                                                   torch.from_numpy(loaded.label_data), classes)
+        progress(f"  scored {what} on held-out patient {i}/{len(cases)}: Dice "
+                 f"{sum(per_patient[f'patient-{i}'].values()) / len(classes):.3f}")
+    return summarise_patients(per_patient)
+
+
+def segment_loaded(model, params, config, image_data, affine, device, probabilities: bool = False):
+    from fedmeta.common.inference import segment_scan
+
+    return segment_scan(model, params, image_data, np.asarray(affine), config.data_config(),
+                        num_classes=config.num_classes, batch_size=config.eval_batch_size,
+                        probabilities=probabilities, device=device)
+
+
+def _fingerprint(site, root: Path, image_glob, label_glob) -> dict[str, Any]:
+    """What the site's data looks like, without a file name or a patient identifier: counts, voxel sizes,
+    intensity statistics, label volumes."""
+    from fedmeta.common.validate import check_case, discover_site
+
+    spacings, intensities, shapes = [], [], []
+    for case in discover_site(root, image_glob, label_glob).cases:
+        _problems, loaded = check_case(case, None, 256)
+        if loaded is None:
+            continue
+        affine = np.asarray(loaded.image.affine, dtype=np.float64)
+        spacings.append(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        shapes.append(loaded.image_data.shape)
+        values = loaded.image_data[loaded.image_data > loaded.image_data.mean()]  # the head, as the reader sees it
+        if values.size:
+            intensities.append(np.percentile(values, [1, 50, 99]))
+    spacing = np.median(np.asarray(spacings), axis=0) if spacings else None
+    stats = np.median(np.asarray(intensities), axis=0) if intensities else None
+    return {
+        "patients": site.num_patients,
+        "skipped_cases": len(site.skipped),
+        "slices": int(sum(len(x) for x in site.images)),
+        "labelled_slices": int(sum(len(site.foreground_indices(p)) for p in range(site.num_patients))),
+        "median_voxel_mm": [round(float(v), 3) for v in spacing] if spacing is not None else None,
+        "median_shape": [int(v) for v in np.median(np.asarray(shapes), axis=0)] if shapes else None,
+        "head_intensity_percentiles_1_50_99": [round(float(v), 3) for v in stats] if stats is not None else None,
+        "classes_labelled": sorted(int(c) for c in site.labelled_classes),
+    }
+
+
+def save_site_model(out: Path, params: dict, run_config: dict, card: dict) -> None:
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "params": params, "run_config": run_config}
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "wb") as handle:
+        torch.save(payload, handle)
+    os.replace(tmp, out / MODEL_FILE)
+    from fedmeta.common.release import file_sha256
+
+    card["model_sha256"] = file_sha256(out / MODEL_FILE)
+    write_json(out / CARD_JSON, card)
+    (out / CARD_MD).write_text(card_markdown(card))
+
+
+def load_site_model(path: Path) -> SiteModel:
+    """A site model folder written by :func:`save_site_model`, checked: card present, ``model.pt`` the file the
+    card describes, weights finite and plausible and shaped like the network the run config describes."""
+    import json
+
+    import torch
+
+    from fedmeta.common.checkpoint import Checkpoint, _check_weights
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.model import initial_params, seeded_model
+    from fedmeta.common.release import file_sha256
+
+    path = Path(path)
+    model_file, card_file = path / MODEL_FILE, path / CARD_JSON
+    if not path.is_dir() or not model_file.is_file() or not card_file.is_file():
+        raise FileNotFoundError(f"--model {path}: not a site model folder ({MODEL_FILE} and {CARD_JSON}); make one with "
+                                "`fedmeta adapt ... --out FOLDER`, or pass a consortium checkpoint.pt.")
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{card_file}: not a readable model card ({err}); make the model again with fedmeta adapt.") from None
+    if not isinstance(card, dict) or card.get("format") != SITE_MODEL_FORMAT:
+        raise ValueError(f"{card_file}: not a fedmeta site model card; make the model again with fedmeta adapt.")
+    if file_sha256(model_file) != card.get("model_sha256"):
+        raise ValueError(f"{model_file}: its SHA-256 differs from the one its model card records: the weights were "
+                         "altered or replaced after fedmeta adapt wrote them. Do not use it; adapt again.")
+    try:
+        payload = torch.load(model_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file: name it
+        raise ValueError(f"{model_file}: not readable ({type(err).__name__}); adapt again.") from None
+    if not isinstance(payload, dict) or payload.get("format") != SITE_MODEL_FORMAT or "params" not in payload:
+        raise ValueError(f"{model_file}: not a fedmeta site model; adapt again.")
+    params, run_config = payload["params"], payload.get("run_config") or {}
+    _check_weights(model_file, Checkpoint(0, params, None, {}, {}, "", run_config))
+    config = RunConfig.from_run_config(run_config)
+    expected = {n: tuple(t.shape) for n, t in initial_params(seeded_model(config.model_config(), 0)).items()}
+    if expected != {n: tuple(t.shape) for n, t in params.items()}:
+        raise ValueError(f"{model_file}: its weights do not match the network its run config describes; adapt again.")
+    return SiteModel(params, run_config, card, path)
+
+
+def card_markdown(card: dict) -> str:
+    init, adaptation, data, dice = card["initialisation"], card["adaptation"], card["data"], card["dice"]
+    release = (f"release `{init['release_id']}`, signature verified (key {str(init['signing_key_sha256'])[:16]})"
+               if init["release_verified"] else "**unverified** (adapted with --allow-unsigned)")
+    lines = [
+        "# Site model card", "",
+        f"Made {card['created']} by `fedmeta adapt`.", "",
+        "## Initialisation", "",
+        f"- {init['algorithm']}, round {init['round']}, SHA-256 `{init['sha256']}`",
+        f"- {release}", "",
+        "## Adaptation", "",
+        f"- {adaptation['shots']} labelled slice(s) from {adaptation['support_patients']} patient(s), "
+        f"{adaptation['steps']} step(s), seed {adaptation['seed']}",
+        f"- rule: {adaptation['rule']}", f"- {adaptation['seconds']:.1f} s", "",
+        "## Data (no file names, no patient identifiers)", "",
+        f"- {data['patients']} usable patient(s) ({data['skipped_cases']} skipped), {data['slices']} axial slices, "
+        f"{data['labelled_slices']} with a structure",
+        f"- median voxel {data['median_voxel_mm']} mm, median shape {data['median_shape']}",
+        f"- head intensity percentiles 1/50/99: {data['head_intensity_percentiles_1_50_99']}",
+        f"- classes labelled: {data['classes_labelled']}", "",
+        "## Dice on held-out patients", "",
+    ]
+    if dice.get("held_out_patients"):
+        lines += [
+            f"{card['metric']}; {dice['held_out_patients']} patient(s), classes {dice['classes']}.", "",
+            "| model | mean Dice | worst patient |", "|---|---|---|",
+            f"| initialisation (0 steps) | {dice['before']['dice']:.3f} | {dice['before']['worst_patient_dice']:.3f} |",
+            f"| adapted ({adaptation['steps']} steps) | {dice['after']['dice']:.3f} | "
+            f"{dice['after']['worst_patient_dice']:.3f} |",
+        ]
+    else:
+        lines.append(dice.get("note", "not scored"))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+
+
+def scan_paths(source: Path) -> list[Path]:
+    """The scans ``--input`` names: one NIfTI file, or every NIfTI file in a folder (sorted)."""
+    source = Path(source)
+    if source.is_file():
+        if not source.name.endswith(SCAN_SUFFIXES):
+            raise ValueError(f"--input {source}: not a NIfTI file (.nii.gz or .nii).")
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"--input {source}: no such file or folder.")
+    scans = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(SCAN_SUFFIXES))
+    if not scans:
+        raise ValueError(f"--input {source}: holds no .nii.gz or .nii file.")
+    names: dict[str, Path] = {}
+    for scan in scans:
+        if case_name(scan) in names:
+            raise ValueError(f"--input {source}: {names[case_name(scan)].name} and {scan.name} would both write "
+                             f"{case_name(scan)}.nii.gz; pass one channel per case.")
+        names[case_name(scan)] = scan
+    return scans
+
+
+def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path | None = None,
+                  allow_unsigned: bool = False, probabilities: bool = False, overlays: bool = True,
+                  device: str = "auto", progress=print) -> dict[str, Any]:
+    """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans."""
+    import nibabel as nib
+
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.model import build_model
+    from fedmeta.common.validate import check_scan
+
+    dev = pick_device(device)
+    model_path = Path(model_path)
+    if model_path.is_file():  # a consortium checkpoint used as it is: the release must verify
+        from fedmeta.common.adaptation import load_initialisation
+        from fedmeta.common.release import verify
+
+        release = verify(model_path, public_key, allow_unsigned=allow_unsigned)
+        init, config = load_initialisation(model_path)
+        params, source = init.params, {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id")}
+    else:
+        site_model = load_site_model(model_path)
+        config = RunConfig.from_run_config(site_model.run_config)
+        params, source = site_model.params, {"site_model": str(model_path),
+                                             "release_id": site_model.card["initialisation"].get("release_id")}
+    scans = scan_paths(inputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(config.model_config()).to(dev)
+    written, refused = [], {}
+    for i, scan in enumerate(scans, 1):
+        began = time.perf_counter()
+        problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
+        if problems:
+            refused[scan.name] = problems[0]
+            progress(f"[{i}/{len(scans)}] {scan.name}: refused: {problems[0]}")
+            continue
+        result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
+        name = case_name(scan)
+        header = image.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)
+        mask_image = nib.Nifti1Image(result.mask, image.affine, header)
+        nib.save(mask_image, str(out / f"{name}.nii.gz"))
+        if probabilities:
+            prob_header = image.header.copy()
+            prob_header.set_data_dtype(np.float32)
+            prob_header.set_slope_inter(1, 0)
+            nib.save(nib.Nifti1Image(result.probabilities, image.affine), str(out / f"{name}_probabilities.nii.gz"))
+        if overlays:
+            overlay_montage(data, result.mask, out / f"{name}_overlay.png", title=name)
+        seconds = time.perf_counter() - began
+        written.append({"case": name, "shape": list(result.mask.shape), "seconds": round(seconds, 3),
+                        "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}})
+        progress(f"[{i}/{len(scans)}] {scan.name} -> {name}.nii.gz ({seconds:.1f} s)")
+    summary = {"model": source, "device": str(dev), "masks": written, "refused": refused}
+    write_json(out / "predictions.json", summary)
+    return summary
+
+
+def overlay_montage(image: np.ndarray, mask: np.ndarray, path: Path, title: str, panels: int = 6) -> None:
+    """A row of axial slices through the mask's extent with the mask over the scan, for a quick look."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    axis = int(np.argmin(image.shape)) if min(image.shape) * 2 < max(image.shape) else 2  # the through-plane axis
+    has = np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(axis=1))
+    lo, hi = (int(has[0]), int(has[-1])) if len(has) else (0, mask.shape[axis] - 1)
+    picks = np.unique(np.linspace(lo, hi, num=min(panels, hi - lo + 1)).round().astype(int))
+    colours = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.5), (0.2, 0.8, 0.2, 0.5), (0.2, 0.4, 1.0, 0.5),
+                              (1.0, 0.8, 0.1, 0.5), (0.8, 0.2, 0.9, 0.5)] + [(1, 1, 1, 0.5)] * 250)
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.6), squeeze=False)
+    for ax, index in zip(axes[0], picks):
+        ax.imshow(np.take(image, index, axis=axis).T, cmap="gray", origin="lower")
+        ax.imshow(np.take(mask, index, axis=axis).T, cmap=colours, vmin=0, vmax=255, origin="lower",
+                  interpolation="nearest")
+        ax.set_title(f"slice {index}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# the commands
+
+
+def register(subparsers) -> None:
+    adapt_parser = subparsers.add_parser(
+        "adapt",
+        help="adapt the consortium's initialisation to this site with k labelled slices; write a site model",
+        description="Verifies the release, adapts it on k labelled slices of the site's support patients with the "
+        "rule its algorithm implies, scores it before and after on the site's held-out patients (Dice per patient "
+        "in the scans' own grid), and writes MODEL/model.pt with a model card (JSON + Markdown).",
+    )
+    adapt_parser.add_argument("--checkpoint", type=Path, required=True, help="the consortium's release (checkpoint.pt)")
+    adapt_parser.add_argument("--data", type=Path, required=True, help="this site's labelled folder (dataset.json, ...)")
+    adapt_parser.add_argument("--shots", type=int, default=5, help="labelled slices to adapt on (default 5)")
+    adapt_parser.add_argument("--steps", type=int, default=10,
+                              help="gradient steps (default 10; 0 writes the initialisation unadapted, to compare)")
+    adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
+    adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
+    adapt_parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
+    adapt_parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    _release_options(adapt_parser)
+    adapt_parser.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]")
+    adapt_parser.set_defaults(handler=adapt_command)
+
+    predict_parser = subparsers.add_parser(
+        "predict",
+        help="segment scans with a site model (or a release): one NIfTI mask per scan, in the scan's own grid",
+        description="Writes OUT/<case>.nii.gz for each scan (same shape, affine and orientation as the scan; "
+        "label values are the consortium's classes), an overlay PNG per scan and OUT/predictions.json. A scan the "
+        "model cannot handle is refused with the reason; the others are still segmented.",
+    )
+    predict_parser.add_argument("--model", type=Path, required=True,
+                                help="a site model folder (fedmeta adapt) or a consortium checkpoint.pt")
+    predict_parser.add_argument("--input", type=Path, required=True, help="a NIfTI scan or a folder of them")
+    predict_parser.add_argument("--out", type=Path, required=True, help="folder for the masks")
+    predict_parser.add_argument("--probabilities", action="store_true",
+                                help="also write <case>_probabilities.nii.gz (float32, one volume per class)")
+    predict_parser.add_argument("--no-overlays", action="store_true", help="skip the PNG overlay montages")
+    _release_options(predict_parser, what="a checkpoint.pt given as --model")
+    predict_parser.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]")
+    predict_parser.set_defaults(handler=predict_command)
+
+
+def _release_options(parser, what: str = "the checkpoint") -> None:
+    parser.add_argument("--public-key", type=Path, default=None,
+                        help=f"the consortium's Ed25519 release key (PEM) that {what} must be signed with (default: "
+                             "$FEDMETA_RELEASE_KEY, else release.pub in the current folder, as fedmeta provision "
+                             "ships it in each site bundle)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="use an unsigned checkpoint unverified (your own runs; never a release)")
+
+
+def default_public_key(given: Path | None) -> Path | None:
+    """``--public-key``, else ``$FEDMETA_RELEASE_KEY``, else ``./release.pub`` (the site bundle's copy)."""
+    if given is not None:
+        return given
+    env = os.environ.get("FEDMETA_RELEASE_KEY")
+    if env:
+        return Path(env)
+    bundled = Path("release.pub")
+    return bundled if bundled.is_file() else None
+
+
+def adapt_command(args) -> int:
+    from fedmeta.client.commands import output_problem, verified_release
+
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out}: is a file; give a folder for the site model.")
+        problem = output_problem(args.out / CARD_JSON, "--out")
+        if problem:
+            raise ValueError(problem)
+        args.public_key = default_public_key(args.public_key)
+        release = verified_release(args)
+        card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=args.steps, seed=args.seed,
+                          image_glob=args.image_glob, label_glob=args.label_glob, release=release, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedmeta adapt: error: {err}", file=sys.stderr)
+        return 1
+    dice = card["dice"]
+    if dice.get("held_out_patients"):
+        print(f"Dice on {dice['held_out_patients']} held-out patient(s), whole scans in their own grid: "
+              f"{dice['before']['dice']:.3f} before, {dice['after']['dice']:.3f} after {args.steps} step(s) "
+              f"(worst patient {dice['after']['worst_patient_dice']:.3f})")
+    else:
+        print(dice["note"])
+    print(f"written: {args.out / MODEL_FILE}, {args.out / CARD_JSON}, {args.out / CARD_MD}")
+    return 0
+
+
+def predict_command(args) -> int:
+    from fedmeta.client.commands import output_problem
+
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out}: is a file; give a folder for the masks.")
+        problem = output_problem(args.out / "predictions.json", "--out")
+        if problem:
+            raise ValueError(problem)
+        public_key = default_public_key(args.public_key) if args.model.is_file() else None
+        summary = predict_scans(args.model, args.input, args.out, public_key=public_key,
+                                allow_unsigned=args.allow_unsigned, probabilities=args.probabilities,
+                                overlays=not args.no_overlays, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedmeta predict: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{len(summary['masks'])} mask(s) written to {args.out}; {len(summary['refused'])} scan(s) refused")
+    return 1 if summary["refused"] and not summary["masks"] else 0
+
+
+__all__ = ["adapt_site", "case_name", "load_site_model", "predict_scans", "register", "save_site_model"]

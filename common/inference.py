@@ -1,0 +1,125 @@
+"""Segmenting a whole scan in its own grid: the reader's geometry applied, the model run, the geometry undone.
+
+A scan goes through exactly what training and evaluation did to it (``fedmeta.common.data.prepare_case``):
+reoriented to RAS, resampled to the model's spacing, intensities z-scored over the head, and cut to the
+head-centred window of the training crop size (axial slices for a 2D model, one patch for a 3D one).
+The window is the model's input as it was trained: the UNet's instance normalisation makes the window's
+content part of the computation, so sliding windows over the background (MONAI's sliding-window
+inference was tried) change every prediction and cost the adapted model its Dice; voxels outside the
+window are background. The class probabilities are put back in the resampled volume, resampled to the
+scan's RAS grid (trilinear, one class at a time so that memory stays at two volumes), the arg-max taken
+there, and the RAS orientation undone: the mask has the scan's shape, affine and voxel order, and holds
+the consortium's label values (the model's class indices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from fedmeta.common.data import DataConfig, crop_or_pad, head_mask, normalise_intensity, to_ras
+
+
+@dataclass
+class Segmentation:
+    """One scan's mask in the scan's own grid, and (on request) the class probabilities there."""
+
+    mask: np.ndarray  # uint8, the scan's shape
+    probabilities: np.ndarray | None  # float32 [*scan shape, C], or None
+    voxel_counts: dict[int, int]  # voxels per predicted class
+
+
+def _ras_orientation(affine: np.ndarray):
+    from nibabel import orientations
+
+    return orientations.io_orientation(affine)
+
+
+def _to_scan_orientation(volume: np.ndarray, transform) -> np.ndarray:
+    """Undo :func:`fedmeta.common.data.to_ras`'s axis reordering and flips."""
+    from nibabel import orientations
+
+    back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), transform)
+    return np.ascontiguousarray(orientations.apply_orientation(volume, back))
+
+
+@torch.no_grad()
+def _window_logits(model: torch.nn.Module, params: Mapping[str, torch.Tensor], window: torch.Tensor,
+                   config: DataConfig, batch_size: int) -> torch.Tensor:
+    """Logits of the head-centred window ``[H, W, Z]`` (2D: its axial slices; 3D: the patch): ``[C, H, W, Z]``."""
+    if config.spatial_dims == 3:
+        return functional_call(model, dict(params), (window[None, None],))[0]
+    slices = window.permute(2, 0, 1)[:, None]  # [Z, 1, H, W]: axial slices, as the model was trained
+    out = [functional_call(model, dict(params), (slices[i:i + batch_size],)) for i in range(0, len(slices), batch_size)]
+    return torch.cat(out).permute(1, 2, 3, 0)
+
+
+def _uncrop(window: torch.Tensor, centre: np.ndarray, shape: tuple[int, ...], fill: float) -> torch.Tensor:
+    """The inverse of :func:`fedmeta.common.data.crop_or_pad` over the leading axes: ``window`` put back
+    in a volume of ``shape`` (trailing axes shared), ``fill`` elsewhere."""
+    size = window.shape[:len(centre)]
+    out = torch.full(tuple(shape[:len(centre)]) + tuple(window.shape[len(centre):]), fill, dtype=window.dtype)
+    source, target = [], []
+    for axis, n in enumerate(size):
+        start = int(round(centre[axis] - n / 2))
+        lo, hi = max(start, 0), min(start + n, shape[axis])
+        target.append(slice(lo, max(hi, lo)))
+        source.append(slice(lo - start, lo - start + max(hi - lo, 0)))
+    out[tuple(target)] = window[tuple(source)]
+    return out
+
+
+def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], image_data: np.ndarray,
+                 affine: np.ndarray, config: DataConfig, *, num_classes: int, batch_size: int = 16,
+                 probabilities: bool = False, device: torch.device | str = "cpu") -> Segmentation:
+    """The mask (and optionally the probabilities) of one 3D scan, in the scan's own grid."""
+    affine = np.asarray(affine, dtype=np.float64)
+    transform = _ras_orientation(affine)
+    image, zooms = to_ras(np.asarray(image_data, dtype=np.float32), affine)
+    ras_shape = image.shape
+    target = tuple(int(n) for n in np.maximum(np.round(np.asarray(ras_shape) * zooms / np.asarray(config.spacing)), 1))
+    volume = torch.from_numpy(image)
+    if target != tuple(ras_shape):
+        volume = torch.nn.functional.interpolate(volume[None, None], size=target, mode="trilinear",
+                                                 align_corners=False)[0, 0]
+    image = normalise_intensity(volume.numpy())
+    head = np.argwhere(head_mask(image))  # the window prepare_case cuts for training and evaluation
+    centre = (head.min(axis=0) + head.max(axis=0) + 1) / 2 if len(head) else np.asarray(image.shape) / 2
+    centre = centre[:config.spatial_dims] if config.spatial_dims == 2 else centre
+    window = torch.from_numpy(crop_or_pad(image, centre, config.image_size, float(image.min()))).to(device)
+    params = {n: p.to(device) for n, p in params.items()}
+    logits = _window_logits(model, params, window, config, batch_size).float().cpu()
+    if logits.shape[0] != num_classes:
+        raise ValueError(f"the model gives {logits.shape[0]} classes, its run config says {num_classes}")
+    window_probs = torch.softmax(logits, dim=0).movedim(0, -1)  # [H, W, Z, C]: crop axes first
+    background = torch.zeros(num_classes)
+    background[0] = 1.0  # outside the window: background, with certainty
+    probs = _uncrop(window_probs, centre, image.shape, 0.0)
+    outside = _uncrop(torch.ones(window_probs.shape[:-1]), centre, image.shape, 0.0) == 0
+    probs[outside] = background
+    probs = probs.movedim(-1, 0)  # [C, H, W, Z]
+
+    # Back to the RAS grid one class at a time: a running arg-max holds two volumes, not C of them.
+    best = torch.full(ras_shape, -1.0)
+    mask = torch.zeros(ras_shape, dtype=torch.uint8)
+    kept = [] if probabilities else None
+    for c in range(num_classes):
+        p = probs[c]
+        if tuple(p.shape) != tuple(ras_shape):
+            p = torch.nn.functional.interpolate(p[None, None], size=ras_shape, mode="trilinear",
+                                                align_corners=False)[0, 0]
+        better = p > best
+        best = torch.where(better, p, best)
+        mask[better] = c
+        if kept is not None:
+            kept.append(_to_scan_orientation(p.numpy().astype(np.float32), transform))
+    mask_np = _to_scan_orientation(mask.numpy(), transform)
+    counts = {int(v): int(n) for v, n in zip(*np.unique(mask_np, return_counts=True))}
+    return Segmentation(mask_np, np.stack(kept, axis=-1) if kept is not None else None, counts)
+
+
+__all__ = ["Segmentation", "segment_scan"]

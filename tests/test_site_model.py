@@ -1,0 +1,181 @@
+"""A new hospital adopts the model: `fedmeta adapt` then `fedmeta predict` on a held-out site of the smoke
+federation. Masks lie in each scan's own grid, are named after their scans, score what `adapt` reported, and
+beat the unadapted initialisation's; the release is verified; bad scans and altered models are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.client.site_model import CARD_JSON, CARD_MD, MODEL_FILE, case_name, load_site_model
+from fedmeta.common.metrics import patient_dice
+from fedmeta.common.synth import load_manifest
+from fedmeta.simulations.cli import main
+from tests.test_release import _key_pair
+
+
+@pytest.fixture(scope="module")
+def release(smoke_federation, tmp_path_factory) -> tuple[Path, Path]:
+    """A short run of the smoke federation, signed by the consortium: (checkpoint, public key)."""
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME
+    from fedmeta.common.config import RunConfig
+    from fedmeta.simulations.engines.inprocess import run_inprocess
+    from fedmeta.simulations.experiments.centralised import training_node_configs
+
+    run_dir = tmp_path_factory.mktemp("adopt-run")
+    config = RunConfig(algorithm="fomaml", num_rounds=3, episodes_per_site=2, k_shot=2, q_query=2, image_size=32,
+                       model_base_channels=8, model_levels=3, inner_lr=0.1, meta_lr=0.01, eval_every=0,
+                       out_dir=str(run_dir), device="cpu")
+    run_inprocess(config.to_run_config(), training_node_configs(load_manifest(smoke_federation).train_sites), seed=0)
+    private, public = _key_pair(run_dir, "consortium")
+    assert main(["sign", str(run_dir / CHECKPOINT_NAME), "--key", str(private)]) == 0
+    return run_dir / CHECKPOINT_NAME, public
+
+
+@pytest.fixture(scope="module")
+def heldout_site(smoke_federation) -> Path:
+    return smoke_federation / load_manifest(smoke_federation).heldout_sites[0].path
+
+
+def _adapt(checkpoint, public, site, out, *extra) -> int:
+    return main(["adapt", "--checkpoint", str(checkpoint), "--public-key", str(public), "--data", str(site),
+                 "--shots", "5", "--out", str(out), "--device", "cpu", *extra])
+
+
+def _mask_dice(masks: Path, site: Path, classes) -> dict[str, float]:
+    """Per-patient Dice of written masks against the site's label files (the same metric adapt reports)."""
+    out = {}
+    for label in sorted((site / "labelsTr").glob("*.nii.gz")):
+        mask = masks / label.name
+        truth = torch.from_numpy(np.asarray(nib.load(label).dataobj).astype(np.int64))
+        pred = torch.from_numpy(np.asarray(nib.load(mask).dataobj).astype(np.int64))
+        scores = patient_dice(pred, truth, classes)
+        out[label.name] = sum(scores.values()) / len(scores)
+    return out
+
+
+def test_adapt_then_predict_writes_masks_in_each_scans_grid_that_score_what_adapt_reported(release, heldout_site,
+                                                                                            tmp_path):
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "model", "--steps", "20") == 0
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "init", "--steps", "0") == 0
+    card = json.loads((tmp_path / "model" / CARD_JSON).read_text())
+    assert card["initialisation"]["release_verified"] and card["adaptation"]["steps"] == 20
+    assert card["dice"]["held_out_patients"] >= 1 and "Dice on held-out patients" in (tmp_path / "model" / CARD_MD).read_text()
+    # No file name and no patient identifier in the card: it may leave the site with the model.
+    text = (tmp_path / "model" / CARD_JSON).read_text() + (tmp_path / "model" / CARD_MD).read_text()
+    for scan in (heldout_site / "imagesTr").glob("*.nii.gz"):
+        assert case_name(scan) not in text and scan.name not in text
+
+    # --steps 0 writes the initialisation itself.
+    init_model = load_site_model(tmp_path / "init")
+    released = torch.load(checkpoint, weights_only=True)["params"]
+    assert all(torch.equal(init_model.params[n], released[n]) for n in released)
+
+    for model in ("model", "init"):
+        assert main(["predict", "--model", str(tmp_path / model), "--input", str(heldout_site / "imagesTr"),
+                     "--out", str(tmp_path / f"masks-{model}"), "--device", "cpu"]) == 0
+    scans = sorted((heldout_site / "imagesTr").glob("*.nii.gz"))
+    for scan in scans:  # named after the scan, in the scan's own grid
+        mask = nib.load(tmp_path / "masks-model" / f"{case_name(scan)}.nii.gz")
+        image = nib.load(scan)
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+        assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(image.affine)
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1, 2, 3}
+        assert (tmp_path / "masks-model" / f"{case_name(scan)}_overlay.png").stat().st_size > 1000
+
+    # The held-out patients' masks score exactly what the card says (same metric, same masks).
+    classes = card["dice"]["classes"]
+    held = _heldout_indices(heldout_site)
+    for model in ("model", "init"):
+        scored = list(_mask_dice(tmp_path / f"masks-{model}", heldout_site, classes).values())
+        reported = json.loads((tmp_path / model / CARD_JSON).read_text())["dice"]["after"]["per_patient"]
+        assert np.allclose([reported[f"patient-{i}"] for i in range(1, len(held) + 1)], [scored[p] for p in held],
+                           atol=1e-9)
+    adapted_mean = np.mean(sorted(_mask_dice(tmp_path / "masks-model", heldout_site, classes).values()))
+    init_mean = np.mean(sorted(_mask_dice(tmp_path / "masks-init", heldout_site, classes).values()))
+    assert card["dice"]["after"]["dice"] > card["dice"]["before"]["dice"]
+    assert adapted_mean > init_mean, (adapted_mean, init_mean)
+
+
+def _heldout_indices(site: Path) -> list[int]:
+    """The patients (indices in label-file order) adapt holds out with seed 0."""
+    from types import SimpleNamespace
+
+    from fedmeta.common.data import adaptation_patients
+
+    _, held = adaptation_patients(SimpleNamespace(num_patients=len(list((site / "labelsTr").glob("*.nii.gz"))),
+                                                  root=site), 0)
+    return sorted(held)
+
+
+def test_adapt_verifies_the_release(release, heldout_site, tmp_path):
+    checkpoint, public = release
+    copy = tmp_path / "checkpoint.pt"
+    for suffix in ("", ".sig", ".release.json"):
+        shutil.copy(f"{checkpoint}{suffix}", f"{copy}{suffix}")
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    copy.write_bytes(bytes(data))
+    assert _adapt(copy, public, heldout_site, tmp_path / "tampered", "--steps", "1") == 1
+    assert not (tmp_path / "tampered" / MODEL_FILE).exists()
+    unsigned = tmp_path / "unsigned.pt"
+    shutil.copy(checkpoint, unsigned)
+    assert main(["adapt", "--checkpoint", str(unsigned), "--data", str(heldout_site), "--out",
+                 str(tmp_path / "u"), "--steps", "1"]) == 1
+    assert main(["adapt", "--checkpoint", str(unsigned), "--data", str(heldout_site), "--out",
+                 str(tmp_path / "u"), "--steps", "1", "--allow-unsigned"]) == 0
+    assert json.loads((tmp_path / "u" / CARD_JSON).read_text())["initialisation"]["release_verified"] is False
+
+
+def test_the_release_key_defaults_to_the_site_bundles_copy(release, heldout_site, tmp_path, monkeypatch, capsys):
+    checkpoint, public = release
+    shutil.copy(public, tmp_path / "release.pub")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEDMETA_RELEASE_KEY", raising=False)
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(heldout_site), "--out", "m", "--steps", "0"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_predict_refuses_bad_scans_by_name_and_segments_the_rest(release, heldout_site, tmp_path, capsys):
+    checkpoint, public = release
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[0]
+    shutil.copy(good, scans / good.name)
+    thin = nib.Nifti1Image(np.ones((40, 40, 2), np.float32), np.eye(4))
+    nib.save(thin, scans / "thin.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"not a scan")
+    out = tmp_path / "masks"
+    # A release used directly: verified like adapt does.
+    assert main(["predict", "--model", str(checkpoint), "--public-key", str(public), "--input", str(scans),
+                 "--out", str(out), "--device", "cpu", "--no-overlays"]) == 0
+    summary = json.loads((out / "predictions.json").read_text())
+    assert [m["case"] for m in summary["masks"]] == [case_name(good)]
+    assert "thinner than 3" in summary["refused"]["thin.nii.gz"]
+    assert "broken.nii.gz" in summary["refused"]["broken.nii.gz"]
+    assert not list(out.glob("*.png"))
+
+
+def test_predict_refuses_an_altered_site_model(release, heldout_site, tmp_path, capsys):
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "model", "--steps", "0") == 0
+    weights = tmp_path / "model" / MODEL_FILE
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(heldout_site / "imagesTr"),
+                 "--out", str(tmp_path / "masks")]) == 1
+    assert "SHA-256 differs from the one its model card records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, case", [("a_0000.nii.gz", "a"), ("a.nii.gz", "a"), ("b_1.nii", "b_1"),
+                                        ("c_0001.nii", "c")])
+def test_masks_are_named_after_their_scans(name, case):
+    assert case_name(Path(name)) == case
