@@ -6,7 +6,9 @@ One command writes what a federation across hospitals needs to run secure by def
     OUT/superlink/server.crt, server.key the SuperLink's TLS certificate for the names sites dial
     OUT/superlink/register-sites.sh      registers every active site's public key with the SuperLink
     OUT/sites/<name>/                    one bundle per site, to hand to that site and nobody else:
-        ca.crt, site.key, site.pub, site.json, start-site.sh, compose.yaml
+        ca.crt, site.key, site.pub, site.json, start-site.sh, compose.yaml, release.pub
+    OUT/release/release.key, release.pub the consortium's Ed25519 release key (`fedmeta sign --key`; keep
+                                         release.key offline); release.pub also goes into every site bundle
     OUT/registry.json                    sites, key fingerprints, expiry dates, revocations
 
 TLS is server-verified (Flower's SuperNode checks the SuperLink against ``ca.crt``); a site proves who
@@ -219,6 +221,9 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     result.expiry["SuperLink certificate " + str(server_dir / "server.crt")] = _expiry(server_cert)
     result.expiry["CA certificate " + str(out / "ca" / "ca.crt")] = _expiry(ca_cert)
 
+    release_pub = _release_key(out / "release", force, result)
+    registry["release_key_sha256"] = hashlib.sha256(release_pub).hexdigest()
+
     port = port if port is not None else int(registry.get("port", DEFAULT_PORT))
     address = f"{_bracketed(names[0])}:{port}"
     moved = bool(registry.get("address")) and registry["address"] != address
@@ -250,6 +255,10 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
                 _write_bundle_files(out / "sites" / name, name, address)
                 result.created.append(f"{out / 'sites' / name} (address now {address}; hand the site its new start "
                                       "files)")
+    for name in sorted(registry["sites"]):  # every bundle here carries the release key sites verify with
+        bundle = out / "sites" / name
+        if bundle.is_dir() and (not (bundle / "release.pub").is_file() or (bundle / "release.pub").read_bytes() != release_pub):
+            _write(bundle / "release.pub", release_pub, 0o644)
     registry.setdefault("revoked", {})
     _write_register_script(server_dir / "register-sites.sh", out, registry)
     _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
@@ -326,6 +335,25 @@ def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned, 
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     result.created += [str(cert_path), str(key_path)]
     return key, cert
+
+
+def _release_key(release_dir: Path, force: bool, result: Provisioned) -> bytes:
+    """The consortium's Ed25519 release key pair (``fedmeta sign --key release/release.key``; the ServerApp's
+    ``release-key``); made when there is none, or with ``force``. Returns the public key (PEM), which every
+    site bundle carries as ``release.pub``: the key ``adapt``, ``evaluate`` and ``predict`` verify with by
+    default. The private key may be kept offline once made: ``release.pub`` alone is enough here."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key_path, pub_path = release_dir / "release.key", release_dir / "release.pub"
+    if pub_path.is_file() and not force:
+        result.kept.append(str(pub_path))
+        return pub_path.read_bytes()
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write(key_path, _pem_private(key), 0o600)
+    _write(pub_path, public, 0o644)
+    result.created += [str(pub_path), str(key_path)]
+    return public
 
 
 def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now, days: int):

@@ -52,7 +52,15 @@ def test_provision_writes_the_layout_and_the_server_certificate_verifies_against
     assert public.public_numbers() == private.public_key().public_numbers()
     # A bundle holds what the site needs and nothing of another site's or the coordinator's.
     assert sorted(p.name for p in (out / "sites/a").iterdir()) == [
-        "ca.crt", "compose.yaml", "site.json", "site.key", "site.pub", "start-site.sh"]
+        "ca.crt", "compose.yaml", "release.pub", "site.json", "site.key", "site.pub", "start-site.sh"]
+    # The consortium's release key: Ed25519, private half 0600 and only in release/, public half in every bundle.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    release_key = serialization.load_pem_private_key((out / "release/release.key").read_bytes(), None)
+    assert isinstance(release_key, Ed25519PrivateKey) and (out / "release/release.key").stat().st_mode & 0o777 == 0o600
+    assert (out / "sites/a/release.pub").read_bytes() == (out / "release/release.pub").read_bytes() == \
+        release_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert json.loads((out / "registry.json").read_text())["release_key_sha256"]
     assert json.loads((out / "sites/a/site.json").read_text())["superlink"] == "localhost:8000"
     script = (out / "sites/a/start-site.sh").read_text()
     assert "--root-certificates" in script and "--auth-supernode-private-key" in script and "--insecure" not in script
