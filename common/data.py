@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.common.validate import CaseProblem, LoadedCase, check_case, discover_site, episode_problems
+from fedmeta.common.validate import (
+    CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
+)
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -221,6 +223,9 @@ class SiteDataset:
             if problems:
                 skipped.append(CaseProblem(case.case_id, tuple(problems)))
                 continue
+            note = thin_volume_warning(case.image, loaded.image_data.shape, loaded.image.affine)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=2)
             case_images, case_labels, case_slices = prepare_case(loaded, config)
             patient_ids.append(case.case_id)
             images.append(case_images)

@@ -98,6 +98,7 @@ class SiteReport:
     num_cases: int
     case_problems: list[CaseProblem]
     site_problems: list[str]
+    warnings: list[str] = field(default_factory=list)  # usable, but worth a look (e.g. a volume too thin)
 
     @property
     def ok(self) -> bool:
@@ -466,16 +467,37 @@ def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = No
             f"(0..{num_classes - 1}) cannot predict. Fix: map them onto 0..{num_classes - 1} or configure more classes."
         )
     case_problems = list(layout.problems)
-    valid = 0
+    valid, notes = 0, []
     for case in layout.cases:
-        problems, _ = check_case(case, allowed, num_classes)
+        problems, loaded = check_case(case, allowed, num_classes)
         if problems:
             case_problems.append(CaseProblem(case.case_id, tuple(problems)))
         else:
             valid += 1
+            note = thin_volume_warning(case.image, loaded.image_data.shape, loaded.image.affine)
+            if note:
+                notes.append(note)
     site_problems.extend(episode_problems(layout.root, valid, k, q))
     return SiteReport(root=layout.root, name=layout.name, num_cases=len(layout.cases),
-                      case_problems=case_problems, site_problems=site_problems)
+                      case_problems=case_problems, site_problems=site_problems, warnings=notes)
+
+
+# A volume thinner than this (voxels, or millimetres) along an axis is a localiser or a slab: it loads, but
+# holds a slice or two of anatomy, which the site's patient count and Dice then overstate.
+THIN_VOXELS, THIN_MM = 3, 10.0
+
+
+def thin_volume_warning(path: Path, shape: tuple[int, ...], affine) -> str | None:
+    """A warning naming ``path`` when its volume is too thin along some axis to be a scan, else None."""
+    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    extent = [n * z for n, z in zip(shape, zooms)]
+    thin = [axis for axis in range(3) if shape[axis] < THIN_VOXELS or extent[axis] < THIN_MM]
+    if not thin:
+        return None
+    axis = thin[0]
+    return (f"{path}: the volume is only {shape[axis]} voxel(s), {extent[axis]:.1f} mm, along axis {axis} "
+            f"(shape {' x '.join(map(str, shape))}): a localiser or a slab, not a whole scan; it is used, but gives "
+            "the model a slice or two. Fix: export the full series, or drop the case.")
 
 
 def episode_problems(root: Path, num_valid: int, k: int | None, q: int | None) -> list[str]:
@@ -515,4 +537,5 @@ def format_reports(reports: list[SiteReport]) -> str:
             lines.append(f"  case {problem.case_id}:")
             lines.extend(f"    - {message}" for message in problem.problems)
         lines.extend(f"  - {message}" for message in report.site_problems)
+        lines.extend(f"  warning: {message}" for message in report.warnings)
     return "\n".join(lines)

@@ -348,3 +348,23 @@ def test_parent_paths_and_symlink_loops_in_dataset_json_are_refused(smoke_federa
     monkeypatch.setenv("FEDMETA_ALLOW_PATHS_OUTSIDE_SITE", "1")
     messages = [m for p in check_site(folder, k=5, q=10).case_problems for m in p.problems]
     assert not any("outside the site folder" in m for m in messages), messages
+
+
+def test_a_volume_two_voxels_thick_is_used_with_a_warning_naming_it(smoke_federation, tmp_path, capsys):
+    import warnings
+
+    from fedmeta.common.data import DataConfig, SiteDataset
+
+    folder = _site_copy(smoke_federation, tmp_path)
+    image, label = _paths(folder)
+    _rewrite(image, _data(image)[..., 20:22])
+    _rewrite(label, _data(label)[..., 20:22])
+    (report,) = check_path(folder)
+    assert report.ok and len(report.warnings) == 1  # usable: a warning, not a problem
+    assert str(image) in report.warnings[0] and "only 2 voxel(s)" in report.warnings[0]
+    assert main(["check-data", str(folder)]) == 0
+    assert "warning:" in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SiteDataset.load(folder, DataConfig(image_size=(32, 32)))
+    assert any("only 2 voxel(s)" in str(w.message) for w in caught)
