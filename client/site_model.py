@@ -52,8 +52,11 @@ class SiteModel:
 
 
 def case_name(path: Path) -> str:
-    """``<case>`` for ``<case>_0000.nii.gz`` (nnU-Net's channel suffix), ``<case>.nii.gz`` or ``<case>.nii``."""
+    """``<case>`` for ``<case>_0000.nii.gz`` (nnU-Net's channel suffix), ``<case>.nii.gz``, ``<case>.nii`` or a
+    DICOM series folder ``<case>/``."""
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in SCAN_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
@@ -331,17 +334,23 @@ def card_markdown(card: dict) -> str:
 
 
 def scan_paths(source: Path) -> list[Path]:
-    """The scans ``--input`` names: one NIfTI file, or every NIfTI file in a folder (sorted)."""
+    """The scans ``--input`` names: a NIfTI file, a DICOM series folder, or a folder of NIfTI files and/or
+    series folders (sorted)."""
+    from fedmeta.common.dicom import is_series_folder
+
     source = Path(source)
     if source.is_file():
         if not source.name.endswith(SCAN_SUFFIXES):
-            raise ValueError(f"--input {source}: not a NIfTI file (.nii.gz or .nii).")
+            raise ValueError(f"--input {source}: not a NIfTI file (.nii.gz or .nii) or a DICOM series folder.")
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"--input {source}: no such file or folder.")
-    scans = sorted(p for p in source.iterdir() if p.is_file() and p.name.endswith(SCAN_SUFFIXES))
+    if is_series_folder(source):
+        return [source]
+    scans = sorted(p for p in source.iterdir() if not p.name.startswith(".") and (
+        (p.is_file() and p.name.endswith(SCAN_SUFFIXES)) or is_series_folder(p)))
     if not scans:
-        raise ValueError(f"--input {source}: holds no .nii.gz or .nii file.")
+        raise ValueError(f"--input {source}: holds no .nii.gz or .nii file and no DICOM series folder.")
     names: dict[str, Path] = {}
     for scan in scans:
         if case_name(scan) in names:
@@ -353,7 +362,7 @@ def scan_paths(source: Path) -> list[Path]:
 
 def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path | None = None,
                   allow_unsigned: bool = False, probabilities: bool = False, overlays: bool = True,
-                  device: str = "auto", progress=print) -> dict[str, Any]:
+                  dicom_seg: bool = False, device: str = "auto", progress=print) -> dict[str, Any]:
     """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans."""
     import nibabel as nib
 
@@ -370,11 +379,13 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
         release = verify(model_path, public_key, allow_unsigned=allow_unsigned)
         init, config = load_initialisation(model_path)
         params, source = init.params, {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id")}
+        label_names: dict = {}
     else:
         site_model = load_site_model(model_path)
         config = RunConfig.from_run_config(site_model.run_config)
         params, source = site_model.params, {"site_model": str(model_path),
                                              "release_id": site_model.card["initialisation"].get("release_id")}
+        label_names = site_model.card.get("model", {}).get("label_names", {})
     scans = scan_paths(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,6 +412,11 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
             nib.save(nib.Nifti1Image(result.probabilities, image.affine), str(out / f"{name}_probabilities.nii.gz"))
         if overlays:
             overlay_montage(data, result.mask, out / f"{name}_overlay.png", title=name)
+        if dicom_seg and scan.is_dir():
+            from fedmeta.common.dicom import write_segmentation
+
+            write_segmentation(scan, result.mask, out / f"{name}.seg.dcm", num_classes=config.num_classes,
+                               label_names=label_names)
         seconds = time.perf_counter() - began
         written.append({"case": name, "shape": list(result.mask.shape), "seconds": round(seconds, 3),
                         "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}})
@@ -471,11 +487,15 @@ def register(subparsers) -> None:
     )
     predict_parser.add_argument("--model", type=Path, required=True,
                                 help="a site model folder (fedmeta adapt) or a consortium checkpoint.pt")
-    predict_parser.add_argument("--input", type=Path, required=True, help="a NIfTI scan or a folder of them")
+    predict_parser.add_argument("--input", type=Path, required=True,
+                                help="a NIfTI scan, a DICOM series folder, or a folder of either")
     predict_parser.add_argument("--out", type=Path, required=True, help="folder for the masks")
     predict_parser.add_argument("--probabilities", action="store_true",
                                 help="also write <case>_probabilities.nii.gz (float32, one volume per class)")
     predict_parser.add_argument("--no-overlays", action="store_true", help="skip the PNG overlay montages")
+    predict_parser.add_argument("--dicom-seg", action="store_true",
+                                help="for a DICOM series input, also write <case>.seg.dcm: a DICOM Segmentation "
+                                     "(highdicom) referencing the source series, for the PACS")
     _release_options(predict_parser, what="a checkpoint.pt given as --model")
     predict_parser.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]")
     predict_parser.set_defaults(handler=predict_command)
@@ -540,7 +560,7 @@ def predict_command(args) -> int:
         public_key = default_public_key(args.public_key) if args.model.is_file() else None
         summary = predict_scans(args.model, args.input, args.out, public_key=public_key,
                                 allow_unsigned=args.allow_unsigned, probabilities=args.probabilities,
-                                overlays=not args.no_overlays, device=args.device)
+                                overlays=not args.no_overlays, dicom_seg=args.dicom_seg, device=args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta predict: error: {err}", file=sys.stderr)
         return 1

@@ -178,7 +178,7 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
     images_dir = root / "imagesTr"
     if images_dir.is_dir():
         for path in sorted(images_dir.iterdir()):
-            if (path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+            if ((path.name.endswith(NIFTI_SUFFIXES) or path.is_dir()) and not path.name.startswith(".")
                     and path.resolve() not in listed_images and path.absolute() not in listed_images):
                 layout.problems.append(CaseProblem(_strip_suffix(path.name), (
                     f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored. "
@@ -241,6 +241,14 @@ def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayou
 def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None, str | None]:
     import nibabel as nib
 
+    if path.is_dir():  # a DICOM series: one folder per scan
+        from fedmeta.common.dicom import SeriesProblem, read_series
+
+        try:
+            image, data = read_series(path, max_voxels=max_voxels())
+        except SeriesProblem as err:
+            return None, None, str(err)
+        return image, data, None
     if not path.is_file():
         return None, None, (
             f"{path}: the {role} file of this case is missing. Fix: add the {role}, or drop the case from "

@@ -1,0 +1,250 @@
+"""DICOM series in, as hospitals export them: one folder per series, read with pydicom, geometry from the headers.
+
+A site folder may list a DICOM series wherever it lists a NIfTI image (``dataset.json``: ``"image":
+"./imagesTr/<case>"``, a folder holding one series; the label is a NIfTI map on the series' grid), and
+``fedmeta predict`` takes series folders as input. :func:`read_series` turns a series into what the NIfTI
+reader gives (an in-memory ``Nifti1Image``: voxel data and an RAS affine), so every check and every step
+after it is the NIfTI path's.
+
+Geometry (DICOM PS3.3 C.7.6.2): a pixel at row r, column c of a slice lies at
+``ImagePositionPatient + c·Δc·X + r·Δr·Y`` in LPS millimetres, X and Y the row and column direction
+cosines of ``ImageOrientationPatient`` and (Δr, Δc) = ``PixelSpacing``; slices are ordered along X × Y by
+their position, and the slice step is the distance between consecutive positions (not
+``SliceThickness``, which may differ from it). The affine maps (c, r, slice) to RAS: LPS with x and y negated.
+
+Privacy: nothing of a header but geometry, pixel data and the series UID (to check one series per folder)
+is read into fedmeta's objects; no header value enters a message, a log line or a file fedmeta writes
+(``tests/test_dicom.py`` checks that patient names and IDs appear nowhere). Headers are read without
+pixel data first, so the voxel cap is checked before a pixel is decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Slices whose spacing differs from the series' median step by more than this share are a gap (a missing
+# file) or a second stack: the volume would be stretched, so the series is refused.
+SPACING_TOLERANCE = 0.1
+_REQUIRED = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
+
+
+class SeriesProblem(ValueError):
+    """A series that cannot be read as one 3D volume; the message names the folder or file and the fix."""
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_series_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding DICOM files (Part 10, with the 'DICM' preamble)."""
+    path = Path(path)
+    return path.is_dir() and any(_is_dicom_file(p) for p in _files(path))
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def read_series(folder: Path, *, max_voxels: int):
+    """The series in ``folder`` as ``(Nifti1Image, float32 data)``; raises :class:`SeriesProblem`."""
+    import nibabel as nib
+    import pydicom
+
+    folder = Path(folder)
+    files = [p for p in _files(folder) if _is_dicom_file(p)]
+    if not files:
+        raise SeriesProblem(f"{folder}: holds no DICOM file (Part 10, 'DICM' preamble). Fix: export the series as "
+                            "DICOM files, one folder per series.")
+    headers = []
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a damaged file
+            raise SeriesProblem(f"{path}: not a readable DICOM file ({type(err).__name__}). Fix: export the series "
+                                "again.") from None
+        if "SeriesInstanceUID" not in header or "Rows" not in header:
+            raise SeriesProblem(f"{path}: not a readable DICOM file (no series or image attributes: damaged, or not "
+                                "an image). Fix: export the series again, or remove the file.")
+        headers.append((path, header))
+    series = {str(h.get("SeriesInstanceUID", "")) for _, h in headers}
+    if len(series) > 1:
+        raise SeriesProblem(f"{folder}: holds {len(series)} series; fedmeta reads one series per folder (one scan per "
+                            "patient). Fix: move each series into its own folder.")
+    for path, header in headers:
+        missing = [tag for tag in _REQUIRED if tag not in header]
+        if missing:
+            raise SeriesProblem(f"{path}: lacks {', '.join(missing)}, so the scan has no geometry. Fix: export the "
+                                "series with its image plane attributes (an MR/CT image, not a secondary capture).")
+    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
+    if rows * cols * len(headers) > max_voxels:
+        raise SeriesProblem(f"{folder}: {len(headers)} slices of {rows} x {cols} = {rows * cols * len(headers):,} "
+                            f"voxels, more than the {max_voxels:,} a site loads. Fix: crop or resample the series, or "
+                            "raise FEDMETA_MAX_VOXELS if it is genuine.")
+    orientation = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
+    for path, header in headers:
+        if (int(header.Rows), int(header.Columns)) != (rows, cols):
+            raise SeriesProblem(f"{path}: {header.Rows} x {header.Columns} pixels, other slices {rows} x {cols}: "
+                                "not one volume. Fix: one series per folder.")
+        if not np.allclose(np.asarray(header.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4):
+            raise SeriesProblem(f"{path}: its slice orientation differs from the series' first slice (a localiser or "
+                                "a second stack). Fix: keep one stack of parallel slices in the folder.")
+    x, y = orientation[:3], orientation[3:]
+    normal = np.cross(x, y)
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
+        raise SeriesProblem(f"{folder}: ImageOrientationPatient {orientation.tolist()} is not two unit vectors at right "
+                            "angles. Fix: export the series again.")
+    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    headers, positions, depth = [headers[i] for i in order], positions[order], depth[order]
+    steps = np.diff(depth)
+    spacing = np.asarray([float(v) for v in headers[0][1].PixelSpacing])  # (between rows, between columns)
+    if len(headers) > 1:
+        step = float(np.median(steps))
+        if step <= 0 or np.any(np.abs(steps - step) > SPACING_TOLERANCE * step):
+            raise SeriesProblem(f"{folder}: its slices are not evenly spaced along the slice normal (steps "
+                                f"{np.round(steps, 3).tolist()[:8]} mm): a missing slice or two stacks. Fix: export the "
+                                "complete series, one stack per folder.")
+        slice_vector = (positions[-1] - positions[0]) / (len(headers) - 1)
+    else:
+        thickness = float(headers[0][1].get("SliceThickness", 0) or 0) or float(min(spacing))
+        slice_vector = normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = x * spacing[1], y * spacing[0], slice_vector, positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+    data = np.empty((cols, rows, len(headers)), dtype=np.float32)
+    for k, (path, _header) in enumerate(headers):
+        try:
+            dataset = pydicom.dcmread(path)
+            pixels = dataset.pixel_array.astype(np.float32)
+        except Exception as err:  # noqa: BLE001 - an unsupported transfer syntax, a cut file
+            raise SeriesProblem(f"{path}: its pixel data cannot be decoded ({type(err).__name__}: {err}). Fix: export "
+                                "the series uncompressed (or install the pydicom decoder for its transfer "
+                                "syntax).") from None
+        if pixels.shape != (rows, cols):
+            raise SeriesProblem(f"{path}: pixel data of shape {pixels.shape}, not {rows} x {cols} (a multi-frame or "
+                                "colour image). Fix: export single-frame greyscale slices.")
+        slope, intercept = float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
+        data[:, :, k] = (pixels * slope + intercept).T  # (rows, cols) -> (col, row): the affine's first two axes
+    return nib.Nifti1Image(data, affine), data
+
+
+def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, *, patient_name: str = "Anonymous",
+                 patient_id: str = "0", modality: str = "MR", study_uid: str | None = None,
+                 series_uid: str | None = None) -> tuple[list[Path], np.ndarray, bool]:
+    """Writes a 3D volume (RAS affine, any axis order as a NIfTI holds it) as a single-frame DICOM series.
+
+    For tests and demos: the inverse of :func:`read_series` (axes (column, row, slice)), int16 pixels with a
+    rescale slope so that the intensities round-trip to 1/30000 of their range. Returns the files, the RAS
+    affine :func:`read_series` will give the series, and whether the slice axis was reversed to get it
+    (DICOM orders slices along row × column direction; a left-handed affine runs the other way), so that a
+    label map can be written on the series' grid.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = np.asarray(volume, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64).copy()
+    flipped = bool(np.linalg.det(affine[:3, :3]) < 0)
+    if flipped:
+        volume = volume[:, :, ::-1]
+        affine[:3, 3] += (volume.shape[2] - 1) * affine[:3, 2]
+        affine[:3, 2] *= -1
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    col_vec, row_vec, slice_vec = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    dc, dr = float(np.linalg.norm(col_vec)), float(np.linalg.norm(row_vec))
+    low, high = float(volume.min()), float(volume.max())
+    slope = max(high - low, 1e-6) / 30000.0
+    study_uid, series_uid = study_uid or generate_uid(), series_uid or generate_uid()
+    frame_uid = generate_uid()
+    written = []
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
+        ds.ReferringPhysicianName = ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, k + 1
+        ds.Manufacturer = "fedmeta"
+        ds.ImageOrientationPatient = [float(v) for v in (*(col_vec / dc), *(row_vec / dr))]
+        ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + k * slice_vec]
+        ds.PixelSpacing = [dr, dc]
+        ds.SliceThickness = float(np.linalg.norm(slice_vec))
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{low:.10g}"
+        pixels = np.round((volume[:, :, k].T - low) / float(ds.RescaleSlope)).astype(np.int16)
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"slice-{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written, affine, flipped
+
+
+def write_segmentation(folder: Path, mask: np.ndarray, path: Path, *, num_classes: int,
+                       label_names: dict | None = None) -> Path:
+    """A DICOM Segmentation object (highdicom) of ``mask`` — on the grid :func:`read_series` gave the series in
+    ``folder`` — referencing that series, one segment per foreground class. The codes are a private scheme
+    (``99FEDMETA``): fedmeta does not claim SNOMED meanings for a consortium's label values. The object
+    carries the source series' patient and study attributes, as DICOM requires: it stays at the site."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    files = [p for p in _files(Path(folder)) if _is_dicom_file(p)]
+    sources = [pydicom.dcmread(p) for p in files]
+    normal = np.cross(*np.split(np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64), 2))
+    sources.sort(key=lambda d: float(np.asarray([float(v) for v in d.ImagePositionPatient]) @ normal))
+    frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])]).astype(np.uint8)  # (slice, row, col)
+    names = {int(k): str(v) for k, v in (label_names or {}).items()}
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=c, segment_label=names.get(c, f"class {c}")[:64],
+            segmented_property_category=hd.sr.CodedConcept("F-01", "99FEDMETA", "fedmeta class"),
+            segmented_property_type=hd.sr.CodedConcept(f"C-{c}", "99FEDMETA", names.get(c, f"class {c}")[:64]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="fedmeta", family=codes.cid7162.ArtificialIntelligence, version=_version()),
+        )
+        for c in range(1, num_classes)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=900,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="fedmeta",
+        manufacturer_model_name="fedmeta site model", software_versions=_version(), device_serial_number="0",
+    )
+    seg.save_as(path)
+    return Path(path)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedmeta")
+    except PackageNotFoundError:
+        return "0"
+
+
+__all__ = ["SeriesProblem", "is_series_folder", "read_series", "write_segmentation", "write_series"]
