@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedmeta.client import secure_aggregation
+from fedmeta.client.floor import floor_problem
 from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
 from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
 from fedmeta.common.adaptation import adaptation_curve, site_patients
@@ -114,6 +115,7 @@ def train(message: Message, context: Context) -> Message:
     config, ref, device = _setup(message, context)
     if ref.role != ROLE_TRAIN:
         raise PermissionError("a held-out site never trains: it plays the new hospital")
+    _check_floor(config, context)
     site = sites.site(ref, config)
     model = sites.model(config, device)
     params, step_sizes = _received_params(message, config, device)
@@ -127,6 +129,8 @@ def train(message: Message, context: Context) -> Message:
         sampled = int(round_config.get(SAMPLED_SITES_KEY, 1))
         if SECAGG_RECORD in message.content.config_records:  # never split the noise over more sites than were listed
             sampled = min(sampled, secure_aggregation.participants(message, context))
+        if sampled < 1:
+            raise secure_aggregation.SecAggError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site")
         # Split over the round's quorum, not every listed site: any sum the server may unmask carries σ·C.
         grads = local_dp(grads, config, local_noise_split(config, sampled), site_seed(round_seed, site.name))
     metrics = {
@@ -176,7 +180,15 @@ def _training_site(message: Message, context: Context) -> RunConfig:
         raise PermissionError("a held-out site never trains: it plays the new hospital")
     if config.secure_aggregation == "none":
         raise PermissionError("the run config has secure-aggregation='none'; this site takes no part in SecAgg")
+    _check_floor(config, context)
     return config
+
+
+def _check_floor(config: RunConfig, context: Context) -> None:
+    """Refuses a run below the site's own privacy floor (its node config: ``fedmeta.client.floor``)."""
+    problem = floor_problem(config, context.node_config)
+    if problem:
+        raise secure_aggregation.SecAggError(f"the run is below this site's privacy floor (node config): {problem}")
 
 
 def local_dp(grads, config: RunConfig, split: int, seed: int):

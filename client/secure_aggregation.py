@@ -44,16 +44,18 @@ from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key, bytes_to_public_key, generate_key_pairs, private_key_to_bytes, public_key_to_bytes,
 )
 
+from fedmeta.client.floor import sites_floor
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
     CONFIG_RECORD, ROUND_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
-    SAMPLED_SITES_KEY, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES,
+    SAMPLED_SITES_KEY, SECAGG_BAD_SHARE, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES,
     SECAGG_SOURCES,
 )
 from fedmeta.common.privacy import local_noise_split
 from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, threshold
 
 _STATE = "fedmeta-secagg"  # the node's context.state ConfigRecord for the round in progress
+_LAST = "fedmeta-secagg-last"  # the latest round whose keys this node sent; never deleted
 
 
 class SecAggError(ValueError):
@@ -62,6 +64,13 @@ class SecAggError(ValueError):
 
 def keys(message: Message, context: Context) -> Message:
     server_round = _round(message)
+    last = context.state.config_records.get(_LAST)
+    if last is not None and server_round <= int(last["round"]):
+        # A round answered once is never answered again: a server that reran it (with or without some site)
+        # could difference the two sums, or release more than the accountant booked.
+        raise SecAggError(f"round {server_round}'s key exchange comes after round {int(last['round'])}'s: a round is "
+                          "answered once, and rounds only go forward")
+    context.state[_LAST] = ConfigRecord({"round": server_round})
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()
     context.state[_STATE] = ConfigRecord({
@@ -85,10 +94,10 @@ def shares(message: Message, context: Context, config: RunConfig) -> Message:
         raise SecAggError("the participants' list is malformed (duplicate nodes or missing keys)")
     if len(set(pk1s) | set(pk2s)) != 2 * len(nodes):
         raise SecAggError("two participants show the same public key")
-    if len(nodes) < _fewest(config):
+    if len(nodes) < _fewest(config, context):
         # Two participants: the sum and its own reply give the other's; one: its reply in the clear.
-        raise SecAggError(f"the round lists {len(nodes)} participant(s), fewer than max(2, min-sites)="
-                          f"{_fewest(config)}; refusing to share secrets with so few")
+        raise SecAggError(f"the round lists {len(nodes)} participant(s), fewer than max(2, min-sites, the site's "
+                          f"min-secagg-sites)={_fewest(config, context)}; refusing to share secrets with so few")
     if me not in nodes or pk1s[nodes.index(me)] != state["pk1"] or pk2s[nodes.index(me)] != state["pk2"]:
         raise SecAggError("the server lists this site with keys it did not send")
     group = neighbours(nodes, me, config.secagg_neighbours)
@@ -145,8 +154,8 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
             # This site leaves the round (the server recovers its mask key from its other holders and the
             # round goes on without it). Leaving out the sender instead would need the sender's mask key
             # from holders other than this site, which a small federation (3 sites, t = 2) does not have.
-            raise SecAggError(f"the share from node {source} does not decrypt with the key agreed with it "
-                              "(a wrong or tampered share)") from None
+            raise SecAggError(SECAGG_BAD_SHARE.format(node=source) + " with the key agreed with it (a wrong or "
+                              "tampered share)") from None
         if (src, dst) != (source, me):
             raise SecAggError(f"a share labelled {src}->{dst} arrived as {source}->{me}")
         senders.append(source)
@@ -160,7 +169,15 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     split = 0
     if config.dp == "local":  # the fewest replies whose sum this site will help unmask (its noise's split)
         sampled = int(message.content.config_records[CONFIG_RECORD].get(SAMPLED_SITES_KEY, len(nodes)))
+        if sampled < 1:
+            raise SecAggError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site")
         split = local_noise_split(config, min(sampled, len(nodes)))
+        # The quantiser clips each element to +-secagg-clip-range after the noise is added: a range within
+        # reach of the noise would cut it off, and the sum would no longer carry the Gaussian the accountant books.
+        reach = config.dp_clip_norm + 6 * config.dp_noise_multiplier * config.dp_clip_norm / split ** 0.5
+        if config.secagg_clip_range < reach:
+            raise SecAggError(f"secagg-clip-range={config.secagg_clip_range:g} would clip the local DP noise (each "
+                              f"element is within C + 6 sd = {reach:.3g} of zero); the run needs a larger range")
     state.update({"held-from": held_from, "held-seed": held_seed, "held-key": held_key, "masked": True,
                   "senders": senders, "noise-split": split})
 
@@ -209,9 +226,9 @@ def unmask(message: Message, context: Context, config: RunConfig) -> Message:
     if me not in active:
         # This site did answer; named gone, its mask key's shares would unmask the reply it sent.
         raise SecAggError("the server names this site, which sent its masked reply, as not having answered")
-    if len(active) < _fewest(config):
-        raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than max(2, min-sites)="
-                          f"{_fewest(config)}: the sum would reveal too few sites' replies")
+    if len(active) < _fewest(config, context):
+        raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than max(2, min-sites, the site's "
+                          f"min-secagg-sites)={_fewest(config, context)}: the sum would reveal too few sites' replies")
     if len(active) < int(state.get("noise-split", 0)):
         raise SecAggError(f"only {len(active)} site(s) named as answered, fewer than the {state['noise-split']} "
                           "this site's local DP noise was split over: the sum would carry less noise than budgeted")
@@ -224,11 +241,17 @@ def unmask(message: Message, context: Context, config: RunConfig) -> Message:
     if strangers:
         raise SecAggError(f"neighbours {sorted(strangers)} are named, but no share of theirs reached this site: "
                           "it did not mask with them")
+    # Only sites this one masked with can share a sum with it: with a sparse graph (secagg-neighbours > 0) a
+    # server that withholds shares can cut the answered sites into pieces and unmask each piece alone, so
+    # the site's own piece must hold as many answered sites as any sum it helps unmask (min-sites, its
+    # floor, the local-DP split), not only its Shamir threshold.
     t = threshold(len(group) + 1, config.secagg_threshold)
+    needed = max(t, _fewest(config, context), int(state.get("noise-split", 0)))
     answered = len(set(active) & (senders | {me}))
-    if answered < t:
+    if answered < needed:
         raise SecAggError(f"only {answered} of the sites this site masked with (itself included) are named as "
-                          f"answered, fewer than its threshold {t}")
+                          f"answered, fewer than the {needed} a sum it helps unmask must hold (its threshold {t}, "
+                          "min-sites, its floor, the local-DP split)")
     held = {int(n): i for i, n in enumerate(state["held-from"])}
     nodes, out = [], []
     for node in active:
@@ -251,9 +274,10 @@ def _agree(private_key, public_key: bytes, node: int) -> bytes:
                           f"({type(err).__name__}): not an EC key on Flower's curve") from None
 
 
-def _fewest(config: RunConfig) -> int:
-    """The fewest participants a site accepts in a secure round: a sum of fewer than two replies is one reply."""
-    return max(2, int(config.min_sites))
+def _fewest(config: RunConfig, context: Context) -> int:
+    """The fewest participants a site accepts in a secure round: a sum of fewer than two replies is one reply;
+    the run's min-sites and the site's own floor (node config min-secagg-sites) can ask for more."""
+    return max(2, int(config.min_sites), sites_floor(context.node_config))
 
 
 def _round(message: Message) -> int:

@@ -205,6 +205,20 @@ class RunConfig:
         need(self.secagg_neighbours >= 0, "secagg-neighbours", "must be >= 0 (0: every other site).")
         need(math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0, "secagg-clip-range",
              "must be a finite number > 0.")
+        # A sparse graph lets a server that withholds shares cut the answered sites into pieces of k + 1 and
+        # unmask each alone; sites refuse pieces smaller than min-sites (and than the local DP split).
+        need(not (secure and self.secagg_neighbours) or self.secagg_neighbours + 1 >= max(2, self.min_sites),
+             "secagg-neighbours", f"with min-sites={self.min_sites}, a sparse graph needs at least "
+             f"{max(2, self.min_sites) - 1} neighbours per site (or 0: every other site), or no sum could be unmasked.")
+        need(not (secure and self.secagg_neighbours) or self.dp != "local", "secagg-neighbours",
+             "dp='local' splits the noise over the round's quorum, which a sparse graph's pieces may be smaller "
+             "than; use secagg-neighbours=0 (every other site) with dp='local'.")
+        if secure and self.dp == "local":  # the largest per-site noise: split over the fewest replies allowed
+            reach = self.dp_clip_norm * (1 + 6 * self.dp_noise_multiplier / math.sqrt(max(1, self.min_sites)))
+            need(self.secagg_clip_range >= reach, "secagg-clip-range",
+                 f"the quantiser clips each element to +-{self.secagg_clip_range:g} after the local DP noise is added; "
+                 f"with dp-clip-norm={self.dp_clip_norm:g} and dp-noise-multiplier={self.dp_noise_multiplier:g} it "
+                 f"must be at least C + 6 sd = {reach:.3g}, or it cuts the noise the accountant books.")
         need(self.secagg_levels == 0 or 2 <= self.secagg_levels <= 2**30, "secagg-levels",
              "must be 0 (the most the modulus allows) or in [2, 2^30].")
         need(self.aggregation in AGGREGATIONS, "aggregation", f"choose one of {', '.join(AGGREGATIONS)}.")

@@ -125,6 +125,16 @@ ROLES = (ROLE_TRAIN, ROLE_HELDOUT)
 DATA_DIR_KEY = "data-dir"  # deployed: the site's data folder
 ROLE_KEY = "role"  # deployed: one of ROLES (default train)
 SITE_ID_KEY = "site-id"  # deployed: the site's order key (integer)
+# A site's own privacy floor, in its node config (the site operator writes it; the run config is the server's):
+# below it the site refuses to take part (fedmeta.client.floor).
+FLOOR_SECURE_AGGREGATION_KEY = "require-secure-aggregation"  # "secagg+": refuse runs without it
+FLOOR_DP_KEY = "require-dp"  # "local": refuse runs whose sites do not add their own DP noise
+FLOOR_NOISE_KEY = "min-dp-noise-multiplier"  # refuse a smaller sigma
+FLOOR_CLIP_KEY = "max-dp-clip-norm"  # refuse a larger C
+FLOOR_SITES_KEY = "min-secagg-sites"  # the fewest sites whose sum this site helps unmask (at least 2)
+FLOOR_THRESHOLD_KEY = "min-secagg-threshold"  # refuse a smaller Shamir threshold fraction
+# A site that cannot decrypt a neighbour's share names it in this form; the server counts the accusations.
+SECAGG_BAD_SHARE = "the share from node {node} does not decrypt"
 PARTITION_ID_KEY = "partition-id"  # simulated: Flower's partition index
 NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 
@@ -163,6 +173,13 @@ __all__ = [
     "DP_MODES",
     "CONFIG_RECORD",
     "DATA_DIR_KEY",
+    "FLOOR_CLIP_KEY",
+    "FLOOR_DP_KEY",
+    "FLOOR_NOISE_KEY",
+    "FLOOR_SECURE_AGGREGATION_KEY",
+    "FLOOR_SITES_KEY",
+    "FLOOR_THRESHOLD_KEY",
+    "SECAGG_BAD_SHARE",
     "EVAL_SEED_KEY",
     "GRADS_RECORD",
     "METRICS_RECORD",

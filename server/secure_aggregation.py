@@ -15,6 +15,7 @@ Every exchange closes like a training round (``round-deadline`` once a quorum an
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -30,7 +31,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.privacy import local_noise_split
 from fedmeta.common.protocol import (
     CONFIG_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES, ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY,
-    SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS, SECAGG_KEYS_ACTION, SECAGG_NODES,
+    SECAGG_ACTIVE, SECAGG_BAD_SHARE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS, SECAGG_KEYS_ACTION, SECAGG_NODES,
     SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES, SECAGG_SHARES_ACTION, SECAGG_SOURCES,
     SECAGG_UNMASK_ACTION, version_stamp,
 )
@@ -50,12 +51,31 @@ def secure_training_round(grid: Grid, coordinator: Coordinator, server_round: in
     config = coordinator.config
     exchange = _Exchange(grid, config, server_round)
     outcome = RoundOutcome()
+    # A site whose shares several others could not decrypt sits out the next rounds: one hostile site must not
+    # abandon every round (it answers the role query, so being counted missing alone would not keep it out).
+    suspended = coordinator.secagg_suspended
+    for node in [n for n in chosen if suspended.get(n, 0) >= server_round]:
+        exchange.drops.append(Drop(node, f"secagg: left out until round {suspended[node] + 1}: other sites could not "
+                                         "decrypt the shares it sent", "invalid"))
+    chosen = [n for n in chosen if suspended.get(n, 0) < server_round]
     try:
         _run(exchange, coordinator, server_round, chosen, round_seed, outcome)
     except _RoundAbandoned as err:
         log.warning("round %d: secure aggregation abandoned: %s; θ is left unchanged this round", server_round, err)
         outcome.accepted.clear()
         outcome.aggregation = {"rule": "secagg+", "abandoned": str(err)}
+    # A site whose shares several others could not decrypt is the one breaking the round: it is named, and
+    # does not count as having taken part (one accuser alone, possibly hostile itself, cannot bench anyone).
+    for node, accusers in sorted(exchange.accusations().items()):
+        if len(accusers) >= 2:
+            exchange.drops.append(Drop(node, f"secagg: nodes {sorted(accusers)} could not decrypt the shares it sent",
+                                       "invalid"))
+            exchange.last_accepted.discard(node)
+            # max-missed-rounds rounds out, doubled at each repeat: a transient fault costs little, a hostile
+            # site soon stays out for most of the run.
+            offences = coordinator.secagg_offences[node] = coordinator.secagg_offences.get(node, 0) + 1
+            suspended[node] = server_round + max(1, config.max_missed_rounds) * 2 ** (offences - 1)
+            log.warning("round %d: nodes %s could not decrypt the shares node %d sent", server_round, sorted(accusers), node)
     outcome.dropped = exchange.drops
     coordinator.counters["dropped_replies"] += len(outcome.dropped)
     if not outcome.updated:
@@ -222,10 +242,21 @@ class _Exchange:
                             deadline=self.config.round_deadline, timeout=self.config.round_timeout)
         self.received += collected.messages
         accepted = self._screen(list(payloads), collected, validate, label)
-        # A site that refused a stage someone else got wrong took part as far as the protocol let it.
-        refused = {d.node_id for d in self.drops if d.kind == "secagg-refused" and d.reason.startswith(f"secagg {label}:")}
-        self.last_accepted = set(accepted) | (refused & set(payloads))
+        # A site that refused a stage someone else got wrong took part as far as the protocol let it, whichever
+        # stage it refused (its refusal keeps it out of the later stages, not out of the round).
+        refused = {d.node_id for d in self.drops if d.kind == "secagg-refused"}
+        self.last_accepted = set(accepted) | refused
         return accepted
+
+    def accusations(self) -> dict[int, set[int]]:
+        """Who could not decrypt whose shares this round: {sender: the sites that said so}."""
+        pattern = re.compile(re.escape(SECAGG_BAD_SHARE).replace(re.escape("{node}"), r"(\d+)"))
+        accused: dict[int, set[int]] = {}
+        for drop in self.drops:
+            match = pattern.search(drop.reason) if drop.kind == "secagg-refused" else None
+            if match:
+                accused.setdefault(int(match.group(1)), set()).add(drop.node_id)
+        return accused
 
     def _screen(self, sent_to: Iterable[int], collected: Collected, validate, label: str) -> dict[int, object]:
         expected, accepted = set(sent_to), {}

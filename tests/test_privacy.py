@@ -47,7 +47,7 @@ def test_central_dp_clips_every_reply_before_the_mean():
 
 def test_local_dp_clips_the_site_reply_and_splits_the_noise_over_the_rounds_quorum():
     config = RunConfig(dp="local", secure_aggregation="secagg+", dp_clip_norm=2.0, dp_noise_multiplier=1e-9,
-                       dp_seeded_noise=True)
+                       secagg_clip_range=16.0, dp_seeded_noise=True)
     assert update_norm(local_dp(_reply(1e4, 0), config, split=4, seed=3)) <= 2.0 * (1 + 1e-6)
     # The noise of 16 sites' replies sums to sigma * C: each carries sigma * C / 4.
     config = config.replace(dp_noise_multiplier=1.0)
@@ -176,6 +176,7 @@ def test_the_noise_for_a_budget_is_the_smallest_that_keeps_it():
 
 def test_local_dp_is_accounted_without_amplification_by_sampling(smoke_federation, tmp_path):
     config = tiny_config(smoke_federation, tmp_path, num_rounds=1, dp="local", secure_aggregation="secagg+",
+                         secagg_clip_range=16.0,
                          dp_noise_multiplier=2.0, sites_per_round=2)
     federate(config, smoke_federation)
     (record,) = read_metrics(tmp_path / METRICS_NAME)

@@ -160,7 +160,7 @@ def _strangers(record, me):  # name sites that never took part
 
 
 @pytest.mark.parametrize("stage, tamper, words", [
-    ("train.secagg_shares", _only_me, "the round lists 1 participant(s), fewer than max(2, min-sites)=2"),
+    ("train.secagg_shares", _only_me, "the round lists 1 participant(s), fewer than max(2, min-sites, the site's min-secagg-sites)=2"),
     ("train", _no_shares, "shares from 0 neighbour(s) reached this site, fewer than the 1 its threshold needs"),
     ("train.secagg_unmask", _me_gone, "names this site, which sent its masked reply, as not having answered"),
     ("train.secagg_unmask", _alone, "only 1 site(s) named as answered"),
@@ -199,7 +199,7 @@ def test_a_listing_of_two_is_refused_when_min_sites_asks_for_three(smoke_federat
     except Exception:  # noqa: BLE001 - the round cannot complete without the victim
         pass
     (reply,) = hostile.victim_replies
-    assert reply.has_error() and "the round lists 2 participant(s), fewer than max(2, min-sites)=3" in reply.error.reason
+    assert reply.has_error() and "the round lists 2 participant(s), fewer than max(2, min-sites, the site's min-secagg-sites)=3" in reply.error.reason
 
 
 def test_a_copied_public_key_leaves_out_both_sites_that_show_it(smoke_federation, tmp_path):
@@ -413,6 +413,10 @@ def test_a_garbage_share_costs_one_site_the_round_not_the_federation(smoke_feder
     (refused,) = [d for d in record["dropped"] if d["kind"] == "secagg-refused"]
     assert "the share from node" in refused["reason"] and "does not decrypt" in refused["reason"]
     assert "benched" not in record
+    # Over several rounds the victim, which refused at the train stage, is never counted as missing one.
+    longer = secure.replace(out_dir=str(tmp_path / "longer"), num_rounds=3, max_missed_rounds=1)
+    federate(longer, smoke_federation, client=garbling)
+    assert all("benched" not in r and r["updated"] for r in read_metrics(tmp_path / "longer" / METRICS_NAME))
     plain = tiny_config(smoke_federation, tmp_path / "plain", **SGD)
     federate(plain, smoke_federation, client=Vanishing(0, "train"))
     assert _theta_gap(tmp_path / "plain", tmp_path / "secure") <= _bound(secure, 3)
@@ -435,3 +439,89 @@ def test_local_dp_sites_refuse_to_unmask_fewer_replies_than_their_noise_was_spli
         pass
     (reply,) = hostile.victim_replies
     assert reply.has_error() and "fewer than the 3 this site's local DP noise was split over" in reply.error.reason
+
+
+def test_a_site_whose_shares_nobody_can_decrypt_is_named_and_sits_out(smoke_federation, tmp_path):
+    from flwr.app import ConfigRecord
+
+    from fedmeta.common.protocol import SECAGG_DESTINATIONS
+
+    def garbling_all(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if context.node_config["partition-id"] == 1 and message.metadata.message_type == "train.secagg_shares":
+            record = reply.content.config_records[SECAGG_RECORD]
+            reply.content[SECAGG_RECORD] = ConfigRecord({
+                SECAGG_DESTINATIONS: list(record[SECAGG_DESTINATIONS]),
+                SECAGG_CIPHERTEXTS: [b"garbage" + bytes(c)[7:] for c in record[SECAGG_CIPHERTEXTS]]})
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0,
+                         max_missed_rounds=2, **{**SGD, "num_rounds": 3})
+    federate(config, smoke_federation, client=garbling_all)
+    first, *later = read_metrics(tmp_path / METRICS_NAME)
+    assert not first["updated"]  # both honest sites refused: too few masked replies
+    (named,) = [d for d in first["dropped"] if "could not decrypt the shares it sent" in d["reason"]]
+    assert all(r["updated"] and r["sites_answered"] == 2 for r in later)  # it sits out; the other two go on
+    for record in later:
+        (out,) = [d for d in record["dropped"] if d["node_id"] == named["node_id"]]
+        assert "left out until round" in out["reason"]
+    assert "benched" not in first  # the two honest sites refused, and are not counted missing for it
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(secagg_neighbours=1, min_sites=3), "a sparse graph needs at least 2 neighbours"),
+    (dict(secagg_neighbours=2, dp="local"), "use secagg-neighbours=0 (every other site) with dp='local'"),
+    (dict(dp="local", dp_noise_multiplier=2.0), "must be at least C + 6 sd = 13"),
+])
+def test_secure_settings_a_deviating_server_could_exploit_are_refused(changes, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        RunConfig(secure_aggregation="secagg+", **changes)
+
+
+def test_a_round_is_answered_once_and_rounds_only_go_forward():
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmeta.common.protocol import CONFIG_RECORD, ROUND_KEY
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    context = Context(0, 7, {}, RecordDict(), {})
+
+    def keys_for(server_round: int) -> None:
+        body = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: server_round}), SECAGG_RECORD: ConfigRecord({})})
+        secure_aggregation.keys(Message(body, dst_node_id=7, message_type="train.secagg_keys"), context)
+
+    keys_for(5)
+    for again in (5, 4):  # a rerun of round 5, then an older round: refused
+        with pytest.raises(secure_aggregation.SecAggError, match="a round is answered once"):
+            keys_for(again)
+    keys_for(6)
+
+
+def test_a_site_refuses_a_run_below_its_own_privacy_floor(smoke_federation, tmp_path):
+    from fedmeta.server.app import RunFailed
+    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
+    from tests.test_inprocess import num_sites
+
+    # The site operator's node config, not the server's run config: secure aggregation and local DP required.
+    nodes = [{**n, "require-secure-aggregation": "secagg+", "require-dp": "local"}
+             for n in simulation_node_configs(num_sites(smoke_federation))]
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0, **SGD)
+    with pytest.raises(RunFailed):
+        run_inprocess(config.to_run_config(), nodes, client_app=client_app)
+    (record,) = read_metrics(tmp_path / METRICS_NAME)
+    refused = [d for d in record["dropped"] if d["kind"] == "secagg-refused"]
+    assert len(refused) == 3 and all("privacy floor" in d["reason"] and "require-dp='local' but the run has dp='none'"
+                                     in d["reason"] for d in refused)
+    # A plain run (no secure aggregation at all) is refused at the train message too: no raw reply leaves.
+    plain = config.replace(out_dir=str(tmp_path / "plain"), secure_aggregation="none")
+    with pytest.raises(RunFailed):
+        run_inprocess(plain.to_run_config(), nodes, client_app=client_app)
+    (record,) = read_metrics(tmp_path / "plain" / METRICS_NAME)
+    assert all("require-secure-aggregation='secagg+'" in d["reason"] for d in record["dropped"])
+    # The site's own floor on the fewest participants: 4 required, 3 listed.
+    fewest = [{**n, "min-secagg-sites": 4} for n in simulation_node_configs(num_sites(smoke_federation))]
+    with pytest.raises(RunFailed):
+        run_inprocess(config.replace(out_dir=str(tmp_path / "fewest")).to_run_config(), fewest, client_app=client_app)
+    (record,) = read_metrics(tmp_path / "fewest" / METRICS_NAME)
+    assert any("the site's min-secagg-sites)=4" in d["reason"] for d in record["dropped"])
