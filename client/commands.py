@@ -143,6 +143,9 @@ def verified_release(args: argparse.Namespace) -> dict | None:
 
     if not args.checkpoint.is_file():
         return None  # evaluate_checkpoint names the missing file
+    if args.public_key is not None and Path(args.public_key).resolve().parent == args.checkpoint.resolve().parent:
+        print(f"warning: the key {args.public_key} lies beside the checkpoint it verifies; a key that travels with "
+              "the file proves nothing. Use the consortium's key from your site bundle.", file=sys.stderr)
     release = verify(args.checkpoint, args.public_key, allow_unsigned=args.allow_unsigned)
     if release is None:
         print(f"warning: {args.checkpoint} is used unverified (--allow-unsigned)", file=sys.stderr)

@@ -41,6 +41,7 @@ SITE_MODEL_VERSION = 1
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # A volume with fewer voxels than this along an axis is a localiser or a slice, not a scan to segment.
 MIN_SCAN_SLICES = 3
+MAX_STEPS = 10_000  # beyond this, adaptation on k slices is not few-shot adaptation but an hour of overfitting
 
 
 @dataclass
@@ -52,8 +53,8 @@ class SiteModel:
 
 
 def case_name(path: Path) -> str:
-    """``<case>`` for ``<case>_0000.nii.gz`` (nnU-Net's channel suffix), ``<case>.nii.gz``, ``<case>.nii`` or a
-    DICOM series folder ``<case>/``."""
+    """``<case>`` for ``<case>_0000.nii.gz`` (nnU-Net's first-channel suffix), ``<case>.nii.gz``, ``<case>.nii``
+    or a DICOM series folder ``<case>/``."""
     name = path.name
     if path.is_dir():
         return name
@@ -61,7 +62,7 @@ def case_name(path: Path) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+    if len(name) > 5 and name.endswith("_0000"):  # nnU-Net's first channel; '_2023' is part of a name
         name = name[:-5]
     return name
 
@@ -97,8 +98,9 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
 
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"--steps {steps!r}: gradient steps, an integer >= 0 (0 keeps the initialisation as it is).")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps {steps!r}: gradient steps, an integer from 0 (the initialisation as it is) to "
+                         f"{MAX_STEPS}; a few-shot adaptation takes 5-50.")
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder; pass the site folder (dataset.json, imagesTr/, labelsTr/).")
     began = time.perf_counter()
@@ -360,10 +362,83 @@ def scan_paths(source: Path) -> list[Path]:
     return scans
 
 
+OUTPUT_SUFFIXES = (".nii.gz", "_overlay.png", "_probabilities.nii.gz", ".seg.dcm")
+
+
+def output_names(scans: list[Path], *, probabilities: bool, overlays: bool, dicom_seg: bool) -> dict[Path, list[str]]:
+    """Every file predict writes for each scan; refuses two scans whose outputs would share a name."""
+    kinds = [".nii.gz"] + (["_overlay.png"] if overlays else []) + (["_probabilities.nii.gz"] if probabilities else [])
+    owners: dict[str, Path] = {}
+    out: dict[Path, list[str]] = {}
+    for scan in scans:
+        names = [case_name(scan) + kind for kind in kinds]
+        if dicom_seg and scan.is_dir():
+            names.append(case_name(scan) + ".seg.dcm")
+        for name in names:
+            if name in owners:
+                raise ValueError(f"--input: {owners[name].name} and {scan.name} would both write {name}; rename one "
+                                 "of them (or pass one channel per case).")
+            owners[name] = scan
+        out[scan] = names
+    return out
+
+
+def output_folder_problem(out: Path, inputs: Path, planned: list[str], overwrite: bool) -> str | None:
+    """Why predict must not write into ``out``: it is (inside) the input, holds scans or labels it did not
+    write, or already holds one of the planned files (without --overwrite). Checked before any scan is read."""
+    from fedmeta.common.dicom import is_series_folder
+
+    out, source = Path(out).resolve(), Path(inputs).resolve()
+    source_dir = source.parent if source.is_file() else source
+    if out == source_dir or source_dir in out.parents or out in source.parents:
+        return (f"--out {out}: is the input folder or inside it (or holds it); masks named after their scans would "
+                "overwrite them. Choose a folder of its own, e.g. a new 'masks' folder.")
+    if not out.is_dir():
+        return None
+    ours = (out / "predictions.json").is_file()
+    foreign = [p.name for p in sorted(out.iterdir())
+               if (p.name.endswith(SCAN_SUFFIXES) and not ours) or p.name.endswith(".dcm") or is_series_folder(p)]
+    if foreign and not ours:
+        return (f"--out {out}: already holds scans or labels fedmeta predict did not write ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}); predict never writes over a site's data. Choose an empty folder.")
+    existing = [name for name in planned if (out / name).exists()]
+    if existing and not overwrite:
+        return (f"--out {out}: already holds {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} from an "
+                "earlier prediction; pass --overwrite to replace them, or choose another folder.")
+    return None
+
+
+def _save_atomically(write, path: Path) -> None:
+    """``write(temporary path)`` then rename onto ``path``: a crash never leaves half a mask under its name."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix if path.suffix != '.gz' else '.nii.gz'}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _mask_header(image, dtype, num_classes: int):
+    """The scan's geometry (qform, sform, units) for an output; none of its free-text fields, which converters
+    fill with patient names and protocol notes."""
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1, 0)
+    for field in ("descrip", "aux_file", "db_name", "intent_name"):
+        if field in header:
+            header[field] = b""
+    if "cal_min" in header:
+        header["cal_min"], header["cal_max"] = 0, num_classes - 1 if dtype == np.uint8 else 1
+    return header
+
+
 def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path | None = None,
                   allow_unsigned: bool = False, probabilities: bool = False, overlays: bool = True,
-                  dicom_seg: bool = False, device: str = "auto", progress=print) -> dict[str, Any]:
-    """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans."""
+                  dicom_seg: bool = False, overwrite: bool = False, device: str = "auto",
+                  progress=print) -> dict[str, Any]:
+    """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans. A scan
+    that cannot be segmented (bad file, too large, a failure while segmenting) is refused by name, and the
+    others go on."""
     import nibabel as nib
 
     from fedmeta.common.config import RunConfig
@@ -372,58 +447,83 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
 
     dev = pick_device(device)
     model_path = Path(model_path)
+    scans = scan_paths(inputs)
+    planned = output_names(scans, probabilities=probabilities, overlays=overlays, dicom_seg=dicom_seg)
+    problem = output_folder_problem(out, inputs, [n for names in planned.values() for n in names], overwrite)
+    if problem:
+        raise ValueError(problem)
     if model_path.is_file():  # a consortium checkpoint used as it is: the release must verify
         from fedmeta.common.adaptation import load_initialisation
         from fedmeta.common.release import verify
 
         release = verify(model_path, public_key, allow_unsigned=allow_unsigned)
         init, config = load_initialisation(model_path)
-        params, source = init.params, {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id")}
+        params = init.params
+        source = {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id"),
+                  "release_verified": bool(release)}
         label_names: dict = {}
     else:
         site_model = load_site_model(model_path)
         config = RunConfig.from_run_config(site_model.run_config)
-        params, source = site_model.params, {"site_model": str(model_path),
-                                             "release_id": site_model.card["initialisation"].get("release_id")}
+        params = site_model.params
+        # The card's word, not a verified fact: anyone who can write the model folder can rewrite the card.
+        source = {"site_model": str(model_path), "card_release_id": site_model.card["initialisation"].get("release_id"),
+                  "card_authenticated": False}
         label_names = site_model.card.get("model", {}).get("label_names", {})
-    scans = scan_paths(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(config.model_config()).to(dev)
-    written, refused = [], {}
+    written, refused, notes = [], {}, {}
     for i, scan in enumerate(scans, 1):
         began = time.perf_counter()
-        problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
-        if problems:
-            refused[scan.name] = problems[0]
-            progress(f"[{i}/{len(scans)}] {scan.name}: refused: {problems[0]}")
-            continue
-        result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
         name = case_name(scan)
-        header = image.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1, 0)
-        mask_image = nib.Nifti1Image(result.mask, image.affine, header)
-        nib.save(mask_image, str(out / f"{name}.nii.gz"))
+        try:
+            problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
+            if problems:
+                raise _Refused(problems[0])
+            result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
+        except _Refused as err:
+            refused[scan.name] = str(err)
+        except MemoryError:
+            refused[scan.name] = f"{scan}: segmenting it ran out of memory; free memory or crop the scan."
+        except Exception as err:  # noqa: BLE001 - one scan's failure never ends the batch; its type only (no data)
+            refused[scan.name] = f"{scan}: segmenting it failed ({type(err).__name__}); the other scans went on."
+        if scan.name in refused:
+            progress(f"[{i}/{len(scans)}] {scan.name}: refused: {refused[scan.name]}")
+            continue
+        mask_header = _mask_header(image, np.uint8, config.num_classes)
+        _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.mask, image.affine, mask_header), str(tmp)),
+                         out / f"{name}.nii.gz")
         if probabilities:
-            prob_header = image.header.copy()
-            prob_header.set_data_dtype(np.float32)
-            prob_header.set_slope_inter(1, 0)
-            nib.save(nib.Nifti1Image(result.probabilities, image.affine), str(out / f"{name}_probabilities.nii.gz"))
+            prob_header = _mask_header(image, np.float32, config.num_classes)
+            _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.probabilities, image.affine, prob_header),
+                                                  str(tmp)), out / f"{name}_probabilities.nii.gz")
         if overlays:
             overlay_montage(data, result.mask, out / f"{name}_overlay.png", title=name)
+        entry = {"case": name, "shape": list(result.mask.shape),
+                 "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}}
         if dicom_seg and scan.is_dir():
             from fedmeta.common.dicom import write_segmentation
 
-            write_segmentation(scan, result.mask, out / f"{name}.seg.dcm", num_classes=config.num_classes,
-                               label_names=label_names)
-        seconds = time.perf_counter() - began
-        written.append({"case": name, "shape": list(result.mask.shape), "seconds": round(seconds, 3),
-                        "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}})
-        progress(f"[{i}/{len(scans)}] {scan.name} -> {name}.nii.gz ({seconds:.1f} s)")
-    summary = {"model": source, "device": str(dev), "masks": written, "refused": refused}
+            try:
+                _save_atomically(lambda tmp: write_segmentation(scan, result.mask, tmp, num_classes=config.num_classes,
+                                                                label_names=label_names), out / f"{name}.seg.dcm")
+                entry["dicom_seg"] = f"{name}.seg.dcm"
+            except Exception as err:  # noqa: BLE001 - the series lacks what a SEG must reference; the mask stands
+                entry["dicom_seg"] = (f"not written ({type(err).__name__}): the series lacks an attribute a DICOM SEG "
+                                      "must reference (e.g. FrameOfReferenceUID, StudyInstanceUID)")
+        if float(data.max()) == float(data.min()):
+            notes[name] = "the scan is uniform (no contrast): its mask means nothing"
+        entry["seconds"] = round(time.perf_counter() - began, 3)
+        written.append(entry)
+        progress(f"[{i}/{len(scans)}] {scan.name} -> {name}.nii.gz ({entry['seconds']:.1f} s)")
+    summary = {"model": source, "device": str(dev), "masks": written, "refused": refused, "warnings": notes}
     write_json(out / "predictions.json", summary)
     return summary
+
+
+class _Refused(Exception):
+    """A scan the model cannot handle, with the reason."""
 
 
 def overlay_montage(image: np.ndarray, mask: np.ndarray, path: Path, title: str, panels: int = 6) -> None:
@@ -493,6 +593,8 @@ def register(subparsers) -> None:
     predict_parser.add_argument("--probabilities", action="store_true",
                                 help="also write <case>_probabilities.nii.gz (float32, one volume per class)")
     predict_parser.add_argument("--no-overlays", action="store_true", help="skip the PNG overlay montages")
+    predict_parser.add_argument("--overwrite", action="store_true",
+                                help="replace the outputs of an earlier prediction in --out (never a scan or a label)")
     predict_parser.add_argument("--dicom-seg", action="store_true",
                                 help="for a DICOM series input, also write <case>.seg.dcm: a DICOM Segmentation "
                                      "(highdicom) referencing the source series, for the PACS")
@@ -511,14 +613,32 @@ def _release_options(parser, what: str = "the checkpoint") -> None:
 
 
 def default_public_key(given: Path | None) -> Path | None:
-    """``--public-key``, else ``$FEDMETA_RELEASE_KEY``, else ``./release.pub`` (the site bundle's copy)."""
+    """``--public-key``; else ``$FEDMETA_RELEASE_KEY``; else ``./release.pub`` when this is a site bundle whose
+    ``site.json`` (written by ``fedmeta provision``) pins that key's fingerprint. A ``release.pub`` lying in
+    the current folder without that pin is not taken: it may have come with the checkpoint it would verify."""
+    import json
+
     if given is not None:
         return given
     env = os.environ.get("FEDMETA_RELEASE_KEY")
     if env:
         return Path(env)
-    bundled = Path("release.pub")
-    return bundled if bundled.is_file() else None
+    bundled, site_json = Path("release.pub"), Path("site.json")
+    if not bundled.is_file() or not site_json.is_file():
+        return None
+    from fedmeta.common.release import key_fingerprint, load_public_key
+
+    try:
+        pinned = json.loads(site_json.read_text()).get("release_key_sha256")
+    except (OSError, ValueError, AttributeError):
+        pinned = None
+    if not pinned:
+        return None
+    if key_fingerprint(load_public_key(bundled)) != pinned:
+        raise ValueError(f"{bundled.resolve()}: its fingerprint is not the one {site_json} pins "
+                         f"({str(pinned)[:16]}...): the file was replaced. Restore the bundle's release.pub, or pass the "
+                         "consortium's key with --public-key.")
+    return bundled
 
 
 def adapt_command(args) -> int:
@@ -560,7 +680,8 @@ def predict_command(args) -> int:
         public_key = default_public_key(args.public_key) if args.model.is_file() else None
         summary = predict_scans(args.model, args.input, args.out, public_key=public_key,
                                 allow_unsigned=args.allow_unsigned, probabilities=args.probabilities,
-                                overlays=not args.no_overlays, dicom_seg=args.dicom_seg, device=args.device)
+                                overlays=not args.no_overlays, dicom_seg=args.dicom_seg, overwrite=args.overwrite,
+                                device=args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta predict: error: {err}", file=sys.stderr)
         return 1

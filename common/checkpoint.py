@@ -65,6 +65,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"{path}: not a readable fedmeta checkpoint ({type(err).__name__}: {err}); "
             "delete it to start afresh or point out-dir at another run."
         ) from err
+    if isinstance(payload, dict) and payload.get("format") == "fedmeta-site-model":
+        raise ValueError(f"{path}: a site model written by fedmeta adapt, not a consortium checkpoint; segment with it: "
+                         f"fedmeta predict --model {path.parent}.")
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise ValueError(
             f"{path}: checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'} "

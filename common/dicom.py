@@ -83,30 +83,34 @@ def read_series(folder: Path, *, max_voxels: int):
         if missing:
             raise SeriesProblem(f"{path}: lacks {', '.join(missing)}, so the scan has no geometry. Fix: export the "
                                 "series with its image plane attributes (an MR/CT image, not a secondary capture).")
-    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
+    geometry = [_geometry(path, header) for path, header in headers]
+    rows, cols = geometry[0]["rows"], geometry[0]["cols"]
     if rows * cols * len(headers) > max_voxels:
         raise SeriesProblem(f"{folder}: {len(headers)} slices of {rows} x {cols} = {rows * cols * len(headers):,} "
                             f"voxels, more than the {max_voxels:,} a site loads. Fix: crop or resample the series, or "
                             "raise FEDMETA_MAX_VOXELS if it is genuine.")
-    orientation = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
-    for path, header in headers:
-        if (int(header.Rows), int(header.Columns)) != (rows, cols):
-            raise SeriesProblem(f"{path}: {header.Rows} x {header.Columns} pixels, other slices {rows} x {cols}: "
+    orientation, spacing = geometry[0]["orientation"], geometry[0]["spacing"]
+    for (path, _header), g in zip(headers, geometry):
+        if (g["rows"], g["cols"]) != (rows, cols):
+            raise SeriesProblem(f"{path}: {g['rows']} x {g['cols']} pixels, other slices {rows} x {cols}: "
                                 "not one volume. Fix: one series per folder.")
-        if not np.allclose(np.asarray(header.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4):
+        if not np.allclose(g["orientation"], orientation, atol=1e-4):
             raise SeriesProblem(f"{path}: its slice orientation differs from the series' first slice (a localiser or "
                                 "a second stack). Fix: keep one stack of parallel slices in the folder.")
+        if not np.allclose(g["spacing"], spacing, rtol=1e-3):
+            raise SeriesProblem(f"{path}: its pixel spacing differs from the series' first slice: not one volume. "
+                                "Fix: keep one stack of slices of one resolution in the folder.")
     x, y = orientation[:3], orientation[3:]
     normal = np.cross(x, y)
     if not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
         raise SeriesProblem(f"{folder}: ImageOrientationPatient {orientation.tolist()} is not two unit vectors at right "
                             "angles. Fix: export the series again.")
-    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
+    positions = np.asarray([g["position"] for g in geometry])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
     headers, positions, depth = [headers[i] for i in order], positions[order], depth[order]
+    geometry = [geometry[i] for i in order]
     steps = np.diff(depth)
-    spacing = np.asarray([float(v) for v in headers[0][1].PixelSpacing])  # (between rows, between columns)
     if len(headers) > 1:
         step = float(np.median(steps))
         if step <= 0 or np.any(np.abs(steps - step) > SPACING_TOLERANCE * step):
@@ -115,27 +119,54 @@ def read_series(folder: Path, *, max_voxels: int):
                                 "complete series, one stack per folder.")
         slice_vector = (positions[-1] - positions[0]) / (len(headers) - 1)
     else:
-        thickness = float(headers[0][1].get("SliceThickness", 0) or 0) or float(min(spacing))
-        slice_vector = normal * thickness
+        slice_vector = normal * (geometry[0]["thickness"] or float(min(spacing)))
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = x * spacing[1], y * spacing[0], slice_vector, positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
 
     data = np.empty((cols, rows, len(headers)), dtype=np.float32)
-    for k, (path, _header) in enumerate(headers):
+    for k, ((path, _header), g) in enumerate(zip(headers, geometry)):
         try:
-            dataset = pydicom.dcmread(path)
-            pixels = dataset.pixel_array.astype(np.float32)
+            pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
         except Exception as err:  # noqa: BLE001 - an unsupported transfer syntax, a cut file
-            raise SeriesProblem(f"{path}: its pixel data cannot be decoded ({type(err).__name__}: {err}). Fix: export "
-                                "the series uncompressed (or install the pydicom decoder for its transfer "
-                                "syntax).") from None
+            # The exception's type only: pydicom's messages can quote header values.
+            raise SeriesProblem(f"{path}: its pixel data cannot be decoded ({type(err).__name__}). Fix: export the "
+                                "series uncompressed (or install the pydicom decoder for its transfer syntax).") from None
         if pixels.shape != (rows, cols):
             raise SeriesProblem(f"{path}: pixel data of shape {pixels.shape}, not {rows} x {cols} (a multi-frame or "
                                 "colour image). Fix: export single-frame greyscale slices.")
-        slope, intercept = float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
-        data[:, :, k] = (pixels * slope + intercept).T  # (rows, cols) -> (col, row): the affine's first two axes
+        data[:, :, k] = (pixels * g["slope"] + g["intercept"]).T  # (rows, cols) -> (col, row): the affine's axes
     return nib.Nifti1Image(data, affine), data
+
+
+def _geometry(path: Path, header) -> dict:
+    """One slice's geometry and rescale, as numbers; a value that does not parse is named by attribute, never
+    quoted (a damaged or hostile header could hold anything, a patient's name included)."""
+    attribute = ""
+    try:
+        attribute = "Rows/Columns"
+        rows, cols = int(header.Rows), int(header.Columns)
+        attribute = "ImageOrientationPatient"
+        orientation = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
+        attribute = "ImagePositionPatient"
+        position = np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64)
+        attribute = "PixelSpacing"
+        spacing = np.asarray([float(v) for v in header.PixelSpacing], dtype=np.float64)  # (between rows, columns)
+        attribute = "RescaleSlope/RescaleIntercept"
+        slope = float(header.get("RescaleSlope", 1) or 1)
+        intercept = float(header.get("RescaleIntercept", 0) or 0)
+        attribute = "SliceThickness"
+        thickness = float(header.get("SliceThickness", 0) or 0)
+    except Exception as err:  # noqa: BLE001 - ValueError, TypeError, pydicom's own
+        raise SeriesProblem(f"{path}: its {attribute} does not read as numbers ({type(err).__name__}). Fix: export the "
+                            "series again.") from None
+    if (orientation.shape != (6,) or position.shape != (3,) or spacing.shape != (2,) or rows < 1 or cols < 1
+            or not all(np.isfinite(v).all() for v in (orientation, position, spacing, slope, intercept, thickness))
+            or spacing.min() <= 0):
+        raise SeriesProblem(f"{path}: its image plane attributes are malformed (6 direction cosines, 3 position values, "
+                            "2 positive pixel spacings, finite rescale). Fix: export the series again.")
+    return {"rows": rows, "cols": cols, "orientation": orientation, "position": position, "spacing": spacing,
+            "slope": slope, "intercept": intercept, "thickness": thickness}
 
 
 def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, *, patient_name: str = "Anonymous",

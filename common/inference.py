@@ -106,7 +106,8 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
     # Back to the RAS grid one class at a time: a running arg-max holds two volumes, not C of them.
     best = torch.full(ras_shape, -1.0)
     mask = torch.zeros(ras_shape, dtype=torch.uint8)
-    kept = [] if probabilities else None
+    scan_shape = tuple(int(n) for n in np.asarray(image_data).shape[:3])
+    kept = np.empty((*scan_shape, num_classes), dtype=np.float32) if probabilities else None  # filled in place
     for c in range(num_classes):
         p = probs[c]
         if tuple(p.shape) != tuple(ras_shape):
@@ -116,10 +117,10 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
         best = torch.where(better, p, best)
         mask[better] = c
         if kept is not None:
-            kept.append(_to_scan_orientation(p.numpy().astype(np.float32), transform))
+            kept[..., c] = _to_scan_orientation(p.numpy(), transform)
     mask_np = _to_scan_orientation(mask.numpy(), transform)
     counts = {int(v): int(n) for v, n in zip(*np.unique(mask_np, return_counts=True))}
-    return Segmentation(mask_np, np.stack(kept, axis=-1) if kept is not None else None, counts)
+    return Segmentation(mask_np, kept, counts)
 
 
 __all__ = ["Segmentation", "segment_scan"]

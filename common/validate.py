@@ -368,15 +368,11 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
         )
     singular = False
     for path, header_of in ((case.image, image), (case.label, label)):
-        spatial = np.asarray(header_of.affine, dtype=np.float64)[:3, :3]
-        if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-9:
+        problem = affine_problem(path, header_of.affine, image_data.shape)
+        if problem:
             singular = True
-            problems.append(
-                f"{path}: its affine is singular or not finite (voxel axes {spatial.round(4).tolist()}), so the "
-                "scan has no orientation or spacing. Fix: export it again with its header (qform/sform), or "
-                "repair the header with the scan's real voxel spacing and orientation."
-            )
-    if singular:  # the reorientation below would raise on it
+            problems.append(problem)
+    if singular:  # the reorientation and resampling below would raise on it, or blow up
         return problems, None
     if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE_MM):
         problems.append(
@@ -430,6 +426,35 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
     return [], LoadedCase(case.case_id, image, label, image_data, rounded)
 
 
+# Voxel sizes a scan can have (mm): beyond them the header is damaged, and resampling to the model's spacing
+# would make a volume of no use (or of tens of GB: 32^3 voxels of 100 mm are 1067^3 at 3 mm).
+VOXEL_MM_RANGE = (0.01, 20.0)
+
+
+def affine_problem(path: Path, affine, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a scan's affine — not finite, axes parallel (no orientation), voxel sizes outside
+    :data:`VOXEL_MM_RANGE`, or a physical extent resampling would turn into more voxels than the cap — or None."""
+    spatial = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(spatial).all():
+        return (f"{path}: its affine is not finite, so the scan has no orientation or spacing. Fix: export it again "
+                "with its header (qform/sform).")
+    zooms = np.sqrt((spatial ** 2).sum(axis=0))
+    if zooms.min() <= 0 or abs(np.linalg.det(spatial)) < 1e-6 * float(np.prod(zooms)):
+        return (f"{path}: its affine is singular (voxel axes {spatial.round(4).tolist()}), so the scan has no "
+                "orientation. Fix: export it again with its header (qform/sform), or repair the header with the "
+                "scan's real voxel spacing and orientation.")
+    low, high = VOXEL_MM_RANGE
+    if zooms.min() < low or zooms.max() > high:
+        return (f"{path}: its voxel sizes {np.round(zooms, 4).tolist()} mm are outside {low:g}-{high:g} mm: the header is "
+                "damaged (a real scan's voxels are sub-millimetre to a few mm). Fix: export the scan again, or repair the "
+                "header's voxel sizes.")
+    extent = np.asarray(shape[:3], dtype=np.float64) * zooms
+    if float(np.prod(np.maximum(extent, 1.0))) > max_voxels():  # at 1 mm, finer than any model's spacing here
+        return (f"{path}: it spans {' x '.join(f'{e:.0f}' for e in extent)} mm, more than {max_voxels():,} voxels at "
+                "1 mm; the header is damaged or the scan is not of a patient. Fix: export the scan again.")
+    return None
+
+
 def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | None, np.ndarray | None]:
     """An unlabelled scan to segment: (problems, nibabel image, float32 data). The checks ``check_case``
     applies to an image: the header's size against the file and the voxel cap before any data is read,
@@ -443,10 +468,9 @@ def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | 
     if data.ndim != 3:
         return [f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}), expected a 3D volume. Fix: export "
                 "one 3D volume per file (split multi-channel or time series, stack 2D slices)."], None, None
-    spatial = np.asarray(image.affine, dtype=np.float64)[:3, :3]
-    if not np.isfinite(spatial).all() or abs(np.linalg.det(spatial)) < 1e-9:
-        return [f"{path}: its affine is singular or not finite (voxel axes {spatial.round(4).tolist()}), so the scan "
-                "has no orientation or spacing. Fix: export it again with its header (qform/sform)."], None, None
+    problem = affine_problem(Path(path), image.affine, data.shape)
+    if problem:
+        return [problem], None, None
     if min(data.shape) < min_slices:
         return [f"{path}: the volume is {' x '.join(map(str, data.shape))} voxels, thinner than {min_slices} along one "
                 "axis: a localiser or a single slice, not a scan the model can segment. Fix: pass the full 3D "

@@ -222,7 +222,10 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     result.expiry["CA certificate " + str(out / "ca" / "ca.crt")] = _expiry(ca_cert)
 
     release_pub = _release_key(out / "release", force, result)
-    registry["release_key_sha256"] = hashlib.sha256(release_pub).hexdigest()
+    from fedmeta.common.release import key_fingerprint
+
+    release_fingerprint = key_fingerprint(serialization.load_pem_public_key(release_pub))
+    registry["release_key_sha256"] = release_fingerprint
 
     port = port if port is not None else int(registry.get("port", DEFAULT_PORT))
     address = f"{_bracketed(names[0])}:{port}"
@@ -257,8 +260,17 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
                                       "files)")
     for name in sorted(registry["sites"]):  # every bundle here carries the release key sites verify with
         bundle = out / "sites" / name
-        if bundle.is_dir() and (not (bundle / "release.pub").is_file() or (bundle / "release.pub").read_bytes() != release_pub):
+        if not bundle.is_dir():
+            continue
+        if not (bundle / "release.pub").is_file() or (bundle / "release.pub").read_bytes() != release_pub:
             _write(bundle / "release.pub", release_pub, 0o644)
+        # ... and its fingerprint, which adapt/evaluate/predict check before taking ./release.pub as the default
+        # (a release.pub that arrived beside a downloaded checkpoint is not the consortium's).
+        if (bundle / "site.json").is_file():
+            meta = json.loads((bundle / "site.json").read_text())
+            if meta.get("release_key_sha256") != release_fingerprint:
+                meta.update(release_key="release.pub", release_key_sha256=release_fingerprint)
+                _write(bundle / "site.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
     registry.setdefault("revoked", {})
     _write_register_script(server_dir / "register-sites.sh", out, registry)
     _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)

@@ -137,3 +137,40 @@ def test_broken_series_are_refused_by_name(sites, tmp_path):
     assert "not evenly spaced" in messages[folders[0].name] and str(folders[0]) in messages[folders[0].name]
     assert "holds 2 series" in messages[folders[2].name]
     assert "not a readable DICOM file" in messages[folders[3].name]
+
+
+def test_a_malformed_header_value_is_named_by_attribute_never_quoted(sites, tmp_path, capsys):
+    import pydicom
+
+    _nifti, dicom = sites
+    site = tmp_path / "site"
+    shutil.copytree(dicom, site)
+    folder = sorted((site / "imagesTr").iterdir())[0]
+    victim = sorted(folder.iterdir())[3]
+    dataset = pydicom.dcmread(victim)
+    del dataset.RescaleSlope  # written back as text: a hostile or damaged value, not a number, not to be echoed
+    dataset.add_new(0x00281053, "LO", "DOE^JOHN")
+    dataset.save_as(victim)
+    assert main(["check-data", str(site)]) == 1
+    output = capsys.readouterr()
+    assert f"{victim}: its RescaleSlope/RescaleIntercept does not read as numbers" in output.out
+    assert "DOE" not in output.out + output.err
+
+
+def test_a_series_a_dicom_seg_cannot_reference_still_gets_its_mask_and_the_batch_goes_on(sites, checkpoint, tmp_path):
+    import pydicom
+
+    _nifti, dicom = sites
+    inputs = tmp_path / "series"
+    shutil.copytree(dicom / "imagesTr", inputs)
+    broken = sorted(inputs.iterdir())[0]
+    for path in broken.iterdir():
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(path)
+    assert main(["predict", "--model", str(checkpoint), "--allow-unsigned", "--input", str(inputs), "--out",
+                 str(tmp_path / "out"), "--dicom-seg", "--no-overlays", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(summary["masks"]) == len(list(inputs.iterdir())) and not summary["refused"]
+    (first, *rest) = summary["masks"]
+    assert first["dicom_seg"].startswith("not written") and all(m["dicom_seg"].endswith(".seg.dcm") for m in rest)

@@ -60,7 +60,11 @@ def test_provision_writes_the_layout_and_the_server_certificate_verifies_against
     assert isinstance(release_key, Ed25519PrivateKey) and (out / "release/release.key").stat().st_mode & 0o777 == 0o600
     assert (out / "sites/a/release.pub").read_bytes() == (out / "release/release.pub").read_bytes() == \
         release_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    assert json.loads((out / "registry.json").read_text())["release_key_sha256"]
+    from fedmeta.common.release import key_fingerprint
+
+    pinned = key_fingerprint(release_key.public_key())
+    assert json.loads((out / "registry.json").read_text())["release_key_sha256"] == pinned
+    assert json.loads((out / "sites/a/site.json").read_text())["release_key_sha256"] == pinned
     assert json.loads((out / "sites/a/site.json").read_text())["superlink"] == "localhost:8000"
     script = (out / "sites/a/start-site.sh").read_text()
     assert "--root-certificates" in script and "--auth-supernode-private-key" in script and "--insecure" not in script

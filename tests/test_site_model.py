@@ -134,13 +134,27 @@ def test_adapt_verifies_the_release(release, heldout_site, tmp_path):
     assert json.loads((tmp_path / "u" / CARD_JSON).read_text())["initialisation"]["release_verified"] is False
 
 
-def test_the_release_key_defaults_to_the_site_bundles_copy(release, heldout_site, tmp_path, monkeypatch, capsys):
+def test_the_release_key_defaults_to_the_site_bundles_pinned_copy(release, heldout_site, tmp_path, monkeypatch,
+                                                                   capsys):
+    from fedmeta.common.release import key_fingerprint, load_public_key
+
     checkpoint, public = release
-    shutil.copy(public, tmp_path / "release.pub")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEDMETA_RELEASE_KEY", raising=False)
-    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(heldout_site), "--out", "m", "--steps", "0"]) == 0
+    adapt = ["adapt", "--checkpoint", str(checkpoint), "--data", str(heldout_site), "--out", "m", "--steps", "0"]
+    # A release.pub lying here without a bundle's pin (it may have come with the checkpoint) is not taken.
+    shutil.copy(public, tmp_path / "release.pub")
+    assert main(adapt) == 1
+    assert "no --public-key" in capsys.readouterr().err
+    # In a site bundle, site.json pins its fingerprint (fedmeta provision writes it): then it is the default.
+    (tmp_path / "site.json").write_text(json.dumps({"release_key_sha256": key_fingerprint(load_public_key(public))}))
+    assert main(adapt) == 0
     assert "verified" in capsys.readouterr().out
+    # A bundle whose release.pub was swapped for another key is refused, naming the pin.
+    _other_private, other_public = _key_pair(tmp_path / "m", "other")
+    shutil.copy(other_public, tmp_path / "release.pub")
+    assert main(adapt) == 1
+    assert "its fingerprint is not the one site.json pins" in capsys.readouterr().err
 
 
 def test_predict_refuses_bad_scans_by_name_and_segments_the_rest(release, heldout_site, tmp_path, capsys):
@@ -176,6 +190,58 @@ def test_predict_refuses_an_altered_site_model(release, heldout_site, tmp_path, 
 
 
 @pytest.mark.parametrize("name, case", [("a_0000.nii.gz", "a"), ("a.nii.gz", "a"), ("b_1.nii", "b_1"),
-                                        ("c_0001.nii", "c")])
+                                        ("c_0001.nii", "c_0001"), ("scan_2023.nii.gz", "scan_2023")])
 def test_masks_are_named_after_their_scans(name, case):
     assert case_name(Path(name)) == case
+
+
+def test_predict_never_writes_over_scans_or_labels(release, heldout_site, tmp_path, capsys):
+    checkpoint, public = release
+    site = tmp_path / "site"
+    shutil.copytree(heldout_site, site)
+    before = {p: p.read_bytes() for p in site.rglob("*.nii.gz")}
+    model = tmp_path / "model"
+    assert _adapt(checkpoint, public, site, model, "--steps", "0") == 0
+    for out, words in ((site / "imagesTr", "is the input folder or inside it"),
+                       (site / "imagesTr" / "masks", "is the input folder or inside it"),
+                       (site / "labelsTr", "already holds scans or labels fedmeta predict did not write")):
+        assert main(["predict", "--model", str(model), "--input", str(site / "imagesTr"), "--out", str(out),
+                     "--no-overlays"]) == 1
+        assert words in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in site.rglob("*.nii.gz")} == before  # not a byte changed
+    # An earlier prediction is replaced only on request.
+    command = ["predict", "--model", str(model), "--input", str(site / "imagesTr"), "--out", str(tmp_path / "m"),
+               "--no-overlays"]
+    assert main(command) == 0 and main(command) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*command, "--overwrite"]) == 0
+
+
+def test_predict_masks_carry_the_scans_geometry_but_none_of_its_free_text(release, heldout_site, tmp_path):
+    checkpoint, public = release
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = nib.load(sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[0])
+    header = source.header.copy()
+    header["descrip"] = b"PatientName=DOE^JOHN"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), source.affine, header), scans / "x_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.diag([100.0, 100.0, 100.0, 1.0])),
+             scans / "huge-voxels.nii.gz")
+    assert main(["predict", "--model", str(checkpoint), "--public-key", str(public), "--input", str(scans), "--out",
+                 str(tmp_path / "out"), "--probabilities", "--no-overlays", "--device", "cpu"]) == 0
+    mask = nib.load(tmp_path / "out" / "x.nii.gz")
+    assert b"DOE" not in mask.header["descrip"].tobytes() and np.allclose(mask.get_qform(), source.get_qform())
+    probabilities = nib.load(tmp_path / "out" / "x_probabilities.nii.gz")
+    assert probabilities.shape == (*source.shape, 4) and np.allclose(probabilities.get_qform(), source.get_qform())
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert "outside 0.01-20 mm" in summary["refused"]["huge-voxels.nii.gz"]
+
+
+def test_adapt_refuses_absurd_steps_and_a_site_model_given_as_a_checkpoint(release, heldout_site, tmp_path, capsys):
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "m", "--steps", "1000000000") == 1
+    assert "--steps 1000000000" in capsys.readouterr().err
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "m", "--steps", "0") == 0
+    assert main(["adapt", "--checkpoint", str(tmp_path / "m" / MODEL_FILE), "--allow-unsigned", "--data",
+                 str(heldout_site), "--out", str(tmp_path / "m2")]) == 1
+    assert "a site model written by fedmeta adapt" in capsys.readouterr().err

@@ -129,6 +129,11 @@ def _singular(folder):
         nib.save(nib.Nifti1Image(np.asanyarray(nii.dataobj), None, header=header), str(path))
 
 
+def _huge_voxels(folder):  # 100 mm voxels: resampled to 2 mm, a few KB of header would become GB
+    for path in _paths(folder):
+        _rewrite(path, _data(path), np.diag([100.0, 100.0, 100.0, 1.0]))
+
+
 def _escape(folder):  # a dataset.json entry that leaves the site folder, through '../' and through a symlink
     outside = folder.parent / "elsewhere"
     outside.mkdir()
@@ -158,7 +163,8 @@ CORRUPTIONS = [
     ("4d", _four_d, "has 4 dimensions", "imagesTr"),
     ("2d", _two_d, "has 2 dimensions", "imagesTr"),
     ("missing", _missing_label, "the label file of this case is missing", "labelsTr"),
-    ("singular", _singular, "its affine is singular or not finite", "imagesTr"),
+    ("singular", _singular, "its affine is singular", "imagesTr"),
+    ("huge-voxels", _huge_voxels, "voxel sizes [100.0, 100.0, 100.0] mm are outside 0.01-20 mm", "imagesTr"),
     ("escape", _escape, "outside the site folder", "imagesTr"),
     ("oversized", _oversized, "= 1,024,000,000 voxels, more than the 268,435,456 a site loads", "imagesTr"),
     ("bomb", _bomb, "compressed bytes, which cannot inflate to that much", "imagesTr"),
