@@ -13,3 +13,24 @@ def smoke_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedmeta.common.synth import generate_federation
 
     return generate_federation(tmp_path_factory.mktemp("federation") / "smoke", "smoke", seed=0)
+
+
+def train_smoke_run(federation: Path, run_dir: Path, **changes) -> Path:
+    """A short in-process run of the smoke federation's training sites; returns its checkpoint.pt."""
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.synth import load_manifest
+    from fedmeta.simulations.engines.inprocess import run_inprocess
+    from fedmeta.simulations.experiments.centralised import training_node_configs
+
+    settings = dict(algorithm="fomaml", num_rounds=1, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
+                    model_base_channels=8, model_levels=3, eval_every=0, device="cpu")
+    config = RunConfig(**{**settings, **changes, "out_dir": str(run_dir)})
+    run_inprocess(config.to_run_config(), training_node_configs(load_manifest(federation).train_sites), seed=0)
+    return run_dir / CHECKPOINT_NAME
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(smoke_federation, tmp_path_factory) -> Path:
+    """A one-round FOMAML run of the smoke federation: the checkpoint a consortium would release."""
+    return train_smoke_run(smoke_federation, tmp_path_factory.mktemp("release-run"))

@@ -44,18 +44,9 @@ def dicom_site(nifti_site: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(smoke_federation, tmp_path_factory) -> Path:
-    """A one-round run of the smoke federation's training sites (unsigned: adapt runs with --allow-unsigned)."""
-    from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from fedmeta.common.config import RunConfig
-    from fedmeta.simulations.engines.inprocess import run_inprocess
-    from fedmeta.simulations.experiments.centralised import training_node_configs
-
-    run_dir = tmp_path_factory.mktemp("dicom-run")
-    config = RunConfig(algorithm="fomaml", num_rounds=1, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
-                       model_base_channels=8, model_levels=3, eval_every=0, out_dir=str(run_dir), device="cpu")
-    run_inprocess(config.to_run_config(), training_node_configs(load_manifest(smoke_federation).train_sites), seed=0)
-    return run_dir / CHECKPOINT_NAME
+def checkpoint(trained_checkpoint) -> Path:
+    """The smoke federation's one-round run (unsigned: adapt runs with --allow-unsigned)."""
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")

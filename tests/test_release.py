@@ -27,21 +27,6 @@ def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(smoke_federation, tmp_path_factory) -> Path:
-    """A one-round FOMAML run of the smoke federation: the checkpoint a consortium would release."""
-    from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from fedmeta.common.config import RunConfig
-    from fedmeta.simulations.engines.inprocess import run_inprocess
-    from fedmeta.simulations.experiments.centralised import training_node_configs
-
-    run_dir = tmp_path_factory.mktemp("release-run")
-    config = RunConfig(algorithm="fomaml", num_rounds=1, episodes_per_site=1, k_shot=2, q_query=2, image_size=32,
-                       model_base_channels=8, model_levels=3, eval_every=0, out_dir=str(run_dir), device="cpu")
-    run_inprocess(config.to_run_config(), training_node_configs(load_manifest(smoke_federation).train_sites), seed=0)
-    return run_dir / CHECKPOINT_NAME
-
-
 @pytest.fixture
 def release(trained_checkpoint, tmp_path):
     checkpoint = tmp_path / "checkpoint.pt"

@@ -17,25 +17,19 @@ from fedmeta.client.site_model import CARD_JSON, CARD_MD, MODEL_FILE, case_name,
 from fedmeta.common.metrics import patient_dice
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
+from tests.conftest import train_smoke_run
 from tests.test_release import _key_pair
 
 
 @pytest.fixture(scope="module")
 def release(smoke_federation, tmp_path_factory) -> tuple[Path, Path]:
     """A short run of the smoke federation, signed by the consortium: (checkpoint, public key)."""
-    from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from fedmeta.common.config import RunConfig
-    from fedmeta.simulations.engines.inprocess import run_inprocess
-    from fedmeta.simulations.experiments.centralised import training_node_configs
-
     run_dir = tmp_path_factory.mktemp("adopt-run")
-    config = RunConfig(algorithm="fomaml", num_rounds=3, episodes_per_site=2, k_shot=2, q_query=2, image_size=32,
-                       model_base_channels=8, model_levels=3, inner_lr=0.1, meta_lr=0.01, eval_every=0,
-                       out_dir=str(run_dir), device="cpu")
-    run_inprocess(config.to_run_config(), training_node_configs(load_manifest(smoke_federation).train_sites), seed=0)
+    checkpoint = train_smoke_run(smoke_federation, run_dir, num_rounds=3, episodes_per_site=2, inner_lr=0.1,
+                                 meta_lr=0.01)
     private, public = _key_pair(run_dir, "consortium")
-    assert main(["sign", str(run_dir / CHECKPOINT_NAME), "--key", str(private)]) == 0
-    return run_dir / CHECKPOINT_NAME, public
+    assert main(["sign", str(checkpoint), "--key", str(private)]) == 0
+    return checkpoint, public
 
 
 @pytest.fixture(scope="module")
