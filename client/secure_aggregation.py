@@ -47,7 +47,7 @@ from flwr.supercore.primitives.asymmetric import (
 from fedmeta.client.floor import sites_floor
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, ROUND_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
+    CONFIG_RECORD, ROUND_KEY, ROUND_SEED_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
     SAMPLED_SITES_KEY, SECAGG_BAD_SHARE, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES,
     SECAGG_SOURCES,
 )
@@ -56,6 +56,7 @@ from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours
 
 _STATE = "fedmeta-secagg"  # the node's context.state ConfigRecord for the round in progress
 _LAST = "fedmeta-secagg-last"  # the latest round whose keys this node sent; never deleted
+_SEEDS, _SEEDS_KEPT = "fedmeta-secagg-seeds", 4096  # the round seeds this node answered (the latest ones)
 
 
 class SecAggError(ValueError):
@@ -133,6 +134,14 @@ def masked_reply(message: Message, context: Context, config: RunConfig, grads: d
     if state.get("masked"):
         # Two masked replies under one seed and one set of pairwise masks: their difference is unmasked.
         raise SecAggError("asked for a second masked reply in one round")
+    # A round seed answered before: the same θ and seed give the same reply, so a later round repeating both
+    # without one site would let the server subtract that site's reply out of two sums.
+    round_seed = int(message.content.config_records[CONFIG_RECORD][ROUND_SEED_KEY])
+    seen = context.state.config_records.get(_SEEDS)
+    answered = [int(v) for v in seen["seeds"]] if seen is not None else []
+    if round_seed in answered:
+        raise SecAggError("this round's seed was answered in an earlier round: a rerun of a round, refused")
+    context.state[_SEEDS] = ConfigRecord({"seeds": (answered + [round_seed])[-_SEEDS_KEPT:]})
     record = message.content.config_records[SECAGG_RECORD]
     me, nodes = int(context.node_id), [int(n) for n in state["nodes"]]
     group = set(neighbours(nodes, me, config.secagg_neighbours))

@@ -375,10 +375,11 @@ def output_names(scans: list[Path], *, probabilities: bool, overlays: bool, dico
         if dicom_seg and scan.is_dir():
             names.append(case_name(scan) + ".seg.dcm")
         for name in names:
-            if name in owners:
-                raise ValueError(f"--input: {owners[name].name} and {scan.name} would both write {name}; rename one "
+            key = name.casefold()  # macOS and Windows file systems ignore case: Case3 and case3 are one file
+            if key in owners:
+                raise ValueError(f"--input: {owners[key].name} and {scan.name} would both write {name}; rename one "
                                  "of them (or pass one channel per case).")
-            owners[name] = scan
+            owners[key] = scan
         out[scan] = names
     return out
 
@@ -395,17 +396,37 @@ def output_folder_problem(out: Path, inputs: Path, planned: list[str], overwrite
                 "overwrite them. Choose a folder of its own, e.g. a new 'masks' folder.")
     if not out.is_dir():
         return None
-    ours = (out / "predictions.json").is_file()
+    previous = _previous_outputs(out)
     foreign = [p.name for p in sorted(out.iterdir())
-               if (p.name.endswith(SCAN_SUFFIXES) and not ours) or p.name.endswith(".dcm") or is_series_folder(p)]
-    if foreign and not ours:
-        return (f"--out {out}: already holds scans or labels fedmeta predict did not write ({', '.join(foreign[:3])}"
-                f"{' ...' if len(foreign) > 3 else ''}); predict never writes over a site's data. Choose an empty folder.")
+               if p.name not in previous and (p.name.endswith(SCAN_SUFFIXES) or p.name.endswith(".dcm")
+                                              or is_series_folder(p))]
+    if foreign:
+        return (f"--out {out}: already holds scans, labels or DICOM files fedmeta predict did not write "
+                f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); predict never writes over a site's "
+                "data. Choose an empty folder.")
+    links = [name for name in planned if (out / name).is_symlink()]
+    if links:
+        return f"--out {out}: {', '.join(links[:3])} is a symbolic link; predict writes only plain files. Remove it."
     existing = [name for name in planned if (out / name).exists()]
     if existing and not overwrite:
         return (f"--out {out}: already holds {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''} from an "
                 "earlier prediction; pass --overwrite to replace them, or choose another folder.")
+    clash = [name for name in existing if name not in previous]
+    if clash:
+        return (f"--out {out}: {', '.join(clash[:3])} exists but no earlier prediction here wrote it; predict replaces "
+                "only its own outputs. Move it away.")
     return None
+
+
+def _previous_outputs(out: Path) -> set[str]:
+    """The files an earlier prediction in ``out`` wrote, as its predictions.json lists them."""
+    import json
+
+    try:
+        listed = json.loads((out / "predictions.json").read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {str(name) for name in listed if isinstance(name, str) and "/" not in name}
 
 
 def _save_atomically(write, path: Path) -> None:
@@ -427,6 +448,8 @@ def _mask_header(image, dtype, num_classes: int):
     for field in ("descrip", "aux_file", "db_name", "intent_name"):
         if field in header:
             header[field] = b""
+    if hasattr(header, "extensions"):  # DICOM-derived NIfTI extensions (ecode 2, 6) carry whole headers
+        header.extensions.clear()
     if "cal_min" in header:
         header["cal_min"], header["cal_max"] = 0, num_classes - 1 if dtype == np.uint8 else 1
     return header
@@ -437,13 +460,10 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
                   dicom_seg: bool = False, overwrite: bool = False, device: str = "auto",
                   progress=print) -> dict[str, Any]:
     """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans. A scan
-    that cannot be segmented (bad file, too large, a failure while segmenting) is refused by name, and the
-    others go on."""
-    import nibabel as nib
-
+    that cannot be segmented (bad file, too large, a failure while segmenting or writing) is refused by name,
+    and the others go on."""
     from fedmeta.common.config import RunConfig
     from fedmeta.common.model import build_model
-    from fedmeta.common.validate import check_scan
 
     dev = pick_device(device)
     model_path = Path(model_path)
@@ -473,53 +493,73 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(config.model_config()).to(dev)
-    written, refused, notes = [], {}, {}
-    for i, scan in enumerate(scans, 1):
-        began = time.perf_counter()
-        name = case_name(scan)
-        try:
-            problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
-            if problems:
-                raise _Refused(problems[0])
-            result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
-        except _Refused as err:
-            refused[scan.name] = str(err)
-        except MemoryError:
-            refused[scan.name] = f"{scan}: segmenting it ran out of memory; free memory or crop the scan."
-        except Exception as err:  # noqa: BLE001 - one scan's failure never ends the batch; its type only (no data)
-            refused[scan.name] = f"{scan}: segmenting it failed ({type(err).__name__}); the other scans went on."
-        if scan.name in refused:
-            progress(f"[{i}/{len(scans)}] {scan.name}: refused: {refused[scan.name]}")
-            continue
-        mask_header = _mask_header(image, np.uint8, config.num_classes)
-        _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.mask, image.affine, mask_header), str(tmp)),
-                         out / f"{name}.nii.gz")
-        if probabilities:
-            prob_header = _mask_header(image, np.float32, config.num_classes)
-            _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.probabilities, image.affine, prob_header),
-                                                  str(tmp)), out / f"{name}_probabilities.nii.gz")
-        if overlays:
-            overlay_montage(data, result.mask, out / f"{name}_overlay.png", title=name)
-        entry = {"case": name, "shape": list(result.mask.shape),
-                 "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}}
-        if dicom_seg and scan.is_dir():
-            from fedmeta.common.dicom import write_segmentation
-
+    written, refused, notes, outputs = [], {}, {}, sorted(_previous_outputs(out))
+    try:
+        for i, scan in enumerate(scans, 1):
+            began = time.perf_counter()
             try:
-                _save_atomically(lambda tmp: write_segmentation(scan, result.mask, tmp, num_classes=config.num_classes,
-                                                                label_names=label_names), out / f"{name}.seg.dcm")
-                entry["dicom_seg"] = f"{name}.seg.dcm"
-            except Exception as err:  # noqa: BLE001 - the series lacks what a SEG must reference; the mask stands
-                entry["dicom_seg"] = (f"not written ({type(err).__name__}): the series lacks an attribute a DICOM SEG "
-                                      "must reference (e.g. FrameOfReferenceUID, StudyInstanceUID)")
-        if float(data.max()) == float(data.min()):
-            notes[name] = "the scan is uniform (no contrast): its mask means nothing"
-        entry["seconds"] = round(time.perf_counter() - began, 3)
-        written.append(entry)
-        progress(f"[{i}/{len(scans)}] {scan.name} -> {name}.nii.gz ({entry['seconds']:.1f} s)")
-    summary = {"model": source, "device": str(dev), "masks": written, "refused": refused, "warnings": notes}
-    write_json(out / "predictions.json", summary)
+                entry = _predict_one(scan, out, model, params, config, label_names, dev, probabilities=probabilities,
+                                     overlays=overlays, dicom_seg=dicom_seg)
+            except _Refused as err:
+                refused[scan.name] = str(err)
+            except MemoryError:
+                refused[scan.name] = f"{scan}: segmenting it ran out of memory; free memory or crop the scan."
+            except Exception as err:  # noqa: BLE001 - one scan's failure never ends the batch; its type only (no data)
+                refused[scan.name] = f"{scan}: segmenting or writing it failed ({type(err).__name__}); the others went on."
+            if scan.name in refused:
+                progress(f"[{i}/{len(scans)}] {scan.name}: refused: {refused[scan.name]}")
+                continue
+            outputs = sorted(set(outputs) | set(entry.pop("files")))
+            if entry.pop("uniform"):
+                notes[entry["case"]] = "the scan is uniform (no contrast): its mask means nothing"
+            entry["seconds"] = round(time.perf_counter() - began, 3)
+            written.append(entry)
+            progress(f"[{i}/{len(scans)}] {scan.name} -> {entry['case']}.nii.gz ({entry['seconds']:.1f} s)")
+    finally:  # what was written is listed even when the batch is interrupted
+        summary = {"model": source, "device": str(dev), "masks": written, "refused": refused, "warnings": notes,
+                   "outputs": outputs}
+        _save_atomically(lambda tmp: write_json(tmp, summary), out / "predictions.json")
     return summary
+
+
+def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict, dev, *, probabilities: bool,
+                 overlays: bool, dicom_seg: bool) -> dict[str, Any]:
+    """One scan: checked, segmented, its outputs written (each atomically); raises _Refused with the reason."""
+    import nibabel as nib
+
+    from fedmeta.common.validate import check_scan
+
+    name = case_name(scan)
+    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
+    if problems:
+        raise _Refused(problems[0])
+    result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
+    files = [f"{name}.nii.gz"]
+    mask_header = _mask_header(image, np.uint8, config.num_classes)
+    _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.mask, image.affine, mask_header), str(tmp)),
+                     out / files[0])
+    if probabilities:
+        prob_header = _mask_header(image, np.float32, config.num_classes)
+        files.append(f"{name}_probabilities.nii.gz")
+        _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.probabilities, image.affine, prob_header),
+                                              str(tmp)), out / files[-1])
+    if overlays:
+        files.append(f"{name}_overlay.png")
+        _save_atomically(lambda tmp: overlay_montage(data, result.mask, tmp, title=name), out / files[-1])
+    entry: dict[str, Any] = {"case": name, "shape": list(result.mask.shape),
+                             "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}}
+    if dicom_seg and scan.is_dir():
+        from fedmeta.common.dicom import write_segmentation
+
+        try:
+            _save_atomically(lambda tmp: write_segmentation(scan, result.mask, tmp, num_classes=config.num_classes,
+                                                            label_names=label_names), out / f"{name}.seg.dcm")
+            files.append(f"{name}.seg.dcm")
+            entry["dicom_seg"] = files[-1]
+        except Exception as err:  # noqa: BLE001 - the series lacks what a SEG must reference; the mask stands
+            entry["dicom_seg"] = (f"not written ({type(err).__name__}): the series lacks an attribute a DICOM SEG "
+                                  "must reference (e.g. FrameOfReferenceUID, StudyInstanceUID)")
+    return {**entry, "files": files, "uniform": float(data.max()) == float(data.min())}
 
 
 class _Refused(Exception):

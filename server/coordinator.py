@@ -96,9 +96,6 @@ class Coordinator:
         # resumed run draws exactly what the uninterrupted run would have drawn.
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
         self.counters = {"dropped_replies": 0, "skipped_rounds": 0, "failed_evaluations": 0}
-        # SecAgg+: node -> the last round it sits out (several sites could not decrypt the shares it sent).
-        self.secagg_suspended: dict[int, int] = {}
-        self.secagg_offences: dict[int, int] = {}
         self._site_order: dict[int, int] = {}  # node id -> position in site order (set by sample_sites)
         self._population = 0  # training sites the last round sampled from (the accountant's n)
         # Site-level DP: ε of the rounds released so far; checkpointed, so a resumed run continues the budget.

@@ -51,31 +51,22 @@ def secure_training_round(grid: Grid, coordinator: Coordinator, server_round: in
     config = coordinator.config
     exchange = _Exchange(grid, config, server_round)
     outcome = RoundOutcome()
-    # A site whose shares several others could not decrypt sits out the next rounds: one hostile site must not
-    # abandon every round (it answers the role query, so being counted missing alone would not keep it out).
-    suspended = coordinator.secagg_suspended
-    for node in [n for n in chosen if suspended.get(n, 0) >= server_round]:
-        exchange.drops.append(Drop(node, f"secagg: left out until round {suspended[node] + 1}: other sites could not "
-                                         "decrypt the shares it sent", "invalid"))
-    chosen = [n for n in chosen if suspended.get(n, 0) < server_round]
     try:
         _run(exchange, coordinator, server_round, chosen, round_seed, outcome)
     except _RoundAbandoned as err:
         log.warning("round %d: secure aggregation abandoned: %s; θ is left unchanged this round", server_round, err)
         outcome.accepted.clear()
         outcome.aggregation = {"rule": "secagg+", "abandoned": str(err)}
-    # A site whose shares several others could not decrypt is the one breaking the round: it is named, and
-    # does not count as having taken part (one accuser alone, possibly hostile itself, cannot bench anyone).
-    for node, accusers in sorted(exchange.accusations().items()):
-        if len(accusers) >= 2:
-            exchange.drops.append(Drop(node, f"secagg: nodes {sorted(accusers)} could not decrypt the shares it sent",
-                                       "invalid"))
-            exchange.last_accepted.discard(node)
-            # max-missed-rounds rounds out, doubled at each repeat: a transient fault costs little, a hostile
-            # site soon stays out for most of the run.
-            offences = coordinator.secagg_offences[node] = coordinator.secagg_offences.get(node, 0) + 1
-            suspended[node] = server_round + max(1, config.max_missed_rounds) * 2 ** (offences - 1)
-            log.warning("round %d: nodes %s could not decrypt the shares node %d sent", server_round, sorted(accusers), node)
+    # Who said whose shares do not decrypt: named in the round record for the operator (`fedmeta revoke-site`).
+    # Not acted on: an accusation cannot be verified without revealing secrets, and excluding sites on the word
+    # of two colluding ones would let them exclude honest sites and steer θ alone.
+    accusations = exchange.accusations()
+    if accusations:
+        outcome.aggregation = {**(outcome.aggregation or {}),
+                               "undecryptable_shares_from": {str(n): sorted(a) for n, a in sorted(accusations.items())}}
+        for node, accusers in sorted(accusations.items()):
+            log.warning("round %d: nodes %s could not decrypt the shares node %d sent", server_round, sorted(accusers),
+                        node)
     outcome.dropped = exchange.drops
     coordinator.counters["dropped_replies"] += len(outcome.dropped)
     if not outcome.updated:
@@ -125,6 +116,7 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     # 3. The train message, each with the shares addressed to it; answered by masked replies.
     def inbox(node: int) -> dict:
         sources = [s for s in u2 if node in sent_shares[s]]
+        exchange.routed[node] = set(sources)
         return {SECAGG_SOURCES: sources, SECAGG_CIPHERTEXTS: [sent_shares[s][node] for s in sources]}
 
     extra = {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: len(chosen)}
@@ -223,6 +215,7 @@ class _Exchange:
         self.drops: list[Drop] = []
         self.received: list[Message] = []
         self.last_accepted: set[int] = set()  # the sites whose reply the latest stage accepted, or that refused it
+        self.routed: dict[int, set[int]] = {}  # site -> the senders whose ciphertexts the server routed to it
 
     def require(self, condition: bool, why: str) -> None:
         if not condition:
@@ -249,12 +242,15 @@ class _Exchange:
         return accepted
 
     def accusations(self) -> dict[int, set[int]]:
-        """Who could not decrypt whose shares this round: {sender: the sites that said so}."""
+        """Who could not decrypt whose shares this round: {sender: the sites that said so}, counting only a
+        refusal of the train stage naming a sender whose ciphertext the server routed to that site."""
         pattern = re.compile(re.escape(SECAGG_BAD_SHARE).replace(re.escape("{node}"), r"(\d+)"))
         accused: dict[int, set[int]] = {}
         for drop in self.drops:
-            match = pattern.search(drop.reason) if drop.kind == "secagg-refused" else None
-            if match:
+            if drop.kind != "secagg-refused" or not drop.reason.startswith("secagg train:"):
+                continue
+            match = pattern.search(drop.reason)
+            if match and int(match.group(1)) in self.routed.get(drop.node_id, ()):
                 accused.setdefault(int(match.group(1)), set()).add(drop.node_id)
         return accused
 

@@ -441,10 +441,13 @@ def test_local_dp_sites_refuse_to_unmask_fewer_replies_than_their_noise_was_spli
     assert reply.has_error() and "fewer than the 3 this site's local DP noise was split over" in reply.error.reason
 
 
-def test_a_site_whose_shares_nobody_can_decrypt_is_named_and_sits_out(smoke_federation, tmp_path):
+def test_a_site_whose_shares_nobody_can_decrypt_is_named_in_every_round(smoke_federation, tmp_path):
+    """It stops the rounds (the others refuse its garbage), and the record names it for the operator; nobody is
+    excluded on an accusation (two colluding sites could otherwise exclude honest ones) or counted missing."""
     from flwr.app import ConfigRecord
 
     from fedmeta.common.protocol import SECAGG_DESTINATIONS
+    from fedmeta.server.app import RunFailed
 
     def garbling_all(message: Message, context: Context) -> Message:
         reply = client_app(message, context)
@@ -456,16 +459,14 @@ def test_a_site_whose_shares_nobody_can_decrypt_is_named_and_sits_out(smoke_fede
         return reply
 
     config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", max_failed_rounds=0,
-                         max_missed_rounds=2, **{**SGD, "num_rounds": 3})
-    federate(config, smoke_federation, client=garbling_all)
-    first, *later = read_metrics(tmp_path / METRICS_NAME)
-    assert not first["updated"]  # both honest sites refused: too few masked replies
-    (named,) = [d for d in first["dropped"] if "could not decrypt the shares it sent" in d["reason"]]
-    assert all(r["updated"] and r["sites_answered"] == 2 for r in later)  # it sits out; the other two go on
-    for record in later:
-        (out,) = [d for d in record["dropped"] if d["node_id"] == named["node_id"]]
-        assert "left out until round" in out["reason"]
-    assert "benched" not in first  # the two honest sites refused, and are not counted missing for it
+                         max_missed_rounds=1, **{**SGD, "num_rounds": 2})
+    with pytest.raises(RunFailed):
+        federate(config, smoke_federation, client=garbling_all)
+    records = read_metrics(tmp_path / METRICS_NAME)
+    assert len(records) == 2 and not any(r["updated"] or "benched" in r for r in records)
+    for record in records:
+        (named,) = record["aggregation"]["undecryptable_shares_from"].items()
+        assert len(named[1]) == 2  # both honest sites said so
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -511,17 +512,72 @@ def test_a_site_refuses_a_run_below_its_own_privacy_floor(smoke_federation, tmp_
         run_inprocess(config.to_run_config(), nodes, client_app=client_app)
     (record,) = read_metrics(tmp_path / METRICS_NAME)
     refused = [d for d in record["dropped"] if d["kind"] == "secagg-refused"]
-    assert len(refused) == 3 and all("privacy floor" in d["reason"] and "require-dp='local' but the run has dp='none'"
-                                     in d["reason"] for d in refused)
+    assert len(refused) == 3 and all("privacy floor" in d["reason"] and "needs dp='local' (noise the site adds "
+                                     "itself) but the run has dp='none'" in d["reason"] for d in refused)
     # A plain run (no secure aggregation at all) is refused at the train message too: no raw reply leaves.
     plain = config.replace(out_dir=str(tmp_path / "plain"), secure_aggregation="none")
     with pytest.raises(RunFailed):
         run_inprocess(plain.to_run_config(), nodes, client_app=client_app)
     (record,) = read_metrics(tmp_path / "plain" / METRICS_NAME)
-    assert all("require-secure-aggregation='secagg+'" in d["reason"] for d in record["dropped"])
+    assert all("needs secure-aggregation='secagg+' but the run has 'none'" in d["reason"] for d in record["dropped"])
     # The site's own floor on the fewest participants: 4 required, 3 listed.
     fewest = [{**n, "min-secagg-sites": 4} for n in simulation_node_configs(num_sites(smoke_federation))]
     with pytest.raises(RunFailed):
         run_inprocess(config.replace(out_dir=str(tmp_path / "fewest")).to_run_config(), fewest, client_app=client_app)
     (record,) = read_metrics(tmp_path / "fewest" / METRICS_NAME)
     assert any("the site's min-secagg-sites)=4" in d["reason"] for d in record["dropped"])
+
+
+@pytest.mark.parametrize("floor, changes, words", [
+    # A noise floor is a local-DP floor: central DP would send the raw reply to the server.
+    ({"min-dp-noise-multiplier": 1.0}, dict(secure_aggregation="none", dp="central"), "needs dp='local'"),
+    ({"max-dp-clip-norm": 1.0}, dict(dp="local", dp_seeded_noise=True), "dp-seeded-noise=true"),
+    ({"min-secagg-sites": 5}, dict(secure_aggregation="none"), "needs secure-aggregation='secagg+'"),
+    ({"min-secagg-threshold": 0.8}, dict(secagg_threshold=0.6), "min-secagg-threshold=0.8"),
+    ({"data-dir": "/data"}, dict(dp="local", dp_seeded_noise=True), "for simulations only"),
+])
+def test_the_floor_implies_what_it_needs(floor, changes, words):
+    from fedmeta.client.floor import floor_problem
+
+    config = RunConfig(**{"secure_aggregation": "secagg+", **changes})
+    assert words in (floor_problem(config, floor) or "")
+
+
+@pytest.mark.parametrize("floor, words", [
+    ({"min-secagg-sites": 2.7}, "must be a whole number"),
+    ({"max-dp-clip-norm": 0}, "must be a number > 0"),
+    ({"require-secure-aggregation": True}, "use 'secagg+'"),
+    ({"require-dp": "central"}, "use 'local'"),
+])
+def test_bad_floor_values_are_named(floor, words):
+    from fedmeta.client.floor import floor_problem
+
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        floor_problem(RunConfig(), floor)
+
+
+def test_a_later_round_repeating_a_round_seed_is_refused(smoke_federation, tmp_path):
+    """The same θ and seed would give the same reply: answering it twice lets a server difference two sums."""
+    from fedmeta.common.protocol import CONFIG_RECORD, ROUND_SEED_KEY
+
+    first_seed: list[int] = []
+    refusals: list[str] = []
+
+    def replaying(message: Message, context: Context) -> Message:
+        if message.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+            record = message.content.config_records[CONFIG_RECORD]
+            first_seed.append(int(record[ROUND_SEED_KEY]))
+            record[ROUND_SEED_KEY] = first_seed[0]  # round 2 carries round 1's seed
+        reply = client_app(message, context)
+        if reply.has_error():
+            refusals.append(reply.error.reason)
+        return reply
+
+    config = tiny_config(smoke_federation, tmp_path, secure_aggregation="secagg+", **{**SGD, "num_rounds": 2})
+    try:
+        federate(config, smoke_federation, client=replaying)
+    except Exception:  # noqa: BLE001 - the tampered round may be abandoned
+        pass
+    assert any("this round's seed was answered in an earlier round" in r for r in refusals), refusals

@@ -198,7 +198,7 @@ def test_predict_never_writes_over_scans_or_labels(release, heldout_site, tmp_pa
     assert _adapt(checkpoint, public, site, model, "--steps", "0") == 0
     for out, words in ((site / "imagesTr", "is the input folder or inside it"),
                        (site / "imagesTr" / "masks", "is the input folder or inside it"),
-                       (site / "labelsTr", "already holds scans or labels fedmeta predict did not write")):
+                       (site / "labelsTr", "already holds scans, labels or DICOM files fedmeta predict did not write")):
         assert main(["predict", "--model", str(model), "--input", str(site / "imagesTr"), "--out", str(out),
                      "--no-overlays"]) == 1
         assert words in capsys.readouterr().err
@@ -209,6 +209,17 @@ def test_predict_never_writes_over_scans_or_labels(release, heldout_site, tmp_pa
     assert main(command) == 0 and main(command) == 1
     assert "pass --overwrite" in capsys.readouterr().err
     assert main([*command, "--overwrite"]) == 0
+    # A folder an earlier prediction wrote is still not trusted with what it did not write.
+    shutil.copy(sorted((site / "imagesTr").glob("*.nii.gz"))[0], tmp_path / "m" / "patient_scan.nii.gz")
+    assert main([*command, "--overwrite"]) == 1
+    assert "did not write (patient_scan.nii.gz)" in capsys.readouterr().err
+    # Names that differ only in case are one file on macOS and Windows.
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("Case3.nii.gz", "case3.nii.gz"):
+        shutil.copy(sorted((site / "imagesTr").glob("*.nii.gz"))[0], twins / name)
+    assert main(["predict", "--model", str(model), "--input", str(twins), "--out", str(tmp_path / "t")]) == 1
+    assert "would both write" in capsys.readouterr().err
 
 
 def test_predict_masks_carry_the_scans_geometry_but_none_of_its_free_text(release, heldout_site, tmp_path):
@@ -218,6 +229,7 @@ def test_predict_masks_carry_the_scans_geometry_but_none_of_its_free_text(releas
     source = nib.load(sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[0])
     header = source.header.copy()
     header["descrip"] = b"PatientName=DOE^JOHN"
+    header.extensions.append(nib.nifti1.Nifti1Extension(6, b"PatientName=DOE^JOHN PatientID=12345"))
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj), source.affine, header), scans / "x_0000.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.diag([100.0, 100.0, 100.0, 1.0])),
              scans / "huge-voxels.nii.gz")
@@ -225,6 +237,7 @@ def test_predict_masks_carry_the_scans_geometry_but_none_of_its_free_text(releas
                  str(tmp_path / "out"), "--probabilities", "--no-overlays", "--device", "cpu"]) == 0
     mask = nib.load(tmp_path / "out" / "x.nii.gz")
     assert b"DOE" not in mask.header["descrip"].tobytes() and np.allclose(mask.get_qform(), source.get_qform())
+    assert not mask.header.extensions and b"DOE" not in (tmp_path / "out" / "x.nii.gz").read_bytes()
     probabilities = nib.load(tmp_path / "out" / "x_probabilities.nii.gz")
     assert probabilities.shape == (*source.shape, 4) and np.allclose(probabilities.get_qform(), source.get_qform())
     summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
