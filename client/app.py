@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
 
 import torch
@@ -34,7 +35,7 @@ from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.privacy import add_gaussian_noise, clip_update, local_noise_split, noise_generator
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES,
+    CONFIG_RECORD, DATA_DIR_KEY, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD, NUM_EXAMPLES,
     PARAMS_RECORD, SECAGG_KEYS_ACTION, SECAGG_RECORD, SECAGG_REFUSED, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION,
     PROTOCOL_VERSION,
     PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE, ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN,
@@ -121,9 +122,15 @@ def train(message: Message, context: Context) -> Message:
     params, step_sizes = _received_params(message, config, device)
     round_config = message.content.config_records[CONFIG_RECORD]
     round_seed = int(round_config[ROUND_SEED_KEY])
+    seed = site_seed(round_seed, site.name)
+    if SECAGG_RECORD in message.content.config_records and DATA_DIR_KEY in context.node_config:
+        # A deployed site under secure aggregation draws its episodes with fresh randomness of its own: the same
+        # θ and round seed in another run (a relaunch, a resume, a server replaying) never give the same reply,
+        # so two sums cannot be subtracted to isolate it. Simulations keep the round seed alone: reproducible.
+        seed = (seed + secrets.randbelow(2**31 - 1)) % (2**31 - 1)
     grads, stats = site_update(
         model, params, step_sizes, site, config, n_episodes=config.episodes_per_site,
-        seed=site_seed(round_seed, site.name), server_round=int(round_config[ROUND_KEY]), device=device,
+        seed=seed, server_round=int(round_config[ROUND_KEY]), device=device,
     )
     if config.dp == "local":
         sampled = int(round_config.get(SAMPLED_SITES_KEY, 1))
@@ -132,7 +139,7 @@ def train(message: Message, context: Context) -> Message:
         if sampled < 1:
             raise secure_aggregation.SecAggError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site")
         # Split over the round's quorum, not every listed site: any sum the server may unmask carries σ·C.
-        grads = local_dp(grads, config, local_noise_split(config, sampled), site_seed(round_seed, site.name))
+        grads = local_dp(grads, config, local_noise_split(config, sampled), seed)
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
@@ -147,8 +154,7 @@ def train(message: Message, context: Context) -> Message:
         raise PermissionError("the run uses secure aggregation but this train message skips it; refusing to send "
                               "an unmasked reply")
     if SECAGG_RECORD in message.content.config_records:  # secure aggregation: the server sees only masked integers
-        records = {MASKED_RECORD: secure_aggregation.masked_reply(message, context, config, grads,
-                                                                  site_seed(round_seed, site.name))}
+        records = {MASKED_RECORD: secure_aggregation.masked_reply(message, context, config, grads, seed)}
     else:
         records = {GRADS_RECORD: to_array_record(grads)}
     return Message(RecordDict({**records, METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)

@@ -430,8 +430,12 @@ def _previous_outputs(out: Path) -> set[str]:
 
 
 def _save_atomically(write, path: Path) -> None:
-    """``write(temporary path)`` then rename onto ``path``: a crash never leaves half a mask under its name."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix if path.suffix != '.gz' else '.nii.gz'}")
+    """``write(temporary path)`` then rename onto ``path``: a crash never leaves half a mask under its name. The
+    temporary file is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -534,18 +538,24 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
     if problems:
         raise _Refused(problems[0])
     result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
-    files = [f"{name}.nii.gz"]
-    mask_header = _mask_header(image, np.uint8, config.num_classes)
-    _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.mask, image.affine, mask_header), str(tmp)),
-                     out / files[0])
-    if probabilities:
-        prob_header = _mask_header(image, np.float32, config.num_classes)
-        files.append(f"{name}_probabilities.nii.gz")
-        _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.probabilities, image.affine, prob_header),
-                                              str(tmp)), out / files[-1])
-    if overlays:
-        files.append(f"{name}_overlay.png")
-        _save_atomically(lambda tmp: overlay_montage(data, result.mask, tmp, title=name), out / files[-1])
+    files: list[str] = []
+    try:  # a scan's outputs are all written or none stays: a refused scan leaves nothing unlisted behind
+        mask_header = _mask_header(image, np.uint8, config.num_classes)
+        files.append(f"{name}.nii.gz")
+        _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.mask, image.affine, mask_header), str(tmp)),
+                         out / files[-1])
+        if probabilities:
+            prob_header = _mask_header(image, np.float32, config.num_classes)
+            files.append(f"{name}_probabilities.nii.gz")
+            _save_atomically(lambda tmp: nib.save(nib.Nifti1Image(result.probabilities, image.affine, prob_header),
+                                                  str(tmp)), out / files[-1])
+        if overlays:
+            files.append(f"{name}_overlay.png")
+            _save_atomically(lambda tmp: overlay_montage(data, result.mask, tmp, title=name), out / files[-1])
+    except BaseException:
+        for written in files:
+            (out / written).unlink(missing_ok=True)
+        raise
     entry: dict[str, Any] = {"case": name, "shape": list(result.mask.shape),
                              "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}}
     if dicom_seg and scan.is_dir():

@@ -581,3 +581,39 @@ def test_a_later_round_repeating_a_round_seed_is_refused(smoke_federation, tmp_p
     except Exception:  # noqa: BLE001 - the tampered round may be abandoned
         pass
     assert any("this round's seed was answered in an earlier round" in r for r in refusals), refusals
+
+
+def test_a_deployed_site_never_gives_the_same_reply_twice_under_secure_aggregation(smoke_federation, tmp_path,
+                                                                                    monkeypatch):
+    """Two runs, the same θ and round seeds: a deployed site's episodes differ (its own randomness), so no two
+    sums can be subtracted to isolate it; a simulated site's repeat exactly (reproducibility)."""
+    from fedmeta.client import app as client_module
+    from fedmeta.common.synth import load_manifest
+    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
+    from tests.test_inprocess import num_sites
+
+    seeds: list[int] = []
+    real = client_module.site_update
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "site_update", spy)
+    manifest = load_manifest(smoke_federation)
+    deployed = [{"data-dir": str(smoke_federation / s.path), "role": "train", "site-id": i}
+                for i, s in enumerate(manifest.train_sites)]
+    deployed += [{"data-dir": str(smoke_federation / s.path), "role": "heldout", "site-id": 10 + i}
+                 for i, s in enumerate(manifest.heldout_sites)]
+    for nodes in (deployed, simulation_node_configs(num_sites(smoke_federation))):
+        runs = []
+        for run in ("a", "b"):
+            seeds.clear()
+            config = tiny_config(smoke_federation, tmp_path / f"{len(nodes)}-{run}-{id(nodes)}",
+                                 secure_aggregation="secagg+", **SGD)
+            run_inprocess(config.to_run_config(), nodes, client_app=client_app)
+            runs.append(sorted(seeds))
+        if nodes is deployed:
+            assert len(runs[0]) == 3 and not set(runs[0]) & set(runs[1])
+        else:
+            assert runs[0] == runs[1]

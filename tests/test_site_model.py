@@ -252,3 +252,31 @@ def test_adapt_refuses_absurd_steps_and_a_site_model_given_as_a_checkpoint(relea
     assert main(["adapt", "--checkpoint", str(tmp_path / "m" / MODEL_FILE), "--allow-unsigned", "--data",
                  str(heldout_site), "--out", str(tmp_path / "m2")]) == 1
     assert "a site model written by fedmeta adapt" in capsys.readouterr().err
+
+
+def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldout_site, tmp_path, monkeypatch):
+    from fedmeta.client import site_model
+
+    checkpoint, public = release
+    scans = sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[:2]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for scan in scans:
+        shutil.copy(scan, inputs / scan.name)
+    real = site_model.overlay_montage
+
+    def failing(image, mask, path, title, **kwargs):
+        if title == case_name(scans[0]):
+            raise OSError("disk full")
+        return real(image, mask, path, title, **kwargs)
+
+    monkeypatch.setattr(site_model, "overlay_montage", failing)
+    command = ["predict", "--model", str(checkpoint), "--public-key", str(public), "--input", str(inputs),
+               "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(command) == 0
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert list(summary["refused"]) == [scans[0].name] and len(summary["masks"]) == 1
+    assert not (tmp_path / "out" / f"{case_name(scans[0])}.nii.gz").exists()  # nothing unlisted left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["predictions.json", *summary["outputs"]])
+    monkeypatch.setattr(site_model, "overlay_montage", real)
+    assert main([*command, "--overwrite"]) == 0  # the folder is still predict's own
