@@ -66,11 +66,13 @@ def floor_problem(config: RunConfig, node_config: Mapping[str, Any]) -> str | No
     if dp_floor and config.dp_seeded_noise:
         problems.append("the run has dp-seeded-noise=true: noise anyone with the run config can regenerate")
     if sigma and config.dp_noise_multiplier < sigma:
-        problems.append(f"{FLOOR_NOISE_KEY}={sigma:g} but the run has dp-noise-multiplier={config.dp_noise_multiplier:g}")
+        problems.append(f"{FLOOR_NOISE_KEY}={sigma:g} but the run has "
+                        f"dp-noise-multiplier={config.dp_noise_multiplier:g}")
     if clip and config.dp_clip_norm > clip:
         problems.append(f"{FLOOR_CLIP_KEY}={clip:g} but the run has dp-clip-norm={config.dp_clip_norm:g}")
     if fraction and config.secagg_threshold < fraction:
-        problems.append(f"{FLOOR_THRESHOLD_KEY}={fraction:g} but the run has secagg-threshold={config.secagg_threshold:g}")
+        problems.append(f"{FLOOR_THRESHOLD_KEY}={fraction:g} but the run has "
+                        f"secagg-threshold={config.secagg_threshold:g}")
     if config.dp_seeded_noise and DATA_DIR_KEY in node_config and config.dp != "none":
         # A deployed site (it names its data folder): reproducible noise is a simulation device, never a defence.
         problems.append("the run has dp-seeded-noise=true, which is for simulations only")
