@@ -146,7 +146,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "initialisation": {
             "sha256": file_sha256(Path(checkpoint)),
-            "round": int(_checkpoint_round(init.label)),
+            "round": init.round,
             "algorithm": config.algorithm,
             "release_id": (release or {}).get("release_id"),
             "release_verified": bool(release),
@@ -170,14 +170,6 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     }
     save_site_model(out, adapted, config.to_run_config(), card)
     return card
-
-
-def _checkpoint_round(label: str) -> int:
-    # load_initialisation labels θ "<algorithm> (round N)"
-    try:
-        return int(label.rsplit("round", 1)[1].strip(" )"))
-    except (IndexError, ValueError):
-        return -1
 
 
 def _score_native(model, params, config, cases, classes, device, progress, what: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Initialisation:
     params: dict[str, torch.Tensor]
     inner_lr: float | dict[str, torch.Tensor]
     head_only: bool = False  # ANIL adapts only the head
+    round: int = -1  # the federation round θ comes from (-1: not from a checkpoint)
 
 
 @torch.no_grad()
@@ -115,7 +116,7 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
             raise ValueError(f"{path}: a metasgd checkpoint without step sizes; it cannot adapt as it was trained.")
         inner_lr = checkpoint.step_sizes
     init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
-                          head_only=config.algorithm == "anil")
+                          head_only=config.algorithm == "anil", round=int(checkpoint.round))
     return init, config
 
 
