@@ -113,11 +113,17 @@ def persisted_site_key(data_dir: Path) -> int:
 
 
 def pick_device(config: RunConfig) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("run config device='cuda' but this node has no CUDA device; use device='auto'.")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The run config's device on this node."""
+    return device_named(config.device, "run config device")
+
+
+def device_named(name: str, where: str = "--device") -> torch.device:
+    """``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{where}={name!r} but this node has no CUDA device; use 'auto' or 'cpu'.")
+    return torch.device(name)
 
 
 def site_bytes(site: SiteDataset) -> int:
@@ -172,4 +178,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["SiteCache", "SiteRef", "pick_device", "resolve_site"]
+__all__ = ["SiteCache", "SiteRef", "device_named", "pick_device", "resolve_site"]

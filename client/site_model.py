@@ -68,13 +68,13 @@ def case_name(path: Path) -> str:
 
 
 def pick_device(requested: str):
-    import torch
+    """``--device``, as the ClientApp picks its run config's device (``fedmeta.client.site.device_named``)."""
+    from fedmeta.client.site import device_named
 
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA GPU is visible to torch here; use --device cpu (or auto).")
-    return torch.device(requested)
+    try:
+        return device_named(requested)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     dev = pick_device(device)
     init, config = load_initialisation(checkpoint)
     data_config = config.data_config(image_glob=image_glob, label_glob=label_glob)
-    site = SiteDataset.load(data, data_config)
+    raw = _RawStats()  # the data's fingerprint, gathered as the site is read (not by reading it again)
+    site = SiteDataset.load(data, data_config, on_case=raw.add)
     model = build_model(config.model_config()).to(dev)
     classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
 
@@ -160,7 +161,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
             "support_patients": len(support_patients),
             "seconds": round(adapt_seconds, 3),
         },
-        "data": _fingerprint(site, data, image_glob, label_glob),
+        "data": raw.fingerprint(site),
         "dice": dice,
         "metric": "Dice per held-out patient over the whole scan in the scan's own grid (the masks fedmeta predict "
                   "writes), per foreground class the site labels, mean over classes then patients",
@@ -200,34 +201,37 @@ def segment_loaded(model, params, config, image_data, affine, device, probabilit
                         probabilities=probabilities, device=device)
 
 
-def _fingerprint(site, root: Path, image_glob, label_glob) -> dict[str, Any]:
-    """What the site's data looks like, without a file name or a patient identifier: counts, voxel sizes,
-    intensity statistics, label volumes."""
-    from fedmeta.common.validate import check_case, discover_site
+class _RawStats:
+    """What the site's scans look like before preprocessing, case by case as :meth:`SiteDataset.load` reads
+    them; :meth:`fingerprint` adds the counts. No file name and no patient identifier."""
 
-    spacings, intensities, shapes = [], [], []
-    for case in discover_site(root, image_glob, label_glob).cases:
-        _problems, loaded = check_case(case, None, 256)
-        if loaded is None:
-            continue
+    def __init__(self) -> None:
+        self.spacings: list[np.ndarray] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.intensities: list[np.ndarray] = []
+
+    def add(self, loaded) -> None:
         affine = np.asarray(loaded.image.affine, dtype=np.float64)
-        spacings.append(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-        shapes.append(loaded.image_data.shape)
+        self.spacings.append(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        self.shapes.append(loaded.image_data.shape)
         values = loaded.image_data[loaded.image_data > loaded.image_data.mean()]  # the head, as the reader sees it
         if values.size:
-            intensities.append(np.percentile(values, [1, 50, 99]))
-    spacing = np.median(np.asarray(spacings), axis=0) if spacings else None
-    stats = np.median(np.asarray(intensities), axis=0) if intensities else None
-    return {
-        "patients": site.num_patients,
-        "skipped_cases": len(site.skipped),
-        "slices": int(sum(len(x) for x in site.images)),
-        "labelled_slices": int(sum(len(site.foreground_indices(p)) for p in range(site.num_patients))),
-        "median_voxel_mm": [round(float(v), 3) for v in spacing] if spacing is not None else None,
-        "median_shape": [int(v) for v in np.median(np.asarray(shapes), axis=0)] if shapes else None,
-        "head_intensity_percentiles_1_50_99": [round(float(v), 3) for v in stats] if stats is not None else None,
-        "classes_labelled": sorted(int(c) for c in site.labelled_classes),
-    }
+            self.intensities.append(np.percentile(values, [1, 50, 99]))
+
+    def fingerprint(self, site) -> dict[str, Any]:
+        def median(rows, digits=3):
+            return [round(float(v), digits) for v in np.median(np.asarray(rows), axis=0)] if rows else None
+
+        return {
+            "patients": site.num_patients,
+            "skipped_cases": len(site.skipped),
+            "slices": int(sum(len(x) for x in site.images)),
+            "labelled_slices": int(sum(len(site.foreground_indices(p)) for p in range(site.num_patients))),
+            "median_voxel_mm": median(self.spacings),
+            "median_shape": [int(v) for v in median(self.shapes, 0)] if self.shapes else None,
+            "head_intensity_percentiles_1_50_99": median(self.intensities),
+            "classes_labelled": sorted(int(c) for c in site.labelled_classes),
+        }
 
 
 def save_site_model(out: Path, params: dict, run_config: dict, card: dict) -> None:
@@ -345,13 +349,7 @@ def scan_paths(source: Path) -> list[Path]:
         (p.is_file() and p.name.endswith(SCAN_SUFFIXES)) or is_series_folder(p)))
     if not scans:
         raise ValueError(f"--input {source}: holds no .nii.gz or .nii file and no DICOM series folder.")
-    names: dict[str, Path] = {}
-    for scan in scans:
-        if case_name(scan) in names:
-            raise ValueError(f"--input {source}: {names[case_name(scan)].name} and {scan.name} would both write "
-                             f"{case_name(scan)}.nii.gz; pass one channel per case.")
-        names[case_name(scan)] = scan
-    return scans
+    return scans  # two scans that would write one mask: refused by output_names, with every output kind
 
 
 OUTPUT_SUFFIXES = (".nii.gz", "_overlay.png", "_probabilities.nii.gz", ".seg.dcm")

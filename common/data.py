@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -206,8 +207,10 @@ class SiteDataset:
     label_protocol: str = "standard"
 
     @classmethod
-    def load(cls, root: Path | str, config: DataConfig) -> "SiteDataset":
-        """Read a site folder; bad cases are skipped with one warning (``config.strict``: raise instead)."""
+    def load(cls, root: Path | str, config: DataConfig,
+             on_case: Callable[[LoadedCase], None] | None = None) -> "SiteDataset":
+        """Read a site folder; bad cases are skipped with one warning (``config.strict``: raise instead).
+        ``on_case`` sees each usable case as read (raw voxels, header), before it is preprocessed."""
         root = Path(root)
         layout = discover_site(root, config.image_glob, config.label_glob)
         allowed = set(layout.labels) if layout.labels is not None else None
@@ -226,6 +229,8 @@ class SiteDataset:
             note = thin_volume_warning(case.image, loaded.image_data.shape, loaded.image.affine)
             if note:
                 warnings.warn(note, UserWarning, stacklevel=2)
+            if on_case is not None:
+                on_case(loaded)
             case_images, case_labels, case_slices = prepare_case(loaded, config)
             patient_ids.append(case.case_id)
             images.append(case_images)
