@@ -617,3 +617,45 @@ def test_a_deployed_site_never_gives_the_same_reply_twice_under_secure_aggregati
             assert len(runs[0]) == 3 and not set(runs[0]) & set(runs[1])
         else:
             assert runs[0] == runs[1]
+
+
+def test_a_site_refuses_to_unmask_a_piece_of_a_sparse_graph_smaller_than_min_sites():
+    """secagg-neighbours=2 on a ring of 9: a server withholds the shares of sites 3, 6 and 9 (never naming them)
+    so that {1,2}, {4,5}, {7,8} mask only within themselves, then names all six answered in one list. Each piece
+    would unmask alone, a sum of 2 under min-sites=3: every site refuses (a review reproduced the pair sums)."""
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmeta.common.protocol import CONFIG_RECORD, ROUND_KEY, ROUND_SEED_KEY, SECAGG_DESTINATIONS
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    config = RunConfig(secure_aggregation="secagg+", secagg_neighbours=2, min_sites=3)
+
+    def message(node, payload, **extra):
+        body = RecordDict({CONFIG_RECORD: ConfigRecord({ROUND_KEY: 1, ROUND_SEED_KEY: 7, **extra}),
+                           SECAGG_RECORD: ConfigRecord(payload)})
+        return Message(body, dst_node_id=node, message_type="train")
+
+    nodes = list(range(1, 10))
+    pieces = [[1, 2], [4, 5], [7, 8]]
+    active = [n for piece in pieces for n in piece]
+    contexts = {n: Context(0, n, {}, RecordDict(), {}) for n in nodes}
+    keys = {n: secure_aggregation.keys(message(n, {}), contexts[n]).content.config_records[SECAGG_RECORD]
+            for n in nodes}
+    listing = {SECAGG_NODES: nodes, SECAGG_PK1: [keys[n][SECAGG_PK1] for n in nodes],
+               SECAGG_PK2: [keys[n][SECAGG_PK2] for n in nodes]}
+    sent = {}
+    for n in nodes:
+        reply = secure_aggregation.shares(message(n, dict(listing)), contexts[n], config)
+        record = reply.content.config_records[SECAGG_RECORD]
+        sent[n] = dict(zip(record[SECAGG_DESTINATIONS], record[SECAGG_CIPHERTEXTS]))
+    piece_of = {n: piece for piece in pieces for n in piece}
+    for n in active:  # only the shares from within its own piece reach each site
+        sources = [s for s in piece_of[n] if s != n and n in sent[s]]
+        secure_aggregation.masked_reply(message(n, {SECAGG_SOURCES: sources,
+                                                    SECAGG_CIPHERTEXTS: [sent[s][n] for s in sources]}),
+                                        contexts[n], config, {"w": torch.full((4,), 0.01 * n)}, seed=n)
+    for n in active:  # one list for everyone: no equivocation
+        with pytest.raises(secure_aggregation.SecAggError, match="only 2 of the sites this site masked with"):
+            secure_aggregation.unmask(message(n, {SECAGG_ACTIVE: active, SECAGG_DEAD: []}), contexts[n], config)

@@ -61,6 +61,10 @@ def test_adapt_then_predict_writes_masks_in_each_scans_grid_that_score_what_adap
     assert _adapt(checkpoint, public, heldout_site, tmp_path / "init", "--steps", "0") == 0
     card = json.loads((tmp_path / "model" / CARD_JSON).read_text())
     assert card["initialisation"]["release_verified"] and card["adaptation"]["steps"] == 20
+    # The data's fingerprint describes the scans as read: every patient, their voxel sizes.
+    first = nib.load(sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[0])
+    assert card["data"]["patients"] == len(list((heldout_site / "imagesTr").glob("*.nii.gz")))
+    assert card["data"]["median_voxel_mm"] == pytest.approx(list(first.header.get_zooms()[:3]), abs=0.05)
     assert card["dice"]["held_out_patients"] >= 1 and "Dice on held-out patients" in (tmp_path / "model" / CARD_MD).read_text()
     # No file name and no patient identifier in the card: it may leave the site with the model.
     text = (tmp_path / "model" / CARD_JSON).read_text() + (tmp_path / "model" / CARD_MD).read_text()
