@@ -258,7 +258,7 @@ def load_site_model(path: Path) -> SiteModel:
 
     import torch
 
-    from fedmeta.common.checkpoint import Checkpoint, _check_weights
+    from fedmeta.common.checkpoint import check_weights
     from fedmeta.common.config import RunConfig
     from fedmeta.common.model import initial_params, seeded_model
     from fedmeta.common.release import file_sha256
@@ -284,7 +284,7 @@ def load_site_model(path: Path) -> SiteModel:
     if not isinstance(payload, dict) or payload.get("format") != SITE_MODEL_FORMAT or "params" not in payload:
         raise ValueError(f"{model_file}: not a fedmeta site model; adapt again.")
     params, run_config = payload["params"], payload.get("run_config") or {}
-    _check_weights(model_file, Checkpoint(0, params, None, {}, {}, "", run_config))
+    check_weights(model_file, {"params": params})
     config = RunConfig.from_run_config(run_config)
     expected = {n: tuple(t.shape) for n, t in initial_params(seeded_model(config.model_config(), 0)).items()}
     if expected != {n: tuple(t.shape) for n, t in params.items()}:

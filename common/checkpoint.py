@@ -85,7 +85,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             + "); it was damaged or written by another program. Point at the checkpoint.pt a fedmeta run wrote."
         )
     checkpoint = Checkpoint(**payload)
-    _check_weights(path, checkpoint)
+    check_weights(path, {"params": checkpoint.params, "step_sizes": checkpoint.step_sizes or {}})
     return checkpoint
 
 
@@ -94,9 +94,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
 PLAUSIBLE_WEIGHT = 1e6
 
 
-def _check_weights(path: Path, checkpoint: Checkpoint) -> None:
-    """Refuses a checkpoint whose θ (or step sizes) are not tensors, hold NaN/Inf, or are implausibly large."""
-    for group, tensors in (("params", checkpoint.params), ("step_sizes", checkpoint.step_sizes or {})):
+def check_weights(path: Path, groups: dict[str, Any]) -> None:
+    """Refuses weights (``{"params": θ, "step_sizes": ...}``, each a name -> tensor mapping) that are not tensors,
+    hold NaN/Inf, or are implausibly large, naming ``path`` and the tensor. Every loader of weights calls it."""
+    for group, tensors in groups.items():
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise ValueError(f"{path}: its {group} are not a mapping of tensors; it was damaged or written by another "
                              "program. Point at the checkpoint.pt a fedmeta run wrote.")
@@ -123,4 +124,4 @@ def trajectory_hash(config) -> str:
     return config.trajectory_hash(federation=federation_digest(config.federation_dir))
 
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint", "trajectory_hash"]
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "check_weights", "load_checkpoint", "save_checkpoint", "trajectory_hash"]
