@@ -284,3 +284,18 @@ def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldou
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["predictions.json", *summary["outputs"]])
     monkeypatch.setattr(site_model, "overlay_montage", real)
     assert main([*command, "--overwrite"]) == 0  # the folder is still predict's own
+
+
+def test_predict_refuses_a_site_model_with_non_finite_weights(release, heldout_site, tmp_path, capsys):
+    """The card's digest only detects damage; weights are checked as every loader checks them."""
+    from fedmeta.client.site_model import save_site_model
+
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "model", "--steps", "0") == 0
+    model = load_site_model(tmp_path / "model")
+    name = sorted(model.params)[0]
+    model.params[name] = model.params[name].clone().fill_(float("nan"))
+    save_site_model(tmp_path / "model", model.params, model.run_config, model.card)  # a consistent card, broken θ
+    assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(heldout_site / "imagesTr"),
+                 "--out", str(tmp_path / "masks")]) == 1
+    assert f"params {name!r} holds NaN or Inf" in capsys.readouterr().err
