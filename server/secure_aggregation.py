@@ -114,9 +114,10 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     exchange.require(len(u2) >= enough, f"{len(u2)} site(s) shared their secrets, fewer than {enough}")
 
     # 3. The train message, each with the shares addressed to it; answered by masked replies.
+    exchange.routed = {n: [s for s in u2 if n in sent_shares[s]] for n in u2}  # whose shares reach whom
+
     def inbox(node: int) -> dict:
-        sources = [s for s in u2 if node in sent_shares[s]]
-        exchange.routed[node] = set(sources)
+        sources = exchange.routed[node]
         return {SECAGG_SOURCES: sources, SECAGG_CIPHERTEXTS: [sent_shares[s][node] for s in sources]}
 
     extra = {ROUND_SEED_KEY: round_seed, SAMPLED_SITES_KEY: len(chosen)}
@@ -138,7 +139,7 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
         if len(nodes) != len(shares) or len(set(nodes)) != len(nodes):
             raise InvalidReply("its unmasking shares do not pair one share with each named site")
         # A site holds shares only of itself and of the sites that sent it theirs.
-        held = {node} | {s for s in u2 if node in sent_shares[s]}
+        held = {node, *exchange.routed.get(node, ())}
         if not set(nodes) <= (set(u3) | set(dead)) & held:
             raise InvalidReply("its unmasking shares name sites it holds no share of")
         return dict(zip(nodes, shares))
@@ -215,7 +216,7 @@ class _Exchange:
         self.drops: list[Drop] = []
         self.received: list[Message] = []
         self.last_accepted: set[int] = set()  # the sites whose reply the latest stage accepted, or that refused it
-        self.routed: dict[int, set[int]] = {}  # site -> the senders whose ciphertexts the server routed to it
+        self.routed: dict[int, list[int]] = {}  # site -> the senders whose ciphertexts the server routed to it
 
     def require(self, condition: bool, why: str) -> None:
         if not condition:
