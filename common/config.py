@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from fedmeta.common.model import ModelConfig
-from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SECURE_AGGREGATIONS, SITE_WEIGHTINGS
+from fedmeta.common.protocol import (
+    AGGREGATIONS, ALGORITHMS, DP_MODES, LEARNER_ALGORITHMS, SECURE_AGGREGATIONS, SITE_WEIGHTINGS,
+)
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,7 +35,8 @@ _HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_
                     "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
                     "krum_byzantine": 1, "max_update_norm": 0.0,
                     "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
-                    "secagg_clip_range": 8.0, "secagg_levels": 0}
+                    "secagg_clip_range": 8.0, "secagg_levels": 0,
+                    "generator_width": 32, "prototype_dim": 32, "lstm_hidden": 8, "lstm_truncation": 0}
 STEP_SIZES = ("per-element", "per-layer-step")
 
 
@@ -59,6 +62,11 @@ class RunConfig:
     multi_step_loss_rounds: int = 0  # MAML++ multi-step loss, annealed to the last step by this round
     first_order_rounds: int = 0  # MAML++ derivative-order annealing: first order up to this round
     step_sizes: str = "per-element"  # metasgd: learned step sizes per-element (Meta-SGD) | per-layer-step (MAML++ LSLR)
+    # The other families (fedmeta.common.learners): their own parts' sizes, and the learned optimiser's unroll.
+    generator_width: int = 32  # fast-weights: the support-set encoder's channels and MLP width
+    prototype_dim: int = 32  # prototypes: channels of the pixel embedding the prototypes live in
+    lstm_hidden: int = 8  # lstm-optimizer: hidden units of the coordinate-wise LSTM (its state: 2 x this per parameter)
+    lstm_truncation: int = 0  # lstm-optimizer: backpropagate through the last N inner steps only; 0 = all
     image_size: int = 64
     spacing_mm: float = 3.0  # isotropic voxel size the reader resamples to: 64 x 3 mm holds the whole brain
     num_classes: int = 4
@@ -127,7 +135,8 @@ class RunConfig:
         need(self.episodes_per_site >= 1, "episodes-per-site", "must be >= 1.")
         need(self.k_shot >= 1, "k-shot", "must be >= 1 support image.")
         need(self.q_query >= 1, "q-query", "must be >= 1 query image.")
-        need(self.inner_steps >= 1, "inner-steps", "must be >= 1.")
+        need(self.inner_steps >= (0 if self.algorithm in ("fast-weights", "prototypes") else 1), "inner-steps",
+             "must be >= 1 (0 only for fast-weights and prototypes, whose adaptation needs no gradient step).")
         need(self.inner_lr > 0, "inner-lr", "must be > 0.")
         need(self.meta_lr > 0, "meta-lr", "must be > 0.")
         need(0 <= self.meta_momentum < 1, "meta-momentum", "must be in [0, 1).")
@@ -142,6 +151,12 @@ class RunConfig:
         need(self.step_sizes in STEP_SIZES, "step-sizes", f"choose one of {', '.join(STEP_SIZES)}.")
         need(self.step_sizes == "per-element" or self.algorithm == "metasgd", "step-sizes",
              f"learned step sizes belong to metasgd, not algorithm={self.algorithm!r}; leave it at per-element.")
+        for key in ("generator-width", "prototype-dim", "lstm-hidden"):
+            need(getattr(self, key.replace("-", "_")) >= 1, key, "must be >= 1.")
+        need(0 <= self.lstm_truncation <= self.inner_steps, "lstm-truncation",
+             f"must be in [0, inner-steps={self.inner_steps}]: the inner steps backpropagated through (0: all).")
+        need(self.lstm_truncation == 0 or self.algorithm == "lstm-optimizer", "lstm-truncation",
+             f"truncates the learned optimiser's unroll; algorithm={self.algorithm!r} has none. Set it to 0.")
         need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
         need(0 < self.spacing_mm <= 20, "spacing-mm", "must be a voxel size in mm in (0, 20], e.g. 3.0.")
         need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")
@@ -304,6 +319,10 @@ class RunConfig:
             strides=(2,) * (self.model_levels - 1),
             num_res_units=self.model_res_units,
             norm=self.model_norm,
+            learner=self.algorithm if self.algorithm in LEARNER_ALGORITHMS else "unet",
+            generator_width=self.generator_width,
+            embedding_dim=self.prototype_dim,
+            lstm_hidden=self.lstm_hidden,
         )
 
     def trajectory_hash(self, federation: str | None = None) -> str:

@@ -96,6 +96,7 @@ def site_update(
         # MAML++'s schedules depend on the round: the multi-step loss early, first order earlier still.
         step_weights=multi_step_loss_weights(config.inner_steps, server_round, config.multi_step_loss_rounds),
         first_order=server_round <= config.first_order_rounds,
+        truncation=config.lstm_truncation,
     )
 
 

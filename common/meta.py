@@ -10,18 +10,25 @@ never read or written, so one module instance serves any θ.
 References: MAML and its first-order variant (Finn et al., 2017), Reptile (Nichol et al., 2018),
 Meta-SGD (Li et al., 2017), ANIL (Raghu et al., 2020), FedAvg (McMahan et al., 2017), FedProx
 (Li et al., 2020). ``../shared/FIELD.md`` §1 states what each one sends.
+
+The other families (``fast-weights``, ``prototypes``, ``lstm-optimizer``; :mod:`fedmeta.common.learners`)
+go through the same inner step, as one adaptation trajectory (:func:`adaptation_trajectory`) that a
+new site follows without a graph and training follows with one: their meta-gradient is the query
+loss differentiated through it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.func import functional_call
 
+from fedmeta.common import learners
 from fedmeta.common.model import head_parameter_names
-from fedmeta.common.protocol import ALGORITHMS, STEP_SIZE_PREFIX
+from fedmeta.common.protocol import ALGORITHMS, LEARNER_ALGORITHMS, STEP_SIZE_PREFIX
 
 # Algorithms whose θ-gradient is taken through the inner loop (second order).
 SECOND_ORDER = ("maml", "metasgd", "anil")
@@ -52,6 +59,7 @@ def _inner_step(
     first_order: bool,
     proximal: tuple[float, Params] | None = None,
     step: int = 0,
+    loss_of: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Params, torch.Tensor]:
     """One SGD step (the ``step``-th of the inner loop) on the parameters ``names``; the others pass through.
 
@@ -61,14 +69,15 @@ def _inner_step(
     evaluation). ``step_size`` is α, or Meta-SGD's learned tensors: shaped like each parameter, or
     (MAML++'s LSLR) one scalar per layer and inner step, ``[steps, 1, ...]``, of which step ``step``
     is taken (the last one for steps beyond those trained). ``proximal=(μ, θ₀)`` adds FedProx's
-    μ/2‖θ − θ₀‖².
+    μ/2‖θ − θ₀‖². ``loss_of(params, x, y)`` replaces the model's loss on ``(x, y)`` (the prototype
+    learner's support self-segmentation).
 
     torch.autograd.grad rather than a nested torch.func.grad: on this UNet it measured ~15 % faster
     per step on CPU (``fedmeta perf meta``), and both give the same gradients.
     """
     if first_order:
         params = {n: p.detach().requires_grad_(n in names) for n, p in params.items()}
-    loss = _loss(model, params, x, y, loss_fn)
+    loss = loss_of(params, x, y) if loss_of is not None else _loss(model, params, x, y, loss_fn)
     if proximal is not None:
         mu, anchor = proximal
         loss = loss + 0.5 * mu * sum(((params[n] - anchor[n]) ** 2).sum() for n in names)
@@ -120,14 +129,111 @@ def adapt(
     where in the inner loop this call starts (per-step learned step sizes), for adaptation in parts.
     """
     params = {n: p.detach() for n, p in params.items()}
-    names = _check_inner_params(params, inner_params)
+    names = _check_inner_params(params, inner_params, model)
     _check_steps(inner_steps)
     _check_step_size(inner_lr, names, params, algorithm=None)
+    if learners.learner_of(model) is not None:
+        if first_step:
+            raise ValueError(f"first_step={first_step}: a {learners.learner_of(model)} learner adapts in one go "
+                             "(its preparation and state start at step 0); use adaptation_trajectory to score on the way.")
+        *_, adapted = _trajectory(model, params, names, support_x, support_y, inner_steps, inner_lr, loss_fn,
+                                  create_graph=False)
+        return adapted
     adapted = params
     for step in range(first_step, first_step + inner_steps):
         adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn, first_order=True,
                                  step=step)
     return adapted
+
+
+@torch.enable_grad()
+def adaptation_trajectory(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    inner_steps: int,
+    inner_lr: StepSize,
+    loss_fn: LossFn,
+    inner_params: Sequence[str] | None = None,
+) -> Iterator[Params]:
+    """Yields the adapted (detached) parameters after 0, 1, …, ``inner_steps`` steps of :func:`adapt`.
+
+    Step 0 is θ as the learner prepares it for this support set: θ itself for the initialisation family,
+    θ with a generated head (fast-weights) or with the support set's prototypes (prototypes).
+    """
+    params = {n: p.detach() for n, p in params.items()}
+    names = _check_inner_params(params, inner_params, model)
+    _check_steps(inner_steps)
+    _check_step_size(inner_lr, names, params, algorithm=None)
+    if learners.learner_of(model) is None:
+        adapted = params
+        yield adapted
+        for step in range(inner_steps):
+            adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn, first_order=True,
+                                     step=step)
+            yield adapted
+        return
+    for adapted in _trajectory(model, params, names, support_x, support_y, inner_steps, inner_lr, loss_fn,
+                               create_graph=False):
+        yield {n: p.detach() for n, p in adapted.items()}
+
+
+def _trajectory(model, params, names, support_x, support_y, inner_steps, inner_lr, loss_fn, *, create_graph,
+                truncation: int = 0) -> Iterator[Params]:
+    """A learner's adaptation: its preparation (step 0), then ``inner_steps`` steps of its rule on ``names``.
+
+    ``create_graph`` keeps every step in the autograd graph (training differentiates the query loss
+    through it); ``truncation`` T > 0 differentiates only the last T steps (truncated backpropagation
+    through the inner loop): the earlier ones pass θ's gradient straight through, as first-order MAML does.
+    """
+    kind = learners.learner_of(model)
+    adapted = _prepare(model, kind, params, support_x, support_y)
+    yield adapted
+    state = None
+    graph_from = inner_steps - truncation if truncation else 0
+    # Prototype fine-tuning segments the support set with its own prototypes.
+    support_loss = functools.partial(learners.prototype_support_loss, model, loss_fn=loss_fn) if kind == "prototypes" else None
+    for step in range(inner_steps):
+        graph = create_graph and step >= graph_from
+        if kind == "lstm-optimizer":
+            adapted, state = _learned_optimizer_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn,
+                                                     state, create_graph=graph)
+        else:
+            adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn,
+                                     first_order=not graph, step=step, loss_of=support_loss)
+            if kind == "prototypes":  # the stepped encoder's prototypes
+                adapted = learners.with_prototypes(model, adapted, support_x, support_y)
+        if create_graph and not graph:  # a truncated step: θ's gradient passes straight through it
+            adapted = {n: params[n] + (p - params[n]).detach() for n, p in adapted.items()}
+            state = tuple(t.detach() for t in state) if state is not None else None
+        yield adapted
+
+
+def _prepare(model, kind, params, support_x, support_y) -> Params:
+    if kind == "fast-weights":
+        return learners.generate(model, params, support_x, support_y)
+    if kind == "prototypes":
+        return learners.with_prototypes(model, params, support_x, support_y)
+    return dict(params)
+
+
+def _learned_optimizer_step(model, params, names, x, y, inner_lr, loss_fn, state, *, create_graph):
+    """One step of the learned optimiser: θ ← θ − α (g + w·h), h the coordinate-wise LSTM's output."""
+    if not create_graph:
+        params = {n: p.detach().requires_grad_(n in names) for n, p in params.items()}
+    loss = _loss(model, params, x, y, loss_fn)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, materialize_grads=True)
+    with torch.set_grad_enabled(create_graph):
+        directions, state = learners.lstm_directions(params, grads, loss, state)
+        stepped = dict(params)
+        for n, direction in zip(names, directions):
+            stepped[n] = params[n] - inner_lr * direction
+    if not create_graph:
+        stepped = {n: p.detach() for n, p in stepped.items()}
+        state = tuple(t.detach() for t in state)
+    return stepped, state
 
 
 def init_step_sizes(
@@ -166,6 +272,7 @@ def meta_gradient(
     proximal_mu: float = 0.0,
     step_weights: Sequence[float] | None = None,
     first_order: bool = False,
+    truncation: int = 0,
 ) -> tuple[Params, dict[str, float]]:
     """The update one site sends for the shared initialisation θ, and plain-float statistics.
 
@@ -190,25 +297,36 @@ def meta_gradient(
     ``first_order=True`` takes ``maml`` / ``anil`` through the FOMAML computation (derivative-order
     annealing: first order early in training, second order later).
 
+    The other families (``model`` built with their learner, :mod:`fedmeta.common.learners`): ∇ of the
+    query loss at the end of :func:`adaptation_trajectory`, taken through it, w.r.t. every parameter,
+    the learner's own among them — ``fast-weights``: the generated head then ``inner_steps`` SGD steps;
+    ``prototypes``: the query segmented by the support prototypes (after ``inner_steps`` of encoder
+    fine-tuning); ``lstm-optimizer``: ``inner_steps`` learned-optimiser steps, the last ``truncation``
+    of them differentiated (0: all). Step 0 (``*_before``) is the prepared θ.
+
     ``stats``: ``support_loss_before/after`` and ``query_loss_before/after`` (means over episodes, at
     θ and at the adapted parameters; after: the last inner step) and ``num_examples`` (support plus
     query images).
     """
     params = _check_params(model, params)
     _check_algorithm(algorithm)
+    _check_learner(model, algorithm)
     _check_steps(inner_steps)
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable(logits, target) -> scalar tensor; got {type(loss_fn).__name__}.")
     if algorithm == "anil" and inner_params is None:
         inner_params = head_parameter_names(model)
-    names = _check_inner_params(params, inner_params)
+    names = _check_inner_params(params, inner_params, model)
     step_size = _check_step_size(inner_lr, names, params, algorithm=algorithm)
     episodes = _check_episodes(episodes)
     mu = _check_proximal_mu(proximal_mu, algorithm)
     weights = _check_step_weights(step_weights, inner_steps, algorithm, first_order)
+    truncation = _check_truncation(truncation, inner_steps, algorithm)
     if first_order:
         algorithm = "fomaml"  # the same adapted parameters (ANIL: only the head), gradient taken at θ′
 
+    if algorithm in LEARNER_ALGORITHMS:
+        return _learner_meta_gradient(model, params, names, episodes, inner_steps, step_size, loss_fn, truncation)
     if algorithm in ("fedavg", "fedprox"):
         return _local_sgd(model, params, names, episodes, inner_steps, step_size, loss_fn, mu)
 
@@ -283,6 +401,32 @@ def _second_order_episode(model, params, names, step_size, *, episodes_item, inn
     grads = torch.autograd.grad(meta_loss, list(inputs.values()), materialize_grads=True)
     adapted = {n: p.detach() for n, p in adapted.items()}
     return dict(zip(inputs, grads)), adapted, float(query_loss.detach()), support_before
+
+
+def _learner_meta_gradient(model, params, names, episodes, inner_steps, step_size, loss_fn, truncation):
+    """The other families' meta-gradient: the query loss differentiated through the adaptation trajectory."""
+    totals = {n: torch.zeros_like(p) for n, p in params.items()}
+    losses, num_examples = _zero_stats(), 0
+    for support_x, support_y, query_x, query_y in episodes:
+        num_examples += int(support_x.shape[0]) + int(query_x.shape[0])
+        theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        prepared = adapted = None
+        for adapted in _trajectory(model, theta, names, support_x, support_y, inner_steps, step_size, loss_fn,
+                                   create_graph=True, truncation=truncation):
+            prepared = adapted if prepared is None else prepared
+        query_loss = _loss(model, adapted, query_x, query_y, loss_fn)
+        grads = torch.autograd.grad(query_loss, list(theta.values()), materialize_grads=True)
+        for key, value in zip(theta, grads):
+            totals[key] += value.detach()
+        prepared = {n: p.detach() for n, p in prepared.items()}
+        adapted = {n: p.detach() for n, p in adapted.items()}
+        losses["query_loss_after"] += float(query_loss.detach())
+        losses["query_loss_before"] += _no_grad_loss(model, prepared, query_x, query_y, loss_fn)
+        losses["support_loss_before"] += _no_grad_loss(model, prepared, support_x, support_y, loss_fn)
+        losses["support_loss_after"] += _no_grad_loss(model, adapted, support_x, support_y, loss_fn)
+    count = len(episodes)
+    return {key: (total / count).to(params[key].dtype) for key, total in totals.items()}, \
+        _mean_stats(losses, count, num_examples)
 
 
 def multi_step_loss_weights(inner_steps: int, server_round: int, anneal_rounds: int) -> list[float] | None:
@@ -380,9 +524,33 @@ def _check_params(model: torch.nn.Module, params) -> Params:
     return dict(params)
 
 
-def _check_inner_params(params: Params, inner_params) -> list[str]:
+def _check_learner(model: torch.nn.Module, algorithm: str) -> None:
+    kind = learners.learner_of(model)
+    wanted = algorithm if algorithm in LEARNER_ALGORITHMS else None
+    if kind != wanted:
+        raise ValueError(
+            f"algorithm={algorithm!r} needs " + (f"the {wanted} learner's model" if wanted else "a plain UNet")
+            + f", and the model is {'a plain UNet' if kind is None else f'the {kind} learner'}; build it with "
+            "fedmeta.common.model.build_model(run_config.model_config()), which picks the model for the algorithm."
+        )
+
+
+def _check_truncation(truncation, inner_steps: int, algorithm: str) -> int:
+    if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 0:
+        raise ValueError(f"truncation={truncation!r} must be an int >= 0 (0: backpropagate through every inner step).")
+    if truncation and algorithm != "lstm-optimizer":
+        raise ValueError(f"truncation={truncation} truncates the learned optimiser's unrolled inner loop; "
+                         f"algorithm={algorithm!r} has none. Set it to 0.")
+    if truncation > inner_steps:
+        raise ValueError(f"truncation={truncation} exceeds inner_steps={inner_steps}; use at most {inner_steps} "
+                         "(or 0 for every step).")
+    return truncation
+
+
+def _check_inner_params(params: Params, inner_params, model: torch.nn.Module | None = None) -> list[str]:
+    own = set(learners.meta_only_names(model, list(params))) if model is not None else set()
     if inner_params is None:
-        return list(params)
+        return [n for n in params if n not in own]
     if isinstance(inner_params, str):
         raise ValueError(f"inner_params must be a list of parameter names, not the string {inner_params!r}.")
     names = list(inner_params)
@@ -394,6 +562,10 @@ def _check_inner_params(params: Params, inner_params) -> list[str]:
         )
     if not names:
         raise ValueError("inner_params is empty: name at least one parameter to adapt, or pass None for all.")
+    stepped = [n for n in names if n in own]
+    if stepped:
+        raise ValueError(f"inner_params names {stepped[:5]}, the {learners.learner_of(model)} learner's own parameters: "
+                         "they are meta-learned across sites, never stepped by the inner loop.")
     return names
 
 
@@ -507,5 +679,6 @@ def _check_proximal_mu(proximal_mu, algorithm: str) -> float:
     return float(proximal_mu)
 
 
-__all__ = ["ALGORITHMS", "SECOND_ORDER", "STEP_SIZE_PREFIX", "adapt", "init_step_sizes", "meta_gradient",
+__all__ = ["ALGORITHMS", "LEARNER_ALGORITHMS", "SECOND_ORDER", "STEP_SIZE_PREFIX", "adapt", "adaptation_trajectory",
+           "init_step_sizes", "meta_gradient",
            "multi_step_loss_weights"]

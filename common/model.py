@@ -8,6 +8,8 @@ import torch
 from monai.networks.nets import UNet
 
 VALID_NORMS = ("instance", "group")
+# The UNet alone (the initialisation family), or the UNet with a learner's own parts (fedmeta.common.learners).
+VALID_LEARNERS = ("unet", "fast-weights", "prototypes", "lstm-optimizer")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class ModelConfig:
     norm: str = "instance"
     groups: int = 4  # only for norm="group"
     dropout: float = 0.0
+    learner: str = "unet"  # unet | fast-weights | prototypes | lstm-optimizer
+    generator_width: int = 32  # fast-weights: channels of the support-set encoder and its MLP
+    embedding_dim: int = 32  # prototypes: channels of the pixel embedding
+    lstm_hidden: int = 8  # lstm-optimizer: hidden units of the coordinate-wise LSTM
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML/JSON) but store tuples so the config stays hashable.
@@ -61,6 +67,12 @@ class ModelConfig:
                     "(channels, and out_channels when num_res_units > 0) to be divisible by groups; "
                     "change groups or channels."
                 )
+        if self.learner not in VALID_LEARNERS:
+            raise ValueError(f"learner={self.learner!r} is not supported; valid choices: {', '.join(VALID_LEARNERS)}.")
+        for name in ("generator_width", "embedding_dim", "lstm_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
         if self.in_channels <= 0 or self.out_channels < 2:
             raise ValueError(
                 f"in_channels={self.in_channels} must be >= 1 and out_channels={self.out_channels} >= 2 "
@@ -77,14 +89,15 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig | None = None) -> UNet:
-    """Builds the MONAI UNet described by ``config`` (default: the 2D model)."""
+    """Builds the MONAI UNet described by ``config`` (default: the 2D model); with ``config.learner`` set, the
+    UNet subclass of that family (:mod:`fedmeta.common.learners`), whose extra parts are parameters too."""
     config = config or ModelConfig()
     if config.norm == "group":
         norm: tuple | str = ("group", {"num_groups": config.groups})
     else:
         # affine=False (MONAI's default): no parameters, so nothing in the norm is meta-learned.
         norm = "instance"
-    return UNet(
+    unet = dict(
         spatial_dims=config.spatial_dims,
         in_channels=config.in_channels,
         out_channels=config.out_channels,
@@ -94,6 +107,14 @@ def build_model(config: ModelConfig | None = None) -> UNet:
         norm=norm,
         dropout=config.dropout,
     )
+    if config.learner == "unet":
+        return UNet(**unet)
+    from fedmeta.common.learners import LEARNERS  # the other families: the UNet and the learner's own parts
+
+    extra = {"fast-weights": {"num_classes": config.out_channels, "generator_width": config.generator_width},
+             "prototypes": {"num_classes": config.out_channels, "embedding_dim": config.embedding_dim},
+             "lstm-optimizer": {"hidden": config.lstm_hidden}}[config.learner]
+    return LEARNERS[config.learner](**extra, **unet)
 
 
 def head_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -132,6 +153,7 @@ def seeded_model(config: ModelConfig, seed: int) -> UNet:
 
 __all__ = [
     "ModelConfig",
+    "VALID_LEARNERS",
     "VALID_NORMS",
     "build_model",
     "head_parameter_names",

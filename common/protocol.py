@@ -139,7 +139,12 @@ PARTITION_ID_KEY = "partition-id"  # simulated: Flower's partition index
 NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 
 # -- algorithms ------------------------------------------------------------------------------------
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+# The initialisation family (a shared θ that sites fine-tune) and its baselines ...
+INITIALISATION_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+# ... and the learners that meta-learn more than an initialisation (fedmeta.common.learners): a generator
+# of fast weights, prototype matching, an LSTM optimiser. Their parts travel in PARAMS_RECORD beside θ's.
+LEARNER_ALGORITHMS = ("fast-weights", "prototypes", "lstm-optimizer")
+ALGORITHMS = INITIALISATION_ALGORITHMS + LEARNER_ALGORITHMS
 # How the server weighs sites in the mean: by their training data (McMahan et al.'s FedAvg), or one
 # weight per site (task-averaged MAML); "auto" is data for FedAvg/FedProx, per site for meta-learners.
 SITE_WEIGHTINGS = ("auto", "data", "per-site")
@@ -170,6 +175,8 @@ __all__ = [
     "SECAGG_UNMASK_ACTION",
     "SECURE_AGGREGATIONS",
     "ALGORITHMS",
+    "INITIALISATION_ALGORITHMS",
+    "LEARNER_ALGORITHMS",
     "DP_MODES",
     "CONFIG_RECORD",
     "DATA_DIR_KEY",

@@ -12,7 +12,8 @@ import torch
 from torch.func import functional_call
 
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.meta import ALGORITHMS, adapt, init_step_sizes, meta_gradient
+from fedmeta.common.meta import adapt, init_step_sizes, meta_gradient
+from fedmeta.common.protocol import INITIALISATION_ALGORITHMS
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names
 
@@ -237,7 +238,7 @@ def test_anil_adapts_only_the_head_but_returns_every_meta_gradient(model, loss_f
     assert dot(grads, direction) == pytest.approx(directional_fd(f, params, direction), rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", INITIALISATION_ALGORITHMS)
 def test_grads_have_the_keys_shapes_and_dtypes_of_params_and_stats_are_floats(model, loss_fn, algorithm):
     params = make_params(model)
     episodes = [make_episode(40), make_episode(41, k=3, q=1)]

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import meta_gradient
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names
-from fedmeta.common.protocol import ALGORITHMS, STEP_SIZE_PREFIX
+from fedmeta.common.protocol import INITIALISATION_ALGORITHMS, STEP_SIZE_PREFIX
 
 NUM_CLASSES = 4  # divisible by the group count, so group norm can normalise the output block too
 SIDE = 8
@@ -100,7 +100,7 @@ def reference(model, theta, episodes, algorithm, inner_steps, names, loss_fn):
 
 GRID = [
     (algorithm, steps, head_only, norm)
-    for algorithm, steps, head_only, norm in itertools.product(ALGORITHMS, (1, 2), (False, True), ("instance", "group"))
+    for algorithm, steps, head_only, norm in itertools.product(INITIALISATION_ALGORITHMS, (1, 2), (False, True), ("instance", "group"))
     # ANIL adapts the head by definition; the others are tried with every parameter and with the head only.
     if not (algorithm == "anil" and not head_only)
 ]
