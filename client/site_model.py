@@ -125,17 +125,24 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
              f"({init.label}) on {dev}")
     params = {n: p.to(dev) for n, p in init.params.items()}
     inner_lr = ({n: a.to(dev) for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict) else init.inner_lr)
-    adapted = adapt(model, params, support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32),
-                    inner_steps=steps, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
-                    inner_params=head_parameter_names(model) if init.head_only else None)
-    adapted = {n: p.detach().cpu() for n, p in adapted.items()}
+    support = (support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32))
+
+    def adapted_by(count: int) -> dict:
+        return {n: p.detach().cpu() for n, p in adapt(
+            model, params, *support, inner_steps=count, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
+            inner_params=head_parameter_names(model) if init.head_only else None).items()}
+
+    adapted = adapted_by(steps)
+    # "Before" is the learner at 0 steps: θ itself, or θ as the other families prepare it for this support
+    # set (a generated head, the support prototypes), which is all a 0-step site model holds.
+    prepared = adapted if steps == 0 else adapted_by(0)
     adapt_seconds = time.perf_counter() - began
 
     dice: dict[str, Any] = {"held_out_patients": len(heldout)}
     if heldout:
         cases = {case.case_id: case for case in discover_site(data, image_glob, label_glob).cases}
         scored = [cases[site.patient_ids[p]] for p in sorted(heldout)]
-        before = _score_native(model, init.params, config, scored, classes, dev, progress, "initialisation")
+        before = _score_native(model, prepared, config, scored, classes, dev, progress, "initialisation")
         after = before if steps == 0 else _score_native(model, adapted, config, scored, classes, dev, progress, "adapted")
         dice.update({"before": before, "after": after, "classes": classes})
     else:
@@ -155,9 +162,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         },
         "adaptation": {
             "shots": shots, "steps": steps, "seed": seed,
-            "rule": ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
-                     else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)")
-                    + ("; head only (ANIL)" if init.head_only else ""),
+            "rule": _rule(config.algorithm, init),
             "support_patients": len(support_patients),
             "seconds": round(adapt_seconds, 3),
         },
@@ -290,6 +295,19 @@ def load_site_model(path: Path) -> SiteModel:
     if expected != {n: tuple(t.shape) for n, t in params.items()}:
         raise ValueError(f"{model_file}: its weights do not match the network its run config describes; adapt again.")
     return SiteModel(params, run_config, card, path)
+
+
+def _rule(algorithm: str, init) -> str:
+    """How the site model was adapted, in words for the model card."""
+    step = ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
+            else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)") + ("; head only (ANIL)" if init.head_only else "")
+    if algorithm == "fast-weights":
+        return f"head generated from the support images and masks, then {step}"
+    if algorithm == "prototypes":
+        return f"class prototypes from the support masks (cosine matching); fine-tuning steps: {step} on the encoder"
+    if algorithm == "lstm-optimizer":
+        return f"the consortium's learned LSTM optimiser (a learned correction of {step})"
+    return step
 
 
 def card_markdown(card: dict) -> str:
@@ -472,6 +490,11 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
 
         release = verify(model_path, public_key, allow_unsigned=allow_unsigned)
         init, config = load_initialisation(model_path)
+        if config.algorithm == "prototypes":
+            raise ValueError(f"--model {model_path}: a prototypes checkpoint holds an embedding, not a segmenter: "
+                             "its class prototypes come from your labelled slices. Make a site model first: "
+                             "`fedmeta adapt --checkpoint ... --data YOUR_SITE --steps 0 --out MODEL`, then predict "
+                             "with --model MODEL.")
         params = init.params
         source = {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id"),
                   "release_verified": bool(release)}

@@ -8,6 +8,7 @@ the researcher's comparisons (``fedmeta simulate``'s report, ``fedmeta benchmark
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,22 @@ from fedmeta.common.checkpoint import load_checkpoint
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.meta import StepSize, adapt
+from fedmeta.common.meta import StepSize, adaptation_trajectory
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
-from fedmeta.common.model import head_parameter_names, initial_params, seeded_model
+from fedmeta.common.model import ModelConfig, build_model, head_parameter_names, initial_params, seeded_model
 
 
 @dataclass
 class Initialisation:
-    """A θ to adapt, with the adaptation rule its training implies (Meta-SGD: learned step sizes)."""
+    """A θ to adapt, with the adaptation rule its training implies (Meta-SGD: learned step sizes; the other
+    families: the learner its ``model_config`` builds)."""
 
     label: str
     params: dict[str, torch.Tensor]
     inner_lr: float | dict[str, torch.Tensor]
     head_only: bool = False  # ANIL adapts only the head
     round: int = -1  # the federation round θ comes from (-1: not from a checkpoint)
+    model_config: ModelConfig | None = None  # the network θ belongs to (None: the caller's)
 
 
 @torch.no_grad()
@@ -60,8 +63,9 @@ def adaptation_curve(
 
     ``support_y`` is an integer label map ``[k, H, W]``; ``patients`` holds ``(patient id, volume
     [N, 1, H, W], labels [N, H, W])`` per evaluation patient, every slice of the volume. Adaptation
-    is :func:`fedmeta.common.meta.adapt`, the training inner step; the steps run once, in order,
-    scoring on the way (0 steps scores θ itself). ``classes`` are the site's declared foreground
+    is :func:`fedmeta.common.meta.adaptation_trajectory`, the training inner step; the steps run once, in
+    order, scoring on the way (0 steps scores θ itself, or θ as a learner prepares it for the support set:
+    a generated head, the support prototypes). ``classes`` are the site's declared foreground
     classes (default: all). Returns ``{steps: summary}`` with the keys of
     :func:`fedmeta.common.metrics.summarise_patients`.
     """
@@ -72,20 +76,16 @@ def adaptation_curve(
     classes = list(range(1, num_classes)) if classes is None else list(classes)
     dtype = next(iter(params.values())).dtype
     support_target = one_hot(support_y, num_classes, dtype)
-    adapted = {n: p.detach() for n, p in params.items()}
-    done, curve = 0, {}
-    for target_steps in sorted(set(steps)):
-        adapted = adapt(
-            model, adapted, support_x, support_target,
-            inner_steps=target_steps - done, inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params,
-            first_step=done,
-        )
-        done = target_steps
-        per_patient = {
-            pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
-            for pid, x, y in patients
-        }
-        curve[target_steps] = summarise_patients(per_patient)
+    wanted, curve = set(steps), {}
+    trajectory = adaptation_trajectory(model, params, support_x, support_target, inner_steps=max(wanted),
+                                       inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params)
+    for done, adapted in enumerate(trajectory):
+        if done in wanted:
+            per_patient = {
+                pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
+                for pid, x, y in patients
+            }
+            curve[done] = summarise_patients(per_patient)
     return curve
 
 
@@ -101,7 +101,8 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
         raise ValueError(f"{path}: its run config is not valid for this fedmeta version ({err}).") from None
     # The weights must be the model the run config builds: a mismatch would fail deep inside
     # load_state_dict (or, worse, silently for a strict=False loader) instead of naming the file.
-    expected = {name: tuple(t.shape) for name, t in initial_params(seeded_model(config.model_config(), 0)).items()}
+    model_config = config.model_config()
+    expected = {name: tuple(t.shape) for name, t in initial_params(seeded_model(model_config, 0)).items()}
     found = {name: tuple(t.shape) for name, t in checkpoint.params.items()}
     if expected != found:
         differ = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
@@ -116,13 +117,14 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
             raise ValueError(f"{path}: a metasgd checkpoint without step sizes; it cannot adapt as it was trained.")
         inner_lr = checkpoint.step_sizes
     init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
-                          head_only=config.algorithm == "anil", round=int(checkpoint.round))
+                          head_only=config.algorithm == "anil", round=int(checkpoint.round), model_config=model_config)
     return init, config
 
 
 def random_initialisation(config: RunConfig) -> Initialisation:
     """The scratch baseline: the same seeded θ the federation started from, never trained."""
-    return Initialisation("random init", initial_params(seeded_model(config.model_config(), config.seed)), config.inner_lr)
+    return Initialisation("random init", initial_params(seeded_model(config.model_config(), config.seed)), config.inner_lr,
+                          model_config=config.model_config())
 
 
 def site_patients(site: SiteDataset, seed: int, max_slices: int = 0, device: torch.device | str = "cpu"):
@@ -149,8 +151,12 @@ def score_site(
     For one seed the evaluation patients are the same for every k and the support sets are nested.
     ``max_images`` bounds the evaluation slices, whole patients only (0: every evaluation patient).
     ``splits`` caches support sets and patients per (site, k, seed) across initialisations, so every
-    initialisation adapts on the very same slices and is scored on the very same patients.
+    initialisation adapts on the very same slices and is scored on the very same patients. An
+    initialisation that names its network (``model_config``: the other families' learners) is adapted
+    with that network rather than ``model``.
     """
+    if init.model_config is not None:
+        model = _network(init.model_config)
     splits = {} if splits is None else splits
     classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
     out: dict[int, dict[int, dict[str, Any]]] = {}
@@ -166,6 +172,12 @@ def score_site(
         )
         out[k] = {s: {**curve[s], "eval_slices": sum(len(x) for _, x, _ in patients)} for s in steps}
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _network(config: ModelConfig) -> torch.nn.Module:
+    # Safe to share: the module's own weights are never read (every call passes its parameters).
+    return build_model(config)
 
 
 __all__ = ["Initialisation", "adaptation_curve", "load_initialisation", "predict", "random_initialisation",

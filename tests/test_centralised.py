@@ -25,7 +25,8 @@ def _config(federation, out_dir, **changes) -> RunConfig:
     return base.replace(**changes)
 
 
-@pytest.mark.parametrize(("algorithm", "sites_per_round"), [("fomaml", 0), ("metasgd", 0), ("fedprox", 0), ("fomaml", 2)])
+@pytest.mark.parametrize(("algorithm", "sites_per_round"), [("fomaml", 0), ("metasgd", 0), ("fedprox", 0), ("fomaml", 2),
+                                                       ("fast-weights", 0), ("prototypes", 0), ("lstm-optimizer", 0)])
 def test_unpooled_loop_reproduces_the_inprocess_federation(smoke_federation, tmp_path, algorithm, sites_per_round):
     """Same site sampling, episode seeds, aggregation order and meta-optimiser: the same θ."""
     config = _config(smoke_federation, tmp_path / "fed", algorithm=algorithm, sites_per_round=sites_per_round,

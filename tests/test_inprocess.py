@@ -64,7 +64,7 @@ def test_meta_loss_falls_and_heldout_dice_rises(smoke_federation, tmp_path):
     assert checkpoint.round == 6 and checkpoint.counters["dropped_replies"] == 0
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd"])
+@pytest.mark.parametrize("algorithm", ["fomaml", "metasgd", "lstm-optimizer"])
 def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(smoke_federation, tmp_path, algorithm):
     whole = tiny_config(smoke_federation, tmp_path / "whole", num_rounds=3, sites_per_round=2, algorithm=algorithm)
     federate(whole, smoke_federation)

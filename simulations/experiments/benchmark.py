@@ -288,7 +288,12 @@ def run_benchmark(
 
     from fedmeta.common.data import SiteDataset
 
-    any_config = next(iter(configs.values()), None) or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0})
+    # The shared settings (data, classes, the scratch and oracle networks): a method of the initialisation
+    # family's, never a learner's own network.
+    from fedmeta.common.protocol import LEARNER_ALGORITHMS
+
+    any_config = next((c for c in configs.values() if c.algorithm not in LEARNER_ALGORITHMS), None) \
+        or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0, "algorithm": "fomaml"})
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}

@@ -9,6 +9,8 @@ adaptation of a shared initialisation reaches at that site.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -35,7 +37,9 @@ def train_oracle(site: SiteDataset, config: RunConfig, *, seed: int, steps: int,
         raise ValueError(f"oracle steps={steps}: the oracle needs at least one training step.")
     support_patients, _ = adaptation_patients(site, seed)
     pool = [(p, int(s)) for p in support_patients for s in site.train_slices[p]]
-    model = seeded_model(config.model_config(), seed)
+    # The ceiling is a plain supervised UNet, whichever learner the run it is compared with trains.
+    network = dataclasses.replace(config.model_config(), learner="unet")
+    model = seeded_model(network, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = DiceCELoss(config.num_classes)
     rng = np.random.default_rng([seed, 3])
@@ -47,7 +51,7 @@ def train_oracle(site: SiteDataset, config: RunConfig, *, seed: int, steps: int,
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         optimizer.step()
-    return Initialisation(f"oracle ({site.name})", initial_params(model), config.inner_lr)
+    return Initialisation(f"oracle ({site.name})", initial_params(model), config.inner_lr, model_config=network)
 
 
 __all__ = ["ORACLE_BATCH", "ORACLE_LR", "train_oracle"]
