@@ -10,6 +10,10 @@ slices for s steps and is scored by Dice on its other patients, over several see
 - fedprox-ft: FedProx, fine-tuned;
 - fomaml, maml, reptile, metasgd, anil: the meta-learned initialisations, adapted as they were
   trained (Meta-SGD with its learned step sizes, ANIL its head only);
+- fast-weights, prototypes, lstm-optimizer: the other meta-learning families (a generator of head
+  weights from the support set, prototype matching, a learned LSTM optimiser;
+  ``fedmeta.common.learners``), adapted by their own rule (prototypes: 0 steps is pure prototype
+  matching, further steps fine-tune the encoder);
 - pooled-fomaml, pooled-maml, pooled-metasgd: the same learners on the pooled patients of all
   training sites, without federation (the centralised bound of each family;
   ``fedmeta.simulations.experiments.centralised``);
@@ -22,8 +26,9 @@ Federated methods run fedmeta's real ServerApp and ClientApp through the in-proc
 ``fedmeta.common.metrics``), the code ``fedmeta evaluate`` and the ClientApp use.
 
 Local gradient steps, the budget: one forward-backward pass on one batch. Per site and round a
-meta-learner (FOMAML, MAML, Meta-SGD, ANIL) takes ``episodes × (inner-steps + 1)`` (the support steps
-and the query gradient), Reptile ``episodes × inner-steps``, FedAvg/FedProx ``episodes × 2 ×
+meta-learner (FOMAML, MAML, Meta-SGD, ANIL, the LSTM optimiser) takes ``episodes × (inner-steps + 1)`` (the
+support steps and the query gradient), fast-weights and prototypes ``episodes × (inner-steps + 2)`` (their
+pass over the support set — the generator's, the prototypes' — too), Reptile ``episodes × inner-steps``, FedAvg/FedProx ``episodes × 2 ×
 inner-steps`` (each local epoch passes every episode's support and query batch). The driver refuses
 a preset whose methods' totals differ.
 """
@@ -31,6 +36,7 @@ a preset whose methods' totals differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -79,6 +85,12 @@ METHODS = (
     Method("reptile", "reptile", True, "federated Reptile initialisation, fine-tuned"),
     Method("metasgd", "metasgd", True, "federated Meta-SGD initialisation, fine-tuned with its learned step sizes"),
     Method("anil", "anil", True, "federated ANIL initialisation, head fine-tuned"),
+    Method("fast-weights", "fast-weights", True,
+           "federated fast-weight learner: head generated from the support set, then fine-tuned"),
+    Method("prototypes", "prototypes", True,
+           "federated prototype learner: support prototypes (0 steps), then encoder fine-tuned"),
+    Method("lstm-optimizer", "lstm-optimizer", True,
+           "federated UNet initialisation adapted by its federated learned LSTM optimiser"),
     Method("pooled-fomaml", "pooled-fomaml", True,
            "FOMAML on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
     Method("pooled-maml", "pooled-maml", True,
@@ -89,7 +101,7 @@ METHODS = (
            "per new site, a UNet fully supervised on the site's own support patients: the ceiling"),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
-META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil")
+META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil", "fast-weights", "prototypes", "lstm-optimizer")
 # The goal the benchmark checks (issue 5): at k = 5 and 10 steps.
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN = 5, 10, 0.03
 PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
@@ -225,7 +237,9 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
             configs[key] = RunConfig.from_run_config(overrides)
         except ValueError as err:
             raise ValueError(f"{spec['path']} [training.{key}]: {err}") from None
-    shapes = {key: (c.model_config(), c.image_size, c.num_classes) for key, c in configs.items()}
+    # The UNet each method starts from must be the same; the other families add their own parts to it.
+    shapes = {key: (dataclasses.replace(c.model_config(), learner="unet"), c.image_size, c.num_classes)
+              for key, c in configs.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(
             f"{spec['path']}: [training.*] tables give different models or image sizes ({', '.join(sorted(shapes))}); "
@@ -311,8 +325,9 @@ def run_benchmark(
         from fedmeta.common.meta import SECOND_ORDER
 
         # The costliest runs first, so the processes finish together.
+        costly = SECOND_ORDER + LEARNER_ALGORITHMS
         order = sorted(((seed, key) for seed in seeds_list for key in configs),
-                       key=lambda job: (configs[job[1]].algorithm not in SECOND_ORDER, job[0]))
+                       key=lambda job: (configs[job[1]].algorithm not in costly, job[0]))
         trained = _in_processes(spec["jobs"], _train, [
             _train_args(key, configs[key], seed, out, federation_dir, train_infos, eval_infos, spec, quiet)
             for seed, key in order])
