@@ -33,9 +33,13 @@ def test_a_zero_reference_memory_gives_nan_not_a_crash():
 
 
 def test_every_case_runs_and_is_measured():
-    cases = ("fomaml", "maml", PLAIN)
+    cases = ("fomaml", "prototypes", "lstm-optimizer", PLAIN)  # each case is a child process: keep them few
     measured = measure(TINY, repeats=1, cases=cases)
     assert sorted(measured) == sorted(cases)
     for case in cases:
         assert measured[case]["seconds"] > 0 and math.isfinite(measured[case]["seconds"])
         assert isinstance(measured[case]["peak_bytes"], int) and measured[case]["peak_bytes"] >= 0
+    # The other families run on their own networks; the learned optimiser's state is counted.
+    assert measured["prototypes"]["parameters"] != measured["fomaml"]["parameters"]
+    lstm_parts = measured["lstm-optimizer"]["parameters"] - measured["fomaml"]["parameters"]
+    assert lstm_parts > 0 and measured["lstm-optimizer"]["state_bytes"] == 4 * 2 * 8 * measured["fomaml"]["parameters"]

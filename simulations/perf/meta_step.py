@@ -1,7 +1,9 @@
 """`fedmeta perf meta` (registered by fedmeta.simulations.perf.perf): time and peak memory of one site episode for each algorithm, side by side.
 
 Every figure is a ratio measured in the same run against FOMAML, and FOMAML against the same
-number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
+number of plain forward/backward passes. The other families (fast-weights, prototypes,
+lstm-optimizer) run on their own networks (the same UNet plus their parts) with the same episode;
+the learned optimiser's row also gives its state size (h and c per adapted scalar) (``inner_steps + 1`` of ``nn.Module`` autograd with
 ``torch.optim.SGD``), so a noisy machine moves numerator and denominator together.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU there is no allocator counter, so
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.protocol import ALGORITHMS
+from fedmeta.common.protocol import ALGORITHMS, LEARNER_ALGORITHMS
 
 PLAIN = "plain-fwd-bwd"
 CASES = (*ALGORITHMS, PLAIN)
@@ -46,16 +48,31 @@ SETTINGS = {
 }
 
 
-def _setup(setting: BenchSetting, device: str, seed: int = 0):
+def _learner(case: str) -> str:
+    return case if case in LEARNER_ALGORITHMS else "unet"
+
+
+def _network(setting: BenchSetting, case: str, device: str, seed: int = 0):
+    """The model and θ a case runs on: the UNet, or the UNet with the case's learner parts."""
     import torch
 
-    from fedmeta.common.losses import DiceCELoss, one_hot
     from fedmeta.common.model import ModelConfig, build_model, initial_params
 
     torch.manual_seed(seed)
-    config = ModelConfig(spatial_dims=setting.spatial_dims, channels=setting.channels, strides=setting.strides)
+    config = ModelConfig(spatial_dims=setting.spatial_dims, channels=setting.channels, strides=setting.strides,
+                         learner=_learner(case))
     model = build_model(config).to(device)
-    params = {n: p.to(device) for n, p in initial_params(model).items()}
+    return model, {n: p.to(device) for n, p in initial_params(model).items()}
+
+
+def _setup(setting: BenchSetting, device: str, seed: int = 0, case: str = "fomaml"):
+    import torch
+
+    from fedmeta.common.losses import DiceCELoss, one_hot
+    from fedmeta.common.model import ModelConfig
+
+    model, params = _network(setting, case, device, seed)
+    config = ModelConfig(spatial_dims=setting.spatial_dims, channels=setting.channels, strides=setting.strides)
     generator = torch.Generator().manual_seed(seed)
 
     def batch(n):
@@ -100,7 +117,7 @@ def _sync(device: str) -> None:
 def _peak_memory_in_child(case: str, setting: BenchSetting, device: str, queue) -> None:
     import torch
 
-    model, params, episode, loss_fn = _setup(setting, device)
+    model, params, episode, loss_fn = _setup(setting, device, case=case)
     _sync(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -158,21 +175,30 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
     Timing runs in this process, the cases interleaved round-robin, so a load that comes and goes
     on a shared machine touches every case alike; the median of ``repeats`` rounds is kept.
     """
-    model, params, episode, loss_fn = _setup(setting, device)
+    _, _, episode, loss_fn = _setup(setting, device)
+    networks = {case: _network(setting, case, device) for case in cases}
     for case in cases:  # warm-up: first-call allocations and lazy initialisation
-        _one_run(case, setting, model, params, episode, loss_fn)
+        _one_run(case, setting, *networks[case], episode, loss_fn)
     times: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(repeats):
         for case in cases:
             _sync(device)
             start = time.perf_counter()
-            _one_run(case, setting, model, params, episode, loss_fn)
+            _one_run(case, setting, *networks[case], episode, loss_fn)
             _sync(device)
             times[case].append(time.perf_counter() - start)
-    return {
-        case: {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device)}
+    results = {
+        case: {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device),
+               "parameters": sum(p.numel() for p in networks[case][1].values())}
         for case in cases
     }
+    if "lstm-optimizer" in results:
+        from fedmeta.common.learners import LSTM_PREFIX, lstm_state_numbers
+
+        model, params = networks["lstm-optimizer"]
+        adapted = sum(p.numel() for n, p in params.items() if not n.startswith(LSTM_PREFIX))
+        results["lstm-optimizer"]["state_bytes"] = 4 * lstm_state_numbers(model, adapted)  # fp32 h and c
+    return results
 
 
 def summarise(results: dict[str, dict]) -> dict[str, dict]:
@@ -195,16 +221,20 @@ def summarise(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def format_table(title: str, table: dict[str, dict]) -> str:
-    lines = [f"## {title}", "", "| case | ms / episode | × FOMAML time | peak MB | × FOMAML memory |", "|---|---:|---:|---:|---:|"]
+    lines = [f"## {title}", "", "| case | ms / episode | × FOMAML time | peak MB | × FOMAML memory | parameters |",
+             "|---|---:|---:|---:|---:|---:|"]
     for case in CASES:
         if case not in table:
             continue
         r = table[case]
         lines.append(
             f"| {case} | {r['seconds'] * 1e3:.1f} | {r['time_vs_fomaml']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
-            f"{r['memory_vs_fomaml']:.2f} |"
+            f"{r['memory_vs_fomaml']:.2f} | {r.get('parameters', 0):,} |"
         )
     t = table["targets"]
+    if "state_bytes" in table.get("lstm-optimizer", {}):
+        lines += ["", f"lstm-optimizer state (h and c per adapted scalar, fp32): "
+                      f"{table['lstm-optimizer']['state_bytes'] / 2**20:.1f} MB"]
     lines += [
         "",
         f"MAML / FOMAML time: {t['maml_time_vs_fomaml']:.2f} (target ≤ {t['maml_target']}); "
