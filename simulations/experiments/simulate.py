@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
+from fedmeta.common.protocol import ALGORITHMS, QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 from fedmeta.simulations.experiments.presets import load_preset, parse_sets
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", default="default",
                         help="smoke | default | protocols | path to a TOML file of run-config overrides (default: default)")
-    parser.add_argument("--algorithm", help="maml | fomaml | reptile | metasgd | anil | fedavg | fedprox")
+    parser.add_argument("--algorithm", help=" | ".join(ALGORITHMS))
     parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
     parser.add_argument("--sites", type=int, help="training sites sampled per round (sites-per-round; 0 = all)")
     parser.add_argument("--engine", choices=ENGINES, default=None,
@@ -182,7 +182,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
         # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
         # epochs chosen so each site makes as many gradient steps as the meta-learner does.
         baseline_config = config.replace(
-            algorithm="fedavg", meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0,
+            algorithm="fedavg", meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0, lstm_truncation=0,
             inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")
