@@ -162,7 +162,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         },
         "adaptation": {
             "shots": shots, "steps": steps, "seed": seed,
-            "rule": _rule(config.algorithm, init),
+            "rule": _rule(config.algorithm, init, steps),
             "support_patients": len(support_patients),
             "seconds": round(adapt_seconds, 3),
         },
@@ -297,14 +297,15 @@ def load_site_model(path: Path) -> SiteModel:
     return SiteModel(params, run_config, card, path)
 
 
-def _rule(algorithm: str, init) -> str:
+def _rule(algorithm: str, init, steps: int) -> str:
     """How the site model was adapted, in words for the model card."""
     step = ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
             else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)") + ("; head only (ANIL)" if init.head_only else "")
     if algorithm == "fast-weights":
-        return f"head generated from the support images and masks, then {step}"
+        return "head generated from the support images and masks" + (f", then {step}" if steps else "")
     if algorithm == "prototypes":
-        return f"class prototypes from the support masks (cosine matching); fine-tuning steps: {step} on the encoder"
+        return ("class prototypes from the support masks (cosine matching)"
+                + (f", after fine-tuning the encoder: {step}" if steps else ""))
     if algorithm == "lstm-optimizer":
         return f"the consortium's learned LSTM optimiser (a learned correction of {step})"
     return step
@@ -495,6 +496,9 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
                              "its class prototypes come from your labelled slices. Make a site model first: "
                              "`fedmeta adapt --checkpoint ... --data YOUR_SITE --steps 0 --out MODEL`, then predict "
                              "with --model MODEL.")
+        if config.algorithm == "fast-weights":
+            progress(f"note: {model_path} is used as it is, its head not generated for your site (`fedmeta adapt "
+                     "--steps 0` generates it from your labelled slices).")
         params = init.params
         source = {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id"),
                   "release_verified": bool(release)}

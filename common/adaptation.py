@@ -157,6 +157,10 @@ def score_site(
     """
     if init.model_config is not None:
         model = _network(init.model_config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if {n: tuple(p.shape) for n, p in init.params.items()} != expected:
+        raise ValueError(f"{init.label}: its parameters are not those of the network it is scored with "
+                         f"({type(model).__name__}); give the Initialisation its model_config.")
     splits = {} if splits is None else splits
     classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
     out: dict[int, dict[int, dict[str, Any]]] = {}

@@ -38,6 +38,8 @@ _HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_
                     "secagg_clip_range": 8.0, "secagg_levels": 0,
                     "generator_width": 32, "prototype_dim": 32, "lstm_hidden": 8, "lstm_truncation": 0}
 STEP_SIZES = ("per-element", "per-layer-step")
+_LEARNER_KEYS = {"generator_width": ("fast-weights",), "prototype_dim": ("prototypes",),
+                 "lstm_hidden": ("lstm-optimizer",), "lstm_truncation": ("lstm-optimizer",)}
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,9 @@ class RunConfig:
         stop and a resume; what it holds may not.
         """
         relevant: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
+        for key, algorithm in _LEARNER_KEYS.items():  # a learner's sizes shape only that learner's runs
+            if self.algorithm not in algorithm:
+                relevant.pop(key)
         for key, default in _HASHED_WHEN_SET.items():  # keys added later: at their default, older checkpoints resume
             if relevant.get(key) == default:
                 relevant.pop(key)

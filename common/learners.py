@@ -80,7 +80,8 @@ class PrototypeUNet(UNet):
 
     def __init__(self, *, num_classes: int, embedding_dim: int, **unet) -> None:
         super().__init__(**{**unet, "out_channels": embedding_dim})
-        # No prototype until a support set gives one: θ's own (zero) prototypes predict background only.
+        # Every adaptation replaces these with its support set's prototypes: θ's own are never used (they
+        # start at zero, and their meta-gradient is zero).
         self.prototypes = nn.Parameter(torch.zeros(num_classes, embedding_dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(PROTOTYPE_INITIAL_SCALE)))
 
@@ -189,6 +190,25 @@ def with_prototypes(model: PrototypeUNet, params: Mapping[str, torch.Tensor], su
     return {**params, PROTOTYPES: masked_average_pooling(features, support_y)}
 
 
+def in_support_label_space(model: torch.nn.Module, adapted: Mapping[str, torch.Tensor],
+                            target: torch.Tensor) -> torch.Tensor:
+    """A prototypes query target with every class the support showed no pixel of moved to background.
+
+    The support set is the label protocol a prototype learner segments in: a class without a prototype
+    can never be predicted, and a query pixel of it would only push the learned scale down and every
+    embedding away from every prototype. For the other learners ``target`` is returned as it is.
+    """
+    if learner_of(model) != PrototypeUNet.learner:
+        return target
+    absent = (adapted[PROTOTYPES].detach() == 0).all(dim=1)  # [C]
+    if not bool(absent[1:].any()):
+        return target
+    shape = (1, -1, *([1] * (target.dim() - 2)))
+    moved = (target * absent.view(shape).to(target.dtype)).sum(dim=1)
+    kept = target * (~absent).view(shape).to(target.dtype)
+    return torch.cat([kept[:, :1] + moved.unsqueeze(1), kept[:, 1:]], dim=1)
+
+
 def prototype_support_loss(model: PrototypeUNet, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                            y: torch.Tensor, loss_fn) -> torch.Tensor:
     """The fine-tuning objective: the support set segmented by its own prototypes (PANet's support loss)."""
@@ -248,5 +268,5 @@ def lstm_state_numbers(model: torch.nn.Module, adapted: int) -> int:
 
 __all__ = ["FastWeightUNet", "GENERATOR_PREFIX", "LEARNERS", "LSTM_PREFIX", "LearnedOptimizerUNet",
            "PROTOTYPES", "PROTOTYPE_LOG_SCALE", "PrototypeUNet", "generate", "learner_of", "lstm_directions",
-           "lstm_state_numbers", "masked_average_pooling", "meta_only_names", "preprocess", "prototype_logits",
+           "in_support_label_space", "lstm_state_numbers", "masked_average_pooling", "meta_only_names", "preprocess", "prototype_logits",
            "prototype_support_loss", "with_prototypes"]

@@ -189,7 +189,14 @@ def _trajectory(model, params, names, support_x, support_y, inner_steps, inner_l
     through the inner loop): the earlier ones pass θ's gradient straight through, as first-order MAML does.
     """
     kind = learners.learner_of(model)
-    adapted = _prepare(model, kind, params, support_x, support_y)
+    if kind == "prototypes" and create_graph and inner_steps:
+        # Step 0's prototypes serve only the statistics in training: the first step's support loss pools
+        # its own, so they are computed without a graph (and are not a local gradient step).
+        with torch.no_grad():
+            prototypes = learners.with_prototypes(model, params, support_x, support_y)[learners.PROTOTYPES]
+        adapted = {**params, learners.PROTOTYPES: prototypes}
+    else:
+        adapted = _prepare(model, kind, params, support_x, support_y)
     yield adapted
     state = None
     graph_from = inner_steps - truncation if truncation else 0
@@ -203,8 +210,11 @@ def _trajectory(model, params, names, support_x, support_y, inner_steps, inner_l
         else:
             adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn,
                                      first_order=not graph, step=step, loss_of=support_loss)
-            if kind == "prototypes":  # the stepped encoder's prototypes
-                adapted = learners.with_prototypes(model, adapted, support_x, support_y)
+            if kind == "prototypes" and (not create_graph or step == inner_steps - 1):
+                # The stepped encoder's prototypes: at every step a new site scores, after the last in training
+                # (the next step's support loss pools its own).
+                with torch.set_grad_enabled(create_graph):
+                    adapted = learners.with_prototypes(model, adapted, support_x, support_y)
         if create_graph and not graph:  # a truncated step: θ's gradient passes straight through it
             adapted = {n: params[n] + (p - params[n]).detach() for n, p in adapted.items()}
             state = tuple(t.detach() for t in state) if state is not None else None
@@ -414,6 +424,7 @@ def _learner_meta_gradient(model, params, names, episodes, inner_steps, step_siz
         for adapted in _trajectory(model, theta, names, support_x, support_y, inner_steps, step_size, loss_fn,
                                    create_graph=True, truncation=truncation):
             prepared = adapted if prepared is None else prepared
+        query_y = learners.in_support_label_space(model, adapted, query_y)
         query_loss = _loss(model, adapted, query_x, query_y, loss_fn)
         grads = torch.autograd.grad(query_loss, list(theta.values()), materialize_grads=True)
         for key, value in zip(theta, grads):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,13 @@ def build_model(config: ModelConfig | None = None) -> UNet:
     return LEARNERS[config.learner](**extra, **unet)
 
 
+def unet_of(config: ModelConfig) -> ModelConfig:
+    """The plain UNet a learner is built on: ``config`` without the learner and its parts' sizes."""
+    plain = ModelConfig()
+    return dataclasses.replace(config, learner="unet", generator_width=plain.generator_width,
+                               embedding_dim=plain.embedding_dim, lstm_hidden=plain.lstm_hidden)
+
+
 def head_parameter_names(model: torch.nn.Module) -> list[str]:
     """Names of the head parameters: the last block of the UNet (its final up-sampling layer).
 
@@ -159,5 +167,6 @@ __all__ = [
     "head_parameter_names",
     "initial_params",
     "seeded_model",
+    "unet_of",
 ]
 

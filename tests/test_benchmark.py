@@ -56,6 +56,12 @@ inner-steps = 2
 inner-steps = 1
 [training.anil]
 inner-steps = 1
+[training.fast-weights]
+inner-steps = 1
+[training.prototypes]
+inner-steps = 0
+[training.lstm-optimizer]
+inner-steps = 1
 [training.pooled-fomaml]
 inner-steps = 1
 [training.pooled-maml]
@@ -162,7 +168,9 @@ def test_validation_split_keeps_heldout_sites_out(smoke_federation, tiny_preset,
 @pytest.mark.parametrize(
     ("algorithm", "episodes", "inner_steps", "expected"),
     [("fomaml", 2, 3, 8), ("maml", 2, 3, 8), ("metasgd", 2, 3, 8), ("anil", 2, 3, 8), ("reptile", 2, 4, 8),
-     ("fedavg", 2, 2, 8), ("fedprox", 2, 2, 8)],
+     ("fedavg", 2, 2, 8), ("fedprox", 2, 2, 8), ("lstm-optimizer", 2, 3, 8),
+     # the generator is not a UNet pass; the prototypes' pass over the support set is
+     ("fast-weights", 2, 3, 8), ("prototypes", 4, 0, 8), ("prototypes", 2, 2, 8)],
 )
 def test_local_steps_are_counted_per_algorithm(algorithm, episodes, inner_steps, expected):
     config = RunConfig(algorithm=algorithm, episodes_per_site=episodes, inner_steps=inner_steps)

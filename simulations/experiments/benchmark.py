@@ -26,9 +26,10 @@ Federated methods run fedmeta's real ServerApp and ClientApp through the in-proc
 ``fedmeta.common.metrics``), the code ``fedmeta evaluate`` and the ClientApp use.
 
 Local gradient steps, the budget: one forward-backward pass on one batch. Per site and round a
-meta-learner (FOMAML, MAML, Meta-SGD, ANIL, the LSTM optimiser) takes ``episodes × (inner-steps + 1)`` (the
-support steps and the query gradient), fast-weights and prototypes ``episodes × (inner-steps + 2)`` (their
-pass over the support set — the generator's, the prototypes' — too), Reptile ``episodes × inner-steps``, FedAvg/FedProx ``episodes × 2 ×
+meta-learner (FOMAML, MAML, Meta-SGD, ANIL, the fast-weight generator, the LSTM optimiser) takes
+``episodes × (inner-steps + 1)`` (the support steps and the query gradient; the generator is not the
+UNet and is not counted), prototypes ``episodes × (inner-steps + 2)`` (the UNet's pass over the support
+set that pools the prototypes too), Reptile ``episodes × inner-steps``, FedAvg/FedProx ``episodes × 2 ×
 inner-steps`` (each local epoch passes every episode's support and query batch). The driver refuses
 a preset whose methods' totals differ.
 """
@@ -36,7 +37,6 @@ a preset whose methods' totals differ.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -225,6 +225,7 @@ def _check_spec(spec: dict[str, Any], where: Any) -> None:
 def method_configs(spec: dict[str, Any], methods: list[str]):
     """RunConfig per training key the methods need, with the shared run config under each table."""
     from fedmeta.common.config import RunConfig
+    from fedmeta.common.model import unet_of
 
     configs = {}
     for method in methods:
@@ -238,8 +239,7 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
         except ValueError as err:
             raise ValueError(f"{spec['path']} [training.{key}]: {err}") from None
     # The UNet each method starts from must be the same; the other families add their own parts to it.
-    shapes = {key: (dataclasses.replace(c.model_config(), learner="unet"), c.image_size, c.num_classes)
-              for key, c in configs.items()}
+    shapes = {key: (unet_of(c.model_config()), c.image_size, c.num_classes) for key, c in configs.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(
             f"{spec['path']}: [training.*] tables give different models or image sizes ({', '.join(sorted(shapes))}); "

@@ -15,7 +15,7 @@ def local_steps_per_round(config) -> int:
         return config.inner_steps * config.episodes_per_site * 2
     if config.algorithm == "reptile":
         return config.inner_steps * config.episodes_per_site
-    if config.algorithm in ("fast-weights", "prototypes"):  # + the support pass (generator / prototypes) + query
+    if config.algorithm == "prototypes":  # + the UNet's pass over the support set that pools the prototypes
         return (config.inner_steps + 2) * config.episodes_per_site
     return (config.inner_steps + 1) * config.episodes_per_site  # inner steps + the query gradient
 
@@ -49,7 +49,7 @@ def check_equal_budget(budgets: dict[str, dict[str, int]], where: Any) -> int:
         raise ValueError(
             f"{where}: the methods' budgets of local gradient steps differ ({listing}). Fix inner-steps or "
             "episodes-per-site under [training.*] so that rounds × sites × episodes × steps per episode match "
-            "(meta-learners: inner-steps + 1 per episode, fast-weights and prototypes: inner-steps + 2, Reptile: "
+            "(meta-learners: inner-steps + 1 per episode, prototypes: inner-steps + 2, Reptile: "
             "inner-steps, FedAvg/FedProx: 2 × inner-steps)."
         )
     return next(iter(totals.values()), 0)

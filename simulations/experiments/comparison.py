@@ -7,6 +7,8 @@ the same support images and the same evaluation patients, by ``fedmeta.common.ad
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,7 +56,7 @@ def compare_initialisations(
         scored = [(init, list(steps)) for init in inits]
         if oracle_steps > 0:
             oracle = train_oracle(site, config, seed=seed, steps=oracle_steps)
-            scored.append((Initialisation(ORACLE_LABEL, oracle.params, oracle.inner_lr), [0]))
+            scored.append((dataclasses.replace(oracle, label=ORACLE_LABEL), [0]))  # keeps the oracle's network
         for init, init_steps in scored:
             scores = score_site(model, init, site, shots=[k], steps=init_steps, seed=seed,
                                 num_classes=config.num_classes, max_images=config.eval_max_images,

@@ -9,7 +9,6 @@ adaptation of a shared initialisation reaches at that site.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from fedmeta.common.adaptation import Initialisation
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, adaptation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.model import initial_params, seeded_model
+from fedmeta.common.model import initial_params, seeded_model, unet_of
 
 # Adam at 1e-3 with batches of 16 slices is the usual supervised recipe for a small 2D UNet; the
 # number of steps is the benchmark preset's `oracle-steps`.
@@ -38,7 +37,7 @@ def train_oracle(site: SiteDataset, config: RunConfig, *, seed: int, steps: int,
     support_patients, _ = adaptation_patients(site, seed)
     pool = [(p, int(s)) for p in support_patients for s in site.train_slices[p]]
     # The ceiling is a plain supervised UNet, whichever learner the run it is compared with trains.
-    network = dataclasses.replace(config.model_config(), learner="unet")
+    network = unet_of(config.model_config())
     model = seeded_model(network, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = DiceCELoss(config.num_classes)

@@ -1,14 +1,17 @@
 """`fedmeta perf meta` (registered by fedmeta.simulations.perf.perf): time and peak memory of one site episode for each algorithm, side by side.
 
 Every figure is a ratio measured in the same run against FOMAML, and FOMAML against the same
-number of plain forward/backward passes. The other families (fast-weights, prototypes,
-lstm-optimizer) run on their own networks (the same UNet plus their parts) with the same episode;
-the learned optimiser's row also gives its state size (h and c per adapted scalar) (``inner_steps + 1`` of ``nn.Module`` autograd with
+number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
 ``torch.optim.SGD``), so a noisy machine moves numerator and denominator together.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU there is no allocator counter, so
 each case runs once in a fresh child process and reports the growth of its peak resident set
 (``VmHWM``, reset once model and data are in place) over what they already took.
+
+The other families (fast-weights, prototypes, lstm-optimizer) run on their own networks (the same
+UNet plus their parts) with the same episode; the learned optimiser's row also gives the size of its
+state while adapting (h and c per adapted scalar) — training keeps every step's gates for the backward
+pass on top, which the peak memory includes.
 """
 
 from __future__ import annotations
@@ -233,8 +236,9 @@ def format_table(title: str, table: dict[str, dict]) -> str:
         )
     t = table["targets"]
     if "state_bytes" in table.get("lstm-optimizer", {}):
-        lines += ["", f"lstm-optimizer state (h and c per adapted scalar, fp32): "
-                      f"{table['lstm-optimizer']['state_bytes'] / 2**20:.1f} MB"]
+        lines += ["", f"lstm-optimizer state while adapting (h and c per adapted scalar, fp32): "
+                      f"{table['lstm-optimizer']['state_bytes'] / 2**20:.1f} MB (training also keeps every "
+                      "unrolled step's gates: in the peak memory)"]
     lines += [
         "",
         f"MAML / FOMAML time: {t['maml_time_vs_fomaml']:.2f} (target ≤ {t['maml_target']}); "
