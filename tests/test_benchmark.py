@@ -9,6 +9,7 @@ import pytest
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.jsonio import loads_strict
+from fedmeta.common.model import unet_of
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget, local_steps_per_round
 from fedmeta.simulations.experiments.benchmark import (
     METHODS, goal_check, load_benchmark_preset,
