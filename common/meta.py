@@ -128,21 +128,9 @@ def adapt(
     adapted parameters. ``support_y`` is whatever ``loss_fn`` takes as its target. ``first_step``:
     where in the inner loop this call starts (per-step learned step sizes), for adaptation in parts.
     """
-    params = {n: p.detach() for n, p in params.items()}
-    names = _check_inner_params(params, inner_params, model)
-    _check_steps(inner_steps)
-    _check_step_size(inner_lr, names, params, algorithm=None)
-    if learners.learner_of(model) is not None:
-        if first_step:
-            raise ValueError(f"first_step={first_step}: a {learners.learner_of(model)} learner adapts in one go "
-                             "(its preparation and state start at step 0); use adaptation_trajectory to score on the way.")
-        *_, adapted = _trajectory(model, params, names, support_x, support_y, inner_steps, inner_lr, loss_fn,
-                                  create_graph=False)
-        return adapted
-    adapted = params
-    for step in range(first_step, first_step + inner_steps):
-        adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn, first_order=True,
-                                 step=step)
+    *_, adapted = adaptation_trajectory(model, params, support_x, support_y, inner_steps=inner_steps,
+                                        inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params,
+                                        first_step=first_step)
     return adapted
 
 
@@ -157,11 +145,13 @@ def adaptation_trajectory(
     inner_lr: StepSize,
     loss_fn: LossFn,
     inner_params: Sequence[str] | None = None,
+    first_step: int = 0,
 ) -> Iterator[Params]:
     """Yields the adapted (detached) parameters after 0, 1, …, ``inner_steps`` steps of :func:`adapt`.
 
     Step 0 is θ as the learner prepares it for this support set: θ itself for the initialisation family,
     θ with a generated head (fast-weights) or with the support set's prototypes (prototypes).
+    ``first_step`` (initialisation family only): where in the inner loop the steps start.
     """
     params = {n: p.detach() for n, p in params.items()}
     names = _check_inner_params(params, inner_params, model)
@@ -170,11 +160,14 @@ def adaptation_trajectory(
     if learners.learner_of(model) is None:
         adapted = params
         yield adapted
-        for step in range(inner_steps):
+        for step in range(first_step, first_step + inner_steps):
             adapted, _ = _inner_step(model, adapted, names, support_x, support_y, inner_lr, loss_fn, first_order=True,
                                      step=step)
             yield adapted
         return
+    if first_step:
+        raise ValueError(f"first_step={first_step}: a {learners.learner_of(model)} learner adapts in one go "
+                         "(its preparation and state start at step 0); use adaptation_trajectory to score on the way.")
     for adapted in _trajectory(model, params, names, support_x, support_y, inner_steps, inner_lr, loss_fn,
                                create_graph=False):
         yield {n: p.detach() for n, p in adapted.items()}
