@@ -90,7 +90,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     from fedmeta.common.adaptation import load_initialisation
     from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
     from fedmeta.common.losses import DiceCELoss, one_hot
-    from fedmeta.common.meta import adapt
+    from fedmeta.common.meta import adaptation_trajectory
     from fedmeta.common.metrics import foreground_classes
     from fedmeta.common.model import build_model, head_parameter_names
     from fedmeta.common.release import file_sha256
@@ -127,15 +127,14 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     inner_lr = ({n: a.to(dev) for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict) else init.inner_lr)
     support = (support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32))
 
-    def adapted_by(count: int) -> dict:
-        return {n: p.detach().cpu() for n, p in adapt(
-            model, params, *support, inner_steps=count, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
-            inner_params=head_parameter_names(model) if init.head_only else None).items()}
-
-    adapted = adapted_by(steps)
     # "Before" is the learner at 0 steps: θ itself, or θ as the other families prepare it for this support
     # set (a generated head, the support prototypes), which is all a 0-step site model holds.
-    prepared = adapted if steps == 0 else adapted_by(0)
+    prepared = adapted = None
+    for adapted in adaptation_trajectory(model, params, *support, inner_steps=steps, inner_lr=inner_lr,
+                                         loss_fn=DiceCELoss(config.num_classes),
+                                         inner_params=head_parameter_names(model) if init.head_only else None):
+        prepared = adapted if prepared is None else prepared
+    prepared, adapted = ({n: p.detach().cpu() for n, p in d.items()} for d in (prepared, adapted))
     adapt_seconds = time.perf_counter() - began
 
     dice: dict[str, Any] = {"held_out_patients": len(heldout)}
