@@ -12,6 +12,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import adapt, adaptation_trajectory, meta_gradient
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names
+from tests.test_meta import directional_fd, dot, random_direction  # the core's finite-difference helpers
 
 NUM_CLASSES = 3
 SIDE = 8
@@ -46,21 +47,6 @@ def make_episode(seed, k=2, q=2, absent=None):
         return x, one_hot(y, NUM_CLASSES, torch.float64)
 
     return (*batch(k), *batch(q))
-
-
-def random_direction(params, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(p.shape, generator=generator, dtype=p.dtype) for n, p in params.items()}
-
-
-def dot(a, b):
-    return float(sum((a[n] * b[n]).sum() for n in b))
-
-
-def directional_fd(f, params, direction, eps=1e-5):
-    plus = {n: params[n] + eps * direction[n] for n in params}
-    minus = {n: params[n] - eps * direction[n] for n in params}
-    return (f(plus) - f(minus)) / (2 * eps)
 
 
 def reference_query_loss(model, params, episode, steps, alpha, loss_fn):
