@@ -3,8 +3,9 @@
 Two engines, both driven through the real `flwr` CLI so that what a test exercises is what a
 consortium runs:
 
-- `run_simulation_engine`: Flower's Simulation Engine (Ray) via `flwr run` against a local
-  SuperLink that `flwr` starts in the background.
+- `run_simulation_engine` / `SimulationEngine`: Flower's Simulation Engine (Ray) via `flwr run`
+  against a local SuperLink that `flwr` starts in the background (one run, or several runs
+  sharing that SuperLink).
 - `LocalDeployment`: Flower's Deployment Engine on loopback — one `flower-superlink` and N
   `flower-supernode`s, each with its own `data-dir` — and `flwr run` against it.
 
@@ -50,7 +51,8 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY
 from fedmeta.simulations.engines.processes import TAG_VAR, stop_processes
 
-__all__ = ["LocalDeployment", "RunOutcome", "run_simulation_engine", "source_app_dir"]
+__all__ = ["LocalDeployment", "RunOutcome", "SimulationEngine", "run_simulation_engine", "source_app_dir",
+           "stage_app"]
 
 RunConfigValue = bool | int | float | str
 
@@ -103,63 +105,121 @@ def run_simulation_engine(
         timeout_s: wall-clock limit for the whole run; on expiry the run is stopped.
         flwr_home: FLWR_HOME to use (kept afterwards, for inspection); a temporary one otherwise.
 
-    ``round-deadline`` is set to ``round-timeout``: every sampled site is waited for, so which sites
-    a round aggregates does not depend on Ray's timing. Returns the RunOutcome of a run that
-    finished as completed; raises RuntimeError with the
-    status and the tail of the log otherwise. Every process the run started is stopped before
-    this returns or raises.
+    One run in its own `SimulationEngine` (see there for what the run does and raises). Every process
+    the run started is stopped before this returns or raises.
     """
-    app_dir = _check_app_dir(app_dir)
+    _check_app_dir(app_dir)
     _checked_run_config(run_config)
-    # A simulation waits for every sampled site (a round closes at round-deadline only in deployments):
-    # on Ray, which sites finish first depends on timing, and a run must repeat bit for bit.
-    run_config = {**run_config, "round-deadline": run_config.get("round-timeout", RunConfig().round_timeout)}
-    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
-        raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
-    if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
-        raise ValueError(
-            f"num_cpus_per_client must be a whole number >= 1 (Flower 1.41 reserves whole "
-            f"CPUs per ClientApp), got {num_cpus_per_client!r}."
-        )
-    if num_gpus_per_client < 0:
-        raise ValueError(f"num_gpus_per_client must be >= 0, got {num_gpus_per_client!r}.")
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}.")
+    _check_num_supernodes(num_supernodes, timeout_s)
+    with SimulationEngine(flwr_home, num_cpus_per_client=num_cpus_per_client,
+                          num_gpus_per_client=num_gpus_per_client) as engine:
+        return engine.run(app_dir, run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
 
-    with _FlowerHome(flwr_home) as home:
+
+class SimulationEngine:
+    """Flower's Simulation Engine (Ray) behind one local SuperLink, for one run or several in a row.
+
+    The first `run` starts the SuperLink (through `flwr run` against a `:local:` connection on
+    private ports); later runs reuse it, as Flower's CLI does when it finds one healthy, so a
+    meta run and its baseline pay for one SuperLink and SuperExec, not two. Each run still gets its
+    own `flwr-simulation` process and Ray cluster: Flower 1.41 starts those per run.
+
+        with SimulationEngine() as engine:
+            engine.run(app_dir, meta_config, num_supernodes=10)
+            engine.run(app_dir, baseline_config, num_supernodes=10)
+
+    On exit every process it started (the SuperLink, SuperExec, and anything a run left) is stopped.
+    """
+
+    def __init__(self, flwr_home: Path | None = None, *, num_cpus_per_client: float = 1.0,
+                 num_gpus_per_client: float = 0.0) -> None:
+        if num_cpus_per_client < 1 or not float(num_cpus_per_client).is_integer():
+            raise ValueError(
+                f"num_cpus_per_client must be a whole number >= 1 (Flower 1.41 reserves whole "
+                f"CPUs per ClientApp), got {num_cpus_per_client!r}."
+            )
+        if num_gpus_per_client < 0:
+            raise ValueError(f"num_gpus_per_client must be >= 0, got {num_gpus_per_client!r}.")
+        self.num_cpus_per_client = int(num_cpus_per_client)
+        self.num_gpus_per_client = float(num_gpus_per_client)
+        self._home_arg = flwr_home
+        self._home: _FlowerHome | None = None
+
+    @property
+    def flwr_home(self) -> Path:
+        return self._require_home().path
+
+    def __enter__(self) -> SimulationEngine:
+        home = self._home = _FlowerHome(self._home_arg).__enter__()
         http_port, control_port = _free_ports(2)
         home.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
         home.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
         home.write_connection("local-sim", address=":local:")
-        federation_config = (
-            f"num-supernodes={num_supernodes} "
-            f"client-resources-num-cpus={int(num_cpus_per_client)} "
-            f"client-resources-num-gpus={float(num_gpus_per_client)}"
-        )
-        superlink_log = home.path / "local-superlink" / "superlink.log"
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        home, self._home = self._home, None
+        if home is None:
+            return
         try:
-            return home.run_app(
-                app_dir,
-                "local-sim",
-                run_config,
-                timeout_s=timeout_s,
-                extra_args=["--federation-config", federation_config],
-                engine="Simulation Engine",
-                service_logs=[superlink_log],
-            )
-        finally:
             # The local SuperLink was detached by `flwr`; it and everything below it carry our
             # tag, so the sweep finds them even though they are not our children.
             survivors = stop_processes(set(), home.tag)
-            if survivors:
-                message = (
-                    f"Could not stop Flower processes {sorted(survivors)} started for the "
-                    f"simulation in {home.path}; stop them by hand (kill -9 PID)."
-                )
-                if sys.exc_info()[1] is None:
-                    raise RuntimeError(message)
-                # The run already failed: keep its error (the one the user needs), log this one.
-                log.error(message)
+        finally:
+            home.__exit__(None, None, None)
+        if survivors:
+            message = (
+                f"Could not stop Flower processes {sorted(survivors)} started for the "
+                f"simulation in {home.path}; stop them by hand (kill -9 PID)."
+            )
+            if exc is None:
+                raise RuntimeError(message)
+            # The run already failed: keep its error (the one the user needs), log this one.
+            log.error(message)
+
+    def run(self, app_dir: Path, run_config: Mapping[str, RunConfigValue], *, num_supernodes: int,
+            timeout_s: float = 1800) -> RunOutcome:
+        """`flwr run` the app in `app_dir` with `num_supernodes` simulated sites; wait for its end.
+
+        ``round-deadline`` is set to ``round-timeout``: every sampled site is waited for, so which
+        sites a round aggregates does not depend on Ray's timing. Returns the RunOutcome of a run
+        that finished as completed; raises RuntimeError with the status and the tail of the log
+        otherwise (the SuperLink stays up for the next run; leaving the `with` stops it).
+        """
+        home = self._require_home()
+        app_dir = _check_app_dir(app_dir)
+        _checked_run_config(run_config)
+        _check_num_supernodes(num_supernodes, timeout_s)
+        # A simulation waits for every sampled site (a round closes at round-deadline only in deployments):
+        # on Ray, which sites finish first depends on timing, and a run must repeat bit for bit.
+        run_config = {**run_config, "round-deadline": run_config.get("round-timeout", RunConfig().round_timeout)}
+        federation_config = (
+            f"num-supernodes={num_supernodes} "
+            f"client-resources-num-cpus={self.num_cpus_per_client} "
+            f"client-resources-num-gpus={self.num_gpus_per_client}"
+        )
+        return home.run_app(
+            app_dir,
+            "local-sim",
+            run_config,
+            timeout_s=timeout_s,
+            extra_args=["--federation-config", federation_config],
+            engine="Simulation Engine",
+            service_logs=[home.path / "local-superlink" / "superlink.log"],
+        )
+
+    def _require_home(self) -> _FlowerHome:
+        if self._home is None:
+            raise RuntimeError("SimulationEngine is not running; use it as `with SimulationEngine(...)`.")
+        return self._home
+
+
+def _check_num_supernodes(num_supernodes: int, timeout_s: float) -> None:
+    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
+        raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +559,13 @@ class _FlowerHome:
                 "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                # Ray on a small machine (the Simulation Engine; ignored by the Deployment Engine):
+                # Ray prestarts one idle worker per CPU for the first driver, but Flower's actors
+                # run in their own runtime_env (PYTHONPATH) and never use them, so on 2 cores they
+                # only compete with the actors importing torch; no usage-stats reporting either.
+                "RAY_prestart_worker_first_driver": "0",
+                "RAY_enable_worker_prestart": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
                 # `flwr` launches `flower-superlink` by name: make it this environment's.
                 "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                 TAG_VAR: self.tag,
@@ -550,6 +617,10 @@ class _FlowerHome:
     ) -> RunOutcome:
         """`flwr run --stream`, then the real status from the SuperLink; raise unless completed."""
         self._runs += 1
+        # `flwr run` walks every file under the app folder before its own filters apply; in a checkout
+        # that is the virtual environment and run outputs too (6 s here, per run). A staged copy of the
+        # files the bundle can hold builds the same FAB (tests/test_flower_runtime.py checks it).
+        app_dir = stage_app(app_dir, self.path / f"app-{self._runs}")
         config_path = self.path / f"run-config-{self._runs}.toml"
         config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")
         log_path = self.path / "logs" / f"run-{self._runs}.log"
@@ -682,6 +753,42 @@ def source_app_dir() -> Path:
             "(fedmeta was installed from a wheel); run from a checkout (pip install -e .) or use the in-process engine."
         )
     return root
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the files of `app_dir` a Flower app bundle (FAB) can hold into `dest`, and return `dest`.
+
+    Skipped, whole folders at a time: what the app's .gitignore ignores (by Flower's own reading of
+    it), `.git`, virtual environments (a folder holding pyvenv.cfg) and symbolic links — the files
+    `flwr build` would walk and then drop. Flower's include/exclude rules still apply when it
+    builds from `dest`, so the bundle is byte for byte the one `app_dir` gives.
+    """
+    import shutil
+
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    app_dir = _check_app_dir(app_dir)
+    gitignore = app_dir / ".gitignore"
+    ignored = build_pathspec(load_gitignore_patterns(gitignore) if gitignore.is_file() else [])
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    for folder, subfolders, files in os.walk(app_dir, followlinks=False):
+        here = Path(folder)
+        relative = here.relative_to(app_dir)
+        subfolders[:] = [
+            name for name in subfolders
+            if name != ".git" and not (here / name).is_symlink() and not (here / name / "pyvenv.cfg").exists()
+            and not ignored.match_file((relative / name).as_posix() + "/")
+        ]
+        for name in files:
+            source = here / name
+            if source.is_symlink() or ignored.match_file((relative / name).as_posix()):
+                continue
+            target = dest / relative / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return dest
 
 
 def _check_app_dir(app_dir: Path) -> Path:

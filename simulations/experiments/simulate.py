@@ -10,6 +10,7 @@ Progress comes from the server's metrics.jsonl, so both engines print the same l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -166,17 +167,25 @@ def simulate(
     memory = TreeMemorySampler(flwr_homes)
     memory.__enter__()
     try:
-        oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
-        return _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began,
-                              federation_seconds, flwr_homes, memory, oracle_steps, adversary)
+        with contextlib.ExitStack() as stack:
+            session = None
+            if engine == "ray":
+                from fedmeta.simulations.engines.flower_runtime import SimulationEngine
+
+                # One SuperLink for the meta run and its baseline (each still gets its own Ray cluster).
+                session = stack.enter_context(SimulationEngine(flwr_homes / "ray"))
+            oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
+            return _simulate_runs(config, session, num_sites, quiet, baseline, out, federation, preset, began,
+                                  federation_seconds, memory, oracle_steps, adversary)
     finally:
         memory.__exit__(None, None, None)
         shutil.rmtree(flwr_homes, ignore_errors=True)
 
 
-def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
-                   flwr_homes, memory, oracle_steps, adversary=None) -> dict[str, Any]:
-    runs = {config.algorithm: _run(config, engine, num_sites, quiet, flwr_homes, adversary)}
+def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
+                   memory, oracle_steps, adversary=None) -> dict[str, Any]:
+    engine = "inprocess" if session is None else "ray"
+    runs = {config.algorithm: _run(config, session, num_sites, quiet, adversary)}
     baseline_config = None
     if baseline and config.algorithm != "fedavg":
         # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
@@ -186,7 +195,7 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
             inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")
-        runs["fedavg (baseline)"] = _run(baseline_config, engine, num_sites, quiet, flwr_homes, adversary)
+        runs["fedavg (baseline)"] = _run(baseline_config, session, num_sites, quiet, adversary)
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
@@ -230,8 +239,9 @@ def _simulate_runs(config, engine, num_sites, quiet, baseline, out, federation, 
     return results
 
 
-def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path, adversary=None) -> dict[str, Any]:
-    """One federated run on the chosen engine; checks what it left on disk, returns its summary."""
+def _run(config, session, num_sites: int, quiet: bool, adversary=None) -> dict[str, Any]:
+    """One federated run, on the Simulation Engine `session` or (None) in process; checks what it left on
+    disk, returns its summary."""
     from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from fedmeta.server.metrics import METRICS_NAME, read_metrics
 
@@ -243,7 +253,7 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path, adv
     began = time.perf_counter()
     printer.start()
     try:
-        if engine == "inprocess":
+        if session is None:
             from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
             client_app = None
@@ -254,15 +264,14 @@ def _run(config, engine: str, num_sites: int, quiet: bool, flwr_homes: Path, adv
             run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed,
                           client_app=client_app)
         else:
-            from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
+            from fedmeta.simulations.engines.flower_runtime import source_app_dir
 
             try:
                 app_dir = source_app_dir()
             except FileNotFoundError as err:
                 raise SimulationError(f"--engine ray: {err}") from None
-            flwr_home = flwr_homes / f"run-{len(list(flwr_homes.iterdir()))}"
             # Returns only for a completed run; anything else raises with the status and the log tail.
-            run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
+            session.run(app_dir, config.to_run_config(), num_supernodes=num_sites)
     finally:
         printer.stop()
     seconds = time.perf_counter() - began
