@@ -204,3 +204,31 @@ def test_the_app_folder_is_the_checkout_the_package_runs_from():
     assert root == REPO_ROOT
     components = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     assert components["serverapp"] == "fedmeta.server.app:app"
+
+
+def test_the_staged_app_builds_the_same_bundle_without_walking_ignored_folders(tmp_path):
+    """`flwr run` walks every file under the app folder before filtering (a checkout's virtual environment
+    and run outputs: seconds per run); the staged copy holds only what the bundle may hold, and Flower
+    builds the byte-identical FAB from it."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedmeta.simulations.engines.flower_runtime import stage_app
+
+    app = tmp_path / "app"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(REPO_ROOT, app, ignore=lambda folder, names: [n for n in names if n in (".git", ".venv", "runs")])
+    (app / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text())
+    (app / "runs" / "big").mkdir(parents=True)  # ignored by .gitignore
+    (app / "runs" / "big" / "results.json").write_text("{}")
+    (app / "venv").mkdir()  # a virtual environment .gitignore does not name
+    (app / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    (app / "venv" / "lib.py").write_text("x = 1\n")
+    (app / "linked.py").symlink_to(app / "common" / "__init__.py")
+    staged = stage_app(app, tmp_path / "staged")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    for absent in ("runs", "venv", ".git", "linked.py"):
+        assert not (staged / absent).exists(), absent
+    assert (staged / "pyproject.toml").is_file() and (staged / "common" / "meta.py").is_file()
+    # Staged again (the next run): replaced, not merged with what an earlier copy held.
+    (staged / "stale.py").write_text("")
+    assert not (stage_app(app, staged) / "stale.py").exists()
