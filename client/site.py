@@ -12,9 +12,9 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -39,6 +39,9 @@ class SiteRef:
     data_dir: Path
     role: str
     key: int = 0
+    # A simulated site of a lazy federation: renders its folder (once) before its data is first read.
+    # Not called for the role query, which reads no data.
+    materialise: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
 
 
 def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
@@ -59,14 +62,12 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
             key = persisted_site_key(data_dir)
         return SiteRef(data_dir, role, key)
     if PARTITION_ID_KEY in node_config:
-        from fedmeta.common.synth import load_manifest  # only simulated nodes need the federation's manifest
-
         if not config.federation_dir:
             raise ValueError(
                 "this node has a partition-id (simulation) but run config federation-dir is empty; "
                 "set federation-dir to the generated federation folder."
             )
-        manifest = load_manifest(Path(config.federation_dir))
+        manifest = _manifest(Path(config.federation_dir))
         sites = [(s, ROLE_TRAIN) for s in manifest.train_sites] + [(s, ROLE_HELDOUT) for s in manifest.heldout_sites]
         partition = int(node_config[PARTITION_ID_KEY])
         if not 0 <= partition < len(sites):
@@ -75,11 +76,32 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
                 f"(partitions 0..{len(sites) - 1}); run with as many SuperNodes as sites."
             )
         info, role = sites[partition]
-        return SiteRef(Path(info.path), role, partition)
+        return SiteRef(Path(info.path), role, partition, materialise=info.folder if info.lazy else None)
     raise ValueError(
         "node config has neither data-dir (deployed site) nor partition-id (simulation); start the SuperNode "
         "with --node-config \"data-dir='/path/to/site'\"."
     )
+
+
+_MANIFESTS: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _manifest(root: Path):
+    """The federation's manifest, parsed once per process while the file is unchanged: a worker that
+    answers a thousand sites' role queries would otherwise parse a thousand-site manifest for each."""
+    from fedmeta.common.synth import load_manifest  # only simulated nodes need the federation's manifest
+
+    path = root / "manifest.json"
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return load_manifest(root)  # names the missing file
+    if key not in _MANIFESTS:
+        _MANIFESTS[key] = load_manifest(root)
+        while len(_MANIFESTS) > 4:
+            _MANIFESTS.popitem(last=False)
+    return _MANIFESTS[key]
 
 
 SITE_KEY_FILE = ".fedmeta-site-key"
@@ -156,6 +178,8 @@ class SiteCache:
             if key in self._sites:
                 self._sites.move_to_end(key)
                 return self._sites[key]
+        if ref.materialise is not None:
+            ref.materialise()
         loaded = SiteDataset.load(ref.data_dir, cfg)  # outside the lock: loading takes seconds
         with self._lock:
             self._sites[key] = loaded

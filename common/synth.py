@@ -20,6 +20,7 @@ Layout written by :func:`generate_federation`::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -90,6 +91,9 @@ class Preset:
     fov_scale: float = 1.0  # < 1 shrinks the field of view around the brain centre (smoke volumes)
     train_sequences: tuple[str, ...] | None = None  # fixed per-site sequences; None draws them
     train_protocols: tuple[str, ...] = ("standard",)  # label protocols, cycled over the training sites
+    # Lazy: generating writes the manifest only, and a site's volumes are rendered the first time it is
+    # used (`SiteInfo.folder`), so a federation of a thousand sites costs what its sampled sites cost.
+    lazy: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -123,15 +127,18 @@ PRESETS: dict[str, Preset] = {
         train_protocols=("standard", "csf-merged", "gm-only"),
     ),
 }
-# Scaling federations for `fedmeta perf`: many tiny training sites (3 patients each, smoke-sized
-# volumes), no held-out sites. What is measured is the engine, not the model.
-for _count in (10, 30, 100):
+# Scaling federations (`fedmeta perf scaling`, `fedmeta simulate --preset scale-1000`): many small
+# training sites (3 patients each, smoke-sized volumes) and the smoke preset's two new hospitals, lazy:
+# a site is rendered when first sampled, so generation time and disk follow the sites used.
+SCALE_COUNTS = (10, 30, 100, 1000)
+for _count in SCALE_COUNTS:
     PRESETS[f"scale-{_count}"] = Preset(
         num_train_sites=_count,
-        heldout_kinds=(),
+        heldout_kinds=("unseen-sequence", "unseen-annotation"),
         patients=(3, 3),
         inplane_mm=(2.2, 2.6),
         slice_thickness_mm=(2.5, 4.0),
+        lazy=True,
     )
 del _count
 
@@ -143,14 +150,26 @@ class SiteInfo:
     name: str
     role: str  # ROLE_TRAIN | ROLE_HELDOUT
     heldout_kind: str | None  # one of HELDOUT_KINDS (or HELDOUT_PROTOCOLS' keys) for held-out sites
-    path: Path
+    path: Path  # where its folder is (in a lazy federation, may not be yet: see `folder`)
     num_patients: int
     params: dict[str, Any]
     subjects: list[dict[str, Any]] = field(default_factory=list)
+    lazy: bool = False
+    fov_scale: float = 1.0
 
     @property
     def label_protocol(self) -> str:
         return str(self.params["annotation"]["protocol"])
+
+    def folder(self) -> Path:
+        """The site's folder, rendered now if its federation is lazy and nobody has used the site yet.
+
+        The same files an eager federation holds (every subject has its own seed). Safe when several
+        processes ask at once: each renders into its own staging folder, the first rename wins.
+        """
+        if self.lazy and not self.path.is_dir():
+            _render_site(self)
+        return self.path
 
 
 @dataclass
@@ -315,8 +334,9 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
         pool = [TRAIN_SEQUENCES[i % len(TRAIN_SEQUENCES)] for i in range(spec.num_train_sites)]
         sequences = [str(s) for s in rng.permutation(pool)]
     entries: list[tuple[str, str, str | None, str]] = []
+    width = max(2, len(str(len(sequences))))  # site-0001 .. site-1000: names sort in site order
     for i, sequence in enumerate(sequences):
-        entries.append((f"site-{i + 1:02d}", ROLE_TRAIN, None, sequence))
+        entries.append((f"site-{i + 1:0{width}d}", ROLE_TRAIN, None, sequence))
     # Protocols are assigned in site order, after every draw, so a federation whose training sites all
     # label the standard way draws exactly what it drew before protocols existed.
     protocols = [spec.train_protocols[i % len(spec.train_protocols)] for i in range(len(sequences))]
@@ -615,8 +635,34 @@ def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -
 # the federation
 
 
+def _render_site(info: SiteInfo) -> None:
+    import threading
+
+    staging = info.path.parent / f".{info.name}.partial-{os.getpid()}-{threading.get_ident()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "imagesTr").mkdir(parents=True)
+    (staging / "labelsTr").mkdir(parents=True)
+    site = {"name": info.name, "role": info.role, "heldout_kind": info.heldout_kind, "params": info.params,
+            "num_patients": info.num_patients, "subjects": info.subjects}
+    try:
+        (staging / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2, allow_nan=False))
+        _render_subjects([(staging, info.params, subject, info.fov_scale) for subject in info.subjects], workers=1)
+        try:
+            staging.rename(info.path)
+        except OSError:
+            if not info.path.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _cache_key(preset: str, seed: int) -> str:
-    blob = json.dumps({"preset": preset, "seed": seed, "generator": GENERATOR_VERSION, "asset": _asset_digest()})
+    # The preset's whole definition, not only its name: a preset whose sites or sizes change is a new federation.
+    spec = dataclasses.asdict(_preset(preset))
+    blob = json.dumps({"preset": preset, "spec": spec, "seed": seed, "generator": GENERATOR_VERSION,
+                       "asset": _asset_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -655,6 +701,8 @@ def _is_cached(root: Path, key: str) -> bool:
         return False
     if manifest.get("cache_key") != key:
         return False
+    if manifest.get("lazy"):
+        return True  # sites are rendered when used; a rendered one is complete (it was renamed into place)
     return all(
         len(list((root / site["name"] / "labelsTr").glob("*.nii.gz"))) == site["num_patients"]
         for site in manifest["sites"]
@@ -662,14 +710,16 @@ def _is_cached(root: Path, key: str) -> bool:
 
 
 def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *, force: bool = False,
-                        workers: int | None = None) -> Path:
+                        workers: int | None = None, lazy: bool | None = None) -> Path:
     """Write a synthetic federation to ``out_dir`` (its root) and return the root.
 
     Cached: when ``out_dir`` already holds the federation of the same (preset, seed, generator version,
     anatomy asset), it is returned at once. A folder holding anything else is refused unless
     ``force=True``, which replaces a previous fedmeta federation (never a folder without its manifest).
     ``workers`` processes render subjects in parallel (default: up to 2 for the larger presets); the
-    result does not depend on it, since every subject has its own seed.
+    result does not depend on it, since every subject has its own seed. ``lazy`` (default: the
+    preset's; the ``scale-*`` presets are lazy) writes the manifest alone and leaves each site to be
+    rendered when first used (:meth:`SiteInfo.folder`); ``lazy=False`` renders every site now.
     """
     root = Path(out_dir)
     _preset(preset)  # an unknown preset is refused before the folder is touched
@@ -678,16 +728,21 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
     seed = int(seed)
     key = _cache_key(preset, seed)
     if _is_cached(root, key) and not force:
+        if lazy is False:  # asked for every site now: render those not used yet
+            for info in load_manifest(root).sites:
+                info.folder()
         return root
     _refuse_to_overwrite(root, force)
 
     started = time.perf_counter()
     plan = plan_federation(preset, seed)
+    lazy = _preset(preset).lazy if lazy is None else bool(lazy)
     staging = root.parent / f".{root.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     jobs = []
-    for site in plan:
+    for site in plan if not lazy else ():
         site_dir = staging / site["name"]
         (site_dir / "imagesTr").mkdir(parents=True)
         (site_dir / "labelsTr").mkdir(parents=True)
@@ -704,9 +759,11 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
                         "source": "ICBM 2009a nonlinear symmetric, via nilearn; see ICBM152_NOTICE.txt"},
             "labels": {str(k): v for k, v in LABELS.items()},
             "generation_seconds": round(time.perf_counter() - started, 2),
+            "lazy": lazy,
             "sites": [
                 {"name": s["name"], "role": s["role"], "heldout_kind": s["heldout_kind"], "path": s["name"],
-                 "num_patients": s["num_patients"], "params": s["params"], "subjects": s["subjects"]}
+                 "num_patients": s["num_patients"], "params": s["params"], "subjects": s["subjects"],
+                 "fov_scale": s["fov_scale"]}
                 for s in plan
             ],
         }
@@ -798,9 +855,11 @@ def load_manifest(root: Path | str) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text())
+        lazy = bool(raw.get("lazy", False))
         sites = [
             SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / s["path"],
-                     num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []))
+                     num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []),
+                     lazy=lazy, fov_scale=float(s.get("fov_scale", 1.0)))
             for s in raw["sites"]
         ]
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),

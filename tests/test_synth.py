@@ -252,3 +252,91 @@ def test_cli_synth_with_preview_and_show_sites(smoke_federation: Path, tmp_path:
     assert single.stat().st_size > 5000
     assert main(["synth", "--out", str(smoke_federation), "--preset", "smoke", "--seed", "3"]) == 2
     assert "force" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lazy federations (the scale-N presets): the manifest now, a site's volumes when first used
+
+
+@pytest.fixture
+def tiny_lazy(monkeypatch):
+    """A 3-site lazy preset, one patient per site (smoke-sized): what the scale presets are, small."""
+    spec = synth.PRESETS["scale-10"]
+    monkeypatch.setitem(synth.PRESETS, "tiny-lazy", synth.Preset(
+        num_train_sites=3, heldout_kinds=("unseen-sequence",), patients=(1, 1), inplane_mm=spec.inplane_mm,
+        slice_thickness_mm=spec.slice_thickness_mm, lazy=True))
+    return "tiny-lazy"
+
+
+def test_a_lazy_federation_renders_each_site_on_first_use_the_same_files_as_an_eager_one(tiny_lazy, tmp_path):
+    lazy_root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=3)
+    assert sorted(p.name for p in lazy_root.iterdir()) == ["manifest.json"]  # nothing rendered yet
+    manifest = load_manifest(lazy_root)
+    assert all(info.lazy and not info.path.exists() for info in manifest.sites)
+    eager_root = generate_federation(tmp_path / "eager", tiny_lazy, seed=3, lazy=False)
+    assert all((eager_root / info.name / "dataset.json").is_file() for info in manifest.sites)
+
+    first = manifest.train_sites[1]
+    assert first.folder() == lazy_root / first.name
+    assert sorted(p.name for p in lazy_root.iterdir()) == ["manifest.json", first.name]  # that site alone
+    assert json.loads((first.path / "dataset.json").read_text()) == json.loads(
+        (eager_root / first.name / "dataset.json").read_text())
+    for subject in first.subjects:
+        for a, b in zip(_arrays(first.path, subject["id"]), _arrays(eager_root / first.name, subject["id"])):
+            np.testing.assert_array_equal(a, b)
+    mtime = (first.path / "dataset.json").stat().st_mtime_ns
+    assert load_manifest(lazy_root).site(first.name).folder() == first.path  # rendered once, then reused
+    assert (first.path / "dataset.json").stat().st_mtime_ns == mtime
+    # The cache check does not ask for every site of a lazy federation, and asking for all renders the rest.
+    assert generate_federation(lazy_root, tiny_lazy, seed=3) == lazy_root
+    assert len([p for p in lazy_root.iterdir() if p.is_dir()]) == 1
+    generate_federation(lazy_root, tiny_lazy, seed=3, lazy=False)
+    assert sorted(p.name for p in lazy_root.iterdir() if p.is_dir()) == sorted(i.name for i in manifest.sites)
+
+
+def test_sites_asked_for_at_once_by_several_workers_render_once_and_leave_no_partial_folder(tiny_lazy, tmp_path):
+    import threading
+
+    root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=0)
+    infos = [load_manifest(root).train_sites[0] for _ in range(3)]  # three workers, three manifest copies
+    errors: list[BaseException] = []
+
+    def ask(info):
+        try:
+            info.folder()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(info,)) for info in infos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", infos[0].name]
+    assert len(list((root / infos[0].name / "labelsTr").glob("*.nii.gz"))) == infos[0].num_patients
+
+
+def test_the_thousand_site_preset_plans_in_site_order_in_seconds():
+    plan = plan_federation("scale-1000", 0)
+    train = [site["name"] for site in plan if site["role"] == "train"]
+    assert len(train) == 1000 and train == sorted(train)  # zero-padded: the manifest's order is the sites' order
+    assert train[0] == "site-0001" and train[-1] == "site-1000"
+    assert [site["heldout_kind"] for site in plan if site["role"] == "heldout"] == ["unseen-sequence",
+                                                                                    "unseen-annotation"]
+    assert {site["num_patients"] for site in plan} == {3}
+    assert synth.PRESETS["scale-1000"].lazy and not synth.PRESETS["default"].lazy
+    # Smaller federations keep their names.
+    assert [site["name"] for site in plan_federation("smoke", 0)][:3] == ["site-01", "site-02", "site-03"]
+
+
+def test_a_changed_preset_is_a_new_federation_for_the_cache(tiny_lazy, monkeypatch):
+    key = synth._cache_key(tiny_lazy, 0)
+    monkeypatch.setitem(synth.PRESETS, tiny_lazy, dataclass_replace(synth.PRESETS[tiny_lazy], patients=(2, 2)))
+    assert synth._cache_key(tiny_lazy, 0) != key
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

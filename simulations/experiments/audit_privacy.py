@@ -122,7 +122,7 @@ def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ALGORITHMS,
         root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
         federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
-    sites = [SiteDataset.load(info.path, config.data_config()) for info in manifest.train_sites]
+    sites = [SiteDataset.load(info.folder(), config.data_config()) for info in manifest.train_sites]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

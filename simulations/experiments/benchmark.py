@@ -313,7 +313,7 @@ def run_benchmark(
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}
     inits: dict[int, dict[str, Any]] = {seed: {} for seed in seeds_list}
     if spec["jobs"] == 1:  # one seed after the other: each seed's table is printed as soon as it exists
-        eval_data = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
+        eval_data = [SiteDataset.load(info.folder(), any_config.data_config()) for info in eval_infos]
         for seed in seeds_list:
             for key, base in configs.items():
                 runs[key][seed], inits[seed][key] = _train(*_train_args(key, base, seed, out, federation_dir, train_infos,
@@ -543,7 +543,7 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
                 # point of FedAvg's curve is FedAvg + fine-tune's Dice in the table.
                 config = config.replace(eval_every=curve_every, eval_k_shot=GOAL_SHOTS, eval_steps=str(GOAL_STEPS),
                                         eval_max_images=eval_max_images)
-                nodes += [{DATA_DIR_KEY: str(info.path), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
+                nodes += [{DATA_DIR_KEY: str(info.folder()), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
                           for i, info in enumerate(sorted(eval_infos, key=lambda info: info.name))]
             run_inprocess(config.to_run_config(), nodes, seed=config.seed)
             checkpoint = load_checkpoint(path)
@@ -610,7 +610,7 @@ def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: 
     """``_evaluate_seed`` in a worker process: the new sites are read there rather than shipped to it."""
     from fedmeta.common.data import SiteDataset
 
-    sites = [SiteDataset.load(info.path, any_config.data_config()) for info in eval_infos]
+    sites = [SiteDataset.load(info.folder(), any_config.data_config()) for info in eval_infos]
     return _evaluate_seed(names, inits, any_config, spec, sites, seed, quiet)
 
 

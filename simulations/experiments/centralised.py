@@ -125,7 +125,7 @@ def training_node_configs(infos) -> list[dict[str, str | int]]:
     ``site-id`` fixes the server's site order to this module's, and is what a deployed hospital
     would pass; node ids, which Flower draws at random, then play no part.
     """
-    return [{DATA_DIR_KEY: str(info.path), ROLE_KEY: ROLE_TRAIN, SITE_ID_KEY: i}
+    return [{DATA_DIR_KEY: str(info.folder()), ROLE_KEY: ROLE_TRAIN, SITE_ID_KEY: i}
             for i, info in enumerate(sorted(infos, key=lambda info: info.name))]
 
 
@@ -147,7 +147,7 @@ def load_training_sites(
         chosen = [available[n] for n in sorted(set(names))]
     if not chosen:
         raise ValueError(f"{federation_dir}: no training site to meta-train on.")
-    return [SiteDataset.load(info.path, config.data_config()) for info in chosen]
+    return [SiteDataset.load(info.folder(), config.data_config()) for info in chosen]
 
 
 def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:

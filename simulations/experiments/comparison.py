@@ -51,7 +51,7 @@ def compare_initialisations(
     per_site: dict[str, dict[str, dict[int, float]]] = {label: {} for label in labels}
     per_patient: dict[str, dict[str, dict[int, dict[str, float]]]] = {label: {} for label in labels}
     for info in manifest.heldout_sites:
-        site = SiteDataset.load(info.path, data_config)
+        site = SiteDataset.load(info.folder(), data_config)
         splits: dict = {}  # every initialisation adapts on the same slices and is scored on the same patients
         scored = [(init, list(steps)) for init in inits]
         if oracle_steps > 0:

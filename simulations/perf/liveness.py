@@ -48,7 +48,7 @@ def measure(work: Path, *, rounds: int, deadline: float, timeout: float) -> dict
     from fedmeta.simulations.experiments.presets import load_preset
 
     federation = generate_federation(work / "smoke", "smoke", seed=0)
-    train = [Path(site.path) for site in load_manifest(federation).train_sites]
+    train = [site.folder() for site in load_manifest(federation).train_sites]
     sites = [train[0], train[1], train[2], train[0]]  # the late site reads site 0's data: liveness, not learning
     out_dir = work / "out"
     overrides, _driver = load_preset("smoke")

@@ -20,13 +20,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preset and seed in the same folder return at once.",
     )
     synth.add_argument("--out", type=Path, required=True, help="federation root folder to write")
-    synth.add_argument("--preset", choices=("smoke", "default", "protocols"), default="default",
+    # No argparse choices: the scale-N sizes live in fedmeta.common.synth (numpy), which a CLI start does
+    # not import; an unknown preset is refused with the list by generate_federation.
+    synth.add_argument("--preset", default="default", metavar="PRESET",
                        help="smoke: 3 train + 2 held-out tiny sites (seconds); default: 8 train + 4 held-out "
                        "(unseen mix, sequence, annotation, anatomy); protocols: 8 train sites labelling different "
-                       "structures + 3 held-out (white matter only, ventricles only, unseen anatomy)")
+                       "structures + 3 held-out (white matter only, ventricles only, unseen anatomy); scale-N (N = 10, "
+                       "30, 100, 1000): N "
+                       "small train sites (3 patients, smoke-sized) + the smoke preset's 2 held-out, lazy (the "
+                       "manifest now, each site rendered when first used; --all-sites renders them all now)")
     synth.add_argument("--seed", type=int, default=0, help="seed of every site and subject (default 0)")
     synth.add_argument("--force", action="store_true", help="replace a different federation already in --out")
     synth.add_argument("--workers", type=int, default=None, help="processes rendering subjects (default: up to 2)")
+    synth.add_argument("--all-sites", action="store_true",
+                       help="render every site now, also for a lazy preset (scale-N)")
     synth.add_argument("--preview", type=Path, default=None, help="also draw one slice per site to this PNG")
     synth.set_defaults(handler=_synth)
 
@@ -46,19 +53,25 @@ def _synth(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        root = generate_federation(args.out, args.preset, args.seed, force=args.force, workers=args.workers)
+        root = generate_federation(args.out, args.preset, args.seed, force=args.force, workers=args.workers,
+                                   lazy=False if args.all_sites else None)
     except (FileExistsError, ValueError) as err:
         print(f"fedmeta synth: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
     manifest = load_manifest(root)
-    print(f"federation {root} (preset {manifest.preset}, seed {manifest.seed}) ready in {elapsed:.1f} s")
-    for site in manifest.train_sites + manifest.heldout_sites:
+    rendered = sum(info.path.is_dir() for info in manifest.sites)
+    print(f"federation {root} (preset {manifest.preset}, seed {manifest.seed}) ready in {elapsed:.1f} s; "
+          f"{rendered} of {len(manifest.sites)} sites rendered" + (" (the others when first used)"
+                                                                 if rendered < len(manifest.sites) else ""))
+    for site in (manifest.train_sites + manifest.heldout_sites)[:40]:
         scanner = site.params["scanner"]
         kind = f" [{site.heldout_kind}]" if site.heldout_kind else ""
         print(f"  {site.name:16s} {site.role:7s} {site.num_patients:3d} patients  {scanner['sequence']:5s} "
               f"{scanner['field_strength_t']} T  {scanner['inplane_mm']}x{scanner['slice_thickness_mm']} mm "
               f"{scanner['slice_axis']:8s} artefact={scanner['artefact']} labels={site.label_protocol}{kind}")
+    if len(manifest.sites) > 40:
+        print(f"  ... and {len(manifest.sites) - 40} more sites (manifest.json lists them all)")
     if args.preview is not None:
         draw_sites(root, args.preview)
         print(f"preview: {args.preview}")
@@ -82,7 +95,7 @@ def _site_folders(root: Path) -> list[tuple[Path, str]]:
 
     if (root / "manifest.json").is_file():
         manifest = load_manifest(root)
-        return [(s.path, f"{s.name} ({s.heldout_kind or s.role})") for s in manifest.train_sites + manifest.heldout_sites]
+        return [(s.folder(), f"{s.name} ({s.heldout_kind or s.role})") for s in manifest.train_sites + manifest.heldout_sites]
     if is_site_folder(root):
         return [(root, root.name)]
     sites = sorted(p for p in root.iterdir() if p.is_dir() and is_site_folder(p))
