@@ -11,11 +11,14 @@ from fedmeta.simulations.engines.processes import TreeMemorySampler
 
 def test_tree_memory_counts_processes_of_the_flower_home_and_no_others(tmp_path):
     home = tmp_path / "flwr-home"
-    hog = "x = bytearray(300 * 2**20); import time; time.sleep(30)"
-    ours = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, "FLWR_HOME": str(home)})
-    stranger = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, "FLWR_HOME": str(tmp_path / "other")})
+    hog = "x = bytearray(300 * 2**20); print('ready', flush=True); import time; time.sleep(30)"
+    ours = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, "FLWR_HOME": str(home)},
+                            stdout=subprocess.PIPE, text=True)
+    stranger = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, "FLWR_HOME": str(tmp_path / "other")},
+                                stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)  # let both touch their 300 MB
+        for process in (ours, stranger):  # both hold their 300 MB (on a loaded machine that takes a while)
+            assert process.stdout.readline().strip() == "ready"
         alone = TreeMemorySampler(None).sample()
         with_tree = TreeMemorySampler(home).sample()
         assert with_tree - alone > 250 * 2**20, "the run's process is not counted"
@@ -38,3 +41,70 @@ def test_report_states_each_target_and_whether_it_is_met():
     assert "| Ray / bare loop | 2.00 | ≤ 1.25 | no |" in report
     assert "| fomaml reply / fp32 model | 1.01 | ≤ 1.05 | yes |" in report
     assert "8.0 s start-up and shutdown" in report
+
+
+def test_the_sampler_records_each_process_role_lifetime_and_cpu(tmp_path):
+    from fedmeta.simulations.engines.processes import process_role
+
+    home = tmp_path / "flwr-home"
+    # A process named like Flower's SuperExec, burning CPU for a moment then sleeping.
+    busy = "import time, sys; t = time.process_time(); exec('while time.process_time() - t < 0.5: pass'); time.sleep(30)"
+    process = subprocess.Popen([sys.executable, "-c", busy, "flower-superexec"], env={**os.environ, "FLWR_HOME": str(home)})
+    try:
+        with TreeMemorySampler(home, interval_s=0.1) as sampler:
+            time.sleep(2)
+        timeline = sampler.timeline()
+        assert list(timeline) == ["SuperExec"]
+        row = timeline["SuperExec"]
+        assert row["processes"] == 1 and 0.4 <= row["cpu_s"] <= 1.5 and row["first_s"] < row["last_s"]
+    finally:
+        process.kill()
+        process.wait()
+    assert process_role("ray::ClientAppActor.run") == "ClientApp actors (Ray)"
+    assert process_role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x") == \
+        "Ray services (GCS, raylet, dashboard)"
+    assert process_role("python /venv/bin/flwr-simulation --runtime-api-address x") == \
+        "flwr-simulation (ServerApp, Ray driver)"
+    assert process_role("python /venv/bin/flwr run /app local-sim") == "flwr CLI (run, list)"
+
+
+def test_import_profile_charges_a_packages_imports_to_the_package_that_made_them():
+    from fedmeta.simulations.perf.perf import import_profile
+
+    profile = import_profile("fedmeta.common.synth")  # numpy, imported by fedmeta's module
+    assert profile["module"] == "fedmeta.common.synth"
+    assert "numpy" in profile["by_package"] and profile["by_package"]["numpy"] > 0
+    assert abs(sum(profile["by_package"].values()) - profile["import_seconds"]) < 1e-6
+    assert profile["process_seconds"] >= profile["import_seconds"]
+
+
+def test_the_startup_breakdown_and_the_scaling_rows_reach_the_report():
+    from fedmeta.simulations.perf.perf import _startup
+
+    timeline = {"flwr CLI (run, list)": {"first_s": 0.1, "last_s": 9.0, "cpu_s": 3.0, "processes": 2},
+                "flwr-simulation (ServerApp, Ray driver)": {"first_s": 5.0, "last_s": 30.0, "cpu_s": 10.0, "processes": 1},
+                "Ray services (GCS, raylet, dashboard)": {"first_s": 11.0, "last_s": 29.0, "cpu_s": 3.0, "processes": 4},
+                "ClientApp actors (Ray)": {"first_s": 15.0, "last_s": 29.0, "cpu_s": 16.0, "processes": 2}}
+    startup = _startup(timeline, appeared=[23.0, 25.0], round_seconds=[2.0, 2.0], seconds=31.0)
+    assert [round(p["seconds"], 1) for p in startup["phases"]] == [5.0, 6.0, 4.0, 6.0]
+    assert startup["startup_seconds"] == 21.0 and startup["shutdown_seconds"] == 6.0
+    row = {"sites_per_round": 10, "seconds": 40.0, "seconds_per_round": 2.0, "first_round_seconds": 2.5,
+           "startup_seconds": 21.0, "peak_tree_bytes": 2 * 2**30, "federation_generation_seconds": 0.1,
+           "sites_rendered": 10, "federation_disk_bytes": 5 * 2**20}
+    results = {
+        "machine": "test",
+        "sim": {"sites": 10, "rounds": 10, "bare_seconds": 10.0, "inprocess_seconds": 11.0, "ray_seconds": 40.0,
+                "inprocess_vs_bare": 1.1, "ray_vs_bare": 4.0, "ray_seconds_in_rounds": 12.0,
+                "ray_seconds_outside_rounds": 28.0, "ray_rounds_vs_bare": 1.2, "ray_startup": startup,
+                "rounds_for_target": 400, "imports": {}},
+        "scaling": {"rounds": 2, "sites_per_round": 10, "largest": 1000, "smallest": 10,
+                    "by_sites": {"10": row, "1000": {**row, "peak_tree_bytes": 2.2 * 2**30}},
+                    "by_sites_sampled": {"10": row, "50": {**row, "sites_per_round": 50, "seconds_per_round": 9.0}},
+                    "memory_largest_vs_smallest": 1.1, "round_time_largest_vs_smallest": 1.0,
+                    "first_round_largest_vs_smallest": 1.0, "round_time_more_sampled_vs_sampled": 4.5},
+    }
+    report = format_report(results)
+    assert "| Ray cluster start | 4.0 |" in report
+    assert "from about 400 rounds on" in report
+    assert "| 1000 | 50 | 9.00 |" in report
+    assert "| memory 1000 / 10 sites | 1.10 | ≤ 1.3 | yes |" in report

@@ -167,10 +167,15 @@ class TreeMemorySampler:
         self.flwr_home = str(flwr_home) if flwr_home else None
         self.interval_s = interval_s
         self.peak_bytes = 0
+        # Each process of the tree as sampled: its role (`process_role`), when it was first and last
+        # seen (seconds after the sampler started) and the CPU seconds it had used when last seen.
+        self.processes: dict[int, dict] = {}
+        self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> "TreeMemorySampler":
+        self.started = time.monotonic()
         self._thread.start()
         return self
 
@@ -187,11 +192,64 @@ class TreeMemorySampler:
     def sample(self) -> int:
         total = _pss_bytes(os.getpid())
         if self.flwr_home:
+            now = time.monotonic() - self.started
             for pid in _pids():
                 home = _environ_value(pid, "FLWR_HOME")
                 if pid != os.getpid() and home and (home == self.flwr_home or home.startswith(self.flwr_home + "/")):
                     total += _pss_bytes(pid)
+                    self._seen(pid, now)
         return total
+
+    def _seen(self, pid: int, now: float) -> None:
+        fields = _stat(pid)
+        if fields is None:
+            return
+        entry = self.processes.get(pid)
+        if entry is None or entry["start"] != fields[19]:  # a new process, or a reused PID
+            entry = self.processes[pid] = {"start": fields[19], "first_s": now}
+        # Read again each time: a Ray worker takes its actor's name only once it runs it.
+        entry["role"] = process_role(_cmdline(pid))
+        entry["last_s"] = now
+        entry["cpu_s"] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+
+    def timeline(self) -> dict[str, dict[str, float]]:
+        """Per role: when its first process appeared, when its last was last seen, CPU seconds, count."""
+        roles: dict[str, dict[str, float]] = {}
+        for entry in self.processes.values():
+            row = roles.setdefault(entry["role"], {"first_s": entry["first_s"], "last_s": entry["last_s"],
+                                                   "cpu_s": 0.0, "processes": 0})
+            row["first_s"] = min(row["first_s"], entry["first_s"])
+            row["last_s"] = max(row["last_s"], entry["last_s"])
+            row["cpu_s"] += entry["cpu_s"]
+            row["processes"] += 1
+        return dict(sorted(roles.items(), key=lambda item: item[1]["first_s"]))
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+# What each process of a Flower simulation is, from its command line (first match wins).
+_ROLES = (
+    ("ray::ClientAppActor", "ClientApp actors (Ray)"),
+    ("ray::", "Ray agents and idle workers"),
+    ("default_worker.py", "Ray agents and idle workers"),
+    ("/ray/", "Ray services (GCS, raylet, dashboard)"),
+    ("flwr-simulation", "flwr-simulation (ServerApp, Ray driver)"),
+    ("flower-superexec", "SuperExec"),
+    ("flower-superlink", "SuperLink"),
+    ("flower-supernode", "SuperNode"),
+    ("bin/flwr ", "flwr CLI (run, list)"),
+)
+
+
+def process_role(cmdline: str) -> str:
+    return next((role for needle, role in _ROLES if needle in cmdline), "other")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _pss_bytes(pid: int) -> int:
@@ -204,4 +262,4 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-__all__ = ["TAG_VAR", "TreeMemorySampler", "stop_processes", "tagged"]
+__all__ = ["TAG_VAR", "TreeMemorySampler", "process_role", "stop_processes", "tagged"]
