@@ -276,6 +276,7 @@ def meta_gradient(
     step_weights: Sequence[float] | None = None,
     first_order: bool = False,
     truncation: int = 0,
+    batch_episodes: bool | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """The update one site sends for the shared initialisation θ, and plain-float statistics.
 
@@ -310,6 +311,13 @@ def meta_gradient(
     ``stats``: ``support_loss_before/after`` and ``query_loss_before/after`` (means over episodes, at
     θ and at the adapted parameters; after: the last inner step) and ``num_examples`` (support plus
     query images).
+
+    ``batch_episodes``: FOMAML's episodes all at once (``torch.func.vmap``, :func:`_fomaml_batched`)
+    rather than one after the other; the same numbers up to rounding (float64: equal to ~1e-15).
+    ``None`` (default) does so where it measured faster (``fedmeta perf episodes``, 2D default model on
+    a 2-core CPU: FOMAML 0.72–0.93× the loop's time; MAML, second order, 0.99–1.19×, so it stays a
+    loop): FOMAML with two or more episodes of one shape. ``False`` keeps the loop; ``True`` asks
+    for the batched path (FOMAML only).
     """
     params = _check_params(model, params)
     _check_algorithm(algorithm)
@@ -332,6 +340,17 @@ def meta_gradient(
         return _learner_meta_gradient(model, params, names, episodes, inner_steps, step_size, loss_fn, truncation)
     if algorithm in ("fedavg", "fedprox"):
         return _local_sgd(model, params, names, episodes, inner_steps, step_size, loss_fn, mu)
+    if batch_episodes is True and algorithm != "fomaml":
+        raise ValueError(f"batch_episodes=True batches FOMAML's episodes; algorithm={algorithm!r} runs them in a "
+                         "loop (batching measured no faster for second-order algorithms). Leave it None.")
+    same_shapes = len({tuple(tuple(t.shape) for t in episode) for episode in episodes}) == 1
+    if algorithm == "fomaml" and (batch_episodes or (batch_episodes is None and len(episodes) > 1)):
+        if not same_shapes:
+            if batch_episodes:
+                raise ValueError("batch_episodes=True needs episodes of one shape (the same k, q and image size); "
+                                 "these differ. Leave it None to run them in a loop.")
+        else:
+            return _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn)
 
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     if algorithm == "metasgd":
@@ -375,6 +394,54 @@ def meta_gradient(
     count = len(episodes)
     meta_grads = {key: (total / count).to(_dtype_of(key, params, step_size)) for key, total in totals.items()}
     return meta_grads, _mean_stats(losses, count, num_examples)
+
+
+# At most this many episodes in one vmapped call: activations grow with it. Eight FOMAML episodes (2D
+# default model, 2-core CPU) took 1.1x the loop's time in chunks of 2, 0.8x in chunks of 4, 0.7x in one
+# chunk of 8; 4 keeps most of the gain with half the memory of 8.
+EPISODE_CHUNK = 4
+
+
+def _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn) -> tuple[Params, dict[str, float]]:
+    """FOMAML as the loop above computes it, for same-shaped episodes at once (torch.func.vmap).
+
+    Each episode's inner steps and its query gradient at θ′ are one function of its four tensors,
+    vmapped over the episodes (θ shared, unbatched); the statistics are the loop's, from the same
+    forward passes. Sums over episodes then divide by their count, as the loop does.
+    """
+    from torch.func import grad_and_value, vmap
+
+    theta = {n: p.detach() for n, p in params.items()}
+
+    def episode(support_x, support_y, query_x, query_y):
+        adapted, support_before = dict(theta), None
+        for step in range(inner_steps):
+            def support_loss(sub, adapted=adapted):
+                return _loss(model, {**adapted, **sub}, support_x, support_y, loss_fn)
+
+            grads, loss = grad_and_value(support_loss)({n: adapted[n] for n in names})
+            if step == 0:
+                support_before = loss
+            adapted = dict(adapted)
+            for n in names:
+                alpha = _alpha_at(step_size[n], adapted[n], step) if isinstance(step_size, Mapping) else step_size
+                adapted[n] = adapted[n] - alpha * grads[n]
+        query_grads, query_after = grad_and_value(lambda leaves: _loss(model, leaves, query_x, query_y, loss_fn))(adapted)
+        with torch.no_grad():
+            query_before = query_after if inner_steps == 0 else _loss(model, theta, query_x, query_y, loss_fn)
+            if support_before is None:
+                support_before = _loss(model, theta, support_x, support_y, loss_fn)
+            support_after = _loss(model, adapted, support_x, support_y, loss_fn)
+        return query_grads, torch.stack([support_before, support_after, query_before, query_after])
+
+    stacked = [torch.stack([e[i] for e in episodes]) for i in range(4)]
+    grads, losses = vmap(episode, chunk_size=EPISODE_CHUNK)(*stacked)
+    count = len(episodes)
+    meta_grads = {n: (grads[n].sum(0) / count).to(params[n].dtype) for n in params}
+    keys = ("support_loss_before", "support_loss_after", "query_loss_before", "query_loss_after")
+    sums = {key: sum(float(v) for v in losses[:, i]) for i, key in enumerate(keys)}  # as the loop adds them
+    num_examples = sum(int(e[0].shape[0]) + int(e[2].shape[0]) for e in episodes)
+    return meta_grads, _mean_stats(sums, count, num_examples)
 
 
 def _second_order_episode(model, params, names, step_size, *, episodes_item, inner_steps, loss_fn, learn_step_size,

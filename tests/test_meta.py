@@ -570,3 +570,49 @@ def test_run_config_step_sizes_key():
         RunConfig(algorithm="metasgd", step_sizes="per-layer")
     assert (RunConfig(algorithm="metasgd", step_sizes="per-layer-step").trajectory_hash()
             != RunConfig(algorithm="metasgd").trajectory_hash())
+
+
+# --------------------------------------------------------------------------------------------------
+# FOMAML's episodes batched (torch.func.vmap): the loop's numbers
+
+
+@pytest.mark.parametrize("inner_steps, chunk, head_only", [(1, 4, False), (2, 2, False), (0, 4, False), (2, 4, True)])
+def test_batched_fomaml_equals_the_loop_in_float64(model, loss_fn, monkeypatch, inner_steps, chunk, head_only):
+    from fedmeta.common import meta as meta_module
+
+    monkeypatch.setattr(meta_module, "EPISODE_CHUNK", chunk)  # 3 episodes in chunks of 2: the chunked path
+    params = make_params(model)
+    episodes = [make_episode(seed) for seed in (11, 12, 13)]
+    # ANIL annealed to first order is FOMAML on the head alone: the batched path adapts a subset too.
+    algorithm, extra = ("anil", {"first_order": True}) if head_only else ("fomaml", {})
+    loop, loop_stats = meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=inner_steps,
+                                     inner_lr=0.1, loss_fn=loss_fn, batch_episodes=False, **extra)
+    batched, batched_stats = meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=inner_steps,
+                                           inner_lr=0.1, loss_fn=loss_fn, batch_episodes=True, **extra)
+    assert batched.keys() == loop.keys()
+    for name in loop:
+        assert batched[name].dtype == loop[name].dtype == torch.float64
+        torch.testing.assert_close(batched[name], loop[name], rtol=1e-10, atol=1e-13)
+    assert batched_stats.keys() == loop_stats.keys()
+    for key in loop_stats:
+        assert batched_stats[key] == pytest.approx(loop_stats[key], rel=1e-12), key
+    # The default batches FOMAML's several episodes; a single episode runs the loop.
+    default, _ = meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=inner_steps, inner_lr=0.1,
+                               loss_fn=loss_fn, **extra)
+    assert all(torch.equal(default[n], batched[n]) for n in loop)
+
+
+def test_batching_is_refused_where_it_does_not_apply_and_mixed_shapes_fall_back_to_the_loop(model, loss_fn):
+    params = make_params(model)
+    episodes = [make_episode(1), make_episode(2)]
+    with pytest.raises(ValueError, match="batch_episodes=True batches FOMAML.*'maml'"):
+        meta_gradient(model, params, episodes, algorithm="maml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
+                      batch_episodes=True)
+    mixed = [make_episode(1), make_episode(2, k=3)]
+    with pytest.raises(ValueError, match="episodes of one shape"):
+        meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
+                      batch_episodes=True)
+    auto, _ = meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn)
+    loop, _ = meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
+                            batch_episodes=False)
+    assert all(torch.equal(auto[n], loop[n]) for n in loop)

@@ -43,3 +43,15 @@ def test_every_case_runs_and_is_measured():
     assert measured["prototypes"]["parameters"] != measured["fomaml"]["parameters"]
     lstm_parts = measured["lstm-optimizer"]["parameters"] - measured["fomaml"]["parameters"]
     assert lstm_parts > 0 and measured["lstm-optimizer"]["state_bytes"] == 4 * 2 * 8 * measured["fomaml"]["parameters"]
+
+
+def test_the_episode_benchmark_times_loop_and_vmap_and_finds_the_same_gradients():
+    from fedmeta.simulations.perf.meta_step import format_episodes, measure_episodes
+
+    rows = measure_episodes(TINY, repeats=1, cases=((2, 1),))
+    assert [(r["algorithm"], r["episodes"], r["inner_steps"]) for r in rows] == [("fomaml", 2, 1), ("maml", 2, 1)]
+    for row in rows:
+        assert row["loop_seconds"] > 0 and row["vmap_seconds"] > 0
+        assert row["vmap_vs_loop"] == pytest.approx(row["vmap_seconds"] / row["loop_seconds"])
+        assert row["relative_difference"] < 1e-4  # float32 rounding; tests/test_meta.py: equal in float64
+    assert "| fomaml | 2 | 1 |" in format_episodes("tiny", rows)

@@ -204,6 +204,89 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
     return results
 
 
+# Site rounds of several episodes: (episodes, inner steps). 2 x 1 is the default run config.
+EPISODE_CASES = ((2, 1), (4, 1), (2, 3), (2, 5))
+
+
+def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 5,
+                     cases=EPISODE_CASES, algorithms=("fomaml", "maml")) -> list[dict]:
+    """A site's episodes one after the other (the loop) against all at once (torch.func.vmap), side by side.
+
+    For each (episodes, inner steps) and algorithm: median seconds of both, their ratio, and how far
+    the batched meta-gradient is from the loop's (relative L2 over every parameter: rounding only,
+    tests/test_meta.py checks equality in float64). MAML's batched path is not in fedmeta's training
+    (measured no faster); it is timed here, through the same vmapped episode with a second-order
+    gradient, to keep that measurement.
+    """
+    from fedmeta.common.meta import meta_gradient
+
+    model, params = _network(setting, "fomaml", device)
+    rows = []
+    for count, steps in cases:
+        episodes = [_setup(setting, device, seed=seed)[2] for seed in range(1, count + 1)]
+        for algorithm in algorithms:
+            def loop():
+                return meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=steps,
+                                     inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=False)[0]
+
+            def batched():
+                if algorithm == "fomaml":
+                    return meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=steps,
+                                         inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=True)[0]
+                return _maml_batched(model, params, episodes, steps, setting.inner_lr, loss_fn)
+
+            loss_fn = _setup(setting, device)[3]
+            reference, candidate = loop(), batched()  # warm-up, and the two results compared
+            times: dict[str, list[float]] = {"loop": [], "vmap": []}
+            for _ in range(repeats):
+                for name, fn in (("loop", loop), ("vmap", batched)):
+                    _sync(device)
+                    start = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+            difference = sum(float(((candidate[n] - reference[n]) ** 2).sum()) for n in reference) ** 0.5
+            size = sum(float((reference[n] ** 2).sum()) for n in reference) ** 0.5
+            loop_s, vmap_s = statistics.median(times["loop"]), statistics.median(times["vmap"])
+            rows.append({"algorithm": algorithm, "episodes": count, "inner_steps": steps, "loop_seconds": loop_s,
+                         "vmap_seconds": vmap_s, "vmap_vs_loop": vmap_s / loop_s,
+                         "relative_difference": difference / size if size else 0.0})
+    return rows
+
+
+def _maml_batched(model, params, episodes, steps, inner_lr, loss_fn):
+    """MAML's meta-gradient with the episodes vmapped (timing only; see measure_episodes)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    def loss(p, x, y):
+        return loss_fn(functional_call(model, p, (x,)), y)
+
+    def episode(theta, support_x, support_y, query_x, query_y):
+        def query_loss(start):
+            adapted = start
+            for _ in range(steps):
+                g = grad(loss)(adapted, support_x, support_y)
+                adapted = {n: adapted[n] - inner_lr * g[n] for n in adapted}
+            return loss(adapted, query_x, query_y)
+
+        return grad(query_loss)(theta)
+
+    theta = {n: p.detach() for n, p in params.items()}
+    stacked = [torch.stack([e[i] for e in episodes]) for i in range(4)]
+    grads = vmap(episode, in_dims=(None, 0, 0, 0, 0))(theta, *stacked)
+    return {n: grads[n].mean(0) for n in params}
+
+
+def format_episodes(title: str, rows: list[dict]) -> str:
+    lines = [f"## {title}", "", "| algorithm | episodes | inner steps | loop ms | vmap ms | vmap / loop | "
+             "relative difference |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['algorithm']} | {r['episodes']} | {r['inner_steps']} | {r['loop_seconds'] * 1e3:.0f} | "
+                     f"{r['vmap_seconds'] * 1e3:.0f} | {r['vmap_vs_loop']:.2f} | {r['relative_difference']:.1e} |")
+    return "\n".join(lines)
+
+
 def summarise(results: dict[str, dict]) -> dict[str, dict]:
     """Adds ratios: time and memory against FOMAML, and FOMAML's time against plain passes."""
     reference = results["fomaml"]

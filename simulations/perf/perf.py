@@ -10,6 +10,8 @@
 - ``comm``: bytes a site's train reply takes on the wire (Flower's protobuf) against the fp32 size
   of what it stands for (θ, and Meta-SGD's step sizes).
 - ``meta``: the meta-step micro-benchmark (fedmeta.simulations.perf.meta_step), summarised.
+- ``episodes``: a site's episodes in a loop against batched with ``torch.func.vmap`` (FOMAML, which
+  fedmeta batches by default, and MAML, which it does not), side by side: time ratio and difference.
 - ``secagg``: one federation (default model, every site every round) with plain aggregation and with
   SecAgg+, side by side in one run: wire bytes both ways per site and round (Flower's protobuf,
   every stage's messages) and seconds per round, and their ratios.
@@ -34,7 +36,7 @@ from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.perf import meta_step
 
 
-PARTS = ("sim", "scaling", "comm", "meta", "secagg")
+PARTS = ("sim", "scaling", "comm", "meta", "episodes", "secagg")
 TARGETS = {"ray_vs_bare": 1.25, "memory_largest_vs_smallest": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
            "fomaml_vs_plain": 1.3}
 
@@ -448,6 +450,10 @@ def format_report(results: dict[str, Any]) -> str:
         t = results["meta"]["table"]["targets"]
         checks.append(("MAML / FOMAML time", t["maml_time_vs_fomaml"], TARGETS["maml_vs_fomaml"]))
         checks.append(("FOMAML / plain forward-backward", t["fomaml_time_vs_plain"], TARGETS["fomaml_vs_plain"]))
+    if "episodes" in results:
+        e = results["episodes"]
+        lines += [meta_step.format_episodes(f"A site's episodes: loop or batched (torch.func.vmap), {e['setting']}",
+                                            e["rows"]), ""]
     if "secagg" in results:
         g = results["secagg"]
         lines += [f"## Secure aggregation (SecAgg+) against plain aggregation: {g['sites']} sites, {g['rounds']} rounds, "
@@ -508,6 +514,11 @@ def run(args: argparse.Namespace) -> int:
             results["comm"] = bench_comm(work)
         if "meta" in parts:
             results["meta"] = meta_step_summary(quick=args.quick)
+        if "episodes" in parts:
+            setting = meta_step.SETTINGS["2d"]
+            results["episodes"] = {"setting": setting.name, "rows": meta_step.measure_episodes(
+                setting, repeats=2 if args.quick else 5,
+                cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES)}
         if "secagg" in parts:
             results["secagg"] = bench_secagg(work, rounds=2 if args.quick else 3)
     except Exception as err:
