@@ -268,9 +268,15 @@ def _maml_batched(model, params, episodes, steps, inner_lr, loss_fn):
             for _ in range(steps):
                 g = grad(loss)(adapted, support_x, support_y)
                 adapted = {n: adapted[n] - inner_lr * g[n] for n in adapted}
-            return loss(adapted, query_x, query_y)
+            return loss(adapted, query_x, query_y), adapted
 
-        return grad(query_loss)(theta)
+        grads, adapted = grad(query_loss, has_aux=True)(theta)
+        # The loop's statistics, from the same forward passes it makes (a fair race).
+        with torch.no_grad():
+            loss(theta, query_x, query_y)
+            loss(theta, support_x, support_y)
+            loss({n: v.detach() for n, v in adapted.items()}, support_x, support_y)
+        return grads
 
     theta = {n: p.detach() for n, p in params.items()}
     stacked = [torch.stack([e[i] for e in episodes]) for i in range(4)]
