@@ -315,10 +315,11 @@ def meta_gradient(
     ``batch_episodes``: FOMAML's episodes all at once (``torch.func.vmap``, :func:`_fomaml_batched`)
     rather than one after the other; the same numbers up to rounding (float64: equal to ~1e-15).
     ``None`` (default) does so where it measured faster (``fedmeta perf episodes``, 2D default model on
-    a 2-core CPU, 2 or 4 episodes, 1 to 5 inner steps: FOMAML 0.71–1.00× the loop's time, never
-    slower; MAML, second order, 0.83–1.14×, slower at the default 2 episodes, so it stays a loop):
-    FOMAML with two or more episodes of one shape. ``False`` keeps the loop; ``True`` asks for the
-    batched path (FOMAML only).
+    a 2-core CPU): FOMAML with ``BATCH_FROM`` (4) or more episodes of one shape — a whole bare-loop
+    run of 10 sites took 0.77–0.91× the loop's time with 4 episodes per site, but 1.03–1.05× with 3
+    and 0.95–1.07× with the default 2, within the machine's noise (the micro-benchmark alone: 0.69–0.71×
+    at 4, 0.87–1.00× at 2). MAML, second order, measured 0.83–1.14× and stays a loop. ``False`` keeps
+    the loop; ``True`` asks for the batched path (FOMAML only).
     """
     params = _check_params(model, params)
     _check_algorithm(algorithm)
@@ -345,7 +346,7 @@ def meta_gradient(
         raise ValueError(f"batch_episodes=True batches FOMAML's episodes; algorithm={algorithm!r} runs them in a "
                          "loop (batching measured no faster for second-order algorithms). Leave it None.")
     same_shapes = len({tuple(tuple(t.shape) for t in episode) for episode in episodes}) == 1
-    if algorithm == "fomaml" and (batch_episodes or (batch_episodes is None and len(episodes) > 1)):
+    if algorithm == "fomaml" and (batch_episodes or (batch_episodes is None and len(episodes) >= BATCH_FROM)):
         if not same_shapes:
             if batch_episodes:
                 raise ValueError("batch_episodes=True needs episodes of one shape (the same k, q and image size); "
@@ -401,6 +402,8 @@ def meta_gradient(
 # default model, 2-core CPU) took 1.1x the loop's time in chunks of 2, 0.8x in chunks of 4, 0.7x in one
 # chunk of 8; 4 keeps most of the gain with half the memory of 8.
 EPISODE_CHUNK = 4
+# FOMAML batches its episodes by default from this many on (fewer measured slower batched; meta_gradient).
+BATCH_FROM = 4
 
 
 def _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn) -> tuple[Params, dict[str, float]]:

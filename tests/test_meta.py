@@ -596,10 +596,15 @@ def test_batched_fomaml_equals_the_loop_in_float64(model, loss_fn, monkeypatch, 
     assert batched_stats.keys() == loop_stats.keys()
     for key in loop_stats:
         assert batched_stats[key] == pytest.approx(loop_stats[key], rel=1e-12), key
-    # The default batches FOMAML's several episodes; a single episode runs the loop.
+    # The default batches from BATCH_FROM episodes on (measured faster only there) and loops below it.
+    monkeypatch.setattr(meta_module, "BATCH_FROM", 3)
     default, _ = meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=inner_steps, inner_lr=0.1,
                                loss_fn=loss_fn, **extra)
     assert all(torch.equal(default[n], batched[n]) for n in loop)
+    monkeypatch.setattr(meta_module, "BATCH_FROM", 4)
+    default, _ = meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=inner_steps, inner_lr=0.1,
+                               loss_fn=loss_fn, **extra)
+    assert all(torch.equal(default[n], loop[n]) for n in loop)
 
 
 def test_batching_is_refused_where_it_does_not_apply_and_mixed_shapes_fall_back_to_the_loop(model, loss_fn):
@@ -608,7 +613,7 @@ def test_batching_is_refused_where_it_does_not_apply_and_mixed_shapes_fall_back_
     with pytest.raises(ValueError, match="batch_episodes=True batches FOMAML.*'maml'"):
         meta_gradient(model, params, episodes, algorithm="maml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
                       batch_episodes=True)
-    mixed = [make_episode(1), make_episode(2, k=3)]
+    mixed = [make_episode(1), make_episode(2), make_episode(3), make_episode(4, k=3)]  # BATCH_FROM of them
     with pytest.raises(ValueError, match="episodes of one shape"):
         meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
                       batch_episodes=True)

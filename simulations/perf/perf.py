@@ -381,6 +381,35 @@ def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, A
             "seconds_vs_plain": secure["seconds_per_round"] / plain["seconds_per_round"]}
 
 
+def bench_episode_runs(work: Path, *, counts=(2, 4), rounds: int = 5, repeats: int = 2) -> dict[str, Any]:
+    """Whole bare-loop runs (10 sites, default model, FOMAML) with each site's episodes in a loop and
+    batched, alternated: what sets ``fedmeta.common.meta.BATCH_FROM`` (the micro-benchmark alone favours
+    batching more than a whole run does)."""
+    from fedmeta.common import meta
+    from fedmeta.common.config import RunConfig
+
+    federation = _federation(10, work / "federations")
+    defaults = RunConfig()
+    rows = {}
+    saved = meta.BATCH_FROM  # the default's threshold, which every caller of meta_gradient follows
+    try:
+        for count in counts:
+            config = _config(federation, work / f"episodes-{count}", num_rounds=rounds, episodes_per_site=count,
+                             image_size=defaults.image_size, model_base_channels=defaults.model_base_channels,
+                             model_levels=defaults.model_levels, k_shot=defaults.k_shot, q_query=defaults.q_query,
+                             inner_steps=defaults.inner_steps, inner_lr=defaults.inner_lr, meta_lr=defaults.meta_lr)
+            seconds: dict[str, list[float]] = {"loop": [], "vmap": []}
+            for _ in range(repeats):
+                for name, batch_from in (("loop", count + 1), ("vmap", 2)):
+                    meta.BATCH_FROM = batch_from
+                    seconds[name].append(run_bare(config)["seconds"])
+            loop_s, vmap_s = min(seconds["loop"]), min(seconds["vmap"])
+            rows[str(count)] = {"loop_seconds": loop_s, "vmap_seconds": vmap_s, "vmap_vs_loop": vmap_s / loop_s}
+    finally:
+        meta.BATCH_FROM = saved
+    return {"sites": 10, "rounds": rounds, "by_episodes": rows}
+
+
 def meta_step_summary(*, quick: bool) -> dict[str, Any]:
     setting = meta_step.SETTINGS["2d"]
     table = meta_step.summarise(meta_step.measure(setting, repeats=2 if quick else 5))
@@ -454,6 +483,13 @@ def format_report(results: dict[str, Any]) -> str:
         e = results["episodes"]
         lines += [meta_step.format_episodes(f"A site's episodes: loop or batched (torch.func.vmap), {e['setting']}",
                                             e["rows"]), ""]
+        if "runs" in e:
+            r = e["runs"]
+            lines += [f"Whole bare-loop runs, FOMAML, {r['sites']} sites, {r['rounds']} rounds (fastest of the repeats):",
+                      "", "| episodes per site | loop s | vmap s | vmap / loop |", "|---:|---:|---:|---:|"]
+            lines += [f"| {count} | {row['loop_seconds']:.1f} | {row['vmap_seconds']:.1f} | {row['vmap_vs_loop']:.2f} |"
+                      for count, row in r["by_episodes"].items()]
+            lines.append("")
     if "secagg" in results:
         g = results["secagg"]
         lines += [f"## Secure aggregation (SecAgg+) against plain aggregation: {g['sites']} sites, {g['rounds']} rounds, "
@@ -518,7 +554,8 @@ def run(args: argparse.Namespace) -> int:
             setting = meta_step.SETTINGS["2d"]
             results["episodes"] = {"setting": setting.name, "rows": meta_step.measure_episodes(
                 setting, repeats=2 if args.quick else 5,
-                cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES)}
+                cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES),
+                "runs": bench_episode_runs(work, rounds=3 if args.quick else 5, repeats=1 if args.quick else 2)}
         if "secagg" in parts:
             results["secagg"] = bench_secagg(work, rounds=2 if args.quick else 3)
     except Exception as err:
