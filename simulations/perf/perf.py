@@ -103,7 +103,7 @@ def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
     from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 
     app_dir = source_app_dir()
-    with TreeMemorySampler(flwr_home, interval_s=0.25) as sampler, \
+    with TreeMemorySampler(flwr_home) as sampler, \
             _RoundClock(Path(config.out_dir) / METRICS_NAME, sampler.started) as clock:
         run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
         seconds = time.monotonic() - sampler.started
@@ -156,7 +156,7 @@ _PHASES = (
 
 def _startup(timeline: dict[str, dict[str, float]], appeared: list[float], round_seconds: list[float],
              seconds: float) -> dict[str, Any]:
-    """Where a Simulation Engine run's time outside its rounds goes (process first sightings, 0.25 s apart)."""
+    """Where a Simulation Engine run's time outside its rounds goes (process first sightings, 0.5 s apart)."""
     phases, previous = [], 0.0
     for role, label in _PHASES:
         if role in timeline:
