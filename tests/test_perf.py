@@ -108,3 +108,22 @@ def test_the_startup_breakdown_and_the_scaling_rows_reach_the_report():
     assert "from about 400 rounds on" in report
     assert "| 1000 | 50 | 9.00 |" in report
     assert "| memory 1000 / 10 sites | 1.10 | ≤ 1.3 | yes |" in report
+
+
+def test_the_round_clock_counts_training_rounds_and_forgets_an_earlier_runs_file(tmp_path):
+    import json
+
+    from fedmeta.simulations.perf.perf import _RoundClock
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))  # a previous run's file
+    clock = _RoundClock(metrics, time.monotonic())
+    clock._poll()
+    assert len(clock.appeared) == 3
+    metrics.write_text(json.dumps({"round": 0}) + "\n")  # this run starts afresh: held-out round 0 only
+    clock._poll()
+    assert clock.appeared == []
+    with metrics.open("a") as f:
+        f.write(json.dumps({"round": 1}) + "\n" + '{"round": 2, "par')  # a line half written
+    clock._poll()
+    assert len(clock.appeared) == 1

@@ -103,6 +103,7 @@ def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
     from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
 
     app_dir = source_app_dir()
+    (Path(config.out_dir) / METRICS_NAME).unlink(missing_ok=True)  # a reused --work folder: not this run's rounds
     with TreeMemorySampler(flwr_home) as sampler, \
             _RoundClock(Path(config.out_dir) / METRICS_NAME, sampler.started) as clock:
         run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
@@ -138,10 +139,18 @@ class _RoundClock:
 
     def _poll(self) -> None:
         try:
-            lines = sum(1 for line in self.path.read_bytes().splitlines() if b'"round": ' in line and line.strip())
+            text = self.path.read_bytes()
         except OSError:
             return
+        lines = 0
+        for line in text.splitlines():
+            try:
+                lines += json.loads(line).get("round", 0) > 0  # training rounds, as _round_seconds counts them
+            except (ValueError, AttributeError):
+                break  # a line being written: counted at the next poll
         now = time.monotonic() - self.origin
+        if lines < len(self.appeared):  # the file was started afresh: what was counted was an earlier run's
+            del self.appeared[lines:]
         while len(self.appeared) < lines:
             self.appeared.append(now)
 
