@@ -638,6 +638,11 @@ def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -
 def _render_site(info: SiteInfo) -> None:
     import threading
 
+    for stale in info.path.parent.glob(f".{info.name}.partial-*"):
+        # A render killed half-way left its staging folder: removed once its process is gone.
+        pid = stale.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = info.path.parent / f".{info.name}.partial-{os.getpid()}-{threading.get_ident()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -656,6 +661,16 @@ def _render_site(info: SiteInfo) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _cache_key(preset: str, seed: int) -> str:

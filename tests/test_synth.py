@@ -297,8 +297,14 @@ def test_a_lazy_federation_renders_each_site_on_first_use_the_same_files_as_an_e
 def test_sites_asked_for_at_once_by_several_workers_render_once_and_leave_no_partial_folder(tiny_lazy, tmp_path):
     import threading
 
+    import subprocess
+    import sys
+
     root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=0)
     infos = [load_manifest(root).train_sites[0] for _ in range(3)]  # three workers, three manifest copies
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = root / f".{infos[0].name}.partial-{dead.stdout.strip()}-1"  # a render killed half-way
+    (stale / "imagesTr").mkdir(parents=True)
     errors: list[BaseException] = []
 
     def ask(info):

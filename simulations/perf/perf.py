@@ -490,8 +490,8 @@ def format_report(results: dict[str, Any]) -> str:
         checks.append(("FOMAML / plain forward-backward", t["fomaml_time_vs_plain"], TARGETS["fomaml_vs_plain"]))
     if "episodes" in results:
         e = results["episodes"]
-        lines += [meta_step.format_episodes(f"A site's episodes: loop or batched (torch.func.vmap), {e['setting']}",
-                                            e["rows"]), ""]
+        lines += [meta_step.format_episodes(f"A site's episodes: loop or batched (torch.func.vmap), {e['setting']}, "
+                                            f"{e.get('device', 'cpu')}", e["rows"]), ""]
         if "runs" in e:
             r = e["runs"]
             lines += [f"Whole bare-loop runs, FOMAML, {r['sites']} sites, {r['rounds']} rounds (fastest of the repeats):",
@@ -537,6 +537,12 @@ def _startup_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _machine() -> str:
     import platform
 
@@ -561,8 +567,9 @@ def run(args: argparse.Namespace) -> int:
             results["meta"] = meta_step_summary(quick=args.quick)
         if "episodes" in parts:
             setting = meta_step.SETTINGS["2d"]
-            results["episodes"] = {"setting": setting.name, "rows": meta_step.measure_episodes(
-                setting, repeats=2 if args.quick else 5,
+            device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+            results["episodes"] = {"setting": setting.name, "device": device, "rows": meta_step.measure_episodes(
+                setting, device=device, repeats=2 if args.quick else 5,
                 cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES),
                 "runs": bench_episode_runs(work, rounds=3 if args.quick else 5, repeats=1 if args.quick else 2)}
         if "secagg" in parts:
