@@ -11,7 +11,7 @@ from fedmeta.simulations.experiments.presets import load_preset
 from fedmeta.simulations.experiments.simulate import format_round
 
 
-@pytest.mark.parametrize("preset", ["smoke", "default", "protocols"])
+@pytest.mark.parametrize("preset", ["smoke", "default", "protocols", "scale-1000"])
 def test_shipped_presets_are_valid_run_configs(preset):
     overrides, driver = load_preset(preset)
     config = RunConfig.from_run_config(overrides)
@@ -19,8 +19,16 @@ def test_shipped_presets_are_valid_run_configs(preset):
     assert config.num_rounds >= 1
 
 
+def test_the_thousand_site_preset_samples_10_to_50_sites_of_a_lazy_federation():
+    from fedmeta.common import synth
+
+    overrides, driver = load_preset("scale-1000")
+    assert 10 <= RunConfig.from_run_config(overrides).sites_per_round <= 50
+    assert synth.PRESETS[driver["federation"]].lazy and synth.PRESETS[driver["federation"]].num_train_sites == 1000
+
+
 def test_an_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="preset 'huge'.*default, protocols, smoke"):
+    with pytest.raises(ValueError, match="preset 'huge'.*default, protocols, scale-1000, smoke"):
         load_preset("huge")
 
 
