@@ -224,11 +224,35 @@ def test_the_staged_app_builds_the_same_bundle_without_walking_ignored_folders(t
     (app / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
     (app / "venv" / "lib.py").write_text("x = 1\n")
     (app / "linked.py").symlink_to(app / "common" / "__init__.py")
+    (app / ".git").mkdir()
+    (app / ".git" / "config.toml").write_text("x = 1\n")
+    os.mkfifo(app / "editor.fifo")  # never read: Flower skips what is not a regular file in its bundle
     staged = stage_app(app, tmp_path / "staged")
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
-    for absent in ("runs", "venv", ".git", "linked.py"):
+    assert (staged / ".git" / "config.toml").is_file()  # Flower ships a .toml even from .git: so does the copy
+    for absent in ("runs", "venv", "linked.py", "editor.fifo"):
         assert not (staged / absent).exists(), absent
     assert (staged / "pyproject.toml").is_file() and (staged / "common" / "meta.py").is_file()
     # Staged again (the next run): replaced, not merged with what an earlier copy held.
     (staged / "stale.py").write_text("")
     assert not (stage_app(app, staged) / "stale.py").exists()
+    # A `!` pattern brings a file below an ignored folder back: that folder is walked after all.
+    (app / "data").mkdir()
+    (app / "data" / "keep.py").write_text("x = 1\n")
+    (app / "data" / "drop.py").write_text("x = 2\n")
+    (app / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text() + "data/*\n!data/keep.py\n")
+    staged = stage_app(app, tmp_path / "staged")
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    assert (staged / "data" / "keep.py").is_file() and not (staged / "data" / "drop.py").exists()
+    # A FLWR_HOME inside the app folder is left out; the app folder itself, or a folder stage_app did not make,
+    # is never replaced.
+    home = app / "flwr-home"
+    staged = stage_app(app, home / "app-1", exclude=[home])
+    assert not (staged / "flwr-home").exists()
+    with pytest.raises(ValueError, match="is the app folder .* or holds it"):
+        stage_app(app, app)
+    with pytest.raises(ValueError, match="or holds it"):
+        stage_app(app, tmp_path)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileExistsError, match="was not made by stage_app"):
+        stage_app(app, tmp_path / "mine")

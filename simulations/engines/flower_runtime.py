@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -620,7 +621,7 @@ class _FlowerHome:
         # `flwr run` walks every file under the app folder before its own filters apply; in a checkout
         # that is the virtual environment and run outputs too (6 s here, per run). A staged copy of the
         # files the bundle can hold builds the same FAB (tests/test_flower_runtime.py checks it).
-        app_dir = stage_app(app_dir, self.path / f"app-{self._runs}")
+        staged = app_dir = stage_app(app_dir, self.path / f"app-{self._runs}", exclude=[self.path])
         config_path = self.path / f"run-config-{self._runs}.toml"
         config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")
         log_path = self.path / "logs" / f"run-{self._runs}.log"
@@ -656,6 +657,7 @@ class _FlowerHome:
                     except subprocess.TimeoutExpired:
                         cli.kill()
                         cli.wait()
+        shutil.rmtree(staged, ignore_errors=True)  # `flwr run` has built and sent its bundle by now
         log = log_path.read_text(encoding="utf-8", errors="replace")
         started = _STARTED_RUN.search(log)
         if started is None:
@@ -755,39 +757,62 @@ def source_app_dir() -> Path:
     return root
 
 
-def stage_app(app_dir: Path, dest: Path) -> Path:
+_STAGED_MARK = ".fedmeta-staged-app"  # marks a folder stage_app made (and may replace); no FAB holds such a file
+
+
+def stage_app(app_dir: Path, dest: Path, *, exclude: Iterable[Path] = ()) -> Path:
     """Copy the files of `app_dir` a Flower app bundle (FAB) can hold into `dest`, and return `dest`.
 
-    Skipped, whole folders at a time: what the app's .gitignore ignores (by Flower's own reading of
-    it), `.git`, virtual environments (a folder holding pyvenv.cfg) and symbolic links — the files
-    `flwr build` would walk and then drop. Flower's include/exclude rules still apply when it
-    builds from `dest`, so the bundle is byte for byte the one `app_dir` gives.
+    Flower's own rules choose the files (``filter_paths_for_publish``: the app's .gitignore, read as
+    Flower reads it, and the publish include/exclude patterns; links skipped, as Flower skips them),
+    so the bundle built from `dest` is byte for byte the one `app_dir` gives. What makes it fast:
+    whole folders the .gitignore ignores are not walked (unless a ``!`` pattern could bring a file
+    below one back), nor virtual environments (a folder holding pyvenv.cfg), the folders in `exclude`
+    (a FLWR_HOME inside the app) and `dest` itself. `.git` is walked: Flower ships the .toml/.json
+    files it may hold. Only regular files are read (no pipes, sockets). `dest` must not be the app
+    folder or hold it, and is replaced only if stage_app made it.
     """
-    import shutil
-
-    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
 
     app_dir = _check_app_dir(app_dir)
-    gitignore = app_dir / ".gitignore"
-    ignored = build_pathspec(load_gitignore_patterns(gitignore) if gitignore.is_file() else [])
-    dest = Path(dest)
+    dest = Path(dest).expanduser().resolve()
+    if dest == app_dir or app_dir.is_relative_to(dest):
+        raise ValueError(f"cannot stage the Flower app into {dest}: it is the app folder {app_dir} or holds it; "
+                         "stage into a folder of its own.")
     if dest.exists():
+        if not (dest / _STAGED_MARK).is_file():
+            raise FileExistsError(f"cannot stage the Flower app into {dest}: it exists and was not made by "
+                                  "stage_app (no " + _STAGED_MARK + "); choose a new folder.")
         shutil.rmtree(dest)
-    for folder, subfolders, files in os.walk(app_dir, followlinks=False):
+    skip = {Path(p).expanduser().resolve() for p in exclude} | {dest}
+    gitignore = app_dir / ".gitignore"
+    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() and not gitignore.is_symlink() else []
+    negated = any(line.lstrip().startswith("!") for line in patterns)
+    prune = build_pathspec([] if negated else patterns)
+    files: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(app_dir, followlinks=False):
         here = Path(folder)
         relative = here.relative_to(app_dir)
         subfolders[:] = [
             name for name in subfolders
-            if name != ".git" and not (here / name).is_symlink() and not (here / name / "pyvenv.cfg").exists()
-            and not ignored.match_file((relative / name).as_posix() + "/")
+            if not (here / name).is_symlink() and not (here / name / "pyvenv.cfg").exists()
+            and (here / name) not in skip and not prune.match_file((relative / name).as_posix() + "/")
         ]
-        for name in files:
+        for name in names:
             source = here / name
-            if source.is_symlink() or ignored.match_file((relative / name).as_posix()):
-                continue
-            target = dest / relative / name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if not source.is_symlink() and source.is_file():
+                files[(relative / name).as_posix()] = source
+    kept = filter_paths_for_publish(files)
+    dest.mkdir(parents=True)
+    (dest / _STAGED_MARK).write_text(f"a copy of {app_dir} for `flwr run`; replaced at every run\n")
+    for relative_name, source in kept.items():
+        target = dest / relative_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
             shutil.copyfile(source, target)
+        except OSError as err:
+            raise OSError(f"staging the Flower app: cannot copy {source} ({err.strerror or err}); make it readable "
+                          "or add it to the app's .gitignore.") from err
     return dest
 
 
