@@ -91,10 +91,11 @@ def _manifest(root: Path):
     answers a thousand sites' role queries would otherwise parse a thousand-site manifest for each."""
     from fedmeta.common.synth import load_manifest  # only simulated nodes need the federation's manifest
 
+    root = root.resolve()  # the cached manifest's paths must not depend on the first caller's working folder
     path = root / "manifest.json"
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
     except OSError:
         return load_manifest(root)  # names the missing file
     if key not in _MANIFESTS:

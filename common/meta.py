@@ -345,6 +345,11 @@ def meta_gradient(
     if batch_episodes is True and algorithm != "fomaml":
         raise ValueError(f"batch_episodes=True batches FOMAML's episodes; algorithm={algorithm!r} runs them in a "
                          "loop (batching measured no faster for second-order algorithms). Leave it None.")
+    if _active_dropout(model):
+        if batch_episodes:
+            raise ValueError("batch_episodes=True with a model whose dropout is active: vmap would draw its random "
+                             "masks differently from the loop. Leave it None (the loop), or set dropout to 0.")
+        batch_episodes = False
     same_shapes = len({tuple(tuple(t.shape) for t in episode) for episode in episodes}) == 1
     if algorithm == "fomaml" and (batch_episodes or (batch_episodes is None and len(episodes) >= BATCH_FROM)):
         if not same_shapes:
@@ -404,6 +409,10 @@ def meta_gradient(
 EPISODE_CHUNK = 4
 # FOMAML batches its episodes by default from this many on (fewer measured slower batched; meta_gradient).
 BATCH_FROM = 4
+
+
+def _active_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 def _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn) -> tuple[Params, dict[str, float]]:

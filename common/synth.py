@@ -161,14 +161,26 @@ class SiteInfo:
     def label_protocol(self) -> str:
         return str(self.params["annotation"]["protocol"])
 
+    # Set by load_manifest from the manifest: which generator and anatomy made (and may render) the site.
+    generator_version: str = GENERATOR_VERSION
+    asset_digest: str = ""
+
     def folder(self) -> Path:
         """The site's folder, rendered now if its federation is lazy and nobody has used the site yet.
 
         The same files an eager federation holds (every subject has its own seed). Safe when several
-        processes ask at once: each renders into its own staging folder, the first rename wins.
+        processes ask at once: each renders into its own staging folder, the first rename wins; what
+        a render killed half-way left is removed here.
         """
-        if self.lazy and not self.path.is_dir():
+        if not self.lazy:
+            return self.path
+        _sweep_partials(self)
+        if not self.path.is_dir():
             _render_site(self)
+        elif not (self.path / "dataset.json").is_file():
+            raise FileNotFoundError(
+                f"{self.path} is a folder without dataset.json in a lazy federation: not a site fedmeta rendered "
+                "(its renders appear whole). Delete that folder; the site is rendered again when next used.")
         return self.path
 
 
@@ -635,22 +647,31 @@ def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -
 # the federation
 
 
+def _sweep_partials(info: SiteInfo) -> None:
+    """Removes the staging folders of renders of this site whose process is gone (killed half-way)."""
+    for stale in info.path.parent.glob(f".{info.name}.partial-*"):
+        pid = stale.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _render_site(info: SiteInfo) -> None:
     import threading
 
-    for stale in info.path.parent.glob(f".{info.name}.partial-*"):
-        # A render killed half-way left its staging folder: removed once its process is gone.
-        pid = stale.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    if info.generator_version != GENERATOR_VERSION or (info.asset_digest and info.asset_digest != _asset_digest()):
+        raise ValueError(
+            f"{info.path.parent} is a lazy federation made by generator {info.generator_version} (anatomy "
+            f"{info.asset_digest or '?'}); this fedmeta renders with generator {GENERATOR_VERSION} (anatomy "
+            f"{_asset_digest()}), so site {info.name} would not match the sites rendered before. Regenerate "
+            "the federation (`fedmeta synth --force`, or delete it from the cache), or use the fedmeta that made it.")
     staging = info.path.parent / f".{info.name}.partial-{os.getpid()}-{threading.get_ident()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "imagesTr").mkdir(parents=True)
-    (staging / "labelsTr").mkdir(parents=True)
     site = {"name": info.name, "role": info.role, "heldout_kind": info.heldout_kind, "params": info.params,
             "num_patients": info.num_patients, "subjects": info.subjects}
     try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        (staging / "imagesTr").mkdir(parents=True)
+        (staging / "labelsTr").mkdir(parents=True)
         (staging / "dataset.json").write_text(json.dumps(_dataset_json(site), indent=2, allow_nan=False))
         _render_subjects([(staging, info.params, subject, info.fov_scale) for subject in info.subjects], workers=1)
         try:
@@ -658,6 +679,12 @@ def _render_site(info: SiteInfo) -> None:
         except OSError:
             if not info.path.is_dir():  # not a lost race: a real failure
                 raise
+    except OSError as err:
+        raise OSError(
+            f"site {info.name} of the lazy federation {info.path.parent} is rendered on first use, but it could not "
+            f"be written there ({err.strerror or err}: {err.filename or staging}). Make the federation folder "
+            "writable, or render every site where it is writable first (`fedmeta synth --preset "
+            "PRESET --out DIR --all-sites`) and use that copy.") from err
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -747,7 +774,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
             for info in load_manifest(root).sites:
                 info.folder()
         return root
-    _refuse_to_overwrite(root, force)
+    _refuse_to_overwrite(root, force, preset, seed)
 
     started = time.perf_counter()
     plan = plan_federation(preset, seed)
@@ -811,7 +838,7 @@ def cached_federation(cache_root: Path | str, preset: str = "default", seed: int
     return generate_federation(root, preset, seed, force=stale, workers=workers)
 
 
-def _refuse_to_overwrite(root: Path, force: bool) -> None:
+def _refuse_to_overwrite(root: Path, force: bool, preset: str = "", seed: int = -1) -> None:
     """Refuses a non-empty folder without our manifest always, and another federation unless ``force``."""
     if not (root.exists() and any(root.iterdir())):
         return
@@ -822,10 +849,14 @@ def _refuse_to_overwrite(root: Path, force: bool) -> None:
         )
     if not force:
         old = json.loads((root / "manifest.json").read_text())
+        what = (f"a different federation (preset={old.get('preset')!r}, seed={old.get('seed')!r}, generator "
+                f"{old.get('generator_version')!r})")
+        if (old.get("preset"), old.get("seed"), old.get("generator_version")) == (preset, seed, GENERATOR_VERSION):
+            what = (f"preset {preset!r}, seed {seed} as an older definition of that preset (or another anatomy "
+                    "asset) made it: not the federation this fedmeta generates")
         raise FileExistsError(
-            f"{root} already holds a different federation (preset={old.get('preset')!r}, "
-            f"seed={old.get('seed')!r}, generator {old.get('generator_version')!r}); pass force=True "
-            "(`fedmeta synth --force`) to replace it, or choose another folder."
+            f"{root} already holds {what}; pass force=True (`fedmeta synth --force`) to replace it, or choose "
+            "another folder."
         )
 
 
@@ -871,10 +902,13 @@ def load_manifest(root: Path | str) -> Manifest:
     try:
         raw = json.loads(path.read_text())
         lazy = bool(raw.get("lazy", False))
+        made_by = str(raw["generator_version"])
+        asset = str(raw.get("anatomy", {}).get("sha256_16", ""))
         sites = [
             SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / s["path"],
                      num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []),
-                     lazy=lazy, fov_scale=float(s.get("fov_scale", 1.0)))
+                     lazy=lazy, fov_scale=float(s.get("fov_scale", 1.0)), generator_version=made_by,
+                     asset_digest=asset)
             for s in raw["sites"]
         ]
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),

@@ -621,3 +621,18 @@ def test_batching_is_refused_where_it_does_not_apply_and_mixed_shapes_fall_back_
     loop, _ = meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
                             batch_episodes=False)
     assert all(torch.equal(auto[n], loop[n]) for n in loop)
+
+
+def test_a_model_with_active_dropout_keeps_the_loop():
+    """vmap draws dropout masks differently from the loop: the default loops, and asking to batch is refused."""
+    from fedmeta.common.losses import DiceCELoss
+    from fedmeta.common.model import ModelConfig, build_model
+
+    net = build_model(ModelConfig(out_channels=NUM_CLASSES, channels=(3, 4), strides=(2,), dropout=0.2)).double()
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    episodes = [make_episode(seed) for seed in range(4)]
+    loss = DiceCELoss(NUM_CLASSES)
+    meta_gradient(net, params, episodes, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss)  # no error
+    with pytest.raises(ValueError, match="dropout is active"):
+        meta_gradient(net, params, episodes, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss,
+                      batch_episodes=True)

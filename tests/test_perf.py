@@ -56,7 +56,7 @@ def test_the_sampler_records_each_process_role_lifetime_and_cpu(tmp_path):
         timeline = sampler.timeline()
         assert list(timeline) == ["SuperExec"]
         row = timeline["SuperExec"]
-        assert row["processes"] == 1 and 0.4 <= row["cpu_s"] <= 1.5 and row["first_s"] < row["last_s"]
+        assert row["processes"] == 1 and 0.4 <= row["cpu_s"] <= 5 and row["first_s"] < row["last_s"]
     finally:
         process.kill()
         process.wait()

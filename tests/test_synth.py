@@ -346,3 +346,46 @@ def dataclass_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_a_lazy_site_explains_what_stops_its_render_and_sweeps_what_a_killed_render_left(tiny_lazy, tmp_path,
+                                                                                        monkeypatch):
+    import subprocess
+    import sys
+
+    root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=0)
+    info = load_manifest(root).train_sites[0]
+    info.folder()
+    # Another process rendered the site; one killed half-way left its staging folder: the next use sweeps it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = root / f".{info.name}.partial-{dead.stdout.strip()}-7"
+    (stale / "imagesTr").mkdir(parents=True)
+    assert load_manifest(root).site(info.name).folder() == info.path and not stale.exists()
+    # A folder a user made there is not a rendered site: named, with the way out.
+    other = load_manifest(root).train_sites[1]
+    other.path.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{other.path}.*without dataset.json.*Delete that folder"):
+        other.folder()
+    other.path.rmdir()
+    # Made by another generator: rendering now would mix two generators' sites in one federation.
+    other.generator_version = "0.9"
+    with pytest.raises(ValueError, match="made by generator 0.9.*Regenerate the federation"):
+        other.folder()
+    # A federation folder nobody may write to (a read-only mount; root may write anywhere, so the write fails
+    # by hand here): the site, the folder and the fix are named, and no staging folder is left.
+    third = load_manifest(root).train_sites[2]
+
+    def read_only(jobs, workers):
+        raise OSError(30, "Read-only file system", str(jobs[0][0]))
+
+    monkeypatch.setattr(synth, "_render_subjects", read_only)
+    with pytest.raises(OSError, match=f"site {third.name} of the lazy federation {root}.*Read-only.*--all-sites"):
+        third.folder()
+    assert not third.path.exists() and not list(root.glob(f".{third.name}.partial-*"))
+
+
+def test_a_federation_from_an_older_definition_of_the_preset_is_named_as_such(tiny_lazy, tmp_path, monkeypatch):
+    root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=0)
+    monkeypatch.setitem(synth.PRESETS, tiny_lazy, dataclass_replace(synth.PRESETS[tiny_lazy], patients=(2, 2)))
+    with pytest.raises(FileExistsError, match="older definition of that preset.*force=True"):
+        generate_federation(root, tiny_lazy, seed=0)

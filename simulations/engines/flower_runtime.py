@@ -151,11 +151,16 @@ class SimulationEngine:
         return self._require_home().path
 
     def __enter__(self) -> SimulationEngine:
-        home = self._home = _FlowerHome(self._home_arg).__enter__()
-        http_port, control_port = _free_ports(2)
-        home.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-        home.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-        home.write_connection("local-sim", address=":local:")
+        home = _FlowerHome(self._home_arg).__enter__()
+        try:
+            http_port, control_port = _free_ports(2)
+            home.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+            home.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+            home.write_connection("local-sim", address=":local:")
+        except BaseException:
+            home.__exit__(None, None, None)
+            raise
+        self._home = home
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -176,14 +176,14 @@ def simulate(
                 session = stack.enter_context(SimulationEngine(flwr_homes / "ray"))
             oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
             return _simulate_runs(config, session, num_sites, quiet, baseline, out, federation, preset, began,
-                                  federation_seconds, memory, oracle_steps, adversary)
+                                  federation_seconds, memory, oracle_steps, adversary, done_with_engine=stack.close)
     finally:
         memory.__exit__(None, None, None)
         shutil.rmtree(flwr_homes, ignore_errors=True)
 
 
 def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation, preset, began, federation_seconds,
-                   memory, oracle_steps, adversary=None) -> dict[str, Any]:
+                   memory, oracle_steps, adversary=None, done_with_engine=lambda: None) -> dict[str, Any]:
     engine = "inprocess" if session is None else "ray"
     runs = {config.algorithm: _run(config, session, num_sites, quiet, adversary)}
     baseline_config = None
@@ -196,6 +196,7 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
         )
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, session, num_sites, quiet, adversary)
+    done_with_engine()  # the SuperLink's processes stop here: the comparison needs none of them
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME

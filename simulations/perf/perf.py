@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -274,8 +275,13 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
     from fedmeta.common.synth import load_manifest
 
     def one(count: int, per_round: int, name: str) -> dict[str, Any]:
-        federation = _federation(count, work / "federations", render=False)
+        # Its own federations, cold for every run: sites rendered by another part or an earlier run (a reused
+        # --work) would make this run's first round warm at some sizes and not at others.
+        federation = _federation(count, work / "scaling-federations", render=False)
         generation = load_manifest(federation)
+        for info in generation.sites:
+            if info.path.is_dir():
+                shutil.rmtree(info.path)
         config = _config(federation, work / name, num_rounds=rounds, sites_per_round=min(per_round, count))
         ray = run_ray_engine(config, count, work / f"flwr-{name}")
         rendered = [info for info in generation.sites if info.path.is_dir()]

@@ -73,6 +73,9 @@ def _synth(args: argparse.Namespace) -> int:
     if len(manifest.sites) > 40:
         print(f"  ... and {len(manifest.sites) - 40} more sites (manifest.json lists them all)")
     if args.preview is not None:
+        if len(manifest.sites) > PREVIEW_SITES:
+            print(f"preview: the {len(manifest.heldout_sites)} new hospitals and the first "
+                  f"{PREVIEW_SITES - len(manifest.heldout_sites)} training sites of {len(manifest.sites)}")
         draw_sites(root, args.preview)
         print(f"preview: {args.preview}")
     return 0
@@ -88,6 +91,9 @@ def _show_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+PREVIEW_SITES = 24
+
+
 def _site_folders(root: Path) -> list[tuple[Path, str]]:
     """(site folder, caption prefix) for a federation root (manifest order: train, then held-out) or one site."""
     from fedmeta.common.synth import load_manifest
@@ -95,7 +101,11 @@ def _site_folders(root: Path) -> list[tuple[Path, str]]:
 
     if (root / "manifest.json").is_file():
         manifest = load_manifest(root)
-        return [(s.folder(), f"{s.name} ({s.heldout_kind or s.role})") for s in manifest.train_sites + manifest.heldout_sites]
+        # At most PREVIEW_SITES panels (every new hospital, then the first training sites): a figure of a
+        # thousand sites is unreadable, and in a lazy federation each panel renders its site first.
+        heldout = manifest.heldout_sites[:PREVIEW_SITES]
+        shown = manifest.train_sites[:PREVIEW_SITES - len(heldout)] + heldout
+        return [(s.folder(), f"{s.name} ({s.heldout_kind or s.role})") for s in shown]
     if is_site_folder(root):
         return [(root, root.name)]
     sites = sorted(p for p in root.iterdir() if p.is_dir() and is_site_folder(p))
