@@ -552,6 +552,12 @@ def check_path(path: Path | str, *, num_classes: int = 4, k: int | None = None, 
     if image_glob is not None or is_site_folder(path):
         return [check_site(path, num_classes=num_classes, k=k, q=q, image_glob=image_glob, label_glob=label_glob)]
     sites = sorted(p for p in path.iterdir() if p.is_dir() and is_site_folder(p))
+    if not sites and (path / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is a lazy synthetic federation none of whose sites is rendered yet (each is rendered when first "
+            "used). Render them with `fedmeta synth --preset PRESET --out DIR --all-sites`, or check one site folder "
+            "after a run has used it."
+        )
     if not sites:
         raise FileNotFoundError(
             f"{path} holds no site: neither a dataset.json here nor site folders with one below. Pass an MSD site "

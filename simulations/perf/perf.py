@@ -274,7 +274,7 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
     """
     from fedmeta.common.synth import load_manifest
 
-    def one(count: int, per_round: int, name: str) -> dict[str, Any]:
+    def cold(count: int):
         # Its own federations, cold for every run: sites rendered by another part or an earlier run (a reused
         # --work) would make this run's first round warm at some sizes and not at others.
         federation = _federation(count, work / "scaling-federations", render=False)
@@ -282,6 +282,10 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
         for info in generation.sites:
             if info.path.is_dir():
                 shutil.rmtree(info.path)
+        return federation, generation
+
+    def one(count: int, per_round: int, name: str) -> dict[str, Any]:
+        federation, generation = cold(count)
         config = _config(federation, work / name, num_rounds=rounds, sites_per_round=min(per_round, count))
         ray = run_ray_engine(config, count, work / f"flwr-{name}")
         rendered = [info for info in generation.sites if info.path.is_dir()]
@@ -291,6 +295,10 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
             "seconds_per_round": sum(ray["round_seconds"]) / max(1, len(ray["round_seconds"])),
             "first_round_seconds": ray["round_seconds"][0],
             "startup_seconds": ray["startup"]["startup_seconds"],
+            # Flower's Simulation Engine polls every simulated node's inbox every 0.1 s (flwr 1.41,
+            # server/superlink/fleet/vce/vce_api.py): this process's CPU grows with the sites that exist.
+            "engine_cpu_seconds": ray["startup"]["cpu_seconds_by_role"].get("flwr-simulation (ServerApp, Ray driver)",
+                                                                             0.0),
             "peak_tree_bytes": ray["peak_tree_bytes"],
             "federation_generation_seconds": float(json.loads((federation / "manifest.json").read_text())
                                                    .get("generation_seconds", 0.0)),
@@ -312,6 +320,21 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
         more = one(counts[-1], more_sampled, f"scaling-{counts[-1]}-sampled-{more_sampled}")
         result["by_sites_sampled"] = {str(sampled): largest, str(more_sampled): more}
         result["round_time_more_sampled_vs_sampled"] = more["seconds_per_round"] / largest["seconds_per_round"]
+    # fedmeta's own code without Flower's engine: the in-process engine (the same ServerApp and ClientApp,
+    # messages handed over directly) at the smallest and largest sizes, cold too.
+    inprocess = {}
+    for count in (counts[0], counts[-1]):
+        federation, _ = cold(count)
+        config = _config(federation, work / f"scaling-inprocess-{count}", num_rounds=rounds,
+                         sites_per_round=min(sampled, count))
+        with TreeMemorySampler(None) as sampler:
+            run = run_inprocess_engine(config, count)
+        inprocess[str(count)] = {"seconds": run["seconds"], "first_round_seconds": run["round_seconds"][0],
+                                 "seconds_per_round": sum(run["round_seconds"]) / len(run["round_seconds"]),
+                                 "peak_tree_bytes": sampler.peak_bytes}
+    result["inprocess_by_sites"] = inprocess
+    result["inprocess_first_round_largest_vs_smallest"] = (inprocess[str(counts[-1])]["first_round_seconds"]
+                                                           / inprocess[str(counts[0])]["first_round_seconds"])
     return result
 
 
@@ -472,12 +495,26 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{row['first_round_seconds']:.2f} | {row['startup_seconds']:.1f} | "
                          f"{row['peak_tree_bytes'] / 2**20:.0f} | {row['federation_generation_seconds']:.1f} | "
                          f"{row['sites_rendered']} | {row['federation_disk_bytes'] / 2**20:.0f} |")
+        if "inprocess_by_sites" in c:
+            lines += ["", "In-process engine (the same apps, no Flower engine), cold too:", "",
+                      "| sites | s / round | first round s | whole run s | peak memory (MB, PSS) |",
+                      "|---:|---:|---:|---:|---:|"]
+            lines += [f"| {count} | {row['seconds_per_round']:.2f} | {row['first_round_seconds']:.2f} | "
+                      f"{row['seconds']:.1f} | {row['peak_tree_bytes'] / 2**20:.0f} |"
+                      for count, row in c["inprocess_by_sites"].items()]
+        engine_cpu = [f"{count}: {row['engine_cpu_seconds']:.1f} s" for count, row in c["by_sites"].items()
+                      if "engine_cpu_seconds" in row]
+        if engine_cpu:
+            lines += ["", "CPU of the flwr-simulation process (ServerApp, Ray driver; Flower polls every simulated "
+                          "node's inbox every 0.1 s): " + ", ".join(engine_cpu) + "."]
         lines += ["", f"{c['largest']} / {c['smallest']} sites: memory {c['memory_largest_vs_smallest']:.2f}×, "
                       f"seconds per round {c['round_time_largest_vs_smallest']:.2f}×, first (cold) round "
                       f"{c['first_round_largest_vs_smallest']:.2f}×"
                       + (f"; {c['largest']} sites with {list(c['by_sites_sampled'])[-1]} sampled per round / "
                          f"{c['sites_per_round']}: seconds per round {c['round_time_more_sampled_vs_sampled']:.2f}×"
-                         if "by_sites_sampled" in c else "") + ".", ""]
+                         if "by_sites_sampled" in c else "")
+                      + (f"; in-process engine, first round {c['inprocess_first_round_largest_vs_smallest']:.2f}×"
+                         if "inprocess_first_round_largest_vs_smallest" in c else "") + ".", ""]
         checks.append((f"memory {c['largest']} / {c['smallest']} sites", c["memory_largest_vs_smallest"],
                        TARGETS["memory_largest_vs_smallest"]))
     if "comm" in results:
