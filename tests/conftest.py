@@ -34,3 +34,19 @@ def train_smoke_run(federation: Path, run_dir: Path, **changes) -> Path:
 def trained_checkpoint(smoke_federation, tmp_path_factory) -> Path:
     """A one-round FOMAML run of the smoke federation: the checkpoint a consortium would release."""
     return train_smoke_run(smoke_federation, tmp_path_factory.mktemp("release-run"))
+
+
+@pytest.fixture
+def lazy_preset(monkeypatch):
+    """Registers a small lazy preset (what the scale-N presets are, with fewer sites and patients) for one test;
+    ``lazy_preset(sites=3, patients=1, heldout=("unseen-sequence",))`` returns its name."""
+    from fedmeta.common import synth
+
+    def register(sites: int = 3, patients: int = 1, heldout: tuple[str, ...] = ()) -> str:
+        spec = synth.PRESETS["scale-10"]
+        monkeypatch.setitem(synth.PRESETS, "tiny-lazy", synth.Preset(
+            num_train_sites=sites, heldout_kinds=heldout, patients=(patients, patients), inplane_mm=spec.inplane_mm,
+            slice_thickness_mm=spec.slice_thickness_mm, lazy=True))
+        return "tiny-lazy"
+
+    return register

@@ -107,15 +107,11 @@ def test_device_follows_the_config():
             pick_device(RunConfig(device="cuda"))
 
 
-def test_a_simulated_site_of_a_lazy_federation_is_rendered_when_its_data_is_first_read(tmp_path, monkeypatch):
+def test_a_simulated_site_of_a_lazy_federation_is_rendered_when_its_data_is_first_read(tmp_path, lazy_preset):
     """The role query (resolve_site) reads no data and renders nothing; the first data read renders the site."""
     from fedmeta.common import synth
 
-    spec = synth.PRESETS["scale-10"]
-    monkeypatch.setitem(synth.PRESETS, "tiny-lazy", synth.Preset(
-        num_train_sites=2, heldout_kinds=(), patients=(2, 2), inplane_mm=spec.inplane_mm,
-        slice_thickness_mm=spec.slice_thickness_mm, lazy=True))
-    root = synth.generate_federation(tmp_path / "lazy", "tiny-lazy", seed=0)
+    root = synth.generate_federation(tmp_path / "lazy", lazy_preset(sites=2, patients=2), seed=0)
     config = RunConfig(federation_dir=str(root), image_size=32)
     ref = resolve_site({"partition-id": 1, "num-partitions": 2}, config)
     assert ref.role == "train" and ref.materialise is not None

@@ -259,13 +259,9 @@ def test_cli_synth_with_preview_and_show_sites(smoke_federation: Path, tmp_path:
 
 
 @pytest.fixture
-def tiny_lazy(monkeypatch):
-    """A 3-site lazy preset, one patient per site (smoke-sized): what the scale presets are, small."""
-    spec = synth.PRESETS["scale-10"]
-    monkeypatch.setitem(synth.PRESETS, "tiny-lazy", synth.Preset(
-        num_train_sites=3, heldout_kinds=("unseen-sequence",), patients=(1, 1), inplane_mm=spec.inplane_mm,
-        slice_thickness_mm=spec.slice_thickness_mm, lazy=True))
-    return "tiny-lazy"
+def tiny_lazy(lazy_preset):
+    """A 3-site lazy preset, one patient per site, one new hospital."""
+    return lazy_preset(sites=3, patients=1, heldout=("unseen-sequence",))
 
 
 def test_a_lazy_federation_renders_each_site_on_first_use_the_same_files_as_an_eager_one(tiny_lazy, tmp_path):

@@ -376,13 +376,9 @@ def test_a_volume_two_voxels_thick_is_used_with_a_warning_naming_it(smoke_federa
     assert any("only 2 voxel(s)" in str(w.message) for w in caught)
 
 
-def test_a_lazy_federation_with_no_site_rendered_yet_is_named_with_the_way_to_render_it(tmp_path, monkeypatch):
+def test_a_lazy_federation_with_no_site_rendered_yet_is_named_with_the_way_to_render_it(tmp_path, lazy_preset):
     from fedmeta.common import synth
 
-    spec = synth.PRESETS["scale-10"]
-    monkeypatch.setitem(synth.PRESETS, "tiny-lazy", synth.Preset(
-        num_train_sites=2, heldout_kinds=(), patients=(1, 1), inplane_mm=spec.inplane_mm,
-        slice_thickness_mm=spec.slice_thickness_mm, lazy=True))
-    root = synth.generate_federation(tmp_path / "lazy", "tiny-lazy", seed=0)
+    root = synth.generate_federation(tmp_path / "lazy", lazy_preset(sites=2), seed=0)
     with pytest.raises(FileNotFoundError, match="lazy synthetic federation.*--all-sites"):
         check_path(root)
