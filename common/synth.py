@@ -156,14 +156,13 @@ class SiteInfo:
     subjects: list[dict[str, Any]] = field(default_factory=list)
     lazy: bool = False
     fov_scale: float = 1.0
+    # Set by load_manifest from the manifest: which generator and anatomy made (and may render) the site.
+    generator_version: str = GENERATOR_VERSION
+    asset_digest: str = ""
 
     @property
     def label_protocol(self) -> str:
         return str(self.params["annotation"]["protocol"])
-
-    # Set by load_manifest from the manifest: which generator and anatomy made (and may render) the site.
-    generator_version: str = GENERATOR_VERSION
-    asset_digest: str = ""
 
     def folder(self) -> Path:
         """The site's folder, rendered now if its federation is lazy and nobody has used the site yet.
