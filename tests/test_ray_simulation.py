@@ -12,7 +12,7 @@ import pytest
 
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
-from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
+from fedmeta.simulations.engines.flower_runtime import SimulationEngine, run_simulation_engine, source_app_dir
 from fedmeta.simulations.experiments.presets import load_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,15 +78,24 @@ def test_ray_simulation_trains_three_sites_for_two_rounds(federation, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc")
-def test_ray_simulation_failure_is_read_from_the_superlink_not_the_exit_code(federation, tmp_path):
+def test_a_failed_run_is_read_from_the_superlink_and_the_next_run_shares_that_superlink(federation, tmp_path):
     # `flwr run` exits 0 here; only the SuperLink knows the ServerApp failed (no out-dir).
     flwr_home = tmp_path / "flwr-home"
-    run_config = smoke_run_config(federation, tmp_path / "out", **{"num-rounds": 1, "out-dir": ""})
+    failing = smoke_run_config(federation, tmp_path / "out", **{"num-rounds": 1, "out-dir": ""})
+    good = smoke_run_config(federation, tmp_path / "out", **{"num-rounds": 1, "eval-every": 0})
 
-    with pytest.raises(RuntimeError, match=r"finished:failed") as raised:
-        run_simulation_engine(REPO_ROOT, run_config, num_supernodes=3, timeout_s=300, flwr_home=flwr_home)
+    with SimulationEngine(flwr_home) as engine:
+        with pytest.raises(RuntimeError, match=r"finished:failed") as raised:
+            engine.run(REPO_ROOT, failing, num_supernodes=3, timeout_s=300)
+        assert "out-dir" in str(raised.value), "the log tail must carry the ServerApp's own reason"
+        # The same SuperLink takes the next run (as `fedmeta simulate`'s baseline after its meta run).
+        outcome = engine.run(REPO_ROOT, good, num_supernodes=3, timeout_s=300)
+        assert outcome.ok and load_checkpoint(tmp_path / "out" / CHECKPOINT_NAME).round == 1
+        first, second = (flwr_home / "logs" / f"run-{n}.log" for n in (1, 2))
+        assert "Starting local SuperLink" in first.read_text()
+        assert "Starting local SuperLink" not in second.read_text()
+        assert not list(flwr_home.glob("app-*")), "the staged app copies are deleted once sent"
 
-    assert "out-dir" in str(raised.value), "the log tail must carry the ServerApp's own reason"
     assert flower_processes(flwr_home) == []
 
 
