@@ -221,6 +221,7 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
     from fedmeta.common.meta import meta_gradient
 
     model, params = _network(setting, "fomaml", device)
+    loss_fn = _setup(setting, device)[3]
     rows = []
     for count, steps in cases:
         episodes = [_setup(setting, device, seed=seed)[2] for seed in range(1, count + 1)]
@@ -235,7 +236,6 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
                                          inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=True)[0]
                 return _maml_batched(model, params, episodes, steps, setting.inner_lr, loss_fn)
 
-            loss_fn = _setup(setting, device)[3]
             reference, candidate = loop(), batched()  # warm-up, and the two results compared
             times: dict[str, list[float]] = {"loop": [], "vmap": []}
             for _ in range(repeats):
