@@ -345,19 +345,12 @@ def meta_gradient(
     if batch_episodes is True and algorithm != "fomaml":
         raise ValueError(f"batch_episodes=True batches FOMAML's episodes; algorithm={algorithm!r} runs them in a "
                          "loop (batching measured no faster for second-order algorithms). Leave it None.")
-    if _active_dropout(model):
-        if batch_episodes:
-            raise ValueError("batch_episodes=True with a model whose dropout is active: vmap would draw its random "
-                             "masks differently from the loop. Leave it None (the loop), or set dropout to 0.")
-        batch_episodes = False
-    same_shapes = len({tuple(tuple(t.shape) for t in episode) for episode in episodes}) == 1
     if algorithm == "fomaml" and (batch_episodes or (batch_episodes is None and len(episodes) >= BATCH_FROM)):
-        if not same_shapes:
-            if batch_episodes:
-                raise ValueError("batch_episodes=True needs episodes of one shape (the same k, q and image size); "
-                                 "these differ. Leave it None to run them in a loop.")
-        else:
+        obstacle = _why_not_batched(model, episodes)
+        if obstacle is None:
             return _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn)
+        if batch_episodes:
+            raise ValueError(f"batch_episodes=True: {obstacle}. Leave it None to run the episodes in a loop.")
 
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     if algorithm == "metasgd":
@@ -411,8 +404,13 @@ EPISODE_CHUNK = 4
 BATCH_FROM = 4
 
 
-def _active_dropout(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+def _why_not_batched(model: torch.nn.Module, episodes: Sequence[Episode]) -> str | None:
+    """Why these episodes cannot be vmapped with the loop's numbers, or None."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules()):
+        return "the model's dropout is active, and vmap would draw its random masks differently from the loop"
+    if len({tuple(tuple(t.shape) for t in episode) for episode in episodes}) > 1:
+        return "the episodes differ in shape (k, q or image size); vmap needs one shape"
+    return None
 
 
 def _fomaml_batched(model, params, names, episodes, inner_steps, step_size, loss_fn) -> tuple[Params, dict[str, float]]:

@@ -193,6 +193,7 @@ class Manifest:
     generator_version: str
     cache_key: str
     sites: list[SiteInfo]
+    generation_seconds: float = 0.0  # what writing it took (a lazy federation: the manifest alone)
 
     @property
     def train_sites(self) -> list[SiteInfo]:
@@ -911,7 +912,8 @@ def load_manifest(root: Path | str) -> Manifest:
             for s in raw["sites"]
         ]
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),
-                        generator_version=raw["generator_version"], cache_key=raw["cache_key"], sites=sites)
+                        generator_version=raw["generator_version"], cache_key=raw["cache_key"], sites=sites,
+                        generation_seconds=float(raw.get("generation_seconds", 0.0)))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(
             f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); regenerate the federation "

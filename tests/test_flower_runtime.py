@@ -214,9 +214,10 @@ def test_the_staged_app_builds_the_same_bundle_without_walking_ignored_folders(t
 
     from fedmeta.simulations.engines.flower_runtime import stage_app
 
+    import shutil
+
     app = tmp_path / "app"
-    shutil_copy = __import__("shutil").copytree
-    shutil_copy(REPO_ROOT, app, ignore=lambda folder, names: [n for n in names if n in (".git", ".venv", "runs")])
+    shutil.copytree(REPO_ROOT, app, ignore=lambda folder, names: [n for n in names if n in (".git", ".venv", "runs")])
     (app / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text())
     (app / "runs" / "big").mkdir(parents=True)  # ignored by .gitignore
     (app / "runs" / "big" / "results.json").write_text("{}")

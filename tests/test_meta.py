@@ -614,7 +614,7 @@ def test_batching_is_refused_where_it_does_not_apply_and_mixed_shapes_fall_back_
         meta_gradient(model, params, episodes, algorithm="maml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
                       batch_episodes=True)
     mixed = [make_episode(1), make_episode(2), make_episode(3), make_episode(4, k=3)]  # BATCH_FROM of them
-    with pytest.raises(ValueError, match="episodes of one shape"):
+    with pytest.raises(ValueError, match="differ in shape"):
         meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn,
                       batch_episodes=True)
     auto, _ = meta_gradient(model, params, mixed, algorithm="fomaml", inner_steps=1, inner_lr=0.1, loss_fn=loss_fn)

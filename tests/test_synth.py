@@ -319,7 +319,7 @@ def test_sites_asked_for_at_once_by_several_workers_render_once_and_leave_no_par
     assert len(list((root / infos[0].name / "labelsTr").glob("*.nii.gz"))) == infos[0].num_patients
 
 
-def test_the_thousand_site_preset_plans_in_site_order_in_seconds():
+def test_the_thousand_site_preset_plans_its_sites_in_site_order():
     plan = plan_federation("scale-1000", 0)
     train = [site["name"] for site in plan if site["role"] == "train"]
     assert len(train) == 1000 and train == sorted(train)  # zero-padded: the manifest's order is the sites' order

@@ -109,9 +109,10 @@ def run_simulation_engine(
     One run in its own `SimulationEngine` (see there for what the run does and raises). Every process
     the run started is stopped before this returns or raises.
     """
+    # Checked here as well as in engine.run: a refused call must not create or touch FLWR_HOME first.
     _check_app_dir(app_dir)
     _checked_run_config(run_config)
-    _check_num_supernodes(num_supernodes, timeout_s)
+    _check_run_arguments(num_supernodes, timeout_s)
     with SimulationEngine(flwr_home, num_cpus_per_client=num_cpus_per_client,
                           num_gpus_per_client=num_gpus_per_client) as engine:
         return engine.run(app_dir, run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
@@ -196,7 +197,7 @@ class SimulationEngine:
         home = self._require_home()
         app_dir = _check_app_dir(app_dir)
         _checked_run_config(run_config)
-        _check_num_supernodes(num_supernodes, timeout_s)
+        _check_run_arguments(num_supernodes, timeout_s)
         # A simulation waits for every sampled site (a round closes at round-deadline only in deployments):
         # on Ray, which sites finish first depends on timing, and a run must repeat bit for bit.
         run_config = {**run_config, "round-deadline": run_config.get("round-timeout", RunConfig().round_timeout)}
@@ -221,7 +222,7 @@ class SimulationEngine:
         return self._home
 
 
-def _check_num_supernodes(num_supernodes: int, timeout_s: float) -> None:
+def _check_run_arguments(num_supernodes: int, timeout_s: float) -> None:
     if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int) or num_supernodes < 1:
         raise ValueError(f"num_supernodes must be a positive int, got {num_supernodes!r}.")
     if timeout_s <= 0:

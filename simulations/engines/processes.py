@@ -227,13 +227,18 @@ class TreeMemorySampler:
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
+# The roles a report names (fedmeta.simulations.perf reads these three).
+ROLE_ACTORS = "ClientApp actors (Ray)"
+ROLE_RAY_SERVICES = "Ray services (GCS, raylet, dashboard)"
+ROLE_SIMULATION = "flwr-simulation (ServerApp, Ray driver)"
+
 # What each process of a Flower simulation is, from its command line (first match wins).
 _ROLES = (
-    ("ray::ClientAppActor", "ClientApp actors (Ray)"),
+    ("ray::ClientAppActor", ROLE_ACTORS),
     ("ray::", "Ray agents and idle workers"),
     ("default_worker.py", "Ray agents and idle workers"),
-    ("/ray/", "Ray services (GCS, raylet, dashboard)"),
-    ("flwr-simulation", "flwr-simulation (ServerApp, Ray driver)"),
+    ("/ray/", ROLE_RAY_SERVICES),
+    ("flwr-simulation", ROLE_SIMULATION),
     ("flower-superexec", "SuperExec"),
     ("flower-superlink", "SuperLink"),
     ("flower-supernode", "SuperNode"),

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.simulations.engines.processes import TreeMemorySampler
+from fedmeta.simulations.engines.processes import (
+    ROLE_ACTORS, ROLE_RAY_SERVICES, ROLE_SIMULATION, TreeMemorySampler,
+)
 from fedmeta.simulations.perf import meta_step
 
 
@@ -158,9 +160,9 @@ class _RoundClock:
 
 # Phases of a Simulation Engine run, each ending when the named role's first process appears.
 _PHASES = (
-    ("flwr-simulation (ServerApp, Ray driver)", "flwr CLI, SuperLink, SuperExec, app bundle"),
-    ("Ray services (GCS, raylet, dashboard)", "flwr-simulation: imports, app install, ServerApp import"),
-    ("ClientApp actors (Ray)", "Ray cluster start"),
+    (ROLE_SIMULATION, "flwr CLI, SuperLink, SuperExec, app bundle"),
+    (ROLE_RAY_SERVICES, "flwr-simulation: imports, app install, ServerApp import"),
+    (ROLE_ACTORS, "Ray cluster start"),
 )
 
 
@@ -297,11 +299,9 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
             "startup_seconds": ray["startup"]["startup_seconds"],
             # Flower's Simulation Engine polls every simulated node's inbox every 0.1 s (flwr 1.41,
             # server/superlink/fleet/vce/vce_api.py): this process's CPU grows with the sites that exist.
-            "engine_cpu_seconds": ray["startup"]["cpu_seconds_by_role"].get("flwr-simulation (ServerApp, Ray driver)",
-                                                                             0.0),
+            "engine_cpu_seconds": ray["startup"]["cpu_seconds_by_role"].get(ROLE_SIMULATION, 0.0),
             "peak_tree_bytes": ray["peak_tree_bytes"],
-            "federation_generation_seconds": float(json.loads((federation / "manifest.json").read_text())
-                                                   .get("generation_seconds", 0.0)),
+            "federation_generation_seconds": generation.generation_seconds,
             "sites_rendered": len(rendered),
             "federation_disk_bytes": _disk_bytes(federation),
         }
