@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedmeta.simulations.perf.perf import format_report
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 
@@ -127,3 +129,40 @@ def test_the_round_clock_counts_training_rounds_and_forgets_an_earlier_runs_file
         f.write(json.dumps({"round": 1}) + "\n" + '{"round": 2, "par')  # a line half written
     clock._poll()
     assert len(clock.appeared) == 1
+
+
+def test_the_scaling_part_reports_the_thousand_site_row_in_the_issues_keys_each_run_cold(tmp_path, monkeypatch):
+    """`scaling.by_sites["1000"]` and `scaling.memory_largest_vs_smallest`, without Ray: the engines are stand-ins
+    that render the sites a round would sample, so what the part derives (and that every run starts from a
+    federation with nothing rendered) is what is checked."""
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.synth import load_manifest
+    from fedmeta.simulations.perf import perf
+
+    def sampled_sites(config):
+        config = RunConfig.from_run_config(config.to_run_config())
+        for info in load_manifest(config.federation_dir).train_sites[:config.sites_per_round]:
+            info.folder()
+
+    def fake_ray(config, num_sites, flwr_home):
+        sampled_sites(config)
+        peak = (2.0 if num_sites == 10 else 2.1) * 2**30
+        return {"seconds": 30.0, "round_seconds": [3.0, 2.0], "peak_tree_bytes": peak,
+                "startup": {"startup_seconds": 20.0, "cpu_seconds_by_role": {perf.ROLE_SIMULATION: 9.0}}}
+
+    def fake_inprocess(config, num_sites):
+        sampled_sites(config)
+        return {"seconds": 8.0, "rounds": 2, "round_seconds": [4.0, 1.0]}
+
+    monkeypatch.setattr(perf, "run_ray_engine", fake_ray)
+    monkeypatch.setattr(perf, "run_inprocess_engine", fake_inprocess)
+    federation = perf._federation(1000, tmp_path / "scaling-federations", render=False)
+    load_manifest(federation).train_sites[-1].folder()  # left by an earlier run: must not count as this run's
+    result = perf.bench_scaling(tmp_path, counts=(10, 1000), sampled=2, more_sampled=None)
+    row = result["by_sites"]["1000"]
+    assert row["sites_rendered"] == 2 and row["sites_per_round"] == 2  # cold: only what this run sampled
+    assert result["memory_largest_vs_smallest"] == pytest.approx(2.1 / 2.0)
+    assert result["first_round_largest_vs_smallest"] == pytest.approx(1.0)
+    assert row["engine_cpu_seconds"] == 9.0 and row["federation_generation_seconds"] >= 0
+    assert set(result["inprocess_by_sites"]) == {"10", "1000"}
+    assert "| memory 1000 / 10 sites | 1.05 | ≤ 1.3 | yes |" in format_report({"machine": "test", "scaling": result})
