@@ -42,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fedmeta.simulations.engines.processes import Terminated, workers_end_with_signal
+
     try:
-        return int(args.handler(args) or 0)
+        with workers_end_with_signal():  # SIGTERM/SIGINT: workers stopped, then `finally`s and engine exits run
+            return int(args.handler(args) or 0)
+    except Terminated:
+        print("fedmeta: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
         print("fedmeta: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,6 @@
-"""The processes of a Flower run: stopping every one of them, and measuring their memory.
+"""The processes of a Flower run: stopping every one of them, and measuring their memory; and
+`workers_end_with_signal`, under which every `fedmeta` command runs, so that SIGTERM or SIGINT ends a
+command's workers with it.
 
 A Flower run spreads over processes that are not our children (the SuperLink that `flwr run`
 detaches, a SuperExec, Ray's workers). Both jobs find them the same way, through /proc: by their
@@ -8,11 +10,13 @@ Elsewhere than Linux, stopping falls back to `ps`; memory sampling counts this p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Every process the Flower runtime starts, directly or through Flower, carries this variable.
@@ -21,8 +25,9 @@ _GRACE_S = 10.0
 
 
 
-def stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[int]:
-    """Stop `roots` and all their descendants; return the PIDs still alive afterwards.
+def stop_processes(roots: set[int], tag: str | None, grace_s: float = _GRACE_S) -> set[int]:
+    """Stop `roots`, the processes tagged `tag` (none if None) and all their descendants; return the
+    PIDs still alive afterwards.
 
     The tree is frozen with SIGSTOP first, so that no process can start a child (a SuperExec
     relaunching a ClientApp, Ray restarting a worker) or be re-parented to init between the
@@ -30,7 +35,7 @@ def stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[
     down cleanly on it), SIGCONT, and SIGKILL for whatever outlives the grace period.
     """
     start_times: dict[int, int] = {}
-    frontier = (set(roots) | tagged(tag)) - {os.getpid()}
+    frontier = (set(roots) | _tagged_or_none(tag)) - {os.getpid()}
     while frontier:
         for pid in frontier:
             start = _start_time(pid)
@@ -38,7 +43,7 @@ def stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[
                 continue
             start_times[pid] = start
             _signal(pid, start, signal.SIGSTOP)
-        frontier = (_descendants(set(start_times)) | tagged(tag)) - set(start_times) - {os.getpid()}
+        frontier = (_descendants(set(start_times)) | _tagged_or_none(tag)) - set(start_times) - {os.getpid()}
     for pid, start in start_times.items():
         _signal(pid, start, signal.SIGTERM)
         _signal(pid, start, signal.SIGCONT)
@@ -60,6 +65,10 @@ def stop_processes(roots: set[int], tag: str, grace_s: float = _GRACE_S) -> set[
 
 def tagged(tag: str) -> set[int]:
     return {pid for pid in _pids() if _environ_has(pid, TAG_VAR, tag)}
+
+
+def _tagged_or_none(tag: str | None) -> set[int]:
+    return tagged(tag) if tag is not None else set()
 
 
 def _pids() -> list[int]:
@@ -149,6 +158,68 @@ def _environ_value(pid: int, name: str) -> str | None:
             return entry[len(prefix):].decode(errors="replace")
     return None
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A command's workers end with it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that `finally` blocks and
+    `with` exits run (Python's default for SIGTERM is to die without running them)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"terminated by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def workers_end_with_signal() -> Iterator[None]:
+    """Within it, SIGTERM and SIGINT first stop every descendant of this process (pool workers, a
+    child that measures memory, `flwr` and the Flower processes started as children), then raise
+    Terminated (SIGTERM) or KeyboardInterrupt (SIGINT) in the main thread.
+
+    Stopping the workers before raising is what keeps a signal from hanging or leaking: a
+    ProcessPoolExecutor's `with` exit would otherwise wait for every queued job, and a worker whose
+    parent died is re-parented to init and runs on. Processes that are not descendants (the
+    SuperLink that `flwr run` detaches, and Ray below it) are stopped by their engine's exit, which
+    the raised exception runs. While that unwinding runs, further SIGTERM/SIGINT are noted and
+    dropped (a no-op handler rather than SIG_IGN, which a process started meanwhile would inherit),
+    so a second Ctrl-C cannot cut an engine's stop short; each of its steps is bounded.
+
+    Outside the main thread (where signal handlers cannot be set) it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+
+    def ignore(signum: int, frame: object) -> None:
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        for each in signums:
+            signal.signal(each, ignore)
+        stop_processes(_descendants({os.getpid()}) - _resource_tracker(), None)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    for signum in signums:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _resource_tracker() -> set[int]:
+    """multiprocessing's resource tracker: it ignores SIGTERM by design and ends by itself once this
+    process exits (after it frees what the dead workers left), so it is left out of the stop."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {pid} if pid else set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,4 +338,5 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-__all__ = ["TAG_VAR", "TreeMemorySampler", "process_role", "stop_processes", "tagged"]
+__all__ = ["TAG_VAR", "Terminated", "TreeMemorySampler", "process_role", "stop_processes", "tagged",
+           "workers_end_with_signal"]

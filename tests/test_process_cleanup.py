@@ -1,0 +1,170 @@
+"""A `fedmeta` command that starts workers ends them when it is told to stop (SIGTERM, SIGINT).
+
+Each test starts a real `fedmeta` process tree with a marker in its environment (every descendant
+inherits it, re-parented to init or not), waits until the workers exist, signals it, and then looks
+through /proc for any process of the tree still alive. Linux only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads process trees from /proc")
+
+MARKER = "FEDMETA_TEST_PROCESS_TREE"
+
+# Two methods of equal budget whose training never ends on its own: the workers are busy when signalled.
+ENDLESS_PRESET = """
+federation = "smoke"
+seeds = 1
+shots = [1]
+steps = [0]
+eval-max-images = 4
+oracle-steps = 1
+curve-every = 0
+methods = ["fomaml", "maml"]
+
+[run-config]
+num-rounds = 1000000
+episodes-per-site = 1
+k-shot = 2
+q-query = 2
+image-size = 32
+model-base-channels = 8
+model-levels = 3
+device = "cpu"
+
+[training.fomaml]
+inner-steps = 1
+[training.maml]
+inner-steps = 1
+"""
+
+
+def _fedmeta() -> list[str]:
+    script = Path(sys.executable).with_name("fedmeta")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fedmeta.simulations.cli"]
+
+
+def _tree(marker: str) -> dict[int, str]:
+    """pid -> command line of every live (not zombie) process that carries ``marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state = stat[stat.rindex(")") + 2:].split()[0]
+        if f"{MARKER}={marker}".encode() in environ.split(b"\0") and state not in ("Z", "X"):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process.poll() is not None:
+            pytest.fail(f"fedmeta exited ({process.returncode}) before {what}:\n{_output(process)}")
+        time.sleep(0.2)
+    pytest.fail(f"no {what} within {timeout_s:.0f} s")
+
+
+def _start(argv: list[str], tmp_path: Path, marker: str) -> subprocess.Popen:
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", **{MARKER: marker})
+    # Output to a file, not a pipe: a leftover worker holding the pipe would keep the test waiting for EOF.
+    # Own process group, so that the SIGINT case can signal the whole group as a terminal's Ctrl-C does.
+    with (tmp_path / "fedmeta.log").open("wb") as log:
+        process = subprocess.Popen([*_fedmeta(), *argv], cwd=tmp_path, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = tmp_path / "fedmeta.log"
+    return process
+
+
+def _output(process: subprocess.Popen) -> str:
+    return process.log_path.read_text(errors="replace")
+
+
+def _stop_and_check(process: subprocess.Popen, marker: str, signum: int, to_group: bool, code: int,
+                    exit_timeout_s: float = 60.0) -> str:
+    """Signals ``process`` (or its group), then asserts it exits with ``code`` and leaves no process."""
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    try:
+        process.wait(timeout=exit_timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fedmeta did not exit within {exit_timeout_s:.0f} s of {signal.Signals(signum).name}")
+    output = _output(process)
+    assert process.returncode == code, output
+    # multiprocessing's resource tracker ends by itself once the last holder of its pipe is gone.
+    deadline = time.monotonic() + 10
+    while (left := _tree(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left running after {signal.Signals(signum).name}: {left}"
+    return output
+
+
+def _kill_leftovers(process: subprocess.Popen, marker: str) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pid in _tree(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize(("signum", "to_group", "code"), [
+    (signal.SIGTERM, False, 143),  # a supervisor's or `kill`'s stop, to the command only
+    (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground group
+], ids=["sigterm", "sigint-group"])
+def test_benchmark_workers_end_with_the_command(smoke_federation, tmp_path, signum, to_group, code):
+    preset = tmp_path / "endless.toml"
+    preset.write_text(ENDLESS_PRESET)
+    marker = uuid.uuid4().hex
+    process = _start(["benchmark", "--preset", str(preset), "--federation-dir", str(smoke_federation),
+                      "--out", str(tmp_path / "out"), "--jobs", "2"], tmp_path, marker)
+    try:
+        workers = _wait_for(lambda: [pid for pid, cmd in _tree(marker).items() if "spawn_main" in cmd][1:],
+                            90, "two pool workers", process)
+        assert workers
+        output = _stop_and_check(process, marker, signum, to_group, code)
+        assert ("terminated" if signum == signal.SIGTERM else "interrupted") in output
+    finally:
+        _kill_leftovers(process, marker)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flwr") is None and not Path(sys.executable).with_name("flwr").exists(),
+                    reason="needs Flower's CLI")
+def test_a_ray_simulation_ends_its_superlink_and_ray_with_the_command(tmp_path):
+    """The detached SuperLink, flwr-simulation and Ray are not the command's children: its engine's exit,
+    which SIGTERM now runs, stops them by their tag."""
+    marker = uuid.uuid4().hex
+    process = _start(["simulate", "--preset", "smoke", "--engine", "ray", "--rounds", "1000",
+                      "--no-baseline", "--federation-dir", str(tmp_path / "federation"),
+                      "--out", str(tmp_path / "out")], tmp_path, marker)
+    try:
+        _wait_for(lambda: any("ray::ClientAppActor" in cmd for cmd in _tree(marker).values()),
+                  300, "Ray ClientApp actor", process)
+        _stop_and_check(process, marker, signal.SIGTERM, False, 143, exit_timeout_s=90)
+    finally:
+        _kill_leftovers(process, marker)
