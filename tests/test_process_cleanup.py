@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -55,22 +56,49 @@ def _fedmeta() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "fedmeta.simulations.cli"]
 
 
-def _tree(marker: str) -> dict[int, str]:
-    """pid -> command line of every live (not zombie) process that carries ``marker``."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        state = stat[stat.rindex(")") + 2:].split()[0]
-        if f"{MARKER}={marker}".encode() in environ.split(b"\0") and state not in ("Z", "X"):
-            found[int(entry.name)] = cmdline
-    return found
+class Tree:
+    """The processes of one `fedmeta` command: those that carry its marker or whose FLWR_HOME lies in its
+    folder, their descendants, and every process ever seen so (Ray's agents overwrite their environment
+    with their title, so they are known only as children of the raylet, and only while it lives)."""
+
+    def __init__(self, marker: str, home: Path):
+        self.marker, self.home = marker, home
+        self.seen: dict[int, tuple[str, str]] = {}  # pid -> (start time, command line)
+
+    def live(self) -> dict[int, str]:
+        """pid -> command line of every live (not zombie) process of the tree, and remembers them."""
+        table = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            state, ppid, *rest = stat[stat.rindex(")") + 2:].split()
+            if state not in ("Z", "X"):
+                table[int(entry.name)] = (int(ppid), rest[17], environ, cmdline)
+        home = b"FLWR_HOME=" + os.fsencode(self.home)
+        found = {pid for pid, (_, _, environ, _) in table.items()
+                 if f"{MARKER}={self.marker}".encode() in environ or any(v.startswith(home) for v in environ)}
+        found |= {pid for pid, (start, _) in self.seen.items() if pid in table and table[pid][1] == start}
+        grown = True
+        while grown:
+            children = {pid for pid, (ppid, *_) in table.items() if ppid in found} - found
+            found |= children
+            grown = bool(children)
+        for pid in found:
+            self.seen.setdefault(pid, (table[pid][1], table[pid][3]))
+        return {pid: table[pid][3] for pid in found}
+
+    def kill(self) -> None:
+        for pid in self.live():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen):
@@ -85,24 +113,32 @@ def _wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen)
     pytest.fail(f"no {what} within {timeout_s:.0f} s")
 
 
-def _start(argv: list[str], tmp_path: Path, marker: str) -> subprocess.Popen:
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", **{MARKER: marker})
+def _start(argv: list[str], tmp_path: Path, request: pytest.FixtureRequest) -> tuple[subprocess.Popen, Tree]:
+    tree = Tree(uuid.uuid4().hex, tmp_path)
+    # TMPDIR too: the temporary FLWR_HOMEs a command makes for its engines lie under tmp_path. Ray's own
+    # folder stays short (its socket paths must fit AF_UNIX's 107 bytes): RAY_TMPDIR.
+    (tmp_path / "tmp").mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="fm-ray-")
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), TMPDIR=str(tmp_path / "tmp"), RAY_TMPDIR=ray_tmp,
+               FLWR_TELEMETRY_ENABLED="0", **{MARKER: tree.marker})
     # Output to a file, not a pipe: a leftover worker holding the pipe would keep the test waiting for EOF.
     # Own process group, so that the SIGINT case can signal the whole group as a terminal's Ctrl-C does.
     with (tmp_path / "fedmeta.log").open("wb") as log:
         process = subprocess.Popen([*_fedmeta(), *argv], cwd=tmp_path, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     process.log_path = tmp_path / "fedmeta.log"
-    return process
+    return process, tree
 
 
 def _output(process: subprocess.Popen) -> str:
     return process.log_path.read_text(errors="replace")
 
 
-def _stop_and_check(process: subprocess.Popen, marker: str, signum: int, to_group: bool, code: int,
+def _stop_and_check(process: subprocess.Popen, tree: Tree, signum: int, to_group: bool, code: int,
                     exit_timeout_s: float = 60.0) -> str:
     """Signals ``process`` (or its group), then asserts it exits with ``code`` and leaves no process."""
+    tree.live()  # the tree as it stands when signalled
     if to_group:
         os.killpg(process.pid, signum)
     else:
@@ -115,56 +151,50 @@ def _stop_and_check(process: subprocess.Popen, marker: str, signum: int, to_grou
     assert process.returncode == code, output
     # multiprocessing's resource tracker ends by itself once the last holder of its pipe is gone.
     deadline = time.monotonic() + 10
-    while (left := _tree(marker)) and time.monotonic() < deadline:
+    while (left := tree.live()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"left running after {signal.Signals(signum).name}: {left}"
     return output
 
 
-def _kill_leftovers(process: subprocess.Popen, marker: str) -> None:
+def _kill_leftovers(process: subprocess.Popen, tree: Tree) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
-    for pid in _tree(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    tree.kill()
 
 
 @pytest.mark.parametrize(("signum", "to_group", "code"), [
     (signal.SIGTERM, False, 143),  # a supervisor's or `kill`'s stop, to the command only
     (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground group
 ], ids=["sigterm", "sigint-group"])
-def test_benchmark_workers_end_with_the_command(smoke_federation, tmp_path, signum, to_group, code):
+def test_benchmark_workers_end_with_the_command(smoke_federation, tmp_path, request, signum, to_group, code):
     preset = tmp_path / "endless.toml"
     preset.write_text(ENDLESS_PRESET)
-    marker = uuid.uuid4().hex
-    process = _start(["benchmark", "--preset", str(preset), "--federation-dir", str(smoke_federation),
-                      "--out", str(tmp_path / "out"), "--jobs", "2"], tmp_path, marker)
+    process, tree = _start(["benchmark", "--preset", str(preset), "--federation-dir", str(smoke_federation),
+                            "--out", str(tmp_path / "out"), "--jobs", "2"], tmp_path, request)
     try:
-        workers = _wait_for(lambda: [pid for pid, cmd in _tree(marker).items() if "spawn_main" in cmd][1:],
+        workers = _wait_for(lambda: [pid for pid, cmd in tree.live().items() if "spawn_main" in cmd][1:],
                             90, "two pool workers", process)
         assert workers
-        output = _stop_and_check(process, marker, signum, to_group, code)
+        output = _stop_and_check(process, tree, signum, to_group, code)
         assert ("terminated" if signum == signal.SIGTERM else "interrupted") in output
     finally:
-        _kill_leftovers(process, marker)
+        _kill_leftovers(process, tree)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flwr") is None and not Path(sys.executable).with_name("flwr").exists(),
                     reason="needs Flower's CLI")
-def test_a_ray_simulation_ends_its_superlink_and_ray_with_the_command(tmp_path):
+def test_a_ray_simulation_ends_its_superlink_and_ray_with_the_command(tmp_path, request):
     """The detached SuperLink, flwr-simulation and Ray are not the command's children: its engine's exit,
     which SIGTERM now runs, stops them by their tag."""
-    marker = uuid.uuid4().hex
-    process = _start(["simulate", "--preset", "smoke", "--engine", "ray", "--rounds", "1000",
-                      "--no-baseline", "--federation-dir", str(tmp_path / "federation"),
-                      "--out", str(tmp_path / "out")], tmp_path, marker)
+    process, tree = _start(["simulate", "--preset", "smoke", "--engine", "ray", "--rounds", "1000",
+                            "--no-baseline", "--federation-dir", str(tmp_path / "federation"),
+                            "--out", str(tmp_path / "out")], tmp_path, request)
     try:
-        _wait_for(lambda: any("ray::ClientAppActor" in cmd for cmd in _tree(marker).values()),
+        _wait_for(lambda: any("ray::ClientAppActor" in cmd for cmd in tree.live().values()),
                   300, "Ray ClientApp actor", process)
-        _stop_and_check(process, marker, signal.SIGTERM, False, 143, exit_timeout_s=90)
+        _stop_and_check(process, tree, signal.SIGTERM, False, 143, exit_timeout_s=90)
     finally:
-        _kill_leftovers(process, marker)
+        _kill_leftovers(process, tree)
