@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.jsonio import write_json
-
 DEFAULT_SHOTS = (1, 5, 10)
 METRIC = ("Dice per evaluation patient over the whole volume, per foreground class the site declares (an "
           "undeclared class is background), mean over classes then patients; a class absent from truth and "
@@ -71,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="multiply the adaptation step size (the run's inner-lr, or Meta-SGD's learned rates) by "
                              "this factor, e.g. to tune fine-tuning on a validation site (default 1)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a --json file an earlier fedmeta evaluate wrote (never another file)")
     parser.add_argument("--public-key", type=Path,
                         help="the consortium's Ed25519 release key (PEM): the checkpoint must carry a signature "
                              "(fedmeta sign) that verifies with it (default: $FEDMETA_RELEASE_KEY, else release.pub "
@@ -116,6 +116,9 @@ def evaluate(args: argparse.Namespace) -> int:
         problem = output_problem(args.json, "--json")
         if problem:
             raise ValueError(problem)
+        json_out = _json_output(args.json)
+        if json_out is not None:  # refused before the work, not after it
+            json_out.check([args.json.name], overwrite=args.overwrite)
         shots = parse_counts(args.shots, "--shots", minimum=1)
         steps = parse_counts(args.steps, "--steps", minimum=0)
         from fedmeta.client.site_model import default_public_key
@@ -131,10 +134,22 @@ def evaluate(args: argparse.Namespace) -> int:
         return 1
     results["release"] = release or {"verified": False}
     print(format_table(results))
-    if args.json:
-        write_json(args.json, results)
+    if json_out is not None:
+        try:
+            json_out.claim([args.json.name], overwrite=args.overwrite)
+            json_out.write_json(args.json.name, results)
+        except ValueError as err:  # the file appeared while evaluating
+            print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
+            return 1
         print(f"written: {args.json}")
     return 0
+
+
+def _json_output(path: Path | None):
+    """The guarded writer of ``--json`` (``fedmeta.common.outputs``): never a file evaluate did not write."""
+    from fedmeta.common.outputs import Outputs
+
+    return None if path is None else Outputs(Path(path).parent, "evaluate", option="--json")
 
 
 def verified_release(args: argparse.Namespace) -> dict | None:

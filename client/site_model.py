@@ -83,8 +83,9 @@ def pick_device(requested: str):
 
 def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int, seed: int = 0,
                image_glob: str | None = None, label_glob: str | None = None, release: dict | None = None,
-               device: str = "auto", progress=print) -> dict[str, Any]:
-    """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out``; returns its card."""
+               device: str = "auto", overwrite: bool = False, progress=print) -> dict[str, Any]:
+    """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out`` (an earlier site model
+    there only with ``overwrite``; never a file adapt did not write); returns its card."""
     import torch
 
     from fedmeta.common.adaptation import load_initialisation
@@ -103,6 +104,9 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
                          f"{MAX_STEPS}; a few-shot adaptation takes 5-50.")
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder; pass the site folder (dataset.json, imagesTr/, labelsTr/).")
+    from fedmeta.common.outputs import Outputs
+
+    Outputs(out, "adapt").check(SITE_MODEL_FILES, overwrite=overwrite)  # before minutes of adaptation, not after
     began = time.perf_counter()
     dev = pick_device(device)
     init, config = load_initialisation(checkpoint)
@@ -173,7 +177,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
                   "spacing_mm": list(data_config.spacing), "num_classes": config.num_classes,
                   "label_names": {str(k): v for k, v in (site.label_names or {}).items()}},
     }
-    save_site_model(out, adapted, config.to_run_config(), card)
+    save_site_model(out, adapted, config.to_run_config(), card, overwrite=overwrite)
     return card
 
 
@@ -238,21 +242,25 @@ class _RawStats:
         }
 
 
-def save_site_model(out: Path, params: dict, run_config: dict, card: dict) -> None:
+SITE_MODEL_FILES = (MODEL_FILE, CARD_JSON, CARD_MD)
+
+
+def save_site_model(out: Path, params: dict, run_config: dict, card: dict, *, overwrite: bool = True) -> None:
+    """Writes the site model folder ``out``; replaces only a site model fedmeta adapt wrote there, and that only
+    with ``overwrite`` (``fedmeta.common.outputs``)."""
     import torch
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from fedmeta.common.outputs import Outputs
+
+    outputs = Outputs(out, "adapt")
+    outputs.claim(SITE_MODEL_FILES, overwrite=overwrite)
     payload = {"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "params": params, "run_config": run_config}
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "wb") as handle:
-        torch.save(payload, handle)
-    os.replace(tmp, out / MODEL_FILE)
+    outputs.write(MODEL_FILE, lambda tmp: torch.save(payload, tmp))
     from fedmeta.common.release import file_sha256
 
-    card["model_sha256"] = file_sha256(out / MODEL_FILE)
-    write_json(out / CARD_JSON, card)
-    (out / CARD_MD).write_text(card_markdown(card))
+    card["model_sha256"] = file_sha256(Path(out) / MODEL_FILE)
+    outputs.write_json(CARD_JSON, card)
+    outputs.write_text(CARD_MD, card_markdown(card))
 
 
 def load_site_model(path: Path) -> SiteModel:
@@ -402,16 +410,22 @@ def output_folder_problem(out: Path, inputs: Path, planned: list[str], overwrite
     if out == source_dir or source_dir in out.parents or out in source.parents:
         return (f"--out {out}: is the input folder or inside it (or holds it); masks named after their scans would "
                 "overwrite them. Choose a folder of its own, e.g. a new 'masks' folder.")
-    if not out.is_dir():
-        return None
-    previous = _previous_outputs(out)
+    from fedmeta.common.outputs import OutputRefused, refuse_data_folder
+
+    previous = _previous_outputs(out) if out.is_dir() else set()
     foreign = [p.name for p in sorted(out.iterdir())
                if p.name not in previous and (p.name.endswith(SCAN_SUFFIXES) or p.name.endswith(".dcm")
-                                              or is_series_folder(p))]
+                                              or is_series_folder(p))] if out.is_dir() else []
     if foreign:
         return (f"--out {out}: already holds scans, labels or DICOM files fedmeta predict did not write "
                 f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); predict never writes over a site's "
                 "data. Choose an empty folder.")
+    try:
+        refuse_data_folder(out, "--out")
+    except OutputRefused as err:
+        return str(err)
+    if not out.is_dir():
+        return None
     links = [name for name in planned if (out / name).is_symlink()]
     if links:
         return f"--out {out}: {', '.join(links[:3])} is a symbolic link; predict writes only plain files. Remove it."
@@ -427,14 +441,30 @@ def output_folder_problem(out: Path, inputs: Path, planned: list[str], overwrite
 
 
 def _previous_outputs(out: Path) -> set[str]:
-    """The files an earlier prediction in ``out`` wrote, as its predictions.json lists them."""
+    """The files an earlier prediction in ``out`` wrote: those the folder's journal records as predict's (claimed
+    before the first mask was written, so a prediction killed halfway is still known), and, from releases before
+    the journal, those its predictions.json lists."""
     import json
 
+    from fedmeta.common.outputs import Outputs
+
+    owned = Outputs(out, "predict").owned()
     try:
         listed = json.loads((out / "predictions.json").read_text()).get("outputs", [])
     except (OSError, ValueError, AttributeError):
-        return set()
-    return {str(name) for name in listed if isinstance(name, str) and "/" not in name}
+        return owned
+    return owned | {str(name) for name in listed if isinstance(name, str) and "/" not in name}
+
+
+def _summary_here(out: Path) -> bool:
+    """Whether ``out`` holds a predictions.json that predict wrote (its masks and outputs listed)."""
+    import json
+
+    try:
+        summary = json.loads((out / "predictions.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and isinstance(summary.get("masks"), list) and "outputs" in summary
 
 
 def _save_atomically(write, path: Path) -> None:
@@ -511,7 +541,13 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
                   "card_authenticated": False}
         label_names = site_model.card.get("model", {}).get("label_names", {})
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from fedmeta.common.outputs import Outputs
+
+    # Every name this batch may write is recorded before the first is written: a re-run after a kill (SIGKILL
+    # runs no `finally`, so predictions.json may never be written) knows these files are predict's own.
+    journal = Outputs(out, "predict")
+    journal.claim([*(n for names in planned.values() for n in names), "predictions.json"], overwrite=True,
+                  recognised=_previous_outputs(out) | {"predictions.json"} if _summary_here(out) else ())
     model = build_model(config.model_config()).to(dev)
     written, refused, notes, outputs = [], {}, {}, sorted(_previous_outputs(out))
     try:
@@ -529,6 +565,7 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
             if scan.name in refused:
                 progress(f"[{i}/{len(scans)}] {scan.name}: refused: {refused[scan.name]}")
                 continue
+            journal.record(*entry["files"])
             outputs = sorted(set(outputs) | set(entry.pop("files")))
             if entry.pop("uniform"):
                 notes[entry["case"]] = "the scan is uniform (no contrast): its mask means nothing"
@@ -539,6 +576,7 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
         summary = {"model": source, "device": str(dev), "masks": written, "refused": refused, "warnings": notes,
                    "outputs": outputs}
         _save_atomically(lambda tmp: write_json(tmp, summary), out / "predictions.json")
+        journal.record("predictions.json")
     return summary
 
 
@@ -638,6 +676,8 @@ def register(subparsers) -> None:
                               help="gradient steps (default 10; 0 writes the initialisation unadapted, to compare)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
     adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
+    adapt_parser.add_argument("--overwrite", action="store_true",
+                              help="replace a site model an earlier fedmeta adapt wrote in --out (never another file)")
     adapt_parser.add_argument("--image-glob", help="for non-MSD folders, e.g. '*_img.nii.gz'")
     adapt_parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     _release_options(adapt_parser)
@@ -716,10 +756,14 @@ def adapt_command(args) -> int:
         problem = output_problem(args.out / CARD_JSON, "--out")
         if problem:
             raise ValueError(problem)
+        from fedmeta.common.outputs import Outputs
+
+        Outputs(args.out, "adapt").check(SITE_MODEL_FILES, overwrite=args.overwrite)
         args.public_key = default_public_key(args.public_key)
         release = verified_release(args)
         card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=args.steps, seed=args.seed,
-                          image_glob=args.image_glob, label_glob=args.label_glob, release=release, device=args.device)
+                          image_glob=args.image_glob, label_glob=args.label_glob, release=release, device=args.device,
+                          overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta adapt: error: {err}", file=sys.stderr)
         return 1

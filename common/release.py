@@ -115,18 +115,37 @@ def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
     return metadata
 
 
-def sign(checkpoint_path: Path | str, key_path: Path | str) -> dict[str, Any]:
+def sign(checkpoint_path: Path | str, key_path: Path | str, *, overwrite: bool = False) -> dict[str, Any]:
     """Signs ``checkpoint_path`` with the Ed25519 key at ``key_path``; writes the metadata and signature
-    beside it and returns the metadata."""
+    beside it and returns the metadata. An earlier signature is replaced only with ``overwrite``, and a file
+    of either name that fedmeta sign did not write never (``fedmeta.common.outputs``)."""
+    from fedmeta.common.outputs import Outputs
+
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise ReleaseError(f"{checkpoint_path}: no such file; pass the checkpoint.pt to release.")
+    names = [metadata_path(checkpoint_path).name, signature_path(checkpoint_path).name]
+    outputs = Outputs(checkpoint_path.parent, "sign", option="")
+    outputs.check(names, overwrite=overwrite, recognised=_earlier_signature(checkpoint_path))
     key = load_private_key(key_path)
     metadata = release_metadata(checkpoint_path, key.public_key())
     body = (json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    metadata_path(checkpoint_path).write_bytes(body)
-    signature_path(checkpoint_path).write_bytes(base64.b64encode(key.sign(body)) + b"\n")
+    outputs.claim(names, overwrite=overwrite, recognised=_earlier_signature(checkpoint_path))
+    outputs.write_bytes(names[0], body)
+    outputs.write_bytes(names[1], base64.b64encode(key.sign(body)) + b"\n")
     return metadata
+
+
+def _earlier_signature(checkpoint_path: Path) -> set[str]:
+    """The signature files beside ``checkpoint_path`` that a fedmeta release before the output journal wrote."""
+    try:
+        earlier = json.loads(metadata_path(checkpoint_path).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(earlier, dict) and earlier.get("format") == RELEASE_FORMAT and "signing_key_sha256" in earlier
+            and earlier.get("file") == checkpoint_path.name):
+        return set()
+    return {metadata_path(checkpoint_path).name, signature_path(checkpoint_path).name}
 
 
 def verify(checkpoint_path: Path | str, public_key_path: Path | str | None, *, allow_unsigned: bool = False

@@ -140,7 +140,7 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
     if config.release_key:
         from fedmeta.common.release import sign
 
-        release = sign(checkpoint_path, config.release_key)
+        release = sign(checkpoint_path, config.release_key, overwrite=True)  # a resumed run signs its θ again
         log.info("signed release %s (round %d): %s.sig", release["release_id"], release["round"], checkpoint_path)
     log.info("done: %s", coordinator.counters)
     return coordinator

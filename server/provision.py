@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmeta.common.outputs import FOLDER_MODE, PRIVATE_FOLDER_MODE, Outputs, make_folder
+
 CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
 CA_DAYS = 3650
 CERT_DAYS = 397  # the longest server-certificate lifetime browsers still accept; renew yearly
@@ -113,6 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sign.add_argument("checkpoint", type=Path, help="the checkpoint.pt to release")
     sign.add_argument("--key", type=Path, required=True,
                       help="the consortium's Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out release.key)")
+    sign.add_argument("--overwrite", action="store_true",
+                      help="replace the signature an earlier fedmeta sign wrote for this checkpoint")
     sign.set_defaults(handler=_sign_command)
 
 
@@ -142,7 +146,7 @@ def _sign_command(args: argparse.Namespace) -> int:
     from fedmeta.common.release import ReleaseError, metadata_path, sign, signature_path
 
     try:
-        metadata = sign(args.checkpoint, args.key)
+        metadata = sign(args.checkpoint, args.key, overwrite=args.overwrite)
     except (ReleaseError, ValueError, OSError) as err:
         print(f"fedmeta sign: error: {err}", file=sys.stderr)
         return 1
@@ -182,6 +186,9 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     out = Path(out)
     now = now or dt.datetime.now(dt.timezone.utc)
     _check_arguments(server_names, [*sites, *rekey_sites], port if port is not None else DEFAULT_PORT, days)
+    # Provision extends its own consortium folder on every run; any other non-empty folder is refused.
+    folder = Outputs(out, "provision")
+    folder.check_folder(overwrite=True, recognised=_is_consortium(out))
     result = Provisioned(out=out)
     registry = _read_registry(out)
     revoked = set(registry.get("revoked", {}))
@@ -211,6 +218,10 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
         raise FileExistsError(f"{server_dir / 'server.crt'} is for {registry.get('server_names', [])}, not "
                               f"{list(server_names)}; pass --reissue-server to issue a new one from the same CA "
                               "(the SuperLink must then restart with it; site keys stay).")
+    folder.claim_folder(overwrite=True, recognised=_is_consortium(out))  # recorded before the first key is written
+    for secret in (out / "ca", server_dir, out / "release", *(out / "sites").glob("*/")):
+        if secret.is_dir() and not secret.is_symlink():  # an older release made them with the caller's umask
+            make_folder(secret, PRIVATE_FOLDER_MODE)
     ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result, need_key=issue_server)
     if issue_server:
         server_cert = _server_certificate(server_dir, names, ca_key, ca_cert, now, days)
@@ -287,9 +298,10 @@ def revoke_site(out: Path | str, site: str) -> str:
     entry = registry["sites"].pop(site)
     registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     bundle = out / "sites" / site
-    bundle.mkdir(parents=True, exist_ok=True)  # the folder may have been handed over and deleted here
+    make_folder(bundle, PRIVATE_FOLDER_MODE)  # the folder may have been handed over and deleted here
     (bundle / "site.key").unlink(missing_ok=True)
-    (bundle / "REVOKED").write_text("This site's identity was revoked; its key is gone and the SuperLink refuses it.\n")
+    _write(bundle / "REVOKED", b"This site's identity was revoked; its key is gone and the SuperLink refuses it.\n",
+           0o644)
     _write_register_script(out / "superlink" / "register-sites.sh", out, registry)
     _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
     return (f"revoked {site} (key fingerprint sha256:{entry['public_key_sha256'][:16]}...). Remove it from the running "
@@ -407,7 +419,7 @@ def _site_bundle(bundle: Path, name: str, address: str, ca_cert: Path) -> bytes:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public += f" fedmeta-site-{name}\n".encode()
-    bundle.mkdir(parents=True, exist_ok=True)
+    make_folder(bundle, PRIVATE_FOLDER_MODE)
     (bundle / "REVOKED").unlink(missing_ok=True)
     _write(bundle / "site.key", private, 0o600)
     _write(bundle / "site.pub", public, 0o644)
@@ -450,8 +462,9 @@ def _read_registry(out: Path) -> dict:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Writes ``path`` with ``mode`` from its creation on (a private key is never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes ``path`` with ``mode`` from its creation on (a private key is never world-readable, even briefly); a
+    folder made for a private key is 0700, any other 0755, whatever the caller's umask."""
+    make_folder(path.parent, PRIVATE_FOLDER_MODE if mode & 0o077 == 0 else FOLDER_MODE)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

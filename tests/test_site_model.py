@@ -15,6 +15,7 @@ import torch
 
 from fedmeta.client.site_model import CARD_JSON, CARD_MD, MODEL_FILE, case_name, load_site_model
 from fedmeta.common.metrics import patient_dice
+from fedmeta.common.outputs import JOURNAL_NAME
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
 from tests.conftest import train_smoke_run
@@ -139,7 +140,8 @@ def test_the_release_key_defaults_to_the_site_bundles_pinned_copy(release, heldo
     checkpoint, public = release
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEDMETA_RELEASE_KEY", raising=False)
-    adapt = ["adapt", "--checkpoint", str(checkpoint), "--data", str(heldout_site), "--out", "m", "--steps", "0"]
+    adapt = ["adapt", "--checkpoint", str(checkpoint), "--data", str(heldout_site), "--out", "m", "--steps", "0",
+             "--overwrite"]  # run again below: the site model of the previous call is adapt's own
     # A release.pub lying here without a bundle's pin (it may have come with the checkpoint) is not taken.
     shutil.copy(public, tmp_path / "release.pub")
     assert main(adapt) == 1
@@ -281,7 +283,8 @@ def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldou
     summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert list(summary["refused"]) == [scans[0].name] and len(summary["masks"]) == 1
     assert not (tmp_path / "out" / f"{case_name(scans[0])}.nii.gz").exists()  # nothing unlisted left behind
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["predictions.json", *summary["outputs"]])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["predictions.json", JOURNAL_NAME, *summary["outputs"]])  # the journal: what predict owns here
     monkeypatch.setattr(site_model, "overlay_montage", real)
     assert main([*command, "--overwrite"]) == 0  # the folder is still predict's own
 

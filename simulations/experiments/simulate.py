@@ -43,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sites", type=int, help="training sites sampled per round (sites-per-round; 0 = all)")
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="Flower's Ray simulation (default) or in-process (the default with --attack)")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/simulate-<preset>-<algorithm>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/simulate-<preset>-<algorithm> on Ray, "
+                                                 "runs/simulate-<preset>-<algorithm>-inprocess in process)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier fedmeta simulate run in --out (never a folder simulate did not write)")
     parser.add_argument("--seed", type=int, help="training seed (run config seed)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--federation-dir", type=Path,
@@ -70,7 +73,7 @@ def handle(args: argparse.Namespace) -> int:
         results = simulate(
             preset=args.preset, algorithm=args.algorithm, rounds=args.rounds, sites=args.sites,
             engine=args.engine or ("inprocess" if args.attack else "ray"), out=args.out, seed=args.seed, resume=args.resume,
-            federation_root=args.federation_dir, baseline=not args.no_baseline,
+            federation_root=args.federation_dir, baseline=not args.no_baseline, overwrite=args.overwrite,
             extra={**parse_sets(args.set), **({"metrics-port": args.metrics_port} if args.metrics_port else {})},
             oracle_steps=args.oracle_steps, attack=args.attack, attack_sites=args.attack_sites,
         )
@@ -82,6 +85,12 @@ def handle(args: argparse.Namespace) -> int:
         return 1
     print(f"report: {results['report']}")
     return 0
+
+
+def default_out(preset: str, algorithm: str, engine: str) -> Path:
+    """``runs/simulate-<preset>-<algorithm>`` for Ray, with ``-inprocess`` appended for the in-process engine: the
+    two engines' runs of one preset never land in one folder."""
+    return Path("runs") / (f"simulate-{Path(preset).stem}-{algorithm}" + ("" if engine == "ray" else f"-{engine}"))
 
 
 class SimulationError(RuntimeError):
@@ -105,8 +114,12 @@ def simulate(
     quiet: bool = False,
     attack: str | None = None,
     attack_sites: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The whole job; returns what results.json holds. Raises on any failure.
+
+    ``out`` (default :func:`default_out`, one folder per engine) must be new, empty, or an earlier simulate
+    run's, which is replaced only with ``overwrite`` and continued with ``resume`` (``fedmeta.common.outputs``).
 
     ``attack`` (``fedmeta.simulations.attacks``): the first ``attack_sites`` training sites send
     poisoned replies, in the meta run and the FedAvg baseline alike (in-process engine only).
@@ -133,8 +146,15 @@ def simulate(
         if value is not None:
             overrides[key] = value
     config = RunConfig.from_run_config(overrides)
-    out = Path(out or Path("runs") / f"simulate-{Path(preset).stem}-{config.algorithm}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out or default_out(preset, config.algorithm, engine)).resolve()
+    from fedmeta.common.outputs import Outputs
+
+    run_folder = Outputs(out, "simulate")
+    # A Ray run and an in-process run never share a folder silently: an earlier run is replaced on request only.
+    # (A folder with a checkpoint and metrics but no journal is a run of a fedmeta from before the journal.)
+    earlier = (out / "checkpoint.pt").is_file() and (out / "metrics.jsonl").is_file()
+    run_folder.check_folder(overwrite=overwrite, resume=resume, recognised=earlier,
+                            again="pass --overwrite to replace it or --resume to continue it")
 
     began = time.perf_counter()
     root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
@@ -161,6 +181,9 @@ def simulate(
                 f"{len(manifest.heldout_sites)} held-out sites; ready in {federation_seconds:.1f} s)")
 
     config = config.replace(out_dir=str(out), federation_dir=str(federation), resume=resume)
+    run_folder.claim_folder(overwrite=overwrite, resume=resume, detail={"engine": engine, "preset": str(preset),
+                                                                        "algorithm": config.algorithm},
+                            recognised=earlier, again="pass --overwrite to replace it or --resume to continue it")
     # Each Ray run gets a private FLWR_HOME under one short temporary folder (Ray derives Unix socket
     # paths from it); the sampler sums the memory of every process of those runs and of this one.
     flwr_homes = Path(tempfile.mkdtemp(prefix="fedmeta-"))

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--all-sites", action="store_true",
                        help="render every site now, also for a lazy preset (scale-N)")
     synth.add_argument("--preview", type=Path, default=None, help="also draw one slice per site to this PNG")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a --preview PNG that an earlier synth or show-sites drew (never another file)")
     synth.set_defaults(handler=_synth)
 
     show = subparsers.add_parser(
@@ -45,14 +47,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     show.add_argument("root", type=Path, help="a federation root (fedmeta synth --out) or one site folder")
     show.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    show.add_argument("--overwrite", action="store_true",
+                      help="replace a PNG that an earlier show-sites or synth --preview drew (never another file)")
     show.set_defaults(handler=_show_sites)
 
 
 def _synth(args: argparse.Namespace) -> int:
     from fedmeta.common.synth import generate_federation, load_manifest
 
+    from fedmeta.common.outputs import refuse_data_folder
+
     started = time.perf_counter()
     try:
+        refuse_data_folder(args.out, "--out")
+        if args.preview is not None:  # refused before the federation is generated, not after
+            _preview_outputs(args.preview, "--preview").check([args.preview.name], overwrite=args.overwrite)
         root = generate_federation(args.out, args.preset, args.seed, force=args.force, workers=args.workers,
                                    lazy=False if args.all_sites else None)
     except (FileExistsError, ValueError) as err:
@@ -76,14 +85,18 @@ def _synth(args: argparse.Namespace) -> int:
         if len(manifest.sites) > PREVIEW_SITES:
             print(f"preview: the {len(manifest.heldout_sites)} new hospitals and the first "
                   f"{PREVIEW_SITES - len(manifest.heldout_sites)} training sites of {len(manifest.sites)}")
-        draw_sites(root, args.preview)
+        try:
+            draw_sites(root, args.preview, overwrite=args.overwrite, option="--preview")
+        except ValueError as err:
+            print(f"fedmeta synth: {err}", file=sys.stderr)
+            return 2
         print(f"preview: {args.preview}")
     return 0
 
 
 def _show_sites(args: argparse.Namespace) -> int:
     try:
-        draw_sites(args.root, args.out)
+        draw_sites(args.root, args.out, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         print(f"fedmeta show-sites: {err}", file=sys.stderr)
         return 2
@@ -114,8 +127,17 @@ def _site_folders(root: Path) -> list[tuple[Path, str]]:
     return [(p, p.name) for p in sites]
 
 
-def draw_sites(root: Path | str, out: Path | str) -> Path:
-    """One axial slice per site (first usable patient), raw on top and with its labels below."""
+def _preview_outputs(out: Path, option: str):
+    """The guarded writer of a preview PNG (``fedmeta.common.outputs``): synth --preview and show-sites draw the
+    same figure, so both record it as show-sites'."""
+    from fedmeta.common.outputs import Outputs
+
+    return Outputs(Path(out).parent, "show-sites", option=option)
+
+
+def draw_sites(root: Path | str, out: Path | str, *, overwrite: bool = False, option: str = "--out") -> Path:
+    """One axial slice per site (first usable patient), raw on top and with its labels below. ``out`` is replaced
+    only when an earlier preview drew it and ``overwrite`` is set; never another file, never in a site's data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +151,8 @@ def draw_sites(root: Path | str, out: Path | str) -> Path:
     from fedmeta.common.validate import check_case, discover_site
 
     root, out = Path(root), Path(out)
+    outputs = _preview_outputs(out, option)
+    outputs.check([out.name], overwrite=overwrite)
     sites = _site_folders(root)
     fig, axes = plt.subplots(2, len(sites), figsize=(2.3 * len(sites), 6.0), squeeze=False)
     overlay = ListedColormap(OVERLAY_COLOURS)
@@ -162,7 +186,8 @@ def draw_sites(root: Path | str, out: Path | str) -> Path:
     handles = [Patch(color=OVERLAY_COLOURS[i][:3], label=name) for i, name in ((1, "CSF"), (2, "grey matter"), (3, "white matter"))]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    outputs.claim([out.name], overwrite=overwrite)
+    suffix = out.suffix.lstrip(".") or "png"
+    outputs.write(out.name, lambda tmp: fig.savefig(tmp, dpi=90, format=suffix))
     plt.close(fig)
     return out
