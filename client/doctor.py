@@ -1,7 +1,8 @@
 """`fedmeta doctor`: a site's pre-flight check before it joins the consortium.
 
 One line per check, ``ok`` / ``FAIL`` / ``note``, and for a failure the fix. The checks: the bundle
-is complete; the private key is 0600 and is the EC key Flower's SuperNode loads; the CA certificate
+is complete; the private key is 0600 and is the EC key Flower's SuperNode loads; the release key
+(``release.pub``) is the one ``site.json`` pins; the CA certificate
 is valid and not about to expire; the SuperLink answers over TLS with a certificate the consortium CA
 signed for the name in the bundle, and its clock agrees with ours; the GPU torch sees (a CPU is fine,
 only slower); free disk; and, with ``--data``, the site's data (``fedmeta check-data``). The exit
@@ -100,6 +101,7 @@ def _bundle_checks(bundle: Path, timeout: float) -> list[Check]:
                       "ask the coordinator for a fresh bundle")]
     checks = [Check("bundle", "ok", f"site {info.get('site')!r}, SuperLink {address}")]
     checks.append(_key_check(bundle / "site.key"))
+    checks.append(_release_key_check(bundle, info))
     ca_check, ca = _ca_check(bundle / "ca.crt")
     checks.append(ca_check)
     if ca is not None:
@@ -121,6 +123,32 @@ def _key_check(path: Path) -> Check:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return Check("private key", "FAIL", f"{path} is not an EC key", "restore it from the bundle")
     return Check("private key", "ok", f"EC {key.curve.name}, mode 600")
+
+
+def _release_key_check(bundle: Path, info: dict) -> Check:
+    """The bundle's release.pub is the key its site.json pins (``fedmeta provision`` writes both): adapt, evaluate
+    and predict verify releases with it, so a swapped file would make a forger's checkpoint pass."""
+    from fedmeta.common.release import ReleaseError, key_fingerprint, load_public_key
+
+    path, pinned = bundle / "release.pub", info.get("release_key_sha256")
+    if not pinned:
+        return Check("release key", "FAIL", f"{bundle / 'site.json'} pins no release key fingerprint "
+                     "(release_key_sha256), so release.pub cannot be told from a substitute",
+                     "ask the coordinator for a fresh bundle (fedmeta provision writes the pin)")
+    if not path.is_file():
+        return Check("release key", "FAIL", f"{bundle} lacks release.pub, the consortium's key releases are verified "
+                     "with", "restore release.pub from the bundle the coordinator sent")
+    try:
+        fingerprint = key_fingerprint(load_public_key(path))
+    except ReleaseError as err:
+        return Check("release key", "FAIL", str(err), "restore release.pub from the bundle the coordinator sent")
+    if fingerprint != pinned:
+        return Check("release key", "FAIL", f"{path} has fingerprint {fingerprint[:16]}..., not the "
+                     f"{str(pinned)[:16]}... that site.json pins: the file was replaced, and releases signed by "
+                     "whoever holds its private key would pass", "restore release.pub from the bundle the coordinator "
+                     "sent, and compare its fingerprint with the one the consortium publishes")
+    return Check("release key", "ok", f"release.pub is the pinned key, sha256 {fingerprint} (compare it with the "
+                 "fingerprint the consortium publishes)")
 
 
 def _ca_check(path: Path):

@@ -135,8 +135,8 @@ def _provision_command(args: argparse.Namespace) -> int:
     for what, when in result.expiry.items():
         print(f"expires {when}  {what}")
     for name in result.rekeyed:
-        print(f"rekeyed {name}: on the SuperLink, `flwr supernode unregister <its node id> <connection>` for the old "
-              f"key, then register the new one (register-sites.sh); hand the site its new bundle")
+        print(f"rekeyed {name}: on the SuperLink, remove the old key's node ({unregister_step(result.out, name)}), then "
+              f"register the new key (register-sites.sh); hand the site its new bundle")
     print(f"next: start the SuperLink with {result.out / 'superlink'} (README: consortium walk-through), run "
           f"{result.out / 'superlink' / 'register-sites.sh'}, and hand each site its folder under {result.out / 'sites'}.")
     return 0
@@ -296,7 +296,9 @@ def revoke_site(out: Path | str, site: str) -> str:
         known = ", ".join(sorted(registry.get("sites", {}))) or "none"
         raise ValueError(f"site {site!r} is not provisioned in {out} (sites: {known}).")
     entry = registry["sites"].pop(site)
-    registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    node_id = recorded_node_id(out, site)
+    registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                                **({"node_id": node_id} if node_id is not None else {})}
     bundle = out / "sites" / site
     make_folder(bundle, PRIVATE_FOLDER_MODE)  # the folder may have been handed over and deleted here
     (bundle / "site.key").unlink(missing_ok=True)
@@ -304,9 +306,9 @@ def revoke_site(out: Path | str, site: str) -> str:
            0o644)
     _write_register_script(out / "superlink" / "register-sites.sh", out, registry)
     _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
-    return (f"revoked {site} (key fingerprint sha256:{entry['public_key_sha256'][:16]}...). Remove it from the running "
-            f"SuperLink: `flwr supernode list <connection> --format json` gives its node id (the entry whose "
-            f"owner/name is {site}), then `flwr supernode unregister <node-id> <connection>`.")
+    return (f"revoked {site} (key fingerprint sha256:{entry['public_key_sha256'][:16]}...). The SuperLink admits its key "
+            f"until you remove it; on the coordinator, with <connection> the SuperLink connection register-sites.sh "
+            f"used: {unregister_step(out, site)}.")
 
 
 def _check_arguments(server_names, sites, port, days) -> None:
@@ -437,18 +439,65 @@ def _write_bundle_files(bundle: Path, name: str, address: str) -> None:
     _write(bundle / "compose.yaml", _SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(), 0o644)
 
 
+NODE_IDS = "node-ids"  # OUT/superlink/node-ids/<site>: the node id the SuperLink gave the site's key
+
+
 def _write_register_script(path: Path, out: Path, registry: dict) -> None:
+    # Flower 1.41's `flwr supernode list` shows neither a node's name nor its key (every owner is "none"), so the
+    # node id `flwr supernode register --format json` answers is the only handle `unregister` can take: kept here.
     lines = ["#!/bin/sh",
-             "# Registers every active site's public key with the running SuperLink (run on the coordinator).",
+             "# Registers every active site's public key with the running SuperLink (run on the coordinator) and",
+             f"# records the node id the SuperLink gives each in superlink/{NODE_IDS}/<site> (fedmeta revoke-site",
+             "# prints `flwr supernode unregister <node id>` with it).",
              "# CONNECTION: the name of the SuperLink connection in $FLWR_HOME/config.toml (README).",
              "set -eu", 'CONNECTION="${1:?usage: register-sites.sh CONNECTION}"',
-             'HERE="$(cd "$(dirname "$0")/.." && pwd)"']
+             'HERE="$(cd "$(dirname "$0")/.." && pwd)"',
+             f'IDS="$HERE/superlink/{NODE_IDS}"',
+             'mkdir -p "$IDS"',
+             "register() {  # SITE PUBLIC_KEY",
+             '  if reply="$(flwr supernode register "$2" "$CONNECTION" --name "$1" --format json)" &&',
+             '     id="$(printf \'%s\' "$reply" | python3 -c \'import json, sys; r = json.load(sys.stdin); '
+             'print(r.get("node-id", "") if r.get("success") else "")\')" && [ -n "$id" ]; then',
+             '    printf \'%s\\n\' "$id" > "$IDS/$1"',
+             '    echo "$1: registered as node $id"',
+             "  else  # re-runnable: a key registered before is refused by the SuperLink; say so and go on",
+             '    echo "$1: not registered now (already registered? recorded node id: $(cat "$IDS/$1" 2>/dev/null || '
+             'echo none))"',
+             "  fi",
+             "}"]
     for name in sorted(registry.get("sites", {})):
-        # Re-runnable: a key registered before is refused by the SuperLink; say so and go on.
-        lines.append(f'flwr supernode register "$HERE/sites/{name}/site.pub" "$CONNECTION" --name {name} '
-                     f'|| echo "{name}: not registered now (already registered?)"')
-    path.parent.mkdir(parents=True, exist_ok=True)
+        lines.append(f'register {name} "$HERE/sites/{name}/site.pub"')
     _write(path, ("\n".join(lines) + "\n").encode(), 0o755)
+
+
+def recorded_node_id(out: Path, site: str) -> int | None:
+    """The node id register-sites.sh recorded for ``site``'s key, or None."""
+    try:
+        text = (Path(out) / "superlink" / NODE_IDS / site).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def unregister_step(out: Path, site: str) -> str:
+    """The command that removes ``site``'s node from the running SuperLink (Flower 1.41), or how to find its id."""
+    node_id = recorded_node_id(out, site)
+    if node_id is not None:
+        return f"flwr supernode unregister {node_id} <connection>"
+    return (f"flwr supernode unregister <node-id> <connection>, where <node-id> is the number `flwr supernode register` "
+            f"answered for sites/{site}/site.pub; none was recorded in {Path(out) / 'superlink' / NODE_IDS / site} (the "
+            "key was registered by hand or before register-sites.sh recorded ids). Flower 1.41's `flwr supernode list "
+            "<connection> --format json` shows no names or keys (every owner is \"none\"): its node is the one whose "
+            "created-at is when its key was registered")
+
+
+def _is_consortium(out: Path) -> bool:
+    """Whether ``out`` holds a consortium an older fedmeta provision made (a registry, before the output journal)."""
+    try:
+        registry = json.loads((out / "registry.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(registry, dict) and isinstance(registry.get("sites"), dict) and "address" in registry
 
 
 def _read_registry(out: Path) -> dict:
@@ -564,4 +613,4 @@ secrets:
 """
 
 
-__all__ = ["Provisioned", "provision", "register", "revoke_site"]
+__all__ = ["Provisioned", "provision", "recorded_node_id", "register", "revoke_site", "unregister_step"]
