@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.common.validate import (
-    CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
+    CaseProblem, LoadedCase, check_case, discover_site, episode_problems, max_voxels, thin_volume_warning,
 )
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -93,6 +93,44 @@ def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(reoriented), zooms
 
 
+def ras_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray]:
+    """The shape and voxel sizes (mm) :func:`to_ras` gives a volume of ``shape``, from the header alone."""
+    from nibabel import orientations
+
+    affine = np.asarray(affine, dtype=np.float64)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ras_shape, ras_zooms = [0] * 3, np.zeros(3)
+    for axis, (ras_axis, _) in enumerate(orientations.io_orientation(affine)):
+        ras_shape[int(ras_axis)], ras_zooms[int(ras_axis)] = int(shape[axis]), zooms[axis]
+    return tuple(ras_shape), ras_zooms
+
+
+def resampled_shape(shape, zooms, spacing) -> tuple[int, ...]:
+    """The voxel grid a volume of ``shape`` and voxel sizes ``zooms`` (mm) has at ``spacing`` mm."""
+    return tuple(int(n) for n in np.maximum(np.round(np.asarray(shape[:3]) * np.asarray(zooms) / np.asarray(spacing)), 1))
+
+
+def resampling_problem(name, shape, zooms, config: DataConfig) -> str | None:
+    """Why ``name``'s volume must not be resampled and cropped for ``config`` — the grid at ``config.spacing``, or
+    the model's window over it, would hold more voxels than the cap (``FEDMETA_MAX_VOXELS``) — or None. Checked
+    from the header before anything is allocated: a damaged run config (a spacing of 0.01 mm, an image size of
+    4096) would otherwise ask for terabytes."""
+    target = resampled_shape(shape, zooms, config.spacing)
+    window = tuple(config.image_size) + (target[2],) if config.spatial_dims == 2 else tuple(config.image_size)
+    cap = max_voxels()
+    for what, grid in (("resampled", target), ("cropped to the model's window", window)):
+        voxels = math.prod(grid)
+        if voxels > cap:
+            extent = " x ".join(f"{n * z:.0f}" for n, z in zip(shape[:3], zooms))
+            return (f"{name}: {what} for the model's spacing {'/'.join(f'{s:g}' for s in config.spacing)} mm and "
+                    f"image size {'x'.join(map(str, config.image_size))}, this {extent} mm scan would become "
+                    f"{' x '.join(map(str, grid))} = {voxels:,} voxels ({voxels * 4 / 2**30:,.1f} GiB as float32), "
+                    f"more than the {cap:,} voxels ({cap * 4 / 2**30:,.1f} GiB) a site loads. The model's run config "
+                    "is damaged or not meant for scans (its spacing-mm or image-size). Fix: use the consortium's "
+                    "release as published, or raise FEDMETA_MAX_VOXELS if the size is genuine.")
+    return None
+
+
 def resample(image: np.ndarray, label: np.ndarray, zooms: np.ndarray, spacing: tuple[float, float, float]):
     """Resample an RAS image (trilinear) and label (nearest) to ``spacing`` mm.
 
@@ -100,7 +138,7 @@ def resample(image: np.ndarray, label: np.ndarray, zooms: np.ndarray, spacing: t
     rather than MONAI's Spacing: 15 ms against 250 ms a volume here, and a site loads 10-20 of them.
     """
     shape = np.asarray(image.shape)
-    target = tuple(int(n) for n in np.maximum(np.round(shape * zooms / np.asarray(spacing)), 1))
+    target = resampled_shape(image.shape, zooms, spacing)
     if target == tuple(shape):
         return image, label
     image_t = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=target, mode="trilinear",
@@ -153,6 +191,9 @@ def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor
     (:func:`select_slices`); 3D: the one centred patch, index 0.
     """
     image, zooms = to_ras(loaded.image_data, np.asarray(loaded.image.affine, dtype=np.float64))
+    problem = resampling_problem(f"case {loaded.case_id}", image.shape, zooms, config)
+    if problem:
+        raise ValueError(problem)
     label, _ = to_ras(loaded.label_data, np.asarray(loaded.image.affine, dtype=np.float64))
     image, label = resample(image.astype(np.float32), label, zooms, config.spacing)
     image = normalise_intensity(image)
@@ -203,6 +244,7 @@ class SiteDataset:
     labels: list[Tensor]  # per patient: [N, H, W] or [N, H, W, D]
     train_slices: list[np.ndarray]  # per patient: indices into images[p] that episodes draw from
     skipped: list[CaseProblem] = field(default_factory=list)  # bad cases and every reason
+    ignored: list[CaseProblem] = field(default_factory=list)  # files in imagesTr/ dataset.json does not list
     label_names: dict[int, str] | None = None  # the site's declared labels (None: not declared)
     label_protocol: str = "standard"
 
@@ -236,16 +278,22 @@ class SiteDataset:
             images.append(case_images)
             labels.append(case_labels)
             train_slices.append(case_slices)
+        if layout.unlisted:  # dataset.json's 'training' list is the site: what it leaves out is not read
+            listing = "\n".join(f"  - {problem}" for problem in layout.unlisted)
+            warnings.warn(f"site {layout.name} ({root}): {len(layout.unlisted)} file(s) in imagesTr/ not used:\n"
+                          f"{listing}", UserWarning, stacklevel=2)
         if skipped:
             listing = "\n".join(f"  - {problem}" for problem in skipped)
-            message = f"site {layout.name} ({root}): {len(skipped)} case(s) unusable:\n{listing}"
+            message = (f"site {layout.name} ({root}): {len(skipped)} of {layout.num_listed} listed case(s) "
+                       f"unusable:\n{listing}")
             if config.strict:
                 raise ValueError(message + "\nFix them (fedmeta check-data lists the same), or load with strict=False to skip them.")
             warnings.warn(message + "\nThey are skipped; `fedmeta check-data` lists the fixes.", UserWarning, stacklevel=2)
         if not patient_ids:
-            raise ValueError(f"site {layout.name} ({root}) has no usable case; run `fedmeta check-data {root}` for the fixes.")
+            what = "has no usable case" if layout.num_listed else "lists no case (dataset.json's 'training' is empty)"
+            raise ValueError(f"site {layout.name} ({root}) {what}; run `fedmeta check-data {root}` for the fixes.")
         return cls(name=layout.name, root=root, config=config, patient_ids=patient_ids, images=images, labels=labels,
-                   train_slices=train_slices, skipped=skipped, label_names=layout.labels,
+                   train_slices=train_slices, skipped=skipped, ignored=list(layout.unlisted), label_names=layout.labels,
                    label_protocol=layout.label_protocol)
 
     @property

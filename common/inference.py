@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from fedmeta.common.data import DataConfig, crop_or_pad, head_mask, normalise_intensity, to_ras
+from fedmeta.common.data import DataConfig, crop_or_pad, head_mask, normalise_intensity, resampling_problem, to_ras
 
 
 @dataclass
@@ -81,6 +81,9 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
     transform = _ras_orientation(affine)
     image, zooms = to_ras(np.asarray(image_data, dtype=np.float32), affine)
     ras_shape = image.shape
+    problem = resampling_problem("the scan", ras_shape, zooms, config)  # before the volumes below are allocated
+    if problem:
+        raise ValueError(problem)
     target = tuple(int(n) for n in np.maximum(np.round(np.asarray(ras_shape) * zooms / np.asarray(config.spacing)), 1))
     volume = torch.from_numpy(image)
     if target != tuple(ras_shape):

@@ -75,7 +75,15 @@ class SiteLayout:
     labels: dict[int, str] | None
     label_protocol: str = "standard"
     modality: str | None = None
-    problems: list[CaseProblem] = field(default_factory=list)  # cases that cannot even be paired
+    problems: list[CaseProblem] = field(default_factory=list)  # listed cases that cannot even be read
+    # Files in imagesTr/ that dataset.json does not list: not cases of the site (its 'training' list is), but
+    # probably meant to be, so every reader names them.
+    unlisted: list[CaseProblem] = field(default_factory=list)
+
+    @property
+    def num_listed(self) -> int:
+        """The site's cases: every pair its dataset.json lists (or its globs pair), readable or not."""
+        return len(self.cases) + len(self.problems)
 
 
 @dataclass
@@ -95,18 +103,16 @@ class SiteReport:
 
     root: Path
     name: str
-    num_cases: int
+    num_cases: int  # listed in dataset.json (or paired by the globs)
     case_problems: list[CaseProblem]
     site_problems: list[str]
     warnings: list[str] = field(default_factory=list)  # usable, but worth a look (e.g. a volume too thin)
+    num_valid: int = 0  # of num_cases, those that pass every check: what training and adapt use
+    unlisted: list[CaseProblem] = field(default_factory=list)  # files not listed, so not used
 
     @property
     def ok(self) -> bool:
-        return not self.case_problems and not self.site_problems
-
-    @property
-    def num_valid(self) -> int:
-        return self.num_cases - len({p.case_id for p in self.case_problems})
+        return not self.case_problems and not self.site_problems and not self.unlisted
 
 
 def _strip_suffix(name: str) -> str:
@@ -140,7 +146,11 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
             "image_glob/label_glob (fedmeta check-data --image-glob '*_img.nii.gz' --label-glob '*_seg.nii.gz')."
         )
     try:
-        meta = json.loads(dataset_json.read_text())
+        meta = json.loads(dataset_json.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{dataset_json} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start} "
+                         "is not valid UTF-8; JSON must be UTF-8). Fix: save the file as UTF-8, e.g. "
+                         f"`iconv -f latin1 -t utf-8`.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{dataset_json} is not valid JSON ({err}); fix or regenerate the file.") from err
     try:
@@ -178,11 +188,19 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
     images_dir = root / "imagesTr"
     if images_dir.is_dir():
         for path in sorted(images_dir.iterdir()):
-            if ((path.name.endswith(NIFTI_SUFFIXES) or path.is_dir()) and not path.name.startswith(".")
-                    and path.resolve() not in listed_images and path.absolute() not in listed_images):
-                layout.problems.append(CaseProblem(_strip_suffix(path.name), (
-                    f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored. "
-                    "Fix: add an {\"image\", \"label\"} entry for it, or remove the file.",)))
+            if path.name.startswith(".") or not (path.name.endswith(NIFTI_SUFFIXES) or path.is_dir()):
+                continue
+            try:
+                resolved = path.resolve()
+            except (RuntimeError, OSError) as err:  # Python 3.11: RuntimeError("Symlink loop from ...")
+                layout.unlisted.append(CaseProblem(_strip_suffix(path.name), (
+                    f"{path}: cannot be resolved ({err}): a loop of symbolic links, so it is not read. Fix: "
+                    f"remove the link, or replace it by the scan itself.",)))
+                continue
+            if resolved not in listed_images and path.absolute() not in listed_images:
+                layout.unlisted.append(CaseProblem(_strip_suffix(path.name), (
+                    f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored (the list "
+                    "is the site's cases). Fix: add an {\"image\", \"label\"} entry for it, or remove the file.",)))
     return layout
 
 
@@ -249,6 +267,11 @@ def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None
         except SeriesProblem as err:
             return None, None, str(err)
         return image, data, None
+    if path.is_symlink() and not path.exists():  # exists() follows the link: False for a dangling one or a loop
+        return None, None, (
+            f"{path}: the {role} is a symbolic link to {os.readlink(path)!r}, which leads nowhere (a missing file or "
+            f"a loop of links). Fix: replace the link by the {role} file itself."
+        )
     if not path.is_file():
         return None, None, (
             f"{path}: the {role} file of this case is missing. Fix: add the {role}, or drop the case from "
@@ -257,7 +280,7 @@ def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None
     max_voxels()  # a bad FEDMETA_MAX_VOXELS is the operator's error, not this file's: raise it as such
     try:
         image = nib.load(str(path))  # reads the header only: the data stays on disk until asked for
-        problem = _declared_size_problem(path, image)
+        problem = _declared_size_problem(path, image) or dtype_problem(path, image.get_data_dtype(), role)
         if problem:
             return None, None, problem
         data = np.asanyarray(image.dataobj)
@@ -273,6 +296,25 @@ def _load_nifti(path: Path, role: str) -> tuple[object | None, np.ndarray | None
             "again from the source scan as NIfTI (.nii.gz)."
         )
     return image, data, None
+
+
+def dtype_problem(path: Path, dtype, role: str) -> str | None:
+    """Why voxels of ``dtype`` are not a grey-level scan or a label map — colour (RGB/RGBA records), complex
+    (the imaginary part would be dropped without a word) or not numbers at all — or None."""
+    dtype = np.dtype(dtype)
+    if dtype.fields:
+        return (f"{path}: the {role} is a colour image (NIfTI data type {dtype.descr}, "
+                f"{'/'.join(dtype.names)} per voxel), not a grey-level {'scan' if role == 'image' else 'label map'}. "
+                f"Fix: export the {role} as one grey-level channel (e.g. the source series, not a screenshot or a "
+                "rendered overlay).")
+    if dtype.kind == "c":
+        return (f"{path}: the {role} holds complex numbers ({dtype}); fedmeta would have to drop the imaginary part, "
+                f"and the magnitude or phase is not its to choose. Fix: export the magnitude image (real-valued), "
+                "e.g. numpy.abs of the data, as float32.")
+    if dtype.kind not in "biuf":
+        return (f"{path}: the {role} holds {dtype} values, not numbers a scan or label map is made of. Fix: export "
+                "it as a real-valued (integer or float) NIfTI.")
+    return None
 
 
 def _declared_size_problem(path: Path, image) -> str | None:
@@ -325,6 +367,22 @@ def _looks_truncated(err: BaseException, path: Path) -> bool:
     return path.stat().st_size < 352  # shorter than a NIfTI-1 header
 
 
+def _dimensions_problem(path: Path, shape: tuple[int, ...], what: str) -> str:
+    colour = (" Its last axis of 3 or 4 looks like colour channels (RGB/RGBA): a screenshot or a rendered image, "
+              "not the scan." if len(shape) > 3 and shape[-1] in (3, 4) else "")
+    return (f"{path}: {what} has {len(shape)} dimensions (shape {tuple(shape)}), expected a 3D volume.{colour} Fix: "
+            "export one 3D grey-level volume per file (split multi-channel or time series, stack 2D slices).")
+
+
+def uniform_problem(path: Path, data: np.ndarray) -> str | None:
+    """A scan whose voxels all hold one value has no contrast: nothing to learn from, nothing to segment."""
+    if data.size and float(data.max()) == float(data.min()):
+        return (f"{path}: every voxel of the image is {float(data.flat[0]):g} (a uniform volume, no contrast), so "
+                "there is nothing to segment and any mask of it would be noise. Fix: export the scan again; an "
+                "all-zero volume is usually a failed or blanked export.")
+    return None
+
+
 def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) -> tuple[list[str], LoadedCase | None]:
     """Every problem with one case, and the loaded case when there is none.
 
@@ -353,10 +411,7 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
         label_data = label_data[..., 0]
     for path, data, role in ((case.image, image_data, "image"), (case.label, label_data, "label")):
         if data.ndim != 3:
-            problems.append(
-                f"{path}: the {role} has {data.ndim} dimensions (shape {tuple(data.shape)}), expected a 3D volume. "
-                "Fix: export one 3D volume per file (split multi-channel or time series, stack 2D slices)."
-            )
+            problems.append(_dimensions_problem(path, data.shape, f"the {role}"))
     if problems:
         return problems, None
 
@@ -387,6 +442,8 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int) ->
             f"{case.image}: {int((~finite).sum())} voxels are NaN or Inf. Fix: re-export the scan, or replace them "
             "(e.g. by 0) before use."
         )
+    elif problem := uniform_problem(case.image, image_data):
+        problems.append(problem)
     if np.issubdtype(label_data.dtype, np.integer):
         rounded = np.asarray(label_data, dtype=np.int64)
     else:
@@ -458,7 +515,7 @@ def affine_problem(path: Path, affine, shape: tuple[int, ...]) -> str | None:
 def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | None, np.ndarray | None]:
     """An unlabelled scan to segment: (problems, nibabel image, float32 data). The checks ``check_case``
     applies to an image: the header's size against the file and the voxel cap before any data is read,
-    one 3D volume, an invertible finite affine, finite intensities, and at least ``min_slices`` voxels
+    one 3D volume of real numbers, an invertible finite affine, finite intensities that are not all one value, and at least ``min_slices`` voxels
     along every axis (a volume thinner than that is not a scan the model can segment)."""
     image, data, error = _load_nifti(Path(path), "image")
     if error:
@@ -466,8 +523,7 @@ def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | 
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        return [f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}), expected a 3D volume. Fix: export "
-                "one 3D volume per file (split multi-channel or time series, stack 2D slices)."], None, None
+        return [_dimensions_problem(path, data.shape, "it")], None, None
     problem = affine_problem(Path(path), image.affine, data.shape)
     if problem:
         return [problem], None, None
@@ -480,6 +536,9 @@ def check_scan(path: Path, *, min_slices: int = 1) -> tuple[list[str], object | 
     if not finite.all():
         return [f"{path}: {int((~finite).sum())} voxels are NaN or Inf. Fix: re-export the scan, or replace them "
                 "(e.g. by 0) before use."], None, None
+    problem = uniform_problem(Path(path), data)
+    if problem:
+        return [problem], None, None
     return [], image, data
 
 
@@ -500,6 +559,9 @@ def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = No
         )
     case_problems = list(layout.problems)
     valid, notes = 0, []
+    if not layout.num_listed and layout.labels is not None:
+        site_problems.append(f"{layout.root / 'dataset.json'}: its 'training' list is empty, so the site has no case. "
+                             "Fix: list each case as {\"image\": \"./imagesTr/...\", \"label\": \"./labelsTr/...\"}.")
     for case in layout.cases:
         problems, loaded = check_case(case, allowed, num_classes)
         if problems:
@@ -510,8 +572,8 @@ def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = No
             if note:
                 notes.append(note)
     site_problems.extend(episode_problems(layout.root, valid, k, q))
-    return SiteReport(root=layout.root, name=layout.name, num_cases=len(layout.cases),
-                      case_problems=case_problems, site_problems=site_problems, warnings=notes)
+    return SiteReport(root=layout.root, name=layout.name, num_cases=layout.num_listed, case_problems=case_problems,
+                      site_problems=site_problems, warnings=notes, num_valid=valid, unlisted=list(layout.unlisted))
 
 
 # A volume thinner than this (voxels, or millimetres) along an axis is a localiser or a slab: it loads, but
@@ -570,8 +632,10 @@ def format_reports(reports: list[SiteReport]) -> str:
     lines = []
     for report in reports:
         status = "ok" if report.ok else "PROBLEMS"
-        lines.append(f"{report.name} ({report.root}): {report.num_valid}/{report.num_cases} cases usable - {status}")
-        for problem in report.case_problems:
+        ignored = f"; {len(report.unlisted)} unlisted file(s) ignored" if report.unlisted else ""
+        lines.append(f"{report.name} ({report.root}): {report.num_valid}/{report.num_cases} cases usable{ignored} - "
+                     f"{status}")
+        for problem in report.case_problems + report.unlisted:
             lines.append(f"  case {problem.case_id}:")
             lines.extend(f"    - {message}" for message in problem.problems)
         lines.extend(f"  - {message}" for message in report.site_problems)

@@ -185,8 +185,9 @@ def test_each_corruption_has_its_own_message(smoke_federation: Path, tmp_path: P
     corrupt(folder)
     report = check_site(folder, k=5, q=10)
     assert not report.ok
-    messages = [m for problem in report.case_problems for m in problem.problems]
-    assert len(report.case_problems) == 1, messages  # only the corrupted case is flagged
+    flagged = report.case_problems + report.unlisted  # an unlisted file is not a case, but it is named
+    messages = [m for problem in flagged for m in problem.problems]
+    assert len(flagged) == 1, messages  # only the corrupted case is flagged
     hits = [m for m in messages if fragment in m]
     assert hits, messages
     assert where in hits[0] and "Fix:" in hits[0]
