@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)),
                         help="labelled support slices k, comma-separated (default: 1,5,10)")
     parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
-                        help="adaptation step counts, comma-separated (default: 0,1,5,10,20)")
+                        help="adaptation step counts, comma-separated (default: 0,1,5,10,20; each at most 10,000, "
+                             "fedmeta's cap on every step count)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support/evaluation patient split (default 0)")
     parser.add_argument("--max-images", type=int, default=0,
                         help="bound the evaluation slices per site, in whole patients taken in a seeded order "
@@ -120,7 +121,9 @@ def evaluate(args: argparse.Namespace) -> int:
         if json_out is not None:  # refused before the work, not after it
             json_out.check([args.json.name], overwrite=args.overwrite)
         shots = parse_counts(args.shots, "--shots", minimum=1)
-        steps = parse_counts(args.steps, "--steps", minimum=0)
+        from fedmeta.common.config import MAX_STEPS
+
+        steps = parse_counts(args.steps, "--steps", minimum=0, maximum=MAX_STEPS)
         from fedmeta.client.site_model import default_public_key
 
         args.public_key = default_public_key(args.public_key)
@@ -170,8 +173,8 @@ def verified_release(args: argparse.Namespace) -> dict | None:
     return {"verified": True, **release} if release else None
 
 
-def parse_counts(text: str, option: str, *, minimum: int) -> list[int]:
-    """'1,5,10' -> [1, 5, 10], refusing anything else with the option named."""
+def parse_counts(text: str, option: str, *, minimum: int, maximum: int | None = None) -> list[int]:
+    """'1,5,10' -> [1, 5, 10], refusing anything else (or a count above ``maximum``) with the option named."""
     try:
         values = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
@@ -179,6 +182,9 @@ def parse_counts(text: str, option: str, *, minimum: int) -> list[int]:
     if not values or any(v < minimum for v in values):
         raise ValueError(f"{option} {text!r}: expected comma-separated integers >= {minimum}, e.g. "
                          f"{'1,5,10' if minimum else '0,5,10'}.")
+    if maximum is not None and max(values) > maximum:
+        raise ValueError(f"{option} {text!r}: {max(values):,} is more than the {maximum:,} fedmeta allows (few-shot "
+                         "adaptation takes 5-50 steps; this many would run for days). Give smaller counts, e.g. 0,5,10.")
     return sorted(set(values))
 
 

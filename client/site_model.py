@@ -41,7 +41,6 @@ SITE_MODEL_VERSION = 1
 SCAN_SUFFIXES = (".nii.gz", ".nii")
 # A volume with fewer voxels than this along an axis is a localiser or a slice, not a scan to segment.
 MIN_SCAN_SLICES = 3
-MAX_STEPS = 10_000  # beyond this, adaptation on k slices is not few-shot adaptation but an hour of overfitting
 
 
 @dataclass
@@ -94,6 +93,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     from fedmeta.common.meta import adaptation_trajectory
     from fedmeta.common.metrics import foreground_classes
     from fedmeta.common.model import build_model, head_parameter_names
+    from fedmeta.common.config import MAX_STEPS
     from fedmeta.common.release import file_sha256
     from fedmeta.common.validate import discover_site
 
@@ -101,7 +101,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
         raise ValueError(f"--steps {steps!r}: gradient steps, an integer from 0 (the initialisation as it is) to "
-                         f"{MAX_STEPS}; a few-shot adaptation takes 5-50.")
+                         f"{MAX_STEPS:,}; a few-shot adaptation takes 5-50.")
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder; pass the site folder (dataset.json, imagesTr/, labelsTr/).")
     from fedmeta.common.outputs import Outputs
@@ -233,6 +233,7 @@ class _RawStats:
         return {
             "patients": site.num_patients,
             "skipped_cases": len(site.skipped),
+            "unlisted_files_ignored": len(site.ignored),
             "slices": int(sum(len(x) for x in site.images)),
             "labelled_slices": int(sum(len(site.foreground_indices(p)) for p in range(site.num_patients))),
             "median_voxel_mm": median(self.spacings),
@@ -271,7 +272,7 @@ def load_site_model(path: Path) -> SiteModel:
     import torch
 
     from fedmeta.common.checkpoint import check_weights
-    from fedmeta.common.config import RunConfig
+    from fedmeta.common.config import RunConfig, memory_problem
     from fedmeta.common.model import initial_params, seeded_model
     from fedmeta.common.release import file_sha256
 
@@ -297,7 +298,14 @@ def load_site_model(path: Path) -> SiteModel:
         raise ValueError(f"{model_file}: not a fedmeta site model; adapt again.")
     params, run_config = payload["params"], payload.get("run_config") or {}
     check_weights(model_file, {"params": params})
-    config = RunConfig.from_run_config(run_config)
+    try:
+        config = RunConfig.from_run_config(run_config)
+    except ValueError as err:
+        raise ValueError(f"{model_file}: its stored run config is refused ({err}); the file is damaged or was tampered "
+                         "with. Adapt again from the consortium's release.") from None
+    problem = memory_problem(config, str(model_file))  # before the network is built below
+    if problem:
+        raise ValueError(problem)
     expected = {n: tuple(t.shape) for n, t in initial_params(seeded_model(config.model_config(), 0)).items()}
     if expected != {n: tuple(t.shape) for n, t in params.items()}:
         raise ValueError(f"{model_file}: its weights do not match the network its run config describes; adapt again.")
@@ -567,8 +575,6 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
                 continue
             journal.record(*entry["files"])
             outputs = sorted(set(outputs) | set(entry.pop("files")))
-            if entry.pop("uniform"):
-                notes[entry["case"]] = "the scan is uniform (no contrast): its mask means nothing"
             entry["seconds"] = round(time.perf_counter() - began, 3)
             written.append(entry)
             progress(f"[{i}/{len(scans)}] {scan.name} -> {entry['case']}.nii.gz ({entry['seconds']:.1f} s)")
@@ -585,12 +591,16 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
     """One scan: checked, segmented, its outputs written (each atomically); raises _Refused with the reason."""
     import nibabel as nib
 
+    from fedmeta.common.data import ras_grid, resampling_problem
     from fedmeta.common.validate import check_scan
 
     name = case_name(scan)
-    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)
+    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)  # a uniform scan is refused here
     if problems:
         raise _Refused(problems[0])
+    problem = resampling_problem(scan, *ras_grid(data.shape, image.affine), config.data_config())
+    if problem:
+        raise _Refused(problem)
     result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
     files: list[str] = []
     try:  # a scan's outputs are all written or none stays: a refused scan leaves nothing unlisted behind
@@ -623,7 +633,7 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
         except Exception as err:  # noqa: BLE001 - the series lacks what a SEG must reference; the mask stands
             entry["dicom_seg"] = (f"not written ({type(err).__name__}): the series lacks an attribute a DICOM SEG "
                                   "must reference (e.g. FrameOfReferenceUID, StudyInstanceUID)")
-    return {**entry, "files": files, "uniform": float(data.max()) == float(data.min())}
+    return {**entry, "files": files}
 
 
 class _Refused(Exception):
@@ -673,7 +683,8 @@ def register(subparsers) -> None:
     adapt_parser.add_argument("--data", type=Path, required=True, help="this site's labelled folder (dataset.json, ...)")
     adapt_parser.add_argument("--shots", type=int, default=5, help="labelled slices to adapt on (default 5)")
     adapt_parser.add_argument("--steps", type=int, default=10,
-                              help="gradient steps (default 10; 0 writes the initialisation unadapted, to compare)")
+                              help="gradient steps (default 10; 0 writes the initialisation unadapted, to compare; "
+                                   "at most 10,000, fedmeta's cap on every step count)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
     adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
     adapt_parser.add_argument("--overwrite", action="store_true",

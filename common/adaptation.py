@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from fedmeta.common.checkpoint import load_checkpoint
-from fedmeta.common.config import RunConfig
+from fedmeta.common.config import RunConfig, memory_problem
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import StepSize, adaptation_trajectory
@@ -98,7 +98,11 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
     try:
         config = RunConfig.from_run_config(checkpoint.run_config)
     except ValueError as err:
-        raise ValueError(f"{path}: its run config is not valid for this fedmeta version ({err}).") from None
+        raise ValueError(f"{path}: its stored run config is refused ({err}); the file is damaged, tampered with or "
+                         "from another fedmeta version. Use the consortium's release as published.") from None
+    problem = memory_problem(config, str(path))  # before the network is built below
+    if problem:
+        raise ValueError(problem)
     # The weights must be the model the run config builds: a mismatch would fail deep inside
     # load_state_dict (or, worse, silently for a strict=False loader) instead of naming the file.
     model_config = config.model_config()

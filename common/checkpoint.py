@@ -96,14 +96,17 @@ PLAUSIBLE_WEIGHT = 1e6
 
 def check_weights(path: Path, groups: dict[str, Any]) -> None:
     """Refuses weights (``{"params": θ, "step_sizes": ...}``, each a name -> tensor mapping) that are not tensors,
-    hold NaN/Inf, or are implausibly large, naming ``path`` and the tensor. Every loader of weights calls it."""
+    not floating point, hold NaN/Inf, or are implausibly large, naming ``path`` and the tensor. Every loader of
+    weights calls it."""
     for group, tensors in groups.items():
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise ValueError(f"{path}: its {group} are not a mapping of tensors; it was damaged or written by another "
                              "program. Point at the checkpoint.pt a fedmeta run wrote.")
         for name, tensor in tensors.items():
-            if not tensor.is_floating_point():
-                continue
+            if not tensor.is_floating_point():  # an integer θ cannot take a gradient step, and the network refuses it
+                raise ValueError(f"{path}: {group} {name!r} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                                 "not floating point as every trained weight is; the file was damaged or written by "
+                                 "another program. Use the checkpoint.pt a fedmeta run wrote.")
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{path}: {group} {name!r} holds NaN or Inf; this θ is broken and would segment "
                                  "nothing. Use an earlier checkpoint of the run, or ask the consortium for the release.")

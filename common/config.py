@@ -13,12 +13,25 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from fedmeta.common.model import ModelConfig
+from fedmeta.common.model import ModelConfig, parameter_count
 from fedmeta.common.protocol import (
     AGGREGATIONS, ALGORITHMS, DP_MODES, LEARNER_ALGORITHMS, SECURE_AGGREGATIONS, SITE_WEIGHTINGS,
 )
 META_OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+
+# The ranges every run config is held to, wherever it comes from: the command line, a preset, --set, or a
+# checkpoint's or model card's stored config (which is data, and may be damaged or hostile). Each is far beyond
+# what few-shot segmentation uses and well short of what would exhaust a machine.
+MAX_STEPS = 10_000  # inner, adaptation and evaluation steps: few-shot adaptation takes 5-50
+SPACING_MM_RANGE = (0.1, 20.0)  # the isotropic voxel size volumes are resampled to
+MAX_IMAGE_SIZE = 1024  # the model's input side (pixels)
+MAX_MODEL_LEVELS = 8
+MAX_BASE_CHANNELS = 256
+MAX_RES_UNITS = 8
+MAX_LEARNER_SIZE = 1024  # generator-width, prototype-dim, lstm-hidden
+MAX_EVAL_BATCH = 1024
+MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the default UNet has 0.2 M
 
 # Keys that may change between a stopped run and its resumption without changing the trajectory:
 # where things live, how long to go on, how patient to be, which device computes.
@@ -139,6 +152,8 @@ class RunConfig:
         need(self.q_query >= 1, "q-query", "must be >= 1 query image.")
         need(self.inner_steps >= (0 if self.algorithm in ("fast-weights", "prototypes") else 1), "inner-steps",
              "must be >= 1 (0 only for fast-weights and prototypes, whose adaptation needs no gradient step).")
+        need(self.inner_steps <= MAX_STEPS, "inner-steps",
+             f"must be at most {MAX_STEPS:,} (few-shot adaptation takes 1-50 steps; more would run for days).")
         need(self.inner_lr > 0, "inner-lr", "must be > 0.")
         need(self.meta_lr > 0, "meta-lr", "must be > 0.")
         need(0 <= self.meta_momentum < 1, "meta-momentum", "must be in [0, 1).")
@@ -154,21 +169,29 @@ class RunConfig:
         need(self.step_sizes == "per-element" or self.algorithm == "metasgd", "step-sizes",
              f"learned step sizes belong to metasgd, not algorithm={self.algorithm!r}; leave it at per-element.")
         for key in ("generator-width", "prototype-dim", "lstm-hidden"):
-            need(getattr(self, key.replace("-", "_")) >= 1, key, "must be >= 1.")
+            need(1 <= getattr(self, key.replace("-", "_")) <= MAX_LEARNER_SIZE, key, f"must be in [1, {MAX_LEARNER_SIZE}].")
         need(0 <= self.lstm_truncation <= self.inner_steps, "lstm-truncation",
              f"must be in [0, inner-steps={self.inner_steps}]: the inner steps backpropagated through (0: all).")
         need(self.lstm_truncation == 0 or self.algorithm == "lstm-optimizer", "lstm-truncation",
              f"truncates the learned optimiser's unroll; algorithm={self.algorithm!r} has none. Set it to 0.")
-        need(self.num_classes >= 2, "num-classes", "must be >= 2 (background plus a structure).")
-        need(0 < self.spacing_mm <= 20, "spacing-mm", "must be a voxel size in mm in (0, 20], e.g. 3.0.")
-        need(self.model_base_channels >= 1, "model-base-channels", "must be >= 1.")
-        need(self.model_levels >= 2, "model-levels", "must be >= 2.")
+        need(2 <= self.num_classes <= 256, "num-classes",
+             "must be in [2, 256] (background plus a structure; labels are held as uint8).")
+        low_mm, high_mm = SPACING_MM_RANGE
+        need(low_mm <= self.spacing_mm <= high_mm, "spacing-mm",
+             f"must be a voxel size in mm in [{low_mm:g}, {high_mm:g}], e.g. 3.0 (finer would resample a head to "
+             "billions of voxels).")
+        need(1 <= self.model_base_channels <= MAX_BASE_CHANNELS, "model-base-channels",
+             f"must be in [1, {MAX_BASE_CHANNELS}].")
+        need(2 <= self.model_levels <= MAX_MODEL_LEVELS, "model-levels", f"must be in [2, {MAX_MODEL_LEVELS}].")
+        need(0 <= self.model_res_units <= MAX_RES_UNITS, "model-res-units", f"must be in [0, {MAX_RES_UNITS}].")
         factor = 2 ** (self.model_levels - 1)
         need(self.image_size >= factor and self.image_size % factor == 0, "image-size",
              f"must be a positive multiple of {factor} (2^(model-levels - 1)) so the UNet's skips line up.")
+        need(self.image_size <= MAX_IMAGE_SIZE, "image-size",
+             f"must be at most {MAX_IMAGE_SIZE} pixels a side (a slice at the model's spacing; 64-256 is usual).")
         need(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables held-out evaluation).")
         need(self.eval_k_shot >= 1, "eval-k-shot", "must be >= 1.")
-        need(self.eval_batch_size >= 1, "eval-batch-size", "must be >= 1.")
+        need(1 <= self.eval_batch_size <= MAX_EVAL_BATCH, "eval-batch-size", f"must be in [1, {MAX_EVAL_BATCH}].")
         need(self.eval_max_images >= 0, "eval-max-images", "must be >= 0 (0 scores every evaluation patient).")
         for key in ("round-timeout", "round-deadline", "round-quorum", "node-wait-timeout", "max-weight-ratio",
                     "inner-lr", "meta-lr", "proximal-mu", "spacing-mm"):
@@ -248,13 +271,27 @@ class RunConfig:
             steps = self.adaptation_steps
         except ValueError:
             steps = ()
-        need(bool(steps) and all(s >= 0 for s in steps), "eval-steps",
-             "must be comma-separated non-negative integers, e.g. '0,5,10'.")
+        need(bool(steps) and all(0 <= s <= MAX_STEPS for s in steps), "eval-steps",
+             f"must be comma-separated integers from 0 to {MAX_STEPS:,}, e.g. '0,5,10'.")
         # Model validation (norm, widths) belongs to ModelConfig; surface its message with the key.
         try:
-            self.model_config()
+            model = self.model_config()
         except ValueError as err:
             raise ValueError(f"run config model-*: {err}") from None
+        count = parameter_count(model)  # counted without allocating: before any caller builds the network
+        need(count <= MAX_PARAMETERS, "model-base-channels",
+             f"with model-levels={self.model_levels} and model-res-units={self.model_res_units} the network has "
+             f"{count:,} parameters ({count * 4 / 2**30:.1f} GiB as float32), more than the {MAX_PARAMETERS:,} "
+             "fedmeta builds; use fewer channels or levels.")
+
+    def memory_estimate(self) -> int:
+        """Bytes one site needs to adapt and segment with this config, about: the weights and their adaptation
+        copies (θ, adapted, gradients, optimiser moments: 8 per weight), and the network's activations for an
+        episode's backward pass or an evaluation batch's forward pass (measured on the UNet: ~11 and ~4 top-level
+        feature maps per slice), whichever is larger."""
+        feature_map = self.model_base_channels * self.image_size**2 * 4
+        activations = max(12 * (self.k_shot + self.q_query), 4 * self.eval_batch_size) * feature_map
+        return 8 * 4 * parameter_count(self.model_config()) + activations
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -346,6 +383,25 @@ class RunConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def memory_problem(config: RunConfig, source: str) -> str | None:
+    """Why ``config`` (read from ``source``, a checkpoint or a model card) must not be built on this machine: its
+    :meth:`RunConfig.memory_estimate` exceeds the machine's memory. None when it fits."""
+    import os
+
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not every OS says; then only the ranges guard
+        return None
+    needed = config.memory_estimate()
+    if needed <= limit:
+        return None
+    return (f"{source}: its run config (image-size={config.image_size}, model-base-channels="
+            f"{config.model_base_channels}, model-levels={config.model_levels}, eval-batch-size="
+            f"{config.eval_batch_size}) needs about {needed / 2**30:,.1f} GiB to adapt and segment, more than this "
+            f"machine's {limit / 2**30:,.1f} GiB of memory. Fix: use the consortium's release as published (a stored "
+            "run config this large is damaged or not meant for a site), or run it on a larger machine.")
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
     # TOML and `--run-config` give ints for floats ("meta-lr=1") and, from some shells, strings.
     if kind is bool:
@@ -374,4 +430,4 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return str(value)
 
 
-__all__ = ["ALGORITHMS", "DEVICES", "META_OPTIMIZERS", "RunConfig"]
+__all__ = ["ALGORITHMS", "DEVICES", "MAX_STEPS", "META_OPTIMIZERS", "RunConfig", "memory_problem"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,14 @@ def build_model(config: ModelConfig | None = None) -> UNet:
              "prototypes": {"num_classes": config.out_channels, "embedding_dim": config.embedding_dim},
              "lstm-optimizer": {"hidden": config.lstm_hidden}}[config.learner]
     return LEARNERS[config.learner](**extra, **unet)
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_count(config: ModelConfig) -> int:
+    """How many parameters ``config``'s network has, counted on torch's meta device: nothing is allocated, so a
+    config asking for billions of weights is measured in milliseconds before anyone builds it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(config).parameters())
 
 
 def unet_of(config: ModelConfig) -> ModelConfig:

@@ -1,0 +1,281 @@
+"""Every hostile input gets a named refusal (the file or value, the problem, the fix; no traceback) or a correct
+result, and `fedmeta check-data` counts what `fedmeta adapt` reads (issue 25, part 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.common.adaptation import load_initialisation
+from fedmeta.common.checkpoint import load_checkpoint
+from fedmeta.common.config import MAX_STEPS, RunConfig, memory_problem
+from fedmeta.common.data import DataConfig, SiteDataset, resampling_problem
+from fedmeta.common.validate import check_scan, check_site
+from fedmeta.simulations.cli import main
+
+CASE = "site-01_001"
+
+
+@pytest.fixture
+def site(smoke_federation: Path, tmp_path: Path) -> Path:
+    """A copy of the smoke federation's site-01 (4 patients, MSD layout) to damage."""
+    folder = tmp_path / "site-01"
+    shutil.copytree(smoke_federation / "site-01", folder)
+    return folder
+
+
+def _image(folder: Path, case: str = CASE) -> Path:
+    return folder / "imagesTr" / f"{case}.nii.gz"
+
+
+def _rewrite(path: Path, array: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine), str(path))
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def _check_data(folder: Path, capsys) -> tuple[int, str]:
+    code = main(["check-data", str(folder)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.out + captured.err
+
+
+def _load(folder: Path) -> tuple[SiteDataset, list[str]]:
+    """What adapt and evaluate read (SiteDataset.load), and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = SiteDataset.load(folder, DataConfig(image_size=(32, 32)))
+    return loaded, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------------------------------
+# images that are not grey-level real numbers (defects 1, 2)
+
+
+def _rgb_record(path: Path) -> None:
+    grey = _voxels(path).astype(np.uint8)
+    rgb = np.zeros(grey.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = rgb["G"] = rgb["B"] = grey
+    _rewrite(path, rgb)
+
+
+def _rgb_channels(path: Path) -> None:
+    grey = _voxels(path).astype(np.uint8)
+    _rewrite(path, np.stack([grey] * 3, axis=-1))
+
+
+def _complex(path: Path) -> None:
+    _rewrite(path, _voxels(path).astype(np.complex64) * (1 + 1j))
+
+
+def _uniform(path: Path) -> None:
+    _rewrite(path, np.zeros(_voxels(path).shape, dtype=np.float32))
+
+
+NOT_GREY = [
+    ("rgb-dtype", _rgb_record, "is a colour image"),
+    ("rgb-trailing-axis", _rgb_channels, "looks like colour channels (RGB/RGBA)"),
+    ("complex64", _complex, "holds complex numbers (complex64)"),
+    ("all-zero", _uniform, "every voxel of the image is 0 (a uniform volume, no contrast)"),
+]
+
+
+@pytest.mark.parametrize("name, damage, words", NOT_GREY, ids=[n for n, _, _ in NOT_GREY])
+def test_an_image_that_is_not_a_grey_level_scan_is_refused_by_name_in_check_data_and_skipped_by_adapt(
+        site, capsys, name, damage, words):
+    damage(_image(site))
+    code, out = _check_data(site, capsys)
+    assert code == 1 and words in out and str(_image(site)) in out and "Fix:" in out
+    assert "3/4 cases usable - PROBLEMS" in out
+    loaded, said = _load(site)  # adapt's reader: the same check, the case skipped with the same words
+    assert loaded.num_patients == 3 and CASE not in loaded.patient_ids
+    assert any(words in message for message in said)
+
+
+@pytest.mark.parametrize("name, damage, words", NOT_GREY, ids=[n for n, _, _ in NOT_GREY])
+def test_predict_refuses_the_same_scans_with_the_same_words(site, name, damage, words):
+    damage(_image(site))
+    problems, image, data = check_scan(_image(site), min_slices=3)
+    assert image is None and len(problems) == 1 and words in problems[0] and str(_image(site)) in problems[0]
+
+
+def test_a_complex_label_is_refused_too(site, capsys):
+    label = site / "labelsTr" / f"{CASE}.nii.gz"
+    _rewrite(label, _voxels(label).astype(np.complex64))
+    code, out = _check_data(site, capsys)
+    assert code == 1 and "the label holds complex numbers" in out and str(label) in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the site's cases: dataset.json is the source of truth (defects 3-6)
+
+
+def test_a_symlink_loop_in_imagesTr_is_named_and_the_listed_cases_still_load(site, capsys):
+    (site / "imagesTr" / "a.nii.gz").symlink_to("b.nii.gz")
+    (site / "imagesTr" / "b.nii.gz").symlink_to("a.nii.gz")
+    code, out = _check_data(site, capsys)
+    assert code == 1 and "4/4 cases usable; 2 unlisted file(s) ignored - PROBLEMS" in out
+    assert f"{site / 'imagesTr' / 'a.nii.gz'}: cannot be resolved" in out and "a loop of symbolic links" in out
+    loaded, said = _load(site)
+    assert loaded.num_patients == 4 and any("a loop of symbolic links" in m for m in said)
+
+
+def test_a_listed_file_that_is_a_symlink_loop_is_named(site, capsys):
+    image = _image(site)
+    image.unlink()
+    image.symlink_to(image.name)  # a link to itself
+    code, out = _check_data(site, capsys)
+    assert code == 1 and "3/4 cases usable" in out and str(image) in out and "loop of symbolic links" in out
+
+
+def test_check_data_counts_the_cases_dataset_json_lists_which_are_the_cases_adapt_reads(site, capsys):
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["training"] = meta["training"][:2]
+    (site / "dataset.json").write_text(json.dumps(meta))
+    code, out = _check_data(site, capsys)
+    assert code == 1 and "2/2 cases usable; 2 unlisted file(s) ignored - PROBLEMS" in out
+    assert "site-01_002.nii.gz: image is not listed in" in out and "so it is ignored" in out
+    loaded, said = _load(site)
+    assert loaded.patient_ids == ["site-01_000", "site-01_001"] and len(loaded.ignored) == 2 and not loaded.skipped
+    assert any("2 file(s) in imagesTr/ not used" in m and "site-01_003" in m for m in said)
+
+
+def test_an_empty_training_list_is_zero_cases_not_a_negative_count(site, capsys):
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["training"] = []
+    (site / "dataset.json").write_text(json.dumps(meta))
+    code, out = _check_data(site, capsys)
+    assert code == 1 and "0/0 cases usable; 4 unlisted file(s) ignored" in out and "-4" not in out
+    assert f"{site / 'dataset.json'}: its 'training' list is empty" in out
+    report = check_site(site)
+    assert (report.num_valid, report.num_cases) == (0, 0)
+    with pytest.raises(ValueError, match=r"lists no case \(dataset.json's 'training' is empty\)"):
+        _load(site)
+
+
+def test_a_dataset_json_that_is_not_utf8_is_named(site, capsys):
+    dataset_json = site / "dataset.json"
+    dataset_json.write_bytes(dataset_json.read_bytes().replace(b'"site-01"', b'"site-\xe901"', 1))
+    assert main(["check-data", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"{dataset_json} is not UTF-8 text (byte 0xe9" in err and "Fix: save the file as UTF-8" in err
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        _load(site)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints and site models are data: their weights and run config are checked (defects 8, 9, 10)
+
+
+def _tampered(checkpoint: Path, into: Path, *, params=None, **run_config) -> Path:
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if params is not None:
+        payload["params"] = params(payload["params"])
+    payload["run_config"] = {**payload["run_config"], **run_config}
+    out = into / "checkpoint.pt"
+    torch.save(payload, out)
+    return out
+
+
+def test_integer_weights_are_refused_by_name(trained_checkpoint, tmp_path):
+    path = _tampered(trained_checkpoint, tmp_path, params=lambda p: {n: t.round().long() for n, t in p.items()})
+    with pytest.raises(ValueError, match=r"checkpoint.pt: params '.+' holds int64 values, not floating point"):
+        load_checkpoint(path)
+
+
+HOSTILE_RUN_CONFIGS = [
+    ({"spacing-mm": 0.01}, "spacing-mm=0.01: must be a voxel size in mm in [0.1, 20]"),
+    ({"image-size": 4096}, "image-size=4096: must be at most 1024 pixels a side"),
+    ({"model-levels": 20}, "model-levels=20: must be in [2, 8]"),
+    ({"model-base-channels": 100000}, "model-base-channels=100000: must be in [1, 256]"),
+    ({"model-base-channels": 256, "model-levels": 8, "image-size": 128},
+     "the network has 13,822,842,541 parameters (51.5 GiB as float32), more than the 100,000,000"),
+    ({"inner-steps": 1_000_000_000}, "inner-steps=1000000000: must be at most 10,000"),
+    ({"eval-steps": "0,1000000000"}, "eval-steps='0,1000000000': must be comma-separated integers from 0 to 10,000"),
+    ({"generator-width": 10**7}, "generator-width=10000000: must be in [1, 1024]"),
+]
+
+
+@pytest.mark.parametrize("changes, words", HOSTILE_RUN_CONFIGS, ids=[next(iter(c)) for c, _ in HOSTILE_RUN_CONFIGS])
+def test_a_checkpoints_run_config_is_held_to_the_clis_ranges(trained_checkpoint, tmp_path, changes, words):
+    path = _tampered(trained_checkpoint, tmp_path, **changes)
+    with pytest.raises(ValueError) as refused:
+        load_initialisation(path)
+    assert str(path) in str(refused.value) and words in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        RunConfig.from_run_config(changes)  # the same range for --set and a preset
+    assert words in str(refused.value)
+
+
+def test_a_run_config_too_large_for_this_machine_is_refused_with_the_estimate_and_the_limit(monkeypatch):
+    import os
+
+    config = RunConfig(image_size=1024, model_base_channels=64)
+    pages = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: pages if name == "SC_PAGE_SIZE" else 2**33 // pages)  # 8 GiB
+    problem = memory_problem(config, "x/checkpoint.pt")
+    assert problem.startswith("x/checkpoint.pt: its run config (image-size=1024, model-base-channels=64")
+    assert f"needs about {config.memory_estimate() / 2**30:,.1f} GiB" in problem and "this machine's 8.0 GiB" in problem
+    assert memory_problem(RunConfig(), "x/checkpoint.pt") is None
+
+
+def test_a_volume_resampled_beyond_the_voxel_cap_is_refused_before_it_is_allocated(monkeypatch):
+    config = DataConfig(spacing=(0.1, 0.1, 0.1))  # the smallest spacing a run config may give
+    problem = resampling_problem("scan.nii.gz", (180, 220, 180), np.ones(3), config)
+    assert problem.startswith("scan.nii.gz: resampled for the model's spacing 0.1/0.1/0.1 mm")
+    assert "1800 x 2200 x 1800 = 7,128,000,000 voxels" in problem and "more than the 268,435,456 voxels" in problem
+    assert resampling_problem("scan.nii.gz", (180, 220, 180), np.ones(3), DataConfig()) is None
+    monkeypatch.setenv("FEDMETA_MAX_VOXELS", "1000")
+    problem = resampling_problem("scan.nii.gz", (10, 10, 10), np.full(3, 2.0), DataConfig(image_size=(64, 64)))
+    assert "cropped to the model's window" in problem and "64 x 64 x 10 = 40,960 voxels" in problem
+
+
+def test_evaluate_refuses_a_billion_steps_by_name(trained_checkpoint, site, capsys):
+    code = main(["evaluate", "--checkpoint", str(trained_checkpoint), "--allow-unsigned", "--data", str(site),
+                 "--steps", "0,1000000000"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--steps '0,1000000000': 1,000,000,000 is more than the 10,000 fedmeta allows" in err
+    assert "10,000" in _help(["evaluate", "--help"], capsys) and MAX_STEPS == 10_000
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(argv)
+    return capsys.readouterr().out
+
+
+def test_adapt_refuses_steps_beyond_the_cap_and_says_so_in_its_help(trained_checkpoint, site, tmp_path, capsys):
+    code = main(["adapt", "--checkpoint", str(trained_checkpoint), "--allow-unsigned", "--data", str(site),
+                 "--out", str(tmp_path / "model"), "--steps", str(MAX_STEPS + 1)])
+    assert code == 1 and "--steps 10001: gradient steps, an integer from 0" in capsys.readouterr().err
+    assert "at most 10,000" in " ".join(_help(["adapt", "--help"], capsys).split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# predict: a uniform scan is refused, not given a mask of noise (defect 7)
+
+
+def test_predict_refuses_an_all_zero_scan_by_name_and_segments_the_rest(trained_checkpoint, site, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for case in ("site-01_000", CASE):
+        shutil.copy(_image(site, case), scans / f"{case}.nii.gz")
+    _uniform(scans / f"{CASE}.nii.gz")
+    assert main(["predict", "--model", str(trained_checkpoint), "--allow-unsigned", "--input", str(scans),
+                 "--out", str(tmp_path / "masks"), "--no-overlays", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{CASE}.nii.gz: refused: {scans / CASE}.nii.gz: every voxel of the image is 0" in out
+    summary = json.loads((tmp_path / "masks" / "predictions.json").read_text())
+    assert "uniform volume, no contrast" in summary["refused"][f"{CASE}.nii.gz"]
+    assert [m["case"] for m in summary["masks"]] == ["site-01_000"]
+    assert not (tmp_path / "masks" / f"{CASE}.nii.gz").exists()
