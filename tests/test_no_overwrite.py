@@ -282,3 +282,18 @@ def test_the_journal_is_written_before_the_first_output(tmp_path):
     out.claim(["a.nii.gz"])
     assert json.loads((tmp_path / "o" / JOURNAL_NAME).read_text())["files"]["a.nii.gz"]["sha256"] is None
     assert not (tmp_path / "o" / "a.nii.gz").exists()
+
+
+def test_audit_privacy_needs_overwrite_for_an_earlier_audit_and_refuses_other_folders(smoke_federation, tmp_path):
+    from fedmeta.simulations.experiments.audit_privacy import audit
+
+    kwargs = dict(iterations=1, ks=[1], algorithms=["fomaml"], defences=["none"], labels=["known"],
+                  federation=smoke_federation, quiet=True)
+    audit(out=tmp_path / "a", **kwargs)
+    with pytest.raises(OutputRefused, match="earlier fedmeta audit-privacy run; pass --overwrite"):
+        audit(out=tmp_path / "a", **kwargs)
+    audit(out=tmp_path / "a", overwrite=True, **kwargs)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "figure.png").write_bytes(b"someone's")
+    with pytest.raises(OutputRefused, match="something other than fedmeta audit-privacy"):
+        audit(out=tmp_path / "b", overwrite=True, **kwargs)

@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the episode and the attacker's start")
     parser.add_argument("--federation-dir", type=Path, help="where the smoke federation is cached (default ~/.cache/fedmeta)")
     parser.add_argument("--quick", action="store_true", help="60 iterations, k = 1, FOMAML only: a look in a minute")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier audit in --out (never a folder audit-privacy did not write)")
     parser.set_defaults(handler=handle)
 
     budget = subparsers.add_parser(
@@ -92,7 +94,8 @@ def handle(args: argparse.Namespace) -> int:
         if args.quick:
             args.iterations, args.k, args.algorithms = 60, [1], ["fomaml"]
         audit(out=args.out, iterations=args.iterations, ks=args.k, algorithms=args.algorithms,
-              defences=args.defences, labels=args.labels, seed=args.seed, federation_root=args.federation_dir)
+              defences=args.defences, labels=args.labels, seed=args.seed, federation_root=args.federation_dir,
+              overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta audit-privacy: error: {err}", file=sys.stderr)
         return 1
@@ -101,8 +104,9 @@ def handle(args: argparse.Namespace) -> int:
 
 def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ALGORITHMS, defences=DEFENCES,
           labels=("known", "unknown"), seed: int = 0, federation_root: Path | None = None,
-          federation: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Every attack asked for; writes results.json, report.md and one PNG per attack to ``out``.
+          federation: Path | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Every attack asked for; writes results.json, report.md and one PNG per attack to ``out`` (new, empty, or an
+    earlier audit's, replaced only with ``overwrite``: ``fedmeta.common.outputs``).
 
     ``federation``: a generated smoke federation to attack; default: the cached one under
     ``federation_root`` (``~/.cache/fedmeta``)."""
@@ -116,6 +120,11 @@ def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ALGORITHMS,
 
     if iterations < 1 or any(k < 1 for k in ks):
         raise ValueError(f"--iterations {iterations} and --k {list(ks)} must be >= 1.")
+    from fedmeta.common.outputs import Outputs
+
+    folder = Outputs(out, "audit-privacy")
+    earlier = (Path(out) / "results.json").is_file() and (Path(out) / "report.md").is_file()  # before the journal
+    folder.check_folder(overwrite=overwrite, recognised=earlier)
     overrides, driver = load_preset("smoke")
     config = RunConfig.from_run_config({**overrides, "inner-steps": 1, "q-query": 1, "seed": seed})
     if federation is None:
@@ -124,7 +133,7 @@ def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ALGORITHMS,
     manifest = load_manifest(federation)
     sites = [SiteDataset.load(info.folder(), config.data_config()) for info in manifest.train_sites]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.claim_folder(overwrite=overwrite, recognised=earlier)
     torch.manual_seed(seed)
 
     rows = []
