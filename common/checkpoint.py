@@ -96,16 +96,16 @@ PLAUSIBLE_WEIGHT = 1e6
 
 def check_weights(path: Path, groups: dict[str, Any]) -> None:
     """Refuses weights (``{"params": θ, "step_sizes": ...}``, each a name -> tensor mapping) that are not tensors,
-    not floating point, hold NaN/Inf, or are implausibly large, naming ``path`` and the tensor. Every loader of
+    not float32, hold NaN/Inf, or are implausibly large, naming ``path`` and the tensor. Every loader of
     weights calls it."""
     for group, tensors in groups.items():
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise ValueError(f"{path}: its {group} are not a mapping of tensors; it was damaged or written by another "
                              "program. Point at the checkpoint.pt a fedmeta run wrote.")
         for name, tensor in tensors.items():
-            if not tensor.is_floating_point():  # an integer θ cannot take a gradient step, and the network refuses it
+            if tensor.dtype != torch.float32:  # an integer θ takes no gradient step; float64 or half, no float32 input
                 raise ValueError(f"{path}: {group} {name!r} holds {str(tensor.dtype).removeprefix('torch.')} values, "
-                                 "not floating point as every trained weight is; the file was damaged or written by "
+                                 "not float32 as every weight fedmeta trains is; the file was damaged or written by "
                                  "another program. Use the checkpoint.pt a fedmeta run wrote.")
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{path}: {group} {name!r} holds NaN or Inf; this θ is broken and would segment "

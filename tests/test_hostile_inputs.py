@@ -187,9 +187,11 @@ def _tampered(checkpoint: Path, into: Path, *, params=None, **run_config) -> Pat
     return out
 
 
-def test_integer_weights_are_refused_by_name(trained_checkpoint, tmp_path):
-    path = _tampered(trained_checkpoint, tmp_path, params=lambda p: {n: t.round().long() for n, t in p.items()})
-    with pytest.raises(ValueError, match=r"checkpoint.pt: params '.+' holds int64 values, not floating point"):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float16, torch.bool])
+def test_weights_that_are_not_float32_are_refused_by_name(trained_checkpoint, tmp_path, dtype):
+    path = _tampered(trained_checkpoint, tmp_path, params=lambda p: {n: t.round().to(dtype) for n, t in p.items()})
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"checkpoint.pt: params '.+' holds {name} values, not float32"):
         load_checkpoint(path)
 
 
