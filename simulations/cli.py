@@ -42,17 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fedmeta.simulations.engines.processes import Terminated, workers_end_with_signal
+    from fedmeta.simulations.engines.processes import run_command
 
-    try:
-        with workers_end_with_signal():  # SIGTERM/SIGINT: workers stopped, then `finally`s and engine exits run
-            return int(args.handler(args) or 0)
-    except Terminated:
-        print("fedmeta: terminated", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
-    except KeyboardInterrupt:
-        print("fedmeta: interrupted", file=sys.stderr)
-        return 130
+    # SIGTERM/SIGINT stop the command's workers, then its `finally`s and engine exits run: exit 143/130.
+    return run_command(lambda: args.handler(args), "fedmeta")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Every process the Flower runtime starts, directly or through Flower, carries this variable.
@@ -213,6 +214,20 @@ def workers_end_with_signal() -> Iterator[None]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def run_command(command: Callable[[], int | None], prog: str) -> int:
+    """``command()``'s exit code, run under `workers_end_with_signal`; after SIGTERM 143 and after SIGINT
+    130 (128 + the signal, as a shell reports a process it ended), with one line on stderr, not a traceback."""
+    try:
+        with workers_end_with_signal():
+            return int(command() or 0)
+    except Terminated as stop:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
 def _resource_tracker() -> set[int]:
     """multiprocessing's resource tracker: it ignores SIGTERM by design and ends by itself once this
     process exits (after it frees what the dead workers left), so it is left out of the stop."""
@@ -338,5 +353,5 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-__all__ = ["TAG_VAR", "Terminated", "TreeMemorySampler", "process_role", "stop_processes", "tagged",
+__all__ = ["TAG_VAR", "Terminated", "TreeMemorySampler", "process_role", "run_command", "stop_processes", "tagged",
            "workers_end_with_signal"]
