@@ -107,7 +107,8 @@ def ras_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray]:
 
 def resampled_shape(shape, zooms, spacing) -> tuple[int, ...]:
     """The voxel grid a volume of ``shape`` and voxel sizes ``zooms`` (mm) has at ``spacing`` mm."""
-    return tuple(int(n) for n in np.maximum(np.round(np.asarray(shape[:3]) * np.asarray(zooms) / np.asarray(spacing)), 1))
+    target = np.round(np.asarray(shape[:3]) * np.asarray(zooms) / np.asarray(spacing))
+    return tuple(int(n) for n in np.maximum(target, 1))
 
 
 def resampling_problem(name, shape, zooms, config: DataConfig) -> str | None:

@@ -281,3 +281,21 @@ def test_predict_refuses_an_all_zero_scan_by_name_and_segments_the_rest(trained_
     assert "uniform volume, no contrast" in summary["refused"][f"{CASE}.nii.gz"]
     assert [m["case"] for m in summary["masks"]] == ["site-01_000"]
     assert not (tmp_path / "masks" / f"{CASE}.nii.gz").exists()
+
+
+def test_a_site_models_stored_run_config_is_held_to_the_same_ranges(trained_checkpoint, tmp_path):
+    from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION, load_site_model
+    from fedmeta.common.release import file_sha256
+
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    # Whoever can write the folder can rewrite the card's digest too: the run config itself must be checked.
+    torch.save({"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "params": checkpoint["params"],
+                "run_config": {**checkpoint["run_config"], "spacing-mm": 0.01}}, model / MODEL_FILE)
+    card = {"format": SITE_MODEL_FORMAT, "model_sha256": file_sha256(model / MODEL_FILE)}
+    (model / CARD_JSON).write_text(json.dumps(card))
+    with pytest.raises(ValueError) as refused:
+        load_site_model(model)
+    message = str(refused.value)
+    assert str(model / MODEL_FILE) in message and "spacing-mm=0.01: must be a voxel size" in message
