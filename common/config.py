@@ -46,7 +46,7 @@ _NOT_HASHED = frozenset({"num_rounds", "resume", "out_dir", "federation_dir", "d
 _HASHED_WHEN_SET = {"multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element",
                     "dp": "none", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5,
                     "dp_seeded_noise": False, "aggregation": "mean", "aggregation_trim": 0.2,
-                    "krum_byzantine": 1, "max_update_norm": 0.0,
+                    "krum_byzantine": 1, "max_update_norm": 0.0, "median_norm_bound": 0.0,
                     "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
                     "secagg_clip_range": 8.0, "secagg_levels": 0,
                     "generator_width": 32, "prototype_dim": 32, "lstm_hidden": 8, "lstm_truncation": 0}
@@ -122,6 +122,9 @@ class RunConfig:
     aggregation_trim: float = 0.2  # trimmed-mean: fraction cut per side (at least one reply whenever 3+ answered)
     krum_byzantine: int = 1  # krum: replies assumed Byzantine (f); Multi-Krum averages the n - f best
     max_update_norm: float = 0.0  # a reply whose L2 norm (all arrays) exceeds this is rejected; 0 = no bound
+    # Each reply is scaled down to at most this multiple of the round's (lower) median reply norm before it is
+    # combined, so one site cannot move θ arbitrarily, whatever the rule; 0 = off (fedmeta.server.aggregation).
+    median_norm_bound: float = 1.0
     max_failed_rounds: int = 3  # rounds in a row whose every reply failed before the run stops with an error; 0 = never
     # Secure aggregation (SecAgg+): the server learns only the sum of the round's quantised replies.
     secure_aggregation: str = "none"  # none | secagg+
@@ -208,7 +211,7 @@ class RunConfig:
              "must be >= 0 (0: a site that misses rounds is never left out).")
         need(self.node_wait_timeout >= 0, "node-wait-timeout", "must be >= 0 seconds.")
         for key in ("dp-clip-norm", "dp-noise-multiplier", "dp-delta", "dp-max-epsilon", "aggregation-trim",
-                    "max-update-norm"):
+                    "max-update-norm", "median-norm-bound"):
             need(math.isfinite(getattr(self, key.replace("-", "_"))), key, "must be a finite number.")
         need(self.dp in DP_MODES, "dp", f"choose one of {', '.join(DP_MODES)}.")
         need(self.dp_clip_norm > 0, "dp-clip-norm", "must be > 0 (the L2 bound on each site's whole reply).")
@@ -265,6 +268,9 @@ class RunConfig:
         need(0 <= self.aggregation_trim < 0.5, "aggregation-trim", "must be in [0, 0.5): the fraction cut per side.")
         need(self.krum_byzantine >= 0, "krum-byzantine", "must be >= 0 (the number of Byzantine replies Krum tolerates).")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0: no bound on a reply's norm).")
+        need(self.median_norm_bound == 0 or self.median_norm_bound >= 1, "median-norm-bound",
+             "must be 0 (off) or >= 1: a bound below the round's median norm would shrink most honest replies; "
+             "1.0 (no reply counts for more than the median one) is the default.")
         need(self.max_failed_rounds >= 0, "max-failed-rounds", "must be >= 0 (0: never stop on failed rounds).")
         need(0 <= self.metrics_port <= 65535, "metrics-port", "must be a TCP port (1-65535), or 0 for no /metrics.")
         try:

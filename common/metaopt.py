@@ -17,6 +17,16 @@ from fedmeta.common.meta import STEP_SIZE_PREFIX
 
 OPTIMIZERS = ("adam", "sgd")
 
+# The largest |entry| the meta-optimiser's state (θ, Adam's first moment, the square root of its second,
+# SGD's momentum) may hold. No meta-gradient of a UNet on normalised images comes near it; a second
+# moment above it shrinks Adam's steps below float32's resolution of θ for hundreds of rounds, so θ
+# silently stops learning. It is a sanity bound, not the defence (that is the server's norm bound).
+MAX_STATE = 1e15
+
+
+class MetaOptimizerStateError(FloatingPointError):
+    """The meta-optimiser's state is non-finite, out of bounds or stalled: θ can no longer learn."""
+
 
 class MetaOptimizer:
     """Holds θ (and Meta-SGD's step sizes) and steps them with aggregated meta-gradients.
@@ -92,8 +102,48 @@ class MetaOptimizer:
             if not torch.isfinite(g).all():
                 raise ValueError(f"meta_grads[{key!r}] holds NaN or Inf; refusing to corrupt θ.")
             tensor.grad = g.detach().to(dtype=tensor.dtype, device=tensor.device).clone()
+        before = {k: self._tensors[k].detach().clone() for k in self._keys}
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        self.check_state()
+        self._check_moved(before, meta_grads)
+
+    def check_state(self) -> None:
+        """Raises :class:`MetaOptimizerStateError` unless θ and every moment are finite and within MAX_STATE."""
+        problems = []
+        for key in self._keys:
+            tensors = {"θ" if not key.startswith(STEP_SIZE_PREFIX) else "step size": self._tensors[key]}
+            state = self._optimizer.state.get(self._tensors[key], {})
+            if "exp_avg" in state:
+                tensors["Adam's first moment"] = state["exp_avg"]
+                tensors["√ of Adam's second moment"] = state["exp_avg_sq"].sqrt()
+            if state.get("momentum_buffer") is not None:
+                tensors["SGD's momentum"] = state["momentum_buffer"]
+            for what, tensor in tensors.items():
+                tensor = tensor.detach()
+                if not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    problems.append(f"{what} of {key!r} is non-finite in {bad} of {tensor.numel()} entries")
+                elif tensor.numel() and float(tensor.abs().max()) > MAX_STATE:
+                    problems.append(f"{what} of {key!r} reaches {float(tensor.abs().max()):.3g} (bound {MAX_STATE:g})")
+        if problems:
+            raise MetaOptimizerStateError(
+                f"the meta-optimiser's state is broken: {'; '.join(problems[:3])}"
+                f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. θ could not learn from here."
+            )
+
+    def _check_moved(self, before: Mapping[str, torch.Tensor], meta_grads: Mapping[str, torch.Tensor]) -> None:
+        """Raises when most entries that received a non-zero update did not move: the step stalled."""
+        pushed = moved = 0
+        for key in self._keys:
+            nonzero = meta_grads[key].detach().to(before[key].device) != 0
+            pushed += int(nonzero.sum())
+            moved += int((nonzero & (self._tensors[key].detach() != before[key])).sum())
+        if pushed and moved * 2 < pushed:
+            raise MetaOptimizerStateError(
+                f"the meta-update did not move θ: only {moved} of the {pushed} entries with a non-zero update changed "
+                "(the optimiser's state has grown so large that its steps vanish below float32's resolution)."
+            )
 
     def state_dict(self) -> dict:
         """θ, step sizes and optimiser moments: everything needed to continue bit for bit."""
@@ -129,3 +179,5 @@ class MetaOptimizer:
             for n in self._step_names:
                 self._tensors[STEP_SIZE_PREFIX + n].copy_(step_sizes[n])
         self._optimizer.load_state_dict(state["optimizer"])
+        # A checkpoint written before these checks existed may hold a state that froze θ: refuse to go on from it.
+        self.check_state()

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
 from fedmeta.common.config import RunConfig
+from fedmeta.common.metaopt import MetaOptimizerStateError
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.server.coordinator import Coordinator, RoundOutcome
 from fedmeta.server.rounds import Membership, collect, wait_for_training_sites
@@ -84,18 +85,23 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
                                 "privacy": {"epsilon": coordinator.accountant.epsilon, "delta": config.dp_delta}})
             break
         chosen, round_seed = coordinator.sample_sites(train_nodes)
-        if config.secure_aggregation == "none":
-            collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
-                                quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
-                                timeout=config.round_timeout)
-            operator.replies(collected.messages)
-            outcome = coordinator.apply_train_replies(server_round, chosen, collected)
-            membership.expect_late(collected, f"round {server_round}")
-            closed_by, took_part = collected.closed_by, set(outcome.accepted)
-        else:  # four exchanges per round; the server learns only the sum (fedmeta.server.secure_aggregation)
-            received, outcome, took_part = secure_training_round(grid, coordinator, server_round, chosen, round_seed)
-            operator.replies(received)
-            closed_by = "secagg"
+        try:
+            if config.secure_aggregation == "none":
+                collected = collect(grid, coordinator.train_messages(server_round, chosen, round_seed),
+                                    quorum=config.quorum(len(chosen)), deadline=config.round_deadline,
+                                    timeout=config.round_timeout)
+                operator.replies(collected.messages)
+                outcome = coordinator.apply_train_replies(server_round, chosen, collected)
+                membership.expect_late(collected, f"round {server_round}")
+                closed_by, took_part = collected.closed_by, set(outcome.accepted)
+            else:  # four exchanges per round; the server learns only the sum (fedmeta.server.secure_aggregation)
+                received, outcome, took_part = secure_training_round(grid, coordinator, server_round, chosen,
+                                                                     round_seed)
+                operator.replies(received)
+                closed_by = "secagg"
+        except MetaOptimizerStateError as err:  # θ can no longer learn: said in the log of rounds, then loudly
+            metrics_log.append({"round": server_round, "failed": str(err)})
+            raise RunFailed(str(err)) from None
         membership.record(chosen, took_part)
         operator.training_round(server_round, len(chosen), outcome, QUERY_LOSS_AFTER)
         record = {
@@ -109,6 +115,8 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics) ->
         }
         if outcome.aggregation:
             record["aggregation"] = outcome.aggregation
+        if outcome.reply_norms:  # in site order, by node: who sent how large a reply (none under DP or SecAgg)
+            record["reply_norms"] = [{"node_id": n, "norm": norm} for n, norm in outcome.reply_norms.items()]
         if outcome.privacy:
             record["privacy"] = outcome.privacy
         if membership.benched():
@@ -203,7 +211,11 @@ def _maybe_resume(coordinator: Coordinator, config: RunConfig, path: Path) -> in
             f"{path} was written under a different run config (changed: {', '.join(changed)}); resuming would "
             "mix two experiments. Restore those keys, or use a new out-dir / resume=false."
         )
-    coordinator.meta_optimizer.load_state_dict(checkpoint.optimizer)
+    try:
+        coordinator.meta_optimizer.load_state_dict(checkpoint.optimizer)
+    except MetaOptimizerStateError as err:
+        raise RunFailed(f"{path} (round {checkpoint.round}) cannot be resumed: {err} Start a new run (resume=false "
+                        "or a new out-dir), or resume from a checkpoint written before the state broke.") from None
     coordinator.set_rng_state(checkpoint.rng_state)
     coordinator.set_privacy_state(checkpoint.privacy)
     coordinator.counters.update(checkpoint.counters)

@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedmeta.common.config import RunConfig
 from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean_scalars
 from fedmeta.common.meta import init_step_sizes
-from fedmeta.common.metaopt import MetaOptimizer
+from fedmeta.common.metaopt import MetaOptimizer, MetaOptimizerStateError
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, local_noise_split, update_norm
 from fedmeta.common.protocol import (
@@ -41,6 +41,9 @@ log = logging.getLogger("fedmeta.server")
 # The largest training-slice count a site may report: far above any hospital's labelled slices, and
 # small enough that a sum of them stays exact in float64.
 MAX_TRAIN_SLICES = 2**31
+
+# A reply this many times the round's norm bound is logged as a warning, not only scaled down.
+OUTLIER_NORM_RATIO = 10.0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class RoundOutcome:
     updated: bool = False
     aggregation: dict = field(default_factory=dict)  # how the replies were combined (rule, trimmed, DP noise)
     privacy: dict = field(default_factory=dict)  # DP runs: epsilon at delta after this round
+    reply_norms: dict[int, float] = field(default_factory=dict)  # node -> L2 norm of its accepted reply (not DP runs)
 
     @property
     def failed(self) -> bool:
@@ -211,11 +215,36 @@ class Coordinator:
 
     def step(self, server_round: int, sampled: int, outcome: RoundOutcome, combined: Aggregate,
              order: list[int], weights: list[float]) -> None:
-        """Steps θ with the round's combined update; fills the outcome's summaries and spends DP budget."""
-        self.meta_optimizer.step(combined.update)
+        """Steps θ with the round's combined update; fills the outcome's summaries and spends DP budget.
+
+        A step that breaks the meta-optimiser (non-finite, out of bounds, stalled) stops the run with the
+        round and each site's reply norm: no later round could undo it, and the last checkpoint is good.
+        """
+        outcome.aggregation = combined.record()
+        if combined.norms is not None:
+            outcome.reply_norms = {order[i]: norm for i, norm in enumerate(combined.norms)}
+            outcome.aggregation["bounded"] = [order[i] for i in combined.bounded or []]
+            # Honest replies above the median are scaled a little every round (info); one far above it is a
+            # hostile or broken site that the operator should hear of (warning).
+            far = [i for i in combined.bounded or [] if combined.norms[i] > OUTLIER_NORM_RATIO * combined.norm_bound]
+            for level, which in ((logging.INFO, combined.bounded or []), (logging.WARNING, far)):
+                if which:
+                    log.log(level, "round %d: %s scaled down to the norm bound %.4g (median-norm-bound=%g x the "
+                            "round's median reply norm)", server_round,
+                            ", ".join(f"node {order[i]} (norm {combined.norms[i]:.4g})" for i in which),
+                            combined.norm_bound, self.config.median_norm_bound)
+        try:
+            self.meta_optimizer.step(combined.update)
+        except MetaOptimizerStateError as err:
+            sites = ", ".join(f"node {n} (reply norm {outcome.reply_norms[n]:.4g})" if n in outcome.reply_norms
+                              else f"node {n}" for n in sorted(order, key=lambda n: -outcome.reply_norms.get(n, 0)))
+            raise MetaOptimizerStateError(
+                f"round {server_round}: {err} The replies of this round came from {sites}. The run stops; the "
+                f"checkpoint of round {server_round - 1} is the last good θ. Keep median-norm-bound on (it is "
+                "1 by default), use a robust aggregation, or leave the largest replier out."
+            ) from None
         check_finite(self.params, server_round)
         outcome.updated = True
-        outcome.aggregation = combined.record()
         if self.accountant is not None:
             outcome.privacy = self._spend(sampled, len(order))
         counts = (NUM_EXAMPLES, TRAIN_SLICES)
