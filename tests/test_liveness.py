@@ -59,7 +59,7 @@ def test_a_hung_site_costs_the_round_deadline_not_the_round_timeout(smoke_federa
     for server_round in (1, 2):
         record = records[server_round]
         assert record["updated"] and record["closed_by"] == "deadline", record
-        assert record["seconds"] < 10, record  # the deadline (0.5 s) plus the sites' work, not 60 s
+        assert record["seconds"] < 30, record  # the deadline (0.5 s) plus the sites' work, not the 60 s timeout
         (drop,) = record["dropped"]
         assert drop["kind"] == "timeout" and "round-deadline=0.5s" in drop["reason"]
         assert partition_of(grid, drop["node_id"]) == 0
@@ -143,9 +143,11 @@ def test_the_run_starts_only_with_min_sites_training_sites(smoke_federation, tmp
 def test_a_site_that_never_answers_the_role_query_delays_the_start_by_the_deadline_only(smoke_federation, tmp_path):
     n_train = len(load_manifest(smoke_federation).train_sites)
     hang = {(-1, "query"): lambda grid: grid.hang(node_of(grid, 0))}
+    # round-timeout is far beyond anything a loaded machine adds, so the bound below separates "waited for the
+    # deadline" from "waited for the timeout" without being a timing window.
     began = time.monotonic()
-    _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=1.0, round_timeout=60.0)
-    assert time.monotonic() - began < 30
+    _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=1.0, round_timeout=900.0)
+    assert time.monotonic() - began < 450
     assert records[1]["sites_sampled"] == n_train - 1 and records[1]["dropped"] == []
 
 
