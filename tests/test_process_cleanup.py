@@ -113,7 +113,9 @@ def _wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen)
     pytest.fail(f"no {what} within {timeout_s:.0f} s")
 
 
-def _start(argv: list[str], tmp_path: Path, request: pytest.FixtureRequest) -> tuple[subprocess.Popen, Tree]:
+def _start(argv: list[str], tmp_path: Path, request: pytest.FixtureRequest,
+           program: list[str] | None = None) -> tuple[subprocess.Popen, Tree]:
+    """Starts ``program`` (default: `fedmeta`) with ``argv``, its output to a file, in its own session."""
     tree = Tree(uuid.uuid4().hex, tmp_path)
     # TMPDIR too: the temporary FLWR_HOMEs a command makes for its engines lie under tmp_path. Ray's own
     # folder stays short (its socket paths must fit AF_UNIX's 107 bytes): RAY_TMPDIR.
@@ -125,7 +127,7 @@ def _start(argv: list[str], tmp_path: Path, request: pytest.FixtureRequest) -> t
     # Output to a file, not a pipe: a leftover worker holding the pipe would keep the test waiting for EOF.
     # Own process group, so that the SIGINT case can signal the whole group as a terminal's Ctrl-C does.
     with (tmp_path / "fedmeta.log").open("wb") as log:
-        process = subprocess.Popen([*_fedmeta(), *argv], cwd=tmp_path, env=env, stdout=log,
+        process = subprocess.Popen([*(_fedmeta() if program is None else program), *argv], cwd=tmp_path, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     process.log_path = tmp_path / "fedmeta.log"
     return process, tree
@@ -136,13 +138,16 @@ def _output(process: subprocess.Popen) -> str:
 
 
 def _stop_and_check(process: subprocess.Popen, tree: Tree, signum: int, to_group: bool, code: int,
-                    exit_timeout_s: float = 60.0) -> str:
-    """Signals ``process`` (or its group), then asserts it exits with ``code`` and leaves no process."""
+                    exit_timeout_s: float = 60.0, then: tuple[int, ...] = ()) -> str:
+    """Signals ``process`` (or its group), and ``then`` each of those 0.3 s apart, then asserts that it
+    exits with ``code`` and leaves no process."""
     tree.live()  # the tree as it stands when signalled
-    if to_group:
-        os.killpg(process.pid, signum)
-    else:
-        process.send_signal(signum)
+    for index, each in enumerate((signum, *then)):
+        time.sleep(0.3 if index else 0)
+        if to_group:
+            os.killpg(process.pid, each)
+        else:
+            process.send_signal(each)
     try:
         process.wait(timeout=exit_timeout_s)
     except subprocess.TimeoutExpired:
@@ -162,6 +167,40 @@ def _kill_leftovers(process: subprocess.Popen, tree: Tree) -> None:
         process.kill()
         process.wait()
     tree.kill()
+
+
+# A command with a tree below it (two children, and a grandchild behind a shell) whose `finally` takes a while.
+COMMAND_WITH_A_TREE = """
+import subprocess, sys, time
+from fedmeta.simulations.engines.processes import run_command
+
+def command():
+    children = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    children.append(subprocess.Popen(["sh", "-c", "sleep 300 & wait"]))
+    print("ready", flush=True)
+    try:
+        time.sleep(300)
+    finally:
+        time.sleep(1)  # a second signal meanwhile must not cut this short
+        print("cleaned up", flush=True)
+
+sys.exit(run_command(command, "demo"))
+"""
+
+
+@pytest.mark.parametrize(("signals", "code", "said"), [
+    ((signal.SIGTERM,), 143, "demo: terminated"),
+    ((signal.SIGINT,), 130, "demo: interrupted"),
+    ((signal.SIGTERM, signal.SIGTERM, signal.SIGINT), 143, "demo: terminated"),  # impatience is ignored
+], ids=["sigterm", "sigint", "repeated"])
+def test_a_signal_stops_the_whole_tree_then_runs_the_commands_cleanup(tmp_path, request, signals, code, said):
+    process, tree = _start([sys.executable, "-c", COMMAND_WITH_A_TREE], tmp_path, request, program=[])
+    try:
+        _wait_for(lambda: "ready" in _output(process) and len(tree.live()) >= 5, 30, "the command's children", process)
+        output = _stop_and_check(process, tree, signals[0], False, code, then=signals[1:])
+        assert said in output and "cleaned up" in output and "Traceback" not in output
+    finally:
+        _kill_leftovers(process, tree)
 
 
 @pytest.mark.parametrize(("signum", "to_group", "code"), [
