@@ -557,7 +557,8 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
     journal.claim([*(n for names in planned.values() for n in names), "predictions.json"], overwrite=True,
                   recognised=_previous_outputs(out) | {"predictions.json"} if _summary_here(out) else ())
     model = build_model(config.model_config()).to(dev)
-    written, refused, notes, outputs = [], {}, {}, sorted(_previous_outputs(out))
+    # What the folder holds of predict's own (the journal also lists names claimed but never written).
+    written, refused, notes, outputs = [], {}, {}, sorted(n for n in _previous_outputs(out) if (out / n).is_file())
     try:
         for i, scan in enumerate(scans, 1):
             began = time.perf_counter()
