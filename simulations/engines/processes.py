@@ -184,8 +184,8 @@ def workers_end_with_signal() -> Iterator[None]:
     ProcessPoolExecutor's `with` exit would otherwise wait for every queued job, and a worker whose
     parent died is re-parented to init and runs on. Processes that are not descendants (the
     SuperLink that `flwr run` detaches, and Ray below it) are stopped by their engine's exit, which
-    the raised exception runs. While that unwinding runs, further SIGTERM/SIGINT are noted and
-    dropped (a no-op handler rather than SIG_IGN, which a process started meanwhile would inherit),
+    the raised exception runs. While that unwinding runs, further SIGTERM/SIGINT are dropped (a
+    no-op handler rather than SIG_IGN, which a process started meanwhile would inherit),
     so a second Ctrl-C cannot cut an engine's stop short; each of its steps is bounded.
 
     Outside the main thread (where signal handlers cannot be set) it changes nothing.
