@@ -19,6 +19,7 @@ from fedmeta.common.data import SiteDataset, sample_episodes
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import Params, StepSize, meta_gradient, multi_step_loss_weights
 from fedmeta.common.model import head_parameter_names
+from fedmeta.common.privacy import update_norm
 
 # Seeds are drawn below 2^31 - 1 so that they fit every integer type they are stored in.
 _SEED_BOUND = 2**31 - 1
@@ -116,6 +117,29 @@ def site_weights(config: RunConfig, train_slices: Sequence[float]) -> list[float
     sizes = [float(n) for n in train_slices]
     caps = [config.max_weight_ratio * float(np.median(sizes[:i] + sizes[i + 1:])) for i in range(len(sizes))]
     return [min(n, cap) for n, cap in zip(sizes, caps)]
+
+
+def bound_replies(updates: Sequence[Mapping[str, torch.Tensor]], factor: float
+                  ) -> tuple[list[Mapping[str, torch.Tensor]], list[float], float, list[int]]:
+    """Each update scaled down to L2 norm at most ``factor`` × the lower median of the updates' norms.
+
+    Returns the bounded updates, every norm before bounding (site order), the bound (0 when none applied:
+    ``factor`` is 0, or a single reply has no other to be measured against) and the positions scaled down.
+    The lower median of n norms is the ⌈n/2⌉-th smallest: more than half the sites must send large
+    replies to raise it, and one of two sites cannot.
+    """
+    norms = [update_norm(u) for u in updates]
+    if not factor or len(updates) < 2:
+        return list(updates), norms, 0.0, []
+    bound = factor * sorted(norms)[(len(norms) - 1) // 2]
+    if not (math.isfinite(bound) and bound > 0):  # most replies are zero (or broken): nothing to measure against
+        return list(updates), norms, 0.0, []
+    bounded = [i for i, norm in enumerate(norms) if norm > bound]
+    out = list(updates)
+    for i in bounded:
+        # The scale in float64, applied in the reply's dtype: a ×1e30 reply scaled by 1e-30 stays finite.
+        out[i] = {k: (t.to(torch.float64) * (bound / norms[i])).to(t.dtype) for k, t in updates[i].items()}
+    return out, norms, bound, bounded
 
 
 def weighted_mean(

@@ -32,8 +32,8 @@ import torch
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.federated_round import weighted_mean
-from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator, update_norm
+from fedmeta.common.federated_round import bound_replies, weighted_mean
+from fedmeta.common.privacy import add_gaussian_noise, clip_update, noise_generator
 
 log = logging.getLogger("fedmeta.server")
 
@@ -138,29 +138,6 @@ def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[fl
     return result
 
 
-def bound_replies(updates: Sequence[Update], factor: float
-                  ) -> tuple[list[Update], list[float], float, list[int]]:
-    """Each update scaled down to L2 norm at most ``factor`` × the lower median of the updates' norms.
-
-    Returns the bounded updates, every norm before bounding (site order), the bound (0 when none applied:
-    ``factor`` is 0, or a single reply has no other to be measured against) and the positions scaled down.
-    The lower median of n norms is the ⌈n/2⌉-th smallest: more than half the sites must send large
-    replies to raise it, and one of two sites cannot.
-    """
-    norms = [update_norm(u) for u in updates]
-    if not factor or len(updates) < 2:
-        return list(updates), norms, 0.0, []
-    bound = factor * sorted(norms)[(len(norms) - 1) // 2]
-    if not (math.isfinite(bound) and bound > 0):  # most replies are zero (or broken): nothing to measure against
-        return list(updates), norms, 0.0, []
-    bounded = [i for i, norm in enumerate(norms) if norm > bound]
-    out = list(updates)
-    for i in bounded:
-        # The scale in float64, applied in the reply's dtype: a ×1e30 reply scaled by 1e-30 stays finite.
-        out[i] = {k: (t.to(torch.float64) * (bound / norms[i])).to(t.dtype) for k, t in updates[i].items()}
-    return out, norms, bound, bounded
-
-
 def check_finite(params: Mapping[str, torch.Tensor], server_round: int) -> None:
     """Raises when θ holds NaN or Inf after a round: a broken θ must stop the run, not be sent to sites."""
     bad = sorted(k for k, t in params.items() if not torch.isfinite(t).all())
@@ -193,4 +170,4 @@ def reply_norm_ok(config: RunConfig, norm: float) -> bool:
     return not config.max_update_norm or (math.isfinite(norm) and norm <= config.max_update_norm)
 
 
-__all__ = ["Aggregate", "aggregate", "bound_replies", "check_finite", "reply_norm_ok", "trim_count"]
+__all__ = ["Aggregate", "aggregate", "check_finite", "reply_norm_ok", "trim_count"]

@@ -179,7 +179,7 @@ def test_simulate_refuses_attacks_outside_the_inprocess_engine_and_with_no_hones
 
 def test_the_norm_bound_scales_a_huge_reply_to_a_multiple_of_the_rounds_lower_median():
     from fedmeta.common.privacy import update_norm
-    from fedmeta.server.aggregation import bound_replies
+    from fedmeta.common.federated_round import bound_replies
 
     honest = _honest(3)
     hostile = {k: v * 1e30 for k, v in honest[0].items()}

@@ -28,7 +28,9 @@ import torch
 from fedmeta.client.site import pick_device
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, site_seed
-from fedmeta.common.federated_round import sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars
+from fedmeta.common.federated_round import (
+    bound_replies, sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars,
+)
 from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
@@ -103,7 +105,10 @@ def run_centralised(
                        for i in chosen]
         # The pooled learner makes one update a round: its weight does not matter.
         weights = site_weights(config, [pool.num_slices] if pool is not None else [sites[i].num_slices for i in chosen])
-        optimizer.step(weighted_mean([grads for grads, _ in updates], weights))
+        grads = [grads for grads, _ in updates]
+        if pool is None:  # the server's norm bound, so the bare loop and the apps step θ alike
+            grads = bound_replies(grads, config.median_norm_bound)[0]
+        optimizer.step(weighted_mean(grads, weights))
         stats = weighted_mean_scalars([{k: v for k, v in s.items() if k != "num_examples"} for _, s in updates],
                                       weights)
         stats["num_examples"] = float(sum(s["num_examples"] for _, s in updates))
