@@ -238,10 +238,12 @@ class Coordinator:
         except MetaOptimizerStateError as err:
             sites = ", ".join(f"node {n} (reply norm {outcome.reply_norms[n]:.4g})" if n in outcome.reply_norms
                               else f"node {n}" for n in sorted(order, key=lambda n: -outcome.reply_norms.get(n, 0)))
+            last_good = (f"the checkpoint of round {server_round - 1} is the last good θ" if server_round > 1
+                         else "no earlier round updated θ")
             raise MetaOptimizerStateError(
-                f"round {server_round}: {err} The replies of this round came from {sites}. The run stops; the "
-                f"checkpoint of round {server_round - 1} is the last good θ. Keep median-norm-bound on (it is "
-                "1 by default), use a robust aggregation, or leave the largest replier out."
+                f"round {server_round}: {err} The replies of this round came from {sites}. The run stops; "
+                f"{last_good}. Keep median-norm-bound on (it is 1 by default), use a robust aggregation, or leave "
+                "the largest replier out."
             ) from None
         check_finite(self.params, server_round)
         outcome.updated = True
