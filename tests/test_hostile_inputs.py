@@ -155,7 +155,7 @@ def test_an_empty_training_list_is_zero_cases_not_a_negative_count(site, capsys)
     meta["training"] = []
     (site / "dataset.json").write_text(json.dumps(meta))
     code, out = _check_data(site, capsys)
-    assert code == 1 and "0/0 cases usable; 4 unlisted file(s) ignored" in out and "-4" not in out
+    assert code == 1 and "0/0 cases usable; 4 unlisted file(s) ignored" in out and "-4/" not in out
     assert f"{site / 'dataset.json'}: its 'training' list is empty" in out
     report = check_site(site)
     assert (report.num_valid, report.num_cases) == (0, 0)

@@ -276,7 +276,7 @@ def test_run_config_builds_each_learner_and_checks_its_keys():
     with pytest.raises(ValueError, match=r"lstm-truncation=1: truncates the learned optimiser's unroll; "
                                          r"algorithm='maml'"):
         RunConfig(algorithm="maml", inner_steps=2, lstm_truncation=1)
-    with pytest.raises(ValueError, match=r"prototype-dim=0: must be >= 1"):
+    with pytest.raises(ValueError, match=r"prototype-dim=0: must be in \[1, 1024\]"):
         RunConfig(algorithm="prototypes", prototype_dim=0)
     # Keys added later leave older runs' trajectory hash alone at their defaults.
     assert RunConfig().trajectory_hash() == RunConfig(lstm_hidden=8, prototype_dim=32).trajectory_hash()

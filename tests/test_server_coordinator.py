@@ -62,7 +62,7 @@ def test_site_sampling_is_reproducible_from_the_seed_and_differs_between_seeds()
 def test_data_weighting_is_the_mean_weighted_by_training_slices_and_ignores_reply_order():
     results = []
     for shuffle in (False, True):
-        strategy = _strategy(site_weighting="data")
+        strategy = _strategy(site_weighting="data", median_norm_bound=0.0)  # the weighting alone
         theta = strategy.params
         sent = _instructions(strategy, [30, 10, 20])
         replies = [
@@ -92,7 +92,8 @@ def test_data_weighting_is_the_mean_weighted_by_training_slices_and_ignores_repl
     ("per-site", "fedavg", (1.0 + 2.0 + 4.0) / 3),
 ])
 def test_site_weighting_per_site_or_by_capped_data(weighting, algorithm, expected_step):
-    strategy = _strategy(site_weighting=weighting, algorithm=algorithm, max_weight_ratio=3.0)
+    strategy = _strategy(site_weighting=weighting, algorithm=algorithm, max_weight_ratio=3.0,
+                         median_norm_bound=0.0)  # the weighting alone, not the norm bound
     theta = strategy.params
     sent = _instructions(strategy, [1, 2, 3])
     replies = [_reply(sent[i], _grads_like(strategy, value), {"num-examples": 4, "train-slices": slices})
