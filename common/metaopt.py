@@ -135,14 +135,24 @@ class MetaOptimizer:
     def _check_moved(self, before: Mapping[str, torch.Tensor], meta_grads: Mapping[str, torch.Tensor]) -> None:
         """Raises when most entries that received a non-zero update did not move: the step stalled."""
         pushed = moved = 0
+        largest_update = largest_moment = 0.0
         for key in self._keys:
-            nonzero = meta_grads[key].detach().to(before[key].device) != 0
+            update = meta_grads[key].detach().to(before[key].device)
+            nonzero = update != 0
             pushed += int(nonzero.sum())
             moved += int((nonzero & (self._tensors[key].detach() != before[key])).sum())
+            largest_update = max(largest_update, float(update.abs().max()) if update.numel() else 0.0)
+            state = self._optimizer.state.get(self._tensors[key], {})
+            if "exp_avg_sq" in state:
+                largest_moment = max(largest_moment, float(state["exp_avg_sq"].max().sqrt()))
         if pushed and moved * 2 < pushed:
+            # Two causes look alike here, and the numbers tell them apart: an update too small to register, or an
+            # Adam state so large that any step it scales vanishes.
+            moment = f", √ of Adam's second moment up to {largest_moment:.3g}" if self.kind == "adam" else ""
             raise MetaOptimizerStateError(
                 f"the meta-update did not move θ: only {moved} of the {pushed} entries with a non-zero update changed "
-                "(the optimiser's state has grown so large that its steps vanish below float32's resolution)."
+                f"(largest update entry {largest_update:.3g}{moment}, lr {self.lr:g}): its steps fell below float32's "
+                "resolution of θ — the update is vanishingly small or the optimiser's state has grown too large."
             )
 
     def state_dict(self) -> dict:

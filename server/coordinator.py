@@ -224,15 +224,19 @@ class Coordinator:
         if combined.norms is not None:
             outcome.reply_norms = {order[i]: norm for i, norm in enumerate(combined.norms)}
             outcome.aggregation["bounded"] = [order[i] for i in combined.bounded or []]
-            # Honest replies above the median are scaled a little every round (info); one far above it is a
-            # hostile or broken site that the operator should hear of (warning).
+            # Honest replies above the median are scaled a little every round (info); one far above the bound is a
+            # hostile or broken site the operator should hear of (warning) — or, with 2 replies, the bound was set
+            # by a near-zero reply: one of two sites cannot raise the bound, but it can lower it and hold the round
+            # back (never move θ arbitrarily).
             far = [i for i in combined.bounded or [] if combined.norms[i] > OUTLIER_NORM_RATIO * combined.norm_bound]
             for level, which in ((logging.INFO, combined.bounded or []), (logging.WARNING, far)):
                 if which:
                     log.log(level, "round %d: %s scaled down to the norm bound %.4g (median-norm-bound=%g x the "
-                            "round's median reply norm)", server_round,
+                            "round's median reply norm)%s", server_round,
                             ", ".join(f"node {order[i]} (norm {combined.norms[i]:.4g})" for i in which),
-                            combined.norm_bound, self.config.median_norm_bound)
+                            combined.norm_bound, self.config.median_norm_bound,
+                            "" if level == logging.INFO else f": over {OUTLIER_NORM_RATIO:g}x the bound, a hostile or "
+                            "broken site — or, with 2 replies, a near-zero reply set the bound")
         try:
             self.meta_optimizer.step(combined.update)
         except MetaOptimizerStateError as err:
@@ -241,9 +245,11 @@ class Coordinator:
             last_good = (f"the checkpoint of round {server_round - 1} is the last good θ" if server_round > 1
                          else "no earlier round updated θ")
             raise MetaOptimizerStateError(
-                f"round {server_round}: {err} The replies of this round came from {sites}. The run stops; "
-                f"{last_good}. Keep median-norm-bound on (it is 1 by default), use a robust aggregation, or leave "
-                "the largest replier out."
+                f"round {server_round}: {err} The replies of this round came from {sites}"
+                f"{f'; each was bounded to {combined.norm_bound:.4g}' if combined.norm_bound else ''}. The run stops; "
+                f"{last_good}. A reply far larger or smaller than the others is the likely cause: keep "
+                "median-norm-bound on (1 by default), use a robust aggregation, sample 3 or more sites a round, or "
+                "leave that site out."
             ) from None
         check_finite(self.params, server_round)
         outcome.updated = True

@@ -280,3 +280,17 @@ def test_with_the_defaults_a_hostile_site_is_bounded_and_recorded(smoke_federati
         (hostile,) = [n for n in norms if partition_of(run.grid, n) == 0]
         assert hostile in record["aggregation"]["bounded"] and norms[hostile] > 100 * bound
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).round == 2
+
+
+def test_a_stalled_step_says_whether_the_update_or_the_state_is_to_blame():
+    from fedmeta.common.metaopt import MetaOptimizer, MetaOptimizerStateError
+
+    # SGD has no state: a step far below θ's float32 resolution is the update's doing, and the message shows it.
+    opt = MetaOptimizer({"w": torch.full((3,), 1.0)}, optimizer="sgd", lr=1e-7)
+    with pytest.raises(MetaOptimizerStateError, match=r"largest update entry 0\.01, lr 1e-07\)") as raised:
+        opt.step({"w": torch.full((3,), 1e-2)})
+    assert "Adam" not in str(raised.value)
+    # Adam after a near-zero round (a 2-site round whose bound a near-zero reply set): both sizes are given.
+    opt = MetaOptimizer({"w": torch.full((3,), 1.0)}, lr=1e-3)
+    with pytest.raises(MetaOptimizerStateError, match=r"largest update entry 1e-30, √ of Adam's second moment up to"):
+        opt.step({"w": torch.full((3,), 1e-30)})
