@@ -170,6 +170,7 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
                          "{\"image\", \"label\"} pairs; fix the file.")
     listed_images = set()
     inside = root.resolve()
+    listed: dict[str, dict[Path, list[tuple[int, str]]]] = {"image": {}, "label": {}}  # resolved -> entries
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), (str, type(None))) for k in ("image", "label")):
             raise ValueError(f"{dataset_json}: 'training'[{index}] is {entry!r}, not an {{\"image\": path, \"label\": "
@@ -183,7 +184,12 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
             listed_images.add(image.absolute() if image else None)  # listed, if refused: not "unlisted" too
             continue
         listed_images.add(image.resolve() if image else None)
+        for role, path in (("image", image), ("label", label)):
+            if path is not None:
+                listed[role].setdefault(path.resolve(), []).append((index, entry[role]))
         layout.cases.append(Case(case_id, image, label))
+    if problem := _listed_twice(dataset_json, listed):
+        raise ValueError(problem)
     # Files a hospital copied in but never listed are probably meant to be used: say so.
     images_dir = root / "imagesTr"
     if images_dir.is_dir():
@@ -202,6 +208,25 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
                     f"{path}: image is not listed in {dataset_json}'s 'training' list, so it is ignored (the list "
                     "is the site's cases). Fix: add an {\"image\", \"label\"} entry for it, or remove the file.",)))
     return layout
+
+
+def _listed_twice(dataset_json: Path, listed: dict[str, dict[Path, list[tuple[int, str]]]]) -> str | None:
+    """Why ``dataset.json`` must be fixed before the site is read: a file (after resolving ``./``, ``//``, ``..`` and
+    symbolic links) that several 'training' entries list, or None. A patient listed twice counts twice, and may be
+    the support patient and a held-out patient at once, so the held-out Dice would score the support scan itself;
+    one label for two images pairs a scan with another patient's annotation."""
+    repeats = []
+    for role, by_path in listed.items():
+        for resolved, entries in by_path.items():
+            if len(entries) > 1:
+                spelled = ", ".join(f"[{index}] {text!r}" for index, text in entries)
+                repeats.append(f"the {role} {resolved} is listed by {len(entries)} entries ({spelled})")
+    if not repeats:
+        return None
+    return (f"{dataset_json}: its 'training' list names one file more than once: {'; '.join(repeats)}. Each entry must "
+            "be a different patient: a patient listed twice counts twice and can be both the support and a held-out "
+            "patient, so its Dice would score the scan it adapted on. Fix: keep one entry per patient (and one label "
+            "per image) and remove the others.")
 
 
 def _outside_site(path: Path | None, inside: Path, dataset_json: Path) -> str | None:
@@ -253,6 +278,21 @@ def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayou
     layout = SiteLayout(root=root, name=root.name, cases=[], labels=None)
     for stem in sorted(set(images) | set(labels)):
         layout.cases.append(Case(stem.replace("/", "_"), images.get(stem), labels.get(stem)))
+    # Two names for one file (a symbolic link to another case) would count one patient twice, as in dataset.json.
+    for role, found in (("image", images), ("label", labels)):
+        by_file: dict[Path, list[str]] = {}
+        for path in found.values():
+            try:
+                by_file.setdefault(path.resolve(), []).append(str(path))
+            except (RuntimeError, OSError):  # a symlink loop: check_case names it
+                continue
+        repeats = {resolved: names for resolved, names in by_file.items() if len(names) > 1}
+        if repeats:
+            resolved, names = next(iter(repeats.items()))
+            raise ValueError(f"{root}: {len(names)} {role} files matched by {image_glob if role == 'image' else label_glob!r} "
+                             f"are one file, {resolved} ({', '.join(names)}): a symbolic link makes one patient count "
+                             "twice, and be both the support and a held-out patient. Fix: remove the links so each "
+                             "patient's file appears once.")
     return layout
 
 

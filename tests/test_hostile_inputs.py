@@ -299,3 +299,57 @@ def test_a_site_models_stored_run_config_is_held_to_the_same_ranges(trained_chec
         load_site_model(model)
     message = str(refused.value)
     assert str(model / MODEL_FILE) in message and "spacing-mm=0.01: must be a voxel size" in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# dataset.json listing one file twice (review of issue 25, defect 1)
+
+
+def _listing(site: Path, entries: list[dict]) -> None:
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["training"] = entries
+    (site / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_one_case_listed_four_times_in_four_spellings_is_refused_by_check_data_adapt_and_evaluate(
+        trained_checkpoint, site, tmp_path, capsys):
+    label = f"./labelsTr/{CASE}.nii.gz"
+    _listing(site, [{"image": spelled, "label": label} for spelled in
+                    (f"imagesTr/{CASE}.nii.gz", f"./imagesTr/{CASE}.nii.gz", f"imagesTr//{CASE}.nii.gz",
+                     f"./imagesTr/../imagesTr/{CASE}.nii.gz")])
+    words = (f"{site / 'dataset.json'}: its 'training' list names one file more than once: the image "
+             f"{(site / 'imagesTr' / f'{CASE}.nii.gz').resolve()} is listed by 4 entries ([0] 'imagesTr/{CASE}.nii.gz', "
+             f"[1] './imagesTr/{CASE}.nii.gz', [2] 'imagesTr//{CASE}.nii.gz'")
+    assert main(["check-data", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Fix: keep one entry per patient" in err and "cases usable" not in err
+    with pytest.raises(ValueError, match="its 'training' list names one file more than once"):
+        _load(site)  # adapt's and evaluate's reader
+    code = main(["adapt", "--checkpoint", str(trained_checkpoint), "--allow-unsigned", "--data", str(site),
+                 "--out", str(tmp_path / "model"), "--steps", "0", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and "Traceback" not in err and not (tmp_path / "model").exists()
+    code = main(["evaluate", "--checkpoint", str(trained_checkpoint), "--allow-unsigned", "--data", str(site)])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and "Traceback" not in err
+
+
+def test_one_label_listed_for_two_images_is_refused_by_name(site, capsys):
+    meta = json.loads((site / "dataset.json").read_text())
+    entries = meta["training"]
+    entries[1] = {**entries[1], "label": entries[0]["label"]}
+    _listing(site, entries)
+    label = (site / entries[0]["label"]).resolve()
+    assert main(["check-data", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"names one file more than once: the label {label} is listed by 2 entries ([0] " in err
+    assert "(and one label per image)" in err
+
+
+def test_a_glob_site_whose_image_is_a_link_to_another_case_is_refused(site):
+    (site / "imagesTr" / "site-01_009.nii.gz").symlink_to(f"{CASE}.nii.gz")
+    (site / "labelsTr" / "site-01_009.nii.gz").symlink_to(f"{CASE}.nii.gz")
+    from fedmeta.common.validate import discover_site
+
+    with pytest.raises(ValueError, match=r"2 image files matched by 'imagesTr/\*.nii.gz' are one file"):
+        discover_site(site, "imagesTr/*.nii.gz", "labelsTr/*.nii.gz")
