@@ -190,8 +190,10 @@ def _out_dir(config: RunConfig) -> Path:
             f"run config out-dir={config.out_dir!r} is relative; the ServerApp may run in another working "
             "directory, so give an absolute path."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    from fedmeta.common.outputs import make_folder, refuse_data_folder
+
+    refuse_data_folder(out_dir, "run config out-dir")  # checkpoints never land among a site's scans
+    return make_folder(out_dir)
 
 
 def _maybe_resume(coordinator: Coordinator, config: RunConfig, path: Path) -> int:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from fedmeta.common.outputs import JOURNAL_NAME, OutputRefused, Outputs, data_folder, make_folder
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
+from tests.test_benchmark import tiny_preset  # noqa: F401 - a fixture
 from tests.test_release import _key_pair
 
 
@@ -192,6 +194,54 @@ def test_provision_under_umask_000_keeps_key_folders_private(tmp_path):
     assert not [name for name, mode in modes.items() if mode & 0o002], "nothing is world-writable"
 
 
+def _tree(folder: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every entry below ``folder`` with its mode and (for a file) its bytes, links not followed."""
+    return {p.relative_to(folder).as_posix(): (p.lstat().st_mode, None if p.is_dir() else p.read_bytes())
+            for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("planted", ["sites/gamma", "sites/a/compose.yaml", "sites/a", "superlink"])
+def test_provision_never_writes_through_a_symbolic_link_in_the_consortium(tmp_path, capsys, planted):
+    """A link planted in the consortium folder (a site's bundle folder, a file in one, a key folder) would take keys
+    and start scripts, and a chmod 0700, outside it: refused, naming the link, with nothing written anywhere."""
+    from fedmeta.server.provision import provision
+
+    out = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out
+    victim = tmp_path / "victim"
+    link = out / planted
+    if link.is_dir():  # the link leads to a copy of the folder it replaces, as a planted one would
+        shutil.copytree(link, victim)
+        shutil.rmtree(link)
+    else:
+        victim.mkdir()
+        link.unlink(missing_ok=True)
+    (victim / "compose.yaml").write_text("mine\n")
+    os.chmod(victim, 0o755)
+    link.symlink_to(victim / "compose.yaml" if planted.endswith(".yaml") else victim)
+    victim_before, consortium_before = _tree(victim), _tree(out)
+    assert main(["provision", "--out", str(out), "--site", "gamma", "--port", "9000"]) == 1
+    err = capsys.readouterr().err
+    assert f"{link} -> {victim / 'compose.yaml' if planted.endswith('.yaml') else victim}" in err
+    assert "never through a link" in err and "nothing was written" in err
+    assert _tree(victim) == victim_before and (victim / "compose.yaml").read_text() == "mine\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    assert _tree(out) == consortium_before
+
+
+def test_revoke_site_never_deletes_through_a_linked_bundle(tmp_path, capsys):
+    from fedmeta.server.provision import provision
+
+    out = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "site.key").write_text("someone else's key\n")
+    shutil.rmtree(out / "sites" / "a")  # handed over to the site, then replaced by a link
+    (out / "sites" / "a").symlink_to(victim)
+    assert main(["revoke-site", "--out", str(out), "--site", "a"]) == 1
+    assert f"{out / 'sites' / 'a'}: is a symbolic link (to {victim})" in capsys.readouterr().err
+    assert (victim / "site.key").read_text() == "someone else's key\n" and sorted(os.listdir(victim)) == ["site.key"]
+
+
 def test_simulate_runs_of_the_two_engines_get_their_own_folders_and_a_rerun_needs_overwrite(tmp_path, capsys,
                                                                                             monkeypatch):
     from fedmeta.simulations.experiments.simulate import default_out
@@ -249,6 +299,7 @@ def save_then_die(write, path):
 site_model._save_atomically = save_then_die
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
+from tests.test_benchmark import tiny_preset  # noqa: F401 - a fixture
 from tests.test_release import _key_pair
 sys.exit(main(sys.argv[1:]))
 """
@@ -297,3 +348,30 @@ def test_audit_privacy_needs_overwrite_for_an_earlier_audit_and_refuses_other_fo
     (tmp_path / "b" / "figure.png").write_bytes(b"someone's")
     with pytest.raises(OutputRefused, match="something other than fedmeta audit-privacy"):
         audit(out=tmp_path / "b", overwrite=True, **kwargs)
+
+
+def test_benchmark_continues_its_own_folder_and_refuses_anothers(smoke_federation, tiny_preset, tmp_path):
+    from fedmeta.simulations.experiments.benchmark import run_benchmark
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputRefused, match=r"notes: holds files written by something other than fedmeta benchmark"):
+        run_benchmark(str(tiny_preset), out=foreign, federation_dir=smoke_federation, quiet=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+
+def test_perf_refuses_to_replace_a_file_it_did_not_write_before_it_measures(tmp_path, capsys):
+    target = tmp_path / "perf.json"
+    target.write_text('{"mine": true}')
+    assert main(["perf", "comm", "--out", str(target)]) == 1
+    assert "exists and fedmeta perf did not write it" in capsys.readouterr().err
+    assert target.read_text() == '{"mine": true}'
+
+
+def test_the_serverapp_never_puts_its_checkpoints_in_a_site_data_folder(site):
+    from fedmeta.common.config import RunConfig
+    from fedmeta.server.app import _out_dir
+
+    with pytest.raises(OutputRefused, match=r"run config out-dir .*lies in the site data folder"):
+        _out_dir(RunConfig(out_dir=str(site / "imagesTr" / "runs")))

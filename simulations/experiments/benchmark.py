@@ -294,7 +294,12 @@ def run_benchmark(
     total_budget = check_equal_budget(budgets, spec["path"])
 
     out = Path(out or Path("runs") / f"benchmark-{spec['name']}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    from fedmeta.common.outputs import Outputs
+
+    # The folder is new or the benchmark's own: running again continues it (finished runs are reused, the
+    # tables rewritten), and never writes into another command's folder or a site's data.
+    earlier = (out / "results.json").is_file() or (out / "runs").is_dir()  # a benchmark from before the journal
+    Outputs(out, "benchmark").claim_folder(resume=True, detail={"preset": spec["name"]}, recognised=earlier)
     _say(quiet, f"federation {federation_dir}: training on {', '.join(i.name for i in train_infos)}; "
                 f"new hospitals ({eval_role}): {', '.join(i.name for i in eval_infos)}")
     _say(quiet, f"budget: {total_budget} local gradient steps per method; seeds {spec['seeds']}; "

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.jsonio import write_json
 from fedmeta.simulations.engines.processes import (
     ROLE_ACTORS, ROLE_RAY_SERVICES, ROLE_SIMULATION, TreeMemorySampler,
 )
@@ -594,7 +593,33 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}"
 
 
+def _outputs(out: Path):
+    """perf's guard on its two files: it replaces its own earlier figures, never a file it did not write."""
+    from fedmeta.common.outputs import Outputs
+
+    return Outputs(out.parent, "perf", option=""), [out.name, out.with_suffix(".md").name]
+
+
+def _earlier_perf(out: Path) -> list[str]:
+    """perf's own files from before the journal: a perf.json holding its machine readings, and its report."""
+    import json
+
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    return [out.name, out.with_suffix(".md").name] if isinstance(earlier, dict) and "machine_after" in earlier else []
+
+
 def run(args: argparse.Namespace) -> int:
+    from fedmeta.common.outputs import OutputRefused
+
+    outputs, names = _outputs(Path(args.out))
+    try:  # before minutes of measuring, not after
+        outputs.check(names, overwrite=True, recognised=_earlier_perf(Path(args.out)))
+    except OutputRefused as err:
+        print(f"fedmeta perf: error: {err}", file=sys.stderr)
+        return 1
     parts = args.parts or list(PARTS)
     work = Path(args.work or tempfile.mkdtemp(prefix="fedmeta-perf-")).resolve()
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "work": str(work)}
@@ -623,10 +648,13 @@ def run(args: argparse.Namespace) -> int:
     results["machine_after"] = _machine()
     report = format_report(results)
     print(report)
+    from fedmeta.common.outputs import make_folder
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, results)
-    out.with_suffix(".md").write_text(report + "\n")
+    make_folder(out.parent)
+    outputs.claim(names, overwrite=True, recognised=_earlier_perf(out))
+    outputs.write_json(out.name, results)
+    outputs.write_text(out.with_suffix(".md").name, report + "\n")
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
     return 0
 
