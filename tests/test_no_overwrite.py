@@ -299,7 +299,6 @@ def save_then_die(write, path):
 site_model._save_atomically = save_then_die
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
-from tests.test_benchmark import tiny_preset  # noqa: F401 - a fixture
 from tests.test_release import _key_pair
 sys.exit(main(sys.argv[1:]))
 """
