@@ -60,11 +60,31 @@ def refuse_data_folder(path: Path | str, option: str) -> None:
                             "data. Choose a folder outside it.")
 
 
-def make_folder(path: Path | str, mode: int = FOLDER_MODE) -> Path:
+def refuse_links(path: Path | str, within: Path | str) -> None:
+    """Raises :class:`OutputRefused` when ``within``, ``path`` or a folder between them is a symbolic link: a
+    writer that follows one writes outside the folder it owns (a link planted in a folder of keys is a way out)."""
+    path, within = Path(path), Path(within)
+    try:
+        parts = path.relative_to(within).parts
+    except ValueError:
+        raise ValueError(f"{path} is not inside {within}") from None
+    current = within
+    for part in ("", *parts):
+        current = current / part
+        if current.is_symlink():
+            raise OutputRefused(f"{current}: is a symbolic link (to {os.readlink(current)}); fedmeta writes only inside "
+                                f"{within} and never through a link, which would write outside it. Replace the link "
+                                "with the folder or file itself, or remove it, and run again.")
+
+
+def make_folder(path: Path | str, mode: int = FOLDER_MODE, *, within: Path | str | None = None) -> Path:
     """``path`` and its missing parents, each made with ``mode`` whatever the umask (``os.mkdir`` then
     ``chmod``). An existing folder is narrowed to ``mode`` when that is :data:`PRIVATE_FOLDER_MODE` (a key
-    folder an older release made world-readable) and otherwise left as it is."""
+    folder an older release made world-readable) and otherwise left as it is. With ``within``, a symbolic
+    link from ``within`` down to ``path`` is refused (:func:`refuse_links`) rather than followed."""
     path = Path(path)
+    if within is not None:
+        refuse_links(path, within)
     missing = []
     for folder in (path, *path.parents):
         if folder.is_dir():
@@ -74,7 +94,7 @@ def make_folder(path: Path | str, mode: int = FOLDER_MODE) -> Path:
         with contextlib.suppress(FileExistsError):  # made by a concurrent run a moment ago
             os.mkdir(folder, mode)
         os.chmod(folder, mode if folder == path else FOLDER_MODE)
-    if not missing and mode == PRIVATE_FOLDER_MODE and path.stat().st_mode & 0o077:
+    if not missing and mode == PRIVATE_FOLDER_MODE and not path.is_symlink() and path.stat().st_mode & 0o077:
         os.chmod(path, mode)
     return path
 
@@ -279,4 +299,4 @@ def _now() -> str:
 
 
 __all__ = ["FILE_MODE", "FOLDER_MODE", "JOURNAL_NAME", "OutputRefused", "Outputs", "PRIVATE_FOLDER_MODE",
-           "data_folder", "make_folder", "refuse_data_folder"]
+           "data_folder", "make_folder", "refuse_data_folder", "refuse_links"]

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmeta.common.outputs import FOLDER_MODE, PRIVATE_FOLDER_MODE, Outputs, make_folder
+from fedmeta.common.outputs import FOLDER_MODE, PRIVATE_FOLDER_MODE, OutputRefused, Outputs, make_folder, refuse_links
 
 CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
 CA_DAYS = 3650
@@ -218,13 +218,17 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
         raise FileExistsError(f"{server_dir / 'server.crt'} is for {registry.get('server_names', [])}, not "
                               f"{list(server_names)}; pass --reissue-server to issue a new one from the same CA "
                               "(the SuperLink must then restart with it; site keys stay).")
+    # A link in the tree would take a key or a start script outside the consortium folder: refused, naming it,
+    # before anything is written (each write checks again).
+    _refuse_links_in(out, [*(out / "sites" / name for name in {*sites, *rekey_sites, *registry.get("sites", {})}),
+                           out / "superlink", out / "release", out / "registry.json"])
     folder.claim_folder(overwrite=True, recognised=_is_consortium(out))  # recorded before the first key is written
     for secret in (out / "ca", server_dir, out / "release", *(out / "sites").glob("*/")):
         if secret.is_dir() and not secret.is_symlink():  # an older release made them with the caller's umask
             make_folder(secret, PRIVATE_FOLDER_MODE)
-    ca_key, ca_cert = _certificate_authority(out / "ca", now, force, result, need_key=issue_server)
+    ca_key, ca_cert = _certificate_authority(out, now, force, result, need_key=issue_server)
     if issue_server:
-        server_cert = _server_certificate(server_dir, names, ca_key, ca_cert, now, days)
+        server_cert = _server_certificate(out, names, ca_key, ca_cert, now, days)
         result.created += [str(server_dir / "server.crt"), str(server_dir / "server.key")]
     else:
         result.kept.append(str(server_dir / "server.crt"))
@@ -232,7 +236,7 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     result.expiry["SuperLink certificate " + str(server_dir / "server.crt")] = _expiry(server_cert)
     result.expiry["CA certificate " + str(out / "ca" / "ca.crt")] = _expiry(ca_cert)
 
-    release_pub = _release_key(out / "release", force, result)
+    release_pub = _release_key(out, force, result)
     from fedmeta.common.release import key_fingerprint
 
     release_fingerprint = key_fingerprint(serialization.load_pem_public_key(release_pub))
@@ -255,7 +259,7 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
                                               else " (registered; its bundle is not here: --rekey-site makes a new one)"))
             continue
         issued.add(name)
-        public = _site_bundle(bundle, name, address, out / "ca" / "ca.crt")
+        public = _site_bundle(out, name, address)
         registry.get("revoked", {}).pop(name, None)  # --force reissued a revoked name: a new identity
         previous = registry["sites"].get(name)
         registry["sites"][name] = {"public_key_sha256": hashlib.sha256(public).hexdigest(),
@@ -266,7 +270,7 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     if moved:  # the sites dial a new address: their scripts must say so (keys and CA are unchanged)
         for name in sorted(set(registry["sites"]) - issued):
             if (out / "sites" / name).is_dir():
-                _write_bundle_files(out / "sites" / name, name, address)
+                _write_bundle_files(out, name, address)
                 result.created.append(f"{out / 'sites' / name} (address now {address}; hand the site its new start "
                                       "files)")
     for name in sorted(registry["sites"]):  # every bundle here carries the release key sites verify with
@@ -274,17 +278,17 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
         if not bundle.is_dir():
             continue
         if not (bundle / "release.pub").is_file() or (bundle / "release.pub").read_bytes() != release_pub:
-            _write(bundle / "release.pub", release_pub, 0o644)
+            _write(bundle / "release.pub", release_pub, 0o644, out=out)
         # ... and its fingerprint, which adapt/evaluate/predict check before taking ./release.pub as the default
         # (a release.pub that arrived beside a downloaded checkpoint is not the consortium's).
         if (bundle / "site.json").is_file():
             meta = json.loads((bundle / "site.json").read_text())
             if meta.get("release_key_sha256") != release_fingerprint:
                 meta.update(release_key="release.pub", release_key_sha256=release_fingerprint)
-                _write(bundle / "site.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+                _write(bundle / "site.json", (json.dumps(meta, indent=2) + "\n").encode(), 0o644, out=out)
     registry.setdefault("revoked", {})
     _write_register_script(server_dir / "register-sites.sh", out, registry)
-    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644, out=out)
     return result
 
 
@@ -300,12 +304,13 @@ def revoke_site(out: Path | str, site: str) -> str:
     registry.setdefault("revoked", {})[site] = {**entry, "revoked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                                 **({"node_id": node_id} if node_id is not None else {})}
     bundle = out / "sites" / site
-    make_folder(bundle, PRIVATE_FOLDER_MODE)  # the folder may have been handed over and deleted here
+    refuse_links(bundle / "site.key", out)  # unlinking through a linked folder would delete someone else's file
+    make_folder(bundle, PRIVATE_FOLDER_MODE, within=out)  # the folder may have been handed over and deleted here
     (bundle / "site.key").unlink(missing_ok=True)
     _write(bundle / "REVOKED", b"This site's identity was revoked; its key is gone and the SuperLink refuses it.\n",
-           0o644)
+           0o644, out=out)
     _write_register_script(out / "superlink" / "register-sites.sh", out, registry)
-    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    _write(out / "registry.json", (json.dumps(registry, indent=2, sort_keys=True) + "\n").encode(), 0o644, out=out)
     return (f"revoked {site} (key fingerprint sha256:{entry['public_key_sha256'][:16]}...). The SuperLink admits its key "
             f"until you remove it; on the coordinator, with <connection> the SuperLink connection register-sites.sh "
             f"used: {unregister_step(out, site)}.")
@@ -327,8 +332,9 @@ def _check_arguments(server_names, sites, port, days) -> None:
         raise ValueError(f"--days {days}: must be between 1 and {CA_DAYS}.")
 
 
-def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned, need_key: bool):
+def _certificate_authority(out: Path, now, force: bool, result: Provisioned, need_key: bool):
     """The CA (made when there is none, or with ``force``); its key only when ``need_key`` (it may be offline)."""
+    ca_dir = out / "ca"
     key_path, cert_path = ca_dir / "ca.key", ca_dir / "ca.crt"
     if cert_path.exists() and not force:
         result.kept.append(str(cert_path))
@@ -357,32 +363,33 @@ def _certificate_authority(ca_dir: Path, now, force: bool, result: Provisioned, 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    _write(key_path, _pem_private(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(key_path, _pem_private(key), 0o600, out=out)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, out=out)
     result.created += [str(cert_path), str(key_path)]
     return key, cert
 
 
-def _release_key(release_dir: Path, force: bool, result: Provisioned) -> bytes:
+def _release_key(out: Path, force: bool, result: Provisioned) -> bytes:
     """The consortium's Ed25519 release key pair (``fedmeta sign --key release/release.key``; the ServerApp's
     ``release-key``); made when there is none, or with ``force``. Returns the public key (PEM), which every
     site bundle carries as ``release.pub``: the key ``adapt``, ``evaluate`` and ``predict`` verify with by
     default. The private key may be kept offline once made: ``release.pub`` alone is enough here."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    key_path, pub_path = release_dir / "release.key", release_dir / "release.pub"
+    key_path, pub_path = out / "release" / "release.key", out / "release" / "release.pub"
     if pub_path.is_file() and not force:
         result.kept.append(str(pub_path))
         return pub_path.read_bytes()
     key = Ed25519PrivateKey.generate()
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write(key_path, _pem_private(key), 0o600)
-    _write(pub_path, public, 0o644)
+    _write(key_path, _pem_private(key), 0o600, out=out)
+    _write(pub_path, public, 0o644, out=out)
     result.created += [str(pub_path), str(key_path)]
     return public
 
 
-def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now, days: int):
+def _server_certificate(out: Path, names: list[str], ca_key, ca_cert, now, days: int):
+    server_dir = out / "superlink"
     key = ec.generate_private_key(CURVE)
     alt_names = [_alt_name(name) for name in names]
     cert = (
@@ -397,9 +404,9 @@ def _server_certificate(server_dir: Path, names: list[str], ca_key, ca_cert, now
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write(server_dir / "server.key", _pem_private(key), 0o600)
-    _write(server_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(server_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)  # --ssl-ca-certfile
+    _write(server_dir / "server.key", _pem_private(key), 0o600, out=out)
+    _write(server_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644, out=out)
+    _write(server_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644, out=out)  # --ssl-ca-certfile
     return cert
 
 
@@ -414,29 +421,33 @@ def _alt_name(name: str) -> x509.GeneralName:
     return x509.DNSName(name)
 
 
-def _site_bundle(bundle: Path, name: str, address: str, ca_cert: Path) -> bytes:
-    """Writes a site's bundle; returns its OpenSSH public key."""
+def _site_bundle(out: Path, name: str, address: str) -> bytes:
+    """Writes a site's bundle ``out/sites/<name>``; returns its OpenSSH public key."""
+    bundle = out / "sites" / name
     key = ec.generate_private_key(CURVE)
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public += f" fedmeta-site-{name}\n".encode()
-    make_folder(bundle, PRIVATE_FOLDER_MODE)
+    make_folder(bundle, PRIVATE_FOLDER_MODE, within=out)
+    refuse_links(bundle / "REVOKED", out)
     (bundle / "REVOKED").unlink(missing_ok=True)
-    _write(bundle / "site.key", private, 0o600)
-    _write(bundle / "site.pub", public, 0o644)
-    _write(bundle / "ca.crt", ca_cert.read_bytes(), 0o644)
-    _write_bundle_files(bundle, name, address)
+    _write(bundle / "site.key", private, 0o600, out=out)
+    _write(bundle / "site.pub", public, 0o644, out=out)
+    _write(bundle / "ca.crt", (out / "ca" / "ca.crt").read_bytes(), 0o644, out=out)
+    _write_bundle_files(out, name, address)
     return public
 
 
-def _write_bundle_files(bundle: Path, name: str, address: str) -> None:
-    """The bundle's non-secret files, which name the address the site dials."""
+def _write_bundle_files(out: Path, name: str, address: str) -> None:
+    """The non-secret files of the bundle ``out/sites/<name>``, which name the address the site dials."""
+    bundle = out / "sites" / name
     _write(bundle / "site.json", (json.dumps({"site": name, "superlink": address, "ca": "ca.crt",
                                               "private_key": "site.key", "public_key": "site.pub"},
-                                             indent=2) + "\n").encode(), 0o644)
-    _write(bundle / "start-site.sh", _START_SCRIPT.format(address=address).encode(), 0o755)
-    _write(bundle / "compose.yaml", _SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(), 0o644)
+                                             indent=2) + "\n").encode(), 0o644, out=out)
+    _write(bundle / "start-site.sh", _START_SCRIPT.format(address=address).encode(), 0o755, out=out)
+    _write(bundle / "compose.yaml", _SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(), 0o644,
+           out=out)
 
 
 NODE_IDS = "node-ids"  # OUT/superlink/node-ids/<site>: the node id the SuperLink gave the site's key
@@ -467,7 +478,7 @@ def _write_register_script(path: Path, out: Path, registry: dict) -> None:
              "}"]
     for name in sorted(registry.get("sites", {})):
         lines.append(f'register {name} "$HERE/sites/{name}/site.pub"')
-    _write(path, ("\n".join(lines) + "\n").encode(), 0o755)
+    _write(path, ("\n".join(lines) + "\n").encode(), 0o755, out=out)
 
 
 def recorded_node_id(out: Path, site: str) -> int | None:
@@ -510,10 +521,12 @@ def _read_registry(out: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err}); restore it from a backup or provision a new folder.") from None
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Writes ``path`` with ``mode`` from its creation on (a private key is never world-readable, even briefly); a
-    folder made for a private key is 0700, any other 0755, whatever the caller's umask."""
-    make_folder(path.parent, PRIVATE_FOLDER_MODE if mode & 0o077 == 0 else FOLDER_MODE)
+def _write(path: Path, data: bytes, mode: int, *, out: Path) -> None:
+    """Writes ``path`` (inside the consortium folder ``out``) with ``mode`` from its creation on (a private key is
+    never world-readable, even briefly); a folder made for a private key is 0700, any other 0755, whatever the
+    caller's umask. A symbolic link on the way from ``out`` (folder or file) is refused, never followed."""
+    make_folder(path.parent, PRIVATE_FOLDER_MODE if mode & 0o077 == 0 else FOLDER_MODE, within=out)
+    refuse_links(path, out)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -521,6 +534,26 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         handle.write(data)
     os.chmod(tmp, mode)  # the umask may have narrowed it
     os.replace(tmp, path)
+
+
+def _refuse_links_in(out: Path, paths: list[Path]) -> None:
+    """Raises :class:`OutputRefused` naming every symbolic link among ``paths`` (inside ``out``), the folders
+    above them and, below those that are folders, every entry provision writes over."""
+    links = []
+    for path in sorted(set(paths)):
+        parts = path.relative_to(out).parts
+        link = next((out.joinpath(*parts[:depth]) for depth in range(len(parts) + 1)
+                     if out.joinpath(*parts[:depth]).is_symlink()), None)
+        if link is not None:
+            links.append(link)
+            continue
+        for folder, subfolders, files in os.walk(path):  # does not descend into linked folders, lists them
+            links += [Path(folder) / name for name in (*subfolders, *files) if (Path(folder) / name).is_symlink()]
+    if links:
+        shown = ", ".join(f"{link} -> {os.readlink(link)}" for link in sorted(set(links)))
+        raise OutputRefused(f"{shown}: symbolic link(s) in the consortium folder {out}; provision writes only inside it "
+                            "and never through a link, which would put keys and start scripts outside it. Replace each "
+                            "link with the folder or file itself, or remove it, and run again (nothing was written).")
 
 
 def _pem_private(key) -> bytes:
