@@ -32,6 +32,11 @@ MAX_RES_UNITS = 8
 MAX_LEARNER_SIZE = 1024  # generator-width, prototype-dim, lstm-hidden
 MAX_EVAL_BATCH = 1024
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the default UNet has 0.2 M
+# A round holds every episode of a site at once (fedmeta.common.data.sample_episodes; FOMAML with 4 or more
+# episodes also runs them at once), so these bound what one round can ask of a site. Meta-learning papers use
+# 1-32 episodes of 1-20 shots; the product is held to the machine's memory by RunConfig.memory_estimate.
+MAX_EPISODES = 1_000  # episodes-per-site
+MAX_SHOTS = 1_000  # k-shot, q-query, eval-k-shot: labelled slices in one support or query set
 
 # Keys that may change between a stopped run and its resumption without changing the trajectory:
 # where things live, how long to go on, how patient to be, which device computes.
@@ -153,6 +158,11 @@ class RunConfig:
         need(self.episodes_per_site >= 1, "episodes-per-site", "must be >= 1.")
         need(self.k_shot >= 1, "k-shot", "must be >= 1 support image.")
         need(self.q_query >= 1, "q-query", "must be >= 1 query image.")
+        need(self.episodes_per_site <= MAX_EPISODES, "episodes-per-site",
+             f"must be at most {MAX_EPISODES:,} (a site holds a round's episodes at once; 1-32 is usual).")
+        for key in ("k-shot", "q-query", "eval-k-shot"):
+            need(getattr(self, key.replace("-", "_")) <= MAX_SHOTS, key,
+                 f"must be at most {MAX_SHOTS:,} slices (an episode holds them at once; 1-20 is usual).")
         need(self.inner_steps >= (0 if self.algorithm in ("fast-weights", "prototypes") else 1), "inner-steps",
              "must be >= 1 (0 only for fast-weights and prototypes, whose adaptation needs no gradient step).")
         need(self.inner_steps <= MAX_STEPS, "inner-steps",
@@ -291,13 +301,22 @@ class RunConfig:
              "fedmeta builds; use fewer channels or levels.")
 
     def memory_estimate(self) -> int:
-        """Bytes one site needs to adapt and segment with this config, about: the weights and their adaptation
-        copies (θ, adapted, gradients, optimiser moments: 8 per weight), and the network's activations for an
-        episode's backward pass or an evaluation batch's forward pass (measured on the UNet: ~11 and ~4 top-level
-        feature maps per slice), whichever is larger."""
-        feature_map = self.model_base_channels * self.image_size**2 * 4
-        activations = max(12 * (self.k_shot + self.q_query), 4 * self.eval_batch_size) * feature_map
-        return 8 * 4 * parameter_count(self.model_config()) + activations
+        """Bytes one site needs for a round, an adaptation or a segmentation with this config, about: the weights
+        and their adaptation copies (θ, adapted, gradients, optimiser moments: 8 per weight); the round's episodes,
+        which ``fedmeta.common.federated_round.site_update`` holds all at once (episodes-per-site x (k-shot +
+        q-query) slices: the image, its int64 label and its one-hot target); and the network's activations for the
+        largest pass (measured on the UNet: ~11 top-level feature maps per slice backward, ~4 forward) — an
+        episode's backward pass (FOMAML batches 4 or more episodes into one), an evaluation support set's, or an
+        evaluation batch's forward pass. A pooled (centralised) run holds every site's episodes: this is per site."""
+        from fedmeta.common.meta import BATCH_FROM  # torch is loaded by the model import above anyway
+
+        pixels = self.image_size**2
+        feature_map = self.model_base_channels * pixels * 4
+        episode_slices = self.k_shot + self.q_query
+        episodes = self.episodes_per_site * episode_slices * pixels * (4 + 8 + 4 * self.num_classes)
+        at_once = self.episodes_per_site if self.algorithm == "fomaml" and self.episodes_per_site >= BATCH_FROM else 1
+        activations = max(12 * episode_slices * at_once, 12 * self.eval_k_shot, 4 * self.eval_batch_size) * feature_map
+        return 8 * 4 * parameter_count(self.model_config()) + episodes + activations
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -389,9 +408,14 @@ class RunConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def memory_problem(config: RunConfig, source: str) -> str | None:
-    """Why ``config`` (read from ``source``, a checkpoint or a model card) must not be built on this machine: its
-    :meth:`RunConfig.memory_estimate` exceeds the machine's memory. None when it fits."""
+_STORED_CONFIG_FIX = ("use the consortium's release as published (a stored run config this large is damaged or not "
+                      "meant for a site), or run it on a larger machine.")
+
+
+def memory_problem(config: RunConfig, source: str, fix: str = _STORED_CONFIG_FIX) -> str | None:
+    """Why ``config`` (read from ``source``: a checkpoint, a model card, a preset with --set) must not run on this
+    machine: its :meth:`RunConfig.memory_estimate` exceeds the machine's memory. None when it fits. ``fix``: what
+    the reader can do, after "Fix: "."""
     import os
 
     try:
@@ -403,9 +427,10 @@ def memory_problem(config: RunConfig, source: str) -> str | None:
         return None
     return (f"{source}: its run config (image-size={config.image_size}, model-base-channels="
             f"{config.model_base_channels}, model-levels={config.model_levels}, eval-batch-size="
-            f"{config.eval_batch_size}) needs about {needed / 2**30:,.1f} GiB to adapt and segment, more than this "
-            f"machine's {limit / 2**30:,.1f} GiB of memory. Fix: use the consortium's release as published (a stored "
-            "run config this large is damaged or not meant for a site), or run it on a larger machine.")
+            f"{config.eval_batch_size}, episodes-per-site={config.episodes_per_site}, k-shot={config.k_shot}, "
+            f"q-query={config.q_query}, eval-k-shot={config.eval_k_shot}) needs about {needed / 2**30:,.1f} GiB for a "
+            f"round or an adaptation (a site holds a round's episodes at once), more than this machine's "
+            f"{limit / 2**30:,.1f} GiB of memory. Fix: {fix}")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -436,4 +461,5 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return str(value)
 
 
-__all__ = ["ALGORITHMS", "DEVICES", "MAX_STEPS", "META_OPTIMIZERS", "RunConfig", "memory_problem"]
+__all__ = ["ALGORITHMS", "DEVICES", "MAX_EPISODES", "MAX_SHOTS", "MAX_STEPS", "META_OPTIMIZERS", "RunConfig",
+           "memory_problem"]

@@ -4,6 +4,7 @@ result, and `fedmeta check-data` counts what `fedmeta adapt` reads (issue 25, pa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -353,3 +354,62 @@ def test_a_glob_site_whose_image_is_a_link_to_another_case_is_refused(site):
 
     with pytest.raises(ValueError, match=r"2 image files matched by 'imagesTr/\*.nii.gz' are one file"):
         discover_site(site, "imagesTr/*.nii.gz", "labelsTr/*.nii.gz")
+
+
+# ---------------------------------------------------------------------------------------------------
+# episodes and shots: capped, and held to the machine's memory (review of issue 25, defect 2)
+
+EPISODE_CAPS = [
+    ("episodes-per-site", 100_000_000, "episodes-per-site=100000000: must be at most 1,000 (a site holds"),
+    ("k-shot", 1001, "k-shot=1001: must be at most 1,000 slices"),
+    ("q-query", 10**9, "q-query=1000000000: must be at most 1,000 slices"),
+    ("eval-k-shot", 5000, "eval-k-shot=5000: must be at most 1,000 slices"),
+]
+
+
+@pytest.mark.parametrize("key, value, words", EPISODE_CAPS, ids=[k for k, _, _ in EPISODE_CAPS])
+def test_episode_and_shot_counts_are_capped_for_set_and_stored_configs(trained_checkpoint, tmp_path, key, value, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RunConfig.from_run_config({key: value})
+    path = _tampered(trained_checkpoint, tmp_path, **{key: value})
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_initialisation(path)
+
+
+def test_simulate_refuses_a_hundred_million_episodes_before_building_anything(tmp_path, capsys):
+    code = main(["simulate", "--preset", "smoke", "--engine", "inprocess", "--set", "episodes-per-site=100000000",
+                 "--rounds", "1", "--no-baseline", "--oracle-steps", "0", "--out", str(tmp_path / "run"),
+                 "--federation-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 1 and "episodes-per-site=100000000: must be at most 1,000" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def _machine_of(monkeypatch, gib: int) -> None:
+    import os
+
+    pages = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: pages if name == "SC_PAGE_SIZE" else gib * 2**30 // pages)
+
+
+def test_the_memory_estimate_counts_the_episodes_a_round_holds_at_once(monkeypatch):
+    small = RunConfig(episodes_per_site=2, k_shot=5, q_query=5)
+    large = small.replace(episodes_per_site=1000, k_shot=1000, q_query=1000)
+    held = 1000 * 2000 * 64 * 64 * (4 + 8 + 4 * 4)  # image, int64 label and one-hot target of every slice
+    assert large.memory_estimate() - small.memory_estimate() >= held
+    _machine_of(monkeypatch, 8)
+    problem = memory_problem(large, "--preset smoke", fix="lower them.")
+    assert problem.startswith("--preset smoke: its run config (") and problem.endswith("Fix: lower them.")
+    assert "episodes-per-site=1000, k-shot=1000, q-query=1000" in problem and "this machine's 8.0 GiB" in problem
+    assert memory_problem(small, "--preset smoke") is None
+
+
+def test_simulate_refuses_episodes_that_fit_the_caps_but_not_the_machine(monkeypatch, tmp_path, capsys):
+    _machine_of(monkeypatch, 8)
+    code = main(["simulate", "--preset", "smoke", "--engine", "inprocess", "--set", "episodes-per-site=1000",
+                 "--set", "k-shot=1000", "--set", "q-query=1000", "--rounds", "1", "--no-baseline",
+                 "--oracle-steps", "0", "--out", str(tmp_path / "run"), "--federation-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--preset smoke: its run config (" in err and "this machine's 8.0 GiB" in err
+    assert "episodes-per-site=1000, k-shot=1000, q-query=1000" in err and "Fix: lower episodes-per-site" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

@@ -124,7 +124,7 @@ def simulate(
     ``attack`` (``fedmeta.simulations.attacks``): the first ``attack_sites`` training sites send
     poisoned replies, in the meta run and the FedAvg baseline alike (in-process engine only).
     """
-    from fedmeta.common.config import RunConfig
+    from fedmeta.common.config import RunConfig, memory_problem
     from fedmeta.common.synth import cached_federation, load_manifest
 
     if engine not in ENGINES:
@@ -146,6 +146,11 @@ def simulate(
         if value is not None:
             overrides[key] = value
     config = RunConfig.from_run_config(overrides)
+    # Every site of a simulation runs on this machine: a round that cannot fit is refused before it is built.
+    problem = memory_problem(config, f"--preset {preset}", fix="lower episodes-per-site, k-shot or q-query (--set "
+                             "episodes-per-site=2 k-shot=5 q-query=5 are the defaults), or run on a larger machine.")
+    if problem:
+        raise ValueError(problem)
     out = Path(out or default_out(preset, config.algorithm, engine)).resolve()
     from fedmeta.common.outputs import Outputs
 
