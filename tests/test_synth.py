@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -385,3 +386,82 @@ def test_a_federation_from_an_older_definition_of_the_preset_is_named_as_such(ti
     monkeypatch.setitem(synth.PRESETS, tiny_lazy, dataclass_replace(synth.PRESETS[tiny_lazy], patients=(2, 2)))
     with pytest.raises(FileExistsError, match="older definition of that preset.*force=True"):
         generate_federation(root, tiny_lazy, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replacing a federation (--force): only a fedmeta federation, and only what fedmeta wrote in it
+
+
+def _contents(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("manifest", [
+    {"name": "web app"},  # someone's project folder
+    "not json {",
+    # A manifest shaped like ours whose site path leads out of the folder: never a federation fedmeta wrote.
+    {"generator_version": "1.1", "preset": "smoke", "seed": 0, "cache_key": "x",
+     "sites": [{"name": "a", "path": "../elsewhere", "subjects": []}]},
+], ids=["foreign", "not-json", "path-out"])
+def test_force_never_replaces_a_folder_whose_manifest_is_not_a_fedmeta_federation(tmp_path, capsys, manifest):
+    from fedmeta.simulations.cli import main
+
+    project = tmp_path / "p"
+    (project / "src").mkdir(parents=True)
+    (project / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    (project / "notes.txt").write_text("precious")
+    (project / "src" / "main.py").write_text("code")
+    before = _contents(project)
+    for force in ([], ["--force"]):
+        assert main(["synth", "--out", str(project), "--preset", "smoke", *force]) == 2
+        err = capsys.readouterr().err
+        assert f"{project} holds a manifest.json that is not a fedmeta federation manifest" in err
+        assert "force" not in err.replace(str(project), "")  # --force cannot help here, so it is not suggested
+    assert _contents(project) == before
+    assert not list(tmp_path.glob(".p.partial-*"))
+
+
+def test_force_replaces_a_federation_only_when_it_holds_nothing_but_what_fedmeta_wrote(tiny_lazy, tmp_path, capsys):
+    from fedmeta.common.outputs import Outputs
+    from fedmeta.simulations.cli import main
+
+    root = generate_federation(tmp_path / "fed", tiny_lazy, seed=0, lazy=False)
+    site = load_manifest(root).train_sites[0]
+    Outputs(root, "show-sites").write_bytes("preview.png", b"a preview fedmeta drew")  # fedmeta's, journalled
+    mine = {"notes.txt": "precious", f"{site.name}/README": "about this site",
+            f"{site.name}/imagesTr/extra_001.nii.gz": "a scan added by hand"}
+    for name, text in mine.items():
+        (root / name).write_text(text)
+    (root / "results").mkdir()
+    before = _contents(root)
+    assert main(["synth", "--out", str(root), "--preset", tiny_lazy, "--seed", "1", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{root} holds a fedmeta federation but also what fedmeta did not write there: notes.txt, results/, "
+            f"{site.name}/README, {site.name}/imagesTr/extra_001.nii.gz. It is not replaced, not even with --force") in err
+    assert "preview.png" not in err.split("write there:")[1]
+    assert _contents(root) == before
+    # Without them (and with the preview edited by hand: no longer what fedmeta drew) still refused, naming it.
+    for name in mine:
+        (root / name).unlink()
+    (root / "results").rmdir()
+    (root / "preview.png").write_bytes(b"edited")
+    with pytest.raises(FileExistsError, match=r"did not write there: preview\.png\. It is not replaced"):
+        generate_federation(root, tiny_lazy, seed=1, force=True)
+    Outputs(root, "show-sites").record("preview.png")  # drawn again by fedmeta: its own once more
+    assert main(["synth", "--out", str(root), "--preset", tiny_lazy, "--seed", "1", "--force"]) == 0
+    assert load_manifest(root).seed == 1 and not (root / "preview.png").exists()
+
+
+def test_a_staging_folder_left_by_a_killed_synth_is_removed_by_the_next_run(tiny_lazy, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".fed.partial-{dead.stdout.strip()}"  # what `kill -9` of a synth leaves beside its root
+    (stale / "site-01" / "imagesTr").mkdir(parents=True)
+    live = tmp_path / f".fed.partial-{os.getppid()}"  # a synth still running: left alone
+    live.mkdir()
+    other = tmp_path / ".fed.partial-notes"  # not a staging folder name fedmeta makes
+    other.mkdir()
+    generate_federation(tmp_path / "fed", tiny_lazy, seed=0)
+    assert not stale.exists() and live.is_dir() and other.is_dir()

@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "small train sites (3 patients, smoke-sized) + the smoke preset's 2 held-out, lazy (the "
                        "manifest now, each site rendered when first used; --all-sites renders them all now)")
     synth.add_argument("--seed", type=int, default=0, help="seed of every site and subject (default 0)")
-    synth.add_argument("--force", action="store_true", help="replace a different federation already in --out")
+    synth.add_argument("--force", action="store_true",
+                       help="replace a different federation already in --out (one fedmeta generated, holding nothing "
+                       "fedmeta did not write; anything else is refused)")
     synth.add_argument("--workers", type=int, default=None, help="processes rendering subjects (default: up to 2)")
     synth.add_argument("--all-sites", action="store_true",
                        help="render every site now, also for a lazy preset (scale-N)")
