@@ -629,6 +629,9 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _worker_init() -> None:
     import torch
 
+    from fedmeta.common.workers import end_with_parent
+
+    end_with_parent()  # a synth killed with SIGKILL takes its rendering workers with it
     torch.set_num_threads(1)  # one process per core already; more threads only contend
 
 

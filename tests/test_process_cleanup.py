@@ -1,4 +1,5 @@
-"""A `fedmeta` command that starts workers ends them when it is told to stop (SIGTERM, SIGINT).
+"""A `fedmeta` command that starts workers ends them when it is told to stop (SIGTERM, SIGINT, SIGHUP), and its
+pool workers end with it when it is killed (SIGKILL).
 
 Each test starts a real `fedmeta` process tree with a marker in its environment (every descendant
 inherits it, re-parented to init or not), waits until the workers exist, signals it, and then looks
@@ -191,14 +192,85 @@ sys.exit(run_command(command, "demo"))
 @pytest.mark.parametrize(("signals", "code", "said"), [
     ((signal.SIGTERM,), 143, "demo: terminated"),
     ((signal.SIGINT,), 130, "demo: interrupted"),
+    ((signal.SIGHUP,), 129, "demo: terminated (SIGHUP"),  # the terminal or ssh session closed
     ((signal.SIGTERM, signal.SIGTERM, signal.SIGINT), 143, "demo: terminated"),  # impatience is ignored
-], ids=["sigterm", "sigint", "repeated"])
+], ids=["sigterm", "sigint", "sighup", "repeated"])
 def test_a_signal_stops_the_whole_tree_then_runs_the_commands_cleanup(tmp_path, request, signals, code, said):
     process, tree = _start([sys.executable, "-c", COMMAND_WITH_A_TREE], tmp_path, request, program=[])
     try:
         _wait_for(lambda: "ready" in _output(process) and len(tree.live()) >= 5, 30, "the command's children", process)
         output = _stop_and_check(process, tree, signals[0], False, code, then=signals[1:])
         assert said in output and "cleaned up" in output and "Traceback" not in output
+    finally:
+        _kill_leftovers(process, tree)
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
+def test_a_command_started_with_nohup_outlives_sighup_and_still_ends_its_tree_on_sigterm(tmp_path, request):
+    process, tree = _start(["-c", COMMAND_WITH_A_TREE], tmp_path, request, program=[shutil.which("nohup"), sys.executable])
+    try:
+        _wait_for(lambda: "ready" in _output(process) and len(tree.live()) >= 5, 30, "the command's children", process)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert process.poll() is None and len(tree.live()) >= 5, _output(process)  # nohup asked it to run on
+        _stop_and_check(process, tree, signal.SIGTERM, False, 143)
+    finally:
+        _kill_leftovers(process, tree)
+
+
+def _gone_after_sigkill(process: subprocess.Popen, tree: Tree, workers: list[int]) -> None:
+    """SIGKILLs ``process`` (no handler runs) and asserts that its ``workers``, and then its whole tree, end."""
+    tree.live()
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10  # the kernel signals them at once; the resource tracker ends after them
+    while (left := tree.live()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(workers) & set(left), f"pool workers left running after SIGKILL of their parent: {left}"
+    assert not left, f"left running after SIGKILL: {left}"
+
+
+# A pool like the benchmark's (its initializer), the workers busy when the parent is killed.
+BENCHMARK_POOL = """
+import multiprocessing, time
+from concurrent.futures import ProcessPoolExecutor
+from fedmeta.simulations.experiments.benchmark import _worker_init
+
+pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(1,))
+list(pool.map(time.sleep, [1, 1]))  # both workers started and initialised
+futures = [pool.submit(time.sleep, 300) for _ in range(2)]
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_benchmark_pool_workers_end_when_their_parent_is_killed(tmp_path, request):
+    process, tree = _start(["-c", BENCHMARK_POOL], tmp_path, request, program=[sys.executable])
+    try:
+        _wait_for(lambda: "ready" in _output(process), 60, "the pool", process)
+        workers = [pid for pid, cmd in tree.live().items() if "spawn_main" in cmd]
+        assert len(workers) >= 2, tree.live()
+        _gone_after_sigkill(process, tree, workers)
+    finally:
+        _kill_leftovers(process, tree)
+
+
+def test_synth_killed_with_sigkill_leaves_no_worker_and_the_next_run_sweeps_its_staging(tmp_path, request,
+                                                                                      lazy_preset):
+    from fedmeta.common.synth import generate_federation
+
+    out = tmp_path / "fed"
+    process, tree = _start(["synth", "--out", str(out), "--preset", "default", "--workers", "2", "--all-sites"],
+                           tmp_path, request)
+    try:
+        workers = _wait_for(lambda: [pid for pid, cmd in tree.live().items() if "spawn_main" in cmd][1:] and
+                            [pid for pid, cmd in tree.live().items() if "spawn_main" in cmd], 60, "two workers", process)
+        staging = tmp_path / f".fed.partial-{process.pid}"
+        assert staging.is_dir()
+        _gone_after_sigkill(process, tree, workers)
+        assert staging.is_dir()  # SIGKILL ran no cleanup ...
+        generate_federation(out, lazy_preset(sites=2), seed=0)  # ... the next run (a fast lazy one) does
+        assert not staging.exists() and (out / "manifest.json").is_file()
     finally:
         _kill_leftovers(process, tree)
 

@@ -1,6 +1,7 @@
 """The processes of a Flower run: stopping every one of them, and measuring their memory; and
-`workers_end_with_signal`, under which every `fedmeta` command runs, so that SIGTERM or SIGINT ends a
-command's workers with it.
+`workers_end_with_signal`, under which every `fedmeta` command runs, so that SIGTERM, SIGINT or SIGHUP ends
+a command's workers with it (SIGKILL runs no handler: pool workers end with their parent through
+`fedmeta.common.workers.end_with_parent`, called in each pool's initializer).
 
 A Flower run spreads over processes that are not our children (the SuperLink that `flwr run`
 detaches, a SuperExec, Ray's workers). Both jobs find them the same way, through /proc: by their
@@ -176,9 +177,11 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def workers_end_with_signal() -> Iterator[None]:
-    """Within it, SIGTERM and SIGINT first stop every descendant of this process (pool workers, a
-    child that measures memory, `flwr` and the Flower processes started as children), then raise
-    Terminated (SIGTERM) or KeyboardInterrupt (SIGINT) in the main thread.
+    """Within it, SIGTERM, SIGINT and SIGHUP (the terminal or ssh session closed) first stop every
+    descendant of this process (pool workers, a child that measures memory, `flwr` and the Flower
+    processes started as children), then raise Terminated (SIGTERM, SIGHUP) or KeyboardInterrupt
+    (SIGINT) in the main thread. A signal this process was started ignoring stays ignored: `nohup`
+    (SIGHUP) and a shell's background job (SIGINT) keep the command running, as they ask.
 
     Stopping the workers before raising is what keeps a signal from hanging or leaking: a
     ProcessPoolExecutor's `with` exit would otherwise wait for every queued job, and a worker whose
@@ -193,7 +196,8 @@ def workers_end_with_signal() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signums = (signal.SIGTERM, signal.SIGINT)
+    signums = tuple(signum for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None))
+                    if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN)
     previous = {signum: signal.getsignal(signum) for signum in signums}
 
     def ignore(signum: int, frame: object) -> None:
@@ -215,13 +219,15 @@ def workers_end_with_signal() -> Iterator[None]:
 
 
 def run_command(command: Callable[[], int | None], prog: str) -> int:
-    """``command()``'s exit code, run under `workers_end_with_signal`; after SIGTERM 143 and after SIGINT
-    130 (128 + the signal, as a shell reports a process it ended), with one line on stderr, not a traceback."""
+    """``command()``'s exit code, run under `workers_end_with_signal`; after SIGTERM 143, after SIGHUP 129 and
+    after SIGINT 130 (128 + the signal, as a shell reports a process it ended), with one line on stderr, not a
+    traceback."""
     try:
         with workers_end_with_signal():
             return int(command() or 0)
     except Terminated as stop:
-        print(f"{prog}: terminated", file=sys.stderr)
+        hangup = stop.signum == getattr(signal, "SIGHUP", None)
+        print(f"{prog}: terminated" + (" (SIGHUP: its terminal or session closed)" if hangup else ""), file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

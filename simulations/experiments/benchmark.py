@@ -486,6 +486,9 @@ def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
 def _worker_init(threads: int) -> None:
     import torch
 
+    from fedmeta.common.workers import end_with_parent
+
+    end_with_parent()  # a benchmark killed with SIGKILL (no handler runs) takes its 500 MB workers with it
     torch.set_num_threads(threads)
 
 

@@ -120,6 +120,9 @@ def _sync(device: str) -> None:
 def _peak_memory_in_child(case: str, setting: BenchSetting, device: str, queue) -> None:
     import torch
 
+    from fedmeta.common.workers import end_with_parent
+
+    end_with_parent()  # ends with a perf run killed with SIGKILL
     model, params, episode, loss_fn = _setup(setting, device, case=case)
     _sync(device)
     if device.startswith("cuda"):
