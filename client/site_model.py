@@ -296,8 +296,12 @@ def load_site_model(path: Path) -> SiteModel:
         raise ValueError(f"{model_file}: not readable ({type(err).__name__}); adapt again.") from None
     if not isinstance(payload, dict) or payload.get("format") != SITE_MODEL_FORMAT or "params" not in payload:
         raise ValueError(f"{model_file}: not a fedmeta site model; adapt again.")
-    params, run_config = payload["params"], payload.get("run_config") or {}
+    params, run_config = payload["params"], payload.get("run_config")
     check_weights(model_file, {"params": params})
+    if not isinstance(run_config, dict):  # an empty or missing one would build the default network silently
+        raise ValueError(f"{model_file}: its 'run_config' is {type(run_config).__name__}, not the mapping of run-config "
+                         "keys fedmeta adapt stores; the file is damaged or was tampered with. Adapt again from the "
+                         "consortium's release.")
     try:
         config = RunConfig.from_run_config(run_config)
     except ValueError as err:
@@ -309,7 +313,33 @@ def load_site_model(path: Path) -> SiteModel:
     expected = {n: tuple(t.shape) for n, t in initial_params(seeded_model(config.model_config(), 0)).items()}
     if expected != {n: tuple(t.shape) for n, t in params.items()}:
         raise ValueError(f"{model_file}: its weights do not match the network its run config describes; adapt again.")
+    if problem := card_problem(card):
+        raise ValueError(f"{card_file}: {problem}; the card was damaged or edited. Make the model again with fedmeta "
+                         "adapt.")
     return SiteModel(params, run_config, card, path)
+
+
+def card_problem(card: dict) -> str | None:
+    """What is wrong with the structure of a model card that predict reads (its ``initialisation`` and ``model``
+    sections, as :func:`adapt_site` writes them), or None."""
+    def text_or_none(value) -> bool:
+        return value is None or isinstance(value, str)
+
+    initialisation, model = card.get("initialisation"), card.get("model")
+    if not isinstance(initialisation, dict):
+        return (f"its field 'initialisation' is {'missing' if initialisation is None else type(initialisation).__name__}, "
+                "not the section that says which checkpoint the model was adapted from")
+    for key in ("release_id", "sha256", "algorithm"):
+        if not text_or_none(initialisation.get(key)):
+            return f"its field 'initialisation.{key}' is {type(initialisation[key]).__name__}, not text"
+    if not isinstance(model, dict):
+        return (f"its field 'model' is {'missing' if model is None else type(model).__name__}, not the section that "
+                "describes the model's input and labels")
+    label_names = model.get("label_names", {})
+    if not (isinstance(label_names, dict) and all(isinstance(v, str) for v in label_names.values())
+            and all(k.lstrip("-").isdigit() for k in label_names)):
+        return "its field 'model.label_names' is not a mapping of label values to names (e.g. {\"1\": \"tumour\"})"
+    return None
 
 
 def _rule(algorithm: str, init, steps: int) -> str:

@@ -8,6 +8,7 @@ so a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import MISSING, dataclass, field, fields
@@ -84,9 +85,71 @@ def load_checkpoint(path: Path) -> Checkpoint:
             + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}", unknown and f"unknown {', '.join(unknown)}"]))
             + "); it was damaged or written by another program. Point at the checkpoint.pt a fedmeta run wrote."
         )
+    check_fields(path, payload)
     checkpoint = Checkpoint(**payload)
     check_weights(path, {"params": checkpoint.params, "step_sizes": checkpoint.step_sizes or {}})
     return checkpoint
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _privacy_problem(privacy: Any) -> str | None:
+    """What is wrong with a stored DP accountant (``PrivacyAccountant.state_dict``: a delta and one
+    ``[population, sampled, noise multiplier]`` per round), or None."""
+    if privacy is None:
+        return None
+    if not isinstance(privacy, dict) or set(privacy) != {"delta", "history"}:
+        return f"is {_shown(privacy)}, not the DP accountant's {{'delta': ..., 'history': [...]}}"
+    delta, history = privacy["delta"], privacy["history"]
+    if not (_is_number(delta) and 0 < delta < 1):
+        return f"'delta' is {_shown(delta)}, not a number in (0, 1)"
+    if not isinstance(history, list):
+        return f"'history' is {_shown(history)}, not a list of rounds"
+    for index, event in enumerate(history):
+        if not (isinstance(event, (list, tuple)) and len(event) == 3 and _is_int(event[0]) and _is_int(event[1])
+                and 1 <= event[1] <= event[0] and _is_number(event[2]) and event[2] > 0):
+            return (f"'history'[{index}] is {_shown(event)}, not [sites, sampled sites, noise multiplier] "
+                    "(whole numbers 1 <= sampled <= sites, a multiplier > 0)")
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(path: Path, payload: dict[str, Any]) -> None:
+    """Refuses a checkpoint whose fields besides the weights are not of the kinds fedmeta writes, naming ``path``
+    and the field: a round that is not a whole number, a run config that is not a mapping of text keys, a DP
+    accountant that is not one. A resumed run, a release and an adaptation all read these; a wrong kind would
+    otherwise fail far from the file (``invalid literal for int()``) or, worse, be used."""
+    problems = []
+    if not (_is_int(payload.get("round")) and payload["round"] >= 0):
+        problems.append(f"'round' is {_shown(payload.get('round'))}, not a whole number of rounds >= 0")
+    run_config = payload.get("run_config")
+    if not isinstance(run_config, dict):
+        problems.append(f"'run_config' is a {type(run_config).__name__}, not a mapping of run-config keys to values")
+    elif keys := [key for key in run_config if not isinstance(key, str)]:
+        problems.append(f"'run_config' has key(s) {', '.join(map(_shown, keys[:5]))} that are not text")
+    if not isinstance(payload.get("config_hash"), str):
+        problems.append(f"'config_hash' is {_shown(payload.get('config_hash'))}, not text")
+    for name in ("optimizer", "rng_state"):
+        if not isinstance(payload.get(name), dict):
+            problems.append(f"'{name}' is a {type(payload.get(name)).__name__}, not a mapping")
+    counters = payload.get("counters", {})
+    if not (isinstance(counters, dict) and all(isinstance(k, str) and _is_int(v) for k, v in counters.items())):
+        problems.append(f"'counters' is {_shown(counters)}, not a mapping of names to whole numbers")
+    if problem := _privacy_problem(payload.get("privacy")):
+        problems.append(f"'privacy' {problem}")
+    if problems:
+        raise ValueError(f"{path}: not a checkpoint fedmeta wrote: {'; '.join(problems)}. The file was damaged or "
+                         "tampered with; use the checkpoint.pt a fedmeta run wrote (or the consortium's release).")
 
 
 # No trained UNet weight (or Meta-SGD step size) comes near this; a value beyond it is a damaged or
@@ -127,4 +190,4 @@ def trajectory_hash(config) -> str:
     return config.trajectory_hash(federation=federation_digest(config.federation_dir))
 
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "check_weights", "load_checkpoint", "save_checkpoint", "trajectory_hash"]
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "check_fields", "check_weights", "load_checkpoint", "save_checkpoint", "trajectory_hash"]

@@ -322,6 +322,14 @@ class RunConfig:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
         """Parses Flower's ``context.run_config``; unknown keys are an error (a typo would be ignored)."""
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        # A stored run config (a checkpoint's, a model card's) is data: it may be any JSON or pickle-free value.
+        if not isinstance(run_config, Mapping):
+            raise ValueError(f"the run config is a {type(run_config).__name__}, not a mapping of kebab-case keys to "
+                             "values (e.g. {'inner-lr': 0.05}).")
+        not_text = [key for key in run_config if not isinstance(key, str)]
+        if not_text:
+            raise ValueError(f"run-config key(s) {', '.join(map(repr, not_text[:5]))} are not text: keys are kebab-case "
+                             "names such as 'inner-lr'.")
         unknown = sorted(set(run_config) - set(by_key))
         if unknown:
             raise ValueError(
@@ -446,7 +454,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ValueError(f"run config {key}={value!r}: expected an integer.")
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"run config {key}={value!r}: expected an integer.") from None
         if not number.is_integer():
             raise ValueError(f"run config {key}={value!r}: expected an integer.")
@@ -456,7 +464,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ValueError(f"run config {key}={value!r}: expected a number.")
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"run config {key}={value!r}: expected a number.") from None
     return str(value)
 

@@ -413,3 +413,122 @@ def test_simulate_refuses_episodes_that_fit_the_caps_but_not_the_machine(monkeyp
     assert code == 1 and "--preset smoke: its run config (" in err and "this machine's 8.0 GiB" in err
     assert "episodes-per-site=1000, k-shot=1000, q-query=1000" in err and "Fix: lower episodes-per-site" in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# stored fields of checkpoints and model cards of the wrong kind (review of issue 25, defect 3)
+
+
+def _rewritten(checkpoint: Path, into: Path, **fields) -> Path:
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    payload.update(fields)
+    out = into / "checkpoint.pt"
+    torch.save(payload, out)
+    return out
+
+
+HOSTILE_CHECKPOINT_FIELDS = [
+    ({"run_config": ["algorithm", 1]}, "'run_config' is a list, not a mapping of run-config keys to values"),
+    ({"run_config": {1: "fomaml", "inner-lr": 0.05}}, "'run_config' has key(s) 1 that are not text"),
+    ({"round": "three"}, "'round' is 'three', not a whole number of rounds >= 0"),
+    ({"round": True}, "'round' is True, not a whole number of rounds >= 0"),
+    ({"privacy": "garbage"}, "'privacy' is 'garbage', not the DP accountant's {'delta': ..., 'history': [...]}"),
+    ({"privacy": {"delta": "x", "history": []}}, "'privacy' 'delta' is 'x', not a number in (0, 1)"),
+    ({"privacy": {"delta": 1e-5, "history": [[3, 3, "big"]]}}, "'privacy' 'history'[0] is [3, 3, 'big'], not [sites"),
+    ({"counters": {"dropped_replies": "2"}}, "'counters' is {'dropped_replies': '2'}, not a mapping of names to whole"),
+    ({"config_hash": 7}, "'config_hash' is 7, not text"),
+]
+
+
+@pytest.mark.parametrize("fields, words", HOSTILE_CHECKPOINT_FIELDS, ids=[str(f)[:30] for f, _ in HOSTILE_CHECKPOINT_FIELDS])
+def test_a_checkpoint_field_of_the_wrong_kind_is_refused_naming_the_file_and_the_field(
+        trained_checkpoint, tmp_path, capsys, site, fields, words):
+    path = _rewritten(trained_checkpoint, tmp_path, **fields)
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value).startswith(f"{path}: not a checkpoint fedmeta wrote: ") and words in str(refused.value)
+    code = main(["evaluate", "--checkpoint", str(path), "--allow-unsigned", "--data", str(site)])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and "Traceback" not in err
+
+
+STORED_RUN_CONFIGS = [
+    (["algorithm"], "the run config is a list, not a mapping of kebab-case keys"),
+    ({1: 2}, "run-config key(s) 1 are not text"),
+    ({"image-size": 10**400}, "expected an integer"),
+]
+
+
+@pytest.mark.parametrize("run_config, words", STORED_RUN_CONFIGS, ids=["list", "int-key", "huge-int"])
+def test_from_run_config_refuses_what_is_not_a_mapping_of_text_keys(run_config, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RunConfig.from_run_config(run_config)
+
+
+def _site_model(trained_checkpoint: Path, folder: Path, *, run_config=..., **card_changes) -> Path:
+    """A site model folder as adapt writes it, with its card's digest right, from the trained checkpoint."""
+    from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION
+    from fedmeta.common.release import file_sha256
+
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    folder.mkdir()
+    torch.save({"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "params": checkpoint["params"],
+                "run_config": checkpoint["run_config"] if run_config is ... else run_config}, folder / MODEL_FILE)
+    card = {"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "model_sha256": file_sha256(folder / MODEL_FILE),
+            "initialisation": {"sha256": "0" * 64, "round": 1, "algorithm": "fomaml", "release_id": None},
+            "model": {"label_names": {"0": "background", "1": "tumour"}}}
+    for key, value in card_changes.items():
+        if value is ...:
+            card.pop(key)
+        else:
+            card[key] = value
+    (folder / CARD_JSON).write_text(json.dumps(card))
+    return folder
+
+
+def _predict(model: Path, site: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    scans = tmp_path / "scans"
+    scans.mkdir(exist_ok=True)
+    shutil.copy(_image(site), scans / f"{CASE}.nii.gz")
+    code = main(["predict", "--model", str(model), "--input", str(scans), "--out", str(tmp_path / "masks"),
+                 "--no-overlays", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.err
+
+
+HOSTILE_CARDS = [
+    ({"initialisation": ...}, "model-card.json: its field 'initialisation' is missing, not the section"),
+    ({"initialisation": "fomaml"}, "model-card.json: its field 'initialisation' is str, not the section"),
+    ({"initialisation": {"release_id": 3}}, "model-card.json: its field 'initialisation.release_id' is int, not text"),
+    ({"model": []}, "model-card.json: its field 'model' is list, not the section"),
+    ({"model": ...}, "model-card.json: its field 'model' is missing"),
+    ({"model": {"label_names": ["tumour"]}}, "model-card.json: its field 'model.label_names' is not a mapping"),
+]
+
+
+@pytest.mark.parametrize("changes, words", HOSTILE_CARDS, ids=[str(c)[:30] for c, _ in HOSTILE_CARDS])
+def test_a_model_card_whose_sections_are_missing_or_of_the_wrong_kind_is_refused_by_predict(
+        trained_checkpoint, site, tmp_path, capsys, changes, words):
+    model = _site_model(trained_checkpoint, tmp_path / "model", **changes)
+    code, err = _predict(model, site, tmp_path, capsys)
+    assert code != 0 and f"{model / 'model-card.json'}: its field" in err and words in err
+    assert not (tmp_path / "masks" / f"{CASE}.nii.gz").exists()
+
+
+def test_the_unaltered_card_of_these_tests_is_accepted(trained_checkpoint, site, tmp_path, capsys):
+    model = _site_model(trained_checkpoint, tmp_path / "model")
+    code, _ = _predict(model, site, tmp_path, capsys)
+    assert code == 0 and (tmp_path / "masks" / f"{CASE}.nii.gz").exists()
+
+
+@pytest.mark.parametrize("run_config, words", [
+    ([1, 2], "model.pt: its 'run_config' is list, not the mapping"),
+    ([], "model.pt: its 'run_config' is list, not the mapping"),
+    ({1: "fomaml"}, "model.pt: its stored run config is refused (run-config key(s) 1 are not text"),
+], ids=["list", "empty-list", "int-key"])
+def test_a_site_models_run_config_of_the_wrong_kind_is_refused_by_predict(trained_checkpoint, site, tmp_path, capsys,
+                                                                          run_config, words):
+    model = _site_model(trained_checkpoint, tmp_path / "model", run_config=run_config)
+    code, err = _predict(model, site, tmp_path, capsys)
+    assert code != 0 and str(model / "model.pt") in err and words in err
