@@ -28,6 +28,9 @@ METRIC = ("Dice per evaluation patient over the whole volume, per foreground cla
           "undeclared class is background), mean over classes then patients; a class absent from truth and "
           "prediction scores 1")
 DEFAULT_STEPS = (0, 1, 5, 10, 20)
+# --lr-scale multiplies the step size the consortium trained with; beyond this, adaptation diverges for any
+# network (and a smaller scale that still diverges is refused by name, step and all).
+MAX_LR_SCALE = 1000.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-glob", help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiply the adaptation step size (the run's inner-lr, or Meta-SGD's learned rates) by "
-                             "this factor, e.g. to tune fine-tuning on a validation site (default 1)")
+                             "this factor, e.g. to tune fine-tuning on a validation site (default 1; at most 1000; an "
+                             "adaptation that diverges is refused)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a --json file an earlier fedmeta evaluate wrote (never another file)")
@@ -201,13 +205,14 @@ def evaluate_checkpoint(
     lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
-    from fedmeta.common.adaptation import load_initialisation, score_site
+    from fedmeta.common.adaptation import load_initialisation
     from fedmeta.common.data import SiteDataset
     from fedmeta.common.model import build_model
 
+    if not (math.isfinite(lr_scale) and 0 < lr_scale <= MAX_LR_SCALE):
+        raise ValueError(f"--lr-scale {lr_scale}: must be a positive number at most {MAX_LR_SCALE:g}, e.g. 0.5 or 2 (a "
+                         f"step size more than {MAX_LR_SCALE:g} times the one the consortium trained with diverges).")
     init, config = load_initialisation(checkpoint)
-    if not (math.isfinite(lr_scale) and lr_scale > 0):
-        raise ValueError(f"--lr-scale {lr_scale}: must be a positive number, e.g. 0.5 or 2.")
     if lr_scale != 1.0:
         scaled = ({n: a * lr_scale for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict)
                   else init.inner_lr * lr_scale)
@@ -230,9 +235,9 @@ def evaluate_checkpoint(
             "path": str(root),
             "patients": site.num_patients,
             "skipped_cases": len(site.skipped),
-            "dice": _str_keys(score_site(model, init, site, shots=shots, steps=steps, seed=seed,
-                                         num_classes=config.num_classes, max_images=max_images,
-                                         batch_size=config.eval_batch_size)),
+            "dice": _str_keys(_scored(model, init, site, checkpoint, lr_scale, shots=shots, steps=steps, seed=seed,
+                                      num_classes=config.num_classes, max_images=max_images,
+                                      batch_size=config.eval_batch_size)),
         }
     return {
         "checkpoint": str(checkpoint),
@@ -247,6 +252,20 @@ def evaluate_checkpoint(
         "metric": METRIC,
         "sites": sites,
     }
+
+
+def _scored(model, init, site, checkpoint, lr_scale: float, **options) -> dict:
+    """``score_site`` for ``fedmeta evaluate``: a diverged adaptation is refused naming the checkpoint, the site, the
+    step, and what to try, rather than reported as a Dice of 0."""
+    from fedmeta.common.adaptation import AdaptationDiverged, score_site
+
+    try:
+        return score_site(model, init, site, **options)
+    except AdaptationDiverged as err:
+        smaller = f"e.g. --lr-scale {lr_scale / 10:g}" if lr_scale > 1 else "e.g. --lr-scale 0.1"
+        raise ValueError(f"{checkpoint} on site {site.name} ({site.root}): {err} (step size x{lr_scale:g}). Fix: pass a "
+                         f"smaller --lr-scale ({smaller}; 1 is the step size the consortium trained with) or fewer "
+                         "--steps.") from None
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -87,7 +87,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     there only with ``overwrite``; never a file adapt did not write); returns its card."""
     import torch
 
-    from fedmeta.common.adaptation import load_initialisation
+    from fedmeta.common.adaptation import AdaptationDiverged, check_adapted, load_initialisation
     from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
     from fedmeta.common.losses import DiceCELoss, one_hot
     from fedmeta.common.meta import adaptation_trajectory
@@ -134,9 +134,15 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     # "Before" is the learner at 0 steps: θ itself, or θ as the other families prepare it for this support
     # set (a generated head, the support prototypes), which is all a 0-step site model holds.
     prepared = adapted = None
-    for adapted in adaptation_trajectory(model, params, *support, inner_steps=steps, inner_lr=inner_lr,
-                                         loss_fn=DiceCELoss(config.num_classes),
-                                         inner_params=head_parameter_names(model) if init.head_only else None):
+    for done, adapted in enumerate(adaptation_trajectory(
+            model, params, *support, inner_steps=steps, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
+            inner_params=head_parameter_names(model) if init.head_only else None)):
+        try:  # a broken model is neither scored (a Dice of 0) nor saved for predict
+            check_adapted(adapted, step=done, inner_steps=steps)
+        except AdaptationDiverged as err:
+            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps)}). Fix: adapt with "
+                             f"{f'--steps {done - 1} or fewer' if done > 1 else '--steps 0'}, or more --shots; if it "
+                             "diverges at every step count, report it to the consortium.") from None
         prepared = adapted if prepared is None else prepared
     prepared, adapted = ({n: p.detach().cpu() for n, p in d.items()} for d in (prepared, adapted))
     adapt_seconds = time.perf_counter() - began

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from fedmeta.common.checkpoint import load_checkpoint
+from fedmeta.common.checkpoint import PLAUSIBLE_WEIGHT, load_checkpoint
 from fedmeta.common.config import RunConfig, memory_problem
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
@@ -36,6 +36,32 @@ class Initialisation:
     head_only: bool = False  # ANIL adapts only the head
     round: int = -1  # the federation round θ comes from (-1: not from a checkpoint)
     model_config: ModelConfig | None = None  # the network θ belongs to (None: the caller's)
+
+
+class AdaptationDiverged(ValueError):
+    """Adapted weights that are no longer a model (NaN, Inf, or beyond any trained weight): the step size is too
+    large for this support set. ``step``: the first adaptation step after which they were."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@torch.no_grad()
+def check_adapted(adapted: Mapping[str, torch.Tensor], *, step: int, inner_steps: int) -> None:
+    """Raises :class:`AdaptationDiverged` when ``adapted`` (the weights after ``step`` of ``inner_steps`` steps)
+    hold NaN or Inf or a value beyond :data:`fedmeta.common.checkpoint.PLAUSIBLE_WEIGHT`: scored, such weights give a
+    Dice of 0 that reads as a result; saved, a model that segments nothing."""
+    for name, tensor in adapted.items():
+        finite = bool(torch.isfinite(tensor).all())
+        largest = float(tensor.abs().max()) if finite and tensor.numel() else 0.0
+        if finite and largest <= PLAUSIBLE_WEIGHT:
+            continue
+        what = "hold NaN or Inf" if not finite else f"reach magnitude {largest:.3g}, beyond any trained weight"
+        raise AdaptationDiverged(
+            f"adaptation diverged: after step {step} of {inner_steps} the adapted weights {what} (e.g. {name!r}), so "
+            "the adapted model is broken and any Dice of it would be 0; the adaptation step size is too large for "
+            "this support set", step)
 
 
 @torch.no_grad()
@@ -67,7 +93,8 @@ def adaptation_curve(
     order, scoring on the way (0 steps scores θ itself, or θ as a learner prepares it for the support set:
     a generated head, the support prototypes). ``classes`` are the site's declared foreground
     classes (default: all). Returns ``{steps: summary}`` with the keys of
-    :func:`fedmeta.common.metrics.summarise_patients`.
+    :func:`fedmeta.common.metrics.summarise_patients`. Raises :class:`AdaptationDiverged` when a step leaves the
+    weights non-finite or implausibly large (:func:`check_adapted`) rather than scoring a broken model.
     """
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps={list(steps)} must be a non-empty list of ints >= 0, e.g. [0, 5, 10].")
@@ -80,6 +107,7 @@ def adaptation_curve(
     trajectory = adaptation_trajectory(model, params, support_x, support_target, inner_steps=max(wanted),
                                        inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params)
     for done, adapted in enumerate(trajectory):
+        check_adapted(adapted, step=done, inner_steps=max(wanted))
         if done in wanted:
             per_patient = {
                 pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
@@ -188,5 +216,5 @@ def _network(config: ModelConfig) -> torch.nn.Module:
     return build_model(config)
 
 
-__all__ = ["Initialisation", "adaptation_curve", "load_initialisation", "predict", "random_initialisation",
+__all__ = ["AdaptationDiverged", "Initialisation", "adaptation_curve", "check_adapted", "load_initialisation", "predict", "random_initialisation",
            "score_site", "site_patients"]

@@ -532,3 +532,49 @@ def test_a_site_models_run_config_of_the_wrong_kind_is_refused_by_predict(traine
     model = _site_model(trained_checkpoint, tmp_path / "model", run_config=run_config)
     code, err = _predict(model, site, tmp_path, capsys)
     assert code != 0 and str(model / "model.pt") in err and words in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# an adaptation that diverges is refused, not scored as Dice 0 (review of issue 25, defect 4)
+
+
+@pytest.mark.parametrize("scale", ["1e30", "1001", "inf", "0"])
+def test_evaluate_refuses_an_lr_scale_outside_its_range(trained_checkpoint, site, capsys, scale):
+    code = main(["evaluate", "--checkpoint", str(trained_checkpoint), "--allow-unsigned", "--data", str(site),
+                 "--lr-scale", scale])
+    err = capsys.readouterr().err
+    assert code == 1 and f"--lr-scale {float(scale)}: must be a positive number at most 1000" in err
+    assert "at most 1000" in " ".join(_help(["evaluate", "--help"], capsys).split())
+
+
+def test_evaluate_refuses_an_adaptation_whose_weights_diverge_naming_the_step_and_the_fix(
+        trained_checkpoint, site, tmp_path, capsys):
+    path = _tampered(trained_checkpoint, tmp_path, **{"inner-lr": 1e27})  # x1000 of it still diverges
+    code = main(["evaluate", "--checkpoint", str(path), "--allow-unsigned", "--data", str(site), "--shots", "2",
+                 "--steps", "0,5", "--lr-scale", "1000"])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 1 and "Traceback" not in err and "Dice" not in captured.out
+    assert f"{path} on site site-01 ({site}): adaptation diverged: after step 1 of 5 the adapted weights" in err
+    assert "(step size x1000). Fix: pass a smaller --lr-scale (e.g. --lr-scale 100;" in err
+
+
+def test_adaptation_curve_raises_the_step_at_which_the_weights_broke():
+    from fedmeta.common.adaptation import AdaptationDiverged, check_adapted
+
+    check_adapted({"w": torch.full((2,), 1e6)}, step=3, inner_steps=5)  # the largest plausible weight passes
+    with pytest.raises(AdaptationDiverged, match=r"after step 3 of 5 the adapted weights hold NaN or Inf \(e.g. 'b'\)"):
+        check_adapted({"w": torch.ones(2), "b": torch.tensor([0.0, float("nan")])}, step=3, inner_steps=5)
+    with pytest.raises(AdaptationDiverged, match="reach magnitude 1e\\+07, beyond any trained weight") as raised:
+        check_adapted({"w": torch.full((2,), 1e7)}, step=2, inner_steps=5)
+    assert raised.value.step == 2
+
+
+def test_adapt_refuses_weights_that_diverge_and_writes_no_model(trained_checkpoint, site, tmp_path, capsys):
+    path = _tampered(trained_checkpoint, tmp_path, **{"inner-lr": 1e30})
+    code = main(["adapt", "--checkpoint", str(path), "--allow-unsigned", "--data", str(site), "--shots", "2",
+                 "--steps", "5", "--out", str(tmp_path / "model"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "model" / "model.pt").exists()
+    assert f"{path} on {site}: adaptation diverged: after step 1 of 5 the adapted weights" in err
+    assert "SGD, step size 1e+30 (the run's inner-lr)). Fix: adapt with --steps 0, or more --shots" in err
