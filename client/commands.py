@@ -260,7 +260,7 @@ def _scored(model, init, site, checkpoint, lr_scale: float, **options) -> dict:
     from fedmeta.common.adaptation import AdaptationDiverged, score_site
 
     try:
-        return score_site(model, init, site, **options)
+        return score_site(model, init, site, refuse_diverged=True, **options)
     except AdaptationDiverged as err:
         smaller = f"e.g. --lr-scale {lr_scale / 10:g}" if lr_scale > 1 else "e.g. --lr-scale 0.1"
         raise ValueError(f"{checkpoint} on site {site.name} ({site.root}): {err} (step size x{lr_scale:g}). Fix: pass a "

@@ -84,6 +84,7 @@ def adaptation_curve(
     classes: Sequence[int] | None = None,
     inner_params: Sequence[str] | None = None,
     batch_size: int = 32,
+    refuse_diverged: bool = False,
 ) -> dict[int, dict]:
     """Per-patient Dice of the evaluation patients after each number of adaptation steps in ``steps``.
 
@@ -93,8 +94,11 @@ def adaptation_curve(
     order, scoring on the way (0 steps scores θ itself, or θ as a learner prepares it for the support set:
     a generated head, the support prototypes). ``classes`` are the site's declared foreground
     classes (default: all). Returns ``{steps: summary}`` with the keys of
-    :func:`fedmeta.common.metrics.summarise_patients`. Raises :class:`AdaptationDiverged` when a step leaves the
-    weights non-finite or implausibly large (:func:`check_adapted`) rather than scoring a broken model.
+    :func:`fedmeta.common.metrics.summarise_patients`. With ``refuse_diverged`` it raises
+    :class:`AdaptationDiverged` when a step leaves the weights non-finite or implausibly large
+    (:func:`check_adapted`) rather than scoring a broken model: a hospital's ``evaluate`` asks for that. A
+    benchmark or a held-out evaluation during training scores it (a Dice of 0 there is the result: that
+    method's adaptation diverged at that step count).
     """
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps={list(steps)} must be a non-empty list of ints >= 0, e.g. [0, 5, 10].")
@@ -107,7 +111,8 @@ def adaptation_curve(
     trajectory = adaptation_trajectory(model, params, support_x, support_target, inner_steps=max(wanted),
                                        inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params)
     for done, adapted in enumerate(trajectory):
-        check_adapted(adapted, step=done, inner_steps=max(wanted))
+        if refuse_diverged:
+            check_adapted(adapted, step=done, inner_steps=max(wanted))
         if done in wanted:
             per_patient = {
                 pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
@@ -177,8 +182,10 @@ def score_site(
     max_images: int,
     batch_size: int = 32,
     splits: dict | None = None,
+    refuse_diverged: bool = False,
 ) -> dict[int, dict[int, dict[str, Any]]]:
-    """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s).
+    """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s;
+    ``refuse_diverged`` as there).
 
     For one seed the evaluation patients are the same for every k and the support sets are nested.
     ``max_images`` bounds the evaluation slices, whole patients only (0: every evaluation patient).
@@ -205,6 +212,7 @@ def score_site(
             model, init.params, support_x, support_y, patients, steps=list(steps), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
             inner_params=head_parameter_names(model) if init.head_only else None, batch_size=batch_size,
+            refuse_diverged=refuse_diverged,
         )
         out[k] = {s: {**curve[s], "eval_slices": sum(len(x) for _, x, _ in patients)} for s in steps}
     return out
