@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +93,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     from fedmeta.common.metrics import foreground_classes
     from fedmeta.common.model import build_model, head_parameter_names
     from fedmeta.common.config import MAX_STEPS
-    from fedmeta.common.release import file_sha256
+    from fedmeta.common.outputs import file_sha256
     from fedmeta.common.validate import discover_site
 
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
@@ -263,7 +262,7 @@ def save_site_model(out: Path, params: dict, run_config: dict, card: dict, *, ov
     outputs.claim(SITE_MODEL_FILES, overwrite=overwrite)
     payload = {"format": SITE_MODEL_FORMAT, "version": SITE_MODEL_VERSION, "params": params, "run_config": run_config}
     outputs.write(MODEL_FILE, lambda tmp: torch.save(payload, tmp))
-    from fedmeta.common.release import file_sha256
+    from fedmeta.common.outputs import file_sha256
 
     card["model_sha256"] = file_sha256(Path(out) / MODEL_FILE)
     outputs.write_json(CARD_JSON, card)
@@ -278,9 +277,9 @@ def load_site_model(path: Path) -> SiteModel:
     import torch
 
     from fedmeta.common.checkpoint import check_weights
-    from fedmeta.common.config import RunConfig, memory_problem
+    from fedmeta.common.config import stored_run_config
     from fedmeta.common.model import initial_params, seeded_model
-    from fedmeta.common.release import file_sha256
+    from fedmeta.common.outputs import file_sha256
 
     path = Path(path)
     model_file, card_file = path / MODEL_FILE, path / CARD_JSON
@@ -308,14 +307,8 @@ def load_site_model(path: Path) -> SiteModel:
         raise ValueError(f"{model_file}: its 'run_config' is {type(run_config).__name__}, not the mapping of run-config "
                          "keys fedmeta adapt stores; the file is damaged or was tampered with. Adapt again from the "
                          "consortium's release.")
-    try:
-        config = RunConfig.from_run_config(run_config)
-    except ValueError as err:
-        raise ValueError(f"{model_file}: its stored run config is refused ({err}); the file is damaged or was tampered "
-                         "with. Adapt again from the consortium's release.") from None
-    problem = memory_problem(config, str(model_file))  # before the network is built below
-    if problem:
-        raise ValueError(problem)
+    config = stored_run_config(run_config, str(model_file),  # before the network is built below
+                               "the file is damaged or was tampered with. Adapt again from the consortium's release.")
     expected = {n: tuple(t.shape) for n, t in initial_params(seeded_model(config.model_config(), 0)).items()}
     if expected != {n: tuple(t.shape) for n, t in params.items()}:
         raise ValueError(f"{model_file}: its weights do not match the network its run config describes; adapt again.")
@@ -514,15 +507,9 @@ def _summary_here(out: Path) -> bool:
 def _save_atomically(write, path: Path) -> None:
     """``write(temporary path)`` then rename onto ``path``: a crash never leaves half a mask under its name. The
     temporary file is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from fedmeta.common.outputs import write_atomically
+
+    write_atomically(path, write, mode=None)
 
 
 def _mask_header(image, dtype, num_classes: int):

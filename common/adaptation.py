@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from fedmeta.common.checkpoint import PLAUSIBLE_WEIGHT, load_checkpoint
-from fedmeta.common.config import RunConfig, memory_problem
+from fedmeta.common.config import RunConfig, stored_run_config
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import StepSize, adaptation_trajectory
@@ -128,14 +128,9 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file; pass the checkpoint.pt of a fedmeta run.")
     checkpoint = load_checkpoint(path)
-    try:
-        config = RunConfig.from_run_config(checkpoint.run_config)
-    except ValueError as err:
-        raise ValueError(f"{path}: its stored run config is refused ({err}); the file is damaged, tampered with or "
-                         "from another fedmeta version. Use the consortium's release as published.") from None
-    problem = memory_problem(config, str(path))  # before the network is built below
-    if problem:
-        raise ValueError(problem)
+    config = stored_run_config(checkpoint.run_config, str(path),  # before the network is built below
+                               "the file is damaged, tampered with or from another fedmeta version. Use the "
+                               "consortium's release as published.")
     # The weights must be the model the run config builds: a mismatch would fail deep inside
     # load_state_dict (or, worse, silently for a strict=False loader) instead of naming the file.
     model_config = config.model_config()

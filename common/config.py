@@ -420,6 +420,20 @@ _STORED_CONFIG_FIX = ("use the consortium's release as published (a stored run c
                       "meant for a site), or run it on a larger machine.")
 
 
+def stored_run_config(run_config: Any, source: str, fix: str) -> RunConfig:
+    """The run config a checkpoint or site model at ``source`` stores, held to the CLI's ranges and to this
+    machine's memory before anything is built from it: a stored config is data, maybe damaged or hostile.
+    ``fix`` ends the refusal (what the user should do instead)."""
+    try:
+        config = RunConfig.from_run_config(run_config)
+    except ValueError as err:
+        raise ValueError(f"{source}: its stored run config is refused ({err}); {fix}") from None
+    problem = memory_problem(config, source)
+    if problem:
+        raise ValueError(problem)
+    return config
+
+
 def memory_problem(config: RunConfig, source: str, fix: str = _STORED_CONFIG_FIX) -> str | None:
     """Why ``config`` (read from ``source``: a checkpoint, a model card, a preset with --set) must not run on this
     machine: its :meth:`RunConfig.memory_estimate` exceeds the machine's memory. None when it fits. ``fix``: what

@@ -99,6 +99,24 @@ def make_folder(path: Path | str, mode: int = FOLDER_MODE, *, within: Path | str
     return path
 
 
+def write_atomically(path: Path, write: Callable[[Path], None], mode: int | None = FILE_MODE) -> Path:
+    """``write(temporary path)`` beside ``path``, then a rename onto it: a crash never leaves half a file under its
+    name. The temporary file is new and exclusive (``mkstemp``), so a link planted under a predictable name is
+    never followed; ``mode`` is set explicitly (None: mkstemp's 0600)."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -232,17 +250,7 @@ class Outputs:
     def write(self, name: str, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
         """``write(temporary path)``, then renames it onto ``name`` and records its digest. The temporary file
         is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed."""
-        path = self.folder / name
-        suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            write(tmp)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = write_atomically(self.folder / name, write, mode)
         self.record(name)
         return path
 

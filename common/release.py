@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.outputs import file_sha256
+
 SIGNATURE_SUFFIX = ".sig"
 METADATA_SUFFIX = ".release.json"
 RELEASE_FORMAT = 1
@@ -37,14 +39,6 @@ def signature_path(checkpoint: Path | str) -> Path:
 
 def metadata_path(checkpoint: Path | str) -> Path:
     return Path(f"{checkpoint}{METADATA_SUFFIX}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def key_fingerprint(public_key) -> str:

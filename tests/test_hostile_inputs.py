@@ -286,7 +286,7 @@ def test_predict_refuses_an_all_zero_scan_by_name_and_segments_the_rest(trained_
 
 def test_a_site_models_stored_run_config_is_held_to_the_same_ranges(trained_checkpoint, tmp_path):
     from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION, load_site_model
-    from fedmeta.common.release import file_sha256
+    from fedmeta.common.outputs import file_sha256
 
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     model = tmp_path / "model"
@@ -468,7 +468,7 @@ def test_from_run_config_refuses_what_is_not_a_mapping_of_text_keys(run_config, 
 def _site_model(trained_checkpoint: Path, folder: Path, *, run_config=..., **card_changes) -> Path:
     """A site model folder as adapt writes it, with its card's digest right, from the trained checkpoint."""
     from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION
-    from fedmeta.common.release import file_sha256
+    from fedmeta.common.outputs import file_sha256
 
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     folder.mkdir()
