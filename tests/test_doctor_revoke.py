@@ -114,3 +114,92 @@ def test_without_a_recorded_id_revoke_site_says_how_to_find_it(tmp_path):
     with pytest.raises(click.UsageError):  # the template itself is not a command to paste
         _flower_command(_printed_flwr(printed, "unregister"))
     assert _flower_command(["flwr", "supernode", "list", "consortium", "--format", "json"])["output_format"] == "json"
+
+
+def _listed_nodes(home, connection: str) -> list[dict]:
+    from fedmeta.simulations.engines.flower_runtime import _json_payload
+
+    result = home.flwr(["supernode", "list", connection, "--format", "json"])
+    payload = _json_payload(result.stdout)
+    assert payload and payload.get("success"), (result.returncode, result.stdout, result.stderr)
+    return list(payload.get("nodes", []))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc")
+def test_revoke_site_steps_unregister_the_node_on_a_real_superlink(tmp_path, capsys):
+    """Loopback, Flower 1.41: a TLS SuperLink with SuperNode auth; the provisioned register-sites.sh, run as is,
+    records the node ids the SuperLink answers; the unregister step revoke-site prints removes that node only."""
+    import time
+
+    from fedmeta.simulations.engines.flower_runtime import _FlowerHome, _flower_bin, _free_ports
+    from fedmeta.simulations.engines.processes import stop_processes
+    from tests.test_deployment import alive, descendants
+
+    (port,) = _free_ports(1)
+    out = provision(tmp_path / "c", server_names=["127.0.0.1"], port=port, sites=["a", "b"]).out
+    home = _FlowerHome(tmp_path / "flwr-home")
+    assert home.env["FLWR_TELEMETRY_ENABLED"] == "0" and home.env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    connection = "consortium"
+    home.write_connection(connection, address=f"127.0.0.1:{port}", root_certificates=str(out / "ca/ca.crt"))
+    superlink_dir = out / "superlink"
+    log_path = tmp_path / "superlink.log"
+    with log_path.open("wb") as log:
+        superlink = subprocess.Popen(
+            [_flower_bin("flower-superlink"), "--ssl-ca-certfile", str(superlink_dir / "ca.crt"),
+             "--ssl-certfile", str(superlink_dir / "server.crt"), "--ssl-keyfile", str(superlink_dir / "server.key"),
+             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+             "--database", str(tmp_path / "superlink-state.db")],
+            env=home.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the SuperLink answers over TLS
+            assert superlink.poll() is None, log_path.read_text(errors="replace")[-2000:]
+            result = home.flwr(["supernode", "list", connection, "--format", "json"])
+            if '"success": true' in result.stdout:
+                break
+            assert time.monotonic() < deadline, (result.stdout, log_path.read_text(errors="replace")[-2000:])
+            time.sleep(0.3)
+        assert _listed_nodes(home, connection) == []
+
+        # The provisioned script, unmodified, with the operator's FLWR_HOME and connection name.
+        result = subprocess.run([str(superlink_dir / "register-sites.sh"), connection], env=home.env,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        ids = {site: (superlink_dir / "node-ids" / site).read_text().strip() for site in ("a", "b")}
+        assert all(i.isdigit() for i in ids.values()) and ids["a"] != ids["b"], ids
+        for site, node_id in ids.items():
+            assert f"{site}: registered as node {node_id}" in result.stdout, result.stdout
+        listed = {str(node["node-id"]): node for node in _listed_nodes(home, connection)}
+        assert set(listed) == set(ids.values()), listed
+        assert {node["status"] for node in listed.values()} == {"registered"}, listed
+
+        assert main(["revoke-site", "--out", str(out), "--site", "b"]) == 0
+        printed = capsys.readouterr().out
+        step = f"flwr supernode unregister {ids['b']} <connection>"
+        assert step in printed and "<connection> the SuperLink connection register-sites.sh used" in printed, printed
+        # The printed step, as printed, with only <connection> filled in as the text says.
+        argv = _printed_flwr(printed, "unregister")
+        assert argv == ["flwr", "supernode", "unregister", ids["b"], connection], argv
+        result = home.flwr(argv[1:])
+        assert result.returncode == 0, (result.stdout, result.stderr)
+
+        after = {str(node["node-id"]): node for node in _listed_nodes(home, connection)}
+        assert after.get(ids["a"], {}).get("status") == "registered", after
+        # Flower 1.41 keeps the row, marked unregistered (its key can no longer authenticate).
+        assert after[ids["b"]]["status"] == "unregistered" and after[ids["b"]]["deleted-at"] != "N/A", after
+        # Re-running the (rewritten) script registers no revoked key again, and a's key stays registered once.
+        result = subprocess.run([str(superlink_dir / "register-sites.sh"), connection], env=home.env,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "b:" not in result.stdout, (result.stdout, result.stderr)
+        again = {str(node["node-id"]): node for node in _listed_nodes(home, connection)}
+        assert [i for i, node in again.items() if node["status"] == "registered"] == [ids["a"]], again
+    finally:
+        spawned = descendants([superlink.pid])
+        left = stop_processes({superlink.pid}, home.tag)
+        try:
+            superlink.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert left == set(), f"could not stop the SuperLink's processes {sorted(left)}"
+    assert not [pid for pid in [superlink.pid, *spawned] if alive(pid)], "processes left running"
