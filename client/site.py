@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import SiteDataset
+from fedmeta.common.data import SITE_KEY_FILE, SiteDataset
 from fedmeta.common.model import build_model
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
@@ -105,7 +105,6 @@ def _manifest(root: Path):
     return _MANIFESTS[key]
 
 
-SITE_KEY_FILE = ".fedmeta-site-key"
 
 
 def persisted_site_key(data_dir: Path) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmeta.common.data import SITE_KEY_FILE
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 
 GENERATOR_VERSION = "1.1"  # 1.1: label protocols beyond csf-merged, the unseen-anatomy held-out site
@@ -956,7 +957,7 @@ def _not_in_site(folder: Path, site: dict[str, Any]) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.is_symlink():
             foreign.append(f"{entry.name} (a symbolic link)")
-        elif entry.name == "dataset.json" and entry.is_file():
+        elif entry.name in ("dataset.json", SITE_KEY_FILE) and entry.is_file():  # the key: a run's ClientApp kept it
             continue
         elif entry.name in ("imagesTr", "labelsTr") and entry.is_dir():
             foreign += [f"{entry.name}/{inner.name}" + (" (a symbolic link)" if inner.is_symlink() else "")

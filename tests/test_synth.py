@@ -465,3 +465,12 @@ def test_a_staging_folder_left_by_a_killed_synth_is_removed_by_the_next_run(tiny
     other.mkdir()
     generate_federation(tmp_path / "fed", tiny_lazy, seed=0)
     assert not stale.exists() and live.is_dir() and other.is_dir()
+
+
+def test_a_federation_whose_sites_took_part_in_a_run_is_still_fedmetas_to_replace(tmp_path):
+    from fedmeta.common.data import SITE_KEY_FILE
+
+    root = generate_federation(tmp_path / "smoke", "smoke", seed=0)
+    (root / "site-01" / SITE_KEY_FILE).write_text("123\n")  # what a run's ClientApp keeps in each data folder
+    generate_federation(root, "smoke", seed=0, force=True)
+    assert not (root / "site-01" / SITE_KEY_FILE).exists()
