@@ -108,30 +108,28 @@ def _manifest(root: Path):
 
 
 def persisted_site_key(data_dir: Path) -> int:
-    """This site's random order key, drawn once and kept: in ``<data-dir>/.fedmeta-site-key``, or, when
-    the data folder is read-only (a container mount), under ``$FEDMETA_HOME`` (default
-    ``~/.cache/fedmeta``)/site-keys/, filed by a digest of the folder's path that never leaves the site."""
-    candidates = [Path(data_dir) / SITE_KEY_FILE]
+    """This site's random order key, drawn once and kept under ``$FEDMETA_HOME`` (default ``~/.cache/fedmeta``)
+    ``/site-keys/``, filed by a digest of the data folder's path that never leaves the site. fedmeta never writes
+    into a site's data folder; a key an earlier release kept there (``<data-dir>/.fedmeta-site-key``) is still
+    read, so a site keeps its place in the order."""
     home = Path(os.environ.get("FEDMETA_HOME") or Path.home() / ".cache" / "fedmeta")
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:24]
-    candidates.append(home / "site-keys" / digest)
-    for path in candidates:
+    kept = home / "site-keys" / digest
+    for path in (Path(data_dir) / SITE_KEY_FILE, kept):
         try:
             return int(path.read_text().strip())
         except (OSError, ValueError):
             continue
     key = 1 + secrets.randbelow(2**31 - 2)
-    for path in candidates:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(f"{key}\n")
-            return key
-        except OSError:
-            continue
-    raise PermissionError(
-        f"cannot keep this site's key: neither {candidates[0]} nor {candidates[1]} is writable; give the "
-        "SuperNode a site-id in --node-config (e.g. site-id=3) or a writable FEDMETA_HOME."
-    )
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(f"{key}\n")
+    except OSError as err:
+        raise PermissionError(
+            f"cannot keep this site's key in {kept} ({err.strerror}); give the SuperNode a site-id in --node-config "
+            "(e.g. site-id=3) or a writable FEDMETA_HOME (the site container mounts one at /state)."
+        ) from None
+    return key
 
 
 def pick_device(config: RunConfig) -> torch.device:

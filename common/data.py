@@ -36,8 +36,8 @@ Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 
 # Loaded label maps are kept as uint8 (class indices < 256) and handed out as int64: a site held in
 # memory for a whole run takes 5 bytes a voxel instead of 12.
-# A site's random order key, which the ClientApp keeps in its data folder (fedmeta.client.site): the one
-# file fedmeta writes among a site's data, so readers and the generator know it as fedmeta's own.
+# A site's random order key, which the ClientApp of earlier releases kept in the data folder (now under
+# FEDMETA_HOME, fedmeta.client.site): still read there, and known to the generator as fedmeta's own.
 SITE_KEY_FILE = ".fedmeta-site-key"
 LABEL_STORAGE = torch.uint8
 

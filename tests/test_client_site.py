@@ -39,16 +39,24 @@ def test_the_default_site_key_is_random_and_kept_never_derived_from_the_folder(t
     key_a = resolve_site({"data-dir": str(a)}, RunConfig()).key
     key_b = resolve_site({"data-dir": str(b)}, RunConfig()).key
     assert key_a != key_b and 1 <= key_a < 2**31 - 1
-    assert (a / ".fedmeta-site-key").read_text().strip() == str(key_a)
     assert resolve_site({"data-dir": str(a)}, RunConfig()).key == key_a  # kept across restarts
-    # A data folder the site cannot write (a read-only container mount; here the key's name is taken by
-    # a folder, which fails for root too): the key is kept under FEDMETA_HOME, filed by a digest.
-    ro = tmp_path / "ro"
-    (ro / ".fedmeta-site-key").mkdir(parents=True)
-    key = resolve_site({"data-dir": str(ro)}, RunConfig()).key
-    assert resolve_site({"data-dir": str(ro)}, RunConfig()).key == key
-    (kept,) = (tmp_path / "home" / "site-keys").iterdir()
-    assert kept.read_text().strip() == str(key) and "ro" not in kept.name
+    # Kept under FEDMETA_HOME, filed by a digest of the path, never in the site's data folder.
+    assert list(a.iterdir()) == [] and list(b.iterdir()) == []
+    kept = sorted(p.read_text().strip() for p in (tmp_path / "home" / "site-keys").iterdir())
+    assert kept == sorted([str(key_a), str(key_b)])
+    assert not any("hospital" in p.name for p in (tmp_path / "home" / "site-keys").iterdir())
+    # A key an earlier release kept in the data folder is still the site's key.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".fedmeta-site-key").write_text("4242\n")
+    assert resolve_site({"data-dir": str(old)}, RunConfig()).key == 4242
+    # No writable home: a named refusal that says how to give the site its key.
+    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "ro-home" / "file"))
+    (tmp_path / "ro-home").mkdir()
+    (tmp_path / "ro-home" / "file").write_text("not a folder")
+    (tmp_path / "c").mkdir()
+    with pytest.raises(PermissionError, match=r"cannot keep this site's key in .*site-id=3.*FEDMETA_HOME"):
+        resolve_site({"data-dir": str(tmp_path / "c")}, RunConfig())
 
 
 @pytest.mark.parametrize(

@@ -471,6 +471,6 @@ def test_a_federation_whose_sites_took_part_in_a_run_is_still_fedmetas_to_replac
     from fedmeta.common.data import SITE_KEY_FILE
 
     root = generate_federation(tmp_path / "smoke", "smoke", seed=0)
-    (root / "site-01" / SITE_KEY_FILE).write_text("123\n")  # what a run's ClientApp keeps in each data folder
+    (root / "site-01" / SITE_KEY_FILE).write_text("123\n")  # what a run's ClientApp kept there before 2026-12
     generate_federation(root, "smoke", seed=0, force=True)
     assert not (root / "site-01" / SITE_KEY_FILE).exists()
