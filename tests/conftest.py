@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    # What the ClientApp keeps of a site (its random order key) goes to a folder of this session, never to the
+    # home of whoever runs the tests; subprocesses the tests start inherit it.
+    if "FEDMETA_HOME" not in os.environ:
+        os.environ["FEDMETA_HOME"] = config._fedmeta_home = tempfile.mkdtemp(prefix="fedmeta-test-home-")
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_fedmeta_home", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
+        os.environ.pop("FEDMETA_HOME", None)
 
 
 @pytest.fixture(scope="session")

@@ -391,7 +391,8 @@ class LocalDeployment:
                         "--auth-supernode-private-key", str(private_key or bundle / "site.key")]
         # Separate FLWR_HOMEs: each SuperNode installs the app bundle on its own, like a
         # hospital would, instead of racing the others to unpack into one folder.
-        node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"))
+        node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"),
+                        FEDMETA_HOME=str(home.path / f"supernode-{index}" / "fedmeta"))  # its site key, its own
         return self._spawn(
             f"supernode-{index}",
             [
