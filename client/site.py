@@ -117,13 +117,19 @@ def persisted_site_key(data_dir: Path) -> int:
     kept = home / "site-keys" / digest
     for path in (Path(data_dir) / SITE_KEY_FILE, kept):
         try:
-            return int(path.read_text().strip())
+            text = path.read_text(encoding="ascii").strip()
         except (OSError, ValueError):
             continue
+        # Only what this function writes: a plain decimal in [1, 2^31). Anything else (a damaged file, "1_0",
+        # other digits, a number the wire would overflow) is not a key; a new one is drawn and kept.
+        if text.isdigit() and 1 <= int(text) < 2**31 - 1:
+            return int(text)
     key = 1 + secrets.randbelow(2**31 - 2)
     try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_text(f"{key}\n")
+        from fedmeta.common.outputs import make_folder, write_atomically
+
+        make_folder(kept.parent, 0o700)
+        write_atomically(kept, lambda tmp: tmp.write_text(f"{key}\n"), 0o600)  # a rename: never through a link
     except OSError as err:
         raise PermissionError(
             f"cannot keep this site's key in {kept} ({err.strerror}); give the SuperNode a site-id in --node-config "

@@ -670,11 +670,24 @@ def _staging_pid(entry: Path, name: str) -> int | None:
 
 def _sweep_staging(folder: Path, name: str) -> None:
     """Removes the staging folders of ``name`` in ``folder`` whose process is gone: a synth or a site render
-    killed half-way (SIGKILL runs no ``finally``) leaves one; a live process's is left alone."""
+    killed half-way (SIGKILL runs no ``finally``) leaves one; a live process's is left alone, and so is one that
+    holds anything a render does not write (its name alone does not make it fedmeta's)."""
     for stale in folder.glob(f".{glob.escape(name)}.partial-*"):
-        pid = _staging_pid(stale, name)
-        if pid is not None and pid != os.getpid() and not _process_alive(pid) and not stale.is_symlink():
+        if _dead_staging(stale, name):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _dead_staging(entry: Path, name: str) -> bool:
+    """Whether ``entry`` is a staging folder of ``name`` that a process now gone left, holding only what a render
+    writes: NIfTI volumes, dataset.json and manifest.json, in plain folders (no link, no other file)."""
+    pid = _staging_pid(entry, name)
+    if pid is None or pid == os.getpid() or entry.is_symlink() or not entry.is_dir() or _process_alive(pid):
+        return False
+    for path in entry.rglob("*"):
+        if path.is_symlink() or not (path.is_dir() or path.name.endswith(".nii.gz")
+                                     or path.name in ("dataset.json", "manifest.json")):
+            return False
+    return True
 
 
 def _render_site(info: SiteInfo) -> None:
@@ -712,10 +725,17 @@ def _render_site(info: SiteInfo) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _site_folder(path: Any) -> str:
+    """A manifest's site path, which fedmeta writes as one plain name: never a path out of the federation."""
+    if not (isinstance(path, str) and re.fullmatch(r"[\w-]+", path)):
+        raise ValueError(f"site path {path!r} is not a plain folder name inside the federation")
+    return path
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except PermissionError:
         return True
@@ -942,10 +962,10 @@ def _not_ours(root: Path) -> list[str]:
             foreign += [f"{name}/{inner}" for inner in _not_in_site(entry, by_folder[name])]
         else:
             pid = next((pid for site in by_folder if (pid := _staging_pid(entry, site)) is not None), None)
-            if pid is None:
-                foreign.append(name + ("/" if entry.is_dir() else ""))
-            elif _process_alive(pid):
+            if pid is not None and _process_alive(pid):
                 foreign.append(f"{name}/ (a site being rendered now by process {pid})")
+            elif not any(_dead_staging(entry, site) for site in by_folder):  # a name alone is not a render's
+                foreign.append(name + ("/" if entry.is_dir() else ""))
     return foreign
 
 
@@ -1025,7 +1045,7 @@ def load_manifest(root: Path | str) -> Manifest:
         made_by = str(raw["generator_version"])
         asset = str(raw.get("anatomy", {}).get("sha256_16", ""))
         sites = [
-            SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / s["path"],
+            SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / _site_folder(s["path"]),
                      num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []),
                      lazy=lazy, fov_scale=float(s.get("fov_scale", 1.0)), generator_version=made_by,
                      asset_digest=asset)
@@ -1034,7 +1054,7 @@ def load_manifest(root: Path | str) -> Manifest:
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),
                         generator_version=raw["generator_version"], cache_key=raw["cache_key"], sites=sites,
                         generation_seconds=float(raw.get("generation_seconds", 0.0)))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(
             f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); regenerate the federation "
             "with `fedmeta synth --out DIR --force`."

@@ -17,6 +17,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,7 +171,7 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
                          "{\"image\", \"label\"} pairs; fix the file.")
     listed_images = set()
     inside = root.resolve()
-    listed: dict[str, dict[Path, list[tuple[int, str]]]] = {"image": {}, "label": {}}  # resolved -> entries
+    listed: dict[str, dict[Any, list[tuple[int, str]]]] = {"image": {}, "label": {}}  # one file -> its entries
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), (str, type(None))) for k in ("image", "label")):
             raise ValueError(f"{dataset_json}: 'training'[{index}] is {entry!r}, not an {{\"image\": path, \"label\": "
@@ -186,7 +187,7 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
         listed_images.add(image.resolve() if image else None)
         for role, path in (("image", image), ("label", label)):
             if path is not None:
-                listed[role].setdefault(path.resolve(), []).append((index, entry[role]))
+                listed[role].setdefault(_file_identity(path), []).append((index, entry[role]))
         layout.cases.append(Case(case_id, image, label))
     if problem := _listed_twice(dataset_json, listed):
         raise ValueError(problem)
@@ -210,17 +211,29 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
     return layout
 
 
-def _listed_twice(dataset_json: Path, listed: dict[str, dict[Path, list[tuple[int, str]]]]) -> str | None:
+def _file_identity(path: Path) -> Path | tuple[int, int]:
+    """What makes two entries one file: its inode (hard links and every spelling of its path share it), or its
+    resolved path where it cannot be read (a missing file; the case check names that)."""
+    try:
+        found = path.stat()
+    except (OSError, RuntimeError):
+        return path.resolve() if not path.is_symlink() else path.absolute()
+    return found.st_dev, found.st_ino
+
+
+def _listed_twice(dataset_json: Path, listed: dict[str, dict[Any, list[tuple[int, str]]]]) -> str | None:
     """Why ``dataset.json`` must be fixed before the site is read: a file (after resolving ``./``, ``//``, ``..`` and
     symbolic links) that several 'training' entries list, or None. A patient listed twice counts twice, and may be
     the support patient and a held-out patient at once, so the held-out Dice would score the support scan itself;
     one label for two images pairs a scan with another patient's annotation."""
     repeats = []
-    for role, by_path in listed.items():
-        for resolved, entries in by_path.items():
+    for role, by_file in listed.items():
+        for identity, entries in by_file.items():
             if len(entries) > 1:
                 spelled = ", ".join(f"[{index}] {text!r}" for index, text in entries)
-                repeats.append(f"the {role} {resolved} is listed by {len(entries)} entries ({spelled})")
+                shown = (dataset_json.parent / entries[0][1]).resolve()
+                repeats.append(f"the {role} {shown} is listed by {len(entries)} entries ({spelled}"
+                               f"{'; hard links to one file' if isinstance(identity, tuple) else ''})")
     if not repeats:
         return None
     return (f"{dataset_json}: its 'training' list names one file more than once: {'; '.join(repeats)}. Each entry must "
@@ -280,17 +293,18 @@ def _discover_by_glob(root: Path, image_glob: str, label_glob: str) -> SiteLayou
         layout.cases.append(Case(stem.replace("/", "_"), images.get(stem), labels.get(stem)))
     # Two names for one file (a symbolic link to another case) would count one patient twice, as in dataset.json.
     for role, found in (("image", images), ("label", labels)):
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[Any, list[str]] = {}
         for path in found.values():
             try:
-                by_file.setdefault(path.resolve(), []).append(str(path))
+                by_file.setdefault(_file_identity(path), []).append(str(path))
             except (RuntimeError, OSError):  # a symlink loop: check_case names it
                 continue
-        repeats = {resolved: names for resolved, names in by_file.items() if len(names) > 1}
+        repeats = {identity: names for identity, names in by_file.items() if len(names) > 1}
         if repeats:
-            resolved, names = next(iter(repeats.items()))
+            names = next(iter(repeats.values()))
+            resolved = Path(names[0]).resolve()
             raise ValueError(f"{root}: {len(names)} {role} files matched by {image_glob if role == 'image' else label_glob!r} "
-                             f"are one file, {resolved} ({', '.join(names)}): a symbolic link makes one patient count "
+                             f"are one file, {resolved} ({', '.join(names)}): a symbolic or hard link makes one patient count "
                              "twice, and be both the support and a held-out patient. Fix: remove the links so each "
                              "patient's file appears once.")
     return layout

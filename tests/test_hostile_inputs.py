@@ -578,3 +578,43 @@ def test_adapt_refuses_weights_that_diverge_and_writes_no_model(trained_checkpoi
     assert code == 1 and "Traceback" not in err and not (tmp_path / "model" / "model.pt").exists()
     assert f"{path} on {site}: adaptation diverged: after step 1 of 5 the adapted weights" in err
     assert "SGD, step size 1e+30 (the run's inner-lr)). Fix: adapt with --steps 0, or more --shots" in err
+
+
+def test_a_hard_link_to_another_case_is_the_same_patient_and_refused(tmp_path):
+    import json as _json
+    import os as _os
+
+    from fedmeta.common.validate import discover_site
+
+    site = tmp_path / "site"
+    (site / "imagesTr").mkdir(parents=True)
+    (site / "labelsTr").mkdir()
+    for folder in ("imagesTr", "labelsTr"):
+        (site / folder / "a.nii.gz").write_bytes(b"x")
+        _os.link(site / folder / "a.nii.gz", site / folder / "hl.nii.gz")
+    (site / "dataset.json").write_text(_json.dumps({"labels": {"0": "background", "1": "tissue"}, "training": [
+        {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+        {"image": "./imagesTr/hl.nii.gz", "label": "./labelsTr/hl.nii.gz"}]}))
+    with pytest.raises(ValueError, match=r"names one file more than once: the image .*a.nii.gz is listed by 2 entries "
+                                         r".*hard links to one file"):
+        discover_site(site)
+
+
+def test_a_site_key_file_is_only_a_plain_key_and_is_never_written_through_a_link(tmp_path, monkeypatch):
+    import hashlib
+
+    from fedmeta.client.site import persisted_site_key
+
+    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    data.mkdir()
+    kept = tmp_path / "home" / "site-keys" / hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:24]
+    kept.parent.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    kept.symlink_to(victim)
+    key = persisted_site_key(data)
+    assert victim.read_text() == "precious" and not kept.is_symlink() and kept.read_text().strip() == str(key)
+    for garbage in ("1_0", "-5", "0", "99999999999999999999", "\u0663\u0664"):
+        (data / ".fedmeta-site-key").write_text(garbage + "\n")
+        assert persisted_site_key(data) == key, garbage  # not a key: the kept one stands

@@ -294,13 +294,12 @@ def test_a_lazy_federation_renders_each_site_on_first_use_the_same_files_as_an_e
 def test_sites_asked_for_at_once_by_several_workers_render_once_and_leave_no_partial_folder(tiny_lazy, tmp_path):
     import threading
 
-    import subprocess
-    import sys
-
     root = generate_federation(tmp_path / "lazy", tiny_lazy, seed=0)
     infos = [load_manifest(root).train_sites[0] for _ in range(3)]  # three workers, three manifest copies
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = root / f".{infos[0].name}.partial-{dead.stdout.strip()}-1"  # a render killed half-way
+    # A render killed half-way, by a pid no process can have (above pid_max): a finished child's pid could be
+    # reused meanwhile on a busy machine.
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1 if Path("/proc/sys/kernel/pid_max").exists() else 2**31 - 1
+    stale = root / f".{infos[0].name}.partial-{dead}-1"
     (stale / "imagesTr").mkdir(parents=True)
     errors: list[BaseException] = []
 
@@ -474,3 +473,25 @@ def test_a_federation_whose_sites_took_part_in_a_run_is_still_fedmetas_to_replac
     (root / "site-01" / SITE_KEY_FILE).write_text("123\n")  # what a run's ClientApp kept there before 2026-12
     generate_federation(root, "smoke", seed=0, force=True)
     assert not (root / "site-01" / SITE_KEY_FILE).exists()
+
+
+def test_a_staging_folder_is_fedmetas_only_when_it_holds_only_what_a_render_writes(tmp_path):
+    import json as _json
+
+    root = generate_federation(tmp_path / "fed", "smoke", seed=0)
+    planted = root / ".site-01.partial-999999999"  # a dead pid's name, but a user's file inside
+    planted.mkdir()
+    (planted / "thesis.docx").write_text("precious")
+    huge = root / ".site-01.partial-99999999999999999999999"  # no pid is that large: not alive, not a crash
+    (huge / "imagesTr").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"\.site-01\.partial-999999999/"):
+        generate_federation(root, "smoke", seed=0, force=True)
+    assert (planted / "thesis.docx").read_text() == "precious"
+    planted.joinpath("thesis.docx").unlink()
+    generate_federation(root, "smoke", seed=0, force=True)  # now only render leftovers: swept with the rest
+    # A manifest whose site path leads out of the federation is refused wherever it is read.
+    manifest = _json.loads((root / "manifest.json").read_text())
+    manifest["sites"][0]["path"] = "../escaped"
+    (root / "manifest.json").write_text(_json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"site path '../escaped' is not a plain folder name"):
+        load_manifest(root)
