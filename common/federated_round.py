@@ -119,16 +119,18 @@ def site_weights(config: RunConfig, train_slices: Sequence[float]) -> list[float
     return [min(n, cap) for n, cap in zip(sizes, caps)]
 
 
-def bound_replies(updates: Sequence[Mapping[str, torch.Tensor]], factor: float
-                  ) -> tuple[list[Mapping[str, torch.Tensor]], list[float], float, list[int]]:
+def bound_replies(
+    updates: Sequence[Mapping[str, torch.Tensor]], factor: float, norms: Sequence[float] | None = None,
+) -> tuple[list[Mapping[str, torch.Tensor]], list[float], float, list[int]]:
     """Each update scaled down to L2 norm at most ``factor`` × the lower median of the updates' norms.
 
+    ``norms``: the updates' L2 norms when the caller measured them already (the server, validating replies).
     Returns the bounded updates, every norm before bounding (site order), the bound (0 when none applied:
     ``factor`` is 0, or a single reply has no other to be measured against) and the positions scaled down.
     The lower median of n norms is the ⌈n/2⌉-th smallest: more than half the sites must send large
     replies to raise it, and one of two sites cannot.
     """
-    norms = [update_norm(u) for u in updates]
+    norms = list(norms) if norms is not None else [update_norm(u) for u in updates]  # the server measured them
     if not factor or len(updates) < 2:
         return list(updates), norms, 0.0, []
     bound = factor * sorted(norms)[(len(norms) - 1) // 2]

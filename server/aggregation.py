@@ -82,7 +82,7 @@ def trim_count(config: RunConfig, replies: int) -> int:
 
 
 def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[float], *,
-              noise_seed: int | None = None) -> Aggregate:
+              noise_seed: int | None = None, norms: Sequence[float] | None = None) -> Aggregate:
     """Combines ``updates`` (in site order) by the run's rule.
 
     ``weights`` count only for the mean. With ``dp = "central"`` every update is clipped to C and the
@@ -101,7 +101,7 @@ def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[fl
         # No per-reply norms in the record: they describe the sites' data outside the accountant's epsilon.
         return Aggregate(add_gaussian_noise(mean, std, generator), "mean", n,
                          clipped=sum(norm > config.dp_clip_norm for norm in norms), noise_std=std)
-    updates, norms, bound, bounded = bound_replies(updates, config.median_norm_bound)
+    updates, norms, bound, bounded = bound_replies(updates, config.median_norm_bound, norms)
     bounds = {"norms": norms, "norm_bound": bound, "bounded": bounded}
     if config.aggregation == "mean" or n == 1:
         note = "" if config.aggregation == "mean" else f"{config.aggregation} needs 2 or more replies; 1 answered"

@@ -188,9 +188,10 @@ class Coordinator:
         """
         outcome = RoundOutcome()
         grads_by_node: dict[int, dict[str, torch.Tensor]] = {}
+        norm_by_node: dict[int, float] = {}
         sent_to, replies = list(sent_to), _collected(replies)
         for node_id, payload in self.screen(sent_to, replies, outcome, self._validate_train):
-            grads_by_node[node_id], outcome.accepted[node_id] = payload
+            grads_by_node[node_id], outcome.accepted[node_id], norm_by_node[node_id] = payload
         self.note_missing(sent_to, outcome, replies)
         self.counters["dropped_replies"] += len(outcome.dropped)
 
@@ -206,7 +207,8 @@ class Coordinator:
         order = self.in_site_order(grads_by_node)
         weights = site_weights(self.config, [outcome.accepted[n].get(TRAIN_SLICES, 1.0) for n in order])
         noise_seed = int(np.random.SeedSequence([self.config.seed, server_round, 0xD9]).generate_state(1)[0])
-        combined = aggregate(self.config, [grads_by_node[n] for n in order], weights, noise_seed=noise_seed)
+        combined = aggregate(self.config, [grads_by_node[n] for n in order], weights, noise_seed=noise_seed,
+                             norms=[norm_by_node[n] for n in order])
         self.step(server_round, len(sent_to), outcome, combined, order, weights)
         return outcome
 
@@ -350,7 +352,7 @@ class Coordinator:
             outcome.dropped.append(Drop(node_id, reason, "timeout"))
             log.warning("node %d: %s", node_id, reason)
 
-    def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def _validate_train(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
         content = content_of(reply, {GRADS_RECORD, METRICS_RECORD})
         grads_record = content.array_records.get(GRADS_RECORD)
         if grads_record is None:
@@ -391,7 +393,7 @@ class Coordinator:
                     f"{TRAIN_SLICES} is {slices!r}, expected the site's count of labelled training slices "
                     f"(1..{MAX_TRAIN_SLICES})"
                 )
-        return grads, metrics
+        return grads, metrics, norm
 
     def _validate_evaluate(self, reply: Message) -> dict[str, float]:
         content = content_of(reply, {METRICS_RECORD})
