@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.checkpoint import PLAUSIBLE_WEIGHT, load_checkpoint
 from fedmeta.common.config import RunConfig, stored_run_config
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
@@ -143,13 +144,10 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
             f"e.g. {differ[0]!r}: config {expected.get(differ[0])}, weights {found.get(differ[0])}); the file was "
             "damaged or assembled from two runs. Use the checkpoint.pt a fedmeta run wrote."
         )
-    inner_lr: Any = config.inner_lr
-    if config.algorithm == "metasgd":
-        if not checkpoint.step_sizes:
-            raise ValueError(f"{path}: a metasgd checkpoint without step sizes; it cannot adapt as it was trained.")
-        inner_lr = checkpoint.step_sizes
+    algorithm = ALGORITHMS[config.algorithm]
+    inner_lr = algorithm.step_size(config.inner_lr, checkpoint.step_sizes, str(path))
     init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
-                          head_only=config.algorithm == "anil", round=int(checkpoint.round), model_config=model_config)
+                          head_only=algorithm.head_only, round=int(checkpoint.round), model_config=model_config)
     return init, config
 
 

@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, sample_episodes
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import Params, StepSize, meta_gradient, multi_step_loss_weights
-from fedmeta.common.model import head_parameter_names
 from fedmeta.common.privacy import update_norm
 
 # Seeds are drawn below 2^31 - 1 so that they fit every integer type they are stored in.
@@ -45,18 +45,10 @@ def sample_sites(rng: np.random.Generator, num_sites: int, sites_per_round: int)
 def adaptation_rule(
     config: RunConfig, model: torch.nn.Module, step_sizes: Mapping[str, torch.Tensor] | None
 ) -> tuple[StepSize, list[str] | None]:
-    """(inner step size, adapted parameter names) the run's algorithm adapts with.
-
-    Meta-SGD adapts with its learned per-parameter step sizes, ANIL only the head; every other
-    algorithm adapts all parameters with the scalar ``inner-lr``. Training and evaluation both ask here.
-    """
-    if config.algorithm == "metasgd":
-        if step_sizes is None:
-            raise ValueError("algorithm metasgd adapts with learned step sizes (lr.<name>), and none were given.")
-        inner_lr: StepSize = dict(step_sizes)
-    else:
-        inner_lr = config.inner_lr
-    return inner_lr, (head_parameter_names(model) if config.algorithm == "anil" else None)
+    """(inner step size, adapted parameter names) the run's algorithm adapts with (Meta-SGD: its learned step
+    sizes; ANIL: the head only; the others: every parameter with inner-lr). Training and evaluation both ask here."""
+    algorithm = ALGORITHMS[config.algorithm]
+    return algorithm.step_size(config.inner_lr, step_sizes, "the round's θ"), algorithm.adapted_names(model)
 
 
 def site_update(
@@ -93,7 +85,7 @@ def site_update(
         inner_lr=inner_lr,
         loss_fn=DiceCELoss(config.num_classes),
         inner_params=inner_params,
-        proximal_mu=config.proximal_mu if config.algorithm == "fedprox" else 0.0,
+        proximal_mu=ALGORITHMS[config.algorithm].proximal_mu(config),
         # MAML++'s schedules depend on the round: the multi-step loss early, first order earlier still.
         step_weights=multi_step_loss_weights(config.inner_steps, server_round, config.multi_step_loss_rounds),
         first_order=server_round <= config.first_order_rounds,

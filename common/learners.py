@@ -36,6 +36,8 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.func import functional_call
 
+from fedmeta.common.unet import head_parameter_names
+
 Params = dict[str, torch.Tensor]
 
 GENERATOR_PREFIX = "generator."  # fast-weights: the generator's parameters
@@ -55,8 +57,6 @@ class FastWeightUNet(UNet):
 
     def __init__(self, *, num_classes: int, generator_width: int, **unet) -> None:
         super().__init__(**unet)
-        from fedmeta.common.model import head_parameter_names
-
         self.head_names = head_parameter_names(self)
         head = dict(self.named_parameters())
         outputs = sum(head[n].numel() for n in self.head_names)
@@ -72,6 +72,15 @@ class FastWeightUNet(UNet):
             _SetMean(), nn.Linear(width, width), nn.ReLU(), last,
         )
 
+    @staticmethod
+    def is_own_parameter(name: str) -> bool:
+        return name.startswith(GENERATOR_PREFIX)
+
+    @classmethod
+    def from_model_config(cls, config, **unet) -> "FastWeightUNet":
+        """Built from a ``fedmeta.common.model.ModelConfig`` (``unet``: the UNet's keyword arguments)."""
+        return cls(num_classes=config.out_channels, generator_width=config.generator_width, **unet)
+
 
 class PrototypeUNet(UNet):
     """The UNet as a pixel embedding (``embedding_dim`` channels) matched to class prototypes by cosine."""
@@ -84,6 +93,14 @@ class PrototypeUNet(UNet):
         # start at zero, and their meta-gradient is zero).
         self.prototypes = nn.Parameter(torch.zeros(num_classes, embedding_dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(PROTOTYPE_INITIAL_SCALE)))
+
+    @staticmethod
+    def is_own_parameter(name: str) -> bool:
+        return name in (PROTOTYPES, PROTOTYPE_LOG_SCALE)
+
+    @classmethod
+    def from_model_config(cls, config, **unet) -> "PrototypeUNet":
+        return cls(num_classes=config.out_channels, embedding_dim=config.embedding_dim, **unet)
 
     def forward(self, x: torch.Tensor, embed_only: bool = False) -> torch.Tensor:
         """Class logits ``[B, C, *spatial]``; with ``embed_only`` the embedding ``[B, E, *spatial]``."""
@@ -99,6 +116,14 @@ class LearnedOptimizerUNet(UNet):
     def __init__(self, *, hidden: int, **unet) -> None:
         super().__init__(**unet)
         self.lstm = CoordinateLSTM(hidden)
+
+    @staticmethod
+    def is_own_parameter(name: str) -> bool:
+        return name.startswith(LSTM_PREFIX)
+
+    @classmethod
+    def from_model_config(cls, config, **unet) -> "LearnedOptimizerUNet":
+        return cls(hidden=config.lstm_hidden, **unet)
 
 
 class CoordinateLSTM(nn.Module):
@@ -133,14 +158,8 @@ def learner_of(model: torch.nn.Module) -> str | None:
 
 def meta_only_names(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     """The names that are the learner's own machinery, not the UNet's: never stepped by the inner loop."""
-    kind = learner_of(model)
-    if kind == FastWeightUNet.learner:
-        return [n for n in names if n.startswith(GENERATOR_PREFIX)]
-    if kind == PrototypeUNet.learner:
-        return [n for n in names if n in (PROTOTYPES, PROTOTYPE_LOG_SCALE)]
-    if kind == LearnedOptimizerUNet.learner:
-        return [n for n in names if n.startswith(LSTM_PREFIX)]
-    return []
+    own = getattr(model, "is_own_parameter", None)
+    return [n for n in names if own(n)] if own is not None else []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets import UNet
 
+from fedmeta.common.learners import LEARNERS
+from fedmeta.common.unet import head_parameter_names
+
 VALID_NORMS = ("instance", "group")
 # The UNet alone (the initialisation family), or the UNet with a learner's own parts (fedmeta.common.learners).
-VALID_LEARNERS = ("unet", "fast-weights", "prototypes", "lstm-optimizer")
+VALID_LEARNERS = ("unet", *LEARNERS)
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,7 @@ def build_model(config: ModelConfig | None = None) -> UNet:
     )
     if config.learner == "unet":
         return UNet(**unet)
-    from fedmeta.common.learners import LEARNERS  # the other families: the UNet and the learner's own parts
-
-    extra = {"fast-weights": {"num_classes": config.out_channels, "generator_width": config.generator_width},
-             "prototypes": {"num_classes": config.out_channels, "embedding_dim": config.embedding_dim},
-             "lstm-optimizer": {"hidden": config.lstm_hidden}}[config.learner]
-    return LEARNERS[config.learner](**extra, **unet)
+    return LEARNERS[config.learner].from_model_config(config, **unet)
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,27 +130,6 @@ def unet_of(config: ModelConfig) -> ModelConfig:
     plain = ModelConfig()
     return dataclasses.replace(config, learner="unet", generator_width=plain.generator_width,
                                embedding_dim=plain.embedding_dim, lstm_hidden=plain.lstm_hidden)
-
-
-def head_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Names of the head parameters: the last block of the UNet (its final up-sampling layer).
-
-    ANIL adapts only these in the inner loop. For MONAI's UNet the network is
-    ``Sequential(down, SkipConnection(...), up)``; the head is the last element's parameters.
-    """
-    inner = getattr(model, "model", None)
-    if isinstance(inner, torch.nn.Sequential) and len(inner) > 0:
-        last_index = len(inner) - 1
-        prefix = f"model.{last_index}."
-        names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
-        if names:
-            return names
-    # Any other module: its last direct child that owns parameters.
-    children = [(n, c) for n, c in model.named_children() if any(True for _ in c.parameters())]
-    if not children:
-        raise ValueError(f"{type(model).__name__} has no parameters, so it has no head to adapt.")
-    last_name, last_child = children[-1]
-    return [f"{last_name}.{n}" for n, _ in last_child.named_parameters()]
 
 
 def initial_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
