@@ -1,0 +1,254 @@
+"""The plan of a synthetic federation: its presets and every drawn site and subject parameter (no image work).
+
+Every number a site's scanner, population and raters use, and every subject's pose, warp and atrophy, is
+drawn here from seeds alone (:func:`plan_federation`); :mod:`fedmeta.common.synth_render` turns them
+into volumes and :mod:`fedmeta.common.synth` writes the federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
+
+GENERATOR_VERSION = "1.1"  # 1.1: label protocols beyond csf-merged, the unseen-anatomy held-out site
+
+LABELS = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
+# What a site's raters label (the label values stay the consortium's; an unlabelled class is background):
+#   standard   CSF, grey matter and white matter;  csf-merged  grey and white matter (CSF is background);
+#   gm-only    grey matter;  wm-only  white matter;
+#   ventricles label 1 on ventricular CSF only (deep CSF enclosed by the parenchyma), no other class.
+LABEL_PROTOCOLS = ("standard", "csf-merged", "gm-only", "wm-only", "ventricles")
+PROTOCOL_LABELS = {
+    "standard": {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"},
+    "csf-merged": {0: "background (including CSF)", 2: "grey matter", 3: "white matter"},
+    "gm-only": {0: "background (including CSF and white matter)", 2: "grey matter"},
+    "wm-only": {0: "background (including CSF and grey matter)", 3: "white matter"},
+    "ventricles": {0: "background (including sulcal CSF and brain tissue)", 1: "ventricles"},
+}
+SEQUENCES = ("T1w", "T2w", "PD", "FLAIR")
+TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequence site
+# Held-out (new-hospital) sites: a new mix of seen scanner settings; a sequence no training site has
+# (FLAIR); the CSF-merged protocol; anatomy beyond every training site's range (strong atrophy and
+# warps outside the training ranges: a guard against an initialisation that only learned the
+# generator's usual brains); and, in the `protocols` federation, a protocol (white matter only) and a
+# structure definition (ventricles only) that no training site labels.
+HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation", "unseen-anatomy")
+HELDOUT_PROTOCOLS = {"unseen-annotation": "csf-merged", "unseen-protocol": "wm-only", "unseen-structure": "ventricles"}
+
+# Relative equilibrium signal of (CSF, grey matter, white matter) per sequence at 1.5 T. T1w: WM > GM > CSF;
+# T2w and PD invert the GM/WM order (CSF brightest on T2w); FLAIR is T2-like with the CSF nulled.
+TISSUE_SIGNAL = {
+    "T1w": (0.22, 0.58, 0.86),
+    "T2w": (1.00, 0.62, 0.44),
+    "PD": (0.90, 0.82, 0.66),
+    "FLAIR": (0.07, 0.74, 0.52),
+}
+STORAGE_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI")  # NIfTI from different converters (FSL, DICOM, ...)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Size and ranges of one federation preset."""
+
+    num_train_sites: int
+    heldout_kinds: tuple[str, ...]
+    patients: tuple[int, int]  # inclusive range of patients per site
+    inplane_mm: tuple[float, float]
+    slice_thickness_mm: tuple[float, float]
+    fov_scale: float = 1.0  # < 1 shrinks the field of view around the brain centre (smoke volumes)
+    train_sequences: tuple[str, ...] | None = None  # fixed per-site sequences; None draws them
+    train_protocols: tuple[str, ...] = ("standard",)  # label protocols, cycled over the training sites
+    # Lazy: generating writes the manifest only, and a site's volumes are rendered the first time it is
+    # used (`SiteInfo.folder`), so a federation of a thousand sites costs what its sampled sites cost.
+    lazy: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    # Tiny: 5 sites x 4 patients at ~2.5 mm, a few seconds. Sequences fixed so the tests can rely on a
+    # T1w and a T2w training site.
+    "smoke": Preset(
+        num_train_sites=3,
+        heldout_kinds=("unseen-sequence", "unseen-annotation"),
+        patients=(4, 4),
+        inplane_mm=(2.2, 2.6),
+        slice_thickness_mm=(2.5, 4.0),
+        train_sequences=("T1w", "T2w", "PD"),
+    ),
+    "default": Preset(
+        num_train_sites=8,
+        heldout_kinds=HELDOUT_KINDS,
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+    ),
+    # Protocol-heterogeneous consortium, where one FedAvg head is ill-posed: training sites label
+    # every tissue, tissue without CSF, or grey matter only; new hospitals ask for white matter only
+    # or for the ventricles (a structure no training site delineates), plus the unseen-anatomy site.
+    # Volumes as in `default`, so its scanners and anatomy are a like-for-like comparison.
+    "protocols": Preset(
+        num_train_sites=8,
+        heldout_kinds=("unseen-protocol", "unseen-structure", "unseen-anatomy"),
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+        train_protocols=("standard", "csf-merged", "gm-only"),
+    ),
+}
+# Scaling federations (`fedmeta perf scaling`, `fedmeta simulate --preset scale-1000`): many small
+# training sites (3 patients each, smoke-sized volumes) and the smoke preset's two new hospitals, lazy:
+# a site is rendered when first sampled, so generation time and disk follow the sites used.
+SCALE_COUNTS = (10, 30, 100, 1000)
+for _count in SCALE_COUNTS:
+    PRESETS[f"scale-{_count}"] = Preset(
+        num_train_sites=_count,
+        heldout_kinds=("unseen-sequence", "unseen-annotation"),
+        patients=(3, 3),
+        inplane_mm=(2.2, 2.6),
+        slice_thickness_mm=(2.5, 4.0),
+        lazy=True,
+    )
+del _count
+
+
+def _rng(seed: int, *path: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *path]))
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, digits: int = 3) -> float:
+    return round(float(rng.uniform(lo, hi)), digits)
+
+
+def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, kind: str | None,
+                      protocol: str = "standard") -> dict[str, Any]:
+    """Scanner, population and annotation parameters of one site (all plain JSON values)."""
+    field_t = float(rng.choice([1.5, 3.0]))
+    jitter = rng.uniform(0.92, 1.08, size=3)  # vendor/coil differences in relative tissue signal
+    signal = np.asarray(TISSUE_SIGNAL[sequence]) * jitter
+    if field_t == 3.0:
+        # Longitudinal relaxation times converge at 3 T, so the GM/WM contrast shrinks a little.
+        mid = (signal[1] + signal[2]) / 2
+        signal[1:] = mid + 0.85 * (signal[1:] - mid)
+    slice_axis = str(rng.choice(["axial", "axial", "axial", "coronal", "sagittal"]))
+    artefact = str(rng.choice(["none", "none", "gibbs", "motion"]))
+    snr_lo, snr_hi = (10.0, 28.0) if field_t == 1.5 else (18.0, 40.0)
+    bias_lo, bias_hi = (0.05, 0.2) if field_t == 1.5 else (0.15, 0.4)
+    params: dict[str, Any] = {
+        "scanner": {
+            "field_strength_t": field_t,
+            "sequence": sequence,
+            "tissue_signal": {"csf": round(float(signal[0]), 4), "grey_matter": round(float(signal[1]), 4),
+                              "white_matter": round(float(signal[2]), 4)},
+            "inplane_mm": _uniform(rng, *preset.inplane_mm, digits=2),
+            "slice_thickness_mm": _uniform(rng, *preset.slice_thickness_mm, digits=2),
+            "slice_axis": slice_axis,
+            "storage_orientation": str(rng.choice(STORAGE_ORIENTATIONS)),
+            "bias_strength": _uniform(rng, bias_lo, bias_hi),
+            "snr": _uniform(rng, snr_lo, snr_hi, digits=1),
+            "gain": _uniform(rng, 0.75, 1.35),
+            "gamma": _uniform(rng, 0.8, 1.25),
+            "bits": 12,
+            "artefact": artefact,
+            "gibbs_kspace_fraction": _uniform(rng, 0.35, 0.6) if artefact == "gibbs" else None,
+            "ghost_amplitude": _uniform(rng, 0.04, 0.12) if artefact == "motion" else None,
+            # Coverage: some sites stop above the cerebellum; the top of the head is always in view.
+            "fov_inferior_mm": _uniform(rng, -76.0, -35.0, digits=1),
+        },
+        "population": {
+            "atrophy_mean": _uniform(rng, 0.0, 0.25),
+            "atrophy_sd": 0.05,
+        },
+        "annotation": {
+            "protocol": "standard",
+            "threshold": _uniform(rng, 0.4, 0.6),
+            "gm_bias_voxels": int(rng.choice([-1, 0, 1])),  # one-voxel erosion (-1) / dilation (+1) of GM
+            "label_noise": _uniform(rng, 0.0, 0.05),  # share of boundary voxels given a neighbour's label
+        },
+    }
+    params["annotation"]["protocol"] = HELDOUT_PROTOCOLS.get(kind or "", protocol)
+    if kind == "unseen-anatomy":
+        # Beyond the training range on purpose: training sites draw atrophy means 0-0.25 and subjects
+        # clipped at 0.4, scale 0.92-1.08, rotation +-10 deg, elastic 1.5-4 mm (see _draw_subject_params).
+        params["population"] = {"atrophy_mean": _uniform(rng, 0.45, 0.55), "atrophy_sd": 0.05,
+                                "anatomy": "beyond-training-range"}
+    return params
+
+
+def _draw_subject_params(rng: np.random.Generator, site_params: dict[str, Any]) -> dict[str, Any]:
+    population = site_params["population"]
+    if population.get("anatomy") == "beyond-training-range":
+        return _draw_unseen_anatomy(rng, population)
+    atrophy = float(np.clip(rng.normal(population["atrophy_mean"], population["atrophy_sd"]), 0.0, 0.4))
+    return {
+        "rotation_deg": [round(float(v), 2) for v in rng.uniform(-10.0, 10.0, size=3)],
+        "scale": [round(float(v), 4) for v in rng.uniform(0.92, 1.08, size=3)],
+        "translation_mm": [round(float(v), 2) for v in rng.uniform(-4.0, 4.0, size=3)],
+        "elastic_amplitude_mm": _uniform(rng, 1.5, 4.0, digits=2),
+        "elastic_seed": int(rng.integers(0, 2**31 - 1)),
+        "atrophy": round(atrophy, 4),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+
+
+def _draw_unseen_anatomy(rng: np.random.Generator, population: dict[str, Any]) -> dict[str, Any]:
+    """A subject outside every training range: enlarged ventricles and thin cortex (atrophy 0.45-0.6),
+    head size 10-16 % off the template (training: within 8 %), rotation 12-20 deg, elastic 5-7 mm."""
+    atrophy = float(np.clip(rng.normal(population["atrophy_mean"], population["atrophy_sd"]), 0.45, 0.6))
+    side = rng.choice([-1.0, 1.0], size=3)
+    return {
+        "rotation_deg": [round(float(v), 2) for v in rng.choice([-1.0, 1.0], size=3) * rng.uniform(12.0, 20.0, size=3)],
+        "scale": [round(float(v), 4) for v in 1.0 + side * rng.uniform(0.10, 0.16, size=3)],
+        "translation_mm": [round(float(v), 2) for v in rng.uniform(-4.0, 4.0, size=3)],
+        "elastic_amplitude_mm": _uniform(rng, 5.0, 7.0, digits=2),
+        "elastic_seed": int(rng.integers(0, 2**31 - 1)),
+        "atrophy": round(atrophy, 4),
+        "noise_seed": int(rng.integers(0, 2**31 - 1)),
+    }
+
+
+def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
+    """Every site's name, role, kind and parameters, and its subjects' parameters (no image work)."""
+    spec = _preset(preset)
+    plan: list[dict[str, Any]] = []
+    rng = _rng(seed, 0)
+    if spec.train_sequences is not None:
+        sequences = list(spec.train_sequences)
+    else:
+        # Every training sequence appears at least twice; the order is seeded.
+        pool = [TRAIN_SEQUENCES[i % len(TRAIN_SEQUENCES)] for i in range(spec.num_train_sites)]
+        sequences = [str(s) for s in rng.permutation(pool)]
+    entries: list[tuple[str, str, str | None, str]] = []
+    width = max(2, len(str(len(sequences))))  # site-0001 .. site-1000: names sort in site order
+    for i, sequence in enumerate(sequences):
+        entries.append((f"site-{i + 1:0{width}d}", ROLE_TRAIN, None, sequence))
+    # Protocols are assigned in site order, after every draw, so a federation whose training sites all
+    # label the standard way draws exactly what it drew before protocols existed.
+    protocols = [spec.train_protocols[i % len(spec.train_protocols)] for i in range(len(sequences))]
+    for kind in spec.heldout_kinds:
+        if kind == "unseen-sequence":
+            sequence = "FLAIR"
+        else:
+            sequence = str(rng.choice(TRAIN_SEQUENCES))
+        entries.append((f"new-{kind.removeprefix('unseen-')}", ROLE_HELDOUT, kind, sequence))
+    for index, (name, role, kind, sequence) in enumerate(entries, start=1):
+        site_rng = _rng(seed, 1, index)
+        params = _draw_site_params(site_rng, spec, sequence, kind,
+                                   protocols[index - 1] if role == ROLE_TRAIN else "standard")
+        num_patients = int(site_rng.integers(spec.patients[0], spec.patients[1] + 1))
+        subjects = []
+        for p in range(num_patients):
+            subject = _draw_subject_params(_rng(seed, 2, index, p), params)
+            subjects.append({"id": f"{name}_{p:03d}", **subject})
+        plan.append({"name": name, "role": role, "heldout_kind": kind, "num_patients": num_patients,
+                     "params": params, "subjects": subjects, "fov_scale": spec.fov_scale})
+    return plan
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not known; choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
