@@ -9,7 +9,7 @@ consortium runs:
 - `LocalDeployment`: Flower's Deployment Engine on loopback — one `flower-superlink` and N
   `flower-supernode`s, each with its own `data-dir` — and `flwr run` against it.
 
-Flower 1.41 facts this module is built around (see shared/FIELD.md §4):
+Flower 1.41 facts this module is built around:
 - federations (SuperLink connections) live in `$FLWR_HOME/config.toml`, so every call gets a
   private FLWR_HOME and never touches the user's `~/.flwr`;
 - `flwr run` exits 0 even when the run failed: the outcome is read back with
@@ -29,55 +29,27 @@ reachable through `ps` is stopped.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import tomli_w
-
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY
-from fedmeta.simulations.engines.processes import TAG_VAR, stop_processes
+from fedmeta.server.provision import provision
+from fedmeta.simulations.engines.app_bundle import _check_app_dir, source_app_dir, stage_app
+from fedmeta.simulations.engines.flower_home import (
+    RunConfigValue, RunOutcome, _checked_run_config, _flower_bin, _FlowerHome, _free_ports, _json_payload, _tail,
+)
+from fedmeta.simulations.engines.processes import stop_processes
 
 __all__ = ["LocalDeployment", "RunOutcome", "SimulationEngine", "run_simulation_engine", "source_app_dir",
            "stage_app"]
 
-RunConfigValue = bool | int | float | str
-
 log = logging.getLogger("fedmeta.runtime")
-
-_STARTED_RUN = re.compile(r"Successfully started run (\d+)")
-_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_LOG_TAIL_LINES = 80
-_GRACE_S = 10.0
-
-
-@dataclass
-class RunOutcome:
-    """What a Flower run ended as, read back from the SuperLink (not from `flwr run`'s exit code).
-
-    `status` is the SuperLink's status string, e.g. "finished:completed", "finished:failed",
-    "finished:stopped"; `log` is the run's streamed log (ServerApp output and, in simulation,
-    the ClientApps').
-    """
-
-    run_id: int
-    status: str
-    ok: bool
-    log: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +301,6 @@ class LocalDeployment:
         if self.insecure_no_tls:
             security = ["--insecure"]
         else:
-            from fedmeta.server.provision import provision
-
             self.pki = home.path / "pki"
             provision(self.pki, server_names=["127.0.0.1", "localhost"], port=superlink_port,
                       sites=[self.site_name(i) for i in range(len(self.data_dirs))])
@@ -539,337 +509,3 @@ class LocalDeployment:
         if self._home is None:
             raise RuntimeError("LocalDeployment is not running; use it as `with LocalDeployment(...)`.")
         return self._home
-
-
-# --------------------------------------------------------------------------------------------
-# Shared machinery: a private FLWR_HOME and the `flwr` CLI inside it
-# --------------------------------------------------------------------------------------------
-
-
-class _FlowerHome:
-    """A private FLWR_HOME, the environment for every process started in it, and `flwr` calls."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self.kept = path is not None  # a temporary home, logs included, is deleted on exit
-        if path is None:
-            # Short prefix: Ray puts Unix sockets under paths derived from its temp dir.
-            self._tmp = tempfile.TemporaryDirectory(prefix="fedmeta-flwr-")
-            path = Path(self._tmp.name)
-        self.path = Path(path).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.tag = uuid.uuid4().hex
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = dict(os.environ)
-        self.env.update(
-            {
-                "FLWR_HOME": str(self.path),
-                "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                # Ray on a small machine (the Simulation Engine; ignored by the Deployment Engine):
-                # Ray prestarts one idle worker per CPU for the first driver, but Flower's actors
-                # run in their own runtime_env (PYTHONPATH) and never use them, so on 2 cores they
-                # only compete with the actors importing torch; no usage-stats reporting either.
-                "RAY_prestart_worker_first_driver": "0",
-                "RAY_enable_worker_prestart": "0",
-                "RAY_USAGE_STATS_ENABLED": "0",
-                # `flwr` launches `flower-superlink` by name: make it this environment's.
-                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                TAG_VAR: self.tag,
-            }
-        )
-        self._connections: dict[str, dict[str, str | bool]] = {}
-        self._runs = 0
-
-    def __enter__(self) -> _FlowerHome:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def write_connection(self, name: str, *, address: str, insecure: bool | None = None,
-                         root_certificates: str | None = None) -> None:
-        connection: dict[str, str | bool] = {"address": address}
-        if insecure is not None:
-            connection["insecure"] = insecure
-        if root_certificates is not None:
-            connection["root-certificates"] = root_certificates
-        self._connections[name] = connection
-        config = {"superlink": {"default": name, **self._connections}}
-        (self.path / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
-
-    def flwr(self, args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [_flower_bin("flwr"), *args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-
-    def run_app(
-        self,
-        app_dir: Path,
-        connection: str,
-        run_config: Mapping[str, RunConfigValue],
-        *,
-        timeout_s: float,
-        extra_args: list[str],
-        engine: str,
-        service_logs: list[Path],
-    ) -> RunOutcome:
-        """`flwr run --stream`, then the real status from the SuperLink; raise unless completed."""
-        self._runs += 1
-        # `flwr run` walks every file under the app folder before its own filters apply; in a checkout
-        # that is the virtual environment and run outputs too (6 s here, per run). A staged copy of the
-        # files the bundle can hold builds the same FAB (tests/test_flower_runtime.py checks it).
-        staged = app_dir = stage_app(app_dir, self.path / f"app-{self._runs}", exclude=[self.path])
-        config_path = self.path / f"run-config-{self._runs}.toml"
-        config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")
-        log_path = self.path / "logs" / f"run-{self._runs}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            _flower_bin("flwr"),
-            "run",
-            str(app_dir),
-            connection,
-            "--run-config",
-            str(config_path),
-            *extra_args,
-            "--stream",
-        ]
-        deadline = time.monotonic() + timeout_s
-        with log_path.open("wb") as log_file:
-            cli = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                command,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                cli.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                if cli.poll() is None:
-                    cli.terminate()
-                    try:
-                        cli.wait(timeout=_GRACE_S)
-                    except subprocess.TimeoutExpired:
-                        cli.kill()
-                        cli.wait()
-        shutil.rmtree(staged, ignore_errors=True)  # `flwr run` has built and sent its bundle by now
-        log = log_path.read_text(encoding="utf-8", errors="replace")
-        started = _STARTED_RUN.search(log)
-        if started is None:
-            details = "\n".join(
-                f"--- {path} ---\n{_tail(path, 30)}" for path in service_logs if path.exists()
-            )
-            raise RuntimeError(
-                f"`flwr run` on the {engine} did not start a run (exit code {cli.returncode}). "
-                f"Its output:\n{_tail_text(log)}\n{details}"
-            )
-        run_id = int(started.group(1))
-
-        # `--stream` normally returns when the run ends; poll in case the stream broke early.
-        status, details = self._status(connection, run_id)
-        while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(1.0)
-            status, details = self._status(connection, run_id)
-        if not status.startswith("finished"):
-            self.flwr(["stop", str(run_id), connection])
-            raise RuntimeError(
-                f"Run {run_id} on the {engine} did not finish within {timeout_s:.0f} s (status "
-                f"{status!r}); it was stopped. Raise timeout_s or shrink the run. "
-                f"{self._log_note(log_path)}:\n{_tail_text(log)}"
-            )
-        outcome = RunOutcome(run_id=run_id, status=status, ok=status == "finished:completed", log=log)
-        if not outcome.ok:
-            raise RuntimeError(
-                f"Run {run_id} on the {engine} ended as {status!r} ({details}). "
-                f"{self._log_note(log_path)}:\n{_tail_text(log)}"
-            )
-        return outcome
-
-    def _log_note(self, log_path: Path) -> str:
-        if self.kept:
-            return f"Log tail (whole log: {log_path})"
-        return "Log tail (pass flwr_home=... to keep the whole log)"
-
-    def _status(self, connection: str, run_id: int) -> tuple[str, str]:
-        result = self.flwr(["list", connection, "--run-id", str(run_id), "--format", "json"])
-        payload = _json_payload(result.stdout)
-        if not payload or not payload.get("success") or not payload.get("runs"):
-            message = (payload or {}).get("error-message") or result.stdout + result.stderr
-            return f"unknown ({message.strip()})", ""
-        run = payload["runs"][0]
-        return str(run.get("status", "unknown")), str(run.get("status-details", ""))
-
-
-# --------------------------------------------------------------------------------------------
-# Ports
-# --------------------------------------------------------------------------------------------
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports that were free a moment ago (held together, then freed)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _flower_bin(name: str) -> str:
-    """The Flower executable `name` of the Python environment running this code."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    raise FileNotFoundError(
-        f"{name} not found beside {sys.executable}; install Flower into this environment "
-        "(pip install -e . installs flwr[simulation]==1.41.*)."
-    )
-
-
-def source_app_dir() -> Path:
-    """The checkout this fedmeta runs from: the Flower app folder `flwr run` bundles.
-
-    Raises when fedmeta was installed from a wheel (no pyproject.toml beside the packages): Flower's
-    engines need the app's source folder; the in-process engine does not.
-    """
-    import fedmeta.simulations
-
-    root = Path(fedmeta.simulations.__file__).resolve().parents[1]  # simulations/__init__.py -> the checkout
-    if not (root / "pyproject.toml").is_file():
-        raise FileNotFoundError(
-            f"Flower's engines build the app from fedmeta's source folder, but {root} has no pyproject.toml "
-            "(fedmeta was installed from a wheel); run from a checkout (pip install -e .) or use the in-process engine."
-        )
-    return root
-
-
-_STAGED_MARK = ".fedmeta-staged-app"  # marks a folder stage_app made (and may replace); no FAB holds such a file
-
-
-def stage_app(app_dir: Path, dest: Path, *, exclude: Iterable[Path] = ()) -> Path:
-    """Copy the files of `app_dir` a Flower app bundle (FAB) can hold into `dest`, and return `dest`.
-
-    Flower's own rules choose the files (``filter_paths_for_publish``: the app's .gitignore, read as
-    Flower reads it, and the publish include/exclude patterns; links skipped, as Flower skips them),
-    so the bundle built from `dest` is byte for byte the one `app_dir` gives. What makes it fast:
-    whole folders the .gitignore ignores are not walked (unless a ``!`` pattern could bring a file
-    below one back), nor virtual environments (a folder holding pyvenv.cfg), the folders in `exclude`
-    (a FLWR_HOME inside the app) and `dest` itself. `.git` is walked: Flower ships the .toml/.json
-    files it may hold. Only regular files are read (no pipes, sockets). `dest` must not be the app
-    folder or hold it, and is replaced only if stage_app made it.
-    """
-    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
-
-    app_dir = _check_app_dir(app_dir)
-    dest = Path(dest).expanduser().resolve()
-    if dest == app_dir or app_dir.is_relative_to(dest):
-        raise ValueError(f"cannot stage the Flower app into {dest}: it is the app folder {app_dir} or holds it; "
-                         "stage into a folder of its own.")
-    if dest.exists():
-        if not (dest / _STAGED_MARK).is_file():
-            raise FileExistsError(f"cannot stage the Flower app into {dest}: it exists and was not made by "
-                                  "stage_app (no " + _STAGED_MARK + "); choose a new folder.")
-        shutil.rmtree(dest)
-    skip = {Path(p).expanduser().resolve() for p in exclude} | {dest}
-    gitignore = app_dir / ".gitignore"
-    patterns = load_gitignore_patterns(gitignore) if gitignore.is_file() and not gitignore.is_symlink() else []
-    negated = any(line.lstrip().startswith("!") for line in patterns)
-    prune = build_pathspec([] if negated else patterns)
-    files: dict[str, Path] = {}
-    for folder, subfolders, names in os.walk(app_dir, followlinks=False):
-        here = Path(folder)
-        relative = here.relative_to(app_dir)
-        subfolders[:] = [
-            name for name in subfolders
-            if not (here / name).is_symlink() and not (here / name / "pyvenv.cfg").exists()
-            and (here / name) not in skip and not prune.match_file((relative / name).as_posix() + "/")
-        ]
-        for name in names:
-            source = here / name
-            if not source.is_symlink() and source.is_file():
-                files[(relative / name).as_posix()] = source
-    kept = filter_paths_for_publish(files)
-    dest.mkdir(parents=True)
-    (dest / _STAGED_MARK).write_text(f"a copy of {app_dir} for `flwr run`; replaced at every run\n")
-    for relative_name, source in kept.items():
-        target = dest / relative_name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(source, target)
-        except OSError as err:
-            raise OSError(f"staging the Flower app: cannot copy {source} ({err.strerror or err}); make it readable "
-                          "or add it to the app's .gitignore.") from err
-    return dest
-
-
-def _check_app_dir(app_dir: Path) -> Path:
-    app_dir = Path(app_dir).expanduser().resolve()
-    pyproject = app_dir / "pyproject.toml"
-    if not pyproject.is_file():
-        raise FileNotFoundError(
-            f"{pyproject} not found: app_dir must be a Flower app folder (the fedmeta "
-            "repository root, which holds [tool.flwr.app.components])."
-        )
-    return app_dir
-
-
-def _checked_run_config(run_config: Mapping[str, RunConfigValue]) -> dict[str, RunConfigValue]:
-    checked: dict[str, RunConfigValue] = {}
-    for key, value in run_config.items():
-        if not isinstance(key, str) or not _CONFIG_KEY.match(key):
-            raise ValueError(
-                f"Run-config key {key!r} is not a Flower config key; use letters, digits, "
-                "'-' and '_' (and '.' between parts), as in [tool.flwr.app.config]."
-            )
-        if not isinstance(value, bool | int | float | str):
-            raise TypeError(
-                f"Run-config value for {key!r} is a {type(value).__name__} ({value!r}); Flower "
-                "run config holds only bool, int, float and str — pass it as one of those."
-            )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"Run-config value for {key!r} is {value!r}; give a finite number.")
-        checked[key] = value
-    return checked
-
-
-def _json_payload(text: str) -> dict | None:
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        payload = json.loads(text[start:])
-    except json.JSONDecodeError:
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
-def _tail_text(text: str, lines: int = _LOG_TAIL_LINES) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        return _tail_text(path.read_text(encoding="utf-8", errors="replace"), lines)
-    except OSError as err:
-        return f"(could not read {path}: {err})"
