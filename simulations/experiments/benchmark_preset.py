@@ -1,0 +1,138 @@
+"""The benchmark's rows and its preset: the methods, what trains each, the goal, and the checked preset TOML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedmeta.simulations.experiments.presets import read_preset_toml
+
+# RunConfig and the model factory load torch: method_configs imports them, so that `fedmeta benchmark --help`
+# does not wait seconds for them.
+
+DEFAULT_PRESET = "benchmark"
+QUICK_PRESET = "benchmark-quick"
+
+ORACLE = "oracle"  # the training key of the oracle row: trained per new site, not on the federation
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the benchmark: which training produced θ and whether the new site adapts it."""
+
+    name: str
+    training: str | None  # key of the preset's [training.<key>] table; None: never trained
+    adapts: bool
+    meaning: str
+
+
+METHODS = (
+    Method("scratch", None, True, "random init (the federation's seeded start), fine-tuned on the new site only"),
+    Method("fedavg", "fedavg", False, "FedAvg global model used as is: no adaptation at any step count"),
+    Method("fedavg-ft", "fedavg", True, "the same FedAvg model, fine-tuned on the new site"),
+    Method("fedprox-ft", "fedprox", True, "FedProx global model, fine-tuned on the new site"),
+    Method("fomaml", "fomaml", True, "federated first-order MAML initialisation, fine-tuned"),
+    Method("maml", "maml", True, "federated second-order MAML initialisation, fine-tuned"),
+    Method("reptile", "reptile", True, "federated Reptile initialisation, fine-tuned"),
+    Method("metasgd", "metasgd", True, "federated Meta-SGD initialisation, fine-tuned with its learned step sizes"),
+    Method("anil", "anil", True, "federated ANIL initialisation, head fine-tuned"),
+    Method("fast-weights", "fast-weights", True,
+           "federated fast-weight learner: head generated from the support set, then fine-tuned"),
+    Method("prototypes", "prototypes", True,
+           "federated prototype learner: support prototypes (0 steps), then encoder fine-tuned"),
+    Method("lstm-optimizer", "lstm-optimizer", True,
+           "federated UNet initialisation adapted by its federated learned LSTM optimiser"),
+    Method("pooled-fomaml", "pooled-fomaml", True,
+           "FOMAML on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
+    Method("pooled-maml", "pooled-maml", True,
+           "MAML on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
+    Method("pooled-metasgd", "pooled-metasgd", True,
+           "Meta-SGD on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
+    Method("oracle", ORACLE, False,
+           "per new site, a UNet fully supervised on the site's own support patients: the ceiling"),
+)
+METHODS_BY_NAME = {m.name: m for m in METHODS}
+META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil", "fast-weights", "prototypes", "lstm-optimizer")
+# The goal the benchmark checks (goal_check): at k = 5 and 10 steps, by a margin of Dice in every seed.
+GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN = 5, 10, 0.03
+PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
+               "methods", "run-config", "training", "oracle-steps", "curve-every", "jobs"}
+
+
+def load_benchmark_preset(preset: str) -> dict[str, Any]:
+    """A benchmark preset (name in simulations/presets or a TOML path), checked key by key."""
+    path, values = read_preset_toml(preset, kind="benchmark preset", known_glob="benchmark*.toml")
+    unknown = sorted(set(values) - PRESET_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PRESET_KEYS))}.")
+    spec = {
+        "path": str(path),
+        "name": path.stem,
+        "federation": values.get("federation", "default"),
+        "federation-seed": int(values.get("federation-seed", 0)),
+        "seeds": int(values.get("seeds", 3)),
+        "shots": [int(k) for k in values.get("shots", [1, 5, 10])],
+        "steps": sorted({int(s) for s in values.get("steps", [0, 1, 5, 10, 20])}),
+        "eval-max-images": int(values.get("eval-max-images", 128)),
+        "validation-sites": int(values.get("validation-sites", 0)),
+        "oracle-steps": int(values.get("oracle-steps", 300)),
+        "curve-every": int(values.get("curve-every", 0)),
+        "jobs": int(values.get("jobs", 1)),
+        "methods": list(values.get("methods", [m.name for m in METHODS])),
+        "run-config": dict(values.get("run-config", {})),
+        "training": {k: dict(v) for k, v in values.get("training", {}).items()},
+    }
+    _check_spec(spec, path)
+    return spec
+
+
+def _check_spec(spec: dict[str, Any], where: Any) -> None:
+    if spec["seeds"] < 1:
+        raise ValueError(f"{where}: seeds={spec['seeds']} must be >= 1.")
+    if not spec["shots"] or min(spec["shots"]) < 1:
+        raise ValueError(f"{where}: shots={spec['shots']} must be a non-empty list of k >= 1.")
+    if not spec["steps"] or min(spec["steps"]) < 0:
+        raise ValueError(f"{where}: steps={spec['steps']} must be a non-empty list of step counts >= 0.")
+    if spec["eval-max-images"] < 0:
+        raise ValueError(f"{where}: eval-max-images={spec['eval-max-images']} must be >= 0 (0 = every evaluation patient).")
+    if spec["validation-sites"] < 0:
+        raise ValueError(f"{where}: validation-sites={spec['validation-sites']} must be >= 0.")
+    if spec["curve-every"] < 0:
+        raise ValueError(f"{where}: curve-every={spec['curve-every']} must be >= 0 (0: no learning curves).")
+    if spec["jobs"] < 1:
+        raise ValueError(f"{where}: jobs={spec['jobs']} must be >= 1 (processes training and evaluating in parallel).")
+    if spec["oracle-steps"] < 1:
+        raise ValueError(f"{where}: oracle-steps={spec['oracle-steps']} must be >= 1.")
+    unknown = [m for m in spec["methods"] if m not in METHODS_BY_NAME]
+    if unknown or not spec["methods"]:
+        raise ValueError(f"{where}: methods {unknown or '[]'}: choose among {', '.join(METHODS_BY_NAME)}.")
+    for method in spec["methods"]:
+        key = METHODS_BY_NAME[method].training
+        if key not in (None, ORACLE) and key not in spec["training"]:
+            raise ValueError(f"{where}: method {method} needs a [training.{key}] table (its inner-steps and the like).")
+
+
+def method_configs(spec: dict[str, Any], methods: list[str]):
+    """RunConfig per training key the methods need, with the shared run config under each table."""
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.model import unet_of
+
+    configs = {}
+    for method in methods:
+        key = METHODS_BY_NAME[method].training
+        if key in (None, ORACLE) or key in configs:
+            continue
+        algorithm = key.removeprefix("pooled-")
+        overrides = {**spec["run-config"], **spec["training"][key], "algorithm": algorithm, "eval-every": 0}
+        try:
+            configs[key] = RunConfig.from_run_config(overrides)
+        except ValueError as err:
+            raise ValueError(f"{spec['path']} [training.{key}]: {err}") from None
+    # The UNet each method starts from must be the same; the other families add their own parts to it.
+    shapes = {key: (unet_of(c.model_config()), c.image_size, c.num_classes) for key, c in configs.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(
+            f"{spec['path']}: [training.*] tables give different models or image sizes ({', '.join(sorted(shapes))}); "
+            "the initialisations must be comparable, so set model-*, image-size and num-classes under [run-config] only."
+        )
+    return configs

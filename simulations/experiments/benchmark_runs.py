@@ -1,0 +1,207 @@
+"""One seed of the benchmark: train a method's initialisation (or reuse a finished run of it), in worker processes
+when asked, and score every method on the new sites."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from fedmeta.common.jsonio import write_json
+from fedmeta.common.protocol import (
+    DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
+)
+from fedmeta.common.workers import end_with_parent
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.experiments.benchmark_preset import GOAL_SHOTS, GOAL_STEPS, METHODS_BY_NAME, ORACLE
+
+# torch and the fedmeta modules that load torch or Flower (data, model, checkpoint, adaptation, the in-process
+# engine, centralised, oracle) are imported inside the functions that use them: `fedmeta benchmark --help` does
+# not wait seconds for them.
+
+
+def _train_args(key: str, base, seed: int, out: Path, federation_dir: Path, train_infos, eval_infos, spec, quiet: bool):
+    """``_train``'s arguments for one method and seed."""
+    config = base.replace(seed=seed, federation_dir=str(federation_dir), out_dir=str(out / "runs" / f"seed-{seed}" / key))
+    return (key, config, federation_dir, train_infos, quiet, eval_infos, spec["curve-every"], spec["eval-max-images"])
+
+
+def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
+    """``[function(*a) for a in arguments]`` in ``jobs`` spawned processes, each with this process's torch
+    thread count; results in the order given. A failure in one job is raised here."""
+    import torch
+
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(torch.get_num_threads(),))
+    try:
+        futures = [pool.submit(function, *args) for args in arguments]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)  # the first failure, whichever job it is
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            failed.result()  # raises it
+        results = [future.result() for future in futures]
+    except BaseException:
+        # A failed job (or Ctrl-C) ends the benchmark now: queued jobs never start, running ones are
+        # stopped, and the error is reported without waiting for the rest.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    end_with_parent()  # a benchmark killed with SIGKILL (no handler runs) takes its 500 MB workers with it
+    torch.set_num_threads(threads)
+
+
+def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eval_infos=(), curve_every: int = 0,
+           eval_max_images: int = 0):
+    """Trains one method for one seed (or reuses a finished run of the same config); (run info, Initialisation).
+
+    Federated runs with ``curve_every`` > 0 also let the new sites (``eval_infos``, held-out nodes that
+    never train) adapt θ every ``curve_every`` rounds during training, at k = GOAL_SHOTS and
+    GOAL_STEPS steps: the learning curve that time-to-accuracy is read from. Evaluation reads θ and
+    never moves it, so the trajectory is the one a run without it takes.
+    """
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
+    from fedmeta.common.adaptation import load_initialisation
+
+    out_dir = Path(config.out_dir)
+    path = out_dir / CHECKPOINT_NAME
+    info_path = out_dir / "run.json"
+    # A finished run is reused only when it was trained on the same sites of the same federation
+    # (the config hash leaves out where the data lies) by a run of the same shape.
+    trained_on = {"federation": str(Path(federation_dir).resolve()), "train_sites": sorted(i.name for i in train_infos),
+                  # the learning curve is part of what a run left: reuse one only if it was recorded alike
+                  "curve": {"every": curve_every, "sites": sorted(i.name for i in eval_infos),
+                            "eval_max_images": eval_max_images} if curve_every > 0 else None}
+    reused = False
+    if path.exists() and info_path.exists():
+        checkpoint = load_checkpoint(path)
+        previous = json.loads(info_path.read_text())
+        reused = (checkpoint.config_hash == trajectory_hash(config) and checkpoint.round == config.num_rounds
+                  and previous.get("trained_on") == trained_on)
+    if reused:
+        info = previous
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        began = time.perf_counter()
+        if key.startswith("pooled-"):
+            from fedmeta.simulations.experiments.centralised import run_centralised
+
+            run = run_centralised(config, federation_dir, pooled=True, train_sites=[i.name for i in train_infos])
+            save_checkpoint(path, Checkpoint(
+                round=config.num_rounds, params=run.params, step_sizes=run.step_sizes,
+                optimizer=run.optimizer_state, rng_state={}, config_hash=trajectory_hash(config),
+                run_config=config.to_run_config(), counters={},
+            ))
+            last = run.rounds[-1] if run.rounds else {}
+            info = {"engine": "centralised (pooled)", "final_query_loss_after": last.get("query_loss_after"),
+                    "dropped_replies": 0, "skipped_rounds": 0}
+        else:
+            from fedmeta.simulations.engines.inprocess import run_inprocess
+            from fedmeta.simulations.experiments.centralised import training_node_configs
+
+            # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
+            # holds the whole training federation, so no site is re-read from NIfTI each round.
+            nodes = training_node_configs(train_infos)
+            if curve_every > 0 and eval_infos:
+                # Scored as the benchmark's own table is (same k, steps, seed and patients), so the last
+                # point of FedAvg's curve is FedAvg + fine-tune's Dice in the table.
+                config = config.replace(eval_every=curve_every, eval_k_shot=GOAL_SHOTS, eval_steps=str(GOAL_STEPS),
+                                        eval_max_images=eval_max_images)
+                nodes += [{DATA_DIR_KEY: str(info.folder()), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
+                          for i, info in enumerate(sorted(eval_infos, key=lambda info: info.name))]
+            run_inprocess(config.to_run_config(), nodes, seed=config.seed)
+            checkpoint = load_checkpoint(path)
+            if checkpoint.round != config.num_rounds:
+                raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "
+                                   f"{config.num_rounds}; see {out_dir / METRICS_NAME}.")
+            if checkpoint.counters.get("skipped_rounds"):
+                raise RuntimeError(f"{key} (seed {config.seed}) skipped {checkpoint.counters['skipped_rounds']} "
+                                   f"round(s): sites' replies were dropped; see {out_dir / METRICS_NAME}.")
+            trained = [r for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
+            info = {"engine": "in-process Flower apps",
+                    "final_query_loss_after": trained[-1]["train"].get(QUERY_LOSS_AFTER) if trained else None,
+                    "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
+                    "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
+                    "curve": learning_curve(read_metrics(out_dir / METRICS_NAME), checkpoint, config)}
+        info["seconds"] = time.perf_counter() - began
+        info["trained_on"] = trained_on
+        write_json(info_path, info)
+    init, _ = load_initialisation(path, key)
+    loss = info.get("final_query_loss_after")
+    _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
+                + (f", final query loss {loss:.4f}" if loss is not None else ""))
+    return {**info, "reused": reused, "checkpoint": str(path)}, init
+
+
+def learning_curve(records: list[dict[str, Any]], checkpoint, config) -> list[dict[str, float]]:
+    """``[{round, dice, bytes}]``: the new sites' mean Dice after adaptation at each evaluated round, and
+    the payload bytes the federation exchanged up to it (θ down and the update up, fp32, per site
+    that answered; Meta-SGD's step sizes count both ways). Wire framing adds about 1 % (`fedmeta perf comm`).
+    """
+    arrays = sum(t.numel() for t in checkpoint.params.values()) + sum(
+        t.numel() for t in (checkpoint.step_sizes or {}).values())
+    per_site_round = 2 * 4 * arrays  # down and up, fp32
+    key = dice_mean_key(GOAL_STEPS)
+    curve, sent = [], 0
+    for record in records:
+        sent += per_site_round * int(record.get("sites_answered", 0))
+        summary = record.get("heldout", {}).get("summary", {})
+        if key in summary:
+            curve.append({"round": int(record["round"]), "dice": float(summary[key]), "bytes": sent})
+    return curve
+
+
+def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: int, quiet: bool) -> dict[str, Any]:
+    """``_evaluate_seed`` in a worker process: the new sites are read there rather than shipped to it."""
+    from fedmeta.common.data import SiteDataset
+
+    sites = [SiteDataset.load(info.folder(), any_config.data_config()) for info in eval_infos]
+    return _evaluate_seed(names, inits, any_config, spec, sites, seed, quiet)
+
+
+def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
+    """Dice per method, site, k and step count for one seed; every method adapts on the same slices."""
+    from fedmeta.common.adaptation import Initialisation, score_site
+    from fedmeta.common.model import build_model, initial_params, seeded_model
+
+    model = build_model(any_config.model_config())
+    splits: dict = {}
+    out: dict[str, Any] = {}
+    began = time.perf_counter()
+    for name in names:
+        method = METHODS_BY_NAME[name]
+        if method.training is None:
+            init = Initialisation(name, initial_params(seeded_model(any_config.model_config(), seed)), any_config.inner_lr)
+        elif method.training != ORACLE:
+            init = inits[method.training]
+        steps = spec["steps"] if method.adapts else [0]
+        out[name] = {}
+        for site in sites:
+            if method.training == ORACLE:  # its own model per site, trained on that site's support patients
+                from fedmeta.simulations.experiments.oracle import train_oracle  # torch: not for `fedmeta --help`
+
+                init = train_oracle(site, any_config, seed=seed, steps=spec["oracle-steps"])
+            curve = score_site(model, init, site, shots=spec["shots"], steps=steps, seed=seed,
+                               num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
+                               batch_size=any_config.eval_batch_size, splits=splits)
+            if not method.adapts:  # the model as is: the same Dice whatever the step budget
+                curve = {k: {s: by_steps[0] for s in spec["steps"]} for k, by_steps in curve.items()}
+            out[name][site.name] = {str(k): {str(s): v for s, v in by_steps.items()} for k, by_steps in curve.items()}
+    _say(quiet, f"[seed {seed}] evaluated {len(names)} methods on {len(sites)} site(s) in {time.perf_counter() - began:.0f} s")
+    return out
+
+
+def _say(quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, flush=True)
