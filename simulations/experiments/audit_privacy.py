@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = ("fomaml", "maml")
+from fedmeta.common.algorithms import ALGORITHMS
+from fedmeta.common.algorithms.maml import FOMAML
+
+ATTACKED = ("fomaml", "maml")  # the replies the attack models: first and second order
 DEFENCES = ("none", "dp", "secagg")
 TV_WEIGHT = 1e-2  # the total-variation prior on the dummy images (Geiping et al. 2020; 1e-2 on this mean-TV scale
 # recovered the most of 1e-4 / 1e-2 / 1e-1 on the smoke federation, seed 0, FOMAML k = 1: r 0.37 / 0.73 / 0.70)
@@ -45,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/audit-privacy"), help="results.json, report.md, PNGs")
     parser.add_argument("--iterations", type=int, default=600, help="attack optimiser steps per reconstruction")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5], help="support slices per episode (k-shot)")
-    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", choices=ATTACKED, default=list(ATTACKED))
     parser.add_argument("--defences", nargs="+", choices=DEFENCES, default=list(DEFENCES))
     parser.add_argument("--labels", nargs="+", choices=("known", "unknown"), default=["known", "unknown"])
     parser.add_argument("--seed", type=int, default=0, help="seeds the episode and the attacker's start")
@@ -102,7 +105,7 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ALGORITHMS, defences=DEFENCES,
+def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ATTACKED, defences=DEFENCES,
           labels=("known", "unknown"), seed: int = 0, federation_root: Path | None = None,
           federation: Path | None = None, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Every attack asked for; writes results.json, report.md and one PNG per attack to ``out`` (new, empty, or an
@@ -197,7 +200,7 @@ def attack_once(config, sites, *, defence: str, labels_known: bool, iterations: 
     # transposed convolutions, which PyTorch 2.13 cannot do ("output_padding is not supported for
     # non-transposed convolutions"): MAML replies are attacked with the FOMAML reply as the attacker's
     # model of the site, a weaker (mismatched) attack, so its scores are a lower bound on the leak.
-    attacker = config.replace(algorithm="fomaml") if config.algorithm == "maml" else config
+    attacker = config.replace(algorithm=FOMAML.name) if ALGORITHMS[config.algorithm].second_order else config
     generator = torch.Generator().manual_seed(seed + 1)
     dummy_s = (torch.randn(sx.shape, generator=generator) * 0.5).requires_grad_(True)
     dummy_q = (torch.randn(qx.shape, generator=generator) * 0.5).requires_grad_(True)
@@ -246,7 +249,7 @@ def reply_of(model, theta, config, sx, ty, qx, tq, *, create_graph: bool = False
     names = list(params)
     support_loss = _loss(functional_call(model, params, (sx,)), ty)
     inner = torch.autograd.grad(support_loss, [params[k] for k in names], create_graph=True)
-    if config.algorithm == "fomaml":
+    if not ALGORITHMS[config.algorithm].second_order:
         # FOMAML drops the inner step's derivative with respect to θ, yet θ′ still depends on the
         # support images: the attacker keeps that path.
         adapted = {k: params[k].detach() - config.inner_lr * g for k, g in zip(names, inner)}

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedmeta.common.algorithms import ALGORITHMS
+
 
 def local_steps_per_round(config) -> int:
-    """Gradient steps one site makes per round (forward-backward passes on one batch)."""
-    if config.algorithm in ("fedavg", "fedprox"):  # each local epoch: support then query of every episode
-        return config.inner_steps * config.episodes_per_site * 2
-    if config.algorithm == "reptile":
-        return config.inner_steps * config.episodes_per_site
-    if config.algorithm == "prototypes":  # + the UNet's pass over the support set that pools the prototypes
-        return (config.inner_steps + 2) * config.episodes_per_site
-    return (config.inner_steps + 1) * config.episodes_per_site  # inner steps + the query gradient
+    """Gradient steps one site makes per round (forward-backward passes on one batch): the algorithm's cost."""
+    return ALGORITHMS[config.algorithm].local_steps(config.inner_steps, config.episodes_per_site)
 
 
 def fedavg_epochs_for_budget(config) -> int:

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from fedmeta.client.site import pick_device
+from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset, site_seed
 from fedmeta.common.federated_round import (
     bound_replies, sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars,
 )
-from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY, ROLE_TRAIN, SITE_ID_KEY
@@ -85,7 +85,7 @@ def run_centralised(
     device = pick_device(config)
     model = seeded_model(config.model_config(), config.seed).to(device)
     params = {n: p.to(device) for n, p in initial_params(model).items()}
-    step_sizes = init_step_sizes(params, config.inner_lr, per_layer_steps=config.per_layer_steps) if config.algorithm == "metasgd" else None
+    step_sizes = ALGORITHMS[config.algorithm].initial_step_sizes(params, config)
     optimizer = MetaOptimizer(params, optimizer=config.meta_optimizer, lr=config.meta_lr,
                               step_sizes=step_sizes, momentum=config.meta_momentum)
     pool = pool_sites(sites) if pooled else None

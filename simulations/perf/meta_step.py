@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.protocol import ALGORITHMS, LEARNER_ALGORITHMS
+from fedmeta.common.algorithms import ALGORITHMS
+from fedmeta.common.algorithms.lstm_optimizer import LSTMOptimizer
 
 PLAIN = "plain-fwd-bwd"
 CASES = (*ALGORITHMS, PLAIN)
@@ -52,7 +53,7 @@ SETTINGS = {
 
 
 def _learner(case: str) -> str:
-    return case if case in LEARNER_ALGORITHMS else "unet"
+    return ALGORITHMS[case].learner if case in ALGORITHMS else "unet"
 
 
 def _network(setting: BenchSetting, case: str, device: str, seed: int = 0):
@@ -106,7 +107,7 @@ def _one_run(case: str, setting: BenchSetting, model, params, episode, loss_fn):
         return
     meta_gradient(
         model, params, [episode], algorithm=case, inner_steps=setting.inner_steps, inner_lr=setting.inner_lr,
-        loss_fn=loss_fn, proximal_mu=0.01 if case == "fedprox" else 0.0,
+        loss_fn=loss_fn, proximal_mu=0.01 if ALGORITHMS[case].proximal else 0.0,
     )
 
 
@@ -198,12 +199,12 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
                "parameters": sum(p.numel() for p in networks[case][1].values())}
         for case in cases
     }
-    if "lstm-optimizer" in results:
+    if LSTMOptimizer.name in results:
         from fedmeta.common.learners import LSTM_PREFIX, lstm_state_numbers
 
-        model, params = networks["lstm-optimizer"]
+        model, params = networks[LSTMOptimizer.name]
         adapted = sum(p.numel() for n, p in params.items() if not n.startswith(LSTM_PREFIX))
-        results["lstm-optimizer"]["state_bytes"] = 4 * lstm_state_numbers(model, adapted)  # fp32 h and c
+        results[LSTMOptimizer.name]["state_bytes"] = 4 * lstm_state_numbers(model, adapted)  # fp32 h and c
     return results
 
 
@@ -234,7 +235,7 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
                                      inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=False)[0]
 
             def batched():
-                if algorithm == "fomaml":
+                if not ALGORITHMS[algorithm].second_order:  # FOMAML's batched path is fedmeta's own
                     return meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=steps,
                                          inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=True)[0]
                 return _maml_batched(model, params, episodes, steps, setting.inner_lr, loss_fn)
