@@ -25,204 +25,30 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from fedmeta.simulations.engines.processes import (
-    ROLE_ACTORS, ROLE_RAY_SERVICES, ROLE_SIMULATION, TreeMemorySampler,
-)
+from fedmeta.common.outputs import OutputRefused, Outputs, make_folder
+from fedmeta.simulations.engines.processes import ROLE_SIMULATION, TreeMemorySampler
 from fedmeta.simulations.perf import meta_step
+from fedmeta.simulations.perf.engine_runs import (
+    _config, _disk_bytes, _federation, _round_seconds, import_profile, run_bare, run_inprocess_engine, run_ray_engine,
+)
+from fedmeta.simulations.perf.engine_runs import _RoundClock, _startup  # noqa: F401 - imported from here by tests
+from fedmeta.simulations.perf.report import TARGETS, format_report
 
+# torch, Flower and the fedmeta modules that load them (config, synth, model, meta, the apps, the in-process
+# engine) are imported inside the functions that use them: `fedmeta perf --help` does not wait seconds for them.
 
 PARTS = ("sim", "scaling", "comm", "meta", "episodes", "secagg")
-TARGETS = {"ray_vs_bare": 1.25, "memory_largest_vs_smallest": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
-           "fomaml_vs_plain": 1.3}
-
-# The engine is under test, not the model: a small UNet on 32x32 slices keeps a round short, so
-# what the engines add stands out (a larger model only dilutes the ratios towards 1).
-ENGINE_CONFIG = dict(
-    image_size=32, model_base_channels=8, model_levels=3, episodes_per_site=1, k_shot=2, q_query=2,
-    inner_steps=1, inner_lr=0.1, meta_lr=0.01, eval_every=0, node_wait_timeout=60.0,
-)
 
 
 # --------------------------------------------------------------------------------------------------
-# The engines, one run each
-
-
-def _federation(count: int, root: Path, *, render: bool = True) -> Path:
-    """The lazy ``scale-<count>`` federation; ``render``: its training sites rendered now, so that what
-    a part times is the engine, not the generator (the scaling part leaves them to first use)."""
-    from fedmeta.common.synth import cached_federation, load_manifest
-
-    federation = Path(cached_federation(root, f"scale-{count}", 0))
-    if render:
-        for info in load_manifest(federation).train_sites:
-            info.folder()
-    return federation
-
-
-def _disk_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _config(federation: Path, out_dir: Path, **changes):
-    from fedmeta.common.config import RunConfig
-
-    return RunConfig(**{**ENGINE_CONFIG, "federation_dir": str(federation), "out_dir": str(out_dir), **changes})
-
-
-def _round_seconds(out_dir: Path) -> list[float]:
-    from fedmeta.server.metrics import METRICS_NAME, read_metrics
-
-    return [r["seconds"] for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
-
-
-def run_bare(config) -> dict[str, Any]:
-    from fedmeta.simulations.experiments.centralised import run_centralised
-
-    began = time.perf_counter()
-    run = run_centralised(config, config.federation_dir, pooled=False)
-    return {"seconds": time.perf_counter() - began, "rounds": len(run.rounds)}
-
-
-def run_inprocess_engine(config, num_sites: int) -> dict[str, Any]:
-    from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
-
-    began = time.perf_counter()
-    run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed)
-    seconds = time.perf_counter() - began
-    rounds = _round_seconds(Path(config.out_dir))
-    return {"seconds": seconds, "rounds": len(rounds), "round_seconds": rounds}
-
-
-def run_ray_engine(config, num_sites: int, flwr_home: Path) -> dict[str, Any]:
-    from fedmeta.server.metrics import METRICS_NAME
-    from fedmeta.simulations.engines.flower_runtime import run_simulation_engine, source_app_dir
-
-    app_dir = source_app_dir()
-    (Path(config.out_dir) / METRICS_NAME).unlink(missing_ok=True)  # a reused --work folder: not this run's rounds
-    with TreeMemorySampler(flwr_home) as sampler, \
-            _RoundClock(Path(config.out_dir) / METRICS_NAME, sampler.started) as clock:
-        run_simulation_engine(app_dir, config.to_run_config(), num_supernodes=num_sites, flwr_home=flwr_home)
-        seconds = time.monotonic() - sampler.started
-    rounds = _round_seconds(Path(config.out_dir))
-    return {"seconds": seconds, "rounds": len(rounds), "round_seconds": rounds, "peak_tree_bytes": sampler.peak_bytes,
-            "startup": _startup(sampler.timeline(), clock.appeared, rounds, seconds)}
-
-
-class _RoundClock:
-    """When each round's line appeared in the server's metrics.jsonl (seconds after `origin`, ±0.1 s)."""
-
-    def __init__(self, path: Path, origin: float, interval_s: float = 0.1):
-        import threading
-
-        self.path, self.origin, self.interval_s = path, origin, interval_s
-        self.appeared: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "_RoundClock":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._poll()
-
-    def _poll(self) -> None:
-        try:
-            text = self.path.read_bytes()
-        except OSError:
-            return
-        lines = 0
-        for line in text.splitlines():
-            try:
-                lines += json.loads(line).get("round", 0) > 0  # training rounds, as _round_seconds counts them
-            except (ValueError, AttributeError):
-                break  # a line being written: counted at the next poll
-        now = time.monotonic() - self.origin
-        if lines < len(self.appeared):  # the file was started afresh: what was counted was an earlier run's
-            del self.appeared[lines:]
-        while len(self.appeared) < lines:
-            self.appeared.append(now)
-
-
-# Phases of a Simulation Engine run, each ending when the named role's first process appears.
-_PHASES = (
-    (ROLE_SIMULATION, "flwr CLI, SuperLink, SuperExec, app bundle"),
-    (ROLE_RAY_SERVICES, "flwr-simulation: imports, app install, ServerApp import"),
-    (ROLE_ACTORS, "Ray cluster start"),
-)
-
-
-def _startup(timeline: dict[str, dict[str, float]], appeared: list[float], round_seconds: list[float],
-             seconds: float) -> dict[str, Any]:
-    """Where a Simulation Engine run's time outside its rounds goes (process first sightings, 0.5 s apart)."""
-    phases, previous = [], 0.0
-    for role, label in _PHASES:
-        if role in timeline:
-            at = timeline[role]["first_s"]
-            phases.append({"phase": label, "seconds": at - previous})
-            previous = at
-    first_round_start = appeared[0] - round_seconds[0] if appeared and round_seconds else None
-    last_round_end = appeared[-1] if appeared else None
-    if first_round_start is not None:
-        phases.append({"phase": "actors import the ClientApp; ServerApp's set-up", "seconds": first_round_start - previous})
-    return {
-        "phases": phases,
-        "startup_seconds": first_round_start,
-        "shutdown_seconds": None if last_round_end is None else seconds - last_round_end,
-        "cpu_seconds_by_role": {role: row["cpu_s"] for role, row in timeline.items()},
-        "processes_by_role": {role: row["processes"] for role, row in timeline.items()},
-    }
-
-
-def import_profile(module: str) -> dict[str, Any]:
-    """Seconds a fresh interpreter takes to import `module`, and who in it costs what.
-
-    From ``python -X importtime``: every module's own time goes to the outermost package outside
-    fedmeta that (directly or not) imported it — scipy and matplotlib loaded by MONAI count as MONAI's,
-    as they would be gone without it. What every Ray actor (the ClientApp) or the ServerApp pays before
-    its first message.
-    """
-    import subprocess
-
-    began = time.perf_counter()
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
-                            capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - began
-    rows = []  # (depth, own seconds, module), in importtime's order: children before their parent
-    for line in result.stderr.splitlines():
-        if not line.startswith("import time:") or "self [us]" in line:
-            continue
-        own, _cumulative, name = line.split(":", 1)[1].split("|", 2)
-        rows.append(((len(name) - len(name.lstrip())) // 2, int(own) / 1e6, name.strip()))
-    by_package: dict[str, float] = {}
-    path: list[str] = []  # read backwards, a parent comes before its children: the stack is the import path
-    for depth, own, name in reversed(rows):
-        del path[depth:]
-        path.append(name)
-        owner = next((part.split(".")[0] for part in path if part.split(".")[0] != "fedmeta"), "fedmeta")
-        by_package[owner] = by_package.get(owner, 0.0) + own
-    ranked = sorted(by_package.items(), key=lambda item: -item[1])
-    shown = dict(ranked[:5])
-    shown["other"] = sum(value for _, value in ranked[5:])
-    return {"module": module, "process_seconds": wall, "import_seconds": sum(by_package.values()),
-            "by_package": shown}
-
-
-# --------------------------------------------------------------------------------------------------
-# The four parts
+# The parts
 
 
 def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any]:
@@ -453,132 +279,6 @@ def meta_step_summary(*, quick: bool) -> dict[str, Any]:
     return {"setting": setting.name, "table": table}
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-
-
-def format_report(results: dict[str, Any]) -> str:
-    lines = [f"# fedmeta perf ({results['machine']})", ""]
-    checks = []
-    if "sim" in results:
-        s = results["sim"]
-        lines += [
-            f"## Simulation overhead: {s['sites']} sites, {s['rounds']} rounds",
-            "", "| engine | wall s | × bare loop |", "|---|---:|---:|",
-            f"| bare loop (fedmeta.common.meta) | {s['bare_seconds']:.1f} | 1.00 |",
-            f"| in-process engine | {s['inprocess_seconds']:.1f} | {s['inprocess_vs_bare']:.2f} |",
-            f"| Flower Simulation Engine (Ray) | {s['ray_seconds']:.1f} | {s['ray_vs_bare']:.2f} |",
-            "",
-            f"Ray: {s['ray_seconds_in_rounds']:.1f} s in rounds ({s['ray_rounds_vs_bare']:.2f} × bare), "
-            f"{s['ray_seconds_outside_rounds']:.1f} s start-up and shutdown.",
-            "",
-        ]
-        if s.get("rounds_for_target"):
-            lines += [f"Start-up and shutdown are a fixed cost per run: with these per-round times, Ray / bare loop "
-                      f"is within {TARGETS['ray_vs_bare']} from about {s['rounds_for_target']} rounds on.", ""]
-        lines += _startup_lines(s)
-        checks.append(("Ray / bare loop", s["ray_vs_bare"], TARGETS["ray_vs_bare"]))
-    if "scaling" in results:
-        c = results["scaling"]
-        lines += [f"## Scaling on the Simulation Engine ({c['sites_per_round']} sites sampled per round, "
-                  f"{c['rounds']} rounds)", "",
-                  "| sites | sampled / round | s / round | first round s | start-up s | peak memory of the process "
-                  "tree (MB, PSS) | federation generated in s | sites rendered | federation on disk (MB) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        rows = [(count, row) for count, row in c["by_sites"].items()]
-        if "by_sites_sampled" in c:
-            rows += [(c["largest"], row) for sampled, row in c["by_sites_sampled"].items()
-                     if int(sampled) != c["sites_per_round"]]
-        for count, row in rows:
-            lines.append(f"| {count} | {row['sites_per_round']} | {row['seconds_per_round']:.2f} | "
-                         f"{row['first_round_seconds']:.2f} | {row['startup_seconds']:.1f} | "
-                         f"{row['peak_tree_bytes'] / 2**20:.0f} | {row['federation_generation_seconds']:.1f} | "
-                         f"{row['sites_rendered']} | {row['federation_disk_bytes'] / 2**20:.0f} |")
-        if "inprocess_by_sites" in c:
-            lines += ["", "In-process engine (the same apps, no Flower engine), cold too:", "",
-                      "| sites | s / round | first round s | whole run s | peak memory (MB, PSS) |",
-                      "|---:|---:|---:|---:|---:|"]
-            lines += [f"| {count} | {row['seconds_per_round']:.2f} | {row['first_round_seconds']:.2f} | "
-                      f"{row['seconds']:.1f} | {row['peak_tree_bytes'] / 2**20:.0f} |"
-                      for count, row in c["inprocess_by_sites"].items()]
-        engine_cpu = [f"{count}: {row['engine_cpu_seconds']:.1f} s" for count, row in c["by_sites"].items()
-                      if "engine_cpu_seconds" in row]
-        if engine_cpu:
-            lines += ["", "CPU of the flwr-simulation process (ServerApp, Ray driver; Flower polls every simulated "
-                          "node's inbox every 0.1 s): " + ", ".join(engine_cpu) + "."]
-        lines += ["", f"{c['largest']} / {c['smallest']} sites: memory {c['memory_largest_vs_smallest']:.2f}×, "
-                      f"seconds per round {c['round_time_largest_vs_smallest']:.2f}×, first (cold) round "
-                      f"{c['first_round_largest_vs_smallest']:.2f}×"
-                      + (f"; {c['largest']} sites with {list(c['by_sites_sampled'])[-1]} sampled per round / "
-                         f"{c['sites_per_round']}: seconds per round {c['round_time_more_sampled_vs_sampled']:.2f}×"
-                         if "by_sites_sampled" in c else "")
-                      + (f"; in-process engine, first round {c['inprocess_first_round_largest_vs_smallest']:.2f}×"
-                         if "inprocess_first_round_largest_vs_smallest" in c else "") + ".", ""]
-        checks.append((f"memory {c['largest']} / {c['smallest']} sites", c["memory_largest_vs_smallest"],
-                       TARGETS["memory_largest_vs_smallest"]))
-    if "comm" in results:
-        lines += ["## Communication per site and round (default model)", "",
-                  "| algorithm | model fp32 bytes | reply bytes | × model | × arrays sent |", "|---|---:|---:|---:|---:|"]
-        for algorithm, row in results["comm"].items():
-            lines.append(f"| {algorithm} | {row['model_fp32_bytes']} | {row['reply_bytes']} | "
-                         f"{row['reply_vs_model']:.3f} | {row['reply_vs_payload']:.3f} |")
-        lines.append("")
-        checks.append(("fomaml reply / fp32 model", results["comm"]["fomaml"]["reply_vs_model"], TARGETS["bytes_vs_fp32"]))
-    if "meta" in results:
-        lines.append(meta_step.format_table(results["meta"]["setting"], results["meta"]["table"]))
-        lines.append("")
-        t = results["meta"]["table"]["targets"]
-        checks.append(("MAML / FOMAML time", t["maml_time_vs_fomaml"], TARGETS["maml_vs_fomaml"]))
-        checks.append(("FOMAML / plain forward-backward", t["fomaml_time_vs_plain"], TARGETS["fomaml_vs_plain"]))
-    if "episodes" in results:
-        e = results["episodes"]
-        lines += [meta_step.format_episodes(f"A site's episodes: loop or batched (torch.func.vmap), {e['setting']}, "
-                                            f"{e.get('device', 'cpu')}", e["rows"]), ""]
-        if "runs" in e:
-            r = e["runs"]
-            lines += [f"Whole bare-loop runs, FOMAML, {r['sites']} sites, {r['rounds']} rounds (fastest of the repeats):",
-                      "", "| episodes per site | loop s | vmap s | vmap / loop |", "|---:|---:|---:|---:|"]
-            lines += [f"| {count} | {row['loop_seconds']:.1f} | {row['vmap_seconds']:.1f} | {row['vmap_vs_loop']:.2f} |"
-                      for count, row in r["by_episodes"].items()]
-            lines.append("")
-    if "secagg" in results:
-        g = results["secagg"]
-        lines += [f"## Secure aggregation (SecAgg+) against plain aggregation: {g['sites']} sites, {g['rounds']} rounds, "
-                  "default model", "", "| aggregation | bytes down / site / round | bytes up / site / round | "
-                  "s / round |", "|---|---:|---:|---:|"]
-        for label, row in (("plain", g["plain"]), ("secagg+", g["secagg"])):
-            lines.append(f"| {label} | {row['bytes_down_per_site_round']:.0f} | {row['bytes_up_per_site_round']:.0f} | "
-                         f"{row['seconds_per_round']:.2f} |")
-        lines += ["", f"SecAgg+ / plain: bytes {g['bytes_vs_plain']:.3f}×, seconds per round "
-                      f"{g['seconds_vs_plain']:.2f}×.", ""]
-    lines += ["## Targets", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
-    for name, value, target in checks:
-        lines.append(f"| {name} | {value:.2f} | ≤ {target} | {'yes' if value <= target else 'no'} |")
-    return "\n".join(lines)
-
-
-def _startup_lines(s: dict[str, Any]) -> list[str]:
-    startup = s.get("ray_startup")
-    if not startup:
-        return []
-    lines = ["### Where the Simulation Engine's start-up goes", "",
-             "| phase (each ends when the next process appears) | s |", "|---|---:|"]
-    lines += [f"| {phase['phase']} | {phase['seconds']:.1f} |" for phase in startup["phases"]]
-    if startup["shutdown_seconds"] is not None:
-        lines.append(f"| after the last round: ServerApp's end, Ray shutdown, `flwr list`, processes stopped | "
-                     f"{startup['shutdown_seconds']:.1f} |")
-    lines += ["", "| process role | processes | CPU s |", "|---|---:|---:|"]
-    lines += [f"| {role} | {startup['processes_by_role'][role]} | {cpu:.1f} |"
-              for role, cpu in startup["cpu_seconds_by_role"].items()]
-    lines.append("")
-    for label, profile in s.get("imports", {}).items():
-        parts = ", ".join(f"{name} {seconds:.2f}" for name, seconds in profile["by_package"].items())
-        lines.append(f"Importing the {label} (`{profile['module']}`) in a fresh interpreter: "
-                     f"{profile['process_seconds']:.1f} s in all, imports {profile['import_seconds']:.2f} s: {parts}.")
-    lines.append("")
-    return lines
-
-
 def _cuda() -> bool:
     import torch
 
@@ -586,8 +286,6 @@ def _cuda() -> bool:
 
 
 def _machine() -> str:
-    import platform
-
     import torch
 
     return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}"
@@ -595,15 +293,11 @@ def _machine() -> str:
 
 def _outputs(out: Path):
     """perf's guard on its two files: it replaces its own earlier figures, never a file it did not write."""
-    from fedmeta.common.outputs import Outputs
-
     return Outputs(out.parent, "perf", option=""), [out.name, out.with_suffix(".md").name]
 
 
 def _earlier_perf(out: Path) -> list[str]:
     """perf's own files from before the journal: a perf.json holding its machine readings, and its report."""
-    import json
-
     try:
         earlier = json.loads(out.read_text())
     except (OSError, ValueError):
@@ -612,8 +306,6 @@ def _earlier_perf(out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedmeta.common.outputs import OutputRefused
-
     outputs, names = _outputs(Path(args.out))
     try:  # before minutes of measuring, not after
         outputs.check(names, overwrite=True, recognised=_earlier_perf(Path(args.out)))
@@ -648,8 +340,6 @@ def run(args: argparse.Namespace) -> int:
     results["machine_after"] = _machine()
     report = format_report(results)
     print(report)
-    from fedmeta.common.outputs import make_folder
-
     out = Path(args.out)
     make_folder(out.parent)
     outputs.claim(names, overwrite=True, recognised=_earlier_perf(out))
