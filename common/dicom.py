@@ -14,8 +14,8 @@ their position, and the slice step is the distance between consecutive positions
 
 Privacy: nothing of a header but geometry, pixel data and the series UID (to check one series per folder)
 is read into fedmeta's objects; no header value enters a message, a log line or a file fedmeta writes
-(``tests/test_dicom.py`` checks that patient names and IDs appear nowhere). Headers are read without
-pixel data first, so the voxel cap is checked before a pixel is decoded.
+(the DICOM tests check that patient names and IDs appear nowhere). Headers are read without pixel data
+first, so the voxel cap is checked before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -54,11 +54,33 @@ def _files(folder: Path) -> list[Path]:
 
 
 def read_series(folder: Path, *, max_voxels: int):
-    """The series in ``folder`` as ``(Nifti1Image, float32 data)``; raises :class:`SeriesProblem`."""
+    """The series in ``folder`` as ``(Nifti1Image, float32 data)``; raises :class:`SeriesProblem`.
+
+    ``max_voxels``: the largest volume read; a larger series is refused from its headers, before a pixel is
+    decoded.
+    """
     import nibabel as nib
-    import pydicom
 
     folder = Path(folder)
+    headers = _read_headers(folder)
+    geometry = [_geometry(path, header) for path, header in headers]
+    rows, cols = geometry[0]["rows"], geometry[0]["cols"]
+    if rows * cols * len(headers) > max_voxels:
+        raise SeriesProblem(f"{folder}: {len(headers)} slices of {rows} x {cols} = {rows * cols * len(headers):,} "
+                            f"voxels, more than the {max_voxels:,} a site loads. Fix: crop or resample the series, or "
+                            "raise FEDMETA_MAX_VOXELS if it is genuine.")
+    _check_one_stack(headers, geometry)
+    order, affine = _stack_affine(folder, geometry)
+    headers, geometry = [headers[i] for i in order], [geometry[i] for i in order]
+    data = _read_pixels(headers, geometry, rows, cols)
+    return nib.Nifti1Image(data, affine), data
+
+
+def _read_headers(folder: Path) -> list:
+    """Every DICOM file's ``(path, header)`` in ``folder``, pixel data not read; one series, every file an image
+    with its image plane attributes, or a :class:`SeriesProblem`."""
+    import pydicom
+
     files = [p for p in _files(folder) if _is_dicom_file(p)]
     if not files:
         raise SeriesProblem(f"{folder}: holds no DICOM file (Part 10, 'DICM' preamble). Fix: export the series as "
@@ -83,12 +105,13 @@ def read_series(folder: Path, *, max_voxels: int):
         if missing:
             raise SeriesProblem(f"{path}: lacks {', '.join(missing)}, so the scan has no geometry. Fix: export the "
                                 "series with its image plane attributes (an MR/CT image, not a secondary capture).")
-    geometry = [_geometry(path, header) for path, header in headers]
+    return headers
+
+
+def _check_one_stack(headers: list, geometry: list[dict]) -> None:
+    """Raises a :class:`SeriesProblem` naming the first slice whose size, orientation or pixel spacing differs
+    from the first file's: not one volume."""
     rows, cols = geometry[0]["rows"], geometry[0]["cols"]
-    if rows * cols * len(headers) > max_voxels:
-        raise SeriesProblem(f"{folder}: {len(headers)} slices of {rows} x {cols} = {rows * cols * len(headers):,} "
-                            f"voxels, more than the {max_voxels:,} a site loads. Fix: crop or resample the series, or "
-                            "raise FEDMETA_MAX_VOXELS if it is genuine.")
     orientation, spacing = geometry[0]["orientation"], geometry[0]["spacing"]
     for (path, _header), g in zip(headers, geometry):
         if (g["rows"], g["cols"]) != (rows, cols):
@@ -100,6 +123,12 @@ def read_series(folder: Path, *, max_voxels: int):
         if not np.allclose(g["spacing"], spacing, rtol=1e-3):
             raise SeriesProblem(f"{path}: its pixel spacing differs from the series' first slice: not one volume. "
                                 "Fix: keep one stack of slices of one resolution in the folder.")
+
+
+def _stack_affine(folder: Path, geometry: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The slices' order along the slice normal, and the 4x4 RAS affine of the volume they stack into (the
+    module docstring's geometry); a :class:`SeriesProblem` where they are not evenly spaced."""
+    orientation, spacing = geometry[0]["orientation"], geometry[0]["spacing"]
     x, y = orientation[:3], orientation[3:]
     normal = np.cross(x, y)
     if not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
@@ -108,21 +137,25 @@ def read_series(folder: Path, *, max_voxels: int):
     positions = np.asarray([g["position"] for g in geometry])
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
-    headers, positions, depth = [headers[i] for i in order], positions[order], depth[order]
-    geometry = [geometry[i] for i in order]
+    positions, depth = positions[order], depth[order]
     steps = np.diff(depth)
-    if len(headers) > 1:
+    if len(geometry) > 1:
         step = float(np.median(steps))
         if step <= 0 or np.any(np.abs(steps - step) > SPACING_TOLERANCE * step):
             raise SeriesProblem(f"{folder}: its slices are not evenly spaced along the slice normal (steps "
                                 f"{np.round(steps, 3).tolist()[:8]} mm): a missing slice or two stacks. Fix: export the "
                                 "complete series, one stack per folder.")
-        slice_vector = (positions[-1] - positions[0]) / (len(headers) - 1)
+        slice_vector = (positions[-1] - positions[0]) / (len(geometry) - 1)
     else:
         slice_vector = normal * (geometry[0]["thickness"] or float(min(spacing)))
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = x * spacing[1], y * spacing[0], slice_vector, positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    return order, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+
+def _read_pixels(headers: list, geometry: list[dict], rows: int, cols: int) -> np.ndarray:
+    """The slices' rescaled pixels, in the order given, as float32 ``[columns, rows, slices]`` (the affine's axes)."""
+    import pydicom
 
     data = np.empty((cols, rows, len(headers)), dtype=np.float32)
     for k, ((path, _header), g) in enumerate(zip(headers, geometry)):
@@ -136,7 +169,7 @@ def read_series(folder: Path, *, max_voxels: int):
             raise SeriesProblem(f"{path}: pixel data of shape {pixels.shape}, not {rows} x {cols} (a multi-frame or "
                                 "colour image). Fix: export single-frame greyscale slices.")
         data[:, :, k] = (pixels * g["slope"] + g["intercept"]).T  # (rows, cols) -> (col, row): the affine's axes
-    return nib.Nifti1Image(data, affine), data
+    return data
 
 
 def _geometry(path: Path, header) -> dict:
