@@ -217,10 +217,10 @@ def _disk_check(path: Path) -> Check:
 
 
 def _data_check(path: Path) -> Check:
-    from fedmeta.common.validate import check_path
+    from fedmeta.common.validate import ReadLimits, check_path
 
     try:
-        reports = check_path(path)
+        reports = check_path(path, limits=ReadLimits.from_environment())  # a bad FEDMETA_MAX_VOXELS: this check fails
     except (ValueError, FileNotFoundError, OSError) as err:
         return Check("data", "FAIL", str(err), f"run `fedmeta check-data {path}` and fix what it lists")
     bad = [r for r in reports if not r.ok]

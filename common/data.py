@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.validate import (
-    CaseProblem, LoadedCase, check_case, discover_site, episode_problems, max_voxels, thin_volume_warning,
+    CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
 )
 
 Episode = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -54,6 +55,8 @@ class DataConfig:
     image_glob: str | None = None  # for non-MSD folders, e.g. "*_img.nii.gz"
     label_glob: str | None = None  # e.g. "*_seg.nii.gz" (paired by the part '*' matched)
     strict: bool = False  # raise on a bad case instead of skip + warn
+    # The voxel cap and files outside the site folder: ReadLimits.from_environment() where fedmeta starts.
+    limits: ReadLimits = ReadLimits()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
@@ -79,6 +82,9 @@ class DataConfig:
             raise ValueError(
                 f"image_glob={self.image_glob!r} and label_glob={self.label_glob!r}: give both or neither."
             )
+        if not isinstance(self.limits, ReadLimits):
+            raise TypeError(f"limits={self.limits!r} must be a fedmeta.common.read_limits.ReadLimits, e.g. "
+                            "ReadLimits.from_environment().")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,12 +122,12 @@ def resampled_shape(shape, zooms, spacing) -> tuple[int, ...]:
 
 def resampling_problem(name, shape, zooms, config: DataConfig) -> str | None:
     """Why ``name``'s volume must not be resampled and cropped for ``config`` — the grid at ``config.spacing``, or
-    the model's window over it, would hold more voxels than the cap (``FEDMETA_MAX_VOXELS``) — or None. Checked
+    the model's window over it, would hold more voxels than ``config.limits.max_voxels`` — or None. Checked
     from the header before anything is allocated: a damaged run config (a spacing of 0.01 mm, an image size of
     4096) would otherwise ask for terabytes."""
     target = resampled_shape(shape, zooms, config.spacing)
     window = tuple(config.image_size) + (target[2],) if config.spatial_dims == 2 else tuple(config.image_size)
-    cap = max_voxels()
+    cap = config.limits.max_voxels
     for what, grid in (("resampled", target), ("cropped to the model's window", window)):
         voxels = math.prod(grid)
         if voxels > cap:
@@ -258,14 +264,14 @@ class SiteDataset:
         """Read a site folder; bad cases are skipped with one warning (``config.strict``: raise instead).
         ``on_case`` sees each usable case as read (raw voxels, header), before it is preprocessed."""
         root = Path(root)
-        layout = discover_site(root, config.image_glob, config.label_glob)
+        layout = discover_site(root, config.image_glob, config.label_glob, limits=config.limits)
         allowed = set(layout.labels) if layout.labels is not None else None
         skipped = list(layout.problems)
         patient_ids, images, labels, train_slices = [], [], [], []
         # Declared labels the model cannot predict (negative, or past its classes) spoil every case alike.
         undeclarable = sorted(v for v in allowed if not 0 <= v < config.num_classes) if allowed is not None else []
         for case in layout.cases:
-            problems, loaded = check_case(case, allowed, config.num_classes)
+            problems, loaded = check_case(case, allowed, config.num_classes, limits=config.limits)
             if loaded is not None and undeclarable:
                 problems = [f"{case.label}: dataset.json declares label values {undeclarable} outside the model's "
                             f"classes 0..{config.num_classes - 1}. Fix: remap the labels or configure more classes."]

@@ -1,5 +1,5 @@
 """Every hostile input gets a named refusal (the file or value, the problem, the fix; no traceback) or a correct
-result, and `fedmeta check-data` counts what `fedmeta adapt` reads (issue 25, part 3)."""
+result, and `fedmeta check-data` counts what `fedmeta adapt` reads."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fedmeta.common.adaptation import load_initialisation
 from fedmeta.common.checkpoint import load_checkpoint
 from fedmeta.common.config import MAX_STEPS, RunConfig, memory_problem
 from fedmeta.common.data import DataConfig, SiteDataset, resampling_problem
-from fedmeta.common.validate import check_scan, check_site
+from fedmeta.common.validate import ReadLimits, check_scan, check_site
 from fedmeta.simulations.cli import main
 
 CASE = "site-01_001"
@@ -60,7 +60,7 @@ def _load(folder: Path) -> tuple[SiteDataset, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# images that are not grey-level real numbers (defects 1, 2)
+# images that are not grey-level real numbers
 
 
 def _rgb_record(path: Path) -> None:
@@ -118,7 +118,7 @@ def test_a_complex_label_is_refused_too(site, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the site's cases: dataset.json is the source of truth (defects 3-6)
+# the site's cases: dataset.json is the source of truth
 
 
 def test_a_symlink_loop_in_imagesTr_is_named_and_the_listed_cases_still_load(site, capsys):
@@ -175,7 +175,7 @@ def test_a_dataset_json_that_is_not_utf8_is_named(site, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints and site models are data: their weights and run config are checked (defects 8, 9, 10)
+# checkpoints and site models are data: their weights and run config are checked
 
 
 def _tampered(checkpoint: Path, into: Path, *, params=None, **run_config) -> Path:
@@ -232,14 +232,14 @@ def test_a_run_config_too_large_for_this_machine_is_refused_with_the_estimate_an
     assert memory_problem(RunConfig(), "x/checkpoint.pt") is None
 
 
-def test_a_volume_resampled_beyond_the_voxel_cap_is_refused_before_it_is_allocated(monkeypatch):
+def test_a_volume_resampled_beyond_the_voxel_cap_is_refused_before_it_is_allocated():
     config = DataConfig(spacing=(0.1, 0.1, 0.1))  # the smallest spacing a run config may give
     problem = resampling_problem("scan.nii.gz", (180, 220, 180), np.ones(3), config)
     assert problem.startswith("scan.nii.gz: resampled for the model's spacing 0.1/0.1/0.1 mm")
     assert "1800 x 2200 x 1800 = 7,128,000,000 voxels" in problem and "more than the 268,435,456 voxels" in problem
     assert resampling_problem("scan.nii.gz", (180, 220, 180), np.ones(3), DataConfig()) is None
-    monkeypatch.setenv("FEDMETA_MAX_VOXELS", "1000")
-    problem = resampling_problem("scan.nii.gz", (10, 10, 10), np.full(3, 2.0), DataConfig(image_size=(64, 64)))
+    small = DataConfig(image_size=(64, 64), limits=ReadLimits(max_voxels=1000))
+    problem = resampling_problem("scan.nii.gz", (10, 10, 10), np.full(3, 2.0), small)
     assert "cropped to the model's window" in problem and "64 x 64 x 10 = 40,960 voxels" in problem
 
 
@@ -265,7 +265,7 @@ def test_adapt_refuses_steps_beyond_the_cap_and_says_so_in_its_help(trained_chec
 
 
 # ---------------------------------------------------------------------------------------------------
-# predict: a uniform scan is refused, not given a mask of noise (defect 7)
+# predict: a uniform scan is refused, not given a mask of noise
 
 
 def test_predict_refuses_an_all_zero_scan_by_name_and_segments_the_rest(trained_checkpoint, site, tmp_path, capsys):
@@ -285,7 +285,7 @@ def test_predict_refuses_an_all_zero_scan_by_name_and_segments_the_rest(trained_
 
 
 def test_a_site_models_stored_run_config_is_held_to_the_same_ranges(trained_checkpoint, tmp_path):
-    from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION, load_site_model
+    from fedmeta.client.model_card import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION, load_site_model
     from fedmeta.common.outputs import file_sha256
 
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
@@ -303,7 +303,7 @@ def test_a_site_models_stored_run_config_is_held_to_the_same_ranges(trained_chec
 
 
 # ---------------------------------------------------------------------------------------------------
-# dataset.json listing one file twice (review of issue 25, defect 1)
+# dataset.json listing one file twice
 
 
 def _listing(site: Path, entries: list[dict]) -> None:
@@ -357,7 +357,7 @@ def test_a_glob_site_whose_image_is_a_link_to_another_case_is_refused(site):
 
 
 # ---------------------------------------------------------------------------------------------------
-# episodes and shots: capped, and held to the machine's memory (review of issue 25, defect 2)
+# episodes and shots: capped, and held to the machine's memory
 
 EPISODE_CAPS = [
     ("episodes-per-site", 100_000_000, "episodes-per-site=100000000: must be at most 1,000 (a site holds"),
@@ -416,7 +416,7 @@ def test_simulate_refuses_episodes_that_fit_the_caps_but_not_the_machine(monkeyp
 
 
 # ---------------------------------------------------------------------------------------------------
-# stored fields of checkpoints and model cards of the wrong kind (review of issue 25, defect 3)
+# stored fields of checkpoints and model cards of the wrong kind
 
 
 def _rewritten(checkpoint: Path, into: Path, **fields) -> Path:
@@ -467,7 +467,7 @@ def test_from_run_config_refuses_what_is_not_a_mapping_of_text_keys(run_config, 
 
 def _site_model(trained_checkpoint: Path, folder: Path, *, run_config=..., **card_changes) -> Path:
     """A site model folder as adapt writes it, with its card's digest right, from the trained checkpoint."""
-    from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION
+    from fedmeta.client.model_card import CARD_JSON, MODEL_FILE, SITE_MODEL_FORMAT, SITE_MODEL_VERSION
     from fedmeta.common.outputs import file_sha256
 
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
@@ -535,7 +535,7 @@ def test_a_site_models_run_config_of_the_wrong_kind_is_refused_by_predict(traine
 
 
 # ---------------------------------------------------------------------------------------------------
-# an adaptation that diverges is refused, not scored as Dice 0 (review of issue 25, defect 4)
+# an adaptation that diverges is refused, not scored as Dice 0
 
 
 @pytest.mark.parametrize("scale", ["1e30", "1001", "inf", "0"])
@@ -600,12 +600,12 @@ def test_a_hard_link_to_another_case_is_the_same_patient_and_refused(tmp_path):
         discover_site(site)
 
 
-def test_a_site_key_file_is_only_a_plain_key_and_is_never_written_through_a_link(tmp_path, monkeypatch):
+def test_a_site_key_file_is_only_a_plain_key_and_is_never_written_through_a_link(tmp_path):
     import hashlib
 
     from fedmeta.client.site import persisted_site_key
 
-    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
     data = tmp_path / "data"
     data.mkdir()
     kept = tmp_path / "home" / "site-keys" / hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:24]
@@ -613,8 +613,8 @@ def test_a_site_key_file_is_only_a_plain_key_and_is_never_written_through_a_link
     victim = tmp_path / "victim"
     victim.write_text("precious")
     kept.symlink_to(victim)
-    key = persisted_site_key(data)
+    key = persisted_site_key(data, home)
     assert victim.read_text() == "precious" and not kept.is_symlink() and kept.read_text().strip() == str(key)
     for garbage in ("1_0", "-5", "0", "99999999999999999999", "\u0663\u0664"):
         (data / ".fedmeta-site-key").write_text(garbage + "\n")
-        assert persisted_site_key(data) == key, garbage  # not a key: the kept one stands
+        assert persisted_site_key(data, home) == key, garbage  # not a key: the kept one stands

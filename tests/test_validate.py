@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmeta.common.validate import check_path, check_site, format_reports
+from fedmeta.common.validate import ReadLimits, check_path, check_site, format_reports
 from fedmeta.simulations.cli import main
 
 CASE = "site-01_001"
@@ -302,10 +302,21 @@ def test_the_voxel_cap_is_configurable_and_a_bad_value_is_named(tmp_path, monkey
     path = tmp_path / "scan.nii"
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)), str(path))
     monkeypatch.setenv("FEDMETA_MAX_VOXELS", "999")
-    assert "= 1,000 voxels, more than the 999 a site loads" in _load_nifti(path, "image")[2]
+    assert _load_nifti(path, "image")[2] is None  # below the CLI, nothing reads the environment
+    limits = ReadLimits.from_environment()  # what the edges (commands, the ClientApp) do
+    assert limits == ReadLimits(max_voxels=999)
+    assert "= 1,000 voxels, more than the 999 a site loads" in _load_nifti(path, "image", limits)[2]
     monkeypatch.setenv("FEDMETA_MAX_VOXELS", "lots")
     with pytest.raises(ValueError, match="FEDMETA_MAX_VOXELS='lots' is not a positive whole number"):
-        _load_nifti(path, "image")
+        ReadLimits.from_environment()
+    monkeypatch.delenv("FEDMETA_MAX_VOXELS")
+    assert ReadLimits.from_environment() == ReadLimits()
+
+
+@pytest.mark.parametrize("max_voxels", [0, -1, 2.5, True, "1000"])
+def test_read_limits_refuse_a_cap_that_is_not_a_positive_whole_number(max_voxels):
+    with pytest.raises(ValueError, match=f"max_voxels={max_voxels!r} is not a positive whole number of voxels"):
+        ReadLimits(max_voxels=max_voxels)
 
 
 def test_check_data_refuses_a_4gb_header_within_a_500mb_address_space(smoke_federation, tmp_path):
@@ -353,7 +364,11 @@ def test_parent_paths_and_symlink_loops_in_dataset_json_are_refused(smoke_federa
     assert any("outside.nii.gz: resolves to" in m and "outside the site folder" in m for m in messages), messages
     assert any("loop.nii.gz: cannot be resolved" in m and "symlink loop" in m for m in messages), messages
     monkeypatch.setenv("FEDMETA_ALLOW_PATHS_OUTSIDE_SITE", "1")
-    messages = [m for p in check_site(folder, k=5, q=10).case_problems for m in p.problems]
+    assert any("outside the site folder" in m  # the environment is read at the edges only
+               for p in check_site(folder, k=5, q=10).case_problems for m in p.problems)
+    limits = ReadLimits.from_environment()
+    assert limits.allow_paths_outside_site
+    messages = [m for p in check_site(folder, k=5, q=10, limits=limits).case_problems for m in p.problems]
     assert not any("outside the site folder" in m for m in messages), messages
 
 
