@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets import UNet
 
-from fedmeta.common.learners import LEARNERS
+from fedmeta.common.algorithms import NETWORKS
 from fedmeta.common.unet import head_parameter_names
 
 VALID_NORMS = ("instance", "group")
-# The UNet alone (the initialisation family), or the UNet with a learner's own parts (fedmeta.common.learners).
-VALID_LEARNERS = ("unet", *LEARNERS)
+# The UNet alone (the initialisation family), or the UNet with a learner's own parts (fedmeta.common.algorithms).
+VALID_LEARNERS = ("unet", *NETWORKS)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ModelConfig:
 
 def build_model(config: ModelConfig | None = None) -> UNet:
     """Builds the MONAI UNet described by ``config`` (default: the 2D model); with ``config.learner`` set, the
-    UNet subclass of that family (:mod:`fedmeta.common.learners`), whose extra parts are parameters too."""
+    UNet subclass of that family (:mod:`fedmeta.common.algorithms`), whose extra parts are parameters too."""
     config = config or ModelConfig()
     if config.norm == "group":
         norm: tuple | str = ("group", {"num_groups": config.groups})
@@ -114,7 +114,7 @@ def build_model(config: ModelConfig | None = None) -> UNet:
     )
     if config.learner == "unet":
         return UNet(**unet)
-    return LEARNERS[config.learner].from_model_config(config, **unet)
+    return NETWORKS[config.learner].from_model_config(config, **unet)
 
 
 @functools.lru_cache(maxsize=64)

@@ -141,7 +141,7 @@ NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 # -- algorithms ------------------------------------------------------------------------------------
 # The initialisation family (a shared θ that sites fine-tune) and its baselines ...
 INITIALISATION_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
-# ... and the learners that meta-learn more than an initialisation (fedmeta.common.learners): a generator
+# ... and the learners that meta-learn more than an initialisation (fedmeta.common.algorithms): a generator
 # of fast weights, prototype matching, an LSTM optimiser. Their parts travel in PARAMS_RECORD beside θ's.
 LEARNER_ALGORITHMS = ("fast-weights", "prototypes", "lstm-optimizer")
 ALGORITHMS = INITIALISATION_ALGORITHMS + LEARNER_ALGORITHMS

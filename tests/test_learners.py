@@ -1,4 +1,4 @@
-"""The other meta-learning families (fedmeta.common.learners) against references: finite differences in
+"""The other meta-learning families (fedmeta.common.algorithms: fast_weights, prototypes, lstm_optimizer) against references: finite differences in
 float64 on a tiny UNet, and the learners' reductions to the initialisation family."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fedmeta.common import learners
+from fedmeta.common.algorithms import NETWORKS, algorithm_of, fast_weights, lstm_optimizer, prototypes
+from fedmeta.common.algorithms.checks import meta_only_names
 from fedmeta.common.config import RunConfig
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import adapt, adaptation_trajectory, meta_gradient
@@ -52,27 +53,27 @@ def make_episode(seed, k=2, q=2, absent=None):
 def reference_query_loss(model, params, episode, steps, alpha, loss_fn):
     """The learner's adaptation written out with plain autograd (no fedmeta.common.meta), then the query loss."""
     sx, sy, qx, qy = episode
-    kind = learners.learner_of(model)
-    own = set(learners.meta_only_names(model, list(params)))
+    kind = getattr(model, 'learner', None)
+    own = set(meta_only_names(model, list(params)))
     names = [n for n in params if n not in own]
     with torch.enable_grad():
         p = {n: v.detach().requires_grad_(n in names) for n, v in params.items()}
         if kind == "fast-weights":
-            p = learners.generate(model, p, sx, sy)
+            p = fast_weights.generate(model, p, sx, sy)
         if kind == "prototypes":
-            p = learners.with_prototypes(model, p, sx, sy)
+            p = prototypes.with_prototypes(model, p, sx, sy)
         state = None
         for _ in range(steps):
             if kind == "prototypes":
-                loss = learners.prototype_support_loss(model, p, sx, sy, loss_fn)
+                loss = prototypes.prototype_support_loss(model, p, sx, sy, loss_fn)
             else:
                 loss = loss_fn(functional_call(model, p, (sx,)), sy)
             grads = torch.autograd.grad(loss, [p[n] for n in names])
             if kind == "lstm-optimizer":
-                grads, state = learners.lstm_directions(p, list(grads), loss, state)
+                grads, state = lstm_optimizer.lstm_directions(p, list(grads), loss, state)
             p = {**p, **{n: (p[n] - alpha * g).detach().requires_grad_(True) for n, g in zip(names, grads)}}
             if kind == "prototypes":
-                p = learners.with_prototypes(model, p, sx, sy)
+                p = prototypes.with_prototypes(model, p, sx, sy)
         if kind == "prototypes":  # the query in the support's label space, by hand
             absent = [c for c in range(NUM_CLASSES) if not bool(sy[:, c].any())]
             qy = qy.clone()
@@ -105,7 +106,7 @@ def test_meta_gradient_matches_finite_differences(loss_fn, algorithm, inner_step
         direction = random_direction(params, seed)
         assert dot(grads, direction) == pytest.approx(directional_fd(f, params, direction, eps), rel=rel, abs=1e-9)
     # The learner's own parameters alone, where a mistake would hide among the UNet's many.
-    own = learners.meta_only_names(model, list(params))
+    own = meta_only_names(model, list(params))
     direction = {n: (random_direction(params, 7)[n] if n in own else torch.zeros_like(p)) for n, p in params.items()}
     assert dot(grads, direction) == pytest.approx(directional_fd(f, params, direction, eps), rel=rel, abs=1e-9)
 
@@ -170,11 +171,11 @@ def test_lstm_truncation_backpropagates_through_the_last_steps_only(loss_fn):
     loss0 = loss_fn(functional_call(model, theta, (sx,)), sy)
     g0 = torch.autograd.grad(loss0, [theta[n] for n in names])
     with torch.no_grad():
-        d0, state = learners.lstm_directions(theta, list(g0), loss0, None)
+        d0, state = lstm_optimizer.lstm_directions(theta, list(g0), loss0, None)
     first = {**theta, **{n: theta[n] + (-alpha * d).detach() for n, d in zip(names, d0)}}
     loss1 = loss_fn(functional_call(model, first, (sx,)), sy)
     g1 = torch.autograd.grad(loss1, [first[n] for n in names], create_graph=True)
-    d1, _ = learners.lstm_directions(first, list(g1), loss1, tuple(t.detach() for t in state))
+    d1, _ = lstm_optimizer.lstm_directions(first, list(g1), loss1, tuple(t.detach() for t in state))
     second = {**first, **{n: first[n] - alpha * d for n, d in zip(names, d1)}}
     query = loss_fn(functional_call(model, second, (qx,)), qy)
     reference = dict(zip(theta, torch.autograd.grad(query, list(theta.values()), materialize_grads=True)))
@@ -186,9 +187,9 @@ def test_lstm_truncation_backpropagates_through_the_last_steps_only(loss_fn):
 def test_prototypes_are_masked_means_and_a_class_without_support_pixels_is_never_predicted():
     features = torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]]])  # [B=1, E=2, 1, 2]
     masks = one_hot(torch.tensor([[[0, 0]]]), 3)  # every pixel background; classes 1 and 2 absent
-    prototypes = learners.masked_average_pooling(features, masks)
-    torch.testing.assert_close(prototypes, torch.tensor([[2.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
-    logits = learners.prototype_logits(torch.randn(4, 2, 5, 5), prototypes, torch.tensor(3.0))
+    pooled = prototypes.masked_average_pooling(features, masks)
+    torch.testing.assert_close(pooled, torch.tensor([[2.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+    logits = prototypes.prototype_logits(torch.randn(4, 2, 5, 5), pooled, torch.tensor(3.0))
     assert (logits.argmax(dim=1) == 0).all()
     # A site whose protocol merges class 2 into background: its support shows no class 2, nor do its predictions.
     model = tiny("prototypes")
@@ -216,7 +217,7 @@ def test_adaptation_trajectory_is_adapt_step_by_step_and_leaves_theta_alone(loss
             assert not adapted[name].requires_grad
     for name in params:
         assert torch.equal(params[name], before[name])
-    own = learners.meta_only_names(model, list(params))
+    own = meta_only_names(model, list(params))
     for name in own:  # the learner's machinery is never stepped (prototypes are recomputed, not stepped)
         if name != "prototypes":
             assert torch.equal(trajectory[-1][name], params[name])
@@ -263,10 +264,10 @@ def test_bad_arguments_are_refused_by_name(loss_fn):
 
 
 def test_run_config_builds_each_learner_and_checks_its_keys():
-    for algorithm, cls in learners.LEARNERS.items():
+    for algorithm, cls in NETWORKS.items():
         config = RunConfig(algorithm=algorithm)
         assert type(build_model(config.model_config())) is cls
-    assert learners.learner_of(build_model(RunConfig(algorithm="maml").model_config())) is None
+    assert algorithm_of(build_model(RunConfig(algorithm="maml").model_config())) is None
     RunConfig(algorithm="prototypes", inner_steps=0)
     RunConfig(algorithm="fast-weights", inner_steps=0)
     with pytest.raises(ValueError, match=r"inner-steps=0: must be >= 1 \(0 only for fast-weights and prototypes"):
@@ -289,7 +290,7 @@ def test_run_config_builds_each_learner_and_checks_its_keys():
 def test_lstm_state_is_two_numbers_per_hidden_unit_and_adapted_scalar():
     model = build_model(RunConfig(algorithm="lstm-optimizer").model_config())
     unet = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("lstm."))
-    assert learners.lstm_state_numbers(model, unet) == 2 * 8 * unet
+    assert lstm_optimizer.lstm_state_numbers(model, unet) == 2 * 8 * unet
 
 
 def test_a_prototypes_query_is_scored_in_its_supports_label_space(loss_fn):
@@ -301,9 +302,9 @@ def test_a_prototypes_query_is_scored_in_its_supports_label_space(loss_fn):
     _, _, qx, qy = make_episode(31)
     assert bool(qy[:, 2].any())
     adapted = adapt(model, params, sx, sy, inner_steps=0, inner_lr=0.1, loss_fn=loss_fn)
-    moved = learners.in_support_label_space(model, adapted, qy)
+    moved = prototypes.in_support_label_space(model, adapted, qy)
     assert not moved[:, 2].any() and torch.equal(moved[:, 0], qy[:, 0] + qy[:, 2]) and torch.equal(moved[:, 1], qy[:, 1])
-    assert torch.equal(learners.in_support_label_space(tiny("fast-weights"), adapted, qy), qy)
+    assert torch.equal(prototypes.in_support_label_space(tiny("fast-weights"), adapted, qy), qy)
     _, stats = meta_gradient(model, params, [(sx, sy, qx, qy)], algorithm="prototypes", inner_steps=0, inner_lr=0.1,
                              loss_fn=loss_fn)
     assert stats["query_loss_after"] == pytest.approx(float(loss_fn(functional_call(model, adapted, (qx,)), moved)))

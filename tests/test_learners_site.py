@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from fedmeta.client.site_model import CARD_JSON
-from fedmeta.common.learners import LEARNERS
+from fedmeta.client.model_card import CARD_JSON
+from fedmeta.common.algorithms import NETWORKS as LEARNERS
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
 from tests.conftest import train_smoke_run
@@ -52,7 +52,7 @@ def test_a_prototypes_site_model_at_zero_steps_holds_the_support_prototypes(smok
     site = smoke_federation / load_manifest(smoke_federation).heldout_sites[0].path
     assert main(["adapt", "--checkpoint", str(checkpoint), "--allow-unsigned", "--data", str(site), "--shots", "3",
                  "--steps", "0", "--out", str(tmp_path / "model"), "--device", "cpu"]) == 0
-    from fedmeta.client.site_model import load_site_model
+    from fedmeta.client.model_card import load_site_model
 
     prototypes = load_site_model(tmp_path / "model").params["prototypes"]
     assert bool((prototypes[0] != 0).any())  # background has a prototype now; θ's were all zero

@@ -10,6 +10,8 @@ tests (see the README's "Adding an algorithm").
 
 from __future__ import annotations
 
+import torch
+
 from fedmeta.common.algorithms.base import Algorithm, InnerLoop, Learner
 from fedmeta.common.algorithms.fast_weights import FastWeights
 from fedmeta.common.algorithms.fedavg import FedAvg, FedProx
@@ -24,6 +26,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     FastWeights(), Prototypes(), LSTMOptimizer(),  # learners: the UNet with parts of their own
 )}
 
+
+
+# The network each learner trains: the UNet with the learner's own parts (fedmeta.common.model.build_model).
+NETWORKS: dict[str, type[torch.nn.Module]] = {a.learner: a.network for a in ALGORITHMS.values() if isinstance(a, Learner)}
 
 
 def algorithm_named(name: str) -> Algorithm:
@@ -44,4 +50,4 @@ def names_where(attribute: str) -> list[str]:
     return [name for name, a in ALGORITHMS.items() if getattr(a, attribute)]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "InnerLoop", "Learner", "algorithm_named", "algorithm_of", "names_where"]
+__all__ = ["ALGORITHMS", "NETWORKS", "Algorithm", "InnerLoop", "Learner", "algorithm_named", "algorithm_of", "names_where"]

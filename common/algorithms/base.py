@@ -171,9 +171,19 @@ class Algorithm(AdaptationRule):
 
 
 class Learner(Algorithm):
-    """The other families (:mod:`fedmeta.common.learners`): θ holds the learner's own parts beside the UNet's
+    """The other families (docs/learners.md): θ holds the learner's own parts beside the UNet's
     weights, and the meta-gradient is the query loss differentiated through the whole adaptation trajectory
-    (the learner's preparation, then its steps; the last ``truncation`` of them only, when set)."""
+    (the learner's preparation, then its steps; the last ``truncation`` of them only, when set).
+
+    A subclass names its ``network`` (whose ``learner`` is also the algorithm's name) and its one-line
+    ``description``; a learner adapts without a gradient step unless it says otherwise."""
+
+    network: ClassVar[type[torch.nn.Module]]
+    min_inner_steps = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.learner = cls.network.learner
 
     def episode_update(self, model, params, episode, loop):
         support_x, support_y, query_x, query_y = episode

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedmeta.common.inner_loop import Episode, Params
-from fedmeta.common.learners import meta_only_names
 
 
 def check_steps(inner_steps) -> None:
@@ -102,6 +101,12 @@ def check_episodes(episodes) -> list[Episode]:
 def check_loss_fn(loss_fn) -> None:
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable(logits, target) -> scalar tensor; got {type(loss_fn).__name__}.")
+
+
+def meta_only_names(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """The names that are a learner's own machinery, not the UNet's: never stepped by the inner loop."""
+    own = getattr(model, "is_own_parameter", None)
+    return [n for n in names if own(n)] if own is not None else []
 
 
 __all__ = ["check_episodes", "check_inner_params", "check_loss_fn", "check_params", "check_steps"]

@@ -200,7 +200,7 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
         for case in cases
     }
     if LSTMOptimizer.name in results:
-        from fedmeta.common.learners import LSTM_PREFIX, lstm_state_numbers
+        from fedmeta.common.algorithms.lstm_optimizer import LSTM_PREFIX, lstm_state_numbers
 
         model, params = networks[LSTMOptimizer.name]
         adapted = sum(p.numel() for n, p in params.items() if not n.startswith(LSTM_PREFIX))
