@@ -173,6 +173,7 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
     from flwr.common.serde import message_to_proto
 
     from fedmeta.client.app import app as client_app
+    from fedmeta.common.algorithms import ALGORITHMS
     from fedmeta.common.config import RunConfig
     from fedmeta.common.model import build_model
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
@@ -194,7 +195,7 @@ def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any
                          model_levels=defaults.model_levels)
         run_inprocess(config.to_run_config(), simulation_node_configs(10), client_app=measuring_client)
         numel = sum(p.numel() for p in build_model(config.model_config()).parameters())
-        arrays = 2 if algorithm == "metasgd" else 1  # Meta-SGD also sends ∂L/∂α, one per parameter
+        arrays = 2 if ALGORITHMS[algorithm].learns_step_sizes else 1  # Meta-SGD also sends ∂L/∂α, one per parameter
         model_bytes = 4 * numel
         reply_bytes = max(sizes)
         rows[algorithm] = {
