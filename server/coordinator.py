@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from fedmeta.common.checkpoint import Checkpoint, trajectory_hash
 from fedmeta.common.config import RunConfig
 from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean_scalars
 from fedmeta.common.meta import init_step_sizes
@@ -74,8 +75,8 @@ class RoundOutcome:
 class Coordinator:
     """Holds θ, its meta-optimiser and the server RNG; builds round messages and folds in replies.
 
-    Node roles come from the ``query`` handshake (see ``fedmeta.server.app``); this class only needs the
-    sorted ids of training and held-out nodes.
+    Node roles come from the ``query`` handshake (``fedmeta.server.rounds.Membership``); this class only needs
+    the sorted ids of training and held-out nodes.
     """
 
     def __init__(self, config: RunConfig):
@@ -130,6 +131,30 @@ class Coordinator:
             if state is None:
                 raise ValueError("this run uses dp but its checkpoint holds no privacy accountant; start a new run.")
             self.accountant = PrivacyAccountant.from_state_dict(state)
+
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything the round after ``server_round`` depends on, as its checkpoint."""
+        return Checkpoint(
+            round=server_round,
+            params=self.params,
+            step_sizes=self.step_sizes,
+            optimizer=self.meta_optimizer.state_dict(),
+            rng_state=self.rng_state(),
+            config_hash=trajectory_hash(self.config),
+            run_config=self.config.to_run_config(),
+            counters=dict(self.counters),
+            privacy=self.privacy_state(),
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Takes up the state ``checkpoint`` holds (its run config already checked against this run's).
+
+        Raises :class:`MetaOptimizerStateError` for a meta-optimiser state that cannot step θ any more.
+        """
+        self.meta_optimizer.load_state_dict(checkpoint.optimizer)
+        self.set_rng_state(checkpoint.rng_state)
+        self.set_privacy_state(checkpoint.privacy)
+        self.counters.update(checkpoint.counters)
 
     # -- privacy budget -------------------------------------------------------------------------
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import dumps_strict
+from fedmeta.server.listeners import RoundReport, RunListener
 
 METRICS_NAME = "metrics.jsonl"
 
 
-class MetricsLog:
+class MetricsLog(RunListener):
     """Appends one JSON object per round to ``out_dir/metrics.jsonl`` and flushes it to disk."""
 
     def __init__(self, out_dir: Path):
@@ -32,6 +33,12 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(dumps_strict(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, self.path)
+
+    def on_start(self, start_round: int) -> None:
+        self.start(resume_round=start_round if start_round > 0 else None)
+
+    def on_round(self, report: RoundReport) -> None:
+        self.append(report.record)
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:

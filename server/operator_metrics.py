@@ -13,8 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+from flwr.app import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
+from fedmeta.server.listeners import RoundReport, RunListener
+
+if TYPE_CHECKING:  # annotations only: the coordinator and the rounds need not load with the exporter
+    from fedmeta.server.coordinator import RoundOutcome
+    from fedmeta.server.rounds import Membership
 
 log = logging.getLogger("fedmeta.server")
 
@@ -38,10 +47,14 @@ METRIC_NAMES = (
 DROP_KINDS = ("timeout", "node-gone", "site-error", "secagg-refused", "invalid", "over-norm", "unexpected")
 
 
-class OperatorMetrics:
-    """The server's series, updated by the round loop; ``serve(port)`` exposes them over HTTP."""
+class OperatorMetrics(RunListener):
+    """The server's series, updated as the run reports its rounds; ``serve(port)`` exposes them over HTTP.
 
-    def __init__(self) -> None:
+    ``adaptation_steps``: the held-out evaluation's step counts (run config ``eval-steps``), one Dice series each.
+    """
+
+    def __init__(self, adaptation_steps: Iterable[int] = ()) -> None:
+        self.adaptation_steps = tuple(adaptation_steps)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.round = Gauge("fedmeta_round", "Last finished training round", registry=r)
@@ -83,15 +96,15 @@ class OperatorMetrics:
             self._server.server_close()
             self._server = None
 
-    # -- what the round loop reports ------------------------------------------------------------
+    # -- what the run reports (fedmeta.server.listeners) ------------------------------------------
 
-    def federation(self, membership) -> None:
-        """Site counts as the round loop sees them now (``fedmeta.server.rounds.Membership``)."""
+    def on_federation(self, membership: Membership) -> None:
+        """Site counts as the round loop sees them now."""
         self.training_sites.set(len(membership.training()))
         self.heldout_sites.set(len(membership.heldout()))
         self.benched_sites.set(len(membership.benched()))
 
-    def replies(self, replies: Iterable) -> None:
+    def on_replies(self, replies: Iterable[Message]) -> None:
         """Counts the array bytes of every reply that arrived (valid or not): what the server received."""
         total = 0
         for reply in replies:
@@ -100,28 +113,31 @@ class OperatorMetrics:
                              for array in record.values())
         self.received.inc(total)
 
-    def training_round(self, server_round: int, sampled: int, outcome, meta_loss_key: str) -> None:
+    def on_round(self, report: RoundReport) -> None:
+        if report.trained:
+            self._training(report.outcome, report.record["sites_sampled"])
+        if report.evaluation is not None:
+            self._evaluation(report.evaluation.metrics)
+        if report.trained:  # the checkpoint writer takes each round before this listener
+            self.checkpoint_time.set(time.time())
+            self.round.set(report.server_round)
+            self.rounds.inc()
+            self.round_duration.observe(report.record["seconds"])
+
+    def _training(self, outcome: RoundOutcome, sampled: int) -> None:
         self.sampled.inc(sampled)
         self.answered.inc(len(outcome.accepted))
         for drop in outcome.dropped:
             self.dropped.labels(reason=drop.kind).inc()
-        if outcome.updated and meta_loss_key in outcome.metrics:
-            self.meta_loss.set(outcome.metrics[meta_loss_key])
+        if outcome.updated and QUERY_LOSS_AFTER in outcome.metrics:
+            self.meta_loss.set(outcome.metrics[QUERY_LOSS_AFTER])
         if outcome.privacy:
             self.dp_epsilon.set(outcome.privacy["epsilon"])
 
-    def evaluation(self, metrics: dict[str, float], steps: Iterable[int], key) -> None:
-        for s in steps:
-            if key(s) in metrics:
-                self.heldout_dice.labels(steps=str(s)).set(metrics[key(s)])
-
-    def round_done(self, server_round: int, seconds: float) -> None:
-        self.round.set(server_round)
-        self.rounds.inc()
-        self.round_duration.observe(seconds)
-
-    def checkpointed(self) -> None:
-        self.checkpoint_time.set(time.time())
+    def _evaluation(self, metrics: dict[str, float]) -> None:
+        for s in self.adaptation_steps:
+            if dice_mean_key(s) in metrics:
+                self.heldout_dice.labels(steps=str(s)).set(metrics[dice_mean_key(s)])
 
 
 __all__ = ["DROP_KINDS", "METRIC_NAMES", "OperatorMetrics"]

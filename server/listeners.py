@@ -1,0 +1,124 @@
+"""What a federated run tells its observers: the report of each round, and the listeners that take it.
+
+The round loop (``fedmeta.server.app``) never writes a file or a metric itself: each round ends in a
+:class:`RoundReport` (its metrics.jsonl record and the outcomes behind it), handed to every
+:class:`RunListener` in turn — the metrics.jsonl log, the checkpoint writer, the operators'
+Prometheus series, the progress line, the release signer. An observer is a new listener in the
+list the ServerApp builds; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Message
+
+from fedmeta.common.config import RunConfig
+from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
+
+if TYPE_CHECKING:  # annotations only: the coordinator and the rounds import this module's users
+    from fedmeta.server.coordinator import Coordinator, RoundOutcome
+    from fedmeta.server.rounds import Membership
+
+log = logging.getLogger("fedmeta.server")
+
+# RoundReport.kind
+BASELINE = "baseline"  # round 0: the held-out sites evaluate θ before any training
+TRAINING = "training"  # a training round (and, when due, its held-out evaluation)
+STOPPED = "stopped"  # the privacy budget stopped the run before this round
+FAILED = "failed"  # the meta-optimiser's state broke in this round: the run stops
+
+
+@dataclass
+class RoundReport:
+    """One line of the log of rounds (``record``, as metrics.jsonl holds it) and the outcomes behind it."""
+
+    server_round: int
+    kind: str  # BASELINE | TRAINING | STOPPED | FAILED
+    record: dict[str, Any]
+    outcome: RoundOutcome | None = None  # training rounds: what the sampled sites' replies did
+    evaluation: RoundOutcome | None = None  # when the held-out sites evaluated θ this round
+
+    @property
+    def trained(self) -> bool:
+        """A training round that ran to its end (θ may or may not have moved): it is checkpointed."""
+        return self.kind == TRAINING
+
+
+class RunListener:
+    """Observes a federated run; every hook is optional (each does nothing unless overridden)."""
+
+    def on_start(self, start_round: int) -> None:
+        """Before the first round: ``start_round`` is the round a resumed run continues after (0: a fresh run)."""
+
+    def on_federation(self, membership: Membership) -> None:
+        """The federation as the loop sees it now: at the start, and before every round."""
+
+    def on_replies(self, replies: Sequence[Message]) -> None:
+        """Every reply that arrived in one exchange with the sites, valid or not, as soon as it is collected."""
+
+    def on_round(self, report: RoundReport) -> None:
+        """A round ended (or stopped or failed) with this report."""
+
+    def on_run_end(self, coordinator: Coordinator) -> None:
+        """The run ended as a success; ``coordinator`` holds the final θ."""
+
+
+class Listeners(RunListener):
+    """Several listeners as one: each hook calls them in the order given."""
+
+    def __init__(self, listeners: Iterable[RunListener]):
+        self.listeners = list(listeners)
+
+    def on_start(self, start_round: int) -> None:
+        for listener in self.listeners:
+            listener.on_start(start_round)
+
+    def on_federation(self, membership: Membership) -> None:
+        for listener in self.listeners:
+            listener.on_federation(membership)
+
+    def on_replies(self, replies: Sequence[Message]) -> None:
+        for listener in self.listeners:
+            listener.on_replies(replies)
+
+    def on_round(self, report: RoundReport) -> None:
+        for listener in self.listeners:
+            listener.on_round(report)
+
+    def on_run_end(self, coordinator: Coordinator) -> None:
+        for listener in self.listeners:
+            listener.on_run_end(coordinator)
+
+
+class ProgressLog(RunListener):
+    """One log line per round: the sites that answered, the meta-loss, the held-out Dice."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    def on_round(self, report: RoundReport) -> None:
+        if report.kind not in (BASELINE, TRAINING):
+            return
+        parts = [f"round {report.server_round}/{self.config.num_rounds}"]
+        outcome, evaluation = report.outcome, report.evaluation
+        if outcome is not None:
+            parts.append(f"sites {len(outcome.accepted)}/{len(outcome.accepted) + len(outcome.dropped)}")
+            if outcome.updated:
+                parts.append(f"meta-loss {outcome.metrics.get(QUERY_LOSS_AFTER, float('nan')):.4f}")
+            else:
+                parts.append("no update")
+        if evaluation is not None and evaluation.metrics:
+            steps = self.config.adaptation_steps
+            parts.append(
+                "held-out Dice "
+                + " ".join(f"{s}:{evaluation.metrics[dice_mean_key(s)]:.3f}" for s in steps)
+                + " (adaptation steps:Dice)"
+            )
+        log.info(" | ".join(parts))
+
+
+__all__ = ["BASELINE", "FAILED", "STOPPED", "TRAINING", "Listeners", "ProgressLog", "RoundReport", "RunListener"]
