@@ -65,7 +65,7 @@ def parse_attack(spec: str) -> Attack:
 def adversarial_client_app(attack: Attack, attackers: set[int],
                            honest: Callable[[Message, Context], Message] | None = None):
     """fedmeta's ClientApp, except that the sites of partition ids ``attackers`` send ``attack``'s reply."""
-    if honest is None:
+    if honest is None:  # fedmeta's own ClientApp, loaded (with the client's modules) only when no other is given
         from fedmeta.client.app import app as honest
 
     def client_app(message: Message, context: Context) -> Message:

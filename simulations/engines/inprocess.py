@@ -221,6 +221,7 @@ def run_inprocess(
     wrappers around those to inject faults or audit messages, and ``grid_class`` a subclass that
     makes sites join, die or hang mid-run.
     """
+    # fedmeta's own apps, loaded (with the server's or the client's modules) only when no other is given.
     if server_app is None:
         from fedmeta.server.app import app as server_app
     if client_app is None:

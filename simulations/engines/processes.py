@@ -237,6 +237,7 @@ def run_command(command: Callable[[], int | None], prog: str) -> int:
 def _resource_tracker() -> set[int]:
     """multiprocessing's resource tracker: it ignores SIGTERM by design and ends by itself once this
     process exits (after it frees what the dead workers left), so it is left out of the stop."""
+    # Imported here: every fedmeta command loads this module at start, and most never start a pool.
     from multiprocessing import resource_tracker
 
     pid = getattr(resource_tracker._resource_tracker, "_pid", None)

@@ -153,6 +153,7 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
 
 
 def plot_dice_vs_steps(comparison: dict[str, Any], path: Path) -> Path:
+    # matplotlib loads only when a plot is drawn, with the file-only backend chosen before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")

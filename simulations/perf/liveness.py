@@ -12,8 +12,8 @@ One SuperLink and three training SuperNodes on the smoke federation run ``--roun
 3. after round 9, a fourth site's SuperNode starts (provisioned and registered at the start).
 
 It prints every round (seconds, sites sampled/answered, how the round closed, drops by kind) and
-the figures the issue asks for: the longest round with a hung site against round-timeout, the
-rounds until a killed site is out of sampling, the round in which the late site first trained.
+three figures: the longest round with a hung site against round-timeout, the rounds until a killed
+site is out of sampling, the round in which the late site first trained.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import write_json
+from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.engines.processes import run_command
+from fedmeta.simulations.experiments.presets import load_preset
+
+# The generator and the Flower runtime load torch: measure imports them, so that --help does not wait for them.
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _records(out_dir: Path) -> list[dict[str, Any]]:
-    from fedmeta.server.metrics import METRICS_NAME, read_metrics
-
     try:
         return [r for r in read_metrics(out_dir / METRICS_NAME) if r["round"] > 0]
     except (OSError, ValueError):
@@ -45,7 +48,6 @@ def _records(out_dir: Path) -> list[dict[str, Any]]:
 def measure(work: Path, *, rounds: int, deadline: float, timeout: float) -> dict[str, Any]:
     from fedmeta.common.synth import generate_federation, load_manifest
     from fedmeta.simulations.engines.flower_runtime import LocalDeployment
-    from fedmeta.simulations.experiments.presets import load_preset
 
     federation = generate_federation(work / "smoke", "smoke", seed=0)
     train = [site.folder() for site in load_manifest(federation).train_sites]
@@ -151,6 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fedmeta.simulations.engines.processes import run_command
-
     sys.exit(run_command(main, "liveness"))  # SIGTERM stops the deployment as Ctrl-C does

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from fedmeta.common.synth import ASSET_PATH as DEFAULT_OUT  # the asset synth reads
 TISSUES = ("csf", "grey_matter", "white_matter")
@@ -27,7 +28,7 @@ MARGIN_MM = 6.0  # room for the random affine and elastic warp to move the brain
 
 def load_template_maps():
     """Return (csf, gm, wm) float32 arrays on the 1 mm template grid and its affine."""
-    try:
+    try:  # the optional extra: only this script needs it
         from nilearn import datasets
     except ImportError as err:  # pragma: no cover - depends on the optional extra
         raise SystemExit(
@@ -49,8 +50,6 @@ def load_template_maps():
 
 def derive(spacing_mm: float = TARGET_SPACING_MM, margin_mm: float = MARGIN_MM) -> dict[str, np.ndarray]:
     """Crop the template to the brain, anti-alias, resample to ``spacing_mm`` and quantise to uint8."""
-    from scipy import ndimage
-
     csf, gm, wm, affine = load_template_maps()
     source_spacing = float(abs(affine[0, 0]))
     brain = (csf + gm + wm) > 0.01

@@ -7,6 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from fedmeta.common.outputs import Outputs, refuse_data_folder
+
+# The generator, the data readers and checks (fedmeta.common.synth, .validate, .data), numpy, nibabel and
+# matplotlib are imported inside the functions that use them: `fedmeta synth --help` does not wait for them.
+
 # Label overlay colours (RGBA) for 0 background, 1 CSF, 2 grey matter, 3 white matter.
 VIEW_HEIGHT_MM = 15.0
 OVERLAY_COLOURS = [(0, 0, 0, 0), (0.1, 0.55, 1.0, 0.55), (1.0, 0.35, 0.2, 0.45), (1.0, 0.9, 0.2, 0.4)]
@@ -56,8 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _synth(args: argparse.Namespace) -> int:
     from fedmeta.common.synth import generate_federation, load_manifest
-
-    from fedmeta.common.outputs import refuse_data_folder
 
     started = time.perf_counter()
     try:
@@ -132,8 +135,6 @@ def _site_folders(root: Path) -> list[tuple[Path, str]]:
 def _preview_outputs(out: Path, option: str):
     """The guarded writer of a preview PNG (``fedmeta.common.outputs``): synth --preview and show-sites draw the
     same figure, so both record it as show-sites'."""
-    from fedmeta.common.outputs import Outputs
-
     return Outputs(Path(out).parent, "show-sites", option=option)
 
 
