@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+# fedmeta.common loads inside the handlers: `fedmeta --help` imports every command module, and fedmeta.common.config
+# alone pulls in torch (~4 s, python -X importtime).
 
 DEFAULT_SHOTS = (1, 5, 10)
 METRIC = ("Dice per evaluation patient over the whole volume, per foreground class the site declares (an "
@@ -128,8 +132,6 @@ def evaluate(args: argparse.Namespace) -> int:
         from fedmeta.common.config import MAX_STEPS
 
         steps = parse_counts(args.steps, "--steps", minimum=0, maximum=MAX_STEPS)
-        from fedmeta.client.site_model import default_public_key
-
         args.public_key = default_public_key(args.public_key)
         release = verified_release(args)
         results = evaluate_checkpoint(
@@ -157,6 +159,33 @@ def _json_output(path: Path | None):
     from fedmeta.common.outputs import Outputs
 
     return None if path is None else Outputs(Path(path).parent, "evaluate", option="--json")
+
+
+def default_public_key(given: Path | None) -> Path | None:
+    """``--public-key``; else ``$FEDMETA_RELEASE_KEY``; else ``./release.pub`` when this is a site bundle whose
+    ``site.json`` (written by ``fedmeta provision``) pins that key's fingerprint. A ``release.pub`` lying in
+    the current folder without that pin is not taken: it may have come with the checkpoint it would verify."""
+    if given is not None:
+        return given
+    env = os.environ.get("FEDMETA_RELEASE_KEY")
+    if env:
+        return Path(env)
+    bundled, site_json = Path("release.pub"), Path("site.json")
+    if not bundled.is_file() or not site_json.is_file():
+        return None
+    from fedmeta.common.release import key_fingerprint, load_public_key
+
+    try:
+        pinned = json.loads(site_json.read_text()).get("release_key_sha256")
+    except (OSError, ValueError, AttributeError):
+        pinned = None
+    if not pinned:
+        return None
+    if key_fingerprint(load_public_key(bundled)) != pinned:
+        raise ValueError(f"{bundled.resolve()}: its fingerprint is not the one {site_json} pins "
+                         f"({str(pinned)[:16]}...): the file was replaced. Restore the bundle's release.pub, or pass the "
+                         "consortium's key with --public-key.")
+    return bundled
 
 
 def verified_release(args: argparse.Namespace) -> dict | None:
@@ -296,4 +325,5 @@ def _str_keys(nested: dict) -> dict:
     return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in nested.items()}
 
 
-__all__ = ["evaluate_checkpoint", "format_table", "output_problem", "parse_counts", "register", "verified_release"]
+__all__ = ["default_public_key", "evaluate_checkpoint", "format_table", "output_problem", "parse_counts", "register",
+           "verified_release"]

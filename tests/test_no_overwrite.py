@@ -110,7 +110,7 @@ def test_evaluate_json_never_replaces_a_checkpoint_or_a_label_file(tmp_path, sit
 
 def test_adapt_never_replaces_a_site_model_silently(tmp_path, capsys):
     """Refused before the checkpoint is even read: an existing site model is adapt's own only with --overwrite."""
-    from fedmeta.client.site_model import CARD_JSON, MODEL_FILE, SITE_MODEL_FILES
+    from fedmeta.client.model_card import CARD_JSON, MODEL_FILE, SITE_MODEL_FILES
 
     model = tmp_path / "model"
     Outputs(model, "adapt").claim(SITE_MODEL_FILES)
@@ -290,13 +290,13 @@ def test_synth_never_writes_into_a_site_data_folder(site, capsys):
 
 _KILLED_PREDICT = """
 import os, signal, sys
-from fedmeta.client import site_model
-real = site_model._save_atomically
+from fedmeta.client import predict
+real = predict.save_atomically
 def save_then_die(write, path):
     real(write, path)
     if path.name.endswith(".nii.gz"):
         os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: predictions.json is never written
-site_model._save_atomically = save_then_die
+predict.save_atomically = save_then_die
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
 from tests.test_release import _key_pair

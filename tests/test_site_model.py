@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmeta.client.site_model import CARD_JSON, CARD_MD, MODEL_FILE, case_name, load_site_model
+from fedmeta.client.model_card import CARD_JSON, CARD_MD, MODEL_FILE, load_site_model
+from fedmeta.client.prediction_files import case_name
 from fedmeta.common.metrics import patient_dice
 from fedmeta.common.outputs import JOURNAL_NAME
 from fedmeta.common.synth import load_manifest
@@ -261,7 +262,7 @@ def test_adapt_refuses_absurd_steps_and_a_site_model_given_as_a_checkpoint(relea
 
 
 def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldout_site, tmp_path, monkeypatch):
-    from fedmeta.client import site_model
+    from fedmeta.client import predict
 
     checkpoint, public = release
     scans = sorted((heldout_site / "imagesTr").glob("*.nii.gz"))[:2]
@@ -269,14 +270,14 @@ def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldou
     inputs.mkdir()
     for scan in scans:
         shutil.copy(scan, inputs / scan.name)
-    real = site_model.overlay_montage
+    real = predict.overlay_montage
 
     def failing(image, mask, path, title, **kwargs):
         if title == case_name(scans[0]):
             raise OSError("disk full")
         return real(image, mask, path, title, **kwargs)
 
-    monkeypatch.setattr(site_model, "overlay_montage", failing)
+    monkeypatch.setattr(predict, "overlay_montage", failing)
     command = ["predict", "--model", str(checkpoint), "--public-key", str(public), "--input", str(inputs),
                "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert main(command) == 0
@@ -285,13 +286,13 @@ def test_a_scan_whose_outputs_fail_halfway_leaves_nothing_behind(release, heldou
     assert not (tmp_path / "out" / f"{case_name(scans[0])}.nii.gz").exists()  # nothing unlisted left behind
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["predictions.json", JOURNAL_NAME, *summary["outputs"]])  # the journal: what predict owns here
-    monkeypatch.setattr(site_model, "overlay_montage", real)
+    monkeypatch.setattr(predict, "overlay_montage", real)
     assert main([*command, "--overwrite"]) == 0  # the folder is still predict's own
 
 
 def test_predict_refuses_a_site_model_with_non_finite_weights(release, heldout_site, tmp_path, capsys):
     """The card's digest only detects damage; weights are checked as every loader checks them."""
-    from fedmeta.client.site_model import save_site_model
+    from fedmeta.client.model_card import save_site_model
 
     checkpoint, public = release
     assert _adapt(checkpoint, public, heldout_site, tmp_path / "model", "--steps", "0") == 0
