@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import secrets
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
@@ -25,11 +27,12 @@ from flwr.common.constant import ErrorCode
 
 from fedmeta.client import secure_aggregation
 from fedmeta.client.floor import floor_problem
-from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
+from fedmeta.client.site import SiteCache, SiteRef, resolve_site
 from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
 from fedmeta.common.adaptation import adaptation_curve, site_patients
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import adaptation_support, site_seed
+from fedmeta.common.devices import pick_device
 from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
@@ -82,7 +85,7 @@ def _record(context: Context, kind: str, ok: bool, seconds: float) -> None:
     try:
         config = RunConfig.from_run_config(context.run_config)
         episodes = config.episodes_per_site if kind == "train" and ok else 0
-        device = str(pick_device(config)) if kind != "query" else ""
+        device = str(pick_device(config.device, "run config device")) if kind != "query" else ""
     except Exception:  # noqa: BLE001 - a bad run config was already reported in the reply
         pass
     record_message(context.node_config, kind, ok=ok, seconds=seconds, episodes=episodes, device=device)
@@ -102,7 +105,7 @@ app = ClientApp()
 def query(message: Message, context: Context) -> Message:
     check_versions(message)
     config = RunConfig.from_run_config(context.run_config)
-    ref = resolve_site(context.node_config, config)
+    ref = resolve_site(context.node_config, config, _fedmeta_home())
     metrics = to_metric_record(
         {ROLE_METRIC: int(ref.role == ROLE_HELDOUT), SITE_KEY_METRIC: ref.key, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION}
     )
@@ -265,7 +268,14 @@ def check_versions(message: Message) -> None:
 def _setup(message: Message, context: Context) -> tuple[RunConfig, SiteRef, torch.device]:
     check_versions(message)
     config = RunConfig.from_run_config(context.run_config)
-    return config, resolve_site(context.node_config, config), pick_device(config)
+    ref = resolve_site(context.node_config, config, _fedmeta_home())
+    return config, ref, pick_device(config.device, "run config device")
+
+
+def _fedmeta_home() -> Path | None:
+    """``$FEDMETA_HOME``: where a deployed site keeps what it keeps between runs (its order key); None: the
+    default, ``~/.cache/fedmeta``. Read per message, here at the app's edge only."""
+    return Path(home) if (home := os.environ.get("FEDMETA_HOME")) else None
 
 
 def _received_params(message: Message, config: RunConfig, device: torch.device):

@@ -8,7 +8,6 @@ the training sites first (in the manifest's order), then the held-out sites.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -20,7 +19,9 @@ import torch
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SITE_KEY_FILE, SiteDataset
+from fedmeta.common.devices import pick_device as _pick_device
 from fedmeta.common.model import build_model
+from fedmeta.common.outputs import make_folder, write_atomically
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
 )
@@ -44,8 +45,12 @@ class SiteRef:
     materialise: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
 
 
-def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
-    """The site this node serves, from its node config (deployed) or partition id (simulated)."""
+def resolve_site(node_config: Mapping[str, Any], config: RunConfig, home: Path | None = None) -> SiteRef:
+    """The site this node serves, from its node config (deployed) or partition id (simulated).
+
+    ``home``: where a deployed site without a ``site-id`` keeps its order key (:func:`persisted_site_key`);
+    the ClientApp passes ``$FEDMETA_HOME``.
+    """
     if DATA_DIR_KEY in node_config:
         role = str(node_config.get(ROLE_KEY, ROLE_TRAIN))
         if role not in ROLES:
@@ -59,7 +64,7 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> SiteRef:
         if SITE_ID_KEY in node_config:
             key = int(node_config[SITE_ID_KEY])
         else:
-            key = persisted_site_key(data_dir)
+            key = persisted_site_key(data_dir, home)
         return SiteRef(data_dir, role, key)
     if PARTITION_ID_KEY in node_config:
         if not config.federation_dir:
@@ -105,14 +110,12 @@ def _manifest(root: Path):
     return _MANIFESTS[key]
 
 
-
-
-def persisted_site_key(data_dir: Path) -> int:
-    """This site's random order key, drawn once and kept under ``$FEDMETA_HOME`` (default ``~/.cache/fedmeta``)
-    ``/site-keys/``, filed by a digest of the data folder's path that never leaves the site. fedmeta never writes
-    into a site's data folder; a key an earlier release kept there (``<data-dir>/.fedmeta-site-key``) is still
-    read, so a site keeps its place in the order."""
-    home = Path(os.environ.get("FEDMETA_HOME") or Path.home() / ".cache" / "fedmeta")
+def persisted_site_key(data_dir: Path, home: Path | None) -> int:
+    """This site's random order key, drawn once and kept under ``home`` (the ClientApp's ``$FEDMETA_HOME``; None:
+    ``~/.cache/fedmeta``) ``/site-keys/``, filed by a digest of the data folder's path that never leaves the site.
+    fedmeta never writes into a site's data folder; a key an earlier release kept there
+    (``<data-dir>/.fedmeta-site-key``) is still read, so a site keeps its place in the order."""
+    home = Path(home or Path.home() / ".cache" / "fedmeta")
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:24]
     kept = home / "site-keys" / digest
     for path in (Path(data_dir) / SITE_KEY_FILE, kept):
@@ -126,8 +129,6 @@ def persisted_site_key(data_dir: Path) -> int:
             return int(text)
     key = 1 + secrets.randbelow(2**31 - 2)
     try:
-        from fedmeta.common.outputs import make_folder, write_atomically
-
         make_folder(kept.parent, 0o700)
         write_atomically(kept, lambda tmp: tmp.write_text(f"{key}\n"), 0o600)  # a rename: never through a link
     except OSError as err:
@@ -139,17 +140,9 @@ def persisted_site_key(data_dir: Path) -> int:
 
 
 def pick_device(config: RunConfig) -> torch.device:
-    """The run config's device on this node."""
-    return device_named(config.device, "run config device")
-
-
-def device_named(name: str, where: str = "--device") -> torch.device:
-    """``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"{where}={name!r} but this node has no CUDA device; use 'auto' or 'cpu'.")
-    return torch.device(name)
+    """The run config's device on this node. Only ``fedmeta.simulations.experiments.centralised`` still calls this;
+    the ClientApp calls ``fedmeta.common.devices.pick_device(config.device, ...)``, which it should call too."""
+    return _pick_device(config.device, "run config device")
 
 
 def site_bytes(site: SiteDataset) -> int:
@@ -206,4 +199,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["SiteCache", "SiteRef", "device_named", "pick_device", "resolve_site"]
+__all__ = ["SiteCache", "SiteRef", "persisted_site_key", "pick_device", "resolve_site"]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmeta.client.site import SiteCache, SiteRef, pick_device, resolve_site
+from fedmeta.client.site import SiteCache, SiteRef, resolve_site
 from fedmeta.common.config import RunConfig
+from fedmeta.common.devices import pick_device
 
 
 def test_partitions_map_training_sites_first_then_heldout(smoke_federation):
@@ -24,22 +25,23 @@ def test_partitions_map_training_sites_first_then_heldout(smoke_federation):
 
 
 def test_a_deployed_site_names_its_folder_and_role(tmp_path):
-    ref = resolve_site({"data-dir": str(tmp_path), "role": "heldout"}, RunConfig())
+    home = tmp_path / "home"
+    ref = resolve_site({"data-dir": str(tmp_path), "role": "heldout"}, RunConfig(), home)
     assert (ref.data_dir, ref.role) == (tmp_path, "heldout")
-    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).role == "train"
+    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig(), home).role == "train"
     # The order key is stable across runs: a random id the site keeps, or the operator's site-id.
-    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig()).key == ref.key
-    assert resolve_site({"data-dir": str(tmp_path), "site-id": 7}, RunConfig()).key == 7
+    assert resolve_site({"data-dir": str(tmp_path)}, RunConfig(), home).key == ref.key
+    assert resolve_site({"data-dir": str(tmp_path), "site-id": 7}, RunConfig(), home).key == 7
 
 
-def test_the_default_site_key_is_random_and_kept_never_derived_from_the_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "home"))
+def test_the_default_site_key_is_random_and_kept_never_derived_from_the_folder(tmp_path):
+    home = tmp_path / "home"  # the ClientApp's $FEDMETA_HOME
     a, b = tmp_path / "a" / "hospital", tmp_path / "b" / "hospital"  # the same name: a CRC32 would collide
     a.mkdir(parents=True), b.mkdir(parents=True)
-    key_a = resolve_site({"data-dir": str(a)}, RunConfig()).key
-    key_b = resolve_site({"data-dir": str(b)}, RunConfig()).key
+    key_a = resolve_site({"data-dir": str(a)}, RunConfig(), home).key
+    key_b = resolve_site({"data-dir": str(b)}, RunConfig(), home).key
     assert key_a != key_b and 1 <= key_a < 2**31 - 1
-    assert resolve_site({"data-dir": str(a)}, RunConfig()).key == key_a  # kept across restarts
+    assert resolve_site({"data-dir": str(a)}, RunConfig(), home).key == key_a  # kept across restarts
     # Kept under FEDMETA_HOME, filed by a digest of the path, never in the site's data folder.
     assert list(a.iterdir()) == [] and list(b.iterdir()) == []
     kept = sorted(p.read_text().strip() for p in (tmp_path / "home" / "site-keys").iterdir())
@@ -49,14 +51,13 @@ def test_the_default_site_key_is_random_and_kept_never_derived_from_the_folder(t
     old = tmp_path / "old"
     old.mkdir()
     (old / ".fedmeta-site-key").write_text("4242\n")
-    assert resolve_site({"data-dir": str(old)}, RunConfig()).key == 4242
+    assert resolve_site({"data-dir": str(old)}, RunConfig(), home).key == 4242
     # No writable home: a named refusal that says how to give the site its key.
-    monkeypatch.setenv("FEDMETA_HOME", str(tmp_path / "ro-home" / "file"))
     (tmp_path / "ro-home").mkdir()
     (tmp_path / "ro-home" / "file").write_text("not a folder")
     (tmp_path / "c").mkdir()
     with pytest.raises(PermissionError, match=r"cannot keep this site's key in .*site-id=3.*FEDMETA_HOME"):
-        resolve_site({"data-dir": str(tmp_path / "c")}, RunConfig())
+        resolve_site({"data-dir": str(tmp_path / "c")}, RunConfig(), tmp_path / "ro-home" / "file")
 
 
 @pytest.mark.parametrize(
@@ -106,13 +107,15 @@ def test_the_cache_keeps_the_most_recent_sites_within_its_byte_budget(smoke_fede
     assert all(site_bytes(s) > 0 for s in cache._sites.values())
 
 
-def test_device_follows_the_config():
-    assert pick_device(RunConfig(device="cpu")) == torch.device("cpu")
+def test_device_follows_the_request():
+    assert pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert pick_device(RunConfig(device="auto")).type == expected
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA device"):
-            pick_device(RunConfig(device="cuda"))
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():  # the error names where the request came from
+        with pytest.raises(RuntimeError, match=r"^run config device='cuda' but this node has no CUDA device"):
+            pick_device(RunConfig(device="cuda").device, "run config device")
+        with pytest.raises(RuntimeError, match=r"^--device='cuda:1' but this node has no CUDA device"):
+            pick_device("cuda:1")
 
 
 def test_a_simulated_site_of_a_lazy_federation_is_rendered_when_its_data_is_first_read(tmp_path, lazy_preset):
