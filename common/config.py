@@ -33,47 +33,10 @@ from fedmeta.common.config_sections import (  # the limits and choices are re-ex
     STEP_SIZES, Evaluation, InnerLoop, Learners, Liveness, Model, Privacy, Robustness, Runtime, SecureAggregation,
     Training, hash_rule, need,
 )
-from fedmeta.common.meta import BATCH_FROM
+from fedmeta.common.algorithms import ALGORITHMS as ALGORITHM_OBJECTS
+from fedmeta.common.algorithms import Algorithm
 from fedmeta.common.model import ModelConfig, parameter_count
-from fedmeta.common.protocol import ALGORITHMS, LEARNER_ALGORITHMS
-
-
-# What differs by algorithm, in one place, so that one registry call can take its place.
-def _algorithm_checks(config: RunConfig) -> None:
-    """What ``config.algorithm`` allows of the inner loop and of the learners' keys (the learned optimiser's
-    unroll, lstm-truncation, is held to inner-steps here too: it is that learner's own key)."""
-    algorithm = config.algorithm
-    need(config, config.inner_steps >= (0 if algorithm in ("fast-weights", "prototypes") else 1), "inner-steps",
-         INNER_STEPS_FLOOR)
-    need(config, config.multi_step_loss_rounds == 0 or algorithm in ("maml", "metasgd", "anil"),
-         "multi-step-loss-rounds",
-         f"the multi-step loss applies to maml, metasgd and anil, not algorithm={algorithm!r}; set it to 0.")
-    need(config, config.first_order_rounds == 0 or algorithm in ("maml", "anil"), "first-order-rounds",
-         f"derivative-order annealing applies to maml and anil, not algorithm={algorithm!r} "
-         "(metasgd learns its step sizes through the second-order path); set it to 0.")
-    need(config, config.step_sizes == "per-element" or algorithm == "metasgd", "step-sizes",
-         f"learned step sizes belong to metasgd, not algorithm={algorithm!r}; leave it at per-element.")
-    need(config, 0 <= config.lstm_truncation <= config.inner_steps, "lstm-truncation",
-         f"must be in [0, inner-steps={config.inner_steps}]: the inner steps backpropagated through (0: all).")
-    need(config, config.lstm_truncation == 0 or algorithm == "lstm-optimizer", "lstm-truncation",
-         f"truncates the learned optimiser's unroll; algorithm={algorithm!r} has none. Set it to 0.")
-
-
-def _auto_weighting(algorithm: str) -> str:
-    """site-weighting=auto without DP or SecAgg: FedAvg's data-size weights for the model-averaging methods."""
-    return "data" if algorithm in ("fedavg", "fedprox") else "per-site"
-
-
-def _network(algorithm: str) -> str:
-    """The ``ModelConfig.learner`` an algorithm trains: its own learner, or the plain UNet."""
-    return algorithm if algorithm in LEARNER_ALGORITHMS else "unet"
-
-
-def _episodes_at_once(config: RunConfig) -> int:
-    """Episodes one backward pass holds: FOMAML batches BATCH_FROM or more episodes into one."""
-    if config.algorithm == "fomaml" and config.episodes_per_site >= BATCH_FROM:
-        return config.episodes_per_site
-    return 1
+from fedmeta.common.protocol import ALGORITHMS
 
 
 # dataclasses collects a class's fields from its last base first: the sections are listed last to first, so the
@@ -88,7 +51,8 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
         # Each section its own keys, then the rules joining sections: a key's own rule is reported before them.
         for section in (Training, InnerLoop, Learners):
             section._check(self)
-        _algorithm_checks(self)
+        for holds, key, problem in self.algorithm_object.config_rules(self):  # what the algorithm allows of the others
+            need(self, holds, key, problem)
         for section in (Model, Evaluation, Liveness, Privacy, Robustness, SecureAggregation, Runtime):
             section._check(self)
         self._check_across_sections()
@@ -146,6 +110,11 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
              f"{count:,} parameters ({count * 4 / 2**30:.1f} GiB as float32), more than the {MAX_PARAMETERS:,} "
              "fedmeta builds; use fewer channels or levels.")
 
+    @property
+    def algorithm_object(self) -> Algorithm:
+        """The registered algorithm this run trains with (``fedmeta.common.algorithms``)."""
+        return ALGORITHM_OBJECTS[self.algorithm]
+
     def _section(self, section: type) -> Any:
         return section(**{f.name: getattr(self, f.name) for f in fields(section)})
 
@@ -202,7 +171,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
         feature_map = self.model_base_channels * pixels * 4
         episode_slices = self.k_shot + self.q_query
         episodes = self.episodes_per_site * episode_slices * pixels * (4 + 8 + 4 * self.num_classes)
-        at_once = _episodes_at_once(self)
+        at_once = self.algorithm_object.episodes_at_once(self.episodes_per_site)
         activations = max(12 * episode_slices * at_once, 12 * self.eval_k_shot, 4 * self.eval_batch_size) * feature_map
         return 8 * 4 * parameter_count(self.model_config()) + episodes + activations
 
@@ -246,7 +215,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
             return self.site_weighting
         if self.dp != "none" or self.secure_aggregation != "none":  # DP's sensitivity and SecAgg's sum: one weight each
             return "per-site"
-        return _auto_weighting(self.algorithm)
+        return "data" if self.algorithm_object.data_weighted else "per-site"
 
     def quorum(self, sampled: int) -> int:
         """Valid replies after which a round may close at ``round-deadline``: never fewer than min-sites."""
@@ -263,7 +232,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
             strides=(2,) * (self.model_levels - 1),
             num_res_units=self.model_res_units,
             norm=self.model_norm,
-            learner=_network(self.algorithm),
+            learner=self.algorithm_object.learner,
             generator_width=self.generator_width,
             embedding_dim=self.prototype_dim,
             lstm_hidden=self.lstm_hidden,
@@ -277,7 +246,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
         Where the federation lies may change between a stop and a resume; what it holds may not.
         """
         relevant: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
-                                    if hash_rule(f).joins(getattr(self, f.name), self.algorithm)}
+                                    if hash_rule(f).joins(getattr(self, f.name), f.name in self.algorithm_object.own_keys)}
         if federation is not None:
             relevant["federation"] = federation
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedmeta.common.algorithms import ALGORITHMS as ALGORITHM_OBJECTS
 from fedmeta.common.metaopt import OPTIMIZERS as META_OPTIMIZERS
 from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SECURE_AGGREGATIONS, SITE_WEIGHTINGS
 
@@ -49,10 +50,11 @@ class HashRule:
 
     hashed: bool = True
     omitted_at: Any = NEVER  # left out at this value: what runs did before the key existed
-    algorithms: tuple[str, ...] = ()  # only these algorithms' trajectories depend on it; () = every one
+    algorithm_own: bool = False  # an algorithm's own key (its Algorithm.own_keys): only that algorithm's runs
 
-    def joins(self, value: Any, algorithm: str) -> bool:
-        return self.hashed and (not self.algorithms or algorithm in self.algorithms) and not value == self.omitted_at
+    def joins(self, value: Any, owned_by_the_run: bool) -> bool:
+        """``owned_by_the_run``: the run's algorithm owns this key (always true of a key no algorithm owns)."""
+        return self.hashed and (not self.algorithm_own or owned_by_the_run) and not value == self.omitted_at
 
 
 def not_hashed(default: Any) -> Any:
@@ -68,9 +70,10 @@ def hashed_when_set(default: Any, unset: Any = NEVER) -> Any:
     return field(default=default, metadata={_HASH: HashRule(omitted_at=default if unset is NEVER else unset)})
 
 
-def learner_key(default: Any, algorithm: str) -> Any:
-    """A learner's own size: it shapes only ``algorithm``'s runs and, added later, is hashed only when set."""
-    return field(default=default, metadata={_HASH: HashRule(omitted_at=default, algorithms=(algorithm,))})
+def algorithm_key(default: Any) -> Any:
+    """One algorithm's own key (a learner's size; which algorithm owns it, its ``Algorithm.own_keys`` say): it shapes
+    only that algorithm's runs and, added later, is hashed only when set."""
+    return field(default=default, metadata={_HASH: HashRule(omitted_at=default, algorithm_own=True)})
 
 
 def hash_rule(f: Any) -> HashRule:
@@ -97,7 +100,8 @@ class _Section:
         self._check()  # type: ignore[attr-defined]  # each section defines it
 
 
-INNER_STEPS_FLOOR = "must be >= 1 (0 only for fast-weights and prototypes, whose adaptation needs no gradient step)."
+INNER_STEPS_FLOOR = (f"must be >= 1 (0 only for {' and '.join(n for n, a in ALGORITHM_OBJECTS.items() if not a.min_inner_steps)}, "
+                     "whose adaptation needs no gradient step).")
 _TOO_MANY_SHOTS = f"must be at most {MAX_SHOTS:,} slices (an episode holds them at once; 1-20 is usual)."
 
 
@@ -183,10 +187,10 @@ class Learners(_Section):
     """The other families' own parts (fedmeta.common.learners, docs/learners.md): sizes, and the learned optimiser's
     unroll (held to inner-steps, and to its algorithm, by RunConfig)."""
 
-    generator_width: int = learner_key(32, "fast-weights")  # the support-set encoder's channels and MLP width
-    prototype_dim: int = learner_key(32, "prototypes")  # channels of the pixel embedding the prototypes live in
-    lstm_hidden: int = learner_key(8, "lstm-optimizer")  # the coordinate-wise LSTM's units (state: 2 x per weight)
-    lstm_truncation: int = learner_key(0, "lstm-optimizer")  # backpropagate through the last N inner steps; 0 = all
+    generator_width: int = algorithm_key(32)  # the support-set encoder's channels and MLP width
+    prototype_dim: int = algorithm_key(32)  # channels of the pixel embedding the prototypes live in
+    lstm_hidden: int = algorithm_key(8)  # the coordinate-wise LSTM's units (state: 2 x per weight)
+    lstm_truncation: int = algorithm_key(0)  # backpropagate through the last N inner steps; 0 = all
 
     def _check(self) -> None:
         for key in ("generator-width", "prototype-dim", "lstm-hidden"):
@@ -384,4 +388,4 @@ __all__ = ["DEVICES", "INNER_STEPS_FLOOR", "MAX_BASE_CHANNELS", "MAX_EPISODES", 
            "MAX_LEARNER_SIZE", "MAX_MODEL_LEVELS", "MAX_PARAMETERS", "MAX_RES_UNITS", "MAX_SHOTS", "MAX_STEPS",
            "META_OPTIMIZERS", "NEVER", "SPACING_MM_RANGE", "STEP_SIZES", "Evaluation", "HashRule", "InnerLoop",
            "Learners", "Liveness", "Model", "Privacy", "Robustness", "Runtime", "SecureAggregation", "Training",
-           "hash_rule", "hashed_when_set", "learner_key", "need", "need_finite", "not_hashed"]
+           "algorithm_key", "hash_rule", "hashed_when_set", "need", "need_finite", "not_hashed"]

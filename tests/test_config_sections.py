@@ -57,9 +57,13 @@ def test_the_hash_declarations_beside_the_fields_are_the_lists_kept_by_hand_befo
         "median_norm_bound": 0.0, "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
         "secagg_clip_range": 8.0, "secagg_levels": 0, "generator_width": 32, "prototype_dim": 32, "lstm_hidden": 8,
         "lstm_truncation": 0}
-    learner_keys = {f.name: hash_rule(f).algorithms for f in fields(RunConfig) if hash_rule(f).algorithms}
-    assert learner_keys == {"generator_width": ("fast-weights",), "prototype_dim": ("prototypes",),
-                            "lstm_hidden": ("lstm-optimizer",), "lstm_truncation": ("lstm-optimizer",)}
+    from fedmeta.common.algorithms import ALGORITHMS
+
+    owned = {f.name for f in fields(RunConfig) if hash_rule(f).algorithm_own}
+    owners = {key: name for name, a in ALGORITHMS.items() for key in a.own_keys}
+    assert owners == {"generator_width": "fast-weights", "prototype_dim": "prototypes",
+                      "lstm_hidden": "lstm-optimizer", "lstm_truncation": "lstm-optimizer"}
+    assert owned == set(owners), "a key an algorithm owns is declared with algorithm_key, and only those"
 
 
 def test_every_key_lives_in_exactly_one_section_and_the_run_config_is_their_union():

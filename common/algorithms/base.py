@@ -118,6 +118,32 @@ class Algorithm(AdaptationRule):
         """How many episodes one backward pass holds (memory): one, unless the episodes are batched."""
         return 1
 
+    def config_rules(self, config: Any) -> list[tuple[bool, str, str]]:
+        """What this algorithm allows of a run config: ``(holds, key, problem and fix)`` in the order they are checked
+        (``fedmeta.common.config.RunConfig`` refuses the first that does not hold)."""
+        from fedmeta.common.algorithms import ALGORITHMS, names_where  # the registry imports this module
+
+        name = self.name
+        without_steps = " and ".join(n for n, a in ALGORITHMS.items() if not a.min_inner_steps)
+        second_order, annealed = names_where("second_order"), names_where("order_annealing")
+        learned = names_where("learns_step_sizes")
+        return [
+            (config.inner_steps >= self.min_inner_steps, "inner-steps",
+             f"must be >= 1 (0 only for {without_steps}, whose adaptation needs no gradient step)."),
+            (config.multi_step_loss_rounds == 0 or self.second_order, "multi-step-loss-rounds",
+             f"the multi-step loss applies to {', '.join(second_order[:-1])} and {second_order[-1]}, not "
+             f"algorithm={name!r}; set it to 0."),
+            (config.first_order_rounds == 0 or self.order_annealing, "first-order-rounds",
+             f"derivative-order annealing applies to {' and '.join(annealed)}, not algorithm={name!r} "
+             f"({' and '.join(learned)} learns its step sizes through the second-order path); set it to 0."),
+            (config.step_sizes == "per-element" or self.learns_step_sizes, "step-sizes",
+             f"learned step sizes belong to {' and '.join(learned)}, not algorithm={name!r}; leave it at per-element."),
+            (0 <= config.lstm_truncation <= config.inner_steps, "lstm-truncation",  # the unroll's range, then its owner
+             f"must be in [0, inner-steps={config.inner_steps}]: the inner steps backpropagated through (0: all)."),
+            (config.lstm_truncation == 0 or self.truncates, "lstm-truncation",
+             f"truncates the learned optimiser's unroll; algorithm={name!r} has none. Set it to 0."),
+        ]
+
     def check_model(self, model: torch.nn.Module) -> None:
         kind = getattr(model, "learner", None)
         wanted = None if self.learner == "unet" else self.learner
