@@ -39,6 +39,18 @@ from fedmeta.common.model import ModelConfig, parameter_count
 from fedmeta.common.protocol import ALGORITHMS
 
 
+class _SectionView:
+    """``config.<section>``: the section's keys of a run config, as the section's own frozen dataclass."""
+
+    def __init__(self, section: type) -> None:
+        self.section = section
+
+    def __get__(self, config: Any, owner: type | None = None) -> Any:
+        if config is None:
+            return self
+        return self.section(**{f.name: getattr(config, f.name) for f in fields(self.section)})
+
+
 # dataclasses collects a class's fields from its last base first: the sections are listed last to first, so the
 # fields (and to_run_config) run from algorithm to release-key.
 @dataclass(frozen=True)
@@ -115,49 +127,17 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
         """The registered algorithm this run trains with (``fedmeta.common.algorithms``)."""
         return ALGORITHM_OBJECTS[self.algorithm]
 
-    def _section(self, section: type) -> Any:
-        return section(**{f.name: getattr(self, f.name) for f in fields(section)})
-
-    @property
-    def training(self) -> Training:
-        return self._section(Training)
-
-    @property
-    def inner_loop(self) -> InnerLoop:
-        return self._section(InnerLoop)
-
-    @property
-    def learners(self) -> Learners:
-        return self._section(Learners)
-
-    @property
-    def model(self) -> Model:
-        return self._section(Model)
-
-    @property
-    def evaluation(self) -> Evaluation:
-        return self._section(Evaluation)
-
-    @property
-    def runtime(self) -> Runtime:
-        return self._section(Runtime)
-
-    @property
-    def liveness(self) -> Liveness:
-        return self._section(Liveness)
-
-    @property
-    def privacy(self) -> Privacy:
-        return self._section(Privacy)
-
-    @property
-    def robustness(self) -> Robustness:
-        return self._section(Robustness)
-
-    @property
-    def secagg(self) -> SecureAggregation:
-        """The secure-aggregation section (its mode is the key ``secure_aggregation``)."""
-        return self._section(SecureAggregation)
+    # One section of the run config as its own frozen dataclass: config.privacy.dp_clip_norm.
+    training = _SectionView(Training)
+    inner_loop = _SectionView(InnerLoop)
+    learners = _SectionView(Learners)
+    model = _SectionView(Model)
+    evaluation = _SectionView(Evaluation)
+    runtime = _SectionView(Runtime)
+    liveness = _SectionView(Liveness)
+    privacy = _SectionView(Privacy)
+    robustness = _SectionView(Robustness)
+    secagg = _SectionView(SecureAggregation)  # its mode is the key secure_aggregation
 
     def memory_estimate(self) -> int:
         """Bytes one site needs for a round, an adaptation or a segmentation with this config, about: the weights
