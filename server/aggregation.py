@@ -92,25 +92,35 @@ def aggregate(config: RunConfig, updates: Sequence[Update], weights: Sequence[fl
     """
     if not updates:
         raise ValueError("no update to aggregate.")
-    n = len(updates)
     if config.dp == "central":
-        clipped, norms = zip(*(clip_update(u, config.dp_clip_norm) for u in updates))
-        std = config.dp_noise_multiplier * config.dp_clip_norm / n
-        mean = weighted_mean(list(clipped), [1.0] * n)
-        generator = noise_generator(noise_seed if config.dp_seeded_noise else None)
-        # No per-reply norms in the record: they describe the sites' data outside the accountant's epsilon.
-        return Aggregate(add_gaussian_noise(mean, std, generator), "mean", n,
-                         clipped=sum(norm > config.dp_clip_norm for norm in norms), noise_std=std)
+        return _central_dp_mean(config, updates, noise_seed)
+    n = len(updates)
     updates, norms, bound, bounded = bound_replies(updates, config.median_norm_bound, norms)
     bounds = {"norms": norms, "norm_bound": bound, "bounded": bounded}
     if config.aggregation == "mean" or n == 1:
         note = "" if config.aggregation == "mean" else f"{config.aggregation} needs 2 or more replies; 1 answered"
         return Aggregate(weighted_mean(updates, weights), "mean", n, note=note, **bounds)
+    return _robust(config, updates, Aggregate({}, config.aggregation, n, **bounds))
 
+
+def _central_dp_mean(config: RunConfig, updates: Sequence[Update], noise_seed: int | None) -> Aggregate:
+    """Every update clipped to C, their plain mean, and N(0, (σ·C / n)²) per element on it."""
+    n = len(updates)
+    clipped, norms = zip(*(clip_update(u, config.dp_clip_norm) for u in updates))
+    std = config.dp_noise_multiplier * config.dp_clip_norm / n
+    mean = weighted_mean(list(clipped), [1.0] * n)
+    generator = noise_generator(noise_seed if config.dp_seeded_noise else None)
+    # No per-reply norms in the record: they describe the sites' data outside the accountant's epsilon.
+    return Aggregate(add_gaussian_noise(mean, std, generator), "mean", n,
+                     clipped=sum(norm > config.dp_clip_norm for norm in norms), noise_std=std)
+
+
+def _robust(config: RunConfig, updates: Sequence[Update], result: Aggregate) -> Aggregate:
+    """Fills ``result`` (2 or more bounded replies) with the run's robust rule: median, trimmed mean or Multi-Krum."""
+    n = result.replies
     keys = list(updates[0])
     arrays = [[u[k].detach().cpu().to(torch.float64).numpy() for k in keys] for u in updates]
     results = [(a, 1) for a in arrays]  # every reply weighs the same under a robust rule
-    result = Aggregate({}, config.aggregation, n, **bounds)
     rule = config.aggregation
     if rule == "krum" and n < 2 * config.krum_byzantine + 3:
         # Krum's guarantee needs n >= 2f + 3 (Blanchard et al. 2017); with fewer it would score replies on

@@ -251,44 +251,48 @@ class Coordinator:
         if combined.norms is not None:
             outcome.reply_norms = {order[i]: norm for i, norm in enumerate(combined.norms)}
             outcome.aggregation["bounded"] = [order[i] for i in combined.bounded or []]
-            # Honest replies above the median are scaled a little every round (info); one far above the bound is a
-            # hostile or broken site the operator should hear of (warning) — or, with 2 replies, the bound was set
-            # by a near-zero reply: one of two sites cannot raise the bound, but it can lower it and hold the round
-            # back (never move θ arbitrarily).
-            far = [i for i in combined.bounded or [] if combined.norms[i] > OUTLIER_NORM_RATIO * combined.norm_bound]
-            for level, which in ((logging.INFO, combined.bounded or []), (logging.WARNING, far)):
-                if which:
-                    log.log(level, "round %d: %s scaled down to the norm bound %.4g (median-norm-bound=%g x the "
-                            "round's median reply norm)%s", server_round,
-                            ", ".join(f"node {order[i]} (norm {combined.norms[i]:.4g})" for i in which),
-                            combined.norm_bound, self.config.median_norm_bound,
-                            "" if level == logging.INFO else f": over {OUTLIER_NORM_RATIO:g}x the bound, a hostile or "
-                            "broken site — or, with 2 replies, a near-zero reply set the bound")
+            self._note_bounded(server_round, combined, order)
         try:
             self.meta_optimizer.step(combined.update)
         except MetaOptimizerStateError as err:
-            sites = ", ".join(f"node {n} (reply norm {outcome.reply_norms[n]:.4g})" if n in outcome.reply_norms
-                              else f"node {n}" for n in sorted(order, key=lambda n: -outcome.reply_norms.get(n, 0)))
-            last_good = (f"the checkpoint of round {server_round - 1} is the last good θ" if server_round > 1
-                         else "no earlier round updated θ")
-            raise MetaOptimizerStateError(
-                f"round {server_round}: {err} The replies of this round came from {sites}"
-                f"{f'; each was bounded to {combined.norm_bound:.4g}' if combined.norm_bound else ''}. The run stops; "
-                f"{last_good}. A reply far larger or smaller than the others is the likely cause: keep "
-                "median-norm-bound on (1 by default), use a robust aggregation, sample 3 or more sites a round, or "
-                "leave that site out."
-            ) from None
+            raise self._broken_step(server_round, err, outcome, combined, order) from None
         check_finite(self.params, server_round)
         outcome.updated = True
         if self.accountant is not None:
             outcome.privacy = self._spend(sampled, len(order))
-        counts = (NUM_EXAMPLES, TRAIN_SLICES)
-        outcome.metrics = weighted_mean_scalars(
-            [{k: v for k, v in outcome.accepted[n].items() if k not in counts} for n in order], weights
+        outcome.metrics = _summary(outcome.accepted, order, weights)
+
+    def _note_bounded(self, server_round: int, combined: Aggregate, order: list[int]) -> None:
+        """Logs the replies scaled down to the round's norm bound."""
+        # Honest replies above the median are scaled a little every round (info); one far above the bound is a
+        # hostile or broken site the operator should hear of (warning) — or, with 2 replies, the bound was set
+        # by a near-zero reply: one of two sites cannot raise the bound, but it can lower it and hold the round
+        # back (never move θ arbitrarily).
+        far = [i for i in combined.bounded or [] if combined.norms[i] > OUTLIER_NORM_RATIO * combined.norm_bound]
+        for level, which in ((logging.INFO, combined.bounded or []), (logging.WARNING, far)):
+            if which:
+                log.log(level, "round %d: %s scaled down to the norm bound %.4g (median-norm-bound=%g x the "
+                        "round's median reply norm)%s", server_round,
+                        ", ".join(f"node {order[i]} (norm {combined.norms[i]:.4g})" for i in which),
+                        combined.norm_bound, self.config.median_norm_bound,
+                        "" if level == logging.INFO else f": over {OUTLIER_NORM_RATIO:g}x the bound, a hostile or "
+                        "broken site — or, with 2 replies, a near-zero reply set the bound")
+
+    def _broken_step(self, server_round: int, err: MetaOptimizerStateError, outcome: RoundOutcome,
+                     combined: Aggregate, order: list[int]) -> MetaOptimizerStateError:
+        """The error a step that broke the meta-optimiser stops the run with: the round, its sites by reply norm
+        (largest first), the last good checkpoint and what to change."""
+        sites = ", ".join(f"node {n} (reply norm {outcome.reply_norms[n]:.4g})" if n in outcome.reply_norms
+                          else f"node {n}" for n in sorted(order, key=lambda n: -outcome.reply_norms.get(n, 0)))
+        last_good = (f"the checkpoint of round {server_round - 1} is the last good θ" if server_round > 1
+                     else "no earlier round updated θ")
+        return MetaOptimizerStateError(
+            f"round {server_round}: {err} The replies of this round came from {sites}"
+            f"{f'; each was bounded to {combined.norm_bound:.4g}' if combined.norm_bound else ''}. The run stops; "
+            f"{last_good}. A reply far larger or smaller than the others is the likely cause: keep "
+            "median-norm-bound on (1 by default), use a robust aggregation, sample 3 or more sites a round, or "
+            "leave that site out."
         )
-        for key in counts:
-            if all(key in outcome.accepted[n] for n in order):
-                outcome.metrics[key] = float(sum(outcome.accepted[n][key] for n in order))
 
     def _spend(self, sampled: int, answered: int) -> dict:
         """Records the round's DP release with the accountant; returns the round record's ``privacy``."""
@@ -439,6 +443,17 @@ class InvalidReply(ValueError):
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
         self.kind = kind
+
+
+def _summary(accepted: Mapping[int, dict[str, float]], order: list[int], weights: list[float]) -> dict[str, float]:
+    """The round's training metrics: each site's scalars weighted as its reply was, and the example and slice
+    counts summed (when every site reported them)."""
+    counts = (NUM_EXAMPLES, TRAIN_SLICES)
+    metrics = weighted_mean_scalars([{k: v for k, v in accepted[n].items() if k not in counts} for n in order], weights)
+    for key in counts:
+        if all(key in accepted[n] for n in order):
+            metrics[key] = float(sum(accepted[n][key] for n in order))
+    return metrics
 
 
 def _collected(replies: Collected | Iterable[Message]) -> Collected:

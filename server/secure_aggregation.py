@@ -148,24 +148,47 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
     revealed_by = exchange.stage(SECAGG_UNMASK_ACTION, {n: unmask for n in u3}, revealed, "unmask")
 
     def secret(owner: int) -> bytes:
-        group = neighbours(u1, owner, config.secagg_neighbours)
-        need = threshold(len(group) + 1, config.secagg_threshold)
-        holders = {owner} | set(sent_shares.get(owner, {}))  # revealed() already refused any other holder
-        held = [shares[owner] for holder, shares in sorted(revealed_by.items()) if owner in shares and holder in holders]
-        exchange.require(len(held) >= need, f"only {len(held)} share(s) of site {owner}'s secret came back, "
-                                            f"{need} needed (more sites vanished than secagg-threshold tolerates)")
-        try:
-            recovered = combine_shares(held[:need])
-            # A wrong share yields another secret, and masks that no longer cancel: with a spare share,
-            # two different subsets must agree, or the round is abandoned rather than θ stepped with garbage.
-            agree = len(held) == need or combine_shares(held[-need:]) == recovered
-        except Exception:  # noqa: BLE001 - Flower's "Failed to combine shares", or shares a hostile site crafted
-            agree = False
-        exchange.require(agree, f"the shares of site {owner}'s secret disagree (a site sent a wrong share)")
-        return recovered
+        return _recovered_secret(exchange, config, u1, sent_shares, revealed_by, owner)
 
     names = sorted(coordinator.expected)
-    shapes = [coordinator.expected[n][0] for n in names]
+    total = _unmasked_sum(names, [coordinator.expected[n][0] for n in names], masked, u3, dead, pk1, sent_shares,
+                          secret)
+    n = len(u3)
+    mean = _dequantised_mean(config, names, total, n, len(u1), coordinator.params)
+    for node in u3:
+        outcome.accepted[node] = masked[node][1]
+    combined = Aggregate(mean, "mean", n)
+    # The sites split local DP noise over the key listing (u1), never over more: so does the accountant.
+    coordinator.step(server_round, len(u1), outcome, combined, u3, [1.0] * n)
+    outcome.aggregation = {**combined.record(), "secure": "secagg+", "dropped_after_sharing": len(dead)}
+
+
+def _recovered_secret(exchange: _Exchange, config: RunConfig, u1: list[int], sent_shares: dict[int, dict[int, bytes]],
+                      revealed_by: dict[int, dict[int, bytes]], owner: int) -> bytes:
+    """Site ``owner``'s secret from the shares its holders revealed; abandons the round when too few came back
+    or they disagree."""
+    group = neighbours(u1, owner, config.secagg_neighbours)
+    need = threshold(len(group) + 1, config.secagg_threshold)
+    holders = {owner} | set(sent_shares.get(owner, {}))  # revealed() already refused any other holder
+    held = [shares[owner] for holder, shares in sorted(revealed_by.items()) if owner in shares and holder in holders]
+    exchange.require(len(held) >= need, f"only {len(held)} share(s) of site {owner}'s secret came back, "
+                                        f"{need} needed (more sites vanished than secagg-threshold tolerates)")
+    try:
+        recovered = combine_shares(held[:need])
+        # A wrong share yields another secret, and masks that no longer cancel: with a spare share,
+        # two different subsets must agree, or the round is abandoned rather than θ stepped with garbage.
+        agree = len(held) == need or combine_shares(held[-need:]) == recovered
+    except Exception:  # noqa: BLE001 - Flower's "Failed to combine shares", or shares a hostile site crafted
+        agree = False
+    exchange.require(agree, f"the shares of site {owner}'s secret disagree (a site sent a wrong share)")
+    return recovered
+
+
+def _unmasked_sum(names: list[str], shapes: list[tuple[int, ...]], masked: dict, u3: list[int], dead: list[int],
+                  pk1: dict[int, bytes], sent_shares: dict[int, dict[int, bytes]],
+                  secret: Callable[[int], bytes]) -> list[np.ndarray]:
+    """The sum, mod 2^32, of the answering sites' quantised replies: their own masks and the pairwise masks of
+    the sites that vanished after sharing removed."""
     total = [np.zeros(shape, dtype=np.int64) for shape in shapes]
     for node in u3:
         total = [(t + masked[node][0][name]) % MOD_RANGE for t, name in zip(total, names)]
@@ -186,22 +209,21 @@ def _run(exchange: "_Exchange", coordinator: Coordinator, server_round: int, cho
             pairwise = expand_mask(shared, shapes)
             sign = 1 if node > gone else -1
             total = [(t - sign * m) % MOD_RANGE for t, m in zip(total, pairwise)]
+    return total
 
+
+def _dequantised_mean(config: RunConfig, names: list[str], total: list[np.ndarray], n: int, listed: int,
+                      params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean of ``n`` replies from the sum of their quantised values, in θ's dtypes."""
     # Each quantised value is (x + R) · L / 2R, rounded: the sum of n of them, scaled back, less n·R.
-    # The sites quantised with the levels that fit every participant of the key exchange (u1).
-    n, scale = len(u3), 2 * config.secagg_clip_range / levels_for(config.secagg_levels, len(u1))
-    first = coordinator.params
+    # The sites quantised with the levels that fit every participant of the key exchange (``listed``, u1).
+    scale = 2 * config.secagg_clip_range / levels_for(config.secagg_levels, listed)
     mean = {}
     for name, t in zip(names, total):
         summed = t.astype(np.float64) * scale - n * config.secagg_clip_range
-        dtype = first[name].dtype if name in first else torch.float32
+        dtype = params[name].dtype if name in params else torch.float32
         mean[name] = torch.from_numpy(summed / n).to(dtype)
-    for node in u3:
-        outcome.accepted[node] = masked[node][1]
-    combined = Aggregate(mean, "mean", n)
-    # The sites split local DP noise over the key listing (u1), never over more: so does the accountant.
-    coordinator.step(server_round, len(u1), outcome, combined, u3, [1.0] * n)
-    outcome.aggregation = {**combined.record(), "secure": "secagg+", "dropped_after_sharing": len(dead)}
+    return mean
 
 
 class _RoundAbandoned(RuntimeError):
