@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import Message
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
-
-if TYPE_CHECKING:  # annotations only: the coordinator and the rounds import this module's users
-    from fedmeta.server.coordinator import Coordinator, RoundOutcome
-    from fedmeta.server.rounds import Membership
+from fedmeta.server.coordinator import Coordinator, RoundOutcome
+from fedmeta.server.rounds import Membership
 
 log = logging.getLogger("fedmeta.server")
 

@@ -13,17 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from flwr.app import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
+from fedmeta.server.coordinator import RoundOutcome
 from fedmeta.server.listeners import RoundReport, RunListener
-
-if TYPE_CHECKING:  # annotations only: the coordinator and the rounds need not load with the exporter
-    from fedmeta.server.coordinator import RoundOutcome
-    from fedmeta.server.rounds import Membership
+from fedmeta.server.rounds import Membership
 
 log = logging.getLogger("fedmeta.server")
 
