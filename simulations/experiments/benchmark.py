@@ -46,7 +46,6 @@ from typing import Any
 
 from fedmeta.common.jsonio import write_json
 from fedmeta.common.outputs import Outputs
-from fedmeta.common.protocol import LEARNER_ALGORITHMS
 from fedmeta.simulations.experiments.benchmark_preset import (
     DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
 )
@@ -179,7 +178,7 @@ def run_benchmark(
 
     # The shared settings (data, classes, the scratch and oracle networks): a method of the initialisation
     # family's, never a learner's own network.
-    any_config = next((c for c in configs.values() if c.algorithm not in LEARNER_ALGORITHMS), None) \
+    any_config = next((c for c in configs.values() if c.model_config().learner == "unet"), None) \
         or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0, "algorithm": "fomaml"})
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
@@ -195,12 +194,12 @@ def run_benchmark(
             for name in names:
                 dice[name][seed] = dice_by_method[name]
     else:
-        from fedmeta.common.meta import SECOND_ORDER
+        def costly(config: RunConfig) -> bool:  # second order, or a learner's network: the longest runs
+            return config.algorithm_object.second_order or config.model_config().learner != "unet"
 
         # The costliest runs first, so the processes finish together.
-        costly = SECOND_ORDER + LEARNER_ALGORITHMS
         order = sorted(((seed, key) for seed in seeds_list for key in configs),
-                       key=lambda job: (configs[job[1]].algorithm not in costly, job[0]))
+                       key=lambda job: (not costly(configs[job[1]]), job[0]))
         trained = _in_processes(spec["jobs"], _train, [
             _train_args(key, configs[key], seed, out, federation_dir, train_infos, eval_infos, spec, quiet)
             for seed, key in order])
