@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from flwr.common.constant import ErrorCode
 
 from fedmeta.client import secure_aggregation
 from fedmeta.client.floor import floor_problem
+from fedmeta.client.privacy import private_reply
 from fedmeta.client.site import SiteCache, SiteRef, resolve_site
 from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
 from fedmeta.common.adaptation import adaptation_curve, site_patients
@@ -36,11 +36,10 @@ from fedmeta.common.devices import pick_device
 from fedmeta.common.federated_round import adaptation_rule, site_update
 from fedmeta.common.losses import DiceCELoss
 from fedmeta.common.metrics import foreground_classes
-from fedmeta.common.privacy import add_gaussian_noise, clip_update, local_noise_split, noise_generator
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, DATA_DIR_KEY, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD,
+    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD,
     NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE,
-    ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN, ROUND_KEY, ROUND_SEED_KEY, SAMPLED_SITES_KEY, SECAGG_KEYS_ACTION,
+    ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN, ROUND_KEY, ROUND_SEED_KEY, SECAGG_KEYS_ACTION,
     SECAGG_RECORD, SECAGG_REFUSED, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION, SECONDS, SITE_KEY_METRIC,
     SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
     fedmeta_version, worst_patient_key,
@@ -86,8 +85,8 @@ def _record(context: Context, kind: str, ok: bool, seconds: float) -> None:
         config = RunConfig.from_run_config(context.run_config)
         episodes = config.episodes_per_site if kind == "train" and ok else 0
         device = str(pick_device(config.device, "run config device")) if kind != "query" else ""
-    except Exception:  # noqa: BLE001 - a bad run config was already reported in the reply
-        pass
+    except (ValueError, RuntimeError) as err:  # a run config the handler already refused (and its reply named)
+        log.warning("site metrics of %s on node %s have no episodes or device: %s", kind, context.node_id, err)
     record_message(context.node_config, kind, ok=ok, seconds=seconds, episodes=episodes, device=device)
 
 
@@ -125,24 +124,12 @@ def train(message: Message, context: Context) -> Message:
     params, step_sizes = _received_params(message, config, device)
     round_config = message.content.config_records[CONFIG_RECORD]
     round_seed = int(round_config[ROUND_SEED_KEY])
-    seed = site_seed(round_seed, site.name)
-    if SECAGG_RECORD in message.content.config_records and DATA_DIR_KEY in context.node_config:
-        # A deployed site under secure aggregation draws its episodes with fresh randomness of its own: the same
-        # θ and round seed in another run (a relaunch, a resume, a server replaying) never give the same reply,
-        # so two sums cannot be subtracted to isolate it. Simulations keep the round seed alone: reproducible.
-        seed = (seed + secrets.randbelow(2**31 - 1)) % (2**31 - 1)
+    seed = secure_aggregation.episode_seed(message, context, site_seed(round_seed, site.name))
     grads, stats = site_update(
         model, params, step_sizes, site, config, n_episodes=config.episodes_per_site,
         seed=seed, server_round=int(round_config[ROUND_KEY]), device=device,
     )
-    if config.dp == "local":
-        sampled = int(round_config.get(SAMPLED_SITES_KEY, 1))
-        if SECAGG_RECORD in message.content.config_records:  # never split the noise over more sites than were listed
-            sampled = min(sampled, secure_aggregation.participants(message, context))
-        if sampled < 1:
-            raise secure_aggregation.SecAggError(f"{SAMPLED_SITES_KEY}={sampled}: a round samples at least one site")
-        # Split over the round's quorum, not every listed site: any sum the server may unmask carries σ·C.
-        grads = local_dp(grads, config, local_noise_split(config, sampled), seed)
+    grads = private_reply(message, context, config, grads, seed)  # local DP's clip and noise; else grads unchanged
     metrics = {
         NUM_EXAMPLES: int(stats["num_examples"]),
         SUPPORT_LOSS_BEFORE: stats["support_loss_before"],
@@ -198,19 +185,6 @@ def _check_floor(config: RunConfig, context: Context) -> None:
     problem = floor_problem(config, context.node_config)
     if problem:
         raise secure_aggregation.SecAggError(f"the run is below this site's privacy floor (node config): {problem}")
-
-
-def local_dp(grads, config: RunConfig, split: int, seed: int):
-    """Local / distributed DP: the whole reply clipped to C, plus N(0, (σ·C/√q)²) so that the sum of
-    any q of the round's replies carries σ·C (``fedmeta.common.privacy.local_noise_split``). Alone, one
-    reply carries only σ·C/√q: the guarantee against the server needs secure aggregation, so that it sees
-    only the sum."""
-    if split < 1:
-        raise ValueError(f"local DP split over {split} sites: a round samples at least one site.")
-    clipped, _norm = clip_update(grads, config.dp_clip_norm)
-    std = config.dp_noise_multiplier * config.dp_clip_norm / split**0.5
-    generator = noise_generator(seed ^ 0x6C6F63616C if config.dp_seeded_noise else None)
-    return add_gaussian_noise(clipped, std, generator)
 
 
 @app.evaluate()

@@ -32,6 +32,7 @@ round and are replaced the next.
 from __future__ import annotations
 
 import os
+import secrets
 
 import numpy as np
 import torch
@@ -47,9 +48,9 @@ from flwr.supercore.primitives.asymmetric import (
 from fedmeta.client.floor import sites_floor
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, ROUND_KEY, ROUND_SEED_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD, SECAGG_DESTINATIONS,
-    SAMPLED_SITES_KEY, SECAGG_BAD_SHARE, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD, SECAGG_SHARES,
-    SECAGG_SOURCES,
+    CONFIG_RECORD, DATA_DIR_KEY, ROUND_KEY, ROUND_SEED_KEY, SECAGG_ACTIVE, SECAGG_CIPHERTEXTS, SECAGG_DEAD,
+    SECAGG_DESTINATIONS, SAMPLED_SITES_KEY, SECAGG_BAD_SHARE, SECAGG_NODES, SECAGG_PK1, SECAGG_PK2, SECAGG_RECORD,
+    SECAGG_SHARES, SECAGG_SOURCES,
 )
 from fedmeta.common.privacy import local_noise_split
 from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, threshold
@@ -61,6 +62,16 @@ _SEEDS, _SEEDS_KEPT = "fedmeta-secagg-seeds", 4096  # the round seeds this node 
 
 class SecAggError(ValueError):
     """A message that breaks the protocol (wrong round, a key shown twice, a share asked for twice)."""
+
+
+def episode_seed(message: Message, context: Context, seed: int) -> int:
+    """The seed a site draws its round's episodes with: ``seed`` (the round's, per site), or, at a deployed site
+    under secure aggregation, ``seed`` mixed with fresh randomness of its own: the same θ and round seed in
+    another run (a relaunch, a resume, a server replaying) never give the same reply, so two sums cannot be
+    subtracted to isolate it. Simulations keep the round seed alone: reproducible."""
+    if SECAGG_RECORD in message.content.config_records and DATA_DIR_KEY in context.node_config:
+        return (seed + secrets.randbelow(2**31 - 1)) % (2**31 - 1)
+    return seed
 
 
 def keys(message: Message, context: Context) -> Message:
@@ -313,4 +324,4 @@ class _StateView(dict):
             self._record[key] = value
 
 
-__all__ = ["SecAggError", "keys", "masked_reply", "participants", "shares", "unmask"]
+__all__ = ["SecAggError", "episode_seed", "keys", "masked_reply", "participants", "shares", "unmask"]

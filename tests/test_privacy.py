@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedmeta.client.app import local_dp
+from fedmeta.client.privacy import local_dp
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.common.config import RunConfig
 from fedmeta.common.privacy import (
