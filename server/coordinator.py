@@ -24,7 +24,6 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedmeta.common.checkpoint import Checkpoint, trajectory_hash
 from fedmeta.common.config import RunConfig
 from fedmeta.common.federated_round import sample_sites, site_weights, weighted_mean_scalars
-from fedmeta.common.meta import init_step_sizes
 from fedmeta.common.metaopt import MetaOptimizer, MetaOptimizerStateError
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.privacy import PrivacyAccountant, RoundEvent, local_noise_split, update_norm
@@ -83,9 +82,7 @@ class Coordinator:
         self.config = config
         model = seeded_model(config.model_config(), config.seed)
         params = initial_params(model)
-        step_sizes = None
-        if config.algorithm == "metasgd":
-            step_sizes = init_step_sizes(params, config.inner_lr, per_layer_steps=config.per_layer_steps)
+        step_sizes = config.algorithm_object.initial_step_sizes(params, config)  # Meta-SGD's; None for the others
         self.expected = {
             key: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
             for key, t in pack_params_dict(params, step_sizes).items()
