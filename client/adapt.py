@@ -23,6 +23,7 @@ import torch
 from fedmeta.client.model_card import SITE_MODEL_FILES, SITE_MODEL_FORMAT, SITE_MODEL_VERSION, save_site_model
 from fedmeta.client.predict import command_device, segment_loaded
 from fedmeta.common.adaptation import AdaptationDiverged, check_adapted, load_initialisation
+from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import MAX_STEPS
 from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
 from fedmeta.common.losses import DiceCELoss, one_hot
@@ -30,14 +31,17 @@ from fedmeta.common.meta import adaptation_trajectory
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import build_model, head_parameter_names
 from fedmeta.common.outputs import Outputs, file_sha256
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.validate import check_case, discover_site
 
 
 def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int, seed: int = 0,
                image_glob: str | None = None, label_glob: str | None = None, release: dict | None = None,
-               device: str = "auto", overwrite: bool = False, progress=print) -> dict[str, Any]:
+               device: str = "auto", overwrite: bool = False, limits: ReadLimits = ReadLimits(),
+               progress=print) -> dict[str, Any]:
     """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out`` (an earlier site model
-    there only with ``overwrite``; never a file adapt did not write); returns its card."""
+    there only with ``overwrite``; never a file adapt did not write); returns its card. ``limits``: what the
+    site's files may hold (the command reads them from the environment)."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
@@ -49,7 +53,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     began = time.perf_counter()
     dev = command_device(device)
     init, config = load_initialisation(checkpoint)
-    data_config = config.data_config(image_glob=image_glob, label_glob=label_glob)
+    data_config = config.data_config(image_glob=image_glob, label_glob=label_glob, limits=limits)
     raw = _RawStats()  # the data's fingerprint, gathered as the site is read (not by reading it again)
     site = SiteDataset.load(data, data_config, on_case=raw.add)
     model = build_model(config.model_config()).to(dev)
@@ -88,10 +92,11 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
 
     dice: dict[str, Any] = {"held_out_patients": len(heldout)}
     if heldout:
-        cases = {case.case_id: case for case in discover_site(data, image_glob, label_glob).cases}
+        cases = {case.case_id: case for case in discover_site(data, image_glob, label_glob, limits=limits).cases}
         scored = [cases[site.patient_ids[p]] for p in sorted(heldout)]
-        before = _score_native(model, prepared, config, scored, classes, dev, progress, "initialisation")
-        after = before if steps == 0 else _score_native(model, adapted, config, scored, classes, dev, progress, "adapted")
+        score = dict(config=config, cases=scored, classes=classes, device=dev, progress=progress, limits=limits)
+        before = _score_native(model, prepared, what="initialisation", **score)
+        after = before if steps == 0 else _score_native(model, adapted, what="adapted", **score)
         dice.update({"before": before, "after": after, "classes": classes})
     else:
         dice["note"] = "one usable patient: every slice went to adaptation, none is left to score the model on"
@@ -126,14 +131,14 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     return card
 
 
-def _score_native(model, params, config, cases, classes, device, progress, what: str) -> dict[str, Any]:
+def _score_native(model, params, *, config, cases, classes, device, progress, limits, what: str) -> dict[str, Any]:
     """Per-patient Dice of ``params``' masks in each scan's own grid, against the scan's label file."""
     per_patient = {}
     for i, case in enumerate(cases, 1):
-        problems, loaded = check_case(case, None, config.num_classes)
+        problems, loaded = check_case(case, None, config.num_classes, limits=limits)
         if problems:  # SiteDataset.load read it a moment ago; a file changed under us is still a named error
             raise ValueError("; ".join(problems))
-        mask = segment_loaded(model, params, config, loaded.image_data, loaded.image.affine, device)
+        mask = segment_loaded(model, params, config, loaded.image_data, loaded.image.affine, device, limits=limits)
         per_patient[f"patient-{i}"] = patient_dice(torch.from_numpy(mask.mask.astype(np.int64)),
                                                    torch.from_numpy(loaded.label_data), classes)
         progress(f"  scored {what} on held-out patient {i}/{len(cases)}: Dice "
@@ -179,14 +184,7 @@ def _rule(algorithm: str, init, steps: int) -> str:
     """How the site model was adapted, in words for the model card."""
     step = ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
             else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)") + ("; head only (ANIL)" if init.head_only else "")
-    if algorithm == "fast-weights":
-        return "head generated from the support images and masks" + (f", then {step}" if steps else "")
-    if algorithm == "prototypes":
-        return ("class prototypes from the support masks (cosine matching)"
-                + (f", after fine-tuning the encoder: {step}" if steps else ""))
-    if algorithm == "lstm-optimizer":
-        return f"the consortium's learned LSTM optimiser (a learned correction of {step})"
-    return step
+    return ALGORITHMS[algorithm].describe_adaptation(step, steps)
 
 
 __all__ = ["adapt_site"]

@@ -44,6 +44,7 @@ from fedmeta.common.protocol import (
     SUPPORT_LOSS_AFTER, SUPPORT_LOSS_BEFORE, TRAIN_SLICES, dice_key,
     fedmeta_version, worst_patient_key,
 )
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.records import from_array_record, split_params, to_array_record, to_metric_record
 
 log = logging.getLogger("fedmeta.client")
@@ -119,7 +120,7 @@ def train(message: Message, context: Context) -> Message:
     if ref.role != ROLE_TRAIN:
         raise PermissionError("a held-out site never trains: it plays the new hospital")
     _check_floor(config, context)
-    site = sites.site(ref, config)
+    site = sites.site(ref, config, ReadLimits.from_environment())
     model = sites.model(config, device)
     params, step_sizes = _received_params(message, config, device)
     round_config = message.content.config_records[CONFIG_RECORD]
@@ -192,7 +193,7 @@ def _check_floor(config: RunConfig, context: Context) -> None:
 def evaluate(message: Message, context: Context) -> Message:
     began = time.perf_counter()
     config, ref, device = _setup(message, context)
-    site = sites.site(ref, config)
+    site = sites.site(ref, config, ReadLimits.from_environment())  # the operator's limits, read at the app's edge
     model = sites.model(config, device)
     params, step_sizes = _received_params(message, config, device)
     eval_seed = int(message.content.config_records[CONFIG_RECORD][EVAL_SEED_KEY])
@@ -254,6 +255,6 @@ def _fedmeta_home() -> Path | None:
 
 def _received_params(message: Message, config: RunConfig, device: torch.device):
     params, step_sizes = split_params(from_array_record(message.content.array_records[PARAMS_RECORD], device))
-    if config.algorithm == "metasgd" and step_sizes is None:
-        raise ValueError("algorithm metasgd needs the server's step sizes (lr.<name> arrays); none arrived")
+    if config.algorithm_object.learns_step_sizes and step_sizes is None:
+        raise ValueError(f"algorithm {config.algorithm} needs the server's step sizes (lr.<name> arrays); none arrived")
     return params, step_sizes

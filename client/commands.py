@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+from fedmeta.common.read_limits import ReadLimits
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ def check_data(args: argparse.Namespace) -> int:
 
     try:
         reports = check_path(args.root, num_classes=args.num_classes, k=args.k, q=args.q,
-                             image_glob=args.image_glob, label_glob=args.label_glob)
+                             image_glob=args.image_glob, label_glob=args.label_glob,
+                             limits=ReadLimits.from_environment())
     except (FileNotFoundError, ValueError) as err:
         print(f"fedmeta check-data: {err}", file=sys.stderr)
         return 2
@@ -137,6 +139,7 @@ def evaluate(args: argparse.Namespace) -> int:
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
             image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
+            limits=ReadLimits.from_environment(),
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
@@ -232,6 +235,7 @@ def evaluate_checkpoint(
     image_glob: str | None = None,
     label_glob: str | None = None,
     lr_scale: float = 1.0,
+    limits: ReadLimits = ReadLimits(),
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
     from fedmeta.common.adaptation import load_initialisation
@@ -247,7 +251,7 @@ def evaluate_checkpoint(
                   else init.inner_lr * lr_scale)
         init = dataclasses.replace(init, inner_lr=scaled, label=f"{init.label}, step size x{lr_scale:g}")
     data_config = config.data_config(
-                             image_glob=image_glob, label_glob=label_glob)
+                             image_glob=image_glob, label_glob=label_glob, limits=limits)
     max_images = 0 if max_images is None else max_images
     if max_images < 0:
         raise ValueError(f"--max-images {max_images}: must be >= 0 (0 scores every evaluation patient).")

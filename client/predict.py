@@ -30,6 +30,7 @@ from fedmeta.common.inference import segment_scan
 from fedmeta.common.jsonio import write_json
 from fedmeta.common.model import build_model
 from fedmeta.common.outputs import Outputs
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.release import verify
 from fedmeta.common.validate import check_scan
 
@@ -65,10 +66,11 @@ def scan_paths(source: Path) -> list[Path]:
     return scans  # two scans that would write one mask: refused by output_names, with every output kind
 
 
-def segment_loaded(model, params, config, image_data, affine, device, probabilities: bool = False):
+def segment_loaded(model, params, config, image_data, affine, device, probabilities: bool = False,
+                   limits: ReadLimits = ReadLimits()):
     """``segment_scan`` with the run config's preprocessing, classes and batch size: the masks predict writes and
     adapt scores."""
-    return segment_scan(model, params, image_data, np.asarray(affine), config.data_config(),
+    return segment_scan(model, params, image_data, np.asarray(affine), config.data_config(limits=limits),
                         num_classes=config.num_classes, batch_size=config.eval_batch_size,
                         probabilities=probabilities, device=device)
 
@@ -76,7 +78,7 @@ def segment_loaded(model, params, config, image_data, affine, device, probabilit
 def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path | None = None,
                   allow_unsigned: bool = False, probabilities: bool = False, overlays: bool = True,
                   dicom_seg: bool = False, overwrite: bool = False, device: str = "auto",
-                  progress=print) -> dict[str, Any]:
+                  limits: ReadLimits = ReadLimits(), progress=print) -> dict[str, Any]:
     """One mask per scan into ``out`` (``<case>.nii.gz``); returns a summary with the refused scans. A scan
     that cannot be segmented (bad file, too large, a failure while segmenting or writing) is refused by name,
     and the others go on."""
@@ -90,14 +92,9 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
     if model_path.is_file():  # a consortium checkpoint used as it is: the release must verify
         release = verify(model_path, public_key, allow_unsigned=allow_unsigned)
         init, config = load_initialisation(model_path)
-        if config.algorithm == "prototypes":
-            raise ValueError(f"--model {model_path}: a prototypes checkpoint holds an embedding, not a segmenter: "
-                             "its class prototypes come from your labelled slices. Make a site model first: "
-                             "`fedmeta adapt --checkpoint ... --data YOUR_SITE --steps 0 --out MODEL`, then predict "
-                             "with --model MODEL.")
-        if config.algorithm == "fast-weights":
-            progress(f"note: {model_path} is used as it is, its head not generated for your site (`fedmeta adapt "
-                     "--steps 0` generates it from your labelled slices).")
+        note = config.algorithm_object.released_model_note(model_path)  # refuses θ that cannot segment alone
+        if note:
+            progress(note)
         params = init.params
         source = {"checkpoint": str(model_path), "release_id": (release or {}).get("release_id"),
                   "release_verified": bool(release)}
@@ -124,7 +121,7 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
             began = time.perf_counter()
             try:
                 entry = _predict_one(scan, out, model, params, config, label_names, dev, probabilities=probabilities,
-                                     overlays=overlays, dicom_seg=dicom_seg)
+                                     overlays=overlays, dicom_seg=dicom_seg, limits=limits)
             except _Refused as err:
                 refused[scan.name] = str(err)
             except MemoryError:
@@ -148,16 +145,16 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
 
 
 def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict, dev, *, probabilities: bool,
-                 overlays: bool, dicom_seg: bool) -> dict[str, Any]:
+                 overlays: bool, dicom_seg: bool, limits: ReadLimits) -> dict[str, Any]:
     """One scan: checked, segmented, its outputs written (each atomically); raises _Refused with the reason."""
     name = case_name(scan)
-    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES)  # a uniform scan is refused here
+    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES, limits=limits)  # a uniform scan is refused here
     if problems:
         raise _Refused(problems[0])
-    problem = resampling_problem(scan, *ras_grid(data.shape, image.affine), config.data_config())
+    problem = resampling_problem(scan, *ras_grid(data.shape, image.affine), config.data_config(limits=limits))
     if problem:
         raise _Refused(problem)
-    result = segment_loaded(model, params, config, data, image.affine, dev, probabilities)
+    result = segment_loaded(model, params, config, data, image.affine, dev, probabilities, limits)
     files: list[str] = []
     try:  # a scan's outputs are all written or none stays: a refused scan leaves nothing unlisted behind
         header = mask_header(image, np.uint8, config.num_classes)

@@ -19,12 +19,12 @@ import torch
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SITE_KEY_FILE, SiteDataset
-from fedmeta.common.devices import pick_device as _pick_device
 from fedmeta.common.model import build_model
 from fedmeta.common.outputs import make_folder, write_atomically
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
 )
+from fedmeta.common.read_limits import ReadLimits
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,6 @@ def persisted_site_key(data_dir: Path, home: Path | None) -> int:
     return key
 
 
-def pick_device(config: RunConfig) -> torch.device:
-    """The run config's device on this node. Only ``fedmeta.simulations.experiments.centralised`` still calls this;
-    the ClientApp calls ``fedmeta.common.devices.pick_device(config.device, ...)``, which it should call too."""
-    return _pick_device(config.device, "run config device")
-
-
 def site_bytes(site: SiteDataset) -> int:
     """Memory a loaded site's image and label tensors hold."""
     return sum(t.numel() * t.element_size() for t in (*site.images, *site.labels))
@@ -168,8 +162,8 @@ class SiteCache:
         self._models: dict[tuple, torch.nn.Module] = {}
         self.max_bytes = max_bytes
 
-    def site(self, ref: SiteRef, config: RunConfig) -> SiteDataset:
-        cfg = config.data_config()
+    def site(self, ref: SiteRef, config: RunConfig, limits: ReadLimits = ReadLimits()) -> SiteDataset:
+        cfg = config.data_config(limits=limits)
         key = (str(ref.data_dir.resolve()), cfg)
         with self._lock:
             if key in self._sites:
@@ -199,4 +193,4 @@ class SiteCache:
             self._models.clear()
 
 
-__all__ = ["SiteCache", "SiteRef", "persisted_site_key", "pick_device", "resolve_site"]
+__all__ = ["SiteCache", "SiteRef", "persisted_site_key", "resolve_site"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fedmeta.client.commands import default_public_key, output_problem, verified_release
+from fedmeta.common.read_limits import ReadLimits
 
 # fedmeta.client.adapt, .predict and .model_card load inside the handlers: `fedmeta --help` imports every command
 # module, and they pull in torch, MONAI and nibabel (~5 s, python -X importtime).
@@ -91,7 +92,7 @@ def adapt_command(args: argparse.Namespace) -> int:
         release = verified_release(args)
         card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=args.steps, seed=args.seed,
                           image_glob=args.image_glob, label_glob=args.label_glob, release=release, device=args.device,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, limits=ReadLimits.from_environment())
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta adapt: error: {err}", file=sys.stderr)
         return 1
@@ -119,7 +120,7 @@ def predict_command(args: argparse.Namespace) -> int:
         summary = predict_scans(args.model, args.input, args.out, public_key=public_key,
                                 allow_unsigned=args.allow_unsigned, probabilities=args.probabilities,
                                 overlays=not args.no_overlays, dicom_seg=args.dicom_seg, overwrite=args.overwrite,
-                                device=args.device)
+                                device=args.device, limits=ReadLimits.from_environment())
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta predict: error: {err}", file=sys.stderr)
         return 1

@@ -43,9 +43,9 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("fedmeta.client.commands:register",
                         "adapt a saved initialisation to a site with k labelled slices and report Dice"),
     # a new hospital adopts the model
-    "adapt": Command("fedmeta.client.site_model:register",
+    "adapt": Command("fedmeta.client.site_model_commands:register",
                      "adapt the consortium's initialisation to this site with k labelled slices; write a site model"),
-    "predict": Command("fedmeta.client.site_model:register",
+    "predict": Command("fedmeta.client.site_model_commands:register",
                        "segment scans with a site model (or a release): one NIfTI mask per scan, in the scan's own "
                        "grid"),
     # a hospital, before it joins

@@ -398,3 +398,21 @@ def test_a_lazy_federation_with_no_site_rendered_yet_is_named_with_the_way_to_re
     root = synth.generate_federation(tmp_path / "lazy", lazy_preset(sites=2), seed=0)
     with pytest.raises(FileNotFoundError, match="lazy synthetic federation.*--all-sites"):
         check_path(root)
+
+
+def test_the_site_commands_and_the_client_app_read_the_limits_from_the_environment(smoke_federation, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The edges honour FEDMETA_MAX_VOXELS: check-data refuses a scan over the cap, and the ClientApp's site
+    reader does too (the common code below them reads no environment)."""
+    from fedmeta.client.site import SiteCache, SiteRef
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.protocol import ROLE_TRAIN
+    from fedmeta.simulations.cli import main
+
+    folder = _site_copy(smoke_federation, tmp_path)
+    assert main(["check-data", str(folder)]) == 0
+    monkeypatch.setenv("FEDMETA_MAX_VOXELS", "999")
+    assert main(["check-data", str(folder)]) != 0
+    assert "999" in capsys.readouterr().out + capsys.readouterr().err
+    with pytest.warns(UserWarning, match="more than the 999 a site loads"), pytest.raises(ValueError, match="no usable case"):
+        SiteCache().site(SiteRef(folder, ROLE_TRAIN, 1), RunConfig(), ReadLimits.from_environment())

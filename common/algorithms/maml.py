@@ -123,9 +123,6 @@ class ANIL(MAML):
     def adapted_names(self, model):
         return head_parameter_names(model)
 
-    def describe_adaptation(self, step: str, steps: int) -> str:
-        return step + "; head only (ANIL)"
-
 
 class MetaSGD(MAML):
     name = "metasgd"

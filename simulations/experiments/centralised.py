@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmeta.client.site import pick_device
 from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import RunConfig
+from fedmeta.common.devices import pick_device
 from fedmeta.common.data import SiteDataset, site_seed
 from fedmeta.common.federated_round import (
     bound_replies, sample_sites, site_update, site_weights, weighted_mean, weighted_mean_scalars,
@@ -82,7 +82,7 @@ def run_centralised(
     """
     began = time.perf_counter()
     sites = load_training_sites(federation_dir, config, train_sites)
-    device = pick_device(config)
+    device = pick_device(config.device, "run config device")
     model = seeded_model(config.model_config(), config.seed).to(device)
     params = {n: p.to(device) for n, p in initial_params(model).items()}
     step_sizes = ALGORITHMS[config.algorithm].initial_step_sizes(params, config)
