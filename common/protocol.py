@@ -140,10 +140,14 @@ NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 
 # -- algorithms ------------------------------------------------------------------------------------
 # The initialisation family (a shared θ that sites fine-tune) and its baselines ...
-INITIALISATION_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg", "fedprox")
+# Each name is spelt here once; the algorithm objects are fedmeta.common.algorithms.ALGORITHMS[name].
+MAML, FOMAML, REPTILE, METASGD, ANIL = "maml", "fomaml", "reptile", "metasgd", "anil"
+FEDAVG, FEDPROX = "fedavg", "fedprox"
+FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER = "fast-weights", "prototypes", "lstm-optimizer"
+INITIALISATION_ALGORITHMS = (MAML, FOMAML, REPTILE, METASGD, ANIL, FEDAVG, FEDPROX)
 # ... and the learners that meta-learn more than an initialisation (fedmeta.common.algorithms): a generator
 # of fast weights, prototype matching, an LSTM optimiser. Their parts travel in PARAMS_RECORD beside θ's.
-LEARNER_ALGORITHMS = ("fast-weights", "prototypes", "lstm-optimizer")
+LEARNER_ALGORITHMS = (FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER)
 ALGORITHMS = INITIALISATION_ALGORITHMS + LEARNER_ALGORITHMS
 # How the server weighs sites in the mean: by their training data (McMahan et al.'s FedAvg), or one
 # weight per site (task-averaged MAML); "auto" is data for FedAvg/FedProx, per site for meta-learners.
@@ -157,6 +161,16 @@ STEP_SIZE_PREFIX = "lr."  # Meta-SGD's learned step sizes travel as lr.<paramete
 
 
 __all__ = [
+    "ANIL",
+    "FAST_WEIGHTS",
+    "FEDAVG",
+    "FEDPROX",
+    "FOMAML",
+    "LSTM_OPTIMIZER",
+    "MAML",
+    "METASGD",
+    "PROTOTYPES",
+    "REPTILE",
     "AGGREGATIONS",
     "MASKED_RECORD",
     "SECAGG_ACTIVE",

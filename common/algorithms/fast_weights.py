@@ -4,11 +4,14 @@ head; adaptation is that forward pass, optionally followed by SGD steps (docs/le
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from monai.networks.nets import UNet
 from torch import nn
 from torch.func import functional_call
 
+from fedmeta.common import protocol
 from fedmeta.common.algorithms.base import Learner
 from fedmeta.common.inner_loop import Params
 from fedmeta.common.unet import head_parameter_names
@@ -19,7 +22,7 @@ GENERATOR_PREFIX = "generator."  # the generator's parameters
 class FastWeightUNet(UNet):
     """The UNet plus a generator of head updates from the support set (images and one-hot masks)."""
 
-    learner = "fast-weights"
+    learner = protocol.FAST_WEIGHTS
 
     def __init__(self, *, num_classes: int, generator_width: int, **unet) -> None:
         super().__init__(**unet)

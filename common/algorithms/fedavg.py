@@ -3,12 +3,12 @@ server's SGD with learning rate 1 is FedAvg; FedProx adds μ/2‖θ_local − θ
 
 from __future__ import annotations
 
-from fedmeta.common import inner_loop
+from fedmeta.common import inner_loop, protocol
 from fedmeta.common.algorithms.base import Algorithm
 
 
 class FedAvg(Algorithm):
-    name = "fedavg"
+    name = protocol.FEDAVG
     description = "FedAvg: local SGD epochs over the episodes' batches, averaged"
     data_weighted = True
 
@@ -31,7 +31,7 @@ class FedAvg(Algorithm):
 
 
 class FedProx(FedAvg):
-    name = "fedprox"
+    name = protocol.FEDPROX
     description = "FedProx: FedAvg with a proximal term μ/2‖θ_local − θ‖²"
     proximal = True
 

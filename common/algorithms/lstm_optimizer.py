@@ -11,6 +11,7 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
+from fedmeta.common import protocol
 from fedmeta.common.algorithms.base import Learner
 
 LSTM_PREFIX = "lstm."  # the coordinate-wise LSTM's parameters
@@ -22,7 +23,7 @@ LSTM_INPUTS = 4  # the preprocessed gradient (2) and the preprocessed loss (2), 
 class LearnedOptimizerUNet(UNet):
     """The UNet plus a coordinate-wise LSTM that corrects its inner SGD steps."""
 
-    learner = "lstm-optimizer"
+    learner = protocol.LSTM_OPTIMIZER
 
     def __init__(self, *, hidden: int, **unet) -> None:
         super().__init__(**unet)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vmap
 
-from fedmeta.common import inner_loop
+from fedmeta.common import inner_loop, protocol
 from fedmeta.common.algorithms.base import Algorithm, InnerLoop, check_scalar_step_size
 from fedmeta.common.inner_loop import Episode, Params, StepSize
 from fedmeta.common.protocol import STEP_SIZE_PREFIX
@@ -46,7 +46,7 @@ def multi_step_loss_weights(inner_steps: int, server_round: int, anneal_rounds: 
 
 
 class FOMAML(Algorithm):
-    name = "fomaml"
+    name = protocol.FOMAML
     description = "first-order MAML: the query gradient at the adapted weights"
 
     def local_update(self, model, params, episodes, loop):
@@ -75,7 +75,7 @@ class FOMAML(Algorithm):
 
 
 class MAML(Algorithm):
-    name = "maml"
+    name = protocol.MAML
     description = "second-order MAML: the query gradient through the inner loop"
     second_order = True
     order_annealing = True
@@ -116,7 +116,7 @@ class MAML(Algorithm):
 
 
 class ANIL(MAML):
-    name = "anil"
+    name = protocol.ANIL
     description = "ANIL: MAML adapting only the network's head"
     head_only = True
 
@@ -125,7 +125,7 @@ class ANIL(MAML):
 
 
 class MetaSGD(MAML):
-    name = "metasgd"
+    name = protocol.METASGD
     description = "Meta-SGD: MAML with learned step sizes (per element, or MAML++'s per layer and step)"
     order_annealing = False  # its step sizes are learned through the second-order path
     learns_step_sizes = True

@@ -15,6 +15,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.func import functional_call
 
+from fedmeta.common import protocol
 from fedmeta.common.algorithms.base import Learner
 from fedmeta.common.inner_loop import Params
 
@@ -26,7 +27,7 @@ PROTOTYPE_INITIAL_SCALE = 20.0  # PANet's alpha
 class PrototypeUNet(UNet):
     """The UNet as a pixel embedding (``embedding_dim`` channels) matched to class prototypes by cosine."""
 
-    learner = "prototypes"
+    learner = protocol.PROTOTYPES
 
     def __init__(self, *, num_classes: int, embedding_dim: int, **unet) -> None:
         super().__init__(**{**unet, "out_channels": embedding_dim})

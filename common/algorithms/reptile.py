@@ -3,13 +3,13 @@ which the server's optimiser steps like a gradient."""
 
 from __future__ import annotations
 
-from fedmeta.common import inner_loop
+from fedmeta.common import inner_loop, protocol
 from fedmeta.common.algorithms.base import Algorithm
 from fedmeta.common.algorithms.maml import _adapt_first_order, refuse_batching
 
 
 class Reptile(Algorithm):
-    name = "reptile"
+    name = protocol.REPTILE
     description = "Reptile: the pseudo-gradient θ − θ′ of the inner SGD steps"
 
     def local_update(self, model, params, episodes, loop):

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.algorithms import ALGORITHMS
-from fedmeta.common.algorithms.maml import FOMAML
+from fedmeta.common.algorithms.maml import FOMAML, MAML
 
-ATTACKED = ("fomaml", "maml")  # the replies the attack models: first and second order
+ATTACKED = (FOMAML.name, MAML.name)  # the replies the attack models: first and second order
 DEFENCES = ("none", "dp", "secagg")
 TV_WEIGHT = 1e-2  # the total-variation prior on the dummy images (Geiping et al. 2020; 1e-2 on this mean-TV scale
 # recovered the most of 1e-4 / 1e-2 / 1e-1 on the smoke federation, seed 0, FOMAML k = 1: r 0.37 / 0.73 / 0.70)
@@ -95,7 +95,7 @@ def handle_budget(args: argparse.Namespace) -> int:
 def handle(args: argparse.Namespace) -> int:
     try:
         if args.quick:
-            args.iterations, args.k, args.algorithms = 60, [1], ["fomaml"]
+            args.iterations, args.k, args.algorithms = 60, [1], [FOMAML.name]
         audit(out=args.out, iterations=args.iterations, ks=args.k, algorithms=args.algorithms,
               defences=args.defences, labels=args.labels, seed=args.seed, federation_root=args.federation_dir,
               overwrite=args.overwrite)

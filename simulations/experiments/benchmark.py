@@ -46,6 +46,7 @@ from typing import Any
 
 from fedmeta.common.jsonio import write_json
 from fedmeta.common.outputs import Outputs
+from fedmeta.common.protocol import FOMAML
 from fedmeta.simulations.experiments.benchmark_preset import (
     DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
 )
@@ -179,7 +180,7 @@ def run_benchmark(
     # The shared settings (data, classes, the scratch and oracle networks): a method of the initialisation
     # family's, never a learner's own network.
     any_config = next((c for c in configs.values() if c.model_config().learner == "unet"), None) \
-        or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0, "algorithm": "fomaml"})
+        or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0, "algorithm": FOMAML})
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}

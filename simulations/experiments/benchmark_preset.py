@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedmeta.common.protocol import (
+    ANIL, FAST_WEIGHTS, FEDAVG, FEDPROX, FOMAML, LSTM_OPTIMIZER, MAML, METASGD, PROTOTYPES, REPTILE,
+)
 from fedmeta.simulations.experiments.presets import read_preset_toml
 
 # RunConfig and the model factory load torch: method_configs imports them, so that `fedmeta benchmark --help`
@@ -28,19 +31,19 @@ class Method:
 
 METHODS = (
     Method("scratch", None, True, "random init (the federation's seeded start), fine-tuned on the new site only"),
-    Method("fedavg", "fedavg", False, "FedAvg global model used as is: no adaptation at any step count"),
-    Method("fedavg-ft", "fedavg", True, "the same FedAvg model, fine-tuned on the new site"),
-    Method("fedprox-ft", "fedprox", True, "FedProx global model, fine-tuned on the new site"),
-    Method("fomaml", "fomaml", True, "federated first-order MAML initialisation, fine-tuned"),
-    Method("maml", "maml", True, "federated second-order MAML initialisation, fine-tuned"),
-    Method("reptile", "reptile", True, "federated Reptile initialisation, fine-tuned"),
-    Method("metasgd", "metasgd", True, "federated Meta-SGD initialisation, fine-tuned with its learned step sizes"),
-    Method("anil", "anil", True, "federated ANIL initialisation, head fine-tuned"),
-    Method("fast-weights", "fast-weights", True,
+    Method(FEDAVG, FEDAVG, False, "FedAvg global model used as is: no adaptation at any step count"),
+    Method("fedavg-ft", FEDAVG, True, "the same FedAvg model, fine-tuned on the new site"),
+    Method("fedprox-ft", FEDPROX, True, "FedProx global model, fine-tuned on the new site"),
+    Method(FOMAML, FOMAML, True, "federated first-order MAML initialisation, fine-tuned"),
+    Method(MAML, MAML, True, "federated second-order MAML initialisation, fine-tuned"),
+    Method(REPTILE, REPTILE, True, "federated Reptile initialisation, fine-tuned"),
+    Method(METASGD, METASGD, True, "federated Meta-SGD initialisation, fine-tuned with its learned step sizes"),
+    Method(ANIL, ANIL, True, "federated ANIL initialisation, head fine-tuned"),
+    Method(FAST_WEIGHTS, FAST_WEIGHTS, True,
            "federated fast-weight learner: head generated from the support set, then fine-tuned"),
-    Method("prototypes", "prototypes", True,
+    Method(PROTOTYPES, PROTOTYPES, True,
            "federated prototype learner: support prototypes (0 steps), then encoder fine-tuned"),
-    Method("lstm-optimizer", "lstm-optimizer", True,
+    Method(LSTM_OPTIMIZER, LSTM_OPTIMIZER, True,
            "federated UNet initialisation adapted by its federated learned LSTM optimiser"),
     Method("pooled-fomaml", "pooled-fomaml", True,
            "FOMAML on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
@@ -52,7 +55,7 @@ METHODS = (
            "per new site, a UNet fully supervised on the site's own support patients: the ceiling"),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
-META_METHODS = ("fomaml", "maml", "reptile", "metasgd", "anil", "fast-weights", "prototypes", "lstm-optimizer")
+META_METHODS = (FOMAML, MAML, REPTILE, METASGD, ANIL, FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER)
 # The goal the benchmark checks (goal_check): at k = 5 and 10 steps, by a margin of Dice in every seed.
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN = 5, 10, 0.03
 PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.algorithms.fedavg import FedAvg
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.protocol import ALGORITHMS, QUERY_LOSS_AFTER, dice_mean_key
+from fedmeta.common.protocol import ALGORITHMS, FEDAVG, QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
 from fedmeta.simulations.experiments.presets import load_preset, parse_sets
@@ -216,11 +215,11 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
     engine = "inprocess" if session is None else "ray"
     runs = {config.algorithm: _run(config, session, num_sites, quiet, adversary)}
     baseline_config = None
-    if baseline and config.algorithm != FedAvg.name:
+    if baseline and config.algorithm != FEDAVG:
         # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
         # epochs chosen so each site makes as many gradient steps as the meta-learner does.
         baseline_config = config.replace(
-            algorithm=FedAvg.name, meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0, lstm_truncation=0,
+            algorithm=FEDAVG, meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0, lstm_truncation=0,
             inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
         )
         _say(quiet, "baseline: FedAvg with the same budget")

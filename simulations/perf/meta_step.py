@@ -328,7 +328,7 @@ def format_table(title: str, table: dict[str, dict]) -> str:
             f"{r['memory_vs_fomaml']:.2f} | {r.get('parameters', 0):,} |"
         )
     t = table["targets"]
-    if "state_bytes" in table.get("lstm-optimizer", {}):
+    if "state_bytes" in table.get(LSTMOptimizer.name, {}):
         lines += ["", f"lstm-optimizer state while adapting (h and c per adapted scalar, fp32): "
                       f"{table['lstm-optimizer']['state_bytes'] / 2**20:.1f} MB (training also keeps every "
                       "unrolled step's gates: in the peak memory)"]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.outputs import OutputRefused, Outputs, make_folder
+from fedmeta.common.protocol import FOMAML, METASGD
 from fedmeta.simulations.engines.processes import ROLE_SIMULATION, TreeMemorySampler
 from fedmeta.simulations.perf import meta_step
 from fedmeta.simulations.perf.engine_runs import (
@@ -163,7 +164,7 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
     return result
 
 
-def bench_comm(work: Path, *, algorithms=("fomaml", "metasgd")) -> dict[str, Any]:
+def bench_comm(work: Path, *, algorithms=(FOMAML, METASGD)) -> dict[str, Any]:
     """Wire bytes of each train reply against the fp32 size of the arrays it carries.
 
     Measured on the default model size (the ratio depends on it: names and metrics are a fixed
