@@ -3,7 +3,7 @@
 :func:`meta_gradient` checks its arguments and calls ``ALGORITHMS[algorithm].local_update``; :func:`adapt` and
 :func:`adaptation_trajectory` run the one inner loop (:func:`fedmeta.common.inner_loop.trajectory`) without a
 graph, with the adaptation rule of the learner ``model`` is (none for a plain UNet). So training and a new
-site adapt with the same step. ``../shared/FIELD.md`` §1 states what each algorithm sends.
+site adapt with the same step. What each algorithm sends is its module's docstring (:mod:`fedmeta.common.algorithms`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from torch.func import grad_and_value, vmap
 
 from fedmeta.common import inner_loop, protocol
 from fedmeta.common.algorithms.base import Algorithm, InnerLoop, check_scalar_step_size
+from fedmeta.common.algorithms.checks import check_inner_params
 from fedmeta.common.inner_loop import Episode, Params, StepSize
 from fedmeta.common.protocol import STEP_SIZE_PREFIX
 from fedmeta.common.unet import head_parameter_names
@@ -151,8 +152,6 @@ def init_step_sizes(params: Mapping[str, torch.Tensor], inner_lr: float, inner_p
     """Meta-SGD's learned step sizes, all equal to α: one tensor shaped like each adapted parameter, or with
     ``per_layer_steps=S`` one scalar per parameter tensor and inner step, shaped ``[S, 1, ...]`` (MAML++'s
     per-layer per-step learning rates, LSLR). Keys are parameter names (without the ``lr.`` prefix)."""
-    from fedmeta.common.algorithms.checks import check_inner_params  # checks import the registry, which imports this
-
     names = check_inner_params(dict(params), inner_params)
     check_scalar_step_size(inner_lr)
     if per_layer_steps:
