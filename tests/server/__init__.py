@@ -1,0 +1,1 @@
+"""Tests of fedmeta.server: the coordinator, aggregation, liveness, listeners, provisioning and deploy/."""
