@@ -47,12 +47,6 @@ def train_smoke_run(federation: Path, run_dir: Path, **changes) -> Path:
     return run_dir / CHECKPOINT_NAME
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(smoke_federation, tmp_path_factory) -> Path:
-    """A one-round FOMAML run of the smoke federation: the checkpoint a consortium would release."""
-    return train_smoke_run(smoke_federation, tmp_path_factory.mktemp("release-run"))
-
-
 @pytest.fixture
 def lazy_preset(monkeypatch):
     """Registers a small lazy preset (what the scale-N presets are, with fewer sites and patients) for one test;
@@ -67,3 +61,68 @@ def lazy_preset(monkeypatch):
         return "tiny-lazy"
 
     return register
+
+
+# A benchmark preset small enough for a test (one seed, one round, shots 1 and 2, steps 0 and 2): the benchmark
+# tests edit it (tests/simulations/) and the no-overwrite tests run it (tests/common/).
+TINY_BENCHMARK = """
+federation = "smoke"
+seeds = 1
+shots = [1, 2]
+steps = [0, 2]
+eval-max-images = 16
+oracle-steps = 5
+curve-every = 1
+
+[run-config]
+num-rounds = 1
+episodes-per-site = 1
+k-shot = 2
+q-query = 2
+image-size = 32
+model-base-channels = 8
+model-levels = 3
+inner-lr = 0.1
+meta-lr = 0.01
+device = "cpu"
+
+[training.fedavg]
+inner-steps = 1
+meta-optimizer = "sgd"
+meta-lr = 1.0
+[training.fedprox]
+inner-steps = 1
+meta-optimizer = "sgd"
+meta-lr = 1.0
+proximal-mu = 0.01
+[training.fomaml]
+inner-steps = 1
+[training.maml]
+inner-steps = 1
+[training.reptile]
+inner-steps = 2
+[training.metasgd]
+inner-steps = 1
+[training.anil]
+inner-steps = 1
+[training.fast-weights]
+inner-steps = 1
+[training.prototypes]
+inner-steps = 0
+[training.lstm-optimizer]
+inner-steps = 1
+[training.pooled-fomaml]
+inner-steps = 1
+[training.pooled-maml]
+inner-steps = 1
+[training.pooled-metasgd]
+inner-steps = 1
+"""
+
+
+@pytest.fixture
+def tiny_preset(tmp_path) -> Path:
+    """TINY_BENCHMARK written to a file: what `fedmeta benchmark --preset` reads."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_BENCHMARK)
+    return path

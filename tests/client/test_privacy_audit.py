@@ -14,7 +14,7 @@ from fedmeta.client.app import app as client_app
 from fedmeta.common.config import RunConfig
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import MASKED_RECORD, SECAGG_RECORD, SITE_METRIC_PREFIXES, SITE_METRICS
-from tests.test_inprocess import federate, tiny_config
+from tests.simulations.test_inprocess import federate, tiny_config
 
 
 

@@ -17,7 +17,7 @@ from fedmeta.common.protocol import (
 )
 from fedmeta.common.secagg import MOD_RANGE, expand_mask, levels_for, neighbours, quantisation_bound, threshold
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
-from tests.test_inprocess import federate, tiny_config
+from tests.simulations.test_inprocess import federate, tiny_config
 
 # SGD at lr 1 makes θ move by exactly the aggregate, so θ compares the aggregates themselves.
 # The plain runs compared with SecAgg+ take the plain mean: the server cannot bound replies it never sees
@@ -504,7 +504,7 @@ def test_a_round_is_answered_once_and_rounds_only_go_forward():
 def test_a_site_refuses_a_run_below_its_own_privacy_floor(smoke_federation, tmp_path):
     from fedmeta.server.app import RunFailed
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
-    from tests.test_inprocess import num_sites
+    from tests.simulations.test_inprocess import num_sites
 
     # The site operator's node config, not the server's run config: secure aggregation and local DP required.
     nodes = [{**n, "require-secure-aggregation": "secagg+", "require-dp": "local"}
@@ -592,7 +592,7 @@ def test_a_deployed_site_never_gives_the_same_reply_twice_under_secure_aggregati
     from fedmeta.client import app as client_module
     from fedmeta.common.synth import load_manifest
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
-    from tests.test_inprocess import num_sites
+    from tests.simulations.test_inprocess import num_sites
 
     seeds: list[int] = []
     real = client_module.site_update

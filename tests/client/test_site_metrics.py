@@ -16,7 +16,7 @@ from fedmeta.client.site_metrics import SITE_METRIC_NAMES, read_state, record_me
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.engines.flower_runtime import _free_ports
 from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
-from tests.test_inprocess import tiny_config
+from tests.simulations.test_inprocess import tiny_config
 
 
 def _scrape(port: int, attempts: int = 100) -> dict[str, list]:

@@ -20,7 +20,7 @@ from fedmeta.common.outputs import JOURNAL_NAME
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
 from tests.conftest import train_smoke_run
-from tests.test_release import _key_pair
+from tests.common.test_release import _key_pair
 
 
 @pytest.fixture(scope="module")

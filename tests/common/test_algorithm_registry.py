@@ -15,7 +15,7 @@ from fedmeta.common.algorithms.maml import FOMAML
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import ALGORITHMS as WIRE_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("common", "client", "server", "simulations")
 ALLOWED = ("common/algorithms/", "common/protocol.py")
 

@@ -16,7 +16,7 @@ import pytest
 
 from fedmeta.common import protocol
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("common", "client", "server", "simulations")
 SOURCES = sorted(p for folder in (*PACKAGES, "tests") for p in (ROOT / folder).rglob("*.py"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -35,6 +35,22 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 def _where(path: Path, line: int) -> str:
     return f"{path.relative_to(ROOT)}:{line}"
+
+
+# tests/ mirrors the packages, plus one folder for the runs of real engines and processes.
+TEST_FOLDERS = (*PACKAGES, "end_to_end")
+
+
+def test_every_test_file_lives_in_the_folder_of_what_it_tests():
+    tests = ROOT / "tests"
+    files = sorted({*tests.rglob("test_*.py"), *tests.rglob("*_test.py")})  # what pytest collects
+    stray = [str(path.relative_to(ROOT)) for path in files if path.relative_to(tests).parts[0] not in TEST_FOLDERS]
+    assert not stray, f"put these in one of tests/{{{','.join(TEST_FOLDERS)}}}/:\n" + "\n".join(stray)
+    assert files, "no test files found under tests/"
+    # Each folder is a package (so `python -m tests.end_to_end.test_reproducibility` runs), and none is empty.
+    for folder in TEST_FOLDERS:
+        assert (tests / folder / "__init__.py").is_file(), f"tests/{folder}/ needs an __init__.py"
+        assert any((tests / folder).glob("test_*.py")), f"tests/{folder}/ holds no tests"
 
 
 def test_no_module_imports_a_bare_top_level_package():

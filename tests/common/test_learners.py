@@ -13,7 +13,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import adapt, adaptation_trajectory, meta_gradient
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names
-from tests.test_meta import directional_fd, dot, random_direction  # the core's finite-difference helpers
+from tests.common.test_meta import directional_fd, dot, random_direction  # the core's finite-difference helpers
 
 NUM_CLASSES = 3
 SIDE = 8

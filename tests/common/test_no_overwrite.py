@@ -17,8 +17,7 @@ import pytest
 from fedmeta.common.outputs import JOURNAL_NAME, OutputRefused, Outputs, data_folder, make_folder
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
-from tests.test_benchmark import tiny_preset  # noqa: F401 - a fixture
-from tests.test_release import _key_pair
+from tests.common.test_release import _key_pair
 
 
 @pytest.fixture
@@ -299,7 +298,7 @@ def save_then_die(write, path):
 predict.save_atomically = save_then_die
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.cli import main
-from tests.test_release import _key_pair
+from tests.common.test_release import _key_pair
 sys.exit(main(sys.argv[1:]))
 """
 

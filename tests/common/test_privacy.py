@@ -15,7 +15,7 @@ from fedmeta.common.privacy import (
 )
 from fedmeta.server.aggregation import aggregate
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
-from tests.test_inprocess import federate, tiny_config
+from tests.simulations.test_inprocess import federate, tiny_config
 
 
 def _reply(scale: float, seed: int) -> dict[str, torch.Tensor]:

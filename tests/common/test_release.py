@@ -118,7 +118,7 @@ def test_sign_refuses_a_key_that_is_not_ed25519_and_a_missing_file(tmp_path, cap
 
 def test_the_serverapp_signs_its_final_checkpoint_when_given_the_key(smoke_federation, tmp_path):
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from tests.test_inprocess import federate, tiny_config
+    from tests.simulations.test_inprocess import federate, tiny_config
 
     private, public = _key_pair(tmp_path, "consortium")
     config = tiny_config(smoke_federation, tmp_path / "run", num_rounds=1, release_key=str(private))

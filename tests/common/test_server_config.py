@@ -9,7 +9,7 @@ import pytest
 
 from fedmeta.common.config import RunConfig
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_holds_every_default_and_they_match_the_dataclass():

@@ -19,18 +19,12 @@ from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from fedmeta.simulations.engines.flower_runtime import LocalDeployment
 from fedmeta.simulations.experiments.presets import load_preset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc").is_dir(), reason="the leftover-process check reads /proc"),
 ]
-
-
-@pytest.fixture
-def federation(smoke_federation) -> Path:
-    """The session's smoke federation (tests/conftest.py)."""
-    return smoke_federation
 
 
 def alive(pid: int) -> bool:

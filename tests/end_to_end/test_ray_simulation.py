@@ -15,15 +15,9 @@ from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from fedmeta.simulations.engines.flower_runtime import SimulationEngine, run_simulation_engine, source_app_dir
 from fedmeta.simulations.experiments.presets import load_preset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def federation(smoke_federation) -> Path:
-    """The session's smoke federation (tests/conftest.py)."""
-    return smoke_federation
 
 
 def flower_processes(flwr_home: Path) -> list[int]:

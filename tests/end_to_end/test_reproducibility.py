@@ -13,7 +13,7 @@
   is checked within ``TOLERANCE`` = 5 % of the path θ0 → θ_ref, on any CPU and torch build.
 
 The reference (``tests/data/smoke_theta_reference.npz``) is rewritten by
-``python -m tests.test_reproducibility`` — only by a change meant to alter the trajectory, which says why
+``python -m tests.end_to_end.test_reproducibility`` — only by a change meant to alter the trajectory, which says why
 in its commit. It was last written on an AVX-512 machine (torch 2.13.0+cpu) when replies became bounded
 by the round's median norm by default (median-norm-bound = 1 scales the smoke sites above the median).
 """
@@ -38,7 +38,7 @@ from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 from fedmeta.simulations.experiments.presets import load_preset
 
-REFERENCE = Path(__file__).parent / "data" / "smoke_theta_reference.npz"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "smoke_theta_reference.npz"
 CASES = [("anil", "auto"), ("fedavg", "auto"), ("fedavg", "per-site"), ("fomaml", "auto"), ("metasgd", "auto")]
 TOLERANCE = 0.05  # ‖θ − θ_ref‖ at most this fraction of ‖θ_ref − θ0‖ (measured across kernels: ≤ 0.015)
 

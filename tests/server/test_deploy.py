@@ -20,7 +20,7 @@ import yaml
 from fedmeta.server.operator_metrics import METRIC_NAMES
 from fedmeta.server.provision import provision
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 
 

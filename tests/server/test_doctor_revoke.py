@@ -14,7 +14,7 @@ import typer
 from fedmeta.client.doctor import doctor
 from fedmeta.server.provision import provision, revoke_site
 from fedmeta.simulations.cli import main
-from tests.test_release import _key_pair
+from tests.common.test_release import _key_pair
 
 
 def _release_check(bundle: Path):
@@ -134,7 +134,7 @@ def test_revoke_site_steps_unregister_the_node_on_a_real_superlink(tmp_path, cap
 
     from fedmeta.simulations.engines.flower_runtime import _FlowerHome, _flower_bin, _free_ports
     from fedmeta.simulations.engines.processes import stop_processes
-    from tests.test_deployment import alive, descendants
+    from tests.end_to_end.test_deployment import alive, descendants
 
     (port,) = _free_ports(1)
     out = provision(tmp_path / "c", server_names=["127.0.0.1"], port=port, sites=["a", "b"]).out

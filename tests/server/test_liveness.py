@@ -2,7 +2,7 @@
 
 The SuperLink's behaviour is emulated by ``InProcessGrid`` (a dead node leaves the node list and its
 messages get "node unavailable"; a hung one stays listed and never answers). The same round loop on
-a real loopback deployment: tests/test_deployment.py and ``python -m fedmeta.simulations.perf.liveness``.
+a real loopback deployment: tests/end_to_end/test_deployment.py and ``python -m fedmeta.simulations.perf.liveness``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from fedmeta.common.synth import load_manifest
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from fedmeta.simulations.engines.inprocess import InProcessGrid, run_inprocess, simulation_node_configs
-from tests.test_inprocess import partition_of, tiny_config
+from tests.simulations.test_inprocess import partition_of, tiny_config
 
 
 class EventfulGrid(InProcessGrid):

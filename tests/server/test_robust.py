@@ -15,7 +15,7 @@ from fedmeta.server.aggregation import aggregate, check_finite, trim_count
 from fedmeta.server.app import RunFailed
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from fedmeta.simulations.attacks import Attack, adversarial_client_app, parse_attack
-from tests.test_inprocess import FaultySites, federate, partition_of, tiny_config
+from tests.simulations.test_inprocess import FaultySites, federate, partition_of, tiny_config
 
 
 UNBOUNDED = RunConfig(median_norm_bound=0.0)  # the plain mean: what the rules are compared against

@@ -16,67 +16,7 @@ from fedmeta.simulations.experiments.benchmark import (
     method_configs, summarise,
 )
 from fedmeta.simulations.cli import main
-
-TINY = """
-federation = "smoke"
-seeds = 1
-shots = [1, 2]
-steps = [0, 2]
-eval-max-images = 16
-oracle-steps = 5
-curve-every = 1
-
-[run-config]
-num-rounds = 1
-episodes-per-site = 1
-k-shot = 2
-q-query = 2
-image-size = 32
-model-base-channels = 8
-model-levels = 3
-inner-lr = 0.1
-meta-lr = 0.01
-device = "cpu"
-
-[training.fedavg]
-inner-steps = 1
-meta-optimizer = "sgd"
-meta-lr = 1.0
-[training.fedprox]
-inner-steps = 1
-meta-optimizer = "sgd"
-meta-lr = 1.0
-proximal-mu = 0.01
-[training.fomaml]
-inner-steps = 1
-[training.maml]
-inner-steps = 1
-[training.reptile]
-inner-steps = 2
-[training.metasgd]
-inner-steps = 1
-[training.anil]
-inner-steps = 1
-[training.fast-weights]
-inner-steps = 1
-[training.prototypes]
-inner-steps = 0
-[training.lstm-optimizer]
-inner-steps = 1
-[training.pooled-fomaml]
-inner-steps = 1
-[training.pooled-maml]
-inner-steps = 1
-[training.pooled-metasgd]
-inner-steps = 1
-"""
-
-
-@pytest.fixture
-def tiny_preset(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
-    return path
+from tests.conftest import TINY_BENCHMARK
 
 
 def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_federation, tiny_preset, tmp_path, capsys):
@@ -182,7 +122,7 @@ def test_local_steps_are_counted_per_algorithm(algorithm, episodes, inner_steps,
 
 def test_unequal_budgets_are_refused_with_the_totals(tiny_preset, tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(TINY.replace("[training.reptile]\ninner-steps = 2", "[training.reptile]\ninner-steps = 5"))
+    bad.write_text(TINY_BENCHMARK.replace("[training.reptile]\ninner-steps = 2", "[training.reptile]\ninner-steps = 5"))
     spec = load_benchmark_preset(str(bad))
     configs = method_configs(spec, spec["methods"])
     with pytest.raises(ValueError, match=r"budgets of local gradient steps differ .*reptile: 15"):
@@ -204,7 +144,7 @@ def test_unequal_budgets_are_refused_with_the_totals(tiny_preset, tmp_path):
 )
 def test_bad_presets_name_the_problem(tmp_path, edit, message):
     path = tmp_path / "p.toml"
-    path.write_text(edit(TINY))
+    path.write_text(edit(TINY_BENCHMARK))
     with pytest.raises(ValueError, match=message):
         spec = load_benchmark_preset(str(path))
         method_configs(spec, spec["methods"])

@@ -1,6 +1,6 @@
 """Fast tests of fedmeta.simulations.engines.flower_runtime: argument checks, run-config encoding, process stopping.
 
-The engines themselves run in tests/test_ray_simulation.py and tests/test_deployment.py (slow).
+The engines themselves run in tests/end_to_end/test_ray_simulation.py and tests/end_to_end/test_deployment.py (slow).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tomli_w
 from fedmeta.simulations.engines import flower_runtime, processes
 from fedmeta.simulations.engines.flower_runtime import LocalDeployment, _checked_run_config, run_simulation_engine
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process sweep reads /proc")
 
 

@@ -53,5 +53,5 @@ def test_the_episode_benchmark_times_loop_and_vmap_and_finds_the_same_gradients(
     for row in rows:
         assert row["loop_seconds"] > 0 and row["vmap_seconds"] > 0
         assert row["vmap_vs_loop"] == pytest.approx(row["vmap_seconds"] / row["loop_seconds"])
-        assert row["relative_difference"] < 1e-4  # float32 rounding; tests/test_meta.py: equal in float64
+        assert row["relative_difference"] < 1e-4  # float32 rounding; tests/common/test_meta.py: equal in float64
     assert "| fomaml | 2 | 1 |" in format_episodes("tiny", rows)
