@@ -82,7 +82,7 @@ QUERY_LOSS_BEFORE = "query-loss-before"
 QUERY_LOSS_AFTER = "query-loss-after"  # the meta-loss the server reports per round
 
 
-# Every metric a site may send, in one place; the outgoing-message audit (tests/test_privacy_audit.py)
+# Every metric a site may send, in one place; the outgoing-message audit (tests/client/test_privacy_audit.py)
 # fails on any other. Scalars only; none names a file, a patient or a folder.
 SITE_METRICS = frozenset({
     ROLE_METRIC,  # query: 0/1, trains or is held out

@@ -27,7 +27,7 @@ class Command:
 
     ``register`` is ``"module:function"``: the function, called with the subparsers, adds the command's
     parser (one function may add several commands, each listed here with the same ``register``).
-    ``help`` and ``aliases`` must be the ones that parser is added with (tests/test_cli.py checks).
+    ``help`` and ``aliases`` must be the ones that parser is added with (tests/simulations/test_cli.py checks).
     """
 
     register: str

@@ -132,7 +132,7 @@ class _FlowerHome:
         self._runs += 1
         # `flwr run` walks every file under the app folder before its own filters apply; in a checkout
         # that is the virtual environment and run outputs too (6 s here, per run). A staged copy of the
-        # files the bundle can hold builds the same FAB (tests/test_flower_runtime.py checks it).
+        # files the bundle can hold builds the same FAB (tests/simulations/test_flower_runtime.py checks it).
         staged = app_dir = stage_app(app_dir, self.path / f"app-{self._runs}", exclude=[self.path])
         config_path = self.path / f"run-config-{self._runs}.toml"
         config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")

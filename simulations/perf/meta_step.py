@@ -218,7 +218,7 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
 
     For each (episodes, inner steps) and algorithm: median seconds of both, their ratio, and how far
     the batched meta-gradient is from the loop's (relative L2 over every parameter: rounding only,
-    tests/test_meta.py checks equality in float64). MAML's batched path is not in fedmeta's training
+    tests/common/test_meta.py checks equality in float64). MAML's batched path is not in fedmeta's training
     (measured no faster); it is timed here, through the same vmapped episode with a second-order
     gradient, to keep that measurement.
     """
