@@ -29,13 +29,10 @@ from fedmeta.client.floor import floor_problem
 from fedmeta.client.privacy import private_reply
 from fedmeta.client.site import SiteCache, SiteRef, resolve_site
 from fedmeta.client.site_metrics import METRICS_DIR_KEY, record_message
-from fedmeta.common.adaptation import adaptation_curve, site_patients
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import adaptation_support, site_seed
+from fedmeta.common.data import site_seed
 from fedmeta.common.devices import pick_device
-from fedmeta.common.federated_round import adaptation_rule, site_update
-from fedmeta.common.losses import DiceCELoss
-from fedmeta.common.metrics import foreground_classes
+from fedmeta.common.federated_round import site_evaluation, site_update
 from fedmeta.common.protocol import (
     CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD,
     NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE,
@@ -197,29 +194,12 @@ def evaluate(message: Message, context: Context) -> Message:
     model = sites.model(config, device)
     params, step_sizes = _received_params(message, config, device)
     eval_seed = int(message.content.config_records[CONFIG_RECORD][EVAL_SEED_KEY])
-
-    support_x, support_y = adaptation_support(site, config.eval_k_shot, seed=eval_seed)
-    patients = site_patients(site, eval_seed, config.eval_max_images, device)
-    inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
-    curve = adaptation_curve(
-        model,
-        params,
-        support_x.to(device),
-        support_y.to(device),
-        patients,
-        steps=list(config.adaptation_steps),
-        inner_lr=inner_lr,
-        loss_fn=DiceCELoss(config.num_classes),
-        num_classes=config.num_classes,
-        classes=foreground_classes(site.label_names, config.num_classes, site.labelled_classes),
-        inner_params=inner_params,
-        batch_size=config.eval_batch_size,
-    )
+    curve, patients = site_evaluation(model, params, step_sizes, site, config, seed=eval_seed, device=device)
     # Per-patient Dice in the site's own labels: the mean over patients and the worst patient only
     # (patient ids stay at the site).
     metrics = {dice_key(steps): float(result["dice"]) for steps, result in curve.items()}
     metrics.update({worst_patient_key(steps): float(result["worst_patient_dice"]) for steps, result in curve.items()})
-    metrics[NUM_EXAMPLES] = len(patients)
+    metrics[NUM_EXAMPLES] = patients
     metrics[SECONDS] = time.perf_counter() - began
     return Message(RecordDict({METRICS_RECORD: to_metric_record(metrics)}), reply_to=message)
 

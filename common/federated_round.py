@@ -16,8 +16,10 @@ import torch
 
 from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import RunConfig
-from fedmeta.common.data import SiteDataset, sample_episodes
+from fedmeta.common.adaptation import adaptation_curve, site_patients
+from fedmeta.common.data import SiteDataset, adaptation_support, sample_episodes
 from fedmeta.common.losses import DiceCELoss, one_hot
+from fedmeta.common.metrics import foreground_classes
 from fedmeta.common.meta import Params, StepSize, meta_gradient, multi_step_loss_weights
 from fedmeta.common.privacy import update_norm
 
@@ -91,6 +93,31 @@ def site_update(
         first_order=server_round <= config.first_order_rounds,
         truncation=config.lstm_truncation,
     )
+
+
+def site_evaluation(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    step_sizes: Mapping[str, torch.Tensor] | None,
+    site: SiteDataset,
+    config: RunConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[int, dict], int]:
+    """What a held-out site computes in an evaluation round: θ adapted on ``eval-k-shot`` seeded support slices
+    with the run's adaptation rule, scored after each of ``eval-steps`` steps by Dice per patient on its other
+    patients (:func:`fedmeta.common.adaptation.adaptation_curve`). Returns the curve and the patients scored."""
+    support_x, support_y = adaptation_support(site, config.eval_k_shot, seed=seed)
+    patients = site_patients(site, seed, config.eval_max_images, device)
+    inner_lr, inner_params = adaptation_rule(config, model, step_sizes)
+    curve = adaptation_curve(
+        model, params, support_x.to(device), support_y.to(device), patients, steps=list(config.adaptation_steps),
+        inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes), num_classes=config.num_classes,
+        classes=foreground_classes(site.label_names, config.num_classes, site.labelled_classes),
+        inner_params=inner_params, batch_size=config.eval_batch_size,
+    )
+    return curve, len(patients)
 
 
 def site_weights(config: RunConfig, train_slices: Sequence[float]) -> list[float]:
@@ -169,4 +196,4 @@ def _target(labels: torch.Tensor, config: RunConfig, device: torch.device | str)
     return one_hot(labels, config.num_classes).to(device)
 
 
-__all__ = ["adaptation_rule", "sample_sites", "site_update", "site_weights", "weighted_mean", "weighted_mean_scalars"]
+__all__ = ["adaptation_rule", "sample_sites", "site_evaluation", "site_update", "site_weights", "weighted_mean", "weighted_mean_scalars"]
