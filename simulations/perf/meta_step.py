@@ -343,9 +343,9 @@ def format_table(title: str, table: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from fedmeta.common.devices import pick_device  # with torch: a perf run's --help stays light
+
+    device = str(pick_device(args.device))
     report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": {}}
     for key in args.settings:
         setting = SETTINGS[key]

@@ -281,12 +281,6 @@ def meta_step_summary(*, quick: bool) -> dict[str, Any]:
     return {"setting": setting.name, "table": table}
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _machine() -> str:
     import torch
 
@@ -329,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
             results["meta"] = meta_step_summary(quick=args.quick)
         if "episodes" in parts:
             setting = meta_step.SETTINGS["2d"]
-            device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+            from fedmeta.common.devices import pick_device  # loads torch: not for perf --help
+
+            device = str(pick_device(args.device))
             results["episodes"] = {"setting": setting.name, "device": device, "rows": meta_step.measure_episodes(
                 setting, device=device, repeats=2 if args.quick else 5,
                 cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES),
