@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.algorithms import ALGORITHMS
-from fedmeta.common.algorithms.maml import FOMAML, MAML
+from fedmeta.common.protocol import FOMAML, MAML
 
-ATTACKED = (FOMAML.name, MAML.name)  # the replies the attack models: first and second order
+ATTACKED = (FOMAML, MAML)  # the replies the attack models: first and second order
 DEFENCES = ("none", "dp", "secagg")
 TV_WEIGHT = 1e-2  # the total-variation prior on the dummy images (Geiping et al. 2020; 1e-2 on this mean-TV scale
 # recovered the most of 1e-4 / 1e-2 / 1e-1 on the smoke federation, seed 0, FOMAML k = 1: r 0.37 / 0.73 / 0.70)
@@ -95,7 +94,7 @@ def handle_budget(args: argparse.Namespace) -> int:
 def handle(args: argparse.Namespace) -> int:
     try:
         if args.quick:
-            args.iterations, args.k, args.algorithms = 60, [1], [FOMAML.name]
+            args.iterations, args.k, args.algorithms = 60, [1], [FOMAML]
         audit(out=args.out, iterations=args.iterations, ks=args.k, algorithms=args.algorithms,
               defences=args.defences, labels=args.labels, seed=args.seed, federation_root=args.federation_dir,
               overwrite=args.overwrite)
@@ -200,7 +199,7 @@ def attack_once(config, sites, *, defence: str, labels_known: bool, iterations: 
     # transposed convolutions, which PyTorch 2.13 cannot do ("output_padding is not supported for
     # non-transposed convolutions"): MAML replies are attacked with the FOMAML reply as the attacker's
     # model of the site, a weaker (mismatched) attack, so its scores are a lower bound on the leak.
-    attacker = config.replace(algorithm=FOMAML.name) if ALGORITHMS[config.algorithm].second_order else config
+    attacker = config.replace(algorithm=FOMAML) if config.algorithm_object.second_order else config
     generator = torch.Generator().manual_seed(seed + 1)
     dummy_s = (torch.randn(sx.shape, generator=generator) * 0.5).requires_grad_(True)
     dummy_q = (torch.randn(qx.shape, generator=generator) * 0.5).requires_grad_(True)
@@ -249,7 +248,7 @@ def reply_of(model, theta, config, sx, ty, qx, tq, *, create_graph: bool = False
     names = list(params)
     support_loss = _loss(functional_call(model, params, (sx,)), ty)
     inner = torch.autograd.grad(support_loss, [params[k] for k in names], create_graph=True)
-    if not ALGORITHMS[config.algorithm].second_order:
+    if not config.algorithm_object.second_order:
         # FOMAML drops the inner step's derivative with respect to θ, yet θ′ still depends on the
         # support images: the attacker keeps that path.
         adapted = {k: params[k].detach() - config.inner_lr * g for k, g in zip(names, inner)}

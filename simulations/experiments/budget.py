@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmeta.common.algorithms import ALGORITHMS
-
 
 def local_steps_per_round(config) -> int:
     """Gradient steps one site makes per round (forward-backward passes on one batch): the algorithm's cost."""
+    from fedmeta.common.algorithms import ALGORITHMS  # loads torch (+2.7 s): not for `fedmeta simulate --help`
+
     return ALGORITHMS[config.algorithm].local_steps(config.inner_steps, config.episodes_per_site)
 
 
