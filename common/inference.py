@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from nibabel import orientations
 from torch.func import functional_call
 
 from fedmeta.common.data import DataConfig, crop_or_pad, head_mask, normalise_intensity, resampling_problem, to_ras
@@ -34,15 +35,11 @@ class Segmentation:
 
 
 def _ras_orientation(affine: np.ndarray):
-    from nibabel import orientations
-
     return orientations.io_orientation(affine)
 
 
 def _to_scan_orientation(volume: np.ndarray, transform) -> np.ndarray:
     """Undo :func:`fedmeta.common.data.to_ras`'s axis reordering and flips."""
-    from nibabel import orientations
-
     back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), transform)
     return np.ascontiguousarray(orientations.apply_orientation(volume, back))
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.jsonio import dumps_strict
+
 JOURNAL_NAME = ".fedmeta-outputs.json"
 JOURNAL_FORMAT = "fedmeta-outputs"
 FILE_MODE = 0o644
@@ -261,8 +263,6 @@ class Outputs:
         return self.write_bytes(name, text.encode(), mode)
 
     def write_json(self, name: str, obj: Any) -> Path:
-        from fedmeta.common.jsonio import dumps_strict
-
         return self.write_text(name, dumps_strict(obj, indent=2, sort_keys=True) + "\n")
 
     def record(self, *names: str) -> None:

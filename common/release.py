@@ -22,7 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.outputs import file_sha256
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedmeta.common.outputs import Outputs, file_sha256
 
 SIGNATURE_SUFFIX = ".sig"
 METADATA_SUFFIX = ".release.json"
@@ -43,24 +47,16 @@ def metadata_path(checkpoint: Path | str) -> Path:
 
 def key_fingerprint(public_key) -> str:
     """SHA-256 of the raw 32-byte Ed25519 public key, hex: how a site tells which key signed."""
-    from cryptography.hazmat.primitives import serialization
-
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
 def load_private_key(path: Path | str):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     return _load_pem_key(path, "--key", "private key", lambda data: serialization.load_pem_private_key(data, None),
                          Ed25519PrivateKey, "make one with `openssl genpkey -algorithm ed25519 -out release.key`")
 
 
 def load_public_key(path: Path | str):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     return _load_pem_key(path, "--public-key", "public key", serialization.load_pem_public_key, Ed25519PublicKey,
                          "the consortium's release.pub is `openssl pkey -in release.key -pubout`")
 
@@ -81,6 +77,8 @@ def _load_pem_key(path: Path | str, option: str, what: str, load, expected: type
 
 def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
     """What a signature vouches for: the file itself (digest, size) and what the run was."""
+    # fedmeta.common.checkpoint loads torch: +0.8 s on `fedmeta provision --help` and `sign --help`, which import
+    # this module (python -X importtime).
     from fedmeta.common.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)  # refuses a damaged or NaN checkpoint before it is signed
@@ -101,7 +99,7 @@ def release_metadata(checkpoint_path: Path, public_key) -> dict[str, Any]:
         "signing_key_sha256": key_fingerprint(public_key),
     }
     if checkpoint.privacy and checkpoint.privacy.get("history"):
-        from fedmeta.common.privacy import PrivacyAccountant
+        from fedmeta.common.privacy import PrivacyAccountant  # torch, as load_checkpoint above
 
         accountant = PrivacyAccountant.from_state_dict(checkpoint.privacy)
         metadata["dp"] = {"epsilon": accountant.epsilon, "delta": accountant.delta, "rounds": len(accountant.history)}
@@ -113,8 +111,6 @@ def sign(checkpoint_path: Path | str, key_path: Path | str, *, overwrite: bool =
     """Signs ``checkpoint_path`` with the Ed25519 key at ``key_path``; writes the metadata and signature
     beside it and returns the metadata. An earlier signature is replaced only with ``overwrite``, and a file
     of either name that fedmeta sign did not write never (``fedmeta.common.outputs``)."""
-    from fedmeta.common.outputs import Outputs
-
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise ReleaseError(f"{checkpoint_path}: no such file; pass the checkpoint.pt to release.")
@@ -147,8 +143,6 @@ def verify(checkpoint_path: Path | str, public_key_path: Path | str | None, *, a
     """The signed metadata of ``checkpoint_path`` when it verifies with the key at ``public_key_path``;
     None when unsigned use is allowed and there is no key or no signature. A signature that is present
     must verify, whatever ``allow_unsigned`` says. Raises :class:`ReleaseError` naming the failed check."""
-    from cryptography.exceptions import InvalidSignature
-
     checkpoint_path = Path(checkpoint_path)
     if public_key_path is None:
         if allow_unsigned:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 MOD_BITS = 32
 MOD_RANGE = 2**MOD_BITS  # every masked value and the sum of the quantised replies live modulo this
@@ -51,8 +52,6 @@ def expand_mask(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarr
     ChaCha20 keyed by SHA-256(seed) with a zero nonce: every seed is used for one round's masks
     only (keys are fresh every round), so a fixed nonce never repeats a key stream.
     """
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
     sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
     key = hashlib.sha256(seed).digest()
     stream = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor().update(bytes(4 * sum(sizes)))

@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
@@ -133,8 +136,6 @@ def _sweep_partials(info: SiteInfo) -> None:
 
 
 def _render_site(info: SiteInfo) -> None:
-    import threading
-
     if info.generator_version != GENERATOR_VERSION or (info.asset_digest and info.asset_digest != _asset_digest()):
         raise ValueError(
             f"{info.path.parent} is a lazy federation made by generator {info.generator_version} (anatomy "
@@ -169,15 +170,11 @@ def _render_subjects(jobs: list, workers: int | None) -> None:
     if workers is None:
         workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
     if workers > 1:
-        import multiprocessing
-
         # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
             list(pool.map(_generate_subject, jobs, chunksize=4))
         return
-    import torch
-
     # One thread: on a busy 2-core machine torch's thread pool made generation 3x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

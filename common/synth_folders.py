@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.data import SITE_KEY_FILE
+from fedmeta.common.outputs import JOURNAL_NAME, Outputs, file_sha256
 from fedmeta.common.synth_plan import GENERATOR_VERSION
 
 _STAGING = re.compile(r"\.partial-(\d+)(-\d+)?")  # after ".<name>": the writing process's pid (and thread)
@@ -119,8 +120,6 @@ def _not_ours(root: Path) -> list[str]:
     folders it lists with their dataset.json and listed volumes, a dead render's staging folder, and the files
     fedmeta's output journal records unchanged (a ``synth --preview`` drawn there)."""
     sites = _federation_sites(root)
-    from fedmeta.common.outputs import JOURNAL_NAME, Outputs, file_sha256
-
     journal = Outputs(root, "synth").journal()["files"] if (root / JOURNAL_NAME).is_file() else {}
     foreign = []
     by_folder = {site["path"]: site for site in sites}

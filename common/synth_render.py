@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedmeta.common.synth_plan import LABEL_PROTOCOLS, PROTOCOL_LABELS
+from fedmeta.common.workers import end_with_parent
 
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
 # Where the subject's world lies: the template's brain extent in mm (RAS), with a little room.
@@ -88,8 +90,6 @@ def _sample_trilinear(volume, voxel):
     Trilinear, zero outside; returns [C, X', Y', Z']. torch's grid_sample does all channels in one
     pass, several times faster than scipy's map_coordinates per channel, which dominated generation.
     """
-    import torch
-
     sizes = torch.tensor(volume.shape[1:], dtype=voxel.dtype)
     # grid_sample's last grid axis is ordered (W, H, D), the reverse of the volume's axes.
     grid = (voxel / (sizes - 1) * 2 - 1).flip(-1)[None]
@@ -105,8 +105,6 @@ def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_sca
     Returns (float32 [3, X, Y, Z] RAS probabilities of CSF, GM, WM averaged over each slice's
     profile, and the 4x4 RAS affine of the grid).
     """
-    import torch
-
     anatomy, anatomy_affine = load_anatomy()
     scanner = site_params["scanner"]
     spacing, lo, shape = _site_grid(scanner, fov_scale)
@@ -217,6 +215,8 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
 
     ``spacing_mm`` (the grid's voxel size) is needed by the ventricles protocol only.
     """
+    # scipy.ndimage: +0.15 s on importing fedmeta.common.synth (python -X importtime); only rendering needs it, and
+    # `fedmeta synth` of a lazy preset renders nothing.
     from scipy import ndimage
 
     style = site_params["annotation"]
@@ -254,7 +254,7 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
 def _ventricles(labels: np.ndarray, brain: np.ndarray, spacing_mm: np.ndarray | None) -> np.ndarray:
     """Ventricular CSF: CSF enclosed by parenchyma in its axial plane and over 12 mm inside the brain
     (sulcal CSF opens to the surface or lies near it), as label 1; everything else 0."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: see annotate
 
     if spacing_mm is None:
         raise ValueError("the ventricles protocol needs the grid's voxel spacing (spacing_mm).")
@@ -268,8 +268,10 @@ def _ventricles(labels: np.ndarray, brain: np.ndarray, spacing_mm: np.ndarray | 
 
 def _to_storage(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
     """Reorder an RAS array the way the site's converter stores it, keeping world positions."""
+    # nibabel: +0.14 s on importing fedmeta.common.synth (python -X importtime); only rendering needs it, and
+    # `fedmeta synth` of a lazy preset renders nothing.
     import nibabel as nib
-    from nibabel import orientations as ornt
+    from nibabel import orientations as ornt  # lazy: see above
 
     transform = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.axcodes2ornt(tuple(axcodes)))
     stored = ornt.apply_orientation(array, transform)
@@ -279,7 +281,7 @@ def _to_storage(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
+    import nibabel as nib  # lazy: see _to_storage
 
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)  # scanner coordinates
@@ -289,10 +291,6 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _worker_init() -> None:
-    import torch
-
-    from fedmeta.common.workers import end_with_parent
-
     end_with_parent()  # a synth killed with SIGKILL takes its rendering workers with it
     torch.set_num_threads(1)  # one process per core already; more threads only contend
 
