@@ -91,6 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_data(args: argparse.Namespace) -> int:
+    # fedmeta.common.validate loads numpy: +45-85 ms on `fedmeta check-data --help` (and evaluate, adapt, predict),
+    # which import this module (python -X importtime).
     from fedmeta.common.validate import check_path, format_reports
 
     try:
@@ -131,7 +133,7 @@ def evaluate(args: argparse.Namespace) -> int:
         if json_out is not None:  # refused before the work, not after it
             json_out.check([args.json.name], overwrite=args.overwrite)
         shots = parse_counts(args.shots, "--shots", minimum=1)
-        from fedmeta.common.config import MAX_STEPS
+        from fedmeta.common.config import MAX_STEPS  # torch, MONAI: +2 s on this module's import (--help)
 
         steps = parse_counts(args.steps, "--steps", minimum=0, maximum=MAX_STEPS)
         args.public_key = default_public_key(args.public_key)
@@ -159,7 +161,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _json_output(path: Path | None):
     """The guarded writer of ``--json`` (``fedmeta.common.outputs``): never a file evaluate did not write."""
-    from fedmeta.common.outputs import Outputs
+    from fedmeta.common.outputs import Outputs  # +8 ms on this module's import: check-data/predict --help
 
     return None if path is None else Outputs(Path(path).parent, "evaluate", option="--json")
 
@@ -176,6 +178,7 @@ def default_public_key(given: Path | None) -> Path | None:
     bundled, site_json = Path("release.pub"), Path("site.json")
     if not bundled.is_file() or not site_json.is_file():
         return None
+    # fedmeta.common.release loads cryptography: +19 ms on this module's import (check-data/predict --help).
     from fedmeta.common.release import key_fingerprint, load_public_key
 
     try:
@@ -193,7 +196,7 @@ def default_public_key(given: Path | None) -> Path | None:
 
 def verified_release(args: argparse.Namespace) -> dict | None:
     """The checkpoint's signed release metadata, checked before the checkpoint is used (fedmeta.common.release)."""
-    from fedmeta.common.release import verify
+    from fedmeta.common.release import verify  # cryptography: lazy, see default_public_key
 
     if not args.checkpoint.is_file():
         return None  # evaluate_checkpoint names the missing file
@@ -238,9 +241,10 @@ def evaluate_checkpoint(
     limits: ReadLimits = ReadLimits(),
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
+    # torch and MONAI: +2 s on this module's import, which every client command's --help pays (python -X importtime).
     from fedmeta.common.adaptation import load_initialisation
-    from fedmeta.common.data import SiteDataset
-    from fedmeta.common.model import build_model
+    from fedmeta.common.data import SiteDataset  # torch: as above
+    from fedmeta.common.model import build_model  # torch, MONAI: as above
 
     if not (math.isfinite(lr_scale) and 0 < lr_scale <= MAX_LR_SCALE):
         raise ValueError(f"--lr-scale {lr_scale}: must be a positive number at most {MAX_LR_SCALE:g}, e.g. 0.5 or 2 (a "
@@ -290,7 +294,7 @@ def evaluate_checkpoint(
 def _scored(model, init, site, checkpoint, lr_scale: float, **options) -> dict:
     """``score_site`` for ``fedmeta evaluate``: a diverged adaptation is refused naming the checkpoint, the site, the
     step, and what to try, rather than reported as a Dice of 0."""
-    from fedmeta.common.adaptation import AdaptationDiverged, score_site
+    from fedmeta.common.adaptation import AdaptationDiverged, score_site  # torch, MONAI: see evaluate_checkpoint
 
     try:
         return score_site(model, init, site, refuse_diverged=True, **options)

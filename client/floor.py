@@ -20,7 +20,7 @@ from typing import Any
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import (
-    FLOOR_CLIP_KEY, FLOOR_DP_KEY, FLOOR_NOISE_KEY, FLOOR_SECURE_AGGREGATION_KEY, FLOOR_SITES_KEY,
+    DATA_DIR_KEY, FLOOR_CLIP_KEY, FLOOR_DP_KEY, FLOOR_NOISE_KEY, FLOOR_SECURE_AGGREGATION_KEY, FLOOR_SITES_KEY,
     FLOOR_THRESHOLD_KEY,
 )
 
@@ -46,8 +46,6 @@ def floor_problem(config: RunConfig, node_config: Mapping[str, Any]) -> str | No
     Any DP setting in the floor means local DP (a site cannot check noise a server says it adds) without
     reproducible noise; any secure-aggregation setting, or a DP one, means secure aggregation.
     """
-    from fedmeta.common.protocol import DATA_DIR_KEY
-
     secure_wanted = _choice(node_config, FLOOR_SECURE_AGGREGATION_KEY, ("secagg+",))
     dp_wanted = _choice(node_config, FLOOR_DP_KEY, ("local",))
     sigma = _number(node_config, FLOOR_NOISE_KEY, 0.0)

@@ -17,8 +17,9 @@ def overlay_montage(image: np.ndarray, mask: np.ndarray, path: Path, title: str,
     import matplotlib
 
     matplotlib.use("Agg")
+    # After use("Agg"): the file-only backend is chosen before pyplot loads (and the lazy reason above).
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap  # lazy, as matplotlib above
 
     axis = int(np.argmin(image.shape)) if min(image.shape) * 2 < max(image.shape) else 2  # the through-plane axis
     has = np.flatnonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(axis=1))
