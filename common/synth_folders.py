@@ -30,7 +30,11 @@ def _sweep_staging(folder: Path, name: str) -> None:
     killed half-way (SIGKILL runs no ``finally``) leaves one; a live process's is left alone, and so is one that
     holds anything a render does not write (its name alone does not make it fedmeta's)."""
     for stale in folder.glob(f".{glob.escape(name)}.partial-*"):
-        if _dead_staging(stale, name):
+        try:
+            dead = _dead_staging(stale, name)
+        except FileNotFoundError:  # another worker swept it while this one looked inside: already gone
+            continue
+        if dead:
             shutil.rmtree(stale, ignore_errors=True)
 
 
