@@ -12,14 +12,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Message
-
-from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
-from fedmeta.server.coordinator import Coordinator, RoundOutcome
-from fedmeta.server.rounds import Membership
+
+if TYPE_CHECKING:  # annotations only: the coordinator and the run config load torch and Flower (+2.7 s), which a
+    # reader of metrics.jsonl (fedmeta.server.metrics: `fedmeta benchmark --help`, perf) must not wait for
+    from flwr.app import Message
+
+    from fedmeta.common.config import RunConfig
+    from fedmeta.server.coordinator import Coordinator, RoundOutcome
+    from fedmeta.server.rounds import Membership
 
 log = logging.getLogger("fedmeta.server")
 

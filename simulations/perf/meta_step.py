@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.algorithms import ALGORITHMS
-from fedmeta.common.algorithms.lstm_optimizer import LSTMOptimizer
+from fedmeta.common.protocol import ALGORITHMS, LSTM_OPTIMIZER
 
 PLAIN = "plain-fwd-bwd"
 CASES = (*ALGORITHMS, PLAIN)
@@ -53,7 +52,9 @@ SETTINGS = {
 
 
 def _learner(case: str) -> str:
-    return ALGORITHMS[case].learner if case in ALGORITHMS else "unet"
+    from fedmeta.common.algorithms import ALGORITHMS as REGISTRY  # loads torch: not for `fedmeta perf --help`
+
+    return REGISTRY[case].learner if case in REGISTRY else "unet"
 
 
 def _network(setting: BenchSetting, case: str, device: str, seed: int = 0):
@@ -91,6 +92,7 @@ def _setup(setting: BenchSetting, device: str, seed: int = 0, case: str = "fomam
 def _one_run(case: str, setting: BenchSetting, model, params, episode, loss_fn):
     import torch
 
+    from fedmeta.common.algorithms import ALGORITHMS as REGISTRY  # with torch, as meta_gradient below
     from fedmeta.common.meta import meta_gradient
 
     if case == PLAIN:
@@ -107,7 +109,7 @@ def _one_run(case: str, setting: BenchSetting, model, params, episode, loss_fn):
         return
     meta_gradient(
         model, params, [episode], algorithm=case, inner_steps=setting.inner_steps, inner_lr=setting.inner_lr,
-        loss_fn=loss_fn, proximal_mu=0.01 if ALGORITHMS[case].proximal else 0.0,
+        loss_fn=loss_fn, proximal_mu=0.01 if REGISTRY[case].proximal else 0.0,
     )
 
 
@@ -199,12 +201,12 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
                "parameters": sum(p.numel() for p in networks[case][1].values())}
         for case in cases
     }
-    if LSTMOptimizer.name in results:
+    if LSTM_OPTIMIZER in results:
         from fedmeta.common.algorithms.lstm_optimizer import LSTM_PREFIX, lstm_state_numbers
 
-        model, params = networks[LSTMOptimizer.name]
+        model, params = networks[LSTM_OPTIMIZER]
         adapted = sum(p.numel() for n, p in params.items() if not n.startswith(LSTM_PREFIX))
-        results[LSTMOptimizer.name]["state_bytes"] = 4 * lstm_state_numbers(model, adapted)  # fp32 h and c
+        results[LSTM_OPTIMIZER]["state_bytes"] = 4 * lstm_state_numbers(model, adapted)  # fp32 h and c
     return results
 
 
@@ -222,6 +224,7 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
     (measured no faster); it is timed here, through the same vmapped episode with a second-order
     gradient, to keep that measurement.
     """
+    from fedmeta.common.algorithms import ALGORITHMS as REGISTRY  # with torch, as meta_gradient below
     from fedmeta.common.meta import meta_gradient
 
     model, params = _network(setting, "fomaml", device)
@@ -235,7 +238,7 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
                                      inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=False)[0]
 
             def batched():
-                if not ALGORITHMS[algorithm].second_order:  # FOMAML's batched path is fedmeta's own
+                if not REGISTRY[algorithm].second_order:  # FOMAML's batched path is fedmeta's own
                     return meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=steps,
                                          inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=True)[0]
                 return _maml_batched(model, params, episodes, steps, setting.inner_lr, loss_fn)
@@ -328,7 +331,7 @@ def format_table(title: str, table: dict[str, dict]) -> str:
             f"{r['memory_vs_fomaml']:.2f} | {r.get('parameters', 0):,} |"
         )
     t = table["targets"]
-    if "state_bytes" in table.get(LSTMOptimizer.name, {}):
+    if "state_bytes" in table.get(LSTM_OPTIMIZER, {}):
         lines += ["", f"lstm-optimizer state while adapting (h and c per adapted scalar, fp32): "
                       f"{table['lstm-optimizer']['state_bytes'] / 2**20:.1f} MB (training also keeps every "
                       "unrolled step's gates: in the peak memory)"]

@@ -63,3 +63,9 @@ def test_a_hospitals_predict_loads_none_of_the_researchers_or_the_coordinators_m
     foreign = sorted(m for m in modules if m.startswith(("fedmeta.server", "fedmeta.simulations.experiments",
                                                          "fedmeta.simulations.perf", "fedmeta.simulations.synthetic")))
     assert not foreign
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_no_commands_help_waits_for_torch(command):
+    """A command's --help answers without loading torch (about 2-3 s here): heavy imports wait for the work."""
+    assert "torch" not in _modules_after([command, "--help"])
