@@ -9,13 +9,13 @@ so a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedmeta.common.outputs import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # 2: adds ``privacy`` (the DP accountant's history). A format-1 file (no privacy field) still loads; a
@@ -38,20 +38,12 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Writes ``checkpoint`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
+    """Writes ``checkpoint`` to ``path`` atomically (:func:`fedmeta.common.outputs.write_atomically`: a new temp
+    file in the same folder, fsync, rename), readable by its owner only (it holds the run's θ)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, **checkpoint.__dict__}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: torch.save(payload, tmp), mode=None)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

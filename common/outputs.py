@@ -104,13 +104,16 @@ def make_folder(path: Path | str, mode: int = FOLDER_MODE, *, within: Path | str
 def write_atomically(path: Path, write: Callable[[Path], None], mode: int | None = FILE_MODE) -> Path:
     """``write(temporary path)`` beside ``path``, then a rename onto it: a crash never leaves half a file under its
     name. The temporary file is new and exclusive (``mkstemp``), so a link planted under a predictable name is
-    never followed; ``mode`` is set explicitly (None: mkstemp's 0600)."""
+    never followed; ``mode`` is set explicitly (None: mkstemp's 0600). The file's bytes reach the disk (fsync)
+    before the rename, so a power loss never leaves the new name on an empty file."""
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
