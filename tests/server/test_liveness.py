@@ -68,11 +68,12 @@ def test_a_hung_site_costs_the_round_deadline_not_the_round_timeout(smoke_federa
 def test_without_a_quorum_the_round_waits_until_round_timeout(smoke_federation, tmp_path):
     n_train = len(load_manifest(smoke_federation).train_sites)
     hang = {(1, "train"): lambda grid: grid.hang(node_of(grid, 0))}
-    _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=0.2, round_timeout=2.0,
+    # The honest sites must answer within the timeout on a loaded 2-core machine too (their first round loads data).
+    _grid, records = run(smoke_federation, tmp_path, hang, num_rounds=1, round_deadline=0.2, round_timeout=8.0,
                          round_quorum=n_train)  # every sampled site is needed: the deadline cannot close it
     record = records[1]
-    assert record["closed_by"] == "timeout" and record["seconds"] >= 2.0
-    assert record["dropped"][0]["reason"] == "no reply before round-timeout=2s"
+    assert record["closed_by"] == "timeout" and record["seconds"] >= 8.0
+    assert record["dropped"][0]["reason"] == "no reply before round-timeout=8s"
 
 
 def test_a_site_that_dies_is_named_gone_and_is_not_sampled_again(smoke_federation, tmp_path):
