@@ -145,7 +145,9 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
             "damaged or assembled from two runs. Use the checkpoint.pt a fedmeta run wrote."
         )
     algorithm = ALGORITHMS[config.algorithm]
-    inner_lr = algorithm.step_size(config.inner_lr, checkpoint.step_sizes, str(path))
+    if algorithm.learns_step_sizes and not checkpoint.step_sizes:
+        raise ValueError(f"{path}: a {config.algorithm} checkpoint without step sizes; it cannot adapt as it was trained.")
+    inner_lr = algorithm.step_size(config.inner_lr, checkpoint.step_sizes)
     init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
                           head_only=algorithm.head_only, round=int(checkpoint.round), model_config=model_config)
     return init, config

@@ -184,7 +184,7 @@ class InnerLoop(_Section):
 
 @dataclass(frozen=True)
 class Learners(_Section):
-    """The other families' own parts (fedmeta.common.learners, docs/learners.md): sizes, and the learned optimiser's
+    """The other families' own parts (fedmeta.common.algorithms, docs/learners.md): sizes, and the learned optimiser's
     unroll (held to inner-steps, and to its algorithm, by RunConfig)."""
 
     generator_width: int = algorithm_key(32)  # the support-set encoder's channels and MLP width

@@ -50,7 +50,9 @@ def adaptation_rule(
     """(inner step size, adapted parameter names) the run's algorithm adapts with (Meta-SGD: its learned step
     sizes; ANIL: the head only; the others: every parameter with inner-lr). Training and evaluation both ask here."""
     algorithm = ALGORITHMS[config.algorithm]
-    return algorithm.step_size(config.inner_lr, step_sizes, "the round's θ"), algorithm.adapted_names(model)
+    if algorithm.learns_step_sizes and step_sizes is None:
+        raise ValueError(f"algorithm {config.algorithm} adapts with learned step sizes (lr.<name>), and none were given.")
+    return algorithm.step_size(config.inner_lr, step_sizes), algorithm.adapted_names(model)
 
 
 def site_update(

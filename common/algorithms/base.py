@@ -87,8 +87,9 @@ class Algorithm(AdaptationRule):
         """The parameters the inner loop steps (None: every parameter that is not a learner's own)."""
         return None
 
-    def step_size(self, inner_lr: float, step_sizes: Mapping[str, torch.Tensor] | None, source: str) -> StepSize:
-        """The step size a site adapts with: the run's inner-lr, or learned step sizes ``source`` must carry."""
+    def step_size(self, inner_lr: float, step_sizes: Mapping[str, torch.Tensor] | None) -> StepSize:
+        """The step size a site adapts with: the run's inner-lr, or the learned step sizes θ carries (the caller
+        has checked they are there when ``learns_step_sizes``)."""
         return inner_lr
 
     def initial_step_sizes(self, params: Mapping[str, torch.Tensor], config: Any) -> Params | None:

@@ -131,10 +131,7 @@ class MetaSGD(MAML):
     order_annealing = False  # its step sizes are learned through the second-order path
     learns_step_sizes = True
 
-    def step_size(self, inner_lr, step_sizes, source):
-        if not step_sizes:
-            raise ValueError(f"{source}: algorithm metasgd adapts with learned step sizes (lr.<name>), and it carries "
-                             "none; it cannot adapt as it was trained.")
+    def step_size(self, inner_lr, step_sizes):
         return dict(step_sizes)
 
     def initial_step_sizes(self, params, config):

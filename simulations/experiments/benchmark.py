@@ -12,7 +12,7 @@ slices for s steps and is scored by Dice on its other patients, over several see
   trained (Meta-SGD with its learned step sizes, ANIL its head only);
 - fast-weights, prototypes, lstm-optimizer: the other meta-learning families (a generator of head
   weights from the support set, prototype matching, a learned LSTM optimiser;
-  ``fedmeta.common.learners``), adapted by their own rule (prototypes: 0 steps is pure prototype
+  ``fedmeta.common.algorithms``), adapted by their own rule (prototypes: 0 steps is pure prototype
   matching, further steps fine-tune the encoder);
 - pooled-fomaml, pooled-maml, pooled-metasgd: the same learners on the pooled patients of all
   training sites, without federation (the centralised bound of each family;
@@ -47,6 +47,7 @@ from typing import Any
 from fedmeta.common.jsonio import write_json
 from fedmeta.common.outputs import Outputs
 from fedmeta.common.protocol import FOMAML
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.simulations.experiments.benchmark_preset import (
     DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
 )
@@ -186,7 +187,7 @@ def run_benchmark(
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}
     inits: dict[int, dict[str, Any]] = {seed: {} for seed in seeds_list}
     if spec["jobs"] == 1:  # one seed after the other: each seed's table is printed as soon as it exists
-        eval_data = [SiteDataset.load(info.folder(), any_config.data_config()) for info in eval_infos]
+        eval_data = [SiteDataset.load(info.folder(), any_config.data_config(limits=ReadLimits.from_environment())) for info in eval_infos]
         for seed in seeds_list:
             for key, base in configs.items():
                 runs[key][seed], inits[seed][key] = _train(*_train_args(key, base, seed, out, federation_dir, train_infos,

@@ -96,3 +96,15 @@ def test_the_run_config_asks_the_algorithm():
     assert RunConfig(algorithm="fedprox").weighting == "data" and FedAvg.data_weighted
     assert RunConfig(algorithm="metasgd").weighting == "per-site"
     assert RunConfig(algorithm="prototypes").model_config().learner == ALGORITHMS["prototypes"].learner
+
+
+def test_the_round_asks_for_meta_sgds_step_sizes_by_name_and_takes_what_it_is_given():
+    from fedmeta.common.federated_round import adaptation_rule
+    from fedmeta.common.model import build_model
+
+    config = RunConfig(algorithm="metasgd", image_size=32, model_base_channels=4, model_levels=2)
+    model = build_model(config.model_config())
+    with pytest.raises(ValueError, match=r"algorithm metasgd adapts with learned step sizes \(lr.<name>\), and none"):
+        adaptation_rule(config, model, None)
+    assert adaptation_rule(config, model, {}) == ({}, None)
+    assert adaptation_rule(config.replace(algorithm="anil"), model, None)[1] == ALGORITHMS["anil"].adapted_names(model)
