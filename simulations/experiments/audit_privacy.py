@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.protocol import FOMAML, MAML
+from fedmeta.common.read_limits import ReadLimits
 
 ATTACKED = (FOMAML, MAML)  # the replies the attack models: first and second order
 DEFENCES = ("none", "dp", "secagg")
@@ -133,7 +134,7 @@ def audit(*, out: Path, iterations: int = 600, ks=(1, 5), algorithms=ATTACKED, d
         root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
         federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
-    sites = [SiteDataset.load(info.folder(), config.data_config()) for info in manifest.train_sites]
+    sites = [SiteDataset.load(info.folder(), config.data_config(limits=ReadLimits.from_environment())) for info in manifest.train_sites]
     out = Path(out)
     folder.claim_folder(overwrite=overwrite, recognised=earlier)
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ from fedmeta.common.jsonio import write_json
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
 )
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.workers import end_with_parent
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
 from fedmeta.simulations.experiments.benchmark_preset import GOAL_SHOTS, GOAL_STEPS, METHODS_BY_NAME, ORACLE
@@ -166,7 +167,7 @@ def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: 
     """``_evaluate_seed`` in a worker process: the new sites are read there rather than shipped to it."""
     from fedmeta.common.data import SiteDataset
 
-    sites = [SiteDataset.load(info.folder(), any_config.data_config()) for info in eval_infos]
+    sites = [SiteDataset.load(info.folder(), any_config.data_config(limits=ReadLimits.from_environment())) for info in eval_infos]
     return _evaluate_seed(names, inits, any_config, spec, sites, seed, quiet)
 
 

@@ -35,6 +35,7 @@ from fedmeta.common.federated_round import (
 from fedmeta.common.metaopt import MetaOptimizer
 from fedmeta.common.model import initial_params, seeded_model
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY, ROLE_TRAIN, SITE_ID_KEY
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.synth import load_manifest
 
 
@@ -152,7 +153,7 @@ def load_training_sites(
         chosen = [available[n] for n in sorted(set(names))]
     if not chosen:
         raise ValueError(f"{federation_dir}: no training site to meta-train on.")
-    return [SiteDataset.load(info.folder(), config.data_config()) for info in chosen]
+    return [SiteDataset.load(info.folder(), config.data_config(limits=ReadLimits.from_environment())) for info in chosen]
 
 
 def pool_sites(sites: Sequence[SiteDataset]) -> SiteDataset:

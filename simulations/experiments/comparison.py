@@ -18,6 +18,7 @@ from fedmeta.common.adaptation import Initialisation, score_site
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SiteDataset
 from fedmeta.common.model import build_model
+from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.synth import load_manifest
 from fedmeta.simulations.experiments.oracle import train_oracle
 from fedmeta.simulations.experiments.stats import interval
@@ -45,7 +46,7 @@ def compare_initialisations(
     manifest = load_manifest(Path(federation_dir))
     if not manifest.heldout_sites:
         raise ValueError(f"{federation_dir} has no held-out sites; the comparison needs at least one new hospital.")
-    data_config = config.data_config()
+    data_config = config.data_config(limits=ReadLimits.from_environment())
     model = build_model(config.model_config())
     labels = [init.label for init in inits] + ([ORACLE_LABEL] if oracle_steps > 0 else [])
     per_site: dict[str, dict[str, dict[int, float]]] = {label: {} for label in labels}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from fedmeta.common.outputs import Outputs, refuse_data_folder
+from fedmeta.common.read_limits import ReadLimits
 
 # The generator, the data readers and checks (fedmeta.common.synth, .validate, .data), numpy, nibabel and
 # matplotlib are imported inside the functions that use them: `fedmeta synth --help` does not wait for them.
@@ -160,9 +161,10 @@ def draw_sites(root: Path | str, out: Path | str, *, overwrite: bool = False, op
     fig, axes = plt.subplots(2, len(sites), figsize=(2.3 * len(sites), 6.0), squeeze=False)
     overlay = ListedColormap(OVERLAY_COLOURS)
     for column, (folder, caption) in enumerate(sites):
-        layout = discover_site(folder)
+        limits = ReadLimits.from_environment()
+        layout = discover_site(folder, limits=limits)
         allowed = set(layout.labels) if layout.labels is not None else None
-        loaded = next((c for _, c in (check_case(case, allowed, 256) for case in layout.cases) if c is not None), None)
+        loaded = next((c for _, c in (check_case(case, allowed, 256, limits=limits) for case in layout.cases) if c is not None), None)
         top, bottom = axes[0, column], axes[1, column]
         top.set_title(f"{caption}\n{layout.modality or '?'} · labels: {layout.label_protocol}", fontsize=8)
         for ax in (top, bottom):
