@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from fedmeta.common import inner_loop
-from fedmeta.common.algorithms import ALGORITHMS, InnerLoop, algorithm_named, algorithm_of, names_where
+from fedmeta.common.algorithms import ALGORITHMS, LoopSettings, algorithm_named, algorithm_of
 from fedmeta.common.algorithms.base import check_scalar_step_size
 from fedmeta.common.algorithms.checks import (
     check_episodes, check_inner_params, check_loss_fn, check_params, check_steps,
@@ -23,10 +23,6 @@ from fedmeta.common.algorithms.maml import (
 )
 from fedmeta.common.inner_loop import Episode, LossFn, Params, StepSize
 from fedmeta.common.protocol import STEP_SIZE_PREFIX
-
-# Algorithms whose θ-gradient is taken through the inner loop (second order).
-SECOND_ORDER = tuple(names_where("second_order"))
-
 
 @torch.enable_grad()  # a caller under no_grad (evaluation code) still gets gradients
 def meta_gradient(
@@ -71,7 +67,7 @@ def meta_gradient(
     mu, weights, truncation = chosen.check_options(inner_steps=inner_steps, proximal_mu=proximal_mu,
                                                    step_weights=step_weights, first_order=first_order,
                                                    truncation=truncation)
-    loop = InnerLoop(names, step_size, inner_steps, loss_fn, mu, weights, first_order, truncation, batch_episodes)
+    loop = LoopSettings(names, step_size, inner_steps, loss_fn, mu, weights, first_order, truncation, batch_episodes)
     return chosen.local_update(model, params, episodes, loop)
 
 
@@ -118,5 +114,5 @@ def adaptation_trajectory(
         yield {n: p.detach() for n, p in adapted.items()}
 
 
-__all__ = ["ALGORITHMS", "BATCH_FROM", "EPISODE_CHUNK", "SECOND_ORDER", "STEP_SIZE_PREFIX", "adapt",
+__all__ = ["ALGORITHMS", "BATCH_FROM", "EPISODE_CHUNK", "STEP_SIZE_PREFIX", "adapt",
            "adaptation_trajectory", "init_step_sizes", "meta_gradient", "multi_step_loss_weights"]

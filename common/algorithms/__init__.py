@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmeta.common.algorithms.base import Algorithm, InnerLoop, Learner
+from fedmeta.common.algorithms.base import Algorithm, LoopSettings, Learner
 from fedmeta.common.algorithms.fast_weights import FastWeights
 from fedmeta.common.algorithms.fedavg import FedAvg, FedProx
 from fedmeta.common.algorithms.lstm_optimizer import LSTMOptimizer
@@ -50,4 +50,4 @@ def names_where(attribute: str) -> list[str]:
     return [name for name, a in ALGORITHMS.items() if getattr(a, attribute)]
 
 
-__all__ = ["ALGORITHMS", "NETWORKS", "Algorithm", "InnerLoop", "Learner", "algorithm_named", "algorithm_of", "names_where"]
+__all__ = ["ALGORITHMS", "NETWORKS", "Algorithm", "LoopSettings", "Learner", "algorithm_named", "algorithm_of", "names_where"]

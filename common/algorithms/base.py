@@ -21,7 +21,7 @@ from fedmeta.common.protocol import STEP_SIZE_PREFIX
 
 
 @dataclass(frozen=True)
-class InnerLoop:
+class LoopSettings:
     """One site's settings for a local update, checked: the adapted names, the step size (α, or Meta-SGD's
     learned ones), the steps, and the MAML++ / FedProx / truncation options that apply."""
 
@@ -55,7 +55,7 @@ class Algorithm(AdaptationRule):
     # -- training: the update a site sends ---------------------------------------------------------------
 
     def local_update(self, model: torch.nn.Module, params: Params, episodes: Sequence[Episode],
-                     loop: InnerLoop) -> tuple[Params, dict[str, float]]:
+                     loop: LoopSettings) -> tuple[Params, dict[str, float]]:
         """The update one site sends for θ (keys, shapes and dtypes of ``params``, plus ``lr.<name>`` for learned
         step sizes), averaged over ``episodes``, and the episodes' mean statistics."""
         totals = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -75,7 +75,7 @@ class Algorithm(AdaptationRule):
                 inner_loop.mean_statistics(statistics, episodes))
 
     def episode_update(self, model: torch.nn.Module, params: Params, episode: Episode,
-                       loop: InnerLoop) -> tuple[Params, Params, dict[str, Any]]:
+                       loop: LoopSettings) -> tuple[Params, Params, dict[str, Any]]:
         """One episode's update, the adapted parameters, and the statistics it computed on the way (``before``:
         the parameters the "before" losses are taken at, when not θ; ``episode``: the episode they are taken on,
         when the update changed its query target)."""
@@ -245,4 +245,4 @@ def _mapping(step_size: StepSize) -> Mapping[str, torch.Tensor]:
     return step_size if isinstance(step_size, Mapping) else {}
 
 
-__all__ = ["Algorithm", "InnerLoop", "Learner", "check_scalar_step_size"]
+__all__ = ["Algorithm", "LoopSettings", "Learner", "check_scalar_step_size"]

@@ -18,7 +18,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from fedmeta.common import inner_loop, protocol
-from fedmeta.common.algorithms.base import Algorithm, InnerLoop, check_scalar_step_size
+from fedmeta.common.algorithms.base import Algorithm, LoopSettings, check_scalar_step_size
 from fedmeta.common.algorithms.checks import check_inner_params
 from fedmeta.common.inner_loop import Episode, Params, StepSize
 from fedmeta.common.protocol import STEP_SIZE_PREFIX
@@ -186,7 +186,7 @@ def check_learned_step_sizes(inner_lr: Mapping[str, Any], names: list[str], para
     return {n: inner_lr[n] for n in names}
 
 
-def _adapt_first_order(model, params, episode: Episode, loop: InnerLoop) -> tuple[Params, float | None]:
+def _adapt_first_order(model, params, episode: Episode, loop: LoopSettings) -> tuple[Params, float | None]:
     """The inner steps without a graph; returns θ′ (new tensors) and the support loss at θ (None: no step)."""
     support_x, support_y, _, _ = episode
     adapted, support_before = params, None
@@ -198,7 +198,7 @@ def _adapt_first_order(model, params, episode: Episode, loop: InnerLoop) -> tupl
     return {n: p.detach() for n, p in adapted.items()}, support_before
 
 
-def refuse_batching(name: str, loop: InnerLoop) -> None:
+def refuse_batching(name: str, loop: LoopSettings) -> None:
     if loop.batch_episodes is True:
         raise ValueError(f"batch_episodes=True batches FOMAML's episodes; algorithm={name!r} runs them in a loop "
                          "(batching measured no faster for second-order algorithms). Leave it None.")
@@ -213,7 +213,7 @@ def why_not_batched(model: torch.nn.Module, episodes: Sequence[Episode]) -> str 
     return None
 
 
-def _batched(model, params, episodes, loop: InnerLoop) -> tuple[Params, dict[str, float]]:
+def _batched(model, params, episodes, loop: LoopSettings) -> tuple[Params, dict[str, float]]:
     """FOMAML as the loop computes it, for same-shaped episodes at once (torch.func.vmap, θ shared): each episode's
     inner steps (the loop's update rule, :func:`fedmeta.common.inner_loop.apply_step`) and its query gradient at θ′
     are one function of its four tensors; the statistics come from the same forward passes."""
