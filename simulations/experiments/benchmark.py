@@ -52,13 +52,14 @@ from fedmeta.simulations.experiments.benchmark_preset import (
     DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
 )
 from fedmeta.simulations.experiments.benchmark_report import (
-    format_goal, format_markdown, goal_check, plot_learning_curves, plot_results, summarise, time_to_accuracy,
+    format_goal, format_markdown, goal_check, summarise, time_to_accuracy,
 )
 from fedmeta.simulations.experiments.benchmark_runs import (
     _evaluate_seed, _evaluate_seed_from_files, _in_processes, _say, _train, _train_args,
 )
 from fedmeta.simulations.experiments.benchmark_runs import _worker_init  # noqa: F401 - imported from here by tests
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
+from fedmeta.simulations.experiments.figures import plot_learning_curves, plot_results
 from fedmeta.simulations.experiments.presets import parse_sets
 
 # torch and the fedmeta modules that load it (config, synth, data, meta) are imported inside the functions that

@@ -20,6 +20,7 @@ from fedmeta.common.data import SiteDataset
 from fedmeta.common.model import build_model
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.synth import load_manifest
+from fedmeta.simulations.experiments.figures import plot_dice_vs_steps
 from fedmeta.simulations.experiments.oracle import train_oracle
 from fedmeta.simulations.experiments.stats import interval
 
@@ -153,29 +154,4 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
     return path
 
 
-def plot_dice_vs_steps(comparison: dict[str, Any], path: Path) -> Path:
-    # matplotlib loads only when a plot is drawn, with the file-only backend chosen before pyplot.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = comparison["steps"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, summary in comparison["summary"].items():
-        ax.plot(steps, [summary["mean"][s] for s in steps], marker="o", label=f"{label} (mean)")
-        ax.plot(steps, [summary["worst"][s] for s in steps], linestyle=":", alpha=0.6,
-                color=ax.lines[-1].get_color(), label=f"{label} (worst site)")
-    ax.set_xlabel("adaptation steps on the new hospital's support set")
-    ax.set_ylabel("Dice per patient (mean over sites)")
-    ax.set_title(f"Held-out sites, k = {comparison['k']} labelled slices")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["ORACLE_LABEL", "compare_initialisations", "paired_margin", "plot_dice_vs_steps", "write_report"]
+__all__ = ["ORACLE_LABEL", "compare_initialisations", "paired_margin", "write_report"]
