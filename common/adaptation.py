@@ -24,6 +24,7 @@ from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.meta import StepSize, adaptation_trajectory
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names, initial_params, seeded_model
+from fedmeta.common.step_selection import AUTO, candidate_steps, choose_steps
 
 
 @dataclass
@@ -178,9 +179,14 @@ def score_site(
     batch_size: int = 32,
     splits: dict | None = None,
     refuse_diverged: bool = False,
-) -> dict[int, dict[int, dict[str, Any]]]:
+    auto_max_steps: int | None = None,
+) -> dict[int, dict[int | str, dict[str, Any]]]:
     """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s;
     ``refuse_diverged`` as there).
+
+    ``steps`` may hold :data:`fedmeta.common.step_selection.AUTO`: the count chosen from the k support slices
+    alone (:func:`fedmeta.common.step_selection.choose_steps`, candidates up to ``auto_max_steps``, default
+    20); its summary adds ``chosen_steps`` and the ``step_choice`` record.
 
     For one seed the evaluation patients are the same for every k and the support sets are nested.
     ``max_images`` bounds the evaluation slices, whole patients only (0: every evaluation patient).
@@ -197,19 +203,30 @@ def score_site(
                          f"({type(model).__name__}); give the Initialisation its model_config.")
     splits = {} if splits is None else splits
     classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
-    out: dict[int, dict[int, dict[str, Any]]] = {}
+    fixed = [s for s in steps if s != AUTO]
+    inner_params = head_parameter_names(model) if init.head_only else None
+    out: dict[int, dict[int | str, dict[str, Any]]] = {}
     for k in shots:
         key = (str(site.root), k, seed, max_images)
         if key not in splits:
             splits[key] = (*adaptation_support(site, k, seed=seed), site_patients(site, seed, max_images))
         support_x, support_y, patients = splits[key]
+        choice = None
+        if AUTO in steps:  # chosen from the support slices alone, before any evaluation patient is looked at
+            choice = choose_steps(model, init.params, support_x, support_y, inner_lr=init.inner_lr,
+                                  loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
+                                  inner_params=inner_params, candidates=candidate_steps(auto_max_steps))
         curve = adaptation_curve(
-            model, init.params, support_x, support_y, patients, steps=list(steps), inner_lr=init.inner_lr,
+            model, init.params, support_x, support_y, patients,
+            steps=sorted(set(fixed) | ({choice.steps} if choice else set())), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
-            inner_params=head_parameter_names(model) if init.head_only else None, batch_size=batch_size,
-            refuse_diverged=refuse_diverged,
+            inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged,
         )
-        out[k] = {s: {**curve[s], "eval_slices": sum(len(x) for _, x, _ in patients)} for s in steps}
+        eval_slices = sum(len(x) for _, x, _ in patients)
+        out[k] = {s: {**curve[s], "eval_slices": eval_slices} for s in fixed}
+        if choice is not None:
+            out[k][AUTO] = {**curve[choice.steps], "eval_slices": eval_slices, "chosen_steps": choice.steps,
+                            "step_choice": choice.record()}
     return out
 
 

@@ -1,0 +1,93 @@
+"""``steps auto``: the adaptation step count is chosen from the support slices alone, with 0 as a candidate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedmeta.common.adaptation import Initialisation, score_site
+from fedmeta.common.data import DataConfig, SiteDataset
+from fedmeta.common.losses import DiceCELoss
+from fedmeta.common.model import ModelConfig, build_model, initial_params, seeded_model
+from fedmeta.common.step_selection import AUTO, StepChoice, candidate_steps, choose_steps, pooled_dice, support_folds
+
+SMALL = ModelConfig(channels=(8, 16, 32), strides=(2, 2))
+
+
+def _support(k: int, size: int = 32):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(k, 1, size, size, generator=gen)
+    y = (x[:, 0] > 0).long() * 2  # a class that is a function of intensity: adapting helps
+    return x, y
+
+
+def test_folds_hold_out_support_slices_and_halves_of_a_single_slice():
+    x, y = _support(7)
+    split, folds = support_folds(x, y)
+    assert split == "slices" and len(folds) == 5
+    held = sorted(int(i) for f in range(5) for i in range(7) if i % 5 == f)
+    assert held == list(range(7))
+    for adapt_x, _, check_x, _ in folds:
+        assert len(adapt_x) + len(check_x) == 7 and len(check_x) >= 1
+    split, folds = support_folds(*_support(1))
+    assert split == "half-slice" and len(folds) == 2
+    (ax, ay, cx, cy), (bx, _, dx, _) = folds
+    assert ax.shape[-1] == cx.shape[-1] == 16 and torch.equal(ax, dx) and torch.equal(cx, bx)
+
+
+def test_pooled_dice_counts_pixels_over_the_check_slices():
+    truth = torch.tensor([[0, 2], [2, 2]])
+    assert pooled_dice(truth, truth, [2]) == 1.0
+    assert pooled_dice(torch.zeros_like(truth), truth, [2]) == 0.0
+    assert pooled_dice(torch.zeros_like(truth), torch.zeros_like(truth), [1, 2]) == 1.0  # nothing to find: right
+
+
+def test_candidates_include_zero_and_the_cap():
+    assert candidate_steps()[0] == 0 and candidate_steps()[-1] == 20
+    assert candidate_steps(12) == (0, 1, 2, 3, 5, 7, 10, 12)
+    with pytest.raises(ValueError, match="max_steps"):
+        candidate_steps(-1)
+
+
+def _choose(k: int, lr: float) -> StepChoice:
+    model = build_model(SMALL)
+    params = initial_params(seeded_model(SMALL, 0))
+    x, y = _support(k)
+    return choose_steps(model, params, x, y, inner_lr=lr, loss_fn=DiceCELoss(4), num_classes=4, classes=[2],
+                        candidates=(0, 1, 5, 10))
+
+
+def test_a_random_start_is_adapted_and_the_choice_says_why():
+    choice = _choose(5, 0.1)
+    assert choice.folds == 5 and choice.split == "slices"
+    assert set(choice.check_dice) == {0, 1, 5, 10}
+    assert choice.steps > 0  # a random θ segments nothing: the check slices say adapting helps
+    assert choice.check_dice[choice.steps] >= choice.check_dice[choice.best] - choice.check_dice_se[choice.best]
+    record = json.loads(json.dumps(choice.record(), allow_nan=False))
+    assert record["chosen_steps"] == choice.steps and "cross-validation" in record["reason"]
+
+
+def test_counts_past_a_divergence_score_zero_and_are_not_chosen():
+    choice = _choose(3, 1e6)  # a huge step size: the weights stop being finite within a few steps
+    assert choice.check_dice[10] == 0.0
+    assert choice.steps < 10 and choice.check_dice[choice.steps] > 0
+
+
+def test_the_choice_is_reproducible():
+    assert _choose(2, 0.1) == _choose(2, 0.1)
+
+
+def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
+    site = SiteDataset.load(smoke_federation / "new-sequence", DataConfig(image_size=(32, 32), spacing=(3.0, 3.0, 3.0)))
+    init = Initialisation("random", initial_params(seeded_model(SMALL, 0)), 0.1)
+    scores = score_site(build_model(SMALL), init, site, shots=[1, 2], steps=[0, 5, AUTO], seed=0, num_classes=4,
+                        max_images=0, auto_max_steps=5)
+    for k in (1, 2):
+        auto = scores[k][AUTO]
+        chosen = auto["chosen_steps"]
+        assert chosen in (0, 1, 2, 3, 5)
+        assert auto["step_choice"]["folds"] == (2 if k == 1 else 2)
+        if chosen in scores[k]:
+            assert auto["dice"] == scores[k][chosen]["dice"]  # the same adaptation, scored on the same patients
