@@ -1,11 +1,14 @@
 """A synthetic hospital federation on real brain anatomy (ICBM152 2009a), in the MSD layout.
 
-Every subject is the template's tissue-probability maps (CSF, grey matter, white matter) under a random
-affine, a smooth elastic warp and optional atrophy; every site turns them into an MR image with its own
-scanner (field strength, sequence, resolution, slice thickness and direction, bias field, Rician noise,
-gain/gamma/12-bit clipping, Gibbs ringing or motion ghosts) and into labels with its own annotation
-style (threshold, one-voxel erosion/dilation of grey matter, boundary label noise, label protocol).
-Every parameter of every site and subject is written to ``manifest.json``.
+Every subject is the template's tissue-probability maps (CSF, grey matter, white matter; in the texture
+generation also its T1 intensities and deep grey nuclei) under a random affine, a smooth elastic warp and
+optional atrophy; every site turns them into an MR image with its own scanner (field strength, sequence,
+resolution, slice thickness and direction, bias field, Rician noise, gain/gamma/12-bit clipping, Gibbs
+ringing or motion ghosts; in the texture generation a nonlinear contrast curve, a deep grey iron term and a
+per-subject texture field) and into labels with its own annotation style (threshold, one-voxel
+erosion/dilation of grey matter, boundary label noise, label or delineation protocol). The ``default``
+preset is the texture generation; ``tissue`` is the default of generator 1.x, image for image (see
+:mod:`fedmeta.common.synth_render`). Every parameter of every site and subject is written to ``manifest.json``.
 
 Scaled for CPU: in-plane resolution is 1.2-2.0 mm (a clinical 0.9-1.5 mm would make each volume
 several times larger while the model reads 2 mm slices anyway); slice thickness keeps its 1.5-5 mm.
@@ -34,7 +37,8 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,22 +49,29 @@ import torch
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
 from fedmeta.common.synth_plan import (
-    GENERATOR_VERSION, HELDOUT_KINDS, HELDOUT_PROTOCOLS, LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS,
-    SCALE_COUNTS, SEQUENCES, STORAGE_ORIENTATIONS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset, plan_federation,
+    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, GENERATIONS, GENERATOR_VERSION, HELDOUT_KINDS, HELDOUT_PROTOCOLS,
+    LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS, SCALE_COUNTS, SEQUENCES, STORAGE_ORIENTATIONS,
+    TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset, plan_federation,
 )
 from fedmeta.common.synth_render import (
-    ASSET_PATH, BRAIN_CENTRE_MM, FOV_HI_MM, FOV_LO_MM, SLICE_AXES, VENTRICLE_CENTRE_MM, _asset_digest,
-    _generate_subject, _to_storage, _worker_init, annotate, load_anatomy, render_image, subject_tissue,
+    ASSET_PATH, BRAIN_CENTRE_MM, FOV_HI_MM, FOV_LO_MM, SLICE_AXES, TEXTURE_ASSET_PATH, VENTRICLE_CENTRE_MM,
+    _asset_digest, _generate_subject, _to_storage, _worker_init, annotate, contrast_curve, load_anatomy,
+    load_texture, render_image, render_subject, subject_anatomy, subject_tissue,
 )
 
 __all__ = [
-    "ASSET_PATH", "BRAIN_CENTRE_MM", "FOV_HI_MM", "FOV_LO_MM", "GENERATOR_VERSION", "HELDOUT_KINDS",
-    "HELDOUT_PROTOCOLS", "LABELS", "LABEL_PROTOCOLS", "PRESETS", "PROTOCOL_LABELS", "SCALE_COUNTS", "SEQUENCES",
-    "SLICE_AXES", "STORAGE_ORIENTATIONS", "TISSUE_SIGNAL", "TRAIN_SEQUENCES", "VENTRICLE_CENTRE_MM", "Manifest",
-    "Preset", "SiteInfo", "annotate", "cached_federation", "federation_digest", "generate_federation",
-    "load_anatomy", "load_manifest", "plan_federation", "render_image", "subject_tissue",
+    "ASSET_PATH", "BRAIN_CENTRE_MM", "DEEP_GREY_SIGNAL", "DELINEATION_PROTOCOLS", "FOV_HI_MM", "FOV_LO_MM",
+    "GENERATIONS", "GENERATOR_VERSION", "HELDOUT_KINDS", "HELDOUT_PROTOCOLS", "LABELS", "LABEL_PROTOCOLS",
+    "PRESETS", "PROTOCOL_LABELS", "SCALE_COUNTS", "SEQUENCES", "SLICE_AXES", "STORAGE_ORIENTATIONS",
+    "TEXTURE_ASSET_PATH", "TEXTURE_HELDOUT_KINDS", "TISSUE_SIGNAL", "TRAIN_SEQUENCES", "VENTRICLE_CENTRE_MM",
+    "Manifest", "Preset", "Progress", "SiteInfo", "annotate", "cached_federation", "contrast_curve",
+    "federation_digest", "generate_federation", "load_anatomy", "load_manifest", "load_texture", "plan_federation",
+    "render_image", "render_subject", "subject_anatomy", "subject_tissue",
     "_to_storage",  # how a site's converter stores a volume: the tests read their expected volumes through it
 ]
+
+Progress = Callable[[str], None]  # receives one line of progress, e.g. "rendered 37/140 subjects (site-03), 52 s"
+PROGRESS_EVERY_S = 5.0  # at most this long between two progress lines while rendering
 
 
 @dataclass
@@ -79,6 +90,7 @@ class SiteInfo:
     # Set by load_manifest from the manifest: which generator and anatomy made (and may render) the site.
     generator_version: str = GENERATOR_VERSION
     asset_digest: str = ""
+    generation: str = "tissue"  # one of GENERATIONS
 
     @property
     def label_protocol(self) -> str:
@@ -136,11 +148,12 @@ def _sweep_partials(info: SiteInfo) -> None:
 
 
 def _render_site(info: SiteInfo) -> None:
-    if info.generator_version != GENERATOR_VERSION or (info.asset_digest and info.asset_digest != _asset_digest()):
+    digest = _asset_digest(info.generation)
+    if info.generator_version != GENERATOR_VERSION or (info.asset_digest and info.asset_digest != digest):
         raise ValueError(
             f"{info.path.parent} is a lazy federation made by generator {info.generator_version} (anatomy "
             f"{info.asset_digest or '?'}); this fedmeta renders with generator {GENERATOR_VERSION} (anatomy "
-            f"{_asset_digest()}), so site {info.name} would not match the sites rendered before. Regenerate "
+            f"{digest}), so site {info.name} would not match the sites rendered before. Regenerate "
             "the federation (`fedmeta synth --force`, or delete it from the cache), or use the fedmeta that made it.")
     staging = info.path.parent / f".{info.name}.partial-{os.getpid()}-{threading.get_ident()}"
     site = {"name": info.name, "role": info.role, "heldout_kind": info.heldout_kind, "params": info.params,
@@ -165,15 +178,38 @@ def _render_site(info: SiteInfo) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _render_subjects(jobs: list, workers: int | None) -> None:
-    """Renders every subject job, in ``workers`` spawned processes or in this one (same result)."""
+def _render_subjects(jobs: list, workers: int | None, progress: Progress | None = None) -> None:
+    """Renders every subject job, in ``workers`` spawned processes or in this one (same result).
+
+    ``progress`` gets a line at least every :data:`PROGRESS_EVERY_S` seconds while rendering (in workers
+    too: this process waits on them with that timeout), and one at the end.
+    """
     if workers is None:
         workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
+    started = last = time.perf_counter()
+    done, latest = 0, ""
+
+    def report(final: bool = False) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if progress is not None and (final or now - last >= PROGRESS_EVERY_S):
+            last = now
+            where = f" ({latest})" if latest else ""
+            progress(f"rendered {done}/{len(jobs)} subjects{where}, {now - started:.0f} s")
+
     if workers > 1:
         # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-            list(pool.map(_generate_subject, jobs, chunksize=4))
+            pending = {pool.submit(_generate_subject, job): job for job in jobs}
+            while pending:
+                finished, _ = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # a worker's error stops the synth here
+                    done += 1
+                    latest = pending.pop(future)[0].name.split(".partial-")[0].lstrip(".")
+                report()
+        report(final=True)
         return
     # One thread: on a busy 2-core machine torch's thread pool made generation 3x slower.
     threads = torch.get_num_threads()
@@ -181,8 +217,12 @@ def _render_subjects(jobs: list, workers: int | None) -> None:
     try:
         for job in jobs:
             _generate_subject(job)
+            done += 1
+            latest = job[0].name.split(".partial-")[0].lstrip(".")
+            report()
     finally:
         torch.set_num_threads(threads)
+    report(final=True)
 
 
 def _stage_site(site_dir: Path, site: dict[str, Any]) -> list[tuple[Path, dict[str, Any], dict[str, Any], float]]:
@@ -201,16 +241,18 @@ def _site_folder(path: Any) -> str:
 
 
 def _cache_key(preset: str, seed: int) -> str:
-    # The preset's whole definition, not only its name: a preset whose sites or sizes change is a new federation.
+    # The preset's whole definition, not only its name: a preset whose sites or sizes change is a new federation;
+    # and the anatomy its generation renders from (the texture generation: both assets).
     spec = dataclasses.asdict(_preset(preset))
     blob = json.dumps({"preset": preset, "spec": spec, "seed": seed, "generator": GENERATOR_VERSION,
-                       "asset": _asset_digest()}, sort_keys=True)
+                       "asset": _asset_digest(spec["generation"])}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def _dataset_json(site: dict[str, Any]) -> dict[str, Any]:
     protocol = site["params"]["annotation"]["protocol"]
     labels = {str(k): v for k, v in PROTOCOL_LABELS[protocol].items()}
+    extra = {"delineation": DELINEATION_PROTOCOLS[protocol]} if protocol in DELINEATION_PROTOCOLS else {}
     return {
         "name": site["name"],
         "description": f"fedmeta synthetic site ({site['role']}"
@@ -223,6 +265,7 @@ def _dataset_json(site: dict[str, Any]) -> dict[str, Any]:
         "modality": {"0": site["params"]["scanner"]["sequence"]},
         "labels": labels,
         "label_protocol": protocol,
+        **extra,
         "numTraining": site["num_patients"],
         "numTest": 0,
         "training": [
@@ -252,7 +295,8 @@ def _is_cached(root: Path, key: str) -> bool:
 
 
 def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *, force: bool = False,
-                        workers: int | None = None, lazy: bool | None = None) -> Path:
+                        workers: int | None = None, lazy: bool | None = None,
+                        progress: Progress | None = None) -> Path:
     """Write a synthetic federation to ``out_dir`` (its root) and return the root.
 
     Cached: when ``out_dir`` already holds the federation of the same (preset, seed, generator version,
@@ -264,6 +308,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
     result does not depend on it, since every subject has its own seed. ``lazy`` (default: the
     preset's; the ``scale-*`` presets are lazy) writes the manifest alone and leaves each site to be
     rendered when first used (:meth:`SiteInfo.folder`); ``lazy=False`` renders every site now.
+    ``progress`` (e.g. ``print``) gets a line at least every few seconds while subjects are rendered.
     """
     root = Path(out_dir)
     _preset(preset)  # an unknown preset is refused before the folder is touched
@@ -287,7 +332,7 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
     staging.mkdir(parents=True)
     jobs = [job for site in (plan if not lazy else ()) for job in _stage_site(staging / site["name"], site)]
     try:
-        _render_subjects(jobs, workers)
+        _render_subjects(jobs, workers, progress)
         manifest = _manifest_json(plan, preset, seed, key, lazy, started)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False))
         if root.exists():
@@ -303,26 +348,35 @@ def generate_federation(out_dir: Path, preset: str = "default", seed: int = 0, *
 def _manifest_json(plan: list[dict[str, Any]], preset: str, seed: int, key: str, lazy: bool,
                    started: float) -> dict[str, Any]:
     """The federation's manifest.json: what made it and every site's and subject's parameters."""
+    generation = _preset(preset).generation
+    anatomy: dict[str, Any] = {"asset": ASSET_PATH.name, "sha256_16": _asset_digest(generation),
+                               "source": "ICBM 2009a nonlinear symmetric, via nilearn; see ICBM152_NOTICE.txt"}
+    if generation == "texture":
+        _, _, levels = load_texture()
+        anatomy.update(texture_asset=TEXTURE_ASSET_PATH.name,
+                       template_t1_levels={"csf": round(float(levels[0]), 4), "grey_matter": round(float(levels[1]), 4),
+                                           "white_matter": round(float(levels[2]), 4)})
     return {
         "generator_version": GENERATOR_VERSION,
         "preset": preset,
         "seed": seed,
         "cache_key": key,
-        "anatomy": {"asset": ASSET_PATH.name, "sha256_16": _asset_digest(),
-                    "source": "ICBM 2009a nonlinear symmetric, via nilearn; see ICBM152_NOTICE.txt"},
+        "generation": generation,
+        "anatomy": anatomy,
         "labels": {str(k): v for k, v in LABELS.items()},
         "generation_seconds": round(time.perf_counter() - started, 2),
         "lazy": lazy,
         "sites": [
             {"name": s["name"], "role": s["role"], "heldout_kind": s["heldout_kind"], "path": s["name"],
              "num_patients": s["num_patients"], "params": s["params"], "subjects": s["subjects"],
-             "fov_scale": s["fov_scale"]}
+             "fov_scale": s["fov_scale"], "generation": s["generation"]}
             for s in plan
         ],
     }
 
 
-def cached_federation(cache_root: Path | str, preset: str = "default", seed: int = 0, *, workers: int | None = None) -> Path:
+def cached_federation(cache_root: Path | str, preset: str = "default", seed: int = 0, *, workers: int | None = None,
+                      progress: Progress | None = None) -> Path:
     """The federation of (preset, seed) in fedmeta's own cache folder ``cache_root/<preset>-<seed>``.
 
     fedmeta owns that folder, so a federation left there by an older generator (same preset and
@@ -337,7 +391,7 @@ def cached_federation(cache_root: Path | str, preset: str = "default", seed: int
             old = {}
         stale = (old.get("preset") == preset and old.get("seed") == seed and "cache_key" in old
                  and old["cache_key"] != _cache_key(preset, seed))
-    return generate_federation(root, preset, seed, force=stale, workers=workers)
+    return generate_federation(root, preset, seed, force=stale, workers=workers, progress=progress)
 
 
 def federation_digest(root: Path | str) -> str:
@@ -364,7 +418,7 @@ def load_manifest(root: Path | str) -> Manifest:
             SiteInfo(name=s["name"], role=s["role"], heldout_kind=s["heldout_kind"], path=root / _site_folder(s["path"]),
                      num_patients=int(s["num_patients"]), params=s["params"], subjects=s.get("subjects", []),
                      lazy=lazy, fov_scale=float(s.get("fov_scale", 1.0)), generator_version=made_by,
-                     asset_digest=asset)
+                     asset_digest=asset, generation=str(s.get("generation", "tissue")))
             for s in raw["sites"]
         ]
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),

@@ -14,20 +14,43 @@ import numpy as np
 
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 
-GENERATOR_VERSION = "1.1"  # 1.1: label protocols beyond csf-merged, the unseen-anatomy held-out site
+# 1.1: label protocols beyond csf-merged, the unseen-anatomy held-out site. 2.0: the texture generation (T1
+# texture through nonlinear contrast curves, deep grey nuclei, delineation protocols); presets carry their
+# generation, so every preset's cache key changed, though the tissue generation renders what 1.1 rendered.
+GENERATOR_VERSION = "2.0"
+# tissue: one signal per tissue and sequence (a label is nearly a function of intensity; the 1.x federations);
+# texture: the template's T1 texture through per-site contrast curves, labels by anatomy and delineation protocol.
+GENERATIONS = ("tissue", "texture")
 
 LABELS = {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"}
 # What a site's raters label (the label values stay the consortium's; an unlabelled class is background):
 #   standard   CSF, grey matter and white matter;  csf-merged  grey and white matter (CSF is background);
 #   gm-only    grey matter;  wm-only  white matter;
 #   ventricles label 1 on ventricular CSF only (deep CSF enclosed by the parenchyma), no other class.
-LABEL_PROTOCOLS = ("standard", "csf-merged", "gm-only", "wm-only", "ventricles")
+# The texture generation's delineation protocols: every one labels CSF, GM and WM, but they differ in
+# what those hold. grey: "cortex+deep" (grey matter = cortex and the deep grey nuclei: caudate, putamen,
+# pallidum, thalamus) or "cortex" (grey matter = the cortex; the deep nuclei are labelled 3 with the white
+# matter, as non-cortical cerebral tissue); csf: "all" (ventricles, sulci, cisterns) or "ventricles" (sulcal and
+# cisternal CSF are background). "ventricular-cortical" is the combination no training site uses (held out).
+DELINEATION_PROTOCOLS = {
+    "anatomical": {"grey": "cortex+deep", "csf": "all"},
+    "cortical": {"grey": "cortex", "csf": "all"},
+    "ventricular": {"grey": "cortex+deep", "csf": "ventricles"},
+    "ventricular-cortical": {"grey": "cortex", "csf": "ventricles"},
+}
+LABEL_PROTOCOLS = ("standard", "csf-merged", "gm-only", "wm-only", "ventricles", *DELINEATION_PROTOCOLS)
+_GREY = {"cortex+deep": "grey matter (cortex and deep grey nuclei)", "cortex": "cortical grey matter"}
+_WHITE = {"cortex+deep": "white matter", "cortex": "white matter and deep grey nuclei (non-cortical cerebral tissue)"}
+_CSF = {"all": "CSF (ventricles, sulci, cisterns)", "ventricles": "ventricles"}
 PROTOCOL_LABELS = {
     "standard": {0: "background", 1: "CSF", 2: "grey matter", 3: "white matter"},
     "csf-merged": {0: "background (including CSF)", 2: "grey matter", 3: "white matter"},
     "gm-only": {0: "background (including CSF and white matter)", 2: "grey matter"},
     "wm-only": {0: "background (including CSF and grey matter)", 3: "white matter"},
     "ventricles": {0: "background (including sulcal CSF and brain tissue)", 1: "ventricles"},
+    **{name: {0: "background" + (" (including sulcal and cisternal CSF)" if p["csf"] == "ventricles" else ""),
+              1: _CSF[p["csf"]], 2: _GREY[p["grey"]], 3: _WHITE[p["grey"]]}
+       for name, p in DELINEATION_PROTOCOLS.items()},
 }
 SEQUENCES = ("T1w", "T2w", "PD", "FLAIR")
 TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequence site
@@ -36,8 +59,12 @@ TRAIN_SEQUENCES = ("T1w", "T2w", "PD")  # FLAIR is kept back for the unseen-sequ
 # warps outside the training ranges: a guard against an initialisation that only learned the
 # generator's usual brains); and, in the `protocols` federation, a protocol (white matter only) and a
 # structure definition (ventricles only) that no training site labels.
+# The texture generation's held-out protocol site (unseen-delineation) labels cortex only and the
+# ventricles only: each half is some training site's, the combination none's.
 HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-annotation", "unseen-anatomy")
-HELDOUT_PROTOCOLS = {"unseen-annotation": "csf-merged", "unseen-protocol": "wm-only", "unseen-structure": "ventricles"}
+TEXTURE_HELDOUT_KINDS = ("unseen-mix", "unseen-sequence", "unseen-delineation", "unseen-anatomy")
+HELDOUT_PROTOCOLS = {"unseen-annotation": "csf-merged", "unseen-protocol": "wm-only", "unseen-structure": "ventricles",
+                     "unseen-delineation": "ventricular-cortical"}
 
 # Relative equilibrium signal of (CSF, grey matter, white matter) per sequence at 1.5 T. T1w: WM > GM > CSF;
 # T2w and PD invert the GM/WM order (CSF brightest on T2w); FLAIR is T2-like with the CSF nulled.
@@ -48,6 +75,9 @@ TISSUE_SIGNAL = {
     "FLAIR": (0.07, 0.74, 0.52),
 }
 STORAGE_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI")  # NIfTI from different converters (FSL, DICOM, ...)
+# The texture generation's iron term: relative signal change of the deep grey nuclei per sequence (iron
+# shortens T2: pallidum and putamen darker on T2w and FLAIR, a little on PD, none to speak of on T1w).
+DEEP_GREY_SIGNAL = {"T1w": (-0.03, 0.03), "T2w": (-0.18, -0.06), "PD": (-0.08, 0.0), "FLAIR": (-0.18, -0.06)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +95,19 @@ class Preset:
     # Lazy: generating writes the manifest only, and a site's volumes are rendered the first time it is
     # used (`SiteInfo.folder`), so a federation of a thousand sites costs what its sampled sites cost.
     lazy: bool = False
+    generation: str = "tissue"  # one of GENERATIONS: how images and labels are made (fedmeta.common.synth_render)
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"generation={self.generation!r} is not known; use one of {GENERATIONS}.")
+        unknown = [p for p in self.train_protocols if p not in PROTOCOL_LABELS]
+        if unknown:
+            raise ValueError(f"train_protocols {unknown} are not known; use those of PROTOCOL_LABELS.")
+        texture = [p in DELINEATION_PROTOCOLS for p in self.train_protocols]
+        if any(texture) != (self.generation == "texture") or not (all(texture) or not any(texture)):
+            raise ValueError(f"train_protocols {self.train_protocols} do not fit generation={self.generation!r}: the "
+                             f"texture generation labels with {tuple(DELINEATION_PROTOCOLS)}, the tissue generation "
+                             "with the others.")
 
 
 PRESETS: dict[str, Preset] = {
@@ -78,12 +121,38 @@ PRESETS: dict[str, Preset] = {
         slice_thickness_mm=(2.5, 4.0),
         train_sequences=("T1w", "T2w", "PD"),
     ),
+    # The default: real T1 texture through per-site contrast curves, deep grey nuclei, and labels by anatomy
+    # and delineation protocol (grey matter with or without the deep nuclei, all CSF or the ventricles
+    # only), so a per-site intensity threshold does not segment it; new hospitals: a new scanner mix,
+    # FLAIR, a protocol combination no training site uses (unseen-delineation), anatomy beyond the range.
     "default": Preset(
+        num_train_sites=8,
+        heldout_kinds=TEXTURE_HELDOUT_KINDS,
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+        train_protocols=("anatomical", "cortical", "ventricular"),
+        generation="texture",
+    ),
+    # The default as it was up to generator 1.1 (the tissue generation), image for image.
+    "tissue": Preset(
         num_train_sites=8,
         heldout_kinds=HELDOUT_KINDS,
         patients=(10, 20),
         inplane_mm=(1.2, 2.0),
         slice_thickness_mm=(1.5, 5.0),
+    ),
+    # The texture generation at smoke size: 3 training sites (one per protocol) and 2 new hospitals
+    # (FLAIR; the unseen delineation) x 4 patients, for tests and quick looks.
+    "smoke-anatomy": Preset(
+        num_train_sites=3,
+        heldout_kinds=("unseen-sequence", "unseen-delineation"),
+        patients=(4, 4),
+        inplane_mm=(2.2, 2.6),
+        slice_thickness_mm=(2.5, 4.0),
+        train_sequences=("T1w", "T2w", "PD"),
+        train_protocols=("anatomical", "cortical", "ventricular"),
+        generation="texture",
     ),
     # Protocol-heterogeneous consortium, where one FedAvg head is ill-posed: training sites label
     # every tissue, tissue without CSF, or grey matter only; new hospitals ask for white matter only
@@ -174,10 +243,26 @@ def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, k
         # clipped at 0.4, scale 0.92-1.08, rotation +-10 deg, elastic 1.5-4 mm (see _draw_subject_params).
         params["population"] = {"atrophy_mean": _uniform(rng, 0.45, 0.55), "atrophy_sd": 0.05,
                                 "anatomy": "beyond-training-range"}
+    if preset.generation == "texture":  # drawn after every tissue-generation draw, which stay as they were
+        params["generation"] = "texture"
+        params["scanner"].update(
+            # Where the contrast curve passes between CSF and GM and between GM and WM: a share of half the
+            # step above (+) or below (-) the straight line (fedmeta.common.synth_render.contrast_curve).
+            contrast_warp=[_uniform(rng, -0.6, 0.6), _uniform(rng, -0.6, 0.6)],
+            deep_grey_signal=_uniform(rng, *DEEP_GREY_SIGNAL[sequence]),
+            texture_amplitude=_uniform(rng, 0.03, 0.07),  # the subject texture field's relative T1 change
+        )
     return params
 
 
 def _draw_subject_params(rng: np.random.Generator, site_params: dict[str, Any]) -> dict[str, Any]:
+    subject = _draw_subject_anatomy(rng, site_params)
+    if site_params.get("generation") == "texture":  # after the tissue generation's draws, which stay as they were
+        subject["texture_seed"] = int(rng.integers(0, 2**31 - 1))
+    return subject
+
+
+def _draw_subject_anatomy(rng: np.random.Generator, site_params: dict[str, Any]) -> dict[str, Any]:
     population = site_params["population"]
     if population.get("anatomy") == "beyond-training-range":
         return _draw_unseen_anatomy(rng, population)
@@ -236,14 +321,15 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
     for index, (name, role, kind, sequence) in enumerate(entries, start=1):
         site_rng = _rng(seed, 1, index)
         params = _draw_site_params(site_rng, spec, sequence, kind,
-                                   protocols[index - 1] if role == ROLE_TRAIN else "standard")
+                                   protocols[index - 1] if role == ROLE_TRAIN else spec.train_protocols[0])
         num_patients = int(site_rng.integers(spec.patients[0], spec.patients[1] + 1))
         subjects = []
         for p in range(num_patients):
             subject = _draw_subject_params(_rng(seed, 2, index, p), params)
             subjects.append({"id": f"{name}_{p:03d}", **subject})
         plan.append({"name": name, "role": role, "heldout_kind": kind, "num_patients": num_patients,
-                     "params": params, "subjects": subjects, "fov_scale": spec.fov_scale})
+                     "params": params, "subjects": subjects, "fov_scale": spec.fov_scale,
+                     "generation": spec.generation})
     return plan
 
 

@@ -4,6 +4,17 @@ by its raters, and stored as its converter stores NIfTI.
 The anatomy is the ICBM 2009a nonlinear symmetric template's tissue-probability maps (Fonov et al.,
 NeuroImage 54, 2011; see ``common/assets/ICBM152_NOTICE.txt``). Parameters come from
 :mod:`fedmeta.common.synth_plan`.
+
+Two generations (a preset's ``generation``):
+
+- ``tissue``: a voxel's signal is sum(tissue fraction x one signal per tissue and sequence), so a label is,
+  up to noise, bias and partial volume, a function of intensity.
+- ``texture``: the template's own T1 intensities (myelination gradients, deep nuclei between grey and white
+  matter) times a smooth per-subject texture field, through the site's nonlinear contrast curve (PCHIP
+  through the template's CSF/GM/WM T1 levels mapped to the sequence's signals, with a site-specific warp
+  between them), with an iron term on the deep grey nuclei; labels follow anatomy and the site's
+  delineation protocol (cortex with or without the deep nuclei, all CSF or the ventricles only), never
+  the rendered intensity.
 """
 
 from __future__ import annotations
@@ -16,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmeta.common.synth_plan import LABEL_PROTOCOLS, PROTOCOL_LABELS
+from fedmeta.common.synth_plan import DELINEATION_PROTOCOLS, LABEL_PROTOCOLS, PROTOCOL_LABELS
 from fedmeta.common.workers import end_with_parent
 
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
+TEXTURE_ASSET_PATH = ASSET_PATH.parent / "icbm152_2009a_t1_1p5mm.npz"  # the texture generation: T1 and deep grey
 # Where the subject's world lies: the template's brain extent in mm (RAS), with a little room.
 BRAIN_CENTRE_MM = np.array([0.0, -18.0, 8.0])
 VENTRICLE_CENTRE_MM = np.array([0.0, -14.0, 14.0])
@@ -45,8 +57,32 @@ def load_anatomy() -> tuple[np.ndarray, np.ndarray]:
     return probabilities, affine
 
 
-def _asset_digest() -> str:
-    return hashlib.sha256(ASSET_PATH.read_bytes()).hexdigest()[:16]
+@lru_cache(maxsize=1)
+def load_texture() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shipped T1 texture, on the tissue asset's grid: (T1 float32 [X, Y, Z] in [0, 1], deep grey
+    nuclei float32 [X, Y, Z] (share of each voxel), the template's T1 levels of CSF, GM, WM float64 [3])."""
+    if not TEXTURE_ASSET_PATH.is_file():
+        raise FileNotFoundError(
+            f"the T1 texture asset {TEXTURE_ASSET_PATH} is missing from this installation; reinstall fedmeta, or "
+            "re-derive it with `pip install 'fedmeta[anatomy]' && python -m fedmeta.simulations.synthetic.derive_anatomy "
+            "--asset texture`.")
+    with np.load(TEXTURE_ASSET_PATH, allow_pickle=False) as asset:
+        t1 = asset["t1"].astype(np.float32) / 65535.0
+        deep = asset["deep_grey"].astype(np.float32) / 255.0
+        levels = asset["t1_levels"].astype(np.float64)
+        affine = asset["affine"].astype(np.float64)
+    if not np.allclose(affine, load_anatomy()[1]):
+        raise ValueError(f"{TEXTURE_ASSET_PATH} is not on the grid of {ASSET_PATH}; re-derive both with derive_anatomy.")
+    return t1, deep, levels
+
+
+def _asset_digest(generation: str = "tissue") -> str:
+    """The anatomy a generation renders from, in 16 hex digits (the tissue asset's digest for ``tissue``)."""
+    tissue = hashlib.sha256(ASSET_PATH.read_bytes()).hexdigest()[:16]
+    if generation == "tissue":
+        return tissue
+    texture = hashlib.sha256(TEXTURE_ASSET_PATH.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(f"{tissue}+{texture}".encode()).hexdigest()[:16]
 
 def _rotation(degrees: list[float]) -> np.ndarray:
     rx, ry, rz = np.deg2rad(degrees)
@@ -100,11 +136,46 @@ def _sample_trilinear(volume, voxel):
 
 
 def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float = 1.0):
-    """Tissue probabilities of one subject on the site's acquisition grid.
+    """Tissue probabilities of one subject on the site's acquisition grid (the ``tissue`` generation).
 
     Returns (float32 [3, X, Y, Z] RAS probabilities of CSF, GM, WM averaged over each slice's
     profile, and the 4x4 RAS affine of the grid).
     """
+    tissue, _, affine = _warp_subject(site_params, subject, fov_scale, texture=False)
+    return tissue, affine
+
+
+def subject_anatomy(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float = 1.0):
+    """One subject of the ``texture`` generation on the site's acquisition grid, before the scanner's acquisition.
+
+    Returns (float32 [4, X, Y, Z]: CSF, GM, WM probabilities and the deep grey nuclei's share of the voxel
+    (part of GM + WM), each averaged over the slice profile; float32 [X, Y, Z]: the site's signal of the
+    subject's T1 texture through its contrast curve, averaged over the slice profile (partial volume of
+    signals, not of tissues); the 4x4 RAS affine of the grid).
+    """
+    return _warp_subject(site_params, subject, fov_scale, texture=True)
+
+
+def contrast_curve(scanner: dict[str, Any], t1_levels: np.ndarray):
+    """The site's nonlinear map from template T1 (in [0, 1]) to relative signal: a PCHIP curve (monotone
+    between its anchors, so no overshoot) through 0 -> 0, the template's CSF/GM/WM T1 levels -> the site's
+    tissue signals, the midpoints between them moved by the site's ``contrast_warp`` (a share of half the
+    step), and 1 -> white matter continued at half the GM-to-WM slope."""
+    from scipy.interpolate import PchipInterpolator  # lazy: see annotate
+
+    s = scanner["tissue_signal"]
+    signal = [float(s["csf"]), float(s["grey_matter"]), float(s["white_matter"])]
+    t_csf, t_gm, t_wm = (float(v) for v in t1_levels)
+    warp = [float(w) for w in scanner["contrast_warp"]]
+    mids = [(a + b) / 2 + w * abs(b - a) / 2 for a, b, w in zip(signal[:-1], signal[1:], warp)]
+    top = signal[2] + 0.5 * (signal[2] - signal[1]) / (t_wm - t_gm) * (1.0 - t_wm)
+    x = [0.0, t_csf, (t_csf + t_gm) / 2, t_gm, (t_gm + t_wm) / 2, t_wm, 1.0]
+    y = [0.0, signal[0], mids[0], signal[1], mids[1], signal[2], max(top, 0.0)]
+    return PchipInterpolator(np.asarray(x), np.asarray(y), extrapolate=True)
+
+
+def _warp_subject(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float, *, texture: bool):
+    """The subject's anatomy sampled on the site's grid: (tissue [3 or 4, X, Y, Z], signal [X, Y, Z] or None, affine)."""
     anatomy, anatomy_affine = load_anatomy()
     scanner = site_params["scanner"]
     spacing, lo, shape = _site_grid(scanner, fov_scale)
@@ -131,8 +202,22 @@ def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_sca
     shifted_centre = centre + torch.tensor(subject["translation_mm"], dtype=torch.float32)
     ventricles = torch.from_numpy(VENTRICLE_CENTRE_MM.astype(np.float32))
     anatomy_t = torch.from_numpy(anatomy)
+    curve = texture_field = None
+    if texture:
+        t1, deep, t1_levels = load_texture()
+        # Channels: CSF, GM, WM, deep grey share, T1. One grid_sample for all five.
+        anatomy_t = torch.cat([anatomy_t, torch.from_numpy(deep)[None], torch.from_numpy(t1)[None]])
+        curve = contrast_curve(scanner, t1_levels)
+        # Within-tissue variation of this subject: a smooth multiplicative field on its T1 (regional
+        # myelination and iron beyond the template's average), at a coarse and a finer scale.
+        texture_rng = np.random.default_rng(subject["texture_seed"])
+        coarse = _smooth_field(texture_rng, (6, 7, 6), tuple(shape))
+        fine = _smooth_field(texture_rng, (14, 17, 14), tuple(shape))
+        field = coarse / max(float(np.abs(coarse).max()), 1e-6) + 0.5 * fine / max(float(np.abs(fine).max()), 1e-6)
+        texture_field = 1.0 + float(site_params["scanner"]["texture_amplitude"]) * field / 1.5
     atrophy = float(subject["atrophy"])
-    total = torch.zeros((3, *shape), dtype=torch.float32)
+    total = torch.zeros((anatomy_t.shape[0] - (1 if texture else 0), *shape), dtype=torch.float32)
+    signal = np.zeros(tuple(shape), dtype=np.float32) if texture else None
     for offset in offsets:
         point = points.clone()
         point[..., slice_axis] += float(offset * thickness)
@@ -142,19 +227,34 @@ def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_sca
             rel = template - ventricles
             falloff = torch.exp(-(rel**2).sum(dim=-1, keepdim=True) / (2 * 22.0**2))
             template = template - (0.6 * atrophy) * falloff * rel
-        total += _sample_trilinear(anatomy_t, template @ to_voxel_t + to_voxel_shift)
+        sampled = _sample_trilinear(anatomy_t, template @ to_voxel_t + to_voxel_shift)
+        if texture:
+            # The contrast curve acts on each sub-slice's T1, then the slice averages signals (partial volume).
+            signal += curve(np.clip(sampled[-1].numpy() * texture_field, 0.0, 1.0)).astype(np.float32)
+            sampled = sampled[:-1]
+        total += sampled
     total = total.numpy()
     total /= n_sub
+    if texture:
+        signal /= n_sub
     if atrophy > 0:
         # Cortical thinning: part of the grey-matter fraction becomes CSF, unevenly over the cortex.
         thinning = atrophy * np.clip(0.6 + 0.4 * _smooth_field(rng, (4, 5, 4), tuple(shape)), 0, 1.5)
         moved = total[1] * thinning.astype(np.float32)
         total[1] -= moved
         total[0] += moved
+        if texture:
+            s = scanner["tissue_signal"]
+            signal += moved * np.float32(float(s["csf"]) - float(s["grey_matter"]))
+            # The deep nuclei keep their volume: thinning is cortical (their share is of GM + WM).
+            total[3] = np.minimum(total[3], total[1] + total[2])
+    if texture:
+        # Iron in the deep grey nuclei darkens them on T2-weighted sequences (site- and sequence-specific).
+        signal *= 1.0 + float(scanner["deep_grey_signal"]) * np.clip(total[3], 0.0, 1.0)
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = lo
-    return np.clip(total, 0.0, 1.0), affine
+    return np.clip(total, 0.0, 1.0), (np.clip(signal, 0.0, None) if texture else None), affine
 
 
 def _kspace_artefacts(signal: np.ndarray, scanner: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
@@ -184,19 +284,26 @@ def _kspace_artefacts(signal: np.ndarray, scanner: dict[str, Any], rng: np.rando
     return np.fft.ifft(np.fft.ifftshift(kspace, axes=phase_axis), axis=phase_axis).astype(np.complex64)
 
 
-def render_image(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any]) -> np.ndarray:
-    """The site's MR image of a subject: int16 [X, Y, Z], 12-bit, RAS."""
+def render_image(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str, Any],
+                 signal: np.ndarray | None = None) -> np.ndarray:
+    """The site's MR image of a subject: int16 [X, Y, Z], 12-bit, RAS.
+
+    ``signal`` (float32 [X, Y, Z], the ``texture`` generation's, :func:`subject_anatomy`) is the subject's
+    relative signal before acquisition; without it (the ``tissue`` generation) each voxel's signal is its
+    tissue fractions times the site's one signal per tissue.
+    """
     scanner = site_params["scanner"]
     rng = np.random.default_rng(subject["noise_seed"])
-    s = scanner["tissue_signal"]
-    mu = np.array([s["csf"], s["grey_matter"], s["white_matter"]], dtype=np.float32)
-    signal = np.einsum("c,c...->...", mu, tissue)
+    if signal is None:
+        s = scanner["tissue_signal"]
+        mu = np.array([s["csf"], s["grey_matter"], s["white_matter"]], dtype=np.float32)
+        signal = np.einsum("c,c...->...", mu, tissue[:3])
     # Smooth multiplicative B1 bias, exp(strength * field) with the field scaled to [-1, 1].
     field = _smooth_field(rng, (3, 3, 3), signal.shape)
     field /= max(float(np.abs(field).max()), 1e-6)
     signal = signal * np.exp(float(scanner["bias_strength"]) * field).astype(np.float32)
     complex_signal = _kspace_artefacts(signal, scanner, rng)
-    brain = tissue.sum(axis=0) > 0.5
+    brain = tissue[:3].sum(axis=0) > 0.5
     sigma = float(signal[brain].mean()) / float(scanner["snr"]) if brain.any() else 0.01
     noisy = np.abs(
         complex_signal
@@ -213,13 +320,24 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
              spacing_mm: np.ndarray | None = None) -> np.ndarray:
     """The site's manual labels of a subject: uint8 [X, Y, Z], values in its protocol's PROTOCOL_LABELS.
 
-    ``spacing_mm`` (the grid's voxel size) is needed by the ventricles protocol only.
+    ``tissue`` is [3, X, Y, Z] (CSF, GM, WM: the ``tissue`` generation) or [4, X, Y, Z] with the deep grey
+    nuclei's share (the ``texture`` generation, whose protocols say where the nuclei go). Labels come from
+    the anatomy and the protocol alone, never from the rendered image. ``spacing_mm`` (the grid's voxel
+    size) is needed by the protocols that label the ventricles only.
     """
     # scipy.ndimage: +0.15 s on importing fedmeta.common.synth (python -X importtime); only rendering needs it, and
     # `fedmeta synth` of a lazy preset renders nothing.
     from scipy import ndimage
 
     style = site_params["annotation"]
+    protocol = style["protocol"]
+    if protocol not in PROTOCOL_LABELS:
+        raise ValueError(f"label protocol {protocol!r} is not known; use one of {LABEL_PROTOCOLS}.")
+    if protocol in DELINEATION_PROTOCOLS:
+        tissue = _protocol_scores(tissue, DELINEATION_PROTOCOLS[protocol])
+    elif tissue.shape[0] != 3:
+        raise ValueError(f"label protocol {protocol!r} is one of the tissue generation's: it labels CSF, GM and WM "
+                         f"probabilities [3, X, Y, Z], not {tissue.shape[0]} channels.")
     brain = tissue.sum(axis=0) > float(style["threshold"])
     order = np.argsort(-tissue, axis=0)
     first = order[0].astype(np.uint8) + 1
@@ -240,15 +358,30 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
             neighbour = np.roll(labels, 1 if rng.random() < 0.5 else -1, axis=axis)
             boundary = (neighbour != labels) & (rng.random(labels.shape) < rate / 3)
             labels[boundary] = neighbour[boundary]
-    protocol = style["protocol"]
-    if protocol not in PROTOCOL_LABELS:
-        raise ValueError(f"label protocol {protocol!r} is not known; use one of {LABEL_PROTOCOLS}.")
     if protocol == "ventricles":
         return _ventricles(labels, brain, spacing_mm)
+    if protocol in DELINEATION_PROTOCOLS and DELINEATION_PROTOCOLS[protocol]["csf"] == "ventricles":
+        labels[(labels == 1) & (_ventricles(labels, brain, spacing_mm) == 0)] = 0  # sulcal and cisternal CSF
+        return labels
     for value in (1, 2, 3):
         if value not in PROTOCOL_LABELS[protocol]:
             labels[labels == value] = 0
     return labels
+
+
+def _protocol_scores(tissue: np.ndarray, protocol: dict[str, str]) -> np.ndarray:
+    """A delineation protocol's share of each label (CSF, GM, WM: float32 [3, X, Y, Z]) in a voxel of
+    ``tissue`` (CSF, GM, WM, deep grey share [4, X, Y, Z]): the deep nuclei go to grey matter
+    (``grey: cortex+deep``) or to white matter, the label of non-cortical cerebral tissue (``cortex``)."""
+    if tissue.shape[0] != 4:
+        raise ValueError(f"a delineation protocol needs the deep grey nuclei: tissue [4, X, Y, Z], not {tissue.shape[0]} channels.")
+    csf, gm, wm, deep = tissue
+    parenchyma = gm + wm
+    share = np.clip(deep / np.maximum(parenchyma, 1e-6), 0.0, 1.0)  # of this voxel's GM + WM, in the nuclei
+    cortex, white, nuclei = gm * (1.0 - share), wm * (1.0 - share), parenchyma * share
+    if protocol["grey"] == "cortex+deep":
+        return np.stack([csf, cortex + nuclei, white]).astype(np.float32)
+    return np.stack([csf, cortex, white + nuclei]).astype(np.float32)
 
 
 def _ventricles(labels: np.ndarray, brain: np.ndarray, spacing_mm: np.ndarray | None) -> np.ndarray:
@@ -295,11 +428,21 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core already; more threads only contend
 
 
+def render_subject(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float = 1.0):
+    """One subject as its site images and labels it, in RAS: (image int16 [X, Y, Z], labels uint8 [X, Y, Z],
+    affine 4x4), by the site's generation (its ``generation`` parameter; ``tissue`` where it has none)."""
+    if site_params.get("generation", "tissue") == "texture":
+        tissue, signal, affine = subject_anatomy(site_params, subject, fov_scale)
+    else:
+        (tissue, affine), signal = subject_tissue(site_params, subject, fov_scale), None
+    image = render_image(tissue, site_params, subject, signal)
+    labels = annotate(tissue, site_params, subject, spacing_mm=np.linalg.norm(affine[:3, :3], axis=0))
+    return image, labels, affine
+
+
 def _generate_subject(job: tuple[Path, dict[str, Any], dict[str, Any], float]) -> str:
     site_dir, site_params, subject, fov_scale = job
-    tissue, affine = subject_tissue(site_params, subject, fov_scale)
-    image = render_image(tissue, site_params, subject)
-    labels = annotate(tissue, site_params, subject, spacing_mm=np.linalg.norm(affine[:3, :3], axis=0))
+    image, labels, affine = render_subject(site_params, subject, fov_scale)
     axcodes = site_params["scanner"]["storage_orientation"]
     stored_image, stored_affine = _to_storage(image, affine, axcodes)
     stored_labels, _ = _to_storage(labels, affine, axcodes)

@@ -29,8 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # No argparse choices: the scale-N sizes live in fedmeta.common.synth (numpy), which a CLI start does
     # not import; an unknown preset is refused with the list by generate_federation.
     synth.add_argument("--preset", default="default", metavar="PRESET",
-                       help="smoke: 3 train + 2 held-out tiny sites (seconds); default: 8 train + 4 held-out "
-                       "(unseen mix, sequence, annotation, anatomy); protocols: 8 train sites labelling different "
+                       help="default: 8 train + 4 held-out (unseen mix, sequence, delineation protocol, anatomy) "
+                       "with real T1 texture, deep grey nuclei and per-site delineation protocols; smoke-anatomy: that "
+                       "generation at 3 train + 2 held-out tiny sites; tissue: the default of generator 1.x (one signal "
+                       "per tissue: 8 train + 4 held-out: unseen mix, sequence, annotation, anatomy); smoke: 3 train + "
+                       "2 held-out tiny sites of that generation (seconds); protocols: 8 train sites labelling different "
                        "structures + 3 held-out (white matter only, ventricles only, unseen anatomy); scale-N (N = 10, "
                        "30, 100, 1000): N "
                        "small train sites (3 patients, smoke-sized) + the smoke preset's 2 held-out, lazy (the "
@@ -69,7 +72,8 @@ def _synth(args: argparse.Namespace) -> int:
         if args.preview is not None:  # refused before the federation is generated, not after
             _preview_outputs(args.preview, "--preview").check([args.preview.name], overwrite=args.overwrite)
         root = generate_federation(args.out, args.preset, args.seed, force=args.force, workers=args.workers,
-                                   lazy=False if args.all_sites else None)
+                                   lazy=False if args.all_sites else None,
+                                   progress=lambda line: print(line, flush=True))
     except (FileExistsError, ValueError) as err:
         print(f"fedmeta synth: {err}", file=sys.stderr)
         return 2

@@ -145,8 +145,9 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, match: str):
         generate_federation(tmp_path / "x", **kwargs)
 
 
-def test_default_preset_plan_sizes_and_heldout_kinds():
-    plan = plan_federation("default", 0)
+def test_tissue_preset_plan_sizes_and_heldout_kinds():
+    # The default of generator 1.x, kept as the tissue preset (test_synth_texture.py: the new default).
+    plan = plan_federation("tissue", 0)
     train = [s for s in plan if s["role"] == "train"]
     heldout = {s["heldout_kind"]: s for s in plan if s["role"] == "heldout"}
     assert len(train) == 8 and set(heldout) == {"unseen-mix", "unseen-sequence", "unseen-annotation", "unseen-anatomy"}
