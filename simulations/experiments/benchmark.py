@@ -17,8 +17,14 @@ slices for s steps and is scored by Dice on its other patients, over several see
 - pooled-fomaml, pooled-maml, pooled-metasgd: the same learners on the pooled patients of all
   training sites, without federation (the centralised bound of each family;
   ``fedmeta.simulations.experiments.centralised``);
-- oracle: per new site, a UNet fully supervised on that site's own support patients
-  (``fedmeta.simulations.experiments.oracle``): the ceiling each row is a fraction of.
+- oracle: per new site, a UNet fully supervised on that site's own support patients, early-stopped on a
+  quarter of them (``fedmeta.simulations.experiments.oracle``): the ceiling each row is a fraction of; a
+  row above it is flagged;
+- intensity: per new site, intensity thresholds fitted on the k support slices
+  (``fedmeta.common.intensity_baseline``): what a federation whose labels follow intensity gives for free.
+
+Every adapting row is scored at the preset's fixed step counts and at "auto", the count each site
+chooses from its k support slices alone (``fedmeta.common.step_selection``): the main column.
 
 Federated methods run fedmeta's real ServerApp and ClientApp through the in-process engine
 (``fedmeta.simulations.engines.inprocess``), the same code Flower's engines run. Adaptation and scoring are
@@ -50,12 +56,13 @@ from fedmeta.common.protocol import FOMAML
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.simulations.experiments.benchmark_preset import (
     DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
+    step_columns,
 )
 from fedmeta.simulations.experiments.benchmark_report import (
-    format_goal, format_markdown, goal_check, summarise, time_to_accuracy,
+    above_oracle, above_oracle_lines, format_goal, format_markdown, goal_check, summarise, time_to_accuracy,
 )
 from fedmeta.simulations.experiments.benchmark_runs import (
-    _evaluate_seed, _evaluate_seed_from_files, _in_processes, _say, _train, _train_args,
+    _evaluate_seed, _evaluate_seed_from_files, _in_processes, _say, _train, _train_args, progress,
 )
 from fedmeta.simulations.experiments.benchmark_runs import _worker_init  # noqa: F401 - imported from here by tests
 from fedmeta.simulations.experiments.budget import budget, check_equal_budget
@@ -160,7 +167,9 @@ def run_benchmark(
         federation_dir = federation_root
     if federation_dir is None:
         root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
-        federation_dir = cached_federation(root, spec["federation"], spec["federation-seed"])
+        with progress(quiet, f"federation {spec['federation']} (seed {spec['federation-seed']}): generating or "
+                             f"reading it under {root}"):
+            federation_dir = cached_federation(root, spec["federation"], spec["federation-seed"])
     federation_dir = Path(federation_dir).resolve()
     manifest = load_manifest(federation_dir)
     train_infos, eval_infos, eval_role = _split_sites(manifest, spec["validation-sites"], federation_dir)
@@ -175,7 +184,10 @@ def run_benchmark(
     _say(quiet, f"federation {federation_dir}: training on {', '.join(i.name for i in train_infos)}; "
                 f"new hospitals ({eval_role}): {', '.join(i.name for i in eval_infos)}")
     _say(quiet, f"budget: {total_budget} local gradient steps per method; seeds {spec['seeds']}; "
-                f"k {spec['shots']}; steps {spec['steps']}; {spec['eval-max-images'] or 'all'} evaluation slices per site")
+                f"k {spec['shots']}; steps {step_columns(spec)}"
+                + (f" (auto: chosen from the support slices, up to {spec['auto-max-steps']})" if spec["auto-steps"] else "")
+                + f"; {spec['eval-max-images'] or 'all'} evaluation slices per site; oracle: early-stopped, at most "
+                  f"{spec['oracle-steps']} Adam steps")
 
     from fedmeta.common.data import SiteDataset
 
@@ -185,15 +197,18 @@ def run_benchmark(
         or RunConfig.from_run_config({**spec["run-config"], "eval-every": 0, "algorithm": FOMAML})
     seeds_list = list(range(spec["seeds"]))
     dice: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    oracle: dict[int, dict[str, Any]] = {}  # per seed and site: how the oracle's training ended
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in configs}
     inits: dict[int, dict[str, Any]] = {seed: {} for seed in seeds_list}
     if spec["jobs"] == 1:  # one seed after the other: each seed's table is printed as soon as it exists
-        eval_data = [SiteDataset.load(info.folder(), any_config.data_config(limits=ReadLimits.from_environment())) for info in eval_infos]
+        with progress(quiet, "reading the new sites"):
+            eval_data = [SiteDataset.load(info.folder(), any_config.data_config(limits=ReadLimits.from_environment()))
+                         for info in eval_infos]
         for seed in seeds_list:
             for key, base in configs.items():
                 runs[key][seed], inits[seed][key] = _train(*_train_args(key, base, seed, out, federation_dir, train_infos,
                                                                         eval_infos, spec, quiet))
-            dice_by_method = _evaluate_seed(names, inits[seed], any_config, spec, eval_data, seed, quiet)
+            dice_by_method, oracle[seed] = _evaluate_seed(names, inits[seed], any_config, spec, eval_data, seed, quiet)
             for name in names:
                 dice[name][seed] = dice_by_method[name]
     else:
@@ -210,23 +225,26 @@ def run_benchmark(
             runs[key][seed], inits[seed][key] = info, init
         scored = _in_processes(spec["jobs"], _evaluate_seed_from_files, [
             (names, inits[seed], any_config, spec, eval_infos, seed, quiet) for seed in seeds_list])
-        for seed, dice_by_method in zip(seeds_list, scored):
+        for seed, (dice_by_method, oracle[seed]) in zip(seeds_list, scored):
             for name in names:
                 dice[name][seed] = dice_by_method[name]
 
     results = _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos,
-                       eval_role, seeds_list, runs, dice, load_at_start)
+                       eval_role, seeds_list, runs, dice, oracle, load_at_start)
     results["seconds_total"] = time.perf_counter() - began
     files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
     if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
         files["curves"] = out / "learning_curves.png"
     results["files"] = {k: str(v) for k, v in files.items()}
-    plot_results(results, files["plot"])
-    if "curves" in files:
-        plot_learning_curves(results, files["curves"])
-    files["table"].write_text(format_markdown(results))
-    write_json(files["results"], results)
+    with progress(quiet, "writing the figures and tables"):
+        plot_results(results, files["plot"])
+        if "curves" in files:
+            plot_learning_curves(results, files["curves"])
+        files["table"].write_text(format_markdown(results))
+        write_json(files["results"], results)
     _say(quiet, format_goal(results["goal"]))
+    for line in above_oracle_lines(results):
+        _say(quiet, line)
     _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
                 f"{results['machine']['load_average_end']} at end)")
     return results
@@ -258,12 +276,13 @@ def _with_overrides(spec: dict[str, Any], *, seeds, methods, validation_sites, e
 
 
 def _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos, eval_role,
-             seeds_list, runs, dice, load_at_start) -> dict[str, Any]:
+             seeds_list, runs, dice, oracle, load_at_start) -> dict[str, Any]:
     """Everything results.json holds (but the total time and the file names, which the caller adds)."""
     import torch
 
-    summary = summarise(dice, spec["shots"], spec["steps"])
-    goal = goal_check(summary, spec["shots"], spec["steps"],
+    columns = step_columns(spec)
+    summary = summarise(dice, spec["shots"], columns)
+    goal = goal_check(summary, spec["shots"], columns,
                       dice={name: {str(seed): d for seed, d in by_seed.items()} for name, by_seed in dice.items()})
     return {
         "preset": spec,
@@ -290,7 +309,11 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
         "runs": {key: {str(s): r for s, r in by_seed.items()} for key, by_seed in runs.items()},
         "dice": {name: {str(s): d for s, d in by_seed.items()} for name, by_seed in dice.items()},
         "summary": summary,
+        "step_columns": [str(c) for c in columns],  # "auto" first in the tables when present
         "goal": goal,
+        "above_oracle": above_oracle(summary, spec["shots"], columns),
+        # per seed and new site: the oracle's Adam steps, the step kept, why it stopped, its validation patients
+        "oracle": {str(seed): by_site for seed, by_site in oracle.items() if by_site},
         "time_to_accuracy": time_to_accuracy(runs),
         "machine": {
             "platform": platform.platform(),

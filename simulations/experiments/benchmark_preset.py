@@ -10,6 +10,8 @@ from fedmeta.common.protocol import (
 )
 from fedmeta.simulations.experiments.presets import read_preset_toml
 
+AUTO = "auto"  # fedmeta.common.step_selection.AUTO, without loading torch: the step count chosen from the support set
+
 # RunConfig and the model factory load torch: method_configs imports them, so that `fedmeta benchmark --help`
 # does not wait seconds for them.
 
@@ -17,6 +19,10 @@ DEFAULT_PRESET = "benchmark"
 QUICK_PRESET = "benchmark-quick"
 
 ORACLE = "oracle"  # the training key of the oracle row: trained per new site, not on the federation
+INTENSITY = "intensity"  # the training key of the intensity baseline: fitted per new site on its k support slices
+# The oracle's early stopping: validation scorings every ORACLE_EVAL_EVERY Adam steps, stop after
+# ORACLE_PATIENCE without improvement (fedmeta.simulations.experiments.oracle; repeated here without torch).
+ORACLE_EVAL_EVERY, ORACLE_PATIENCE = 25, 4
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,17 @@ METHODS = (
     Method("pooled-metasgd", "pooled-metasgd", True,
            "Meta-SGD on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
     Method("oracle", ORACLE, False,
-           "per new site, a UNet fully supervised on the site's own support patients: the ceiling"),
+           "per new site, a UNet fully supervised on the site's own support patients (early-stopped on a quarter "
+           "of them): the ceiling"),
 )
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 META_METHODS = (FOMAML, MAML, REPTILE, METASGD, ANIL, FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER)
 # The goal the benchmark checks (goal_check): at k = 5 and 10 steps, by a margin of Dice in every seed.
 GOAL_SHOTS, GOAL_STEPS, GOAL_MARGIN = 5, 10, 0.03
-PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "eval-max-images", "validation-sites",
-               "methods", "run-config", "training", "oracle-steps", "curve-every", "jobs"}
+PRESET_KEYS = {"federation", "federation-seed", "seeds", "shots", "steps", "auto-max-steps", "eval-max-images",
+               "validation-sites", "methods", "run-config", "training", "oracle-steps", "oracle-eval-every",
+               "oracle-patience", "curve-every", "jobs"}
+SPECIAL_TRAINING = (None, ORACLE, INTENSITY)  # rows not trained on the federation: no [training.*] table
 
 
 def load_benchmark_preset(preset: str) -> dict[str, Any]:
@@ -68,6 +77,7 @@ def load_benchmark_preset(preset: str) -> dict[str, Any]:
     unknown = sorted(set(values) - PRESET_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(PRESET_KEYS))}.")
+    steps, auto = _steps(values.get("steps", [0, 1, 5, 10, 20]), path)
     spec = {
         "path": str(path),
         "name": path.stem,
@@ -75,10 +85,14 @@ def load_benchmark_preset(preset: str) -> dict[str, Any]:
         "federation-seed": int(values.get("federation-seed", 0)),
         "seeds": int(values.get("seeds", 3)),
         "shots": [int(k) for k in values.get("shots", [1, 5, 10])],
-        "steps": sorted({int(s) for s in values.get("steps", [0, 1, 5, 10, 20])}),
+        "steps": steps,  # the fixed counts, ints
+        "auto-steps": auto,  # True: the count chosen from the support slices alone (the "auto" column) too
+        "auto-max-steps": int(values.get("auto-max-steps", max(steps, default=0))),
         "eval-max-images": int(values.get("eval-max-images", 128)),
         "validation-sites": int(values.get("validation-sites", 0)),
-        "oracle-steps": int(values.get("oracle-steps", 300)),
+        "oracle-steps": int(values.get("oracle-steps", 300)),  # the cap: the oracle stops early on its validation patients
+        "oracle-eval-every": int(values.get("oracle-eval-every", ORACLE_EVAL_EVERY)),
+        "oracle-patience": int(values.get("oracle-patience", ORACLE_PATIENCE)),
         "curve-every": int(values.get("curve-every", 0)),
         "jobs": int(values.get("jobs", 1)),
         "methods": list(values.get("methods", [m.name for m in METHODS])),
@@ -89,13 +103,31 @@ def load_benchmark_preset(preset: str) -> dict[str, Any]:
     return spec
 
 
+def _steps(values: Any, where: Any) -> tuple[list[int], bool]:
+    """(sorted fixed step counts, whether "auto" is among them) from the preset's ``steps`` array."""
+    if not isinstance(values, list):
+        raise ValueError(f"{where}: steps={values!r} must be an array of step counts and \"auto\", e.g. [0, 5, 10, \"auto\"].")
+    bad = [v for v in values if v != AUTO and (isinstance(v, bool) or not isinstance(v, int))]
+    if bad:
+        raise ValueError(f"{where}: steps {bad} are neither step counts (integers >= 0) nor \"auto\".")
+    return sorted({int(v) for v in values if v != AUTO}), AUTO in values
+
+
+def step_columns(spec: dict[str, Any]) -> list[int | str]:
+    """The step columns a preset reports, as ``score_site`` takes them: the fixed counts, then "auto" if asked."""
+    return list(spec["steps"]) + ([AUTO] if spec.get("auto-steps") else [])
+
+
 def _check_spec(spec: dict[str, Any], where: Any) -> None:
     if spec["seeds"] < 1:
         raise ValueError(f"{where}: seeds={spec['seeds']} must be >= 1.")
     if not spec["shots"] or min(spec["shots"]) < 1:
         raise ValueError(f"{where}: shots={spec['shots']} must be a non-empty list of k >= 1.")
     if not spec["steps"] or min(spec["steps"]) < 0:
-        raise ValueError(f"{where}: steps={spec['steps']} must be a non-empty list of step counts >= 0.")
+        raise ValueError(f"{where}: steps={spec['steps']} must hold at least one fixed step count, all >= 0 "
+                         "(\"auto\" is reported beside them).")
+    if spec["auto-max-steps"] < 0:
+        raise ValueError(f"{where}: auto-max-steps={spec['auto-max-steps']} must be >= 0 (the most steps auto may choose).")
     if spec["eval-max-images"] < 0:
         raise ValueError(f"{where}: eval-max-images={spec['eval-max-images']} must be >= 0 (0 = every evaluation patient).")
     if spec["validation-sites"] < 0:
@@ -104,14 +136,15 @@ def _check_spec(spec: dict[str, Any], where: Any) -> None:
         raise ValueError(f"{where}: curve-every={spec['curve-every']} must be >= 0 (0: no learning curves).")
     if spec["jobs"] < 1:
         raise ValueError(f"{where}: jobs={spec['jobs']} must be >= 1 (processes training and evaluating in parallel).")
-    if spec["oracle-steps"] < 1:
-        raise ValueError(f"{where}: oracle-steps={spec['oracle-steps']} must be >= 1.")
+    for key in ("oracle-steps", "oracle-eval-every", "oracle-patience"):
+        if spec[key] < 1:
+            raise ValueError(f"{where}: {key}={spec[key]} must be >= 1.")
     unknown = [m for m in spec["methods"] if m not in METHODS_BY_NAME]
     if unknown or not spec["methods"]:
         raise ValueError(f"{where}: methods {unknown or '[]'}: choose among {', '.join(METHODS_BY_NAME)}.")
     for method in spec["methods"]:
         key = METHODS_BY_NAME[method].training
-        if key not in (None, ORACLE) and key not in spec["training"]:
+        if key not in SPECIAL_TRAINING and key not in spec["training"]:
             raise ValueError(f"{where}: method {method} needs a [training.{key}] table (its inner-steps and the like).")
 
 
@@ -123,7 +156,7 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
     configs = {}
     for method in methods:
         key = METHODS_BY_NAME[method].training
-        if key in (None, ORACLE) or key in configs:
+        if key in SPECIAL_TRAINING or key in configs:
             continue
         algorithm = key.removeprefix("pooled-")
         overrides = {**spec["run-config"], **spec["training"][key], "algorithm": algorithm, "eval-every": 0}

@@ -1,5 +1,10 @@
-"""The benchmark's summaries: statistics over seeds, the goal check, time to accuracy and the Markdown report
-(the plots are in ``fedmeta.simulations.experiments.figures``)."""
+"""The benchmark's summaries: statistics over seeds, the goal check, the rows above the oracle, time to accuracy
+and the Markdown report (the plots are in ``fedmeta.simulations.experiments.figures``).
+
+Step columns are the preset's fixed counts and, when the preset asks for it, "auto" (the count each site
+chooses from its k support slices alone): the main column, reported first. results.json from before the
+auto column (no ``auto-steps`` in its preset, no oracle records) still reads.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from fedmeta.simulations.experiments.benchmark_preset import GOAL_MARGIN, GOAL_SHOTS, GOAL_STEPS, META_METHODS, ORACLE
+from fedmeta.simulations.experiments.benchmark_preset import (
+    AUTO, GOAL_MARGIN, GOAL_SHOTS, GOAL_STEPS, INTENSITY, META_METHODS, ORACLE, step_columns,
+)
 from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
+
+ORACLE_ROW = "oracle"
 
 
 def time_to_accuracy(runs: dict[str, dict[int, dict[str, Any]]], target_key: str = "fedavg") -> dict[str, Any]:
-    """Per method and seed: the first evaluated round (and bytes) at which the new sites' Dice after
-    adaptation reaches the target, FedAvg + fine-tune's final value in the same seed; None if never."""
+    """Per method and seed: the first evaluated round (and the cumulative payload bytes up to it) at which the
+    new sites' Dice after adaptation reaches the target, FedAvg + fine-tune's final value in the same seed;
+    None if never. ``already_at_start``: reached at round 0, before any training (the untrained start's
+    Dice, ``start_dice``, is at or above the target: that seed's target says nothing about training)."""
     out: dict[str, Any] = {}
     targets = {seed: run["curve"][-1]["dice"] for seed, run in runs.get(target_key, {}).items() if run.get("curve")}
     for key, by_seed in runs.items():
@@ -25,16 +36,18 @@ def time_to_accuracy(runs: dict[str, dict[int, dict[str, Any]]], target_key: str
             if not curve or target is None:
                 continue
             hit = next((point for point in curve if point["dice"] >= target), None)
+            start = curve[0]["dice"] if curve[0]["round"] == 0 else None
             rows[str(seed)] = {"target": target, "round": hit["round"] if hit else None,
-                               "bytes": hit["bytes"] if hit else None, "final_dice": curve[-1]["dice"]}
+                               "bytes": hit["bytes"] if hit else None, "final_dice": curve[-1]["dice"],
+                               "start_dice": start, "already_at_start": bool(hit) and hit["round"] == 0}
         if rows:
             out[key] = rows
     return out
 
 
-
-def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int]) -> dict[str, Any]:
-    """Per method, k and steps: mean, std and t-interval over seeds of the site mean, and the worst site."""
+def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int | str]) -> dict[str, Any]:
+    """Per method, k and step column: mean, std and t-interval over seeds of the site mean, and the worst
+    site; at "auto" also the mean number of steps chosen (over seeds and sites, and per site)."""
     summary: dict[str, Any] = {}
     for name, by_seed in dice.items():
         summary[name] = {}
@@ -43,12 +56,13 @@ def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int
         for k in shots:
             summary[name][str(k)] = {}
             for s in steps:
-                table = np.array([[by_seed[seed][site][str(k)][str(s)]["dice"] for site in sites] for seed in seeds])
+                cells = [[by_seed[seed][site][str(k)][str(s)] for site in sites] for seed in seeds]
+                table = np.array([[cell["dice"] for cell in row] for row in cells])
                 site_means_per_seed = table.mean(axis=1)  # [seeds]; Dice is never NaN
                 per_site = table.mean(axis=0)  # [sites], averaged over seeds
                 worst = int(np.argmin(per_site))
                 ci = interval([float(v) for v in site_means_per_seed])
-                summary[name][str(k)][str(s)] = {
+                entry = summary[name][str(k)][str(s)] = {
                     "mean": float(np.mean(site_means_per_seed)),
                     "std": float(np.std(site_means_per_seed, ddof=1)) if len(seeds) > 1 else 0.0,
                     "ci": list(ci) if ci else None,
@@ -56,39 +70,55 @@ def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int
                     "worst_site_dice": float(per_site[worst]),
                     "per_site": {site: float(v) for site, v in zip(sites, per_site)},
                 }
+                if all("chosen_steps" in cell for row in cells for cell in row):
+                    chosen = np.array([[cell["chosen_steps"] for cell in row] for row in cells], dtype=float)
+                    entry["chosen_steps_mean"] = float(chosen.mean())
+                    entry["chosen_steps_per_site"] = {site: float(v) for site, v in zip(sites, chosen.mean(axis=0))}
     return summary
 
 
-def goal_check(summary: dict[str, Any], shots: list[int], steps: list[int], dice: dict | None = None) -> dict[str, Any]:
-    """The claim at k = 5 and 10 steps: a meta-learned initialisation beats FedAvg + fine-tune by
-    ``GOAL_MARGIN`` Dice, in every seed; with each learner's fraction of the oracle ceiling.
+def goal_check(summary: dict[str, Any], shots: list[int], steps: list[int | str], dice: dict | None = None) -> dict[str, Any]:
+    """The claim at k = 5: a meta-learned initialisation beats FedAvg + fine-tune by ``GOAL_MARGIN`` Dice, in
+    every seed; with each learner's fraction of the oracle ceiling. Judged at "auto" when the grid has it
+    (each site chooses its steps from its support slices), else at ``GOAL_STEPS``; with "auto", the same
+    check at ``GOAL_STEPS`` is kept beside it under ``fixed``.
 
     With ``dice`` (per method, seed, site), each row gets the paired margin per seed: methods share
     seeds, support slices and evaluation patients, so the per-seed difference is the fair measure
     of how often a method wins, which the seeds' spread of absolute Dice hides; their mean comes with
     a ``CONFIDENCE`` t-interval over seeds.
     """
-    k, s = str(GOAL_SHOTS), str(GOAL_STEPS)
-    if GOAL_SHOTS not in shots or GOAL_STEPS not in steps:
+    headline = AUTO if AUTO in steps else GOAL_STEPS
+    if GOAL_SHOTS not in shots or headline not in steps:
         return {"checked": False, "reason": f"the grid lacks k = {GOAL_SHOTS} or {GOAL_STEPS} steps"}
+    goal = {"checked": True, "k": GOAL_SHOTS, "steps": headline, "margin": GOAL_MARGIN, "confidence": CONFIDENCE,
+            **_goal_at(summary, str(GOAL_SHOTS), str(headline), dice)}
+    if headline == AUTO and GOAL_STEPS in steps:
+        goal["fixed"] = {"steps": GOAL_STEPS, **_goal_at(summary, str(GOAL_SHOTS), str(GOAL_STEPS), dice)}
+    return goal
 
-    def mean_of(name: str) -> float | None:
-        return summary.get(name, {}).get(k, {}).get(s, {}).get("mean")
 
-    fedavg_ft, oracle = mean_of("fedavg-ft"), mean_of("oracle")
+def _goal_at(summary: dict[str, Any], k: str, s: str, dice: dict | None) -> dict[str, Any]:
+    """goal_check's rows at one k and step column."""
+    def cell(name: str) -> dict[str, Any]:
+        return summary.get(name, {}).get(k, {}).get(s, {})
+
+    fedavg_ft, oracle = cell("fedavg-ft").get("mean"), cell(ORACLE_ROW).get("mean")
     rows = {}
     for name in META_METHODS:
         if name not in summary:
             continue
-        value = mean_of(name)
-        pooled = mean_of(f"pooled-{name}")
-        pooled = mean_of("pooled-fomaml") if pooled is None else pooled
+        value = cell(name)["mean"]
+        pooled = cell(f"pooled-{name}").get("mean")
+        pooled = cell("pooled-fomaml").get("mean") if pooled is None else pooled
         row = {
             "dice": value,
             "margin_over_fedavg_ft": value - fedavg_ft if fedavg_ft is not None else None,
             "fraction_of_oracle": value / oracle if oracle else None,
             "fraction_of_pooled": value / pooled if pooled else None,
         }
+        if "chosen_steps_mean" in cell(name):
+            row["chosen_steps_mean"] = cell(name)["chosen_steps_mean"]
         if dice is not None and "fedavg-ft" in dice:
             paired = []
             for seed, sites in dice[name].items():
@@ -98,30 +128,84 @@ def goal_check(summary: dict[str, Any], shots: list[int], steps: list[int], dice
             row["paired_margin_ci"] = interval(paired)
             row["beats_fedavg_ft_in_every_seed"] = bool(paired) and min(paired) >= GOAL_MARGIN
         rows[name] = row
-    met = [n for n, r in rows.items() if r.get("beats_fedavg_ft_in_every_seed")]
-    return {"checked": True, "k": GOAL_SHOTS, "steps": GOAL_STEPS, "margin": GOAL_MARGIN, "confidence": CONFIDENCE,
-            "fedavg_ft": fedavg_ft, "oracle": oracle, "methods": rows, "met_by": met}
+    return {"fedavg_ft": fedavg_ft, "fedavg_ft_chosen_steps_mean": cell("fedavg-ft").get("chosen_steps_mean"),
+            "oracle": oracle, "methods": rows,
+            "met_by": [n for n, r in rows.items() if r.get("beats_fedavg_ft_in_every_seed")]}
 
 
 def format_goal(goal: dict[str, Any]) -> str:
     if not goal.get("checked"):
         return f"goal not checked: {goal.get('reason')}"
-    lines = [f"goal at k = {goal['k']}, {goal['steps']} steps: beat FedAvg + fine-tune ({_f(goal['fedavg_ft'])}) "
-             f"by >= {goal['margin']} Dice in every seed; oracle ceiling {_f(goal['oracle'])}"]
+    lines = [f"goal at k = {goal['k']}, {_column_words(goal['steps'], goal['k'])}: beat FedAvg + fine-tune "
+             f"({_f(goal['fedavg_ft'])}{_chosen(goal.get('fedavg_ft_chosen_steps_mean'), ', ')}) by >= {goal['margin']} "
+             f"Dice in every seed; oracle ceiling {_f(goal['oracle'])}"]
+    lines += _goal_rows(goal)
+    fixed = goal.get("fixed")
+    if fixed:
+        lines += ["", f"at {fixed['steps']} steps, a fixed count (for comparison): FedAvg + fine-tune "
+                      f"{_f(fixed['fedavg_ft'])}; oracle {_f(fixed['oracle'])}"]
+        lines += _goal_rows(fixed)
+    return "\n".join(lines)
+
+
+def _goal_rows(goal: dict[str, Any]) -> list[str]:
+    lines = []
     for name, row in goal["methods"].items():
         ci = row.get("paired_margin_ci")
-        lines.append(f"  {name:8s} Dice {row['dice']:.3f}  margin {_f(row['margin_over_fedavg_ft'], '+.3f')}"
+        lines.append(f"  {name:8s} Dice {row['dice']:.3f}{_chosen(row.get('chosen_steps_mean'))}  "
+                     f"margin {_f(row['margin_over_fedavg_ft'], '+.3f')}"
                      + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-                     + f"  of oracle {_f(row['fraction_of_oracle'], '.1%')}  "
+                     + f"  of oracle {_fraction(row['fraction_of_oracle'])}  "
                      + (f"per-seed margins {' '.join(_f(m, '+.3f') for m in row['paired_margin_per_seed'])}  "
                         if "paired_margin_per_seed" in row else "")
                      + ("MET" if name in goal["met_by"] else "not met"))
-    return "\n".join(lines)
+    return lines
+
+
+def above_oracle(summary: dict[str, Any], shots: list[int], steps: list[int | str]) -> list[dict[str, Any]]:
+    """Every cell of a row (not the oracle) above the oracle at the same k: mean over sites (``site`` None) or one
+    site's mean over seeds. A ceiling that an adapted row exceeds is not one, so the report flags each."""
+    if ORACLE_ROW not in summary:
+        return []
+    flags = []
+    for name, by_k in summary.items():
+        if name == ORACLE_ROW:
+            continue
+        for k in shots:
+            for s in steps:
+                cell, oracle = by_k[str(k)][str(s)], summary[ORACLE_ROW][str(k)][str(s)]
+                pairs = [(None, cell["mean"], oracle["mean"])] + [
+                    (site, value, oracle["per_site"][site]) for site, value in cell["per_site"].items()
+                    if site in oracle["per_site"]]
+                for site, value, ceiling in pairs:
+                    if value > ceiling:
+                        flags.append({"method": name, "k": k, "steps": str(s), "site": site, "dice": value,
+                                      "oracle": ceiling})
+    return flags
+
+
+def above_oracle_lines(results: dict[str, Any]) -> list[str]:
+    """One line per (method, k, site or mean) above the oracle, naming each step column where it is."""
+    flags = results.get("above_oracle")
+    if flags is None:  # a results.json from before the flag
+        flags = above_oracle(results["summary"], results["preset"]["shots"], step_columns(results["preset"]))
+    cases: dict[tuple, list[dict[str, Any]]] = {}
+    for flag in flags:
+        cases.setdefault((flag["method"], flag["k"], flag["site"]), []).append(flag)
+    lines = []
+    for (method, k, site), found in cases.items():
+        where = "mean over sites" if site is None else f"site {site}"
+        cells = ", ".join(f"{_column_name(f['steps'])} {f['dice']:.3f}" for f in found)
+        lines.append(f"above the oracle: {method}, k = {k}, {where} (oracle {found[0]['oracle']:.3f}): {cells}")
+    return lines
 
 
 def format_markdown(results: dict[str, Any]) -> str:
     spec, summary = results["preset"], results["summary"]
     steps, shots = spec["steps"], spec["shots"]
+    columns = step_columns(spec)
+    shown = ([AUTO] if AUTO in columns else []) + list(steps)  # the main column first
+    head = AUTO if AUTO in columns else steps[-1]
     role = "validation (training) sites" if results["eval_role"] == "validation" else "held-out sites"
     machine = results["machine"]
     lines = [
@@ -141,31 +225,46 @@ def format_markdown(results: dict[str, Any]) -> str:
         "McMahan et al.'s FedAvg; capped at `max-weight-ratio` × the round's median) or one weight each "
         "(`per-site`, task-averaged MAML), as the methods table says.",
         "",
-        format_goal(results["goal"]).replace("\n  ", "\n- ").replace("goal", "**Goal**", 1),
-        "",
     ]
+    if AUTO in columns:
+        lines += [f"**auto**, the main column: each new site chooses its number of adaptation steps (0 to "
+                  f"{spec.get('auto-max-steps', max(steps))}) from its k support slices alone, by cross-validation "
+                  "over them (their two halves when k = 1) and the one-standard-error rule "
+                  "(`fedmeta.common.step_selection`), as a hospital would; in brackets the mean number of steps "
+                  "chosen. The fixed counts beside it are read with hindsight no hospital has.", ""]
+    lines += [format_goal(results["goal"]).replace("\n  ", "\n- ").replace("goal", "**Goal**", 1), ""]
+    flags = above_oracle_lines(results)
+    if flags:
+        lines += ["## Above the oracle", "",
+                  "The oracle is meant as a ceiling; these rows are above it, so read their \"of oracle\" as a "
+                  "flag, not a fraction:", ""] + [f"- {line}" for line in flags] + [""]
     for k in shots:
-        oracle = summary.get("oracle", {}).get(str(k), {}).get(str(steps[-1]), {}).get("mean")
-        lines += [f"## k = {k} labelled slices", "", "| method | " + " | ".join(f"{s} steps" for s in steps)
-                  + f" | worst site ({steps[-1]} steps) | of oracle ({steps[-1]} steps) |",
-                  "|---|" + "---|" * (len(steps) + 2)]
+        oracle = summary.get(ORACLE_ROW, {}).get(str(k), {}).get(str(head), {}).get("mean")
+        lines += [f"## k = {k} labelled slices", "", "| method | " + " | ".join(_column_name(s) for s in shown)
+                  + f" | worst site ({_column_name(head)}) | of oracle ({_column_name(head)}) |",
+                  "|---|" + "---|" * (len(shown) + 2)]
         for name in results["method_order"]:
-            cells = [_mean_ci(summary[name][str(k)][str(s)]) for s in steps]
-            last = summary[name][str(k)][str(steps[-1])]
-            fraction = f"{last['mean'] / oracle:.1%}" if oracle else "-"
+            cells = [_mean_ci(summary[name][str(k)][str(s)]) for s in shown]
+            last = summary[name][str(k)][str(head)]
+            fraction = _fraction(last["mean"] / oracle) if oracle else "-"
             lines.append(f"| {name} | " + " | ".join(cells)
                          + f" | {last['worst_site_dice']:.3f} ({last['worst_site']}) | {fraction} |")
         lines.append("")
     k_mid = str(GOAL_SHOTS if GOAL_SHOTS in shots else shots[0])
-    s_mid = str(GOAL_STEPS if GOAL_STEPS in steps else steps[-1])
+    fixed_mid = GOAL_STEPS if GOAL_STEPS in steps else steps[-1]
     sites = list(results["eval_sites"])
-    lines += [f"## Per site, k = {k_mid}, {s_mid} steps (mean over seeds)", "",
-              "| method | " + " | ".join(f"{s} ({results['eval_sites'][s]})" for s in sites) + " |",
-              "|---|" + "---|" * len(sites)]
-    for name in results["method_order"]:
-        per_site = summary[name][k_mid][s_mid]["per_site"]
-        lines.append(f"| {name} | " + " | ".join(f"{per_site[s]:.3f}" for s in sites) + " |")
+    for column in ([AUTO] if AUTO in columns else []) + [fixed_mid]:
+        lines += [f"## Per site, k = {k_mid}, {_column_name(column)} (mean over seeds)", "",
+                  "| method | " + " | ".join(f"{s} ({results['eval_sites'][s]})" for s in sites) + " |",
+                  "|---|" + "---|" * len(sites)]
+        for name in results["method_order"]:
+            cell = summary[name][k_mid][str(column)]
+            chosen = cell.get("chosen_steps_per_site", {})
+            lines.append(f"| {name} | " + " | ".join(
+                f"{cell['per_site'][s]:.3f}" + (f" ({chosen[s]:.1f} steps)" if s in chosen else "") for s in sites) + " |")
+        lines.append("")
     lines += _time_to_accuracy_lines(results)
+    lines += _oracle_lines(results)
     lines += ["", "## Methods and budgets", "",
               "| method | what the row is | sites weigh | episodes/site | inner steps | local steps per site-round | "
               "total | training s (mean) |", "|---|---|---|---|---|---|---|---|"]
@@ -180,8 +279,10 @@ def format_markdown(results: dict[str, Any]) -> str:
                          f"{b['inner_steps']} | {b['local_steps_per_site_round']} | {b['local_steps_total']} | "
                          f"{seconds:.0f} |")
         elif method["training"] == ORACLE:
-            lines.append(f"| {name} | {method['meaning']} | - | - | - | - | {spec['oracle-steps']} Adam steps per "
-                         "new site, on its own data | - |")
+            lines.append(f"| {name} | {method['meaning']} | - | - | - | - | {_oracle_budget(results)} | - |")
+        elif method["training"] == INTENSITY:
+            lines.append(f"| {name} | {method['meaning']} | - | - | - | - | no gradient step: fitted per new site "
+                         "on its k support slices | - |")
         else:
             lines.append(f"| {name} | {method['meaning']} | - | - | - | 0 | 0 | 0 |")
     lines += ["", f"![Dice against adaptation steps]({Path(results['files']['plot']).name})", "",
@@ -191,16 +292,69 @@ def format_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _oracle_records(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(seed, site, record) for seed, by_site in (results.get("oracle") or {}).items()
+            for site, record in by_site.items()]
+
+
+def _oracle_budget(results: dict[str, Any]) -> str:
+    """The oracle's training in the methods table: "early-stopped at 640 Adam steps (median), cap 3000"."""
+    spec, records = results["preset"], _oracle_records(results)
+    if not records:  # a results.json from before early stopping: a fixed number of steps
+        return f"{spec['oracle-steps']} Adam steps per new site, on its own data"
+    taken = [record["steps"] for _, _, record in records]
+    stopped = sum(record["stopped"] == "early-stopped" for _, _, record in records)
+    text = (f"early-stopped on its validation patients at {float(np.median(taken)):.0f} Adam steps (median; "
+            f"{min(taken)}–{max(taken)}), cap {spec['oracle-steps']}; stopped early in {stopped} of {len(records)} "
+            "site-seeds")
+    single = sorted({site for _, site, record in records if record["stopped"] == "one support patient"})
+    if single:
+        text += f"; {', '.join(single)}: one support patient, nothing to validate on, trained to the cap"
+    return text
+
+
+def _oracle_lines(results: dict[str, Any]) -> list[str]:
+    """Per new site and seed: the Adam steps the oracle took and why it stopped."""
+    records = _oracle_records(results)
+    if not records:
+        return []
+    seeds = sorted({seed for seed, _, _ in records}, key=int)
+    sites = sorted({site for _, site, _ in records})
+    by = {(seed, site): record for seed, site, record in records}
+    lines = ["", "## The oracle's training", "",
+             f"Adam steps per new site and seed (cap {results['preset']['oracle-steps']}), the step whose weights "
+             "were kept and their validation Dice: the support patients are split into oracle-training and "
+             f"oracle-validation patients (a quarter), scored every {results['preset'].get('oracle-eval-every', '-')} "
+             f"steps, stopped after {results['preset'].get('oracle-patience', '-')} scorings without improvement.", "",
+             "| site | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for site in sites:
+        cells = []
+        for seed in seeds:
+            record = by.get((seed, site))
+            if record is None:
+                cells.append("-")
+            elif record["stopped"] == "one support patient":
+                cells.append(f"{record['steps']} (one support patient: to the cap)")
+            else:
+                cells.append(f"{record['steps']} ({record['stopped']}; kept {record['best_step']}, validation "
+                             f"{_f(record['validation_dice'])})")
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _time_to_accuracy_lines(results: dict[str, Any]) -> list[str]:
     tta = results.get("time_to_accuracy") or {}
     if not tta:
         return []
     lines = ["", f"## Time to accuracy (k = {GOAL_SHOTS}, {GOAL_STEPS} steps)", "",
-             "Rounds, and payload megabytes exchanged, until the new sites' Dice after adaptation (evaluated "
+             "Rounds, and the payload megabytes exchanged up to that round (θ down and the update up, fp32, every "
+             "site that answered, summed over rounds), until the new sites' Dice after adaptation (evaluated "
              f"every {results['preset']['curve-every']} rounds during training) first reaches FedAvg + fine-tune's "
-             "final value in the same seed; `never` if it does not within the budget.", "",
+             "final value in the same seed; `never` if it does not within the budget; `already at round 0` if "
+             "the untrained start reaches it.", "",
              "| training | " + " | ".join(f"seed {s}" for s in results["seeds"]) + " |",
              "|---|" + "---|" * len(results["seeds"])]
+    trivial = {}
     for key, rows in tta.items():
         cells = []
         for seed in results["seeds"]:
@@ -209,17 +363,49 @@ def _time_to_accuracy_lines(results: dict[str, Any]) -> list[str]:
                 cells.append("-")
             elif row["round"] is None:
                 cells.append(f"never (final {row['final_dice']:.4f} < {row['target']:.4f})")
+            elif row.get("already_at_start") or (row["round"] == 0 and "already_at_start" not in row):
+                start = row.get("start_dice")
+                cells.append("already at round 0" + (f" (start {start:.4f} ≥ {row['target']:.4f})" if start is not None else ""))
+                trivial[str(seed)] = row["target"]
             else:
                 cells.append(f"round {row['round']}, {row['bytes'] / 2**20:.1f} MB")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if trivial:
+        lines += ["", "Already at round 0: the untrained start's Dice is at or above the target (FedAvg + fine-tune's "
+                      "final value) in seed(s) " + ", ".join(trivial) + ", so in those seeds the target measures no "
+                      "training; read time to accuracy only where a method needed rounds to reach it."]
     return lines
 
 
 def _mean_ci(cell: dict[str, Any]) -> str:
-    """'mean ± half-width' of the t-interval, or the mean alone with one seed."""
+    """'mean ± half-width' of the t-interval, or the mean alone with one seed; at auto, the mean steps chosen."""
+    text = f"{cell['mean']:.3f}"
     if cell.get("ci"):
-        return f"{cell['mean']:.3f} ± {(cell['ci'][1] - cell['ci'][0]) / 2:.3f}"
-    return f"{cell['mean']:.3f}"
+        text += f" ± {(cell['ci'][1] - cell['ci'][0]) / 2:.3f}"
+    return text + _chosen(cell.get("chosen_steps_mean"))
+
+
+def _column_name(column: int | str) -> str:
+    return "auto" if str(column) == AUTO else f"{column} steps"
+
+
+def _column_words(column: int | str, k: int) -> str:
+    return (f"steps auto (chosen per site from its {k} support slices)" if str(column) == AUTO
+            else f"{column} steps")
+
+
+def _chosen(steps: float | None, joint: str | None = None) -> str:
+    """The mean steps auto chose: " (3.4 steps)", or ", 3.4 steps" inside brackets already open (``joint``)."""
+    if steps is None:
+        return ""
+    return f"{joint}{steps:.1f} steps" if joint else f" ({steps:.1f} steps)"
+
+
+def _fraction(value: float | None) -> str:
+    """A row's fraction of the oracle; above 1 it is flagged, not printed as a share of a ceiling."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.1%} (above the oracle)" if value > 1 else f"{value:.1%}"
 
 
 def _f(value: float | None, fmt: str = ".3f") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -17,7 +18,9 @@ from fedmeta.common.protocol import (
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.workers import end_with_parent
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
-from fedmeta.simulations.experiments.benchmark_preset import GOAL_SHOTS, GOAL_STEPS, METHODS_BY_NAME, ORACLE
+from fedmeta.simulations.experiments.benchmark_preset import (
+    AUTO, GOAL_SHOTS, GOAL_STEPS, INTENSITY, METHODS_BY_NAME, ORACLE, step_columns,
+)
 
 # torch and the fedmeta modules that load torch or Flower (data, model, checkpoint, adaptation, the in-process
 # engine, centralised, oracle) are imported inside the functions that use them: `fedmeta benchmark --help` does
@@ -71,8 +74,8 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
     GOAL_STEPS steps: the learning curve that time-to-accuracy is read from. Evaluation reads θ and
     never moves it, so the trajectory is the one a run without it takes.
     """
-    from fedmeta.common.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
     from fedmeta.common.adaptation import load_initialisation
+    from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint, trajectory_hash
 
     out_dir = Path(config.out_dir)
     path = out_dir / CHECKPOINT_NAME
@@ -95,46 +98,10 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
         out_dir.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         began = time.perf_counter()
-        if key.startswith("pooled-"):
-            from fedmeta.simulations.experiments.centralised import run_centralised
-
-            run = run_centralised(config, federation_dir, pooled=True, train_sites=[i.name for i in train_infos])
-            save_checkpoint(path, Checkpoint(
-                round=config.num_rounds, params=run.params, step_sizes=run.step_sizes,
-                optimizer=run.optimizer_state, rng_state={}, config_hash=trajectory_hash(config),
-                run_config=config.to_run_config(), counters={},
-            ))
-            last = run.rounds[-1] if run.rounds else {}
-            info = {"engine": "centralised (pooled)", "final_query_loss_after": last.get("query_loss_after"),
-                    "dropped_replies": 0, "skipped_rounds": 0}
-        else:
-            from fedmeta.simulations.engines.inprocess import run_inprocess
-            from fedmeta.simulations.experiments.centralised import training_node_configs
-
-            # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
-            # holds the whole training federation, so no site is re-read from NIfTI each round.
-            nodes = training_node_configs(train_infos)
-            if curve_every > 0 and eval_infos:
-                # Scored as the benchmark's own table is (same k, steps, seed and patients), so the last
-                # point of FedAvg's curve is FedAvg + fine-tune's Dice in the table.
-                config = config.replace(eval_every=curve_every, eval_k_shot=GOAL_SHOTS, eval_steps=str(GOAL_STEPS),
-                                        eval_max_images=eval_max_images)
-                nodes += [{DATA_DIR_KEY: str(info.folder()), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
-                          for i, info in enumerate(sorted(eval_infos, key=lambda info: info.name))]
-            run_inprocess(config.to_run_config(), nodes, seed=config.seed)
-            checkpoint = load_checkpoint(path)
-            if checkpoint.round != config.num_rounds:
-                raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "
-                                   f"{config.num_rounds}; see {out_dir / METRICS_NAME}.")
-            if checkpoint.counters.get("skipped_rounds"):
-                raise RuntimeError(f"{key} (seed {config.seed}) skipped {checkpoint.counters['skipped_rounds']} "
-                                   f"round(s): sites' replies were dropped; see {out_dir / METRICS_NAME}.")
-            trained = [r for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
-            info = {"engine": "in-process Flower apps",
-                    "final_query_loss_after": trained[-1]["train"].get(QUERY_LOSS_AFTER) if trained else None,
-                    "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
-                    "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
-                    "curve": learning_curve(read_metrics(out_dir / METRICS_NAME), checkpoint, config)}
+        with progress(quiet, lambda: f"[seed {config.seed}] {key}: training, round "
+                                     f"{_rounds_done(out_dir / METRICS_NAME)}/{config.num_rounds}"):
+            info = _train_run(key, config, path, out_dir, federation_dir, train_infos, eval_infos, curve_every,
+                              eval_max_images)
         info["seconds"] = time.perf_counter() - began
         info["trained_on"] = trained_on
         write_json(info_path, info)
@@ -143,6 +110,54 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
     _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
                 + (f", final query loss {loss:.4f}" if loss is not None else ""))
     return {**info, "reused": reused, "checkpoint": str(path)}, init
+
+
+def _train_run(key: str, config, path: Path, out_dir: Path, federation_dir: Path, train_infos, eval_infos,
+               curve_every: int, eval_max_images: int) -> dict[str, Any]:
+    """Trains one method for one seed into ``path``; the run's info (without its time)."""
+    from fedmeta.common.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, trajectory_hash
+
+    if key.startswith("pooled-"):
+        from fedmeta.simulations.experiments.centralised import run_centralised
+
+        run = run_centralised(config, federation_dir, pooled=True, train_sites=[i.name for i in train_infos])
+        save_checkpoint(path, Checkpoint(
+            round=config.num_rounds, params=run.params, step_sizes=run.step_sizes,
+            optimizer=run.optimizer_state, rng_state={}, config_hash=trajectory_hash(config),
+            run_config=config.to_run_config(), counters={},
+        ))
+        last = run.rounds[-1] if run.rounds else {}
+        info = {"engine": "centralised (pooled)", "final_query_loss_after": last.get("query_loss_after"),
+                "dropped_replies": 0, "skipped_rounds": 0}
+    else:
+        from fedmeta.simulations.engines.inprocess import run_inprocess
+        from fedmeta.simulations.experiments.centralised import training_node_configs
+
+        # One process serves every site here; the ClientApp's site cache (bounded by bytes, 1 GiB)
+        # holds the whole training federation, so no site is re-read from NIfTI each round.
+        nodes = training_node_configs(train_infos)
+        if curve_every > 0 and eval_infos:
+            # Scored as the benchmark's own table is (same k, steps, seed and patients), so the last
+            # point of FedAvg's curve is FedAvg + fine-tune's Dice in the table.
+            config = config.replace(eval_every=curve_every, eval_k_shot=GOAL_SHOTS, eval_steps=str(GOAL_STEPS),
+                                    eval_max_images=eval_max_images)
+            nodes += [{DATA_DIR_KEY: str(info.folder()), ROLE_KEY: ROLE_HELDOUT, SITE_ID_KEY: len(nodes) + i}
+                      for i, info in enumerate(sorted(eval_infos, key=lambda info: info.name))]
+        run_inprocess(config.to_run_config(), nodes, seed=config.seed)
+        checkpoint = load_checkpoint(path)
+        if checkpoint.round != config.num_rounds:
+            raise RuntimeError(f"{key} (seed {config.seed}) stopped after round {checkpoint.round} of "
+                               f"{config.num_rounds}; see {out_dir / METRICS_NAME}.")
+        if checkpoint.counters.get("skipped_rounds"):
+            raise RuntimeError(f"{key} (seed {config.seed}) skipped {checkpoint.counters['skipped_rounds']} "
+                               f"round(s): sites' replies were dropped; see {out_dir / METRICS_NAME}.")
+        trained = [r for r in read_metrics(out_dir / METRICS_NAME) if r.get("round", 0) > 0]
+        info = {"engine": "in-process Flower apps",
+                "final_query_loss_after": trained[-1]["train"].get(QUERY_LOSS_AFTER) if trained else None,
+                "dropped_replies": checkpoint.counters.get("dropped_replies", 0),
+                "skipped_rounds": checkpoint.counters.get("skipped_rounds", 0),
+                "curve": learning_curve(read_metrics(out_dir / METRICS_NAME), checkpoint, config)}
+    return info
 
 
 def learning_curve(records: list[dict[str, Any]], checkpoint, config) -> list[dict[str, float]]:
@@ -163,7 +178,8 @@ def learning_curve(records: list[dict[str, Any]], checkpoint, config) -> list[di
     return curve
 
 
-def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: int, quiet: bool) -> dict[str, Any]:
+def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: int,
+                              quiet: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """``_evaluate_seed`` in a worker process: the new sites are read there rather than shipped to it."""
     from fedmeta.common.data import SiteDataset
 
@@ -171,38 +187,129 @@ def _evaluate_seed_from_files(names, inits, any_config, spec, eval_infos, seed: 
     return _evaluate_seed(names, inits, any_config, spec, sites, seed, quiet)
 
 
-def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> dict[str, Any]:
-    """Dice per method, site, k and step count for one seed; every method adapts on the same slices."""
+def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Dice per method, site, k and step column; the oracle's training record per site) for one seed.
+
+    Every method adapts on the same slices and is scored on the same patients. The step columns are the
+    preset's fixed counts and, with ``auto-steps``, "auto" (the count chosen from the support slices
+    alone). A row that does not adapt (FedAvg as is, the oracle, the intensity baseline) has the same
+    summary in every column.
+    """
     from fedmeta.common.adaptation import Initialisation, score_site
     from fedmeta.common.model import build_model, initial_params, seeded_model
 
     model = build_model(any_config.model_config())
+    columns = step_columns(spec)
     splits: dict = {}
     out: dict[str, Any] = {}
+    oracle_fits: dict[str, Any] = {}
     began = time.perf_counter()
-    for name in names:
-        method = METHODS_BY_NAME[name]
-        if method.training is None:
-            init = Initialisation(name, initial_params(seeded_model(any_config.model_config(), seed)), any_config.inner_lr)
-        elif method.training != ORACLE:
-            init = inits[method.training]
-        steps = spec["steps"] if method.adapts else [0]
-        out[name] = {}
-        for site in sites:
-            if method.training == ORACLE:  # its own model per site, trained on that site's support patients
-                from fedmeta.simulations.experiments.oracle import train_oracle  # torch: not for `fedmeta --help`
-
-                init = train_oracle(site, any_config, seed=seed, steps=spec["oracle-steps"])
-            curve = score_site(model, init, site, shots=spec["shots"], steps=steps, seed=seed,
-                               num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
-                               batch_size=any_config.eval_batch_size, splits=splits)
-            if not method.adapts:  # the model as is: the same Dice whatever the step budget
-                curve = {k: {s: by_steps[0] for s in spec["steps"]} for k, by_steps in curve.items()}
-            out[name][site.name] = {str(k): {str(s): v for s, v in by_steps.items()} for k, by_steps in curve.items()}
+    with progress(quiet, f"[seed {seed}] evaluating") as beat:
+        for name in names:
+            method = METHODS_BY_NAME[name]
+            if method.training is None:
+                init = Initialisation(name, initial_params(seeded_model(any_config.model_config(), seed)), any_config.inner_lr)
+            elif method.training not in (ORACLE, INTENSITY):
+                init = inits[method.training]
+            out[name] = {}
+            for site in sites:
+                beat.status = f"[seed {seed}] evaluating {name} on {site.name}"
+                if method.training == INTENSITY:
+                    curve = _intensity_curve(site, spec, seed, any_config.num_classes)
+                else:
+                    if method.training == ORACLE:  # its own model per site, trained on that site's support patients
+                        fit = _fit_oracle(site, any_config, spec, seed, quiet, beat)
+                        init, oracle_fits[site.name] = fit.init, fit.record()
+                    curve = score_site(model, init, site, shots=spec["shots"], steps=columns if method.adapts else [0],
+                                       seed=seed, num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
+                                       batch_size=any_config.eval_batch_size, splits=splits,
+                                       auto_max_steps=spec["auto-max-steps"])
+                if not method.adapts:  # the model as is: the same Dice whatever the step budget
+                    curve = {k: {s: by_steps[0] for s in columns} for k, by_steps in curve.items()}
+                out[name][site.name] = {str(k): {str(s): v for s, v in by_steps.items()} for k, by_steps in curve.items()}
+            chosen = [cell["chosen_steps"] for by_k in out[name].values() for by_steps in by_k.values()
+                      for cell in [by_steps.get(AUTO, {})] if "chosen_steps" in cell]
+            _say(quiet, f"[seed {seed}] evaluated {name} on {len(sites)} site(s) ({time.perf_counter() - began:.0f} s so far)"
+                        + (f"; auto chose {sum(chosen) / len(chosen):.1f} steps on average" if chosen else ""))
     _say(quiet, f"[seed {seed}] evaluated {len(names)} methods on {len(sites)} site(s) in {time.perf_counter() - began:.0f} s")
-    return out
+    return out, oracle_fits
+
+
+def _fit_oracle(site, config, spec, seed: int, quiet: bool, beat):
+    """The oracle of one site, its validation scorings shown on the heartbeat and its end said in one line."""
+    from fedmeta.simulations.experiments.oracle import ONE_SUPPORT_PATIENT, fit_oracle  # torch: not for `fedmeta --help`
+
+    def show(line: str) -> None:
+        beat.status = f"[seed {seed}] {line}"
+
+    fit = fit_oracle(site, config, seed=seed, max_steps=spec["oracle-steps"], eval_every=spec["oracle-eval-every"],
+                     patience=spec["oracle-patience"], progress=show)
+    how = ("one support patient: nothing to validate on, trained to the cap" if fit.stopped == ONE_SUPPORT_PATIENT
+           else f"{fit.stopped} at step {fit.steps}, kept step {fit.best_step} (validation Dice {fit.validation_dice:.3f} "
+                f"on {len(fit.validation_patients)} patient(s))")
+    _say(quiet, f"[seed {seed}] oracle {site.name}: {fit.steps} of at most {fit.max_steps} Adam steps; {how}")
+    return fit
+
+
+def _intensity_curve(site, spec, seed: int, num_classes: int) -> dict[int, dict[int, dict[str, Any]]]:
+    """The intensity baseline's summary per k (``{k: {0: summary}}``, as ``score_site`` gives a row that does not adapt)."""
+    from fedmeta.common.intensity_baseline import score_intensity_baseline  # torch: not for `fedmeta --help`
+    from fedmeta.common.metrics import foreground_classes
+
+    classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
+    return {k: {0: score_intensity_baseline(site, k, seed, num_classes, classes, max_images=spec["eval-max-images"])}
+            for k in spec["shots"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# progress: a line at least every HEARTBEAT_S seconds in every phase, in every process
+
+HEARTBEAT_S = 8.0
+_last_line = [time.monotonic()]  # when this process last printed a line
+
+
+class progress:  # noqa: N801 - used as a context manager, like open()
+    """While the block runs, prints ``status`` (a string, or a callable giving one) with the time elapsed
+    whenever this process has printed nothing for HEARTBEAT_S seconds; ``status`` may change as the block
+    goes. Quiet: nothing, and no thread."""
+
+    def __init__(self, quiet: bool, status) -> None:
+        self.quiet, self.status = quiet, status
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "progress":
+        if not self.quiet:
+            self._began = time.monotonic()
+            self._thread = threading.Thread(target=self._beat, name="benchmark-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(0.5):
+            if time.monotonic() - _last_line[0] >= HEARTBEAT_S:
+                try:
+                    status = self.status() if callable(self.status) else self.status
+                except Exception as err:  # a progress line must never end the benchmark
+                    status = f"(progress unavailable: {err})"
+                _say(False, f"{status} ({time.monotonic() - self._began:.0f} s)")
+
+
+def _rounds_done(metrics_path: Path) -> int:
+    """Rounds a running federation has finished: its metrics.jsonl lines that record a training round."""
+    try:
+        with open(metrics_path, encoding="utf-8") as lines:
+            return sum(1 for line in lines if '"sites_answered"' in line)
+    except OSError:
+        return 0
 
 
 def _say(quiet: bool, line: str) -> None:
     if not quiet:
         print(line, flush=True)
+        _last_line[0] = time.monotonic()
