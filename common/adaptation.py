@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from fedmeta.common.adaptation_variants import DEFAULT as DEFAULT_VARIANT, Variant, check_applies, variant_named
 from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.checkpoint import PLAUSIBLE_WEIGHT, load_checkpoint
 from fedmeta.common.config import RunConfig, stored_run_config
 from fedmeta.common.data import SiteDataset, adaptation_support, evaluation_patients
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.meta import StepSize, adaptation_trajectory
+from fedmeta.common.meta import StepSize
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import ModelConfig, build_model, head_parameter_names, initial_params, seeded_model
 from fedmeta.common.step_selection import AUTO, candidate_steps, choose_steps
@@ -72,6 +73,14 @@ def predict(model: torch.nn.Module, params: Mapping[str, torch.Tensor], x: torch
     return torch.cat([functional_call(model, dict(params), (x[i : i + batch_size],)) for i in range(0, len(x), batch_size)])
 
 
+@torch.no_grad()
+def predict_with(variant: Variant, model: torch.nn.Module, prepared: Mapping[str, torch.Tensor],
+                 adapted: Mapping[str, torch.Tensor], x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """:func:`predict` as ``variant`` predicts (``prepared``: step 0 of its trajectory); fine-tune's is :func:`predict`'s."""
+    return torch.cat([variant.logits(model, dict(prepared), dict(adapted), x[i : i + batch_size])
+                      for i in range(0, len(x), batch_size)])
+
+
 def adaptation_curve(
     model: torch.nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -87,6 +96,7 @@ def adaptation_curve(
     inner_params: Sequence[str] | None = None,
     batch_size: int = 32,
     refuse_diverged: bool = False,
+    variant: str | Variant = DEFAULT_VARIANT,
 ) -> dict[int, dict]:
     """Per-patient Dice of the evaluation patients after each number of adaptation steps in ``steps``.
 
@@ -100,8 +110,12 @@ def adaptation_curve(
     :class:`AdaptationDiverged` when a step leaves the weights non-finite or implausibly large
     (:func:`check_adapted`) rather than scoring a broken model: a hospital's ``evaluate`` asks for that. A
     benchmark or a held-out evaluation during training scores it (a Dice of 0 there is the result: that
-    method's adaptation diverged at that step count).
+    method's adaptation diverged at that step count). ``variant``: how the site adapts and predicts
+    (:mod:`fedmeta.common.adaptation_variants`; ``fine-tune``, the default, steps every parameter
+    ``inner_params`` names), refused where it does not apply to ``model``.
     """
+    chosen = variant_named(variant)
+    check_applies(chosen, model)
     if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
         raise ValueError(f"steps={list(steps)} must be a non-empty list of ints >= 0, e.g. [0, 5, 10].")
     if not patients:
@@ -110,14 +124,17 @@ def adaptation_curve(
     dtype = next(iter(params.values())).dtype
     support_target = one_hot(support_y, num_classes, dtype)
     wanted, curve = set(steps), {}
-    trajectory = adaptation_trajectory(model, params, support_x, support_target, inner_steps=max(wanted),
-                                       inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params)
+    trajectory = chosen.trajectory(model, dict(params), support_x, support_target, inner_steps=max(wanted),
+                                   inner_lr=inner_lr, loss_fn=loss_fn, inner_params=inner_params)
+    prepared = None
     for done, adapted in enumerate(trajectory):
+        prepared = adapted if prepared is None else prepared  # step 0: θ as the learner prepares it
         if refuse_diverged:
             check_adapted(adapted, step=done, inner_steps=max(wanted))
         if done in wanted:
             per_patient = {
-                pid: patient_dice(predict(model, adapted, x, batch_size).argmax(dim=1).cpu(), y.cpu(), classes)
+                pid: patient_dice(predict_with(chosen, model, prepared, adapted, x, batch_size).argmax(dim=1).cpu(),
+                                  y.cpu(), classes)
                 for pid, x, y in patients
             }
             curve[done] = summarise_patients(per_patient)
@@ -180,6 +197,7 @@ def score_site(
     splits: dict | None = None,
     refuse_diverged: bool = False,
     auto_max_steps: int | None = None,
+    variant: str | Variant = DEFAULT_VARIANT,
 ) -> dict[int, dict[int | str, dict[str, Any]]]:
     """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s;
     ``refuse_diverged`` as there).
@@ -194,13 +212,18 @@ def score_site(
     initialisation adapts on the very same slices and is scored on the very same patients. An
     initialisation that names its network (``model_config``: the other families' learners) is adapted
     with that network rather than ``model``.
+
+    ``variant`` (:mod:`fedmeta.common.adaptation_variants`, default ``fine-tune``) is how the site adapts and
+    predicts, for the fixed counts and for choosing ``auto``'s count alike.
     """
+    chosen = variant_named(variant)
     if init.model_config is not None:
         model = _network(init.model_config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if {n: tuple(p.shape) for n, p in init.params.items()} != expected:
         raise ValueError(f"{init.label}: its parameters are not those of the network it is scored with "
                          f"({type(model).__name__}); give the Initialisation its model_config.")
+    check_applies(chosen, model)
     splits = {} if splits is None else splits
     classes = foreground_classes(site.label_names, num_classes, site.labelled_classes)
     fixed = [s for s in steps if s != AUTO]
@@ -215,12 +238,13 @@ def score_site(
         if AUTO in steps:  # chosen from the support slices alone, before any evaluation patient is looked at
             choice = choose_steps(model, init.params, support_x, support_y, inner_lr=init.inner_lr,
                                   loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
-                                  inner_params=inner_params, candidates=candidate_steps(auto_max_steps))
+                                  inner_params=inner_params, candidates=candidate_steps(auto_max_steps),
+                                  variant=chosen)
         curve = adaptation_curve(
             model, init.params, support_x, support_y, patients,
             steps=sorted(set(fixed) | ({choice.steps} if choice else set())), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
-            inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged,
+            inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged, variant=chosen,
         )
         eval_slices = sum(len(x) for _, x, _ in patients)
         out[k] = {s: {**curve[s], "eval_slices": eval_slices} for s in fixed}
@@ -236,5 +260,6 @@ def _network(config: ModelConfig) -> torch.nn.Module:
     return build_model(config)
 
 
-__all__ = ["AdaptationDiverged", "Initialisation", "adaptation_curve", "check_adapted", "load_initialisation", "predict", "random_initialisation",
+__all__ = ["AdaptationDiverged", "Initialisation", "adaptation_curve", "check_adapted", "load_initialisation", "predict",
+           "predict_with", "random_initialisation",
            "score_site", "site_patients"]

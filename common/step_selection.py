@@ -139,11 +139,14 @@ def choose_steps(
     inner_params: Sequence[str] | None = None,
     candidates: Sequence[int] = CANDIDATE_STEPS,
     max_folds: int = MAX_FOLDS,
+    variant=None,
 ) -> StepChoice:
     """The number of adaptation steps for this support set (module docstring): ``support_y`` an integer label
     map ``[k, H, W]``; the other arguments as :func:`fedmeta.common.adaptation.adaptation_curve` takes them.
 
     A fold whose adapted weights stop being finite scores 0 from that step on (that count diverged there).
+    ``variant``: a :class:`fedmeta.common.adaptation_variants.Variant` whose trajectory and prediction each fold
+    uses, so the count is chosen for the adaptation that will run (None: plain fine-tuning).
     """
     candidates = tuple(sorted(set(int(s) for s in candidates)))
     if not candidates or candidates[0] < 0:
@@ -155,17 +158,21 @@ def choose_steps(
     per_fold: list[dict[int, float]] = []
     for adapt_x, adapt_y, check_x, check_y in folds:
         scores: dict[int, float] = {}
-        trajectory = adaptation_trajectory(model, params, adapt_x, one_hot(adapt_y, num_classes, dtype),
-                                           inner_steps=candidates[-1], inner_lr=inner_lr, loss_fn=loss_fn,
-                                           inner_params=inner_params)
+        adapt_along = adaptation_trajectory if variant is None else variant.trajectory
+        trajectory = adapt_along(model, params, adapt_x, one_hot(adapt_y, num_classes, dtype),
+                                 inner_steps=candidates[-1], inner_lr=inner_lr, loss_fn=loss_fn,
+                                 inner_params=inner_params)
+        prepared = None
         for done, adapted in enumerate(trajectory):
+            prepared = adapted if prepared is None else prepared
             if done not in candidates:
                 continue
             if not all(bool(torch.isfinite(t).all()) for t in adapted.values()):
                 scores.update({s: 0.0 for s in candidates if s >= done})
                 break
             with torch.no_grad():
-                logits = torch.func.functional_call(model, adapted, (check_x,))
+                logits = torch.func.functional_call(model, adapted, (check_x,)) if variant is None \
+                    else variant.logits(model, prepared, adapted, check_x)
             scores[done] = pooled_dice(logits.argmax(dim=1), check_y, classes)
         per_fold.append(scores)
     mean = {s: sum(f[s] for f in per_fold) / len(per_fold) for s in candidates}
