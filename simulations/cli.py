@@ -70,6 +70,8 @@ COMMANDS: dict[str, Command] = {
     "benchmark": Command("fedmeta.simulations.experiments.benchmark:register",
                          "the new-hospital benchmark: every method, equal budget, k-shot adaptation on held-out "
                          "sites"),
+    "variants": Command("fedmeta.simulations.experiments.variants:register",
+                        "score every test-time adaptation variant of trained checkpoints on validation sites"),
     "audit-privacy": Command("fedmeta.simulations.experiments.audit_privacy:register",
                              "gradient-inversion attack on a site's reply, with and without DP and secure "
                              "aggregation"),

@@ -227,3 +227,29 @@ def test_score_site_adapts_and_chooses_steps_with_the_variant(smoke_federation):
     assert head[2][AUTO]["step_choice"] != fine[2][AUTO]["step_choice"]  # chosen along the head-only trajectory
     with pytest.raises(ValueError, match="'frozen-prototypes' does not apply to UNet"):
         score_site(build_model(small), init, site, **settings, variant="frozen-prototypes")
+
+
+def test_the_variants_command_writes_strict_json_and_a_table(smoke_federation, trained_checkpoint, tmp_path):
+    from fedmeta.simulations.cli import main
+
+    out = tmp_path / "variants"
+    code = main(["variants", "--checkpoint", f"fomaml={trained_checkpoint}", "--sites", str(smoke_federation / "site-01"),
+                 "--variants", "fine-tune,head-only,frozen-prototypes", "--shots", "1", "--steps", "0,1,auto",
+                 "--seeds", "0,1", "--max-images", "8", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "variants.json").read_text())  # strict JSON: json would read NaN, the writer refuses it
+    assert result["not_applicable"]["fomaml"] == {"frozen-prototypes": VARIANTS["frozen-prototypes"].why_not("fomaml")}
+    cells = result["scores"]["fomaml"]["head-only"]["1"]
+    assert set(cells) == {"0", "1", "auto"}
+    assert len(cells["auto"]["per_seed"]) == 2 and cells["auto"]["min"] <= cells["auto"]["mean"] <= cells["auto"]["max"]
+    assert cells["0"]["delta_vs_fine_tune"]["per_seed"] == [0.0, 0.0]  # 0 steps: θ either way
+    table = (out / "variants.md").read_text()
+    assert "| fomaml | head-only |" in table and "frozen-prototypes: it freezes a prototype classifier" in table
+    assert main(["variants", "--checkpoint", "fomaml", "--sites", "x", "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_the_command_spells_auto_and_the_default_as_the_library_does():
+    from fedmeta.common.adaptation_variants import DEFAULT
+    from fedmeta.simulations.experiments import variants
+
+    assert (variants.AUTO, variants.DEFAULT) == (AUTO, DEFAULT)
