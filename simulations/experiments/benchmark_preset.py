@@ -57,6 +57,7 @@ METHODS = (
            "MAML on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
     Method("pooled-metasgd", "pooled-metasgd", True,
            "Meta-SGD on all training sites' pooled patients, no federation (centralised bound), fine-tuned"),
+    Method(INTENSITY, INTENSITY, False, "per-site intensity thresholds fitted on the k support slices"),
     Method("oracle", ORACLE, False,
            "per new site, a UNet fully supervised on the site's own support patients (early-stopped on a quarter "
            "of them): the ceiling"),

@@ -21,7 +21,9 @@ from tests.conftest import TINY_BENCHMARK
 
 def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_federation, tiny_preset, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["benchmark", "--preset", str(tiny_preset), "--out", str(out),
+    with_auto = tmp_path / "tiny-auto.toml"  # the fixed counts and auto, the main column
+    with_auto.write_text(tiny_preset.read_text().replace("steps = [0, 2]", 'steps = [0, 2, "auto"]'))
+    code = main(["benchmark", "--preset", str(with_auto), "--out", str(out),
                  "--federation-dir", str(smoke_federation)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -33,14 +35,22 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     for name in names:
         for site in sites:
             for k in ("1", "2"):
-                for steps in ("0", "2"):
+                for steps in ("0", "2", "auto"):
                     cell = results["dice"][name]["0"][site][k][steps]
                     assert math.isfinite(cell["dice"]) and 0.0 <= cell["dice"] <= 1.0, (name, site, k, steps)
                     assert cell["patients"] >= 1 and cell["eval_slices"] >= 16  # whole patients, covering 16 slices
                     assert cell["worst_patient_dice"] <= cell["dice"]
         for k in ("1", "2"):
-            for steps in ("0", "2"):
+            for steps in ("0", "2", "auto"):
                 assert math.isfinite(results["summary"][name][k][steps]["mean"]), (name, k, steps)
+            # auto: every adapting row chose its steps (0 to the grid's largest, 2) from its support slices alone
+            auto = results["dice"][name]["0"][sites[0]][k]["auto"]
+            if results["methods"][name]["adapts"]:
+                assert auto["chosen_steps"] in (0, 1, 2) and auto["step_choice"]["chosen_steps"] == auto["chosen_steps"]
+                if auto["chosen_steps"] != 1:  # 1 step is a candidate the grid does not report
+                    assert auto["dice"] == results["dice"][name]["0"][sites[0]][k][str(auto["chosen_steps"])]["dice"]
+            else:  # FedAvg as is, the oracle, the intensity baseline: the same summary in every column
+                assert auto == results["dice"][name]["0"][sites[0]][k]["0"]
     # FedAvg as is: the same number at every step count, equal to FedAvg + fine-tune before it adapts.
     for site in sites:
         fedavg, fine_tuned = results["dice"]["fedavg"]["0"][site]["2"], results["dice"]["fedavg-ft"]["0"][site]["2"]
@@ -53,8 +63,17 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "| fedavg-ft |" in table and "| pooled-fomaml |" in table and "local steps per site-round" in table
-    for row in ("oracle", "pooled-maml", "pooled-metasgd"):  # the ceiling and the second-order bounds
+    for row in ("oracle", "pooled-maml", "pooled-metasgd", "intensity"):  # the ceiling, the bounds, the baseline
         assert f"| {row} |" in table and row in results["dice"]
+    assert "| method | auto | 0 steps | 2 steps | worst site (auto) | of oracle (auto) |" in table
+    assert results["step_columns"] == ["0", "2", "auto"] and "0.0 MB" not in table
+    # The intensity baseline varies with k, not with steps; the oracle's training is recorded per seed and site
+    # (a smoke site has one support patient: nothing to validate on, trained to the cap).
+    assert results["dice"]["intensity"]["0"][sites[0]]["1"]["2"]["k"] == 1
+    assert {r["stopped"] for r in results["oracle"]["0"].values()} == {"one support patient"}
+    assert sorted(results["oracle"]["0"]) == sites and results["oracle"]["0"][sites[0]]["steps"] == 5
+    assert "one support patient, nothing to validate on, trained to the cap" in table
+    assert all(f"above the oracle: {flag['method']}" in printed for flag in results["above_oracle"])
     # Time to accuracy: each federated method's learning curve on the new sites (rounds 0 and 1), the
     # bytes exchanged so far, and the first round that reaches FedAvg + fine-tune's final Dice.
     curve = results["runs"]["fomaml"]["0"]["curve"]
@@ -70,7 +89,7 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     assert "[seed 0] pooled-fomaml" in printed
 
     # A second run reuses a finished training run of the same config and gives the same numbers.
-    assert main(["benchmark", "--preset", str(tiny_preset), "--out", str(out), "--methods", "fomaml",
+    assert main(["benchmark", "--preset", str(with_auto), "--out", str(out), "--methods", "fomaml",
                  "--federation-dir", str(smoke_federation)]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["runs"]["fomaml"]["0"]["reused"]
@@ -157,17 +176,26 @@ def test_unknown_preset_lists_the_shipped_ones(capsys):
 
 
 @pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune", "benchmark-converged",
-                                    "benchmark-protocols"])
+                                    "benchmark-protocols", "benchmark-curves", "benchmark-anatomy-curves",
+                                    "benchmark-anatomy"])
 def test_shipped_presets_are_valid_and_budget_matched(preset):
     spec = load_benchmark_preset(preset)
     configs = method_configs(spec, spec["methods"])
-    if preset == "benchmark-tune":  # tuning never looks at the held-out sites
+    if preset in ("benchmark-tune", "benchmark-curves", "benchmark-anatomy-curves"):  # never the held-out sites
         assert spec["validation-sites"] > 0
-    elif preset in ("benchmark-converged", "benchmark-protocols"):  # the claim's rows, the baseline and the ceiling
+    elif preset in ("benchmark-converged", "benchmark-protocols", "benchmark-anatomy"):  # the claim's rows, the ceiling
         assert {"fedavg-ft", "maml", "metasgd", "oracle"} <= set(spec["methods"]) and spec["validation-sites"] == 0
-        assert spec["seeds"] >= 3 and spec["jobs"] == 2
+        assert spec["seeds"] >= 3 and spec["jobs"] == 2 and spec["auto-steps"]  # auto, the headline
+        assert spec["oracle-steps"] >= 2000  # a cap, not a fixed budget: the oracle stops early
     else:
         assert set(spec["methods"]) == {m.name for m in METHODS} and spec["validation-sites"] == 0
+    if preset == "benchmark-anatomy":
+        assert {"intensity", "prototypes", "scratch", "fedavg"} <= set(spec["methods"]) and spec["seeds"] == 5
+        assert spec["shots"] == [1, 5, 10] and spec["steps"] == [0, 1, 5, 10, 20]
+    if preset == "benchmark-converged":  # the numbers docs/results-benchmark.md gives: the tissue generation
+        from fedmeta.common.synth_plan import PRESETS
+
+        assert spec["federation"] == "tissue" and PRESETS["tissue"].generation == "tissue"
     assert check_equal_budget({k: budget(c, 8) for k, c in configs.items()}, preset) > 0
     assert len({unet_of(c.model_config()) for c in configs.values()}) == 1  # learners add their parts to it
 
