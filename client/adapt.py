@@ -3,7 +3,10 @@
 θ is adapted on k labelled slices of the site's support patients with the rule the checkpoint's algorithm
 implies (the run's inner step size, Meta-SGD's learned step sizes, ANIL's head only:
 ``fedmeta.common.adaptation.load_initialisation``), through the inner loop training uses
-(``fedmeta.common.meta.adaptation_trajectory``). The initialisation and the adapted model are scored on
+(``fedmeta.common.meta.adaptation_trajectory``). How many steps: ``auto`` (the default) chooses the count from
+the k support slices alone (``fedmeta.common.step_selection.choose_steps``: cross-validation over them, the
+one-standard-error rule, 0 steps a candidate), with the same inner rule, on the same device; then θ is adapted
+on all k slices for that count, exactly as a fixed ``--steps`` of that count would. The initialisation and the adapted model are scored on
 the site's other, held-out patients: Dice per patient over the whole scan **in the scan's own grid**,
 computed from the very masks ``fedmeta predict`` writes (:func:`fedmeta.client.predict.segment_loaded`),
 so what the model card reports is what the site will get. The site model and its card:
@@ -13,7 +16,9 @@ so what the model card reports is what the site will get. The site model and its
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +37,28 @@ from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_p
 from fedmeta.common.model import build_model, head_parameter_names
 from fedmeta.common.outputs import Outputs, file_sha256
 from fedmeta.common.read_limits import ReadLimits
+from fedmeta.common.step_selection import AUTO, candidate_steps, choose_steps
 from fedmeta.common.validate import check_case, discover_site
 
+DEFAULT_MAX_STEPS = 20  # the largest count --steps auto may choose (candidate_steps: 0, 1, 2, 3, 5, 7, 10, 15, 20)
+# A long phase (reading a site, adapting) says where it is at least this often: a hospital's log that stays
+# quiet for long reads as a hang (issue 27).
+PROGRESS_EVERY_S = 5.0
 
-def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int, seed: int = 0,
-               image_glob: str | None = None, label_glob: str | None = None, release: dict | None = None,
-               device: str = "auto", overwrite: bool = False, limits: ReadLimits = ReadLimits(),
-               progress=print) -> dict[str, Any]:
+
+def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int | str = AUTO,
+               max_steps: int | None = None, seed: int = 0, image_glob: str | None = None,
+               label_glob: str | None = None, release: dict | None = None, device: str = "auto",
+               overwrite: bool = False, limits: ReadLimits = ReadLimits(), progress=print) -> dict[str, Any]:
     """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out`` (an earlier site model
-    there only with ``overwrite``; never a file adapt did not write); returns its card. ``limits``: what the
-    site's files may hold (the command reads them from the environment)."""
+    there only with ``overwrite``; never a file adapt did not write); returns its card. ``steps``: a count, or
+    ``"auto"`` to choose it from the support slices among the candidates up to ``max_steps`` (default
+    :data:`DEFAULT_MAX_STEPS`). ``limits``: what the site's files may hold (the command reads them from the
+    environment)."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
-        raise ValueError(f"--steps {steps!r}: gradient steps, an integer from 0 (the initialisation as it is) to "
-                         f"{MAX_STEPS:,}; a few-shot adaptation takes 5-50.")
+    check_steps_option(steps, max_steps)
+    requested = steps
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder; pass the site folder (dataset.json, imagesTr/, labelsTr/).")
     Outputs(out, "adapt").check(SITE_MODEL_FILES, overwrite=overwrite)  # before minutes of adaptation, not after
@@ -55,7 +67,10 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     init, config = load_initialisation(checkpoint)
     data_config = config.data_config(image_glob=image_glob, label_glob=label_glob, limits=limits)
     raw = _RawStats()  # the data's fingerprint, gathered as the site is read (not by reading it again)
-    site = SiteDataset.load(data, data_config, on_case=raw.add)
+    progress(f"loading site {data}")
+    site = SiteDataset.load(data, data_config, on_case=reading_progress(progress, then=raw.add))
+    progress(f"loaded site {site.name}: {site.num_patients} usable patient(s)"
+             + (f", {len(site.skipped)} skipped" if site.skipped else ""))
     model = build_model(config.model_config()).to(dev)
     classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
 
@@ -68,25 +83,40 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         if len(picks) < shots:
             raise ValueError(f"site {site.name} has {len(picks)} labelled slices, fewer than --shots {shots}.")
         support_x, support_y = site.images[0][picks], site.labels[0][picks].long()
-    progress(f"adapting on {shots} labelled slice(s) of {len(support_patients)} support patient(s), {steps} step(s) "
-             f"({init.label}) on {dev}")
     params = {n: p.to(dev) for n, p in init.params.items()}
     inner_lr = ({n: a.to(dev) for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict) else init.inner_lr)
+    # One inner rule for choosing the count and for adapting: what adaptation_trajectory is given below.
+    rule = dict(inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
+                inner_params=head_parameter_names(model) if init.head_only else None)
+    choice = None
+    if steps == AUTO:  # from the support slices alone: no held-out patient is looked at before the model is fixed
+        candidates = candidate_steps(DEFAULT_MAX_STEPS if max_steps is None else max_steps)
+        progress(f"choosing steps from {list(candidates)} by cross-validation on the {shots} support slice(s) "
+                 f"({init.label}) on {dev}")
+        choice = choose_steps(model, params, support_x.to(dev), support_y.to(dev), num_classes=config.num_classes,
+                              classes=classes, candidates=candidates,
+                              **{**rule, "loss_fn": _saying_alive(rule["loss_fn"], paced(progress), "choosing steps")})
+        steps = choice.steps
+        progress(f"choosing steps: {choice.reason()}")
+    progress(f"adapting on {shots} labelled slice(s) of {len(support_patients)} support patient(s), {steps} step(s)"
+             f"{' (auto)' if choice else ''} ({init.label}) on {dev}")
     support = (support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32))
 
     # "Before" is the learner at 0 steps: θ itself, or θ as the other families prepare it for this support
     # set (a generated head, the support prototypes), which is all a 0-step site model holds.
     prepared = adapted = None
-    for done, adapted in enumerate(adaptation_trajectory(
-            model, params, *support, inner_steps=steps, inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
-            inner_params=head_parameter_names(model) if init.head_only else None)):
+    say = paced(progress)
+    for done, adapted in enumerate(adaptation_trajectory(model, params, *support, inner_steps=steps, **rule)):
         try:  # a broken model is neither scored (a Dice of 0) nor saved for predict
             check_adapted(adapted, step=done, inner_steps=steps)
         except AdaptationDiverged as err:
-            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps)}). Fix: adapt with "
-                             f"{f'--steps {done - 1} or fewer' if done > 1 else '--steps 0'}, or more --shots; if it "
-                             "diverges at every step count, report it to the consortium.") from None
+            chosen = f"; --steps auto chose {steps}" if choice else ""
+            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps)}{chosen}). Fix: "
+                             f"adapt with {f'--steps {done - 1} or fewer' if done > 1 else '--steps 0'}, or more "
+                             "--shots; if it diverges at every step count, report it to the consortium.") from None
         prepared = adapted if prepared is None else prepared
+        if done:
+            say(f"  adapting: step {done}/{steps}")
     prepared, adapted = ({n: p.detach().cpu() for n, p in d.items()} for d in (prepared, adapted))
     adapt_seconds = time.perf_counter() - began
 
@@ -114,8 +144,9 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
             "signing_key_sha256": (release or {}).get("signing_key_sha256"),
         },
         "adaptation": {
-            "shots": shots, "steps": steps, "seed": seed,
+            "shots": shots, "steps": steps, "steps_requested": requested, "seed": seed,
             "rule": _rule(config.algorithm, init, steps),
+            "step_choice": choice.record() if choice else None,
             "support_patients": len(support_patients),
             "seconds": round(adapt_seconds, 3),
         },
@@ -127,8 +158,84 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
                   "spacing_mm": list(data_config.spacing), "num_classes": config.num_classes,
                   "label_names": {str(k): v for k, v in (site.label_names or {}).items()}},
     }
+    progress(f"writing the site model to {out}")
     save_site_model(out, adapted, config.to_run_config(), card, overwrite=overwrite)
     return card
+
+
+def check_steps_option(steps: int | str, max_steps: int | None) -> None:
+    """``--steps`` (a count from 0 to MAX_STEPS, or ``auto``) and ``--max-steps`` (auto's largest candidate), or a
+    ValueError that names the value and what to give instead."""
+    if steps == AUTO:
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or not 0 <= max_steps <= MAX_STEPS):
+            raise ValueError(f"--max-steps {max_steps!r}: the most steps --steps auto may choose, an integer from 0 to "
+                             f"{MAX_STEPS:,}; the default, {DEFAULT_MAX_STEPS}, suits a few-shot adaptation.")
+        return
+    if isinstance(steps, str):
+        raise ValueError(f"--steps {steps!r}: give auto (the default: the count is chosen from the support slices) or "
+                         f"a number of gradient steps from 0 to {MAX_STEPS:,}, e.g. --steps 10.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps {steps!r}: gradient steps, an integer from 0 (the initialisation as it is) to "
+                         f"{MAX_STEPS:,}; a few-shot adaptation takes 5-50.")
+    if max_steps is not None:
+        raise ValueError(f"--max-steps {max_steps}: bounds the count --steps auto chooses; with --steps {steps} the "
+                         "count is given. Drop --max-steps, or pass --steps auto.")
+
+
+def steps_summary(adaptation: dict[str, Any]) -> str:
+    """"3 step(s) (auto: 3 of [0..20], one-standard-error over 5 folds of the support slices)" from a card's
+    ``adaptation`` section; a fixed count reads "10 step(s)"."""
+    said = f"{adaptation['steps']} step(s)"
+    choice = adaptation.get("step_choice")
+    if not choice:
+        return said
+    candidates = choice["candidates"]
+    over = ("the two halves of the support slice" if choice["split"] == "half-slice"
+            else f"{choice['folds']} folds of the support slices")
+    return (f"{said} (auto: {choice['chosen_steps']} of [{candidates[0]}..{candidates[-1]}], {choice['rule']} over "
+            f"{over})")
+
+
+def paced(progress: Callable[[str], None], every_s: float = PROGRESS_EVERY_S) -> Callable[[str], None]:
+    """``progress`` at most once per ``every_s`` seconds (the first line always): a long loop shows it is alive
+    without a line per item."""
+    last = -math.inf
+
+    def say(line: str) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            progress(line)
+
+    return say
+
+
+def _saying_alive(loss_fn, say: Callable[[str], None], phase: str):
+    """``loss_fn`` that also tells ``say`` (paced) how long ``phase`` has run: the inner loop evaluates it every
+    step, so a long cross-validation is never silent. Until choose_steps reports its folds itself."""
+    began = time.monotonic()
+
+    def loss(*args, **kwargs):
+        say(f"  {phase}: {time.monotonic() - began:.0f} s of cross-validation on the support slices so far")
+        return loss_fn(*args, **kwargs)
+
+    return loss
+
+
+def reading_progress(progress: Callable[[str], None], then: Callable[[Any], None] | None = None):
+    """An ``on_case`` for :meth:`SiteDataset.load` that says, paced, how many cases it has read (and passes each
+    case on to ``then``)."""
+    say, read = paced(progress), 0
+
+    def on_case(loaded) -> None:
+        nonlocal read
+        read += 1
+        if then is not None:
+            then(loaded)
+        say(f"  loading site: {read} case(s) read")
+
+    return on_case
 
 
 def _score_native(model, params, *, config, cases, classes, device, progress, limits, what: str) -> dict[str, Any]:
@@ -187,4 +294,4 @@ def _rule(algorithm: str, init, steps: int) -> str:
     return ALGORITHMS[algorithm].describe_adaptation(step, steps)
 
 
-__all__ = ["adapt_site"]
+__all__ = ["DEFAULT_MAX_STEPS", "adapt_site", "check_steps_option", "paced", "reading_progress", "steps_summary"]

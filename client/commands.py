@@ -33,6 +33,7 @@ METRIC = ("Dice per evaluation patient over the whole volume, per foreground cla
           "undeclared class is background), mean over classes then patients; a class absent from truth and "
           "prediction scores 1")
 DEFAULT_STEPS = (0, 1, 5, 10, 20)
+AUTO = "auto"  # fedmeta.common.step_selection.AUTO, here without its torch import (`fedmeta --help`)
 # --lr-scale multiplies the step size the consortium trained with; beyond this, adaptation diverges for any
 # network (and a smaller scale that still diverges is refused by name, step and all).
 MAX_LR_SCALE = 1000.0
@@ -67,7 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="labelled support slices k, comma-separated (default: 1,5,10)")
     parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
                         help="adaptation step counts, comma-separated (default: 0,1,5,10,20; each at most 10,000, "
-                             "fedmeta's cap on every step count)")
+                             "fedmeta's cap on every step count); 'auto' among them also scores the count chosen "
+                             "from the k support slices alone, as fedmeta adapt chooses it, e.g. 0,5,10,auto")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="with auto in --steps: the largest count it may choose (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support/evaluation patient split (default 0)")
     parser.add_argument("--max-images", type=int, default=0,
                         help="bound the evaluation slices per site, in whole patients taken in a seeded order "
@@ -135,13 +139,19 @@ def evaluate(args: argparse.Namespace) -> int:
         shots = parse_counts(args.shots, "--shots", minimum=1)
         from fedmeta.common.config import MAX_STEPS  # torch, MONAI: +2 s on this module's import (--help)
 
-        steps = parse_counts(args.steps, "--steps", minimum=0, maximum=MAX_STEPS)
+        steps = parse_steps(args.steps, maximum=MAX_STEPS)
+        if args.max_steps is not None and not 0 <= args.max_steps <= MAX_STEPS:
+            raise ValueError(f"--max-steps {args.max_steps}: the most steps auto may choose, an integer from 0 to "
+                             f"{MAX_STEPS:,}; the default, 20, suits a few-shot adaptation.")
+        if args.max_steps is not None and AUTO not in steps:
+            raise ValueError(f"--max-steps {args.max_steps}: bounds the count auto chooses, and --steps {args.steps!r} "
+                             "holds no auto. Drop --max-steps, or add auto to --steps (e.g. 0,5,10,auto).")
         args.public_key = default_public_key(args.public_key)
         release = verified_release(args)
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
             image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
-            limits=ReadLimits.from_environment(),
+            limits=ReadLimits.from_environment(), auto_max_steps=args.max_steps,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
@@ -212,19 +222,40 @@ def verified_release(args: argparse.Namespace) -> dict | None:
     return {"verified": True, **release} if release else None
 
 
-def parse_counts(text: str, option: str, *, minimum: int, maximum: int | None = None) -> list[int]:
-    """'1,5,10' -> [1, 5, 10], refusing anything else (or a count above ``maximum``) with the option named."""
+def parse_counts(text: str, option: str, *, minimum: int, maximum: int | None = None,
+                 name_value: bool = True) -> list[int]:
+    """'1,5,10' -> [1, 5, 10], refusing anything else (or a count above ``maximum``) with the option named (and the
+    value, unless ``option`` already names it: ``name_value=False``)."""
+    said = f"{option} {text!r}" if name_value else option
     try:
         values = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         values = []
     if not values or any(v < minimum for v in values):
-        raise ValueError(f"{option} {text!r}: expected comma-separated integers >= {minimum}, e.g. "
+        raise ValueError(f"{said}: expected comma-separated integers >= {minimum}, e.g. "
                          f"{'1,5,10' if minimum else '0,5,10'}.")
     if maximum is not None and max(values) > maximum:
-        raise ValueError(f"{option} {text!r}: {max(values):,} is more than the {maximum:,} fedmeta allows (few-shot "
+        raise ValueError(f"{said}: {max(values):,} is more than the {maximum:,} fedmeta allows (few-shot "
                          "adaptation takes 5-50 steps; this many would run for days). Give smaller counts, e.g. 0,5,10.")
     return sorted(set(values))
+
+
+def parse_steps(text: str, *, maximum: int) -> list[int | str]:
+    """'0,5,10,auto' -> [0, 5, 10, 'auto']: step counts as :func:`parse_counts` reads them, and ``auto`` (the count
+    chosen from the support slices, ``fedmeta.common.step_selection``) last."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    auto = [AUTO] if any(part.lower() == AUTO for part in parts) else []
+    counts = [part for part in parts if part.lower() != AUTO]
+    if auto and not counts:
+        return auto
+    try:
+        values = [int(part) for part in counts]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise ValueError(f"--steps {text!r}: expected comma-separated integers >= 0, and/or auto (the count chosen "
+                         "from the support slices), e.g. 0,5,10,auto.")
+    return parse_counts(",".join(counts), f"--steps {text!r}", minimum=0, maximum=maximum, name_value=False) + auto
 
 
 def evaluate_checkpoint(
@@ -232,19 +263,24 @@ def evaluate_checkpoint(
     data: Sequence[Path | str],
     *,
     shots: Sequence[int] = DEFAULT_SHOTS,
-    steps: Sequence[int] = DEFAULT_STEPS,
+    steps: Sequence[int | str] = DEFAULT_STEPS,
     seed: int = 0,
     max_images: int | None = None,
     image_glob: str | None = None,
     label_glob: str | None = None,
     lr_scale: float = 1.0,
     limits: ReadLimits = ReadLimits(),
+    auto_max_steps: int | None = None,
+    progress=print,
 ) -> dict[str, Any]:
-    """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class)."""
+    """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class). ``steps`` may
+    hold ``"auto"``: the count chosen from the k support slices alone (candidates up to ``auto_max_steps``,
+    default 20), reported with ``chosen_steps`` and its ``step_choice`` record beside the Dice."""
     # torch and MONAI: +2 s on this module's import, which every client command's --help pays (python -X importtime).
     from fedmeta.common.adaptation import load_initialisation
     from fedmeta.common.data import SiteDataset  # torch: as above
     from fedmeta.common.model import build_model  # torch, MONAI: as above
+    from fedmeta.client.adapt import reading_progress  # torch: as above
 
     if not (math.isfinite(lr_scale) and 0 < lr_scale <= MAX_LR_SCALE):
         raise ValueError(f"--lr-scale {lr_scale}: must be a positive number at most {MAX_LR_SCALE:g}, e.g. 0.5 or 2 (a "
@@ -267,14 +303,17 @@ def evaluate_checkpoint(
             raise FileNotFoundError(f"--data {root}: not a folder; pass a site folder (dataset.json, imagesTr/, labelsTr/).")
         if (root / "manifest.json").is_file() and not (root / "dataset.json").is_file():
             raise ValueError(f"--data {root} is a whole federation; pass one of its site folders, e.g. {root}/<site>.")
-        site = SiteDataset.load(root, data_config)
+        progress(f"loading site {root}")
+        site = SiteDataset.load(root, data_config, on_case=reading_progress(progress))
+        progress(f"loaded site {site.name}: {site.num_patients} usable patient(s)")
         sites[site.name] = {
             "path": str(root),
             "patients": site.num_patients,
             "skipped_cases": len(site.skipped),
             "dice": _str_keys(_scored(model, init, site, checkpoint, lr_scale, shots=shots, steps=steps, seed=seed,
                                       num_classes=config.num_classes, max_images=max_images,
-                                      batch_size=config.eval_batch_size)),
+                                      batch_size=config.eval_batch_size, auto_max_steps=auto_max_steps,
+                                      progress=progress)),
         }
     return {
         "checkpoint": str(checkpoint),
@@ -291,13 +330,22 @@ def evaluate_checkpoint(
     }
 
 
-def _scored(model, init, site, checkpoint, lr_scale: float, **options) -> dict:
-    """``score_site`` for ``fedmeta evaluate``: a diverged adaptation is refused naming the checkpoint, the site, the
-    step, and what to try, rather than reported as a Dice of 0."""
+def _scored(model, init, site, checkpoint, lr_scale: float, *, shots, steps, progress, **options) -> dict:
+    """``score_site`` for ``fedmeta evaluate``, one k at a time (a progress line each): a diverged adaptation is
+    refused naming the checkpoint, the site, the step, and what to try, rather than reported as a Dice of 0."""
     from fedmeta.common.adaptation import AdaptationDiverged, score_site  # torch, MONAI: see evaluate_checkpoint
 
+    scored, splits = {}, {}
     try:
-        return score_site(model, init, site, refuse_diverged=True, **options)
+        for k in shots:
+            progress(f"site {site.name}, k={k}: "
+                     + ("choosing steps from the support slices, then " if AUTO in steps else "")
+                     + f"adapting {', '.join(map(str, steps))} step(s) and scoring the evaluation patients")
+            scored.update(score_site(model, init, site, shots=[k], steps=steps, splits=splits, refuse_diverged=True,
+                                     **options))
+            if AUTO in steps:
+                progress(f"site {site.name}, k={k}: auto chose {scored[k][AUTO]['chosen_steps']} step(s)")
+        return scored
     except AdaptationDiverged as err:
         smaller = f"e.g. --lr-scale {lr_scale / 10:g}" if lr_scale > 1 else "e.g. --lr-scale 0.1"
         raise ValueError(f"{checkpoint} on site {site.name} ({site.root}): {err} (step size x{lr_scale:g}). Fix: pass a "
@@ -310,11 +358,12 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['initialisation']}: Dice per patient (whole volume, the site's own labels), mean over "
              f"each site's evaluation patients, worst patient in brackets, after adapting on k labelled slices "
              f"(seed {results['seed']})", ""]
-    header = ["site", "k"] + [f"{s} steps" for s in steps]
+    header = ["site", "k"] + [f"{s} steps" if s != AUTO else "auto: chosen steps, Dice" for s in steps]
     rows = [header]
     for name, site in results["sites"].items():
         for k, curve in site["dice"].items():
-            rows.append([name, str(k)] + [f"{_fmt(curve[str(s)]['dice'])} ({_fmt(curve[str(s)]['worst_patient_dice'])})"
+            rows.append([name, str(k)] + [(f"{curve[AUTO]['chosen_steps']}: " if s == AUTO else "")
+                                          + f"{_fmt(curve[str(s)]['dice'])} ({_fmt(curve[str(s)]['worst_patient_dice'])})"
                                           for s in steps])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, row in enumerate(rows):
@@ -333,5 +382,5 @@ def _str_keys(nested: dict) -> dict:
     return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in nested.items()}
 
 
-__all__ = ["default_public_key", "evaluate_checkpoint", "format_table", "output_problem", "parse_counts", "register",
-           "verified_release"]
+__all__ = ["default_public_key", "evaluate_checkpoint", "format_table", "output_problem", "parse_counts", "parse_steps",
+           "register", "verified_release"]

@@ -4,7 +4,8 @@ Model Reporting").
 A site model is a folder::
 
     MODEL/model.pt          θ adapted (weights only) and the run config that describes the network
-    MODEL/model-card.json   what it is: init digest and round, release id, shots, steps, the data's
+    MODEL/model-card.json   what it is: init digest and round, release id, shots, steps (and, with --steps
+                            auto, the count asked for and how it was chosen: ``step_choice``), the data's
                             fingerprint (counts, spacing, intensity statistics: no file name, no patient id),
                             Dice before and after adaptation on the held-out patients
     MODEL/model-card.md     the same, for people
@@ -130,7 +131,10 @@ def card_markdown(card: dict) -> str:
         "## Adaptation", "",
         f"- {adaptation['shots']} labelled slice(s) from {adaptation['support_patients']} patient(s), "
         f"{adaptation['steps']} step(s), seed {adaptation['seed']}",
-        f"- rule: {adaptation['rule']}", f"- {adaptation['seconds']:.1f} s", "",
+        f"- rule: {adaptation['rule']}",
+        *([f"- steps chosen (--steps auto): {adaptation['step_choice']['reason']}"]
+          if adaptation.get("step_choice") else []),  # a card written before steps auto has no step_choice
+        f"- {adaptation['seconds']:.1f} s", "",
         "## Data (no file names, no patient identifiers)", "",
         f"- {data['patients']} usable patient(s) ({data['skipped_cases']} skipped), {data['slices']} axial slices, "
         f"{data['labelled_slices']} with a structure",

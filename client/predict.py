@@ -114,6 +114,7 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
     journal.claim([*(n for names in planned.values() for n in names), "predictions.json"], overwrite=True,
                   recognised=previous_outputs(out) | {"predictions.json"} if summary_here(out) else ())
     model = build_model(config.model_config()).to(dev)
+    progress(f"segmenting {len(scans)} scan(s) with {model_path} on {dev}")
     # What the folder holds of predict's own (the journal also lists names claimed but never written).
     written, refused, notes, outputs = [], {}, {}, sorted(n for n in previous_outputs(out) if (out / n).is_file())
     try:
@@ -121,7 +122,8 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
             began = time.perf_counter()
             try:
                 entry = _predict_one(scan, out, model, params, config, label_names, dev, probabilities=probabilities,
-                                     overlays=overlays, dicom_seg=dicom_seg, limits=limits)
+                                     overlays=overlays, dicom_seg=dicom_seg, limits=limits,
+                                     progress=lambda what: progress(f"[{i}/{len(scans)}] {scan.name}: {what}"))
             except _Refused as err:
                 refused[scan.name] = str(err)
             except MemoryError:
@@ -145,16 +147,21 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
 
 
 def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict, dev, *, probabilities: bool,
-                 overlays: bool, dicom_seg: bool, limits: ReadLimits) -> dict[str, Any]:
-    """One scan: checked, segmented, its outputs written (each atomically); raises _Refused with the reason."""
+                 overlays: bool, dicom_seg: bool, limits: ReadLimits, progress=print) -> dict[str, Any]:
+    """One scan: checked, segmented, its outputs written (each atomically); raises _Refused with the reason.
+    ``progress`` hears each phase (reading, segmenting, writing): a large scan takes a while in each."""
     name = case_name(scan)
+    progress("reading")
     problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES, limits=limits)  # a uniform scan is refused here
     if problems:
         raise _Refused(problems[0])
     problem = resampling_problem(scan, *ras_grid(data.shape, image.affine), config.data_config(limits=limits))
     if problem:
         raise _Refused(problem)
+    progress(f"segmenting {'x'.join(map(str, data.shape))} voxels")
     result = segment_loaded(model, params, config, data, image.affine, dev, probabilities, limits)
+    progress("writing " + ", ".join(["mask"] + ["probabilities"] * probabilities + ["overlay"] * overlays
+                                    + ["DICOM SEG"] * (dicom_seg and scan.is_dir())))
     files: list[str] = []
     try:  # a scan's outputs are all written or none stays: a refused scan leaves nothing unlisted behind
         header = mask_header(image, np.uint8, config.num_classes)

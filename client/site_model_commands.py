@@ -29,9 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt_parser.add_argument("--checkpoint", type=Path, required=True, help="the consortium's release (checkpoint.pt)")
     adapt_parser.add_argument("--data", type=Path, required=True, help="this site's labelled folder (dataset.json, ...)")
     adapt_parser.add_argument("--shots", type=int, default=5, help="labelled slices to adapt on (default 5)")
-    adapt_parser.add_argument("--steps", type=int, default=10,
-                              help="gradient steps (default 10; 0 writes the initialisation unadapted, to compare; "
-                                   "at most 10,000, fedmeta's cap on every step count)")
+    adapt_parser.add_argument("--steps", default="auto",
+                              help="gradient steps: auto (the default) chooses the count from the k support slices "
+                                   "alone, by cross-validation over them with the one-standard-error rule (0 steps, "
+                                   "the initialisation as it is, among the candidates), then adapts on all k; or a "
+                                   "count, e.g. 10 (0 writes the initialisation unadapted, to compare; at most "
+                                   "10,000, fedmeta's cap on every step count)")
+    adapt_parser.add_argument("--max-steps", type=int, default=None,
+                              help="with --steps auto: the largest count it may choose (default 20; the candidates "
+                                   "are 0, 1, 2, 3, 5, 7, 10, 15, 20 up to it, and it)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
     adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
     adapt_parser.add_argument("--overwrite", action="store_true",
@@ -78,7 +84,7 @@ def _release_options(parser: argparse.ArgumentParser, what: str = "the checkpoin
 
 def adapt_command(args: argparse.Namespace) -> int:
     # torch, MONAI, nibabel (~2 s): inside the handlers, see the note at the top of this module.
-    from fedmeta.client.adapt import adapt_site
+    from fedmeta.client.adapt import adapt_site, check_steps_option, steps_summary
     from fedmeta.client.model_card import CARD_JSON, CARD_MD, MODEL_FILE, SITE_MODEL_FILES  # as adapt above
     from fedmeta.common.outputs import Outputs  # +8 ms on this module's import: `fedmeta predict --help`
 
@@ -89,23 +95,32 @@ def adapt_command(args: argparse.Namespace) -> int:
         if problem:
             raise ValueError(problem)
         Outputs(args.out, "adapt").check(SITE_MODEL_FILES, overwrite=args.overwrite)
+        steps = steps_option(args.steps)
+        check_steps_option(steps, args.max_steps)  # before the release is read, not after
         args.public_key = default_public_key(args.public_key)
         release = verified_release(args)
-        card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=args.steps, seed=args.seed,
-                          image_glob=args.image_glob, label_glob=args.label_glob, release=release, device=args.device,
-                          overwrite=args.overwrite, limits=ReadLimits.from_environment())
+        card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=steps,
+                          max_steps=args.max_steps, seed=args.seed, image_glob=args.image_glob,
+                          label_glob=args.label_glob, release=release, device=args.device, overwrite=args.overwrite,
+                          limits=ReadLimits.from_environment())
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta adapt: error: {err}", file=sys.stderr)
         return 1
-    dice = card["dice"]
+    dice, steps = card["dice"], steps_summary(card["adaptation"])
     if dice.get("held_out_patients"):
         print(f"Dice on {dice['held_out_patients']} held-out patient(s), whole scans in their own grid: "
-              f"{dice['before']['dice']:.3f} before, {dice['after']['dice']:.3f} after {args.steps} step(s) "
+              f"{dice['before']['dice']:.3f} before, {dice['after']['dice']:.3f} after {steps} "
               f"(worst patient {dice['after']['worst_patient_dice']:.3f})")
     else:
-        print(dice["note"])
+        print(f"{dice['note']}; adapted with {steps}")
     print(f"written: {args.out / MODEL_FILE}, {args.out / CARD_JSON}, {args.out / CARD_MD}")
     return 0
+
+
+def steps_option(text: str) -> int | str:
+    """``--steps`` as given: ``auto``, or the count it names (checked, with the value named, by adapt_site)."""
+    text = str(text).strip()
+    return int(text) if text.lstrip("+-").isdigit() else ("auto" if text.lower() == "auto" else text)
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -158,3 +158,39 @@ def test_lr_scale_scales_the_adaptation_step_for_plain_and_learned_rates(trained
         before, after = (r["sites"][info.name]["dice"]["2"] for r in (plain, scaled))
         assert before["0"]["dice"] == after["0"]["dice"]  # θ itself is the same
         assert before["2"]["per_patient"] != after["2"]["per_patient"]
+
+
+def test_auto_steps_report_the_chosen_count_beside_the_dice_it_gives(trained, smoke_federation, tmp_path, capsys):
+    """`auto` among --steps: the count chosen from the support slices, whose Dice is that fixed count's Dice."""
+    from fedmeta.client import commands
+    from fedmeta.common.step_selection import AUTO
+
+    assert commands.AUTO == AUTO  # the CLI's copy of the name (it avoids importing torch for --help)
+    site = load_manifest(smoke_federation).heldout_sites[0]
+    report = tmp_path / "eval.json"
+    code = main(["evaluate", "--checkpoint", str(trained["fomaml"]), "--data", str(site.path), "--shots", "2",
+                 "--steps", "auto,0,1,2", "--max-steps", "2", "--max-images", "16", "--json", str(report),
+                 "--allow-unsigned"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = loads_strict(report.read_text())  # strict JSON: no NaN anywhere
+    assert results["steps"] == [0, 1, 2, "auto"]
+    cells = results["sites"][site.name]["dice"]["2"]
+    chosen = cells["auto"]["chosen_steps"]
+    assert cells["auto"]["step_choice"]["candidates"] == [0, 1, 2] and chosen in (0, 1, 2)
+    assert cells["auto"]["dice"] == cells[str(chosen)]["dice"]
+    assert cells["auto"]["per_patient"] == cells[str(chosen)]["per_patient"]
+    assert "auto: chosen steps, Dice" in printed and f"{chosen}: {cells['auto']['dice']:.3f}" in printed
+    assert f"k=2: auto chose {chosen} step(s)" in printed
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    (["--steps", "auto,banana"], "--steps 'auto,banana': expected comma-separated integers >= 0, and/or auto"),
+    (["--steps", "0,5", "--max-steps", "5"], "--max-steps 5: bounds the count auto chooses, and --steps '0,5' holds "
+                                             "no auto"),
+    (["--steps", "auto", "--max-steps", "-1"], "--max-steps -1: the most steps auto may choose"),
+])
+def test_bad_auto_steps_name_the_value_and_the_fix(tmp_path, capsys, steps, message):
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "never-read.pt"), "--data", str(tmp_path), *steps,
+                 "--allow-unsigned"])
+    assert code == 1 and message in capsys.readouterr().err

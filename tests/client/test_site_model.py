@@ -303,3 +303,70 @@ def test_predict_refuses_a_site_model_with_non_finite_weights(release, heldout_s
     assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(heldout_site / "imagesTr"),
                  "--out", str(tmp_path / "masks")]) == 1
     assert f"params {name!r} holds NaN or Inf" in capsys.readouterr().err
+
+
+def test_adapt_chooses_its_steps_from_the_support_slices_by_default_and_saves_what_that_count_gives(
+        release, heldout_site, tmp_path, capsys):
+    """No --steps: the count is chosen by cross-validation on the support slices (the card says which and why), and
+    the weights are those a fixed --steps of that count writes."""
+    checkpoint, public = release
+    capsys.readouterr()
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "auto", "--max-steps", "3") == 0
+    printed = capsys.readouterr().out
+    adaptation = json.loads((tmp_path / "auto" / CARD_JSON).read_text())["adaptation"]
+    choice, chosen = adaptation["step_choice"], adaptation["steps"]
+    assert adaptation["steps_requested"] == "auto" and chosen == choice["chosen_steps"]
+    assert choice["candidates"] == [0, 1, 2, 3] and chosen in choice["candidates"]
+    assert choice["rule"] == "one-standard-error" and choice["split"] == "slices" and choice["folds"] == 5
+    assert sorted(choice["check_dice"]) == ["0", "1", "2", "3"]
+    assert choice["reason"].startswith(f"{chosen} step(s) chosen from [0, 1, 2, 3] by 5-fold cross-validation")
+    assert choice["reason"] in (tmp_path / "auto" / CARD_MD).read_text()
+    assert (f"after {chosen} step(s) (auto: {chosen} of [0..3], one-standard-error over 5 folds of the support slices)"
+            in printed)
+    assert "choosing steps" in printed
+
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "fixed", "--steps", str(chosen)) == 0
+    fixed, auto = load_site_model(tmp_path / "fixed"), load_site_model(tmp_path / "auto")
+    assert sorted(fixed.params) == sorted(auto.params)
+    assert all(torch.equal(fixed.params[n], auto.params[n]) for n in fixed.params)
+    assert fixed.card["dice"] == auto.card["dice"]
+    # A fixed count is recorded as asked, with no choice and no line about one.
+    assert fixed.card["adaptation"]["steps_requested"] == chosen and fixed.card["adaptation"]["step_choice"] is None
+    assert "steps chosen" not in (tmp_path / "fixed" / CARD_MD).read_text()
+
+
+def test_adapt_auto_on_a_site_with_one_patient_and_one_slice_splits_the_slice(release, heldout_site, tmp_path,
+                                                                             capsys):
+    """One usable patient and k = 1: the slice's two halves are the folds; nothing is left to score on."""
+    checkpoint, public = release
+    site = tmp_path / "one-patient"
+    shutil.copytree(heldout_site, site)
+    meta = json.loads((site / "dataset.json").read_text())
+    for entry in meta["training"][1:]:
+        for key in ("image", "label"):
+            (site / entry[key]).unlink()
+    meta["training"], meta["numTraining"] = meta["training"][:1], 1
+    (site / "dataset.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--public-key", str(public), "--data", str(site),
+                 "--shots", "1", "--max-steps", "2", "--out", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    card = json.loads((tmp_path / "m" / CARD_JSON).read_text())
+    choice = card["adaptation"]["step_choice"]
+    assert choice["split"] == "half-slice" and choice["folds"] == 2 and card["adaptation"]["support_patients"] == 1
+    assert card["adaptation"]["steps"] == choice["chosen_steps"] and card["dice"]["held_out_patients"] == 0
+    assert "the two halves of the support slice" in printed and "adapted with" in printed
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    (["--steps", "banana"], "--steps 'banana': give auto (the default: the count is chosen from the support slices) "
+                            "or a number of gradient steps from 0 to 10,000, e.g. --steps 10."),
+    (["--steps", "-1"], "--steps -1: gradient steps, an integer from 0"),
+    (["--steps", "5", "--max-steps", "5"], "--max-steps 5: bounds the count --steps auto chooses; with --steps 5"),
+    (["--max-steps", "10001"], "--max-steps 10001: the most steps --steps auto may choose, an integer from 0 to 10,000"),
+])
+def test_adapt_refuses_steps_it_cannot_take_by_value_and_fix(release, heldout_site, tmp_path, capsys, steps, message):
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "m", *steps) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m" / MODEL_FILE).exists()
