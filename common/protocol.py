@@ -146,10 +146,11 @@ NUM_PARTITIONS_KEY = "num-partitions"  # simulated: Flower's partition count
 MAML, FOMAML, REPTILE, METASGD, ANIL = "maml", "fomaml", "reptile", "metasgd", "anil"
 FEDAVG, FEDPROX = "fedavg", "fedprox"
 FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER = "fast-weights", "prototypes", "lstm-optimizer"
+PROTOTYPES_CONTRASTIVE = "prototypes-contrastive"
 INITIALISATION_ALGORITHMS = (MAML, FOMAML, REPTILE, METASGD, ANIL, FEDAVG, FEDPROX)
 # ... and the learners that meta-learn more than an initialisation (fedmeta.common.algorithms): a generator
 # of fast weights, prototype matching, an LSTM optimiser. Their parts travel in PARAMS_RECORD beside θ's.
-LEARNER_ALGORITHMS = (FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER)
+LEARNER_ALGORITHMS = (FAST_WEIGHTS, PROTOTYPES, LSTM_OPTIMIZER, PROTOTYPES_CONTRASTIVE)
 ALGORITHMS = INITIALISATION_ALGORITHMS + LEARNER_ALGORITHMS
 # How the server weighs sites in the mean: by their training data (McMahan et al.'s FedAvg), or one
 # weight per site (task-averaged MAML); "auto" is data for FedAvg/FedProx, per site for meta-learners.
@@ -172,6 +173,7 @@ __all__ = [
     "MAML",
     "METASGD",
     "PROTOTYPES",
+    "PROTOTYPES_CONTRASTIVE",
     "REPTILE",
     "AGGREGATIONS",
     "MASKED_RECORD",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fedmeta.common.algorithms.base import Algorithm, LoopSettings, Learner
+from fedmeta.common.algorithms.contrastive_prototypes import ContrastivePrototypes
 from fedmeta.common.algorithms.fast_weights import FastWeights
 from fedmeta.common.algorithms.fedavg import FedAvg, FedProx
 from fedmeta.common.algorithms.lstm_optimizer import LSTMOptimizer
@@ -24,6 +25,7 @@ from fedmeta.common.algorithms.reptile import Reptile
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     MAML(), FOMAML(), Reptile(), MetaSGD(), ANIL(), FedAvg(), FedProx(),  # initialisations
     FastWeights(), Prototypes(), LSTMOptimizer(),  # learners: the UNet with parts of their own
+    ContrastivePrototypes(),
 )}
 
 
