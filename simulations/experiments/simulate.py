@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import write_json
+from fedmeta.common.progress import Heartbeat
 from fedmeta.common.protocol import ALGORITHMS, FEDAVG, QUERY_LOSS_AFTER, dice_mean_key
 from fedmeta.simulations.engines.processes import TreeMemorySampler
 from fedmeta.simulations.experiments.budget import fedavg_epochs_for_budget, local_steps_per_round
@@ -163,7 +164,8 @@ def simulate(
 
     began = time.perf_counter()
     root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
-    federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
+    with Heartbeat("simulate: federation", what=f"generating or reading {driver['federation']} under {root}", quiet=quiet):
+        federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
     # Settings no round could meet with this federation: refused before any engine starts, not after a
@@ -201,7 +203,8 @@ def simulate(
                 from fedmeta.simulations.engines.flower_runtime import SimulationEngine
 
                 # One SuperLink for the meta run and its baseline (each still gets its own Ray cluster).
-                session = stack.enter_context(SimulationEngine(flwr_homes / "ray"))
+                with Heartbeat("simulate: engine", what="starting Flower's SuperLink", quiet=quiet):
+                    session = stack.enter_context(SimulationEngine(flwr_homes / "ray"))
             oracle_steps = driver["oracle-steps"] if oracle_steps is None else oracle_steps
             return _simulate_runs(config, session, num_sites, quiet, baseline, out, federation, preset, began,
                                   federation_seconds, memory, oracle_steps, adversary, done_with_engine=stack.close)
@@ -224,7 +227,8 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
         )
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, session, num_sites, quiet, adversary)
-    done_with_engine()  # the SuperLink's processes stop here: the comparison needs none of them
+    with Heartbeat("simulate: engine", what="stopping the SuperLink", quiet=quiet):
+        done_with_engine()  # the SuperLink's processes stop here: the comparison needs none of them
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
@@ -236,12 +240,17 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
     inits.append(random_initialisation(config))
     k, steps = config.eval_k_shot, sorted(set(config.adaptation_steps))
     _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))})")
-    comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed,
-                                         oracle_steps=int(oracle_steps))
-    margin = (paired_margin(comparison, inits[0].label, "FedAvg-trained", steps[-1])
-              if baseline_config is not None else None)
-    report = write_report(out, comparison, runs, title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}",
-                          margin=margin)
+    # One call adapts every initialisation on every held-out site (and trains the oracles): no item to count here.
+    what = (f"{len(inits)} initialisations adapting on the held-out sites"
+            + (f", an oracle of {int(oracle_steps)} steps per site" if int(oracle_steps) > 0 else ""))
+    with Heartbeat("simulate: comparison", what=what, quiet=quiet) as beat:
+        comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed,
+                                             oracle_steps=int(oracle_steps))
+        margin = (paired_margin(comparison, inits[0].label, "FedAvg-trained", steps[-1])
+                  if baseline_config is not None else None)
+        beat.update("writing report.md and the figures")
+        report = write_report(out, comparison, runs,
+                              title=f"fedmeta simulate: {Path(preset).stem} preset, {config.algorithm}", margin=margin)
 
     results = {
         "preset": preset,
@@ -278,31 +287,34 @@ def _run(config, session, num_sites: int, quiet: bool, adversary=None) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:
         (out / METRICS_NAME).unlink(missing_ok=True)
-    printer = _ProgressPrinter(out / METRICS_NAME, config, quiet)
-    began = time.perf_counter()
-    printer.start()
-    try:
-        if session is None:
-            from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
+    # Until the server's first round line the engine starts (Ray: the SuperLink, the cluster, the actors' imports)
+    # and nothing else prints: the heartbeat speaks then, and between rounds longer than its period.
+    with Heartbeat(f"[{config.algorithm}] training", what="starting the engine and the sites", quiet=quiet) as beat:
+        printer = _ProgressPrinter(out / METRICS_NAME, config, quiet, beat)
+        began = time.perf_counter()
+        printer.start()
+        try:
+            if session is None:
+                from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
-            client_app = None
-            if adversary is not None:
-                from fedmeta.simulations.attacks import adversarial_client_app
+                client_app = None
+                if adversary is not None:
+                    from fedmeta.simulations.attacks import adversarial_client_app
 
-                client_app = adversarial_client_app(adversary[0], set(range(adversary[1])))
-            run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed,
-                          client_app=client_app)
-        else:
-            from fedmeta.simulations.engines.flower_runtime import source_app_dir
+                    client_app = adversarial_client_app(adversary[0], set(range(adversary[1])))
+                run_inprocess(config.to_run_config(), simulation_node_configs(num_sites), seed=config.seed,
+                              client_app=client_app)
+            else:
+                from fedmeta.simulations.engines.flower_runtime import source_app_dir
 
-            try:
-                app_dir = source_app_dir()
-            except FileNotFoundError as err:
-                raise SimulationError(f"--engine ray: {err}") from None
-            # Returns only for a completed run; anything else raises with the status and the log tail.
-            session.run(app_dir, config.to_run_config(), num_supernodes=num_sites)
-    finally:
-        printer.stop()
+                try:
+                    app_dir = source_app_dir()
+                except FileNotFoundError as err:
+                    raise SimulationError(f"--engine ray: {err}") from None
+                # Returns only for a completed run; anything else raises with the status and the log tail.
+                session.run(app_dir, config.to_run_config(), num_supernodes=num_sites)
+        finally:
+            printer.stop()
     seconds = time.perf_counter() - began
 
     if not (out / CHECKPOINT_NAME).exists():
@@ -338,10 +350,11 @@ def _run(config, session, num_sites: int, quiet: bool, adversary=None) -> dict[s
 
 
 class _ProgressPrinter:
-    """Prints one line per round as the server appends it to metrics.jsonl (any engine, any process)."""
+    """Prints one line per round as the server appends it to metrics.jsonl (any engine, any process); each
+    line resets ``beat``'s silence and names the round the run is in."""
 
-    def __init__(self, path: Path, config, quiet: bool):
-        self.path, self.config, self.quiet = path, config, quiet
+    def __init__(self, path: Path, config, quiet: bool, beat: Heartbeat | None = None):
+        self.path, self.config, self.quiet, self.beat = path, config, quiet, beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._printed = 0
@@ -369,7 +382,14 @@ class _ProgressPrinter:
         if len(complete) < self._printed:  # a resumed run rewrote the file up to its checkpoint
             self._printed = len(complete)
         for line in complete[self._printed:]:
-            print(format_round(json.loads(line), self.config), flush=True)
+            record = json.loads(line)
+            print(format_round(record, self.config), flush=True)
+            if self.beat is not None:
+                self.beat.touch()
+                if "round" in record and record["round"] < self.config.num_rounds:
+                    self.beat.update(f"in round {record['round'] + 1}/{self.config.num_rounds}")
+                else:
+                    self.beat.update("writing the checkpoint; the engine stops")
         self._printed = max(self._printed, len(complete))
 
 

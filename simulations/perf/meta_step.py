@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedmeta.common.jsonio import write_json
+from fedmeta.common.progress import Heartbeat
 from fedmeta.common.protocol import ALGORITHMS, LSTM_OPTIMIZER
 
 PLAIN = "plain-fwd-bwd"
@@ -178,29 +179,42 @@ def peak_memory(case: str, setting: BenchSetting, device: str) -> int:
     return peak
 
 
-def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=CASES) -> dict[str, dict]:
+def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=CASES,
+            beat: Heartbeat | None = None) -> dict[str, dict]:
     """Returns case -> {seconds, peak_bytes}.
 
     Timing runs in this process, the cases interleaved round-robin, so a load that comes and goes
     on a shared machine touches every case alike; the median of ``repeats`` rounds is kept.
+    ``beat``: says each warm-up, timed round and memory case as it ends (silent without).
     """
+    beat = beat or Heartbeat("perf meta", quiet=True)
+    name = setting.name.split(" ")[0]
     _, _, episode, loss_fn = _setup(setting, device)
     networks = {case: _network(setting, case, device) for case in cases}
-    for case in cases:  # warm-up: first-call allocations and lazy initialisation
+    for i, case in enumerate(cases, 1):  # warm-up: first-call allocations and lazy initialisation
+        beat.update(f"warming up {case}")
+        began = time.perf_counter()
         _one_run(case, setting, *networks[case], episode, loss_fn)
+        beat.say(f"perf meta {name}: warmed up {case} ({i}/{len(cases)}) in {time.perf_counter() - began:.0f} s")
+    beat.say(f"perf meta {name}: timing {repeats} round(s) of every case")
     times: dict[str, list[float]] = {case: [] for case in cases}
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        began = time.perf_counter()
         for case in cases:
+            beat.update(f"timing {case}, round {repeat + 1}/{repeats}")
             _sync(device)
             start = time.perf_counter()
             _one_run(case, setting, *networks[case], episode, loss_fn)
             _sync(device)
             times[case].append(time.perf_counter() - start)
-    results = {
-        case: {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device),
-               "parameters": sum(p.numel() for p in networks[case][1].values())}
-        for case in cases
-    }
+        beat.say(f"perf meta {name}: timed round {repeat + 1}/{repeats} in {time.perf_counter() - began:.0f} s")
+    results = {}
+    for i, case in enumerate(cases, 1):  # peak memory: one fresh process per case
+        beat.update(f"peak memory of {case} in a child process")
+        results[case] = {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device),
+                         "parameters": sum(p.numel() for p in networks[case][1].values())}
+        beat.say(f"perf meta {name}: peak memory of {case} ({i}/{len(cases)}): "
+                 f"{results[case]['peak_bytes'] / 2**20:.1f} MB")
     if LSTM_OPTIMIZER in results:
         from fedmeta.common.algorithms.lstm_optimizer import LSTM_PREFIX, lstm_state_numbers
 
@@ -215,24 +229,27 @@ EPISODE_CASES = ((2, 1), (4, 1), (2, 3), (2, 5))
 
 
 def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 5,
-                     cases=EPISODE_CASES, algorithms=("fomaml", "maml")) -> list[dict]:
+                     cases=EPISODE_CASES, algorithms=("fomaml", "maml"), beat: Heartbeat | None = None) -> list[dict]:
     """A site's episodes one after the other (the loop) against all at once (torch.func.vmap), side by side.
 
     For each (episodes, inner steps) and algorithm: median seconds of both, their ratio, and how far
     the batched meta-gradient is from the loop's (relative L2 over every parameter: rounding only,
     tests/common/test_meta.py checks equality in float64). MAML's batched path is not in fedmeta's training
     (measured no faster); it is timed here, through the same vmapped episode with a second-order
-    gradient, to keep that measurement.
+    gradient, to keep that measurement. ``beat``: says each row as it ends (silent without).
     """
     from fedmeta.common.algorithms import ALGORITHMS as REGISTRY  # with torch, as meta_gradient below
     from fedmeta.common.meta import meta_gradient
 
+    beat = beat or Heartbeat("perf episodes", quiet=True)
     model, params = _network(setting, "fomaml", device)
     loss_fn = _setup(setting, device)[3]
     rows = []
     for count, steps in cases:
         episodes = [_setup(setting, device, seed=seed)[2] for seed in range(1, count + 1)]
         for algorithm in algorithms:
+            beat.update(f"{algorithm}, {count} episodes x {steps} inner steps, loop against vmap")
+
             def loop():
                 return meta_gradient(model, params, episodes, algorithm=algorithm, inner_steps=steps,
                                      inner_lr=setting.inner_lr, loss_fn=loss_fn, batch_episodes=False)[0]
@@ -258,6 +275,8 @@ def measure_episodes(setting: BenchSetting, device: str = "cpu", repeats: int = 
             rows.append({"algorithm": algorithm, "episodes": count, "inner_steps": steps, "loop_seconds": loop_s,
                          "vmap_seconds": vmap_s, "vmap_vs_loop": vmap_s / loop_s,
                          "relative_difference": difference / size if size else 0.0})
+            beat.say(f"perf episodes: {algorithm}, {count} episodes x {steps} inner steps timed "
+                     f"({len(rows)}/{len(cases) * len(algorithms)}): vmap / loop {vmap_s / loop_s:.2f}")
     return rows
 
 
@@ -352,7 +371,10 @@ def run(args: argparse.Namespace) -> int:
     report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": {}}
     for key in args.settings:
         setting = SETTINGS[key]
-        table = summarise(measure(setting, device=device, repeats=args.repeats))
+        print(f"perf meta {key}: {len(CASES)} cases, {args.repeats} timed round(s) each, then each case's peak "
+              f"memory in a child process ({device})", flush=True)
+        with Heartbeat(f"perf meta {key}") as beat:
+            table = summarise(measure(setting, device=device, repeats=args.repeats, beat=beat))
         report["settings"][key] = {"setting": asdict(setting), "results": table}
         print(format_table(f"{setting.name}, k={setting.k} q={setting.q}, {setting.inner_steps} inner steps, {device}", table))
         print(flush=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.outputs import OutputRefused, Outputs, make_folder
+from fedmeta.common.progress import Heartbeat
 from fedmeta.common.protocol import FOMAML, METASGD
 from fedmeta.simulations.engines.processes import ROLE_SIMULATION, TreeMemorySampler
 from fedmeta.simulations.perf import meta_step
@@ -52,9 +53,16 @@ PARTS = ("sim", "scaling", "comm", "meta", "episodes", "secagg")
 # The parts
 
 
-def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any]:
-    """Ray vs in-process vs bare loop on the same meta-training."""
+def _silent(part: str) -> Heartbeat:
+    """The progress of a part called without one (a test, a notebook): nothing printed."""
+    return Heartbeat(f"perf {part}", quiet=True)
+
+
+def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10, beat: Heartbeat | None = None) -> dict[str, Any]:
+    """Ray vs in-process vs bare loop on the same meta-training; ``beat`` says each run as it ends."""
     from fedmeta.common.config import RunConfig
+
+    beat = beat or _silent("sim")
 
     federation = _federation(sites, work / "federations")
     # The meta-training a user runs: the default model and episodes (ENGINE_CONFIG's tiny model
@@ -64,9 +72,16 @@ def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any
                 model_levels=defaults.model_levels, episodes_per_site=defaults.episodes_per_site,
                 k_shot=defaults.k_shot, q_query=defaults.q_query, inner_steps=defaults.inner_steps,
                 inner_lr=defaults.inner_lr, meta_lr=defaults.meta_lr)
+    beat.update(f"the bare loop, {rounds} rounds")
     bare = run_bare(_config(federation, work / "sim-bare", **base))
+    beat.say(f"perf sim: bare loop, {rounds} rounds in {bare['seconds']:.0f} s (1/3)")
+    beat.update(f"the in-process engine, {rounds} rounds")
     inproc = run_inprocess_engine(_config(federation, work / "sim-inprocess", **base), sites)
+    beat.say(f"perf sim: in-process engine in {inproc['seconds']:.0f} s (2/3)")
+    beat.update(f"Flower's Simulation Engine (Ray), {rounds} rounds")
     ray = run_ray_engine(_config(federation, work / "sim-ray", **base), sites, work / "flwr-sim")
+    beat.say(f"perf sim: Simulation Engine (Ray) in {ray['seconds']:.0f} s (3/3)")
+    beat.update("import profiles of the ClientApp and the ServerApp in fresh interpreters")
     in_rounds = sum(ray["round_seconds"])
     outside = ray["seconds"] - in_rounds
     # Start-up and shutdown are a fixed cost per run, rounds a cost per round: from this run's own figures,
@@ -91,7 +106,7 @@ def bench_sim(work: Path, *, sites: int = 10, rounds: int = 10) -> dict[str, Any
 
 
 def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sampled: int = 10,
-                  more_sampled: int | None = 50) -> dict[str, Any]:
+                  more_sampled: int | None = 50, beat: Heartbeat | None = None) -> dict[str, Any]:
     """Time per round and peak process-tree memory at several federation sizes, ``sampled`` sites per round.
 
     The federations are lazy (a site is rendered the first time it is sampled), so a round's time
@@ -101,6 +116,15 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
     many sites per round, to show what round time follows.
     """
     from fedmeta.common.synth import load_manifest
+
+    beat = beat or _silent("scaling")
+    runs = len(counts) + bool(more_sampled) + 2  # the Ray runs, then two in-process runs
+    done = 0
+
+    def said(line: str) -> None:
+        nonlocal done
+        done += 1
+        beat.say(f"perf scaling: {line} ({done}/{runs})")
 
     def cold(count: int):
         # Its own federations, cold for every run: sites rendered by another part or an earlier run (a reused
@@ -113,9 +137,11 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
         return federation, generation
 
     def one(count: int, per_round: int, name: str) -> dict[str, Any]:
+        beat.update(f"{count} sites, {min(per_round, count)} per round, on the Simulation Engine")
         federation, generation = cold(count)
         config = _config(federation, work / name, num_rounds=rounds, sites_per_round=min(per_round, count))
         ray = run_ray_engine(config, count, work / f"flwr-{name}")
+        said(f"{count} sites, {min(per_round, count)} per round, Simulation Engine in {ray['seconds']:.0f} s")
         rendered = [info for info in generation.sites if info.path.is_dir()]
         return {
             "sites_per_round": min(per_round, count),
@@ -153,8 +179,10 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
         federation, _ = cold(count)
         config = _config(federation, work / f"scaling-inprocess-{count}", num_rounds=rounds,
                          sites_per_round=min(sampled, count))
+        beat.update(f"{count} sites on the in-process engine")
         with TreeMemorySampler(None) as sampler:
             run = run_inprocess_engine(config, count)
+        said(f"{count} sites, in-process engine in {run['seconds']:.0f} s")
         inprocess[str(count)] = {"seconds": run["seconds"], "first_round_seconds": run["round_seconds"][0],
                                  "seconds_per_round": sum(run["round_seconds"]) / len(run["round_seconds"]),
                                  "peak_tree_bytes": sampler.peak_bytes}
@@ -164,7 +192,7 @@ def bench_scaling(work: Path, *, counts=(10, 30, 100, 1000), rounds: int = 2, sa
     return result
 
 
-def bench_comm(work: Path, *, algorithms=(FOMAML, METASGD)) -> dict[str, Any]:
+def bench_comm(work: Path, *, algorithms=(FOMAML, METASGD), beat: Heartbeat | None = None) -> dict[str, Any]:
     """Wire bytes of each train reply against the fp32 size of the arrays it carries.
 
     Measured on the default model size (the ratio depends on it: names and metrics are a fixed
@@ -179,9 +207,11 @@ def bench_comm(work: Path, *, algorithms=(FOMAML, METASGD)) -> dict[str, Any]:
     from fedmeta.common.model import build_model
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
+    beat = beat or _silent("comm")
     federation = _federation(10, work / "federations")
     rows = {}
     for algorithm in algorithms:
+        beat.update(f"one round of {algorithm}, replies measured")
         sizes: list[int] = []
 
         def measuring_client(message, context, sizes=sizes):
@@ -205,10 +235,11 @@ def bench_comm(work: Path, *, algorithms=(FOMAML, METASGD)) -> dict[str, Any]:
             "reply_vs_model": reply_bytes / model_bytes,
             "reply_vs_payload": reply_bytes / (arrays * model_bytes),
         }
+        beat.say(f"perf comm: {algorithm} measured ({len(rows)}/{len(algorithms)})")
     return rows
 
 
-def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, Any]:
+def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3, beat: Heartbeat | None = None) -> dict[str, Any]:
     """Plain aggregation against SecAgg+ on the same federation, rounds and seed: bytes and seconds per round."""
     from flwr.common.serde import message_to_proto
 
@@ -216,10 +247,12 @@ def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, A
     from fedmeta.common.config import RunConfig
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
+    beat = beat or _silent("secagg")
     federation = _federation(sites, work / "federations")
     defaults = RunConfig()
     rows = {}
     for mode in ("none", "secagg+"):
+        beat.update(f"{rounds} rounds with secure aggregation {mode}")
         sizes = {"down": 0, "up": 0}
 
         def measuring_client(message, context, sizes=sizes):
@@ -239,6 +272,7 @@ def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, A
         rows[mode] = {"bytes_down_per_site_round": sizes["down"] / per_site_round,
                       "bytes_up_per_site_round": sizes["up"] / per_site_round,
                       "seconds_per_round": sum(seconds) / len(seconds)}
+        beat.say(f"perf secagg: {rounds} rounds with secure aggregation {mode} ({len(rows)}/2)")
     plain, secure = rows["none"], rows["secagg+"]
     return {"sites": sites, "rounds": rounds, "plain": plain, "secagg": secure,
             "bytes_vs_plain": (secure["bytes_down_per_site_round"] + secure["bytes_up_per_site_round"])
@@ -246,13 +280,15 @@ def bench_secagg(work: Path, *, sites: int = 10, rounds: int = 3) -> dict[str, A
             "seconds_vs_plain": secure["seconds_per_round"] / plain["seconds_per_round"]}
 
 
-def bench_episode_runs(work: Path, *, counts=(2, 4), rounds: int = 5, repeats: int = 2) -> dict[str, Any]:
+def bench_episode_runs(work: Path, *, counts=(2, 4), rounds: int = 5, repeats: int = 2,
+                       beat: Heartbeat | None = None) -> dict[str, Any]:
     """Whole bare-loop runs (10 sites, default model, FOMAML) with each site's episodes in a loop and
     batched, alternated: what sets ``fedmeta.common.meta.BATCH_FROM`` (the micro-benchmark alone favours
     batching more than a whole run does)."""
     from fedmeta.common import meta
     from fedmeta.common.config import RunConfig
 
+    beat = beat or _silent("episodes")
     federation = _federation(10, work / "federations")
     defaults = RunConfig()
     rows = {}
@@ -267,7 +303,10 @@ def bench_episode_runs(work: Path, *, counts=(2, 4), rounds: int = 5, repeats: i
             for _ in range(repeats):
                 for name, batch_from in (("loop", count + 1), ("vmap", 2)):
                     meta.BATCH_FROM = batch_from
+                    beat.update(f"a whole bare-loop run, {count} episodes per site, {name}")
                     seconds[name].append(run_bare(config)["seconds"])
+                    beat.say(f"perf episodes: bare-loop run, {count} episodes per site, {name}: "
+                             f"{seconds[name][-1]:.0f} s")
             loop_s, vmap_s = min(seconds["loop"]), min(seconds["vmap"])
             rows[str(count)] = {"loop_seconds": loop_s, "vmap_seconds": vmap_s, "vmap_vs_loop": vmap_s / loop_s}
     finally:
@@ -275,10 +314,44 @@ def bench_episode_runs(work: Path, *, counts=(2, 4), rounds: int = 5, repeats: i
     return {"sites": 10, "rounds": rounds, "by_episodes": rows}
 
 
-def meta_step_summary(*, quick: bool) -> dict[str, Any]:
+def meta_step_summary(*, quick: bool, beat: Heartbeat | None = None) -> dict[str, Any]:
     setting = meta_step.SETTINGS["2d"]
-    table = meta_step.summarise(meta_step.measure(setting, repeats=2 if quick else 5))
+    table = meta_step.summarise(meta_step.measure(setting, repeats=2 if quick else 5, beat=beat))
     return {"setting": setting.name, "table": table}
+
+
+_PART_MEANING = {
+    "sim": "the same meta-training on the bare loop, the in-process engine and the Simulation Engine",
+    "scaling": "rounds at several federation sizes on the Simulation Engine, then in process",
+    "comm": "wire bytes of a train reply",
+    "meta": "one episode of every algorithm, timed and its peak memory measured",
+    "episodes": "episodes in a loop against batched, then whole bare-loop runs",
+    "secagg": "plain aggregation against SecAgg+",
+}
+
+
+def _run_part(part: str, work: Path, args: argparse.Namespace, beat: Heartbeat) -> dict[str, Any]:
+    if part == "sim":
+        return bench_sim(work, rounds=3 if args.quick else 10, beat=beat)
+    if part == "scaling":
+        return (bench_scaling(work, counts=(10, 1000), more_sampled=None, beat=beat) if args.quick
+                else bench_scaling(work, beat=beat))
+    if part == "comm":
+        return bench_comm(work, beat=beat)
+    if part == "meta":
+        return meta_step_summary(quick=args.quick, beat=beat)
+    if part == "episodes":
+        setting = meta_step.SETTINGS["2d"]
+        from fedmeta.common.devices import pick_device  # loads torch: not for perf --help
+
+        device = str(pick_device(args.device))
+        return {"setting": setting.name, "device": device, "rows": meta_step.measure_episodes(
+            setting, device=device, repeats=2 if args.quick else 5,
+            cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES, beat=beat),
+            "runs": bench_episode_runs(work, rounds=3 if args.quick else 5, repeats=1 if args.quick else 2, beat=beat)}
+    if part == "secagg":
+        return bench_secagg(work, rounds=2 if args.quick else 3, beat=beat)
+    raise ValueError(f"perf part {part!r}: choose from {', '.join(PARTS)}.")
 
 
 def _machine() -> str:
@@ -311,27 +384,13 @@ def run(args: argparse.Namespace) -> int:
     parts = args.parts or list(PARTS)
     work = Path(args.work or tempfile.mkdtemp(prefix="fedmeta-perf-")).resolve()
     results: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "work": str(work)}
+    chosen = [part for part in PARTS if part in parts]
     try:
-        if "sim" in parts:
-            results["sim"] = bench_sim(work, rounds=3 if args.quick else 10)
-        if "scaling" in parts:
-            results["scaling"] = (bench_scaling(work, counts=(10, 1000), more_sampled=None) if args.quick
-                                  else bench_scaling(work))
-        if "comm" in parts:
-            results["comm"] = bench_comm(work)
-        if "meta" in parts:
-            results["meta"] = meta_step_summary(quick=args.quick)
-        if "episodes" in parts:
-            setting = meta_step.SETTINGS["2d"]
-            from fedmeta.common.devices import pick_device  # loads torch: not for perf --help
-
-            device = str(pick_device(args.device))
-            results["episodes"] = {"setting": setting.name, "device": device, "rows": meta_step.measure_episodes(
-                setting, device=device, repeats=2 if args.quick else 5,
-                cases=meta_step.EPISODE_CASES[:2] if args.quick else meta_step.EPISODE_CASES),
-                "runs": bench_episode_runs(work, rounds=3 if args.quick else 5, repeats=1 if args.quick else 2)}
-        if "secagg" in parts:
-            results["secagg"] = bench_secagg(work, rounds=2 if args.quick else 3)
+        for number, part in enumerate(chosen, 1):
+            print(f"perf {part} ({number}/{len(chosen)}): {_PART_MEANING[part]}", flush=True)
+            with Heartbeat(f"perf {part}", what="imports and the federation") as beat:
+                results[part] = _run_part(part, work, args, beat)
+            beat.say(f"perf {part}: done in {beat.elapsed:.0f} s")
     except Exception as err:
         print(f"fedmeta perf: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

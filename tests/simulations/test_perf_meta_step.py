@@ -33,9 +33,21 @@ def test_a_zero_reference_memory_gives_nan_not_a_crash():
 
 
 def test_every_case_runs_and_is_measured():
+    import io
+
+    from fedmeta.common.progress import Heartbeat
+
     cases = ("fomaml", "prototypes", "lstm-optimizer", PLAIN)  # each case is a child process: keep them few
-    measured = measure(TINY, repeats=1, cases=cases)
+    said = io.StringIO()
+    measured = measure(TINY, repeats=1, cases=cases, beat=Heartbeat("perf meta", stream=said))
     assert sorted(measured) == sorted(cases)
+    # `perf meta` ran 18 minutes silent: each stage now says so as it ends
+    lines = [line for line in said.getvalue().splitlines() if "still running" not in line]
+    stages = [line.split(":")[1].split("(")[0].strip() for line in lines]  # "perf meta tiny: <stage> (i/n) ..."
+    n = len(cases)
+    assert stages[:n] == [f"warmed up {c}" for c in cases] and stages[n] == "timing 1 round"
+    assert stages[n + 1].startswith("timed round 1/1 in ")
+    assert stages[n + 2:] == [f"peak memory of {c}" for c in cases]
     for case in cases:
         assert measured[case]["seconds"] > 0 and math.isfinite(measured[case]["seconds"])
         assert isinstance(measured[case]["peak_bytes"], int) and measured[case]["peak_bytes"] >= 0

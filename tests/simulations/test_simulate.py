@@ -66,6 +66,32 @@ def test_progress_lines_show_round_sites_loss_and_dice():
     assert line == "[fomaml] round   2/5 | sites 2/3 | meta-loss 0.7500 | held-out Dice 0 steps 0.410, 5 steps 0.620 | 3.2 s"
 
 
+def test_a_round_line_puts_the_training_heartbeat_off_and_names_the_next_round(tmp_path, capsys):
+    import io
+
+    from fedmeta.common.progress import Heartbeat
+    from fedmeta.simulations.experiments.simulate import _ProgressPrinter
+
+    now = [0.0]
+    stream = io.StringIO()
+    beat = Heartbeat("[fomaml] training", what="starting the engine and the sites", stream=stream, clock=lambda: now[0])
+    metrics = tmp_path / "metrics.jsonl"
+    printer = _ProgressPrinter(metrics, RunConfig(num_rounds=3), quiet=False, beat=beat)
+    now[0] = 12.0
+    assert beat.beat_if_due()  # the engine starts: nothing else speaks
+    metrics.write_text('{"round": 1, "sites_sampled": 3, "sites_answered": 3, "train": {}, "seconds": 0.5}\n')
+    now[0] = 20.0
+    printer._poll()
+    now[0] = 29.0
+    assert not beat.beat_if_due()  # 9 s after the round's line
+    now[0] = 30.0
+    assert beat.beat_if_due()
+    assert "round   1/3" in capsys.readouterr().out
+    assert stream.getvalue().splitlines() == [
+        "[fomaml] training: still running, 12 s (starting the engine and the sites)",
+        "[fomaml] training: still running, 30 s (in round 2/3)"]
+
+
 @pytest.mark.slow
 def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
