@@ -256,7 +256,9 @@ def draw_results(results: dict[str, Any]):
     recorded). Returns the matplotlib Figure."""
     plt = _pyplot()
     spec = results["preset"]
-    steps, shots = spec["steps"], spec["shots"]
+    shots = spec["shots"]
+    # "auto" among the steps, or (the preset as the benchmark reads it) fixed counts and an "auto-steps" flag
+    steps = list(spec["steps"]) + ([AUTO] if spec.get("auto-steps") and AUTO not in spec["steps"] else [])
     seeds = max((len(by_seed) for by_seed in results["dice"].values()), default=1)
     kinds: dict[str, list[str]] = {}
     for site, kind in results["eval_sites"].items():

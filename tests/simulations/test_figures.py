@@ -218,6 +218,16 @@ def test_auto_is_a_marker_at_the_mean_count_chosen_apart_from_the_curve():
         _close(fig)
 
 
+def test_auto_as_the_benchmark_preset_spells_it_fixed_steps_and_a_flag():
+    results = _results(seeds=2, steps=(0, 5, 10), auto="chosen")
+    results["preset"]["steps"], results["preset"]["auto-steps"] = [0, 5, 10], True
+    fig = draw_results(results)
+    try:
+        assert {float(c.lines[0].get_xdata()[0]) for c in fig.axes[0].containers} == {1.5}
+    finally:
+        _close(fig)
+
+
 def test_auto_without_a_recorded_count_gets_its_own_tick_right_of_the_fixed_ones():
     for fig in (draw_results(_results(steps=(0, 5, 10), auto="unrecorded")),
                 draw_dice_vs_steps({**_comparison(steps=(0, 5, "auto"))})):
