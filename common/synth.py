@@ -49,7 +49,7 @@ import torch
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
 from fedmeta.common.synth_plan import (
-    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, GENERATIONS, GENERATOR_VERSION, HELDOUT_KINDS, HELDOUT_PROTOCOLS,
+    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, EXTENTS, GENERATIONS, GENERATOR_VERSION, HELDOUT_KINDS, HELDOUT_PROTOCOLS,
     LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS, SCALE_COUNTS, SEQUENCES, STORAGE_ORIENTATIONS,
     TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset, plan_federation,
 )
@@ -60,7 +60,7 @@ from fedmeta.common.synth_render import (
 )
 
 __all__ = [
-    "ASSET_PATH", "BRAIN_CENTRE_MM", "DEEP_GREY_SIGNAL", "DELINEATION_PROTOCOLS", "FOV_HI_MM", "FOV_LO_MM",
+    "ASSET_PATH", "BRAIN_CENTRE_MM", "DEEP_GREY_SIGNAL", "DELINEATION_PROTOCOLS", "EXTENTS", "FOV_HI_MM", "FOV_LO_MM",
     "GENERATIONS", "GENERATOR_VERSION", "HELDOUT_KINDS", "HELDOUT_PROTOCOLS", "LABELS", "LABEL_PROTOCOLS",
     "PRESETS", "PROTOCOL_LABELS", "SCALE_COUNTS", "SEQUENCES", "SLICE_AXES", "STORAGE_ORIENTATIONS",
     "TEXTURE_ASSET_PATH", "TEXTURE_HELDOUT_KINDS", "TISSUE_SIGNAL", "TRAIN_SEQUENCES", "VENTRICLE_CENTRE_MM",
@@ -252,7 +252,12 @@ def _cache_key(preset: str, seed: int) -> str:
 def _dataset_json(site: dict[str, Any]) -> dict[str, Any]:
     protocol = site["params"]["annotation"]["protocol"]
     labels = {str(k): v for k, v in PROTOCOL_LABELS[protocol].items()}
-    extra = {"delineation": DELINEATION_PROTOCOLS[protocol]} if protocol in DELINEATION_PROTOCOLS else {}
+    extra: dict[str, Any] = {}
+    if protocol in DELINEATION_PROTOCOLS:
+        extent = site["params"]["annotation"]["extent"]
+        extra = {"delineation": {**DELINEATION_PROTOCOLS[protocol], "extent": extent}}
+        if extent == "cerebrum":
+            labels["0"] += " and the cerebellum and brainstem (cerebrum only)"
     return {
         "name": site["name"],
         "description": f"fedmeta synthetic site ({site['role']}"
@@ -352,7 +357,7 @@ def _manifest_json(plan: list[dict[str, Any]], preset: str, seed: int, key: str,
     anatomy: dict[str, Any] = {"asset": ASSET_PATH.name, "sha256_16": _asset_digest(generation),
                                "source": "ICBM 2009a nonlinear symmetric, via nilearn; see ICBM152_NOTICE.txt"}
     if generation == "texture":
-        _, _, levels = load_texture()
+        *_, levels = load_texture()
         anatomy.update(texture_asset=TEXTURE_ASSET_PATH.name,
                        template_t1_levels={"csf": round(float(levels[0]), 4), "grey_matter": round(float(levels[1]), 4),
                                            "white_matter": round(float(levels[2]), 4)})

@@ -38,6 +38,7 @@ DELINEATION_PROTOCOLS = {
     "ventricular": {"grey": "cortex+deep", "csf": "ventricles"},
     "ventricular-cortical": {"grey": "cortex", "csf": "ventricles"},
 }
+EXTENTS = ("whole-brain", "cerebrum")  # the texture generation's annotation extent, drawn per site
 LABEL_PROTOCOLS = ("standard", "csf-merged", "gm-only", "wm-only", "ventricles", *DELINEATION_PROTOCOLS)
 _GREY = {"cortex+deep": "grey matter (cortex and deep grey nuclei)", "cortex": "cortical grey matter"}
 _WHITE = {"cortex+deep": "white matter", "cortex": "white matter and deep grey nuclei (non-cortical cerebral tissue)"}
@@ -252,6 +253,9 @@ def _draw_site_params(rng: np.random.Generator, preset: Preset, sequence: str, k
             deep_grey_signal=_uniform(rng, *DEEP_GREY_SIGNAL[sequence]),
             texture_amplitude=_uniform(rng, 0.03, 0.07),  # the subject texture field's relative T1 change
         )
+        # What the raters delineate: the whole brain, or the cerebrum only (cerebellum and brainstem left
+        # background, as cortical and cerebral protocols do): anatomy, not intensity, draws that line.
+        params["annotation"]["extent"] = str(rng.choice(EXTENTS))
     return params
 
 

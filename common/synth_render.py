@@ -58,9 +58,10 @@ def load_anatomy() -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=1)
-def load_texture() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_texture() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The shipped T1 texture, on the tissue asset's grid: (T1 float32 [X, Y, Z] in [0, 1], deep grey
-    nuclei float32 [X, Y, Z] (share of each voxel), the template's T1 levels of CSF, GM, WM float64 [3])."""
+    nuclei float32 [X, Y, Z] (share of each voxel), infratentorial membership float32 [X, Y, Z] (cerebellum
+    and brainstem), the template's T1 levels of CSF, GM, WM float64 [3])."""
     if not TEXTURE_ASSET_PATH.is_file():
         raise FileNotFoundError(
             f"the T1 texture asset {TEXTURE_ASSET_PATH} is missing from this installation; reinstall fedmeta, or "
@@ -69,11 +70,12 @@ def load_texture() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.load(TEXTURE_ASSET_PATH, allow_pickle=False) as asset:
         t1 = asset["t1"].astype(np.float32) / 65535.0
         deep = asset["deep_grey"].astype(np.float32) / 255.0
+        infratentorial = asset["infratentorial"].astype(np.float32) / 255.0
         levels = asset["t1_levels"].astype(np.float64)
         affine = asset["affine"].astype(np.float64)
     if not np.allclose(affine, load_anatomy()[1]):
         raise ValueError(f"{TEXTURE_ASSET_PATH} is not on the grid of {ASSET_PATH}; re-derive both with derive_anatomy.")
-    return t1, deep, levels
+    return t1, deep, infratentorial, levels
 
 
 def _asset_digest(generation: str = "tissue") -> str:
@@ -148,8 +150,9 @@ def subject_tissue(site_params: dict[str, Any], subject: dict[str, Any], fov_sca
 def subject_anatomy(site_params: dict[str, Any], subject: dict[str, Any], fov_scale: float = 1.0):
     """One subject of the ``texture`` generation on the site's acquisition grid, before the scanner's acquisition.
 
-    Returns (float32 [4, X, Y, Z]: CSF, GM, WM probabilities and the deep grey nuclei's share of the voxel
-    (part of GM + WM), each averaged over the slice profile; float32 [X, Y, Z]: the site's signal of the
+    Returns (float32 [5, X, Y, Z]: CSF, GM, WM probabilities, the deep grey nuclei's share of the voxel
+    (part of GM + WM) and the infratentorial membership (cerebellum, brainstem), each averaged over the
+    slice profile; float32 [X, Y, Z]: the site's signal of the
     subject's T1 texture through its contrast curve, averaged over the slice profile (partial volume of
     signals, not of tissues); the 4x4 RAS affine of the grid).
     """
@@ -204,9 +207,10 @@ def _warp_subject(site_params: dict[str, Any], subject: dict[str, Any], fov_scal
     anatomy_t = torch.from_numpy(anatomy)
     curve = texture_field = None
     if texture:
-        t1, deep, t1_levels = load_texture()
-        # Channels: CSF, GM, WM, deep grey share, T1. One grid_sample for all five.
-        anatomy_t = torch.cat([anatomy_t, torch.from_numpy(deep)[None], torch.from_numpy(t1)[None]])
+        t1, deep, infratentorial, t1_levels = load_texture()
+        # Channels: CSF, GM, WM, deep grey share, infratentorial, T1. One grid_sample for all six.
+        anatomy_t = torch.cat([anatomy_t, torch.from_numpy(deep)[None], torch.from_numpy(infratentorial)[None],
+                               torch.from_numpy(t1)[None]])
         curve = contrast_curve(scanner, t1_levels)
         # Within-tissue variation of this subject: a smooth multiplicative field on its T1 (regional
         # myelination and iron beyond the template's average), at a coarse and a finer scale.
@@ -320,8 +324,9 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
              spacing_mm: np.ndarray | None = None) -> np.ndarray:
     """The site's manual labels of a subject: uint8 [X, Y, Z], values in its protocol's PROTOCOL_LABELS.
 
-    ``tissue`` is [3, X, Y, Z] (CSF, GM, WM: the ``tissue`` generation) or [4, X, Y, Z] with the deep grey
-    nuclei's share (the ``texture`` generation, whose protocols say where the nuclei go). Labels come from
+    ``tissue`` is [3, X, Y, Z] (CSF, GM, WM: the ``tissue`` generation) or [5, X, Y, Z] with the deep grey
+    nuclei's share and the infratentorial membership (the ``texture`` generation, whose protocols say where
+    the nuclei go, and whose ``extent`` says whether the cerebellum and brainstem are labelled). Labels come from
     the anatomy and the protocol alone, never from the rendered image. ``spacing_mm`` (the grid's voxel
     size) is needed by the protocols that label the ventricles only.
     """
@@ -333,7 +338,12 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
     protocol = style["protocol"]
     if protocol not in PROTOCOL_LABELS:
         raise ValueError(f"label protocol {protocol!r} is not known; use one of {LABEL_PROTOCOLS}.")
+    outside = None
     if protocol in DELINEATION_PROTOCOLS:
+        if style.get("extent", "whole-brain") == "cerebrum":  # cerebellum and brainstem left unlabelled
+            outside = tissue[4] > 0.5 if tissue.shape[0] > 4 else None
+            if outside is None:
+                raise ValueError("a cerebrum-only delineation needs the infratentorial membership: tissue [5, X, Y, Z].")
         tissue = _protocol_scores(tissue, DELINEATION_PROTOCOLS[protocol])
     elif tissue.shape[0] != 3:
         raise ValueError(f"label protocol {protocol!r} is one of the tissue generation's: it labels CSF, GM and WM "
@@ -362,6 +372,9 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
         return _ventricles(labels, brain, spacing_mm)
     if protocol in DELINEATION_PROTOCOLS and DELINEATION_PROTOCOLS[protocol]["csf"] == "ventricles":
         labels[(labels == 1) & (_ventricles(labels, brain, spacing_mm) == 0)] = 0  # sulcal and cisternal CSF
+    if outside is not None:
+        labels[outside] = 0
+    if protocol in DELINEATION_PROTOCOLS:
         return labels
     for value in (1, 2, 3):
         if value not in PROTOCOL_LABELS[protocol]:
@@ -371,11 +384,11 @@ def annotate(tissue: np.ndarray, site_params: dict[str, Any], subject: dict[str,
 
 def _protocol_scores(tissue: np.ndarray, protocol: dict[str, str]) -> np.ndarray:
     """A delineation protocol's share of each label (CSF, GM, WM: float32 [3, X, Y, Z]) in a voxel of
-    ``tissue`` (CSF, GM, WM, deep grey share [4, X, Y, Z]): the deep nuclei go to grey matter
+    ``tissue`` (CSF, GM, WM, deep grey share[, ...] [4+, X, Y, Z]): the deep nuclei go to grey matter
     (``grey: cortex+deep``) or to white matter, the label of non-cortical cerebral tissue (``cortex``)."""
-    if tissue.shape[0] != 4:
-        raise ValueError(f"a delineation protocol needs the deep grey nuclei: tissue [4, X, Y, Z], not {tissue.shape[0]} channels.")
-    csf, gm, wm, deep = tissue
+    if tissue.shape[0] < 4:
+        raise ValueError(f"a delineation protocol needs the deep grey nuclei: tissue [5, X, Y, Z], not {tissue.shape[0]} channels.")
+    csf, gm, wm, deep = tissue[:4]
     parenchyma = gm + wm
     share = np.clip(deep / np.maximum(parenchyma, 1e-6), 0.0, 1.0)  # of this voxel's GM + WM, in the nuclei
     cortex, white, nuclei = gm * (1.0 - share), wm * (1.0 - share), parenchyma * share

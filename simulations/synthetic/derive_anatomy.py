@@ -11,7 +11,8 @@ Two assets on one grid (the brain's bounding box plus a margin, 1.5 mm, the same
 - ``icbm152_2009a_t1_1p5mm.npz`` (the ``texture`` generation): the template's T1 intensities (uint16,
   value / 65535 = the template rescaled to [0, 1] as nilearn loads it), the deep grey nuclei (uint8
   fraction of each voxel: caudate, putamen, pallidum, thalamus; see :func:`deep_grey_map`) and the
-  T1 levels of CSF, grey and white matter (the median T1 where a tissue's probability is over 0.9).
+  T1 levels of CSF, grey and white matter (the median T1 where a tissue's probability is over 0.9), and
+  the infratentorial region (uint8 membership: cerebellum and brainstem; see :func:`infratentorial_map`).
 
 An asset whose arrays come out the same as the file already there is left untouched (npz bytes hold
 timestamps; the generator's cache keys hold the asset's digest). nilearn is needed here only: fedmeta
@@ -105,6 +106,25 @@ def deep_grey_map(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.nda
     return np.clip(inside * darker * (gm + wm), 0.0, 1.0).astype(np.float32)
 
 
+def infratentorial_map(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Membership (float32 [0, 1], 1 mm grid) of the posterior fossa: the cerebellum and the brainstem.
+
+    Below a tent that models the tentorium cerebelli (z < -8 mm - 0.3 |x| - 0.12 mm per mm behind y = -60,
+    behind y = -32) and the brainstem (|x| < 14, -45 < y < -12, z < -4), softened by 2 mm. A cerebrum-only
+    delineation (annotation extent ``cerebrum``) leaves it unlabelled. A geometric model, not a segmentation:
+    it separates the cerebellum from the occipital and temporal lobes that lie on the tentorium to within a
+    few mm in the template.
+    """
+    axes = [np.arange(n, dtype=np.float32) for n in shape]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    mm = ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    x, y, z = mm[..., 0], mm[..., 1], mm[..., 2]
+    tent = -8.0 - 0.3 * np.abs(x) - 0.12 * np.clip(-60.0 - y, 0.0, None)
+    cerebellum = (z < tent) & (y < -32.0)
+    brainstem = (np.abs(x) < 14.0) & (y > -45.0) & (y < -12.0) & (z < -4.0)
+    return np.clip(ndimage.gaussian_filter((cerebellum | brainstem).astype(np.float32), 2.0), 0.0, 1.0)
+
+
 def _grid(csf, gm, wm, affine, spacing_mm: float, margin_mm: float):
     """The asset grid: sampling coordinates [3, X, Y, Z] on the 1 mm grid, its affine, and the anti-alias sigma."""
     source_spacing = float(abs(affine[0, 0]))
@@ -158,10 +178,13 @@ def derive_texture(spacing_mm: float = TARGET_SPACING_MM, margin_mm: float = MAR
         "t1": np.round(t1_grid * 65535.0).astype(np.uint16),  # [X, Y, Z], RAS, value / 65535 = T1 in [0, 1]
         "deep_grey": np.round(np.clip(_resample(deep, grid, sigma), 0.0, 1.0) * 255.0).astype(np.uint8),
         "t1_levels": levels,  # median T1 of CSF, grey matter, white matter (probability > 0.9)
+        "infratentorial": np.round(np.clip(_resample(infratentorial_map(affine, t1.shape), grid, sigma), 0.0, 1.0)
+                                   * 255.0).astype(np.uint8),  # [X, Y, Z] membership x 255: cerebellum, brainstem
         "affine": new_affine,
         "nuclei": np.array(list(NUCLEI_MM)),
         "source": np.array("ICBM152 2009a symmetric T1 (nilearn wheel), rescaled to [0, 1]; deep grey nuclei "
-                           "from ellipsoids x (T1 darker than the internal capsule) x (GM + WM)"),
+                           "from ellipsoids x (T1 darker than the internal capsule) x (GM + WM); "
+                           "infratentorial region below a model tentorium"),
     }
 
 

@@ -24,9 +24,9 @@ def anatomy_federation(tmp_path_factory) -> Path:
 
 
 def test_texture_asset_is_the_t1_on_the_tissue_grid_with_deep_nuclei():
-    t1, deep, levels = synth.load_texture()
-    probabilities, _ = synth.load_anatomy()
-    assert t1.shape == deep.shape == probabilities.shape[1:]
+    t1, deep, infratentorial, levels = synth.load_texture()
+    probabilities, affine = synth.load_anatomy()
+    assert t1.shape == deep.shape == infratentorial.shape == probabilities.shape[1:]
     with np.load(synth.TEXTURE_ASSET_PATH) as texture, np.load(synth.ASSET_PATH) as tissue:
         np.testing.assert_array_equal(texture["affine"], tissue["affine"])
         assert texture["t1"].dtype == np.uint16 and texture["deep_grey"].dtype == np.uint8
@@ -38,6 +38,11 @@ def test_texture_asset_is_the_t1_on_the_tissue_grid_with_deep_nuclei():
     assert levels[1] < np.median(t1[nuclei]) < levels[2]
     # Inside the brain's grey and white matter (not in the ventricles), and central.
     assert (probabilities[1:, nuclei].sum(axis=0) > 0.8).mean() > 0.95
+    # The posterior fossa (cerebellum, brainstem): 100-300 ml of tissue, below the thalamus, none of the nuclei.
+    fossa = infratentorial > 0.5
+    assert 100 < (probabilities[1:, fossa].sum() * 1.5**3 / 1000) < 300 and not (fossa & nuclei).any()
+    z_mm = affine[2, 2] * np.nonzero(fossa)[2] + affine[2, 3]
+    assert z_mm.max() < 5.0 and np.median(z_mm) < -20.0
     notice = (synth.ASSET_PATH.parent / "ICBM152_NOTICE.txt").read_text()
     assert synth.TEXTURE_ASSET_PATH.name in notice and "Permission to use" in notice
 
@@ -68,11 +73,13 @@ def test_default_plan_protocols_heldout_kinds_and_new_parameters():
     assert train_protocols == {"anatomical", "cortical", "ventricular"}
     unseen = heldout["unseen-delineation"]["params"]["annotation"]["protocol"]
     assert unseen == "ventricular-cortical" and unseen not in train_protocols
+    assert {s["params"]["annotation"]["extent"] for s in train} == set(synth.EXTENTS)  # both among training sites
     assert heldout["unseen-sequence"]["params"]["scanner"]["sequence"] == "FLAIR"
     for site in plan:
         scanner = site["params"]["scanner"]
         assert site["params"]["generation"] == "texture" and len(scanner["contrast_warp"]) == 2
         assert 0.03 <= scanner["texture_amplitude"] <= 0.07
+        assert site["params"]["annotation"]["extent"] in synth.EXTENTS
         lo, hi = synth.DEEP_GREY_SIGNAL[scanner["sequence"]]
         assert lo <= scanner["deep_grey_signal"] <= hi
         assert all(isinstance(s["texture_seed"], int) for s in site["subjects"])
@@ -84,7 +91,7 @@ def test_default_plan_protocols_heldout_kinds_and_new_parameters():
 
 
 def test_contrast_curves_are_nonlinear_and_t2_inverts_the_t1_order():
-    _, _, levels = synth.load_texture()
+    *_, levels = synth.load_texture()
     plan = plan_federation("default", 0)
     by_sequence = {s["params"]["scanner"]["sequence"]: s["params"]["scanner"] for s in plan}
     t = np.linspace(levels[0], levels[2], 200)
@@ -113,14 +120,17 @@ def _subject(preset: str = "smoke-anatomy", kind: str | None = None, sequence: s
 def test_labels_follow_anatomy_and_protocol_not_intensity():
     site, subject = _subject(sequence="T1w")
     tissue, signal, affine = synth.subject_anatomy(site["params"], subject, site["fov_scale"])
-    assert tissue.shape[0] == 4 and signal.shape == tissue.shape[1:]
+    assert tissue.shape[0] == 5 and signal.shape == tissue.shape[1:]
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
 
     def labels(protocol: str) -> np.ndarray:
         params = {**site["params"], "annotation": {**site["params"]["annotation"], "protocol": protocol,
-                                                   "label_noise": 0.0, "gm_bias_voxels": 0}}
+                                                   "label_noise": 0.0, "gm_bias_voxels": 0, "extent": extent}}
         return synth.annotate(tissue, params, subject, spacing_mm=spacing)
 
+    extent = "cerebrum"
+    cerebrum = labels("anatomical")
+    extent = "whole-brain"
     anatomical, cortical = labels("anatomical"), labels("cortical")
     ventricular, combined = labels("ventricular"), labels("ventricular-cortical")
     nuclei = tissue[3] > 0.6
@@ -135,7 +145,11 @@ def test_labels_follow_anatomy_and_protocol_not_intensity():
     # One intensity, several labels: in the same signal band lie voxels of grey and of white matter (the nuclei).
     band = (signal > np.percentile(signal[nuclei], 25)) & (signal < np.percentile(signal[nuclei], 75))
     assert (cortical[band] == 3).sum() > 20 and (cortical[band] == 2).sum() > 20
-    with pytest.raises(ValueError, match="deep grey"):
+    # Cerebrum only: the cerebellum and brainstem are background, the rest as the whole-brain delineation.
+    fossa = tissue[4] > 0.5
+    assert (anatomical[fossa] > 0).sum() > 1000 and (cerebrum[fossa] == 0).all()  # the mask also holds non-brain
+    assert np.array_equal(cerebrum[~fossa], anatomical[~fossa])
+    with pytest.raises(ValueError, match="deep grey|infratentorial"):
         synth.annotate(tissue[:3], {**site["params"]}, subject, spacing_mm=spacing)
 
 
@@ -159,7 +173,9 @@ def test_smoke_anatomy_federation_layout_and_declared_protocols(anatomy_federati
         assert site.generation == "texture"
         meta = json.loads((site.path / "dataset.json").read_text())
         assert meta["label_protocol"] == site.label_protocol
-        assert meta["delineation"] == synth.DELINEATION_PROTOCOLS[site.label_protocol]
+        extent = site.params["annotation"]["extent"]
+        assert meta["delineation"] == {**synth.DELINEATION_PROTOCOLS[site.label_protocol], "extent": extent}
+        assert ("cerebellum" in meta["labels"]["0"]) == (extent == "cerebrum")
         assert {int(k) for k in meta["labels"]} == {0, 1, 2, 3}
         for subject in site.subjects[:2]:
             image, label, _ = synth.render_subject(site.params, subject, site.fov_scale)
