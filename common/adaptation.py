@@ -7,7 +7,7 @@ the researcher's comparisons (``fedmeta simulate``'s report, ``fedmeta benchmark
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +197,7 @@ def score_site(
     splits: dict | None = None,
     refuse_diverged: bool = False,
     auto_max_steps: int | None = None,
+    progress: Callable[[str], None] | None = None,
     variant: str | Variant = DEFAULT_VARIANT,
 ) -> dict[int, dict[int | str, dict[str, Any]]]:
     """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s;
@@ -239,10 +240,15 @@ def score_site(
             choice = choose_steps(model, init.params, support_x, support_y, inner_lr=init.inner_lr,
                                   loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
                                   inner_params=inner_params, candidates=candidate_steps(auto_max_steps),
-                                  variant=chosen)
+                                  variant=chosen, progress=progress)
+        if progress is not None:
+            progress(f"k = {k}: adapting {init.label} and scoring {len(patients)} patient(s)"
+                     + (f" (auto chose {choice.steps} step(s))" if choice else ""))
         curve = adaptation_curve(
             model, init.params, support_x, support_y, patients,
-            steps=sorted(set(fixed) | ({choice.steps} if choice else set())), inner_lr=init.inner_lr,
+            # The count the plain highest check Dice would choose is scored too, so the rule itself can be judged
+            # on a validation split (it is never what "auto" reports).
+            steps=sorted(set(fixed) | ({choice.steps, choice.best} if choice else set())), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
             inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged, variant=chosen,
         )
@@ -250,7 +256,8 @@ def score_site(
         out[k] = {s: {**curve[s], "eval_slices": eval_slices} for s in fixed}
         if choice is not None:
             out[k][AUTO] = {**curve[choice.steps], "eval_slices": eval_slices, "chosen_steps": choice.steps,
-                            "step_choice": choice.record()}
+                            "step_choice": choice.record(),
+                            "highest_check_dice_rule": {"steps": choice.best, "dice": curve[choice.best]["dice"]}}
     return out
 
 

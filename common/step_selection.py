@@ -22,7 +22,7 @@ steps on at most k − 1 slices (or half a slice) each: a few times the adaptati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,7 @@ def choose_steps(
     candidates: Sequence[int] = CANDIDATE_STEPS,
     max_folds: int = MAX_FOLDS,
     variant=None,
+    progress: Callable[[str], None] | None = None,
 ) -> StepChoice:
     """The number of adaptation steps for this support set (module docstring): ``support_y`` an integer label
     map ``[k, H, W]``; the other arguments as :func:`fedmeta.common.adaptation.adaptation_curve` takes them.
@@ -156,7 +157,10 @@ def choose_steps(
     split, folds = support_folds(support_x, support_y.long(), max_folds)
     dtype = next(iter(params.values())).dtype
     per_fold: list[dict[int, float]] = []
-    for adapt_x, adapt_y, check_x, check_y in folds:
+    for fold, (adapt_x, adapt_y, check_x, check_y) in enumerate(folds, start=1):
+        if progress is not None:
+            progress(f"choosing steps: fold {fold}/{len(folds)} ({candidates[-1]} steps on {len(adapt_x)} "
+                     f"{'half-slice' if split == 'half-slice' else 'slice(s)'})")
         scores: dict[int, float] = {}
         adapt_along = adaptation_trajectory if variant is None else variant.trajectory
         trajectory = adapt_along(model, params, adapt_x, one_hot(adapt_y, num_classes, dtype),

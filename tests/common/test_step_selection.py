@@ -91,3 +91,5 @@ def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
         assert auto["step_choice"]["folds"] == (2 if k == 1 else 2)
         if chosen in scores[k]:
             assert auto["dice"] == scores[k][chosen]["dice"]  # the same adaptation, scored on the same patients
+        best = auto["highest_check_dice_rule"]  # the other rule, scored for judging the rule on validation
+        assert best["steps"] == auto["step_choice"]["best_steps"] and 0.0 <= best["dice"] <= 1.0
