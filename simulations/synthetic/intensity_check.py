@@ -6,7 +6,7 @@ Each site is read the way the benchmark reads it (its presets' data settings: im
 3.0, num-classes 4, the DataConfig that RunConfig.data_config() builds) and scored by
 :func:`fedmeta.common.intensity_baseline.score_intensity_baseline` at k support slices: the number a
 trained model must beat for a federation to measure more than thresholding. The federation is generated
-into ``--cache`` (default ``~/.cache/fedmeta/federations``) when not there yet.
+into ``--cache`` (default ``~/.cache/fedmeta``, the benchmark's cache: ``<preset>-<seed>``) when not there yet.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-DEFAULT_CACHE = Path.home() / ".cache" / "fedmeta" / "federations"
+DEFAULT_CACHE = Path.home() / ".cache" / "fedmeta"  # where fedmeta benchmark caches its federations
 
 
 def intensity_dice(root: Path, k: int = 5, seed: int = 0, image_size: int = 64, spacing_mm: float = 3.0,
