@@ -203,7 +203,8 @@ def _render_subjects(jobs: list, workers: int | None, progress: Progress | None 
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
             pending = {pool.submit(_generate_subject, job): job for job in jobs}
             while pending:
-                finished, _ = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
+                due = PROGRESS_EVERY_S - (time.perf_counter() - last)  # wake when the next line is due
+                finished, _ = wait(pending, timeout=max(due, 0.05), return_when=FIRST_COMPLETED)
                 for future in finished:
                     future.result()  # a worker's error stops the synth here
                     done += 1
