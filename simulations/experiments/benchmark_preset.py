@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmeta.common.protocol import (
-    ANIL, FAST_WEIGHTS, FEDAVG, FEDPROX, FOMAML, LSTM_OPTIMIZER, MAML, METASGD, PROTOTYPES, REPTILE,
+    ANIL, FAST_WEIGHTS, FEDAVG, FEDPROX, FOMAML, LSTM_OPTIMIZER, MAML, METASGD, PROTOTYPES, PROTOTYPES_CONTRASTIVE,
+    REPTILE,
 )
 from fedmeta.simulations.experiments.presets import read_preset_toml
 
@@ -49,6 +50,8 @@ METHODS = (
            "federated fast-weight learner: head generated from the support set, then fine-tuned"),
     Method(PROTOTYPES, PROTOTYPES, True,
            "federated prototype learner: support prototypes (0 steps), then encoder fine-tuned"),
+    Method(PROTOTYPES_CONTRASTIVE, PROTOTYPES_CONTRASTIVE, True,
+           "the prototype learner trained with a contrastive margin loss on pixel pairs of its embedding"),
     Method(LSTM_OPTIMIZER, LSTM_OPTIMIZER, True,
            "federated UNet initialisation adapted by its federated learned LSTM optimiser"),
     Method("pooled-fomaml", "pooled-fomaml", True,
