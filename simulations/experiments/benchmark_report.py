@@ -192,10 +192,14 @@ def above_oracle_lines(results: dict[str, Any]) -> list[str]:
     cases: dict[tuple, list[dict[str, Any]]] = {}
     for flag in flags:
         cases.setdefault((flag["method"], flag["k"], flag["site"]), []).append(flag)
+    columns = step_columns(results["preset"])
     lines = []
     for (method, k, site), found in cases.items():
         where = "mean over sites" if site is None else f"site {site}"
-        cells = ", ".join(f"{_column_name(f['steps'])} {f['dice']:.3f}" for f in found)
+        if len(found) == len(columns) > 1 and len({f["dice"] for f in found}) == 1:  # a row that does not adapt
+            cells = f"{found[0]['dice']:.3f} at every step count"
+        else:
+            cells = ", ".join(f"{_column_name(f['steps'])} {f['dice']:.3f}" for f in found)
         lines.append(f"above the oracle: {method}, k = {k}, {where} (oracle {found[0]['oracle']:.3f}): {cells}")
     return lines
 

@@ -13,7 +13,7 @@ from fedmeta.simulations.experiments.benchmark_preset import AUTO, load_benchmar
 from fedmeta.simulations.experiments.benchmark_report import (
     above_oracle, above_oracle_lines, format_markdown, goal_check, summarise, time_to_accuracy,
 )
-from tests.conftest import TINY_BENCHMARK
+from tests.simulations.test_benchmark import TINY_BENCHMARK
 
 
 def _cell(dice: float, chosen: int | None = None) -> dict:
@@ -98,6 +98,8 @@ def test_every_cell_above_the_oracle_is_flagged_once_per_case():
     assert "above the oracle: fedavg-ft, k = 5, mean over sites (oracle 0.850): 10 steps 0.870" in lines
     table = format_markdown(results)
     assert "## Above the oracle" in table and "(above the oracle)" in table  # the fraction flagged, not 102 %
+    beaten = _results(_dice({"fedavg": (0.95, 0.95, 0.95), "oracle": (0.9, 0.9, 0.9)}, {"fedavg": False, "oracle": False}))
+    assert "above the oracle: fedavg, k = 5, site a (oracle 0.900): 0.950 at every step count" in above_oracle_lines(beaten)
     del results["above_oracle"]  # a results.json from before the flag: computed from its summary
     assert above_oracle_lines(results) == lines
 
