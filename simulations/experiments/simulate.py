@@ -232,21 +232,26 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
 
     from fedmeta.common.adaptation import load_initialisation, random_initialisation
     from fedmeta.common.checkpoint import CHECKPOINT_NAME
-    from fedmeta.simulations.experiments.comparison import compare_initialisations, paired_margin, write_report
+    from fedmeta.common.step_selection import AUTO
+    from fedmeta.simulations.experiments.comparison import (
+        compare_initialisations, paired_margin, step_label, what_it_means, write_report,
+    )
 
     inits = [load_initialisation(out / CHECKPOINT_NAME, f"meta-learned ({config.algorithm})")[0]]
     if baseline_config is not None:
         inits.append(load_initialisation(out / "baseline-fedavg" / CHECKPOINT_NAME, "FedAvg-trained")[0])
     inits.append(random_initialisation(config))
     k, steps = config.eval_k_shot, sorted(set(config.adaptation_steps))
-    _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))})")
+    _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))} and "
+                "auto: each site chooses its steps from its support slices)")
     # One call adapts every initialisation on every held-out site (and trains the oracles): no item to count here.
     what = (f"{len(inits)} initialisations adapting on the held-out sites"
             + (f", an oracle of {int(oracle_steps)} steps per site" if int(oracle_steps) > 0 else ""))
     with Heartbeat("simulate: comparison", what=what, quiet=quiet) as beat:
         comparison = compare_initialisations(federation, inits, config, k=k, steps=steps, seed=config.seed,
-                                             oracle_steps=int(oracle_steps))
-        margin = (paired_margin(comparison, inits[0].label, "FedAvg-trained", steps[-1])
+                                             oracle_steps=int(oracle_steps), auto=True)
+        # Judged where a hospital would be: each initialisation at the step count its site chose (auto).
+        margin = (paired_margin(comparison, inits[0].label, "FedAvg-trained", AUTO)
                   if baseline_config is not None else None)
         beat.update("writing report.md and the figures")
         report = write_report(out, comparison, runs,
@@ -268,11 +273,13 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
     }
     write_json(out / "results.json", results)
     for label, summary in comparison["summary"].items():
-        _say(quiet, f"  {label:32s} Dice " + "  ".join(f"{s} steps: {summary['mean'][s]:.3f}" for s in steps))
+        _say(quiet, f"  {label:32s} Dice " + "  ".join(f"{step_label(s)}: {summary['mean'][s]:.3f}"
+                                                         for s in comparison["steps"]))
     if margin is not None:
         ci = f" [{margin['ci'][0]:+.3f}, {margin['ci'][1]:+.3f}] (95 %, over patients)" if margin["ci"] else ""
-        _say(quiet, f"  margin over FedAvg-trained after {margin['steps']} steps: {margin['mean']:+.3f}{ci}; "
+        _say(quiet, f"  margin over FedAvg-trained at {step_label(margin['steps'])}: {margin['mean']:+.3f}{ci}; "
                     f"better for {margin['wins']}/{margin['patients']} held-out patients")
+        _say(quiet, f"  what this means: {what_it_means(margin, comparison)}")
     _say(quiet, f"done in {results['seconds_total']:.1f} s, peak memory {results['peak_memory_mb']:.0f} MB (whole process tree)")
     return results
 
