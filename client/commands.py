@@ -342,7 +342,7 @@ def _scored(model, init, site, checkpoint, lr_scale: float, *, shots, steps, pro
                      + ("choosing steps from the support slices, then " if AUTO in steps else "")
                      + f"adapting {', '.join(map(str, steps))} step(s) and scoring the evaluation patients")
             scored.update(score_site(model, init, site, shots=[k], steps=steps, splits=splits, refuse_diverged=True,
-                                     **options))
+                                     progress=lambda line: progress(f"site {site.name}, {line}"), **options))
             if AUTO in steps:
                 progress(f"site {site.name}, k={k}: auto chose {scored[k][AUTO]['chosen_steps']} step(s)")
         return scored
