@@ -220,11 +220,12 @@ def run_benchmark(
                        key=lambda job: (not costly(configs[job[1]]), job[0]))
         trained = _in_processes(spec["jobs"], _train, [
             _train_args(key, configs[key], seed, out, federation_dir, train_infos, eval_infos, spec, quiet)
-            for seed, key in order])
+            for seed, key in order], quiet=quiet, what="training runs")
         for (seed, key), (info, init) in zip(order, trained):
             runs[key][seed], inits[seed][key] = info, init
         scored = _in_processes(spec["jobs"], _evaluate_seed_from_files, [
-            (names, inits[seed], any_config, spec, eval_infos, seed, quiet) for seed in seeds_list])
+            (names, inits[seed], any_config, spec, eval_infos, seed, quiet) for seed in seeds_list],
+            quiet=quiet, what="seeds' evaluations")
         for seed, (dice_by_method, oracle[seed]) in zip(seeds_list, scored):
             for name in names:
                 dice[name][seed] = dice_by_method[name]

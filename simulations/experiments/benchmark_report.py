@@ -308,6 +308,9 @@ def _oracle_budget(results: dict[str, Any]) -> str:
         return f"{spec['oracle-steps']} Adam steps per new site, on its own data"
     taken = [record["steps"] for _, _, record in records]
     stopped = sum(record["stopped"] == "early-stopped" for _, _, record in records)
+    if all(record["stopped"] == "one support patient" for _, _, record in records):
+        return (f"{spec['oracle-steps']} Adam steps (the cap) per new site: no new site has a second support patient "
+                "to validate on, so none could stop early")
     text = (f"early-stopped on its validation patients at {float(np.median(taken)):.0f} Adam steps (median; "
             f"{min(taken)}–{max(taken)}), cap {spec['oracle-steps']}; stopped early in {stopped} of {len(records)} "
             "site-seeds")

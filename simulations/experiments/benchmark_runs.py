@@ -33,16 +33,24 @@ def _train_args(key: str, base, seed: int, out: Path, federation_dir: Path, trai
     return (key, config, federation_dir, train_infos, quiet, eval_infos, spec["curve-every"], spec["eval-max-images"])
 
 
-def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
+def _in_processes(jobs: int, function, arguments: list[tuple], quiet: bool = True, what: str = "jobs") -> list:
     """``[function(*a) for a in arguments]`` in ``jobs`` spawned processes, each with this process's torch
-    thread count; results in the order given. A failure in one job is raised here."""
+    thread count; results in the order given. A failure in one job is raised here. Unless ``quiet``, this
+    process says how many of ``what`` have finished whenever no process has printed for HEARTBEAT_S
+    (while the workers start, import torch and read their sites, none of them can)."""
     import torch
 
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(torch.get_num_threads(),))
+    global _shared_last_line
+    context = multiprocessing.get_context("spawn")
+    _shared_last_line = context.Value("d", _last_line[0])  # one clock of the last line, for every process
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(arguments)) or 1, mp_context=context,
+                               initializer=_worker_init, initargs=(torch.get_num_threads(), _shared_last_line))
     try:
         futures = [pool.submit(function, *args) for args in arguments]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)  # the first failure, whichever job it is
+        workers = min(jobs, len(arguments))
+        with progress(quiet, lambda: f"{sum(f.done() for f in futures)} of {len(futures)} {what} finished "
+                                     f"({workers} process{'es' if workers > 1 else ''})"):
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)  # the first failure, whichever job it is
         failed = next((f for f in futures if f in done and f.exception() is not None), None)
         if failed is not None:
             failed.result()  # raises it
@@ -54,15 +62,20 @@ def _in_processes(jobs: int, function, arguments: list[tuple]) -> list:
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        _shared_last_line = None
     pool.shutdown()
     return results
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, last_line=None) -> None:
+    """A worker's set-up: its torch threads, and ``last_line``, the clock of the last line any process printed."""
     import torch
 
+    global _shared_last_line
     end_with_parent()  # a benchmark killed with SIGKILL (no handler runs) takes its 500 MB workers with it
     torch.set_num_threads(threads)
+    _shared_last_line = last_line
 
 
 def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eval_infos=(), curve_every: int = 0,
@@ -265,7 +278,8 @@ def _intensity_curve(site, spec, seed: int, num_classes: int) -> dict[int, dict[
 # progress: a line at least every HEARTBEAT_S seconds in every phase, in every process
 
 HEARTBEAT_S = 8.0
-_last_line = [time.monotonic()]  # when this process last printed a line
+_last_line = [time.monotonic()]  # when this process last printed a line (time.monotonic: one clock for every process)
+_shared_last_line = None  # with worker processes: a multiprocessing.Value, when any of them last printed a line
 
 
 class progress:  # noqa: N801 - used as a context manager, like open()
@@ -292,7 +306,8 @@ class progress:  # noqa: N801 - used as a context manager, like open()
 
     def _beat(self) -> None:
         while not self._done.wait(0.5):
-            if time.monotonic() - _last_line[0] >= HEARTBEAT_S:
+            shared = _shared_last_line.value if _shared_last_line is not None else 0.0
+            if time.monotonic() - max(_last_line[0], shared) >= HEARTBEAT_S:
                 try:
                     status = self.status() if callable(self.status) else self.status
                 except Exception as err:  # a progress line must never end the benchmark
@@ -313,3 +328,5 @@ def _say(quiet: bool, line: str) -> None:
     if not quiet:
         print(line, flush=True)
         _last_line[0] = time.monotonic()
+        if _shared_last_line is not None:
+            _shared_last_line.value = _last_line[0]

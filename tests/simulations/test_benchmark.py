@@ -86,7 +86,7 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     assert results["dice"]["intensity"]["0"][sites[0]]["1"]["2"]["k"] == 1
     assert {r["stopped"] for r in results["oracle"]["0"].values()} == {"one support patient"}
     assert sorted(results["oracle"]["0"]) == sites and results["oracle"]["0"][sites[0]]["steps"] == 5
-    assert "one support patient, nothing to validate on, trained to the cap" in table
+    assert "5 Adam steps (the cap) per new site: no new site has a second support patient" in table
     assert all(f"above the oracle: {flag['method']}" in printed for flag in results["above_oracle"])
     # Time to accuracy: each federated method's learning curve on the new sites (rounds 0 and 1), the
     # bytes exchanged so far, and the first round that reaches FedAvg + fine-tune's final Dice.
