@@ -109,6 +109,8 @@ inner-steps = 1
 inner-steps = 1
 [training.prototypes]
 inner-steps = 0
+[training.prototypes-contrastive]
+inner-steps = 0
 [training.lstm-optimizer]
 inner-steps = 1
 [training.pooled-fomaml]

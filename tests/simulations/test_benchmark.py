@@ -16,21 +16,7 @@ from fedmeta.simulations.experiments.benchmark import (
     method_configs, summarise,
 )
 from fedmeta.simulations.cli import main
-from tests.conftest import TINY_BENCHMARK as SHARED_TINY_BENCHMARK
-
-# Every row the benchmark knows needs its [training.*] table in a preset that names no methods; until the shared
-# preset in tests/conftest.py has prototypes-contrastive's, this module adds it (2 episodes of 0 + 2 steps).
-CONTRASTIVE_TABLE = "[training.prototypes-contrastive]\ninner-steps = 0\n"
-TINY_BENCHMARK = (SHARED_TINY_BENCHMARK if "[training.prototypes-contrastive]" in SHARED_TINY_BENCHMARK else
-                  SHARED_TINY_BENCHMARK.replace("[training.lstm-optimizer]", CONTRASTIVE_TABLE + "[training.lstm-optimizer]"))
-
-
-@pytest.fixture
-def tiny_preset(tmp_path):
-    """This module's TINY_BENCHMARK written to a file (the shared fixture's, with every row's table)."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_BENCHMARK)
-    return path
+from tests.conftest import TINY_BENCHMARK
 
 
 def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_federation, tiny_preset, tmp_path, capsys):
