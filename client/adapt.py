@@ -5,7 +5,7 @@ implies (the run's inner step size, Meta-SGD's learned step sizes, ANIL's head o
 ``fedmeta.common.adaptation.load_initialisation``), through the inner loop training uses
 (``fedmeta.common.meta.adaptation_trajectory``). How many steps: ``auto`` (the default) chooses the count from
 the k support slices alone (``fedmeta.common.step_selection.choose_steps``: cross-validation over them, the
-one-standard-error rule, 0 steps a candidate), with the same inner rule, on the same device; then θ is adapted
+highest mean check Dice, 0 steps a candidate), with the same inner rule, on the same device; then θ is adapted
 on all k slices for that count, exactly as a fixed ``--steps`` of that count would. The initialisation and the adapted model are scored on
 the site's other, held-out patients: Dice per patient over the whole scan **in the scan's own grid**,
 computed from the very masks ``fedmeta predict`` writes (:func:`fedmeta.client.predict.segment_loaded`),
@@ -184,7 +184,7 @@ def check_steps_option(steps: int | str, max_steps: int | None) -> None:
 
 
 def steps_summary(adaptation: dict[str, Any]) -> str:
-    """"3 step(s) (auto: 3 of [0..20], one-standard-error over 5 folds of the support slices)" from a card's
+    """"3 step(s) (auto: 3 of [0..20], highest-check-dice over 5 folds of the support slices)" from a card's
     ``adaptation`` section; a fixed count reads "10 step(s)"."""
     said = f"{adaptation['steps']} step(s)"
     choice = adaptation.get("step_choice")

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt_parser.add_argument("--shots", type=int, default=5, help="labelled slices to adapt on (default 5)")
     adapt_parser.add_argument("--steps", default="auto",
                               help="gradient steps: auto (the default) chooses the count from the k support slices "
-                                   "alone, by cross-validation over them with the one-standard-error rule (0 steps, "
+                                   "alone, by cross-validation over them, the count with the highest check Dice (0 steps, "
                                    "the initialisation as it is, among the candidates), then adapts on all k; or a "
                                    "count, e.g. 10 (0 writes the initialisation unadapted, to compare; at most "
                                    "10,000, fedmeta's cap on every step count)")

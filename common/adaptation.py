@@ -246,9 +246,9 @@ def score_site(
                      + (f" (auto chose {choice.steps} step(s))" if choice else ""))
         curve = adaptation_curve(
             model, init.params, support_x, support_y, patients,
-            # The count the plain highest check Dice would choose is scored too, so the rule itself can be judged
-            # on a validation split (it is never what "auto" reports).
-            steps=sorted(set(fixed) | ({choice.steps, choice.best} if choice else set())), inner_lr=init.inner_lr,
+            # The count the one-standard-error rule would choose is scored too, so the rule itself can be judged
+            # again on a validation split (it is never what "auto" reports).
+            steps=sorted(set(fixed) | ({choice.steps, choice.one_se} if choice else set())), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
             inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged, variant=chosen,
         )
@@ -257,7 +257,7 @@ def score_site(
         if choice is not None:
             out[k][AUTO] = {**curve[choice.steps], "eval_slices": eval_slices, "chosen_steps": choice.steps,
                             "step_choice": choice.record(),
-                            "highest_check_dice_rule": {"steps": choice.best, "dice": curve[choice.best]["dice"]}}
+                            "one_standard_error_rule": {"steps": choice.one_se, "dice": curve[choice.one_se]["dice"]}}
     return out
 
 

@@ -233,7 +233,7 @@ def format_markdown(results: dict[str, Any]) -> str:
     if AUTO in columns:
         lines += [f"**auto**, the main column: each new site chooses its number of adaptation steps (0 to "
                   f"{spec.get('auto-max-steps', max(steps))}) from its k support slices alone, by cross-validation "
-                  "over them (their two halves when k = 1) and the one-standard-error rule "
+                  "over them (their two halves when k = 1), the count with the highest mean check Dice "
                   "(`fedmeta.common.step_selection`), as a hospital would; in brackets the mean number of steps "
                   "chosen. The fixed counts beside it are read with hindsight no hospital has.", ""]
     lines += [format_goal(results["goal"]).replace("\n  ", "\n- ").replace("goal", "**Goal**", 1), ""]

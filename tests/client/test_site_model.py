@@ -317,11 +317,11 @@ def test_adapt_chooses_its_steps_from_the_support_slices_by_default_and_saves_wh
     choice, chosen = adaptation["step_choice"], adaptation["steps"]
     assert adaptation["steps_requested"] == "auto" and chosen == choice["chosen_steps"]
     assert choice["candidates"] == [0, 1, 2, 3] and chosen in choice["candidates"]
-    assert choice["rule"] == "one-standard-error" and choice["split"] == "slices" and choice["folds"] == 5
+    assert choice["rule"] == "highest-check-dice" and choice["split"] == "slices" and choice["folds"] == 5
     assert sorted(choice["check_dice"]) == ["0", "1", "2", "3"]
     assert choice["reason"].startswith(f"{chosen} step(s) chosen from [0, 1, 2, 3] by 5-fold cross-validation")
     assert choice["reason"] in (tmp_path / "auto" / CARD_MD).read_text()
-    assert (f"after {chosen} step(s) (auto: {chosen} of [0..3], one-standard-error over 5 folds of the support slices)"
+    assert (f"after {chosen} step(s) (auto: {chosen} of [0..3], highest-check-dice over 5 folds of the support slices)"
             in printed)
     assert "choosing steps" in printed
 

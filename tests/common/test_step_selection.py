@@ -64,7 +64,8 @@ def test_a_random_start_is_adapted_and_the_choice_says_why():
     assert choice.folds == 5 and choice.split == "slices"
     assert set(choice.check_dice) == {0, 1, 5, 10}
     assert choice.steps > 0  # a random θ segments nothing: the check slices say adapting helps
-    assert choice.check_dice[choice.steps] >= choice.check_dice[choice.best] - choice.check_dice_se[choice.best]
+    assert choice.steps == choice.best and choice.check_dice[choice.steps] == max(choice.check_dice.values())
+    assert choice.one_se <= choice.steps  # the rule not taken never adapts longer
     record = json.loads(json.dumps(choice.record(), allow_nan=False))
     assert record["chosen_steps"] == choice.steps and "cross-validation" in record["reason"]
 
@@ -91,5 +92,5 @@ def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
         assert auto["step_choice"]["folds"] == (2 if k == 1 else 2)
         if chosen in scores[k]:
             assert auto["dice"] == scores[k][chosen]["dice"]  # the same adaptation, scored on the same patients
-        best = auto["highest_check_dice_rule"]  # the other rule, scored for judging the rule on validation
-        assert best["steps"] == auto["step_choice"]["best_steps"] and 0.0 <= best["dice"] <= 1.0
+        other = auto["one_standard_error_rule"]  # the rule not taken, scored for judging the rule on validation
+        assert other["steps"] == auto["step_choice"]["one_standard_error_steps"] and 0.0 <= other["dice"] <= 1.0
