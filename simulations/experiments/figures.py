@@ -55,6 +55,7 @@ _TABLE = (
     ("reptile",        "reptile",        "#E69F00", "p",    "-",   "Reptile"),
     ("fast-weights",   "fast-weights",   "#17BECF", "<",    "-",   "fast weights"),
     ("prototypes",     "prototypes",     "#9467BD", ">",    "-",   "prototypes"),
+    ("prototypes-contrastive", "prototypes", "#9467BD", "8",  "-",   "prototypes + contrastive loss"),
     ("lstm-optimizer", "lstm-optimizer", "#BCBD22", "d",    "-",   "LSTM optimiser"),
     ("oracle",         "oracle",         "#000000", "",     "--",  "oracle (ceiling)"),
     ("intensity",      "intensity",      "#7F7F7F", "",     ":",   "intensity threshold"),
