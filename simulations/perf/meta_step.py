@@ -4,6 +4,11 @@ Every figure is a ratio measured in the same run against FOMAML, and FOMAML agai
 number of plain forward/backward passes (``inner_steps + 1`` of ``nn.Module`` autograd with
 ``torch.optim.SGD``), so a noisy machine moves numerator and denominator together.
 
+Two tables: every case at the same inner steps (the setting's), and every case as the benchmark trains
+it (``as_trained``: the inner steps and episodes per site-round of the first benchmark preset that trains
+it), per episode and per site-round. The benchmark matches the local-step budget per site-round, so a
+method with cheap episodes runs more of them: the site-round is the cost training pays.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU there is no allocator counter, so
 each case runs once in a fresh child process and reports the growth of its peak resident set
 (``VmHWM``, reset once model and data are in place) over what they already took.
@@ -19,18 +24,36 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fedmeta.common.jsonio import write_json
 from fedmeta.common.progress import Heartbeat
-from fedmeta.common.protocol import ALGORITHMS, LSTM_OPTIMIZER
+from fedmeta.common.protocol import ALGORITHMS, FOMAML, LSTM_OPTIMIZER, MAML, PROTOTYPES
 
 PLAIN = "plain-fwd-bwd"
 CASES = (*ALGORITHMS, PLAIN)
+# Where the as-trained table reads each case's training: the first of these benchmark presets with a
+# [training.<case>] table (benchmark-anatomy: where the prototype learner is the recommended method).
+AS_TRAINED_PRESETS = ("benchmark-anatomy", "benchmark-converged", "benchmark")
+PROTOTYPES_TARGET = 2.5  # issue 27: the recommended method's time per episode, as trained, within 2.5x FOMAML's
+
+
+def parse_cases(text: str) -> tuple[str, ...]:
+    """``--cases fomaml,maml,prototypes``: the cases to measure, in CASES order; FOMAML is always among them."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--cases {text!r}: unknown case(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose among {', '.join(CASES)}, comma-separated.")
+    if FOMAML not in names:
+        raise argparse.ArgumentTypeError(f"--cases {text!r}: every ratio is to FOMAML, so fomaml must be among them.")
+    return tuple(case for case in CASES if case in names)
 
 
 @dataclass(frozen=True)
@@ -180,21 +203,24 @@ def peak_memory(case: str, setting: BenchSetting, device: str) -> int:
 
 
 def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=CASES,
-            beat: Heartbeat | None = None) -> dict[str, dict]:
-    """Returns case -> {seconds, peak_bytes}.
+            beat: Heartbeat | None = None, inner_steps: Mapping[str, int] | None = None) -> dict[str, dict]:
+    """Returns case -> {seconds, peak_bytes, parameters} of one episode.
 
     Timing runs in this process, the cases interleaved round-robin, so a load that comes and goes
     on a shared machine touches every case alike; the median of ``repeats`` rounds is kept.
     ``beat``: says each warm-up, timed round and memory case as it ends (silent without).
+    ``inner_steps``: a case's own inner steps (the as-trained table); the others run at the setting's.
     """
     beat = beat or Heartbeat("perf meta", quiet=True)
     name = setting.name.split(" ")[0]
+    settings = {case: replace(setting, inner_steps=(inner_steps or {}).get(case, setting.inner_steps))
+                for case in cases}
     _, _, episode, loss_fn = _setup(setting, device)
     networks = {case: _network(setting, case, device) for case in cases}
     for i, case in enumerate(cases, 1):  # warm-up: first-call allocations and lazy initialisation
         beat.update(f"warming up {case}")
         began = time.perf_counter()
-        _one_run(case, setting, *networks[case], episode, loss_fn)
+        _one_run(case, settings[case], *networks[case], episode, loss_fn)
         beat.say(f"perf meta {name}: warmed up {case} ({i}/{len(cases)}) in {time.perf_counter() - began:.0f} s")
     beat.say(f"perf meta {name}: timing {repeats} round(s) of every case")
     times: dict[str, list[float]] = {case: [] for case in cases}
@@ -204,14 +230,15 @@ def measure(setting: BenchSetting, device: str = "cpu", repeats: int = 5, cases=
             beat.update(f"timing {case}, round {repeat + 1}/{repeats}")
             _sync(device)
             start = time.perf_counter()
-            _one_run(case, setting, *networks[case], episode, loss_fn)
+            _one_run(case, settings[case], *networks[case], episode, loss_fn)
             _sync(device)
             times[case].append(time.perf_counter() - start)
         beat.say(f"perf meta {name}: timed round {repeat + 1}/{repeats} in {time.perf_counter() - began:.0f} s")
     results = {}
     for i, case in enumerate(cases, 1):  # peak memory: one fresh process per case
         beat.update(f"peak memory of {case} in a child process")
-        results[case] = {"seconds": statistics.median(times[case]), "peak_bytes": peak_memory(case, setting, device),
+        results[case] = {"seconds": statistics.median(times[case]),
+                         "peak_bytes": peak_memory(case, settings[case], device),
                          "parameters": sum(p.numel() for p in networks[case][1].values())}
         beat.say(f"perf meta {name}: peak memory of {case} ({i}/{len(cases)}): "
                  f"{results[case]['peak_bytes'] / 2**20:.1f} MB")
@@ -330,7 +357,7 @@ def summarise(results: dict[str, dict]) -> dict[str, dict]:
             "memory_vs_fomaml": (r["peak_bytes"] / reference["peak_bytes"]) if reference["peak_bytes"] else float("nan"),
         }
     table["targets"] = {
-        "maml_time_vs_fomaml": table["maml"]["time_vs_fomaml"],
+        "maml_time_vs_fomaml": table[MAML]["time_vs_fomaml"] if MAML in table else float("nan"),
         "maml_target": 3.0,
         "fomaml_time_vs_plain": reference["seconds"] / results[PLAIN]["seconds"] if PLAIN in results else float("nan"),
         "fomaml_target": 1.3,
@@ -362,26 +389,130 @@ def format_table(title: str, table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Training:
+    """How the benchmark trains a case: inner steps per episode, episodes per site-round, and the preset saying so."""
+
+    inner_steps: int
+    episodes: int
+    preset: str
+
+
+def as_trained(cases=CASES, presets=AS_TRAINED_PRESETS) -> dict[str, Training]:
+    """Each case's training from the first of ``presets`` with its [training.<case>] table, read through the
+    benchmark's own RunConfig (so a table's missing key takes the preset's [run-config], then the default).
+
+    The plain passes take FOMAML's (the reference they time); a case no preset trains is left out.
+    """
+    from fedmeta.simulations.experiments.benchmark_preset import METHODS, load_benchmark_preset, method_configs
+
+    trained: dict[str, Training] = {}
+    for preset in presets:
+        spec = load_benchmark_preset(preset)
+        wanted = [c for c in cases if c not in trained and c in spec["training"]]
+        methods = [m.name for m in METHODS if m.training in wanted]
+        for case, config in method_configs(spec, methods).items():
+            trained[case] = Training(config.inner_steps, config.episodes_per_site, spec["name"])
+    if PLAIN in cases and FOMAML in trained:
+        trained[PLAIN] = trained[FOMAML]
+    return {case: trained[case] for case in cases if case in trained}
+
+
+def _round_cost(case: str, training: Training) -> tuple[int, int]:
+    """(local gradient steps per site-round, episodes one backward pass holds) from the case's algorithm."""
+    if case == PLAIN:
+        return (training.inner_steps + 1) * training.episodes, 1
+    from fedmeta.common.algorithms import ALGORITHMS as REGISTRY  # loads torch: not for `fedmeta perf --help`
+
+    algorithm = REGISTRY[case]
+    return algorithm.local_steps(training.inner_steps, training.episodes), algorithm.episodes_at_once(training.episodes)
+
+
+def summarise_as_trained(results: dict[str, dict], trained: Mapping[str, Training]) -> dict[str, dict]:
+    """Per episode and per site-round, each against FOMAML's as trained.
+
+    A site-round is ``episodes`` episodes one after the other: ``episodes`` times the episode's time, and the
+    episode's peak memory times the episodes one backward pass holds (one, unless the algorithm batches them).
+    """
+    rows = {}
+    for case, r in results.items():
+        local_steps, at_once = _round_cost(case, trained[case])
+        rows[case] = {**r, **asdict(trained[case]), "local_steps": local_steps,
+                      "round_seconds": r["seconds"] * trained[case].episodes,
+                      "round_peak_bytes": r["peak_bytes"] * at_once}
+    reference = rows[FOMAML]
+    for row in rows.values():
+        for key, ratio in (("seconds", "time_vs_fomaml"), ("round_seconds", "round_time_vs_fomaml"),
+                           ("peak_bytes", "memory_vs_fomaml"), ("round_peak_bytes", "round_memory_vs_fomaml")):
+            row[ratio] = row[key] / reference[key] if reference[key] else float("nan")
+    rows["targets"] = {
+        "prototypes_time_vs_fomaml": rows[PROTOTYPES]["time_vs_fomaml"] if PROTOTYPES in rows else float("nan"),
+        "prototypes_target": PROTOTYPES_TARGET,
+    }
+    return rows
+
+
+def format_as_trained(title: str, table: dict[str, dict]) -> str:
+    lines = [f"## {title}", "",
+             "| case | inner steps | episodes / site-round | local steps / site-round | ms / episode | "
+             "× FOMAML time | peak MB | × FOMAML memory | ms / site-round | × FOMAML time | peak MB / site-round | "
+             "× FOMAML memory | "
+             "preset |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for case in CASES:
+        if case not in table:
+            continue
+        r = table[case]
+        lines.append(
+            f"| {case} | {r['inner_steps']} | {r['episodes']} | {r['local_steps']} | {r['seconds'] * 1e3:.1f} | "
+            f"{r['time_vs_fomaml']:.2f} | {r['peak_bytes'] / 2**20:.1f} | {r['memory_vs_fomaml']:.2f} | "
+            f"{r['round_seconds'] * 1e3:.1f} | {r['round_time_vs_fomaml']:.2f} | {r['round_peak_bytes'] / 2**20:.1f} | "
+            f"{r['round_memory_vs_fomaml']:.2f} | {r['preset']} |"
+        )
+    t = table["targets"]
+    lines += ["", f"prototypes / FOMAML time per episode, as trained: {t['prototypes_time_vs_fomaml']:.2f} "
+                  f"(target ≤ {t['prototypes_target']}); a site-round is its episodes one after the other, at the "
+                  "matched local-step budget"]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from fedmeta.common.devices import pick_device  # with torch: a perf run's --help stays light
 
     device = str(pick_device(args.device))
-    report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": {}}
+    cases = args.cases or CASES
+    trained = as_trained(cases)
+    report = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "load": os.getloadavg()[0], "settings": {}}
+    sections = []
     for key in args.settings:
         setting = SETTINGS[key]
-        print(f"perf meta {key}: {len(CASES)} cases, {args.repeats} timed round(s) each, then each case's peak "
-              f"memory in a child process ({device})", flush=True)
+        print(f"perf meta {key}: {len(cases)} cases at {setting.inner_steps} inner steps, then {len(trained)} as the "
+              f"benchmark trains them; {args.repeats} timed round(s) each, then each case's peak memory in a child "
+              f"process ({device})", flush=True)
         with Heartbeat(f"perf meta {key}") as beat:
-            table = summarise(measure(setting, device=device, repeats=args.repeats, beat=beat))
-        report["settings"][key] = {"setting": asdict(setting), "results": table}
-        print(format_table(f"{setting.name}, k={setting.k} q={setting.q}, {setting.inner_steps} inner steps, {device}", table))
-        print(flush=True)
+            table = summarise(measure(setting, device=device, repeats=args.repeats, cases=cases, beat=beat))
+            trained_table = summarise_as_trained(measure(
+                setting, device=device, repeats=args.repeats, cases=tuple(trained), beat=beat,
+                inner_steps={case: t.inner_steps for case, t in trained.items()}), trained)
+        report["settings"][key] = {"setting": asdict(setting), "results": table, "as_trained": trained_table}
+        sections += [
+            format_table(f"{setting.name}, k={setting.k} q={setting.q}, {setting.inner_steps} inner steps, {device}",
+                         table),
+            format_as_trained(f"{setting.name}, k={setting.k} q={setting.q}, as the benchmark trains each, {device}",
+                              trained_table),
+        ]
+        print(sections[-2], sections[-1], sep="\n\n", end="\n\n", flush=True)
+    report["load_after"] = os.getloadavg()[0]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, report)
+        heading = (f"# fedmeta perf meta ({device}, torch {report['torch']}, {report['threads']} threads, load "
+                   f"{report['load']:.1f} before, {report['load_after']:.1f} after)")
+        out.with_suffix(".md").write_text("\n\n".join([heading, *sections]) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -423,6 +423,9 @@ def register(subparsers) -> None:
     meta.add_argument("--settings", nargs="+", choices=sorted(meta_step.SETTINGS), default=["2d", "3d"])
     meta.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     meta.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    meta.add_argument("--cases", type=meta_step.parse_cases, default=None, metavar="CASE,...",
+                      help="only these cases, comma-separated (fomaml among them: every ratio is to it), e.g. "
+                           "fomaml,maml,prototypes (default: every algorithm and plain-fwd-bwd)")
     bench.set_defaults(handler=_dispatch)
 
 
