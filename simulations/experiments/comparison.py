@@ -189,8 +189,8 @@ def what_it_means(margin: dict[str, Any], comparison: dict[str, Any]) -> str:
         return (f"with {size}, the margin of {margin['mean']:+.3f} is within its 95 % interval of zero: at this size "
                 "the run shows that training, adaptation and scoring work end to end, not which method is better; "
                 "the claim is measured over seeds by `fedmeta benchmark` (docs/results-benchmark.md).")
-    direction = "ahead" if margin["mean"] > 0 else "behind"
-    return (f"with {size}, {margin['label']} is {direction} of {margin['baseline']} by {abs(margin['mean']):.3f} "
+    direction = "ahead of" if margin["mean"] > 0 else "behind"
+    return (f"with {size}, {margin['label']} is {direction} {margin['baseline']} by {abs(margin['mean']):.3f} "
             "(95 % interval excluding zero), but from one seed and a few patients: read it as a hint, and the 5-seed "
             "benchmark (docs/results-benchmark.md) as the evidence.")
 

@@ -1,7 +1,7 @@
 """Presets: TOML files of run-config overrides (``simulations/presets/``), and ``--set KEY=VALUE``.
 
 ``fedmeta simulate`` reads a preset as run-config keys plus the driver keys ``federation`` and
-``federation-seed``; ``fedmeta benchmark`` reads its own richer presets (``benchmark*.toml``).
+``federation-seed``, and per-algorithm ``[training.<algorithm>]`` tables; ``fedmeta benchmark`` reads its own richer presets (``benchmark*.toml``).
 """
 
 from __future__ import annotations
@@ -30,15 +30,25 @@ def read_preset_toml(preset: str, *, kind: str = "preset", known_glob: str = "*.
         raise ValueError(f"{path}: not valid TOML ({err}).") from None
 
 
-def load_preset(preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run-config overrides, driver settings) from a preset name or a TOML file path."""
+def load_preset(preset: str, algorithm: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, driver settings) from a preset name or a TOML file path.
+
+    A preset's ``[training.<algorithm>]`` table holds the settings one algorithm trains with (the prototype
+    learner takes no inner step: `smoke`); the overrides include the table of ``algorithm``, default the
+    preset's own ``algorithm``, so a run of another algorithm gets none of another's settings.
+    """
     path, values = read_preset_toml(preset)
+    tables = values.pop("training", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ValueError(f"{path}: [training.<algorithm>] entries must be tables of run-config keys, e.g. "
+                         "[training.prototypes] inner-steps = 0.")
     driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
     driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
     driver.setdefault("federation-seed", 0)
     driver.setdefault("oracle-steps", DEFAULT_ORACLE_STEPS)
     if isinstance(driver["oracle-steps"], bool) or not isinstance(driver["oracle-steps"], int) or driver["oracle-steps"] < 0:
         raise ValueError(f"{path}: oracle-steps={driver['oracle-steps']!r} must be an integer >= 0 (0: no oracle).")
+    values.update(tables.get(algorithm or values.get("algorithm"), {}))
     return values, driver
 
 

@@ -139,7 +139,7 @@ def simulate(
         if engine != "inprocess":
             raise ValueError("--attack runs on the in-process engine (--engine inprocess): the adversarial "
                              "sites are a ClientApp wrapper no deployed site carries.")
-    overrides, driver = load_preset(preset)
+    overrides, driver = load_preset(preset, algorithm)
     overrides.update(extra or {})
     if rounds is not None and rounds < 1:
         raise ValueError(f"--rounds {rounds}: a simulation trains at least one round; give --rounds 1 or more.")

@@ -44,7 +44,7 @@ TOLERANCE = 0.05  # ‖θ − θ_ref‖ at most this fraction of ‖θ_ref − �
 
 
 def smoke_config(federation: Path, out_dir: Path, algorithm: str, weighting: str, **changes) -> RunConfig:
-    overrides, _ = load_preset("smoke")
+    overrides, _ = load_preset("smoke", algorithm)
     return RunConfig.from_run_config({
         **overrides, "num-rounds": 3, "algorithm": algorithm, "site-weighting": weighting, "seed": 0, "device": "cpu",
         "out-dir": str(out_dir), "federation-dir": str(federation), **changes,

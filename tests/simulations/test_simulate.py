@@ -11,6 +11,13 @@ from fedmeta.simulations.experiments.presets import load_preset
 from fedmeta.simulations.experiments.simulate import format_round
 
 
+def test_a_presets_training_table_applies_to_its_algorithm_only():
+    overrides, _ = load_preset("smoke")
+    assert overrides["algorithm"] == "prototypes" and overrides["inner-steps"] == 0
+    other, _ = load_preset("smoke", "maml")
+    assert "inner-steps" not in other and other["k-shot"] == overrides["k-shot"]
+
+
 @pytest.mark.parametrize("preset", ["smoke", "default", "protocols", "scale-1000"])
 def test_shipped_presets_are_valid_run_configs(preset):
     overrides, driver = load_preset(preset)
@@ -104,7 +111,7 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
         assert (out / name).stat().st_size > 0, name
     results = loads_strict((out / "results.json").read_text())
     labels = list(results["comparison"]["summary"])
-    assert sorted(labels) == ["FedAvg-trained", "meta-learned (fomaml)", "oracle (the site's own labels)", "random init"]
+    assert sorted(labels) == ["FedAvg-trained", "meta-learned (prototypes)", "oracle (the site's own labels)", "random init"]
     # The comparison adapts as the run config says: the smoke preset's eval-k-shot 2 and eval-steps 0,5, and at
     # the count each site chooses from its support slices (auto, among 0..5).
     assert results["comparison"]["k"] == 2 and results["comparison"]["steps"] == [0, 5, "auto"]
@@ -112,20 +119,21 @@ def test_smoke_simulation_writes_checkpoint_metrics_results_report_and_plot(tmp_
         for steps in ("0", "5", "auto"):
             assert 0.0 <= results["comparison"]["summary"][label]["mean"][steps] <= 1.0
     report = (out / "report.md").read_text()
-    assert "| meta-learned (fomaml) |" in report and "| FedAvg-trained |" in report and "| random init |" in report
+    assert "| meta-learned (prototypes) |" in report and "| FedAvg-trained |" in report and "| random init |" in report
     # The claim with its uncertainty: the paired per-patient margin over FedAvg, and the ceiling.
     margin = results["margin_over_fedavg"]
     assert margin["baseline"] == "FedAvg-trained" and margin["steps"] == "auto" and margin["patients"] >= 2
     low, high = margin["ci"]
     assert low <= margin["mean"] <= high
     assert all(0 <= n <= 5 for sites in results["comparison"]["chosen_steps"].values() for n in sites.values())
-    assert "**Margin** of meta-learned (fomaml) over FedAvg-trained at auto (steps chosen per site)" in report
+    assert "**Margin** of meta-learned (prototypes) over FedAvg-trained at auto (steps chosen per site)" in report
     assert "The oracle is, per site, a UNet fully supervised" in report
     assert "margin over FedAvg-trained at auto (steps chosen per site)" in printed
     # What the number means at this size, in one line.
     assert "what this means: with " in printed and "**What this means:**" in report
     assert (out / "baseline-fedavg" / "checkpoint.pt").exists()
-    assert results["runs"]["fomaml"]["rounds"] == 3 and results["peak_memory_mb"] > 0
+    assert results["runs"]["prototypes"]["rounds"] == 3 and results["peak_memory_mb"] > 0
+    assert results["run_config"]["inner-steps"] == 0  # the preset's [training.prototypes] table
 
 
 def test_the_fedavg_baseline_gets_the_meta_learners_local_step_budget():
