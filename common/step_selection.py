@@ -87,21 +87,26 @@ def candidate_steps(max_steps: int | None = None) -> tuple[int, ...]:
     return tuple(sorted({s for s in CANDIDATE_STEPS if s <= max_steps} | {max_steps}))
 
 
-def support_folds(support_x: torch.Tensor, support_y: torch.Tensor, max_folds: int = MAX_FOLDS):
+def support_folds(support_x: torch.Tensor, support_y: torch.Tensor, max_folds: int = MAX_FOLDS, multiple: int = 1):
     """``(split, [(adapt_x, adapt_y, check_x, check_y), ...])`` for the k support slices.
 
     k ≥ 2: slice i goes to fold i mod min(k, max_folds) (the support set's order is already the seeded
     draw). k = 1: the slice's left and right halves, each adapting for the other; a fully convolutional
-    network takes half a slice as it takes a whole one.
+    network takes half a slice as it takes a whole one, when the half's width is a multiple of what the
+    network downsamples by (``multiple``: a UNet's product of strides): each half is cut to the largest
+    such width, and a slice too narrow for any is refused with the fix.
     """
     k = len(support_x)
     if k == 0:
         raise ValueError("no support slice: choosing steps needs at least one labelled slice.")
     if k == 1:
         width = support_x.shape[-1]
-        half = width // 2
+        multiple = max(1, int(multiple))
+        half = width // 2 // multiple * multiple
         if half == 0:
-            raise ValueError(f"a support slice {width} pixels wide cannot be split into halves to choose steps.")
+            raise ValueError(f"with one support slice, --steps auto checks each half of it on the other, and a slice "
+                             f"{width} pixels wide has no half {multiple} or more pixels wide (a multiple of "
+                             f"{multiple}, what the network takes). Fix: give a fixed --steps, or --shots 2 or more.")
         left = (support_x[..., :half], support_y[..., :half])
         right = (support_x[..., half:2 * half], support_y[..., half:2 * half])
         return "half-slice", [(*left, *right), (*right, *left)]
@@ -154,7 +159,9 @@ def choose_steps(
         raise ValueError(f"candidates={list(candidates)} must be step counts >= 0, e.g. {list(CANDIDATE_STEPS)}.")
     if not classes:
         raise ValueError("classes is empty: name the site's foreground classes to score the check slices on.")
-    split, folds = support_folds(support_x, support_y.long(), max_folds)
+    # A UNet (every fedmeta network is one) takes widths that are multiples of its strides' product.
+    multiple = math.prod(int(v) for v in getattr(model, "strides", ()) or (1,))
+    split, folds = support_folds(support_x, support_y.long(), max_folds, multiple)
     dtype = next(iter(params.values())).dtype
     per_fold: list[dict[int, float]] = []
     for fold, (adapt_x, adapt_y, check_x, check_y) in enumerate(folds, start=1):

@@ -37,6 +37,17 @@ def test_folds_hold_out_support_slices_and_halves_of_a_single_slice():
     assert ax.shape[-1] == cx.shape[-1] == 16 and torch.equal(ax, dx) and torch.equal(cx, bx)
 
 
+
+def test_a_single_slice_is_halved_to_widths_the_network_takes_or_refused_with_the_fix():
+    x, y = _support(1, size=24)  # a network downsampling by 8 takes 24 but not its halves of 12: cut to 8
+    split, folds = support_folds(x, y, multiple=8)
+    assert split == "half-slice" and all(f[0].shape[-1] == f[2].shape[-1] == 8 for f in folds)
+    tiny = ModelConfig(channels=(4, 8, 16, 32), strides=(2, 2, 2))  # takes multiples of 8; a half of 8 is 4
+    x, y = _support(1, size=8)
+    with pytest.raises(ValueError, match=r"8 pixels wide.*--shots 2"):
+        choose_steps(build_model(tiny), initial_params(seeded_model(tiny, 0)), x, y, inner_lr=0.1,
+                     loss_fn=DiceCELoss(4), num_classes=4, classes=[2], candidates=(0, 1))
+
 def test_pooled_dice_counts_pixels_over_the_check_slices():
     truth = torch.tensor([[0, 2], [2, 2]])
     assert pooled_dice(truth, truth, [2]) == 1.0
