@@ -70,6 +70,12 @@ def score_variants(
     fixed = [s for s in steps if s != AUTO]
     auto_max = max(fixed) if fixed else None
     say = progress or (lambda line: None)
+    for site in sites:
+        role = _federation_role(Path(site))
+        if role is not None and role != "train":
+            say(f"warning: {site} is a {role} site of its federation (its manifest.json says so): a variant promoted "
+                "on it is chosen on the test sites. Pass validation sites (training sites kept out of training, e.g. "
+                "the benchmark's validation-sites) instead.")
     started = last = time.monotonic()
     result: dict[str, Any] = {
         "settings": {"shots": list(shots), "steps": [str(s) for s in steps], "seeds": list(seeds),
@@ -150,15 +156,17 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         "k and steps, mean [min, max] over seeds.",
         "",
     ]
+    judged = AUTO if AUTO in steps else steps[-1]  # the column the Δ is shown for: auto when scored
     for k in settings["shots"]:
         lines += [f"## k = {k}", "", "| checkpoint | variant | " + " | ".join(f"{s} steps" if s != AUTO else AUTO
-                                                                              for s in steps) + f" | Δ {AUTO} |",
+                                                                              for s in steps)
+                  + f" | Δ {judged if judged == AUTO else f'{judged} steps'} |",
                   "|---|---|" + "---|" * (len(steps) + 1)]
         for label, by_variant in result["scores"].items():
             for name, cells in by_variant.items():
                 row = [f"{cells[str(k)][s]['mean']:.3f} [{cells[str(k)][s]['min']:.3f}–{cells[str(k)][s]['max']:.3f}]"
                        for s in steps]
-                delta = cells[str(k)][steps[-1]].get("delta_vs_fine_tune")
+                delta = cells[str(k)][judged].get("delta_vs_fine_tune")
                 shown = "" if delta is None or name == DEFAULT else \
                     f"{delta['mean']:+.3f} [{delta['min']:+.3f}, {delta['max']:+.3f}]"
                 lines.append(f"| {label} | {name} | " + " | ".join(row) + f" | {shown} |")
@@ -188,6 +196,20 @@ def _checked(shots, steps, seeds):
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {seeds}: distinct integers, e.g. 0,1,2.")
     return shots, parsed, seeds
+
+
+def _federation_role(site: Path) -> str | None:
+    """The role (train, heldout) a synthetic federation's manifest.json beside ``site`` gives it, or None when
+    there is no readable manifest (a real site: nothing tells, and nothing is said)."""
+    import json
+
+    try:
+        manifest = json.loads((site.parent / "manifest.json").read_text())
+        roles = {str(s.get("path") or s.get("name")): s.get("role") for s in manifest.get("sites", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    role = roles.get(site.name)
+    return str(role) if role is not None else None
 
 
 def _unique_names(sites) -> list[str]:
@@ -231,8 +253,8 @@ def handle(args: argparse.Namespace) -> int:
         outputs.check([RESULTS_NAME, TABLE_NAME], overwrite=args.overwrite)
         result = score_variants(
             checkpoints, sites, variants=None if args.variants == "all" else _list(args.variants),
-            shots=[int(k) for k in _list(args.shots)], steps=[s if s == AUTO else int(s) for s in _list(args.steps)],
-            seeds=[int(s) for s in _list(args.seeds)], max_images=args.max_images)
+            shots=_integers("--shots", args.shots, "1,5,10"), steps=_step_list(args.steps),
+            seeds=_integers("--seeds", args.seeds, "0,1,2"), max_images=args.max_images)
         outputs.claim([RESULTS_NAME, TABLE_NAME], overwrite=args.overwrite)
         outputs.write_json(RESULTS_NAME, result)
         outputs.write_text(TABLE_NAME, markdown_table(result))
@@ -245,6 +267,29 @@ def handle(args: argparse.Namespace) -> int:
 
 def _list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _integers(option: str, value: str, example: str) -> list[int]:
+    """``--shots``/``--seeds`` as integers, or a ValueError naming the value and an example."""
+    try:
+        return [int(part) for part in _list(value)]
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: comma-separated integers, e.g. {option} {example}.") from None
+
+
+def _step_list(value: str) -> list[int | str]:
+    """``--steps``: counts and ``auto`` (any case), or a ValueError naming the value and an example."""
+    steps: list[int | str] = []
+    for part in _list(value):
+        if part.lower() == AUTO:
+            steps.append(AUTO)
+            continue
+        try:
+            steps.append(int(part))
+        except ValueError:
+            raise ValueError(f"--steps {value!r}: {part!r} is neither a step count nor {AUTO}; give e.g. "
+                             f"--steps 0,5,10,20,{AUTO}.") from None
+    return steps
 
 
 def _pairs(values: Sequence[str]) -> dict[str, Path]:

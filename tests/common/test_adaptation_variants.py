@@ -253,3 +253,50 @@ def test_the_command_spells_auto_and_the_default_as_the_library_does():
     from fedmeta.simulations.experiments import variants
 
     assert (variants.AUTO, variants.DEFAULT) == (AUTO, DEFAULT)
+
+
+def test_the_command_names_a_bad_list_value_and_reads_auto_in_any_case(tmp_path, capsys):
+    from fedmeta.simulations.experiments.variants import _step_list, handle, register
+
+    assert _step_list("AUTO, 0,5") == [AUTO, 0, 5]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for option, value in (("--steps", "0,10.5"), ("--shots", "1,x"), ("--seeds", "a")):
+        args = parser.parse_args(["variants", "--checkpoint", "a=/nonexistent.pt", "--sites", "x",
+                                  "--out", str(tmp_path / "out"), option, value])
+        assert handle(args) == 1
+        assert f"{option} '{value}'" in capsys.readouterr().err
+
+
+def test_the_table_shows_the_difference_at_auto_wherever_auto_is_listed():
+    from fedmeta.simulations.experiments.variants import markdown_table
+
+    def cell(mean, delta):
+        return {"mean": mean, "min": mean, "max": mean, "delta_vs_fine_tune": {"mean": delta, "min": delta, "max": delta}}
+
+    result = {"settings": {"shots": [1], "steps": ["auto", "0"], "seeds": [0], "sites": ["s"], "auto_max_steps": 20},
+              "scores": {"c": {"fine-tune": {"1": {"auto": cell(0.5, 0.0), "0": cell(0.4, 0.0)}},
+                               "ensemble": {"1": {"auto": cell(0.6, 0.1), "0": cell(0.4, 0.0)}}}},
+              "not_applicable": {}, "variants": {}}
+    table = markdown_table(result)
+    assert "| Δ auto |" in table and "| c | ensemble | 0.600 [0.600–0.600] | 0.400 [0.400–0.400] | +0.100" in table
+    result["settings"]["steps"] = ["0"]
+    assert "| Δ 0 steps |" in markdown_table(result)
+
+
+def test_a_held_out_site_of_a_federation_is_warned_about(tmp_path):
+    from fedmeta.simulations.experiments.variants import _federation_role
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"sites": [{"name": "new-a", "role": "heldout", "path": "new-a"},
+                                                                  {"name": "site-01", "role": "train", "path": "site-01"}]}))
+    assert _federation_role(tmp_path / "new-a") == "heldout" and _federation_role(tmp_path / "site-01") == "train"
+    assert _federation_role(tmp_path / "elsewhere" / "x") is None
+    from fedmeta.simulations.experiments.variants import score_variants
+
+    said: list[str] = []
+    (tmp_path / "new-a").mkdir()
+    with pytest.raises(FileNotFoundError):  # the warning comes first, before any checkpoint is read
+        score_variants({"a": tmp_path / "missing.pt"}, [tmp_path / "new-a"], progress=said.append)
+    assert said and "heldout site" in said[0] and "validation sites" in said[0]
