@@ -42,6 +42,7 @@ def load_preset(preset: str, algorithm: str | None = None) -> tuple[dict[str, An
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ValueError(f"{path}: [training.<algorithm>] entries must be tables of run-config keys, e.g. "
                          "[training.prototypes] inner-steps = 0.")
+    _check_training_tables(path, tables)
     driver = {k: values.pop(k) for k in DRIVER_KEYS if k in values}
     driver.setdefault("federation", path.stem if path.stem in ("smoke", "default") else "default")
     driver.setdefault("federation-seed", 0)
@@ -50,6 +51,29 @@ def load_preset(preset: str, algorithm: str | None = None) -> tuple[dict[str, An
         raise ValueError(f"{path}: oracle-steps={driver['oracle-steps']!r} must be an integer >= 0 (0: no oracle).")
     values.update(tables.get(algorithm or values.get("algorithm"), {}))
     return values, driver
+
+
+def _check_training_tables(path: Path, tables: dict[str, dict[str, Any]]) -> None:
+    """Each ``[training.<algorithm>]`` table names an algorithm and holds run-config keys only: a misspelt
+    algorithm would be skipped silently, a misspelt key reported without the file it is in."""
+    from fedmeta.common.config import RunConfig  # torch: only once a preset is read, never for --help
+    from fedmeta.common.protocol import ALGORITHMS
+
+    keys = {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
+    for algorithm, table in tables.items():
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"{path}: [training.{algorithm}]: no algorithm is called {algorithm!r}; name one of "
+                             f"{', '.join(ALGORITHMS)}, or remove the table.")
+        unknown = sorted(set(table) - keys)
+        if unknown:
+            where = [k for k in unknown if k in DRIVER_KEYS]
+            hint = (f" ({', '.join(where)} configure{'s' if len(where) == 1 else ''} the driver: put "
+                    f"{'it' if len(where) == 1 else 'them'} at the top of the file)") if where else ""
+            raise ValueError(f"{path}: [training.{algorithm}]: unknown run-config key(s) {', '.join(unknown)}{hint}; "
+                             f"valid keys: {', '.join(sorted(keys))}.")
+        if "algorithm" in table:
+            raise ValueError(f"{path}: [training.{algorithm}] sets algorithm: the table applies when {algorithm} is "
+                             "the algorithm run; set algorithm at the top of the file or with --algorithm.")
 
 
 def parse_sets(items: list[str], command: str = "simulate") -> dict[str, Any]:

@@ -18,6 +18,20 @@ def test_a_presets_training_table_applies_to_its_algorithm_only():
     assert "inner-steps" not in other and other["k-shot"] == overrides["k-shot"]
 
 
+
+@pytest.mark.parametrize("table, message", [
+    ('training = "inner-steps=0"', r"entries must be tables"),
+    ("[training.protoypes]\ninner-steps = 0", r"\[training.protoypes\]: no algorithm is called 'protoypes'; name one of"),
+    ("[training.prototypes]\nbogus-key = 3", r"\[training.prototypes\]: unknown run-config key\(s\) bogus-key"),
+    ("[training.prototypes]\noracle-steps = 3", r"oracle-steps configures the driver: put it at the top"),
+    ('[training.prototypes]\nalgorithm = "maml"', r"sets algorithm"),
+])
+def test_a_malformed_training_table_names_the_file_the_table_and_the_fix(tmp_path, table, message):
+    preset = tmp_path / "mine.toml"
+    preset.write_text(f'algorithm = "prototypes"\n{table}\n')
+    with pytest.raises(ValueError, match=f"{preset}: .*{message}"):
+        load_preset(str(preset))
+
 @pytest.mark.parametrize("preset", ["smoke", "default", "protocols", "scale-1000"])
 def test_shipped_presets_are_valid_run_configs(preset):
     overrides, driver = load_preset(preset)
