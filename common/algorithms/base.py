@@ -222,8 +222,8 @@ class Learner(Algorithm):
         for adapted, _ in steps:
             pass
         query_y = self.query_target(model, adapted, query_y)
-        query_loss = inner_loop.loss(model, adapted, query_x, query_y, loop.loss_fn)
-        grads = torch.autograd.grad(query_loss, list(theta.values()), materialize_grads=True)
+        objective, query_loss = self.query_objective(model, adapted, query_x, query_y, loop.loss_fn)
+        grads = torch.autograd.grad(objective, list(theta.values()), materialize_grads=True)
         return dict(zip(theta, grads)), {n: p.detach() for n, p in adapted.items()}, {
             "query_loss_after": float(query_loss.detach()), "before": {n: p.detach() for n, p in prepared.items()},
             "episode": (support_x, support_y, query_x, query_y)}
@@ -231,6 +231,13 @@ class Learner(Algorithm):
     def query_target(self, model: torch.nn.Module, adapted: Params, query_y: torch.Tensor) -> torch.Tensor:
         """The query target in the label space the adapted learner segments in."""
         return query_y
+
+    def query_objective(self, model: torch.nn.Module, adapted: Params, query_x: torch.Tensor, query_y: torch.Tensor,
+                        loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the meta-gradient differentiates, the query loss reported beside the other methods'): the query
+        segmentation loss, twice, unless a learner adds a term of its own (prototypes-contrastive)."""
+        query_loss = inner_loop.loss(model, adapted, query_x, query_y, loss_fn)
+        return query_loss, query_loss
 
 
 def check_scalar_step_size(inner_lr: Any) -> float:

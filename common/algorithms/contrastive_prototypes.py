@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.common import inner_loop, protocol
+from fedmeta.common import protocol
 from fedmeta.common.algorithms.prototypes import PROTOTYPE_LOG_SCALE, PROTOTYPES, PrototypeUNet, Prototypes, \
     in_support_label_space, prototype_logits
 
@@ -85,24 +85,11 @@ class ContrastivePrototypes(Prototypes):
     network = ContrastivePrototypeUNet
     own_keys = ("prototype_dim",)
 
-    def episode_update(self, model, params, episode, loop):
-        """The prototype learner's update with the query loss + λ·pair loss (``query_loss_after`` reports the
-        prototype part, comparable with the other methods)."""
-        support_x, support_y, query_x, query_y = episode
-        theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        steps = inner_loop.trajectory(model, theta, loop.names, support_x, support_y, loop.inner_steps, loop.step_size,
-                                      loop.loss_fn, rule=self, create_graph=True, truncation=loop.truncation)
-        prepared, _ = next(steps)
-        adapted = prepared
-        for adapted, _ in steps:
-            pass
-        query_y = self.query_target(model, adapted, query_y)
-        segmentation, pairs = self.query_losses(model, adapted, query_x, query_y, loop.loss_fn)
-        grads = torch.autograd.grad(segmentation + model.contrastive_weight * pairs, list(theta.values()),
-                                    materialize_grads=True)
-        return dict(zip(theta, grads)), {n: p.detach() for n, p in adapted.items()}, {
-            "query_loss_after": float(segmentation.detach()), "before": {n: p.detach() for n, p in prepared.items()},
-            "episode": (support_x, support_y, query_x, query_y)}
+    def query_objective(self, model, adapted, query_x, query_y, loss_fn):
+        """The prototype learner's query loss + λ·pair loss; the prototype part is what is reported, comparable
+        with the other methods."""
+        segmentation, pairs = self.query_losses(model, adapted, query_x, query_y, loss_fn)
+        return segmentation + model.contrastive_weight * pairs, segmentation
 
     def query_losses(self, model, adapted, query_x, query_y, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
         """(prototype segmentation loss, pair loss) of the query set, from one pass of the embedding."""
