@@ -8,6 +8,7 @@ This module is the commands' edge: their options, the release key they verify wi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def adapt_command(args: argparse.Namespace) -> int:
 def steps_option(text: str) -> int | str:
     """``--steps`` as given: ``auto``, or the count it names (checked, with the value named, by adapt_site)."""
     text = str(text).strip()
-    return int(text) if text.lstrip("+-").isdigit() else ("auto" if text.lower() == "auto" else text)
+    if re.fullmatch(r"[+-]?[0-9]+", text):  # ASCII digits only: '--5' or '²' pass isdigit() and then fail int()
+        return int(text)
+    return "auto" if text.lower() == "auto" else text
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -362,6 +362,9 @@ def test_adapt_auto_on_a_site_with_one_patient_and_one_slice_splits_the_slice(re
     (["--steps", "banana"], "--steps 'banana': give auto (the default: the count is chosen from the support slices) "
                             "or a number of gradient steps from 0 to 10,000, e.g. --steps 10."),
     (["--steps", "-1"], "--steps -1: gradient steps, an integer from 0"),
+    (["--steps=--5"], "--steps '--5': give auto"),  # not 'invalid literal for int()'
+    (["--steps", "\u00b2"], "--steps '\u00b2': give auto"),
+    (["--steps", "10.5"], "--steps '10.5': give auto"),
     (["--steps", "5", "--max-steps", "5"], "--max-steps 5: bounds the count --steps auto chooses; with --steps 5"),
     (["--max-steps", "10001"], "--max-steps 10001: the most steps --steps auto may choose, an integer from 0 to 10,000"),
 ])
