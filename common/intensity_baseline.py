@@ -93,6 +93,10 @@ def fit_intensity_classifier(support_x: Tensor, support_y: Tensor, num_classes: 
     if smoothing < 0:
         raise ValueError(f"smoothing={smoothing} must be >= 0.")
     values = support_x[:, 0].reshape(-1).double()
+    if not bool(torch.isfinite(values).all()):  # NaN put every voxel in bin 0, inf made every bin infinitely wide
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"the support slices hold {bad} non-finite intensity value(s) (NaN or infinity): no threshold "
+                         "can be fitted; check the site's images (fedmeta validate) before scoring.")
     low, high = float(values.min()), float(values.max())
     if high <= low:
         high = low + 1.0  # a constant support: one value, every bin the same

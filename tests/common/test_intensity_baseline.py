@@ -63,6 +63,20 @@ def test_bad_arguments_are_refused(x_shape, y_shape, kwargs, match):
         fit_intensity_classifier(torch.rand(2, 1, 4, 4), torch.full((2, 4, 4), 4), num_classes=4)
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_support_intensity_is_refused_not_binned(bad):
+    x = torch.rand(2, 1, 4, 4)
+    x[0, 0, 0, 0] = bad
+    y = (x[:, 0] > 0.5).long()
+    with pytest.raises(ValueError, match="1 non-finite intensity value"):
+        fit_intensity_classifier(x, y, num_classes=4)
+
+
+def test_a_constant_support_of_one_class_labels_everything_that_class():
+    classifier = fit_intensity_classifier(torch.full((2, 1, 4, 4), 0.5), torch.full((2, 4, 4), 2), num_classes=4)
+    assert classifier.predict(torch.randn(1, 1, 4, 4) * 10).unique().tolist() == [2] and classifier.describe() == "2"
+
 def test_on_the_tissue_generation_intensity_nearly_decides_the_label(smoke_federation: Path):
     # The smoke federation is the tissue generation: a label there is close to a function of intensity, so
     # the lookup fitted on 5 slices is high on grey and white matter wherever both are labelled.
