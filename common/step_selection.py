@@ -61,7 +61,7 @@ class StepChoice:
         """One line a model card or a log can carry: what was chosen and why."""
         held = "each half of the one labelled slice" if self.split == "half-slice" else "held-out support slices"
         return (f"{self.steps} step(s) chosen from {list(self.candidates)} by {self.folds}-fold cross-validation on "
-                f"{held}: the highest mean check Dice, {self.check_dice[self.steps]:.3f} (0 steps: "
+                f"{held}: the highest mean check Dice, {self.check_dice[self.steps]:.3f} ({self.candidates[0]} steps: "
                 f"{self.check_dice[self.candidates[0]]:.3f})")
 
     def record(self) -> dict[str, Any]:

@@ -105,3 +105,10 @@ def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
             assert auto["dice"] == scores[k][chosen]["dice"]  # the same adaptation, scored on the same patients
         other = auto["one_standard_error_rule"]  # the rule not taken, scored for judging the rule on validation
         assert other["steps"] == auto["step_choice"]["one_standard_error_steps"] and 0.0 <= other["dice"] <= 1.0
+
+
+
+def test_the_reason_names_the_fewest_candidate_it_compares_with():
+    choice = StepChoice(steps=10, candidates=(5, 10), check_dice={5: 0.4, 10: 0.5}, check_dice_se={5: 0.0, 10: 0.0},
+                        folds=2, split="slices", best=10, one_se=10)
+    assert "(5 steps: 0.400)" in choice.reason() and "0 steps" not in choice.reason()
