@@ -1,7 +1,8 @@
 """Presets: TOML files of run-config overrides (``simulations/presets/``), and ``--set KEY=VALUE``.
 
 ``fedmeta simulate`` reads a preset as run-config keys plus the driver keys ``federation`` and
-``federation-seed``, and per-algorithm ``[training.<algorithm>]`` tables; ``fedmeta benchmark`` reads its own richer presets (``benchmark*.toml``).
+``federation-seed``, and per-algorithm ``[training.<algorithm>]`` tables; ``fedmeta benchmark`` reads its own
+richer presets (``benchmark*.toml``).
 """
 
 from __future__ import annotations
