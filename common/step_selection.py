@@ -40,7 +40,6 @@ AUTO = "auto"
 CANDIDATE_STEPS = (0, 1, 2, 3, 5, 7, 10, 15, 20)
 MAX_FOLDS = 5
 RULE = "highest-check-dice"  # the fewest steps among the highest mean check Dice
-ONE_SE_RULE = "one-standard-error"
 
 
 @dataclass(frozen=True)
@@ -202,5 +201,5 @@ def _standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
-__all__ = ["AUTO", "CANDIDATE_STEPS", "MAX_FOLDS", "ONE_SE_RULE", "RULE", "StepChoice", "candidate_steps", "choose_steps",
+__all__ = ["AUTO", "CANDIDATE_STEPS", "MAX_FOLDS", "RULE", "StepChoice", "candidate_steps", "choose_steps",
            "pooled_dice", "support_folds"]
