@@ -64,6 +64,9 @@ COMMANDS: dict[str, Command] = {
     "sign": Command("fedmeta.server.provision:register",
                     "sign a checkpoint as the consortium's release (Ed25519): writes CHECKPOINT.sig and "
                     "CHECKPOINT.release.json"),
+    "fleet-proxy-config": Command("fedmeta.server.fleet_proxy:register",
+                                  "write the nginx configuration of the Fleet-only proxy in front of the SuperLink "
+                                  "(a host without containers)"),
     # a researcher
     "simulate": Command("fedmeta.simulations.experiments.simulate:register",
                         "meta-train on the synthetic federation and report new-hospital adaptation"),

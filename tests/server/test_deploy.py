@@ -115,10 +115,13 @@ def test_images_run_the_loopback_tests_commands_on_the_pinned_flower_as_non_root
 
 def test_only_the_fleet_api_faces_the_sites():
     """Flower 1.41 serves Fleet, Control and Runtime APIs on one port: the public port is a proxy that passes
-    the Fleet API only (the paths a SuperNode uses), and the SuperLink's own port stays on loopback."""
+    the Fleet calls a registered SuperNode makes, as POST, and refuses the rest; the SuperLink's own port stays
+    on loopback (tests/end_to_end/test_fleet_proxy.py runs the same configuration in Debian's nginx)."""
     import inspect
 
     from flwr.supernode import fleet_http_client
+
+    from fedmeta.server.fleet_proxy import FLEET_PREFIX, SELF_REGISTRATION_CALLS, SITE_FLEET_CALLS, docker_template
 
     services = _compose(DEPLOY / "coordinator/compose.yaml")["services"]
     assert services["superlink"]["ports"] == ["127.0.0.1:8001:8000"]
@@ -126,13 +129,22 @@ def test_only_the_fleet_api_faces_the_sites():
     published = [p for s in services.values() for p in s.get("ports", []) if not p.startswith("127.0.0.1:")]
     assert published == ["8000:8000"]
     template = (DEPLOY / "coordinator/fleet-proxy.conf.template").read_text()
-    locations = re.findall(r"location\s+(\S+)\s*\{([^}]*)\}", template)
-    passed = [path for path, body in locations if "proxy_pass" in body]
-    assert passed == ["/v1/fleet/"]
-    assert all("return 403" in body for path, body in locations if path != "/v1/fleet/")
-    assert "proxy_ssl_verify       on" in template and "listen 8000 ssl" in template
+    assert template == docker_template(), (
+        "deploy/coordinator/fleet-proxy.conf.template is generated: python -c 'from fedmeta.server.fleet_proxy import "
+        "docker_template; print(docker_template(), end=\"\")' > deploy/coordinator/fleet-proxy.conf.template")
+    locations = re.findall(r"location\s+([=~]\s+)?(\S+)\s*\{([^{}]*)\}", template)
+    passed = {path for exact, path, body in locations if "proxy_pass" in body and exact.strip() == "="}
+    assert passed == {FLEET_PREFIX + call for call in SITE_FLEET_CALLS}
+    assert all("return 403" in body for _exact, path, body in locations if "proxy_pass" not in body)
+    assert len(locations) == len(passed) + 4  # self-registration, /v1/control/, /v1/runtime/, everything else
+    assert re.search(r'if \(\$request_method != POST\) \{\s+return 403 "[^"\n]+\\n";', template)
+    for directive in ("listen 8000 ssl", "proxy_ssl_verify on", "proxy_ssl_server_name on", "proxy_http_version 1.1",
+                      "client_max_body_size 0", "proxy_buffering off", "proxy_request_buffering off"):
+        assert re.search(r"\s+".join(map(re.escape, directive.split())) + r"\s*;", template), directive
+    # The image renders the template's ${VARIABLES} from the service's environment: every one is set there.
+    assert set(re.findall(r"\$\{(\w+)\}", template)) <= set(services["fleet-proxy"]["environment"])
     mounted = {v.split(":")[0].removeprefix("./") for v in services["fleet-proxy"]["volumes"]}
     assert mounted == {"fleet-proxy.conf.template"}
-    # Every path the installed SuperNode calls is under the passed prefix.
-    used = set(re.findall(r'path="(/v1/[a-z-]+/)', inspect.getsource(fleet_http_client)))
-    assert used == {"/v1/fleet/"}, used
+    # Every Fleet call the installed SuperNode can make is either passed or refused on purpose.
+    used = set(re.findall(r'path="(/v1/[a-z-]+/[a-z-]+)"', inspect.getsource(fleet_http_client)))
+    assert used == {FLEET_PREFIX + call for call in (*SITE_FLEET_CALLS, *SELF_REGISTRATION_CALLS)}, used
