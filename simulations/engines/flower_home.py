@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +127,7 @@ class _FlowerHome:
         extra_args: list[str],
         engine: str,
         service_logs: list[Path],
+        before_submit: Callable[[Path], object] | None = None,
     ) -> RunOutcome:
         """`flwr run --stream`, then the real status from the SuperLink; raise unless completed."""
         self._runs += 1
@@ -134,6 +135,8 @@ class _FlowerHome:
         # that is the virtual environment and run outputs too (6 s here, per run). A staged copy of the
         # files the bundle can hold builds the same FAB (tests/simulations/test_flower_runtime.py checks it).
         staged = app_dir = stage_app(app_dir, self.path / f"app-{self._runs}", exclude=[self.path])
+        if before_submit is not None:
+            before_submit(staged)  # e.g. sign the very bundle `flwr run` will build (LocalDeployment.approve_app)
         config_path = self.path / f"run-config-{self._runs}.toml"
         config_path.write_text(tomli_w.dumps(_checked_run_config(run_config)), encoding="utf-8")
         log_path = self.path / "logs" / f"run-{self._runs}.log"

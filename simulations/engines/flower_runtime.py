@@ -39,6 +39,8 @@ from types import TracebackType
 
 from fedmeta.common.config import RunConfig
 from fedmeta.common.protocol import DATA_DIR_KEY, ROLE_KEY
+from fedmeta.common.app_approval import sign_approval
+from fedmeta.server.app_release import APPROVED_APPS_DIR, app_fab_digest
 from fedmeta.server.provision import provision
 from fedmeta.simulations.engines.app_bundle import _check_app_dir, source_app_dir, stage_app
 from fedmeta.simulations.engines.flower_home import (
@@ -234,6 +236,7 @@ class LocalDeployment:
         startup_timeout_s: float = 60.0,
         insecure_no_tls: bool = False,
         late: Iterable[int] = (),
+        app_gate: bool | None = None,
     ) -> None:
         self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
         self.late = sorted(set(int(i) for i in late))
@@ -264,6 +267,9 @@ class LocalDeployment:
                 )
         self.startup_timeout_s = startup_timeout_s
         self.insecure_no_tls = insecure_no_tls
+        self.app_gate = (not insecure_no_tls) if app_gate is None else bool(app_gate)
+        if self.app_gate and insecure_no_tls:
+            raise ValueError("app_gate needs the provisioned release key: it cannot go with insecure_no_tls=True.")
         self.pki: Path | None = None  # the provisioned material (secure mode)
         self._home_arg = flwr_home
         self._home: _FlowerHome | None = None
@@ -271,6 +277,7 @@ class LocalDeployment:
         self._log_files: list[Path] = []
         self.superlink_address = ""
         self.pids: list[int] = []
+        self._retired: set[int] = set()  # processes stopped on purpose (a restarted SuperLink's first run)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -308,20 +315,21 @@ class LocalDeployment:
             security = ["--ssl-ca-certfile", str(superlink_dir / "ca.crt"), "--ssl-certfile",
                         str(superlink_dir / "server.crt"), "--ssl-keyfile", str(superlink_dir / "server.key"),
                         "--enable-supernode-auth"]
-        self._spawn(
-            "superlink",
-            [
-                _flower_bin("flower-superlink"),
-                *security,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(superlink_port),
-                "--database",
-                str(home.path / "superlink-state.db"),
-            ],
-            home.env,
-        )
+        self._superlink_command = [
+            _flower_bin("flower-superlink"),
+            *security,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(superlink_port),
+            # Registrations and runs survive a restart (restart_superlink; the README's SuperLink does the same).
+            "--database",
+            str(home.path / "superlink-state.db"),
+            # The app's dependencies are the installed fedmeta's: no `uv sync` per run (Flower's default since
+            # 1.29: 47 s and a 5 GB environment per run, and impossible behind a hospital firewall).
+            "--disable-runtime-dependency-installation",
+        ]
+        self._superlink = self._spawn("superlink", self._superlink_command, home.env)
         if self.insecure_no_tls:
             home.write_connection("local-deployment", address=self.superlink_address, insecure=True)
         else:
@@ -335,6 +343,18 @@ class LocalDeployment:
             if index not in self.late:
                 self.start_supernode(index)
         self._wait_for_nodes()
+
+    def restart_superlink(self) -> None:
+        """Stops the SuperLink (SIGTERM, by PID) and starts it again on the same port and database."""
+        home = self._require_home()
+        survivors = stop_processes({self._superlink.pid}, None)  # its tree only, not the sites
+        if survivors:
+            raise RuntimeError(f"could not stop the SuperLink (PID {self._superlink.pid}) to restart it")
+        self._superlink.wait(timeout=5)
+        self._retired.add(self._superlink.pid)
+        self._superlink = self._spawn("superlink-restarted", self._superlink_command, home.env)
+        if not self.insecure_no_tls:
+            self._wait_for_superlink()
 
     def register_site(self, index: int, public_key: Path | None = None) -> None:
         """`flwr supernode register` a site's public key (default: its provisioned one)."""
@@ -363,6 +383,16 @@ class LocalDeployment:
         # hospital would, instead of racing the others to unpack into one folder.
         node_env = dict(home.env, FLWR_HOME=str(home.path / f"supernode-{index}"),
                         FEDMETA_HOME=str(home.path / f"supernode-{index}" / "fedmeta"))  # its site key, its own
+        isolation = []
+        bundle = None if self.insecure_no_tls else self._require_pki() / "sites" / self.site_name(index)
+        if self.app_gate and bundle is not None and bundle.is_dir():  # a stranger's SuperNode (no bundle): no gate
+            # The site's app gate starts its ClientApps, approved app bundles only (fedmeta.client.app_gate).
+            (bundle / APPROVED_APPS_DIR).mkdir(exist_ok=True)
+            isolation = ["--isolation", "process"]
+            self._spawn(f"site-exec-{index}", [
+                _flower_bin("fedmeta"), "site-exec", "--runtime-api-address", f"127.0.0.1:{node_port}",
+                "--approved-apps", str(bundle / APPROVED_APPS_DIR), "--public-key", str(bundle / "release.pub"),
+            ], node_env)
         return self._spawn(
             f"supernode-{index}",
             [
@@ -372,11 +402,21 @@ class LocalDeployment:
                 self.superlink_address,
                 "--port",
                 str(node_port),
+                *isolation,
                 "--node-config",
                 node_config,
             ],
             node_env,
         )
+
+    def approve_app(self, app_dir: Path) -> str:
+        """Signs `app_dir`'s app bundle with the consortium's release key into every site's approved-apps/; its digest."""
+        pki = self._require_pki()
+        digest, identity = app_fab_digest(app_dir)
+        for index in range(len(self.data_dirs)):
+            sign_approval(digest, key_path=pki / "release" / "release.key",
+                          out_dir=pki / "sites" / self.site_name(index) / APPROVED_APPS_DIR, overwrite=True, **identity)
+        return digest
 
     def nodes(self) -> list[dict]:
         """The SuperLink's node list (`flwr supernode list --format json`): ids, names, status."""
@@ -402,10 +442,10 @@ class LocalDeployment:
         home = self._require_home()
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            process = self._processes[0]
+            process = self._superlink
             if process.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {process.returncode} while starting; its log "
-                                   f"ends with:\n{_tail(self._log_files[0])}")
+                                   f"ends with:\n{_tail(self._log_files[self._processes.index(process)])}")
             payload = _json_payload(home.flwr(["supernode", "list", "local-deployment", "--format", "json"]).stdout)
             if payload and payload.get("success"):
                 return
@@ -417,6 +457,10 @@ class LocalDeployment:
         home = self._require_home()
         log_path = home.path / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        repeat = 1
+        while log_path in self._log_files:  # a site started again (or a stranger on its slot) keeps its own log
+            repeat += 1
+            log_path = home.path / "logs" / f"{name}.{repeat}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 command,
@@ -439,7 +483,7 @@ class LocalDeployment:
         online = 0
         while time.monotonic() < deadline:
             for process, log_path in zip(self._processes, self._log_files, strict=True):
-                if process.poll() is not None:
+                if process.pid not in self._retired and process.poll() is not None:
                     raise RuntimeError(
                         f"{Path(process.args[0]).name} exited with code {process.returncode} "
                         f"while the local deployment was starting; its log ends with:\n"
@@ -503,6 +547,7 @@ class LocalDeployment:
             extra_args=[],
             engine="Deployment Engine",
             service_logs=self._log_files,
+            before_submit=self.approve_app if self.app_gate else None,
         )
 
     def _require_home(self) -> _FlowerHome:
