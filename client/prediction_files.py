@@ -113,8 +113,9 @@ def summary_here(out: Path) -> bool:
 
 def save_atomically(write, path: Path) -> None:
     """``write(temporary path)`` then rename onto ``path``: a crash never leaves half a mask under its name. The
-    temporary file is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed."""
-    write_atomically(path, write, mode=None)
+    temporary file is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed.
+    The file gets the mode the umask gives (0644 under umask 022: a PACS upload running as another user reads it)."""
+    write_atomically(path, write)
 
 
 def mask_header(image, dtype, num_classes: int):

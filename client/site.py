@@ -20,7 +20,7 @@ import torch
 from fedmeta.common.config import RunConfig
 from fedmeta.common.data import SITE_KEY_FILE, SiteDataset
 from fedmeta.common.model import build_model
-from fedmeta.common.outputs import make_folder, write_atomically
+from fedmeta.common.outputs import PRIVATE_FILE_MODE, PRIVATE_FOLDER_MODE, make_folder, write_atomically
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, PARTITION_ID_KEY, ROLE_HELDOUT, ROLE_KEY, ROLE_TRAIN, ROLES, SITE_ID_KEY,
 )
@@ -129,8 +129,9 @@ def persisted_site_key(data_dir: Path, home: Path | None) -> int:
             return int(text)
     key = 1 + secrets.randbelow(2**31 - 2)
     try:
-        make_folder(kept.parent, 0o700)
-        write_atomically(kept, lambda tmp: tmp.write_text(f"{key}\n"), 0o600)  # a rename: never through a link
+        make_folder(kept.parent, PRIVATE_FOLDER_MODE)
+        # A new file renamed onto the name: never written through a link planted there.
+        write_atomically(kept, lambda tmp: tmp.write_text(f"{key}\n"), PRIVATE_FILE_MODE)
     except OSError as err:
         raise PermissionError(
             f"cannot keep this site's key in {kept} ({err.strerror}); give the SuperNode a site-id in --node-config "

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedmeta.common.outputs import write_atomically
+from fedmeta.common.outputs import PRIVATE_FILE_MODE, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # 2: adds ``privacy`` (the DP accountant's history). A format-1 file (no privacy field) still loads; a
@@ -39,11 +39,11 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Writes ``checkpoint`` to ``path`` atomically (:func:`fedmeta.common.outputs.write_atomically`: a new temp
-    file in the same folder, fsync, rename), readable by its owner only (it holds the run's θ)."""
+    file in the same folder, fsync, rename), readable by its owner only whatever the umask (it holds the run's θ)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, **checkpoint.__dict__}
-    write_atomically(path, lambda tmp: torch.save(payload, tmp), mode=None)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp), mode=PRIVATE_FILE_MODE)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -11,11 +11,16 @@ are its own, so the next run may replace them. A claim is refused, naming the fi
 - this command wrote it but it changed since (a mask someone corrected by hand);
 - it is this command's own and ``overwrite`` was not asked for (``--overwrite``).
 
-Outputs are written atomically (a new exclusive temporary file, then a rename) with an explicit mode, and
-each file's SHA-256 is recorded once it is in place. A command that fills a whole folder with files it
-does not name in advance (``fedmeta simulate``, ``fedmeta provision``) claims the folder instead: it must
-be new, empty, or that command's. :func:`make_folder` makes folders with a mode that does not depend on
-the caller's umask (key folders 0700).
+Outputs are written atomically (a new exclusive temporary file, then a rename) and each file's SHA-256 is
+recorded once it is in place. A command that fills a whole folder with files it does not name in advance
+(``fedmeta simulate``, ``fedmeta provision``) claims the folder instead: it must be new, empty, or that
+command's.
+
+Modes: an output (a mask, a model card, a report) and the folder made for it take the mode the caller's umask
+gives, as ``open`` and ``mkdir`` do (0644 and 0755 under the usual umask 022, 0600 and 0700 under 077): the
+site's umask, not fedmeta, decides whether a service running as another user (a PACS upload) reads them.
+Secret material asks for an explicit mode, set exactly whatever the umask: keys :data:`PRIVATE_FILE_MODE` in
+:data:`PRIVATE_FOLDER_MODE` folders.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,9 +41,38 @@ from fedmeta.common.jsonio import dumps_strict
 
 JOURNAL_NAME = ".fedmeta-outputs.json"
 JOURNAL_FORMAT = "fedmeta-outputs"
-FILE_MODE = 0o644
-FOLDER_MODE = 0o755
+FOLDER_MODE = 0o755  # a folder others may read whatever the umask (provision's consortium folder)
+PRIVATE_FILE_MODE = 0o600  # secret material (a private key, the site's order key, a checkpoint), whatever the umask
 PRIVATE_FOLDER_MODE = 0o700
+_PROC_STATUS = "/proc/self/status"
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows: Linux (4.7 and later) shows it in
+    ``/proc/self/status``. Elsewhere ``os.umask`` (which only sets) is called twice under a lock, with 077
+    between the calls, so that a file another thread creates meanwhile is private rather than world-writable."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def output_file_mode() -> int:
+    """The mode of an output file: 0666 narrowed by the umask, as ``open`` gives (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def output_folder_mode() -> int:
+    """The mode of an output folder: 0777 narrowed by the umask, as ``mkdir`` gives (0755 under umask 022)."""
+    return 0o777 & ~current_umask()
 
 
 class OutputRefused(ValueError):
@@ -79,12 +114,17 @@ def refuse_links(path: Path | str, within: Path | str) -> None:
                                 "with the folder or file itself, or remove it, and run again.")
 
 
-def make_folder(path: Path | str, mode: int = FOLDER_MODE, *, within: Path | str | None = None) -> Path:
-    """``path`` and its missing parents, each made with ``mode`` whatever the umask (``os.mkdir`` then
-    ``chmod``). An existing folder is narrowed to ``mode`` when that is :data:`PRIVATE_FOLDER_MODE` (a key
-    folder an older release made world-readable) and otherwise left as it is. With ``within``, a symbolic
-    link from ``within`` down to ``path`` is refused (:func:`refuse_links`) rather than followed."""
+def make_folder(path: Path | str, mode: int | None = None, *, within: Path | str | None = None) -> Path:
+    """``path`` and its missing parents. ``mode`` None: an output folder, it and its parents as the umask gives
+    (:func:`output_folder_mode`); otherwise ``path`` gets ``mode`` and its missing parents :data:`FOLDER_MODE`,
+    whatever the umask (``os.mkdir`` then ``chmod``). An existing folder is narrowed to ``mode`` when that is
+    :data:`PRIVATE_FOLDER_MODE` (a key folder an older release made world-readable) and otherwise left as it
+    is. With ``within``, a symbolic link from ``within`` down to ``path`` is refused (:func:`refuse_links`)
+    rather than followed."""
     path = Path(path)
+    private = mode == PRIVATE_FOLDER_MODE
+    parents_mode = FOLDER_MODE if mode is not None else output_folder_mode()
+    mode = parents_mode if mode is None else mode
     if within is not None:
         refuse_links(path, within)
     missing = []
@@ -95,17 +135,18 @@ def make_folder(path: Path | str, mode: int = FOLDER_MODE, *, within: Path | str
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by a concurrent run a moment ago
             os.mkdir(folder, mode)
-        os.chmod(folder, mode if folder == path else FOLDER_MODE)
-    if not missing and mode == PRIVATE_FOLDER_MODE and not path.is_symlink() and path.stat().st_mode & 0o077:
+        os.chmod(folder, mode if folder == path else parents_mode)
+    if not missing and private and not path.is_symlink() and path.stat().st_mode & 0o077:
         os.chmod(path, mode)
     return path
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], mode: int | None = FILE_MODE) -> Path:
+def write_atomically(path: Path, write: Callable[[Path], None], mode: int | None = None) -> Path:
     """``write(temporary path)`` beside ``path``, then a rename onto it: a crash never leaves half a file under its
-    name. The temporary file is new and exclusive (``mkstemp``), so a link planted under a predictable name is
-    never followed; ``mode`` is set explicitly (None: mkstemp's 0600). The file's bytes reach the disk (fsync)
-    before the rename, so a power loss never leaves the new name on an empty file."""
+    name. The temporary file is new and exclusive (``mkstemp``, 0600 while it is written), so a link planted
+    under a predictable name is never followed; before the rename it gets ``mode`` (None: an output's mode,
+    :func:`output_file_mode`). The file's bytes reach the disk (fsync) before the rename, so a power loss never
+    leaves the new name on an empty file."""
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
@@ -114,8 +155,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], mode: int | None
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, output_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -252,17 +292,18 @@ class Outputs:
     # ----------------------------------------------------------------------------------------------
     # writing
 
-    def write(self, name: str, write: Callable[[Path], None], mode: int = FILE_MODE) -> Path:
+    def write(self, name: str, write: Callable[[Path], None], mode: int | None = None) -> Path:
         """``write(temporary path)``, then renames it onto ``name`` and records its digest. The temporary file
-        is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed."""
+        is new and exclusive (``mkstemp``): a link planted under a predictable name is never followed. ``mode``
+        None: as the umask gives (:func:`write_atomically`)."""
         path = write_atomically(self.folder / name, write, mode)
         self.record(name)
         return path
 
-    def write_bytes(self, name: str, data: bytes, mode: int = FILE_MODE) -> Path:
+    def write_bytes(self, name: str, data: bytes, mode: int | None = None) -> Path:
         return self.write(name, lambda tmp: tmp.write_bytes(data), mode)
 
-    def write_text(self, name: str, text: str, mode: int = FILE_MODE) -> Path:
+    def write_text(self, name: str, text: str, mode: int | None = None) -> Path:
         return self.write_bytes(name, text.encode(), mode)
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -279,7 +320,8 @@ class Outputs:
         self._update(add)
 
     def _update(self, change: Callable[[dict], None]) -> None:
-        """Read, change and atomically rewrite the journal, under an exclusive lock on the folder."""
+        """Read, change and atomically rewrite the journal, under an exclusive lock on the folder. The journal lists
+        the folder's file names: its mode is an output's (the umask's) and never more open than the folder's."""
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # two commands writing one folder never lose each other's entries
@@ -290,7 +332,7 @@ class Outputs:
             try:
                 with os.fdopen(tmp_fd, "w") as handle:
                     handle.write(body)
-                os.chmod(tmp_name, FILE_MODE)
+                os.chmod(tmp_name, output_file_mode() & os.fstat(fd).st_mode & 0o666)
                 os.replace(tmp_name, self.folder / JOURNAL_NAME)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -309,5 +351,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-__all__ = ["FILE_MODE", "FOLDER_MODE", "JOURNAL_NAME", "OutputRefused", "Outputs", "PRIVATE_FOLDER_MODE",
-           "data_folder", "make_folder", "refuse_data_folder", "refuse_links"]
+__all__ = ["FOLDER_MODE", "JOURNAL_NAME", "OutputRefused", "Outputs", "PRIVATE_FILE_MODE", "PRIVATE_FOLDER_MODE",
+           "current_umask", "data_folder", "make_folder", "output_file_mode", "output_folder_mode",
+           "refuse_data_folder", "refuse_links", "write_atomically"]

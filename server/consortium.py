@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedmeta.common.outputs import PRIVATE_FOLDER_MODE, Outputs, make_folder, refuse_links
+from fedmeta.common.outputs import FOLDER_MODE, PRIVATE_FOLDER_MODE, Outputs, make_folder, refuse_links
 from fedmeta.common.release import key_fingerprint
 from fedmeta.server.certificates import (
     CA_DAYS, CERT_DAYS, alt_name, certificate_authority, expiry, release_key_pair, server_certificate,
@@ -59,6 +59,9 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     # before anything is written (each write checks again).
     refuse_links_in(out, [*(out / "sites" / name for name in {*sites, *rekey_sites, *registry.get("sites", {})}),
                           out / "superlink", out / "release", out / "registry.json"])
+    # The folder that holds the keys is 0755 whatever the umask (never group- or world-writable, where a subfolder
+    # could be swapped); a new one is made so before the claim, which would make an output folder (the umask's).
+    make_folder(out, FOLDER_MODE)
     folder.claim_folder(overwrite=True, recognised=is_consortium(out))  # recorded before the first key is written
     for secret in (out / "ca", out / "superlink", out / "release", *(out / "sites").glob("*/")):
         if secret.is_dir() and not secret.is_symlink():  # an older release made them with the caller's umask

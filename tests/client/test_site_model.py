@@ -5,7 +5,9 @@ beat the unadapted initialisation's; the release is verified; bad scans and alte
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -102,6 +104,28 @@ def test_adapt_then_predict_writes_masks_in_each_scans_grid_that_score_what_adap
     init_mean = np.mean(sorted(_mask_dice(tmp_path / "masks-init", heldout_site, classes).values()))
     assert card["dice"]["after"]["dice"] > card["dice"]["before"]["dice"]
     assert adapted_mean > init_mean, (adapted_mean, init_mean)
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)],
+                         ids=["022", "077"])
+def test_masks_and_cards_take_the_mode_the_umask_gives(release, heldout_site, tmp_path, umask, file_mode,
+                                                       folder_mode):
+    """A PACS upload that runs as another user reads the masks under the usual umask 022; under 077 nobody else
+    does. The site's own umask decides, not fedmeta."""
+    checkpoint, public = release
+    previous = os.umask(umask)
+    try:
+        assert _adapt(checkpoint, public, heldout_site, tmp_path / "model", "--steps", "0") == 0
+        assert main(["predict", "--model", str(tmp_path / "model"), "--input", str(heldout_site / "imagesTr"),
+                     "--out", str(tmp_path / "results" / "masks"), "--device", "cpu"]) == 0
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "model").iterdir(), *(tmp_path / "results" / "masks").iterdir()]
+    assert {CARD_JSON, CARD_MD, MODEL_FILE, "predictions.json"} <= {p.name for p in written}
+    assert any(p.name.endswith("_overlay.png") for p in written) and any(p.name.endswith(".nii.gz") for p in written)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: file_mode for p in written}
+    for folder in (tmp_path / "model", tmp_path / "results", tmp_path / "results" / "masks"):
+        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode, folder
 
 
 def _heldout_indices(site: Path) -> list[int]:
