@@ -106,7 +106,59 @@ def _bundle_checks(bundle: Path, timeout: float) -> list[Check]:
     checks.append(ca_check)
     if ca is not None:
         checks += _superlink_checks(address, bundle / "ca.crt", timeout)
+        if checks[-1].status != "FAIL" and checks[-2].status != "FAIL" and checks[2].status == "ok":
+            checks.extend(_guarded("site key registered",
+                                   lambda: [_registration_check(address, bundle / "ca.crt", bundle / "site.key", timeout)]))
     return checks
+
+
+def _registration_check(address: str, ca_path: Path, key_path: Path, timeout: float) -> Check:
+    """Whether the SuperLink admits this site's key: Flower's own node activation, undone at once.
+
+    A SuperNode whose key the SuperLink does not know exits with "Failed to activate SuperNode" (exit code 305)
+    and nothing that says why; this asks the same question before it starts. The node is online for the few
+    milliseconds between activation and deactivation, which a running round may notice as one site that left.
+    """
+    import httpx
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest  # pylint: disable=E0611
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.error.base import ApiErrorCode
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private_key = load_ssh_private_key(key_path.read_bytes(), None)
+    public_key = private_key.public_key()
+    with FleetHttpClient.from_server_address(
+        address, False, str(ca_path),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                      NodeAuthHttpInterceptor(private_key, public_key)],
+    ) as client:
+        try:
+            response = client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(public_key),
+                                                               heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
+        except httpx.HTTPStatusError as err:
+            error = FlowerError.from_json(err.response.text)
+            if error is not None and error.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+                return Check("site key registered", "FAIL",
+                             f"the SuperLink at {address} does not admit this site's key (not registered, revoked, or a "
+                             "SuperNode with this key is already online)",
+                             f"send {key_path.with_name('site.pub')} to the coordinator to register (register-sites.sh / "
+                             "`flwr supernode register site.pub`); stop a SuperNode already running with this key")
+            detail = f"[code {error.code}] {error.message}" if error is not None else f"HTTP {err.response.status_code}"
+            return Check("site key registered", "FAIL", f"the SuperLink refused the check ({detail})",
+                         "ask the coordinator; the SuperLink's log names the reason")
+        except httpx.HTTPError as err:
+            return Check("site key registered", "FAIL", f"cannot ask {address} ({err})",
+                         "check the coordinator is up and that this network may reach its port")
+        try:
+            client.DeactivateNode(DeactivateNodeRequest(node_id=response.node_id))
+        except httpx.HTTPError:
+            pass  # the SuperLink marks it offline after a missed heartbeat anyway
+    return Check("site key registered", "ok", f"the SuperLink admits this site's key (node {response.node_id})")
 
 
 def _key_check(path: Path) -> Check:

@@ -241,6 +241,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the name nginx checks the SuperLink's certificate for (default: its first DNS name; "
                              "nginx matches no IP address where the certificate has a DNS name)")
     parser.add_argument("--out", type=Path, default=None, help="the file to write (default: standard output)")
+    parser.add_argument("--standalone", type=Path, default=None, metavar="DIR",
+                        help="instead, write a whole nginx configuration into DIR (its own pid file, logs and temp "
+                             "folders) for an nginx started just for the proxy: nginx -c DIR/nginx.conf -p DIR")
     parser.set_defaults(handler=_fleet_proxy_config_command)
 
 
@@ -251,12 +254,29 @@ def _fleet_proxy_config_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta fleet-proxy-config: error: {err}", file=sys.stderr)
         return 1
-    if args.out is None:
+    if args.standalone is not None:
+        folder = args.standalone.expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "fleet-proxy.conf").write_text(text, encoding="utf-8")
+        (folder / "nginx.conf").write_text(standalone_config(folder), encoding="utf-8")
+        print(f"wrote  {folder / 'nginx.conf'}\nstart: nginx -c {folder / 'nginx.conf'} -p {folder}\n"
+              f"stop:  nginx -s quit -c {folder / 'nginx.conf'} -p {folder}   (its PID: {folder / 'nginx.pid'})")
+    elif args.out is None:
         sys.stdout.write(text)
     else:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote  {args.out}")
     return 0
+
+
+def standalone_config(folder: Path) -> str:
+    """A whole nginx.conf that serves only the proxy's server block (``folder/fleet-proxy.conf``), keeping its pid
+    file, logs and temp files in ``folder``: an nginx of its own beside (or instead of) the host's."""
+    temp = "".join(f"    {kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"# fedmeta fleet-proxy-config --standalone: nginx -c {folder}/nginx.conf -p {folder}\n"
+            f"worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log info;\n"
+            f"events {{ worker_connections 256; }}\nhttp {{\n    access_log {folder}/access.log;\n{temp}"
+            f"    include {folder}/fleet-proxy.conf;\n}}\n")
 
 
 def _covers(pattern: str, name: str) -> bool:
