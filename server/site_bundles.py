@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmeta.common.outputs import PRIVATE_FOLDER_MODE, make_folder, refuse_links
+from fedmeta.common.outputs import PRIVATE_FILE_MODE, PRIVATE_FOLDER_MODE, make_folder, refuse_links
 from fedmeta.server.certificates import CURVE
 from fedmeta.server.consortium_files import write_file
 
@@ -27,7 +27,7 @@ def site_bundle(out: Path, name: str, address: str) -> bytes:
     make_folder(bundle, PRIVATE_FOLDER_MODE, within=out)
     refuse_links(bundle / "REVOKED", out)
     (bundle / "REVOKED").unlink(missing_ok=True)
-    write_file(bundle / "site.key", private, 0o600, out=out)
+    write_file(bundle / "site.key", private, PRIVATE_FILE_MODE, out=out)
     write_file(bundle / "site.pub", public, 0o644, out=out)
     write_file(bundle / "ca.crt", (out / "ca" / "ca.crt").read_bytes(), 0o644, out=out)
     write_bundle_files(out, name, address)
@@ -40,7 +40,8 @@ def write_bundle_files(out: Path, name: str, address: str) -> None:
     write_file(bundle / "site.json", (json.dumps({"site": name, "superlink": address, "ca": "ca.crt",
                                                   "private_key": "site.key", "public_key": "site.pub"},
                                                  indent=2) + "\n").encode(), 0o644, out=out)
-    write_file(bundle / "start-site.sh", START_SCRIPT.format(address=address).encode(), 0o755, out=out)
+    # replace, not format: the script is bash, full of braces
+    write_file(bundle / "start-site.sh", START_SCRIPT.replace("{address}", address).encode(), 0o755, out=out)
     write_file(bundle / "compose.yaml", SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(),
                0o644, out=out)
 
@@ -97,37 +98,112 @@ def unregister_step(out: Path, site: str) -> str:
             "created-at is when its key was registered")
 
 
-START_SCRIPT = """#!/bin/sh
+START_SCRIPT = r"""#!/usr/bin/env bash
 # Joins this hospital to the consortium: TLS against the consortium CA, authenticated by this site's key.
 # Usage: ./start-site.sh DATA_DIR   (the site's MSD-layout folder; check it first: fedmeta doctor / check-data)
-# METRICS_PORT=9101 ./start-site.sh DATA_DIR also serves the site's own metrics (episodes, seconds per
-# episode, device, memory) on 127.0.0.1:9101/metrics via `fedmeta site-metrics` (METRICS_DIR: where the
-# ClientApp records them, default ./metrics beside this script).
-set -eu
+# Settings, from the environment:
+#   LOCAL_PORT=9095    the SuperNode's local port on 127.0.0.1 (Flower's Runtime API, which the SuperNode's own
+#                      SuperExec and ClientApp processes dial; default 9094). Two sites on one host: one each.
+#   METRICS_PORT=9101  also serves the site's own metrics (episodes, seconds per episode, device, memory) on
+#                      127.0.0.1:9101/metrics via `fedmeta site-metrics` (METRICS_DIR: where the ClientApp
+#                      records them, default ./metrics beside this script).
+#   STOP_GRACE_S=10    seconds the processes get to end after SIGTERM before they are killed.
+# The script stays in the foreground and supervises what it starts, each in a process group of its own.
+# SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops them all, with whatever they started (the SuperNode's SuperExec and
+# ClientApps), then the script exits 128 + the signal's number; when one of them ends by itself, the others are
+# stopped and the script exits with its status (a supervisor such as systemd restarts the whole site).
+# The SuperNode never installs an app's dependencies at run time: Flower 1.41 does so only when given
+# --allow-runtime-dependency-installation, which this script does not give.
+set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
-DATA_DIR="$(cd "${{1:?usage: start-site.sh DATA_DIR}}" && pwd)"
-NODE_CONFIG="data-dir=\\"$DATA_DIR\\""
-if [ -n "${{METRICS_PORT:-}}" ]; then
-  METRICS_DIR="${{METRICS_DIR:-$HERE/metrics}}"
-  NODE_CONFIG="$NODE_CONFIG metrics-dir=\\"$METRICS_DIR\\""
+DATA_DIR="$(cd "${1:?usage: start-site.sh DATA_DIR}" && pwd)" || exit 2
+LOCAL_PORT="${LOCAL_PORT:-9094}"
+METRICS_PORT="${METRICS_PORT:-}"
+STOP_GRACE_S="${STOP_GRACE_S:-10}"
+
+refuse() { echo "start-site.sh: $*" >&2; exit 2; }
+is_port() { case "$1" in "" | *[!0-9]* | 0*) return 1 ;; esac; [ "${#1}" -le 5 ] && [ "$1" -le 65535 ]; }
+is_port "$LOCAL_PORT" || refuse "LOCAL_PORT=$LOCAL_PORT is not a TCP port (1-65535)"
+[ -z "$METRICS_PORT" ] || is_port "$METRICS_PORT" || refuse "METRICS_PORT=$METRICS_PORT is not a TCP port (1-65535)"
+[ "$METRICS_PORT" != "$LOCAL_PORT" ] || refuse "LOCAL_PORT and METRICS_PORT are both $LOCAL_PORT; give each its own"
+case "$STOP_GRACE_S" in "" | *[!0-9]*) refuse "STOP_GRACE_S=$STOP_GRACE_S is not a whole number of seconds" ;; esac
+
+CHILD_PIDS=() CHILD_NAMES=() STOP_SIGNAL=""
+pids() { echo ${CHILD_PIDS[@]+"${CHILD_PIDS[@]}"}; }  # (bash before 4.4 calls an empty array unbound)
+start_child() {  # COMMAND [ARG...]: in the background, in a process group of its own that its children share
+  set -m  # job control, on only while it forks: bash gives a background job its own process group
+  "$@" </dev/null &
+  set +m
+  CHILD_PIDS+=("$!")
+  case "${2:-}" in "" | -*) CHILD_NAMES+=("$1") ;; *) CHILD_NAMES+=("$1 $2") ;; esac
+}
+signal_children() {  # SIGNAL: to each child's process group, which holds what the child started
+  local pid
+  for pid in $(pids); do kill "-$1" -- "-$pid" 2>/dev/null || kill "-$1" "$pid" 2>/dev/null; done
+}
+any_alive() {
+  local pid
+  for pid in $(pids); do kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
+stop_children() {  # SIGTERM to every group; SIGKILL to what is left after STOP_GRACE_S seconds
+  local tenths=0
+  signal_children TERM
+  while any_alive && [ "$tenths" -lt $((STOP_GRACE_S * 10)) ]; do sleep 0.1; tenths=$((tenths + 1)); done
+  if any_alive; then
+    echo "start-site.sh: still running ${STOP_GRACE_S} s after SIGTERM; killing them" >&2
+    signal_children KILL
+  fi
+  wait 2>/dev/null
+}
+on_signal() {  # NUMBER: the main loop below stops everything and exits 128 + NUMBER
+  [ -n "$STOP_SIGNAL" ] || STOP_SIGNAL="$1"
+  signal_children TERM  # now: the loop may be waiting for a child to end
+}
+trap 'on_signal 1' HUP
+trap 'on_signal 2' INT
+trap 'on_signal 15' TERM
+
+NODE_CONFIG="data-dir=\"$DATA_DIR\""
+if [ -n "$METRICS_PORT" ]; then
+  METRICS_DIR="${METRICS_DIR:-$HERE/metrics}"
+  NODE_CONFIG="$NODE_CONFIG metrics-dir=\"$METRICS_DIR\""
 fi
-set -- flower-supernode \\
-  --superlink {address} \\
-  --root-certificates "$HERE/ca.crt" \\
-  --auth-supernode-private-key "$HERE/site.key" \\
+set -- flower-supernode \
+  --superlink {address} \
+  --root-certificates "$HERE/ca.crt" \
+  --auth-supernode-private-key "$HERE/site.key" \
+  --port "$LOCAL_PORT" \
   --node-config "$NODE_CONFIG"
-if [ -z "${{METRICS_PORT:-}}" ]; then
-  exec "$@"  # the SuperNode takes this process: a supervisor's signals reach it
+# The processes the site runs, one start_child line each.
+start_child "$@"
+[ -z "$METRICS_PORT" ] || start_child fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT"
+
+if [ "${BASH_VERSINFO[0]}" -gt 4 ] || { [ "${BASH_VERSINFO[0]}" -eq 4 ] && [ "${BASH_VERSINFO[1]}" -ge 3 ]; }; then
+  wait_any() { wait -n 2>/dev/null; }  # returns when a child ends or a signal arrives
+else
+  wait_any() { sleep 1 & wait "$!"; }  # bash before 4.3 has no wait -n: look once a second
 fi
-fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT" &
-EXPORTER=$!
-"$@" &
-SUPERNODE=$!
-trap 'kill "$SUPERNODE" "$EXPORTER" 2>/dev/null || true' INT TERM
-STATUS=0
-wait "$SUPERNODE" || STATUS=$?
-kill "$SUPERNODE" "$EXPORTER" 2>/dev/null || true
-wait "$SUPERNODE" 2>/dev/null || true
+ENDED="" STATUS=0 LAST_STATUS=127
+while [ -z "$STOP_SIGNAL" ]; do
+  for i in "${!CHILD_PIDS[@]}"; do
+    if ! kill -0 "${CHILD_PIDS[$i]}" 2>/dev/null; then
+      wait "${CHILD_PIDS[$i]}"
+      STATUS=$?
+      [ "$STATUS" -ne 127 ] || STATUS="$LAST_STATUS"  # bash already handed it to wait -n
+      ENDED="${CHILD_NAMES[$i]}"
+      break 2
+    fi
+  done
+  wait_any
+  LAST_STATUS=$?
+done
+if [ -n "$STOP_SIGNAL" ]; then
+  STATUS=$((128 + STOP_SIGNAL))
+else
+  echo "start-site.sh: $ENDED ended (status $STATUS); stopping the rest" >&2
+fi
+stop_children
 exit "$STATUS"
 """
 
@@ -141,6 +217,8 @@ services:
       - --superlink={address}
       - --root-certificates=/run/secrets/ca.crt
       - --auth-supernode-private-key=/run/secrets/site.key
+      # its local port (Flower's Runtime API), on the container's own loopback: LOCAL_PORT matters with host networking
+      - --port=${{LOCAL_PORT:-9094}}
       - --node-config=data-dir="/data" metrics-dir="/metrics"
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
