@@ -7,11 +7,13 @@ loop and when it stops: each round (``fedmeta.server.round_runner``) samples tra
 validates and aggregates their meta-gradients, steps the meta-optimiser and, every ``eval-every``
 rounds, lets held-out sites adapt and report Dice; its report goes to the run's listeners
 (``fedmeta.server.listeners``), which append it to metrics.jsonl, checkpoint, export the operators'
-metrics, log the round and, at the end, sign the release.
+metrics (``fedmeta.server.operator_metrics``) and write the round's line in the run's log
+(``fedmeta.server.run_log``: ``flwr log``), and at the end sign the release.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +27,13 @@ from fedmeta.common.metaopt import MetaOptimizerStateError
 from fedmeta.common.outputs import make_folder, refuse_data_folder
 from fedmeta.server.checkpoints import CheckpointWriter, ReleaseSigner
 from fedmeta.server.coordinator import Coordinator
-from fedmeta.server.listeners import FAILED, STOPPED, Listeners, ProgressLog, RoundReport, RunListener
+from fedmeta.server.listeners import FAILED, STOPPED, Listeners, RoundReport, RunListener
 from fedmeta.server.metrics import MetricsLog
 from fedmeta.server.operator_metrics import OperatorMetrics
 from fedmeta.server.round_runner import RoundRunner
 from fedmeta.server.rounds import Membership
+from fedmeta.server.run_log import ProgressLog, in_flower_runtime, to_run_log
+from fedmeta.server.server_metrics import STATE_NAME
 
 log = logging.getLogger("fedmeta.server")
 
@@ -39,7 +43,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
-    run_federation(grid, config)
+    # Under Flower, the process's output is the run's log (`flwr log`); elsewhere the caller's console.
+    with to_run_log() if in_flower_runtime() else contextlib.nullcontext():
+        run_federation(grid, config)
 
 
 def run_federation(grid: Grid, config: RunConfig, observers: Sequence[RunListener] = ()) -> Coordinator:
@@ -47,28 +53,38 @@ def run_federation(grid: Grid, config: RunConfig, observers: Sequence[RunListene
 
     ``observers`` hear the run after fedmeta's own listeners (``fedmeta.server.listeners``).
     """
-    operator = OperatorMetrics(config.adaptation_steps)
+    out_dir = _out_dir(config)
+    operator = OperatorMetrics(config.adaptation_steps, state_path=out_dir / STATE_NAME)
     if config.metrics_port:
         operator.serve(config.metrics_port, config.metrics_address)
     try:
-        return _run_federation(grid, config, operator, observers)
+        return _run_federation(grid, config, out_dir, operator, observers)
     finally:
         operator.close()
 
 
-def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics,
+def _run_federation(grid: Grid, config: RunConfig, out_dir: Path, operator: OperatorMetrics,
                     observers: Sequence[RunListener]) -> Coordinator:
-    out_dir = _out_dir(config)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     # Before anything else: a release key that cannot sign stops the run now, not after its last round.
     signer = [ReleaseSigner(config.release_key, checkpoint_path)] if config.release_key else []
     coordinator = Coordinator(config)
     start_round = _maybe_resume(coordinator, config, checkpoint_path)
     # Each round is logged, then checkpointed, then exported (the operators' metrics carry the checkpoint's
-    # time), then printed.
-    listeners = Listeners([MetricsLog(out_dir), CheckpointWriter(coordinator, checkpoint_path), operator,
-                           ProgressLog(config), *signer, *observers])
+    # time), then printed; at the end the release is signed before the run is exported and printed as done.
+    listeners = Listeners([MetricsLog(out_dir), CheckpointWriter(coordinator, checkpoint_path), *signer, operator,
+                           ProgressLog(config, checkpoint_path), *observers])
     listeners.on_start(start_round)
+    try:
+        _run_rounds(grid, config, coordinator, start_round, listeners)
+    except BaseException as err:  # SystemExit too: `flwr stop` interrupts the ServerApp with it
+        listeners.on_run_error(err)
+        raise
+    return coordinator
+
+
+def _run_rounds(grid: Grid, config: RunConfig, coordinator: Coordinator, start_round: int,
+                listeners: Listeners) -> None:
     runner = RoundRunner(grid, coordinator, Membership(config), listeners)
     runner.join()
     baseline = runner.baseline() if start_round == 0 else None
@@ -84,8 +100,6 @@ def _run_federation(grid: Grid, config: RunConfig, operator: OperatorMetrics,
             break
     policy.judge_run()
     listeners.on_run_end(coordinator)
-    log.info("done: %s", coordinator.counters)
-    return coordinator
 
 
 class RunFailed(RuntimeError):

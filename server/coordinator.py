@@ -261,18 +261,19 @@ class Coordinator:
 
     def _note_bounded(self, server_round: int, combined: Aggregate, order: list[int]) -> None:
         """Logs the replies scaled down to the round's norm bound."""
-        # Honest replies above the median are scaled a little every round (info); one far above the bound is a
+        # Honest replies above the median are scaled a little every round (debug: the round's aggregation record in
+        # metrics.jsonl lists them, and the run's log keeps one line per round); one far above the bound is a
         # hostile or broken site the operator should hear of (warning) — or, with 2 replies, the bound was set
         # by a near-zero reply: one of two sites cannot raise the bound, but it can lower it and hold the round
         # back (never move θ arbitrarily).
         far = [i for i in combined.bounded or [] if combined.norms[i] > OUTLIER_NORM_RATIO * combined.norm_bound]
-        for level, which in ((logging.INFO, combined.bounded or []), (logging.WARNING, far)):
+        for level, which in ((logging.DEBUG, combined.bounded or []), (logging.WARNING, far)):
             if which:
                 log.log(level, "round %d: %s scaled down to the norm bound %.4g (median-norm-bound=%g x the "
                         "round's median reply norm)%s", server_round,
                         ", ".join(f"node {order[i]} (norm {combined.norms[i]:.4g})" for i in which),
                         combined.norm_bound, self.config.median_norm_bound,
-                        "" if level == logging.INFO else f": over {OUTLIER_NORM_RATIO:g}x the bound, a hostile or "
+                        "" if level == logging.DEBUG else f": over {OUTLIER_NORM_RATIO:g}x the bound, a hostile or "
                         "broken site — or, with 2 replies, a near-zero reply set the bound")
 
     def _broken_step(self, server_round: int, err: MetaOptimizerStateError, outcome: RoundOutcome,

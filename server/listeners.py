@@ -2,29 +2,23 @@
 
 The round loop (``fedmeta.server.app``) never writes a file or a metric itself: each round ends in a
 :class:`RoundReport` (its metrics.jsonl record and the outcomes behind it), handed to every
-:class:`RunListener` in turn — the metrics.jsonl log, the checkpoint writer, the operators'
-Prometheus series, the progress line, the release signer. An observer is a new listener in the
-list the ServerApp builds; the loop does not change.
+:class:`RunListener` in turn — the metrics.jsonl log, the checkpoint writer, the release signer, the
+operators' Prometheus series, the progress line in the run's log (``fedmeta.server.run_log``). An
+observer is a new listener in the list the ServerApp builds; the loop does not change.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from fedmeta.common.protocol import QUERY_LOSS_AFTER, dice_mean_key
 
 if TYPE_CHECKING:  # annotations only: the coordinator and the run config load torch and Flower (+2.7 s), which a
     # reader of metrics.jsonl (fedmeta.server.metrics: `fedmeta benchmark --help`, perf) must not wait for
     from flwr.app import Message
 
-    from fedmeta.common.config import RunConfig
     from fedmeta.server.coordinator import Coordinator, RoundOutcome
     from fedmeta.server.rounds import Membership
-
-log = logging.getLogger("fedmeta.server")
 
 # RoundReport.kind
 BASELINE = "baseline"  # round 0: the held-out sites evaluate θ before any training
@@ -67,6 +61,10 @@ class RunListener:
     def on_run_end(self, coordinator: Coordinator) -> None:
         """The run ended as a success; ``coordinator`` holds the final θ."""
 
+    def on_run_error(self, error: BaseException) -> None:
+        """The run ends with ``error`` (it is raised on after the listeners heard it): a failure, or an
+        interruption (``flwr stop`` reaches the ServerApp as SystemExit). Must not raise."""
+
 
 class Listeners(RunListener):
     """Several listeners as one: each hook calls them in the order given."""
@@ -94,32 +92,9 @@ class Listeners(RunListener):
         for listener in self.listeners:
             listener.on_run_end(coordinator)
 
-
-class ProgressLog(RunListener):
-    """One log line per round: the sites that answered, the meta-loss, the held-out Dice."""
-
-    def __init__(self, config: RunConfig):
-        self.config = config
-
-    def on_round(self, report: RoundReport) -> None:
-        if report.kind not in (BASELINE, TRAINING):
-            return
-        parts = [f"round {report.server_round}/{self.config.num_rounds}"]
-        outcome, evaluation = report.outcome, report.evaluation
-        if outcome is not None:
-            parts.append(f"sites {len(outcome.accepted)}/{len(outcome.accepted) + len(outcome.dropped)}")
-            if outcome.updated:
-                parts.append(f"meta-loss {outcome.metrics.get(QUERY_LOSS_AFTER, float('nan')):.4f}")
-            else:
-                parts.append("no update")
-        if evaluation is not None and evaluation.metrics:
-            steps = self.config.adaptation_steps
-            parts.append(
-                "held-out Dice "
-                + " ".join(f"{s}:{evaluation.metrics[dice_mean_key(s)]:.3f}" for s in steps)
-                + " (adaptation steps:Dice)"
-            )
-        log.info(" | ".join(parts))
+    def on_run_error(self, error: BaseException) -> None:
+        for listener in self.listeners:
+            listener.on_run_error(error)
 
 
-__all__ = ["BASELINE", "FAILED", "STOPPED", "TRAINING", "Listeners", "ProgressLog", "RoundReport", "RunListener"]
+__all__ = ["BASELINE", "FAILED", "STOPPED", "TRAINING", "Listeners", "RoundReport", "RunListener"]

@@ -67,6 +67,10 @@ COMMANDS: dict[str, Command] = {
     "fleet-proxy-config": Command("fedmeta.server.fleet_proxy:register",
                                   "write the nginx configuration of the Fleet-only proxy in front of the SuperLink "
                                   "(a host without containers)"),
+    # the coordinator's operators, while runs go on and between them
+    "server-metrics": Command("fedmeta.server.server_metrics:register",
+                              "serve every run's last state (round, sites answered and dropped, epsilon, run "
+                              "active) for Prometheus, between runs too"),
     # a researcher
     "simulate": Command("fedmeta.simulations.experiments.simulate:register",
                         "meta-train on the synthetic federation and report new-hospital adaptation"),

@@ -8,6 +8,7 @@ provisioned CA, SuperNode authentication on, every site's key registered.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from fedmeta.common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedmeta.server.metrics import METRICS_NAME, read_metrics
+from fedmeta.simulations.engines.flower_home import _FlowerHome
 from fedmeta.simulations.engines.flower_runtime import LocalDeployment
 from fedmeta.simulations.experiments.presets import load_preset
 
@@ -113,6 +115,8 @@ def test_registered_sites_train_and_evaluate_a_late_site_joins_and_strangers_are
         assert not runner.is_alive(), "the run did not finish"
         assert "error" not in finished, finished.get("error")
         outcome = finished["outcome"]
+        # What an operator reads with `flwr log RUN_ID local-deployment` once the run is over.
+        shown = _FlowerHome(tmp_path / "flwr-home").flwr(["log", str(outcome.run_id), "local-deployment", "--show"])
         listed = deployment.nodes()
         refused = {name: deployment.log_of(process.pid)
                    for name, process in (("unregistered", unregistered), ("untrusting", untrusting))}
@@ -121,6 +125,9 @@ def test_registered_sites_train_and_evaluate_a_late_site_joins_and_strangers_are
         assert spawned, "the SuperLink and SuperNodes run their apps in child processes"
 
     assert outcome.ok and outcome.status == "finished:completed"
+    # The ServerApp's lines in the run's log (fedmeta.server.run_log): a start line, one per round, a final line.
+    progress = re.findall(r"^fedmeta INFO: (start:|round \d+/\d+ |done:)", shown.stdout, flags=re.M)
+    assert progress == ["start:", *(f"round {r}/{num_rounds} " for r in range(num_rounds + 1)), "done:"], shown
     # Only the three registered sites ever joined; the others never appear, so they receive no message.
     assert sorted(node["status"] for node in listed) == ["online"] * 3, listed
     for name, log in refused.items():  # they keep knocking and are turned away every time

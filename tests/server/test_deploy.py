@@ -39,7 +39,8 @@ def _compose(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def help_flags() -> dict[str, set[str]]:
-    return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode", "fedmeta site-metrics")}
+    return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode", "fedmeta site-metrics",
+                                                  "fedmeta server-metrics")}
 
 
 def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, tmp_path):
@@ -66,6 +67,9 @@ def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, t
         exporter = _compose(compose)["services"]["metrics"]
         assert exporter["entrypoint"] == ["fedmeta", "site-metrics"] == containers["site-metrics"]["command"]
         checks.append(("fedmeta site-metrics", exporter["command"]))
+    server_exporter = _compose(DEPLOY / "coordinator/compose.yaml")["services"]["server-metrics"]
+    assert server_exporter["entrypoint"] == ["fedmeta", "server-metrics"]
+    checks.append(("fedmeta server-metrics", server_exporter["command"]))
     for command, args in checks:
         unknown = _flags(args) - help_flags[command]
         assert not unknown, f"{command} has no {sorted(unknown)}"
@@ -84,8 +88,16 @@ def test_the_dashboard_queries_only_metrics_the_server_exports():
     for name in queried:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert base in METRIC_NAMES, f"the dashboard queries {name}, which the ServerApp does not export"
+    # Prometheus scrapes the long-lived exporter, which serves every run's state (the same names) from the runs
+    # volume the SuperLink's ServerApps write their out-dirs to, in the SuperLink's image.
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
-    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["superlink:9100"]
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["server-metrics:9100"]
+    services = _compose(DEPLOY / "coordinator/compose.yaml")["services"]
+    exporter, superlink = services["server-metrics"], services["superlink"]
+    options = dict(zip(exporter["command"][::2], exporter["command"][1::2]))
+    assert options["--port"] == "9100" and options["--dir"] == "/runs" and exporter["image"] == superlink["image"]
+    runs = [v for v in superlink["volumes"] if v.endswith(":/runs")]
+    assert [v.removesuffix(":ro") for v in exporter["volumes"]] == runs
 
 
 def test_every_mounted_file_is_one_fedmeta_provision_writes(tmp_path):

@@ -4,7 +4,9 @@ added without editing the loop."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -191,8 +193,9 @@ def test_a_run_that_updated_was_stopped_by_its_budget_or_had_no_round_left_succe
 # -- the whole loop, with an observer of our own ------------------------------------------------------
 
 
-def test_an_observer_passed_to_the_run_hears_what_fedmeta_own_listeners_write(smoke_federation, tmp_path):
+def test_an_observer_passed_to_the_run_hears_what_fedmeta_own_listeners_write(smoke_federation, tmp_path, caplog):
     from fedmeta.common.synth import load_manifest
+    from fedmeta.server.server_metrics import STATE_NAME, read_state
     from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node_configs
 
     manifest = load_manifest(smoke_federation)
@@ -206,7 +209,8 @@ def test_an_observer_passed_to_the_run_hears_what_fedmeta_own_listeners_write(sm
     def server_app(grid, context):
         ran.append(run_federation(grid, RunConfig.from_run_config(context.run_config), observers=[recorder]))
 
-    run_inprocess(config.to_run_config(), simulation_node_configs(sites), server_app=server_app)
+    with caplog.at_level(logging.INFO, logger="fedmeta.server"):
+        run_inprocess(config.to_run_config(), simulation_node_configs(sites), server_app=server_app)
 
     hooks = [entry[1] for entry in recorder.heard]
     assert hooks[0] == "start" and recorder.heard[0][2] == 0 and hooks[-1] == "end" and recorder.heard[-1][2] is ran[0]
@@ -222,3 +226,11 @@ def test_an_observer_passed_to_the_run_hears_what_fedmeta_own_listeners_write(sm
     assert checkpoint.round == 2
     assert all(torch.equal(checkpoint.params[k], ran[0].params[k]) for k in checkpoint.params)
     assert math.isfinite(reports[2].record["seconds"])
+    # The run's log: a start line, one line per round, a final line (fedmeta.server.run_log).
+    progress = [r.getMessage().split(" | ")[0] for r in caplog.records
+                if r.name == "fedmeta.server" and re.match(r"start:|round \d+/|done:", r.getMessage())]
+    assert progress == ["start: fomaml, rounds 1-2", "round 0/2", "round 1/2", "round 2/2", "done: round 2/2"]
+    # The operators' state in the out-dir (fedmeta server-metrics serves it): the run is over, at round 2.
+    state = {family.name: family.samples for family in read_state(tmp_path / STATE_NAME)}
+    assert state["fedmeta_round"][0].value == 2 and state["fedmeta_run_active"][0].value == 0
+    assert {s.labels["state"]: s.value for s in state["fedmeta_run_state"]}["completed"] == 1
