@@ -55,6 +55,9 @@ COMMANDS: dict[str, Command] = {
     # a hospital's IT team, while it takes part
     "site-metrics": Command("fedmeta.client.site_metrics:register",
                             "serve this site's ClientApp metrics (episodes, seconds, device, memory) for Prometheus"),
+    "site-exec": Command("fedmeta.client.app_gate:register",
+                         "this site's app gate: run the ClientApp of consortium-approved app bundles only (beside a "
+                         "SuperNode started with --isolation process)"),
     # the coordinator's consortium material
     "provision": Command("fedmeta.server.provision:register",
                          "make (or extend) a consortium's CA, SuperLink certificate and per-site key bundles"),
@@ -67,6 +70,8 @@ COMMANDS: dict[str, Command] = {
     "fleet-proxy-config": Command("fedmeta.server.fleet_proxy:register",
                                   "write the nginx configuration of the Fleet-only proxy in front of the SuperLink "
                                   "(a host without containers)"),
+    "sign-app": Command("fedmeta.server.app_release:register",
+                        "approve the Flower app a run submits (Ed25519): sites' app gates run no other ClientApp"),
     # the coordinator's operators, while runs go on and between them
     "server-metrics": Command("fedmeta.server.server_metrics:register",
                               "serve every run's last state (round, sites answered and dropped, epsilon, run "
