@@ -148,9 +148,12 @@ def _registration_check(address: str, ca_path: Path, key_path: Path, timeout: fl
                              "SuperNode with this key is already online)",
                              f"send {key_path.with_name('site.pub')} to the coordinator to register (register-sites.sh / "
                              "`flwr supernode register site.pub`); stop a SuperNode already running with this key")
-            detail = f"[code {error.code}] {error.message}" if error is not None else f"HTTP {err.response.status_code}"
-            return Check("site key registered", "FAIL", f"the SuperLink refused the check ({detail})",
-                         "ask the coordinator; the SuperLink's log names the reason")
+            if error is None:  # not a Flower SuperLink's answer (another server, or a proxy that refuses the path)
+                return Check("site key registered", "note",
+                             f"{address} did not answer Flower's node activation (HTTP {err.response.status_code}): "
+                             "registration not checked")
+            return Check("site key registered", "FAIL", f"the SuperLink refused the check ([code {error.code}] "
+                         f"{error.message})", "ask the coordinator; the SuperLink's log names the reason")
         except httpx.HTTPError as err:
             return Check("site key registered", "FAIL", f"cannot ask {address} ({err})",
                          "check the coordinator is up and that this network may reach its port")
