@@ -42,6 +42,7 @@ def write_bundle_files(out: Path, name: str, address: str) -> None:
                                                  indent=2) + "\n").encode(), 0o644, out=out)
     # replace, not format: the script is bash, full of braces
     write_file(bundle / "start-site.sh", START_SCRIPT.replace("{address}", address).encode(), 0o755, out=out)
+    (bundle / "approved-apps").mkdir(exist_ok=True)  # the consortium's signed apps (fedmeta sign-app --consortium)
     write_file(bundle / "compose.yaml", SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(),
                0o644, out=out)
 
@@ -114,6 +115,9 @@ START_SCRIPT = r"""#!/usr/bin/env bash
 # stopped and the script exits with its status (a supervisor such as systemd restarts the whole site).
 # The SuperNode never installs an app's dependencies at run time: Flower 1.41 does so only when given
 # --allow-runtime-dependency-installation, which this script does not give.
+# Only the consortium's app runs here: the SuperNode starts no app process itself (--isolation process); its app
+# gate, `fedmeta site-exec`, starts a ClientApp only for an app bundle signed in ./approved-apps/ with the
+# consortium's release key (./release.pub), and refuses any other before any of its code is unpacked.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 DATA_DIR="$(cd "${1:?usage: start-site.sh DATA_DIR}" && pwd)" || exit 2
@@ -128,7 +132,7 @@ is_port "$LOCAL_PORT" || refuse "LOCAL_PORT=$LOCAL_PORT is not a TCP port (1-655
 [ "$METRICS_PORT" != "$LOCAL_PORT" ] || refuse "LOCAL_PORT and METRICS_PORT are both $LOCAL_PORT; give each its own"
 case "$STOP_GRACE_S" in "" | *[!0-9]*) refuse "STOP_GRACE_S=$STOP_GRACE_S is not a whole number of seconds" ;; esac
 
-CHILD_PIDS=() CHILD_NAMES=() STOP_SIGNAL=""
+CHILD_PIDS=() CHILD_NAMES=() STOP_SIGNAL="" TERM_SENT=""
 pids() { echo ${CHILD_PIDS[@]+"${CHILD_PIDS[@]}"}; }  # (bash before 4.4 calls an empty array unbound)
 start_child() {  # COMMAND [ARG...]: in the background, in a process group of its own that its children share
   set -m  # job control, on only while it forks: bash gives a background job its own process group
@@ -148,7 +152,9 @@ any_alive() {
 }
 stop_children() {  # SIGTERM to every group; SIGKILL to what is left after STOP_GRACE_S seconds
   local tenths=0
-  signal_children TERM
+  # Once only: Flower's processes take the first SIGTERM to shut down cleanly (a SuperNode tells the SuperLink it
+  # leaves) and restore the default action, so a second one would kill them mid-way.
+  [ -n "$TERM_SENT" ] || signal_children TERM
   while any_alive && [ "$tenths" -lt $((STOP_GRACE_S * 10)) ]; do sleep 0.1; tenths=$((tenths + 1)); done
   if any_alive; then
     echo "start-site.sh: still running ${STOP_GRACE_S} s after SIGTERM; killing them" >&2
@@ -158,7 +164,8 @@ stop_children() {  # SIGTERM to every group; SIGKILL to what is left after STOP_
 }
 on_signal() {  # NUMBER: the main loop below stops everything and exits 128 + NUMBER
   [ -n "$STOP_SIGNAL" ] || STOP_SIGNAL="$1"
-  signal_children TERM  # now: the loop may be waiting for a child to end
+  [ -n "$TERM_SENT" ] || signal_children TERM  # now: the loop may be waiting for a child to end
+  TERM_SENT=1
 }
 trap 'on_signal 1' HUP
 trap 'on_signal 2' INT
@@ -174,9 +181,13 @@ set -- flower-supernode \
   --root-certificates "$HERE/ca.crt" \
   --auth-supernode-private-key "$HERE/site.key" \
   --port "$LOCAL_PORT" \
+  --isolation process \
   --node-config "$NODE_CONFIG"
+mkdir -p "$HERE/approved-apps"
 # The processes the site runs, one start_child line each.
 start_child "$@"
+start_child fedmeta site-exec --runtime-api-address "127.0.0.1:$LOCAL_PORT" \
+  --approved-apps "$HERE/approved-apps" --public-key "$HERE/release.pub"
 [ -z "$METRICS_PORT" ] || start_child fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT"
 
 if [ "${BASH_VERSINFO[0]}" -gt 4 ] || { [ "${BASH_VERSINFO[0]}" -eq 4 ] && [ "${BASH_VERSINFO[1]}" -ge 3 ]; }; then
@@ -202,6 +213,11 @@ if [ -n "$STOP_SIGNAL" ]; then
   STATUS=$((128 + STOP_SIGNAL))
 else
   echo "start-site.sh: $ENDED ended (status $STATUS); stopping the rest" >&2
+  # Flower's SUPERNODE_CONNECTION_ERROR, exit code 305: a process status keeps its low 8 bits, 49
+  if [ "$STATUS" -eq $((305 % 256)) ] && [ "${ENDED%% *}" = flower-supernode ]; then
+    echo "start-site.sh: the SuperLink did not admit this site: most often its key is not registered (or was" \
+         "revoked); run 'fedmeta doctor --bundle $HERE' to see which check fails" >&2
+  fi
 fi
 stop_children
 exit "$STATUS"
@@ -219,14 +235,27 @@ services:
       - --auth-supernode-private-key=/run/secrets/site.key
       # its local port (Flower's Runtime API), on the container's own loopback: LOCAL_PORT matters with host networking
       - --port=${{LOCAL_PORT:-9094}}
+      - --isolation=process  # it starts no app itself: the site-exec service below does, approved apps only
       - --node-config=data-dir="/data" metrics-dir="/metrics"
+    secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
+      - ca.crt
+      - site.key
+    environment:
+      FLWR_TELEMETRY_ENABLED: "0"
+  site-exec:  # the site's app gate: the ClientApps run here, for app bundles the consortium signed only
+    image: {image}
+    restart: unless-stopped
+    network_mode: "service:supernode"  # the SuperNode's loopback, where its Runtime API listens
+    depends_on: [supernode]
+    entrypoint: ["fedmeta", "site-exec"]
+    command: ["--runtime-api-address=127.0.0.1:${{LOCAL_PORT:-9094}}", "--approved-apps=/approved-apps",
+              "--public-key=/release/release.pub"]
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
       - metrics:/metrics
       - state:/state  # the site's random order key (FEDMETA_HOME): kept across restarts
-    secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
-      - ca.crt
-      - site.key
+      - ./approved-apps:/approved-apps:ro
+      - ./release.pub:/release/release.pub:ro
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
       FEDMETA_HOME: /state

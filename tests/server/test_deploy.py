@@ -40,7 +40,7 @@ def _compose(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def help_flags() -> dict[str, set[str]]:
     return {name: _help_flags(name) for name in ("flower-superlink", "flower-supernode", "fedmeta site-metrics",
-                                                  "fedmeta server-metrics")}
+                                                  "fedmeta server-metrics", "fedmeta site-exec")}
 
 
 def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, tmp_path):
@@ -52,7 +52,10 @@ def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, t
     script_text = (bundle / "start-site.sh").read_text()
     supernode_block = script_text[script_text.index("set -- flower-supernode"):]
     script = re.findall(r"(--[a-z0-9-]+)", supernode_block[:supernode_block.index('--node-config "$NODE_CONFIG"') + 20])
-    exporter_script = re.findall(r"(--[a-z0-9-]+)", re.search(r"fedmeta site-metrics (.*)", script_text).group(1))
+    exporter_script = re.findall(r"(--[a-z0-9-]+)", re.search(r"start_child fedmeta site-metrics (.*)", script_text).group(1))
+    gate_script = re.findall(r"(--[a-z0-9-]+)", re.search(r"start_child fedmeta site-exec ((?:.*\\\n)*.*)",
+                                                          script_text).group(1))
+    assert "--isolation" in script and {"--runtime-api-address", "--approved-apps", "--public-key"} <= set(gate_script)
     containers = {c["name"]: c for c in k8s["spec"]["template"]["spec"]["containers"]}
     checks = [
         ("flower-superlink", coordinator["command"]),
@@ -62,11 +65,20 @@ def test_every_flag_passed_exists_in_the_installed_flower_commands(help_flags, t
         ("flower-supernode", script),
         ("fedmeta site-metrics", exporter_script),
         ("fedmeta site-metrics", containers["site-metrics"]["args"]),
+        ("fedmeta site-exec", gate_script),
+        ("fedmeta site-exec", containers["site-exec"]["args"]),
     ]
+    # Every site topology runs its SuperNode without app processes of its own, beside the app gate.
+    assert containers["site-exec"]["command"] == ["fedmeta", "site-exec"]
+    for args in (site["command"], containers["supernode"]["args"], bundled["command"]):
+        assert "--isolation=process" in args, args
     for compose in (DEPLOY / "site/compose.yaml", bundle / "compose.yaml"):
         exporter = _compose(compose)["services"]["metrics"]
         assert exporter["entrypoint"] == ["fedmeta", "site-metrics"] == containers["site-metrics"]["command"]
         checks.append(("fedmeta site-metrics", exporter["command"]))
+        gate = _compose(compose)["services"]["site-exec"]
+        assert gate["entrypoint"] == ["fedmeta", "site-exec"] and gate["network_mode"] == "service:supernode"
+        checks.append(("fedmeta site-exec", gate["command"]))
     server_exporter = _compose(DEPLOY / "coordinator/compose.yaml")["services"]["server-metrics"]
     assert server_exporter["entrypoint"] == ["fedmeta", "server-metrics"]
     checks.append(("fedmeta server-metrics", server_exporter["command"]))
@@ -109,9 +121,13 @@ def test_every_mounted_file_is_one_fedmeta_provision_writes(tmp_path):
     for compose in (DEPLOY / "site/compose.yaml", out / "sites/a/compose.yaml"):
         for secret in _compose(compose)["secrets"].values():
             assert (out / "sites/a" / secret["file"]).is_file(), (compose, secret)
-    # The site's data is mounted read-only in compose and Kubernetes alike.
-    volumes = _compose(DEPLOY / "site/compose.yaml")["services"]["supernode"]["volumes"]
-    assert any(v.endswith(":/data:ro") for v in volumes)
+    # The site's data is mounted read-only, where the ClientApps run: beside the app gate.
+    for compose in (DEPLOY / "site/compose.yaml", out / "sites/a/compose.yaml"):
+        volumes = _compose(compose)["services"]["site-exec"]["volumes"]
+        assert any(v.endswith(":/data:ro") for v in volumes)
+        for volume in volumes:  # the bundle's own files: release.pub and approved-apps/, which provision writes
+            if volume.startswith("./"):
+                assert (out / "sites/a" / volume.split(":")[0]).exists(), volume
 
 
 def test_images_run_the_loopback_tests_commands_on_the_pinned_flower_as_non_root():

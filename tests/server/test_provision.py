@@ -52,7 +52,8 @@ def test_provision_writes_the_layout_and_the_server_certificate_verifies_against
     assert public.public_numbers() == private.public_key().public_numbers()
     # A bundle holds what the site needs and nothing of another site's or the coordinator's.
     assert sorted(p.name for p in (out / "sites/a").iterdir()) == [
-        "ca.crt", "compose.yaml", "release.pub", "site.json", "site.key", "site.pub", "start-site.sh"]
+        "approved-apps", "ca.crt", "compose.yaml", "release.pub", "site.json", "site.key", "site.pub", "start-site.sh"]
+    assert list((out / "sites/a/approved-apps").iterdir()) == []  # until the consortium signs an app (sign-app)
     # The consortium's release key: Ed25519, private half 0600 and only in release/, public half in every bundle.
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

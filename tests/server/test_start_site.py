@@ -27,8 +27,11 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 # SuperNode's): it exits with the status written there, leaving its child and grandchild behind.
 SHIM = """#!/bin/sh
 [ -z "${SHIM_IGNORE_TERM:-}" ] || trap '' TERM
+# SHIM_SLOW_EXIT: a clean shutdown that takes a moment (a SuperNode telling the SuperLink it leaves) and records
+# that it finished; the first SIGTERM restores the default action, as Flower's handler does, so a second one kills.
+[ -z "${SHIM_SLOW_EXIT:-}" ] || trap 'trap - TERM; sleep 1; echo done > "$SHIM_RECORD/$(basename "$0").clean"; exit 0' TERM
 name="$(basename "$0")"
-record="$SHIM_RECORD/$name"
+case "$name" in fedmeta) record="$SHIM_RECORD/$name-$1" ;; *) record="$SHIM_RECORD/$name" ;; esac
 printf '%s\\n' "$@" > "$record.argv"
 sleep 300 &
 echo $! >> "$record.pids"
@@ -42,6 +45,8 @@ fi
 wait
 """
 PIDS_EACH = 4  # a stand-in, its child, its shell child and that shell's child
+SITE = ["flower-supernode", "fedmeta-site-exec"]  # always: the SuperNode and its app gate
+STARTED = [*SITE, "fedmeta-site-metrics"]  # with METRICS_PORT
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +109,7 @@ class Site:
             pytest.fail(f"start-site.sh still running {timeout_s:.0f} s later:\n{self.output()}")
 
     def kill_leftovers(self) -> None:
-        for pid in [self.process.pid, *self.pids("flower-supernode"), *self.pids("fedmeta")]:
+        for pid in [self.process.pid, *(pid for name in STARTED for pid in self.pids(name))]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
@@ -138,7 +143,7 @@ def test_a_signal_stops_the_supernode_the_exporter_and_what_they_started(bundles
     if signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
         pytest.skip("SIGHUP is ignored in this process (started with nohup), and so in the script it starts")
     site = Site(bundles / "sites/a", tmp_path, request, **({"METRICS_PORT": "9101"} if metrics else {}))
-    names = ["flower-supernode", "fedmeta"] if metrics else ["flower-supernode"]
+    names = STARTED if metrics else SITE
     pids = site.wait_started(names)
     assert site.process.pid not in pids  # the script stays, supervising
     if to_group:
@@ -149,24 +154,51 @@ def test_a_signal_stops_the_supernode_the_exporter_and_what_they_started(bundles
     assert not _left_running(pids), f"left running after {signal.Signals(signum).name}: {_left_running(pids, 0)}"
     argv = site.argv("flower-supernode")
     assert argv[argv.index("--port") + 1] == "9094"  # the SuperNode's local port, by default
+    assert argv[argv.index("--isolation") + 1] == "process"  # it starts no app itself: its gate does
+    gate = site.argv("fedmeta-site-exec")
+    assert gate[gate.index("--runtime-api-address") + 1] == "127.0.0.1:9094"
+    assert gate[gate.index("--approved-apps") + 1] == str(site.bundle / "approved-apps")
+    assert gate[gate.index("--public-key") + 1] == str(site.bundle / "release.pub")
     if metrics:
-        assert site.argv("fedmeta")[:2] == ["site-metrics", "--dir"]
-        assert site.argv("fedmeta")[-2:] == ["--port", "9101"]
+        assert site.argv("fedmeta-site-metrics")[:2] == ["site-metrics", "--dir"]
+        assert site.argv("fedmeta-site-metrics")[-2:] == ["--port", "9101"]
 
 
 def test_a_supernode_that_ends_by_itself_takes_the_exporter_and_leftovers_with_it(bundles, tmp_path, request):
     exit_file = tmp_path / "supernode-exit"
     site = Site(bundles / "sites/a", tmp_path, request, METRICS_PORT="9101", SHIM_EXIT_FILE=str(exit_file))
-    pids = site.wait_started(["flower-supernode", "fedmeta"])
+    pids = site.wait_started(STARTED)
     exit_file.write_text("3\n")  # the SuperNode exits 3, its child and grandchild still running
     assert site.exit_code() == 3, site.output()
     assert "flower-supernode ended (status 3); stopping the rest" in site.output()
     assert not _left_running(pids), f"left running after the SuperNode ended: {_left_running(pids, 0)}"
 
 
+def test_a_supernode_the_superlink_does_not_admit_is_explained_in_words(bundles, tmp_path, request):
+    exit_file = tmp_path / "supernode-exit"
+    site = Site(bundles / "sites/a", tmp_path, request, SHIM_EXIT_FILE=str(exit_file))
+    site.wait_started(SITE)
+    exit_file.write_text("305\n")  # Flower 1.41's exit code when the SuperLink refuses to activate the node
+    assert site.exit_code() == 305 % 256, site.output()  # a process status keeps 8 bits
+    assert "most often its key is not registered" in site.output()
+    assert f"fedmeta doctor --bundle {site.bundle}" in site.output()
+
+
+def test_each_process_gets_one_sigterm_so_a_clean_shutdown_is_not_cut_short(bundles, tmp_path, request):
+    """Flower's processes restore the default SIGTERM action once their handler runs: a second SIGTERM during the
+    SuperNode's clean exit killed it before it told the SuperLink it left, which then refused its key as "already
+    online" for a minute."""
+    site = Site(bundles / "sites/a", tmp_path, request, SHIM_SLOW_EXIT="1")
+    pids = site.wait_started(["flower-supernode"])
+    site.process.send_signal(signal.SIGTERM)
+    assert site.exit_code() == 143, site.output()
+    assert (site.record / "flower-supernode.clean").is_file(), "a second SIGTERM cut the SuperNode's clean exit short"
+    assert not _left_running(pids)
+
+
 def test_processes_that_ignore_sigterm_are_killed_after_the_grace_period(bundles, tmp_path, request):
     site = Site(bundles / "sites/a", tmp_path, request, METRICS_PORT="9101", STOP_GRACE_S="1", SHIM_IGNORE_TERM="1")
-    pids = site.wait_started(["flower-supernode", "fedmeta"])
+    pids = site.wait_started(STARTED)
     site.process.send_signal(signal.SIGTERM)
     assert site.exit_code() == 143, site.output()
     assert "still running 1 s after SIGTERM; killing them" in site.output()
@@ -176,10 +208,12 @@ def test_processes_that_ignore_sigterm_are_killed_after_the_grace_period(bundles
 def test_two_sites_on_one_host_give_their_supernodes_different_local_ports(bundles, tmp_path, request):
     sites = {port: Site(bundles / f"sites/{name}", tmp_path, request, LOCAL_PORT=port)
              for name, port in (("a", "9095"), ("b", "9096"))}
-    pids = [pid for site in sites.values() for pid in site.wait_started(["flower-supernode"])]
+    pids = [pid for site in sites.values() for pid in site.wait_started(SITE)]
     for port, site in sites.items():
         argv = site.argv("flower-supernode")
         assert argv[argv.index("--port") + 1] == port, argv
+        gate = site.argv("fedmeta-site-exec")
+        assert gate[gate.index("--runtime-api-address") + 1] == f"127.0.0.1:{port}", gate
         assert argv[argv.index("--superlink") + 1] == "localhost:8000"
         assert argv[argv.index("--auth-supernode-private-key") + 1] == str(site.bundle / "site.key")
     for site in sites.values():
