@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import resource
-import signal
 import sys
 import tempfile
 import threading
@@ -27,6 +26,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from fedmeta.common.exporter import run_exporter, serve_collector
 
 log = logging.getLogger("fedmeta.client")
 
@@ -215,11 +216,7 @@ class SiteMetricsCollector:
 
 def serve(folder: Path, port: int, address: str = "127.0.0.1") -> tuple[Any, threading.Thread]:
     """Starts the HTTP endpoint for ``folder``'s state; returns prometheus-client's (server, thread)."""
-    from prometheus_client import CollectorRegistry, start_http_server  # lazy: see SiteMetricsCollector.collect
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SiteMetricsCollector(folder))
-    return start_http_server(port, addr=address, registry=registry)
+    return serve_collector(SiteMetricsCollector(folder), port, address)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -249,19 +246,7 @@ def _cmd_site_metrics(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"fedmeta site-metrics: cannot create --dir {args.dir} ({err}).", file=sys.stderr)
         return 2
-    try:
-        server, _thread = serve(args.dir, args.port, args.address)
-    except OSError as err:
-        print(f"fedmeta site-metrics: cannot listen on {args.address}:{args.port} ({err}); pick a free port.",
-              file=sys.stderr)
-        return 1
-    print(f"site metrics from {args.dir} on http://{args.address}:{args.port}/metrics", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
-    return 0
+    return run_exporter("site-metrics", SiteMetricsCollector(args.dir), args.port, args.address, f"site metrics from {args.dir}")
 
 
 __all__ = ["METRICS_DIR_KEY", "SITE_METRIC_NAMES", "SiteMetricsCollector", "read_state", "record_message", "serve"]

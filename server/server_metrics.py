@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fedmeta.common.exporter import run_exporter, serve_collector
 
 log = logging.getLogger("fedmeta.server")
 
@@ -143,11 +144,7 @@ class ServerMetricsCollector:
 
 def serve(root: Path, port: int, address: str = "127.0.0.1") -> tuple[Any, threading.Thread]:
     """Starts the HTTP endpoint for the runs under ``root``; returns prometheus-client's (server, thread)."""
-    from prometheus_client import CollectorRegistry, start_http_server  # lazy: see ServerMetricsCollector.collect
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerMetricsCollector(root))
-    return start_http_server(port, addr=address, registry=registry)
+    return serve_collector(ServerMetricsCollector(root), port, address)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -176,19 +173,7 @@ def _cmd_server_metrics(args: argparse.Namespace) -> int:
               "(the coordinator's runs volume).", file=sys.stderr)
         return 2
     logging.basicConfig(format="fedmeta server-metrics: %(message)s")  # the skipped files' warnings, on stderr
-    try:
-        server, _thread = serve(args.dir, args.port, args.address)
-    except OSError as err:
-        print(f"fedmeta server-metrics: cannot listen on {args.address}:{args.port} ({err}); pick a free port.",
-              file=sys.stderr)
-        return 1
-    print(f"server metrics of the runs under {args.dir} on http://{args.address}:{args.port}/metrics", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    server.shutdown()
-    return 0
+    return run_exporter("server-metrics", ServerMetricsCollector(args.dir), args.port, args.address, f"server metrics of the runs under {args.dir}")
 
 
 __all__ = ["EXPORTER_METRIC_NAMES", "STATE_NAME", "ServerMetricsCollector", "read_state", "serve", "state_files",
