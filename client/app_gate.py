@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of the consortium's signed app approvals (the bundle's approved-apps/)")
     parser.add_argument("--public-key", type=Path, required=True,
                         help="the consortium's release key the approvals are signed with (the bundle's release.pub)")
+    parser.add_argument("--superexec-auth-secret-file", type=Path, required=True,
+                        help="the secret this gate and the SuperNode share (the SuperNode's own "
+                             "--superexec-auth-secret-file): without it any local process could take the site's tasks "
+                             "from the Runtime API and run an unapproved app; start-site.sh makes one per site")
     parser.add_argument("--health-server-address", default=None,
                         help="serve gRPC health checks on host:port (for container probes)")
     parser.set_defaults(handler=_site_exec_command)
@@ -60,22 +64,29 @@ def _site_exec_command(args: argparse.Namespace) -> int:
         print(f"fedmeta site-exec: error: --runtime-api-address {args.runtime_api_address} is not on loopback; the "
               "SuperNode's Runtime API is plain HTTP and must stay on this host (127.0.0.1:PORT).", file=sys.stderr)
         return 2
+    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+
     try:
         approvals = load_approvals(args.approved_apps, args.public_key)
+        secret = load_superexec_auth_secret(str(args.superexec_auth_secret_file))
     except (ApprovalError, ReleaseError) as err:
         print(f"fedmeta site-exec: error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # Flower's loader: unreadable or empty
+        print(f"fedmeta site-exec: error: --superexec-auth-secret-file: {err}; give the file the SuperNode was "
+              "started with (start-site.sh makes superexec.secret beside itself).", file=sys.stderr)
+        return 1
     for name, reason in approvals.rejected.items():
         print(f"fedmeta site-exec: ignoring {name}: {reason}", file=sys.stderr)
-    listed = ", ".join(f"{s['app']} {s['version']} ({d[:16]})" for d, s in approvals.digests.items()) or "none yet"
+    listed = ", ".join(f"{s.get('app')} {s.get('version')} ({d[:16]})" for d, s in approvals.digests.items()) or "none yet"
     print(f"fedmeta site-exec: running the ClientApp of approved apps only: {listed}; taking tasks from "
           f"{args.runtime_api_address}", file=sys.stderr, flush=True)
-    run_gate(args.runtime_api_address, args.approved_apps, args.public_key,
+    run_gate(args.runtime_api_address, args.approved_apps, args.public_key, superexec_auth_secret=secret,
              health_server_address=args.health_server_address)
     return 0
 
 
-def run_gate(runtime_api_address: str, approved_apps: Path, public_key: Path, *,
+def run_gate(runtime_api_address: str, approved_apps: Path, public_key: Path, *, superexec_auth_secret: bytes,
              health_server_address: str | None = None) -> None:
     """Flower's SuperExec loop with the gated plugin; returns only when the process is told to stop."""
     from flwr.supercore.constant import ExecutorType
@@ -85,7 +96,9 @@ def run_gate(runtime_api_address: str, approved_apps: Path, public_key: Path, *,
         raise RuntimeError("this Flower release's SuperExec has no AutoExecPlugin to replace: fedmeta site-exec "
                            "cannot gate it; install the flwr release fedmeta pins (flwr==1.41.*).")
     superexec.AutoExecPlugin = gated_plugin(Path(approved_apps), Path(public_key))
+    # The shared secret signs the gate's AcquireTask calls: the SuperNode hands its tasks to no other process.
     superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True,
+                            superexec_auth_secret=superexec_auth_secret,
                             health_server_address=health_server_address, runtime_dependency_install=False,
                             executor_type=ExecutorType.SUBPROCESS)
 
@@ -102,6 +115,7 @@ def gated_plugin(approved_apps: Path, public_key: Path) -> type:
     class GatedClientAppPlugin(BaseExecPlugin):
         supported_task_types = frozenset({TaskType.CLIENT_APP})
         visible_output_task_types = frozenset({TaskType.CLIENT_APP})
+        announced: set[int] = set()  # runs whose first task was logged
 
         def launch_task(self, token: str, task: Task) -> LaunchResult:
             if self._get_supported_task_type(task) is None:
@@ -116,6 +130,10 @@ def gated_plugin(approved_apps: Path, public_key: Path) -> type:
                 print(f"fedmeta site-exec: REFUSED run {task.run_id}: its app bundle (FAB sha256 {task.fab_hash}) is "
                       f"not approved by the consortium ({len(digests)} approved in {approved_apps}); none of its "
                       "code runs here, the ServerApp gets an error reply", file=sys.stderr, flush=True)
+            elif task.run_id not in self.announced:
+                self.announced.add(task.run_id)
+                print(f"fedmeta site-exec: run {task.run_id}: approved app bundle {task.fab_hash[:16]}; starting its "
+                      "ClientApps", file=sys.stderr, flush=True)
             args = [sys.executable, "-m", "fedmeta.client.app_gate", "--runtime-api-address",
                     self.runtime_api_address, "--token", token, "--insecure", "--parent-pid", str(os.getpid())]
             # The ClientApp process checks the FAB's bytes itself (main): it refuses a task the check above let

@@ -23,7 +23,9 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +116,25 @@ def load_approvals(folder: Path | str, public_key_path: Path | str) -> Approvals
     return Approvals(digests, rejected)
 
 
+def _read_small_file(path: Path) -> bytes:
+    """At most MAX_APPROVAL_BYTES of a regular file: a FIFO, a device (a link to /dev/zero) or a bigger file is
+    refused without blocking or reading on (the gate re-reads approvals at every task)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ApprovalError(f"{path.name}: not a regular file: not an approval")
+        data = os.read(descriptor, MAX_APPROVAL_BYTES + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_APPROVAL_BYTES:
+        raise ApprovalError(f"{path.name}: larger than {MAX_APPROVAL_BYTES} bytes: not an approval")
+    return data
+
+
 def _verified_statement(path: Path, key) -> dict[str, Any]:
     sig_path = path.with_name(path.name + SIGNATURE_SUFFIX)
     try:
-        if path.stat().st_size > MAX_APPROVAL_BYTES or sig_path.stat().st_size > MAX_APPROVAL_BYTES:
-            raise ApprovalError(f"{path.name}: larger than {MAX_APPROVAL_BYTES} bytes: not an approval")
-        body, signature = path.read_bytes(), sig_path.read_bytes()
+        body, signature = _read_small_file(path), _read_small_file(sig_path)
     except FileNotFoundError:
         raise ApprovalError(f"{path.name}: unsigned ({sig_path.name} is missing)") from None
     except OSError as err:
@@ -134,6 +149,8 @@ def _verified_statement(path: Path, key) -> dict[str, Any]:
     except ValueError:
         raise ApprovalError(f"{path.name}: signed, but not JSON") from None
     if not (isinstance(statement, dict) and statement.get("format") == APPROVAL_FORMAT
-            and isinstance(statement.get("fab_sha256"), str) and _SHA256.fullmatch(statement["fab_sha256"])):
-        raise ApprovalError(f"{path.name}: signed, but not an approval of format {APPROVAL_FORMAT} with a fab_sha256")
+            and isinstance(statement.get("fab_sha256"), str) and _SHA256.fullmatch(statement["fab_sha256"])
+            and all(isinstance(statement.get(field), str) for field in ("app", "version"))):
+        raise ApprovalError(f"{path.name}: signed, but not an approval of format {APPROVAL_FORMAT} with a fab_sha256, "
+                            "app and version")
     return statement

@@ -40,6 +40,7 @@ SELF_REGISTRATION_CALLS = ("register-node", "unregister-node")
 
 DEFAULT_UPSTREAM = "127.0.0.1:8001"  # where deploy/coordinator/compose.yaml publishes the SuperLink's own port
 UPSTREAM_NAME = "fedmeta_superlink"
+DEFAULT_MAX_BODY_MB = 256  # above the largest object a site pushes (a 3D UNet's widest conv: ~30 MB)
 DOCKER_SERVER_NAME = "${FEDMETA_SERVER_NAME}"  # rendered by nginx's image from the fleet-proxy service's environment
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _NAME = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -64,7 +65,7 @@ _HEADER = """\
 #     (self-registration: sites are registered by the coordinator, --enable-supernode-auth refuses it too);
 #     /v1/control/, /v1/runtime/, /health, /docs and every other path.
 # HTTP/1.1 on both sides (the SuperNode's client and the SuperLink's uvicorn speak nothing else);
-# bodies of any size (θ and meta-gradients: tens of MB) are streamed, neither buffered nor limited.
+# bodies (θ and meta-gradients: tens of MB) are streamed, not buffered, up to a cap (client_max_body_size).
 """
 
 
@@ -85,8 +86,12 @@ class FleetProxy:
     listen: str
     upstream: str
     server_name: str
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_body_mb, int) or not 1 <= self.max_body_mb <= 4096:
+            raise ValueError(f"max_body_mb {self.max_body_mb!r}: give a whole number of MB between 1 and 4096 (the "
+                             "largest message a site sends; θ and meta-gradients are tens of MB).")
         for what in ("certificate", "certificate_key", "ca_certificate"):
             path = getattr(self, what)
             if not path.startswith("/") or _NGINX_UNSAFE.search(path):
@@ -115,6 +120,8 @@ def render(proxy: FleetProxy) -> str:
     )
     self_registration = "|".join(SELF_REGISTRATION_CALLS)
     return f"""{header}
+limit_conn_zone $binary_remote_addr zone={UPSTREAM_NAME}_per_address:1m;
+
 upstream {UPSTREAM_NAME} {{
     server {proxy.upstream};
     keepalive 16;                  # reuse TLS connections to the SuperLink rather than a handshake per call
@@ -128,7 +135,10 @@ server {{
     server_tokens       off;
     default_type        text/plain;
 
-    client_max_body_size 0;        # θ and meta-gradients: tens of MB per message
+    # The SuperLink reads a whole body before it checks the node's signature: a cap, and few connections per
+    # address, keep anyone who reaches this port from filling its memory (θ and meta-gradients: tens of MB).
+    client_max_body_size {proxy.max_body_mb}m;
+    limit_conn {UPSTREAM_NAME}_per_address 32;
     proxy_read_timeout   900s;     # a slow SuperLink answer (a large object) is waited for, not cut
     proxy_send_timeout   900s;
     proxy_buffering         off;   # stream both ways: nothing spooled to disk, nothing held back
@@ -136,7 +146,7 @@ server {{
 
     proxy_http_version 1.1;
     proxy_set_header Connection "";
-    proxy_set_header Host $host;
+    proxy_set_header Host {proxy.server_name};
     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
     proxy_ssl_trusted_certificate {proxy.ca_certificate};
     proxy_ssl_verify       on;
@@ -147,6 +157,14 @@ server {{
 
     if ($request_method != POST) {{
         return 403 "fedmeta: this port takes POST only (the Fleet API of registered SuperNodes)\\n";
+    }}
+    # Every Fleet call of a registered SuperNode is signed (Flower's node authentication headers); an unsigned one
+    # is turned away here, before its body is read. The SuperLink checks the signature itself.
+    if ($http_flwr_public_key = "") {{
+        return 403 "fedmeta: unsigned request; only registered SuperNodes' signed Fleet calls pass\\n";
+    }}
+    if ($http_flwr_signature = "") {{
+        return 403 "fedmeta: unsigned request; only registered SuperNodes' signed Fleet calls pass\\n";
     }}
 
 {passed}
@@ -175,7 +193,7 @@ def docker_template() -> str:
 
 
 def for_consortium(consortium: Path, *, listen: str | None = None, upstream: str = DEFAULT_UPSTREAM,
-                   server_name: str | None = None) -> FleetProxy:
+                   server_name: str | None = None, max_body_mb: int = DEFAULT_MAX_BODY_MB) -> FleetProxy:
     """The proxy of a ``fedmeta provision`` folder: its SuperLink certificate and CA, by default the port the
     site bundles dial and the first name of the SuperLink's certificate that nginx can check."""
     from fedmeta.server.consortium_files import read_registry
@@ -199,7 +217,7 @@ def for_consortium(consortium: Path, *, listen: str | None = None, upstream: str
     return FleetProxy(certificate=str(superlink / "server.crt"), certificate_key=str(superlink / "server.key"),
                       ca_certificate=str(superlink / "ca.crt"),
                       listen=listen if listen is not None else str(read_registry(consortium).get("port", 8000)),
-                      upstream=upstream, server_name=server_name)
+                      upstream=upstream, server_name=server_name, max_body_mb=max_body_mb)
 
 
 def checkable_names(certificate: Path) -> list[str]:
@@ -240,6 +258,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--server-name", default=None, metavar="NAME",
                         help="the name nginx checks the SuperLink's certificate for (default: its first DNS name; "
                              "nginx matches no IP address where the certificate has a DNS name)")
+    parser.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
+                        help=f"the largest request a site may send, in MB (default {DEFAULT_MAX_BODY_MB}); the SuperLink "
+                             "reads a whole body before it checks the sender's signature")
     parser.add_argument("--out", type=Path, default=None, help="the file to write (default: standard output)")
     parser.add_argument("--standalone", type=Path, default=None, metavar="DIR",
                         help="instead, write a whole nginx configuration into DIR (its own pid file, logs and temp "
@@ -250,7 +271,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _fleet_proxy_config_command(args: argparse.Namespace) -> int:
     try:
         text = render(for_consortium(args.consortium, listen=args.listen, upstream=args.upstream,
-                                     server_name=args.server_name))
+                                     server_name=args.server_name, max_body_mb=args.max_body_mb))
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta fleet-proxy-config: error: {err}", file=sys.stderr)
         return 1

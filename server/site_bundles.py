@@ -42,7 +42,9 @@ def write_bundle_files(out: Path, name: str, address: str) -> None:
                                                  indent=2) + "\n").encode(), 0o644, out=out)
     # replace, not format: the script is bash, full of braces
     write_file(bundle / "start-site.sh", START_SCRIPT.replace("{address}", address).encode(), 0o755, out=out)
-    (bundle / "approved-apps").mkdir(exist_ok=True)  # the consortium's signed apps (fedmeta sign-app --consortium)
+    approved = bundle / "approved-apps"  # the consortium's signed apps (fedmeta sign-app --consortium)
+    approved.mkdir(exist_ok=True)
+    approved.chmod(0o755)  # whatever the umask: only the site's owner may add files here
     write_file(bundle / "compose.yaml", SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(),
                0o644, out=out)
 
@@ -176,18 +178,28 @@ if [ -n "$METRICS_PORT" ]; then
   METRICS_DIR="${METRICS_DIR:-$HERE/metrics}"
   NODE_CONFIG="$NODE_CONFIG metrics-dir=\"$METRICS_DIR\""
 fi
+if (exec 3<>"/dev/tcp/127.0.0.1/$LOCAL_PORT") 2>/dev/null; then
+  refuse "something already listens on 127.0.0.1:$LOCAL_PORT (another site's SuperNode?); give this site its own LOCAL_PORT"
+fi
+# The SuperNode hands its tasks only to a process holding this secret: its app gate. Made here, on first start; it
+# never leaves the site.
+SECRET="$HERE/superexec.secret"
+if [ ! -s "$SECRET" ]; then
+  (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > "$SECRET") || refuse "cannot write $SECRET"
+fi
+mkdir -p -m 755 "$HERE/approved-apps"
 set -- flower-supernode \
   --superlink {address} \
   --root-certificates "$HERE/ca.crt" \
   --auth-supernode-private-key "$HERE/site.key" \
   --port "$LOCAL_PORT" \
   --isolation process \
+  --superexec-auth-secret-file "$SECRET" \
   --node-config "$NODE_CONFIG"
-mkdir -p "$HERE/approved-apps"
 # The processes the site runs, one start_child line each.
 start_child "$@"
 start_child fedmeta site-exec --runtime-api-address "127.0.0.1:$LOCAL_PORT" \
-  --approved-apps "$HERE/approved-apps" --public-key "$HERE/release.pub"
+  --approved-apps "$HERE/approved-apps" --public-key "$HERE/release.pub" --superexec-auth-secret-file "$SECRET"
 [ -z "$METRICS_PORT" ] || start_child fedmeta site-metrics --dir "$METRICS_DIR" --port "$METRICS_PORT"
 
 if [ "${BASH_VERSINFO[0]}" -gt 4 ] || { [ "${BASH_VERSINFO[0]}" -eq 4 ] && [ "${BASH_VERSINFO[1]}" -ge 3 ]; }; then
@@ -236,10 +248,12 @@ services:
       # its local port (Flower's Runtime API), on the container's own loopback: LOCAL_PORT matters with host networking
       - --port=${{LOCAL_PORT:-9094}}
       - --isolation=process  # it starts no app itself: the site-exec service below does, approved apps only
+      - --superexec-auth-secret-file=/run/secrets/superexec.secret
       - --node-config=data-dir="/data" metrics-dir="/metrics"
     secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
       - ca.crt
       - site.key
+      - superexec.secret
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
   site-exec:  # the site's app gate: the ClientApps run here, for app bundles the consortium signed only
@@ -249,7 +263,9 @@ services:
     depends_on: [supernode]
     entrypoint: ["fedmeta", "site-exec"]
     command: ["--runtime-api-address=127.0.0.1:${{LOCAL_PORT:-9094}}", "--approved-apps=/approved-apps",
-              "--public-key=/release/release.pub"]
+              "--public-key=/release/release.pub", "--superexec-auth-secret-file=/run/secrets/superexec.secret"]
+    secrets:
+      - superexec.secret
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
       - metrics:/metrics
@@ -276,6 +292,8 @@ secrets:
     file: ./ca.crt
   site.key:
     file: ./site.key
+  superexec.secret:  # the SuperNode and its app gate share it; make it once: (umask 077; openssl rand -hex 32 > superexec.secret)
+    file: ./superexec.secret
 """
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -388,10 +389,16 @@ class LocalDeployment:
         if self.app_gate and bundle is not None and bundle.is_dir():  # a stranger's SuperNode (no bundle): no gate
             # The site's app gate starts its ClientApps, approved app bundles only (fedmeta.client.app_gate).
             (bundle / APPROVED_APPS_DIR).mkdir(exist_ok=True)
-            isolation = ["--isolation", "process"]
+            secret = home.path / f"supernode-{index}" / "superexec.secret"  # the SuperNode's and its gate's only
+            if not secret.is_file():
+                secret.parent.mkdir(parents=True, exist_ok=True)
+                secret.write_text(secrets.token_hex(32))
+                secret.chmod(0o600)
+            isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
             self._spawn(f"site-exec-{index}", [
                 _flower_bin("fedmeta"), "site-exec", "--runtime-api-address", f"127.0.0.1:{node_port}",
                 "--approved-apps", str(bundle / APPROVED_APPS_DIR), "--public-key", str(bundle / "release.pub"),
+                "--superexec-auth-secret-file", str(secret),
             ], node_env)
         return self._spawn(
             f"supernode-{index}",

@@ -84,11 +84,19 @@ def test_a_foreign_app_is_refused_by_every_site_and_none_of_its_code_runs(smoke_
     marker_dir.mkdir()
     with LocalDeployment(sites, flwr_home=tmp_path / "flwr-home") as deployment:
         home = deployment._require_home()
+        # A local process beside site 0 that would run any app: Flower's stock SuperExec on the SuperNode's Runtime
+        # API. Without the site's secret it is handed no task.
+        from fedmeta.simulations.engines.flower_home import _flower_bin
+
+        rogue = deployment._spawn("rogue-superexec", [_flower_bin("flower-superexec"), "--runtime-api-address",
+                                                      f"127.0.0.1:{deployment._node_ports[0]}", "--insecure"],
+                                  home.env)
         # An operator's (or anyone's who reached the Control API) `flwr run` of an app the consortium never signed.
         submitted = home.flwr(["run", str(foreign), "local-deployment", "--run-config",
                                f"marker-dir='{marker_dir}' report='{report}'", "--stream"], timeout_s=240)
         gate_logs = [deployment.log_of(pid) for pid in deployment.pids
                      if "site-exec" in " ".join(map(str, _argv(deployment, pid)))]
+        rogue_log = deployment.log_of(rogue.pid)
 
     assert "Successfully started run" in submitted.stdout + submitted.stderr, submitted.stdout[-2000:]
     assert list(marker_dir.iterdir()) == [], "the foreign ClientApp ran at a site"
@@ -97,6 +105,10 @@ def test_a_foreign_app_is_refused_by_every_site_and_none_of_its_code_runs(smoke_
     for reply in answers["replies"]:  # every site answered at once, with a refusal, not data
         assert reply["error"] and "not approved" in reply["error"], reply
     assert len(gate_logs) == 2
+    assert "Start `flwr-clientapp` process" not in rogue_log, rogue_log[-1500:]
+    # ... because site 0's SuperNode refused its request for a task: it does not hold the site's secret.
+    site0 = (tmp_path / "flwr-home" / "logs" / "supernode-0.log").read_text(errors="replace")
+    assert "SuperExec authentication failed" in site0, site0[-1500:]
     for log in gate_logs:
         assert "REFUSED run" in log and "not approved by the consortium" in log, log[-1500:]
 

@@ -46,11 +46,16 @@ def _superlink_paths(monkeypatch, home: Path) -> dict[str, str]:
     return paths
 
 
-def _request(port: int, path: str, ca: Path, *, method: str = "POST", body: bytes = b"") -> tuple[int, bytes]:
+# What Flower's node authentication adds to every Fleet call (the values here are not a valid signature).
+SIGNED = {"flwr-public-key": "bm90LWEta2V5", "flwr-signature": "bm90LWEtc2lnbmF0dXJl", "flwr-timestamp": "0"}
+
+
+def _request(port: int, path: str, ca: Path, *, method: str = "POST", body: bytes = b"",
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)),
                                              timeout=60)
     try:
-        connection.request(method, path, body=body, headers={"content-type": "application/protobuf"})
+        connection.request(method, path, body=body, headers={"content-type": "application/protobuf", **(headers or {})})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -143,12 +148,14 @@ def test_a_site_trains_through_the_proxy_and_nothing_else_passes_it(federation, 
         assert '"success": false' in registered.stdout and "403 Forbidden" in registered.stdout, registered.stdout
 
         # POST passes nginx's method check, so each path meets its location's refusal; GET routes are tried as GET too.
-        answers = {(path, method): _request(proxy_port, f"{path}?probe={probe}", ca, method=method)
+        answers = {(path, method): _request(proxy_port, f"{path}?probe={probe}", ca, method=method, headers=SIGNED)
                    for path, served_with in refused.items() for method in {"POST", served_with}}
         wrong_method = _request(proxy_port, f"{FLEET_PREFIX}pull-messages?probe={probe}", ca, method="GET")
-        # Tens of MB pass whole: the SuperLink parses the request and turns it away only for its missing signature.
+        # Tens of MB of a signed call pass whole: the SuperLink parses it and turns it away for its bad signature.
         large = PushObjectRequest(object_content=os.urandom(1 << 20) * 40).SerializeToString()
-        passed = _request(proxy_port, f"{FLEET_PREFIX}push-object?passed={probe}", ca, body=large)
+        passed = _request(proxy_port, f"{FLEET_PREFIX}push-object?passed={probe}", ca, body=large, headers=SIGNED)
+        # An unsigned call is turned away by nginx before its body is read: the SuperLink never sees it.
+        unsigned = _request(proxy_port, f"{FLEET_PREFIX}push-object?probe={probe}", ca, body=large[: 1 << 20])
 
         # nginx checks the SuperLink's certificate: another name, or another CA, and nothing is passed on.
         checks = {}
@@ -157,7 +164,12 @@ def test_a_site_trains_through_the_proxy_and_nothing_else_passes_it(federation, 
             port = _free_ports(1)[0]
             strict = _start_nginx(deployment, dataclasses.replace(proxy, listen=f"127.0.0.1:{port}", **change),
                                   tmp_path / f"nginx-{label}")
-            checks[label] = _request(strict, f"{FLEET_PREFIX}pull-messages?unverified={probe}", ca)
+            checks[label] = _request(strict, f"{FLEET_PREFIX}pull-messages?unverified={probe}", ca, headers=SIGNED)
+        # A body above the cap is refused by nginx (413), signed or not (cap 1 MB here, 256 MB by default).
+        capped = _start_nginx(deployment, dataclasses.replace(proxy, listen=f"127.0.0.1:{_free_ports(1)[0]}",
+                                                              max_body_mb=1), tmp_path / "nginx-cap")
+        too_large = _request(capped, f"{FLEET_PREFIX}push-object?probe={probe}", ca, body=large[: 2 << 20],
+                             headers=SIGNED)
         nodes_after = deployment.nodes()
         time.sleep(0.5)  # the SuperLink's access log line follows its answer
         superlink_log = deployment.log_of(deployment.pids[0])[len(superlink_log):]
@@ -167,6 +179,8 @@ def test_a_site_trains_through_the_proxy_and_nothing_else_passes_it(federation, 
     assert wrong_method[0] == 403 and b"POST only" in wrong_method[1], wrong_method
     assert f"probe={probe}" not in superlink_log, "a refused request reached the SuperLink"
     assert passed == (401, b'{"detail":"Invalid SuperNode authentication"}'), passed
+    assert unsigned[0] == 403 and b"unsigned request" in unsigned[1], unsigned
+    assert too_large[0] == 413, too_large
     assert f"/v1/fleet/push-object?passed={probe}" in superlink_log  # the log would have shown a refused one
     assert [status for status, _body in checks.values()] == [502, 502], checks
     assert f"unverified={probe}" not in superlink_log

@@ -119,7 +119,10 @@ def test_every_mounted_file_is_one_fedmeta_provision_writes(tmp_path):
         relative = secret["file"].split("}", 1)[1].lstrip("/")  # ${CONSORTIUM}/superlink/ca.crt
         assert (out / relative).is_file(), relative
     for compose in (DEPLOY / "site/compose.yaml", out / "sites/a/compose.yaml"):
-        for secret in _compose(compose)["secrets"].values():
+        for name, secret in _compose(compose)["secrets"].items():
+            if name == "superexec.secret":  # the site makes it (start-site.sh does; compose: openssl rand), never the coordinator
+                assert not (out / "sites/a" / secret["file"]).exists()
+                continue
             assert (out / "sites/a" / secret["file"]).is_file(), (compose, secret)
     # The site's data is mounted read-only, where the ClientApps run: beside the app gate.
     for compose in (DEPLOY / "site/compose.yaml", out / "sites/a/compose.yaml"):
@@ -167,8 +170,11 @@ def test_only_the_fleet_api_faces_the_sites():
     assert len(locations) == len(passed) + 4  # self-registration, /v1/control/, /v1/runtime/, everything else
     assert re.search(r'if \(\$request_method != POST\) \{\s+return 403 "[^"\n]+\\n";', template)
     for directive in ("listen 8000 ssl", "proxy_ssl_verify on", "proxy_ssl_server_name on", "proxy_http_version 1.1",
-                      "client_max_body_size 0", "proxy_buffering off", "proxy_request_buffering off"):
+                      "client_max_body_size 256m", "limit_conn fedmeta_superlink_per_address 32", "proxy_buffering off",
+                      "proxy_request_buffering off"):
         assert re.search(r"\s+".join(map(re.escape, directive.split())) + r"\s*;", template), directive
+    for header in ("flwr_public_key", "flwr_signature"):  # an unsigned Fleet call is refused before its body is read
+        assert re.search(rf'if \(\$http_{header} = ""\) \{{\s+return 403 "[^"\n]+\\n";', template), header
     # The image renders the template's ${VARIABLES} from the service's environment: every one is set there.
     assert set(re.findall(r"\$\{(\w+)\}", template)) <= set(services["fleet-proxy"]["environment"])
     mounted = {v.split(":")[0].removeprefix("./") for v in services["fleet-proxy"]["volumes"]}

@@ -174,6 +174,31 @@ def test_a_supernode_that_ends_by_itself_takes_the_exporter_and_leftovers_with_i
     assert not _left_running(pids), f"left running after the SuperNode ended: {_left_running(pids, 0)}"
 
 
+def test_the_supernode_hands_its_tasks_only_to_its_gate(bundles, tmp_path, request):
+    """Both get the site's own secret (made on first start, 0600): Flower's SuperNode then hands its tasks only to a
+    process that signs with it, so no other local process can take a task and run an unapproved app."""
+    site = Site(bundles / "sites/b", tmp_path, request)
+    site.wait_started(SITE)
+    secret = site.bundle / "superexec.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text()) == 64
+    for name in SITE:
+        argv = site.argv(name)
+        assert argv[argv.index("--superexec-auth-secret-file") + 1] == str(secret), (name, argv)
+    site.process.send_signal(signal.SIGTERM)
+    assert site.exit_code() == 143
+
+
+def test_a_local_port_in_use_is_refused_before_anything_starts(bundles, tmp_path, request):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        site = Site(bundles / "sites/a", tmp_path, request, LOCAL_PORT=str(taken.getsockname()[1]))
+        assert site.exit_code() == 2
+    assert "already listens on 127.0.0.1" in site.output() and not site.pids("flower-supernode")
+
+
 def test_a_supernode_the_superlink_does_not_admit_is_explained_in_words(bundles, tmp_path, request):
     exit_file = tmp_path / "supernode-exit"
     site = Site(bundles / "sites/a", tmp_path, request, SHIM_EXIT_FILE=str(exit_file))
