@@ -139,7 +139,9 @@ def gated_plugin(approved_apps: Path, public_key: Path) -> type:
             # The ClientApp process checks the FAB's bytes itself (main): it refuses a task the check above let
             # through if the SuperLink's fab_hash was not the hash of what it sent.
             env = dict(os.environ, **{APPROVED_DIGESTS_ENV: ",".join(digests)})
-            subprocess.Popen(args, env=env)  # noqa: S603 - fixed argv; reaped by Flower's parent-pid monitor
+            # As Flower's own executor: not waited for (it exits with this gate, --parent-pid; subprocess reaps
+            # the finished ones at the next launch).
+            subprocess.Popen(args, env=env)  # noqa: S603 - fixed argv, no shell
             return LaunchResult.accepted()
 
     return GatedClientAppPlugin
