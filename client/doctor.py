@@ -181,7 +181,18 @@ def _key_check(path: Path) -> Check:
         return Check("private key", "FAIL", f"{path} is not an OpenSSH private key ({err})", "restore it from the bundle")
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return Check("private key", "FAIL", f"{path} is not an EC key", "restore it from the bundle")
-    return Check("private key", "ok", f"EC {key.curve.name}, mode 600")
+    public = path.with_name("site.pub")
+    if public.is_file():  # a site that keeps its own key copies the coordinator's bundle beside it: the two must pair
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        try:
+            paired = load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+        except (ValueError, TypeError, AttributeError):
+            paired = False
+        if not paired:
+            return Check("private key", "FAIL", f"{path} is not the key of {public} (the key the coordinator registers)",
+                         "keep your own site.key and the coordinator's bundle made from your request; do not mix bundles")
+    return Check("private key", "ok", f"EC {key.curve.name}, mode 600" + (", pairs with site.pub" if public.is_file() else ""))
 
 
 def _release_key_check(bundle: Path, info: dict) -> Check:

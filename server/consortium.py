@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedmeta.common.outputs import FOLDER_MODE, PRIVATE_FOLDER_MODE, Outputs, make_folder, refuse_links
 from fedmeta.common.release import key_fingerprint
+from fedmeta.common.site_identity import read_site_request
 from fedmeta.server.certificates import (
     CA_DAYS, CERT_DAYS, alt_name, certificate_authority, expiry, release_key_pair, server_certificate,
 )
@@ -35,7 +36,7 @@ SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str] = (), port: int | None = None,
               days: int = CERT_DAYS, force: bool = False, reissue_server: bool = False, rekey_sites: list[str] = (),
-              now: dt.datetime | None = None) -> Provisioned:
+              site_requests: list[Path | str] = (), now: dt.datetime | None = None) -> Provisioned:
     """Writes (or completes) the consortium folder ``out``; see ``fedmeta.server.provision`` for the layout.
 
     ``force`` starts over (a new CA, SuperLink certificate and a new key for every active site);
@@ -47,7 +48,13 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     """
     out = Path(out)
     now = now or dt.datetime.now(dt.timezone.utc)
-    _check_arguments(server_names, [*sites, *rekey_sites], port if port is not None else DEFAULT_PORT, days)
+    # Sites that keep their own key send only its public half (fedmeta site-keygen); read and checked first.
+    requested = dict(read_site_request(path) for path in site_requests)
+    if len(requested) != len(list(site_requests)):
+        raise ValueError("--site-request: two requests name the same site; pass one per site.")
+    sites = [*sites, *requested]
+    _check_arguments(server_names, [*sites, *(name for name in rekey_sites if name not in requested)],
+                     port if port is not None else DEFAULT_PORT, days)
     # Provision extends its own consortium folder on every run; any other non-empty folder is refused.
     folder = Outputs(out, "provision")
     folder.check_folder(overwrite=True, recognised=is_consortium(out))
@@ -79,7 +86,7 @@ def provision(out: Path | str, *, server_names: list[str] = (), sites: list[str]
     registry.setdefault("sites", {})
     # --force: a new CA invalidates every bundle's ca.crt, so every active site gets a new bundle.
     issue = list(dict.fromkeys([*sites, *rekey_sites, *(registry["sites"] if force else [])]))
-    issued = _issue_bundles(out, registry, issue, address, now, force, rekey_sites, result)
+    issued = _issue_bundles(out, registry, issue, address, now, force, rekey_sites, result, requested)
     if moved:  # the sites dial a new address: their scripts must say so (keys and CA are unchanged)
         for name in sorted(set(registry["sites"]) - issued):
             if (out / "sites" / name).is_dir():
@@ -146,23 +153,39 @@ def _certificates(out: Path, names: list[str], issue_server: bool, now, days: in
 
 
 def _issue_bundles(out: Path, registry: dict, issue: list[str], address: str, now, force: bool, rekey_sites,
-                   result: Provisioned) -> set[str]:
-    """Makes the bundle of every site in ``issue`` that needs one and records its key; returns those sites."""
+                   result: Provisioned, requested: dict[str, bytes] | None = None) -> set[str]:
+    """Makes the bundle of every site in ``issue`` that needs one and records its key; returns those sites.
+
+    A site in ``requested`` brought its own public key: its bundle holds that key and no private key."""
+    requested = requested or {}
     issued: set[str] = set()
     for name in issue:
         bundle = out / "sites" / name
+        own_key = requested.get(name)
+        known = registry["sites"].get(name, {}).get("public_key_sha256")
+        if own_key is None and registry["sites"].get(name, {}).get("private_key_held_by") == "site":
+            if name in rekey_sites:  # the coordinator cannot make the key of a site that keeps its own
+                raise ValueError(f"--rekey-site {name}: this site keeps its own key; ask it for a new request "
+                                 f"(fedmeta site-keygen) and pass --site-request FILE --rekey-site {name}.")
+            if (bundle / "site.pub").is_file():
+                own_key = (bundle / "site.pub").read_bytes()  # --force (a new CA): the site's key stays its own
+        if own_key is not None and known is not None and known != hashlib.sha256(own_key).hexdigest() \
+                and not (force or name in rekey_sites):
+            raise ValueError(f"site {name!r} is registered with another key (sha256 {known[:16]}...); to give it the "
+                             f"key of its request, pass --rekey-site {name} too (then unregister the old key's node).")
         # A site exists when the registry has it (its bundle folder may have been handed over and removed
         # here): its key is replaced only on request.
         if (name in registry["sites"] or (bundle / "site.key").exists()) and not (force or name in rekey_sites):
-            result.kept.append(str(bundle) + ("" if (bundle / "site.key").exists()
+            result.kept.append(str(bundle) + ("" if (bundle / "site.key").exists() or own_key is not None
                                               else " (registered; its bundle is not here: --rekey-site makes a new one)"))
             continue
         issued.add(name)
-        public = site_bundle(out, name, address)
+        public = site_bundle(out, name, address, public_key=own_key)
         registry.get("revoked", {}).pop(name, None)  # --force reissued a revoked name: a new identity
         previous = registry["sites"].get(name)
         registry["sites"][name] = {"public_key_sha256": hashlib.sha256(public).hexdigest(),
-                                   "created": now.isoformat(timespec="seconds")}
+                                   "created": now.isoformat(timespec="seconds"),
+                                   "private_key_held_by": "site" if own_key is not None else "coordinator"}
         if previous and previous["public_key_sha256"] != registry["sites"][name]["public_key_sha256"]:
             result.rekeyed.append(name)
         result.created.append(str(bundle))

@@ -6,7 +6,8 @@ One command writes what a federation across hospitals needs to run secure by def
     OUT/superlink/server.crt, server.key the SuperLink's TLS certificate for the names sites dial
     OUT/superlink/register-sites.sh      registers every active site's public key with the SuperLink
     OUT/sites/<name>/                    one bundle per site, to hand to that site and nobody else:
-        ca.crt, site.key, site.pub, site.json, start-site.sh, compose.yaml, release.pub
+        ca.crt, site.key, site.pub, site.json, start-site.sh, compose.yaml, release.pub, approved-apps/
+        (a site that keeps its own key — `fedmeta site-keygen` there, `--site-request FILE` here — gets no site.key)
     OUT/release/release.key, release.pub the consortium's Ed25519 release key (`fedmeta sign --key`; keep
                                          release.key offline); release.pub also goes into every site bundle
     OUT/registry.json                    sites, key fingerprints, expiry dates, revocations
@@ -52,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "SuperLink certificate yet")
     parser.add_argument("--site", action="append", default=[], metavar="NAME",
                         help="a site to make a bundle for: lower-case letters, digits and dashes (repeatable)")
+    parser.add_argument("--site-request", action="append", default=[], type=Path, metavar="FILE",
+                        help="a site that keeps its own key: the request `fedmeta site-keygen` made there (its name "
+                             "and public key only); its bundle holds no private key (repeatable)")
     parser.add_argument("--port", type=int, default=None,
                         help=f"the SuperLink's Fleet API port the sites dial (default: the folder's, else {DEFAULT_PORT})")
     parser.add_argument("--days", type=int, default=CERT_DAYS,
@@ -95,7 +99,7 @@ def _provision_command(args: argparse.Namespace) -> int:
     try:
         result = provision(args.out, server_names=args.server_name, sites=args.site, port=args.port,
                            days=args.days, force=args.force, reissue_server=args.reissue_server,
-                           rekey_sites=args.rekey_site)
+                           rekey_sites=args.rekey_site, site_requests=args.site_request)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
         print(f"fedmeta provision: error: {err}", file=sys.stderr)
         return 1

@@ -6,28 +6,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from fedmeta.common.outputs import PRIVATE_FILE_MODE, PRIVATE_FOLDER_MODE, make_folder, refuse_links
-from fedmeta.server.certificates import CURVE
+from fedmeta.common.site_identity import new_site_key
 from fedmeta.server.consortium_files import write_file
 
 SITE_IMAGE = "fedmeta/supernode:0.1.0"
 
 
-def site_bundle(out: Path, name: str, address: str) -> bytes:
-    """Writes a site's bundle ``out/sites/<name>``; returns its OpenSSH public key."""
+def site_bundle(out: Path, name: str, address: str, public_key: bytes | None = None) -> bytes:
+    """Writes a site's bundle ``out/sites/<name>``; returns its OpenSSH public key.
+
+    With ``public_key`` (from the site's own request, ``fedmeta site-keygen``) the bundle holds that public key and
+    no private key: the site keeps its own. Without, the coordinator makes the key pair (a single operator's pilot).
+    """
     bundle = out / "sites" / name
-    key = ec.generate_private_key(CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    public += f" fedmeta-site-{name}\n".encode()
     make_folder(bundle, PRIVATE_FOLDER_MODE, within=out)
-    refuse_links(bundle / "REVOKED", out)
+    for stale in ("REVOKED", "site.key"):
+        refuse_links(bundle / stale, out)
     (bundle / "REVOKED").unlink(missing_ok=True)
-    write_file(bundle / "site.key", private, PRIVATE_FILE_MODE, out=out)
+    if public_key is None:
+        private, public = new_site_key(name)
+        write_file(bundle / "site.key", private, PRIVATE_FILE_MODE, out=out)
+    else:
+        public = public_key
+        (bundle / "site.key").unlink(missing_ok=True)  # a key the coordinator made before: the site's own replaces it
     write_file(bundle / "site.pub", public, 0o644, out=out)
     write_file(bundle / "ca.crt", (out / "ca" / "ca.crt").read_bytes(), 0o644, out=out)
     write_bundle_files(out, name, address)

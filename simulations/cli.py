@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
     # a hospital's IT team, while it takes part
     "site-metrics": Command("fedmeta.client.site_metrics:register",
                             "serve this site's ClientApp metrics (episodes, seconds, device, memory) for Prometheus"),
+    "site-keygen": Command("fedmeta.client.site_keys:register",
+                           "make this site's own identity key (kept here) and the request the coordinator registers"),
     "site-exec": Command("fedmeta.client.app_gate:register",
                          "this site's app gate: run the ClientApp of consortium-approved app bundles only (beside a "
                          "SuperNode started with --isolation process)"),
