@@ -239,6 +239,14 @@ exit "$STATUS"
 
 SITE_COMPOSE = """# One hospital's SuperNode. Start: docker compose up -d  (DATA_DIR: the site's MSD-layout folder).
 # The site's own metrics (episodes, seconds per episode, device, memory): 127.0.0.1:${{METRICS_PORT:-9101}}/metrics.
+# Hardened: every service has a healthcheck, a read-only root filesystem (tmpfs where it writes), no new
+# privileges, no capabilities, and memory and CPU limits: `mem_limit` and `cpus`, which docker compose v2 and
+# docker-compose 1.29 (Debian's) both honour in this format (no `version:` key; 1.29 applies
+# `deploy.resources.limits` only with --compatibility). The ClientApps train in site-exec: SITE_EXEC_MEMORY and
+# SITE_EXEC_CPUS fit its limits to the site's machine.
+# Health: the SuperNode and its app gate serve gRPC health, without TLS, on the loopback they share (127.0.0.1:9097
+# and 127.0.0.1:9098, --health-server-address), which a `python -c` with grpc_health (a dependency of flwr) asks;
+# the metrics exporter answers /metrics over HTTP.
 services:
   supernode:
     image: {image}
@@ -252,32 +260,65 @@ services:
       - --isolation=process  # it starts no app itself: the site-exec service below does, approved apps only
       - --superexec-auth-secret-file=/run/secrets/superexec.secret
       - --node-config=data-dir="/data" metrics-dir="/metrics"
+      - --health-server-address=127.0.0.1:9097  # gRPC health without TLS, for the healthcheck only: loopback
     secrets:  # the image runs as Flower's uid 49999: `sudo chown 49999 site.key` keeps it 0600 and readable
       - ca.crt
       - site.key
       - superexec.secret
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
+      FLWR_HOME: /flwr-home  # Flower's own files (it writes none it needs to keep): tmpfs under a read-only root
+    read_only: true
+    tmpfs: [/tmp, /flwr-home]
+    security_opt: [no-new-privileges:true]
+    cap_drop: [ALL]
+    mem_limit: 1g
+    cpus: 1
+    healthcheck:
+      test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
+        r = g.HealthStub(grpc.insecure_channel('127.0.0.1:9097')).Check(h.HealthCheckRequest(), timeout=5);
+        sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+      interval: 30s
+      timeout: 10s
+      retries: 3
+      start_period: 30s
   site-exec:  # the site's app gate: the ClientApps run here, for app bundles the consortium signed only
     image: {image}
     restart: unless-stopped
     network_mode: "service:supernode"  # the SuperNode's loopback, where its Runtime API listens
-    depends_on: [supernode]
+    depends_on:
+      supernode: {{condition: service_healthy}}
     entrypoint: ["fedmeta", "site-exec"]
     command: ["--runtime-api-address=127.0.0.1:${{LOCAL_PORT:-9094}}", "--approved-apps=/approved-apps",
-              "--public-key=/release/release.pub", "--superexec-auth-secret-file=/run/secrets/superexec.secret"]
+              "--public-key=/release/release.pub", "--superexec-auth-secret-file=/run/secrets/superexec.secret",
+              "--health-server-address=127.0.0.1:9098"]  # gRPC health, on the loopback it shares with the SuperNode
     secrets:
       - superexec.secret
     volumes:
       - ${{DATA_DIR:?set DATA_DIR to the site's data folder}}:/data:ro
       - metrics:/metrics
       - state:/state  # the site's random order key (FEDMETA_HOME): kept across restarts
-      - ./approved-apps:/approved-apps:ro
+      - ./approved-apps:/approved-apps:ro  # the bundle's signed app approvals (fedmeta sign-app)
       - ./release.pub:/release/release.pub:ro
     environment:
       FLWR_TELEMETRY_ENABLED: "0"
       FEDMETA_HOME: /state
-  metrics:
+      FLWR_HOME: /flwr-home  # where Flower unpacks each approved app bundle (FAB) its ClientApps run from
+    read_only: true
+    tmpfs: [/tmp, /flwr-home]
+    security_opt: [no-new-privileges:true]
+    cap_drop: [ALL]
+    mem_limit: ${{SITE_EXEC_MEMORY:-8g}}
+    cpus: ${{SITE_EXEC_CPUS:-4}}
+    healthcheck:
+      test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
+        r = g.HealthStub(grpc.insecure_channel('127.0.0.1:9098')).Check(h.HealthCheckRequest(), timeout=5);
+        sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+      interval: 30s
+      timeout: 10s
+      retries: 3
+      start_period: 30s
+  metrics:  # the site's own metrics (episodes, seconds per episode, device, memory) for its IT team
     image: {image}
     restart: unless-stopped
     entrypoint: ["fedmeta", "site-metrics"]
@@ -286,6 +327,18 @@ services:
       - metrics:/metrics:ro
     ports:
       - "127.0.0.1:${{METRICS_PORT:-9101}}:9101"
+    read_only: true
+    tmpfs: [/tmp]
+    security_opt: [no-new-privileges:true]
+    cap_drop: [ALL]
+    mem_limit: 256m
+    cpus: 0.5
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9101/metrics', timeout=5)"]
+      interval: 30s
+      timeout: 10s
+      retries: 3
+      start_period: 20s
 volumes:
   metrics:
   state:

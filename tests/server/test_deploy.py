@@ -182,3 +182,15 @@ def test_only_the_fleet_api_faces_the_sites():
     # Every Fleet call the installed SuperNode can make is either passed or refused on purpose.
     used = set(re.findall(r'path="(/v1/[a-z-]+/[a-z-]+)"', inspect.getsource(fleet_http_client)))
     assert used == {FLEET_PREFIX + call for call in (*SITE_FLEET_CALLS, *SELF_REGISTRATION_CALLS)}, used
+
+
+def test_the_bundles_compose_file_is_deploy_sites(tmp_path):
+    """`fedmeta provision` writes deploy/site/compose.yaml into each bundle, the SuperLink's address filled in: the
+    two say the same (services, hardening, health checks, volumes, secrets), so a fix to one reaches both."""
+    bundle = provision(tmp_path / "c", server_names=["localhost"], sites=["a"]).out / "sites/a"
+    site, bundled = _compose(DEPLOY / "site/compose.yaml"), _compose(bundle / "compose.yaml")
+    address = [arg for arg in bundled["services"]["supernode"]["command"] if arg.startswith("--superlink=")]
+    assert address and "${" not in address[0]
+    site["services"]["supernode"]["command"] = [address[0] if arg.startswith("--superlink=") else arg
+                                                for arg in site["services"]["supernode"]["command"]]
+    assert bundled == site
