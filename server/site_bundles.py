@@ -309,7 +309,7 @@ services:
     security_opt: [no-new-privileges:true]
     cap_drop: [ALL]
     mem_limit: ${{SITE_EXEC_MEMORY:-8g}}
-    cpus: ${{SITE_EXEC_CPUS:-4}}
+    cpus: ${{SITE_EXEC_CPUS:-2}}  # Docker refuses more than the machine has: raise it on a larger one
     healthcheck:
       test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
         r = g.HealthStub(grpc.insecure_channel('127.0.0.1:9098')).Check(h.HealthCheckRequest(), timeout=5);

@@ -89,7 +89,7 @@ def compose_problems(path: Path) -> list[str]:
                   if key not in check]
         if service.get("read_only") is not True:
             found.append("read_only is not true")
-        tmpfs = service.get("tmpfs", [])
+        tmpfs = [entry.split(":", 1)[0] for entry in service.get("tmpfs", [])]  # "/tmp:uid=49999" mounts /tmp
         if "/tmp" not in tmpfs:
             found.append("no tmpfs for /tmp")
         flwr_home = service.get("environment", {}).get("FLWR_HOME")
