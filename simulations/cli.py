@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
                           "list every problem with a site's (or a federation's) data; exit 1 if any"),
     "evaluate": Command("fedmeta.client.commands:register",
                         "adapt a saved initialisation to a site with k labelled slices and report Dice"),
+    "import": Command("fedmeta.client.import_commands:register",
+                      "write a downloaded public dataset (an MSD task, CHAOS) as a site folder fedmeta reads"),
     # a new hospital adopts the model
     "adapt": Command("fedmeta.client.site_model_commands:register",
                      "adapt the consortium's initialisation to this site with k labelled slices; write a site model"),

@@ -119,7 +119,8 @@ def test_the_python_range_is_the_one_the_code_needs():
 
 
 # Distribution name for each third-party import name that differs or is worth stating.
-_DISTRIBUTIONS = {"flwr": "flwr", "prometheus_client": "prometheus-client", "tomli_w": "tomli-w", "yaml": "pyyaml"}
+_DISTRIBUTIONS = {"flwr": "flwr", "prometheus_client": "prometheus-client", "tomli_w": "tomli-w", "yaml": "pyyaml",
+                  "PIL": "pillow"}
 
 
 def _declared(requirements: list[str]) -> set[str]:
