@@ -30,6 +30,7 @@ reachable through `ps` is stopped.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import subprocess
@@ -218,7 +219,9 @@ class LocalDeployment:
     SuperNode starts. ``insecure_no_tls=True`` drops all of it (plain HTTP, any node may join): only
     for comparing against the secure path. Each SuperNode gets `--node-config data-dir="<its folder>"` (and
     `role="<role>"` when `roles` is given, e.g. "train" or "heldout"), its own local port and its
-    own FLWR_HOME, as separate hospitals would. Sites listed in ``late`` are provisioned and
+    own FLWR_HOME, as separate hospitals would, and (``app_gate``, on by default when secure) runs with
+    ``--isolation process`` beside its app gate, ``fedmeta site-exec``, which starts the ClientApp of app
+    bundles the consortium signed only: ``run`` signs the app it submits. Sites listed in ``late`` are provisioned and
     registered but not started: the caller starts them mid-run with ``start_supernode(index)``.
 
         with LocalDeployment([site_a, site_b]) as deployment:
@@ -278,7 +281,6 @@ class LocalDeployment:
         self._log_files: list[Path] = []
         self.superlink_address = ""
         self.pids: list[int] = []
-        self._retired: set[int] = set()  # processes stopped on purpose (a restarted SuperLink's first run)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -323,7 +325,7 @@ class LocalDeployment:
             "127.0.0.1",
             "--port",
             str(superlink_port),
-            # Registrations and runs survive a restart (restart_superlink; the README's SuperLink does the same).
+            # Registrations and runs survive a restart (as the README's SuperLink; test_consortium_readme.py).
             "--database",
             str(home.path / "superlink-state.db"),
             # The app's dependencies are the installed fedmeta's: no `uv sync` per run (Flower's default since
@@ -344,18 +346,6 @@ class LocalDeployment:
             if index not in self.late:
                 self.start_supernode(index)
         self._wait_for_nodes()
-
-    def restart_superlink(self) -> None:
-        """Stops the SuperLink (SIGTERM, by PID) and starts it again on the same port and database."""
-        home = self._require_home()
-        survivors = stop_processes({self._superlink.pid}, None)  # its tree only, not the sites
-        if survivors:
-            raise RuntimeError(f"could not stop the SuperLink (PID {self._superlink.pid}) to restart it")
-        self._superlink.wait(timeout=5)
-        self._retired.add(self._superlink.pid)
-        self._superlink = self._spawn("superlink-restarted", self._superlink_command, home.env)
-        if not self.insecure_no_tls:
-            self._wait_for_superlink()
 
     def register_site(self, index: int, public_key: Path | None = None) -> None:
         """`flwr supernode register` a site's public key (default: its provisioned one)."""
@@ -392,8 +382,8 @@ class LocalDeployment:
             secret = home.path / f"supernode-{index}" / "superexec.secret"  # the SuperNode's and its gate's only
             if not secret.is_file():
                 secret.parent.mkdir(parents=True, exist_ok=True)
-                secret.write_text(secrets.token_hex(32))
-                secret.chmod(0o600)
+                with os.fdopen(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                    handle.write(secrets.token_hex(32))  # 0600 from its creation on
             isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
             self._spawn(f"site-exec-{index}", [
                 _flower_bin("fedmeta"), "site-exec", "--runtime-api-address", f"127.0.0.1:{node_port}",
@@ -490,7 +480,7 @@ class LocalDeployment:
         online = 0
         while time.monotonic() < deadline:
             for process, log_path in zip(self._processes, self._log_files, strict=True):
-                if process.pid not in self._retired and process.poll() is not None:
+                if process.poll() is not None:
                     raise RuntimeError(
                         f"{Path(process.args[0]).name} exited with code {process.returncode} "
                         f"while the local deployment was starting; its log ends with:\n"
