@@ -87,7 +87,7 @@ def _copy_to_site_bundles(approval: Path, consortium: Path) -> list[Path]:
     copies = []
     for bundle in sorted(p for p in sites.iterdir() if (p / "site.json").is_file()):
         target = bundle / APPROVED_APPS_DIR
-        target.mkdir(exist_ok=True)
+        target.mkdir(mode=0o755, exist_ok=True)  # never group- or world-writable, whatever the umask
         for source in (approval, approval.with_name(approval.name + SIGNATURE_SUFFIX)):
             shutil.copyfile(source, target / source.name)
         copies.append(target / approval.name)

@@ -378,7 +378,7 @@ class LocalDeployment:
         bundle = None if self.insecure_no_tls else self._require_pki() / "sites" / self.site_name(index)
         if self.app_gate and bundle is not None and bundle.is_dir():  # a stranger's SuperNode (no bundle): no gate
             # The site's app gate starts its ClientApps, approved app bundles only (fedmeta.client.app_gate).
-            (bundle / APPROVED_APPS_DIR).mkdir(exist_ok=True)
+            (bundle / APPROVED_APPS_DIR).mkdir(mode=0o755, exist_ok=True)
             secret = home.path / f"supernode-{index}" / "superexec.secret"  # the SuperNode's and its gate's only
             if not secret.is_file():
                 secret.parent.mkdir(parents=True, exist_ok=True)

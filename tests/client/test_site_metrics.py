@@ -19,7 +19,7 @@ from fedmeta.simulations.engines.inprocess import run_inprocess, simulation_node
 from tests.simulations.test_inprocess import tiny_config
 
 
-def _scrape(port: int, attempts: int = 100) -> dict[str, list]:
+def _scrape(port: int, attempts: int = 200) -> dict[str, list]:
     for _ in range(attempts):
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

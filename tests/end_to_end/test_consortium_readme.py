@@ -27,9 +27,9 @@ from fedmeta.simulations.engines.flower_home import _FlowerHome
 from fedmeta.simulations.engines.flower_runtime import _free_ports
 from fedmeta.simulations.engines.processes import stop_processes, tagged
 from fedmeta.simulations.experiments.presets import load_preset
+from tests.end_to_end.test_fleet_proxy import NGINX  # where the proxy test finds Debian's nginx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NGINX = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
 
 pytestmark = [
     pytest.mark.slow,

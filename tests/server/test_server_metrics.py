@@ -7,12 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedmeta.common.protocol import QUERY_LOSS_AFTER
 from fedmeta.server.coordinator import Drop, RoundOutcome
@@ -23,18 +21,7 @@ from fedmeta.server.server_metrics import (
     EXPORTER_METRIC_NAMES, MAX_DEPTH, STATE_NAME, read_state, state_files, write_state,
 )
 from fedmeta.simulations.engines.flower_runtime import _free_ports
-
-
-def _scrape(port: int, attempts: int = 200) -> dict[str, list]:
-    for _ in range(attempts):
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        raise AssertionError(f"nothing answered on port {port}")
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+from tests.client.test_site_metrics import _scrape  # one scrape helper for both exporters
 
 
 def _value(families: dict[str, list], family: str, **labels) -> float:
