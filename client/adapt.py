@@ -122,9 +122,11 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
 
     dice: dict[str, Any] = {"held_out_patients": len(heldout)}
     if heldout:
-        cases = {case.case_id: case for case in discover_site(data, image_glob, label_glob, limits=limits).cases}
+        layout = discover_site(data, image_glob, label_glob, limits=limits)
+        cases = {case.case_id: case for case in layout.cases}
         scored = [cases[site.patient_ids[p]] for p in sorted(heldout)]
-        score = dict(config=config, cases=scored, classes=classes, device=dev, progress=progress, limits=limits)
+        score = dict(config=config, cases=scored, classes=classes, device=dev, progress=progress, limits=limits,
+                     declared=layout.channels, channel_names=site.channel_names)
         before = _score_native(model, prepared, what="initialisation", **score)
         after = before if steps == 0 else _score_native(model, adapted, what="adapted", **score)
         dice.update({"before": before, "after": after, "classes": classes})
@@ -238,14 +240,20 @@ def reading_progress(progress: Callable[[str], None], then: Callable[[Any], None
     return on_case
 
 
-def _score_native(model, params, *, config, cases, classes, device, progress, limits, what: str) -> dict[str, Any]:
-    """Per-patient Dice of ``params``' masks in each scan's own grid, against the scan's label file."""
+def _score_native(model, params, *, config, cases, classes, device, progress, limits, what: str,
+                  declared: tuple[str, ...] = (), channel_names: tuple[str, ...] = ("",)) -> dict[str, Any]:
+    """Per-patient Dice of ``params``' masks in each scan's own grid, against the scan's label file. ``declared``:
+    the site's dataset.json channels; ``channel_names``: the model's, in its order (``SiteDataset.channel_names``)."""
     per_patient = {}
+    lowered = [c.lower() for c in declared]
+    order = [lowered.index(c.lower()) for c in channel_names] if len(declared) > 1 else None
     for i, case in enumerate(cases, 1):
-        problems, loaded = check_case(case, None, config.num_classes, limits=limits)
+        problems, loaded = check_case(case, None, config.num_classes, limits=limits, channels=declared)
         if problems:  # SiteDataset.load read it a moment ago; a file changed under us is still a named error
             raise ValueError("; ".join(problems))
-        mask = segment_loaded(model, params, config, loaded.image_data, loaded.image.affine, device, limits=limits)
+        image_data = loaded.image_data[..., order] if order is not None else loaded.image_data
+        mask = segment_loaded(model, params, config, image_data, loaded.image.affine, device, limits=limits,
+                              channels=channel_names)
         per_patient[f"patient-{i}"] = patient_dice(torch.from_numpy(mask.mask.astype(np.int64)),
                                                    torch.from_numpy(loaded.label_data), classes)
         progress(f"  scored {what} on held-out patient {i}/{len(cases)}: Dice "

@@ -67,12 +67,12 @@ def scan_paths(source: Path) -> list[Path]:
 
 
 def segment_loaded(model, params, config, image_data, affine, device, probabilities: bool = False,
-                   limits: ReadLimits = ReadLimits()):
+                   limits: ReadLimits = ReadLimits(), channels: tuple[str, ...] | None = None):
     """``segment_scan`` with the run config's preprocessing, classes and batch size: the masks predict writes and
-    adapt scores."""
+    adapt scores. ``channels``: the scan's channel names in the model's order (default: the run config's)."""
     return segment_scan(model, params, image_data, np.asarray(affine), config.data_config(limits=limits),
                         num_classes=config.num_classes, batch_size=config.eval_batch_size,
-                        probabilities=probabilities, device=device)
+                        probabilities=probabilities, device=device, channels=channels)
 
 
 def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path | None = None,
@@ -152,7 +152,8 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
     ``progress`` hears each phase (reading, segmenting, writing): a large scan takes a while in each."""
     name = case_name(scan)
     progress("reading")
-    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES, limits=limits)  # a uniform scan is refused here
+    problems, image, data = check_scan(scan, min_slices=MIN_SCAN_SLICES, limits=limits,  # a uniform scan is refused here
+                                       channels=config.in_channels)
     if problems:
         raise _Refused(problems[0])
     problem = resampling_problem(scan, *ras_grid(data.shape, image.affine), config.data_config(limits=limits))
@@ -175,7 +176,9 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
                                                  str(tmp)), out / files[-1])
         if overlays:
             files.append(f"{name}_overlay.png")
-            save_atomically(lambda tmp: overlay_montage(data, result.mask, tmp, title=name), out / files[-1])
+            # The first channel: the one the crop is centred on (CT, or the first MR sequence).
+            first = data[..., 0] if data.ndim == 4 else data
+            save_atomically(lambda tmp: overlay_montage(first, result.mask, tmp, title=name), out / files[-1])
     except BaseException:
         for written in files:
             (out / written).unlink(missing_ok=True)

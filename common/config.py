@@ -206,7 +206,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
         channels = tuple(self.model_base_channels * 2**i for i in range(self.model_levels))
         return ModelConfig(
             spatial_dims=2,
-            in_channels=1,
+            in_channels=self.in_channels,
             out_channels=self.num_classes,
             channels=channels,
             strides=(2,) * (self.model_levels - 1),

@@ -36,6 +36,7 @@ MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the default UNet has 
 # episodes also runs them at once), so these bound what one round can ask of a site. Meta-learning papers use
 # 1-32 episodes of 1-20 shots; the product is held to the machine's memory by RunConfig.memory_estimate.
 MAX_EPISODES = 1_000  # episodes-per-site
+MAX_CHANNELS = 8  # in-channels: fedmeta.common.site_layout.MAX_CHANNELS (MSD's most is BrainTumour's 4)
 MAX_SHOTS = 1_000  # k-shot, q-query, eval-k-shot: labelled slices in one support or query set
 
 
@@ -210,8 +211,37 @@ class Model(_Section):
     model_levels: int = 4
     model_res_units: int = 1
     model_norm: str = "instance"
+    # A site's data beyond one MR channel (issue 30): written by `fedmeta plan` from the sites' fingerprints, hashed
+    # only when set so the brain runs' checkpoints still resume.
+    in_channels: int = hashed_when_set(1)  # the model's input channels: a site's channels, stacked
+    channels: str = hashed_when_set("")  # their names in order, comma-separated ("FLAIR,T1w,t1gd,T2w"); "" = any one
+    slice_spacing_mm: float = hashed_when_set(0.0)  # the spacing along S (between axial slices); 0 = spacing-mm
+    ct_clip_low: float = hashed_when_set(-1024.0)  # HU window every CT channel is clipped to ...
+    ct_clip_high: float = hashed_when_set(3071.0)
+    ct_mean: float = hashed_when_set(0.0)  # ... and standardised with: the federation's foreground statistics ...
+    ct_std: float = hashed_when_set(0.0)  # ... 0: none planned, each CT image over its own body
+    plan_sha256: str = hashed_when_set("")  # the plan.json these values came from: the plan is in the trajectory
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.channels.split(",")) if self.channels.strip() else ()
 
     def _check(self) -> None:
+        need(self, 1 <= self.in_channels <= MAX_CHANNELS, "in-channels",
+             f"must be 1 to {MAX_CHANNELS}: a site's image channels (4 for MSD's BrainTumour), stacked.")
+        need(self, not self.channel_names or (len(self.channel_names) == self.in_channels and all(self.channel_names)),
+             "channels", f"must name in-channels={self.in_channels} channels, comma-separated in the order the model "
+             "takes them (e.g. \"T2,ADC\"), or be \"\" for one channel of any name.")
+        need(self, self.slice_spacing_mm == 0 or SPACING_MM_RANGE[0] <= self.slice_spacing_mm <= SPACING_MM_RANGE[1],
+             "slice-spacing-mm", f"must be 0 (= spacing-mm) or a voxel size in mm in [{SPACING_MM_RANGE[0]:g}, "
+             f"{SPACING_MM_RANGE[1]:g}].")
+        need_finite(self, "slice-spacing-mm", "ct-clip-low", "ct-clip-high", "ct-mean", "ct-std")
+        need(self, self.ct_clip_low < self.ct_clip_high, "ct-clip-low",
+             f"must be below ct-clip-high={self.ct_clip_high!r} (a HU window, e.g. -1024 to 3071).")
+        need(self, self.ct_std >= 0, "ct-std", "must be >= 0 (0: standardise each CT image over its own body).")
+        need(self, self.plan_sha256 == "" or (len(self.plan_sha256) == 64
+                                               and all(c in "0123456789abcdef" for c in self.plan_sha256)),
+             "plan-sha256", "must be \"\" or the 64 hex digits `fedmeta plan` wrote into run-config.toml.")
         need(self, 2 <= self.num_classes <= 256, "num-classes",
              "must be in [2, 256] (background plus a structure; labels are held as uint8).")
         low_mm, high_mm = SPACING_MM_RANGE
@@ -234,7 +264,10 @@ class Model(_Section):
         from fedmeta.common.data import DataConfig  # torch and nibabel only where data is read
 
         return DataConfig(image_size=(self.image_size, self.image_size), num_classes=self.num_classes,
-                          spacing=(self.spacing_mm,) * 3, **changes)
+                          spacing=(self.spacing_mm, self.spacing_mm, self.slice_spacing_mm or self.spacing_mm),
+                          in_channels=self.in_channels, channel_names=self.channel_names,
+                          ct_window=(self.ct_clip_low, self.ct_clip_high), ct_mean=self.ct_mean, ct_std=self.ct_std,
+                          **changes)
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,18 @@
 
 A site folder (MSD layout with dataset.json, or paired files matched by globs) is read case by case
 through :func:`fedmeta.common.validate.check_case`; cases with problems are skipped with one warning (or
-refused, ``strict``). Each usable case is reoriented to RAS, resampled to ``DataConfig.spacing``,
-z-scored robustly, cropped/padded around the head to ``image_size`` and cut into axial slices (2D) or
-one centred patch (3D). Every slice of a patient's volume is kept, so a patient can be scored over its
+refused, ``strict``). Each usable case is reoriented to RAS, resampled to ``DataConfig.spacing``, normalised
+per channel by its modality (MR: a robust z-score over the voxels above the mean; CT: clipped to a HU window
+and standardised with the federation's statistics, :func:`normalise_ct`), cropped/padded around the
+foreground of its first channel (MR: the voxels above the mean; CT: the body above -500 HU) to ``image_size``
+and cut into axial slices (2D) or one centred patch (3D). A site's channels (dataset.json's ``modality``) are
+stacked in the run's ``channels`` order as the model's input channels. Every slice of a patient's volume is kept, so a patient can be scored over its
 whole volume (``fedmeta.common.metrics``); episodes draw from the training slices only (every slice
 with a structure and a few background-only ones, :func:`select_slices`).
 
-Layouts: 2D images ``[N, 1, H, W]`` float32 with labels ``[N, H, W]`` int64, where H runs along the
-patient's left-right axis (R) and W along posterior-anterior (A) of an axial slice; 3D ``[N, 1, H, W, D]``
-and ``[N, H, W, D]``.
+Layouts: 2D images ``[N, C, H, W]`` float32 with labels ``[N, H, W]`` int64, where H runs along the
+patient's left-right axis (R) and W along posterior-anterior (A) of an axial slice; 3D ``[N, C, H, W, D]``
+and ``[N, H, W, D]``; C is ``DataConfig.in_channels`` (1 for the brain federations).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.common.read_limits import ReadLimits
+from fedmeta.common.site_layout import MAX_CHANNELS
 from fedmeta.common.validate import (
     CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
 )
@@ -42,6 +46,42 @@ Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 SITE_KEY_FILE = ".fedmeta-site-key"
 LABEL_STORAGE = torch.uint8
 
+# Hounsfield units a CT scanner writes (12-bit: air -1024 to dense bone and metal 3071), and the value above which
+# a CT voxel is body rather than air or the table's foam (nnU-Net and TotalSegmentator crop at about -500).
+CT_RANGE_HU = (-1024.0, 3071.0)
+CT_BODY_HU = -500.0
+
+
+def channel_kind(name: str | None) -> str:
+    """How a channel is normalised: ``"ct"`` for a channel named CT (nnU-Net's rule, by the dataset.json name),
+    ``"mr"`` for every other name (MRI, T1w, T2, FLAIR, ADC, ...) and for an undeclared one."""
+    return "ct" if name is not None and name.strip().lower() == "ct" else "mr"
+
+
+def channel_order(site: str, declared: tuple[str, ...], config: "DataConfig") -> tuple[list[int], tuple[str, ...]]:
+    """Which of a site's declared channels feed the model's input channels, in order, and their names.
+
+    ``declared``: the site's dataset.json channels (() when it declares none: one unnamed channel). A site that
+    names the run's ``channel_names`` in another order is stacked in the run's order; other names, or another
+    count, are refused naming both lists and the fix.
+    """
+    if not declared:  # one unnamed channel: the run's name for it, if the run names one
+        if config.in_channels == 1:
+            return [0], config.channel_names or ("",)
+    elif config.channel_names:
+        wanted = [c.lower() for c in config.channel_names]
+        have = [c.lower() for c in declared]
+        if sorted(wanted) == sorted(have) and len(set(have)) == len(have):
+            return [have.index(c) for c in wanted], tuple(declared[have.index(c)] for c in wanted)
+    elif len(declared) == config.in_channels:
+        return list(range(len(declared))), tuple(declared)
+    run = ", ".join(config.channel_names) if config.channel_names else f"{config.in_channels} channel(s)"
+    raise ValueError(
+        f"site {site} declares the image channels ({', '.join(declared) or 'none: one channel'}) in dataset.json, but "
+        f"the model takes {run} (run config in-channels={config.in_channels}, channels="
+        f"{','.join(config.channel_names)!r}). Fix: run the federation with its plan (`fedmeta plan`), which sets "
+        "both from the sites' dataset.json, or correct the site's dataset.json 'modality'.")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -55,6 +95,11 @@ class DataConfig:
     image_glob: str | None = None  # for non-MSD folders, e.g. "*_img.nii.gz"
     label_glob: str | None = None  # e.g. "*_seg.nii.gz" (paired by the part '*' matched)
     strict: bool = False  # raise on a bad case instead of skip + warn
+    in_channels: int = 1  # the model's input channels: a site's declared channels, stacked
+    channel_names: tuple[str, ...] = ()  # their order (dataset.json names); () = any one channel
+    ct_window: tuple[float, float] = CT_RANGE_HU  # HU every CT channel is clipped to
+    ct_mean: float = 0.0  # the federation's CT statistics after clipping (fedmeta plan) ...
+    ct_std: float = 0.0  # ... 0: none planned, each CT image is standardised over its own body
     # The voxel cap and files outside the site folder: ReadLimits.from_environment() where fedmeta starts.
     limits: ReadLimits = ReadLimits()
 
@@ -82,6 +127,19 @@ class DataConfig:
             raise ValueError(
                 f"image_glob={self.image_glob!r} and label_glob={self.label_glob!r}: give both or neither."
             )
+        object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
+        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
+        if not 1 <= self.in_channels <= MAX_CHANNELS:
+            raise ValueError(f"in_channels={self.in_channels} must be 1 to {MAX_CHANNELS} (a site's image channels).")
+        if self.channel_names and len(self.channel_names) != self.in_channels:
+            raise ValueError(f"channel_names={self.channel_names} names {len(self.channel_names)} channels, but "
+                             f"in_channels={self.in_channels}; name every input channel once, in order.")
+        low, high = self.ct_window
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"ct_window={self.ct_window} must be two finite HU values, low < high, e.g. (-1024, 3071).")
+        if not (math.isfinite(self.ct_mean) and math.isfinite(self.ct_std) and self.ct_std >= 0):
+            raise ValueError(f"ct_mean={self.ct_mean}, ct_std={self.ct_std} must be finite with ct_std >= 0 "
+                             "(0: standardise each CT image over its own body).")
         if not isinstance(self.limits, ReadLimits):
             raise TypeError(f"limits={self.limits!r} must be a fedmeta.common.read_limits.ReadLimits, e.g. "
                             "ReadLimits.from_environment().")
@@ -143,6 +201,15 @@ def resampling_problem(name, shape, zooms, config: DataConfig) -> str | None:
     return None
 
 
+def resample_label(label: np.ndarray, zooms: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """A label map resampled (nearest) to ``spacing`` mm; :func:`resample`'s label half."""
+    target = resampled_shape(label.shape, zooms, spacing)
+    if target == tuple(label.shape):
+        return label
+    return torch.nn.functional.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=target,
+                                           mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+
+
 def resample(image: np.ndarray, label: np.ndarray, zooms: np.ndarray, spacing: tuple[float, float, float]):
     """Resample an RAS image (trilinear) and label (nearest) to ``spacing`` mm.
 
@@ -166,6 +233,69 @@ def head_mask(image: np.ndarray) -> np.ndarray:
 
 
 ZSCORE_LIMIT = 5.0
+
+
+def normalise_ct(image: np.ndarray, window: tuple[float, float], mean: float, std: float) -> np.ndarray:
+    """CT in Hounsfield units, nnU-Net's recipe: clipped to ``window`` (the federation's foreground 0.5-99.5
+    percentiles when planned) and standardised with the federation's foreground ``mean`` and ``std``; with no
+    plan (``std == 0``), over the image's own body (above :data:`CT_BODY_HU`) instead."""
+    low, high = window
+    clipped = np.clip(image, low, high)
+    if std <= 0:
+        body = image > CT_BODY_HU
+        values = clipped[body] if body.any() else clipped
+        mean, std = float(values.mean()), float(values.std())
+    return ((clipped - mean) / max(std, 1e-6)).astype(np.float32)
+
+
+def resample_image(image: np.ndarray, zooms: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """One RAS volume resampled (trilinear) to ``spacing`` mm; :func:`resample`'s image half."""
+    target = resampled_shape(image.shape, zooms, spacing)
+    if target == tuple(image.shape):
+        return image
+    return torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=target, mode="trilinear",
+                                           align_corners=False)[0, 0].numpy()
+
+
+@dataclass
+class PreparedImage:
+    """A scan's channels as the model sees them before the crop: ``[C, X, Y, Z]`` at the model's spacing, and the
+    centre of its first channel's foreground (the crop's centre), and each channel's padding value."""
+
+    channels: np.ndarray
+    centre: np.ndarray
+    fill: tuple[float, ...]
+
+
+def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kinds: tuple[str, ...]) -> PreparedImage:
+    """An RAS image (``[X, Y, Z]``, or ``[X, Y, Z, C]`` with channels in the model's order) resampled to the model's
+    spacing and normalised per channel by ``kinds`` (:func:`channel_kind`); one path for training, evaluation and
+    inference, so the model sees at inference what it saw in training. One MR channel is what fedmeta did before
+    it read CT and multi-channel scans, bit for bit."""
+    volumes = image[..., None] if image.ndim == 3 else image
+    if volumes.shape[-1] != len(kinds):
+        raise ValueError(f"the image has {volumes.shape[-1]} channel(s), the model takes {len(kinds)}")
+    channels, centre, fill = [], None, []
+    for index, kind in enumerate(kinds):
+        volume = resample_image(np.ascontiguousarray(volumes[..., index], dtype=np.float32), zooms, config.spacing)
+        if kind == "ct":
+            normalised = normalise_ct(volume, config.ct_window, config.ct_mean, config.ct_std)
+            foreground = volume > CT_BODY_HU
+        else:
+            normalised = normalise_intensity(volume)
+            foreground = head_mask(normalised)
+        if index == 0:
+            found = np.argwhere(foreground)
+            centre = ((found.min(axis=0) + found.max(axis=0) + 1) / 2 if len(found)
+                      else np.asarray(normalised.shape) / 2)
+        channels.append(normalised)
+        fill.append(float(normalised.min()))
+    return PreparedImage(np.stack(channels), centre, tuple(fill))
+
+
+def crop_channels(prepared: PreparedImage, centre: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Each channel of ``prepared`` cropped/padded (its own fill) to ``size`` around ``centre``: ``[C, *size, ...]``."""
+    return np.stack([crop_or_pad(volume, centre, size, fill) for volume, fill in zip(prepared.channels, prepared.fill)])
 
 
 def normalise_intensity(image: np.ndarray) -> np.ndarray:
@@ -196,31 +326,31 @@ def crop_or_pad(volume: np.ndarray, centre: np.ndarray, size: tuple[int, ...], f
     return out
 
 
-def prepare_case(loaded: LoadedCase, config: DataConfig) -> tuple[Tensor, Tensor, np.ndarray]:
+def prepare_case(loaded: LoadedCase, config: DataConfig,
+                 kinds: tuple[str, ...] = ("mr",)) -> tuple[Tensor, Tensor, np.ndarray]:
     """One validated case as model inputs (see the module docstring for layouts) and its training slices.
 
-    2D: every axial slice of the volume, and the indices of those episodes may draw
+    ``kinds``: each input channel's normalisation (:func:`channel_kind`), the image's channels already in the
+    model's order. 2D: every axial slice of the volume, and the indices of those episodes may draw
     (:func:`select_slices`); 3D: the one centred patch, index 0.
     """
     image, zooms = to_ras(loaded.image_data, np.asarray(loaded.image.affine, dtype=np.float64))
-    problem = resampling_problem(f"case {loaded.case_id}", image.shape, zooms, config)
+    problem = resampling_problem(f"case {loaded.case_id}", image.shape[:3], zooms, config)
     if problem:
         raise ValueError(problem)
     label, _ = to_ras(loaded.label_data, np.asarray(loaded.image.affine, dtype=np.float64))
-    image, label = resample(image.astype(np.float32), label, zooms, config.spacing)
-    image = normalise_intensity(image)
-    head = np.argwhere(head_mask(image))
-    centre = (head.min(axis=0) + head.max(axis=0) + 1) / 2 if len(head) else np.asarray(image.shape) / 2
-    background = float(image.min())
+    prepared = prepare_image(image, zooms, config, kinds)
+    label = resample_label(label, zooms, config.spacing)
+    centre = prepared.centre
     if config.spatial_dims == 3:
-        image = crop_or_pad(image, centre, config.image_size, background)
+        image = crop_channels(prepared, centre, config.image_size)  # [C, H, W, D]
         label = crop_or_pad(label, centre, config.image_size, 0)
-        patch_image = torch.from_numpy(image)[None, None].contiguous()
+        patch_image = torch.from_numpy(image)[None].contiguous()
         return patch_image, torch.from_numpy(label)[None].contiguous().to(LABEL_STORAGE), np.zeros(1, dtype=np.int64)
-    image = crop_or_pad(image, centre[:2], config.image_size, background)  # [H, W, Z]
+    image = crop_channels(prepared, centre[:2], config.image_size)  # [C, H, W, Z]
     label = crop_or_pad(label, centre[:2], config.image_size, 0)
     keep = select_slices(label, config.background_slice_fraction)
-    images = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[:, None]
+    images = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))  # [Z, C, H, W]
     labels = torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1)))
     return images, labels.to(LABEL_STORAGE), keep.astype(np.int64)
 
@@ -252,13 +382,14 @@ class SiteDataset:
     root: Path
     config: DataConfig
     patient_ids: list[str]
-    images: list[Tensor]  # per patient, the whole volume: [N, 1, H, W] (2D) or [N, 1, H, W, D]
+    images: list[Tensor]  # per patient, the whole volume: [N, C, H, W] (2D) or [N, C, H, W, D]
     labels: list[Tensor]  # per patient: [N, H, W] or [N, H, W, D]
     train_slices: list[np.ndarray]  # per patient: indices into images[p] that episodes draw from
     skipped: list[CaseProblem] = field(default_factory=list)  # bad cases and every reason
     ignored: list[CaseProblem] = field(default_factory=list)  # files in imagesTr/ dataset.json does not list
     label_names: dict[int, str] | None = None  # the site's declared labels (None: not declared)
     label_protocol: str = "standard"
+    channel_names: tuple[str, ...] = ("",)  # the input channels in the model's order ("" = one undeclared channel)
 
     @classmethod
     def load(cls, root: Path | str, config: DataConfig,
@@ -272,20 +403,25 @@ class SiteDataset:
         patient_ids, images, labels, train_slices = [], [], [], []
         # Declared labels the model cannot predict (negative, or past its classes) spoil every case alike.
         undeclarable = sorted(v for v in allowed if not 0 <= v < config.num_classes) if allowed is not None else []
+        order, channel_names = channel_order(f"{layout.name} ({root})", layout.channels, config)
+        kinds = tuple(channel_kind(name or None) for name in channel_names)
         for case in layout.cases:
-            problems, loaded = check_case(case, allowed, config.num_classes, limits=config.limits)
+            problems, loaded = check_case(case, allowed, config.num_classes, limits=config.limits,
+                                          channels=layout.channels)
             if loaded is not None and undeclarable:
                 problems = [f"{case.label}: dataset.json declares label values {undeclarable} outside the model's "
                             f"classes 0..{config.num_classes - 1}. Fix: remap the labels or configure more classes."]
             if problems:
                 skipped.append(CaseProblem(case.case_id, tuple(problems)))
                 continue
-            note = thin_volume_warning(case.image, loaded.image_data.shape, loaded.image.affine)
+            note = thin_volume_warning(case.image, loaded.image_data.shape[:3], loaded.image.affine)
             if note:
                 warnings.warn(note, UserWarning, stacklevel=2)
             if on_case is not None:
                 on_case(loaded)
-            case_images, case_labels, case_slices = prepare_case(loaded, config)
+            if loaded.image_data.ndim == 4 and order != list(range(len(order))):  # the run's channel order
+                loaded.image_data = np.ascontiguousarray(loaded.image_data[..., order])
+            case_images, case_labels, case_slices = prepare_case(loaded, config, kinds)
             patient_ids.append(case.case_id)
             images.append(case_images)
             labels.append(case_labels)
@@ -306,7 +442,7 @@ class SiteDataset:
             raise ValueError(f"site {layout.name} ({root}) {what}; run `fedmeta check-data {root}` for the fixes.")
         return cls(name=layout.name, root=root, config=config, patient_ids=patient_ids, images=images, labels=labels,
                    train_slices=train_slices, skipped=skipped, ignored=list(layout.unlisted), label_names=layout.labels,
-                   label_protocol=layout.label_protocol)
+                   label_protocol=layout.label_protocol, channel_names=channel_names)
 
     @property
     def num_patients(self) -> int:

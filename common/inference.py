@@ -1,8 +1,10 @@
 """Segmenting a whole scan in its own grid: the reader's geometry applied, the model run, the geometry undone.
 
-A scan goes through exactly what training and evaluation did to it (``fedmeta.common.data.prepare_case``):
-reoriented to RAS, resampled to the model's spacing, intensities z-scored over the head, and cut to the
-head-centred window of the training crop size (axial slices for a 2D model, one patch for a 3D one).
+A scan goes through exactly what training and evaluation did to it (``fedmeta.common.data.prepare_image``):
+reoriented to RAS, resampled to the model's spacing, each channel normalised by its modality (MR: z-scored
+over the voxels above the mean; CT: the run's HU window and statistics), and cut to the window of the
+training crop size centred on the first channel's foreground (axial slices for a 2D model, one patch for a
+3D one).
 The window is the model's input as it was trained: the UNet's instance normalisation makes the window's
 content part of the computation, so sliding windows over the background (MONAI's sliding-window
 inference was tried) change every prediction and cost the adapted model its Dice; voxels outside the
@@ -22,7 +24,9 @@ import torch
 from nibabel import orientations
 from torch.func import functional_call
 
-from fedmeta.common.data import DataConfig, crop_or_pad, head_mask, normalise_intensity, resampling_problem, to_ras
+from fedmeta.common.data import (
+    DataConfig, channel_kind, crop_channels, prepare_image, resampling_problem, to_ras,
+)
 
 
 @dataclass
@@ -47,10 +51,10 @@ def _to_scan_orientation(volume: np.ndarray, transform) -> np.ndarray:
 @torch.no_grad()
 def _window_logits(model: torch.nn.Module, params: Mapping[str, torch.Tensor], window: torch.Tensor,
                    config: DataConfig, batch_size: int) -> torch.Tensor:
-    """Logits of the head-centred window ``[H, W, Z]`` (2D: its axial slices; 3D: the patch): ``[C, H, W, Z]``."""
+    """Logits of the window ``[channels, H, W, Z]`` (2D: its axial slices; 3D: the patch): ``[classes, H, W, Z]``."""
     if config.spatial_dims == 3:
-        return functional_call(model, dict(params), (window[None, None],))[0]
-    slices = window.permute(2, 0, 1)[:, None]  # [Z, 1, H, W]: axial slices, as the model was trained
+        return functional_call(model, dict(params), (window[None],))[0]
+    slices = window.permute(3, 0, 1, 2)  # [Z, channels, H, W]: axial slices, as the model was trained
     out = [functional_call(model, dict(params), (slices[i:i + batch_size],)) for i in range(0, len(slices), batch_size)]
     return torch.cat(out).permute(1, 2, 3, 0)
 
@@ -72,25 +76,32 @@ def _uncrop(window: torch.Tensor, centre: np.ndarray, shape: tuple[int, ...], fi
 
 def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], image_data: np.ndarray,
                  affine: np.ndarray, config: DataConfig, *, num_classes: int, batch_size: int = 16,
-                 probabilities: bool = False, device: torch.device | str = "cpu") -> Segmentation:
-    """The mask (and optionally the probabilities) of one 3D scan, in the scan's own grid."""
+                 probabilities: bool = False, device: torch.device | str = "cpu",
+                 channels: tuple[str, ...] | None = None) -> Segmentation:
+    """The mask (and optionally the probabilities) of one scan, in the scan's own grid.
+
+    ``image_data``: ``[X, Y, Z]``, or ``[X, Y, Z, C]`` with the model's ``config.in_channels`` channels in its
+    order; ``channels``: their names (how each is normalised, :func:`fedmeta.common.data.channel_kind`), by
+    default the run's ``config.channel_names`` (none: one MR channel)."""
     affine = np.asarray(affine, dtype=np.float64)
     transform = _ras_orientation(affine)
     image, zooms = to_ras(np.asarray(image_data, dtype=np.float32), affine)
-    ras_shape = image.shape
+    ras_shape = image.shape[:3]
     problem = resampling_problem("the scan", ras_shape, zooms, config)  # before the volumes below are allocated
     if problem:
         raise ValueError(problem)
-    target = tuple(int(n) for n in np.maximum(np.round(np.asarray(ras_shape) * zooms / np.asarray(config.spacing)), 1))
-    volume = torch.from_numpy(image)
-    if target != tuple(ras_shape):
-        volume = torch.nn.functional.interpolate(volume[None, None], size=target, mode="trilinear",
-                                                 align_corners=False)[0, 0]
-    image = normalise_intensity(volume.numpy())
-    head = np.argwhere(head_mask(image))  # the window prepare_case cuts for training and evaluation
-    centre = (head.min(axis=0) + head.max(axis=0) + 1) / 2 if len(head) else np.asarray(image.shape) / 2
-    centre = centre[:config.spatial_dims] if config.spatial_dims == 2 else centre
-    window = torch.from_numpy(crop_or_pad(image, centre, config.image_size, float(image.min()))).to(device)
+    names = channels if channels is not None else (config.channel_names or ("",) * config.in_channels)
+    held = image.shape[3] if image.ndim == 4 else 1
+    if held != config.in_channels or len(names) != config.in_channels:
+        raise ValueError(f"the scan holds {held} channel(s), the model takes {config.in_channels} "
+                         f"({', '.join(config.channel_names) or 'one'}). Fix: give the scan with the model's channels "
+                         "in its order (one 4D file, channels last), as the site's training images were.")
+    prepared = prepare_image(image, zooms, config, tuple(channel_kind(n or None) for n in names))
+    del image
+    centre = prepared.centre[:config.spatial_dims] if config.spatial_dims == 2 else prepared.centre
+    window = torch.from_numpy(crop_channels(prepared, centre, config.image_size)).to(device)
+    image_shape = prepared.channels.shape[1:]
+    del prepared
     params = {n: p.to(device) for n, p in params.items()}
     logits = _window_logits(model, params, window, config, batch_size).float().cpu()
     if logits.shape[0] != num_classes:
@@ -98,8 +109,8 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
     window_probs = torch.softmax(logits, dim=0).movedim(0, -1)  # [H, W, Z, C]: crop axes first
     background = torch.zeros(num_classes)
     background[0] = 1.0  # outside the window: background, with certainty
-    probs = _uncrop(window_probs, centre, image.shape, 0.0)
-    outside = _uncrop(torch.ones(window_probs.shape[:-1]), centre, image.shape, 0.0) == 0
+    probs = _uncrop(window_probs, centre, image_shape, 0.0)
+    outside = _uncrop(torch.ones(window_probs.shape[:-1]), centre, image_shape, 0.0) == 0
     probs[outside] = background
     probs = probs.movedim(-1, 0)  # [C, H, W, Z]
 

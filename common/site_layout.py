@@ -46,7 +46,10 @@ class SiteLayout:
     cases: list[Case]
     labels: dict[int, str] | None
     label_protocol: str = "standard"
-    modality: str | None = None
+    modality: str | None = None  # the first channel's name (channels[0]), as before multi-channel reading
+    # The image channels dataset.json declares, in channel order ("0", "1", ...): nnU-Net v2's channel_names or
+    # MSD's modality; () when it declares none (glob-paired folders, a dataset.json without either).
+    channels: tuple[str, ...] = ()
     problems: list[CaseProblem] = field(default_factory=list)  # listed cases that cannot even be read
     # Files in imagesTr/ that dataset.json does not list: not cases of the site (its 'training' list is), but
     # probably meant to be, so every reader names them.
@@ -94,10 +97,10 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
             "image_glob/label_glob (fedmeta check-data --image-glob '*_img.nii.gz' --label-glob '*_seg.nii.gz')."
         )
     meta, labels, entries = _read_dataset_json(dataset_json)
-    modality = meta.get("modality", {})
+    channels = declared_channels(dataset_json, meta)
     layout = SiteLayout(root=root, name=str(meta.get("name") or root.name), cases=[], labels=labels,
                         label_protocol=str(meta.get("label_protocol", "standard")),
-                        modality=str(modality.get("0")) if isinstance(modality, dict) and modality else None)
+                        modality=channels[0] if channels else None, channels=channels)
     if not isinstance(entries, list):
         raise ValueError(f"{dataset_json}: 'training' is {type(entries).__name__}, not a list of "
                          "{\"image\", \"label\"} pairs; fix the file.")
@@ -105,6 +108,34 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
     # Files a hospital copied in but never listed are probably meant to be used: say so.
     layout.unlisted.extend(_unlisted_images(root / "imagesTr", dataset_json, listed_images))
     return layout
+
+
+MAX_CHANNELS = 8  # MSD's most is 4 (BrainTumour); the model stacks them as input channels
+
+
+def declared_channels(dataset_json: Path, meta: dict[str, Any]) -> tuple[str, ...]:
+    """The channel names ``meta`` declares in channel order: nnU-Net v2's ``channel_names`` or MSD's ``modality``
+    (``{"0": "FLAIR", "1": "T1w", ...}``), or () when it declares neither; a ValueError naming the file when the
+    mapping is not channels 0..C-1."""
+    declared = meta.get("channel_names", meta.get("modality"))
+    if declared is None or declared == {}:
+        return ()
+    if isinstance(declared, str):  # some converters write one channel's name alone
+        declared = {"0": declared}
+    elif isinstance(declared, list):
+        declared = {str(i): name for i, name in enumerate(declared)}
+    if not isinstance(declared, dict):
+        raise ValueError(f"{dataset_json}: 'modality'/'channel_names' is {type(declared).__name__}, not a mapping of "
+                         "channel index to name such as {\"0\": \"CT\"}. Fix: write it as MSD does.")
+    try:
+        by_index = {int(k): str(v).strip() for k, v in declared.items()}
+    except (TypeError, ValueError):
+        by_index = {}
+    if sorted(by_index) != list(range(len(declared))) or not all(by_index.values()) or len(by_index) > MAX_CHANNELS:
+        raise ValueError(f"{dataset_json}: 'modality'/'channel_names' {json.dumps(declared)[:200]} must name channels "
+                         f"\"0\", \"1\", ... in order (1 to {MAX_CHANNELS}), each with a non-empty name. Fix: list "
+                         "each channel of the images once, e.g. {\"0\": \"T2\", \"1\": \"ADC\"}.")
+    return tuple(by_index[i] for i in range(len(by_index)))
 
 
 def _read_dataset_json(dataset_json: Path) -> tuple[dict[str, Any], dict[int, str], Any]:

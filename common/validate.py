@@ -61,27 +61,36 @@ class SiteReport:
 
 
 def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int, *,
-               limits: ReadLimits = ReadLimits()) -> tuple[list[str], LoadedCase | None]:
+               limits: ReadLimits = ReadLimits(), channels: tuple[str, ...] = ()) -> tuple[list[str], LoadedCase | None]:
     """Every problem with one case, and the loaded case when there is none.
 
     ``allowed_labels``: the label values the site declares (dataset.json), or None for any value below
     ``num_classes``, the model's class count. ``limits``: the voxel cap both files are read within.
+    ``channels``: the image channels the site declares (:attr:`SiteLayout.channels`); with more than one, the
+    image is 4D with one volume per channel (MSD's BrainTumour, Prostate) and loads as ``[X, Y, Z, C]``.
     """
     if case.image is None or case.label is None:
         present = case.image or case.label
         missing = "label" if case.label is None else "image"
         return [f"{present}: has no {missing} partner. Fix: add the {missing} file for case {case.case_id!r}, "
                 "or remove this file."], None
-    problems, volumes = _read_pair(case, limits)
+    problems, volumes = _read_pair(case, limits, channels)
     if volumes is None:
         return problems, None
     image, image_data, label, label_data = volumes
-    singular = _grid_problems(case, image, label, image_data.shape, label_data.shape, limits, problems)
+    singular = _grid_problems(case, image, label, image_data.shape[:3], label_data.shape, limits, problems)
     if singular:  # the reorientation and resampling below would raise on it, or blow up
         return problems, None
     image_data = np.asarray(image_data, dtype=np.float32)
-    if problem := _non_finite_problem(case.image, image_data) or uniform_problem(case.image, image_data):
+    if problem := _non_finite_problem(case.image, image_data):
         problems.append(problem)
+    elif image_data.ndim == 3:
+        if problem := uniform_problem(case.image, image_data):
+            problems.append(problem)
+    else:  # a channel with no contrast is as useless as a blank scan, whatever the other channels hold
+        for index, name in enumerate(channels):
+            if problem := uniform_problem(case.image, image_data[..., index]):
+                problems.append(problem.replace("every voxel of the image", f"every voxel of channel {index} ({name})"))
     rounded = _integer_labels(case.label, label_data, problems)
     if rounded is None:
         return problems, None
@@ -91,9 +100,9 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int, *,
     return [], LoadedCase(case.case_id, image, label, image_data, rounded)
 
 
-def _read_pair(case: Case, limits: ReadLimits) -> tuple[list[str], tuple | None]:
-    """The case's (problems, (image, image data, label, label data)): both files read as one 3D volume each,
-    or the problems and None."""
+def _read_pair(case: Case, limits: ReadLimits, channels: tuple[str, ...] = ()) -> tuple[list[str], tuple | None]:
+    """The case's (problems, (image, image data, label, label data)): the label read as one 3D volume, the image as
+    one 3D volume or (``channels`` declares more than one) one 4D volume per channel; or the problems and None."""
     problems: list[str] = []
     image, image_data, error = _load_nifti(case.image, "image", limits)
     if error:
@@ -109,12 +118,29 @@ def _read_pair(case: Case, limits: ReadLimits) -> tuple[list[str], tuple | None]
         image_data = image_data[..., 0]
     if label_data.ndim == 4 and label_data.shape[3] == 1:
         label_data = label_data[..., 0]
-    for path, data, role in ((case.image, image_data, "image"), (case.label, label_data, "label")):
-        if data.ndim != 3:
-            problems.append(_dimensions_problem(path, data.shape, f"the {role}"))
+    if len(channels) > 1:
+        if problem := channels_problem(case.image, image_data.shape, channels):
+            problems.append(problem)
+    elif image_data.ndim != 3:
+        problems.append(_dimensions_problem(case.image, image_data.shape, "the image")
+                        + (" If the volumes are channels (e.g. T2 and ADC), name each in dataset.json's 'modality' "
+                           "({\"0\": \"T2\", \"1\": \"ADC\"})." if image_data.ndim == 4 else ""))
+    if label_data.ndim != 3:
+        problems.append(_dimensions_problem(case.label, label_data.shape, "the label"))
     if problems:
         return problems, None
     return problems, (image, image_data, label, label_data)
+
+
+def channels_problem(path: Path, shape: tuple[int, ...], channels: tuple[str, ...]) -> str | None:
+    """Why an image of ``shape`` is not one volume per declared channel (4D, channels last), or None."""
+    if len(shape) == 4 and shape[3] == len(channels):
+        return None
+    held = f"{shape[3]} volumes" if len(shape) == 4 else f"{len(shape)} dimensions (shape {tuple(shape)})"
+    return (f"{path}: dataset.json declares {len(channels)} channels ({', '.join(channels)}), but the image holds {held}, "
+            f"not a 4D volume of {len(channels)} channels (shape X x Y x Z x {len(channels)}). Fix: write every case "
+            "with all its channels in dataset.json's order (`fedmeta import msd` stacks nnU-Net's per-channel "
+            "files), or correct dataset.json's 'modality'.")
 
 
 def _grid_problems(case: Case, image, label, image_shape: tuple[int, ...], label_shape: tuple[int, ...],
@@ -215,12 +241,12 @@ def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = No
         site_problems.append(f"{layout.root / 'dataset.json'}: its 'training' list is empty, so the site has no case. "
                              "Fix: list each case as {\"image\": \"./imagesTr/...\", \"label\": \"./labelsTr/...\"}.")
     for case in layout.cases:
-        problems, loaded = check_case(case, allowed, num_classes, limits=limits)
+        problems, loaded = check_case(case, allowed, num_classes, limits=limits, channels=layout.channels)
         if problems:
             case_problems.append(CaseProblem(case.case_id, tuple(problems)))
         else:
             valid += 1
-            note = thin_volume_warning(case.image, loaded.image_data.shape, loaded.image.affine)
+            note = thin_volume_warning(case.image, loaded.image_data.shape[:3], loaded.image.affine)
             if note:
                 notes.append(note)
     site_problems.extend(episode_problems(layout.root, valid, k, q))
@@ -299,7 +325,7 @@ def format_reports(reports: list[SiteReport]) -> str:
 __all__ = [
     "AFFINE_TOLERANCE_MM", "DEFAULT_MAX_VOXELS", "NIFTI_SUFFIXES", "THIN_MM", "THIN_VOXELS", "VOXEL_MM_RANGE", "Case",
     "CaseProblem", "LoadedCase", "ReadLimits", "SiteLayout", "SiteReport", "affine_problem", "check_case",
-    "check_layout", "check_path", "check_scan", "check_site", "discover_site", "dtype_problem", "episode_problems",
+    "channels_problem", "check_layout", "check_path", "check_scan", "check_site", "discover_site", "dtype_problem", "episode_problems",
     "format_reports", "is_site_folder", "thin_volume_warning", "uniform_problem",
     "_load_nifti",  # reads one file as check_case does: the tests probe its refusals one by one
 ]

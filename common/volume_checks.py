@@ -192,24 +192,29 @@ def affine_problem(path: Path, affine, shape: tuple[int, ...], *, max_voxels: in
     return None
 
 
-def check_scan(path: Path, *, min_slices: int = 1, limits: ReadLimits = ReadLimits()
+def check_scan(path: Path, *, min_slices: int = 1, limits: ReadLimits = ReadLimits(), channels: int = 1
                ) -> tuple[list[str], object | None, np.ndarray | None]:
     """An unlabelled scan to segment: (problems, nibabel image, float32 data). The checks ``check_case``
     applies to an image: the header's size against the file and ``limits.max_voxels`` before any data is
     read, one 3D volume of real numbers, an invertible finite affine, finite intensities that are not all one
     value, and at least ``min_slices`` voxels along every axis (a volume thinner than that is not a scan the
-    model can segment)."""
+    model can segment). ``channels`` > 1: a 4D scan with that many volumes (the model's input channels, last)."""
     image, data, error = _load_nifti(Path(path), "image", limits)
     if error:
         return [error], None, None
-    if data.ndim == 4 and data.shape[3] == 1:
+    if data.ndim == 4 and data.shape[3] == 1 and channels == 1:
         data = data[..., 0]
-    if data.ndim != 3:
+    if channels > 1 and not (data.ndim == 4 and data.shape[3] == channels):
+        return [f"{path}: the model takes {channels} channels, the scan holds "
+                f"{data.shape[3] if data.ndim == 4 else 1} (shape {tuple(data.shape)}). Fix: write the scan as one 4D "
+                f"NIfTI of {channels} volumes in the order of the model's channels (its run config's `channels`), as "
+                "the site's training images are."], None, None
+    if channels == 1 and data.ndim != 3:
         return [_dimensions_problem(path, data.shape, "it")], None, None
-    problem = affine_problem(Path(path), image.affine, data.shape, max_voxels=limits.max_voxels)
+    problem = affine_problem(Path(path), image.affine, data.shape[:3], max_voxels=limits.max_voxels)
     if problem:
         return [problem], None, None
-    if min(data.shape) < min_slices:
+    if min(data.shape[:3]) < min_slices:
         return [f"{path}: the volume is {' x '.join(map(str, data.shape))} voxels, thinner than {min_slices} along one "
                 "axis: a localiser or a single slice, not a scan the model can segment. Fix: pass the full 3D "
                 "series."], None, None

@@ -56,7 +56,10 @@ def test_the_hash_declarations_beside_the_fields_are_the_lists_kept_by_hand_befo
         "aggregation": "mean", "aggregation_trim": 0.2, "krum_byzantine": 1, "max_update_norm": 0.0,
         "median_norm_bound": 0.0, "secure_aggregation": "none", "secagg_threshold": 0.6, "secagg_neighbours": 0,
         "secagg_clip_range": 8.0, "secagg_levels": 0, "generator_width": 32, "prototype_dim": 32, "lstm_hidden": 8,
-        "lstm_truncation": 0}
+        "lstm_truncation": 0,
+        # issue 30: a site's channels and CT normalisation, from `fedmeta plan`
+        "in_channels": 1, "channels": "", "slice_spacing_mm": 0.0, "ct_clip_low": -1024.0, "ct_clip_high": 3071.0,
+        "ct_mean": 0.0, "ct_std": 0.0, "plan_sha256": ""}
     from fedmeta.common.algorithms import ALGORITHMS
 
     owned = {f.name for f in fields(RunConfig) if hash_rule(f).algorithm_own}

@@ -1,0 +1,222 @@
+"""Beyond one MR channel: CT normalised in Hounsfield units, multi-channel sites stacked in the run's channel order,
+and inference seeing what training saw (issue 30, item 1). The brain federations' inputs are unchanged bit for bit:
+``test_one_mr_channel_is_prepared_as_before`` and the pinned smoke runs elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.common.data import (
+    CT_BODY_HU, DataConfig, SiteDataset, channel_kind, head_mask, normalise_intensity, prepare_image,
+)
+from fedmeta.common.inference import segment_scan
+from fedmeta.common.model import ModelConfig, build_model
+from fedmeta.common.validate import check_case, check_scan, check_site, discover_site
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float64)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def _ct_case(rng, shape=(48, 40, 12), offset=(0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Air (-1000 HU) around an elliptic body (soft tissue ~40 HU, fat -100) off the field's centre, with a
+    'liver' (~60 HU) labelled 1."""
+    image = np.full(shape, -1000.0) + rng.normal(0, 5, shape)
+    centre = (shape[0] / 2 + offset[0], shape[1] / 2 + offset[1], shape[2] / 2)
+    body = _ellipsoid(shape, centre, (shape[0] / 4, shape[1] / 4, shape[2]))
+    image[body] = -100 + rng.normal(0, 10, int(body.sum()))
+    organ = _ellipsoid(shape, centre, (shape[0] / 8, shape[1] / 8, shape[2]))
+    image[organ] = 60 + rng.normal(0, 10, int(organ.sum()))
+    return image.astype(np.float32), organ.astype(np.uint8)
+
+
+def _write_site(root: Path, images: list[np.ndarray], labels: list[np.ndarray], channels: dict[str, str],
+                zooms=(0.8, 0.8, 5.0), label_names=None) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([*zooms, 1.0])
+    entries = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"case{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"case{i}.nii.gz"))
+        entries.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    meta = {"name": root.name, "modality": channels, "labels": label_names or {"0": "background", "1": "organ"},
+            "training": entries}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def ct_site(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    cases = [_ct_case(rng, offset=(6, -5)) for _ in range(3)]
+    return _write_site(tmp_path / "ct", [c[0] for c in cases], [c[1] for c in cases], {"0": "CT"})
+
+
+def _mr_pair(rng, shape=(32, 32, 8)) -> tuple[np.ndarray, np.ndarray]:
+    """A T2 and an ADC volume (different contrast, different units) and a lesion labelled 1."""
+    body = _ellipsoid(shape, (16, 16, 4), (12, 12, 8))
+    lesion = _ellipsoid(shape, (16, 16, 4), (4, 4, 8))
+    t2 = np.where(body, 300.0, 5.0) + np.where(lesion, 400.0, 0.0) + rng.normal(0, 3, shape)
+    adc = np.where(body, 1500.0, 0.0) - np.where(lesion, 900.0, 0.0) + rng.normal(0, 20, shape)
+    return np.stack([t2, adc], axis=-1).astype(np.float32), lesion.astype(np.uint8)
+
+
+@pytest.fixture
+def prostate_site(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    cases = [_mr_pair(rng) for _ in range(3)]
+    return _write_site(tmp_path / "prostate", [c[0] for c in cases], [c[1] for c in cases],
+                       {"0": "T2", "1": "ADC"}, zooms=(2.0, 2.0, 2.0))
+
+
+def test_channel_kind_follows_nnunet_ct_by_name_everything_else_per_image():
+    assert [channel_kind(n) for n in ("CT", "ct", " CT ", "MRI", "T1w", "ADC", "", None)] == \
+        ["ct", "ct", "ct", "mr", "mr", "mr", "mr", "mr"]
+
+
+def test_one_mr_channel_is_prepared_as_before():
+    """The brain path: resampled, z-scored over the voxels above the mean, centred on them; nothing else."""
+    rng = np.random.default_rng(2)
+    volume = (rng.random((20, 24, 16)) * 100).astype(np.float32)
+    prepared = prepare_image(volume, np.array([2.0, 2.0, 2.0]), DataConfig(spacing=(2.0, 2.0, 2.0)), ("mr",))
+    expected = normalise_intensity(volume)
+    assert np.array_equal(prepared.channels[0], expected)
+    found = np.argwhere(head_mask(expected))
+    assert np.array_equal(prepared.centre, (found.min(axis=0) + found.max(axis=0) + 1) / 2)
+    assert prepared.fill == (float(expected.min()),)
+
+
+def test_ct_is_clipped_to_the_window_and_standardised_with_the_planned_statistics(ct_site):
+    planned = DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(32, 32), num_classes=2, ct_window=(-200.0, 200.0),
+                         ct_mean=10.0, ct_std=50.0)
+    site = SiteDataset.load(ct_site, planned)
+    assert site.channel_names == ("CT",)
+    values = torch.cat([image.flatten() for image in site.images])
+    # Air (-1000 HU) clips to -200, i.e. (-200 - 10) / 50 = -4.2; nothing lies outside the window.
+    assert float(values.min()) == pytest.approx(-4.2, abs=1e-5)
+    assert float(values.max()) <= (200 - 10) / 50 + 1e-5
+    # Unplanned: each image over its own body (> -500 HU), so the body has mean ~0 and std ~1.
+    unplanned = SiteDataset.load(ct_site, DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(32, 32), num_classes=2))
+    image, label = unplanned.patient(0)
+    body_values = image[image > -4.0]  # air lies ~13 SD of soft tissue below it; partial-volume voxels between
+    assert abs(float(body_values.mean())) < 0.5 and float(image.min()) < -10
+
+
+def test_the_ct_crop_is_centred_on_the_body_not_the_field_of_view(ct_site):
+    """The body lies off the field's centre; the crop follows it (the window above -500 HU), so the label is whole."""
+    config = DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(16, 16), num_classes=2)
+    site = SiteDataset.load(ct_site, config)
+    loaded = check_case(discover_site(ct_site).cases[0], {0, 1}, 2)[1]
+    organ_voxels_native = int(loaded.label_data.sum())
+    # the organ (radius 6 x 5 voxels of 0.8 mm) fits a 16 x 1.6 mm window only when the crop is centred on the body
+    _, labels = site.patient(0)
+    assert labels.sum() > 0
+    assert float(labels.sum()) * (1.6 * 1.6) / (0.8 * 0.8) == pytest.approx(organ_voxels_native, rel=0.15)
+    assert CT_BODY_HU == -500.0
+
+
+def test_a_two_channel_site_is_stacked_in_the_runs_channel_order(prostate_site):
+    base = dict(spacing=(2.0, 2.0, 2.0), image_size=(32, 32), num_classes=2, in_channels=2)
+    in_order = SiteDataset.load(prostate_site, DataConfig(**base, channel_names=("T2", "ADC")))
+    swapped = SiteDataset.load(prostate_site, DataConfig(**base, channel_names=("adc", "t2")))
+    unnamed = SiteDataset.load(prostate_site, DataConfig(**base))
+    assert in_order.images[0].shape[1] == 2 and in_order.channel_names == ("T2", "ADC")
+    assert swapped.channel_names == ("ADC", "T2")
+    assert torch.equal(in_order.images[0][:, 0], swapped.images[0][:, 1])
+    assert torch.equal(in_order.images[0][:, 1], swapped.images[0][:, 0])
+    assert torch.equal(in_order.images[0], unnamed.images[0])
+    # each channel z-scored on its own: T2 and ADC have different units but both end up standardised
+    for c in range(2):
+        assert float(in_order.images[0][:, c].max()) < 6.0
+
+
+def test_a_site_whose_channels_the_model_does_not_take_is_refused_with_the_fix(prostate_site):
+    with pytest.raises(ValueError, match=r"declares the image channels \(T2, ADC\).*in-channels=1.*fedmeta plan"):
+        SiteDataset.load(prostate_site, DataConfig(spacing=(2.0, 2.0, 2.0), image_size=(32, 32), num_classes=2))
+    with pytest.raises(ValueError, match=r"T2, ADC.*FLAIR, ADC"):
+        SiteDataset.load(prostate_site, DataConfig(spacing=(2.0, 2.0, 2.0), image_size=(32, 32), num_classes=2,
+                                                   in_channels=2, channel_names=("FLAIR", "ADC")))
+
+
+def test_a_case_without_one_volume_per_declared_channel_is_named(prostate_site):
+    rng = np.random.default_rng(3)
+    image, label = _mr_pair(rng)
+    nib.save(nib.Nifti1Image(image[..., :1], np.diag([2.0, 2.0, 2.0, 1.0])), str(prostate_site / "imagesTr" / "case0.nii.gz"))
+    report = check_site(prostate_site, num_classes=2)
+    problems = " ".join(p for case in report.case_problems for p in case.problems)
+    assert "declares 2 channels (T2, ADC)" in problems and "case0.nii.gz" in problems and "Fix:" in problems
+    assert report.num_valid == 2
+
+
+def test_a_multi_volume_image_at_a_single_channel_site_says_how_to_declare_channels(tmp_path):
+    rng = np.random.default_rng(4)
+    image, label = _mr_pair(rng)
+    site = _write_site(tmp_path / "undeclared", [image, image], [label, label], {"0": "MRI"})
+    problems = " ".join(p for case in check_site(site, num_classes=2).case_problems for p in case.problems)
+    assert "4 dimensions" in problems and "name each in dataset.json's 'modality'" in problems
+
+
+def test_dataset_json_channel_declarations(tmp_path):
+    rng = np.random.default_rng(5)
+    image, label = _mr_pair(rng)
+    site = _write_site(tmp_path / "s", [image], [label], {"0": "T2", "1": "ADC"})
+    assert discover_site(site).channels == ("T2", "ADC")
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["channel_names"] = {"1": "ADC", "0": "T2"}  # nnU-Net v2's key wins; the order is the indices'
+    (site / "dataset.json").write_text(json.dumps(meta))
+    assert discover_site(site).channels == ("T2", "ADC")
+    meta["channel_names"] = {"0": "T2", "2": "ADC"}
+    (site / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"dataset.json.*must name channels \"0\", \"1\""):
+        discover_site(site)
+
+
+def _model(in_channels: int) -> torch.nn.Module:
+    return build_model(ModelConfig(spatial_dims=2, in_channels=in_channels, out_channels=2, channels=(4, 8),
+                                   strides=(2,), num_res_units=0))
+
+
+def test_a_two_channel_scan_is_segmented_in_its_own_grid(prostate_site):
+    config = DataConfig(spacing=(3.0, 3.0, 3.0), image_size=(32, 32), num_classes=2, in_channels=2,
+                        channel_names=("T2", "ADC"))
+    model = _model(2)
+    params = dict(model.named_parameters())
+    problems, image, data = check_scan(prostate_site / "imagesTr" / "case1.nii.gz", channels=2)
+    assert not problems and data.shape == (32, 32, 8, 2)
+    result = segment_scan(model, params, data, image.affine, config, num_classes=2)
+    assert result.mask.shape == (32, 32, 8)
+    with pytest.raises(ValueError, match="holds 1 channel"):
+        segment_scan(model, params, data[..., 0], image.affine, config, num_classes=2)
+    problems, _, _ = check_scan(prostate_site / "imagesTr" / "case1.nii.gz", channels=3)
+    assert "takes 3 channels, the scan holds 2" in problems[0]
+
+
+def test_inference_on_ct_uses_the_training_preprocessing(ct_site):
+    """The window the model sees at inference equals the training input of the same case."""
+    config = DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(32, 32), num_classes=2, channel_names=("CT",))
+    site = SiteDataset.load(ct_site, config)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _model(1)
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return self.inner(x)
+
+    model = Recorder()
+    loaded = check_case(discover_site(ct_site).cases[0], {0, 1}, 2)[1]
+    segment_scan(model, dict(model.named_parameters()), loaded.image_data, loaded.image.affine, config,
+                 num_classes=2, batch_size=64)
+    window = torch.cat(seen)
+    assert torch.equal(window, site.images[0])
