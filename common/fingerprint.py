@@ -25,17 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from fedmeta.common.data import CT_RANGE_HU, channel_kind, ras_grid
 from fedmeta.common.read_limits import ReadLimits
+from fedmeta.common.site_layout import MAX_CHANNELS
 from fedmeta.common.validate import check_case, discover_site
 from fedmeta.common.volume_checks import VOXEL_MM_RANGE
 
 FINGERPRINT_FORMAT = "fedmeta-fingerprint"
 FINGERPRINT_VERSION = 1
 QUANTILES = (0.0, 0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5, 100.0)  # percent
-HU_LOW, HU_HIGH = -1024, 3071  # the range a CT stored as 12-bit integers (plus the -1024 offset) can hold
+HU_LOW, HU_HIGH = (int(hu) for hu in CT_RANGE_HU)  # what a 12-bit CT (with the -1024 offset) holds
 HU_BINS = HU_HIGH - HU_LOW + 1  # 4096 bins of 1 HU: bin i counts the voxels that round to HU_LOW + i
 SAMPLES_PER_CASE = 10_000  # foreground voxels a case adds to the quantile sample (nnU-Net's num_samples)
-MAX_CHANNELS = 8
 MAX_LABELS = 256  # label values 0..255 (labels are held as uint8)
 MAX_NAME_CHARS = 64
 MAX_SHAPE = 4096  # voxels along an axis
@@ -50,15 +51,6 @@ CHANNEL_KEYS = ("kind", "foreground-voxels", "mean", "std", "quantiles")
 CT_KEYS = ("hu-histogram", "fraction-outside-hu-range")  # fraction over every voxel of the channel
 MR_KEYS = ("fraction-foreground-below-zero",)
 LABEL_KEYS = ("voxel-fraction", "case-fraction")
-
-
-def channel_kind(name: str | None) -> str:
-    """"ct" for a channel named CT (case-insensitively; nnU-Net's rule is the literal name), else "mr"."""
-    try:  # the reader's own rule where it has one (issue 30's multi-channel reading)
-        from fedmeta.common.data import channel_kind as reader_kind
-    except ImportError:
-        return "ct" if name is not None and name.strip().lower() == "ct" else "mr"
-    return reader_kind(name or "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,11 +118,9 @@ def site_fingerprint(root: Path | str, *, limits: ReadLimits, image_glob: str | 
     :func:`fedmeta.common.validate.check_case`; cases with problems are skipped and counted, never named.
     ``progress(read, listed)`` is called after each case. A ValueError naming the site when no case is usable.
     """
-    from fedmeta.common.data import ras_grid  # torch: only where volumes are read
-
     layout = discover_site(root, image_glob, label_glob, limits=limits)
-    names = tuple(getattr(layout, "channels", ()) or ((layout.modality,) if layout.modality else ()))
-    kinds = [channel_kind(name) for name in names] or ["mr"]  # an undeclared channel: one, normalised as MR
+    names = layout.channels
+    kinds = [channel_kind(name) for name in names] or [channel_kind(None)]  # undeclared: one channel
     allowed = set(layout.labels) if layout.labels is not None else None
     if allowed is not None and (bad := sorted(v for v in allowed if not 0 <= v < MAX_LABELS)):
         raise ValueError(f"{layout.root / 'dataset.json'}: declares label values {bad}, outside 0..{MAX_LABELS - 1} "
@@ -140,9 +130,8 @@ def site_fingerprint(root: Path | str, *, limits: ReadLimits, image_glob: str | 
     label_cases = np.zeros(MAX_LABELS, dtype=np.int64)
     spacings, shapes = [], []
     skipped, listed = len(layout.problems), layout.num_listed
-    extra = {"num_channels": len(kinds)} if len(kinds) > 1 else {}  # multi-channel reading (issue 30, item 1)
     for index, case in enumerate(layout.cases):
-        problems, loaded = check_case(case, allowed, MAX_LABELS, limits=limits, **extra)
+        problems, loaded = check_case(case, allowed, MAX_LABELS, limits=limits, channels=names)
         if problems:  # check_case also refuses a label value outside 0..MAX_LABELS - 1
             skipped += 1
         else:
@@ -272,8 +261,8 @@ def check_fingerprint(report: Any) -> dict[str, Any]:
         raise _refuse("channels", channels, f"a list of at most {MAX_CHANNELS} channel names")
     for i, name in enumerate(channels):
         _name(name, f"channels[{i}]")
-    if len(set(channels)) != len(channels):
-        raise _refuse("channels", channels, "each channel named once")
+    if len({name.lower() for name in channels}) != len(channels):  # the reader matches names case-insensitively
+        raise _refuse("channels", channels, "each channel named once (case-insensitively)")
 
     labels = report["labels"]
     if labels is not None:
@@ -301,7 +290,7 @@ def check_fingerprint(report: Any) -> dict[str, Any]:
         raise _refuse("intensity", intensity, f"a list of {max(1, len(channels))} channel statistics (one per "
                       "channel; one for a site that declares none)")
     for i, stats in enumerate(intensity):
-        _check_channel(stats, f"intensity[{i}]", channel_kind(channels[i]) if channels else "mr")
+        _check_channel(stats, f"intensity[{i}]", channel_kind(channels[i] if channels else None))
 
     fractions = report["label-fractions"]
     if not isinstance(fractions, dict) or not fractions or len(fractions) > MAX_LABELS:
@@ -360,6 +349,5 @@ def _check_channel(stats: Any, field: str, kind: str) -> None:
         _number(stats["fraction-foreground-below-zero"], f"{field}.fraction-foreground-below-zero", 0.0, 1.0)
 
 
-__all__ = ["FINGERPRINT_FORMAT", "FINGERPRINT_VERSION", "HU_BINS", "HU_HIGH", "HU_LOW", "MAX_CHANNELS",
-           "MAX_LABELS", "MAX_REPORT_BYTES", "QUANTILES", "SAMPLES_PER_CASE", "TOP_KEYS", "channel_kind",
-           "check_fingerprint", "site_fingerprint"]
+__all__ = ["FINGERPRINT_FORMAT", "FINGERPRINT_VERSION", "HU_BINS", "HU_HIGH", "HU_LOW", "MAX_LABELS",
+           "MAX_REPORT_BYTES", "QUANTILES", "SAMPLES_PER_CASE", "TOP_KEYS", "check_fingerprint", "site_fingerprint"]

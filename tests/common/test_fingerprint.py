@@ -140,7 +140,6 @@ def test_an_mr_site_reports_its_negative_foreground_and_a_skipped_case_only_as_a
     assert report["label-fractions"]["1"]["case-fraction"] == 1.0
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason="until issue 30 item 1 lands: check_case(num_channels=)")
 def test_a_two_channel_site_reports_each_channel_in_dataset_json_order(tmp_path):
     images, labels = mr_volumes(2, seed=2, channels=2)
     for image in images:
