@@ -81,6 +81,9 @@ COMMANDS: dict[str, Command] = {
                               "serve every run's last state (round, sites answered and dropped, epsilon, run "
                               "active) for Prometheus, between runs too"),
     # a researcher
+    "plan": Command("fedmeta.simulations.plan_command:register",
+                    "plan a federation from its sites' fingerprints (spacing, 2D, image size, CT window, labels): "
+                    "plan.json + run-config.toml"),
     "simulate": Command("fedmeta.simulations.experiments.simulate:register",
                         "meta-train on the synthetic federation and report new-hospital adaptation"),
     "benchmark": Command("fedmeta.simulations.experiments.benchmark:register",
