@@ -329,8 +329,8 @@ def _check_channel(stats: Any, field: str, kind: str) -> None:
     quantiles = _numbers(stats["quantiles"], f"{field}.quantiles", len(QUANTILES), low, high)
     for i in range(1, len(quantiles)):
         if quantiles[i] < quantiles[i - 1]:
-            raise _refuse(f"{field}.quantiles[{i}]", quantiles[i], f"non-decreasing quantiles (>= {quantiles[i - 1]!r}, "
-                          f"the {QUANTILES[i - 1]:g} % one)")
+            raise _refuse(f"{field}.quantiles[{i}]", quantiles[i],
+                          f"non-decreasing quantiles (>= {quantiles[i - 1]!r}, the {QUANTILES[i - 1]:g} % one)")
     spread = max(1e-9, 1e-9 * max(abs(quantiles[0]), abs(quantiles[-1])))  # float rounding of an exact mean
     _number(stats["mean"], f"{field}.mean", quantiles[0] - spread, quantiles[-1] + spread)
     _number(stats["std"], f"{field}.std", 0.0, (quantiles[-1] - quantiles[0]) + spread)

@@ -82,14 +82,14 @@ def merge_fingerprints(reports: dict[str, dict[str, Any]], *, max_image_size: in
     if not reports:
         raise ValueError("no site fingerprint to plan from; pass at least one site.")
     if isinstance(model_levels, bool) or not isinstance(model_levels, int) or not 2 <= model_levels <= MAX_MODEL_LEVELS:
-        raise ValueError(f"model_levels (--model-levels) {model_levels!r}: must be an integer in [2, {MAX_MODEL_LEVELS}], as the run "
-                         "config's model-levels.")
+        raise ValueError(f"model_levels (--model-levels) {model_levels!r}: must be an integer in "
+                         f"[2, {MAX_MODEL_LEVELS}], as the run config's model-levels.")
     factor = 2 ** (model_levels - 1)
     if isinstance(max_image_size, bool) or not isinstance(max_image_size, int) or max_image_size < factor \
             or max_image_size % factor or max_image_size > MAX_IMAGE_SIZE:
-        raise ValueError(f"max_image_size (--max-image-size) {max_image_size!r}: must be a positive multiple of {factor} "
-                         f"(2^(model-levels - 1) for model-levels={model_levels}) of at most {MAX_IMAGE_SIZE}, e.g. "
-                         f"{max(factor, 256)}.")
+        raise ValueError(f"max_image_size (--max-image-size) {max_image_size!r}: must be a positive multiple of "
+                         f"{factor} (2^(model-levels - 1) for model-levels={model_levels}) of at most "
+                         f"{MAX_IMAGE_SIZE}, e.g. {max(factor, 256)}.")
     checked = {}
     for site, report in reports.items():
         try:
@@ -217,7 +217,8 @@ def _ct(reports: dict[str, dict[str, Any]], choices: dict[str, Any]) -> dict[str
     low, high = (round(histogram_percentile(merged, p), 1) for p in CT_PERCENTILES)
     mean, std = histogram_moments(merged, low, high)
     mean, std = round(mean, 3), round(std, 3)
-    where = f"{int(merged.sum()):,} foreground voxels of {len(set(ct_sites))} CT site(s) ({', '.join(dict.fromkeys(ct_sites))})"
+    named = ", ".join(dict.fromkeys(ct_sites))
+    where = f"{int(merged.sum()):,} foreground voxels of {len(set(ct_sites))} CT site(s) ({named})"
     choices["ct-window"] = {"value": [low, high], "reason": (
         f"the {CT_PERCENTILES[0]:g} / {CT_PERCENTILES[1]:g} percentiles of foreground HU over the {where}, from their "
         f"merged 1-HU histograms (nnU-Net's CT window): [{low:g}, {high:g}] HU.")}
@@ -225,7 +226,7 @@ def _ct(reports: dict[str, dict[str, Any]], choices: dict[str, Any]) -> dict[str
         f"mean {mean:g} and std {std:g} HU of the same voxels clipped to the window, exact from the histograms; every "
         "CT channel is clipped, then (x - mean) / std.")}
     if std <= 0:
-        raise ValueError(f"the CT sites ({', '.join(dict.fromkeys(ct_sites))}) have one foreground HU value only "
+        raise ValueError(f"the CT sites ({named}) have one foreground HU value only "
                          f"({mean:g}), so no CT normalisation can be planned. Fix: check their labels and images with "
                          "fedmeta check-data.")
     return {"ct-clip-low": low, "ct-clip-high": high, "ct-mean": mean, "ct-std": std}

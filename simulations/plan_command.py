@@ -92,8 +92,9 @@ def plan(args: argparse.Namespace) -> int:
                 try:  # the coordinator's check of a received report, as in a deployment
                     reports[name] = check_fingerprint(report)
                 except ValueError as err:
-                    raise ValueError(f"site {name} ({root}): its fingerprint is refused: {err}. Fix: run "
-                                     f"`fedmeta check-data {root}` and repair what it lists.") from None
+                    raise ValueError(f"site {name} ({root}): its fingerprint is refused: {err} Fix: correct that in "
+                                     f"the site's dataset.json or scans (`fedmeta check-data {root}` lists the scans' "
+                                     "problems).") from None
                 beat.say(f"plan: site {name}: {report['cases']} case(s) fingerprinted"
                          + (f", {report['cases-skipped']} skipped (fedmeta check-data lists why)"
                             if report["cases-skipped"] else "") + f" ({number}/{len(sites)} sites)")

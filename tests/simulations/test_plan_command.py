@@ -67,6 +67,8 @@ def test_plan_refuses_a_non_empty_folder_it_did_not_write_before_reading_any_sit
     ("missing", ["site no-such-site", "does not exist"]),
     ("no usable case", ["site hospital-a", "none of its 2 listed case(s) is usable", "fedmeta check-data"]),
     ("twice", ["two sites named 'hospital-a'", "Fix:"]),
+    ("a label name of 120 characters", ["site hospital-a", "its fingerprint is refused", "field labels.1",
+                                        "1 to 64 printable characters", "Fix: correct that in the site's dataset.json"]),
 ])
 def test_plan_errors_name_the_site_and_the_fix(sites, tmp_path, capsys, break_site, words):
     site = sites["hospital-a"]
@@ -76,6 +78,10 @@ def test_plan_errors_name_the_site_and_the_fix(sites, tmp_path, capsys, break_si
     elif break_site == "no usable case":
         for label in (site / "labelsTr").iterdir():
             label.unlink()
+    elif break_site.startswith("a label name"):
+        meta = json.loads((site / "dataset.json").read_text())
+        meta["labels"]["1"] = "liver " * 20
+        (site / "dataset.json").write_text(json.dumps(meta))
     else:
         (tmp_path / "copy").mkdir()
         (tmp_path / "copy" / "hospital-a").symlink_to(site)
