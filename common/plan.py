@@ -128,8 +128,7 @@ def _channels(reports: dict[str, dict[str, Any]], choices: dict[str, Any]) -> li
         order = f"; {', '.join(others)} stack theirs in this order" if others else ""
         choices["channels"] = {"value": list(first), "reason": (
             f"every site declares {kinds}; the model reads them in {first_site}'s order{order}. CT channels are "
-            "clipped and normalised with the federation's values below, MR channels z-scored per image over their "
-            "foreground.")}
+            "clipped and normalised with the federation's values below, MR channels z-scored per image.")}
         bad = [n for n in first if "," in n]
         if bad:
             raise ValueError(f"channel name {bad[0]!r} (site {first_site}'s dataset.json) holds a comma, which the run "
