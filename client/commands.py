@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--num-classes", type=int, default=4, help="classes the model predicts (default 4)")
     check.add_argument("--image-glob", default=None, help="for non-MSD folders, e.g. '*_img.nii.gz'")
     check.add_argument("--label-glob", default=None, help="for non-MSD folders, e.g. '*_seg.nii.gz'")
+    check.add_argument("--plan", type=Path, default=None,
+                       help="the federation's plan (fedmeta plan's folder, or its run-config.toml): also warn about "
+                            "voxel sizes far from its spacing, and take its num-classes")
     check.set_defaults(handler=check_data)
 
     parser = subparsers.add_parser(
@@ -100,9 +103,12 @@ def check_data(args: argparse.Namespace) -> int:
     from fedmeta.common.validate import check_path, format_reports
 
     try:
-        reports = check_path(args.root, num_classes=args.num_classes, k=args.k, q=args.q,
+        planned, num_classes = None, args.num_classes
+        if args.plan is not None:
+            planned, num_classes = planned_spacing(args.plan)
+        reports = check_path(args.root, num_classes=num_classes, k=args.k, q=args.q,
                              image_glob=args.image_glob, label_glob=args.label_glob,
-                             limits=ReadLimits.from_environment())
+                             limits=ReadLimits.from_environment(), planned_spacing=planned)
     except (FileNotFoundError, ValueError) as err:
         print(f"fedmeta check-data: {err}", file=sys.stderr)
         return 2
@@ -110,6 +116,22 @@ def check_data(args: argparse.Namespace) -> int:
     bad = [r for r in reports if not r.ok]
     print(f"{len(reports) - len(bad)}/{len(reports)} site(s) clean")
     return 1 if bad else 0
+
+
+def planned_spacing(plan: Path) -> tuple[tuple[float, float, float], int]:
+    """The (R, A, S) spacing in mm and the class count a plan (``fedmeta plan``'s folder or its run-config.toml)
+    sets; a ValueError naming the file when it is not one."""
+    import tomllib
+
+    path = plan / "run-config.toml" if plan.is_dir() else plan
+    try:
+        keys = tomllib.loads(path.read_text(encoding="utf-8"))
+        in_plane = float(keys["spacing-mm"])
+        between = float(keys.get("slice-spacing-mm", 0.0)) or in_plane
+        return (in_plane, in_plane, between), int(keys.get("num-classes", 4))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"--plan {plan}: {path} is not a plan's run-config.toml with spacing-mm ({type(err).__name__}: "
+                         f"{err}). Fix: pass the folder `fedmeta plan --out` wrote.") from None
 
 
 def output_problem(path: Path | None, option: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 from fedmeta.common.algorithms import ALGORITHMS as ALGORITHM_OBJECTS
 from fedmeta.common.metaopt import OPTIMIZERS as META_OPTIMIZERS
 from fedmeta.common.protocol import AGGREGATIONS, ALGORITHMS, DP_MODES, SECURE_AGGREGATIONS, SITE_WEIGHTINGS
+from fedmeta.common.site_layout import MAX_CHANNELS  # in-channels: a site's channels, stacked
 
 DEVICES = ("auto", "cpu", "cuda")
 STEP_SIZES = ("per-element", "per-layer-step")
@@ -36,7 +37,6 @@ MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights; the default UNet has 
 # episodes also runs them at once), so these bound what one round can ask of a site. Meta-learning papers use
 # 1-32 episodes of 1-20 shots; the product is held to the machine's memory by RunConfig.memory_estimate.
 MAX_EPISODES = 1_000  # episodes-per-site
-MAX_CHANNELS = 8  # in-channels: fedmeta.common.site_layout.MAX_CHANNELS (MSD's most is BrainTumour's 4)
 MAX_SHOTS = 1_000  # k-shot, q-query, eval-k-shot: labelled slices in one support or query set
 
 

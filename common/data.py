@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from fedmeta.common.read_limits import ReadLimits
-from fedmeta.common.site_layout import MAX_CHANNELS
+from fedmeta.common.site_layout import CT_BODY_HU, CT_RANGE_HU, MAX_CHANNELS, channel_kind
+from fedmeta.common.volume_checks import ras_grid
 from fedmeta.common.validate import (
     CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
 )
@@ -45,18 +46,6 @@ Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 # FEDMETA_HOME, fedmeta.client.site): still read there, and known to the generator as fedmeta's own.
 SITE_KEY_FILE = ".fedmeta-site-key"
 LABEL_STORAGE = torch.uint8
-
-# Hounsfield units a CT scanner writes (12-bit: air -1024 to dense bone and metal 3071), and the value above which
-# a CT voxel is body rather than air or the table's foam (nnU-Net and TotalSegmentator crop at about -500).
-CT_RANGE_HU = (-1024.0, 3071.0)
-CT_BODY_HU = -500.0
-
-
-def channel_kind(name: str | None) -> str:
-    """How a channel is normalised: ``"ct"`` for a channel named CT (nnU-Net's rule, by the dataset.json name),
-    ``"mr"`` for every other name (MRI, T1w, T2, FLAIR, ADC, ...) and for an undeclared one."""
-    return "ct" if name is not None and name.strip().lower() == "ct" else "mr"
-
 
 def channel_order(site: str, declared: tuple[str, ...], config: "DataConfig") -> tuple[list[int], tuple[str, ...]]:
     """Which of a site's declared channels feed the model's input channels, in order, and their names.
@@ -160,18 +149,6 @@ def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray
     new_affine = affine @ orientations.inv_ornt_aff(transform, data.shape)
     zooms = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
     return np.ascontiguousarray(reoriented), zooms
-
-
-def ras_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray]:
-    """The shape and voxel sizes (mm) :func:`to_ras` gives a volume of ``shape``, from the header alone."""
-    from nibabel import orientations  # lazy: see to_ras
-
-    affine = np.asarray(affine, dtype=np.float64)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    ras_shape, ras_zooms = [0] * 3, np.zeros(3)
-    for axis, (ras_axis, _) in enumerate(orientations.io_orientation(affine)):
-        ras_shape[int(ras_axis)], ras_zooms[int(ras_axis)] = int(shape[axis]), zooms[axis]
-    return tuple(ras_shape), ras_zooms
 
 
 def resampled_shape(shape, zooms, spacing) -> tuple[int, ...]:

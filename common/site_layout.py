@@ -112,6 +112,17 @@ def discover_site(root: Path | str, image_glob: str | None = None, label_glob: s
 
 MAX_CHANNELS = 8  # MSD's most is 4 (BrainTumour); the model stacks them as input channels
 
+# Hounsfield units a CT scanner writes (12-bit: air -1024 to dense bone and metal 3071), and the value above which
+# a CT voxel is body rather than air or the table's foam (nnU-Net and TotalSegmentator crop at about -500).
+CT_RANGE_HU = (-1024.0, 3071.0)
+CT_BODY_HU = -500.0
+
+
+def channel_kind(name: str | None) -> str:
+    """How a channel is normalised: ``"ct"`` for a channel named CT (nnU-Net's rule, by the dataset.json name),
+    ``"mr"`` for every other name (MRI, T1w, T2, FLAIR, ADC, ...) and for an undeclared one."""
+    return "ct" if name is not None and name.strip().lower() == "ct" else "mr"
+
 
 def declared_channels(dataset_json: Path, meta: dict[str, Any]) -> tuple[str, ...]:
     """The channel names ``meta`` declares in channel order: nnU-Net v2's ``channel_names`` or MSD's ``modality``

@@ -25,7 +25,7 @@ from fedmeta.common.read_limits import DEFAULT_MAX_VOXELS, ReadLimits
 from fedmeta.common.site_layout import NIFTI_SUFFIXES, Case, CaseProblem, SiteLayout, discover_site, is_site_folder
 from fedmeta.common.volume_checks import (
     VOXEL_MM_RANGE, _dimensions_problem, _load_nifti, _non_finite_problem, affine_problem, check_scan, dtype_problem,
-    uniform_problem,
+    ras_grid, uniform_problem,
 )
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -219,15 +219,21 @@ def _label_value_problems(path: Path, rounded: np.ndarray, allowed_labels: set[i
 
 def check_site(root: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
-               limits: ReadLimits = ReadLimits()) -> SiteReport:
+               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
+               ) -> SiteReport:
     """Check every case of one site, and that enough remain for k-shot episodes (files read within ``limits``)."""
     layout = discover_site(root, image_glob, label_glob, limits=limits)
-    return check_layout(layout, num_classes=num_classes, k=k, q=q, limits=limits)
+    return check_layout(layout, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing)
 
 
 def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
-                 limits: ReadLimits = ReadLimits()) -> SiteReport:
-    """Check every case of a discovered site, and that enough remain for k-shot episodes."""
+                 limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
+                 ) -> SiteReport:
+    """Check every case of a discovered site, and that enough remain for k-shot episodes. Usable cases are also
+    checked against their declared modality and, given the plan's ``planned_spacing`` (mm, R/A/S), its spacing
+    (:mod:`fedmeta.common.modality_checks`: warnings, the case stays usable)."""
+    from fedmeta.common.modality_checks import modality_warnings  # lazy: it imports site_layout's constants only
+
     site_problems: list[str] = []
     allowed = set(layout.labels) if layout.labels is not None else None
     if allowed is not None and (bad := sorted(v for v in allowed if not 0 <= v < num_classes)):
@@ -249,6 +255,8 @@ def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = No
             note = thin_volume_warning(case.image, loaded.image_data.shape[:3], loaded.image.affine)
             if note:
                 notes.append(note)
+            _, zooms = ras_grid(loaded.image_data.shape[:3], loaded.image.affine)  # volume_checks': no torch
+            notes.extend(modality_warnings(case.image, loaded.image_data, zooms, layout.channels, planned_spacing))
     site_problems.extend(episode_problems(layout.root, valid, k, q))
     return SiteReport(root=layout.root, name=layout.name, num_cases=layout.num_listed, case_problems=case_problems,
                       site_problems=site_problems, warnings=notes, num_valid=valid, unlisted=list(layout.unlisted))
@@ -285,14 +293,15 @@ def episode_problems(root: Path, num_valid: int, k: int | None, q: int | None) -
 
 def check_path(path: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
-               limits: ReadLimits = ReadLimits()) -> list[SiteReport]:
+               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
+               ) -> list[SiteReport]:
     """Check one site folder, or every site of a federation root (a folder of site folders)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder; pass a site folder or a federation root.")
     if image_glob is not None or is_site_folder(path):
         return [check_site(path, num_classes=num_classes, k=k, q=q, image_glob=image_glob, label_glob=label_glob,
-                           limits=limits)]
+                           limits=limits, planned_spacing=planned_spacing)]
     sites = sorted(p for p in path.iterdir() if p.is_dir() and is_site_folder(p))
     if not sites and (path / "manifest.json").is_file():
         raise FileNotFoundError(
@@ -305,7 +314,8 @@ def check_path(path: Path | str, *, num_classes: int = 4, k: int | None = None, 
             f"{path} holds no site: neither a dataset.json here nor site folders with one below. Pass an MSD site "
             "folder, a federation root (fedmeta synth --out DIR), or --image-glob/--label-glob for other layouts."
         )
-    return [check_site(site, num_classes=num_classes, k=k, q=q, limits=limits) for site in sites]
+    return [check_site(site, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing)
+            for site in sites]
 
 
 def format_reports(reports: list[SiteReport]) -> str:

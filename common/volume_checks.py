@@ -192,6 +192,19 @@ def affine_problem(path: Path, affine, shape: tuple[int, ...], *, max_voxels: in
     return None
 
 
+def ras_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray]:
+    """The shape and voxel sizes (mm) :func:`fedmeta.common.data.to_ras` gives a volume of ``shape``, from the header
+    alone."""
+    from nibabel import orientations  # lazy: nibabel's import is paid only where a volume is read
+
+    affine = np.asarray(affine, dtype=np.float64)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ras_shape, ras_zooms = [0] * 3, np.zeros(3)
+    for axis, (ras_axis, _) in enumerate(orientations.io_orientation(affine)):
+        ras_shape[int(ras_axis)], ras_zooms[int(ras_axis)] = int(shape[axis]), zooms[axis]
+    return tuple(ras_shape), ras_zooms
+
+
 def check_scan(path: Path, *, min_slices: int = 1, limits: ReadLimits = ReadLimits(), channels: int = 1
                ) -> tuple[list[str], object | None, np.ndarray | None]:
     """An unlabelled scan to segment: (problems, nibabel image, float32 data). The checks ``check_case``

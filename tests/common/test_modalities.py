@@ -64,8 +64,9 @@ def _mr_pair(rng, shape=(32, 32, 8)) -> tuple[np.ndarray, np.ndarray]:
     """A T2 and an ADC volume (different contrast, different units) and a lesion labelled 1."""
     body = _ellipsoid(shape, (16, 16, 4), (12, 12, 8))
     lesion = _ellipsoid(shape, (16, 16, 4), (4, 4, 8))
-    t2 = np.where(body, 300.0, 5.0) + np.where(lesion, 400.0, 0.0) + rng.normal(0, 3, shape)
-    adc = np.where(body, 1500.0, 0.0) - np.where(lesion, 900.0, 0.0) + rng.normal(0, 20, shape)
+    # magnitude images: noise never takes a voxel below zero (Rician background)
+    t2 = np.abs(np.where(body, 300.0, 5.0) + np.where(lesion, 400.0, 0.0) + rng.normal(0, 3, shape))
+    adc = np.abs(np.where(body, 1500.0, 0.0) - np.where(lesion, 900.0, 0.0) + rng.normal(0, 20, shape))
     return np.stack([t2, adc], axis=-1).astype(np.float32), lesion.astype(np.uint8)
 
 
@@ -220,3 +221,63 @@ def test_inference_on_ct_uses_the_training_preprocessing(ct_site):
                  num_classes=2, batch_size=64)
     window = torch.cat(seen)
     assert torch.equal(window, site.images[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# check-data knows the modality (issue 30, item 5): warnings, the case stays usable
+
+
+def _warnings(site: Path, **kwargs) -> str:
+    report = check_site(site, num_classes=2, **kwargs)
+    assert report.num_valid == report.num_cases  # warnings never make a case unusable
+    return "\n".join(report.warnings)
+
+
+def test_check_data_names_ct_values_outside_the_scanners_range(ct_site):
+    image_path = ct_site / "imagesTr" / "case1.nii.gz"
+    image = nib.load(str(image_path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[:4] = -3024.0  # padding outside the scanner's circle, as some vendors write it
+    nib.save(nib.Nifti1Image(data, image.affine), str(image_path))
+    notes = _warnings(ct_site)
+    assert "case1.nii.gz" in notes and "outside the CT range -1024..3071 HU" in notes and "min -3024" in notes
+    assert "case0.nii.gz" not in notes
+
+
+def test_check_data_says_a_ct_channel_without_air_is_not_in_hounsfield_units(tmp_path):
+    rng = np.random.default_rng(6)
+    image, label = _ct_case(rng)
+    scaled = ((image + 1024) / 4096).astype(np.float32)  # exported as 0..1, not HU
+    site = _write_site(tmp_path / "scaled", [scaled, scaled], [label, label], {"0": "CT"})
+    notes = _warnings(site)
+    assert "declared CT but holds no air" in notes and "'modality' order" in notes
+
+
+def test_check_data_names_negative_mr_values_and_an_mr_channel_that_is_a_ct(tmp_path):
+    rng = np.random.default_rng(7)
+    mr, label = _mr_pair(rng)
+    shifted = mr.copy()
+    shifted[..., 0] -= 200.0  # T2 with negatives: a normalised or difference image
+    site = _write_site(tmp_path / "mr", [shifted, shifted], [label, label], {"0": "T2", "1": "ADC"})
+    notes = _warnings(site)
+    assert "of channel 0 (T2)'s voxels are negative" in notes and "channel 1" not in notes
+    ct, ct_label = _ct_case(rng)
+    swapped = np.stack([ct, (ct + 1024) / 10], axis=-1).astype(np.float32)  # dataset.json says MR first, CT second
+    site = _write_site(tmp_path / "swapped", [swapped, swapped], [ct_label, ct_label], {"0": "MRI", "1": "CT"})
+    notes = _warnings(site)
+    assert "channel 0 (MRI) is declared MR" in notes and "stacked in dataset.json's order" in notes
+    assert "channel 1 (CT) is declared CT but holds no air" in notes
+
+
+def test_check_data_with_a_plan_names_a_spacing_far_from_the_federations(ct_site, tmp_path, capsys):
+    from fedmeta.simulations.cli import main
+
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "run-config.toml").write_text('spacing-mm = 0.8\nslice-spacing-mm = 1.0\nnum-classes = 2\n')
+    assert main(["check-data", str(ct_site), "--plan", str(plan), "--k", "1", "--q", "1"]) == 0  # warnings only
+    out = capsys.readouterr().out
+    assert "more than 3x from the federation's planned spacing 0.8 x 0.8 x 1 mm along axis S" in out
+    (plan / "run-config.toml").write_text('image-size = 64\n')
+    assert main(["check-data", str(ct_site), "--plan", str(plan)]) == 2
+    assert "is not a plan's run-config.toml with spacing-mm" in capsys.readouterr().err
