@@ -417,6 +417,8 @@ def load_manifest(root: Path | str) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text())
+        if raw.get("kind") == SITES_MANIFEST_KIND:
+            return _sites_manifest(root, raw)
         lazy = bool(raw.get("lazy", False))
         made_by = str(raw["generator_version"])
         asset = str(raw.get("anatomy", {}).get("sha256_16", ""))
@@ -435,3 +437,48 @@ def load_manifest(root: Path | str) -> Manifest:
             f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); regenerate the federation "
             "with `fedmeta synth --out DIR --force`."
         ) from err
+
+
+# A federation of sites' own folders (imported public datasets, a consortium's test copies): `fedmeta plan --heldout`
+# writes its manifest beside the plan; the sites stay where they are, named by absolute path, and are only read.
+SITES_MANIFEST_KIND = "sites"
+
+
+def write_sites_manifest(out: Path | str, train: list[Path], heldout: list[Path], digest: str,
+                         num_patients: dict[Path, int], protocols: dict[Path, str] | None = None) -> Path:
+    """``out/manifest.json`` for a simulation over existing site folders: ``train`` sites meta-train, ``heldout`` sites
+    play the new hospitals. ``digest`` is what the federation holds (the plan's SHA-256): the trajectory hash's
+    federation part, so a resumed run trains on the same data."""
+    sites, names = [], set()
+    for role, folders in ((ROLE_TRAIN, train), (ROLE_HELDOUT, heldout)):
+        for folder in folders:
+            folder = Path(folder).resolve()
+            name = re.sub(r"[^\w-]", "-", folder.name)
+            if name in names:
+                raise ValueError(f"two sites are named {name!r} ({folder}); give each site folder its own name.")
+            names.add(name)
+            sites.append({"name": name, "role": role, "heldout_kind": "new-site" if role == ROLE_HELDOUT else None,
+                          "path": str(folder), "num_patients": int(num_patients[folder]),
+                          "params": {"annotation": {"protocol": (protocols or {}).get(folder, "standard")}}})
+    manifest = {"kind": SITES_MANIFEST_KIND, "generator_version": SITES_MANIFEST_KIND, "preset": "plan", "seed": 0,
+                "cache_key": digest, "sites": sites}
+    path = Path(out) / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _sites_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
+    """A :data:`SITES_MANIFEST_KIND` manifest: every site an existing folder with a dataset.json, by absolute path."""
+    sites = []
+    for s in raw["sites"]:
+        folder = Path(str(s["path"]))
+        if not folder.is_absolute() or not (folder / "dataset.json").is_file():
+            raise ValueError(f"site {s.get('name')!r}: {folder} is not an absolute path to a site folder with a "
+                             "dataset.json (moved or deleted since `fedmeta plan` wrote this manifest?)")
+        if s["role"] not in (ROLE_TRAIN, ROLE_HELDOUT):
+            raise ValueError(f"site {s.get('name')!r}: role {s['role']!r} is neither {ROLE_TRAIN} nor {ROLE_HELDOUT}")
+        sites.append(SiteInfo(name=str(s["name"]), role=s["role"], heldout_kind=s.get("heldout_kind"), path=folder,
+                              num_patients=int(s["num_patients"]), params=dict(s["params"]),
+                              generator_version=SITES_MANIFEST_KIND, generation=SITES_MANIFEST_KIND))
+    return Manifest(root=root, preset=str(raw["preset"]), seed=int(raw["seed"]), generator_version=SITES_MANIFEST_KIND,
+                    cache_key=str(raw["cache_key"]), sites=sites)

@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sites", type=Path, nargs="+", required=True, metavar="SITE",
                         help="site folders (dataset.json, imagesTr/, labelsTr/), one per site; a site is named by "
                              "its folder")
+    parser.add_argument("--heldout", type=Path, nargs="+", default=[], metavar="SITE",
+                        help="site folders that play new hospitals in a simulation: never fingerprinted (the plan is "
+                             "the training sites'), only checked against it (channels, label values); with them "
+                             "PLAN_DIR also gets a manifest.json, and `fedmeta simulate --federation-dir PLAN_DIR "
+                             "--preset PLAN_DIR/run-config.toml` trains on --sites and adapts at --heldout")
     parser.add_argument("--out", type=Path, required=True, metavar="PLAN_DIR",
                         help="the folder to write plan.json and run-config.toml into (new, empty, or an earlier "
                              "fedmeta plan's with --overwrite)")
@@ -99,14 +104,68 @@ def plan(args: argparse.Namespace) -> int:
                          + (f", {report['cases-skipped']} skipped (fedmeta check-data lists why)"
                             if report["cases-skipped"] else "") + f" ({number}/{len(sites)} sites)")
         proposal = merge_fingerprints(reports, max_image_size=args.max_image_size, model_levels=levels)
+        heldout = _heldout_sites(args.heldout, sites, proposal, args.image_glob, args.label_glob, limits)
         paths = write_plan(proposal, args.out, overwrite=args.overwrite)
+        if args.heldout:
+            paths["manifest"] = _write_manifest(args.out, sites, reports, heldout, paths["plan"])
     except (FileNotFoundError, ValueError, OutputRefused) as err:
         print(f"fedmeta plan: {err}", file=sys.stderr)
         return 2
     print(format_plan(proposal))
     print(f"wrote {paths['plan']} and {paths['run-config']}")
-    print(f"its keys override a run's config: fedmeta simulate --preset {paths['run-config']}")
+    if "manifest" in paths:
+        print(f"wrote {paths['manifest']}: {len(sites)} training and {len(heldout)} held-out site(s); simulate them "
+              f"with: fedmeta simulate --federation-dir {args.out} --preset {paths['run-config']}")
+    else:
+        print(f"its keys override a run's config: fedmeta simulate --preset {paths['run-config']}")
     return 0
+
+
+def _heldout_sites(folders: list[Path], training: dict[str, Path], proposal: dict, image_glob, label_glob,
+                   limits) -> dict[Path, int]:
+    """Each held-out site folder and its listed cases, checked against the plan from what its dataset.json declares
+    (its channels stack into the plan's; its label values fit num-classes): a new hospital's voxels never shape
+    the plan, as they would not in a deployment. A ValueError names the site and the fix."""
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.data import channel_order
+    from fedmeta.common.validate import discover_site
+
+    config = RunConfig.from_run_config(proposal["run-config"]).data_config()
+    names = {root.resolve().name for root in training.values()}
+    found: dict[Path, int] = {}
+    for folder in folders:
+        name = folder.resolve().name
+        if name in names:
+            raise ValueError(f"--heldout {folder}: a site named {name!r} is already among --sites or --heldout (a site "
+                             "is named by its folder). Fix: pass each site once, with its own folder name.")
+        names.add(name)
+        layout = discover_site(folder, image_glob, label_glob, limits=limits)
+        channel_order(f"{name} ({folder})", layout.channels, config)  # refuses channels the plan's model cannot take
+        beyond = sorted(v for v in (layout.labels or {}) if v >= config.num_classes)
+        if beyond:
+            raise ValueError(f"--heldout {folder}: declares label values {beyond}, beyond the plan's num-classes="
+                             f"{config.num_classes} (from the training sites' labels). Fix: map the site's structure "
+                             f"onto 1..{config.num_classes - 1} in its labels and dataset.json, as a new hospital's "
+                             "annotation takes the model's free classes.")
+        found[folder.resolve()] = layout.num_listed
+    return found
+
+
+def _write_manifest(out: Path, training: dict[str, Path], reports: dict, heldout: dict[Path, int],
+                    plan_file: Path) -> Path:
+    """PLAN_DIR/manifest.json over the sites' own folders, recorded as the plan's output; the federation's digest is
+    the plan's SHA-256 and the held-out sites' folder names, so a resumed run trains on the same plan and sites."""
+    import hashlib
+
+    from fedmeta.common.outputs import Outputs
+    from fedmeta.common.synth import write_sites_manifest
+
+    train = [root.resolve() for root in training.values()]
+    counts = {root.resolve(): int(reports[name]["cases"]) for name, root in training.items()} | heldout
+    digest = hashlib.sha256(plan_file.read_bytes() + "\n".join(sorted(p.name for p in heldout)).encode()).hexdigest()
+    path = write_sites_manifest(out, train, list(heldout), digest, counts)
+    Outputs(out, "plan").record(path.name)
+    return path
 
 
 __all__ = ["HELP", "plan", "register", "site_names"]

@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="training seed (run config seed)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--federation-dir", type=Path,
-                        help="where the synthetic federation is generated/cached (default: ~/.cache/fedmeta)")
+                        help="where the synthetic federation is generated/cached (default: ~/.cache/fedmeta); a folder "
+                             "with a manifest.json (a generated federation, or `fedmeta plan --heldout`'s plan folder "
+                             "over your own sites) is used as it is")
     parser.add_argument("--no-baseline", action="store_true", help="skip the FedAvg baseline run")
     parser.add_argument("--oracle-steps", type=int, default=None,
                         help="training steps of each held-out site's oracle, the ceiling in the report "
@@ -164,8 +166,12 @@ def simulate(
 
     began = time.perf_counter()
     root = (federation_root or Path.home() / ".cache" / "fedmeta").resolve()
-    with Heartbeat("simulate: federation", what=f"generating or reading {driver['federation']} under {root}", quiet=quiet):
-        federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
+    if (root / "manifest.json").is_file():  # a federation as it is (`fedmeta plan --heldout` over sites' folders)
+        federation = root
+    else:
+        with Heartbeat("simulate: federation", what=f"generating or reading {driver['federation']} under {root}",
+                       quiet=quiet):
+            federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
     # Settings no round could meet with this federation: refused before any engine starts, not after a
