@@ -6,6 +6,8 @@ scalar metrics do.
   episodes from its patients, then their meta-gradient.
 - ``evaluate``: k-shot adaptation from θ and Dice on the site's other patients, through
   ``fedmeta.common.adaptation.adaptation_curve`` — the same inner step the training uses.
+- ``query.fingerprint`` (a plan round, run config ``plan-round``): a training site's aggregate statistics
+  (``fedmeta.common.fingerprint``, docs/planning.md), checked here as the coordinator will check them.
 
 A handler that fails replies with an Error naming only the exception type; the details (which may
 name files or patients) stay in the site's own log.
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -33,8 +35,10 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.data import site_seed
 from fedmeta.common.devices import pick_device
 from fedmeta.common.federated_round import site_evaluation, site_update
+from fedmeta.common.fingerprint import encode_fingerprint, site_fingerprint
 from fedmeta.common.protocol import (
-    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, GRADS_RECORD, MASKED_RECORD, METRICS_RECORD,
+    CONFIG_RECORD, EVAL_SEED_KEY, FEDMETA_VERSION_KEY, FINGERPRINT_ACTION, FINGERPRINT_KEY, FINGERPRINT_RECORD,
+    GRADS_RECORD, MASKED_RECORD, METRICS_RECORD,
     NUM_EXAMPLES, PARAMS_RECORD, PROTOCOL_VERSION, PROTOCOL_VERSION_KEY, QUERY_LOSS_AFTER, QUERY_LOSS_BEFORE,
     ROLE_HELDOUT, ROLE_METRIC, ROLE_TRAIN, ROUND_KEY, ROUND_SEED_KEY, SECAGG_KEYS_ACTION,
     SECAGG_RECORD, SECAGG_REFUSED, SECAGG_SHARES_ACTION, SECAGG_UNMASK_ACTION, SECONDS, SITE_KEY_METRIC,
@@ -57,6 +61,9 @@ def site_reply_errors(handler):
         try:
             reply = handler(message, context)
         except VersionMismatch as err:  # versions are no secret: the server's operator needs both
+            log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
+            reason = str(err)
+        except FingerprintRefused as err:  # its own words, written to name no file or value of the site
             log.error("%s refused on node %s: %s", handler.__name__, context.node_id, err)
             reason = str(err)
         except secure_aggregation.SecAggError as err:  # names node ids and counts, never the site's data
@@ -107,6 +114,29 @@ def query(message: Message, context: Context) -> Message:
         {ROLE_METRIC: int(ref.role == ROLE_HELDOUT), SITE_KEY_METRIC: ref.key, PROTOCOL_VERSION_KEY: PROTOCOL_VERSION}
     )
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
+
+
+@app.query(FINGERPRINT_ACTION)
+@site_reply_errors
+def fingerprint(message: Message, context: Context) -> Message:
+    """The site's fingerprint, for the plan round: declared aggregates only, as one bytes value of strict JSON."""
+    check_versions(message)
+    ref = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config), _fedmeta_home())
+    if ref.role != ROLE_TRAIN:
+        raise PermissionError("a held-out site is never fingerprinted: a new hospital's data never shapes the plan")
+    if ref.materialise is not None:  # a lazy simulated site renders its folder before its data is first read
+        ref.materialise()
+    report = site_fingerprint(ref.data_dir, limits=ReadLimits.from_environment())
+    try:
+        data = encode_fingerprint(report)  # the coordinator's own check: a site never sends what it would refuse
+    except ValueError as err:  # the details may quote the site's dataset.json: they stay in its log
+        log.error("the fingerprint of %s is refused by the coordinator's check, so it is not sent: %s", ref.data_dir,
+                  err)
+        raise FingerprintRefused(
+            "the site's fingerprint fails the coordinator's check (a value in its dataset.json or scans is out of "
+            "range), so the site does not send it; the site's log names the field, and `fedmeta check-data` its "
+            "scans' problems") from None
+    return Message(RecordDict({FINGERPRINT_RECORD: ConfigRecord({FINGERPRINT_KEY: data})}), reply_to=message)
 
 
 @app.train()
@@ -206,6 +236,10 @@ def evaluate(message: Message, context: Context) -> Message:
 
 class VersionMismatch(ValueError):
     """The server speaks another wire protocol: the reply names both versions."""
+
+
+class FingerprintRefused(ValueError):
+    """The site's own fingerprint fails the coordinator's check: it is not sent, and the reply says why."""
 
 
 def check_versions(message: Message) -> None:

@@ -304,6 +304,10 @@ class Runtime(_Section):
     """Where the run's files live, which device computes, what it shows and whether it signs its release."""
 
     resume: bool = not_hashed(False)
+    # A deployment's plan round (fedmeta.server.plan_round): the ServerApp asks the training sites for their
+    # fingerprints, writes plan.json and run-config.toml into out-dir and ends without training. Not hashed: it
+    # trains nothing, so no trajectory has it (the plan it writes joins the hash as plan-sha256).
+    plan_round: bool = not_hashed(False)
     out_dir: str = not_hashed("")
     federation_dir: str = not_hashed("")
     device: str = not_hashed("auto")

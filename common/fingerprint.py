@@ -8,7 +8,9 @@ fractions of each label. Never a voxel array, a case id, a file name, a path or 
 what each statistic reveals about a site.
 
 :func:`check_fingerprint` is the coordinator's check of a report it receives: known keys only, types, lengths,
-finite numbers and ranges; anything else is refused with the field, the value and what is allowed.
+finite numbers and ranges; anything else is refused with the field, the value and what is allowed. On the wire (a
+deployment's plan round, ``fedmeta.server.plan_round``) a report is one bytes value: :func:`encode_fingerprint`
+checks it before a site sends it, :func:`decode_fingerprint` bounds it before the coordinator parses it.
 
 Quantiles other than 0 % and 100 % are taken, as nnU-Net takes them, over a seeded sample of
 :data:`SAMPLES_PER_CASE` foreground voxels a case (every voxel of a case with fewer), so memory stays bounded over
@@ -311,6 +313,43 @@ def check_fingerprint(report: Any) -> dict[str, Any]:
     return report
 
 
+# ----------------------------------------------------------------------------------------------------
+# on the wire: one bytes value (a deployment's plan round; fedmeta.common.protocol.FINGERPRINT_RECORD)
+
+
+def encode_fingerprint(report: Any) -> bytes:
+    """What a site sends: ``report`` passed through :func:`check_fingerprint` first (a site never sends what the
+    coordinator would refuse), as compact, strict, ASCII JSON; the check's ValueError otherwise."""
+    return json.dumps(check_fingerprint(report), allow_nan=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_fingerprint(data: Any) -> dict[str, Any]:
+    """What a coordinator takes from a site's reply: ``data`` must be bytes of at most :data:`MAX_REPORT_BYTES`
+    (measured before anything is parsed), strict UTF-8 JSON (no NaN or Infinity, no key twice), and a fingerprint
+    :func:`check_fingerprint` accepts; a ValueError naming what is wrong and what is allowed otherwise."""
+    if not isinstance(data, bytes):
+        raise _refuse("(report)", type(data).__name__, "bytes of UTF-8 JSON")
+    if len(data) > MAX_REPORT_BYTES:
+        raise _refuse("(report)", f"{len(data):,} bytes", f"at most {MAX_REPORT_BYTES:,} bytes of JSON")
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):  # json keeps the last of two: what the check saw would not be what was sent
+            twice = next(key for key in keys if keys.count(key) > 1)
+            raise ValueError(f"key {twice[:40]!r} appears twice in one object")
+        return dict(pairs)
+
+    try:
+        report = json.loads(data.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
+        raise _refuse("(report)", f"{len(data):,} bytes", f"strict UTF-8 JSON ({type(err).__name__}: "
+                      f"{str(err)[:120]})") from None
+    return check_fingerprint(report)
+
+
 def _list(value: Any, field: str) -> list:
     if not isinstance(value, list) or len(value) != 3:
         raise _refuse(field, value, "a list of 3 (R, A, S)")
@@ -350,4 +389,5 @@ def _check_channel(stats: Any, field: str, kind: str) -> None:
 
 
 __all__ = ["FINGERPRINT_FORMAT", "FINGERPRINT_VERSION", "HU_BINS", "HU_HIGH", "HU_LOW", "MAX_LABELS",
-           "MAX_REPORT_BYTES", "QUANTILES", "SAMPLES_PER_CASE", "TOP_KEYS", "check_fingerprint", "site_fingerprint"]
+           "MAX_REPORT_BYTES", "QUANTILES", "SAMPLES_PER_CASE", "TOP_KEYS", "check_fingerprint", "decode_fingerprint",
+           "encode_fingerprint", "site_fingerprint"]

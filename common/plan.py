@@ -282,17 +282,28 @@ def plan_sha256(plan: dict[str, Any]) -> str:
     return hashlib.sha256(plan_bytes(plan)).hexdigest()
 
 
-def run_config_toml(plan: dict[str, Any]) -> str:
-    """run-config.toml: the plan's flat run-config keys and plan-sha256, a `fedmeta simulate --preset` file."""
+def run_config_toml(plan: dict[str, Any], *, usage: str = "fedmeta simulate --preset run-config.toml (or copy the "
+                    "keys into a run's config)", run_keys: dict[str, Any] | None = None) -> str:
+    """run-config.toml: the plan's flat run-config keys and plan-sha256, a `fedmeta simulate --preset` file.
+
+    ``usage``: the header's "Use:" line. ``run_keys``: more run-config keys after the plan's (a plan round's own
+    settings, since `flwr run --run-config FILE` takes no other key beside a file); a plan key among them is an
+    error, as the file would hold it twice."""
     import tomli_w
 
     values = {key: plan["run-config"][key] for key in RUN_CONFIG_KEYS}
     values["plan-sha256"] = plan_sha256(plan)
+    twice = sorted(set(values) & set(run_keys or {}))
+    if twice:
+        raise ValueError(f"run_keys {twice} are the plan's own keys; leave them out (the plan sets them).")
     sites = ", ".join(plan["sites"])
     header = (f"# fedmeta plan: the run-config values planned from the fingerprints of {len(plan['sites'])} site(s) "
               f"({sites}).\n# plan.json beside this file holds each choice's reason; plan-sha256 is its SHA-256.\n"
-              "# Use: fedmeta simulate --preset run-config.toml (or copy the keys into a run's config).\n")
-    return header + tomli_w.dumps(values)
+              f"# Use: {usage}.\n")
+    text = header + tomli_w.dumps(values)
+    if run_keys:
+        text += "\n# the run's own settings (not planned)\n" + tomli_w.dumps(dict(run_keys))
+    return text
 
 
 def write_plan(plan: dict[str, Any], out_dir: Path | str, *, overwrite: bool = False) -> dict[str, Path]:

@@ -10,7 +10,8 @@ A message from the server carries ``PARAMS_RECORD`` (θ, and Meta-SGD's step siz
 ``STEP_SIZE_PREFIX + name``) and ``CONFIG_RECORD`` (the round, a seed and ``PROTOCOL_VERSION_KEY``).
 A site's train reply carries ``GRADS_RECORD`` (one array per key of θ and step sizes) and
 ``METRICS_RECORD`` (scalars, ``NUM_EXAMPLES`` among them); its evaluate reply ``METRICS_RECORD``
-only; its query reply ``METRICS_RECORD`` with its role, site key and protocol version.
+only; its query reply ``METRICS_RECORD`` with its role, site key and protocol version; its fingerprint reply
+(a plan round) ``FINGERPRINT_RECORD`` only.
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ SECAGG_SHARES = "shares"  # bytes list in SECAGG_NODES order (unmask reply)
 # An Error reply's reason starts with this when a site refused a SecAgg+ stage the server (or another
 # site, through it) got wrong: the protocol broke, the site did not fail (it is not counted as missing).
 SECAGG_REFUSED = "secure aggregation refused"
+
+# -- the federation's plan (run config plan-round; docs/planning.md) ---------------------------------
+# Before any training, the ServerApp asks every training site for its fingerprint (fedmeta.common.fingerprint:
+# aggregate statistics only) with one query action; Flower routes message type "<category>.<action>" to the
+# ClientApp's ``@app.query(FINGERPRINT_ACTION)``. The request carries CONFIG_RECORD (round 0, the version stamp).
+FINGERPRINT_ACTION = "fingerprint"
+FINGERPRINT_MESSAGE_TYPE = f"query.{FINGERPRINT_ACTION}"
+# The reply: one ConfigRecord holding one bytes value, the report as strict UTF-8 JSON (Flower's records hold
+# scalars and flat lists, not the report's nested objects); bounded by fingerprint.MAX_REPORT_BYTES.
+FINGERPRINT_RECORD = "fingerprint"
+FINGERPRINT_KEY = "report"
 
 # -- config keys (server -> site) ------------------------------------------------------------------
 ROUND_KEY = "round"
@@ -214,6 +226,10 @@ __all__ = [
     "PARTITION_ID_KEY",
     "PROTOCOL_VERSION",
     "FEDMETA_VERSION_KEY",
+    "FINGERPRINT_ACTION",
+    "FINGERPRINT_KEY",
+    "FINGERPRINT_MESSAGE_TYPE",
+    "FINGERPRINT_RECORD",
     "fedmeta_version",
     "version_stamp",
     "PROTOCOL_VERSION_KEY",

@@ -8,7 +8,8 @@ validates and aggregates their meta-gradients, steps the meta-optimiser and, eve
 rounds, lets held-out sites adapt and report Dice; its report goes to the run's listeners
 (``fedmeta.server.listeners``), which append it to metrics.jsonl, checkpoint, export the operators'
 metrics (``fedmeta.server.operator_metrics``) and write the round's line in the run's log
-(``fedmeta.server.run_log``: ``flwr log``), and at the end sign the release.
+(``fedmeta.server.run_log``: ``flwr log``), and at the end sign the release. With ``plan-round = true`` the run
+is one fingerprint round instead (``fedmeta.server.plan_round``): the plan is written and nothing is trained.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fedmeta.server.coordinator import Coordinator
 from fedmeta.server.listeners import FAILED, STOPPED, Listeners, RoundReport, RunListener
 from fedmeta.server.metrics import MetricsLog
 from fedmeta.server.operator_metrics import OperatorMetrics
+from fedmeta.server.plan_round import run_plan_round
 from fedmeta.server.round_runner import RoundRunner
 from fedmeta.server.rounds import Membership
 from fedmeta.server.run_log import ProgressLog, in_flower_runtime, to_run_log
@@ -45,7 +47,10 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
     # Under Flower, the process's output is the run's log (`flwr log`); elsewhere the caller's console.
     with to_run_log() if in_flower_runtime() else contextlib.nullcontext():
-        run_federation(grid, config)
+        if config.plan_round:  # a deployment's plan from the sites' fingerprints, and no training
+            run_plan_round(grid, config, _out_dir(config))
+        else:
+            run_federation(grid, config)
 
 
 def run_federation(grid: Grid, config: RunConfig, observers: Sequence[RunListener] = ()) -> Coordinator:

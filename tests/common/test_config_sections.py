@@ -49,7 +49,8 @@ def test_the_hash_declarations_beside_the_fields_are_the_lists_kept_by_hand_befo
     assert _NOT_HASHED == {"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
                            "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every",
                            "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "metrics_port",
-                           "metrics_address", "dp_max_epsilon", "max_failed_rounds", "release_key"}
+                           "metrics_address", "dp_max_epsilon", "max_failed_rounds", "release_key",
+                           "plan_round"}
     assert _HASHED_WHEN_SET == {
         "multi_step_loss_rounds": 0, "first_order_rounds": 0, "step_sizes": "per-element", "dp": "none",
         "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0, "dp_delta": 1e-5, "dp_seeded_noise": False,

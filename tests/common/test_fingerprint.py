@@ -270,3 +270,32 @@ def test_an_oversized_report_is_refused_before_its_fields_are_read(ct_site):
     report["labels"] = {str(v): "x" * 64 for v in range(256)} | {"padding": "y" * (1 << 20)}
     with pytest.raises(ValueError, match=r"fingerprint field \(report\).*bytes"):
         check_fingerprint(report)
+
+
+def test_the_wire_form_is_strict_ascii_json_that_decodes_to_the_checked_report(ct_site):
+    from fedmeta.common.fingerprint import decode_fingerprint, encode_fingerprint
+
+    report = fingerprint(ct_site[0])
+    data = encode_fingerprint(report)
+    assert data.isascii() and b" " not in data  # compact: the 1 MiB bound is on what is sent
+    assert decode_fingerprint(data) == check_fingerprint(report)
+    bad = copy.deepcopy(report)
+    bad["cases"] = 0
+    with pytest.raises(ValueError, match="fingerprint field cases"):  # a site never sends what would be refused
+        encode_fingerprint(bad)
+
+
+@pytest.mark.parametrize("data, words", [
+    ("a str", "bytes of UTF-8 JSON"),
+    (b"[" * 200_000 + b"]" * 200_000, "strict UTF-8 JSON (RecursionError"),  # nested past the parser's depth
+    (b"x" * ((1 << 20) + 1), "at most 1,048,576 bytes"),
+    (b'{"cases": Infinity}', "strict UTF-8 JSON"),
+    (b'{"cases": 1, "cases": 2}', "appears twice"),
+    (b"[]", "an object with the keys"),
+], ids=["not bytes", "deeply nested", "oversized", "Infinity", "a key twice", "a list"])
+def test_a_received_fingerprint_that_is_not_strict_bounded_json_is_refused(data, words):
+    from fedmeta.common.fingerprint import decode_fingerprint
+
+    with pytest.raises(ValueError, match="fingerprint field") as refused:
+        decode_fingerprint(data)
+    assert words in str(refused.value), str(refused.value)
