@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("root", type=Path, help="a site folder (dataset.json) or a federation root")
     check.add_argument("--k", type=int, default=5, help="support slices per episode (default 5)")
     check.add_argument("--q", type=int, default=10, help="query slices per episode (default 10)")
-    check.add_argument("--num-classes", type=int, default=4, help="classes the model predicts (default 4)")
+    check.add_argument("--num-classes", type=int, default=None,
+                       help="classes the model predicts (default: --plan's, else the labels each site's dataset.json "
+                            "declares, else 4)")
     check.add_argument("--image-glob", default=None, help="for non-MSD folders, e.g. '*_img.nii.gz'")
     check.add_argument("--label-glob", default=None, help="for non-MSD folders, e.g. '*_seg.nii.gz'")
     check.add_argument("--plan", type=Path, default=None,
@@ -105,7 +107,8 @@ def check_data(args: argparse.Namespace) -> int:
     try:
         planned, num_classes = None, args.num_classes
         if args.plan is not None:
-            planned, num_classes = planned_spacing(args.plan)
+            planned, planned_classes = planned_spacing(args.plan)
+            num_classes = planned_classes if num_classes is None else num_classes
         reports = check_path(args.root, num_classes=num_classes, k=args.k, q=args.q,
                              image_glob=args.image_glob, label_glob=args.label_glob,
                              limits=ReadLimits.from_environment(), planned_spacing=planned)

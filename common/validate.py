@@ -217,7 +217,7 @@ def _label_value_problems(path: Path, rounded: np.ndarray, allowed_labels: set[i
     return problems
 
 
-def check_site(root: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
+def check_site(root: Path | str, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
                limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
                ) -> SiteReport:
@@ -226,16 +226,19 @@ def check_site(root: Path | str, *, num_classes: int = 4, k: int | None = None, 
     return check_layout(layout, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing)
 
 
-def check_layout(layout: SiteLayout, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
+def check_layout(layout: SiteLayout, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
                  limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
                  ) -> SiteReport:
     """Check every case of a discovered site, and that enough remain for k-shot episodes. Usable cases are also
     checked against their declared modality and, given the plan's ``planned_spacing`` (mm, R/A/S), its spacing
-    (:mod:`fedmeta.common.modality_checks`: warnings, the case stays usable)."""
+    (:mod:`fedmeta.common.modality_checks`: warnings, the case stays usable). ``num_classes`` None: no plan yet,
+    so the classes the site's dataset.json declares (4 where it declares none)."""
     from fedmeta.common.modality_checks import modality_warnings  # lazy: it imports site_layout's constants only
 
     site_problems: list[str] = []
     allowed = set(layout.labels) if layout.labels is not None else None
+    if num_classes is None:
+        num_classes = max(allowed) + 1 if allowed else 4
     if allowed is not None and (bad := sorted(v for v in allowed if not 0 <= v < num_classes)):
         site_problems.append(
             f"{layout.root / 'dataset.json'}: declares label values {bad}, which the model's {num_classes} classes "
@@ -291,7 +294,7 @@ def episode_problems(root: Path, num_valid: int, k: int | None, q: int | None) -
     ]
 
 
-def check_path(path: Path | str, *, num_classes: int = 4, k: int | None = None, q: int | None = None,
+def check_path(path: Path | str, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
                limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
                ) -> list[SiteReport]:

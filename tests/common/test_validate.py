@@ -179,6 +179,24 @@ def test_clean_federation_passes(smoke_federation: Path, capsys):
     assert "5/5 site(s) clean" in capsys.readouterr().out
 
 
+def test_check_data_without_a_plan_takes_the_classes_the_site_declares(smoke_federation: Path, tmp_path, capsys):
+    """A site declaring label 4 (CHAOS MR's spleen) passes the `fedmeta check-data SITE` an import prints as its next
+    step; a model of 4 classes, given or planned, cannot predict it."""
+    folder = _site_copy(smoke_federation, tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["labels"]["4"] = "spleen"
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    assert main(["check-data", str(folder)]) == 0
+    capsys.readouterr()
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "run-config.toml").write_text("spacing-mm = 3.0\nnum-classes = 4\n")
+    for extra in (["--num-classes", "4"], ["--plan", str(plan)]):
+        assert main(["check-data", str(folder), *extra]) == 1
+        assert "declares label values [4], which the model's 4 classes (0..3) cannot predict" in capsys.readouterr().out
+    assert main(["check-data", str(folder), "--plan", str(plan), "--num-classes", "5"]) == 0
+
+
 @pytest.mark.parametrize("name, corrupt, fragment, where", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 def test_each_corruption_has_its_own_message(smoke_federation: Path, tmp_path: Path, name, corrupt, fragment, where):
     folder = _site_copy(smoke_federation, tmp_path)
