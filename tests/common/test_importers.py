@@ -11,7 +11,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 
@@ -21,9 +20,9 @@ from fedmeta.common.import_msd import import_msd
 from fedmeta.common.safe_archive import APPLEDOUBLE_REASON, ArchiveProblem
 from fedmeta.common.site_layout import discover_site
 from fedmeta.simulations.cli import main
+from tests.miniature_datasets import APPLEDOUBLE, chaos_series
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
-APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # an AppleDouble header: not NIfTI
 
 
 def _nifti(path: Path, data: np.ndarray) -> None:
@@ -216,25 +215,6 @@ def _slice_masks(n: int, size: int = 12) -> np.ndarray:
     for k in range(n):
         masks[1 : k + 3, 2 : k + 4, k] = True
     return masks
-
-
-def chaos_series(dicom_folder: Path, ground: Path, masks: np.ndarray, grey: int, modality: str,
-                 affine: np.ndarray, reverse_instances: bool = False) -> None:
-    """A DICOM series and its CHAOS ground truth: PNGs named in InstanceNumber order, file names not in slice order
-    (``reverse_instances``: instance numbers run against the slice normal, as many scanners number them)."""
-    volume = np.random.default_rng(2).normal(size=masks.shape) * 100
-    files, _affine, flipped = write_series(volume, affine, dicom_folder, modality=modality)
-    masks = masks[:, :, ::-1] if flipped else masks  # write_series numbers instances along the written order
-    ground.mkdir(parents=True)
-    n = len(files)
-    for k, path in enumerate(files):  # written slice k
-        instance = n - k if reverse_instances else k + 1
-        header = pydicom.dcmread(path)
-        header.InstanceNumber = instance
-        header.save_as(path)
-        path.rename(path.with_name(f"i{n - k:04d},0000b.dcm"))  # file names run against the written order
-        Image.fromarray((masks[:, :, k].T * grey).astype(np.uint8)).save(ground / f"liver_GT_{instance - 1:03d}.png")
-    (ground / "._liver_GT_000.png").write_bytes(APPLEDOUBLE)
 
 
 @pytest.mark.parametrize("affine,reverse_instances", [
