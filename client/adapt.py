@@ -158,10 +158,15 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
                   "writes), per foreground class the site labels, mean over classes then patients",
         "model": {"spatial_dims": data_config.spatial_dims, "image_size": list(data_config.image_size),
                   "spacing_mm": list(data_config.spacing), "num_classes": config.num_classes,
+                  "channels": list(site.channel_names),
                   "label_names": {str(k): v for k, v in (site.label_names or {}).items()}},
     }
+    # A federation of one-channel sites of different modalities trains with channels "" (each site reads its own
+    # as CT or MR); the site model names this site's, so predict normalises its scans as adaptation saw them.
+    site_config = config if config.channels or not all(site.channel_names) else config.replace(
+        channels=",".join(site.channel_names))
     progress(f"writing the site model to {out}")
-    save_site_model(out, adapted, config.to_run_config(), card, overwrite=overwrite)
+    save_site_model(out, adapted, site_config.to_run_config(), card, overwrite=overwrite)
     return card
 
 

@@ -105,13 +105,14 @@ def check_data(args: argparse.Namespace) -> int:
     from fedmeta.common.validate import check_path, format_reports
 
     try:
-        planned, num_classes = None, args.num_classes
+        planned, num_classes, channels = None, args.num_classes, None
         if args.plan is not None:
-            planned, planned_classes = planned_spacing(args.plan)
+            planned, planned_classes, channels = planned_spacing(args.plan)
             num_classes = planned_classes if num_classes is None else num_classes
         reports = check_path(args.root, num_classes=num_classes, k=args.k, q=args.q,
                              image_glob=args.image_glob, label_glob=args.label_glob,
-                             limits=ReadLimits.from_environment(), planned_spacing=planned)
+                             limits=ReadLimits.from_environment(), planned_spacing=planned,
+                             planned_channels=channels)
     except (FileNotFoundError, ValueError) as err:
         print(f"fedmeta check-data: {err}", file=sys.stderr)
         return 2
@@ -121,9 +122,9 @@ def check_data(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def planned_spacing(plan: Path) -> tuple[tuple[float, float, float], int]:
-    """The (R, A, S) spacing in mm and the class count a plan (``fedmeta plan``'s folder or its run-config.toml)
-    sets; a ValueError naming the file when it is not one."""
+def planned_spacing(plan: Path) -> tuple[tuple[float, float, float], int, tuple[int, tuple[str, ...]]]:
+    """The (R, A, S) spacing in mm, the class count and the (in-channels, channel names) a plan (``fedmeta plan``'s
+    folder or its run-config.toml) sets; a ValueError naming the file when it is not one."""
     import tomllib
 
     path = plan / "run-config.toml" if plan.is_dir() else plan
@@ -131,7 +132,8 @@ def planned_spacing(plan: Path) -> tuple[tuple[float, float, float], int]:
         keys = tomllib.loads(path.read_text(encoding="utf-8"))
         in_plane = float(keys["spacing-mm"])
         between = float(keys.get("slice-spacing-mm", 0.0)) or in_plane
-        return (in_plane, in_plane, between), int(keys.get("num-classes", 4))
+        names = tuple(c.strip() for c in str(keys.get("channels", "")).split(",") if c.strip())
+        return (in_plane, in_plane, between), int(keys.get("num-classes", 4)), (int(keys.get("in-channels", 1)), names)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--plan {plan}: {path} is not a plan's run-config.toml with spacing-mm ({type(err).__name__}: "
                          f"{err}). Fix: pass the folder `fedmeta plan --out` wrote.") from None

@@ -229,9 +229,11 @@ class Model(_Section):
     def _check(self) -> None:
         need(self, 1 <= self.in_channels <= MAX_CHANNELS, "in-channels",
              f"must be 1 to {MAX_CHANNELS}: a site's image channels (4 for MSD's BrainTumour), stacked.")
-        need(self, not self.channel_names or (len(self.channel_names) == self.in_channels and all(self.channel_names)),
+        need(self, (len(self.channel_names) == self.in_channels and all(self.channel_names))
+             or (not self.channel_names and self.in_channels == 1),
              "channels", f"must name in-channels={self.in_channels} channels, comma-separated in the order the model "
-             "takes them (e.g. \"T2,ADC\"), or be \"\" for one channel of any name.")
+             "takes them (e.g. \"T2,ADC\"), or be \"\" for one channel of any name: without names, two sites' "
+             "channels could stack in different orders.")
         need(self, self.slice_spacing_mm == 0 or SPACING_MM_RANGE[0] <= self.slice_spacing_mm <= SPACING_MM_RANGE[1],
              "slice-spacing-mm", f"must be 0 (= spacing-mm) or a voxel size in mm in [{SPACING_MM_RANGE[0]:g}, "
              f"{SPACING_MM_RANGE[1]:g}].")
@@ -253,8 +255,9 @@ class Model(_Section):
         need(self, 2 <= self.model_levels <= MAX_MODEL_LEVELS, "model-levels", f"must be in [2, {MAX_MODEL_LEVELS}].")
         need(self, 0 <= self.model_res_units <= MAX_RES_UNITS, "model-res-units", f"must be in [0, {MAX_RES_UNITS}].")
         factor = 2 ** (self.model_levels - 1)
-        need(self, self.image_size >= factor and self.image_size % factor == 0, "image-size",
-             f"must be a positive multiple of {factor} (2^(model-levels - 1)) so the UNet's skips line up.")
+        need(self, self.image_size >= 2 * factor and self.image_size % factor == 0, "image-size",
+             f"must be a multiple of {factor} (2^(model-levels - 1)) so the UNet's skips line up, and at least "
+             f"{2 * factor}: instance norm needs 2 pixels a side at the UNet's deepest level.")
         need(self, self.image_size <= MAX_IMAGE_SIZE, "image-size",
              f"must be at most {MAX_IMAGE_SIZE} pixels a side (a slice at the model's spacing; 64-256 is usual).")
         need_finite(self, "spacing-mm")

@@ -128,8 +128,9 @@ def declared_channels(dataset_json: Path, meta: dict[str, Any]) -> tuple[str, ..
     """The channel names ``meta`` declares in channel order: nnU-Net v2's ``channel_names`` or MSD's ``modality``
     (``{"0": "FLAIR", "1": "T1w", ...}``), or () when it declares neither; a ValueError naming the file when the
     mapping is not channels 0..C-1."""
-    declared = meta.get("channel_names", meta.get("modality"))
-    if declared is None or declared == {}:
+    # nnU-Net v2's key first; a null or empty one is absent (some converters write both, one of them empty).
+    declared = meta.get("channel_names") or meta.get("modality")
+    if declared is None or declared == {} or declared == [] or declared == "":
         return ()
     if isinstance(declared, str):  # some converters write one channel's name alone
         declared = {"0": declared}
@@ -139,14 +140,26 @@ def declared_channels(dataset_json: Path, meta: dict[str, Any]) -> tuple[str, ..
         raise ValueError(f"{dataset_json}: 'modality'/'channel_names' is {type(declared).__name__}, not a mapping of "
                          "channel index to name such as {\"0\": \"CT\"}. Fix: write it as MSD does.")
     try:
-        by_index = {int(k): str(v).strip() for k, v in declared.items()}
+        by_index = {int(k): v.strip() for k, v in declared.items() if isinstance(v, str)}
     except (TypeError, ValueError):
         by_index = {}
-    if sorted(by_index) != list(range(len(declared))) or not all(by_index.values()) or len(by_index) > MAX_CHANNELS:
-        raise ValueError(f"{dataset_json}: 'modality'/'channel_names' {json.dumps(declared)[:200]} must name channels "
-                         f"\"0\", \"1\", ... in order (1 to {MAX_CHANNELS}), each with a non-empty name. Fix: list "
-                         "each channel of the images once, e.g. {\"0\": \"T2\", \"1\": \"ADC\"}.")
-    return tuple(by_index[i] for i in range(len(by_index)))
+    names = [by_index.get(i, "") for i in range(len(declared))]
+    if (sorted(by_index) != list(range(len(declared))) or len(by_index) > MAX_CHANNELS
+            or not all(_plain_name(n) for n in names) or len({n.lower() for n in names}) != len(names)):
+        shown = json.dumps(declared, ensure_ascii=True)
+        raise ValueError(f"{dataset_json}: 'modality'/'channel_names' {shown[:200]}{'...' if len(shown) > 200 else ''} "
+                         f"must name channels \"0\", \"1\", ... in order (1 to {MAX_CHANNELS}), each with its own "
+                         f"name: a string of 1 to {MAX_NAME_CHARS} printable characters, no comma. Fix: list each "
+                         "channel of the images once, e.g. {\"0\": \"T2\", \"1\": \"ADC\"}.")
+    return tuple(names)
+
+
+MAX_NAME_CHARS = 64  # a channel's name: what fedmeta.common.fingerprint accepts in a site's report
+
+
+def _plain_name(name: str) -> bool:
+    """A channel name a run config's comma-separated `channels` can hold and a terminal can print as it is."""
+    return 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and "," not in name
 
 
 def _read_dataset_json(dataset_json: Path) -> tuple[dict[str, Any], dict[int, str], Any]:

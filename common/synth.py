@@ -432,11 +432,11 @@ def load_manifest(root: Path | str) -> Manifest:
         return Manifest(root=root, preset=raw["preset"], seed=int(raw["seed"]),
                         generator_version=raw["generator_version"], cache_key=raw["cache_key"], sites=sites,
                         generation_seconds=float(raw.get("generation_seconds", 0.0)))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); regenerate the federation "
-            "with `fedmeta synth --out DIR --force`."
-        ) from err
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        sites_kind = isinstance(locals().get("raw"), dict) and raw.get("kind") == SITES_MANIFEST_KIND
+        fix = ("write it again with `fedmeta plan --sites ... --heldout ... --out DIR --overwrite`" if sites_kind
+               else "regenerate the federation with `fedmeta synth --out DIR --force`")
+        raise ValueError(f"{path} is not a valid fedmeta manifest ({type(err).__name__}: {err}); {fix}.") from err
 
 
 # A federation of sites' own folders (imported public datasets, a consortium's test copies): `fedmeta plan --heldout`
@@ -469,8 +469,13 @@ def write_sites_manifest(out: Path | str, train: list[Path], heldout: list[Path]
 
 def _sites_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
     """A :data:`SITES_MANIFEST_KIND` manifest: every site an existing folder with a dataset.json, by absolute path."""
-    sites = []
+    sites, names = [], set()
+    if not raw["sites"]:
+        raise ValueError("it lists no site")
     for s in raw["sites"]:
+        if not (isinstance(s["name"], str) and re.fullmatch(r"[\w-]+", s["name"])) or s["name"] in names:
+            raise ValueError(f"site name {str(s['name'])[:80]!r} is not a plain folder name, or names two sites")
+        names.add(s["name"])
         folder = Path(str(s["path"]))
         if not folder.is_absolute() or not (folder / "dataset.json").is_file():
             raise ValueError(f"site {s.get('name')!r}: {folder} is not an absolute path to a site folder with a "

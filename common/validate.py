@@ -219,16 +219,17 @@ def _label_value_problems(path: Path, rounded: np.ndarray, allowed_labels: set[i
 
 def check_site(root: Path | str, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
-               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
-               ) -> SiteReport:
+               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None,
+               planned_channels: tuple[int, tuple[str, ...]] | None = None) -> SiteReport:
     """Check every case of one site, and that enough remain for k-shot episodes (files read within ``limits``)."""
     layout = discover_site(root, image_glob, label_glob, limits=limits)
-    return check_layout(layout, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing)
+    return check_layout(layout, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing,
+                        planned_channels=planned_channels)
 
 
 def check_layout(layout: SiteLayout, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
-                 limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
-                 ) -> SiteReport:
+                 limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None,
+                 planned_channels: tuple[int, tuple[str, ...]] | None = None) -> SiteReport:
     """Check every case of a discovered site, and that enough remain for k-shot episodes. Usable cases are also
     checked against their declared modality and, given the plan's ``planned_spacing`` (mm, R/A/S), its spacing
     (:mod:`fedmeta.common.modality_checks`: warnings, the case stays usable). ``num_classes`` None: no plan yet,
@@ -261,8 +262,44 @@ def check_layout(layout: SiteLayout, *, num_classes: int | None = 4, k: int | No
             _, zooms = ras_grid(loaded.image_data.shape[:3], loaded.image.affine)  # volume_checks': no torch
             notes.extend(modality_warnings(case.image, loaded.image_data, zooms, layout.channels, planned_spacing))
     site_problems.extend(episode_problems(layout.root, valid, k, q))
+    notes.extend(_name_warnings(layout))
+    if planned_channels is not None:
+        site_problems.extend(_channel_problems(layout, planned_channels))
     return SiteReport(root=layout.root, name=layout.name, num_cases=layout.num_listed, case_problems=case_problems,
                       site_problems=site_problems, warnings=notes, num_valid=valid, unlisted=list(layout.unlisted))
+
+
+def _name_warnings(layout: SiteLayout) -> list[str]:
+    """Label names and the label protocol a site's fingerprint may not carry (fedmeta.common.fingerprint): the site
+    trains, but `fedmeta plan` and the plan round refuse its report."""
+    from fedmeta.common.site_layout import MAX_NAME_CHARS
+
+    odd = [f"label {value}" for value, name in (layout.labels or {}).items()
+           if not (0 < len(name) <= MAX_NAME_CHARS and name.isprintable())]
+    if not (layout.label_protocol.isprintable() and len(layout.label_protocol) <= MAX_NAME_CHARS):
+        odd.append("label_protocol")
+    if not odd:
+        return []
+    return [f"{layout.root / 'dataset.json'}: the name of {', '.join(odd[:5])} is empty, longer than {MAX_NAME_CHARS} "
+            "characters or not printable; the site trains, but `fedmeta plan` (and a deployment's plan round) refuse "
+            f"its fingerprint. Fix: give each a short printable name (at most {MAX_NAME_CHARS} characters)."]
+
+
+def _channel_problems(layout: SiteLayout, planned: tuple[int, tuple[str, ...]]) -> list[str]:
+    """Why the plan's model cannot take this site's channels (in-channels, channels), or nothing."""
+    in_channels, names = planned
+    have = [c.lower() for c in layout.channels]
+    if names and have:
+        fits = sorted(have) == sorted(c.lower() for c in names)
+    else:  # an unnamed side: only the count can be compared
+        fits = (len(layout.channels) or 1) == in_channels
+    if fits:
+        return []
+    declared = ", ".join(repr(c)[:40] for c in layout.channels) or "none: one channel"
+    wanted = ", ".join(names) if names else f"{in_channels} channel(s) of any name"
+    return [f"{layout.root / 'dataset.json'}: declares the image channels ({declared}), but the plan's model takes "
+            f"{wanted}. The site cannot train or adapt with this federation. Fix: a site of the federation's "
+            "modality, or correct dataset.json's 'modality' if it names the channels wrongly."]
 
 
 # A volume thinner than this (voxels, or millimetres) along an axis is a localiser or a slab: it loads, but
@@ -296,15 +333,15 @@ def episode_problems(root: Path, num_valid: int, k: int | None, q: int | None) -
 
 def check_path(path: Path | str, *, num_classes: int | None = 4, k: int | None = None, q: int | None = None,
                image_glob: str | None = None, label_glob: str | None = None,
-               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None
-               ) -> list[SiteReport]:
+               limits: ReadLimits = ReadLimits(), planned_spacing: tuple[float, float, float] | None = None,
+               planned_channels: tuple[int, tuple[str, ...]] | None = None) -> list[SiteReport]:
     """Check one site folder, or every site of a federation root (a folder of site folders)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder; pass a site folder or a federation root.")
     if image_glob is not None or is_site_folder(path):
         return [check_site(path, num_classes=num_classes, k=k, q=q, image_glob=image_glob, label_glob=label_glob,
-                           limits=limits, planned_spacing=planned_spacing)]
+                           limits=limits, planned_spacing=planned_spacing, planned_channels=planned_channels)]
     sites = sorted(p for p in path.iterdir() if p.is_dir() and is_site_folder(p))
     if not sites and (path / "manifest.json").is_file():
         raise FileNotFoundError(
@@ -317,8 +354,8 @@ def check_path(path: Path | str, *, num_classes: int | None = 4, k: int | None =
             f"{path} holds no site: neither a dataset.json here nor site folders with one below. Pass an MSD site "
             "folder, a federation root (fedmeta synth --out DIR), or --image-glob/--label-glob for other layouts."
         )
-    return [check_site(site, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing)
-            for site in sites]
+    return [check_site(site, num_classes=num_classes, k=k, q=q, limits=limits, planned_spacing=planned_spacing,
+                       planned_channels=planned_channels) for site in sites]
 
 
 def format_reports(reports: list[SiteReport]) -> str:

@@ -232,7 +232,14 @@ def check_scan(path: Path, *, min_slices: int = 1, limits: ReadLimits = ReadLimi
                 "axis: a localiser or a single slice, not a scan the model can segment. Fix: pass the full 3D "
                 "series."], None, None
     data = np.asarray(data, dtype=np.float32)
-    problem = _non_finite_problem(path, data) or uniform_problem(Path(path), data)
+    problem = _non_finite_problem(path, data)
+    # Each channel on its own: a blank channel beside a good one is as useless as a blank scan.
+    for index in range(data.shape[3] if data.ndim == 4 else 1):
+        if problem:
+            break
+        problem = uniform_problem(Path(path), data[..., index] if data.ndim == 4 else data)
+        if problem and data.ndim == 4:
+            problem = problem.replace("every voxel of the image", f"every voxel of channel {index}")
     if problem:
         return [problem], None, None
     return [], image, data

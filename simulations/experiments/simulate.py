@@ -96,6 +96,41 @@ def default_out(preset: str, algorithm: str, engine: str) -> Path:
     return Path("runs") / (f"simulate-{Path(preset).stem}-{algorithm}" + ("" if engine == "ray" else f"-{engine}"))
 
 
+def _plan_problem(federation: Path, manifest, config, preset) -> str | None:
+    """Why a run may not train on a `fedmeta plan` folder's sites with this config, or None: the run config must be
+    the plan's (its plan-sha256 the SHA-256 of plan.json, its planned keys the plan's values — a hand-edited
+    run-config.toml could stack channels in another order than the plan checked), and the manifest the one that
+    plan wrote (`plan --overwrite` without --heldout leaves no manifest of another plan behind, but a copy might)."""
+    import hashlib
+    import json
+
+    plan_file = federation / "plan.json"
+    if not plan_file.is_file():
+        return None
+    content = plan_file.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    fix = f"Fix: pass --preset {federation / 'run-config.toml'} (as fedmeta plan wrote it), or re-run fedmeta plan."
+    if config.plan_sha256 != digest:
+        return (f"--federation-dir {federation} holds a plan (plan.json, SHA-256 {digest[:12]}...), but the run config "
+                f"({preset}) carries plan-sha256={config.plan_sha256[:12] or '(none)'!r}: this run would read the sites "
+                f"with another spacing, window or channel order than their plan. {fix}")
+    try:
+        planned = json.loads(content)["run-config"]
+    except (ValueError, KeyError, TypeError):
+        return f"{plan_file}: not a plan fedmeta plan wrote (no 'run-config'). Fix: re-run fedmeta plan."
+    changed = sorted(key for key, value in planned.items() if getattr(config, key.replace("-", "_"), value) != value)
+    if changed:
+        return (f"the run config ({preset}) changes {', '.join(changed)} from the plan in {plan_file} but keeps its "
+                f"plan-sha256: a run must train under the plan it names. {fix}")
+    heldout = "\n".join(sorted(info.path.name for info in manifest.heldout_sites))
+    if manifest.generator_version == "sites" and manifest.cache_key != hashlib.sha256(
+            content + heldout.encode()).hexdigest():
+        return (f"{federation / 'manifest.json'} was not written with this plan.json (its digest differs): the sites "
+                "it lists are another plan's. Fix: re-run fedmeta plan --sites ... --heldout ... --out "
+                f"{federation} --overwrite.")
+    return None
+
+
 class SimulationError(RuntimeError):
     """A run finished but not as it should (rounds missing, every reply dropped, ...)."""
 
@@ -173,6 +208,9 @@ def simulate(
                        quiet=quiet):
             federation = Path(cached_federation(root, driver["federation"], int(driver["federation-seed"])))
     manifest = load_manifest(federation)
+    plan_problem = _plan_problem(federation, manifest, config, preset)
+    if plan_problem:
+        raise ValueError(plan_problem)
     num_sites = len(manifest.train_sites) + len(manifest.heldout_sites)
     # Settings no round could meet with this federation: refused before any engine starts, not after a
     # round that waits and then reports every reply dropped.

@@ -201,7 +201,7 @@ HOSTILE_RUN_CONFIGS = [
     ({"image-size": 4096}, "image-size=4096: must be at most 1024 pixels a side"),
     ({"model-levels": 20}, "model-levels=20: must be in [2, 8]"),
     ({"model-base-channels": 100000}, "model-base-channels=100000: must be in [1, 256]"),
-    ({"model-base-channels": 256, "model-levels": 8, "image-size": 128},
+    ({"model-base-channels": 256, "model-levels": 8, "image-size": 256},
      "the network has 13,822,842,541 parameters (51.5 GiB as float32), more than the 100,000,000"),
     ({"inner-steps": 1_000_000_000}, "inner-steps=1000000000: must be at most 10,000"),
     ({"eval-steps": "0,1000000000"}, "eval-steps='0,1000000000': must be comma-separated integers from 0 to 10,000"),

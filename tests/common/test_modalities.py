@@ -281,3 +281,90 @@ def test_check_data_with_a_plan_names_a_spacing_far_from_the_federations(ct_site
     (plan / "run-config.toml").write_text('image-size = 64\n')
     assert main(["check-data", str(ct_site), "--plan", str(plan)]) == 2
     assert "is not a plan's run-config.toml with spacing-mm" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# refusals a hostile review asked for
+
+
+@pytest.mark.parametrize("declared, problem", [
+    ({"0": None}, "not a string"), ({"0": {"a": 1}}, "not a string"), ({"0": 7}, "not a string"),
+    ({"0": "T2\x00\x1b[31mRED"}, "control characters"), ({"0": "x" * 10_000}, "10 KB"),
+    ({"0": "T2", "1": "t2"}, "the same name twice, case aside"), ({"0": "T2,ADC"}, "a comma"),
+])
+def test_channel_names_that_a_run_config_or_a_terminal_cannot_hold_are_refused(tmp_path, declared, problem):
+    rng = np.random.default_rng(8)
+    image, label = _mr_pair(rng)
+    site = _write_site(tmp_path / "s", [image], [label], declared)
+    with pytest.raises(ValueError, match="printable characters, no comma") as refused:
+        discover_site(site)
+    assert "\x1b" not in str(refused.value) and len(str(refused.value)) < 1000, problem
+
+
+def test_a_null_channel_names_falls_back_to_modality(tmp_path):
+    rng = np.random.default_rng(9)
+    image, label = _ct_case(rng)
+    site = _write_site(tmp_path / "s", [image], [label], {"0": "CT"})
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["channel_names"] = None
+    (site / "dataset.json").write_text(json.dumps(meta))
+    assert discover_site(site).channels == ("CT",)
+
+
+def test_run_config_refuses_unnamed_channels_and_an_image_too_small_for_the_unet():
+    from fedmeta.common.config import RunConfig
+
+    with pytest.raises(ValueError, match="run config channels='': must name in-channels=2 channels"):
+        RunConfig(in_channels=2)
+    assert RunConfig(in_channels=2, channels="T2,ADC").model_config().in_channels == 2
+    with pytest.raises(ValueError, match="image-size=8: .* at least 16: instance norm"):
+        RunConfig(image_size=8)
+
+
+def test_check_data_with_a_plan_names_a_site_whose_channels_the_plan_cannot_take(ct_site, tmp_path, capsys):
+    from fedmeta.simulations.cli import main
+
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "run-config.toml").write_text('spacing-mm = 1.6\nslice-spacing-mm = 5.0\nin-channels = 2\n'
+                                          'channels = "T2,ADC"\nnum-classes = 2\n')
+    assert main(["check-data", str(ct_site), "--plan", str(plan)]) == 1
+    out = capsys.readouterr().out
+    assert "declares the image channels ('CT'), but the plan's model takes T2, ADC" in out
+
+
+def test_check_data_warns_about_names_a_fingerprint_refuses(tmp_path):
+    rng = np.random.default_rng(10)
+    image, label = _ct_case(rng)
+    site = _write_site(tmp_path / "s", [image, image], [label, label], {"0": "CT"},
+                       label_names={"0": "background", "1": "l" * 100})
+    notes = "\n".join(check_site(site, num_classes=2).warnings)
+    assert "the name of label 1 is empty, longer than 64 characters" in notes and "fedmeta plan" in notes
+
+
+def test_predict_refuses_a_blank_channel_of_a_multi_channel_scan(tmp_path):
+    rng = np.random.default_rng(11)
+    image, _ = _mr_pair(rng)
+    image[..., 1] = 5.0
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    problems, _, _ = check_scan(path, channels=2)
+    assert "every voxel of channel 1 is 5" in problems[0]
+
+
+def test_a_sites_manifest_with_duplicate_names_or_no_site_is_refused_with_the_plan_fix(ct_site, tmp_path):
+    from fedmeta.common.synth import load_manifest, write_sites_manifest
+
+    out = tmp_path / "plan"
+    out.mkdir()
+    write_sites_manifest(out, [ct_site], [], "d" * 64, {ct_site.resolve(): 3})
+    assert [s.name for s in load_manifest(out).sites] == ["ct"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["sites"] = manifest["sites"] * 2
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names two sites.*fedmeta plan --sites"):
+        load_manifest(out)
+    manifest["sites"] = []
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lists no site.*fedmeta plan --sites"):
+        load_manifest(out)
