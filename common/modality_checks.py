@@ -32,7 +32,7 @@ def modality_warnings(path: Path, image_data: np.ndarray, zooms: np.ndarray, cha
     names = channels or ("",)
     for index, name in enumerate(names[:volumes.shape[-1]]):
         volume = volumes[..., index]
-        which = f"channel {index} ({name})" if len(names) > 1 else (f"the {name} image" if name else "the image")
+        which = f"channel {index} ({name})" if len(names) > 1 else (f"the image ({name})" if name else "the image")
         if channel_kind(name or None) == "ct":
             notes.extend(_ct_warnings(path, volume, which))
         else:

@@ -83,6 +83,10 @@ def check_case(case: Case, allowed_labels: set[int] | None, num_classes: int, *,
         return problems, None
     image_data = np.asarray(image_data, dtype=np.float32)
     if problem := _non_finite_problem(case.image, image_data):
+        if image_data.ndim == 4:  # which channel: a site fixes one sequence's export, not the case
+            bad = [f"{index} ({name})" for index, name in enumerate(channels)
+                   if not np.isfinite(image_data[..., index]).all()]
+            problem = problem.replace("voxels are NaN or Inf", f"voxels of channel {', '.join(bad)} are NaN or Inf")
         problems.append(problem)
     elif image_data.ndim == 3:
         if problem := uniform_problem(case.image, image_data):

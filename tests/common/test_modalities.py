@@ -368,3 +368,12 @@ def test_a_sites_manifest_with_duplicate_names_or_no_site_is_refused_with_the_pl
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="lists no site.*fedmeta plan --sites"):
         load_manifest(out)
+
+
+def test_nan_in_one_channel_names_the_channel(prostate_site):
+    image = nib.load(str(prostate_site / "imagesTr" / "case2.nii.gz"))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[0, 0, 0, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), str(prostate_site / "imagesTr" / "case2.nii.gz"))
+    problems = " ".join(p for case in check_site(prostate_site, num_classes=2).case_problems for p in case.problems)
+    assert "1 voxels of channel 1 (ADC) are NaN or Inf" in problems
