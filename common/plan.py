@@ -23,23 +23,95 @@ import numpy as np
 
 from fedmeta.common.config_sections import MAX_IMAGE_SIZE, MAX_MODEL_LEVELS, SPACING_MM_RANGE
 from fedmeta.common.data import channel_kind
-from fedmeta.common.fingerprint import HU_BINS, HU_HIGH, HU_LOW, check_fingerprint
+from fedmeta.common.fingerprint import HU_BINS, HU_HIGH, HU_LOW, QUANTILES, check_fingerprint
 
 PLAN_FORMAT = "fedmeta-plan"
 PLAN_VERSION = 1
 PLAN_FILE, RUN_CONFIG_FILE = "plan.json", "run-config.toml"
 ANISOTROPY = 3.0  # nnU-Net's threshold: a spacing ratio above it makes the coarse axis a poor third dimension
 CT_PERCENTILES = (0.5, 99.5)
+MIN_SITE_CASES = 2  # an episode's support and query come from different patients
+# A CT site's foreground whose 0.5 / 99.5 % quantiles lie this close together, or both in [0, this range], was not
+# exported in Hounsfield units (a normalised or 0..1 export): tissue under a label spans tens to hundreds of HU.
+NOT_HU_SPREAD, NOT_HU_UNIT_RANGE = 5.0, 1.5
+CROP_NOTE = 1.25  # a site whose field of view exceeds the image's side by more than this is said to be cropped
 RUN_CONFIG_KEYS = ("image-size", "spacing-mm", "slice-spacing-mm", "in-channels", "channels", "num-classes",
                    "ct-clip-low", "ct-clip-high", "ct-mean", "ct-std")
 CHOICES = ("channels", "spacing", "image-size", "ct-window", "ct-normalisation", "labels")  # in the order shown
 
 
 def weighted_median(values: list[float], weights: list[int]) -> float:
-    """The smallest value at which the cumulative weight reaches half the total (sites weighted by cases)."""
-    order = np.argsort(values, kind="stable")
-    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    return float(np.asarray(values, dtype=np.float64)[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+    """The median of ``values`` each repeated ``weights`` times (sites weighted by cases), as ``np.median`` of the
+    repeated values: where the cumulative weight sits exactly at half the total, the mean of the values either side
+    (two equal sites of 32 and 96 mm give 64 mm, not the lower 32); values of weight 0 take no part."""
+    kept = [(float(v), float(w)) for v, w in zip(values, weights) if w > 0]
+    if not kept:
+        raise ValueError(f"weighted_median: weights {list(weights)!r} hold no positive weight; give each value its "
+                         "site's cases (at least 1).")
+    kept.sort(key=lambda pair: pair[0])
+    ordered = np.asarray([v for v, _ in kept])
+    cumulative = np.cumsum([w for _, w in kept])
+    half = cumulative[-1] / 2
+    index = int(np.searchsorted(cumulative, half))  # the first value whose cumulative weight reaches half
+    if cumulative[index] == half and index + 1 < len(ordered):  # exact with integer weights: halves are exact floats
+        return float((ordered[index] + ordered[index + 1]) / 2)
+    return float(ordered[index])
+
+
+def min_image_size(model_levels: int) -> int:
+    """The least image size a UNet of ``model_levels`` levels takes: it halves a slice ``model_levels - 1`` times,
+    and instance norm needs at least 2 pixels a side at the deepest level (1 pixel has no variance to normalise)."""
+    return 2 * 2 ** (model_levels - 1)
+
+
+def check_image_budget(max_image_size: Any, model_levels: Any) -> int:
+    """``2 ** (model_levels - 1)``, the multiple an image size must be, once ``model_levels`` (--model-levels) and
+    ``max_image_size`` (--max-image-size) are valid; a ValueError naming the value, the range and a fix otherwise.
+    Cheap: `fedmeta plan` calls it before reading any site, :func:`merge_fingerprints` again."""
+    if isinstance(model_levels, bool) or not isinstance(model_levels, int) or not 2 <= model_levels <= MAX_MODEL_LEVELS:
+        raise ValueError(f"model_levels (--model-levels) {model_levels!r}: must be an integer in "
+                         f"[2, {MAX_MODEL_LEVELS}], as the run config's model-levels. Fix: e.g. --model-levels 4.")
+    factor = 2 ** (model_levels - 1)
+    least = min_image_size(model_levels)
+    if isinstance(max_image_size, bool) or not isinstance(max_image_size, int) or max_image_size < least \
+            or max_image_size % factor or max_image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"max_image_size (--max-image-size) {max_image_size!r}: must be a multiple of {factor} "
+                         f"(2^(model-levels - 1) for model-levels={model_levels}) from {least} to {MAX_IMAGE_SIZE}: "
+                         f"the UNet halves a slice {model_levels - 1} times and instance norm needs at least 2 pixels "
+                         f"a side at its deepest level, so {least} is the least. Fix: e.g. --max-image-size "
+                         f"{max(least, 256)}.")
+    return factor
+
+
+def site_problem(site: str, report: dict[str, Any]) -> str | None:
+    """Why the site of this (checked) fingerprint cannot take part in a federation, or None: fewer than
+    :data:`MIN_SITE_CASES` usable cases, or a CT channel whose values are not Hounsfield units (which the
+    federation's window would clip as if they were, and which would pull that window for every site)."""
+    if report["cases"] < MIN_SITE_CASES:
+        return (f"site {site}: only {report['cases']} usable case(s) ({report['cases-skipped']} skipped); support and "
+                f"query come from different patients, so a site needs at least {MIN_SITE_CASES}. Fix: add patients, "
+                "or repair the skipped cases (`fedmeta check-data` on the site's folder names them).")
+    low_q, high_q = QUANTILES.index(CT_PERCENTILES[0]), QUANTILES.index(CT_PERCENTILES[1])
+    for index, stats in enumerate(report["intensity"]):
+        if stats["kind"] != "ct":
+            continue
+        low, high = stats["quantiles"][low_q], stats["quantiles"][high_q]
+        spread = (f"its foreground's {CT_PERCENTILES[0]:g} and {CT_PERCENTILES[1]:g} % quantiles are {low:g} and "
+                  f"{high:g}")
+        if stats["fraction-outside-hu-range"] >= 1.0:
+            why = f"every voxel lies outside the [{HU_LOW}, {HU_HIGH}] HU a CT holds"
+        elif 0.0 <= low and high <= NOT_HU_UNIT_RANGE:
+            why = f"{spread}, within [0, {NOT_HU_UNIT_RANGE:g}]: values scaled to 0..1, not HU"
+        elif high - low <= NOT_HU_SPREAD:
+            why = f"{spread}, within {NOT_HU_SPREAD:g} HU of each other, where tissue spans tens to hundreds of HU"
+        else:
+            continue
+        channel = report["channels"][index] if report["channels"] else "(one undeclared)"
+        return (f"site {site}: its CT channel {channel!r} does not hold Hounsfield units: {why}. The federation's CT "
+                "window would clip and normalise it as HU, and pull that window for the other sites. Fix: re-export "
+                "the site's CT in HU (the scanner's values, its rescale slope and intercept applied); `fedmeta "
+                "check-data` on the site's folder names the files.")
+    return None
 
 
 def histogram_percentile(counts: np.ndarray, percent: float) -> float:
@@ -76,30 +148,26 @@ def merge_fingerprints(reports: dict[str, dict[str, Any]], *, max_image_size: in
 
     ``max_image_size``: the budget, pixels a side of a 2D slice, a multiple of ``2 ** (model_levels - 1)``; a
     field of view that needs more coarsens the in-plane spacing. Returns ``{"format", "version", "sites",
-    "choices": {name: {"value", "reason"}}, "run-config"}``; a ValueError naming the sites when they cannot
-    train one model (different channels).
+    "choices": {name: {"value", "reason"}}, "run-config"}``; a ValueError naming the value or the sites when the
+    budget is out of range (:func:`check_image_budget`), a site cannot take part (:func:`site_problem`) or the sites
+    cannot train one model (different channels).
     """
     if not reports:
         raise ValueError("no site fingerprint to plan from; pass at least one site.")
-    if isinstance(model_levels, bool) or not isinstance(model_levels, int) or not 2 <= model_levels <= MAX_MODEL_LEVELS:
-        raise ValueError(f"model_levels (--model-levels) {model_levels!r}: must be an integer in "
-                         f"[2, {MAX_MODEL_LEVELS}], as the run config's model-levels.")
-    factor = 2 ** (model_levels - 1)
-    if isinstance(max_image_size, bool) or not isinstance(max_image_size, int) or max_image_size < factor \
-            or max_image_size % factor or max_image_size > MAX_IMAGE_SIZE:
-        raise ValueError(f"max_image_size (--max-image-size) {max_image_size!r}: must be a positive multiple of "
-                         f"{factor} (2^(model-levels - 1) for model-levels={model_levels}) of at most "
-                         f"{MAX_IMAGE_SIZE}, e.g. {max(factor, 256)}.")
+    check_image_budget(max_image_size, model_levels)
     checked = {}
     for site, report in reports.items():
         try:
             checked[site] = check_fingerprint(report)
         except ValueError as err:
             raise ValueError(f"site {site}: its fingerprint is refused: {err}") from None
+        problem = site_problem(site, checked[site])
+        if problem:
+            raise ValueError(problem)
     choices: dict[str, dict[str, Any]] = {}
     names = _channels(checked, choices)
     spacing, slice_spacing = _spacing(checked, choices)
-    spacing, image_size = _image_size(checked, spacing, max_image_size, factor, choices)
+    spacing, image_size = _image_size(checked, spacing, max_image_size, model_levels, choices)
     ct = _ct(checked, choices)
     num_classes = _labels(checked, choices)
     run_config = {
@@ -176,15 +244,17 @@ def _spacing(reports: dict[str, dict[str, Any]], choices: dict[str, Any]) -> tup
     return clamped[0], clamped[1]
 
 
-def _image_size(reports: dict[str, dict[str, Any]], spacing: float, budget: int, factor: int,
+def _image_size(reports: dict[str, dict[str, Any]], spacing: float, budget: int, model_levels: int,
                 choices: dict[str, Any]) -> tuple[float, int]:
     """(in-plane spacing, image size): the median in-plane field of view at ``spacing``, rounded up to a multiple
-    of ``factor``; over ``budget``, the spacing is coarsened until it fits."""
+    of ``2 ** (model_levels - 1)`` and at least :func:`min_image_size`; over ``budget``, the spacing is coarsened
+    until it fits. The reason names each site whose field of view the image crops by more than a quarter."""
+    factor, least = 2 ** (model_levels - 1), min_image_size(model_levels)
     cases = [r["cases"] for r in reports.values()]
     fov = max(weighted_median([r["field-of-view-mm"][axis] for r in reports.values()], cases) for axis in (0, 1))
     size = _round_up(fov / spacing, factor)
     reason = (f"the median in-plane field of view {fov:.1f} mm at {spacing:g} mm is {fov / spacing:.0f} pixels, "
-              f"rounded up to a multiple of {factor} (the UNet halves it {int(math.log2(factor))} times)")
+              f"rounded up to a multiple of {factor} (the UNet halves it {model_levels - 1} times)")
     if size > budget:
         # 4 decimals, rounded up so the field of view fits the budget (but not for a float32 header's last bit)
         coarse = math.ceil(round(fov / budget * 1e4, 3)) / 1e4
@@ -194,7 +264,21 @@ def _image_size(reports: dict[str, dict[str, Any]], spacing: float, budget: int,
         spacing, size = coarse, min(budget, _round_up(fov / coarse, factor))
         choices["spacing"]["value"]["in-plane-mm"] = spacing
         choices["spacing"]["reason"] += f" In-plane coarsened to {spacing:g} mm to fit the image-size budget."
-    choices["image-size"] = {"value": size, "reason": reason + f"; image-size {size} ({size * spacing:.1f} mm a side)."}
+    if size < least:  # a tiny field of view (0.02 mm voxels, a 32-voxel scan) would leave the deepest level 1 pixel
+        reason += (f": {size}, raised to {least}, the least the UNet takes (instance norm needs 2 pixels a side after "
+                   f"{model_levels - 1} halvings)")
+        size = least
+    side = size * spacing
+    reason += f"; image-size {size} ({side:.1f} mm a side)."
+    cropped = {site: max(r["field-of-view-mm"][:2]) for site, r in reports.items()
+               if max(r["field-of-view-mm"][:2]) > CROP_NOTE * side}
+    if cropped:
+        listing = ", ".join(f"{site} {mm:.1f} mm ({(mm / side - 1) * 100:.0f} % more)" for site, mm in cropped.items())
+        reason += (f" Cropped: the median in-plane field of view of {listing} exceeds the image's {side:.1f} mm side "
+                   f"by more than {(CROP_NOTE - 1) * 100:.0f} %: their slices are cropped around the foreground, "
+                   "and the model never sees the anatomy beyond. If that matters, plan sites of similar fields of "
+                   "view as one federation.")
+    choices["image-size"] = {"value": size, "reason": reason}
     return spacing, size
 
 
@@ -330,6 +414,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ANISOTROPY", "PLAN_FILE", "PLAN_FORMAT", "RUN_CONFIG_FILE", "RUN_CONFIG_KEYS", "format_plan",
-           "histogram_moments", "histogram_percentile", "merge_fingerprints", "plan_bytes", "plan_sha256",
-           "run_config_toml", "weighted_median", "write_plan"]
+__all__ = ["ANISOTROPY", "MIN_SITE_CASES", "PLAN_FILE", "PLAN_FORMAT", "RUN_CONFIG_FILE", "RUN_CONFIG_KEYS",
+           "check_image_budget", "format_plan", "histogram_moments", "histogram_percentile", "merge_fingerprints",
+           "min_image_size", "plan_bytes", "plan_sha256", "run_config_toml", "site_problem", "weighted_median",
+           "write_plan"]
