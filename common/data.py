@@ -262,12 +262,25 @@ def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kind
             normalised = normalise_intensity(volume)
             foreground = head_mask(normalised)
         if index == 0:
-            found = np.argwhere(foreground)
-            centre = ((found.min(axis=0) + found.max(axis=0) + 1) / 2 if len(found)
-                      else np.asarray(normalised.shape) / 2)
+            centre = foreground_centre(foreground)
         channels.append(normalised)
         fill.append(float(normalised.min()))
     return PreparedImage(np.stack(channels), centre, tuple(fill))
+
+
+def foreground_centre(foreground: np.ndarray) -> np.ndarray:
+    """The centre of ``foreground``'s bounding box in voxels (the crop's centre), or of the volume when it is empty.
+
+    Read from the mask's projections on each axis: ``np.argwhere`` would list every foreground voxel, 24 bytes each
+    (0.25 GB for a CT's body at 256 x 256 x 400, twice that while it is built), for the same two corners."""
+    if not foreground.any():
+        return np.asarray(foreground.shape) / 2
+    low, high = [], []
+    for axis in range(foreground.ndim):
+        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
+        low.append(hit[0])
+        high.append(hit[-1])
+    return (np.asarray(low) + np.asarray(high) + 1) / 2
 
 
 def crop_channels(prepared: PreparedImage, centre: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
