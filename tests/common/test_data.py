@@ -224,3 +224,17 @@ def test_declared_labels_the_model_cannot_predict_are_refused(smoke_federation: 
     }))
     with pytest.raises(ValueError, match=r"declares label values \[-1\] outside the model's classes 0..3"):
         SiteDataset.load(folder, DataConfig(strict=True))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.05, 0.5])
+def test_the_crop_centre_is_the_foreground_bounding_box_centre(fraction):
+    """foreground_centre reads the box from projections; np.argwhere, which lists every voxel, is the reference."""
+    from fedmeta.common.data import foreground_centre
+
+    rng = np.random.default_rng(int(fraction * 1000))
+    for _ in range(50):
+        mask = rng.random(tuple(rng.integers(1, 30, 3))) < fraction
+        found = np.argwhere(mask)
+        expected = (found.min(axis=0) + found.max(axis=0) + 1) / 2 if len(found) else np.asarray(mask.shape) / 2
+        centre = foreground_centre(mask)
+        assert centre.dtype == expected.dtype and np.array_equal(centre, expected), (mask.shape, centre, expected)
