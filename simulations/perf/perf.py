@@ -15,6 +15,10 @@
 - ``secagg``: one federation (default model, every site every round) with plain aggregation and with
   SecAgg+, side by side in one run: wire bytes both ways per site and round (Flower's protobuf,
   every stage's messages) and seconds per round, and their ratios.
+- ``inference``: a whole 512 x 512 x N CT (``--slices``, default 400) segmented in its own grid by the previous
+  implementation and the current one, each in a fresh process (``--threads``, default 2): wall time, the
+  model's share, peak resident memory, their ratios, whether the masks agree, and issue 30's target (60 s, 4 GB)
+  (fedmeta.simulations.perf.inference).
 
 ``fedmeta perf`` alone runs them all; ``--quick`` shrinks each for a look in a few minutes.
 """
@@ -36,7 +40,7 @@ from fedmeta.common.outputs import OutputRefused, Outputs, make_folder
 from fedmeta.common.progress import Heartbeat
 from fedmeta.common.protocol import FOMAML, METASGD
 from fedmeta.simulations.engines.processes import ROLE_SIMULATION, TreeMemorySampler
-from fedmeta.simulations.perf import meta_step
+from fedmeta.simulations.perf import inference, meta_step
 from fedmeta.simulations.perf.engine_runs import (
     _config, _disk_bytes, _federation, _round_seconds, import_profile, run_bare, run_inprocess_engine, run_ray_engine,
 )
@@ -46,7 +50,7 @@ from fedmeta.simulations.perf.report import TARGETS, format_report
 # torch, Flower and the fedmeta modules that load them (config, synth, model, meta, the apps, the in-process
 # engine) are imported inside the functions that use them: `fedmeta perf --help` does not wait seconds for them.
 
-PARTS = ("sim", "scaling", "comm", "meta", "episodes", "secagg")
+PARTS = ("sim", "scaling", "comm", "meta", "episodes", "secagg", "inference")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +331,7 @@ _PART_MEANING = {
     "meta": "one episode of every algorithm, timed and its peak memory measured",
     "episodes": "episodes in a loop against batched, then whole bare-loop runs",
     "secagg": "plain aggregation against SecAgg+",
+    "inference": "a whole CT segmented by the previous and the current implementation, each in a fresh process",
 }
 
 
@@ -351,6 +356,10 @@ def _run_part(part: str, work: Path, args: argparse.Namespace, beat: Heartbeat) 
             "runs": bench_episode_runs(work, rounds=3 if args.quick else 5, repeats=1 if args.quick else 2, beat=beat)}
     if part == "secagg":
         return bench_secagg(work, rounds=2 if args.quick else 3, beat=beat)
+    if part == "inference":
+        slices = args.slices if args.slices is not None else (100 if args.quick else inference.TARGET_SLICES)
+        return inference.bench_inference(work, case=inference.InferenceCase(slices=slices), threads=args.threads,
+                                         beat=beat)
     raise ValueError(f"perf part {part!r}: choose from {', '.join(PARTS)}.")
 
 
@@ -410,7 +419,8 @@ def register(subparsers) -> None:
     # `perf`, not `bench`: `fedmeta benchmark` is the research benchmark; `bench` stays as an alias.
     bench = subparsers.add_parser(
         "perf", aliases=["bench"],
-        help="performance figures (simulation overhead, scaling, communication, meta-step cost); alias: bench",
+        help="performance figures (simulation overhead, scaling, communication, meta-step cost, whole-CT inference); "
+             "alias: bench",
         description=__doc__.split("\n\n")[0],
     )
     bench.add_argument("parts", nargs="*", metavar="PART",
@@ -426,7 +436,24 @@ def register(subparsers) -> None:
     meta.add_argument("--cases", type=meta_step.parse_cases, default=None, metavar="CASE,...",
                       help="only these cases, comma-separated (fomaml among them: every ratio is to it), e.g. "
                            "fomaml,maml,prototypes (default: every algorithm and plain-fwd-bwd)")
+    ct = bench.add_argument_group("perf inference")
+    ct.add_argument("--slices", type=_positive, default=None,
+                    help=f"axial slices of the 512 x 512 CT (default: {inference.TARGET_SLICES}; 100 with --quick)")
+    ct.add_argument("--threads", type=_positive, nargs="+", default=[inference.TARGET_THREADS], metavar="N",
+                    help=f"torch threads, one run of each implementation per count (default: "
+                         f"{inference.TARGET_THREADS}), e.g. --threads 1 2")
     bench.set_defaults(handler=_dispatch)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number; give e.g. 400 (--slices) or 2 "
+                                         "(--threads).")
+    return value
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmeta.simulations.perf import meta_step
+from fedmeta.simulations.perf import inference, meta_step
 
 TARGETS = {"ray_vs_bare": 1.25, "memory_largest_vs_smallest": 1.3, "bytes_vs_fp32": 1.05, "maml_vs_fomaml": 3.0,
            "fomaml_vs_plain": 1.3}
@@ -104,6 +104,14 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{row['seconds_per_round']:.2f} |")
         lines += ["", f"SecAgg+ / plain: bytes {g['bytes_vs_plain']:.3f}×, seconds per round "
                       f"{g['seconds_vs_plain']:.2f}×.", ""]
+    if "inference" in results:
+        lines += inference.format_inference(results["inference"])
+        target = results["inference"].get("target")
+        if target is not None:
+            checks.append((f"CT {inference.TARGET_SLICES} slices, {inference.TARGET_THREADS} threads: wall s",
+                           target["seconds"], inference.TARGET_SECONDS))
+            checks.append((f"CT {inference.TARGET_SLICES} slices, {inference.TARGET_THREADS} threads: peak GB",
+                           target["peak_bytes"] / 1e9, inference.TARGET_BYTES / 1e9))
     lines += ["## Targets", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
     for name, value, target in checks:
         lines.append(f"| {name} | {value:.2f} | ≤ {target} | {'yes' if value <= target else 'no'} |")
