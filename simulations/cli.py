@@ -103,7 +103,7 @@ COMMANDS: dict[str, Command] = {
                           "draw one slice per site with its label overlay (PNG)"),
     # what measures performance; `perf`, not `bench`: `fedmeta benchmark` is the research benchmark
     "perf": Command("fedmeta.simulations.perf.perf:register",
-                    "performance figures (simulation overhead, scaling, communication, meta-step cost, large-scan "
+                    "performance figures (simulation overhead, scaling, communication, meta-step cost, whole-CT "
                     "inference); alias: bench",
                     aliases=("bench",)),
 }
