@@ -37,7 +37,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.fingerprint import decode_fingerprint
 from fedmeta.common.outputs import Outputs
 from fedmeta.common.plan import PLAN_FILE, RUN_CONFIG_FILE, RUN_CONFIG_KEYS, format_plan, merge_fingerprints, \
-    plan_bytes, run_config_toml
+    plan_bytes, run_config_toml, site_problem
 from fedmeta.common.protocol import (
     CONFIG_RECORD, FINGERPRINT_KEY, FINGERPRINT_MESSAGE_TYPE, FINGERPRINT_RECORD, ROUND_KEY, version_stamp,
 )
@@ -127,8 +127,13 @@ def ask_for_fingerprints(grid: Grid, config: RunConfig, keys: dict[int, int]) ->
     verdicts: dict[int, tuple[dict[str, Any] | None, str]] = {}
 
     def usable(reply: Message) -> bool:  # collect() asks as each reply arrives; the verdict is kept for below
-        verdicts[id(reply)] = _read_reply(reply)
-        return verdicts[id(reply)][0] is not None
+        report, problem = _read_reply(reply)
+        # A site that cannot take part (one case, a "CT" not in HU) is left out of the plan like a malformed reply,
+        # and does not count towards the quorum: one site never stops the round, nor moves the window.
+        if report is not None and (problem := site_problem(f"node {reply.metadata.src_node_id}", report) or ""):
+            report = None
+        verdicts[id(reply)] = report, problem
+        return report is not None
 
     collected = collect(grid, messages, quorum=config.quorum(len(keys)), deadline=config.round_deadline,
                         timeout=config.round_timeout, counts=usable)

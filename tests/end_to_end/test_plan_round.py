@@ -161,6 +161,8 @@ VOXELS = [[float(v) for v in row] for row in ct_volumes(1, seed=9)[0][0][:, :, 2
     pytest.param(lambda data: data.replace(b'"cases":2', b'"cases":NaN'), "strict UTF-8 JSON", id="NaN"),
     pytest.param(lambda data: data[:-1] + b', "cases": 900}', "appears twice", id="a key twice"),
     pytest.param(lambda data: b"\x00\xff" + data, "strict UTF-8 JSON", id="not UTF-8"),
+    # well-formed, but a site that cannot take part: left out, not the end of the round
+    pytest.param(_with(cases=1), "only 1 usable case(s)", id="one case"),
 ])
 def test_a_tampered_fingerprint_is_refused_and_named_and_the_plan_is_made_from_the_quorum(sites, tmp_path, caplog,
                                                                                           tamper, named):
