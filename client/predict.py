@@ -133,6 +133,8 @@ def predict_scans(model_path: Path, inputs: Path, out: Path, *, public_key: Path
             if scan.name in refused:
                 progress(f"[{i}/{len(scans)}] {scan.name}: refused: {refused[scan.name]}")
                 continue
+            if entry.get("warnings"):
+                notes[scan.name] = entry["warnings"]
             journal.record(*entry["files"])
             outputs = sorted(set(outputs) | set(entry.pop("files")))
             entry["seconds"] = round(time.perf_counter() - began, 3)
@@ -185,6 +187,10 @@ def _predict_one(scan: Path, out: Path, model, params, config, label_names: dict
         raise
     entry: dict[str, Any] = {"case": name, "shape": list(result.mask.shape),
                              "voxels_per_class": {str(k): v for k, v in result.voxel_counts.items()}}
+    for note in result.notes:
+        progress(f"warning: {note}")
+    if result.notes:
+        entry["warnings"] = list(result.notes)
     if dicom_seg and scan.is_dir():
         try:
             save_atomically(lambda tmp: write_segmentation(scan, result.mask, tmp, num_classes=config.num_classes,

@@ -242,6 +242,7 @@ class PreparedImage:
     channels: np.ndarray
     centre: np.ndarray
     fill: tuple[float, ...]
+    extent: np.ndarray | None = None  # the foreground's bounding box, voxels per axis (0: none found)
 
 
 def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kinds: tuple[str, ...]) -> PreparedImage:
@@ -262,10 +263,10 @@ def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kind
             normalised = normalise_intensity(volume)
             foreground = head_mask(normalised)
         if index == 0:
-            centre = foreground_centre(foreground)
+            centre, extent = foreground_centre(foreground), foreground_extent(foreground)
         channels.append(normalised)
         fill.append(float(normalised.min()))
-    return PreparedImage(np.stack(channels), centre, tuple(fill))
+    return PreparedImage(np.stack(channels), centre, tuple(fill), extent)
 
 
 def foreground_centre(foreground: np.ndarray) -> np.ndarray:
@@ -281,6 +282,16 @@ def foreground_centre(foreground: np.ndarray) -> np.ndarray:
         low.append(hit[0])
         high.append(hit[-1])
     return (np.asarray(low) + np.asarray(high) + 1) / 2
+
+
+def foreground_extent(foreground: np.ndarray) -> np.ndarray:
+    """The size of ``foreground``'s bounding box in voxels per axis (zeros when it is empty): what a crop of the
+    model's window cuts off, if larger than the window."""
+    extent = []
+    for axis in range(foreground.ndim):
+        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
+        extent.append(hit[-1] - hit[0] + 1 if len(hit) else 0)
+    return np.asarray(extent)
 
 
 def crop_channels(prepared: PreparedImage, centre: np.ndarray, size: tuple[int, ...]) -> np.ndarray:

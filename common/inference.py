@@ -32,7 +32,7 @@ outside the model's forward pass (which is now three quarters of it), 0.42-0.47x
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nibabel
 import numpy as np
@@ -57,6 +57,7 @@ class Segmentation:
     mask: np.ndarray  # uint8, the scan's shape (in NIfTI's Fortran order, x fastest)
     probabilities: np.ndarray | None  # float32 [*scan shape, C] (Fortran order too), or None
     voxel_counts: dict[int, int]  # voxels per predicted class
+    notes: list[str] = field(default_factory=list)  # what the caller should know (a body wider than the window)
 
 
 def _scan_view(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -211,6 +212,7 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
     centre = prepared.centre[:config.spatial_dims] if config.spatial_dims == 2 else prepared.centre
     window = torch.from_numpy(crop_channels(prepared, centre, config.image_size))
     model_shape = prepared.channels.shape[1:]
+    notes = _cropped_notes(prepared.extent, config)
     del prepared
 
     # NIfTI's own voxel order (x fastest, as nibabel reads and writes it): a chunk of axial slices is one block of it.
@@ -222,7 +224,24 @@ def segment_scan(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
     probs = _linear(probs, 1, ras_shape[2])  # along the slices first, as torch's trilinear kernel (_to_scan_grid)
     kept_ras = None if kept is None else _scan_view(kept, affine)
     counts = _to_scan_grid(probs, ras_shape, _scan_view(mask, affine), kept_ras)
-    return Segmentation(mask, kept, {c: int(n) for c, n in enumerate(counts) if n})
+    return Segmentation(mask, kept, {c: int(n) for c, n in enumerate(counts) if n}, notes)
+
+
+def _cropped_notes(extent: np.ndarray | None, config: DataConfig) -> list[str]:
+    """A note when the scan's foreground (CT: the body) is wider than the model's window: its voxels outside the
+    window are called background, as in training, but a hospital should know its scan was cut."""
+    if extent is None:
+        return []
+    axes = range(len(config.image_size))
+    cut = [a for a in axes if extent[a] > config.image_size[a]]
+    if not cut:
+        return []
+    spacing = config.spacing
+    sizes = ", ".join(f"{'RAS'[a]} {extent[a] * spacing[a]:.0f} mm against {config.image_size[a] * spacing[a]:.0f} mm"
+                      for a in cut)
+    return [f"the scan's foreground is wider than the model's window ({sizes}): what lies outside the window is "
+            "labelled background without being looked at. Fix: plan the federation with a larger --max-image-size "
+            "(or a coarser spacing) if such scans are the site's usual, or check that the scan is not a whole-body one."]
 
 
 __all__ = ["Segmentation", "segment_scan"]

@@ -377,3 +377,17 @@ def test_nan_in_one_channel_names_the_channel(prostate_site):
     nib.save(nib.Nifti1Image(data, image.affine), str(prostate_site / "imagesTr" / "case2.nii.gz"))
     problems = " ".join(p for case in check_site(prostate_site, num_classes=2).case_problems for p in case.problems)
     assert "1 voxels of channel 1 (ADC) are NaN or Inf" in problems
+
+
+def test_a_scan_wider_than_the_window_is_segmented_with_a_note(ct_site):
+    """The body (an ellipse of 24 x 20 voxels of 0.8 mm) is wider than a 16 x 1.6 mm window: segmented, and said."""
+    config = DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(8, 8), num_classes=2, channel_names=("CT",))
+    loaded = check_case(discover_site(ct_site).cases[0], {0, 1}, 2)[1]
+    model = _model(1)
+    result = segment_scan(model, dict(model.named_parameters()), loaded.image_data, loaded.image.affine, config,
+                          num_classes=2)
+    assert result.mask.shape == loaded.image_data.shape
+    assert len(result.notes) == 1 and "wider than the model's window (R 19 mm against 13 mm" in result.notes[0]
+    wide = DataConfig(spacing=(1.6, 1.6, 5.0), image_size=(32, 32), num_classes=2, channel_names=("CT",))
+    assert segment_scan(model, dict(model.named_parameters()), loaded.image_data, loaded.image.affine, wide,
+                        num_classes=2).notes == []
