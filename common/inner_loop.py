@@ -178,7 +178,15 @@ def episode_statistics(model: torch.nn.Module, loss_fn: LossFn, episode: Episode
     support_x, support_y, query_x, query_y = episode
     where = {"support_loss_before": (before, support_x, support_y), "support_loss_after": (after, support_x, support_y),
              "query_loss_before": (before, query_x, query_y), "query_loss_after": (after, query_x, query_y)}
-    return {key: known[key] if known.get(key) is not None else no_grad_loss(model, params, x, y, loss_fn)
+    values = {key: value for key, value in known.items() if key in where and value is not None}
+    if before is after:  # no step taken (a learner adapting at 0 steps): each "after" loss is its "before" loss
+        for pair in (("support_loss_before", "support_loss_after"), ("query_loss_before", "query_loss_after")):
+            have = next((values[key] for key in pair if key in values), None)
+            if have is None:
+                params, x, y = where[pair[0]]
+                have = no_grad_loss(model, params, x, y, loss_fn)
+            values.update(dict.fromkeys(pair, have))
+    return {key: values[key] if key in values else no_grad_loss(model, params, x, y, loss_fn)
             for key, (params, x, y) in where.items()}
 
 

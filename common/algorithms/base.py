@@ -224,8 +224,12 @@ class Learner(Algorithm):
         query_y = self.query_target(model, adapted, query_y)
         objective, query_loss = self.query_objective(model, adapted, query_x, query_y, loop.loss_fn)
         grads = torch.autograd.grad(objective, list(theta.values()), materialize_grads=True)
-        return dict(zip(theta, grads)), {n: p.detach() for n, p in adapted.items()}, {
-            "query_loss_after": float(query_loss.detach()), "before": {n: p.detach() for n, p in prepared.items()},
+        before = {n: p.detach() for n, p in prepared.items()}
+        # No step taken (the prototype learner trains at 0 inner steps): one dict for both, so the statistics see
+        # that "after" is "before" and take each loss once (inner_loop.episode_statistics).
+        after = before if adapted is prepared else {n: p.detach() for n, p in adapted.items()}
+        return dict(zip(theta, grads)), after, {
+            "query_loss_after": float(query_loss.detach()), "before": before,
             "episode": (support_x, support_y, query_x, query_y)}
 
     def query_target(self, model: torch.nn.Module, adapted: Params, query_y: torch.Tensor) -> torch.Tensor:

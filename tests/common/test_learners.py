@@ -308,3 +308,35 @@ def test_a_prototypes_query_is_scored_in_its_supports_label_space(loss_fn):
     _, stats = meta_gradient(model, params, [(sx, sy, qx, qy)], algorithm="prototypes", inner_steps=0, inner_lr=0.1,
                              loss_fn=loss_fn)
     assert stats["query_loss_after"] == pytest.approx(float(loss_fn(functional_call(model, adapted, (qx,)), moved)))
+
+
+def test_a_learner_at_zero_steps_takes_each_statistic_once(monkeypatch):
+    """At 0 inner steps "after" is "before": the support loss is taken once and the query loss is the one the
+    meta-gradient already computed (two of three statistics-only forward passes saved), the statistics unchanged."""
+    from fedmeta.common import inner_loop
+    from fedmeta.common.algorithms.base import LoopSettings
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.losses import DiceCELoss, one_hot
+    from fedmeta.common.model import build_model
+
+    torch.manual_seed(0)
+    config = RunConfig(algorithm="prototypes", inner_steps=0, image_size=32, model_levels=3, model_base_channels=8)
+    model = build_model(config.model_config())
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    episodes = [(torch.randn(3, 1, 32, 32, generator=generator),
+                 one_hot(torch.randint(0, 4, (3, 32, 32), generator=generator), 4, torch.float32),
+                 torch.randn(3, 1, 32, 32, generator=generator),
+                 one_hot(torch.randint(0, 4, (3, 32, 32), generator=generator), 4, torch.float32)) for _ in range(2)]
+    loop = LoopSettings(names=list(params), step_size=0.05, inner_steps=0, loss_fn=DiceCELoss(4))
+    calls = []
+    counted = inner_loop.no_grad_loss
+    monkeypatch.setattr(inner_loop, "no_grad_loss", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    _, stats = config.algorithm_object.local_update(model, params, episodes, loop)
+    assert len(calls) == len(episodes)  # the support loss; was 3 per episode
+    assert stats["support_loss_before"] == stats["support_loss_after"]
+    assert stats["query_loss_before"] == stats["query_loss_after"]
+    support = sum(counted(model, config.algorithm_object.prepare(model, params, *e[:2], create_graph=False,
+                                                                  inner_steps=0), e[0], e[1], loop.loss_fn)
+                  for e in episodes) / len(episodes)
+    assert stats["support_loss_before"] == pytest.approx(support, rel=1e-6)
