@@ -177,15 +177,15 @@ def test_unknown_preset_lists_the_shipped_ones(capsys):
 
 @pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune", "benchmark-converged",
                                     "benchmark-protocols", "benchmark-curves", "benchmark-anatomy-curves",
-                                    "benchmark-anatomy"])
+                                    "benchmark-anatomy", "benchmark-anatomy-tissue"])
 def test_shipped_presets_are_valid_and_budget_matched(preset):
     spec = load_benchmark_preset(preset)
     configs = method_configs(spec, spec["methods"])
     if preset in ("benchmark-tune", "benchmark-curves", "benchmark-anatomy-curves"):  # never the held-out sites
         assert spec["validation-sites"] > 0
-    elif preset in ("benchmark-converged", "benchmark-protocols", "benchmark-anatomy"):  # the claim's rows, the ceiling
+    elif preset in ("benchmark-converged", "benchmark-protocols", "benchmark-anatomy", "benchmark-anatomy-tissue"):
         # The anatomy claim carries the rows its validation split chose (FedAvg + fine-tune and the prototype learner).
-        claimed = {"prototypes"} if preset == "benchmark-anatomy" else {"maml", "metasgd"}
+        claimed = {"prototypes"} if preset.startswith("benchmark-anatomy") else {"maml", "metasgd"}
         assert {"fedavg-ft", "oracle", *claimed} <= set(spec["methods"]) and spec["validation-sites"] == 0
         assert spec["seeds"] >= 3 and spec["jobs"] == 2 and spec["auto-steps"]  # auto, the headline
         assert spec["oracle-steps"] >= 2000  # a cap, not a fixed budget: the oracle stops early
@@ -194,6 +194,11 @@ def test_shipped_presets_are_valid_and_budget_matched(preset):
     if preset == "benchmark-anatomy":
         assert {"intensity", "prototypes", "scratch", "fedavg"} <= set(spec["methods"]) and spec["seeds"] == 5
         assert spec["shots"] == [1, 5, 10] and spec["steps"] == [0, 1, 5, 10, 20]
+    if preset == "benchmark-anatomy-tissue":  # benchmark-anatomy's protocol, only the federation differs
+        anatomy = load_benchmark_preset("benchmark-anatomy")
+        own = ("federation", "name", "path")
+        assert spec["federation"] == "tissue" and {k: v for k, v in spec.items() if k not in own} == {
+            k: v for k, v in anatomy.items() if k not in own}
     if preset == "benchmark-converged":  # the numbers docs/results-benchmark.md gives: the tissue generation
         from fedmeta.common.synth_plan import PRESETS
 
