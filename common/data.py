@@ -262,36 +262,33 @@ def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kind
         else:
             normalised = normalise_intensity(volume)
             foreground = head_mask(normalised)
-        if index == 0:
-            centre, extent = foreground_centre(foreground), foreground_extent(foreground)
+        if index == 0:  # the crop's centre, and what a window smaller than the foreground would cut off
+            centre, bounds = foreground_centre(foreground), foreground_bounds(foreground)
+            extent = np.zeros(foreground.ndim, dtype=np.int64) if bounds is None else bounds[1] - bounds[0] + 1
         channels.append(normalised)
         fill.append(float(normalised.min()))
     return PreparedImage(np.stack(channels), centre, tuple(fill), extent)
 
 
-def foreground_centre(foreground: np.ndarray) -> np.ndarray:
-    """The centre of ``foreground``'s bounding box in voxels (the crop's centre), or of the volume when it is empty.
+def foreground_bounds(foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first and last foreground voxel along each axis (the bounding box), or None when there is none.
 
     Read from the mask's projections on each axis: ``np.argwhere`` would list every foreground voxel, 24 bytes each
     (0.25 GB for a CT's body at 256 x 256 x 400, twice that while it is built), for the same two corners."""
     if not foreground.any():
-        return np.asarray(foreground.shape) / 2
+        return None
     low, high = [], []
     for axis in range(foreground.ndim):
         hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
         low.append(hit[0])
         high.append(hit[-1])
-    return (np.asarray(low) + np.asarray(high) + 1) / 2
+    return np.asarray(low), np.asarray(high)
 
 
-def foreground_extent(foreground: np.ndarray) -> np.ndarray:
-    """The size of ``foreground``'s bounding box in voxels per axis (zeros when it is empty): what a crop of the
-    model's window cuts off, if larger than the window."""
-    extent = []
-    for axis in range(foreground.ndim):
-        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
-        extent.append(hit[-1] - hit[0] + 1 if len(hit) else 0)
-    return np.asarray(extent)
+def foreground_centre(foreground: np.ndarray) -> np.ndarray:
+    """The centre of ``foreground``'s bounding box in voxels (the crop's centre), or of the volume when it is empty."""
+    bounds = foreground_bounds(foreground)
+    return np.asarray(foreground.shape) / 2 if bounds is None else (bounds[0] + bounds[1] + 1) / 2
 
 
 def crop_channels(prepared: PreparedImage, centre: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
