@@ -32,7 +32,9 @@ from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import MAX_STEPS
 from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
 from fedmeta.common.losses import DiceCELoss, one_hot
-from fedmeta.common.meta import adaptation_trajectory
+from fedmeta.common.adaptation_variants import (
+    DEFAULT as DEFAULT_VARIANT, VARIANTS, Variant, check_applies, variant_named,
+)
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import build_model, head_parameter_names
 from fedmeta.common.outputs import Outputs, file_sha256
@@ -49,12 +51,14 @@ PROGRESS_EVERY_S = 5.0
 def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int | str = AUTO,
                max_steps: int | None = None, seed: int = 0, image_glob: str | None = None,
                label_glob: str | None = None, release: dict | None = None, device: str = "auto",
-               overwrite: bool = False, limits: ReadLimits = ReadLimits(), progress=print) -> dict[str, Any]:
+               overwrite: bool = False, limits: ReadLimits = ReadLimits(), variant: str = DEFAULT_VARIANT,
+               progress=print) -> dict[str, Any]:
     """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out`` (an earlier site model
     there only with ``overwrite``; never a file adapt did not write); returns its card. ``steps``: a count, or
     ``"auto"`` to choose it from the support slices among the candidates up to ``max_steps`` (default
     :data:`DEFAULT_MAX_STEPS`). ``limits``: what the site's files may hold (the command reads them from the
-    environment)."""
+    environment). ``variant``: how the site adapts (:mod:`fedmeta.common.adaptation_variants`; ``fine-tune``, the
+    default, as before variants existed); only variants whose adapted weights segment alone, as predict runs them."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
     check_steps_option(steps, max_steps)
@@ -73,6 +77,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
              + (f", {len(site.skipped)} skipped" if site.skipped else ""))
     model = build_model(config.model_config()).to(dev)
     classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
+    chosen = site_variant(variant, model)
 
     if site.num_patients >= 2:
         support_patients, heldout = adaptation_patients(site, seed)
@@ -85,7 +90,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         support_x, support_y = site.images[0][picks], site.labels[0][picks].long()
     params = {n: p.to(dev) for n, p in init.params.items()}
     inner_lr = ({n: a.to(dev) for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict) else init.inner_lr)
-    # One inner rule for choosing the count and for adapting: what adaptation_trajectory is given below.
+    # One inner rule for choosing the count and for adapting: what the variant's trajectory is given below.
     rule = dict(inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes),
                 inner_params=head_parameter_names(model) if init.head_only else None)
     choice = None
@@ -94,7 +99,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         progress(f"choosing steps from {list(candidates)} by cross-validation on the {shots} support slice(s) "
                  f"({init.label}) on {dev}")
         choice = choose_steps(model, params, support_x.to(dev), support_y.to(dev), num_classes=config.num_classes,
-                              classes=classes, candidates=candidates,
+                              classes=classes, candidates=candidates, variant=chosen,
                               **{**rule, "loss_fn": _saying_alive(rule["loss_fn"], paced(progress), "choosing steps")})
         steps = choice.steps
         progress(f"choosing steps: {choice.reason()}")
@@ -106,7 +111,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     # set (a generated head, the support prototypes), which is all a 0-step site model holds.
     prepared = adapted = None
     say = paced(progress)
-    for done, adapted in enumerate(adaptation_trajectory(model, params, *support, inner_steps=steps, **rule)):
+    for done, adapted in enumerate(chosen.trajectory(model, params, *support, inner_steps=steps, **rule)):
         try:  # a broken model is neither scored (a Dice of 0) nor saved for predict
             check_adapted(adapted, step=done, inner_steps=steps)
         except AdaptationDiverged as err:
@@ -148,6 +153,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         "adaptation": {
             "shots": shots, "steps": steps, "steps_requested": requested, "seed": seed,
             "rule": _rule(config.algorithm, init, steps),
+            "variant": chosen.name,
             "step_choice": choice.record() if choice else None,
             "support_patients": len(support_patients),
             "seconds": round(adapt_seconds, 3),
@@ -228,6 +234,18 @@ def _saying_alive(loss_fn, say: Callable[[str], None], phase: str):
         return loss_fn(*args, **kwargs)
 
     return loss
+
+
+def site_variant(name: str, model) -> Variant:
+    """The registered variant ``name`` if it can adapt ``model`` and its adapted weights are the site model predict
+    runs; a ValueError naming the choices otherwise (an ensemble predicts from two sets of weights)."""
+    chosen = variant_named(name)
+    check_applies(chosen, model)
+    if type(chosen).logits is not Variant.logits:
+        usable = [n for n, v in VARIANTS.items() if type(v).logits is Variant.logits and v.applies_to(model)]
+        raise ValueError(f"--variant {name}: it predicts from more than the adapted weights, which a site model "
+                         f"cannot hold for fedmeta predict. Choose one of: {', '.join(usable)}.")
+    return chosen
 
 
 def reading_progress(progress: Callable[[str], None], then: Callable[[Any], None] | None = None):

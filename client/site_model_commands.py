@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt_parser.add_argument("--max-steps", type=int, default=None,
                               help="with --steps auto: the largest count it may choose (default 20; the candidates "
                                    "are 0, 1, 2, 3, 5, 7, 10, 15, 20 up to it, and it)")
+    adapt_parser.add_argument("--variant", default="fine-tune",
+                              help="how the site adapts: fine-tune (the default: every parameter the initialisation "
+                                   "adapts), head-only, norm-only, bias-only, proximal-MU, or frozen-prototypes (the "
+                                   "prototype learner: step 0's prototypes kept as the classifier while the encoder "
+                                   "is fine-tuned; docs/results-benchmark.md has its validation figures)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
     adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
     adapt_parser.add_argument("--overwrite", action="store_true",
@@ -103,7 +108,7 @@ def adapt_command(args: argparse.Namespace) -> int:
         card = adapt_site(args.checkpoint, args.data, args.out, shots=args.shots, steps=steps,
                           max_steps=args.max_steps, seed=args.seed, image_glob=args.image_glob,
                           label_glob=args.label_glob, release=release, device=args.device, overwrite=args.overwrite,
-                          limits=ReadLimits.from_environment())
+                          limits=ReadLimits.from_environment(), variant=args.variant)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta adapt: error: {err}", file=sys.stderr)
         return 1

@@ -397,3 +397,17 @@ def test_adapt_refuses_steps_it_cannot_take_by_value_and_fix(release, heldout_si
     assert _adapt(checkpoint, public, heldout_site, tmp_path / "m", *steps) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m" / MODEL_FILE).exists()
+
+
+def test_adapt_takes_a_variant_records_it_and_refuses_those_a_site_model_cannot_hold(release, heldout_site, tmp_path,
+                                                                                     capsys):
+    checkpoint, public = release
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "head", "--variant", "head-only", "--steps", "2") == 0
+    card = json.loads((tmp_path / "head" / CARD_JSON).read_text())
+    assert card["adaptation"]["variant"] == "head-only"
+    capsys.readouterr()
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "ens", "--variant", "ensemble") == 1
+    err = capsys.readouterr().err
+    assert "--variant ensemble: it predicts from more than the adapted weights" in err and "fine-tune" in err
+    assert _adapt(checkpoint, public, heldout_site, tmp_path / "frozen", "--variant", "frozen-prototypes") == 1
+    assert "does not apply" in capsys.readouterr().err and not (tmp_path / "frozen" / MODEL_FILE).exists()
