@@ -39,6 +39,7 @@ from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_p
 from fedmeta.common.model import build_model, head_parameter_names
 from fedmeta.common.outputs import Outputs, file_sha256
 from fedmeta.common.read_limits import ReadLimits
+from fedmeta.common.site_layout import channel_order
 from fedmeta.common.step_selection import AUTO, candidate_steps, choose_steps
 from fedmeta.common.validate import check_case, discover_site
 
@@ -268,8 +269,8 @@ def _score_native(model, params, *, config, cases, classes, device, progress, li
     """Per-patient Dice of ``params``' masks in each scan's own grid, against the scan's label file. ``declared``:
     the site's dataset.json channels; ``channel_names``: the model's, in its order (``SiteDataset.channel_names``)."""
     per_patient = {}
-    lowered = [c.lower() for c in declared]
-    order = [lowered.index(c.lower()) for c in channel_names] if len(declared) > 1 else None
+    # The reader's order (SiteDataset.load took it from the same declaration): stacked as the model takes them.
+    order = channel_order("", declared, len(channel_names), channel_names)[0] if len(declared) > 1 else None
     for i, case in enumerate(cases, 1):
         problems, loaded = check_case(case, None, config.num_classes, limits=limits, channels=declared)
         if problems:  # SiteDataset.load read it a moment ago; a file changed under us is still a named error

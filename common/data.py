@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.common.read_limits import ReadLimits
-from fedmeta.common.site_layout import CT_BODY_HU, CT_RANGE_HU, MAX_CHANNELS, channel_kind
+from fedmeta.common.site_layout import CT_BODY_HU, CT_RANGE_HU, MAX_CHANNELS, channel_kind, channel_order
 from fedmeta.common.volume_checks import ras_grid
 from fedmeta.common.validate import (
     CaseProblem, LoadedCase, check_case, discover_site, episode_problems, thin_volume_warning,
@@ -46,31 +46,6 @@ Episode = tuple[Tensor, Tensor, Tensor, Tensor]
 # FEDMETA_HOME, fedmeta.client.site): still read there, and known to the generator as fedmeta's own.
 SITE_KEY_FILE = ".fedmeta-site-key"
 LABEL_STORAGE = torch.uint8
-
-def channel_order(site: str, declared: tuple[str, ...], config: "DataConfig") -> tuple[list[int], tuple[str, ...]]:
-    """Which of a site's declared channels feed the model's input channels, in order, and their names.
-
-    ``declared``: the site's dataset.json channels (() when it declares none: one unnamed channel). A site that
-    names the run's ``channel_names`` in another order is stacked in the run's order; other names, or another
-    count, are refused naming both lists and the fix.
-    """
-    if not declared:  # one unnamed channel: the run's name for it, if the run names one
-        if config.in_channels == 1:
-            return [0], config.channel_names or ("",)
-    elif config.channel_names:
-        wanted = [c.lower() for c in config.channel_names]
-        have = [c.lower() for c in declared]
-        if sorted(wanted) == sorted(have) and len(set(have)) == len(have):
-            return [have.index(c) for c in wanted], tuple(declared[have.index(c)] for c in wanted)
-    elif len(declared) == config.in_channels:
-        return list(range(len(declared))), tuple(declared)
-    run = ", ".join(config.channel_names) if config.channel_names else f"{config.in_channels} channel(s)"
-    raise ValueError(
-        f"site {site} declares the image channels ({', '.join(declared) or 'none: one channel'}) in dataset.json, but "
-        f"the model takes {run} (run config in-channels={config.in_channels}, channels="
-        f"{','.join(config.channel_names)!r}). Fix: run the federation with its plan (`fedmeta plan`), which sets "
-        "both from the sites' dataset.json, or correct the site's dataset.json 'modality'.")
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -263,7 +238,8 @@ def prepare_image(image: np.ndarray, zooms: np.ndarray, config: DataConfig, kind
             normalised = normalise_intensity(volume)
             foreground = head_mask(normalised)
         if index == 0:  # the crop's centre, and what a window smaller than the foreground would cut off
-            centre, bounds = foreground_centre(foreground), foreground_bounds(foreground)
+            bounds = foreground_bounds(foreground)
+            centre = box_centre(bounds, foreground.shape)
             extent = np.zeros(foreground.ndim, dtype=np.int64) if bounds is None else bounds[1] - bounds[0] + 1
         channels.append(normalised)
         fill.append(float(normalised.min()))
@@ -285,10 +261,10 @@ def foreground_bounds(foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray] |
     return np.asarray(low), np.asarray(high)
 
 
-def foreground_centre(foreground: np.ndarray) -> np.ndarray:
-    """The centre of ``foreground``'s bounding box in voxels (the crop's centre), or of the volume when it is empty."""
-    bounds = foreground_bounds(foreground)
-    return np.asarray(foreground.shape) / 2 if bounds is None else (bounds[0] + bounds[1] + 1) / 2
+def box_centre(bounds: tuple[np.ndarray, np.ndarray] | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The centre in voxels of a bounding box (:func:`foreground_bounds`), or of a volume of ``shape`` without one."""
+    return np.asarray(shape) / 2 if bounds is None else (bounds[0] + bounds[1] + 1) / 2
+
 
 
 def crop_channels(prepared: PreparedImage, centre: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
@@ -401,7 +377,8 @@ class SiteDataset:
         patient_ids, images, labels, train_slices = [], [], [], []
         # Declared labels the model cannot predict (negative, or past its classes) spoil every case alike.
         undeclarable = sorted(v for v in allowed if not 0 <= v < config.num_classes) if allowed is not None else []
-        order, channel_names = channel_order(f"{layout.name} ({root})", layout.channels, config)
+        order, channel_names = channel_order(f"{layout.name} ({root})", layout.channels, config.in_channels,
+                                             config.channel_names)
         kinds = tuple(channel_kind(name or None) for name in channel_names)
         for case in layout.cases:
             problems, loaded = check_case(case, allowed, config.num_classes, limits=config.limits,

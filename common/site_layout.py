@@ -124,6 +124,32 @@ def channel_kind(name: str | None) -> str:
     return "ct" if name is not None and name.strip().lower() == "ct" else "mr"
 
 
+def channel_order(site: str, declared: tuple[str, ...], in_channels: int,
+                  channel_names: tuple[str, ...]) -> tuple[list[int], tuple[str, ...]]:
+    """Which of a site's declared channels feed the model's input channels, in order, and their names.
+
+    ``declared``: the site's dataset.json channels (() when it declares none: one unnamed channel); ``in_channels``
+    and ``channel_names``: the model's (run config in-channels, channels). A site that names them in another order
+    is stacked in the model's order; other names, or another count, are refused naming both lists and the fix.
+    """
+    if not declared:  # one unnamed channel: the run's name for it, if the run names one
+        if in_channels == 1:
+            return [0], channel_names or ("",)
+    elif channel_names:
+        wanted = [c.lower() for c in channel_names]
+        have = [c.lower() for c in declared]
+        if sorted(wanted) == sorted(have) and len(set(have)) == len(have):
+            return [have.index(c) for c in wanted], tuple(declared[have.index(c)] for c in wanted)
+    elif len(declared) == in_channels:
+        return list(range(len(declared))), tuple(declared)
+    run = ", ".join(channel_names) if channel_names else f"{in_channels} channel(s)"
+    raise ValueError(
+        f"site {site} declares the image channels ({', '.join(declared) or 'none: one channel'}) in dataset.json, but "
+        f"the model takes {run} (run config in-channels={in_channels}, channels="
+        f"{','.join(channel_names)!r}). Fix: run the federation with its plan (`fedmeta plan`), which sets "
+        "both from the sites' dataset.json, or correct the site's dataset.json 'modality'.")
+
+
 def declared_channels(dataset_json: Path, meta: dict[str, Any]) -> tuple[str, ...]:
     """The channel names ``meta`` declares in channel order: nnU-Net v2's ``channel_names`` or MSD's ``modality``
     (``{"0": "FLAIR", "1": "T1w", ...}``), or () when it declares neither; a ValueError naming the file when the

@@ -444,6 +444,12 @@ def load_manifest(root: Path | str) -> Manifest:
 SITES_MANIFEST_KIND = "sites"
 
 
+def sites_digest(plan_content: bytes, heldout: list[str]) -> str:
+    """What a sites federation holds, as its manifest's cache key: the plan's bytes and the held-out sites' names
+    (the plan is the training sites'), so a resumed run trains on the same plan and sites."""
+    return hashlib.sha256(plan_content + "\n".join(sorted(heldout)).encode()).hexdigest()
+
+
 def write_sites_manifest(out: Path | str, train: list[Path], heldout: list[Path], digest: str,
                          num_patients: dict[Path, int], protocols: dict[Path, str] | None = None) -> Path:
     """``out/manifest.json`` for a simulation over existing site folders: ``train`` sites meta-train, ``heldout`` sites

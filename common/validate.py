@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from fedmeta.common.read_limits import DEFAULT_MAX_VOXELS, ReadLimits
-from fedmeta.common.site_layout import NIFTI_SUFFIXES, Case, CaseProblem, SiteLayout, discover_site, is_site_folder
+from fedmeta.common.site_layout import (
+    NIFTI_SUFFIXES, Case, CaseProblem, SiteLayout, channel_order, discover_site, is_site_folder,
+)
 from fedmeta.common.volume_checks import (
     VOXEL_MM_RANGE, _dimensions_problem, _load_nifti, _non_finite_problem, affine_problem, check_scan, dtype_problem,
     ras_grid, uniform_problem,
@@ -290,14 +292,14 @@ def _name_warnings(layout: SiteLayout) -> list[str]:
 
 
 def _channel_problems(layout: SiteLayout, planned: tuple[int, tuple[str, ...]]) -> list[str]:
-    """Why the plan's model cannot take this site's channels (in-channels, channels), or nothing."""
+    """Why the plan's model cannot take this site's channels (in-channels, channels), or nothing: the reader's own
+    test (:func:`fedmeta.common.site_layout.channel_order`), in check-data's words."""
     in_channels, names = planned
-    have = [c.lower() for c in layout.channels]
-    if names and have:
-        fits = sorted(have) == sorted(c.lower() for c in names)
-    else:  # an unnamed side: only the count can be compared
-        fits = (len(layout.channels) or 1) == in_channels
-    if fits:
+    try:
+        channel_order(layout.name, layout.channels, in_channels, names)
+    except ValueError:  # the reader's words name a run config; check-data's name the plan
+        pass
+    else:
         return []
     declared = ", ".join(repr(c)[:40] for c in layout.channels) or "none: one channel"
     wanted = ", ".join(names) if names else f"{in_channels} channel(s) of any name"

@@ -298,7 +298,7 @@ def _check_heldout(layouts: dict, proposal: dict) -> dict[Path, int]:
     channels stack into the plan's; its label values fit num-classes): a new hospital's voxels never shape the
     plan, as they would not in a deployment. A ValueError names the site and the fix."""
     from fedmeta.common.config import RunConfig
-    from fedmeta.common.data import channel_order
+    from fedmeta.common.site_layout import channel_order
 
     config = RunConfig.from_run_config(proposal["run-config"]).data_config()
     planned = ", ".join(config.channel_names) or "one channel each: " + ", ".join(
@@ -306,7 +306,7 @@ def _check_heldout(layouts: dict, proposal: dict) -> dict[Path, int]:
     found: dict[Path, int] = {}
     for folder, layout in layouts.items():
         try:
-            channel_order(str(folder), layout.channels, config)  # the reader's own test of what the model takes
+            channel_order(str(folder), layout.channels, config.in_channels, config.channel_names)  # the reader's own test of what the model takes
         except ValueError:
             declared = ", ".join(shown(c) for c in layout.channels) or "none declared: one channel"
             raise ValueError(f"--heldout {folder}: its channels ({declared}) differ from the training sites' "
@@ -326,16 +326,14 @@ def _write_manifest(out: Path, training: dict[str, Path], reports: dict, heldout
                     plan_file: Path) -> Path:
     """PLAN_DIR/manifest.json over the sites' own folders, recorded as the plan's output; the federation's digest is
     the plan's SHA-256 and the held-out sites' folder names, so a resumed run trains on the same plan and sites."""
-    import hashlib
-
     from fedmeta.common.outputs import Outputs
-    from fedmeta.common.synth import write_sites_manifest
+    from fedmeta.common.synth import sites_digest, write_sites_manifest
 
     outputs = Outputs(out, "plan")
     outputs.claim([MANIFEST], overwrite=True)  # in the journal before it is written: a kill leaves it plan's
     train = [root.resolve() for root in training.values()]
     counts = {root.resolve(): int(reports[name]["cases"]) for name, root in training.items()} | heldout
-    digest = hashlib.sha256(plan_file.read_bytes() + "\n".join(sorted(p.name for p in heldout)).encode()).hexdigest()
+    digest = sites_digest(plan_file.read_bytes(), [p.name for p in heldout])
     path = write_sites_manifest(out, train, list(heldout), digest, counts)
     outputs.record(path.name)
     return path

@@ -122,9 +122,10 @@ def _plan_problem(federation: Path, manifest, config, preset) -> str | None:
     if changed:
         return (f"the run config ({preset}) changes {', '.join(changed)} from the plan in {plan_file} but keeps its "
                 f"plan-sha256: a run must train under the plan it names. {fix}")
-    heldout = "\n".join(sorted(info.path.name for info in manifest.heldout_sites))
-    if manifest.generator_version == "sites" and manifest.cache_key != hashlib.sha256(
-            content + heldout.encode()).hexdigest():
+    from fedmeta.common.synth import SITES_MANIFEST_KIND, sites_digest
+
+    heldout = [info.path.name for info in manifest.heldout_sites]
+    if manifest.generator_version == SITES_MANIFEST_KIND and manifest.cache_key != sites_digest(content, heldout):
         return (f"{federation / 'manifest.json'} was not written with this plan.json (its digest differs): the sites "
                 "it lists are another plan's. Fix: re-run fedmeta plan --sites ... --heldout ... --out "
                 f"{federation} --overwrite.")

@@ -110,12 +110,12 @@ def synthetic_ct(case: InferenceCase):
 # The previous implementation (commit a057a3a), as it was, to measure against
 
 
-def _argwhere_centre(foreground):
-    """a057a3a's crop centre (``fedmeta.common.data.prepare_image``): every foreground voxel listed."""
+def _argwhere_bounds(foreground):
+    """a057a3a's way to the crop's box (``fedmeta.common.data.prepare_image``): every foreground voxel listed."""
     import numpy as np
 
     found = np.argwhere(foreground)
-    return (found.min(axis=0) + found.max(axis=0) + 1) / 2 if len(found) else np.asarray(foreground.shape) / 2
+    return (found.min(axis=0), found.max(axis=0)) if len(found) else None
 
 
 def segment_scan_previous(model, params: Mapping[str, Any], image_data, affine, config, *, num_classes: int,
@@ -231,7 +231,7 @@ def measure_here(case: InferenceCase, implementation: str, threads: int, mask_pa
     segment = segment_scan
     if implementation == "previous":
         segment = segment_scan_previous
-        data.foreground_centre = _argwhere_centre  # a fresh process of its own: nothing else sees the swap
+        data.foreground_bounds = _argwhere_bounds  # a fresh process of its own: nothing else sees the swap
     resident = _status_bytes("VmRSS")
     began = time.perf_counter()
     result = segment(model, params, volume, affine, config.data_config(), num_classes=config.num_classes,

@@ -228,13 +228,17 @@ def test_declared_labels_the_model_cannot_predict_are_refused(smoke_federation: 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.05, 0.5])
 def test_the_crop_centre_is_the_foreground_bounding_box_centre(fraction):
-    """foreground_centre reads the box from projections; np.argwhere, which lists every voxel, is the reference."""
-    from fedmeta.common.data import foreground_centre
+    """foreground_bounds reads the box from projections; np.argwhere, which lists every voxel, is the reference."""
+    from fedmeta.common.data import box_centre, foreground_bounds
 
     rng = np.random.default_rng(int(fraction * 1000))
     for _ in range(50):
         mask = rng.random(tuple(rng.integers(1, 30, 3))) < fraction
         found = np.argwhere(mask)
         expected = (found.min(axis=0) + found.max(axis=0) + 1) / 2 if len(found) else np.asarray(mask.shape) / 2
-        centre = foreground_centre(mask)
+        bounds = foreground_bounds(mask)
+        assert (bounds is None) == (len(found) == 0)
+        if bounds is not None:
+            assert np.array_equal(bounds[0], found.min(axis=0)) and np.array_equal(bounds[1], found.max(axis=0))
+        centre = box_centre(bounds, mask.shape)
         assert centre.dtype == expected.dtype and np.array_equal(centre, expected), (mask.shape, centre, expected)

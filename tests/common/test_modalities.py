@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedmeta.common.data import (
-    CT_BODY_HU, DataConfig, SiteDataset, channel_kind, head_mask, normalise_intensity, prepare_image,
+    DataConfig, SiteDataset, channel_kind, head_mask, normalise_intensity, prepare_image,
 )
 from fedmeta.common.inference import segment_scan
 from fedmeta.common.model import ModelConfig, build_model
@@ -117,11 +117,12 @@ def test_the_ct_crop_is_centred_on_the_body_not_the_field_of_view(ct_site):
     site = SiteDataset.load(ct_site, config)
     loaded = check_case(discover_site(ct_site).cases[0], {0, 1}, 2)[1]
     organ_voxels_native = int(loaded.label_data.sum())
-    # the organ (radius 6 x 5 voxels of 0.8 mm) fits a 16 x 1.6 mm window only when the crop is centred on the body
     _, labels = site.patient(0)
-    assert labels.sum() > 0
     assert float(labels.sum()) * (1.6 * 1.6) / (0.8 * 0.8) == pytest.approx(organ_voxels_native, rel=0.15)
-    assert CT_BODY_HU == -500.0
+    # The body's centre: native voxel (24 + 6, 20 - 5) of 0.8 mm, i.e. (15, 7.5) at 1.6 mm; the field's is (12, 10).
+    prepared = prepare_image(loaded.image_data, np.array([0.8, 0.8, 5.0]), config, ("ct",))
+    assert np.abs(prepared.centre[:2] - [15.0, 7.5]).max() <= 1.0, prepared.centre
+    assert prepared.extent[0] * 1.6 == pytest.approx(48 / 2 * 0.8, abs=2 * 1.6)  # the body's width (-500 HU), not 38 mm
 
 
 def test_a_two_channel_site_is_stacked_in_the_runs_channel_order(prostate_site):

@@ -68,7 +68,8 @@ def test_perf_inference_runs_both_implementations_in_their_own_processes(tmp_pat
     result = json.loads(out.read_text())["inference"]
     assert [row["implementation"] for row in result["rows"]] == ["previous", "current"]
     for row in result["rows"]:
-        assert row["threads"] == 1 and 0 < row["model_seconds"] < row["seconds"]
+        # the forward pass is timed inside the whole call, on the same clock: a part, whatever the load
+        assert row["threads"] == 1 and 0 < row["model_seconds"] <= row["seconds"]
         assert row["peak_bytes"] >= row["resident_before_bytes"] > row["scan_bytes"] == 512 * 512 * 8 * 4
     assert result["by_threads"]["1"]["voxels_differing"] == 0
     assert "target" not in result  # 8 slices: not the case
