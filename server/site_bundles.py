@@ -47,8 +47,9 @@ def write_bundle_files(out: Path, name: str, address: str) -> None:
     approved = bundle / "approved-apps"  # the consortium's signed apps (fedmeta sign-app --consortium)
     approved.mkdir(exist_ok=True)
     approved.chmod(0o755)  # whatever the umask: only the site's owner may add files here
-    write_file(bundle / "compose.yaml", SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name).encode(),
-               0o644, out=out)
+    compose = SITE_COMPOSE.format(address=address, image=SITE_IMAGE, site=name,
+                                  supernode_health=grpc_healthcheck(9097), site_exec_health=grpc_healthcheck(9098))
+    write_file(bundle / "compose.yaml", compose.encode(), 0o644, out=out)
 
 
 NODE_IDS = "node-ids"  # OUT/superlink/node-ids/<site>: the node id the SuperLink gave the site's key
@@ -237,6 +238,19 @@ stop_children
 exit "$STATUS"
 """
 
+def grpc_healthcheck(port: int) -> str:
+    """A compose healthcheck asking gRPC health (no TLS) on the container's loopback ``port``, with python and
+    grpc_health (a dependency of flwr) inside the image: the SuperNode's and its app gate's alike."""
+    return (f"""    healthcheck:
+      test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
+        r = g.HealthStub(grpc.insecure_channel('127.0.0.1:{port}')).Check(h.HealthCheckRequest(), timeout=5);
+        sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+      interval: 30s
+      timeout: 10s
+      retries: 3
+      start_period: 30s""")
+
+
 SITE_COMPOSE = """# One hospital's SuperNode. Start: docker compose up -d  (DATA_DIR: the site's MSD-layout folder).
 # The site's own metrics (episodes, seconds per episode, device, memory): 127.0.0.1:${{METRICS_PORT:-9101}}/metrics.
 # Hardened: every service has a healthcheck, a read-only root filesystem (tmpfs where it writes), no new
@@ -274,14 +288,7 @@ services:
     cap_drop: [ALL]
     mem_limit: 1g
     cpus: 1
-    healthcheck:
-      test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
-        r = g.HealthStub(grpc.insecure_channel('127.0.0.1:9097')).Check(h.HealthCheckRequest(), timeout=5);
-        sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
-      interval: 30s
-      timeout: 10s
-      retries: 3
-      start_period: 30s
+{supernode_health}
   site-exec:  # the site's app gate: the ClientApps run here, for app bundles the consortium signed only
     image: {image}
     restart: unless-stopped
@@ -310,14 +317,7 @@ services:
     cap_drop: [ALL]
     mem_limit: ${{SITE_EXEC_MEMORY:-8g}}
     cpus: ${{SITE_EXEC_CPUS:-2}}  # Docker refuses more than the machine has: raise it on a larger one
-    healthcheck:
-      test: ["CMD", "python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
-        r = g.HealthStub(grpc.insecure_channel('127.0.0.1:9098')).Check(h.HealthCheckRequest(), timeout=5);
-        sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
-      interval: 30s
-      timeout: 10s
-      retries: 3
-      start_period: 30s
+{site_exec_health}
   metrics:  # the site's own metrics (episodes, seconds per episode, device, memory) for its IT team
     image: {image}
     restart: unless-stopped
