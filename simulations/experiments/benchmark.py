@@ -298,6 +298,7 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
                 "meaning": METHODS_BY_NAME[name].meaning,
                 "adapts": METHODS_BY_NAME[name].adapts,
                 "training": METHODS_BY_NAME[name].training,
+                "variant": METHODS_BY_NAME[name].variant if METHODS_BY_NAME[name].adapts else None,
                 "budget": budgets.get(METHODS_BY_NAME[name].training),
                 "site_weighting": (configs[METHODS_BY_NAME[name].training].weighting
                                    if METHODS_BY_NAME[name].training in configs else None),

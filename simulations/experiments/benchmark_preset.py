@@ -34,6 +34,9 @@ class Method:
     training: str | None  # key of the preset's [training.<key>] table; None: never trained
     adapts: bool
     meaning: str
+    # How the new site adapts θ and segments (fedmeta.common.adaptation_variants): a row that names another
+    # variant reuses its training key's checkpoint, so two rows can score one θ adapted two ways.
+    variant: str = "fine-tune"
 
 
 METHODS = (
@@ -50,6 +53,9 @@ METHODS = (
            "federated fast-weight learner: head generated from the support set, then fine-tuned"),
     Method(PROTOTYPES, PROTOTYPES, True,
            "federated prototype learner: support prototypes (0 steps), then encoder fine-tuned"),
+    Method(f"{PROTOTYPES}+frozen-prototypes", PROTOTYPES, True,
+           "the same prototype learner's θ, its encoder fine-tuned under the frozen step-0 prototypes (the "
+           "validation split's choice of test-time variant)", variant="frozen-prototypes"),
     Method(PROTOTYPES_CONTRASTIVE, PROTOTYPES_CONTRASTIVE, True,
            "the prototype learner trained with a contrastive margin loss on pixel pairs of its embedding"),
     Method(LSTM_OPTIMIZER, LSTM_OPTIMIZER, True,

@@ -55,6 +55,14 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     for site in sites:
         fedavg, fine_tuned = results["dice"]["fedavg"]["0"][site]["2"], results["dice"]["fedavg-ft"]["0"][site]["2"]
         assert fedavg["0"]["dice"] == fedavg["2"]["dice"] == fine_tuned["0"]["dice"]
+    # A variant row scores the same θ adapted another way: the prototype learner's checkpoint, its step-0
+    # prototypes kept as the classifier; before any step the two rows are the same model.
+    frozen = results["methods"]["prototypes+frozen-prototypes"]
+    assert frozen["training"] == "prototypes" and frozen["variant"] == "frozen-prototypes"
+    assert results["methods"]["prototypes"]["variant"] == "fine-tune"
+    for site in sites:
+        assert (results["dice"]["prototypes+frozen-prototypes"]["0"][site]["2"]["0"]["dice"]
+                == results["dice"]["prototypes"]["0"][site]["2"]["0"]["dice"])
     # One budget for every trained method, counted and reported.
     totals = {name: m["budget"]["local_steps_total"] for name, m in results["methods"].items() if m["budget"]}
     assert set(totals.values()) == {results["local_steps_total"]} == {3 * 2}  # 1 round x 3 sites x 2 passes
