@@ -33,7 +33,7 @@ from fedmeta.common.config import MAX_STEPS
 from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.adaptation_variants import (
-    DEFAULT as DEFAULT_VARIANT, VARIANTS, Variant, check_applies, variant_named,
+    VARIANTS, Variant, check_applies, variant_named,
 )
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import build_model, head_parameter_names
@@ -52,14 +52,15 @@ PROGRESS_EVERY_S = 5.0
 def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int | str = AUTO,
                max_steps: int | None = None, seed: int = 0, image_glob: str | None = None,
                label_glob: str | None = None, release: dict | None = None, device: str = "auto",
-               overwrite: bool = False, limits: ReadLimits = ReadLimits(), variant: str = DEFAULT_VARIANT,
+               overwrite: bool = False, limits: ReadLimits = ReadLimits(), variant: str | None = None,
                progress=print) -> dict[str, Any]:
     """Adapts ``checkpoint`` to the site at ``data``; writes the site model folder ``out`` (an earlier site model
     there only with ``overwrite``; never a file adapt did not write); returns its card. ``steps``: a count, or
     ``"auto"`` to choose it from the support slices among the candidates up to ``max_steps`` (default
     :data:`DEFAULT_MAX_STEPS`). ``limits``: what the site's files may hold (the command reads them from the
-    environment). ``variant``: how the site adapts (:mod:`fedmeta.common.adaptation_variants`; ``fine-tune``, the
-    default, as before variants existed); only variants whose adapted weights segment alone, as predict runs them."""
+    environment). ``variant``: how the site adapts (:mod:`fedmeta.common.adaptation_variants`; None: the one the
+    checkpoint's run config names, ``adapt-variant``, ``fine-tune`` unless the consortium chose another); only variants
+    whose adapted weights segment alone, as predict runs them."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"--shots {shots!r}: the labelled slices to adapt on, an integer >= 1, e.g. 5.")
     check_steps_option(steps, max_steps)
@@ -78,7 +79,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
              + (f", {len(site.skipped)} skipped" if site.skipped else ""))
     model = build_model(config.model_config()).to(dev)
     classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
-    chosen = site_variant(variant, model)
+    chosen = site_variant(init.variant if variant is None else variant, model)
 
     if site.num_patients >= 2:
         support_patients, heldout = adaptation_patients(site, seed)

@@ -87,6 +87,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="multiply the adaptation step size (the run's inner-lr, or Meta-SGD's learned rates) by "
                              "this factor, e.g. to tune fine-tuning on a validation site (default 1; at most 1000; an "
                              "adaptation that diverges is refused)")
+    parser.add_argument("--variant", default=None,
+                        help="how each site adapts (default: what the checkpoint's run config names, adapt-variant): "
+                             "fine-tune, head-only, norm-only, bias-only, proximal-MU, ensemble or frozen-prototypes "
+                             "(fedmeta.common.adaptation_variants)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a --json file an earlier fedmeta evaluate wrote (never another file)")
@@ -178,7 +182,7 @@ def evaluate(args: argparse.Namespace) -> int:
         results = evaluate_checkpoint(
             args.checkpoint, args.data, shots=shots, steps=steps, seed=args.seed, max_images=args.max_images,
             image_glob=args.image_glob, label_glob=args.label_glob, lr_scale=args.lr_scale,
-            limits=ReadLimits.from_environment(), auto_max_steps=args.max_steps,
+            limits=ReadLimits.from_environment(), auto_max_steps=args.max_steps, variant=args.variant,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"fedmeta evaluate: error: {err}", file=sys.stderr)
@@ -298,11 +302,13 @@ def evaluate_checkpoint(
     lr_scale: float = 1.0,
     limits: ReadLimits = ReadLimits(),
     auto_max_steps: int | None = None,
+    variant: str | None = None,
     progress=print,
 ) -> dict[str, Any]:
     """Every number of ``fedmeta evaluate``: per site, k and step count, Dice (mean and per class). ``steps`` may
     hold ``"auto"``: the count chosen from the k support slices alone (candidates up to ``auto_max_steps``,
-    default 20), reported with ``chosen_steps`` and its ``step_choice`` record beside the Dice."""
+    default 20), reported with ``chosen_steps`` and its ``step_choice`` record beside the Dice. ``variant``: how
+    each site adapts (None: the checkpoint's ``adapt-variant``)."""
     # torch and MONAI: +2 s on this module's import, which every client command's --help pays (python -X importtime).
     from fedmeta.common.adaptation import load_initialisation
     from fedmeta.common.data import SiteDataset  # torch: as above
@@ -317,6 +323,10 @@ def evaluate_checkpoint(
         scaled = ({n: a * lr_scale for n, a in init.inner_lr.items()} if isinstance(init.inner_lr, dict)
                   else init.inner_lr * lr_scale)
         init = dataclasses.replace(init, inner_lr=scaled, label=f"{init.label}, step size x{lr_scale:g}")
+    if variant is not None:
+        from fedmeta.common.adaptation_variants import variant_named  # torch: as above
+
+        init = dataclasses.replace(init, variant=variant_named(variant).name)  # an unknown name: refused here
     data_config = config.data_config(
                              image_glob=image_glob, label_glob=label_glob, limits=limits)
     max_images = 0 if max_images is None else max_images
@@ -347,7 +357,8 @@ def evaluate_checkpoint(
         "initialisation": init.label,
         "algorithm": config.algorithm,
         "adaptation": {"inner_lr": "learned per parameter (Meta-SGD)" if isinstance(init.inner_lr, dict)
-                       else init.inner_lr, "lr_scale": lr_scale, "head_only": init.head_only},
+                       else init.inner_lr, "lr_scale": lr_scale, "head_only": init.head_only,
+                       "variant": init.variant},
         "shots": list(shots),
         "steps": list(steps),
         "seed": seed,
@@ -384,7 +395,7 @@ def format_table(results: dict[str, Any]) -> str:
     steps = results["steps"]
     lines = [f"{results['initialisation']}: Dice per patient (whole volume, the site's own labels), mean over "
              f"each site's evaluation patients, worst patient in brackets, after adapting on k labelled slices "
-             f"(seed {results['seed']})", ""]
+             f"({results['adaptation'].get('variant', 'fine-tune')}, seed {results['seed']})", ""]
     header = ["site", "k"] + [f"{s} steps" if s != AUTO else "auto: chosen steps, Dice" for s in steps]
     rows = [header]
     for name, site in results["sites"].items():

@@ -39,11 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt_parser.add_argument("--max-steps", type=int, default=None,
                               help="with --steps auto: the largest count it may choose (default 20; the candidates "
                                    "are 0, 1, 2, 3, 5, 7, 10, 15, 20 up to it, and it)")
-    adapt_parser.add_argument("--variant", default="fine-tune",
-                              help="how the site adapts: fine-tune (the default: every parameter the initialisation "
-                                   "adapts), head-only, norm-only, bias-only, proximal-MU, or frozen-prototypes (the "
-                                   "prototype learner: step 0's prototypes kept as the classifier while the encoder "
-                                   "is fine-tuned; docs/results-benchmark.md has its validation figures)")
+    adapt_parser.add_argument("--variant", default=None,
+                              help="how the site adapts (default: what the checkpoint's run config names, adapt-variant "
+                                   "— fine-tune unless the consortium chose another): fine-tune (every parameter the "
+                                   "initialisation adapts), head-only, norm-only, bias-only, proximal-MU, or "
+                                   "frozen-prototypes (the prototype learner: step 0's prototypes kept as the classifier "
+                                   "while the encoder is fine-tuned; docs/results-benchmark.md has its figures)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")
     adapt_parser.add_argument("--out", type=Path, required=True, help="the site model folder to write")
     adapt_parser.add_argument("--overwrite", action="store_true",

@@ -39,6 +39,7 @@ class Initialisation:
     head_only: bool = False  # ANIL adapts only the head
     round: int = -1  # the federation round θ comes from (-1: not from a checkpoint)
     model_config: ModelConfig | None = None  # the network θ belongs to (None: the caller's)
+    variant: str = DEFAULT_VARIANT  # how a new site adapts it: its run config's adapt-variant
 
 
 class AdaptationDiverged(ValueError):
@@ -167,7 +168,8 @@ def load_initialisation(checkpoint_path: Path | str, label: str | None = None) -
         raise ValueError(f"{path}: a {config.algorithm} checkpoint without step sizes; it cannot adapt as it was trained.")
     inner_lr = algorithm.step_size(config.inner_lr, checkpoint.step_sizes)
     init = Initialisation(label or f"{config.algorithm} (round {checkpoint.round})", checkpoint.params, inner_lr,
-                          head_only=algorithm.head_only, round=int(checkpoint.round), model_config=model_config)
+                          head_only=algorithm.head_only, round=int(checkpoint.round), model_config=model_config,
+                          variant=config.adapt_variant)
     return init, config
 
 
@@ -198,7 +200,8 @@ def score_site(
     refuse_diverged: bool = False,
     auto_max_steps: int | None = None,
     progress: Callable[[str], None] | None = None,
-    variant: str | Variant = DEFAULT_VARIANT,
+    variant: str | Variant | None = None,
+    one_standard_error: bool = False,
 ) -> dict[int, dict[int | str, dict[str, Any]]]:
     """``{k: {steps: summary}}`` for one initialisation on one site (summary: ``adaptation_curve``'s;
     ``refuse_diverged`` as there).
@@ -214,10 +217,12 @@ def score_site(
     initialisation that names its network (``model_config``: the other families' learners) is adapted
     with that network rather than ``model``.
 
-    ``variant`` (:mod:`fedmeta.common.adaptation_variants`, default ``fine-tune``) is how the site adapts and
-    predicts, for the fixed counts and for choosing ``auto``'s count alike.
+    ``variant`` (:mod:`fedmeta.common.adaptation_variants`; None: the initialisation's own, its run config's
+    ``adapt-variant``) is how the site adapts and predicts, for the fixed counts and for choosing ``auto``'s count
+    alike. ``one_standard_error``: the ``auto`` cell also scores the count the one-standard-error rule would have
+    chosen (a validation split's question; it costs one more scored count per cell).
     """
-    chosen = variant_named(variant)
+    chosen = variant_named(init.variant if variant is None else variant)
     if init.model_config is not None:
         model = _network(init.model_config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -246,9 +251,10 @@ def score_site(
                      + (f" (auto chose {choice.steps} step(s))" if choice else ""))
         curve = adaptation_curve(
             model, init.params, support_x, support_y, patients,
-            # The count the one-standard-error rule would choose is scored too, so the rule itself can be judged
-            # again on a validation split (it is never what "auto" reports).
-            steps=sorted(set(fixed) | ({choice.steps, choice.one_se} if choice else set())), inner_lr=init.inner_lr,
+            # On request, the count the one-standard-error rule would choose is scored too, so the rule itself can
+            # be judged again on a validation split (it is never what "auto" reports).
+            steps=sorted(set(fixed) | ({choice.steps} if choice else set())
+                         | ({choice.one_se} if choice and one_standard_error else set())), inner_lr=init.inner_lr,
             loss_fn=DiceCELoss(num_classes), num_classes=num_classes, classes=classes,
             inner_params=inner_params, batch_size=batch_size, refuse_diverged=refuse_diverged, variant=chosen,
         )
@@ -256,8 +262,9 @@ def score_site(
         out[k] = {s: {**curve[s], "eval_slices": eval_slices} for s in fixed}
         if choice is not None:
             out[k][AUTO] = {**curve[choice.steps], "eval_slices": eval_slices, "chosen_steps": choice.steps,
-                            "step_choice": choice.record(),
-                            "one_standard_error_rule": {"steps": choice.one_se, "dice": curve[choice.one_se]["dice"]}}
+                            "step_choice": choice.record()}
+            if one_standard_error:
+                out[k][AUTO]["one_standard_error_rule"] = {"steps": choice.one_se, "dice": curve[choice.one_se]["dice"]}
     return out
 
 

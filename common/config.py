@@ -69,6 +69,7 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
             section._check(self)
         self._check_across_sections()
         self._check_network()
+        self._check_adapt_variant()
 
     def _check_across_sections(self) -> None:
         """Privacy against robustness and weighting; secure aggregation against all three and min-sites."""
@@ -109,6 +110,17 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
                  f"the quantiser clips each element to +-{self.secagg_clip_range:g} after the local DP noise is added; "
                  f"with dp-clip-norm={self.dp_clip_norm:g} and dp-noise-multiplier={self.dp_noise_multiplier:g} it "
                  f"must be at least C + 6 sd = {reach:.3g}, or it cuts the noise the accountant books.")
+
+    def _check_adapt_variant(self) -> None:
+        # A site model holds one set of adapted weights (an ensemble predicts from two), and the variant must apply
+        # to what this run trains (frozen prototypes need a prototype learner); said before any round runs.
+        from fedmeta.common.adaptation_variants import VARIANTS, Variant  # torch: only once a run config is checked
+
+        usable = [name for name, v in VARIANTS.items()
+                  if type(v).logits is Variant.logits and v.applies_to(self.algorithm)]
+        need(self, self.adapt_variant in usable, "adapt-variant",
+             f"must be an adaptation variant that applies to algorithm {self.algorithm!r} and whose adapted weights "
+             f"segment alone: one of {', '.join(usable)}.")
 
     def _check_network(self) -> None:
         # Model validation (norm, widths) belongs to ModelConfig; surface its message with the key.

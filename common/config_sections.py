@@ -282,6 +282,9 @@ class Evaluation(_Section):
     eval_steps: str = not_hashed("0,5,10")  # comma-separated adaptation step counts
     eval_batch_size: int = not_hashed(32)
     eval_max_images: int = not_hashed(256)  # slices per held-out site, in whole patients (seeded); 0 = every patient
+    # How a new site adapts θ (fedmeta.common.adaptation_variants): what the consortium that trained θ tells its
+    # sites, so every held-out evaluation, `fedmeta evaluate` and `fedmeta adapt` (its default) adapt alike.
+    adapt_variant: str = not_hashed("fine-tune")
 
     def _check(self) -> None:
         need(self, self.eval_k_shot <= MAX_SHOTS, "eval-k-shot", _TOO_MANY_SHOTS)

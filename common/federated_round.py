@@ -101,7 +101,7 @@ def site_evaluation(model: torch.nn.Module, params: Mapping[str, torch.Tensor],
                     step_sizes: Mapping[str, torch.Tensor] | None, site: SiteDataset, config: RunConfig, *, seed: int,
                     device: torch.device | str = "cpu") -> tuple[dict[int, dict], int]:
     """What a held-out site computes in an evaluation round: θ adapted on ``eval-k-shot`` seeded support slices
-    with the run's adaptation rule, scored after each of ``eval-steps`` steps by Dice per patient on its other
+    with the run's adaptation rule and variant (``adapt-variant``), scored after each of ``eval-steps`` steps by Dice per patient on its other
     patients (:func:`fedmeta.common.adaptation.adaptation_curve`). Returns the curve and the patients scored."""
     support_x, support_y = adaptation_support(site, config.eval_k_shot, seed=seed)
     patients = site_patients(site, seed, config.eval_max_images, device)
@@ -110,7 +110,7 @@ def site_evaluation(model: torch.nn.Module, params: Mapping[str, torch.Tensor],
         model, params, support_x.to(device), support_y.to(device), patients, steps=list(config.adaptation_steps),
         inner_lr=inner_lr, loss_fn=DiceCELoss(config.num_classes), num_classes=config.num_classes,
         classes=foreground_classes(site.label_names, config.num_classes, site.labelled_classes),
-        inner_params=inner_params, batch_size=config.eval_batch_size,
+        inner_params=inner_params, batch_size=config.eval_batch_size, variant=config.adapt_variant,
     )
     return curve, len(patients)
 

@@ -236,7 +236,9 @@ def _evaluate_seed(names, inits, any_config, spec, sites, seed: int, quiet: bool
                     curve = score_site(model, init, site, shots=spec["shots"], steps=columns if method.adapts else [0],
                                        seed=seed, num_classes=any_config.num_classes, max_images=spec["eval-max-images"],
                                        batch_size=any_config.eval_batch_size, splits=splits,
-                                       auto_max_steps=spec["auto-max-steps"], variant=method.variant)
+                                       auto_max_steps=spec["auto-max-steps"], variant=method.variant,
+                                       # the rule not taken, scored where a choice between rules is made
+                                       one_standard_error=spec["validation-sites"] > 0)
                 if not method.adapts:  # the model as is: the same Dice whatever the step budget
                     curve = {k: {s: by_steps[0] for s in columns} for k, by_steps in curve.items()}
                 out[name][site.name] = {str(k): {str(s): v for s, v in by_steps.items()} for k, by_steps in curve.items()}

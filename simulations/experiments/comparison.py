@@ -165,6 +165,7 @@ def write_report(out_dir: Path, comparison: dict[str, Any], runs: dict[str, Any]
             f"{'by their training slices' if run.get('site_weighting') == 'data' else 'one each'}, {run['seconds']:.1f} s"
             + (f", final meta-loss {run['final_meta_loss']:.4f}" if run.get("final_meta_loss") is not None else "")
             + f", dropped replies {run['dropped_replies']}, skipped rounds {run['skipped_rounds']}"
+            + (f"; new sites adapt with {run['adapt_variant']}" if run.get("adapt_variant") else "")
         )
     lines += ["", f"![Dice against adaptation steps]({plot_path.name})", ""]
     path = out_dir / "report.md"

@@ -265,10 +265,11 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
     baseline_config = None
     if baseline and config.algorithm != FEDAVG:
         # FedAvg as FedOpt with server SGD at lr 1: the same rounds, sites and episodes, and local
-        # epochs chosen so each site makes as many gradient steps as the meta-learner does.
+        # epochs chosen so each site makes as many gradient steps as the meta-learner does; its new sites
+        # fine-tune, as FedAvg + fine-tune's authors define it, whatever the meta-learner's sites do.
         baseline_config = config.replace(
             algorithm=FEDAVG, meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0, lstm_truncation=0,
-            inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
+            inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"), adapt_variant="fine-tune",
         )
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, session, num_sites, quiet, adversary)
@@ -288,7 +289,9 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
     inits.append(random_initialisation(config))
     k, steps = config.eval_k_shot, sorted(set(config.adaptation_steps))
     _say(quiet, f"comparing initialisations on the held-out sites (k = {k}, steps {', '.join(map(str, steps))} and "
-                "auto: each site chooses its steps from its support slices)")
+                "auto: each site chooses its steps from its support slices)"
+                + "".join(f"; {init.label} adapts with {init.variant} (its run config's adapt-variant)"
+                          for init in inits if init.variant != "fine-tune"))
     # One call adapts every initialisation on every held-out site (and trains the oracles): no item to count here.
     what = (f"{len(inits)} initialisations adapting on the held-out sites"
             + (f", an oracle of {int(oracle_steps)} steps per site" if int(oracle_steps) > 0 else ""))
@@ -392,6 +395,7 @@ def _run(config, session, num_sites: int, quiet: bool, adversary=None) -> dict[s
         "algorithm": config.algorithm,
         "rounds": checkpoint.round,
         "local_steps_per_site_round": local_steps_per_round(config),
+        "adapt_variant": config.adapt_variant,
         "site_weighting": config.weighting,
         "seconds": seconds,
         "final_meta_loss": last.get(QUERY_LOSS_AFTER),

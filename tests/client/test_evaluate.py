@@ -86,7 +86,7 @@ def test_metasgd_adapts_with_its_learned_step_sizes_and_anil_with_its_head(train
     metasgd = evaluate_checkpoint(trained["metasgd"], [info.path], shots=[2], steps=[0, 2], max_images=16)
     assert metasgd["adaptation"]["inner_lr"] == "learned per parameter (Meta-SGD)"
     anil = evaluate_checkpoint(trained["anil"], [info.path], shots=[2], steps=[0, 2], max_images=16)
-    assert anil["adaptation"] == {"inner_lr": 0.1, "lr_scale": 1.0, "head_only": True}
+    assert anil["adaptation"] == {"inner_lr": 0.1, "lr_scale": 1.0, "head_only": True, "variant": "fine-tune"}
     for results in (metasgd, anil):
         curve = results["sites"][info.name]["dice"]["2"]
         assert curve["0"]["dice"] != curve["2"]["dice"], "adaptation changed nothing"

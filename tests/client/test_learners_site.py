@@ -59,3 +59,44 @@ def test_a_prototypes_site_model_at_zero_steps_holds_the_support_prototypes(smok
     assert bool((prototypes[0] != 0).any())  # background has a prototype now; θ's were all zero
     card = json.loads((tmp_path / "model" / CARD_JSON).read_text())
     assert card["dice"]["before"] == card["dice"]["after"] and card["dice"]["after"]["dice"] > 0
+
+
+def test_the_run_configs_adapt_variant_is_how_its_sites_adapt_and_evaluate(smoke_federation, tmp_path):
+    """A consortium that trains the prototype learner with adapt-variant = "frozen-prototypes" has every new site
+    adapt that way: `fedmeta adapt` and `fedmeta evaluate` by default (each takes --variant to choose another), and
+    the held-out sites' evaluation rounds."""
+    from fedmeta.common.adaptation import load_initialisation
+    from fedmeta.common.data import SiteDataset
+    from fedmeta.common.federated_round import site_evaluation
+    from fedmeta.common.model import build_model
+
+    checkpoint = train_smoke_run(smoke_federation, tmp_path / "run", algorithm="prototypes", num_rounds=1,
+                                 inner_steps=0, adapt_variant="frozen-prototypes")
+    site = smoke_federation / load_manifest(smoke_federation).heldout_sites[0].path
+    cards = {}
+    for name, extra in (("default", []), ("fine-tune", ["--variant", "fine-tune"])):
+        assert main(["adapt", "--checkpoint", str(checkpoint), "--allow-unsigned", "--data", str(site), "--shots", "3",
+                     "--steps", "2", "--out", str(tmp_path / name), "--device", "cpu", *extra]) == 0
+        cards[name] = json.loads((tmp_path / name / CARD_JSON).read_text())
+    assert cards["default"]["adaptation"]["variant"] == "frozen-prototypes"
+    assert cards["fine-tune"]["adaptation"]["variant"] == "fine-tune"
+    assert cards["default"]["dice"]["before"] == cards["fine-tune"]["dice"]["before"]  # step 0 is one model
+
+    scored = {}
+    for name, extra in (("default", []), ("fine-tune", ["--variant", "fine-tune"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--allow-unsigned", "--data", str(site),
+                     "--shots", "2", "--steps", "0,2", "--json", str(out), *extra]) == 0
+        scored[name] = json.loads(out.read_text())
+    assert scored["default"]["adaptation"]["variant"] == "frozen-prototypes"
+    assert scored["fine-tune"]["adaptation"]["variant"] == "fine-tune"
+    dice = {name: results["sites"][site.name]["dice"]["2"] for name, results in scored.items()}
+    assert dice["default"]["0"] == dice["fine-tune"]["0"] and dice["default"]["2"] != dice["fine-tune"]["2"]
+
+    init, config = load_initialisation(checkpoint)
+    data = SiteDataset.load(site, config.data_config())
+    model = build_model(config.model_config())
+    frozen, _ = site_evaluation(model, init.params, None, data, config.replace(eval_steps="2"), seed=0)
+    fine, _ = site_evaluation(model, init.params, None, data, config.replace(eval_steps="2", adapt_variant="fine-tune"),
+                              seed=0)
+    assert frozen[2]["dice"] != fine[2]["dice"]

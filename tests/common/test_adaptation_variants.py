@@ -300,3 +300,17 @@ def test_a_held_out_site_of_a_federation_is_warned_about(tmp_path):
     with pytest.raises(FileNotFoundError):  # the warning comes first, before any checkpoint is read
         score_variants({"a": tmp_path / "missing.pt"}, [tmp_path / "new-a"], progress=said.append)
     assert said and "heldout site" in said[0] and "validation sites" in said[0]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"algorithm": "fomaml", "adapt-variant": "frozen-prototypes"}, "applies to algorithm 'fomaml'"),
+    ({"algorithm": "prototypes", "adapt-variant": "ensemble"}, "whose adapted weights segment alone"),
+    ({"adapt-variant": "fine-tuning"}, "one of fine-tune, head-only"),
+])
+def test_the_run_config_refuses_an_adapt_variant_its_sites_could_not_use(changes, message):
+    from fedmeta.common.config import RunConfig
+
+    with pytest.raises(ValueError, match=f"adapt-variant=.*{message}"):
+        RunConfig.from_run_config(changes)
+    assert RunConfig.from_run_config({"algorithm": "prototypes", "adapt-variant": "frozen-prototypes"}).adapt_variant \
+        == "frozen-prototypes"

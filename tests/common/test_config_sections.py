@@ -48,7 +48,7 @@ def test_the_hash_declarations_beside_the_fields_are_the_lists_kept_by_hand_befo
     """The keys never hashed, hashed only when set (at what value), and hashed only for one learner."""
     assert _NOT_HASHED == {"num_rounds", "resume", "out_dir", "federation_dir", "device", "round_timeout",
                            "round_deadline", "round_quorum", "max_missed_rounds", "node_wait_timeout", "eval_every",
-                           "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "metrics_port",
+                           "eval_k_shot", "eval_steps", "eval_batch_size", "eval_max_images", "adapt_variant", "metrics_port",
                            "metrics_address", "dp_max_epsilon", "max_failed_rounds", "release_key",
                            "plan_round"}
     assert _HASHED_WHEN_SET == {

@@ -95,7 +95,7 @@ def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
     site = SiteDataset.load(smoke_federation / "new-sequence", DataConfig(image_size=(32, 32), spacing=(3.0, 3.0, 3.0)))
     init = Initialisation("random", initial_params(seeded_model(SMALL, 0)), 0.1)
     scores = score_site(build_model(SMALL), init, site, shots=[1, 2], steps=[0, 5, AUTO], seed=0, num_classes=4,
-                        max_images=0, auto_max_steps=5)
+                        max_images=0, auto_max_steps=5, one_standard_error=True)
     for k in (1, 2):
         auto = scores[k][AUTO]
         chosen = auto["chosen_steps"]
@@ -105,6 +105,10 @@ def test_score_site_reports_auto_beside_the_fixed_counts(smoke_federation):
             assert auto["dice"] == scores[k][chosen]["dice"]  # the same adaptation, scored on the same patients
         other = auto["one_standard_error_rule"]  # the rule not taken, scored for judging the rule on validation
         assert other["steps"] == auto["step_choice"]["one_standard_error_steps"] and 0.0 <= other["dice"] <= 1.0
+    # Unasked (a held-out claim, a site's evaluation), the rule not taken costs nothing: not scored.
+    plain = score_site(build_model(SMALL), init, site, shots=[1], steps=[AUTO], seed=0, num_classes=4, max_images=0,
+                       auto_max_steps=5)
+    assert "one_standard_error_rule" not in plain[1][AUTO] and plain[1][AUTO]["dice"] == scores[1][AUTO]["dice"]
 
 
 
