@@ -55,7 +55,7 @@ from fedmeta.common.outputs import Outputs
 from fedmeta.common.protocol import FOMAML
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.simulations.experiments.benchmark_preset import (
-    DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
+    AUTO, DEFAULT_PRESET, METHODS, METHODS_BY_NAME, QUICK_PRESET, _check_spec, load_benchmark_preset, method_configs,
     step_columns,
 )
 from fedmeta.simulations.experiments.benchmark_report import (
@@ -97,6 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes that train (method, seed) runs and evaluate seeds in parallel, each with "
                              "--threads torch threads (default: the preset's, else 1); results do not depend on it")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite --out's tables, figures and summaries from its results.json (after a change to "
+                             "the report), training and scoring nothing")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe "
                              "the cores and ran up to 10x slower; 0 keeps torch's own choice)")
@@ -108,6 +111,19 @@ def handle(args: argparse.Namespace) -> int:
         print("fedmeta benchmark: error: give --quick or --preset, not both.", file=sys.stderr)
         return 2
     preset = args.preset or (QUICK_PRESET if args.quick else DEFAULT_PRESET)
+    if args.report_only:
+        if args.out is None:
+            print("fedmeta benchmark: error: --report-only rewrites a finished benchmark's report: give its --out.",
+                  file=sys.stderr)
+            return 2
+        try:
+            results = rewrite_report(args.out)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"fedmeta benchmark: error: {err}", file=sys.stderr)
+            return 1
+        print(format_goal(results["goal"]))
+        print(f"table: {results['files']['table']}\nplot: {results['files']['plot']}")
+        return 0
     if args.threads < 0:
         print(f"fedmeta benchmark: error: --threads {args.threads}: use 1 or more, or 0 for torch's default.",
               file=sys.stderr)
@@ -238,16 +254,53 @@ def run_benchmark(
         files["curves"] = out / "learning_curves.png"
     results["files"] = {k: str(v) for k, v in files.items()}
     with progress(quiet, "writing the figures and tables"):
-        plot_results(results, files["plot"])
-        if "curves" in files:
-            plot_learning_curves(results, files["curves"])
-        files["table"].write_text(format_markdown(results))
-        write_json(files["results"], results)
+        _write_report(results, files)
     _say(quiet, format_goal(results["goal"]))
     for line in above_oracle_lines(results):
         _say(quiet, line)
     _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
                 f"{results['machine']['load_average_end']} at end)")
+    return results
+
+
+def _write_report(results: dict[str, Any], files: dict[str, Path]) -> None:
+    plot_results(results, files["plot"])
+    if "curves" in files:
+        plot_learning_curves(results, files["curves"])
+    files["table"].write_text(format_markdown(results))
+    write_json(files["results"], results)
+
+
+def rewrite_report(out: Path) -> dict[str, Any]:
+    """A finished benchmark's summaries, goal, tables and figures computed again from its ``results.json`` (its
+    Dice per method, seed, site and cell, and its runs), as the report code now writes them; nothing is trained
+    or scored. Returns the rewritten results."""
+    from fedmeta.common.jsonio import loads_strict
+
+    out = Path(out).resolve()
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--out {out}: no results.json; --report-only rewrites the report of a finished "
+                                "fedmeta benchmark (run it without --report-only first).")
+    try:
+        results = loads_strict(path.read_text())
+        shots, order = results["preset"]["shots"], results["method_order"]
+        # The file sorts its keys; the tables keep the methods' order (and their trainings' order).
+        dice = {name: results["dice"][name] for name in order}
+        keys = dict.fromkeys(results["methods"][name]["training"] for name in order)
+        runs = {key: results["runs"][key] for key in keys if key in results["runs"]}
+        columns = [c if c == AUTO else int(c) for c in results["step_columns"]]  # as step_columns gives them
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a fedmeta benchmark's results ({err}); rerun the benchmark.") from None
+    results["summary"] = summarise(dice, shots, columns)
+    results["goal"] = goal_check(results["summary"], shots, columns, dice=dice)
+    results["above_oracle"] = above_oracle(results["summary"], shots, columns)
+    results["time_to_accuracy"] = time_to_accuracy(runs)
+    files = {"results": path, "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+    if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
+        files["curves"] = out / "learning_curves.png"
+    results["files"] = {k: str(v) for k, v in files.items()}
+    _write_report(results, files)
     return results
 
 

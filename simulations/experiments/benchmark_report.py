@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedmeta.simulations.experiments.benchmark_preset import (
-    AUTO, GOAL_MARGIN, GOAL_SHOTS, GOAL_STEPS, INTENSITY, META_METHODS, ORACLE, step_columns,
+    AUTO, GOAL_MARGIN, GOAL_SHOTS, GOAL_STEPS, INTENSITY, META_METHODS, METHODS, ORACLE, step_columns,
 )
 from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
 
@@ -105,9 +105,8 @@ def _goal_at(summary: dict[str, Any], k: str, s: str, dice: dict | None) -> dict
 
     fedavg_ft, oracle = cell("fedavg-ft").get("mean"), cell(ORACLE_ROW).get("mean")
     rows = {}
-    for name in META_METHODS:
-        if name not in summary:
-            continue
+    # Every meta-learned row, a variant row (one θ adapted another way) beside its method.
+    for name in [m.name for m in METHODS if m.training in META_METHODS and m.name in summary]:
         value = cell(name)["mean"]
         pooled = cell(f"pooled-{name}").get("mean")
         pooled = cell("pooled-fomaml").get("mean") if pooled is None else pooled

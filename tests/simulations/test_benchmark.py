@@ -96,6 +96,13 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
         assert oracle["0"]["dice"] == oracle["2"]["dice"]
     assert "[seed 0] pooled-fomaml" in printed
 
+    # --report-only writes the same tables and summaries again from results.json, training and scoring nothing.
+    table_before = (out / "results.md").read_text()
+    (out / "results.md").write_text("stale")
+    assert main(["benchmark", "--report-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == table_before
+    assert loads_strict((out / "results.json").read_text()) == results
+
     # A second run reuses a finished training run of the same config and gives the same numbers.
     assert main(["benchmark", "--preset", str(with_auto), "--out", str(out), "--methods", "fomaml",
                  "--federation-dir", str(smoke_federation)]) == 0
@@ -238,8 +245,12 @@ def test_goal_check_reports_margin_and_fractions_of_the_oracle_and_the_pooled_bo
         return {"5": {"10": {"mean": value}}}
 
     summary = {"fedavg-ft": row(0.70), "pooled-fomaml": row(0.80), "pooled-maml": row(0.90), "oracle": row(0.95),
-               "fomaml": row(0.78), "maml": row(0.76), "reptile": row(0.72)}
+               "fomaml": row(0.78), "maml": row(0.76), "reptile": row(0.72),
+               "prototypes": row(0.74), "prototypes+frozen-prototypes": row(0.77)}
     goal = goal_check(summary, [5], [10])
+    # a variant row (one θ adapted another way) is judged beside its method, after it
+    assert list(goal["methods"])[-2:] == ["prototypes", "prototypes+frozen-prototypes"]
+    assert goal["methods"]["prototypes+frozen-prototypes"]["margin_over_fedavg_ft"] == pytest.approx(0.07)
     assert goal["met_by"] == []  # without per-seed margins nothing can be met in every seed
     assert goal["methods"]["reptile"]["margin_over_fedavg_ft"] == pytest.approx(0.02)
     assert goal["methods"]["fomaml"]["fraction_of_oracle"] == pytest.approx(0.78 / 0.95)
