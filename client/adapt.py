@@ -16,7 +16,6 @@ so what the model card reports is what the site will get. The site model and its
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,15 +37,13 @@ from fedmeta.common.adaptation_variants import (
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import build_model, head_parameter_names
 from fedmeta.common.outputs import Outputs, file_sha256
+from fedmeta.common.progress import paced
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.common.site_layout import channel_order
 from fedmeta.common.step_selection import AUTO, candidate_steps, choose_steps
 from fedmeta.common.validate import check_case, discover_site
 
 DEFAULT_MAX_STEPS = 20  # the largest count --steps auto may choose (candidate_steps: 0, 1, 2, 3, 5, 7, 10, 15, 20)
-# A long phase (reading a site, adapting) says where it is at least this often: a hospital's log that stays
-# quiet for long reads as a hang (issue 27).
-PROGRESS_EVERY_S = 5.0
 
 
 def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: int | str = AUTO,
@@ -212,20 +209,6 @@ def steps_summary(adaptation: dict[str, Any]) -> str:
             f"{over})")
 
 
-def paced(progress: Callable[[str], None], every_s: float = PROGRESS_EVERY_S) -> Callable[[str], None]:
-    """``progress`` at most once per ``every_s`` seconds (the first line always): a long loop shows it is alive
-    without a line per item."""
-    last = -math.inf
-
-    def say(line: str) -> None:
-        nonlocal last
-        if time.monotonic() - last >= every_s:
-            last = time.monotonic()
-            progress(line)
-
-    return say
-
-
 def _saying_alive(loss_fn, say: Callable[[str], None], phase: str):
     """``loss_fn`` that also tells ``say`` (paced) how long ``phase`` has run: the inner loop evaluates it every
     step, so a long cross-validation is never silent. Until choose_steps reports its folds itself."""
@@ -327,4 +310,4 @@ def _rule(algorithm: str, init, steps: int) -> str:
     return ALGORITHMS[algorithm].describe_adaptation(step, steps)
 
 
-__all__ = ["DEFAULT_MAX_STEPS", "adapt_site", "check_steps_option", "paced", "reading_progress", "steps_summary"]
+__all__ = ["DEFAULT_MAX_STEPS", "adapt_site", "check_steps_option", "reading_progress", "steps_summary"]

@@ -1,4 +1,4 @@
-"""Progress lines for long phases: a heartbeat while a phase has nothing of its own to say.
+"""Progress lines for long phases: a heartbeat while a phase has nothing to say, a pace when it has too much.
 
 A phase with items to count says so itself ("trained round 3/8"); a phase without (an engine starting, a
 library call that runs for minutes) gets a line every ``every`` seconds from a daemon thread::
@@ -12,10 +12,20 @@ library call that runs for minutes) gets a line every ``every`` seconds from a d
 prints, when a case takes longer than ``every``, ``perf meta: still running, 40 s (timing maml)``.
 A line the phase printed some other way (another thread's, a subprocess's) counts when it calls
 :meth:`Heartbeat.touch`. ``quiet`` silences both the heartbeat and :meth:`Heartbeat.say`.
+
+The other way round, a phase with a line per item (a case read, a step taken, a subject rendered) says one
+every so often, not thousands: :func:`paced` forwards at most one line per ``every_s`` seconds, the first
+always::
+
+    say = paced(progress)
+    for done in range(1, steps + 1):
+        ...
+        say(f"  adapting: step {done}/{steps}")
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -23,6 +33,9 @@ from collections.abc import Callable
 from typing import TextIO
 
 EVERY_S = 10.0
+# A long phase (reading a site, adapting) says where it is at least this often: a hospital's log that stays
+# quiet for long reads as a hang (issue 27).
+PROGRESS_EVERY_S = 5.0
 
 
 class Heartbeat:
@@ -107,4 +120,20 @@ class Heartbeat:
             self.beat_if_due()
 
 
-__all__ = ["EVERY_S", "Heartbeat"]
+def paced(progress: Callable[[str], None], every_s: float = PROGRESS_EVERY_S, *,
+          clock: Callable[[], float] = time.monotonic) -> Callable[[str], None]:
+    """``progress`` at most once per ``every_s`` seconds (the first line always): a long loop shows it is alive
+    without a line per item. ``clock``: seconds, monotonic; tests give their own."""
+    last = -math.inf
+
+    def say(line: str) -> None:
+        nonlocal last
+        now = clock()
+        if now - last >= every_s:
+            last = now
+            progress(line)
+
+    return say
+
+
+__all__ = ["EVERY_S", "PROGRESS_EVERY_S", "Heartbeat", "paced"]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmeta.common.progress import PROGRESS_EVERY_S, paced
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
 from fedmeta.common.synth_plan import (
@@ -71,7 +72,6 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]  # receives one line of progress, e.g. "rendered 37/140 subjects (site-03), 52 s"
-PROGRESS_EVERY_S = 5.0  # at most this long between two progress lines while rendering
 
 
 @dataclass
@@ -181,21 +181,19 @@ def _render_site(info: SiteInfo) -> None:
 def _render_subjects(jobs: list, workers: int | None, progress: Progress | None = None) -> None:
     """Renders every subject job, in ``workers`` spawned processes or in this one (same result).
 
-    ``progress`` gets a line at least every :data:`PROGRESS_EVERY_S` seconds while rendering (in workers
-    too: this process waits on them with that timeout), and one at the end.
+    ``progress`` gets a line about every :data:`PROGRESS_EVERY_S` seconds while rendering, the first at once (in
+    workers too: this process wakes while it waits on them), and one at the end.
     """
     if workers is None:
         workers = 1 if len(jobs) <= 30 else min(2, os.cpu_count() or 1)
-    started = last = time.perf_counter()
-    done, latest = 0, ""
+    started, done, latest = time.perf_counter(), 0, ""
+    say = paced(progress, PROGRESS_EVERY_S) if progress is not None else None
 
     def report(final: bool = False) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if progress is not None and (final or now - last >= PROGRESS_EVERY_S):
-            last = now
+        if progress is not None:
             where = f" ({latest})" if latest else ""
-            progress(f"rendered {done}/{len(jobs)} subjects{where}, {now - started:.0f} s")
+            (progress if final else say)(f"rendered {done}/{len(jobs)} subjects{where}, "
+                                         f"{time.perf_counter() - started:.0f} s")
 
     if workers > 1:
         # spawn, not fork: the caller may hold torch/Ray threads that a forked child would inherit.
@@ -203,8 +201,8 @@ def _render_subjects(jobs: list, workers: int | None, progress: Progress | None 
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
             pending = {pool.submit(_generate_subject, job): job for job in jobs}
             while pending:
-                due = PROGRESS_EVERY_S - (time.perf_counter() - last)  # wake when the next line is due
-                finished, _ = wait(pending, timeout=max(due, 0.05), return_when=FIRST_COMPLETED)
+                # Wakes while the workers are slow too: a due line comes at most a fifth of the period late.
+                finished, _ = wait(pending, timeout=PROGRESS_EVERY_S / 5, return_when=FIRST_COMPLETED)
                 for future in finished:
                     future.result()  # a worker's error stops the synth here
                     done += 1

@@ -59,6 +59,7 @@ def score_variants(
     from fedmeta.common.data import SiteDataset
     from fedmeta.common.model import build_model
     from fedmeta.common.outputs import file_sha256
+    from fedmeta.common.progress import paced
     from fedmeta.common.read_limits import ReadLimits
 
     names = list(VARIANTS) if variants is None else [variant_named(v).name for v in variants]
@@ -76,7 +77,7 @@ def score_variants(
             say(f"warning: {site} is a {role} site of its federation (its manifest.json says so): a variant promoted "
                 "on it is chosen on the test sites. Pass validation sites (training sites kept out of training, e.g. "
                 "the benchmark's validation-sites) instead.")
-    started = last = time.monotonic()
+    started, say_done = time.monotonic(), paced(say, PROGRESS_EVERY_S)
     result: dict[str, Any] = {
         "settings": {"shots": list(shots), "steps": [str(s) for s in steps], "seeds": list(seeds),
                      "sites": [str(Path(s)) for s in sites], "max_images": max_images, "auto_max_steps": auto_max},
@@ -104,10 +105,8 @@ def score_variants(
                         model, init, site, shots=shots, steps=steps, seed=seed, num_classes=config.num_classes,
                         max_images=bound, batch_size=config.eval_batch_size, splits=splits, auto_max_steps=auto_max,
                         variant=name)
-                    now = time.monotonic()
-                    if now - last >= PROGRESS_EVERY_S:
-                        say(f"  variants: {label} seed {seed} {site_name} {name} done ({now - started:.0f} s)")
-                        last = now
+                    say_done(f"  variants: {label} seed {seed} {site_name} {name} done "
+                             f"({time.monotonic() - started:.0f} s)")
         result["scores"][label] = _summarise(raw, site_names, shots, steps, seeds)
         say(f"variants: {label} scored: {len(scored)} variant(s), {len(names) - len(scored)} not applicable "
             f"({time.monotonic() - started:.0f} s)")

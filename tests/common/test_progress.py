@@ -1,4 +1,5 @@
-"""The heartbeat of long phases: a line after every period of silence, none when the phase spoke, none when quiet."""
+"""The heartbeat of long phases: a line after every period of silence, none when the phase spoke, none when quiet;
+and the pace of chatty ones: at most a line per period, the first at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from fedmeta.common.progress import Heartbeat
+from fedmeta.common.progress import PROGRESS_EVERY_S, Heartbeat, paced
 
 
 class Clock:
@@ -78,3 +79,27 @@ def test_the_thread_speaks_while_the_phase_is_silent_and_stops_with_it():
 def test_a_period_that_is_not_positive_is_refused(every):
     with pytest.raises(ValueError, match="every="):
         Heartbeat("x", every=every)
+
+
+def test_paced_forwards_the_first_line_at_once_then_at_most_one_per_period_from_the_last_forwarded():
+    clock, said = Clock(), []
+    say = paced(said.append, 5, clock=clock)
+    for step in range(1, 13):  # a line offered every second
+        say(f"step {step}")
+        clock.now += 1
+    clock.now += 0.5  # t = 12.5: 2.5 s after "step 11" was forwarded
+    say("late")
+    clock.now += 2.5
+    say("due")  # 5 s after "step 11", however many were dropped on the way
+    assert said == ["step 1", "step 6", "step 11", "due"]
+
+
+def test_paced_keeps_the_projects_pace_by_default():
+    clock, said = Clock(), []
+    say = paced(said.append, clock=clock)
+    say("a")
+    clock.now += PROGRESS_EVERY_S - 1
+    say("b")
+    clock.now += 1
+    say("c")
+    assert said == ["a", "c"]
