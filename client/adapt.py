@@ -32,7 +32,7 @@ from fedmeta.common.config import MAX_STEPS
 from fedmeta.common.data import SiteDataset, adaptation_patients, adaptation_support
 from fedmeta.common.losses import DiceCELoss, one_hot
 from fedmeta.common.adaptation_variants import (
-    VARIANTS, Variant, check_applies, variant_named,
+    DEFAULT as DEFAULT_VARIANT, VARIANTS, Variant, check_applies, variant_named,
 )
 from fedmeta.common.metrics import foreground_classes, patient_dice, summarise_patients
 from fedmeta.common.model import build_model, head_parameter_names
@@ -68,15 +68,15 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     began = time.perf_counter()
     dev = command_device(device)
     init, config = load_initialisation(checkpoint)
+    model = build_model(config.model_config()).to(dev)
+    chosen = site_variant(init.variant if variant is None else variant, model)  # refused before the site is read
     data_config = config.data_config(image_glob=image_glob, label_glob=label_glob, limits=limits)
     raw = _RawStats()  # the data's fingerprint, gathered as the site is read (not by reading it again)
     progress(f"loading site {data}")
     site = SiteDataset.load(data, data_config, on_case=reading_progress(progress, then=raw.add))
     progress(f"loaded site {site.name}: {site.num_patients} usable patient(s)"
              + (f", {len(site.skipped)} skipped" if site.skipped else ""))
-    model = build_model(config.model_config()).to(dev)
     classes = foreground_classes(site.label_names, config.num_classes, site.labelled_classes)
-    chosen = site_variant(init.variant if variant is None else variant, model)
 
     if site.num_patients >= 2:
         support_patients, heldout = adaptation_patients(site, seed)
@@ -103,7 +103,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         steps = choice.steps
         progress(f"choosing steps: {choice.reason()}")
     progress(f"adapting on {shots} labelled slice(s) of {len(support_patients)} support patient(s), {steps} step(s)"
-             f"{' (auto)' if choice else ''} ({init.label}) on {dev}")
+             f"{' (auto)' if choice else ''} ({init.label}, {chosen.name}) on {dev}")
     support = (support_x.to(dev), one_hot(support_y.to(dev), config.num_classes, torch.float32))
 
     # "Before" is the learner at 0 steps: θ itself, or θ as the other families prepare it for this support
@@ -114,8 +114,8 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         try:  # a broken model is neither scored (a Dice of 0) nor saved for predict
             check_adapted(adapted, step=done, inner_steps=steps)
         except AdaptationDiverged as err:
-            chosen = f"; --steps auto chose {steps}" if choice else ""
-            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps)}{chosen}). Fix: "
+            auto_said = f"; --steps auto chose {steps}" if choice else ""
+            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps, chosen)}{auto_said}). Fix: "
                              f"adapt with {f'--steps {done - 1} or fewer' if done > 1 else '--steps 0'}, or more "
                              "--shots; if it diverges at every step count, report it to the consortium.") from None
         prepared = adapted if prepared is None else prepared
@@ -151,7 +151,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         },
         "adaptation": {
             "shots": shots, "steps": steps, "steps_requested": requested, "seed": seed,
-            "rule": _rule(config.algorithm, init, steps),
+            "rule": _rule(config.algorithm, init, steps, chosen),
             "variant": chosen.name,
             "step_choice": choice.record() if choice else None,
             "support_patients": len(support_patients),
@@ -170,6 +170,7 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
     # as CT or MR); the site model names this site's, so predict normalises its scans as adaptation saw them.
     site_config = config if config.channels or not all(site.channel_names) else config.replace(
         channels=",".join(site.channel_names))
+    site_config = site_config.replace(adapt_variant=chosen.name)  # how this site model was adapted, as its card says
     progress(f"writing the site model to {out}")
     save_site_model(out, adapted, site_config.to_run_config(), card, overwrite=overwrite)
     return card
@@ -303,10 +304,12 @@ class _RawStats:
         }
 
 
-def _rule(algorithm: str, init, steps: int) -> str:
+def _rule(algorithm: str, init, steps: int, variant: Variant) -> str:
     """How the site model was adapted, in words for the model card."""
     step = ("Meta-SGD's learned per-parameter step sizes" if isinstance(init.inner_lr, dict)
             else f"SGD, step size {init.inner_lr:g} (the run's inner-lr)") + ("; head only (ANIL)" if init.head_only else "")
+    if variant.name != DEFAULT_VARIANT and steps:  # the variant, not the learner's own fine-tuning, is what ran
+        return f"{variant.description}; {step}"
     return ALGORITHMS[algorithm].describe_adaptation(step, steps)
 
 

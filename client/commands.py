@@ -89,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "adaptation that diverges is refused)")
     parser.add_argument("--variant", default=None,
                         help="how each site adapts (default: what the checkpoint's run config names, adapt-variant): "
-                             "fine-tune, head-only, norm-only, bias-only, proximal-MU, ensemble or frozen-prototypes "
+                             "fine-tune, head-only, norm-only, bias-only, proximal-0.1|1|10|100, ensemble or "
+                             "frozen-prototypes "
                              "(fedmeta.common.adaptation_variants)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
@@ -313,6 +314,7 @@ def evaluate_checkpoint(
     from fedmeta.common.adaptation import load_initialisation
     from fedmeta.common.data import SiteDataset  # torch: as above
     from fedmeta.common.model import build_model  # torch, MONAI: as above
+    from fedmeta.common.adaptation_variants import check_applies, variant_named  # torch: as above
     from fedmeta.client.adapt import reading_progress  # torch: as above
 
     if not (math.isfinite(lr_scale) and 0 < lr_scale <= MAX_LR_SCALE):
@@ -324,8 +326,6 @@ def evaluate_checkpoint(
                   else init.inner_lr * lr_scale)
         init = dataclasses.replace(init, inner_lr=scaled, label=f"{init.label}, step size x{lr_scale:g}")
     if variant is not None:
-        from fedmeta.common.adaptation_variants import variant_named  # torch: as above
-
         init = dataclasses.replace(init, variant=variant_named(variant).name)  # an unknown name: refused here
     data_config = config.data_config(
                              image_glob=image_glob, label_glob=label_glob, limits=limits)
@@ -333,6 +333,7 @@ def evaluate_checkpoint(
     if max_images < 0:
         raise ValueError(f"--max-images {max_images}: must be >= 0 (0 scores every evaluation patient).")
     model = build_model(config.model_config())
+    check_applies(variant_named(init.variant), model)  # before any site is read
     sites = {}
     for root in data:
         root = Path(root)

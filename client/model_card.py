@@ -132,6 +132,7 @@ def card_markdown(card: dict) -> str:
         f"- {adaptation['shots']} labelled slice(s) from {adaptation['support_patients']} patient(s), "
         f"{adaptation['steps']} step(s), seed {adaptation['seed']}",
         f"- rule: {adaptation['rule']}",
+        *([f"- variant: {adaptation['variant']}"] if adaptation.get("variant") else []),  # cards before variants: none
         *([f"- steps chosen (--steps auto): {adaptation['step_choice']['reason']}"]
           if adaptation.get("step_choice") else []),  # a card written before steps auto has no step_choice
         f"- {adaptation['seconds']:.1f} s", "",

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt_parser.add_argument("--variant", default=None,
                               help="how the site adapts (default: what the checkpoint's run config names, adapt-variant "
                                    "— fine-tune unless the consortium chose another): fine-tune (every parameter the "
-                                   "initialisation adapts), head-only, norm-only, bias-only, proximal-MU, or "
+                                   "initialisation adapts), head-only, norm-only, bias-only, proximal-0.1|1|10|100, or "
                                    "frozen-prototypes (the prototype learner: step 0's prototypes kept as the classifier "
                                    "while the encoder is fine-tuned; docs/results-benchmark.md has its figures)")
     adapt_parser.add_argument("--seed", type=int, default=0, help="seed of the support/held-out patient split")

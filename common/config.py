@@ -114,13 +114,18 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
     def _check_adapt_variant(self) -> None:
         # A site model holds one set of adapted weights (an ensemble predicts from two), and the variant must apply
         # to what this run trains (frozen prototypes need a prototype learner); said before any round runs.
-        from fedmeta.common.adaptation_variants import VARIANTS, Variant  # torch: only once a run config is checked
+        from fedmeta.common.adaptation_variants import DEFAULT as DEFAULT_VARIANT, VARIANTS, Variant  # torch
 
+        if self.adapt_variant == DEFAULT_VARIANT:
+            return
+        from fedmeta.common.model import build_model  # a variant can need parts of the network (norm parameters)
+
+        network = build_model(self.model_config())
         usable = [name for name, v in VARIANTS.items()
-                  if type(v).logits is Variant.logits and v.applies_to(self.algorithm)]
+                  if type(v).logits is Variant.logits and v.applies_to(self.algorithm) and v.applies_to(network)]
         need(self, self.adapt_variant in usable, "adapt-variant",
-             f"must be an adaptation variant that applies to algorithm {self.algorithm!r} and whose adapted weights "
-             f"segment alone: one of {', '.join(usable)}.")
+             f"must be an adaptation variant that applies to algorithm {self.algorithm!r} with this network "
+             f"(model-norm={self.model_norm!r}) and whose adapted weights segment alone: one of {', '.join(usable)}.")
 
     def _check_network(self) -> None:
         # Model validation (norm, widths) belongs to ModelConfig; surface its message with the key.

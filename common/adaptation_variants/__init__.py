@@ -42,8 +42,9 @@ def check_applies(variant: Variant, *targets: Target) -> None:
         reason = variant.why_not(target)
         if reason is not None:
             what = target if isinstance(target, str) else type(target).__name__
+            usable = [name for name, other in VARIANTS.items() if other.applies_to(target)]
             raise ValueError(f"adaptation variant {variant.name!r} does not apply to {what}: {reason}. "
-                             f"Choose another (valid: {', '.join(VARIANTS)}).")
+                             f"Choose another (these apply: {', '.join(usable)}).")
 
 
 __all__ = ["DEFAULT", "VARIANTS", "Variant", "check_applies", "variant_named"]

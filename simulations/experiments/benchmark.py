@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.common.jsonio import write_json
-from fedmeta.common.outputs import Outputs
+from fedmeta.common.outputs import OutputRefused, Outputs, write_atomically
 from fedmeta.common.protocol import FOMAML
 from fedmeta.common.read_limits import ReadLimits
 from fedmeta.simulations.experiments.benchmark_preset import (
@@ -116,9 +116,18 @@ def handle(args: argparse.Namespace) -> int:
             print("fedmeta benchmark: error: --report-only rewrites a finished benchmark's report: give its --out.",
                   file=sys.stderr)
             return 2
+        ignored = [option for option, given in (
+            ("--preset", args.preset), ("--quick", args.quick), ("--seeds", args.seeds), ("--methods", args.methods),
+            ("--federation-dir", args.federation_dir), ("--validation-sites", args.validation_sites),
+            ("--set", args.set), ("--jobs", args.jobs)) if given]
+        if ignored:
+            print(f"fedmeta benchmark: error: --report-only rewrites the report of the run in --out as it ran; "
+                  f"{', '.join(ignored)} would change nothing. Drop them, or run the benchmark without --report-only.",
+                  file=sys.stderr)
+            return 2
         try:
             results = rewrite_report(args.out)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:
             print(f"fedmeta benchmark: error: {err}", file=sys.stderr)
             return 1
         print(format_goal(results["goal"]))
@@ -263,44 +272,75 @@ def run_benchmark(
     return results
 
 
-def _write_report(results: dict[str, Any], files: dict[str, Path]) -> None:
+def _write_report(results: dict[str, Any], files: dict[str, Path], table: str | None = None) -> None:
+    """The figures, results.md and results.json, each written beside its name and renamed onto it (a crash leaves
+    no half file, a link planted under a name is replaced, not followed); ``table``: the markdown, if made."""
+    table = format_markdown(results) if table is None else table
     plot_results(results, files["plot"])
     if "curves" in files:
         plot_learning_curves(results, files["curves"])
-    files["table"].write_text(format_markdown(results))
-    write_json(files["results"], results)
+    write_atomically(files["table"], lambda tmp: tmp.write_text(table))
+    write_atomically(files["results"], lambda tmp: write_json(tmp, results))
+
+
+REPORT_ONLY_MAX_BYTES = 256 * 2**20  # a 5-seed benchmark's results.json is about 5 MB
 
 
 def rewrite_report(out: Path) -> dict[str, Any]:
     """A finished benchmark's summaries, goal, tables and figures computed again from its ``results.json`` (its
     Dice per method, seed, site and cell, and its runs), as the report code now writes them; nothing is trained
-    or scored. Returns the rewritten results."""
+    or scored. Only into a folder fedmeta benchmark wrote (its journal says so, or it holds a benchmark's results
+    from before journals); everything is computed before the first file is written. Returns the rewritten results."""
     from fedmeta.common.jsonio import loads_strict
 
-    out = Path(out).resolve()
+    out = Path(out).absolute()
     path = out / "results.json"
+    outputs = Outputs(out, "benchmark")
+    # A folder (not a link or a file) that fedmeta benchmark claimed, or one no command claimed (a benchmark from
+    # before journals: its results.json is checked below); another command's folder is refused.
+    owner = outputs.folder_owner() if out.is_dir() and not out.is_symlink() else None
+    outputs.check_folder(resume=True, recognised=owner is None)
+    if path.is_symlink():
+        raise OutputRefused(f"{path}: is a symbolic link; --report-only reads and writes only plain files. Remove it.")
     if not path.is_file():
         raise FileNotFoundError(f"--out {out}: no results.json; --report-only rewrites the report of a finished "
                                 "fedmeta benchmark (run it without --report-only first).")
+    if path.stat().st_size > REPORT_ONLY_MAX_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB, more than a benchmark's results.json holds "
+                         f"(at most {REPORT_ONLY_MAX_BYTES // 2**20} MiB here); it is not one of fedmeta benchmark's.")
     try:
-        results = loads_strict(path.read_text())
-        shots, order = results["preset"]["shots"], results["method_order"]
+        results = loads_strict(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not readable as strict JSON ({err}).") from None
+    missing = [key for key in ("preset", "method_order", "methods", "dice", "runs", "step_columns")
+               if not isinstance(results, dict) or key not in results]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(repr(k) for k in missing)}, which --report-only needs: not the "
+                         "results of this fedmeta version's benchmark. Run the same benchmark again with this version "
+                         "(into the same --out, finished trainings are reused) to rewrite its report.")
+    try:
+        shots, order = [int(k) for k in results["preset"]["shots"]], list(results["method_order"])
+        if not order or not shots:
+            raise ValueError("no method or no k to report")
         # The file sorts its keys; the tables keep the methods' order (and their trainings' order).
         dice = {name: results["dice"][name] for name in order}
         keys = dict.fromkeys(results["methods"][name]["training"] for name in order)
         runs = {key: results["runs"][key] for key in keys if key in results["runs"]}
         columns = [c if c == AUTO else int(c) for c in results["step_columns"]]  # as step_columns gives them
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a fedmeta benchmark's results ({err}); rerun the benchmark.") from None
-    results["summary"] = summarise(dice, shots, columns)
-    results["goal"] = goal_check(results["summary"], shots, columns, dice=dice)
-    results["above_oracle"] = above_oracle(results["summary"], shots, columns)
-    results["time_to_accuracy"] = time_to_accuracy(runs)
-    files = {"results": path, "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
-    if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
-        files["curves"] = out / "learning_curves.png"
-    results["files"] = {k: str(v) for k, v in files.items()}
-    _write_report(results, files)
+        results["summary"] = summarise(dice, shots, columns)
+        results["goal"] = goal_check(results["summary"], shots, columns, dice=dice)
+        results["above_oracle"] = above_oracle(results["summary"], shots, columns)
+        results["time_to_accuracy"] = time_to_accuracy(runs)
+        files = {"results": path, "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+        if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
+            files["curves"] = out / "learning_curves.png"
+        results["files"] = {k: str(v) for k, v in files.items()}
+        table = format_markdown(results)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, StopIteration) as err:
+        raise ValueError(f"{path}: its contents are not a benchmark's results as this fedmeta version writes them "
+                         f"({type(err).__name__}: {str(err)[:200]}); nothing was rewritten. Run the benchmark again "
+                         "with this version (finished trainings are reused).") from None
+    _write_report(results, files, table)
     return results
 
 

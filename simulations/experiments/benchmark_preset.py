@@ -174,6 +174,12 @@ def method_configs(spec: dict[str, Any], methods: list[str]):
             configs[key] = RunConfig.from_run_config(overrides)
         except ValueError as err:
             raise ValueError(f"{spec['path']} [training.{key}]: {err}") from None
+        if configs[key].adapt_variant != "fine-tune":  # the run config's would be stored, the row's scored
+            raise ValueError(
+                f"{spec['path']} [training.{key}]: adapt-variant = {configs[key].adapt_variant!r}: a benchmark row says "
+                "how it adapts (its variant, e.g. the row prototypes+frozen-prototypes scores the prototype learner "
+                "with frozen prototypes beside the row that fine-tunes it). Remove adapt-variant from the preset and "
+                "--set, and choose rows with `methods`.")
     # The UNet each method starts from must be the same; the other families add their own parts to it.
     shapes = {key: (unet_of(c.model_config()), c.image_size, c.num_classes) for key, c in configs.items()}
     if len(set(shapes.values())) > 1:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmeta.common.outputs import write_atomically
 from fedmeta.simulations.experiments.benchmark_preset import GOAL_SHOTS, GOAL_STEPS
 from fedmeta.simulations.experiments.stats import CONFIDENCE, interval
 
@@ -185,9 +186,10 @@ def _save(fig, path: Path, formats: Sequence[str]) -> Path:
     path = Path(path)
     written = [path.with_suffix(f".{fmt}") for fmt in formats]
     try:
-        for target in written:
-            fig.savefig(target, bbox_inches="tight", dpi=200 if target.suffix == ".png" else None,
-                        metadata={"Software": "fedmeta"} if target.suffix == ".png" else None)
+        for target in written:  # beside the name, then renamed onto it: never through a link planted there
+            write_atomically(target, lambda tmp, fmt=target.suffix[1:]: fig.savefig(
+                tmp, format=fmt, bbox_inches="tight", dpi=200 if fmt == "png" else None,
+                metadata={"Software": "fedmeta"} if fmt == "png" else None))
     finally:
         plt.close(fig)
     return next((p for p in written if p.suffix == ".png"), written[0])

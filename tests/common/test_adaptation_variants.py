@@ -306,6 +306,9 @@ def test_a_held_out_site_of_a_federation_is_warned_about(tmp_path):
     ({"algorithm": "fomaml", "adapt-variant": "frozen-prototypes"}, "applies to algorithm 'fomaml'"),
     ({"algorithm": "prototypes", "adapt-variant": "ensemble"}, "whose adapted weights segment alone"),
     ({"adapt-variant": "fine-tuning"}, "one of fine-tune, head-only"),
+    # the default network's InstanceNorm has no parameter for norm-only to step: said by the run config, not by
+    # every site's evaluation round
+    ({"adapt-variant": "norm-only"}, "with this network \\(model-norm='instance'\\)"),
 ])
 def test_the_run_config_refuses_an_adapt_variant_its_sites_could_not_use(changes, message):
     from fedmeta.common.config import RunConfig

@@ -102,6 +102,26 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     assert main(["benchmark", "--report-only", "--out", str(out)]) == 0
     assert (out / "results.md").read_text() == table_before
     assert loads_strict((out / "results.json").read_text()) == results
+    # ... replacing a link planted under an output's name rather than writing through it, refusing options that
+    # would change nothing, and results it cannot read, before writing anything.
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("a file of someone else's")
+    (out / "results.md").unlink()
+    (out / "results.md").symlink_to(elsewhere)
+    assert main(["benchmark", "--report-only", "--out", str(out)]) == 0
+    assert elsewhere.read_text() == "a file of someone else's" and not (out / "results.md").is_symlink()
+    capsys.readouterr()
+    assert main(["benchmark", "--report-only", "--out", str(out), "--seeds", "3"]) == 2
+    assert "--seeds would change nothing" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    damaged = json.loads((out / "results.json").read_text())
+    damaged["dice"]["fomaml"]["0"].pop(sites[0])
+    (broken / "results.json").write_text(json.dumps(damaged))
+    assert main(["benchmark", "--report-only", "--out", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "its contents are not a benchmark's results" in err and "KeyError" in err
+    assert sorted(p.name for p in broken.iterdir()) == ["results.json"]
 
     # A second run reuses a finished training run of the same config and gives the same numbers.
     assert main(["benchmark", "--preset", str(with_auto), "--out", str(out), "--methods", "fomaml",
@@ -174,6 +194,9 @@ def test_unequal_budgets_are_refused_with_the_totals(tiny_preset, tmp_path):
         (lambda t: "methods = ['fomaml', 'magic']\n" + t, "methods \\['magic'\\]: choose among"),
         (lambda t: t.replace("[training.anil]\ninner-steps = 1", ""), "needs a \\[training.anil\\] table"),
         (lambda t: t.replace("inner-lr = 0.1", "inner-lr = -1"), "\\[training.fedavg\\]: run config inner-lr"),
+        # a row says how it adapts: a run config's adapt-variant would be stored and never scored
+        (lambda t: t.replace("[training.prototypes]", "[training.prototypes]\nadapt-variant = 'frozen-prototypes'"),
+         "\\[training.prototypes\\]: adapt-variant = 'frozen-prototypes': a benchmark row says how it adapts"),
     ],
 )
 def test_bad_presets_name_the_problem(tmp_path, edit, message):
