@@ -59,7 +59,8 @@ from fedmeta.simulations.experiments.benchmark_preset import (
     step_columns,
 )
 from fedmeta.simulations.experiments.benchmark_report import (
-    above_oracle, above_oracle_lines, format_goal, format_markdown, goal_check, summarise, time_to_accuracy,
+    above_oracle, above_oracle_lines, format_goal, format_markdown, format_paired, goal_check, paired_rows, summarise,
+    time_to_accuracy,
 )
 from fedmeta.simulations.experiments.benchmark_runs import (
     _evaluate_seed, _evaluate_seed_from_files, _in_processes, _say, _train, _train_args, progress,
@@ -100,6 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite --out's tables, figures and summaries from its results.json (after a change to "
                              "the report), training and scoring nothing")
+    parser.add_argument("--paired", nargs=2, metavar=("DIR:ROW", "DIR:ROW"),
+                        help="compare two finished benchmarks' rows seed by seed (the first minus the second), e.g. "
+                             "runs/benchmark-anatomy:prototypes runs/benchmark-anatomy-fedavg-160:fedavg-ft; only "
+                             "where both scored the same patients; trains and scores nothing")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine more threads oversubscribe "
                              "the cores and ran up to 10x slower; 0 keeps torch's own choice)")
@@ -111,6 +116,14 @@ def handle(args: argparse.Namespace) -> int:
         print("fedmeta benchmark: error: give --quick or --preset, not both.", file=sys.stderr)
         return 2
     preset = args.preset or (QUICK_PRESET if args.quick else DEFAULT_PRESET)
+    if args.paired:
+        try:
+            (label_a, a, row_a), (label_b, b, row_b) = (_finished(value) for value in args.paired)
+            print(format_paired(paired_rows(a, row_a, b, row_b), label_a, label_b))
+        except (ValueError, OSError) as err:
+            print(f"fedmeta benchmark: error: --paired: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.report_only:
         if args.out is None:
             print("fedmeta benchmark: error: --report-only rewrites a finished benchmark's report: give its --out.",
@@ -286,13 +299,39 @@ def _write_report(results: dict[str, Any], files: dict[str, Path], table: str | 
 REPORT_ONLY_MAX_BYTES = 256 * 2**20  # a 5-seed benchmark's results.json is about 5 MB
 
 
+def _read_results(path: Path) -> Any:
+    """A benchmark's results.json, strict, bounded in size; what is wrong with it named."""
+    from fedmeta.common.jsonio import loads_strict
+
+    if path.stat().st_size > REPORT_ONLY_MAX_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB, more than a benchmark's results.json holds "
+                         f"(at most {REPORT_ONLY_MAX_BYTES // 2**20} MiB here); it is not one of fedmeta benchmark's.")
+    try:
+        return loads_strict(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not readable as strict JSON ({err}).") from None
+
+
+def _finished(value: str) -> tuple[str, dict[str, Any], str]:
+    """``DIR:ROW`` -> (label, DIR's results, ROW)."""
+    folder, _, row = value.rpartition(":")
+    if not folder or not row:
+        raise ValueError(f"{value!r}: give DIR:ROW, a finished benchmark's --out and one of its rows, e.g. "
+                         "runs/benchmark-anatomy:prototypes.")
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no results.json; give the --out of a finished fedmeta benchmark.")
+    results = _read_results(path)
+    if not isinstance(results, dict) or not {"dice", "preset", "step_columns", "seeds"} <= set(results):
+        raise ValueError(f"{path}: not the results of this fedmeta version's benchmark.")
+    return f"{row} ({Path(folder).name})", results, row
+
+
 def rewrite_report(out: Path) -> dict[str, Any]:
     """A finished benchmark's summaries, goal, tables and figures computed again from its ``results.json`` (its
     Dice per method, seed, site and cell, and its runs), as the report code now writes them; nothing is trained
     or scored. Only into a folder fedmeta benchmark wrote (its journal says so, or it holds a benchmark's results
     from before journals); everything is computed before the first file is written. Returns the rewritten results."""
-    from fedmeta.common.jsonio import loads_strict
-
     out = Path(out).absolute()
     path = out / "results.json"
     outputs = Outputs(out, "benchmark")
@@ -305,13 +344,7 @@ def rewrite_report(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--out {out}: no results.json; --report-only rewrites the report of a finished "
                                 "fedmeta benchmark (run it without --report-only first).")
-    if path.stat().st_size > REPORT_ONLY_MAX_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB, more than a benchmark's results.json holds "
-                         f"(at most {REPORT_ONLY_MAX_BYTES // 2**20} MiB here); it is not one of fedmeta benchmark's.")
-    try:
-        results = loads_strict(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not readable as strict JSON ({err}).") from None
+    results = _read_results(path)
     missing = [key for key in ("preset", "method_order", "methods", "dice", "runs", "step_columns")
                if not isinstance(results, dict) or key not in results]
     if missing:

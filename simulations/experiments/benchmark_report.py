@@ -132,6 +132,53 @@ def _goal_at(summary: dict[str, Any], k: str, s: str, dice: dict | None) -> dict
             "met_by": [n for n, r in rows.items() if r.get("beats_fedavg_ft_in_every_seed")]}
 
 
+def paired_rows(a: dict[str, Any], row_a: str, b: dict[str, Any], row_b: str) -> dict[str, Any]:
+    """Row ``row_a`` of benchmark results ``a`` minus row ``row_b`` of ``b``, paired per seed (the mean over sites of
+    each seed's difference), for every k and step column both hold: ``{k: {column: {mean, ci, per_seed}}}``.
+
+    Two benchmarks pair only where their new sites adapted on the same slices and were scored on the same patients:
+    the same federation, seeds and sites, and in every cell the same patients and evaluation slices (what a preset
+    fixes: seeds, eval-max-images, the federation). Otherwise a ValueError says what differs."""
+    for results, row in ((a, row_a), (b, row_b)):
+        if row not in results.get("dice", {}):
+            raise ValueError(f"no row {row!r} in that benchmark; its rows: {', '.join(sorted(results.get('dice', {})))}.")
+    for key in ("federation", "seeds", "eval_sites"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"the two benchmarks differ in {key} ({a.get(key)!r} against {b.get(key)!r}): their rows "
+                             "were not scored on the same patients and cannot be paired.")
+    out: dict[str, Any] = {}
+    dice_a, dice_b = a["dice"][row_a], b["dice"][row_b]
+    shots = [str(k) for k in a["preset"]["shots"] if k in b["preset"]["shots"]]
+    columns = [c for c in a["step_columns"] if c in b["step_columns"]]
+    for k in shots:
+        out[k] = {}
+        for column in columns:
+            per_seed = []
+            for seed in sorted(dice_a, key=int):
+                differences = []
+                for site, by_k in dice_a[seed].items():
+                    cell_a, cell_b = by_k[k][column], dice_b[seed][site][k][column]
+                    if (cell_a["patients"], cell_a["eval_slices"]) != (cell_b["patients"], cell_b["eval_slices"]):
+                        raise ValueError(f"seed {seed}, {site}, k = {k}: scored on {cell_a['patients']} patients "
+                                         f"({cell_a['eval_slices']} slices) against {cell_b['patients']} "
+                                         f"({cell_b['eval_slices']}); the rows cannot be paired.")
+                    differences.append(cell_a["dice"] - cell_b["dice"])
+                per_seed.append(float(np.mean(differences)))
+            ci = interval(per_seed)
+            out[k][column] = {"mean": float(np.mean(per_seed)), "ci": list(ci) if ci else None, "per_seed": per_seed}
+    return out
+
+
+def format_paired(paired: dict[str, Any], label_a: str, label_b: str) -> str:
+    lines = [f"{label_a} minus {label_b}, Dice, paired per seed (mean over sites), mean [95% interval]; per seed"]
+    for k, by_column in paired.items():
+        for column, cell in by_column.items():
+            ci = f"[{_f(cell['ci'][0], '+.3f')}, {_f(cell['ci'][1], '+.3f')}]" if cell["ci"] else ""
+            lines.append(f"  k = {k:>2}, {column:>4}: {_f(cell['mean'], '+.3f')} {ci}  "
+                         + " ".join(_f(v, "+.3f") for v in cell["per_seed"]))
+    return "\n".join(lines)
+
+
 def format_goal(goal: dict[str, Any]) -> str:
     if not goal.get("checked"):
         return f"goal not checked: {goal.get('reason')}"

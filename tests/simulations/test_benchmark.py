@@ -306,3 +306,28 @@ def test_goal_check_gives_paired_margins_per_seed():
     assert low == pytest.approx(-0.05 * 12.706, rel=1e-3) and high == pytest.approx(0.05 * 12.706, rel=1e-3)  # t(0.975, 1)
     assert goal["met_by"] == []  # one seed lost: not "in every seed"
     assert goal["methods"]["maml"]["margin_over_fedavg_ft"] == pytest.approx(0.0)
+
+
+def test_two_benchmarks_rows_pair_seed_by_seed_only_on_the_same_patients():
+    from fedmeta.simulations.experiments.benchmark_report import format_paired, paired_rows
+
+    def results(row, values, patients=3):
+        dice = {row: {str(seed): {site: {"5": {"auto": {"dice": v + 0.01 * i, "patients": patients, "eval_slices": 40}}}
+                                  for i, site in enumerate(("a", "b"))}
+                      for seed, v in enumerate(values)}}
+        return {"federation": "f", "seeds": [0, 1, 2], "eval_sites": {"a": "x", "b": "y"}, "dice": dice,
+                "preset": {"shots": [5]}, "step_columns": ["auto"]}
+
+    paired = paired_rows(results("prototypes", [0.6, 0.7, 0.8]), "prototypes",
+                         results("fedavg-ft", [0.5, 0.5, 0.5]), "fedavg-ft")
+    cell = paired["5"]["auto"]
+    assert cell["per_seed"] == pytest.approx([0.1, 0.2, 0.3]) and cell["mean"] == pytest.approx(0.2)
+    assert cell["ci"][0] < 0.2 < cell["ci"][1]
+    assert "k =  5, auto: +0.200" in format_paired(paired, "A", "B")
+    with pytest.raises(ValueError, match="scored on 3 patients .* against 4 .*cannot be paired"):
+        paired_rows(results("p", [0.6] * 3), "p", results("q", [0.5] * 3, patients=4), "q")
+    other = {**results("q", [0.5] * 3), "seeds": [0, 1]}
+    with pytest.raises(ValueError, match="differ in seeds"):
+        paired_rows(results("p", [0.6] * 3), "p", other, "q")
+    with pytest.raises(ValueError, match="no row 'r'"):
+        paired_rows(results("p", [0.6] * 3), "r", other, "q")
