@@ -137,24 +137,28 @@ def paired_rows(a: dict[str, Any], row_a: str, b: dict[str, Any], row_b: str) ->
     each seed's difference), for every k and step column both hold: ``{k: {column: {mean, ci, per_seed}}}``.
 
     Two benchmarks pair only where their new sites adapted on the same slices and were scored on the same patients:
-    the same federation, seeds and sites, and in every cell the same patients and evaluation slices (what a preset
-    fixes: seeds, eval-max-images, the federation). Otherwise a ValueError says what differs."""
+    the same federation and sites, the seeds both ran (a seed fixes the split), and in every cell the same patients
+    and evaluation slices (what a preset fixes: eval-max-images, the federation). Otherwise a ValueError says what
+    differs. ``seeds`` in the result: the seeds paired."""
     for results, row in ((a, row_a), (b, row_b)):
         if row not in results.get("dice", {}):
             raise ValueError(f"no row {row!r} in that benchmark; its rows: {', '.join(sorted(results.get('dice', {})))}.")
-    for key in ("federation", "seeds", "eval_sites"):
+    for key in ("federation", "eval_sites"):
         if a.get(key) != b.get(key):
             raise ValueError(f"the two benchmarks differ in {key} ({a.get(key)!r} against {b.get(key)!r}): their rows "
                              "were not scored on the same patients and cannot be paired.")
-    out: dict[str, Any] = {}
     dice_a, dice_b = a["dice"][row_a], b["dice"][row_b]
+    seeds = sorted(set(dice_a) & set(dice_b), key=int)
+    if not seeds:
+        raise ValueError(f"the two benchmarks share no seed ({sorted(dice_a)} against {sorted(dice_b)}): nothing pairs.")
+    out: dict[str, Any] = {"seeds": [int(s) for s in seeds]}
     shots = [str(k) for k in a["preset"]["shots"] if k in b["preset"]["shots"]]
     columns = [c for c in a["step_columns"] if c in b["step_columns"]]
     for k in shots:
         out[k] = {}
         for column in columns:
             per_seed = []
-            for seed in sorted(dice_a, key=int):
+            for seed in seeds:
                 differences = []
                 for site, by_k in dice_a[seed].items():
                     cell_a, cell_b = by_k[k][column], dice_b[seed][site][k][column]
@@ -170,8 +174,11 @@ def paired_rows(a: dict[str, Any], row_a: str, b: dict[str, Any], row_b: str) ->
 
 
 def format_paired(paired: dict[str, Any], label_a: str, label_b: str) -> str:
-    lines = [f"{label_a} minus {label_b}, Dice, paired per seed (mean over sites), mean [95% interval]; per seed"]
+    lines = [f"{label_a} minus {label_b}, Dice, paired per seed (mean over sites; seeds "
+             f"{', '.join(map(str, paired['seeds']))}), mean [95% interval]; per seed"]
     for k, by_column in paired.items():
+        if k == "seeds":
+            continue
         for column, cell in by_column.items():
             ci = f"[{_f(cell['ci'][0], '+.3f')}, {_f(cell['ci'][1], '+.3f')}]" if cell["ci"] else ""
             lines.append(f"  k = {k:>2}, {column:>4}: {_f(cell['mean'], '+.3f')} {ci}  "

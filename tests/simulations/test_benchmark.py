@@ -326,8 +326,11 @@ def test_two_benchmarks_rows_pair_seed_by_seed_only_on_the_same_patients():
     assert "k =  5, auto: +0.200" in format_paired(paired, "A", "B")
     with pytest.raises(ValueError, match="scored on 3 patients .* against 4 .*cannot be paired"):
         paired_rows(results("p", [0.6] * 3), "p", results("q", [0.5] * 3, patients=4), "q")
-    other = {**results("q", [0.5] * 3), "seeds": [0, 1]}
-    with pytest.raises(ValueError, match="differ in seeds"):
+    # two runs of different lengths pair over the seeds both ran (a seed fixes the split)
+    fewer = paired_rows(results("p", [0.6, 0.7, 0.8]), "p", results("q", [0.5, 0.5]), "q")
+    assert fewer["seeds"] == [0, 1] and fewer["5"]["auto"]["per_seed"] == pytest.approx([0.1, 0.2])
+    other = {**results("q", [0.5] * 3), "eval_sites": {"a": "x"}}
+    with pytest.raises(ValueError, match="differ in eval_sites"):
         paired_rows(results("p", [0.6] * 3), "p", other, "q")
     with pytest.raises(ValueError, match="no row 'r'"):
         paired_rows(results("p", [0.6] * 3), "r", other, "q")
