@@ -114,8 +114,9 @@ def adapt_site(checkpoint: Path, data: Path, out: Path, *, shots: int, steps: in
         try:  # a broken model is neither scored (a Dice of 0) nor saved for predict
             check_adapted(adapted, step=done, inner_steps=steps)
         except AdaptationDiverged as err:
-            auto_said = f"; --steps auto chose {steps}" if choice else ""
-            raise ValueError(f"{checkpoint} on {data}: {err} ({_rule(config.algorithm, init, steps, chosen)}{auto_said}). Fix: "
+            rule_said = _rule(config.algorithm, init, steps, chosen)
+            rule_said += f"; --steps auto chose {steps}" if choice else ""
+            raise ValueError(f"{checkpoint} on {data}: {err} ({rule_said}). Fix: "
                              f"adapt with {f'--steps {done - 1} or fewer' if done > 1 else '--steps 0'}, or more "
                              "--shots; if it diverges at every step count, report it to the consortium.") from None
         prepared = adapted if prepared is None else prepared

@@ -101,8 +101,9 @@ def site_evaluation(model: torch.nn.Module, params: Mapping[str, torch.Tensor],
                     step_sizes: Mapping[str, torch.Tensor] | None, site: SiteDataset, config: RunConfig, *, seed: int,
                     device: torch.device | str = "cpu") -> tuple[dict[int, dict], int]:
     """What a held-out site computes in an evaluation round: θ adapted on ``eval-k-shot`` seeded support slices
-    with the run's adaptation rule and variant (``adapt-variant``), scored after each of ``eval-steps`` steps by Dice per patient on its other
-    patients (:func:`fedmeta.common.adaptation.adaptation_curve`). Returns the curve and the patients scored."""
+    with the run's adaptation rule and variant (``adapt-variant``), scored after each of ``eval-steps`` steps by
+    Dice per patient on its other patients (:func:`fedmeta.common.adaptation.adaptation_curve`). Returns the curve
+    and the patients scored."""
     support_x, support_y = adaptation_support(site, config.eval_k_shot, seed=seed)
     patients = site_patients(site, seed, config.eval_max_images, device)
     inner_lr, inner_params = adaptation_rule(config, model, step_sizes)

@@ -142,7 +142,8 @@ def paired_rows(a: dict[str, Any], row_a: str, b: dict[str, Any], row_b: str) ->
     differs. ``seeds`` in the result: the seeds paired."""
     for results, row in ((a, row_a), (b, row_b)):
         if row not in results.get("dice", {}):
-            raise ValueError(f"no row {row!r} in that benchmark; its rows: {', '.join(sorted(results.get('dice', {})))}.")
+            rows = ", ".join(sorted(results.get("dice", {})))
+            raise ValueError(f"no row {row!r} in that benchmark; its rows: {rows}.")
     for key in ("federation", "eval_sites"):
         if a.get(key) != b.get(key):
             raise ValueError(f"the two benchmarks differ in {key} ({a.get(key)!r} against {b.get(key)!r}): their rows "
@@ -150,7 +151,8 @@ def paired_rows(a: dict[str, Any], row_a: str, b: dict[str, Any], row_b: str) ->
     dice_a, dice_b = a["dice"][row_a], b["dice"][row_b]
     seeds = sorted(set(dice_a) & set(dice_b), key=int)
     if not seeds:
-        raise ValueError(f"the two benchmarks share no seed ({sorted(dice_a)} against {sorted(dice_b)}): nothing pairs.")
+        raise ValueError(f"the two benchmarks share no seed ({sorted(dice_a)} against {sorted(dice_b)}): "
+                         "nothing pairs.")
     out: dict[str, Any] = {"seeds": [int(s) for s in seeds]}
     shots = [str(k) for k in a["preset"]["shots"] if k in b["preset"]["shots"]]
     columns = [c for c in a["step_columns"] if c in b["step_columns"]]

@@ -269,7 +269,8 @@ def _simulate_runs(config, session, num_sites, quiet, baseline, out, federation,
         # fine-tune, as FedAvg + fine-tune's authors define it, whatever the meta-learner's sites do.
         baseline_config = config.replace(
             algorithm=FEDAVG, meta_optimizer="sgd", meta_lr=1.0, meta_momentum=0.0, eval_every=0, lstm_truncation=0,
-            inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"), adapt_variant="fine-tune",
+            inner_steps=fedavg_epochs_for_budget(config), out_dir=str(out / "baseline-fedavg"),
+            adapt_variant="fine-tune",
         )
         _say(quiet, "baseline: FedAvg with the same budget")
         runs["fedavg (baseline)"] = _run(baseline_config, session, num_sites, quiet, adversary)
