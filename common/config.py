@@ -20,6 +20,7 @@ parsing of the wire format.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ from fedmeta.common.config_sections import (  # the limits and choices are re-ex
 )
 from fedmeta.common.algorithms import ALGORITHMS as ALGORITHM_OBJECTS
 from fedmeta.common.algorithms import Algorithm
-from fedmeta.common.model import ModelConfig, parameter_count
+from fedmeta.common.model import ModelConfig, build_model, parameter_count
 from fedmeta.common.protocol import ALGORITHMS
 
 
@@ -53,6 +54,18 @@ class _SectionView:
 
 # dataclasses collects a class's fields from its last base first: the sections are listed last to first, so the
 # fields (and to_run_config) run from algorithm to release-key.
+
+
+@functools.lru_cache(maxsize=16)
+def _site_variants(algorithm: str, model: ModelConfig) -> tuple[str, ...]:
+    """The adaptation variants a site model of this run can be adapted with: those that apply to the algorithm and
+    to its network (a variant can need parts of it, e.g. norm parameters) and whose adapted weights segment alone.
+    Cached: a RunConfig is checked again on every replace(), and this builds the network."""
+    from fedmeta.common.adaptation_variants import VARIANTS, Variant  # imports the algorithms' inner loops: only here
+
+    network = build_model(model)
+    return tuple(name for name, v in VARIANTS.items()
+                 if type(v).logits is Variant.logits and v.applies_to(algorithm) and v.applies_to(network))
 @dataclass(frozen=True)
 class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evaluation, Model, Learners, InnerLoop,
                 Training):
@@ -114,15 +127,9 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
     def _check_adapt_variant(self) -> None:
         # A site model holds one set of adapted weights (an ensemble predicts from two), and the variant must apply
         # to what this run trains (frozen prototypes need a prototype learner); said before any round runs.
-        from fedmeta.common.adaptation_variants import DEFAULT as DEFAULT_VARIANT, VARIANTS, Variant  # torch
-
-        if self.adapt_variant == DEFAULT_VARIANT:
+        if self.adapt_variant == "fine-tune":  # fedmeta.common.adaptation_variants.DEFAULT: applies to every network
             return
-        from fedmeta.common.model import build_model  # a variant can need parts of the network (norm parameters)
-
-        network = build_model(self.model_config())
-        usable = [name for name, v in VARIANTS.items()
-                  if type(v).logits is Variant.logits and v.applies_to(self.algorithm) and v.applies_to(network)]
+        usable = _site_variants(self.algorithm, self.model_config())
         need(self, self.adapt_variant in usable, "adapt-variant",
              f"must be an adaptation variant that applies to algorithm {self.algorithm!r} with this network "
              f"(model-norm={self.model_norm!r}) and whose adapted weights segment alone: one of {', '.join(usable)}.")

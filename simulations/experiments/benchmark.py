@@ -271,9 +271,7 @@ def run_benchmark(
     results = _results(spec, names, configs, budgets, total_budget, federation_dir, train_infos, eval_infos,
                        eval_role, seeds_list, runs, dice, oracle, load_at_start)
     results["seconds_total"] = time.perf_counter() - began
-    files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
-    if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
-        files["curves"] = out / "learning_curves.png"
+    files = _report_files(out, runs)
     results["files"] = {k: str(v) for k, v in files.items()}
     with progress(quiet, "writing the figures and tables"):
         _write_report(results, files)
@@ -283,6 +281,23 @@ def run_benchmark(
     _say(quiet, f"done in {results['seconds_total'] / 60:.1f} min (load average {load_at_start} at start, "
                 f"{results['machine']['load_average_end']} at end)")
     return results
+
+
+def _analysis(dice: dict[str, dict[str, Any]], runs: dict[str, dict[Any, Any]], shots: list[int],
+              columns: list[int | str]) -> dict[str, Any]:
+    """What results.json derives from the Dice cells (per method, seed as a string, site) and the training runs:
+    the summary, the goal, the cells above the oracle and the time to accuracy — for a run and for --report-only."""
+    summary = summarise(dice, shots, columns)
+    return {"summary": summary, "goal": goal_check(summary, shots, columns, dice=dice),
+            "above_oracle": above_oracle(summary, shots, columns), "time_to_accuracy": time_to_accuracy(runs)}
+
+
+def _report_files(out: Path, runs: dict[str, dict[Any, Any]]) -> dict[str, Path]:
+    """The files a benchmark's report writes in ``out``; learning curves only when a run recorded one."""
+    files = {"results": out / "results.json", "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
+    if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
+        files["curves"] = out / "learning_curves.png"
+    return files
 
 
 def _write_report(results: dict[str, Any], files: dict[str, Path], table: str | None = None) -> None:
@@ -299,17 +314,25 @@ def _write_report(results: dict[str, Any], files: dict[str, Path], table: str | 
 REPORT_ONLY_MAX_BYTES = 256 * 2**20  # a 5-seed benchmark's results.json is about 5 MB
 
 
-def _read_results(path: Path) -> Any:
-    """A benchmark's results.json, strict, bounded in size; what is wrong with it named."""
+def _read_results(path: Path, needs: tuple[str, ...]) -> dict[str, Any]:
+    """A benchmark's results.json, strict, bounded in size, holding the top-level keys ``needs``; what is wrong
+    with it named."""
     from fedmeta.common.jsonio import loads_strict
 
-    if path.stat().st_size > REPORT_ONLY_MAX_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB, more than a benchmark's results.json holds "
+    size = path.stat().st_size
+    if size > REPORT_ONLY_MAX_BYTES:
+        raise ValueError(f"{path}: {size / 2**20:.0f} MiB, more than a benchmark's results.json holds "
                          f"(at most {REPORT_ONLY_MAX_BYTES // 2**20} MiB here); it is not one of fedmeta benchmark's.")
     try:
-        return loads_strict(path.read_text(encoding="utf-8"))
+        results = loads_strict(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not readable as strict JSON ({err}).") from None
+    missing = [key for key in needs if not isinstance(results, dict) or key not in results]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(repr(k) for k in missing)}: not the results of this fedmeta "
+                         "version's benchmark. Run the same benchmark again with this version (into the same --out, "
+                         "finished trainings are reused).")
+    return results
 
 
 def _finished(value: str) -> tuple[str, dict[str, Any], str]:
@@ -321,9 +344,7 @@ def _finished(value: str) -> tuple[str, dict[str, Any], str]:
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no results.json; give the --out of a finished fedmeta benchmark.")
-    results = _read_results(path)
-    if not isinstance(results, dict) or not {"dice", "preset", "step_columns", "seeds"} <= set(results):
-        raise ValueError(f"{path}: not the results of this fedmeta version's benchmark.")
+    results = _read_results(path, needs=("dice", "preset", "step_columns", "federation", "eval_sites"))
     return f"{row} ({Path(folder).name})", results, row
 
 
@@ -344,13 +365,7 @@ def rewrite_report(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--out {out}: no results.json; --report-only rewrites the report of a finished "
                                 "fedmeta benchmark (run it without --report-only first).")
-    results = _read_results(path)
-    missing = [key for key in ("preset", "method_order", "methods", "dice", "runs", "step_columns")
-               if not isinstance(results, dict) or key not in results]
-    if missing:
-        raise ValueError(f"{path}: lacks {', '.join(repr(k) for k in missing)}, which --report-only needs: not the "
-                         "results of this fedmeta version's benchmark. Run the same benchmark again with this version "
-                         "(into the same --out, finished trainings are reused) to rewrite its report.")
+    results = _read_results(path, needs=("preset", "method_order", "methods", "dice", "runs", "step_columns"))
     try:
         shots, order = [int(k) for k in results["preset"]["shots"]], list(results["method_order"])
         if not order or not shots:
@@ -360,13 +375,8 @@ def rewrite_report(out: Path) -> dict[str, Any]:
         keys = dict.fromkeys(results["methods"][name]["training"] for name in order)
         runs = {key: results["runs"][key] for key in keys if key in results["runs"]}
         columns = [c if c == AUTO else int(c) for c in results["step_columns"]]  # as step_columns gives them
-        results["summary"] = summarise(dice, shots, columns)
-        results["goal"] = goal_check(results["summary"], shots, columns, dice=dice)
-        results["above_oracle"] = above_oracle(results["summary"], shots, columns)
-        results["time_to_accuracy"] = time_to_accuracy(runs)
-        files = {"results": path, "table": out / "results.md", "plot": out / "dice_vs_steps.png"}
-        if any(run.get("curve") for by_seed in runs.values() for run in by_seed.values()):
-            files["curves"] = out / "learning_curves.png"
+        results.update(_analysis(dice, runs, shots, columns))
+        files = _report_files(out, runs)
         results["files"] = {k: str(v) for k, v in files.items()}
         table = format_markdown(results)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, StopIteration) as err:
@@ -407,10 +417,8 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
     """Everything results.json holds (but the total time and the file names, which the caller adds)."""
     import torch
 
-    columns = step_columns(spec)
-    summary = summarise(dice, spec["shots"], columns)
-    goal = goal_check(summary, spec["shots"], columns,
-                      dice={name: {str(seed): d for seed, d in by_seed.items()} for name, by_seed in dice.items()})
+    analysis = _analysis({name: {str(seed): d for seed, d in by_seed.items()} for name, by_seed in dice.items()},
+                         runs, spec["shots"], step_columns(spec))
     return {
         "preset": spec,
         "federation": str(federation_dir),
@@ -436,13 +444,13 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
         "local_steps_total": total_budget,
         "runs": {key: {str(s): r for s, r in by_seed.items()} for key, by_seed in runs.items()},
         "dice": {name: {str(s): d for s, d in by_seed.items()} for name, by_seed in dice.items()},
-        "summary": summary,
-        "step_columns": [str(c) for c in columns],  # "auto" first in the tables when present
-        "goal": goal,
-        "above_oracle": above_oracle(summary, spec["shots"], columns),
+        "summary": analysis["summary"],
+        "step_columns": [str(c) for c in step_columns(spec)],  # "auto" first in the tables when present
+        "goal": analysis["goal"],
+        "above_oracle": analysis["above_oracle"],
         # per seed and new site: the oracle's Adam steps, the step kept, why it stopped, its validation patients
         "oracle": {str(seed): by_site for seed, by_site in oracle.items() if by_site},
-        "time_to_accuracy": time_to_accuracy(runs),
+        "time_to_accuracy": analysis["time_to_accuracy"],
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -51,7 +51,7 @@ def summarise(dice: dict[str, dict[int, Any]], shots: list[int], steps: list[int
     summary: dict[str, Any] = {}
     for name, by_seed in dice.items():
         summary[name] = {}
-        seeds = sorted(by_seed)
+        seeds = sorted(by_seed, key=int)  # "10" after "9": seeds come as ints or as results.json's strings
         sites = sorted(next(iter(by_seed.values())))
         for k in shots:
             summary[name][str(k)] = {}

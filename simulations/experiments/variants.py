@@ -29,7 +29,7 @@ SHOTS = (1, 5, 10)
 STEPS: tuple[int | str, ...] = (0, 5, 10, 20, AUTO)
 SEEDS = (0, 1, 2)
 RESULTS_NAME, TABLE_NAME = "variants.json", "variants.md"
-PROGRESS_EVERY_S = 10.0
+SCORE_LINE_EVERY_S = 10.0  # a line per scored variant at most this often (common.progress paces adapt at 5 s)
 
 
 def score_variants(
@@ -77,7 +77,7 @@ def score_variants(
             say(f"warning: {site} is a {role} site of its federation (its manifest.json says so): a variant promoted "
                 "on it is chosen on the test sites. Pass validation sites (training sites kept out of training, e.g. "
                 "the benchmark's validation-sites) instead.")
-    started, say_done = time.monotonic(), paced(say, PROGRESS_EVERY_S)
+    started, say_done = time.monotonic(), paced(say, SCORE_LINE_EVERY_S)
     result: dict[str, Any] = {
         "settings": {"shots": list(shots), "steps": [str(s) for s in steps], "seeds": list(seeds),
                      "sites": [str(Path(s)) for s in sites], "max_images": max_images, "auto_max_steps": auto_max},
