@@ -99,28 +99,45 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
                   # the learning curve is part of what a run left: reuse one only if it was recorded alike
                   "curve": {"every": curve_every, "sites": sorted(i.name for i in eval_infos),
                             "eval_max_images": eval_max_images} if curve_every > 0 else None}
-    reused = False
+    reused, continued_from, previous = False, 0, {}
     if path.exists() and info_path.exists():
         checkpoint = load_checkpoint(path)
         previous = json.loads(info_path.read_text())
-        reused = (checkpoint.config_hash == trajectory_hash(config) and checkpoint.round == config.num_rounds
-                  and previous.get("trained_on") == trained_on)
+        same = checkpoint.config_hash == trajectory_hash(config) and previous.get("trained_on") == trained_on
+        reused = same and checkpoint.round == config.num_rounds and previous.get("finished", True)
+        # A shorter run of the same trajectory (finished under a smaller num-rounds, or killed part way) is
+        # continued from its checkpoint rather than trained again: num-rounds is not in the trajectory hash
+        # and a resumed run is bitwise the uninterrupted one (tests/simulations/test_inprocess.py), so a
+        # 400-round budget after a 240-round benchmark costs 160 rounds. The pooled bound is no federated
+        # run and has nothing to resume.
+        if same and 0 < checkpoint.round < config.num_rounds and not key.startswith("pooled-"):
+            continued_from = checkpoint.round
     if reused:
         info = previous
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
+        if not continued_from:
+            path.unlink(missing_ok=True)
+        # Written before training so that a benchmark killed part way knows what its checkpoint was
+        # trained on when it is run again; "seconds" counts every stretch of training that led to the
+        # checkpoint (a killed stretch's time is lost with it).
+        earlier = float(previous.get("seconds", 0.0)) if continued_from else 0.0
+        write_json(info_path, {"trained_on": trained_on, "seconds": earlier, "finished": False})
         began = time.perf_counter()
         with progress(quiet, lambda: f"[seed {config.seed}] {key}: training, round "
-                                     f"{_rounds_done(out_dir / METRICS_NAME)}/{config.num_rounds}"):
-            info = _train_run(key, config, path, out_dir, federation_dir, train_infos, eval_infos, curve_every,
-                              eval_max_images)
-        info["seconds"] = time.perf_counter() - began
+                                     f"{_rounds_done(out_dir / METRICS_NAME)}/{config.num_rounds}"
+                                     + (f" (continued from round {continued_from})" if continued_from else "")):
+            info = _train_run(key, config.replace(resume=bool(continued_from)), path, out_dir, federation_dir,
+                              train_infos, eval_infos, curve_every, eval_max_images)
+        info["seconds"] = earlier + time.perf_counter() - began
         info["trained_on"] = trained_on
+        if continued_from:
+            info["continued_from_round"] = continued_from
         write_json(info_path, info)
     init, _ = load_initialisation(path, key)
     loss = info.get("final_query_loss_after")
-    _say(quiet, f"[seed {config.seed}] {key:14s} {'reused' if reused else 'trained'} in {info['seconds']:.0f} s"
+    done = "reused" if reused else f"continued from round {continued_from}" if continued_from else "trained"
+    _say(quiet, f"[seed {config.seed}] {key:14s} {done} in {info['seconds']:.0f} s"
                 + (f", final query loss {loss:.4f}" if loss is not None else ""))
     return {**info, "reused": reused, "checkpoint": str(path)}, init
 

@@ -136,6 +136,38 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
     assert not split["runs"]["fomaml"]["0"]["reused"]
 
 
+def test_a_longer_budget_continues_a_shorter_run_and_ends_bitwise_where_a_fresh_run_ends(
+        smoke_federation, tiny_preset, tmp_path):
+    import torch
+
+    from fedmeta.common.checkpoint import load_checkpoint
+
+    def bench(out, rounds):
+        assert main(["benchmark", "--preset", str(tiny_preset), "--out", str(out), "--methods", "fomaml",
+                     "--federation-dir", str(smoke_federation), "--set", f"num-rounds={rounds}"]) == 0
+        return json.loads((out / "results.json").read_text())
+
+    bench(tmp_path / "longer", 1)
+    killed = tmp_path / "longer" / "runs" / "seed-0" / "fomaml"
+    continued = bench(tmp_path / "longer", 2)
+    fresh = bench(tmp_path / "fresh", 2)
+    run = continued["runs"]["fomaml"]["0"]
+    assert run["continued_from_round"] == 1 and not run["reused"]
+    assert "continued_from_round" not in fresh["runs"]["fomaml"]["0"]
+    assert [p["round"] for p in run["curve"]] == [p["round"] for p in fresh["runs"]["fomaml"]["0"]["curve"]] == [0, 1, 2]
+    assert run["curve"] == fresh["runs"]["fomaml"]["0"]["curve"]
+    assert continued["dice"]["fomaml"] == fresh["dice"]["fomaml"]
+    a = load_checkpoint(killed / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "fresh" / "runs" / "seed-0" / "fomaml" / "checkpoint.pt")
+    assert a.round == b.round == 2 and all(torch.equal(a.params[n], b.params[n]) for n in a.params)
+    # A benchmark killed part way leaves its checkpoint and what it was trained on: run again, it continues.
+    info = json.loads((killed / "run.json").read_text())
+    (killed / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": 0.0, "finished": False}))
+    again = bench(tmp_path / "longer", 3)
+    assert again["runs"]["fomaml"]["0"]["continued_from_round"] == 2
+    assert [p["round"] for p in again["runs"]["fomaml"]["0"]["curve"]] == [0, 1, 2, 3]
+
+
 def test_parallel_jobs_give_the_numbers_one_process_gives(smoke_federation, tiny_preset, tmp_path):
     from fedmeta.simulations.experiments.benchmark import run_benchmark
 
