@@ -232,6 +232,11 @@ def run_command(command: Callable[[], int | None], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader went away (`fedmeta benchmark --paired ... | head`): end quietly, as a shell tool does,
+        # rather than with a traceback; stdout now leads nowhere so the interpreter's last flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + getattr(signal, "SIGPIPE", 13)
 
 
 def _resource_tracker() -> set[int]:

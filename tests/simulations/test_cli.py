@@ -69,3 +69,16 @@ def test_a_hospitals_predict_loads_none_of_the_researchers_or_the_coordinators_m
 def test_no_commands_help_waits_for_torch(command):
     """A command's --help answers without loading torch (about 2-3 s here): heavy imports wait for the work."""
     assert "torch" not in _modules_after([command, "--help"])
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_not_with_a_traceback():
+    # `fedmeta benchmark --paired A B | head`: more output than a pipe holds, and the reader stops after a line.
+    script = ("import sys\n"
+              "from fedmeta.simulations.engines.processes import run_command\n"
+              "sys.exit(run_command(lambda: [print('a paired row ' * 8) for _ in range(100_000)] and 0, 'fedmeta'))\n")
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert writer.stdout.readline().startswith(b"a paired row")
+    writer.stdout.close()
+    _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Broken pipe" not in err, err.decode()
