@@ -50,23 +50,26 @@ from fedmeta.common.progress import PROGRESS_EVERY_S, paced
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
 from fedmeta.common.synth_plan import (
-    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, EXTENTS, GENERATIONS, GENERATOR_VERSION, HELDOUT_KINDS, HELDOUT_PROTOCOLS,
-    LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS, SCALE_COUNTS, SEQUENCES, STORAGE_ORIENTATIONS,
-    TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset, plan_federation,
+    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, EXTENTS, GENERATIONS, GENERATOR_VERSION, HEAD_LAYERS, HEAD_MARGIN_MM,
+    HEAD_SIGNAL, HELDOUT_KINDS, HELDOUT_PROTOCOLS, LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS, SCALE_COUNTS,
+    SEQUENCES, STORAGE_ORIENTATIONS, TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset,
+    plan_federation,
 )
 from fedmeta.common.synth_render import (
     ASSET_PATH, BRAIN_CENTRE_MM, FOV_HI_MM, FOV_LO_MM, SLICE_AXES, TEXTURE_ASSET_PATH, VENTRICLE_CENTRE_MM,
-    _asset_digest, _generate_subject, _to_storage, _worker_init, annotate, contrast_curve, load_anatomy,
+    _asset_digest, _generate_subject, _to_storage, _worker_init, annotate, contrast_curve, head_signal, load_anatomy,
     load_texture, render_image, render_subject, subject_anatomy, subject_tissue,
 )
 
 __all__ = [
     "ASSET_PATH", "BRAIN_CENTRE_MM", "DEEP_GREY_SIGNAL", "DELINEATION_PROTOCOLS", "EXTENTS", "FOV_HI_MM", "FOV_LO_MM",
-    "GENERATIONS", "GENERATOR_VERSION", "HELDOUT_KINDS", "HELDOUT_PROTOCOLS", "LABELS", "LABEL_PROTOCOLS",
+    "GENERATIONS", "GENERATOR_VERSION", "HEAD_LAYERS", "HEAD_MARGIN_MM", "HEAD_SIGNAL", "HELDOUT_KINDS",
+    "HELDOUT_PROTOCOLS", "LABELS", "LABEL_PROTOCOLS",
     "PRESETS", "PROTOCOL_LABELS", "SCALE_COUNTS", "SEQUENCES", "SLICE_AXES", "STORAGE_ORIENTATIONS",
     "TEXTURE_ASSET_PATH", "TEXTURE_HELDOUT_KINDS", "TISSUE_SIGNAL", "TRAIN_SEQUENCES", "VENTRICLE_CENTRE_MM",
     "Manifest", "Preset", "Progress", "SiteInfo", "annotate", "cached_federation", "contrast_curve",
-    "federation_digest", "generate_federation", "load_anatomy", "load_manifest", "load_texture", "plan_federation",
+    "federation_digest", "generate_federation", "head_signal", "load_anatomy", "load_manifest", "load_texture",
+    "plan_federation",
     "render_image", "render_subject", "subject_anatomy", "subject_tissue",
     "_to_storage",  # how a site's converter stores a volume: the tests read their expected volumes through it
 ]
@@ -243,6 +246,8 @@ def _cache_key(preset: str, seed: int) -> str:
     # The preset's whole definition, not only its name: a preset whose sites or sizes change is a new federation;
     # and the anatomy its generation renders from (the texture generation: both assets).
     spec = dataclasses.asdict(_preset(preset))
+    if not spec["head"]:  # added after 2.0: only a preset that sets it has a new key; every earlier one keeps its own
+        del spec["head"]
     blob = json.dumps({"preset": preset, "spec": spec, "seed": seed, "generator": GENERATOR_VERSION,
                        "asset": _asset_digest(spec["generation"])}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

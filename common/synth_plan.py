@@ -75,6 +75,20 @@ TISSUE_SIGNAL = {
     "PD": (0.90, 0.82, 0.66),
     "FLAIR": (0.07, 0.74, 0.52),
 }
+# The head's tissues (the `head` preset), relative signal on the scale of TISSUE_SIGNAL: fat (subcutaneous
+# and the skull's marrow; short T1, bright on every sequence here, FLAIR does not null it), muscle (scalp
+# muscle and galea; darker than grey matter, dark on T2w), cortical bone (next to no signal) and skin.
+HEAD_SIGNAL = {
+    "T1w": {"fat": 1.02, "muscle": 0.40, "bone": 0.04, "skin": 0.55},
+    "T2w": {"fat": 0.80, "muscle": 0.24, "bone": 0.04, "skin": 0.45},
+    "PD": {"fat": 0.95, "muscle": 0.62, "bone": 0.05, "skin": 0.70},
+    "FLAIR": {"fat": 0.78, "muscle": 0.30, "bone": 0.04, "skin": 0.50},
+}
+# The head's layers outward from the brain's surface, in order, and the range of a subject's mean thickness
+# of each (mm): the skull's inner table, its marrow (diploe), its outer table, scalp muscle, fat, skin.
+HEAD_LAYERS = (("bone", (1.5, 2.5)), ("fat", (2.0, 5.0)), ("bone", (1.0, 2.0)), ("muscle", (1.0, 4.0)),
+               ("fat", (2.0, 6.0)), ("skin", (1.0, 2.0)))
+HEAD_MARGIN_MM = 30.0  # the field of view's growth on every side but the inferior: room for the thickest head
 STORAGE_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI")  # NIfTI from different converters (FSL, DICOM, ...)
 # The texture generation's iron term: relative signal change of the deep grey nuclei per sequence (iron
 # shortens T2: pallidum and putamen darker on T2w and FLAIR, a little on PD, none to speak of on T1w).
@@ -97,10 +111,16 @@ class Preset:
     # used (`SiteInfo.folder`), so a federation of a thousand sites costs what its sampled sites cost.
     lazy: bool = False
     generation: str = "tissue"  # one of GENERATIONS: how images and labels are made (fedmeta.common.synth_render)
+    # The head around the brain (skull, marrow, scalp muscle and fat, skin), as a scan comes off the scanner
+    # before anyone strips the skull: tissue no protocol labels, at intensities that overlap the brain's.
+    # The texture generation only; it enters a preset's cache key only when set (fedmeta.common.synth).
+    head: bool = False
 
     def __post_init__(self) -> None:
         if self.generation not in GENERATIONS:
             raise ValueError(f"generation={self.generation!r} is not known; use one of {GENERATIONS}.")
+        if self.head and self.generation != "texture":
+            raise ValueError("head=True needs generation='texture': the tissue generation renders the brain only.")
         unknown = [p for p in self.train_protocols if p not in PROTOCOL_LABELS]
         if unknown:
             raise ValueError(f"train_protocols {unknown} are not known; use those of PROTOCOL_LABELS.")
@@ -154,6 +174,22 @@ PRESETS: dict[str, Preset] = {
         train_sequences=("T1w", "T2w", "PD"),
         train_protocols=("anatomical", "cortical", "ventricular"),
         generation="texture",
+    ),
+    # The default with the head left on (no site strips the skull): the same sites, scanners, protocols and
+    # subjects' draws, and around each brain a skull, fatty marrow, scalp muscle, fat and skin that no
+    # protocol labels, at signals that overlap the brain's on every sequence (fat as bright as white matter on
+    # T1w, as grey matter on FLAIR; muscle between CSF and grey matter). Anatomy, not intensity, says
+    # where the brain ends, so a per-site intensity lookup cannot segment it; the field of view grows by
+    # the head's margin.
+    "head": Preset(
+        num_train_sites=8,
+        heldout_kinds=TEXTURE_HELDOUT_KINDS,
+        patients=(10, 20),
+        inplane_mm=(1.2, 2.0),
+        slice_thickness_mm=(1.5, 5.0),
+        train_protocols=("anatomical", "cortical", "ventricular"),
+        generation="texture",
+        head=True,
     ),
     # Protocol-heterogeneous consortium, where one FedAvg head is ill-posed: training sites label
     # every tissue, tissue without CSF, or grey matter only; new hospitals ask for white matter only
@@ -298,6 +334,18 @@ def _draw_unseen_anatomy(rng: np.random.Generator, population: dict[str, Any]) -
     }
 
 
+def _draw_head_signal(rng: np.random.Generator, sequence: str) -> dict[str, float]:
+    """The site's signal of each head tissue: HEAD_SIGNAL's for its sequence, with the vendor/coil jitter."""
+    return {tissue: round(value * float(rng.uniform(0.9, 1.1)), 4) for tissue, value in HEAD_SIGNAL[sequence].items()}
+
+
+def _draw_head_subject(rng: np.random.Generator) -> dict[str, Any]:
+    """A subject's head: each layer's mean thickness (mm, HEAD_LAYERS' order) and the seed of the smooth
+    field that thickens and thins it by up to a third over the head."""
+    return {"layers_mm": [_uniform(rng, lo, hi, digits=2) for _, (lo, hi) in HEAD_LAYERS],
+            "thickness_seed": int(rng.integers(0, 2**31 - 1))}
+
+
 def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
     """Every site's name, role, kind and parameters, and its subjects' parameters (no image work)."""
     spec = _preset(preset)
@@ -328,8 +376,12 @@ def plan_federation(preset: str, seed: int) -> list[dict[str, Any]]:
                                    protocols[index - 1] if role == ROLE_TRAIN else spec.train_protocols[0])
         num_patients = int(site_rng.integers(spec.patients[0], spec.patients[1] + 1))
         subjects = []
+        if spec.head:  # its own stream: every other draw stays the one the preset without a head makes
+            params["scanner"]["head"] = _draw_head_signal(_rng(seed, 3, index), sequence)
         for p in range(num_patients):
             subject = _draw_subject_params(_rng(seed, 2, index, p), params)
+            if spec.head:
+                subject["head"] = _draw_head_subject(_rng(seed, 4, index, p))
             subjects.append({"id": f"{name}_{p:03d}", **subject})
         plan.append({"name": name, "role": role, "heldout_kind": kind, "num_patients": num_patients,
                      "params": params, "subjects": subjects, "fov_scale": spec.fov_scale,

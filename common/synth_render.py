@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmeta.common.synth_plan import DELINEATION_PROTOCOLS, LABEL_PROTOCOLS, PROTOCOL_LABELS
+from fedmeta.common.synth_plan import (
+    DELINEATION_PROTOCOLS, HEAD_LAYERS, HEAD_MARGIN_MM, LABEL_PROTOCOLS, PROTOCOL_LABELS,
+)
 from fedmeta.common.workers import end_with_parent
 
 ASSET_PATH = Path(__file__).resolve().parent / "assets" / "icbm152_2009a_tissue_1p5mm.npz"
@@ -100,8 +102,11 @@ def _site_grid(scanner: dict[str, Any], fov_scale: float) -> tuple[np.ndarray, n
     spacing = np.full(3, float(scanner["inplane_mm"]))
     spacing[SLICE_AXES[scanner["slice_axis"]]] = float(scanner["slice_thickness_mm"])
     lo = FOV_LO_MM.copy()
-    lo[2] = max(lo[2], float(scanner["fov_inferior_mm"]))
     hi = FOV_HI_MM.copy()
+    if scanner.get("head"):  # room for the head on every side but below, where the site's coverage stops
+        lo[:2] -= HEAD_MARGIN_MM
+        hi += HEAD_MARGIN_MM
+    lo[2] = max(lo[2], float(scanner["fov_inferior_mm"]))
     if fov_scale != 1.0:
         lo = BRAIN_CENTRE_MM + fov_scale * (lo - BRAIN_CENTRE_MM)
         hi = BRAIN_CENTRE_MM + fov_scale * (hi - BRAIN_CENTRE_MM)
@@ -255,10 +260,33 @@ def _warp_subject(site_params: dict[str, Any], subject: dict[str, Any], fov_scal
     if texture:
         # Iron in the deep grey nuclei darkens them on T2-weighted sequences (site- and sequence-specific).
         signal *= 1.0 + float(scanner["deep_grey_signal"]) * np.clip(total[3], 0.0, 1.0)
+        if scanner.get("head"):
+            signal += head_signal(total[:3].sum(axis=0), scanner["head"], subject["head"], spacing)
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)
     affine[:3, 3] = lo
     return np.clip(total, 0.0, 1.0), (np.clip(signal, 0.0, None) if texture else None), affine
+
+
+def head_signal(brain: np.ndarray, signals: dict[str, float], head: dict[str, Any],
+                spacing: np.ndarray) -> np.ndarray:
+    """The head around a brain on the site's grid (the ``head`` preset), float32 like ``brain``.
+
+    ``brain`` is the share of each voxel that is brain (CSF + GM + WM). A voxel outside it lies at some
+    distance from the brain's surface (mm, on the grid's own spacing); that depth, over a smooth field that
+    thickens and thins the whole head by up to a third, falls in one of HEAD_LAYERS' layers (the subject's
+    thicknesses, ``head["layers_mm"]``) or beyond them, in air; it takes that layer's signal (``signals``,
+    the site's) times the share of the voxel the brain leaves. Labels never see it: no protocol labels the head.
+    """
+    from scipy import ndimage  # lazy: see annotate
+
+    distance = ndimage.distance_transform_edt(brain < 0.5, sampling=[float(s) for s in spacing]).astype(np.float32)
+    field = _smooth_field(np.random.default_rng(int(head["thickness_seed"])), (4, 5, 4), brain.shape)
+    thickness = 1.0 + field / (3.0 * max(float(np.abs(field).max()), 1e-6))
+    edges = np.cumsum([float(t) for t in head["layers_mm"]])
+    layer = np.searchsorted(edges, distance / thickness, side="right")  # len(edges): beyond the skin
+    values = np.array([float(signals[tissue]) for tissue, _ in HEAD_LAYERS] + [0.0], dtype=np.float32)
+    return values[layer] * (1.0 - np.clip(brain, 0.0, 1.0)).astype(np.float32)
 
 
 def _kspace_artefacts(signal: np.ndarray, scanner: dict[str, Any], rng: np.random.Generator) -> np.ndarray:

@@ -208,3 +208,67 @@ def test_progress_lines_come_from_worker_processes_too(tmp_path: Path, monkeypat
     generate_federation(tmp_path / "fed", "smoke", seed=0, workers=2, progress=lines.append)
     assert len(lines) >= 20 and lines[-1].startswith("rendered 20/20 subjects")
     assert any("(site-" in line or "(new-" in line for line in lines)
+
+
+def test_the_head_preset_is_the_default_with_a_head_and_earlier_federations_keep_their_keys():
+    assert dataclasses.replace(synth.PRESETS["head"], head=False) == synth.PRESETS["default"]
+    with pytest.raises(ValueError, match="head=True needs generation='texture'"):
+        dataclasses.replace(synth.PRESETS["tissue"], head=True)
+    # The key a federation is cached (and a checkpoint's trajectory hashed) under: the field the head added
+    # enters it only when set, so the default federation and every run trained on it are still recognised.
+    # (No float work goes into the key: the same on every machine.)
+    assert synth._cache_key("default", 0) == "ee46ad0ece8f672f9f94"
+    assert synth._cache_key("head", 0) not in {synth._cache_key(name, 0) for name in synth.PRESETS if name != "head"}
+    # Its own random streams: every site's and subject's brain is drawn as the default draws it.
+    head, default = plan_federation("head", 0), plan_federation("default", 0)
+    for with_head, without in zip(head, default, strict=True):
+        assert {k: v for k, v in with_head["params"]["scanner"].items() if k != "head"} == without["params"]["scanner"]
+        assert {**with_head["params"], "scanner": without["params"]["scanner"]} == without["params"]
+        assert [{k: v for k, v in s.items() if k != "head"} for s in with_head["subjects"]] == without["subjects"]
+        assert set(with_head["params"]["scanner"]["head"]) == {"fat", "muscle", "bone", "skin"}
+        assert all(len(s["head"]["layers_mm"]) == len(synth.HEAD_LAYERS) for s in with_head["subjects"])
+
+
+def test_the_head_is_unlabelled_tissue_whose_intensities_overlap_the_brains():
+    from scipy import ndimage
+
+    site = next(s for s in plan_federation("head", 0) if s["params"]["scanner"]["sequence"] == "T1w")
+    subject = site["subjects"][0]
+    tissue, signal, affine = synth.subject_anatomy(site["params"], subject, site["fov_scale"])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    brain = tissue[:3].sum(axis=0)
+    labels = synth.annotate(tissue, site["params"], subject, spacing_mm=spacing)
+    depth = ndimage.distance_transform_edt(brain < 0.5, sampling=spacing)  # mm outward from the brain
+    head = (depth > 4.0) & (signal > 0.0)  # clear of the raters' one-voxel dilation and label noise
+    assert (labels[head] == 0).all() and head.sum() > 0.1 * (brain > 0.5).sum()
+    # On T1w the marrow and scalp fat are as bright as white matter and the muscle lies between CSF and grey
+    # matter: an intensity threshold that keeps the brain's tissues keeps much of the head too.
+    white = signal[tissue[2] > 0.95]
+    lo, hi = np.percentile(white, [5, 95])
+    assert ((signal[head] > lo) & (signal[head] < 1.2 * hi)).sum() > 0.2 * head.sum()
+    assert (signal[depth > 40.0] == 0).all()  # air beyond the thickest head
+    # The field of view grows by the head's margin in-plane and above (below, the site's coverage decides).
+    bare_site = {**site["params"], "scanner": {k: v for k, v in site["params"]["scanner"].items() if k != "head"}}
+    bare_subject = {k: v for k, v in subject.items() if k != "head"}
+    _, bare, _ = synth.subject_anatomy(bare_site, bare_subject, site["fov_scale"])
+    assert signal.shape[0] > bare.shape[0] and signal.shape[1] > bare.shape[1] and signal.shape[2] > bare.shape[2]
+
+
+def test_head_layers_lie_in_order_outward_from_the_brain():
+    # A ball of brain on a 1 mm grid: each voxel outside takes its layer's signal by depth (within the smooth
+    # field's third), none inside, nothing beyond the skin.
+    grid = np.stack(np.meshgrid(*[np.arange(90.0)] * 3, indexing="ij"))
+    radius = np.sqrt(((grid - 45.0) ** 2).sum(axis=0))
+    brain = (radius <= 25.0).astype(np.float32)
+    signals = {"bone": 0.04, "fat": 1.0, "muscle": 0.4, "skin": 0.55}
+    layers = [2.0, 3.0, 1.5, 2.0, 4.0, 1.5]
+    signal = synth.head_signal(brain, signals, {"layers_mm": layers, "thickness_seed": 7}, np.ones(3))
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(brain < 0.5)
+    assert (signal[brain > 0] == 0).all()
+    assert np.allclose(signal[(depth > 0.0) & (depth < 2.0 * 2 / 3)], signals["bone"])  # the inner table
+    assert (signal[depth > sum(layers) * 4 / 3 + 1.0] == 0).all()  # air
+    outward = [signal[(depth > d - 0.5) & (depth < d + 0.5)] for d in np.arange(1.0, 20.0)]
+    assert any(np.isclose(ring, signals["fat"]).mean() > 0.5 for ring in outward[2:6])  # the marrow
+    assert np.allclose(np.unique(signal), sorted({0.0, *signals.values()}))  # every layer, and air

@@ -247,7 +247,8 @@ def test_unknown_preset_lists_the_shipped_ones(capsys):
 
 @pytest.mark.parametrize("preset", ["benchmark", "benchmark-quick", "benchmark-tune", "benchmark-converged",
                                     "benchmark-protocols", "benchmark-curves", "benchmark-anatomy-curves",
-                                    "benchmark-anatomy", "benchmark-anatomy-tissue", "benchmark-anatomy-fedavg-160"])
+                                    "benchmark-anatomy", "benchmark-anatomy-tissue", "benchmark-anatomy-fedavg-160",
+                                    "benchmark-anatomy-head"])
 def test_shipped_presets_are_valid_and_budget_matched(preset):
     spec = load_benchmark_preset(preset)
     configs = method_configs(spec, spec["methods"])
@@ -259,6 +260,11 @@ def test_shipped_presets_are_valid_and_budget_matched(preset):
         assert {"fedavg-ft", "oracle", *claimed} <= set(spec["methods"]) and spec["validation-sites"] == 0
         assert spec["seeds"] >= 3 and spec["jobs"] == 2 and spec["auto-steps"]  # auto, the headline
         assert spec["oracle-steps"] >= 2000  # a cap, not a fixed budget: the oracle stops early
+    elif preset == "benchmark-anatomy-head":  # the anatomy claim, key for key, on the federation with the head on
+        anatomy = load_benchmark_preset("benchmark-anatomy")
+        assert {k: v for k, v in spec.items() if k not in ("name", "path", "federation")} == {
+            k: v for k, v in anatomy.items() if k not in ("name", "path", "federation")}
+        assert (spec["federation"], anatomy["federation"]) == ("head", "default")
     elif preset == "benchmark-anatomy-fedavg-160":  # the claim's FedAvg + fine-tune at twice its rounds, nothing else
         anatomy = load_benchmark_preset("benchmark-anatomy")
         own = ("methods", "name", "path", "run-config", "training")
