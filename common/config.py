@@ -32,7 +32,7 @@ from fedmeta.common.config_sections import (  # the limits and choices are re-ex
     DEVICES, INNER_STEPS_FLOOR, MAX_BASE_CHANNELS, MAX_EPISODES, MAX_EVAL_BATCH, MAX_IMAGE_SIZE, MAX_LEARNER_SIZE,
     MAX_MODEL_LEVELS, MAX_PARAMETERS, MAX_RES_UNITS, MAX_SHOTS, MAX_STEPS, META_OPTIMIZERS, NEVER, SPACING_MM_RANGE,
     STEP_SIZES, Evaluation, InnerLoop, Learners, Liveness, Model, Privacy, Robustness, Runtime, SecureAggregation,
-    Training, hash_rule, need,
+    Training, hash_rule, need, shown,
 )
 from fedmeta.common.algorithms import ALGORITHMS as ALGORITHM_OBJECTS
 from fedmeta.common.algorithms import Algorithm
@@ -189,12 +189,14 @@ class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evalu
                              "values (e.g. {'inner-lr': 0.05}).")
         not_text = [key for key in run_config if not isinstance(key, str)]
         if not_text:
-            raise ValueError(f"run-config key(s) {', '.join(map(repr, not_text[:5]))} are not text: keys are kebab-case "
+            raise ValueError(f"run-config key(s) {', '.join(map(shown, not_text[:5]))} are not text: keys are kebab-case "
                              "names such as 'inner-lr'.")
         unknown = sorted(set(run_config) - set(by_key))
         if unknown:
             raise ValueError(
-                f"unknown run-config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(by_key))}."
+                f"unknown run-config key(s) {', '.join(k if len(k) <= 40 else shown(k, 40) for k in unknown[:5])}"
+                + (f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else "")
+                + f"; valid keys: {', '.join(sorted(by_key))}."
             )
         values: dict[str, Any] = {}
         defaults = cls()
@@ -304,24 +306,24 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ValueError(f"run config {key}={value!r}: expected true or false.")
+        raise ValueError(f"run config {key}={shown(value)}: expected true or false.")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"run config {key}={value!r}: expected an integer.")
+            raise ValueError(f"run config {key}={shown(value)}: expected an integer.")
         try:
             number = float(value)
         except (ValueError, OverflowError):
-            raise ValueError(f"run config {key}={value!r}: expected an integer.") from None
+            raise ValueError(f"run config {key}={shown(value)}: expected an integer.") from None
         if not number.is_integer():
-            raise ValueError(f"run config {key}={value!r}: expected an integer.")
+            raise ValueError(f"run config {key}={shown(value)}: expected an integer.")
         return int(number)
     if kind is float:
         if isinstance(value, bool):
-            raise ValueError(f"run config {key}={value!r}: expected a number.")
+            raise ValueError(f"run config {key}={shown(value)}: expected a number.")
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"run config {key}={value!r}: expected a number.") from None
+            raise ValueError(f"run config {key}={shown(value)}: expected a number.") from None
     return str(value)
 
 

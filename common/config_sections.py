@@ -82,10 +82,19 @@ def hash_rule(f: Any) -> HashRule:
     return f.metadata.get(_HASH, HashRule())
 
 
+SHOWN_CHARACTERS = 80  # of a refused value in an error: enough to recognise it, never a pasted file
+
+
+def shown(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with its full length said."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} characters)"
+
+
 def need(config: Any, condition: bool, key: str, problem: str) -> None:
     """Refuses the config unless ``condition``: the key, its value, what is wrong and what to do."""
     if not condition:
-        raise ValueError(f"run config {key}={getattr(config, key.replace('-', '_'))!r}: {problem}")
+        raise ValueError(f"run config {key}={shown(getattr(config, key.replace('-', '_')))}: {problem}")
 
 
 def need_finite(config: Any, *keys: str) -> None:

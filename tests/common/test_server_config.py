@@ -83,3 +83,14 @@ def test_a_round_sampling_fewer_sites_than_min_sites_is_refused_and_quorum_count
     assert RunConfig(round_quorum=0.5).quorum(4) == 2 and RunConfig(round_quorum=1.0).quorum(4) == 4
     assert RunConfig(round_quorum=3).quorum(4) == 3 and RunConfig(round_quorum=9).quorum(4) == 4
     assert RunConfig(round_quorum=0.1, min_sites=2).quorum(4) == 2  # never below min-sites
+
+
+def test_a_refused_value_or_key_is_shown_cut_to_a_line_with_its_length_not_echoed_whole():
+    huge = "9" * 100_000 + "x"
+    for run_config, said in (({"inner-lr": huge}, "inner-lr='999"), ({"adapt-variant": huge}, "adapt-variant='999"),
+                             ({huge: 1, **{f"bogus-{i}": 1 for i in range(9)}}, "and 5 more")):
+        with pytest.raises(ValueError) as refused:
+            RunConfig.from_run_config(run_config)
+        message = str(refused.value)
+        assert said in message and len(message) < 2_000, message[:200]
+        assert "100,003 characters" in message or "more" in message
