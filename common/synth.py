@@ -50,10 +50,10 @@ from fedmeta.common.progress import PROGRESS_EVERY_S, paced
 from fedmeta.common.protocol import ROLE_HELDOUT, ROLE_TRAIN
 from fedmeta.common.synth_folders import _refuse_to_overwrite, _remove_federation, _sweep_staging
 from fedmeta.common.synth_plan import (
-    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, EXTENTS, GENERATIONS, GENERATOR_VERSION, HEAD_LAYERS, HEAD_MARGIN_MM,
-    HEAD_SIGNAL, HELDOUT_KINDS, HELDOUT_PROTOCOLS, LABEL_PROTOCOLS, LABELS, PRESETS, PROTOCOL_LABELS, SCALE_COUNTS,
-    SEQUENCES, STORAGE_ORIENTATIONS, TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL, TRAIN_SEQUENCES, Preset, _preset,
-    plan_federation,
+    DEEP_GREY_SIGNAL, DELINEATION_PROTOCOLS, EXTENTS, GENERATIONS, GENERATOR_VERSION, HEAD_CLOSING_MM, HEAD_LAYERS,
+    HEAD_MARGIN_MM, HEAD_RENDERING, HEAD_SIGNAL, HELDOUT_KINDS, HELDOUT_PROTOCOLS, LABEL_PROTOCOLS, LABELS, PRESETS,
+    PROTOCOL_LABELS, SCALE_COUNTS, SEQUENCES, STORAGE_ORIENTATIONS, TEXTURE_HELDOUT_KINDS, TISSUE_SIGNAL,
+    TRAIN_SEQUENCES, Preset, _preset, plan_federation,
 )
 from fedmeta.common.synth_render import (
     ASSET_PATH, BRAIN_CENTRE_MM, FOV_HI_MM, FOV_LO_MM, SLICE_AXES, TEXTURE_ASSET_PATH, VENTRICLE_CENTRE_MM,
@@ -246,7 +246,10 @@ def _cache_key(preset: str, seed: int) -> str:
     # The preset's whole definition, not only its name: a preset whose sites or sizes change is a new federation;
     # and the anatomy its generation renders from (the texture generation: both assets).
     spec = dataclasses.asdict(_preset(preset))
-    if not spec["head"]:  # added after 2.0: only a preset that sets it has a new key; every earlier one keeps its own
+    if spec["head"]:  # how the head is drawn and rendered: a change to it is a new federation
+        spec["head"] = {"layers": HEAD_LAYERS, "signal": HEAD_SIGNAL, "margin_mm": HEAD_MARGIN_MM,
+                        "closing_mm": HEAD_CLOSING_MM, "rendering": HEAD_RENDERING}
+    else:  # added after 2.0: only a preset that sets it has a new key; every earlier one keeps its own
         del spec["head"]
     blob = json.dumps({"preset": preset, "spec": spec, "seed": seed, "generator": GENERATOR_VERSION,
                        "asset": _asset_digest(spec["generation"])}, sort_keys=True)

@@ -89,6 +89,9 @@ HEAD_SIGNAL = {
 HEAD_LAYERS = (("bone", (1.5, 2.5)), ("fat", (2.0, 5.0)), ("bone", (1.0, 2.0)), ("muscle", (1.0, 4.0)),
                ("fat", (2.0, 6.0)), ("skin", (1.0, 2.0)))
 HEAD_MARGIN_MM = 30.0  # the field of view's growth on every side but the inferior: room for the thickest head
+HEAD_CLOSING_MM = 12.0  # the skull follows the brain's outline closed by a ball this wide, not every fold
+# How the head is rendered, in a head preset's cache key (fedmeta.common.synth): 2 closes the brain's outline.
+HEAD_RENDERING = 2
 STORAGE_ORIENTATIONS = ("RAS", "LAS", "LPS", "RPI")  # NIfTI from different converters (FSL, DICOM, ...)
 # The texture generation's iron term: relative signal change of the deep grey nuclei per sequence (iron
 # shortens T2: pallidum and putamen darker on T2w and FLAIR, a little on PD, none to speak of on T1w).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedmeta.common.synth_plan import (
-    DELINEATION_PROTOCOLS, HEAD_LAYERS, HEAD_MARGIN_MM, LABEL_PROTOCOLS, PROTOCOL_LABELS,
+    DELINEATION_PROTOCOLS, HEAD_CLOSING_MM, HEAD_LAYERS, HEAD_MARGIN_MM, LABEL_PROTOCOLS, PROTOCOL_LABELS,
 )
 from fedmeta.common.workers import end_with_parent
 
@@ -272,19 +272,26 @@ def head_signal(brain: np.ndarray, signals: dict[str, float], head: dict[str, An
                 spacing: np.ndarray) -> np.ndarray:
     """The head around a brain on the site's grid (the ``head`` preset), float32 like ``brain``.
 
-    ``brain`` is the share of each voxel that is brain (CSF + GM + WM). A voxel outside it lies at some
-    distance from the brain's surface (mm, on the grid's own spacing); that depth, over a smooth field that
-    thickens and thins the whole head by up to a third, falls in one of HEAD_LAYERS' layers (the subject's
-    thicknesses, ``head["layers_mm"]``) or beyond them, in air; it takes that layer's signal (``signals``,
-    the site's) times the share of the voxel the brain leaves. Labels never see it: no protocol labels the head.
+    ``brain`` is the share of each voxel that is brain (CSF + GM + WM). The skull follows the brain's
+    closed outline (the brain's mask closed by a HEAD_CLOSING_MM ball), not every fold of it: the pockets
+    the closing fills, under the temporal lobes and around the brainstem, are the skull base, bone. A voxel
+    outside the outline lies at some depth from it (mm, on the grid's own spacing); that depth, over a
+    smooth field that thickens and thins the whole head by up to a third, falls in one of HEAD_LAYERS'
+    layers (the subject's thicknesses, ``head["layers_mm"]``) or beyond them, in air. Each voxel takes its
+    layer's signal (``signals``, the site's) times the share of the voxel the brain leaves. Labels never
+    see it: no protocol labels the head.
     """
     from scipy import ndimage  # lazy: see annotate
 
-    distance = ndimage.distance_transform_edt(brain < 0.5, sampling=[float(s) for s in spacing]).astype(np.float32)
+    sampling = [float(s) for s in spacing]
+    # Closing by distances (dilate by R, then erode by R): two distance transforms, no 3D structuring element.
+    dilated = ndimage.distance_transform_edt(brain < 0.5, sampling=sampling) <= HEAD_CLOSING_MM
+    outline = ndimage.distance_transform_edt(dilated, sampling=sampling) > HEAD_CLOSING_MM
+    depth = ndimage.distance_transform_edt(~outline, sampling=sampling).astype(np.float32)
     field = _smooth_field(np.random.default_rng(int(head["thickness_seed"])), (4, 5, 4), brain.shape)
     thickness = 1.0 + field / (3.0 * max(float(np.abs(field).max()), 1e-6))
     edges = np.cumsum([float(t) for t in head["layers_mm"]])
-    layer = np.searchsorted(edges, distance / thickness, side="right")  # len(edges): beyond the skin
+    layer = np.searchsorted(edges, depth / thickness, side="right")  # 0 inside the outline; len(edges): air
     values = np.array([float(signals[tissue]) for tissue, _ in HEAD_LAYERS] + [0.0], dtype=np.float32)
     return values[layer] * (1.0 - np.clip(brain, 0.0, 1.0)).astype(np.float32)
 

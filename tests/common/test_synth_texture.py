@@ -270,5 +270,10 @@ def test_head_layers_lie_in_order_outward_from_the_brain():
     assert np.allclose(signal[(depth > 0.0) & (depth < 2.0 * 2 / 3)], signals["bone"])  # the inner table
     assert (signal[depth > sum(layers) * 4 / 3 + 1.0] == 0).all()  # air
     outward = [signal[(depth > d - 0.5) & (depth < d + 0.5)] for d in np.arange(1.0, 20.0)]
+    # A fold cut into the brain (a pocket 3 mm wide, 10 mm deep) is skull base inside the closed outline, not
+    # skin and air drawn into the head.
+    pocket = (np.abs(grid[1] - 45.0) <= 3.0) & (np.abs(grid[2] - 45.0) <= 3.0) & (grid[0] >= 60.0) & (radius <= 25.0)
+    folded = synth.head_signal(brain * ~pocket, signals, {"layers_mm": layers, "thickness_seed": 7}, np.ones(3))
+    assert pocket.sum() > 100 and np.allclose(folded[pocket], signals["bone"])
     assert any(np.isclose(ring, signals["fat"]).mean() > 0.5 for ring in outward[2:6])  # the marrow
     assert np.allclose(np.unique(signal), sorted({0.0, *signals.values()}))  # every layer, and air
