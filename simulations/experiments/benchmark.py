@@ -119,10 +119,11 @@ def handle(args: argparse.Namespace) -> int:
     if args.paired:
         try:
             (label_a, a, row_a), (label_b, b, row_b) = (_finished(value) for value in args.paired)
-            print(format_paired(paired_rows(a, row_a, b, row_b), label_a, label_b))
+            table = format_paired(paired_rows(a, row_a, b, row_b), label_a, label_b)
         except (ValueError, OSError) as err:
             print(f"fedmeta benchmark: error: --paired: {err}", file=sys.stderr)
             return 1
+        print(table)  # outside the try: a reader that goes away (| head) is no error in the files read
         return 0
     if args.report_only:
         if args.out is None:

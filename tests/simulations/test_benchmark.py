@@ -372,3 +372,26 @@ def test_two_benchmarks_rows_pair_seed_by_seed_only_on_the_same_patients():
         paired_rows(results("p", [0.6] * 3), "p", other, "q")
     with pytest.raises(ValueError, match="no row 'r'"):
         paired_rows(results("p", [0.6] * 3), "r", other, "q")
+
+
+def test_paired_into_a_reader_that_goes_away_ends_quietly(tmp_path):
+    # `fedmeta benchmark --paired A B | head`: the real command, its reader gone before it prints.
+    import subprocess
+    import sys
+
+    def results(row, values):
+        dice = {row: {str(seed): {site: {"5": {"auto": {"dice": v, "patients": 3, "eval_slices": 40}}}
+                                  for site in ("a", "b")} for seed, v in enumerate(values)}}
+        return {"federation": "f", "seeds": [0, 1, 2], "eval_sites": {"a": "x", "b": "y"}, "dice": dice,
+                "preset": {"shots": [5]}, "step_columns": ["auto"]}
+
+    for name, row, values in (("a", "p", [0.6, 0.7, 0.8]), ("b", "q", [0.5, 0.5, 0.5])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results(row, values)))
+    command = [sys.executable, "-m", "fedmeta.simulations.cli", "benchmark", "--paired", f"{tmp_path / 'a'}:p",
+               f"{tmp_path / 'b'}:q"]
+    assert "k =  5, auto: +0.200" in subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gone.stdout.close()
+    _, err = gone.communicate(timeout=120)
+    assert gone.returncode == 141 and not err, err.decode()
