@@ -11,7 +11,6 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from fedmeta.common.jsonio import write_json
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
 )
@@ -99,19 +98,30 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
                   # the learning curve is part of what a run left: reuse one only if it was recorded alike
                   "curve": {"every": curve_every, "sites": sorted(i.name for i in eval_infos),
                             "eval_max_images": eval_max_images} if curve_every > 0 else None}
-    reused, continued_from, previous = False, 0, {}
+    reused, continued_from, previous, why = False, 0, {}, ""
     if path.exists() and info_path.exists():
         checkpoint = load_checkpoint(path)
-        previous = json.loads(info_path.read_text())
+        previous, why = _run_info(info_path)
         same = checkpoint.config_hash == trajectory_hash(config) and previous.get("trained_on") == trained_on
-        reused = same and checkpoint.round == config.num_rounds and previous.get("finished", True)
+        reused = same and checkpoint.round == config.num_rounds and previous.get("finished", True) is not False
         # A shorter run of the same trajectory (finished under a smaller num-rounds, or killed part way) is
         # continued from its checkpoint rather than trained again: num-rounds is not in the trajectory hash
         # and a resumed run is bitwise the uninterrupted one (tests/simulations/test_inprocess.py), so a
-        # 400-round budget after a 240-round benchmark costs 160 rounds. The pooled bound is no federated
-        # run and has nothing to resume.
-        if same and 0 < checkpoint.round < config.num_rounds and not key.startswith("pooled-"):
-            continued_from = checkpoint.round
+        # 400-round budget after a 240-round benchmark costs 160 rounds. Only with its metrics for every round
+        # up to the checkpoint, which the learning curve is read from. The pooled bound is no federated run
+        # and has nothing to resume.
+        # (A run killed after its last round's checkpoint but before run.json is continued by no rounds.)
+        if same and not reused and not key.startswith("pooled-"):
+            if 0 < checkpoint.round <= config.num_rounds and _rounds_logged(out_dir / METRICS_NAME, checkpoint.round):
+                continued_from = checkpoint.round
+            elif checkpoint.round <= config.num_rounds:
+                why = f"its {METRICS_NAME} does not cover rounds 1-{checkpoint.round} of its checkpoint"
+            else:  # a checkpoint holds θ at its last round only
+                why = f"its checkpoint is at round {checkpoint.round}, past num-rounds {config.num_rounds}"
+        elif not same and not why:
+            why = "its checkpoint was trained under another run config, federation or curve"
+        if why and not reused and not continued_from:
+            _say(quiet, f"[seed {config.seed}] {key}: training from round 0 again: {why} ({out_dir})")
     if reused:
         info = previous
     else:
@@ -121,8 +131,8 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
         # Written before training so that a benchmark killed part way knows what its checkpoint was
         # trained on when it is run again; "seconds" counts every stretch of training that led to the
         # checkpoint (a killed stretch's time is lost with it).
-        earlier = float(previous.get("seconds", 0.0)) if continued_from else 0.0
-        write_json(info_path, {"trained_on": trained_on, "seconds": earlier, "finished": False})
+        earlier = _seconds(previous.get("seconds")) if continued_from else 0.0
+        _write_run_info(info_path, {"trained_on": trained_on, "seconds": earlier, "finished": False})
         began = time.perf_counter()
         with progress(quiet, lambda: f"[seed {config.seed}] {key}: training, round "
                                      f"{_rounds_done(out_dir / METRICS_NAME)}/{config.num_rounds}"
@@ -133,13 +143,45 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
         info["trained_on"] = trained_on
         if continued_from:
             info["continued_from_round"] = continued_from
-        write_json(info_path, info)
+        _write_run_info(info_path, info)
     init, _ = load_initialisation(path, key)
     loss = info.get("final_query_loss_after")
     done = "reused" if reused else f"continued from round {continued_from}" if continued_from else "trained"
-    _say(quiet, f"[seed {config.seed}] {key:14s} {done} in {info['seconds']:.0f} s"
+    _say(quiet, f"[seed {config.seed}] {key:14s} {done} in {_seconds(info.get('seconds')):.0f} s"
                 + (f", final query loss {loss:.4f}" if loss is not None else ""))
     return {**info, "reused": reused, "checkpoint": str(path)}, init
+
+
+def _run_info(path: Path) -> tuple[dict[str, Any], str]:
+    """A training run's run.json, and why it cannot be used ("" when it can): damaged, it is as if absent."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {}, f"{path} is unreadable ({type(err).__name__})"
+    return (info, "") if isinstance(info, dict) else ({}, f"{path} holds {type(info).__name__}, not a run's record")
+
+
+def _seconds(value: Any) -> float:
+    """A recorded training time in seconds, or 0 where run.json holds no number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0.0
+
+
+def _write_run_info(path: Path, info: dict[str, Any]) -> None:
+    """run.json written beside its name and renamed: a benchmark killed while writing it leaves the old one."""
+    from fedmeta.common.jsonio import dumps_strict
+    from fedmeta.common.outputs import write_atomically
+
+    text = dumps_strict(info, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _rounds_logged(metrics_path: Path, rounds: int) -> bool:
+    """Whether ``metrics_path`` records every training round from 1 to ``rounds``."""
+    try:
+        logged = {int(r["round"]) for r in read_metrics(metrics_path) if "sites_answered" in r}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return set(range(1, rounds + 1)) <= logged
 
 
 def _train_run(key: str, config, path: Path, out_dir: Path, federation_dir: Path, train_infos, eval_infos,
@@ -200,11 +242,15 @@ def learning_curve(records: list[dict[str, Any]], checkpoint, config) -> list[di
     per_site_round = 2 * 4 * arrays  # down and up, fp32
     key = dice_mean_key(GOAL_STEPS)
     curve, sent = [], 0
+    every = int(config.eval_every)
     for record in records:
         sent += per_site_round * int(record.get("sites_answered", 0))
         summary = record.get("heldout", {}).get("summary", {})
-        if key in summary:
-            curve.append({"round": int(record["round"]), "dice": float(summary[key]), "bytes": sent})
+        done = int(record.get("round", 0))
+        # Every `every` rounds and at the last: a run continued to more rounds also kept the points its shorter
+        # run took at its own last round, which a run of the longer budget never took.
+        if key in summary and (every <= 0 or done % every == 0 or done == config.num_rounds):
+            curve.append({"round": done, "dice": float(summary[key]), "bytes": sent})
     return curve
 
 

@@ -137,35 +137,49 @@ def test_driver_end_to_end_every_method_and_cell_is_present_and_finite(smoke_fed
 
 
 def test_a_longer_budget_continues_a_shorter_run_and_ends_bitwise_where_a_fresh_run_ends(
-        smoke_federation, tiny_preset, tmp_path):
+        smoke_federation, tiny_preset, tmp_path, capsys):
     import torch
 
     from fedmeta.common.checkpoint import load_checkpoint
 
+    every_2 = tmp_path / "every-2.toml"  # held-out curve points every 2 rounds: a 1-round run's last is off the grid
+    every_2.write_text(tiny_preset.read_text().replace("curve-every = 1", "curve-every = 2"))
+
     def bench(out, rounds):
-        assert main(["benchmark", "--preset", str(tiny_preset), "--out", str(out), "--methods", "fomaml",
+        assert main(["benchmark", "--preset", str(every_2), "--out", str(out), "--methods", "fomaml",
                      "--federation-dir", str(smoke_federation), "--set", f"num-rounds={rounds}"]) == 0
-        return json.loads((out / "results.json").read_text())
+        return json.loads((out / "results.json").read_text())["runs"]["fomaml"]["0"], capsys.readouterr().out
 
     bench(tmp_path / "longer", 1)
-    killed = tmp_path / "longer" / "runs" / "seed-0" / "fomaml"
-    continued = bench(tmp_path / "longer", 2)
-    fresh = bench(tmp_path / "fresh", 2)
-    run = continued["runs"]["fomaml"]["0"]
-    assert run["continued_from_round"] == 1 and not run["reused"]
-    assert "continued_from_round" not in fresh["runs"]["fomaml"]["0"]
-    assert [p["round"] for p in run["curve"]] == [p["round"] for p in fresh["runs"]["fomaml"]["0"]["curve"]] == [0, 1, 2]
-    assert run["curve"] == fresh["runs"]["fomaml"]["0"]["curve"]
-    assert continued["dice"]["fomaml"] == fresh["dice"]["fomaml"]
-    a = load_checkpoint(killed / "checkpoint.pt")
+    run_dir = tmp_path / "longer" / "runs" / "seed-0" / "fomaml"
+    continued, _ = bench(tmp_path / "longer", 3)
+    fresh, _ = bench(tmp_path / "fresh", 3)
+    assert continued["continued_from_round"] == 1 and not continued["reused"] and "continued_from_round" not in fresh
+    assert [p["round"] for p in continued["curve"]] == [p["round"] for p in fresh["curve"]] == [0, 2, 3]
+    assert continued["curve"] == fresh["curve"]
+    a = load_checkpoint(run_dir / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "fresh" / "runs" / "seed-0" / "fomaml" / "checkpoint.pt")
-    assert a.round == b.round == 2 and all(torch.equal(a.params[n], b.params[n]) for n in a.params)
-    # A benchmark killed part way leaves its checkpoint and what it was trained on: run again, it continues.
-    info = json.loads((killed / "run.json").read_text())
-    (killed / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": 0.0, "finished": False}))
-    again = bench(tmp_path / "longer", 3)
-    assert again["runs"]["fomaml"]["0"]["continued_from_round"] == 2
-    assert [p["round"] for p in again["runs"]["fomaml"]["0"]["curve"]] == [0, 1, 2, 3]
+    assert a.round == b.round == 3 and all(torch.equal(a.params[n], b.params[n]) for n in a.params)
+    # Killed after its last round's checkpoint but before its record: continued by no rounds, nothing lost.
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": 5.0, "finished": False}))
+    again, _ = bench(tmp_path / "longer", 3)
+    assert again["continued_from_round"] == 3 and again["curve"] == fresh["curve"] and again["seconds"] >= 5.0
+    # ... killed part way (here: its record says unfinished at round 3 of 4): continued from its checkpoint.
+    (run_dir / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": "?", "finished": False}))
+    again, _ = bench(tmp_path / "longer", 4)
+    assert again["continued_from_round"] == 3 and [p["round"] for p in again["curve"]] == [0, 2, 4]
+    # What cannot be continued is trained again, saying why: metrics that do not cover the checkpoint's rounds,
+    # a damaged record, a checkpoint past the budget.
+    (run_dir / "metrics.jsonl").unlink()
+    again, printed = bench(tmp_path / "longer", 5)
+    assert "continued_from_round" not in again and [p["round"] for p in again["curve"]] == [0, 2, 4, 5]
+    assert "training from round 0 again: its metrics.jsonl does not cover rounds 1-4" in printed
+    (run_dir / "run.json").write_text("[]")
+    again, printed = bench(tmp_path / "longer", 5)
+    assert "continued_from_round" not in again and "holds list, not a run's record" in printed
+    again, printed = bench(tmp_path / "longer", 2)
+    assert "its checkpoint is at round 5, past num-rounds 2" in printed
 
 
 def test_parallel_jobs_give_the_numbers_one_process_gives(smoke_federation, tiny_preset, tmp_path):
