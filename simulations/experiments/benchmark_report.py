@@ -322,6 +322,7 @@ def format_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{cell['per_site'][s]:.3f}" + (f" ({chosen[s]:.1f} steps)" if s in chosen else "") for s in sites) + " |")
         lines.append("")
+    lines += _per_class_lines(results, k_mid, AUTO if AUTO in columns else fixed_mid)
     lines += _time_to_accuracy_lines(results)
     lines += _oracle_lines(results)
     lines += ["", "## Methods and budgets", "",
@@ -401,6 +402,33 @@ def _oracle_lines(results: dict[str, Any]) -> list[str]:
                 cells.append(f"{record['steps']} ({record['stopped']}; kept {record['best_step']}, validation "
                              f"{_f(record['validation_dice'])})")
         lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_class_lines(results: dict[str, Any], k: str, column: Any) -> list[str]:
+    """Dice per class at ``k`` and ``column``: where a row's Dice comes from (what an intensity lookup cannot give
+    shows here). Per seed the mean over the sites that declare the class, then the mean over seeds."""
+    per_row: dict[str, dict[str, float]] = {}
+    for name in results["method_order"]:
+        by_class: dict[str, list[float]] = {}
+        for seed_cells in results.get("dice", {}).get(name, {}).values():
+            sites: dict[str, list[float]] = {}
+            for site_cells in seed_cells.values():
+                for c, value in (site_cells.get(k, {}).get(str(column), {}).get("dice_per_class") or {}).items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        sites.setdefault(str(c), []).append(float(value))
+            for c, values in sites.items():
+                by_class.setdefault(c, []).append(float(np.mean(values)))
+        per_row[name] = {c: float(np.mean(v)) for c, v in by_class.items()}
+    classes = sorted({c for row in per_row.values() for c in row}, key=lambda c: (len(c), c))
+    if not classes:
+        return []
+    lines = [f"## Per class, k = {k}, {_column_name(column)} (mean over seeds)", "",
+             "Dice of each label value over the sites that declare it (in the synthetic federations 1 is CSF, 2 grey "
+             "matter, 3 white matter, as each site's protocol draws them).", "",
+             "| method | " + " | ".join(f"class {c}" for c in classes) + " |", "|---|" + "---|" * len(classes)]
+    for name, row in per_row.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "-" for c in classes) + " |")
     return lines
 
 

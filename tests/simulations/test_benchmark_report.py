@@ -184,3 +184,17 @@ def test_the_oracle_stops_when_its_validation_patients_stop_improving(smoke_fede
     assert (fit.stopped, fit.steps, fit.best_step) == ("early-stopped", 6, 2)
     assert [step for step, _ in fit.curve] == [2, 4, 6] and fit.record()["validation_patients"] == [
         doubled.patient_ids[validation[0]]]
+
+
+def test_the_report_gives_dice_per_class_over_the_sites_that_declare_it():
+    dice = _dice({"fedavg-ft": (0.3, 0.5, 0.55), "intensity": (0.4, 0.4, 0.4), "oracle": (0.7, 0.7, 0.7)},
+                 {"fedavg-ft": True, "intensity": False, "oracle": False})
+    for name, per_class in (("fedavg-ft", {"1": 0.2, "2": 0.8}), ("intensity", {"1": 0.0, "2": 0.9}),
+                            ("oracle", {"1": 0.6, "2": 0.8})):
+        for seed in dice[name].values():
+            seed["a"]["5"]["auto"]["dice_per_class"] = dict(per_class)
+            seed["b"]["5"]["auto"]["dice_per_class"] = {"2": per_class["2"] - 0.2}  # site b declares no class 1
+    table = format_markdown({**_results(dice), "dice": dice})
+    section = table[table.index("## Per class, k = 5, auto"):]
+    assert "| method | class 1 | class 2 |" in section
+    assert "| intensity | 0.000 | 0.800 |" in section and "| oracle | 0.600 | 0.700 |" in section
