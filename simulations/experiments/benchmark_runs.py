@@ -108,9 +108,9 @@ def _train(key: str, config, federation_dir: Path, train_infos, quiet: bool, eva
         # continued from its checkpoint rather than trained again: num-rounds is not in the trajectory hash
         # and a resumed run is bitwise the uninterrupted one (tests/simulations/test_inprocess.py), so a
         # 400-round budget after a 240-round benchmark costs 160 rounds. Only with its metrics for every round
-        # up to the checkpoint, which the learning curve is read from. The pooled bound is no federated run
+        # up to the checkpoint, which the learning curve is read from. A run killed after its last round's
+        # checkpoint but before its run.json is continued by no rounds. The pooled bound is no federated run
         # and has nothing to resume.
-        # (A run killed after its last round's checkpoint but before run.json is continued by no rounds.)
         if same and not reused and not key.startswith("pooled-"):
             if 0 < checkpoint.round <= config.num_rounds and _rounds_logged(out_dir / METRICS_NAME, checkpoint.round):
                 continued_from = checkpoint.round
