@@ -7,7 +7,7 @@ into volumes and :mod:`fedmeta.common.synth` writes the federation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -178,22 +178,6 @@ PRESETS: dict[str, Preset] = {
         train_protocols=("anatomical", "cortical", "ventricular"),
         generation="texture",
     ),
-    # The default with the head left on (no site strips the skull): the same sites, scanners, protocols and
-    # subjects' draws, and around each brain a skull, fatty marrow, scalp muscle, fat and skin that no
-    # protocol labels, at signals that overlap the brain's on every sequence (fat as bright as white matter on
-    # T1w, as grey matter on FLAIR; muscle between CSF and grey matter). Anatomy, not intensity, says
-    # where the brain ends, so a per-site intensity lookup cannot segment it; the field of view grows by
-    # the head's margin.
-    "head": Preset(
-        num_train_sites=8,
-        heldout_kinds=TEXTURE_HELDOUT_KINDS,
-        patients=(10, 20),
-        inplane_mm=(1.2, 2.0),
-        slice_thickness_mm=(1.5, 5.0),
-        train_protocols=("anatomical", "cortical", "ventricular"),
-        generation="texture",
-        head=True,
-    ),
     # Protocol-heterogeneous consortium, where one FedAvg head is ill-posed: training sites label
     # every tissue, tissue without CSF, or grey matter only; new hospitals ask for white matter only
     # or for the ventricles (a structure no training site delineates), plus the unseen-anatomy site.
@@ -207,6 +191,12 @@ PRESETS: dict[str, Preset] = {
         train_protocols=("standard", "csf-merged", "gm-only"),
     ),
 }
+# The default with the head left on (no site strips the skull): the same sites, scanners, protocols and
+# subjects' draws, and around each brain a skull, fatty marrow, scalp muscle, fat and skin that no protocol
+# labels, at signals that overlap the brain's on every sequence (fat as bright as white matter on T1w, as grey
+# matter on FLAIR; muscle between CSF and grey matter). Anatomy, not intensity, says where the brain ends, so a
+# per-site intensity lookup cannot segment it; the field of view grows by the head's margin.
+PRESETS["head"] = replace(PRESETS["default"], head=True)
 # Scaling federations (`fedmeta perf scaling`, `fedmeta simulate --preset scale-1000`): many small
 # training sites (3 patients each, smoke-sized volumes) and the smoke preset's two new hospitals, lazy:
 # a site is rendered when first sampled, so generation time and disk follow the sites used.
