@@ -83,8 +83,9 @@ def parse_sets(items: list[str], command: str = "simulate") -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            shown = repr(item) if len(repr(item)) <= 80 else f"{repr(item)[:77]}... ({len(item):,} characters)"
-            raise SystemExit(f"fedmeta {command}: --set {shown} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
+            from fedmeta.common.config_sections import shown  # only on this error: the module loads the learners
+
+            raise SystemExit(f"fedmeta {command}: --set {shown(item)} must look like KEY=VALUE, e.g. --set inner-lr=0.1")
         values[key.strip()] = raw.strip()  # RunConfig coerces strings to each key's type
     return values
 
