@@ -52,10 +52,6 @@ class _SectionView:
         return self.section(**{f.name: getattr(config, f.name) for f in fields(self.section)})
 
 
-# dataclasses collects a class's fields from its last base first: the sections are listed last to first, so the
-# fields (and to_run_config) run from algorithm to release-key.
-
-
 @functools.lru_cache(maxsize=16)
 def _site_variants(algorithm: str, model: ModelConfig) -> tuple[str, ...]:
     """The adaptation variants a site model of this run can be adapted with: those that apply to the algorithm and
@@ -66,6 +62,10 @@ def _site_variants(algorithm: str, model: ModelConfig) -> tuple[str, ...]:
     network = build_model(model)
     return tuple(name for name, v in VARIANTS.items()
                  if type(v).logits is Variant.logits and v.applies_to(algorithm) and v.applies_to(network))
+
+
+# dataclasses collects a class's fields from its last base first: the sections are listed last to first, so the
+# fields (and to_run_config) run from algorithm to release-key.
 @dataclass(frozen=True)
 class RunConfig(Runtime, SecureAggregation, Robustness, Privacy, Liveness, Evaluation, Model, Learners, InnerLoop,
                 Training):

@@ -418,8 +418,9 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
     """Everything results.json holds (but the total time and the file names, which the caller adds)."""
     import torch
 
+    columns = step_columns(spec)
     analysis = _analysis({name: {str(seed): d for seed, d in by_seed.items()} for name, by_seed in dice.items()},
-                         runs, spec["shots"], step_columns(spec))
+                         runs, spec["shots"], columns)
     return {
         "preset": spec,
         "federation": str(federation_dir),
@@ -446,7 +447,7 @@ def _results(spec, names, configs, budgets, total_budget, federation_dir, train_
         "runs": {key: {str(s): r for s, r in by_seed.items()} for key, by_seed in runs.items()},
         "dice": {name: {str(s): d for s, d in by_seed.items()} for name, by_seed in dice.items()},
         "summary": analysis["summary"],
-        "step_columns": [str(c) for c in step_columns(spec)],  # "auto" first in the tables when present
+        "step_columns": [str(c) for c in columns],  # "auto" first in the tables when present
         "goal": analysis["goal"],
         "above_oracle": analysis["above_oracle"],
         # per seed and new site: the oracle's Adam steps, the step kept, why it stopped, its validation patients

@@ -11,6 +11,8 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from fedmeta.common.jsonio import write_json
+from fedmeta.common.outputs import write_atomically
 from fedmeta.common.protocol import (
     DATA_DIR_KEY, QUERY_LOSS_AFTER, ROLE_HELDOUT, ROLE_KEY, SITE_ID_KEY, dice_mean_key,
 )
@@ -167,12 +169,9 @@ def _seconds(value: Any) -> float:
 
 
 def _write_run_info(path: Path, info: dict[str, Any]) -> None:
-    """run.json written beside its name and renamed: a benchmark killed while writing it leaves the old one."""
-    from fedmeta.common.jsonio import dumps_strict
-    from fedmeta.common.outputs import write_atomically
-
-    text = dumps_strict(info, indent=2, sort_keys=True) + "\n"
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """run.json written beside its name and renamed (the report's idiom): a benchmark killed while writing it
+    leaves the old one."""
+    write_atomically(path, lambda tmp: write_json(tmp, info))
 
 
 def _rounds_logged(metrics_path: Path, rounds: int) -> bool:

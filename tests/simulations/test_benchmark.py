@@ -164,6 +164,8 @@ def test_a_longer_budget_continues_a_shorter_run_and_ends_bitwise_where_a_fresh_
     info = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": 5.0, "finished": False}))
     again, _ = bench(tmp_path / "longer", 3)
+    # Same machine, same test: the continued curve is the fresh one's; its seconds add this stretch's (>= 0, on any
+    # CPU and load) to the 5.0 the record held.
     assert again["continued_from_round"] == 3 and again["curve"] == fresh["curve"] and again["seconds"] >= 5.0
     # ... killed part way (here: its record says unfinished at round 3 of 4): continued from its checkpoint.
     (run_dir / "run.json").write_text(json.dumps({"trained_on": info["trained_on"], "seconds": "?", "finished": False}))
